@@ -1,0 +1,323 @@
+/* libim: an embeddable instant-messaging gateway engine.
+ *
+ * This header is the I/O-free engine. It speaks WebSocket (RFC 6455) and
+ * raw TCP framing, the IMP application protocol (docs/PROTOCOL.md), keeps
+ * a registry uid -> connections and a room registry, runs read-idle and
+ * auth timeouts on one timer wheel, and bounds every per-connection queue.
+ *
+ * It does no I/O and reads no clock. A driver moves bytes:
+ *   im_server_accept()   a transport connection was accepted
+ *   im_server_feed()     bytes arrived
+ *   im_conn_pending()    bytes to send (as iovecs) / im_conn_sent()
+ *   im_server_hangup()   the transport died (EOF, error)
+ *   im_server_tick()     time passed
+ * and is told through im_io hooks when a connection has output or must be
+ * closed. <libim/im_event.h> is the ready-made libevent driver;
+ * examples/epoll-echo.c drives the engine from a hand-written epoll loop.
+ *
+ * Conventions:
+ *  - Functions returning int return 0 (or a count) on success and a negative
+ *    IM_E* code on failure; im_strerror() names it.
+ *  - Every pointer passed in is borrowed for the duration of the call only,
+ *    unless the comment says otherwise. Pointers passed to a callback are
+ *    valid only during that callback.
+ *  - Callbacks may call any function of this header, for any connection,
+ *    including closing the connection they are about. Memory of a closed
+ *    connection is released only after on_close has returned.
+ *  - One im_server is used by one thread at a time.
+ */
+#ifndef LIBIM_IM_H
+#define LIBIM_IM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(IM_BUILDING)
+#define IM_EXTERN __attribute__((visibility("default")))
+#else
+#define IM_EXTERN
+#endif
+
+/* ---- errors ------------------------------------------------------------ */
+
+enum im_error {
+  IM_OK = 0,
+  IM_EINVAL = -1,     /* an argument is invalid */
+  IM_ENOENT = -2,     /* no such connection, user or room */
+  IM_ECLOSED = -3,    /* the connection is closing or closed */
+  IM_EFULL = -4,      /* output bound reached: the connection was shed */
+  IM_ETOOBIG = -5,    /* message over the configured maximum */
+  IM_ESTATE = -6,     /* not valid in the connection's state (e.g. not authenticated) */
+  IM_EPROTO = -7,     /* the peer broke the protocol */
+  IM_ELIMIT = -8,     /* a configured limit (connections, rooms) is reached */
+  IM_EADDR = -9,      /* an address could not be parsed or bound */
+  IM_ESYS = -10,      /* a system call failed; errno has the reason */
+  IM_EFATAL = -100,   /* below this line only im_server_free() is allowed */
+  IM_ENOMEM = -101    /* allocation failed */
+};
+
+/* Static English text for an IM_E* code (never NULL). */
+IM_EXTERN const char *im_strerror(int err);
+
+/* ---- values ------------------------------------------------------------ */
+
+typedef struct im_server im_server;
+
+/* A connection handle: never 0, never reused for another connection during
+ * the server's lifetime (slot index + generation). */
+typedef uint64_t im_conn_id;
+
+enum im_transport { IM_TRANSPORT_WS = 1, IM_TRANSPORT_TCP = 2 };
+
+/* Close codes of libim (WebSocket close codes; TCP clients get an IMP
+ * `error` op with the code before the socket closes). */
+enum im_close_code {
+  IM_CLOSE_NORMAL = 1000,
+  IM_CLOSE_GOING_AWAY = 1001,   /* server shutdown */
+  IM_CLOSE_PROTOCOL = 1002,
+  IM_CLOSE_BAD_DATA = 1007,
+  IM_CLOSE_POLICY = 1008,
+  IM_CLOSE_TOO_BIG = 1009,
+  IM_CLOSE_INTERNAL = 1011,
+  IM_CLOSE_AUTH_FAILED = 4401,
+  IM_CLOSE_KICKED = 4403,
+  IM_CLOSE_AUTH_TIMEOUT = 4408, /* also: idle (no heartbeat) */
+  IM_CLOSE_SHED = 4429          /* output bound exceeded (slow reader) */
+};
+
+/* Memory hooks; NULL fields use the C library. All four or none. */
+typedef struct im_allocator {
+  void *(*malloc)(size_t size, void *ud);
+  void *(*calloc)(size_t n, size_t size, void *ud);
+  void *(*realloc)(void *p, size_t size, void *ud);
+  void (*free)(void *p, void *ud);
+  void *ud;
+} im_allocator;
+
+typedef struct im_config {
+  uint32_t max_message;      /* largest message (WS message / TCP frame body) accepted, bytes. 65536 */
+  uint32_t max_output;       /* per-connection queued output before the connection is shed, bytes. 1 MiB */
+  uint32_t max_connections;  /* 0 = unlimited */
+  uint32_t auth_timeout_ms;  /* handshake + auth must finish within. 10000 */
+  uint32_t heartbeat_s;      /* interval advertised in auth_ok ("hb"). 30 */
+  uint32_t idle_timeout_ms;  /* close after this long with nothing read. 0 = 2.5 x heartbeat */
+  uint32_t close_timeout_ms; /* wait this long for the peer's close frame. 3000 */
+  uint32_t tick_ms;          /* timer granularity the driver ticks at. 100 */
+  uint16_t node_id;          /* 0..1023, part of generated message ids. 0 */
+  const char *ws_path;       /* request path of the WebSocket endpoint; NULL = any. "/ws" */
+  const im_allocator *alloc; /* NULL = malloc/free */
+} im_config;
+
+/* Fill cfg with the defaults above. */
+IM_EXTERN void im_config_init(im_config *cfg);
+
+/* Credentials of an authentication attempt (from an IMP auth op or the
+ * ?uid=&token=&device=&platform= query of the WebSocket upgrade).
+ * Strings are NUL-terminated; device and platform are "" when absent. */
+typedef struct im_auth {
+  const char *uid;
+  const char *token;
+  const char *device;
+  const char *platform;
+  const char *peer;          /* remote address as given to im_server_accept */
+  int via_upgrade;           /* 1: from the upgrade query (failure -> HTTP 403) */
+} im_auth;
+
+/* A message, up- or downstream. Strings are NUL-terminated or NULL when
+ * absent. `data` is the JSON text of the payload value (data_len bytes, not
+ * NUL-terminated); it is passed through byte for byte. seq/ts are 0 when
+ * absent. In on_message, `id` holds a fresh server id (a decimal string)
+ * assigned by the library; the application may keep or replace it when it
+ * sends copies on. */
+typedef struct im_msg {
+  const char *id;
+  const char *cid;
+  const char *from;
+  const char *to;
+  const char *group;
+  const char *room;
+  uint64_t seq;
+  uint64_t ts;
+  const char *data;
+  size_t data_len;
+} im_msg;
+
+/* Return values of on_auth. */
+enum { IM_AUTH_ACCEPT = 0, IM_AUTH_DENY = 1, IM_AUTH_PENDING = 2 };
+/* Return values of on_message. */
+enum { IM_MSG_ACK = 0, IM_MSG_DEFER = 1 };
+
+typedef struct im_callbacks {
+  /* Decide an authentication. Return IM_AUTH_ACCEPT, IM_AUTH_DENY, or
+   * IM_AUTH_PENDING and later call im_auth_complete(). NULL accepts any
+   * non-empty uid and token. */
+  int (*on_auth)(im_server *srv, im_conn_id c, const im_auth *a, void *user);
+  /* The connection is authenticated and registered under its uid. */
+  void (*on_open)(im_server *srv, im_conn_id c, void *user);
+  /* An upstream msg. Return IM_MSG_ACK to have the library answer
+   * {"op":"ack","cid":..,"id":m->id} now, or IM_MSG_DEFER when the
+   * application will answer with im_ack() or im_reply_error() itself
+   * (e.g. after storing the message). NULL acks and drops. */
+  int (*on_message)(im_server *srv, im_conn_id c, const im_msg *m, void *user);
+  /* A client asked to join (join != 0) or leave a room. Return 0 to allow
+   * (the library updates membership and acks), or an error code (HTTP-like,
+   * e.g. 403) to refuse with an IMP error. NULL allows everything. */
+  int (*on_room)(im_server *srv, im_conn_id c, const char *room, int join, void *user);
+  /* The client ACKed a downstream message id. */
+  void (*on_ack)(im_server *srv, im_conn_id c, const char *id, void *user);
+  /* The connection is gone (code: the close code sent or received, 1006
+   * when the transport died). Called once for every accepted connection,
+   * authenticated or not. After it returns the id is invalid. */
+  void (*on_close)(im_server *srv, im_conn_id c, int code, void *user);
+} im_callbacks;
+
+/* Hooks of the driver that moves bytes (set by im_event for libevent). */
+typedef struct im_io {
+  /* Output became pending on c (it was empty). The driver should write
+   * what im_conn_pending() gives, now or when the socket is writable. */
+  void (*want_write)(im_server *srv, im_conn_id c, void *io_ctx, void *io_user);
+  /* The engine is done with c: its output is flushed (or abandoned) and the
+   * transport must be closed. The engine releases c right after this hook
+   * returns (calling on_close); the driver must not use c afterwards. */
+  void (*close)(im_server *srv, im_conn_id c, void *io_ctx, void *io_user);
+  void *io_user;
+} im_io;
+
+/* ---- server lifecycle ---------------------------------------------------- */
+
+/* Create an engine. cfg may be NULL (defaults); cb may be NULL; both are
+ * copied. `user` is passed to every callback. Returns NULL on allocation
+ * failure or invalid cfg. */
+IM_EXTERN im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user);
+/* Set the driver hooks (copied). Must be called before the first accept. */
+IM_EXTERN void im_server_set_io(im_server *srv, const im_io *io);
+/* Free the engine. Connections still open are released without on_close
+ * and without I/O; close them first for a clean shutdown. */
+IM_EXTERN void im_server_free(im_server *srv);
+IM_EXTERN void *im_server_user(const im_server *srv);
+/* The configuration in force (defaults filled in); valid until free. */
+IM_EXTERN const im_config *im_server_config(const im_server *srv);
+
+/* ---- driving the engine (for custom event loops) ------------------------- */
+
+/* A transport connection was accepted. `peer` (e.g. "127.0.0.1:5555") is
+ * copied; io_ctx is the driver's own pointer, handed back in im_io hooks.
+ * Returns the new id, or 0 when max_connections is reached or memory ran
+ * out (the driver then closes the socket). */
+IM_EXTERN im_conn_id im_server_accept(im_server *srv, enum im_transport t, const char *peer,
+                                      void *io_ctx);
+
+/* Bytes arrived on c. The engine may modify buf in place (it unmasks
+ * WebSocket payloads there); buf is borrowed for the call. Leftover partial
+ * frames are copied. Returns 0, IM_ENOENT for an unknown id, IM_ECLOSED when
+ * c is closing (the bytes were discarded; the driver can stop reading). */
+IM_EXTERN int im_server_feed(im_server *srv, im_conn_id c, void *buf, size_t len);
+
+/* The transport of c died or reached EOF. The engine releases c (calling
+ * on_close with 1006 unless a close code was exchanged) and does not call
+ * io.close. Returns 0 or IM_ENOENT. */
+IM_EXTERN int im_server_hangup(im_server *srv, im_conn_id c);
+
+/* Fill up to iovmax iovecs with queued output of c, in order. Returns the
+ * number filled (0: nothing pending) or IM_ENOENT. The memory stays valid
+ * until the next im_conn_sent() or engine call that closes c. */
+IM_EXTERN int im_conn_pending(im_server *srv, im_conn_id c, struct iovec *iov, int iovmax);
+/* n bytes of the pending output were written. When the output empties on
+ * a closing connection, io.close is called. Returns 0 or IM_ENOENT. */
+IM_EXTERN int im_conn_sent(im_server *srv, im_conn_id c, size_t n);
+
+/* Advance time to now_ms (any monotonic clock, never going back). Runs
+ * auth / idle / close timeouts. Call it every cfg.tick_ms. */
+IM_EXTERN void im_server_tick(im_server *srv, uint64_t now_ms);
+
+/* ---- application API -------------------------------------------------- */
+
+/* Finish an IM_AUTH_PENDING authentication. accept != 0 registers and
+ * opens c; otherwise c gets error `code` (e.g. 401) with `reason` and is
+ * closed with 4401 (or HTTP 403 when authenticating through the upgrade
+ * request). Returns 0, IM_ENOENT (c is gone: the auth is void) or
+ * IM_ESTATE (no auth pending on c). */
+IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int code,
+                               const char *reason);
+
+/* Send one message to a connection. m->id NULL: the library generates one.
+ * Returns 0, IM_ENOENT, IM_ESTATE (c not authenticated), IM_ECLOSED,
+ * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM. */
+IM_EXTERN int im_send_conn(im_server *srv, im_conn_id c, const im_msg *m);
+
+/* Send to every connection of uid except `except` (0: none). The message is
+ * encoded once per wire format and shared. Returns the number of
+ * connections it was queued on (>= 0), or IM_ETOOBIG / IM_ENOMEM. */
+IM_EXTERN int im_send_user(im_server *srv, const char *uid, const im_msg *m, im_conn_id except);
+
+/* Join / leave a room (created on first join, freed when empty).
+ * Returns 0 (also when already a member / not a member), IM_ENOENT,
+ * IM_ESTATE (not authenticated), IM_ENOMEM. */
+IM_EXTERN int im_room_join(im_server *srv, im_conn_id c, const char *room);
+IM_EXTERN int im_room_leave(im_server *srv, im_conn_id c, const char *room);
+/* Send to every connection in the room except `except`; encoded once.
+ * Returns the number of connections reached or a negative code. */
+IM_EXTERN int im_room_send(im_server *srv, const char *room, const im_msg *m, im_conn_id except);
+/* Members of a room on this server (0 if none). */
+IM_EXTERN size_t im_room_size(const im_server *srv, const char *room);
+
+/* Acknowledge an upstream message whose on_message returned IM_MSG_DEFER.
+ * Returns 0, IM_ENOENT, IM_ECLOSED. */
+IM_EXTERN int im_ack(im_server *srv, im_conn_id c, const char *cid, const char *id);
+/* Send {"op":"error","code":code,"reason":reason,"cid":cid} (cid may be
+ * NULL). The connection stays open. Returns 0, IM_ENOENT, IM_ECLOSED. */
+IM_EXTERN int im_reply_error(im_server *srv, im_conn_id c, int code, const char *reason,
+                             const char *cid);
+
+/* Close c: WebSocket gets a close frame with code/reason, TCP an error op
+ * then FIN, after queued output is flushed. on_close follows later.
+ * Returns 0, IM_ENOENT, IM_ECLOSED (already closing). */
+IM_EXTERN int im_conn_close(im_server *srv, im_conn_id c, int code, const char *reason);
+/* Close every connection with code (shutdown: 1001). Returns the count. */
+IM_EXTERN size_t im_server_close_all(im_server *srv, int code, const char *reason);
+
+/* ---- introspection -------------------------------------------------------- */
+
+typedef struct im_conn_info {
+  const char *uid, *device, *platform; /* NULL before authentication */
+  const char *peer;
+  enum im_transport transport;
+  int binary;                  /* speaks binary IMP */
+  uint64_t since_ms;           /* engine time of accept */
+} im_conn_info;
+
+/* Fill info; pointers stay valid until c closes. Returns 0 or IM_ENOENT. */
+IM_EXTERN int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info);
+/* Per-connection user pointer (NULL initially). */
+IM_EXTERN int im_conn_set_data(im_server *srv, im_conn_id c, void *data);
+IM_EXTERN void *im_conn_get_data(const im_server *srv, im_conn_id c);
+
+/* Connections of uid: fills up to max ids, returns the total count. */
+IM_EXTERN size_t im_user_conns(const im_server *srv, const char *uid, im_conn_id *ids, size_t max);
+
+typedef struct im_stats {
+  uint64_t conns;            /* open transport connections */
+  uint64_t conns_authed;     /* of which authenticated */
+  uint64_t users;            /* distinct uids online */
+  uint64_t rooms;
+  uint64_t msgs_in;          /* upstream msg ops */
+  uint64_t msgs_out;         /* downstream messages queued (per connection) */
+  uint64_t bytes_in, bytes_out;
+  uint64_t shed;             /* connections closed for exceeding max_output */
+  uint64_t proto_errors;     /* connections closed for protocol violations */
+  uint64_t auth_failures;
+  uint64_t timeouts;         /* auth + idle timeouts */
+  uint64_t out_queued;       /* bytes queued right now, all connections */
+} im_stats;
+
+IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

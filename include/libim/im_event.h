@@ -1,0 +1,43 @@
+/* libim's libevent driver: listeners, sockets and the tick timer for one
+ * im_server on one event_base. Use it, or drive <libim/im.h> yourself. */
+#ifndef LIBIM_IM_EVENT_H
+#define LIBIM_IM_EVENT_H
+
+#include <libim/im.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct event_base;
+typedef struct im_event im_event;
+
+/* Bind an engine to an event base: takes over the engine's im_io hooks and
+ * starts the tick timer. Neither srv nor base is owned. Returns NULL on
+ * allocation failure. */
+IM_EXTERN im_event *im_event_new(struct event_base *base, im_server *srv);
+
+/* Listen on "HOST:PORT" ("[::1]:PORT" for IPv6; port 0 picks one) for
+ * WebSocket or raw TCP clients. Returns 0, IM_EADDR (bad address or bind
+ * failed; errno is kept), IM_ENOMEM. */
+IM_EXTERN int im_event_listen(im_event *ev, enum im_transport t, const char *addr);
+
+/* The port of the n-th listener (0-based, in listen order), or -1. */
+IM_EXTERN int im_event_port(const im_event *ev, int n);
+
+/* Catch SIGINT and SIGTERM on the base: on the first one, stop accepting,
+ * close every connection with 1001 and leave the loop once they are gone
+ * (or after grace_ms). Returns 0 or IM_ENOMEM. */
+IM_EXTERN int im_event_handle_signals(im_event *ev, unsigned grace_ms);
+
+/* Start the same graceful shutdown by hand. */
+IM_EXTERN void im_event_shutdown(im_event *ev, unsigned grace_ms);
+
+/* Close listeners and sockets and free the driver (not srv, not base).
+ * Connections still open are hung up (on_close with 1006). */
+IM_EXTERN void im_event_free(im_event *ev);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,172 @@
+/* Internal structures of the engine, shared by the lib/core files. */
+#ifndef IM_CORE_ENGINE_H
+#define IM_CORE_ENGINE_H
+
+#include <libim/im.h>
+#include <stdbool.h>
+
+#include "core/strmap.h"
+#include "core/timer_wheel.h"
+#include "proto/imp.h"
+
+typedef struct ws_handshake ws_handshake;
+
+/* A ref-counted, immutable byte buffer: one encoded frame shared by every
+ * receiver of a fan-out (R16). */
+typedef struct im_buf {
+  uint32_t refs;
+  uint32_t len;
+  uint8_t data[];
+} im_buf;
+
+/* One queued buffer on a connection's output. */
+typedef struct outq_node {
+  struct outq_node *next;
+  im_buf *buf;
+  uint32_t off;   /* bytes of buf already written */
+} outq_node;
+
+enum conn_state {
+  CS_HANDSHAKE,     /* WebSocket upgrade request in progress */
+  CS_AUTH,          /* waiting for an auth op */
+  CS_AUTH_PENDING,  /* on_auth returned PENDING; input is held */
+  CS_OPEN,          /* authenticated */
+  CS_CLOSING,       /* close sent or being sent; waiting for flush / peer close */
+  CS_CLOSED         /* released at the end of the current engine call */
+};
+
+enum conn_flag {
+  CF_FLUSH_CLOSE = 1u << 0,  /* close the transport once output is flushed */
+  CF_CLOSE_RCVD = 1u << 1,   /* the peer's close frame arrived */
+  CF_NOTIFIED = 1u << 2,     /* want_write was called and output not yet drained */
+  CF_UPGRADE_AUTH = 1u << 3, /* pending auth came from the upgrade query */
+  CF_REGISTERED = 1u << 5    /* counted in stats.conns_authed / in a user */
+};
+
+/* Wire formats a packet may be framed in. */
+enum wire_kind { WIRE_WS_TEXT, WIRE_WS_BIN, WIRE_TCP, WIRE_N };
+
+typedef struct im_user im_user;
+typedef struct room_member room_member;
+
+typedef struct im_conn {
+  im_conn_id id;
+  void *io_ctx;
+  void *data;
+  uint8_t state;
+  uint8_t transport;
+  uint8_t binary;          /* replies in binary IMP */
+  uint8_t frag_op;         /* opcode of the WebSocket message being assembled, 0 = none */
+  uint16_t flags;
+  uint16_t close_code;
+  uint32_t utf8;           /* UTF-8 validator state across text fragments */
+  uint32_t last_rx;        /* engine tick of the last read */
+  uint8_t *in;             /* partial frame carried between feeds (NULL when none) */
+  uint32_t in_len, in_cap;
+  uint8_t *msg;            /* fragmented message being assembled */
+  uint32_t msg_len, msg_cap;
+  ws_handshake *hs;
+  outq_node *out_head, *out_tail;
+  uint32_t out_bytes;
+  tw_entry timer;
+  im_user *user;
+  struct im_conn *u_next, *u_prev;
+  room_member *rooms;
+  char *ident;             /* "device\0platform\0" once authenticated */
+  uint64_t since_ms;
+  char peer[48];
+} im_conn;
+
+struct im_user {
+  strmap_node node;
+  im_conn *conns;
+  uint32_t nconns;
+  char uid[];
+};
+
+typedef struct im_room {
+  strmap_node node;
+  room_member *members;
+  uint32_t n;
+  char name[];
+} im_room;
+
+struct room_member {
+  im_room *room;
+  im_conn *conn;
+  room_member *r_next, *r_prev;  /* in the room */
+  room_member *c_next;           /* in the connection's list */
+};
+
+struct im_server {
+  im_config cfg;
+  im_callbacks cb;
+  im_io io;
+  im_allocator alloc;
+  void *user;
+  /* connection table: id = gen << 32 | (slot + 1) */
+  im_conn **slots;
+  uint32_t *gens;
+  uint32_t *free_slots;
+  uint32_t nslots, cap, nfree;
+  strmap users;
+  strmap rooms;
+  tw_wheel wheel;
+  uint64_t now_ms;         /* engine time: driver time - t0 */
+  uint64_t t0;
+  bool started;
+  uint32_t depth;          /* nesting of public entry points */
+  im_conn *dead;           /* closed connections released when depth returns to 0 (via u_next) */
+  outq_node *node_pool;    /* free outq nodes */
+  uint32_t pool_len;
+  char *scratch;           /* JSON unescape space, max_message bytes */
+  char *fields;            /* NUL-terminated copies of packet fields for callbacks */
+  size_t fields_cap;
+  uint64_t rng;
+  uint64_t id_wall0;       /* wall-clock ms at creation, base of message ids */
+  uint64_t id_last_ms;
+  uint32_t id_counter;
+  uint32_t idle_ticks;
+  im_stats st;
+};
+
+/* allocation through the configured hooks */
+static inline void *im_alloc(im_server *s, size_t n) { return s->alloc.malloc(n, s->alloc.ud); }
+static inline void *im_zalloc(im_server *s, size_t n) { return s->alloc.calloc(1, n, s->alloc.ud); }
+static inline void *im_realloc(im_server *s, void *p, size_t n) {
+  return s->alloc.realloc(p, n, s->alloc.ud);
+}
+static inline void im_dealloc(im_server *s, void *p) { s->alloc.free(p, s->alloc.ud); }
+
+/* buf.c */
+im_buf *buf_new(im_server *s, size_t len);
+static inline im_buf *buf_ref(im_buf *b) { b->refs++; return b; }
+void buf_unref(im_server *s, im_buf *b);
+/* Append b (a new reference is taken) to c's output. Returns 0, or
+ * IM_ENOMEM. Does not check bounds or notify. */
+int outq_push(im_server *s, im_conn *c, im_buf *b);
+/* Drop queued output; a partially written head buffer is kept when
+ * keep_partial (its remaining bytes are needed to keep the stream framed). */
+void outq_clear(im_server *s, im_conn *c, bool keep_partial);
+void outq_pool_free(im_server *s);
+/* Advance c's output by n written bytes; true when it is now empty. */
+bool outq_consume(im_server *s, im_conn *c, size_t n);
+/* Frame an encoded packet for a wire format into a new buffer (refs = 1). */
+im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt);
+/* Frame raw bytes as one WebSocket frame of the given opcode. */
+im_buf *frame_ws(im_server *s, uint8_t opcode, const void *payload, size_t len);
+
+/* server.c */
+im_conn *conn_lookup(const im_server *s, im_conn_id id);
+
+/* registry.c */
+int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);
+void reg_user_del(im_server *s, im_conn *c);
+im_user *reg_user_find(const im_server *s, const char *uid, size_t len);
+int reg_room_join(im_server *s, im_conn *c, const char *room, size_t len);
+/* Returns 1 if c was a member and left, 0 if it was not. */
+int reg_room_leave(im_server *s, im_conn *c, const char *room, size_t len);
+void reg_room_leave_all(im_server *s, im_conn *c);
+im_room *reg_room_find(const im_server *s, const char *room, size_t len);
+
+#endif

@@ -1,0 +1,131 @@
+/* The registries: uid -> live connections (R7) and room -> member
+ * connections (R15). Both are intrusive: adding or removing a connection is
+ * O(1) apart from the hash lookup of its uid or room. */
+#include <string.h>
+
+#include "core/engine.h"
+
+im_user *reg_user_find(const im_server *s, const char *uid, size_t len) {
+  strmap_node *n = strmap_get(&s->users, uid, len);
+  return n ? (im_user *)n : NULL;
+}
+
+int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len) {
+  im_user *u = reg_user_find(s, uid, len);
+  if (!u) {
+    u = im_alloc(s, sizeof(*u) + len + 1);
+    if (!u) return IM_ENOMEM;
+    memcpy(u->uid, uid, len);
+    u->uid[len] = '\0';
+    u->conns = NULL;
+    u->nconns = 0;
+    u->node.key = u->uid;
+    u->node.klen = (uint32_t)len;
+    strmap_put(&s->users, &u->node);
+    s->st.users++;
+  }
+  c->user = u;
+  c->u_prev = NULL;
+  c->u_next = u->conns;
+  if (u->conns) u->conns->u_prev = c;
+  u->conns = c;
+  u->nconns++;
+  return 0;
+}
+
+void reg_user_del(im_server *s, im_conn *c) {
+  im_user *u = c->user;
+  if (!u) return;
+  if (c->u_prev)
+    c->u_prev->u_next = c->u_next;
+  else
+    u->conns = c->u_next;
+  if (c->u_next) c->u_next->u_prev = c->u_prev;
+  c->u_next = c->u_prev = NULL;
+  c->user = NULL;
+  if (--u->nconns == 0) {
+    strmap_del(&s->users, &u->node);
+    im_dealloc(s, u);
+    s->st.users--;
+  }
+}
+
+im_room *reg_room_find(const im_server *s, const char *room, size_t len) {
+  strmap_node *n = strmap_get(&s->rooms, room, len);
+  return n ? (im_room *)n : NULL;
+}
+
+int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
+  im_room *r = reg_room_find(s, name, len);
+  if (r) {
+    for (room_member *m = c->rooms; m; m = m->c_next)
+      if (m->room == r) return 0;
+  } else {
+    r = im_alloc(s, sizeof(*r) + len + 1);
+    if (!r) return IM_ENOMEM;
+    memcpy(r->name, name, len);
+    r->name[len] = '\0';
+    r->members = NULL;
+    r->n = 0;
+    r->node.key = r->name;
+    r->node.klen = (uint32_t)len;
+    strmap_put(&s->rooms, &r->node);
+    s->st.rooms++;
+  }
+  room_member *m = im_alloc(s, sizeof(*m));
+  if (!m) {
+    if (r->n == 0) {
+      strmap_del(&s->rooms, &r->node);
+      im_dealloc(s, r);
+      s->st.rooms--;
+    }
+    return IM_ENOMEM;
+  }
+  m->room = r;
+  m->conn = c;
+  m->r_prev = NULL;
+  m->r_next = r->members;
+  if (r->members) r->members->r_prev = m;
+  r->members = m;
+  r->n++;
+  m->c_next = c->rooms;
+  c->rooms = m;
+  return 0;
+}
+
+static void member_unlink(im_server *s, room_member *m) {
+  im_room *r = m->room;
+  if (m->r_prev)
+    m->r_prev->r_next = m->r_next;
+  else
+    r->members = m->r_next;
+  if (m->r_next) m->r_next->r_prev = m->r_prev;
+  im_dealloc(s, m);
+  if (--r->n == 0) {
+    strmap_del(&s->rooms, &r->node);
+    im_dealloc(s, r);
+    s->st.rooms--;
+  }
+}
+
+int reg_room_leave(im_server *s, im_conn *c, const char *name, size_t len) {
+  im_room *r = reg_room_find(s, name, len);
+  if (!r) return 0;
+  for (room_member **pp = &c->rooms; *pp; pp = &(*pp)->c_next) {
+    if ((*pp)->room == r) {
+      room_member *m = *pp;
+      *pp = m->c_next;
+      member_unlink(s, m);
+      return 1;
+    }
+  }
+  return 0;
+}
+
+void reg_room_leave_all(im_server *s, im_conn *c) {
+  while (c->rooms) {
+    room_member *m = c->rooms;
+    c->rooms = m->c_next;
+    member_unlink(s, m);
+  }
+}

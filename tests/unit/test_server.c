@@ -1,0 +1,663 @@
+/* Engine tests: drive im_server with plain byte arrays, as a custom event
+ * loop would, and check the bytes it answers with. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libim/im.h>
+
+/* ---- a fake driver ------------------------------------------------------- */
+
+typedef struct fake {
+  im_conn_id closed[64];
+  int nclosed;
+  int want_writes;
+  im_conn_id on_close_ids[64];
+  int on_close_codes[64];
+  int nclose_cb;
+  int opens;
+  int auth_mode;          /* IM_AUTH_* to return from on_auth */
+  im_conn_id pending_auth;
+  char last_uid[64];
+  char last_data[256];
+  int msgs;
+} fake;
+
+static void want_write(im_server *s, im_conn_id c, void *ctx, void *u) {
+  (void)s, (void)c, (void)ctx;
+  ((fake *)u)->want_writes++;
+}
+
+static void io_close(im_server *s, im_conn_id c, void *ctx, void *u) {
+  (void)s, (void)ctx;
+  fake *f = u;
+  f->closed[f->nclosed++] = c;
+}
+
+static int on_auth(im_server *s, im_conn_id c, const im_auth *a, void *u) {
+  (void)s;
+  fake *f = u;
+  snprintf(f->last_uid, sizeof f->last_uid, "%s", a->uid);
+  if (f->auth_mode == IM_AUTH_PENDING) f->pending_auth = c;
+  if (f->auth_mode == IM_AUTH_ACCEPT && strcmp(a->token, "bad") == 0) return IM_AUTH_DENY;
+  return f->auth_mode;
+}
+
+static void on_open(im_server *s, im_conn_id c, void *u) {
+  (void)s, (void)c;
+  ((fake *)u)->opens++;
+}
+
+static int on_message(im_server *s, im_conn_id c, const im_msg *m, void *u) {
+  fake *f = u;
+  f->msgs++;
+  snprintf(f->last_data, sizeof f->last_data, "%.*s", (int)m->data_len, m->data);
+  im_msg echo = {.data = m->data, .data_len = m->data_len};
+  im_send_conn(s, c, &echo);
+  return IM_MSG_ACK;
+}
+
+static void on_close(im_server *s, im_conn_id c, int code, void *u) {
+  (void)s;
+  fake *f = u;
+  f->on_close_ids[f->nclose_cb] = c;
+  f->on_close_codes[f->nclose_cb++] = code;
+}
+
+static im_server *new_server(fake *f, im_config *cfg) {
+  memset(f, 0, sizeof *f);
+  im_callbacks cb = {.on_auth = on_auth, .on_open = on_open, .on_message = on_message,
+                     .on_close = on_close};
+  im_server *s = im_server_new(cfg, &cb, f);
+  assert_non_null(s);
+  im_io io = {want_write, io_close, f};
+  im_server_set_io(s, &io);
+  im_server_tick(s, 1000000);
+  return s;
+}
+
+/* Take all pending output of c into out (NUL-terminated); returns length. */
+static size_t drain(im_server *s, im_conn_id c, uint8_t *out, size_t cap) {
+  struct iovec iov[16];
+  size_t total = 0;
+  int n;
+  while ((n = im_conn_pending(s, c, iov, 16)) > 0) {
+    size_t k = 0;
+    for (int i = 0; i < n; i++) {
+      assert_true(total + iov[i].iov_len < cap);
+      memcpy(out + total, iov[i].iov_base, iov[i].iov_len);
+      total += iov[i].iov_len;
+      k += iov[i].iov_len;
+    }
+    im_conn_sent(s, c, k);
+  }
+  out[total] = 0;
+  return total;
+}
+
+/* A masked client frame. */
+static size_t cframe(uint8_t *out, int op, int fin, const void *pl, size_t n) {
+  static const uint8_t mask[4] = {0x37, 0xfa, 0x21, 0x3d};
+  size_t h = 0;
+  out[h++] = (uint8_t)((fin ? 0x80 : 0) | op);
+  if (n < 126) {
+    out[h++] = (uint8_t)(0x80 | n);
+  } else if (n < 65536) {
+    out[h++] = 0x80 | 126;
+    out[h++] = (uint8_t)(n >> 8);
+    out[h++] = (uint8_t)n;
+  } else {
+    out[h++] = 0x80 | 127;
+    for (int i = 7; i >= 0; i--) out[h++] = (uint8_t)((uint64_t)n >> (8 * i));
+  }
+  memcpy(out + h, mask, 4);
+  h += 4;
+  for (size_t i = 0; i < n; i++) out[h + i] = ((const uint8_t *)pl)[i] ^ mask[i % 4];
+  return h + n;
+}
+
+static int feed_frame(im_server *s, im_conn_id c, int op, int fin, const char *pl, size_t n) {
+  static uint8_t buf[70000];
+  size_t len = cframe(buf, op, fin, pl, n);
+  return im_server_feed(s, c, buf, len);
+}
+
+static int feed_text(im_server *s, im_conn_id c, const char *text) {
+  return feed_frame(s, c, 0x1, 1, text, strlen(text));
+}
+
+typedef struct sframe {
+  int op, fin;
+  const uint8_t *pl;
+  size_t len;
+} sframe;
+
+/* Parse server frames from buf; returns the number parsed. */
+static int parse_frames(const uint8_t *b, size_t n, sframe *out, int max) {
+  int k = 0;
+  size_t off = 0;
+  while (off + 2 <= n && k < max) {
+    size_t len = b[off + 1] & 0x7f, h = 2;
+    assert_int_equal(b[off + 1] & 0x80, 0); /* servers never mask */
+    if (len == 126) {
+      len = (size_t)b[off + 2] << 8 | b[off + 3];
+      h = 4;
+    } else if (len == 127) {
+      len = 0;
+      for (int i = 0; i < 8; i++) len = len << 8 | b[off + 2 + i];
+      h = 10;
+    }
+    out[k].op = b[off] & 0x0f;
+    out[k].fin = b[off] >> 7;
+    out[k].pl = b + off + h;
+    out[k].len = len;
+    k++;
+    off += h + len;
+  }
+  assert_int_equal(off, n);
+  return k;
+}
+
+static const char *UPGRADE =
+    "GET /ws%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n";
+
+static im_conn_id ws_accept(im_server *s, const char *query, const char *extra) {
+  char req[1024];
+  snprintf(req, sizeof req, UPGRADE, query ? query : "", extra ? extra : "");
+  im_conn_id c = im_server_accept(s, IM_TRANSPORT_WS, "127.0.0.1:5000", NULL);
+  assert_true(c != 0);
+  im_server_feed(s, c, req, strlen(req));
+  return c;
+}
+
+/* Upgrade + auth op; returns the id with all output drained. */
+static im_conn_id ws_open(im_server *s, fake *f, const char *uid) {
+  static uint8_t out[4096];
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 101"));
+  assert_non_null(strstr((char *)out, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+  char auth[256];
+  snprintf(auth, sizeof auth, "{\"op\":\"auth\",\"uid\":\"%s\",\"token\":\"t\",\"device\":\"d\"}", uid);
+  int opens = f->opens;
+  feed_text(s, c, auth);
+  assert_int_equal(f->opens, opens + 1);
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(fr[0].op, 1);
+  assert_true(fr[0].len > 0 && memmem(fr[0].pl, fr[0].len, "\"op\":\"auth_ok\"", 14));
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"hb\":", 5));
+  return c;
+}
+
+static int close_code_of(const sframe *fr) {
+  assert_int_equal(fr->op, 8);
+  assert_true(fr->len >= 2);
+  return fr->pl[0] << 8 | fr->pl[1];
+}
+
+/* Expect exactly: [optional text frames] then a close frame with code; the
+ * transport is then closed by the engine. Returns nothing. */
+static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
+  static uint8_t out[70000];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[8];
+  int k = parse_frames(out, n, fr, 8);
+  assert_true(k >= 1);
+  assert_int_equal(close_code_of(&fr[k - 1]), code);
+  assert_true(f->nclosed >= 1);
+  assert_true(f->closed[f->nclosed - 1] == c);
+}
+
+/* ---- tests ----------------------------------------------------------------- */
+
+static void test_echo_roundtrip(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "alice");
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c1\",\"data\":{\"t\":\"hi\"}}");
+  assert_int_equal(f.msgs, 1);
+  assert_string_equal(f.last_data, "{\"t\":\"hi\"}");
+  uint8_t out[4096];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  /* the echo copy was queued inside on_message, the ack after it */
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"op\":\"msg\"", 10));
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"data\":{\"t\":\"hi\"}", 17));
+  assert_non_null(memmem(fr[1].pl, fr[1].len, "\"op\":\"ack\",\"cid\":\"c1\",\"id\":\"", 27));
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.conns, 1);
+  assert_int_equal(stt.conns_authed, 1);
+  assert_int_equal(stt.msgs_in, 1);
+  im_server_free(s);
+}
+
+static void test_ping_pong_and_ws_ping(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "u");
+  uint8_t out[4096];
+  sframe fr[4];
+  feed_text(s, c, "{\"op\":\"ping\"}");
+  size_t n = drain(s, c, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(fr[0].len, strlen("{\"op\":\"pong\"}"));
+  assert_memory_equal(fr[0].pl, "{\"op\":\"pong\"}", fr[0].len);
+  feed_frame(s, c, 0x9, 1, "abc", 3);
+  n = drain(s, c, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(fr[0].op, 0xa);
+  assert_memory_equal(fr[0].pl, "abc", 3);
+  im_server_free(s);
+}
+
+static void test_auth_required_first(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint8_t out[4096];
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"x\",\"data\":1}");
+  assert_int_equal(f.msgs, 0);
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[2];
+  assert_int_equal(parse_frames(out, n, fr, 2), 1);
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"code\":401", 10));
+  feed_text(s, c, "{\"op\":\"ping\"}"); /* ping is fine before auth */
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(memmem(out, n, "pong", 4));
+  im_server_free(s);
+}
+
+static void test_bad_token_closes_4401(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint8_t out[4096];
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_text(s, c, "{\"op\":\"auth\",\"uid\":\"a\",\"token\":\"bad\"}");
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"op\":\"error\"", 12));
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"code\":401", 10));
+  assert_int_equal(close_code_of(&fr[1]), 4401);
+  assert_int_equal(f.nclosed, 1);
+  assert_int_equal(f.nclose_cb, 1);
+  assert_int_equal(f.on_close_codes[0], 4401);
+  assert_int_equal(f.opens, 0);
+  im_server_free(s);
+}
+
+static void test_query_auth(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint8_t out[4096];
+  im_conn_id c = ws_accept(s, "?uid=bob&token=t&device=phone&platform=ios", NULL);
+  size_t n = drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 101"));
+  assert_non_null(memmem(out, n, "auth_ok", 7));
+  assert_string_equal(f.last_uid, "bob");
+  im_conn_info info;
+  assert_int_equal(im_conn_get_info(s, c, &info), 0);
+  assert_string_equal(info.uid, "bob");
+  assert_string_equal(info.device, "phone");
+  assert_string_equal(info.platform, "ios");
+  /* a denied query auth gets 403 and no upgrade */
+  im_conn_id d = ws_accept(s, "?uid=bob&token=bad", NULL);
+  drain(s, d, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 403"));
+  assert_null(strstr((char *)out, "101"));
+  assert_true(f.closed[f.nclosed - 1] == d);
+  im_server_free(s);
+}
+
+static void test_async_auth_holds_input(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  f.auth_mode = IM_AUTH_PENDING;
+  uint8_t out[4096];
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  /* auth and a message in one read: the message waits for the verdict */
+  uint8_t buf[512];
+  const char *a = "{\"op\":\"auth\",\"uid\":\"carol\",\"token\":\"t\"}";
+  const char *m = "{\"op\":\"msg\",\"cid\":\"1\",\"data\":\"x\"}";
+  size_t n = cframe(buf, 1, 1, a, strlen(a));
+  n += cframe(buf + n, 1, 1, m, strlen(m));
+  im_server_feed(s, c, buf, n);
+  assert_int_equal(f.msgs, 0);
+  assert_int_equal(f.opens, 0);
+  assert_true(f.pending_auth == c);
+  assert_int_equal(im_auth_complete(s, c, 1, 0, NULL), 0);
+  assert_int_equal(f.opens, 1);
+  assert_int_equal(f.msgs, 1);
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(memmem(out, n, "auth_ok", 7));
+  assert_non_null(memmem(out, n, "\"op\":\"ack\"", 10));
+  assert_int_equal(im_auth_complete(s, c, 1, 0, NULL), IM_ESTATE);
+  /* and a pending query auth that is refused later -> 403 */
+  im_conn_id d = ws_accept(s, "?uid=z&token=t", NULL);
+  assert_int_equal(im_conn_pending(s, d, (struct iovec[1]){{0}}, 1), 0);
+  im_auth_complete(s, d, 0, 401, "nope");
+  drain(s, d, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 403"));
+  im_server_free(s);
+}
+
+static void test_fragmented_text_and_utf8(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "u");
+  /* "é" split across fragments, and a ping in the middle */
+  const char *p1 = "{\"op\":\"msg\",\"cid\":\"f\",\"data\":\"\xc3";
+  const char *p2 = "\xa9\"}";
+  feed_frame(s, c, 0x1, 0, p1, strlen(p1));
+  feed_frame(s, c, 0x9, 1, "", 0);
+  feed_frame(s, c, 0x0, 1, p2, strlen(p2));
+  assert_int_equal(f.msgs, 1);
+  assert_string_equal(f.last_data, "\"\xc3\xa9\"");
+  uint8_t out[4096];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 3);
+  assert_int_equal(fr[0].op, 0xa);
+  /* invalid UTF-8 -> 1007 */
+  feed_frame(s, c, 0x1, 1, "\xc3\x28", 2);
+  expect_closed_with(s, &f, c, 1007);
+  im_server_free(s);
+}
+
+static void test_protocol_violations(void **st) {
+  (void)st;
+  struct {
+    uint8_t bytes[16];
+    size_t n;
+    int code;
+  } cases[] = {
+      {{0x81, 0x00}, 2, 1002},                          /* unmasked */
+      {{0xc1, 0x80, 1, 2, 3, 4}, 6, 1002},              /* RSV1 */
+      {{0x83, 0x80, 1, 2, 3, 4}, 6, 1002},              /* reserved opcode */
+      {{0x80, 0x80, 1, 2, 3, 4}, 6, 1002},              /* continuation first */
+      {{0x09, 0x80, 1, 2, 3, 4}, 6, 1002},              /* fragmented ping */
+      {{0x89, 0xfe, 0x00, 0x7e, 1, 2, 3, 4}, 8, 1002},  /* ping > 125 */
+      {{0x88, 0x81, 0, 0, 0, 0, 3}, 7, 1002},           /* close with 1-byte body */
+      {{0x88, 0x82, 0, 0, 0, 0, 0x03, 0xed}, 8, 1002},  /* close code 1005 */
+      {{0x82, 0xff, 0, 0, 0, 0, 0, 1, 0, 1, 1, 2, 3, 4}, 14, 1009}, /* 64 KiB + 1 declared */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+    fake f;
+    im_server *s = new_server(&f, NULL);
+    im_conn_id other = ws_open(s, &f, "bystander");
+    im_conn_id c = ws_open(s, &f, "v");
+    im_server_feed(s, c, cases[i].bytes, cases[i].n);
+    expect_closed_with(s, &f, c, cases[i].code);
+    assert_int_equal(f.nclose_cb, 1);
+    /* the other connection is untouched and still works */
+    assert_int_equal(feed_text(s, other, "{\"op\":\"ping\"}"), 0);
+    uint8_t out[256];
+    assert_true(drain(s, other, out, sizeof out) > 0);
+    im_stats stt;
+    im_server_stats(s, &stt);
+    assert_int_equal(stt.conns, 1);
+    assert_int_equal(stt.proto_errors, 1);
+    im_server_free(s);
+  }
+}
+
+static void test_oversize_fragments(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_message = 1000;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id c = ws_open(s, &f, "u");
+  char big[600];
+  memset(big, 'a', sizeof big);
+  feed_frame(s, c, 0x2, 0, big, sizeof big);
+  feed_frame(s, c, 0x0, 1, big, sizeof big);
+  expect_closed_with(s, &f, c, 1009);
+  im_server_free(s);
+}
+
+static void test_close_handshake(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "u");
+  feed_frame(s, c, 0x8, 1, "\x03\xe8" "bye", 5);
+  expect_closed_with(s, &f, c, 1000);
+  assert_int_equal(f.on_close_codes[0], 1000);
+  /* server-initiated: waits for the client's close */
+  im_conn_id d = ws_open(s, &f, "w");
+  assert_int_equal(im_conn_close(s, d, 4403, "kicked"), 0);
+  uint8_t out[256];
+  size_t n = drain(s, d, out, sizeof out);
+  sframe fr[2];
+  assert_int_equal(parse_frames(out, n, fr, 2), 1);
+  assert_int_equal(close_code_of(&fr[0]), 4403);
+  assert_int_equal(f.nclosed, 1);
+  feed_frame(s, d, 0x8, 1, "\x11\x33", 2);
+  assert_int_equal(f.nclosed, 2);
+  assert_int_equal(f.on_close_codes[1], 4403);
+  im_server_free(s);
+}
+
+static void test_registry_and_fanout(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id a1 = ws_open(s, &f, "alice");
+  im_conn_id a2 = ws_open(s, &f, "alice");
+  im_conn_id b = ws_open(s, &f, "bob");
+  im_conn_id ids[4];
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
+  im_msg m = {.from = "sys", .data = "[1,2]", .data_len = 5};
+  assert_int_equal(im_send_user(s, "alice", &m, a1), 1);
+  assert_int_equal(im_send_user(s, "alice", &m, 0), 2);
+  assert_int_equal(im_send_user(s, "nobody", &m, 0), 0);
+  uint8_t out[4096];
+  assert_int_equal(drain(s, a1, out, sizeof out) > 0, 1);
+  size_t n = drain(s, a2, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"from\":\"sys\"", 12));
+  /* rooms */
+  assert_int_equal(im_room_join(s, a1, "r"), 0);
+  assert_int_equal(im_room_join(s, a1, "r"), 0);
+  assert_int_equal(im_room_join(s, b, "r"), 0);
+  assert_int_equal(im_room_size(s, "r"), 2);
+  assert_int_equal(im_room_send(s, "r", &m, b), 1);
+  feed_text(s, b, "{\"op\":\"leave\",\"room\":\"r\",\"cid\":\"l\"}");
+  assert_int_equal(im_room_size(s, "r"), 1);
+  n = drain(s, b, out, sizeof out);
+  assert_non_null(memmem(out, n, "\"op\":\"ack\",\"cid\":\"l\"", 20));
+  feed_text(s, b, "{\"op\":\"join\",\"room\":\"q\"}");
+  assert_int_equal(im_room_size(s, "q"), 1);
+  /* hang-up unregisters everywhere */
+  im_server_hangup(s, a1);
+  assert_int_equal(im_room_size(s, "r"), 0);
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 1);
+  assert_true(ids[0] == a2);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1006);
+  assert_int_equal(im_send_conn(s, a1, &m), IM_ENOENT);
+  im_server_hangup(s, a2);
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 0);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.users, 1);
+  im_server_free(s);
+}
+
+static void test_output_bound_sheds(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_output = 4096;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id slow = ws_open(s, &f, "slow");
+  im_conn_id fast = ws_open(s, &f, "fast");
+  char data[1002];
+  memset(data, 'x', sizeof data);
+  data[0] = '"';
+  data[sizeof data - 1] = '"';
+  im_msg m = {.data = data, .data_len = sizeof data};
+  int rc = 0, sent = 0;
+  while ((rc = im_send_conn(s, slow, &m)) == 0) sent++;
+  assert_int_equal(rc, IM_EFULL);
+  assert_true(sent >= 3 && sent <= 4);
+  assert_int_equal(im_send_conn(s, slow, &m), IM_ECLOSED);
+  assert_int_equal(im_send_conn(s, fast, &m), 0);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.shed, 1);
+  /* queued data was dropped in favour of the close frame */
+  expect_closed_with(s, &f, slow, 4429);
+  im_server_free(s);
+}
+
+static void test_timeouts(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.auth_timeout_ms = 1000;
+  cfg.heartbeat_s = 2;
+  cfg.idle_timeout_ms = 3000;
+  im_server *s = new_server(&f, &cfg);
+  uint64_t t = 1000000;
+  im_conn_id idle = ws_accept(s, NULL, NULL); /* never authenticates */
+  im_conn_id live = ws_open(s, &f, "live");
+  im_conn_id quiet = ws_open(s, &f, "quiet");
+  uint8_t out[512];
+  drain(s, idle, out, sizeof out);
+  im_server_tick(s, t + 900);
+  assert_int_equal(f.nclose_cb, 0);
+  im_server_tick(s, t + 1100);
+  assert_int_equal(f.nclose_cb, 0); /* closing, not yet flushed */
+  expect_closed_with(s, &f, idle, 4408);
+  /* read-idle: `live` keeps talking, `quiet` does not */
+  for (uint64_t dt = 1200; dt <= 5000; dt += 500) {
+    im_server_tick(s, t + dt);
+    feed_text(s, live, "{\"op\":\"ping\"}");
+    drain(s, live, out, sizeof out);
+  }
+  expect_closed_with(s, &f, quiet, 4408);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.timeouts, 2);
+  assert_int_equal(stt.conns, 1);
+  im_server_free(s);
+}
+
+static void test_tcp_binary(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = im_server_accept(s, IM_TRANSPORT_TCP, "127.0.0.1:1", NULL);
+  /* auth: op 1, uid "u", token "t"; pipelined with a ping; fed byte by byte */
+  uint8_t in[] = {0, 0, 0, 7, 0x01, 0x01, 1, 'u', 0x02, 1, 't', 0, 0, 0, 1, 0x07};
+  for (size_t i = 0; i < sizeof in; i++) im_server_feed(s, c, &in[i], 1);
+  assert_int_equal(f.opens, 1);
+  uint8_t out[512];
+  size_t n = drain(s, c, out, sizeof out);
+  /* auth_ok frame then pong frame {0,0,0,1,8} */
+  assert_int_equal(out[4], 0x02);
+  uint32_t l0 = (uint32_t)out[0] << 24 | (uint32_t)out[1] << 16 | (uint32_t)out[2] << 8 | out[3];
+  assert_int_equal(n, 4 + l0 + 5);
+  assert_memory_equal(out + 4 + l0, "\x00\x00\x00\x01\x08", 5);
+  /* oversize frame: refused from the header alone */
+  uint8_t big[] = {0x7f, 0xff, 0xff, 0xff, 0x03};
+  im_server_feed(s, c, big, sizeof big);
+  n = drain(s, c, out, sizeof out);
+  assert_int_equal(out[4], 0x0b); /* error op */
+  assert_true(f.closed[f.nclosed - 1] == c);
+  assert_int_equal(f.on_close_codes[0], 1009);
+  im_server_free(s);
+}
+
+static void test_handshake_errors(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint8_t out[1024];
+  const char *req = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n";
+  im_conn_id c = im_server_accept(s, IM_TRANSPORT_WS, "p", NULL);
+  im_server_feed(s, c, (void *)req, strlen(req));
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 426"));
+  assert_non_null(strstr((char *)out, "Sec-WebSocket-Version: 13"));
+  const char *plain = "GET /ws HTTP/1.1\r\nHost: x\r\n\r\n";
+  c = im_server_accept(s, IM_TRANSPORT_WS, "p", NULL);
+  im_server_feed(s, c, (void *)plain, strlen(plain));
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 400"));
+  /* subprotocol imp.bin makes replies binary */
+  c = ws_accept(s, NULL, "Sec-WebSocket-Protocol: imp.bin\r\n");
+  size_t n = drain(s, c, out, sizeof out);
+  assert_non_null(memmem(out, n, "Sec-WebSocket-Protocol: imp.bin", 31));
+  im_conn_info info;
+  im_conn_get_info(s, c, &info);
+  assert_int_equal(info.binary, 1);
+  assert_int_equal(f.nclosed, 2);
+  im_server_free(s);
+}
+
+static void test_bad_json_keeps_connection(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "u");
+  uint8_t out[1024];
+  const char *bad[] = {"{", "[]", "{\"op\":\"nope\"}", "{\"op\":\"msg\",\"data\":1}",
+                       "{\"op\":\"msg\",\"cid\":\"x\"}", "{\"op\":\"join\"}"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    assert_int_equal(feed_text(s, c, bad[i]), 0);
+    size_t n = drain(s, c, out, sizeof out);
+    assert_non_null(memmem(out, n, "\"code\":400", 10));
+  }
+  assert_int_equal(f.nclosed, 0);
+  assert_int_equal(f.msgs, 0);
+  im_server_free(s);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_echo_roundtrip),
+      cmocka_unit_test(test_ping_pong_and_ws_ping),
+      cmocka_unit_test(test_auth_required_first),
+      cmocka_unit_test(test_bad_token_closes_4401),
+      cmocka_unit_test(test_query_auth),
+      cmocka_unit_test(test_async_auth_holds_input),
+      cmocka_unit_test(test_fragmented_text_and_utf8),
+      cmocka_unit_test(test_protocol_violations),
+      cmocka_unit_test(test_oversize_fragments),
+      cmocka_unit_test(test_close_handshake),
+      cmocka_unit_test(test_registry_and_fanout),
+      cmocka_unit_test(test_output_bound_sheds),
+      cmocka_unit_test(test_timeouts),
+      cmocka_unit_test(test_tcp_binary),
+      cmocka_unit_test(test_handshake_errors),
+      cmocka_unit_test(test_bad_json_keeps_connection),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
