@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <cmocka.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -640,6 +641,100 @@ static void test_bad_json_keeps_connection(void **st) {
   im_server_free(s);
 }
 
+
+/* ---- allocation failure: fail the i-th allocation for every i ------------ */
+
+typedef struct failalloc {
+  long n, fail_at;
+  long live;
+} failalloc;
+
+static void *fa_malloc(size_t n, void *ud) {
+  failalloc *fa = ud;
+  if (++fa->n == fa->fail_at) return NULL;
+  void *p = malloc(n);
+  if (p) fa->live++;
+  return p;
+}
+static void *fa_calloc(size_t n, size_t m, void *ud) {
+  failalloc *fa = ud;
+  if (++fa->n == fa->fail_at) return NULL;
+  void *p = calloc(n, m);
+  if (p) fa->live++;
+  return p;
+}
+static void *fa_realloc(void *p, size_t n, void *ud) {
+  failalloc *fa = ud;
+  if (++fa->n == fa->fail_at) return NULL;
+  void *q = realloc(p, n);
+  if (q && !p) fa->live++;
+  return q;
+}
+static void fa_free(void *p, void *ud) {
+  failalloc *fa = ud;
+  if (p) fa->live--;
+  free(p);
+}
+
+/* A whole session: handshake, auth, fragmented msg, room, fan-out, close.
+ * Every step may fail; none may crash or leak. Returns true if it ran
+ * without hitting the injected failure. */
+static bool failmalloc_scenario(failalloc *fa) {
+  im_allocator al = {fa_malloc, fa_calloc, fa_realloc, fa_free, fa};
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.alloc = &al;
+  fake f;
+  memset(&f, 0, sizeof f);
+  im_callbacks cb = {.on_message = on_message, .on_close = on_close};
+  im_server *s = im_server_new(&cfg, &cb, &f);
+  if (!s) return false;
+  im_io io = {want_write, io_close, &f};
+  im_server_set_io(s, &io);
+  im_server_tick(s, 5000);
+  uint8_t out[8192];
+  char req[512];
+  snprintf(req, sizeof req, UPGRADE, "?uid=a&token=t", "");
+  im_conn_id c = im_server_accept(s, IM_TRANSPORT_WS, "p", NULL);
+  im_conn_id t = im_server_accept(s, IM_TRANSPORT_TCP, "p", NULL);
+  if (c) {
+    im_server_feed(s, c, req, strlen(req));
+    drain(s, c, out, sizeof out);
+    const char *p1 = "{\"op\":\"msg\",\"cid\":\"1\",";
+    const char *p2 = "\"data\":[1,2,3]}";
+    feed_frame(s, c, 0x1, 0, p1, strlen(p1));
+    feed_frame(s, c, 0x0, 1, p2, strlen(p2));
+    feed_text(s, c, "{\"op\":\"join\",\"room\":\"r\",\"cid\":\"j\"}");
+    im_msg m = {.from = "x", .data = "{}", .data_len = 2};
+    im_room_send(s, "r", &m, 0);
+    im_send_user(s, "a", &m, 0);
+    drain(s, c, out, sizeof out);
+    im_conn_close(s, c, 1000, "bye");
+    drain(s, c, out, sizeof out);
+  }
+  if (t) {
+    uint8_t in[] = {0, 0, 0, 7, 0x01, 0x01, 1, 'b', 0x02, 1, 't', 0, 0};
+    im_server_feed(s, t, in, sizeof in);
+    drain(s, t, out, sizeof out);
+  }
+  im_server_tick(s, 100000);
+  im_server_free(s);
+  assert_int_equal(fa->live, 0);
+  return fa->fail_at > fa->n;
+}
+
+static void test_allocation_failures(void **st) {
+  (void)st;
+  long i = 1;
+  for (;; i++) {
+    failalloc fa = {0, i, 0};
+    if (failmalloc_scenario(&fa)) break;
+    assert_true(i < 10000);
+  }
+  print_message("allocation failure injected at each of %ld allocations\n", i - 1);
+  assert_true(i > 20); /* the scenario really allocates */
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_echo_roundtrip),
@@ -658,6 +753,7 @@ int main(void) {
       cmocka_unit_test(test_tcp_binary),
       cmocka_unit_test(test_handshake_errors),
       cmocka_unit_test(test_bad_json_keeps_connection),
+      cmocka_unit_test(test_allocation_failures),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
