@@ -106,26 +106,48 @@ uint8_t imp_op_from_name(const char *s, size_t n);
 unsigned imp_key_from_name(const char *s, size_t n);
 
 /* Decode one JSON packet (the whole text of one frame).
- * Unknown members are validated and ignored. String values without escapes
- * point into `buf`; values with escapes are unescaped into `scratch`
- * (capacity `scratch_cap`; `len` bytes is always enough).
- * Returns IMP_OK or a negative enum imp_err; *out is zeroed first. */
+ * Unknown members are validated and ignored; a repeated member: the last one
+ * wins. String values without escapes point into `buf`; values with escapes
+ * are unescaped into `scratch` (capacity `scratch_cap`; `len` bytes is always
+ * enough; NULL/0 is fine when no string has escapes). DATA is the exact
+ * value text, without surrounding whitespace; it may nest 64 deep.
+ * *out is zeroed first and holds partial results on error.
+ * Returns, checked in this order:
+ *   IMP_E_SYNTAX  not one well-formed JSON object (invalid UTF-8 included)
+ *   IMP_E_OP      "op" missing, not a string, or not a known op name
+ *   IMP_E_TYPE    a known member of the wrong kind, an S value containing
+ *                 \u0000, or a U value above UINT64_MAX
+ *   IMP_E_SPACE   scratch too small for the unescaped strings
+ *                 (of these two, the one from the earliest member)
+ *   IMP_OK */
 int imp_json_decode(const char *buf, size_t len, imp_packet *out, char *scratch,
                     size_t scratch_cap);
 
 /* Encode a packet as one JSON object, members in key order, "op" first,
- * strings escaped, DATA emitted raw. Writes at most `cap` bytes to `out`.
+ * strings escaped, DATA emitted raw (an empty DATA span as null). Writes at
+ * most `cap` bytes to `out` (out may be NULL when cap is 0).
  * Returns the full length the encoding needs (like snprintf); when that is
- * > cap, the contents of out are unspecified and the caller retries. */
+ * > cap, the contents of out are unspecified and the caller retries.
+ * Returns 0 when pkt->op is not a known op. */
 size_t imp_json_encode(const imp_packet *pkt, char *out, size_t cap);
 
-/* Decode one binary packet: op byte then fields. Unknown keys are skipped.
- * A DATA field must hold a valid JSON value; string fields must be UTF-8.
- * Spans point into `buf`. Returns IMP_OK or a negative enum imp_err. */
+/* Decode one binary packet: op byte then fields. Unknown keys are skipped;
+ * a repeated key: the last one wins. Spans point into `buf`; DATA's span
+ * leaves out whitespace around the value. Checks the op, then each field in
+ * order, and returns the first failure:
+ *   IMP_E_OP      empty, or op byte not 0x01..0x0c
+ *   IMP_E_SYNTAX  field length truncated, over 5 bytes, > UINT32_MAX, or
+ *                 running past the end
+ *   IMP_E_UTF8    an S field is not valid UTF-8
+ *   IMP_E_TYPE    an S field holds a NUL byte; a U field is not 1..8 bytes;
+ *                 a B field is not one byte 0/1; DATA is not one JSON value
+ *   IMP_OK */
 int imp_bin_decode(const uint8_t *buf, size_t len, imp_packet *out);
 
-/* Encode a packet in binary form (op byte + fields in key order).
- * Returns the full length needed; see imp_json_encode for `cap`. */
+/* Encode a packet in binary form (op byte + fields in key order; U in the
+ * fewest big-endian bytes, at least one; an empty DATA span as null).
+ * Returns the full length needed, or 0 for an unknown op; see
+ * imp_json_encode for `cap`. */
 size_t imp_bin_encode(const imp_packet *pkt, uint8_t *out, size_t cap);
 
 /* Validate that buf[0..len) is exactly one JSON value (RFC 8259, with

@@ -74,7 +74,7 @@ static int take_field(imp_packet *out, unsigned key, const json_tok *v, char *sc
 int imp_json_decode(const char *buf, size_t len, imp_packet *out, char *scratch,
                     size_t scratch_cap) {
   memset(out, 0, sizeof *out);
-  if ((uint64_t)len > UINT32_MAX)
+  if (len == 0 || (uint64_t)len > UINT32_MAX)
     return IMP_E_SYNTAX; /* spans are 32-bit; no frame is ever this large */
   json_obj_iter it;
   if (json_scan_obj_open(&it, buf, len) != 0)

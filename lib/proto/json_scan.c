@@ -416,6 +416,8 @@ size_t json_scan_unescape(const char *p, size_t n, char *out, size_t cap) {
 }
 
 bool imp_json_valid(const char *buf, size_t len) {
+  if (len == 0)
+    return false;
   const char *end = buf + len;
   json_tok tok;
   const char *p = json_scan_value(json_scan_ws(buf, end), end, &tok);

@@ -385,6 +385,12 @@ static void test_unescape_into_scratch(void **state) {
   /* cap = len always suffices */
   assert_int_equal(decode(in, &p, scratch, strlen(in)), IMP_OK);
 
+  /* a field error and a space error: the earlier member decides */
+  assert_int_equal(decode("{\"op\":\"msg\",\"to\":\"a\\n\",\"seq\":\"x\"}", &p, NULL, 0),
+                   IMP_E_SPACE);
+  assert_int_equal(decode("{\"op\":\"msg\",\"seq\":\"x\",\"to\":\"a\\n\"}", &p, NULL, 0),
+                   IMP_E_TYPE);
+
   /* without escapes no scratch is needed at all */
   assert_int_equal(decode("{\"op\":\"ack\",\"id\":\"9\"}", &p, NULL, 0), IMP_OK);
   assert_str(p.str[IMP_K_ID], "9");
@@ -557,8 +563,10 @@ static void test_errors(void **state) {
     if (r != cases[i].want)
       fail_msg("case %zu %s: got %d want %d", i, cases[i].in, r, cases[i].want);
   }
-  /* a NUL byte after the object is trailing garbage */
   imp_packet p;
+  assert_int_equal(imp_json_decode(NULL, 0, &p, NULL, 0), IMP_E_SYNTAX);
+  assert_false(imp_json_valid(NULL, 0));
+  /* a NUL byte after the object is trailing garbage */
   assert_int_equal(imp_json_decode("{\"op\":\"msg\"}\0", 13, &p, NULL, 0), IMP_E_SYNTAX);
   /* surrounding whitespace is fine */
   assert_int_equal(decode(" \t\r\n{ \"op\" : \"msg\" } \n", &p, NULL, 0), IMP_OK);
