@@ -4,6 +4,7 @@
 
 #include "proto/imp.h"
 #include "proto/json_scan.h"
+#include "proto/utf8.h"
 
 /* LEB128, at most 5 bytes and at most UINT32_MAX; non-minimal forms are
  * accepted. Returns bytes consumed, or 0 when truncated or out of range. */
@@ -28,7 +29,7 @@ static int check_field(imp_packet *out, unsigned key, const uint8_t *p, uint32_t
     /* NUL is refused because callers hand these on as C strings. */
     if (n > 0 && memchr(s, 0, n) != NULL)
       return IMP_E_TYPE;
-    if (!json_scan_utf8_valid(s, n))
+    if (utf8_validate(UTF8_ACCEPT, (const uint8_t *)s, n) != UTF8_ACCEPT)
       return IMP_E_UTF8;
     imp_set_str(out, key, s, n);
     return IMP_OK;

@@ -84,28 +84,6 @@ static size_t utf8_seq(const unsigned char *s, const unsigned char *e) {
   return n;
 }
 
-bool json_scan_utf8_valid(const char *p, size_t n) {
-  const unsigned char *s = (const unsigned char *)p, *e = s + n;
-  while (s < e) {
-    while (e - s >= 8) {
-      uint64_t w;
-      memcpy(&w, s, 8);
-      if (w & HIGHS)
-        break;
-      s += 8;
-    }
-    while (s < e && *s < 0x80)
-      s++;
-    if (s == e)
-      break;
-    size_t k = utf8_seq(s, e);
-    if (k == 0)
-      return false;
-    s += k;
-  }
-  return true;
-}
-
 /* s is at a backslash. Returns the byte after the escape, or NULL. A \u
  * high surrogate must be followed by a \u low surrogate; lone ones fail. */
 static const unsigned char *scan_escape(const unsigned char *s, const unsigned char *e,

@@ -64,8 +64,5 @@ int json_scan_obj_next(json_obj_iter *it, json_tok *key, json_tok *val);
  * n. Returns the length written, or SIZE_MAX when it would exceed cap. */
 size_t json_scan_unescape(const char *p, size_t n, char *out, size_t cap);
 
-/* True when p[0..n) is valid UTF-8 (RFC 3629: no overlongs, surrogates or
- * code points above U+10FFFF). NUL bytes are valid UTF-8. */
-bool json_scan_utf8_valid(const char *p, size_t n);
 
 #endif
