@@ -255,6 +255,13 @@ IM_EXTERN int im_send_conn(im_server *srv, im_conn_id c, const im_msg *m);
  * connections it was queued on (>= 0), or IM_ETOOBIG / IM_ENOMEM. */
 IM_EXTERN int im_send_user(im_server *srv, const char *uid, const im_msg *m, im_conn_id except);
 
+/* Send to every connection of each of n users (duplicates in uids are
+ * sent once per occurrence), except connection `except`; encoded once for
+ * all of them. Returns the number of connections reached, or IM_ETOOBIG /
+ * IM_ENOMEM. */
+IM_EXTERN int im_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
+                            im_conn_id except);
+
 /* Join / leave a room (created on first join, freed when empty).
  * Returns 0 (also when already a member / not a member), IM_ENOENT,
  * IM_ESTATE (not authenticated), IM_ENOMEM. */
@@ -263,6 +270,8 @@ IM_EXTERN int im_room_leave(im_server *srv, im_conn_id c, const char *room);
 /* Send to every connection in the room except `except`; encoded once.
  * Returns the number of connections reached or a negative code. */
 IM_EXTERN int im_room_send(im_server *srv, const char *room, const im_msg *m, im_conn_id except);
+/* 1 if connection c is in the room, 0 if not (or c is unknown). */
+IM_EXTERN int im_room_member(const im_server *srv, im_conn_id c, const char *room);
 /* Members of a room on this server (0 if none). */
 IM_EXTERN size_t im_room_size(const im_server *srv, const char *room);
 

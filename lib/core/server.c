@@ -1087,24 +1087,35 @@ int im_send_conn(im_server *s, im_conn_id id, const im_msg *m) {
   return rc;
 }
 
-int im_send_user(im_server *s, const char *uid, const im_msg *m, im_conn_id except) {
+/* Queue f on every connection of uid but `except`; adds to *n. Returns 0 or
+ * a code that stops the whole fan-out (the message cannot be encoded). */
+static int fanout_user(im_server *s, fanout *f, const char *uid, im_conn_id except, int *n) {
   im_user *u = reg_user_find(s, uid, strlen(uid));
-  if (!u) return 0;
+  for (im_conn *c = u ? u->conns : NULL, *next; c; c = next) {
+    next = c->u_next; /* a shed connection leaves the list */
+    if (c->id == except) continue;
+    int r = fanout_send(s, f, c);
+    if (r == 0)
+      (*n)++;
+    else if (r == IM_ETOOBIG || r == IM_ENOMEM)
+      return r;
+  }
+  return 0;
+}
+
+int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg *m,
+                  im_conn_id except) {
   enter(s);
   fanout f;
   int rc = fanout_init(s, &f, m), n = 0;
-  for (im_conn *c = u->conns, *next; rc == 0 && c; c = next) {
-    next = c->u_next; /* a shed connection leaves the list */
-    if (c->id == except) continue;
-    int r = fanout_send(s, &f, c);
-    if (r == 0)
-      n++;
-    else if (r == IM_ETOOBIG || r == IM_ENOMEM)
-      rc = r;
-  }
+  for (size_t i = 0; rc == 0 && i < nu; i++) rc = fanout_user(s, &f, uids[i], except, &n);
   fanout_done(s, &f);
   leave(s);
   return rc < 0 ? rc : n;
+}
+
+int im_send_user(im_server *s, const char *uid, const im_msg *m, im_conn_id except) {
+  return im_send_users(s, &uid, 1, m, except);
 }
 
 int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id except) {
@@ -1141,6 +1152,14 @@ int im_room_leave(im_server *s, im_conn_id id, const char *room) {
   if (!c) return IM_ENOENT;
   if (c->state != CS_OPEN) return IM_ESTATE;
   reg_room_leave(s, c, room, strlen(room));
+  return 0;
+}
+
+int im_room_member(const im_server *s, im_conn_id id, const char *room) {
+  im_conn *c = conn_live(s, id);
+  im_room *r = c ? reg_room_find(s, room, strlen(room)) : NULL;
+  for (room_member *m = c && r ? c->rooms : NULL; m; m = m->c_next)
+    if (m->room == r) return 1;
   return 0;
 }
 

@@ -486,6 +486,10 @@ static void test_registry_and_fanout(void **st) {
   assert_int_equal(im_room_join(s, b, "r"), 0);
   assert_int_equal(im_room_size(s, "r"), 2);
   assert_int_equal(im_room_send(s, "r", &m, b), 1);
+  assert_int_equal(im_room_member(s, b, "r"), 1);
+  assert_int_equal(im_room_member(s, a2, "r"), 0);
+  const char *both[] = {"alice", "bob", "nobody"};
+  assert_int_equal(im_send_users(s, both, 3, &m, a2), 2);
   feed_text(s, b, "{\"op\":\"leave\",\"room\":\"r\",\"cid\":\"l\"}");
   assert_int_equal(im_room_size(s, "r"), 1);
   n = drain(s, b, out, sizeof out);
