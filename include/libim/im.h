@@ -126,6 +126,11 @@ typedef struct im_auth {
   const char *platform;
   const char *peer;          /* remote address as given to im_server_accept */
   int via_upgrade;           /* 1: from the upgrade query (failure -> HTTP 403) */
+  /* Set by on_auth when it returns IM_AUTH_DENY: the error code (default
+   * 401) and reason (a string that lives until on_auth returns) sent to the
+   * client. */
+  int code;
+  const char *reason;
 } im_auth;
 
 /* A message, up- or downstream. Strings are NUL-terminated or NULL when
@@ -156,7 +161,7 @@ typedef struct im_callbacks {
   /* Decide an authentication. Return IM_AUTH_ACCEPT, IM_AUTH_DENY, or
    * IM_AUTH_PENDING and later call im_auth_complete(). NULL accepts any
    * non-empty uid and token. */
-  int (*on_auth)(im_server *srv, im_conn_id c, const im_auth *a, void *user);
+  int (*on_auth)(im_server *srv, im_conn_id c, im_auth *a, void *user);
   /* The connection is authenticated and registered under its uid. */
   void (*on_open)(im_server *srv, im_conn_id c, void *user);
   /* An upstream msg. Return IM_MSG_ACK to have the library answer
@@ -293,7 +298,7 @@ IM_EXTERN size_t im_server_close_all(im_server *srv, int code, const char *reaso
 /* ---- introspection -------------------------------------------------------- */
 
 typedef struct im_conn_info {
-  const char *uid, *device, *platform; /* NULL before authentication */
+  const char *uid, *device, *platform; /* NULL before authentication; valid in on_close */
   const char *peer;
   enum im_transport transport;
   int binary;                  /* speaks binary IMP */

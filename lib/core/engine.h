@@ -72,7 +72,8 @@ typedef struct im_conn {
   im_user *user;
   struct im_conn *u_next, *u_prev;
   room_member *rooms;
-  char *ident;             /* "device\0platform\0" once authenticated */
+  char *ident;             /* "uid\0device\0platform\0": parked while auth is pending,
+                              then kept (valid in on_close too) */
   uint64_t since_ms;
   char peer[48];
 } im_conn;

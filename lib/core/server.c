@@ -390,10 +390,13 @@ static void set_auth_timer_idle(im_server *s, im_conn *c) {
 static int conn_open(im_server *s, im_conn *c, const char *uid, const char *device,
                      const char *platform) {
   size_t ul = strlen(uid), dl = strlen(device), pl = strlen(platform);
-  c->ident = im_alloc(s, dl + pl + 2);
-  if (!c->ident) return IM_ENOMEM;
-  memcpy(c->ident, device, dl + 1);
-  memcpy(c->ident + dl + 1, platform, pl + 1);
+  char *ident = im_alloc(s, ul + dl + pl + 3);
+  if (!ident) return IM_ENOMEM;
+  memcpy(ident, uid, ul + 1);
+  memcpy(ident + ul + 1, device, dl + 1);
+  memcpy(ident + ul + dl + 2, platform, pl + 1);
+  im_dealloc(s, c->ident);
+  c->ident = ident;
   int rc = reg_user_add(s, c, uid, ul);
   if (rc < 0) return rc;
   c->flags |= CF_REGISTERED;
@@ -471,7 +474,7 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
 static bool auth_default(const im_auth *a) { return *a->uid && *a->token; }
 
 /* Run on_auth for credentials `a`; returns false when input must pause. */
-static bool auth_start(im_server *s, im_conn *c, const im_auth *a) {
+static bool auth_start(im_server *s, im_conn *c, im_auth *a) {
   size_t ul = strlen(a->uid);
   if (ul == 0 || ul > UID_MAX) {
     auth_deny(s, c, 401, ul ? "uid too long" : "missing uid");
@@ -484,7 +487,8 @@ static bool auth_start(im_server *s, im_conn *c, const im_auth *a) {
     c->state = CS_AUTH_PENDING;
     return false;
   }
-  auth_finish(s, c, a, v == IM_AUTH_ACCEPT, 401, "authentication failed");
+  auth_finish(s, c, a, v == IM_AUTH_ACCEPT, a->code ? a->code : 401,
+              a->reason ? a->reason : "authentication failed");
   return true;
 }
 
@@ -828,7 +832,8 @@ static size_t process_handshake(im_server *s, im_conn *c, uint8_t *p, size_t n) 
   if (res.uid || res.token) {
     /* auth in the upgrade request: 101 only after it succeeds */
     im_auth a = {res.uid ? res.uid : "", res.token ? res.token : "",
-                 res.device ? res.device : "", res.platform ? res.platform : "", c->peer, 1};
+                 res.device ? res.device : "", res.platform ? res.platform : "", c->peer, 1,
+                 0, NULL};
     /* keep the accept key (and whether to echo the protocol) for later */
     c->msg = im_alloc(s, sizeof res.accept + 1);
     if (!c->msg) {
@@ -1222,10 +1227,10 @@ int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
   im_conn *c = conn_lookup(s, id);
   if (!c) return IM_ENOENT;
   memset(info, 0, sizeof(*info));
-  if (c->user) {
-    info->uid = c->user->uid;
-    info->device = c->ident;
-    info->platform = c->ident + strlen(c->ident) + 1;
+  if (c->flags & CF_REGISTERED) {
+    info->uid = c->ident;
+    info->device = info->uid + strlen(info->uid) + 1;
+    info->platform = info->device + strlen(info->device) + 1;
   }
   info->peer = c->peer;
   info->transport = (enum im_transport)c->transport;

@@ -40,12 +40,15 @@ static void io_close(im_server *s, im_conn_id c, void *ctx, void *u) {
   f->closed[f->nclosed++] = c;
 }
 
-static int on_auth(im_server *s, im_conn_id c, const im_auth *a, void *u) {
+static int on_auth(im_server *s, im_conn_id c, im_auth *a, void *u) {
   (void)s;
   fake *f = u;
   snprintf(f->last_uid, sizeof f->last_uid, "%s", a->uid);
   if (f->auth_mode == IM_AUTH_PENDING) f->pending_auth = c;
-  if (f->auth_mode == IM_AUTH_ACCEPT && strcmp(a->token, "bad") == 0) return IM_AUTH_DENY;
+  if (f->auth_mode == IM_AUTH_ACCEPT && strcmp(a->token, "bad") == 0) {
+    a->reason = "token rejected";
+    return IM_AUTH_DENY;
+  }
   return f->auth_mode;
 }
 
@@ -295,6 +298,7 @@ static void test_bad_token_closes_4401(void **st) {
   assert_int_equal(parse_frames(out, n, fr, 4), 2);
   assert_non_null(memmem(fr[0].pl, fr[0].len, "\"op\":\"error\"", 12));
   assert_non_null(memmem(fr[0].pl, fr[0].len, "\"code\":401", 10));
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "token rejected", 14));
   assert_int_equal(close_code_of(&fr[1]), 4401);
   assert_int_equal(f.nclosed, 1);
   assert_int_equal(f.nclose_cb, 1);
