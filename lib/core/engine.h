@@ -40,7 +40,8 @@ enum conn_flag {
   CF_CLOSE_RCVD = 1u << 1,   /* the peer's close frame arrived */
   CF_NOTIFIED = 1u << 2,     /* want_write was called and output not yet drained */
   CF_UPGRADE_AUTH = 1u << 3, /* pending auth came from the upgrade query */
-  CF_REGISTERED = 1u << 5    /* counted in stats.conns_authed / in a user */
+  CF_REGISTERED = 1u << 5,   /* counted in stats.conns_authed / in a user */
+  CF_HS_UNSENT = 1u << 6     /* the 101 response may not have been fully written */
 };
 
 /* Wire formats a packet may be framed in. */

@@ -296,6 +296,16 @@ static void conn_shed(im_server *s, im_conn *c) {
   }
   s->st.shed++;
   outq_clear(s, c, true);
+  if (c->flags & CF_HS_UNSENT) {
+    /* the 101 never fully left: a close frame now would follow a dropped or
+     * truncated upgrade response, so just drop the connection */
+    c->state = CS_CLOSING;
+    c->close_code = IM_CLOSE_SHED;
+    c->flags |= CF_FLUSH_CLOSE;
+    tw_schedule(&s->wheel, &c->timer, now_tick(s) + ms_to_ticks(s, s->cfg.close_timeout_ms));
+    if (!c->out_head) conn_finish(s, c);
+    return;
+  }
   conn_close(s, c, IM_CLOSE_SHED, "output bound exceeded", false);
 }
 
@@ -334,6 +344,8 @@ static void next_id(im_server *s, char out[24]) {
   uint64_t id = (s->id_last_ms << 22) | ((uint64_t)s->cfg.node_id << 12) | s->id_counter;
   snprintf(out, 24, "%" PRIu64, id);
 }
+
+void im_new_id(im_server *s, char out[IM_ID_MAX]) { next_id(s, out); }
 
 /* ---- accept / hangup ----------------------------------------------------- */
 
@@ -420,7 +432,7 @@ static void send_upgrade(im_server *s, im_conn *c, const ws_hs_result *res) {
   size_t n = ws_hs_accept_response(res, resp, sizeof resp);
   im_buf *b = n <= sizeof resp ? buf_new(s, n) : NULL;
   if (b) memcpy(b->data, resp, n);
-  conn_queue_new(s, c, b);
+  if (conn_queue_new(s, c, b) == 0) c->flags |= CF_HS_UNSENT;
 }
 
 static void auth_deny(im_server *s, im_conn *c, int code, const char *reason) {
@@ -718,6 +730,7 @@ static void on_ws_close_frame(im_server *s, im_conn *c, const uint8_t *pl, size_
 
 /* Append a fragment to the message being assembled. */
 static bool msg_append(im_server *s, im_conn *c, const uint8_t *p, size_t n) {
+  if (n == 0) return true; /* an empty fragment: nothing to keep, c->msg may be NULL */
   if (c->msg_len + n > c->msg_cap) {
     size_t cap = c->msg_cap ? c->msg_cap : 1024;
     while (cap < c->msg_len + n) cap *= 2;
@@ -980,7 +993,7 @@ int im_conn_sent(im_server *s, im_conn_id id, size_t n) {
   if (!c) return IM_ENOENT;
   enter(s);
   if (outq_consume(s, c, n)) {
-    c->flags &= (uint16_t)~CF_NOTIFIED;
+    c->flags &= (uint16_t)~(CF_NOTIFIED | CF_HS_UNSENT);
     if (c->flags & CF_FLUSH_CLOSE) conn_finish(s, c);
   }
   leave(s);
