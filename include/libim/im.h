@@ -250,6 +250,13 @@ IM_EXTERN void im_server_tick(im_server *srv, uint64_t now_ms);
 IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int code,
                                const char *reason);
 
+/* Longest message id, with its NUL. */
+#define IM_ID_MAX 24
+
+/* Write a fresh server-unique message id (decimal digits, NUL-terminated)
+ * into out: the same generator im_send_* use for a NULL m->id. */
+IM_EXTERN void im_new_id(im_server *srv, char out[IM_ID_MAX]);
+
 /* Send one message to a connection. m->id NULL: the library generates one.
  * Returns 0, IM_ENOENT, IM_ESTATE (c not authenticated), IM_ECLOSED,
  * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM. */

@@ -1,0 +1,961 @@
+/* HTTP/1.1 for the business API: llhttp parses, one synchronous handler
+ * answers, responses are queued per connection and written with sendmsg().
+ *
+ * Each complete request pauses the parser (on_message_complete returns
+ * HPE_PAUSED), so the handler runs outside llhttp and pipelined requests are
+ * answered strictly in order. Idle and lingering connections sit on two
+ * lists ordered by deadline, served by one timer for the whole server. */
+#include "http_server.h"
+
+#include <errno.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <event2/util.h>
+#include <llhttp.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#define READ_CHUNK (64 * 1024)
+#define IOV_BATCH 64
+/* Past this much unsent output, stop parsing further pipelined requests
+ * until the client has read it all: a client that never reads cannot make
+ * the server hold more than this plus one response. */
+#define OUT_HIGH ((size_t)1 << 20)
+/* After the last response of a closing connection, keep reading (and
+ * discarding) this long so that unread input does not turn our close into
+ * a reset that could destroy the response in flight. */
+#define LINGER_MS 2000u
+/* While accept() fails for lack of descriptors or memory, stop listening for
+ * this long instead of spinning on a listener that stays readable. */
+#define ACCEPT_PAUSE_MS 100
+/* Request line overhead (method, version, spaces, CRLF) and per-header
+ * overhead (": ", CRLF) counted against max_header. */
+#define REQ_LINE_OVERHEAD 16
+#define HEADER_OVERHEAD 4
+#define HNAME_MAX 16
+#define ABSENT SIZE_MAX
+
+enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_COUNT };
+
+static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect"};
+
+/* One queued response (or interim 100 Continue): its head, then its body. */
+typedef struct out_seg {
+  struct out_seg *next;
+  char *body; /* owned; NULL when none is sent */
+  size_t body_len;
+  size_t sent; /* bytes of head + body already written */
+  size_t head_len;
+  char head[];
+} out_seg;
+
+typedef struct http_conn http_conn;
+
+typedef struct conn_list {
+  http_conn *head, *tail;
+} conn_list;
+
+struct http_conn {
+  http_server *srv;
+  http_conn *prev, *next; /* on srv->idle or srv->linger, by deadline */
+  conn_list *list;
+  uint64_t deadline_ms;
+  int fd;
+  short events; /* what conn_event() is armed for */
+  bool keep_alive;   /* of the message just completed */
+  bool closing;      /* send what is queued, then close */
+  bool lingering;    /* write side shut; draining input until EOF */
+  bool throttled;    /* too much output queued; input held in `in` */
+  bool peer_eof;
+  bool dead;         /* fatal (out of memory): drop without a response */
+  bool in_body;      /* headers done: later header callbacks are trailers */
+  llhttp_t parser;
+  out_seg *out_head, *out_tail;
+  size_t out_bytes;
+  /* The request being received: target, then the values of the headers
+   * we keep, then the body, each followed by a NUL; one allocation, freed
+   * after every request. */
+  char *req;
+  size_t req_len, req_cap;
+  size_t url_len;
+  size_t hoff[H_COUNT], hlen[H_COUNT];
+  size_t body_off, body_len;
+  size_t head_bytes;
+  int cur_hdr;
+  unsigned hname_len; /* HNAME_MAX + 1: too long to be one we keep */
+  char hname[HNAME_MAX];
+  int err_status;     /* set by a callback that refuses the request */
+  const char *err_msg;
+  char *in; /* unparsed input held while throttled */
+  size_t in_len;
+  char peer[64];
+  /* the struct event follows, event_get_struct_event_size() bytes */
+  _Alignas(max_align_t) unsigned char ev[];
+};
+
+struct http_server {
+  struct event_base *base;
+  struct evconnlistener *listener;
+  struct event *timer;
+  struct event *accept_retry;
+  http_limits lim;
+  http_handler handler;
+  void *user;
+  int port;
+  unsigned nconns;
+  conn_list idle, linger;
+  uint64_t timer_at; /* when `timer` fires; 0 when not armed */
+  unsigned depth;    /* > 0 while inside a connection callback */
+  bool free_pending; /* http_server_free() was called from the handler */
+  char rbuf[READ_CHUNK];
+};
+
+static struct event *conn_event(http_conn *c) { return (struct event *)c->ev; }
+
+static uint64_t now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- deadline lists and the timer ------------------------------------------- */
+
+static void list_unlink(http_conn *c) {
+  conn_list *l = c->list;
+  if (!l) return;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    l->head = c->next;
+  if (c->next)
+    c->next->prev = c->prev;
+  else
+    l->tail = c->prev;
+  c->prev = c->next = NULL;
+  c->list = NULL;
+}
+
+/* Every connection on one list gets the same timeout, so appending keeps the
+ * list sorted by deadline and the timer only ever looks at the heads. */
+static void list_append(conn_list *l, http_conn *c) {
+  c->prev = l->tail;
+  c->next = NULL;
+  if (l->tail)
+    l->tail->next = c;
+  else
+    l->head = c;
+  l->tail = c;
+  c->list = l;
+}
+
+static void timer_want(http_server *s, uint64_t at) {
+  if (s->timer_at && s->timer_at <= at) return;
+  uint64_t now = now_ms();
+  /* at least 1 ms, so a coarse event-loop clock cannot make it spin */
+  uint64_t wait = at > now ? at - now : 1;
+  struct timeval tv = {(time_t)(wait / 1000), (suseconds_t)(wait % 1000) * 1000};
+  if (evtimer_add(s->timer, &tv) == 0) s->timer_at = at;
+}
+
+static void set_deadline(http_conn *c, conn_list *l, unsigned ms) {
+  list_unlink(c);
+  c->deadline_ms = now_ms() + ms;
+  list_append(l, c);
+  timer_want(c->srv, c->deadline_ms);
+}
+
+/* Bytes moved: the idle clock starts again. */
+static void conn_touch(http_conn *c) {
+  if (!c->lingering) set_deadline(c, &c->srv->idle, c->srv->lim.idle_timeout_ms);
+}
+
+static void conn_destroy(http_conn *c);
+
+static void timer_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  http_server *s = arg;
+  s->timer_at = 0;
+  uint64_t now = now_ms();
+  conn_list *lists[2] = {&s->idle, &s->linger};
+  uint64_t next = 0;
+  for (int i = 0; i < 2; i++) {
+    while (lists[i]->head && lists[i]->head->deadline_ms <= now) conn_destroy(lists[i]->head);
+    if (lists[i]->head && (!next || lists[i]->head->deadline_ms < next))
+      next = lists[i]->head->deadline_ms;
+  }
+  if (next) timer_want(s, next);
+}
+
+/* ---- connection lifetime -------------------------------------------------- */
+
+static void conn_io_cb(evutil_socket_t fd, short what, void *arg);
+
+static void conn_set_events(http_conn *c, short want) {
+  if (c->events == want) return;
+  struct event *ev = conn_event(c);
+  if (c->events) event_del(ev);
+  c->events = 0;
+  if (!want) return;
+  event_assign(ev, c->srv->base, c->fd, want | EV_PERSIST, conn_io_cb, c);
+  if (event_add(ev, NULL) == 0) c->events = want;
+}
+
+/* Reading stops while output is throttled and once the last response is
+ * queued; it resumes, to discard, while lingering. Writing is awaited only
+ * after sendmsg() said EAGAIN, which is when output stays queued. */
+static void conn_update_events(http_conn *c) {
+  short want = 0;
+  if (c->lingering || (!c->closing && !c->throttled)) want |= EV_READ;
+  if (c->out_head) want |= EV_WRITE;
+  conn_set_events(c, want);
+}
+
+static void out_free_all(http_conn *c) {
+  while (c->out_head) {
+    out_seg *o = c->out_head;
+    c->out_head = o->next;
+    free(o->body);
+    free(o);
+  }
+  c->out_tail = NULL;
+  c->out_bytes = 0;
+}
+
+static void conn_destroy(http_conn *c) {
+  http_server *s = c->srv;
+  conn_set_events(c, 0);
+  close(c->fd);
+  list_unlink(c);
+  out_free_all(c);
+  free(c->req);
+  free(c->in);
+  s->nconns--;
+  free(c);
+}
+
+static void conn_start_linger(http_conn *c) {
+  shutdown(c->fd, SHUT_WR);
+  c->lingering = true;
+  unsigned ms = c->srv->lim.idle_timeout_ms < LINGER_MS ? c->srv->lim.idle_timeout_ms : LINGER_MS;
+  set_deadline(c, &c->srv->linger, ms);
+}
+
+/* ---- output ------------------------------------------------------------------ */
+
+static const char *reason_phrase(int status) {
+  switch (status) {
+    case 100: return "Continue";
+    case 200: return "OK";
+    case 201: return "Created";
+    case 202: return "Accepted";
+    case 203: return "Non-Authoritative Information";
+    case 204: return "No Content";
+    case 205: return "Reset Content";
+    case 206: return "Partial Content";
+    case 300: return "Multiple Choices";
+    case 301: return "Moved Permanently";
+    case 302: return "Found";
+    case 303: return "See Other";
+    case 304: return "Not Modified";
+    case 307: return "Temporary Redirect";
+    case 308: return "Permanent Redirect";
+    case 400: return "Bad Request";
+    case 401: return "Unauthorized";
+    case 402: return "Payment Required";
+    case 403: return "Forbidden";
+    case 404: return "Not Found";
+    case 405: return "Method Not Allowed";
+    case 406: return "Not Acceptable";
+    case 407: return "Proxy Authentication Required";
+    case 408: return "Request Timeout";
+    case 409: return "Conflict";
+    case 410: return "Gone";
+    case 411: return "Length Required";
+    case 412: return "Precondition Failed";
+    case 413: return "Content Too Large";
+    case 414: return "URI Too Long";
+    case 415: return "Unsupported Media Type";
+    case 416: return "Range Not Satisfiable";
+    case 417: return "Expectation Failed";
+    case 421: return "Misdirected Request";
+    case 422: return "Unprocessable Content";
+    case 425: return "Too Early";
+    case 426: return "Upgrade Required";
+    case 428: return "Precondition Required";
+    case 429: return "Too Many Requests";
+    case 431: return "Request Header Fields Too Large";
+    case 451: return "Unavailable For Legal Reasons";
+    case 500: return "Internal Server Error";
+    case 501: return "Not Implemented";
+    case 502: return "Bad Gateway";
+    case 503: return "Service Unavailable";
+    case 504: return "Gateway Timeout";
+    case 505: return "HTTP Version Not Supported";
+    case 507: return "Insufficient Storage";
+    case 511: return "Network Authentication Required";
+    default: break;
+  }
+  /* the phrase carries no meaning (RFC 9110 15), so a class name will do */
+  switch (status / 100) {
+    case 2: return "Success";
+    case 3: return "Redirection";
+    case 4: return "Client Error";
+    default: return "Server Error";
+  }
+}
+
+static void out_push(http_conn *c, out_seg *o) {
+  o->next = NULL;
+  if (c->out_tail)
+    c->out_tail->next = o;
+  else
+    c->out_head = o;
+  c->out_tail = o;
+  c->out_bytes += o->head_len + o->body_len;
+}
+
+static bool out_push_raw(http_conn *c, const char *head, size_t len) {
+  out_seg *o = malloc(sizeof *o + len);
+  if (!o) return false;
+  memcpy(o->head, head, len);
+  o->head_len = len;
+  o->body = NULL;
+  o->body_len = 0;
+  o->sent = 0;
+  out_push(c, o);
+  return true;
+}
+
+/* Queues one response; body (malloc()ed or NULL) is owned from here on,
+ * even on failure, which marks the connection dead. */
+static void queue_response(http_conn *c, int status, const char *ctype, char *body,
+                           size_t body_len, bool head_only, bool keep_alive) {
+  if (!body) body_len = 0;
+  bool no_length = status == 204 || status == 304;
+  if (no_length || head_only) {
+    free(body);
+    body = NULL;
+  }
+  if (no_length) body_len = 0;
+  size_t cap = 200 + strlen(ctype);
+  out_seg *o = malloc(sizeof *o + cap);
+  if (!o) {
+    free(body);
+    c->dead = true;
+    return;
+  }
+  int n;
+  if (no_length)
+    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nConnection: %s\r\n\r\n",
+                 status, reason_phrase(status), ctype, keep_alive ? "keep-alive" : "close");
+  else
+    n = snprintf(o->head, cap,
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n",
+                 status, reason_phrase(status), ctype, body_len, keep_alive ? "keep-alive" : "close");
+  if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
+    free(body);
+    free(o);
+    c->dead = true;
+    return;
+  }
+  o->head_len = (size_t)n;
+  o->body = body;
+  o->body_len = body ? body_len : 0;
+  o->sent = 0;
+  out_push(c, o);
+}
+
+/* {"error":"<msg>"} with msg escaped as a JSON string; NULL on ENOMEM. */
+static char *json_error(const char *msg, size_t *len) {
+  size_t n = strlen(msg);
+  char *b = malloc(16 + 6 * n);
+  if (!b) return NULL;
+  size_t k = (size_t)sprintf(b, "{\"error\":\"");
+  for (const unsigned char *p = (const unsigned char *)msg; *p; p++) {
+    if (*p == '"' || *p == '\\') {
+      b[k++] = '\\';
+      b[k++] = (char)*p;
+    } else if (*p < 0x20) {
+      k += (size_t)sprintf(b + k, "\\u%04x", *p);
+    } else {
+      b[k++] = (char)*p;
+    }
+  }
+  memcpy(b + k, "\"}", 3);
+  *len = k + 2;
+  return b;
+}
+
+/* Answers with a JSON error and closes after it; nothing more is parsed. */
+static void conn_fail(http_conn *c, int status, const char *msg) {
+  size_t len = 0;
+  char *body = json_error(msg, &len);
+  if (!body) {
+    c->dead = true;
+    return;
+  }
+  queue_response(c, status, "application/json", body, len, false, false);
+  c->closing = true;
+}
+
+/* Writes what is queued until done or EAGAIN. Returns false on a socket
+ * error (the connection must go). */
+static bool conn_flush(http_conn *c) {
+  while (c->out_head) {
+    struct iovec iov[IOV_BATCH];
+    int n = 0;
+    for (out_seg *o = c->out_head; o && n <= IOV_BATCH - 2; o = o->next) {
+      if (o->sent < o->head_len) {
+        iov[n].iov_base = o->head + o->sent;
+        iov[n++].iov_len = o->head_len - o->sent;
+        if (o->body_len) {
+          iov[n].iov_base = o->body;
+          iov[n++].iov_len = o->body_len;
+        }
+      } else {
+        iov[n].iov_base = o->body + (o->sent - o->head_len);
+        iov[n++].iov_len = o->head_len + o->body_len - o->sent;
+      }
+    }
+    struct msghdr mh = {0};
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)n;
+    ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      return errno == EAGAIN || errno == EWOULDBLOCK;
+    }
+    conn_touch(c);
+    size_t left = (size_t)w;
+    c->out_bytes -= left;
+    while (left) {
+      out_seg *o = c->out_head;
+      size_t rest = o->head_len + o->body_len - o->sent;
+      if (left < rest) {
+        o->sent += left;
+        break;
+      }
+      left -= rest;
+      c->out_head = o->next;
+      if (!c->out_head) c->out_tail = NULL;
+      free(o->body);
+      free(o);
+    }
+  }
+  return true;
+}
+
+/* ---- llhttp callbacks ----------------------------------------------------------- */
+
+/* Records why the request is refused; llhttp then stops with an error. */
+static int refuse(http_conn *c, int status, const char *msg) {
+  c->err_status = status;
+  c->err_msg = msg;
+  return HPE_USER;
+}
+
+static int req_reserve(http_conn *c, size_t more) {
+  if (c->req_cap - c->req_len >= more) return 0;
+  if (more > SIZE_MAX / 4 - c->req_len) return -1;
+  size_t cap = c->req_cap ? c->req_cap : 256;
+  while (cap - c->req_len < more) cap *= 2;
+  char *p = realloc(c->req, cap);
+  if (!p) return -1;
+  c->req = p;
+  c->req_cap = cap;
+  return 0;
+}
+
+static int req_put(http_conn *c, const char *at, size_t n) {
+  if (req_reserve(c, n + 1) < 0) return refuse(c, 500, "out of memory");
+  memcpy(c->req + c->req_len, at, n);
+  c->req_len += n;
+  return 0;
+}
+
+static int req_nul(http_conn *c) {
+  if (req_reserve(c, 1) < 0) return refuse(c, 500, "out of memory");
+  c->req[c->req_len++] = '\0';
+  return 0;
+}
+
+static int head_add(http_conn *c, size_t n) {
+  c->head_bytes += n;
+  if (c->head_bytes > c->srv->lim.max_header)
+    return refuse(c, 431, "request header fields too large");
+  return 0;
+}
+
+static int on_message_begin(llhttp_t *p) {
+  http_conn *c = p->data;
+  c->req_len = 0;
+  c->url_len = 0;
+  for (int i = 0; i < H_COUNT; i++) c->hoff[i] = ABSENT;
+  c->body_off = 0;
+  c->body_len = 0;
+  c->head_bytes = REQ_LINE_OVERHEAD;
+  c->cur_hdr = H_OTHER;
+  c->hname_len = 0;
+  c->in_body = false;
+  return 0;
+}
+
+static int on_url(llhttp_t *p, const char *at, size_t n) {
+  http_conn *c = p->data;
+  int r = head_add(c, n);
+  if (r) return r;
+  c->url_len += n;
+  return req_put(c, at, n);
+}
+
+static int on_url_complete(llhttp_t *p) { return req_nul(p->data); }
+
+static int on_header_field(llhttp_t *p, const char *at, size_t n) {
+  http_conn *c = p->data;
+  int r = head_add(c, n);
+  if (r || c->in_body) return r;
+  if (c->hname_len + n > HNAME_MAX) {
+    c->hname_len = HNAME_MAX + 1;
+  } else {
+    memcpy(c->hname + c->hname_len, at, n);
+    c->hname_len += (unsigned)n;
+  }
+  return 0;
+}
+
+static int on_header_field_complete(llhttp_t *p) {
+  http_conn *c = p->data;
+  c->cur_hdr = H_OTHER;
+  /* trailers are counted against max_header but not kept */
+  if (c->in_body) return 0;
+  for (int i = 0; i < H_COUNT; i++) {
+    if (c->hname_len == strlen(hdr_names[i]) &&
+        strncasecmp(c->hname, hdr_names[i], c->hname_len) == 0) {
+      c->cur_hdr = i;
+      break;
+    }
+  }
+  c->hname_len = 0;
+  if (c->cur_hdr == H_OTHER) return 0;
+  /* a second Authorization or Content-Type is ambiguous: which one counts? */
+  if (c->hoff[c->cur_hdr] != ABSENT) return refuse(c, 400, "bad request: duplicate header");
+  c->hoff[c->cur_hdr] = c->req_len;
+  return 0;
+}
+
+static int on_header_value(llhttp_t *p, const char *at, size_t n) {
+  http_conn *c = p->data;
+  int r = head_add(c, n);
+  if (r) return r;
+  return c->cur_hdr == H_OTHER ? 0 : req_put(c, at, n);
+}
+
+static int on_header_value_complete(llhttp_t *p) {
+  http_conn *c = p->data;
+  int r = head_add(c, HEADER_OVERHEAD);
+  if (r || c->cur_hdr == H_OTHER) return r;
+  /* llhttp drops leading whitespace but keeps trailing */
+  size_t off = c->hoff[c->cur_hdr];
+  while (c->req_len > off && (c->req[c->req_len - 1] == ' ' || c->req[c->req_len - 1] == '\t'))
+    c->req_len--;
+  c->hlen[c->cur_hdr] = c->req_len - off;
+  c->cur_hdr = H_OTHER;
+  return req_nul(c);
+}
+
+static int on_headers_complete(llhttp_t *p) {
+  http_conn *c = p->data;
+  const http_limits *lim = &c->srv->lim;
+  bool has_body = (p->flags & F_CHUNKED) || p->content_length > 0;
+  bool send_continue = false;
+  /* RFC 9110 10.1.1: an HTTP/1.0 client cannot expect 100 Continue, so its
+   * Expect is ignored */
+  if (c->hoff[H_EXPECT] != ABSENT && (p->http_major > 1 || p->http_minor > 0)) {
+    if (strcasecmp(c->req + c->hoff[H_EXPECT], "100-continue") != 0)
+      return refuse(c, 417, "expectation failed");
+    send_continue = has_body;
+  }
+  if (!(p->flags & F_CHUNKED) && p->content_length > lim->max_body)
+    return refuse(c, 413, "request body too large");
+  if (send_continue && !out_push_raw(c, "HTTP/1.1 100 Continue\r\n\r\n", 25))
+    return refuse(c, 500, "out of memory");
+  /* a declared length can be allocated once; chunked grows as it comes */
+  if (!(p->flags & F_CHUNKED) && p->content_length > 0 &&
+      req_reserve(c, (size_t)p->content_length + 1) < 0)
+    return refuse(c, 500, "out of memory");
+  c->body_off = c->req_len;
+  c->in_body = true;
+  return 0;
+}
+
+static int on_chunk_header(llhttp_t *p) {
+  http_conn *c = p->data;
+  /* refuse before the chunk arrives, not after buffering it */
+  if (p->content_length > c->srv->lim.max_body - c->body_len)
+    return refuse(c, 413, "request body too large");
+  return 0;
+}
+
+static int on_body(llhttp_t *p, const char *at, size_t n) {
+  http_conn *c = p->data;
+  if (n > c->srv->lim.max_body - c->body_len) return refuse(c, 413, "request body too large");
+  c->body_len += n;
+  return req_put(c, at, n);
+}
+
+static int on_message_complete(llhttp_t *p) {
+  http_conn *c = p->data;
+  int r = req_nul(c);
+  if (r) return r;
+  /* an upgrade or CONNECT would switch protocols, which we do not */
+  c->keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
+  return HPE_PAUSED;
+}
+
+static const llhttp_settings_t parser_settings = {
+    .on_message_begin = on_message_begin,
+    .on_url = on_url,
+    .on_url_complete = on_url_complete,
+    .on_header_field = on_header_field,
+    .on_header_field_complete = on_header_field_complete,
+    .on_header_value = on_header_value,
+    .on_header_value_complete = on_header_value_complete,
+    .on_headers_complete = on_headers_complete,
+    .on_chunk_header = on_chunk_header,
+    .on_body = on_body,
+    .on_message_complete = on_message_complete,
+};
+
+/* ---- requests ------------------------------------------------------------------ */
+
+static void dispatch(http_conn *c) {
+  http_server *s = c->srv;
+  http_request rq = {0};
+  rq.method = c->parser.method;
+  const char *url = c->req;
+  size_t ulen = c->url_len;
+  const char *hash = memchr(url, '#', ulen);
+  if (hash) ulen = (size_t)(hash - url);
+  const char *q = memchr(url, '?', ulen);
+  rq.path = url;
+  rq.path_len = q ? (size_t)(q - url) : ulen;
+  if (q) {
+    rq.query = q + 1;
+    rq.query_len = ulen - rq.path_len - 1;
+  }
+  if (c->hoff[H_AUTH] != ABSENT) rq.authorization = c->req + c->hoff[H_AUTH];
+  if (c->hoff[H_CTYPE] != ABSENT) rq.content_type = c->req + c->hoff[H_CTYPE];
+  rq.body = c->req + c->body_off;
+  rq.body_len = c->body_len;
+  rq.peer = c->peer;
+
+  http_response rs = {0};
+  s->handler(s->user, &rq, &rs);
+
+  bool keep = c->keep_alive && !s->free_pending;
+  const char *ctype = rs.content_type;
+  if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
+  if (rs.status < 200 || rs.status > 599) {
+    free(rs.body);
+    size_t len = 0;
+    char *body = json_error("internal error", &len);
+    queue_response(c, 500, "application/json", body, len, false, keep);
+  } else {
+    queue_response(c, rs.status, ctype, rs.body, rs.body_len, rq.method == HTTP_HEAD, keep);
+  }
+  if (!keep) c->closing = true;
+  /* keep nothing of the request while the connection waits for the next */
+  free(c->req);
+  c->req = NULL;
+  c->req_len = c->req_cap = 0;
+}
+
+/* Keeps the unparsed rest of the input until output drains. */
+static void stash_input(http_conn *c, const char *data, size_t len) {
+  if (!len) return;
+  c->in = malloc(len);
+  if (!c->in) {
+    c->dead = true;
+    return;
+  }
+  memcpy(c->in, data, len);
+  c->in_len = len;
+}
+
+/* Parses input and answers each complete request in turn. Returns false
+ * only when the handler asked for the server to be freed. */
+static bool conn_feed(http_conn *c, const char *data, size_t len) {
+  while (len && !c->closing && !c->dead) {
+    if (c->out_bytes > OUT_HIGH) {
+      c->throttled = true;
+      stash_input(c, data, len);
+      return true;
+    }
+    llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
+    if (e == HPE_OK) return true;
+    if (e != HPE_PAUSED) {
+      if (c->err_status == 500)
+        c->dead = true;
+      else if (c->err_status)
+        conn_fail(c, c->err_status, c->err_msg);
+      else {
+        char msg[160];
+        const char *why = llhttp_get_error_reason(&c->parser);
+        snprintf(msg, sizeof msg, "bad request: %s", why ? why : "malformed");
+        conn_fail(c, 400, msg);
+      }
+      return true;
+    }
+    size_t used = (size_t)(llhttp_get_error_pos(&c->parser) - data);
+    data += used;
+    len -= used;
+    llhttp_resume(&c->parser);
+    dispatch(c);
+    if (c->srv->free_pending) return false;
+  }
+  return true;
+}
+
+/* Moves c on after input or writability: writes, resumes throttled input
+ * once output has drained, and closes when done. Returns false when c is
+ * gone or the server is being freed. */
+static bool conn_run(http_conn *c) {
+  for (;;) {
+    if (c->dead || !conn_flush(c)) {
+      conn_destroy(c);
+      return false;
+    }
+    if (c->out_head) break;
+    if (c->closing) {
+      if (c->peer_eof) {
+        conn_destroy(c);
+        return false;
+      }
+      if (!c->lingering) conn_start_linger(c);
+      break;
+    }
+    if (!c->throttled) break;
+    c->throttled = false;
+    char *buf = c->in;
+    size_t n = c->in_len;
+    c->in = NULL;
+    c->in_len = 0;
+    bool go_on = conn_feed(c, buf, n);
+    free(buf);
+    if (!go_on) return false;
+  }
+  conn_update_events(c);
+  return true;
+}
+
+static void conn_io(http_conn *c, short what) {
+  http_server *s = c->srv;
+  if ((what & EV_WRITE) && !conn_run(c)) return;
+  if (!(what & EV_READ) || !(c->events & EV_READ)) return;
+  ssize_t n = recv(c->fd, s->rbuf, sizeof s->rbuf, 0);
+  if (n < 0) {
+    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) conn_destroy(c);
+    return;
+  }
+  if (n == 0) {
+    /* the client is done sending; answers already queued still go out */
+    if (c->lingering || !c->out_head) {
+      conn_destroy(c);
+      return;
+    }
+    c->peer_eof = true;
+    c->closing = true;
+    conn_run(c);
+    return;
+  }
+  if (c->lingering) return;
+  conn_touch(c);
+  if (conn_feed(c, s->rbuf, (size_t)n)) conn_run(c);
+}
+
+static void server_destroy(http_server *s);
+
+static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  http_conn *c = arg;
+  http_server *s = c->srv;
+  s->depth++;
+  conn_io(c, what);
+  s->depth--;
+  if (s->free_pending && s->depth == 0) server_destroy(s);
+}
+
+/* ---- listener ------------------------------------------------------------------ */
+
+static void format_peer(const struct sockaddr *sa, char *out, size_t cap) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    evutil_inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    snprintf(out, cap, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    evutil_inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    snprintf(out, cap, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+  } else {
+    snprintf(out, cap, "?");
+  }
+}
+
+static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
+                      void *arg) {
+  (void)l;
+  (void)salen;
+  http_server *s = arg;
+  if (s->nconns >= s->lim.max_conns) {
+    close(fd);
+    return;
+  }
+  http_conn *c = calloc(1, sizeof *c + event_get_struct_event_size());
+  if (!c) {
+    close(fd);
+    return;
+  }
+  /* a response is one sendmsg(); Nagle would only delay the next one */
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  c->srv = s;
+  c->fd = fd;
+  format_peer(sa, c->peer, sizeof c->peer);
+  llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
+  c->parser.data = c;
+  s->nconns++;
+  conn_touch(c);
+  conn_update_events(c);
+  if (!c->events) conn_destroy(c);
+}
+
+static void accept_retry_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  http_server *s = arg;
+  if (!s->free_pending) evconnlistener_enable(s->listener);
+}
+
+static void accept_error_cb(struct evconnlistener *l, void *arg) {
+  http_server *s = arg;
+  int err = EVUTIL_SOCKET_ERROR();
+  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) return;
+  evconnlistener_disable(l);
+  struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
+  evtimer_add(s->accept_retry, &tv);
+}
+
+/* "IPV4:PORT" or "[IPV6]:PORT", numeric, port 0..65535. */
+static int parse_addr(const char *addr, struct sockaddr_storage *ss, int *len) {
+  const char *colon = strrchr(addr, ':');
+  if (!colon) return -1;
+  const char *h = addr, *hend = colon;
+  if (*h == '[') {
+    if (hend - h < 2 || hend[-1] != ']') return -1;
+    h++;
+    hend--;
+  }
+  char host[INET6_ADDRSTRLEN];
+  if ((size_t)(hend - h) >= sizeof host) return -1;
+  memcpy(host, h, (size_t)(hend - h));
+  host[hend - h] = '\0';
+  char *end;
+  errno = 0;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || end == colon + 1 || errno || port < 0 || port > 65535) return -1;
+  memset(ss, 0, sizeof *ss);
+  struct sockaddr_in *in = (struct sockaddr_in *)ss;
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+  if (*addr != '[' && evutil_inet_pton(AF_INET, host, &in->sin_addr) == 1) {
+    in->sin_family = AF_INET;
+    in->sin_port = htons((uint16_t)port);
+    *len = (int)sizeof *in;
+  } else if (*addr == '[' && evutil_inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    *len = (int)sizeof *in6;
+  } else {
+    return -1;
+  }
+  return 0;
+}
+
+/* ---- server ---------------------------------------------------------------------- */
+
+http_server *http_server_new(struct event_base *base, const char *addr, const http_limits *lim,
+                             http_handler h, void *user) {
+  if (!base || !addr || !h) {
+    errno = EINVAL;
+    return NULL;
+  }
+  struct sockaddr_storage ss;
+  int sslen;
+  if (parse_addr(addr, &ss, &sslen) < 0) {
+    errno = EINVAL;
+    return NULL;
+  }
+  http_server *s = calloc(1, sizeof *s);
+  if (!s) return NULL;
+  s->base = base;
+  s->handler = h;
+  s->user = user;
+  if (lim) s->lim = *lim;
+  if (!s->lim.max_body) s->lim.max_body = HTTP_DEFAULT_MAX_BODY;
+  if (!s->lim.max_header) s->lim.max_header = HTTP_DEFAULT_MAX_HEADER;
+  if (!s->lim.idle_timeout_ms) s->lim.idle_timeout_ms = HTTP_DEFAULT_IDLE_TIMEOUT_MS;
+  if (!s->lim.max_conns) s->lim.max_conns = HTTP_DEFAULT_MAX_CONNS;
+  s->port = -1;
+  s->timer = evtimer_new(base, timer_cb, s);
+  s->accept_retry = evtimer_new(base, accept_retry_cb, s);
+  if (!s->timer || !s->accept_retry) goto fail;
+  s->listener = evconnlistener_new_bind(
+      base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
+      (struct sockaddr *)&ss, sslen);
+  if (!s->listener) goto fail;
+  evconnlistener_set_error_cb(s->listener, accept_error_cb);
+  struct sockaddr_storage bound;
+  socklen_t bl = sizeof bound;
+  if (getsockname(evconnlistener_get_fd(s->listener), (struct sockaddr *)&bound, &bl) == 0)
+    s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                : ((struct sockaddr_in *)&bound)->sin_port);
+  return s;
+fail:;
+  int err = errno;
+  server_destroy(s);
+  errno = err;
+  return NULL;
+}
+
+int http_server_port(const http_server *s) { return s ? s->port : -1; }
+
+static void server_destroy(http_server *s) {
+  if (s->listener) evconnlistener_free(s->listener);
+  while (s->idle.head) conn_destroy(s->idle.head);
+  while (s->linger.head) conn_destroy(s->linger.head);
+  if (s->timer) event_free(s->timer);
+  if (s->accept_retry) event_free(s->accept_retry);
+  free(s);
+}
+
+void http_server_free(http_server *s) {
+  if (!s) return;
+  if (s->depth) {
+    /* inside the handler: the connection code above us still runs */
+    s->free_pending = true;
+    evconnlistener_disable(s->listener);
+    return;
+  }
+  server_destroy(s);
+}

@@ -1,0 +1,111 @@
+/* A small HTTP/1.1 server for imd's business API, on one libevent base.
+ *
+ * Requests are parsed with llhttp and handed, complete and in arrival order,
+ * to one synchronous handler; its answer is queued and written with
+ * sendmsg(). Keep-alive and pipelining are supported; upgrades, trailers
+ * and response streaming are not. Every response carries Content-Type,
+ * Content-Length (except 204 and 304) and Connection. Failures the server
+ * detects itself are answered with a JSON body {"error":"..."} and the
+ * connection is closed after it:
+ *   400 malformed request ("bad request: <llhttp's reason>"),
+ *   413 body over max_body (refused from Content-Length or, for a chunked
+ *       body, as soon as the received size passes it),
+ *   417 an Expect other than 100-continue,
+ *   431 request line and headers over max_header.
+ *
+ * Not thread-safe: every function, and the handler, runs on the thread that
+ * runs the event base.
+ */
+#ifndef IMD_HTTP_SERVER_H
+#define IMD_HTTP_SERVER_H
+
+#include <stddef.h>
+
+struct event_base;
+
+typedef struct http_server http_server;
+
+/* One request, as the handler sees it. Every pointer is owned by the server
+ * and valid only during the handler call; copy what must outlive it. */
+typedef struct http_request {
+  int method;                /* llhttp_method_t: HTTP_GET, HTTP_POST, ...;
+                                HEAD is passed as HTTP_HEAD (see below) */
+  const char *path;          /* request target up to '?' or '#', not
+                                percent-decoded, not NUL-terminated */
+  size_t path_len;
+  const char *query;         /* after '?' up to '#', not NUL-terminated; NULL
+                                when the target has no '?' */
+  size_t query_len;
+  const char *authorization; /* Authorization value, NUL-terminated, without
+                                surrounding whitespace; NULL if absent */
+  const char *content_type;  /* likewise for Content-Type */
+  const char *body;          /* the whole (de-chunked) body followed by a
+                                NUL; "" when there is none, never NULL */
+  size_t body_len;
+  const char *peer;          /* "ip:port", "[ipv6]:port" */
+} http_request;
+
+/* The handler's answer. The server zeroes it before the call. */
+typedef struct http_response {
+  int status;               /* 200..599; anything else becomes a 500 with
+                               the body replaced by {"error":"internal error"} */
+  const char *content_type; /* NULL: "application/json". Borrowed: must stay
+                               valid after the handler returns (use a string
+                               literal); one containing CR or LF is replaced
+                               by the default */
+  char *body;               /* NULL or malloc()ed by the handler; ownership
+                               passes to the server, which free()s it once
+                               written (or on close) */
+  size_t body_len;
+} http_response;
+
+/* Called once per complete request, in the order requests arrive on each
+ * connection. Must not block. It may call http_server_free() on its own
+ * server: the server is then destroyed once the handler returns and this
+ * response is never sent.
+ *
+ * For HEAD, the server sends the status line and headers the handler asks
+ * for (Content-Length of its body included) and drops the body, so a handler
+ * that serves HEAD like GET gives a correct answer. */
+typedef void (*http_handler)(void *user, const http_request *req, http_response *resp);
+
+/* Per-server limits; a field left 0 takes its default. */
+typedef struct http_limits {
+  size_t max_body;          /* bytes of (de-chunked) body; default 1 MiB */
+  size_t max_header;        /* bytes of request line and headers, about as
+                               sent; default 16 KiB */
+  unsigned idle_timeout_ms; /* a connection with no byte read or written for
+                               this long is closed; default 60000 */
+  unsigned max_conns;       /* connections beyond this are accepted and closed
+                               at once; default 10000 */
+} http_limits;
+
+#define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)
+#define HTTP_DEFAULT_MAX_HEADER ((size_t)16 << 10)
+#define HTTP_DEFAULT_IDLE_TIMEOUT_MS 60000u
+#define HTTP_DEFAULT_MAX_CONNS 10000u
+
+/* Listens on addr and serves requests on base with h.
+ *
+ * base: borrowed; must outlive the server.
+ * addr: "IPV4:PORT" or "[IPV6]:PORT", numeric; port 0 lets the kernel pick
+ *   (see http_server_port). "0.0.0.0:PORT" or "[::]:PORT" for every address.
+ *   Borrowed for the call.
+ * lim: copied; NULL for all defaults.
+ * h: required. user: passed to h as is, never freed.
+ *
+ * Returns the server, or NULL when base or h is NULL, addr does not parse,
+ * the bind or listen failed (errno is kept), or memory ran out. */
+http_server *http_server_new(struct event_base *base, const char *addr, const http_limits *lim,
+                             http_handler h, void *user);
+
+/* Returns the port the server listens on, or -1 if it cannot be read. */
+int http_server_port(const http_server *s);
+
+/* Closes the listener and every connection at once (queued responses are
+ * dropped) and frees the server, including the response bodies it owns.
+ * NULL is a no-op. Called from inside the handler, the teardown is deferred
+ * until the handler returns. */
+void http_server_free(http_server *s);
+
+#endif

@@ -1,0 +1,92 @@
+/* imd: the reference daemon on libim. Internal header shared by the daemon
+ * files: configuration, the daemon state, and the parts' entry points. */
+#ifndef IMD_IMD_H
+#define IMD_IMD_H
+
+#include <libim/im.h>
+#include <libim/im_event.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "core/strmap.h"
+#include "http_server.h"
+
+#define IMD_MAX_PLATFORMS 16
+
+typedef struct imd_config {
+  const char *ws_addr, *tcp_addr, *http_addr;
+  const char *secret;       /* NULL: generated and kept in data_dir/secret */
+  const char *api_key;      /* NULL: generated and kept in data_dir/api-key */
+  const char *data_dir;
+  const char *config_file;
+  uint32_t max_message;     /* bytes, also the HTTP body limit's base */
+  uint32_t heartbeat_s;
+  uint32_t auth_timeout_ms;
+  uint32_t max_connections;
+} imd_config;
+
+/* A group: gid -> member uids (a set), kept in memory and in
+ * data_dir/groups.json. */
+typedef struct imd_group {
+  strmap_node node;
+  strmap members;   /* of imd_member */
+  char gid[];
+} imd_group;
+
+typedef struct imd_member {
+  strmap_node node;
+  char uid[];
+} imd_member;
+
+typedef struct imd_metrics {
+  char platform[IMD_MAX_PLATFORMS][24];
+  uint64_t platform_conns[IMD_MAX_PLATFORMS];
+  uint64_t other_platform_conns;
+  uint64_t msgs_1to1, msgs_group, msgs_room, msgs_http;
+  uint64_t msg_errors;      /* upstream msgs refused (bad target, not a member) */
+  uint64_t http_requests;
+  uint64_t http_status[6];  /* by class: 1xx..5xx */
+  uint64_t auth_expired, auth_invalid;
+} imd_metrics;
+
+typedef struct imd {
+  imd_config cfg;
+  struct event_base *base;
+  im_server *srv;
+  im_event *ev;
+  http_server *http;
+  uint8_t secret[256];
+  size_t secret_len;
+  char api_key[256];
+  strmap groups;            /* of imd_group */
+  uint64_t start_wall_ms;   /* wall clock when the engine started */
+  imd_metrics m;
+} imd;
+
+/* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
+void imd_chat_callbacks(im_callbacks *cb);
+uint64_t imd_wall_ms(void);
+
+/* groups.c */
+int imd_groups_load(imd *d);                      /* 0, or -1 with a message on stderr */
+void imd_groups_free(imd *d);
+imd_group *imd_group_find(imd *d, const char *gid);
+bool imd_group_has(const imd_group *g, const char *uid);
+/* Apply adds/removes (arrays of n strings) and persist. Returns 0, or -1
+ * when the group file could not be written (memory state is applied). */
+int imd_group_update(imd *d, const char *gid, const char *const *add, size_t nadd,
+                     const char *const *rm, size_t nrm);
+/* Members as an array of uid pointers into the group (valid until the next
+ * update); *n gets the count. Returns a malloc'd array the caller frees. */
+const char **imd_group_members(const imd_group *g, size_t *n);
+
+/* api.c: the HTTP API handler (http_handler, user = imd *). */
+void imd_api_handle(void *user, const http_request *req, http_response *resp);
+
+/* metrics.c */
+void imd_metrics_open(imd *d, const char *platform);
+void imd_metrics_close(imd *d, const char *platform);
+/* Prometheus text exposition; malloc'd, length in *len. */
+char *imd_metrics_render(imd *d, size_t *len);
+
+#endif

@@ -1,0 +1,305 @@
+/* imd: the reference daemon on libim.
+ *   imd [--ws ADDR] [--tcp ADDR] [--http ADDR] [--secret S] [--api-key K]
+ *       [--data DIR] [--config FILE]
+ *   imd token --secret S --uid U [--device D] [--ttl SECONDS]
+ * Flags beat environment variables (IMD_WS, ...), which beat the config
+ * file, which beats the defaults. */
+#include <errno.h>
+#include <event2/event.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "imd.h"
+#include "token.h"
+
+typedef struct option_def {
+  const char *flag;     /* --ws */
+  const char *env;      /* IMD_WS */
+  const char *file_key; /* ws */
+  const char *help;
+} option_def;
+
+enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
+       O_AUTH_TIMEOUT, O_MAX_CONNS, O_N };
+
+static const option_def options[O_N] = {
+    [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
+    [O_TCP] = {"--tcp", "IMD_TCP", "tcp", "raw TCP listener                [127.0.0.1:8081]"},
+    [O_HTTP] = {"--http", "IMD_HTTP", "http", "HTTP API listener               [127.0.0.1:8082]"},
+    [O_SECRET] = {"--secret", "IMD_SECRET", "secret",
+                  "token HMAC secret, >= 16 bytes  [generated into DATA/secret]"},
+    [O_API_KEY] = {"--api-key", "IMD_API_KEY", "api_key",
+                   "HTTP API bearer key             [generated into DATA/api-key]"},
+    [O_DATA] = {"--data", "IMD_DATA", "data", "data directory                  [./imd-data]"},
+    [O_CONFIG] = {"--config", "IMD_CONFIG", NULL, "config file of key = value lines"},
+    [O_MAX_MESSAGE] = {"--max-message", "IMD_MAX_MESSAGE", "max_message",
+                       "largest client message, bytes  [65536]"},
+    [O_HEARTBEAT] = {"--heartbeat", "IMD_HEARTBEAT", "heartbeat",
+                     "heartbeat interval advertised, s [30]"},
+    [O_AUTH_TIMEOUT] = {"--auth-timeout", "IMD_AUTH_TIMEOUT", "auth_timeout",
+                        "ms to authenticate              [10000]"},
+    [O_MAX_CONNS] = {"--max-connections", "IMD_MAX_CONNECTIONS", "max_connections",
+                     "0 = unlimited                   [0]"},
+};
+
+static const char *defaults[O_N] = {
+    [O_WS] = "127.0.0.1:8080", [O_TCP] = "127.0.0.1:8081", [O_HTTP] = "127.0.0.1:8082",
+    [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
+    [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",
+};
+
+static void usage(FILE *f) {
+  fprintf(f, "usage: imd [options]\n       imd token --secret S --uid U [--device D] [--ttl SECONDS]\n\n"
+             "options (each also read from the environment variable shown, or the config file key):\n");
+  for (int i = 0; i < O_N; i++)
+    fprintf(f, "  %-20s %-22s %s\n", options[i].flag, options[i].env, options[i].help);
+  fprintf(f, "  %-20s %-22s %s\n", "--help", "", "this text");
+  fprintf(f, "\nA listener set to \"off\" is not opened. See imd(8).\n");
+}
+
+static char *trim(char *s) {
+  while (*s == ' ' || *s == '\t') s++;
+  char *e = s + strlen(s);
+  while (e > s && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\n' || e[-1] == '\r')) *--e = '\0';
+  return s;
+}
+
+/* Read "key = value" lines; '#' starts a comment. Values are kept (strdup). */
+static int read_config(const char *path, const char *vals[O_N]) {
+  FILE *f = fopen(path, "r");
+  if (!f) {
+    fprintf(stderr, "imd: cannot read config %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  char line[1024];
+  int lineno = 0, rc = 0;
+  while (fgets(line, sizeof line, f)) {
+    lineno++;
+    char *s = trim(line);
+    if (!*s || *s == '#') continue;
+    char *eq = strchr(s, '=');
+    if (!eq) {
+      fprintf(stderr, "imd: %s:%d: expected key = value\n", path, lineno);
+      rc = -1;
+      break;
+    }
+    *eq = '\0';
+    char *k = trim(s), *v = trim(eq + 1);
+    int i = 0;
+    while (i < O_N && (!options[i].file_key || strcmp(options[i].file_key, k))) i++;
+    if (i == O_N) {
+      fprintf(stderr, "imd: %s:%d: unknown key '%s'\n", path, lineno, k);
+      rc = -1;
+      break;
+    }
+    if (!vals[i]) vals[i] = strdup(v);
+  }
+  fclose(f);
+  return rc;
+}
+
+static int parse_u32(const char *name, const char *v, uint32_t *out) {
+  char *end;
+  errno = 0;
+  unsigned long n = strtoul(v, &end, 10);
+  if (errno || *end || !*v || n > UINT32_MAX) {
+    fprintf(stderr, "imd: %s: '%s' is not a number\n", name, v);
+    return -1;
+  }
+  *out = (uint32_t)n;
+  return 0;
+}
+
+/* Read a small file holding one line; returns 0 and fills out. */
+static int read_line_file(const char *path, char *out, size_t cap) {
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  char *ok = fgets(out, (int)cap, f);
+  fclose(f);
+  if (!ok) return -1;
+  char *t = trim(out);
+  memmove(out, t, strlen(t) + 1);
+  return *out ? 0 : -1;
+}
+
+/* Use DATA/name if present, else generate a new secret into it (0600). */
+static int load_or_make(const char *dir, const char *name, char *out, size_t cap) {
+  char path[4096];
+  snprintf(path, sizeof path, "%s/%s", dir, name);
+  if (read_line_file(path, out, cap) == 0) {
+    printf("imd: %s read from %s\n", name, path);
+    return 0;
+  }
+  if (imd_secret_generate(out, cap) < 0) return -1;
+  int fd = open(path, O_WRONLY | O_CREAT | O_EXCL, 0600);
+  if (fd < 0 || write(fd, out, strlen(out)) < 0 || write(fd, "\n", 1) < 0 || close(fd) < 0) {
+    fprintf(stderr, "imd: cannot write %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  printf("imd: generated a new %s in %s\n", name, path);
+  return 0;
+}
+
+static int cmd_token(int argc, char **argv) {
+  const char *secret = getenv("IMD_SECRET"), *uid = NULL, *device = NULL, *ttl = "86400";
+  const char *data = NULL;
+  for (int i = 2; i < argc; i++) {
+    const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+    if (!strcmp(argv[i], "--help")) {
+      usage(stdout);
+      return 0;
+    }
+    if (!v) {
+      fprintf(stderr, "imd token: %s needs a value\n", argv[i]);
+      return 2;
+    }
+    if (!strcmp(argv[i], "--secret")) secret = v;
+    else if (!strcmp(argv[i], "--uid")) uid = v;
+    else if (!strcmp(argv[i], "--device")) device = v;
+    else if (!strcmp(argv[i], "--ttl")) ttl = v;
+    else if (!strcmp(argv[i], "--data")) data = v;
+    else {
+      fprintf(stderr, "imd token: unknown option '%s'\n", argv[i]);
+      return 2;
+    }
+    i++;
+  }
+  static char from_file[256];
+  if (!secret && data) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/secret", data);
+    if (read_line_file(path, from_file, sizeof from_file) == 0) secret = from_file;
+  }
+  uint32_t ttl_s;
+  if (!secret || !uid || parse_u32("--ttl", ttl, &ttl_s) < 0) {
+    fprintf(stderr, "imd token: needs --secret (or --data DIR) and --uid\n");
+    return 2;
+  }
+  uint8_t key[256];
+  int kl = imd_secret_parse(secret, key, sizeof key);
+  if (kl < 0) {
+    fprintf(stderr, "imd token: the secret must be at least 16 bytes\n");
+    return 2;
+  }
+  char tok[IMD_TOKEN_MAX];
+  if (imd_token_mint(key, (size_t)kl, uid, device, (int64_t)(imd_wall_ms() / 1000) + ttl_s, tok,
+                     sizeof tok) < 0) {
+    fprintf(stderr, "imd token: cannot mint a token for that uid/device\n");
+    return 2;
+  }
+  printf("%s\n", tok);
+  return 0;
+}
+
+static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
+
+int main(int argc, char **argv) {
+  if (argc > 1 && !strcmp(argv[1], "token")) return cmd_token(argc, argv);
+  const char *vals[O_N] = {0};
+  for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
+      usage(stdout);
+      return 0;
+    }
+    int k = 0;
+    while (k < O_N && strcmp(options[k].flag, argv[i])) k++;
+    if (k == O_N || i + 1 >= argc) {
+      fprintf(stderr, k == O_N ? "imd: unknown option '%s'\n" : "imd: %s needs a value\n", argv[i]);
+      usage(stderr);
+      return 2;
+    }
+    vals[k] = argv[++i];
+  }
+  for (int k = 0; k < O_N; k++)
+    if (!vals[k]) vals[k] = getenv(options[k].env);
+  if (vals[O_CONFIG] && read_config(vals[O_CONFIG], vals) < 0) return 2;
+  for (int k = 0; k < O_N; k++)
+    if (!vals[k]) vals[k] = defaults[k];
+
+  static imd d;
+  d.cfg.ws_addr = vals[O_WS];
+  d.cfg.tcp_addr = vals[O_TCP];
+  d.cfg.http_addr = vals[O_HTTP];
+  d.cfg.data_dir = vals[O_DATA];
+  im_config icfg;
+  im_config_init(&icfg);
+  if (parse_u32("max-message", vals[O_MAX_MESSAGE], &icfg.max_message) < 0 ||
+      parse_u32("heartbeat", vals[O_HEARTBEAT], &icfg.heartbeat_s) < 0 ||
+      parse_u32("auth-timeout", vals[O_AUTH_TIMEOUT], &icfg.auth_timeout_ms) < 0 ||
+      parse_u32("max-connections", vals[O_MAX_CONNS], &icfg.max_connections) < 0)
+    return 2;
+  if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
+    fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
+    return 1;
+  }
+  char secret_text[256], key_text[256];
+  const char *secret = vals[O_SECRET];
+  if (!secret) {
+    if (load_or_make(d.cfg.data_dir, "secret", secret_text, sizeof secret_text) < 0) return 1;
+    secret = secret_text;
+  }
+  int sl = imd_secret_parse(secret, d.secret, sizeof d.secret);
+  if (sl < 0) {
+    fprintf(stderr, "imd: the secret must be at least 16 bytes\n");
+    return 2;
+  }
+  d.secret_len = (size_t)sl;
+  const char *api_key = vals[O_API_KEY];
+  if (!api_key) {
+    if (load_or_make(d.cfg.data_dir, "api-key", key_text, sizeof key_text) < 0) return 1;
+    api_key = key_text;
+  }
+  snprintf(d.api_key, sizeof d.api_key, "%s", api_key);
+  if (imd_groups_load(&d) < 0) return 1;
+
+  im_callbacks cb;
+  imd_chat_callbacks(&cb);
+  signal(SIGPIPE, SIG_IGN);
+  d.base = event_base_new();
+  d.srv = d.base ? im_server_new(&icfg, &cb, &d) : NULL;
+  d.ev = d.srv ? im_event_new(d.base, d.srv) : NULL;
+  if (!d.ev) {
+    fprintf(stderr, "imd: cannot start the engine (bad configuration or no memory)\n");
+    return 1;
+  }
+  d.start_wall_ms = imd_wall_ms();
+  int rc = 0, n = 0;
+  const char *addrs[2] = {d.cfg.ws_addr, d.cfg.tcp_addr};
+  const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
+  for (int i = 0; i < 2 && rc == 0; i++) {
+    if (!enabled(addrs[i])) continue;
+    if (im_event_listen(d.ev, kinds[i], addrs[i]) < 0) {
+      fprintf(stderr, "imd: cannot listen on %s: %s\n", addrs[i], strerror(errno));
+      rc = 1;
+      break;
+    }
+    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], im_event_port(d.ev, n++));
+  }
+  if (rc == 0 && enabled(d.cfg.http_addr)) {
+    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096};
+    d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
+    if (!d.http) {
+      fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
+      rc = 1;
+    } else {
+      printf("imd: http listening on %s port %d\n", d.cfg.http_addr, http_server_port(d.http));
+    }
+  }
+  if (rc == 0) {
+    printf("imd: data in %s\n", d.cfg.data_dir);
+    fflush(stdout);
+    im_event_handle_signals(d.ev, 3000);
+    event_base_dispatch(d.base);
+  }
+  http_server_free(d.http);
+  im_event_free(d.ev);
+  im_server_free(d.srv);
+  event_base_free(d.base);
+  imd_groups_free(&d);
+  return rc;
+}

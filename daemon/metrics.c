@@ -1,0 +1,135 @@
+/* Operator metrics in the Prometheus text format (R28). */
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "imd.h"
+
+/* Platforms are client-chosen strings: the first IMD_MAX_PLATFORMS seen
+ * get a series each, the rest are counted as "other" so a client cannot
+ * grow the metrics without bound. */
+static int platform_slot(imd *d, const char *platform, bool add) {
+  if (!platform || !*platform) platform = "unknown";
+  for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {
+    if (!d->m.platform[i][0]) {
+      if (!add) return -1;
+      snprintf(d->m.platform[i], sizeof d->m.platform[i], "%s", platform);
+      return i;
+    }
+    if (strncmp(d->m.platform[i], platform, sizeof d->m.platform[i] - 1) == 0) return i;
+  }
+  return -1;
+}
+
+void imd_metrics_open(imd *d, const char *platform) {
+  int i = platform_slot(d, platform, true);
+  if (i >= 0)
+    d->m.platform_conns[i]++;
+  else
+    d->m.other_platform_conns++;
+}
+
+void imd_metrics_close(imd *d, const char *platform) {
+  int i = platform_slot(d, platform, false);
+  if (i >= 0 && d->m.platform_conns[i])
+    d->m.platform_conns[i]--;
+  else if (i < 0 && d->m.other_platform_conns)
+    d->m.other_platform_conns--;
+}
+
+typedef struct sbuf {
+  char *p;
+  size_t len, cap;
+} sbuf;
+
+static void sb_printf(sbuf *b, const char *fmt, ...) {
+  for (;;) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(b->p ? b->p + b->len : NULL, b->p ? b->cap - b->len : 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) return;
+    if (b->p && b->len + (size_t)n < b->cap) {
+      b->len += (size_t)n;
+      return;
+    }
+    size_t cap = (b->cap ? b->cap * 2 : 4096) + (size_t)n;
+    char *q = realloc(b->p, cap);
+    if (!q) return;
+    b->p = q;
+    b->cap = cap;
+  }
+}
+
+/* Label values are client-chosen: escape per the exposition format. */
+static void sb_label(sbuf *b, const char *v) {
+  for (; *v; v++) {
+    if (*v == '\\' || *v == '"')
+      sb_printf(b, "\\%c", *v);
+    else if (*v == '\n')
+      sb_printf(b, "\\n");
+    else
+      sb_printf(b, "%c", *v);
+  }
+}
+
+static void counter(sbuf *b, const char *name, const char *help, uint64_t v) {
+  sb_printf(b, "# HELP %s %s\n# TYPE %s counter\n%s %llu\n", name, help, name, name,
+            (unsigned long long)v);
+}
+
+static void gauge(sbuf *b, const char *name, const char *help, uint64_t v) {
+  sb_printf(b, "# HELP %s %s\n# TYPE %s gauge\n%s %llu\n", name, help, name, name,
+            (unsigned long long)v);
+}
+
+char *imd_metrics_render(imd *d, size_t *len) {
+  im_stats st;
+  im_server_stats(d->srv, &st);
+  sbuf b = {0};
+  gauge(&b, "imd_connections", "Open client connections (authenticated or not)", st.conns);
+  sb_printf(&b, "# HELP imd_connections_by_platform Authenticated connections by platform\n"
+                "# TYPE imd_connections_by_platform gauge\n");
+  for (int i = 0; i < IMD_MAX_PLATFORMS && d->m.platform[i][0]; i++) {
+    sb_printf(&b, "imd_connections_by_platform{platform=\"");
+    sb_label(&b, d->m.platform[i]);
+    sb_printf(&b, "\"} %llu\n", (unsigned long long)d->m.platform_conns[i]);
+  }
+  sb_printf(&b, "imd_connections_by_platform{platform=\"other\"} %llu\n",
+            (unsigned long long)d->m.other_platform_conns);
+  gauge(&b, "imd_users_online", "Distinct users with at least one connection", st.users);
+  gauge(&b, "imd_rooms", "Rooms with at least one member", st.rooms);
+  gauge(&b, "imd_output_queued_bytes", "Bytes queued for slow readers", st.out_queued);
+  sb_printf(&b, "# HELP imd_messages_in_total Upstream messages by kind\n"
+                "# TYPE imd_messages_in_total counter\n"
+                "imd_messages_in_total{kind=\"direct\"} %llu\n"
+                "imd_messages_in_total{kind=\"group\"} %llu\n"
+                "imd_messages_in_total{kind=\"room\"} %llu\n"
+                "imd_messages_in_total{kind=\"http\"} %llu\n",
+            (unsigned long long)d->m.msgs_1to1, (unsigned long long)d->m.msgs_group,
+            (unsigned long long)d->m.msgs_room, (unsigned long long)d->m.msgs_http);
+  counter(&b, "imd_messages_out_total", "Downstream messages queued to connections", st.msgs_out);
+  counter(&b, "imd_bytes_in_total", "Bytes read from clients", st.bytes_in);
+  counter(&b, "imd_bytes_out_total", "Bytes queued to clients", st.bytes_out);
+  sb_printf(&b, "# HELP imd_errors_total Errors by kind\n# TYPE imd_errors_total counter\n");
+  const struct {
+    const char *kind;
+    uint64_t v;
+  } errs[] = {
+      {"protocol", st.proto_errors},   {"auth", st.auth_failures},
+      {"auth_expired", d->m.auth_expired}, {"auth_invalid", d->m.auth_invalid},
+      {"timeout", st.timeouts},        {"shed", st.shed},
+      {"message_refused", d->m.msg_errors},
+  };
+  for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++)
+    sb_printf(&b, "imd_errors_total{kind=\"%s\"} %llu\n", errs[i].kind,
+              (unsigned long long)errs[i].v);
+  sb_printf(&b, "# HELP imd_http_requests_total HTTP API requests by status class\n"
+                "# TYPE imd_http_requests_total counter\n");
+  for (int i = 1; i <= 5; i++)
+    sb_printf(&b, "imd_http_requests_total{code=\"%dxx\"} %llu\n", i,
+              (unsigned long long)d->m.http_status[i]);
+  *len = b.len;
+  return b.p;
+}
