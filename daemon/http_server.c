@@ -88,7 +88,7 @@ struct http_conn {
   char *req;
   size_t req_len, req_cap;
   size_t url_len;
-  size_t hoff[H_COUNT], hlen[H_COUNT];
+  size_t hoff[H_COUNT]; /* where each kept header's value starts, or ABSENT */
   size_t body_off, body_len;
   size_t head_bytes;
   int cur_hdr;
@@ -355,14 +355,16 @@ static void queue_response(http_conn *c, int status, const char *ctype, char *bo
     c->dead = true;
     return;
   }
+  const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
   int n;
   if (no_length)
     n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nConnection: %s\r\n\r\n",
-                 status, reason_phrase(status), ctype, keep_alive ? "keep-alive" : "close");
+                 status, reason, ctype, conn);
   else
     n = snprintf(o->head, cap,
-                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: %s\r\n\r\n",
-                 status, reason_phrase(status), ctype, body_len, keep_alive ? "keep-alive" : "close");
+                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+                 "Connection: %s\r\n\r\n",
+                 status, reason, ctype, body_len, conn);
   if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
     free(body);
     free(o);
@@ -508,6 +510,8 @@ static int on_message_begin(llhttp_t *p) {
   c->cur_hdr = H_OTHER;
   c->hname_len = 0;
   c->in_body = false;
+  c->err_status = 0;
+  c->err_msg = NULL;
   return 0;
 }
 
@@ -521,10 +525,22 @@ static int on_url(llhttp_t *p, const char *at, size_t n) {
 
 static int on_url_complete(llhttp_t *p) { return req_nul(p->data); }
 
+/* RFC 9110 5.6.2 token characters. */
+static bool is_tchar(unsigned char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9') ||
+         (ch && strchr("!#$%&'*+-.^_`|~", ch));
+}
+
 static int on_header_field(llhttp_t *p, const char *at, size_t n) {
   http_conn *c = p->data;
   int r = head_add(c, n);
-  if (r || c->in_body) return r;
+  if (r) return r;
+  /* llhttp 8 lets spaces into names; "Content-Length :" read differently
+   * by a proxy in front of us is a request-smuggling vector (RFC 9112 5.1) */
+  for (size_t i = 0; i < n; i++)
+    if (!is_tchar((unsigned char)at[i]))
+      return refuse(c, 400, "bad request: invalid character in header name");
+  if (c->in_body) return 0;
   if (c->hname_len + n > HNAME_MAX) {
     c->hname_len = HNAME_MAX + 1;
   } else {
@@ -569,7 +585,6 @@ static int on_header_value_complete(llhttp_t *p) {
   size_t off = c->hoff[c->cur_hdr];
   while (c->req_len > off && (c->req[c->req_len - 1] == ' ' || c->req[c->req_len - 1] == '\t'))
     c->req_len--;
-  c->hlen[c->cur_hdr] = c->req_len - off;
   c->cur_hdr = H_OTHER;
   return req_nul(c);
 }
@@ -705,7 +720,7 @@ static bool conn_feed(http_conn *c, const char *data, size_t len) {
     llhttp_errno_t e = llhttp_execute(&c->parser, data, len);
     if (e == HPE_OK) return true;
     if (e != HPE_PAUSED) {
-      if (c->err_status == 500)
+      if (c->err_status == 500) /* out of memory: no room for an answer either */
         c->dead = true;
       else if (c->err_status)
         conn_fail(c, c->err_status, c->err_msg);
