@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "proto/imp.h"
+#include "proto/writer.h"
 #include "proto/json_scan.h"
 #include "proto/utf8.h"
 
@@ -84,19 +85,6 @@ int imp_bin_decode(const uint8_t *buf, size_t len, imp_packet *out) {
   return IMP_OK;
 }
 
-typedef struct writer {
-  uint8_t *out;
-  size_t cap;
-  size_t n;
-} writer;
-
-static inline void put(writer *w, const void *p, size_t n) {
-  if (n > 0 && w->n < w->cap) {
-    size_t room = w->cap - w->n;
-    memcpy(w->out + w->n, p, n < room ? n : room);
-  }
-  w->n += n;
-}
 
 /* key | uvarint len | payload */
 static void put_field(writer *w, unsigned key, const void *p, uint32_t n) {

@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "proto/imp.h"
+#include "proto/writer.h"
 #include "proto/json_scan.h"
 
 /* Longest member or op name worth unescaping: longer ones are unknown. */
@@ -116,24 +117,9 @@ int imp_json_decode(const char *buf, size_t len, imp_packet *out, char *scratch,
   return field_err;
 }
 
-/* Output cursor with snprintf semantics: counts everything, stores what fits. */
-typedef struct writer {
-  char *out;
-  size_t cap;
-  size_t n;
-} writer;
-
-static inline void put(writer *w, const void *p, size_t n) {
-  if (n > 0 && w->n < w->cap) {
-    size_t room = w->cap - w->n;
-    memcpy(w->out + w->n, p, n < room ? n : room);
-  }
-  w->n += n;
-}
-
 static inline void put_c(writer *w, char c) {
   if (w->n < w->cap)
-    w->out[w->n] = c;
+    ((char *)w->out)[w->n] = c;
   w->n++;
 }
 
