@@ -90,7 +90,7 @@ static bool raw_member(const char *body, size_t len, const char *name, json_tok 
 static int string_list(const cJSON *j, const char **v, size_t max) {
   if (cJSON_IsString(j)) {
     v[0] = j->valuestring;
-    return 1;
+    return *j->valuestring ? 1 : -1;
   }
   if (!cJSON_IsArray(j)) return -1;
   int n = 0;

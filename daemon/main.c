@@ -268,6 +268,8 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
+  /* signals first: a supervisor may stop us as soon as it sees the ports */
+  im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
   const char *addrs[2] = {d.cfg.ws_addr, d.cfg.tcp_addr};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
@@ -293,7 +295,6 @@ int main(int argc, char **argv) {
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
     fflush(stdout);
-    im_event_handle_signals(d.ev, 3000);
     event_base_dispatch(d.base);
   }
   http_server_free(d.http);

@@ -83,6 +83,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "im-echo: out of memory or bad configuration\n");
     return 1;
   }
+  /* signals first: a supervisor may stop us as soon as it sees the ports */
+  im_event_handle_signals(ev, 3000);
   const char *addrs[2] = {ws, tcp};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
   int n = 0;
@@ -100,7 +102,6 @@ int main(int argc, char **argv) {
            im_event_port(ev, n++));
   }
   fflush(stdout);
-  im_event_handle_signals(ev, 3000);
   event_base_dispatch(base);
   im_event_free(ev);
   im_server_free(srv);

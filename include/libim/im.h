@@ -57,8 +57,9 @@ enum im_error {
   IM_ELIMIT = -8,     /* a configured limit (connections, rooms) is reached */
   IM_EADDR = -9,      /* an address could not be parsed or bound */
   IM_ESYS = -10,      /* a system call failed; errno has the reason */
-  IM_EFATAL = -100,   /* below this line only im_server_free() is allowed */
-  IM_ENOMEM = -101    /* allocation failed */
+  IM_ENOMEM = -11,    /* an allocation failed; the engine stays usable */
+  IM_EFATAL = -100    /* below this line only im_server_free() is allowed
+                         (no function returns one today) */
 };
 
 /* Static English text for an IM_E* code (never NULL). */
@@ -105,12 +106,15 @@ typedef struct im_config {
   uint32_t max_connections;  /* 0 = unlimited */
   uint32_t auth_timeout_ms;  /* handshake + auth must finish within. 10000 */
   uint32_t heartbeat_s;      /* interval advertised in auth_ok ("hb"). 30 */
-  uint32_t idle_timeout_ms;  /* close after this long with nothing read. 0 = 2.5 x heartbeat */
+  uint32_t idle_timeout_ms;  /* close after this long with nothing read. 0 = 2.5 x heartbeat
+                                (both 0: no idle timeout) */
   uint32_t close_timeout_ms; /* wait this long for the peer's close frame. 3000 */
   uint32_t tick_ms;          /* timer granularity the driver ticks at. 100 */
   uint16_t node_id;          /* 0..1023, part of generated message ids. 0 */
-  const char *ws_path;       /* request path of the WebSocket endpoint; NULL = any. "/ws" */
-  const im_allocator *alloc; /* NULL = malloc/free */
+  const char *ws_path;       /* request path of the WebSocket endpoint (copied); NULL = any. "/ws" */
+  const im_allocator *alloc; /* NULL = malloc/free. Used for connections, buffers, queues and
+                                registry entries; the handshake parser, hash buckets and the
+                                timer wheel still use malloc directly */
 } im_config;
 
 /* Fill cfg with the defaults above. */
@@ -127,8 +131,9 @@ typedef struct im_auth {
   const char *peer;          /* remote address as given to im_server_accept */
   int via_upgrade;           /* 1: from the upgrade query (failure -> HTTP 403) */
   /* Set by on_auth when it returns IM_AUTH_DENY: the error code (default
-   * 401) and reason (a string that lives until on_auth returns) sent to the
-   * client. */
+   * 401) and reason sent to the client. The reason is encoded right after
+   * on_auth returns, so it must outlive the call (a string literal, or
+   * memory the application keeps). */
   int code;
   const char *reason;
 } im_auth;
@@ -219,8 +224,10 @@ IM_EXTERN im_conn_id im_server_accept(im_server *srv, enum im_transport t, const
 
 /* Bytes arrived on c. The engine may modify buf in place (it unmasks
  * WebSocket payloads there); buf is borrowed for the call. Leftover partial
- * frames are copied. Returns 0, IM_ENOENT for an unknown id, IM_ECLOSED when
- * c is closing (the bytes were discarded; the driver can stop reading). */
+ * frames are copied. Returns 0 (keep reading; a closing WebSocket still
+ * reads to find the peer's close frame), IM_ENOENT for an unknown id, or
+ * IM_ECLOSED when c no longer wants input (the bytes were discarded; the
+ * driver can stop reading and wait for io.close). */
 IM_EXTERN int im_server_feed(im_server *srv, im_conn_id c, void *buf, size_t len);
 
 /* The transport of c died or reached EOF. The engine releases c (calling
@@ -276,7 +283,8 @@ IM_EXTERN int im_send_users(im_server *srv, const char *const *uids, size_t n, c
 
 /* Join / leave a room (created on first join, freed when empty).
  * Returns 0 (also when already a member / not a member), IM_ENOENT,
- * IM_ESTATE (not authenticated), IM_ENOMEM. */
+ * IM_ESTATE (not authenticated), IM_EINVAL (room name empty or over 128
+ * bytes; join only), IM_ENOMEM. */
 IM_EXTERN int im_room_join(im_server *srv, im_conn_id c, const char *room);
 IM_EXTERN int im_room_leave(im_server *srv, im_conn_id c, const char *room);
 /* Send to every connection in the room except `except`; encoded once.
@@ -288,16 +296,22 @@ IM_EXTERN int im_room_member(const im_server *srv, im_conn_id c, const char *roo
 IM_EXTERN size_t im_room_size(const im_server *srv, const char *room);
 
 /* Acknowledge an upstream message whose on_message returned IM_MSG_DEFER.
- * Returns 0, IM_ENOENT, IM_ECLOSED. */
+ * Returns 0, IM_ENOENT, IM_ECLOSED (c is closing or not authenticated),
+ * IM_EFULL, IM_ENOMEM. */
 IM_EXTERN int im_ack(im_server *srv, im_conn_id c, const char *cid, const char *id);
 /* Send {"op":"error","code":code,"reason":reason,"cid":cid} (cid may be
- * NULL). The connection stays open. Returns 0, IM_ENOENT, IM_ECLOSED. */
+ * NULL). The connection stays open. Returns 0, IM_ENOENT, IM_ECLOSED,
+ * IM_ESTATE (a WebSocket whose upgrade is not answered yet), IM_EFULL,
+ * IM_ENOMEM. */
 IM_EXTERN int im_reply_error(im_server *srv, im_conn_id c, int code, const char *reason,
                              const char *cid);
 
 /* Close c: WebSocket gets a close frame with code/reason, TCP an error op
- * then FIN, after queued output is flushed. on_close follows later.
- * Returns 0, IM_ENOENT, IM_ECLOSED (already closing). */
+ * then FIN, after queued output is flushed. A WebSocket then waits up to
+ * close_timeout_ms for the peer's close frame. on_close follows later.
+ * code must be 1000, 1001 or 3000-4999; reason is cut to 123 bytes on a
+ * UTF-8 boundary. Returns 0, IM_EINVAL (code), IM_ENOENT, IM_ECLOSED
+ * (already closing). */
 IM_EXTERN int im_conn_close(im_server *srv, im_conn_id c, int code, const char *reason);
 /* Close every connection with code (shutdown: 1001). Returns the count. */
 IM_EXTERN size_t im_server_close_all(im_server *srv, int code, const char *reason);

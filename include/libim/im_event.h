@@ -19,7 +19,8 @@ IM_EXTERN im_event *im_event_new(struct event_base *base, im_server *srv);
 
 /* Listen on "HOST:PORT" ("[::1]:PORT" for IPv6; port 0 picks one) for
  * WebSocket or raw TCP clients. Returns 0, IM_EADDR (bad address or bind
- * failed; errno is kept), IM_ENOMEM. */
+ * failed; errno is kept), IM_EINVAL (bad transport, or 8 listeners
+ * already). */
 IM_EXTERN int im_event_listen(im_event *ev, enum im_transport t, const char *addr);
 
 /* The port of the n-th listener (0-based, in listen order), or -1. */

@@ -114,7 +114,6 @@ im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt) {
   char probe[1];
   size_t plen = w == WIRE_WS_TEXT ? imp_json_encode(pkt, probe, 0)
                                   : imp_bin_encode(pkt, (uint8_t *)probe, 0);
-  if (plen > s->cfg.max_message && pkt->op == IMP_OP_MSG) return NULL;
   uint8_t hdr[10];
   size_t hl;
   if (w == WIRE_TCP) {

@@ -44,6 +44,10 @@ enum conn_flag {
   CF_HS_UNSENT = 1u << 6     /* the 101 response may not have been fully written */
 };
 
+/* Headroom for a downstream message's envelope (id, from, to, ts, ...)
+ * beyond max_message bytes of data. */
+#define IM_ENVELOPE_MAX 4096u
+
 /* Wire formats a packet may be framed in. */
 enum wire_kind { WIRE_WS_TEXT, WIRE_WS_BIN, WIRE_TCP, WIRE_N };
 
@@ -76,7 +80,7 @@ typedef struct im_conn {
   char *ident;             /* "uid\0device\0platform\0": parked while auth is pending,
                               then kept (valid in on_close too) */
   uint64_t since_ms;
-  char peer[48];
+  char peer[56];   /* "[v6-mapped address]:port" fits */
 } im_conn;
 
 struct im_user {

@@ -66,6 +66,16 @@ im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *use
   s->alloc = al;
   if (cb) s->cb = *cb;
   s->user = user;
+  if (cfg->ws_path) {
+    size_t pl = strlen(cfg->ws_path) + 1;
+    char *path = im_alloc(s, pl);
+    if (!path) {
+      al.free(s, al.ud);
+      return NULL;
+    }
+    memcpy(path, cfg->ws_path, pl);
+    s->cfg.ws_path = path;
+  }
   if (s->cfg.idle_timeout_ms == 0) s->cfg.idle_timeout_ms = s->cfg.heartbeat_s * 2500u;
   s->idle_ticks = (uint32_t)ms_to_ticks(s, s->cfg.idle_timeout_ms);
   s->fields_cap = (size_t)s->cfg.max_message + 64;
@@ -107,6 +117,7 @@ void im_server_free(im_server *s) {
   outq_pool_free(s);
   im_dealloc(s, s->scratch);
   im_dealloc(s, s->fields);
+  im_dealloc(s, (char *)s->cfg.ws_path);
   im_dealloc(s, s);
 }
 
@@ -265,7 +276,10 @@ static void conn_close(im_server *s, im_conn *c, int code, const char *reason, b
   c->close_code = (uint16_t)code;
   if (!reason) reason = "";
   size_t rl = strlen(reason);
-  if (rl > 123) rl = 123;
+  if (rl > 123) {
+    rl = 123;
+    while (rl > 0 && ((unsigned char)reason[rl] & 0xc0) == 0x80) rl--; /* keep UTF-8 whole */
+  }
   if (handshake) {
     /* no WebSocket yet: drop the connection */
   } else if (c->transport == IM_TRANSPORT_WS) {
@@ -393,6 +407,10 @@ int im_server_hangup(im_server *s, im_conn_id id) {
 /* ---- authentication ------------------------------------------------------ */
 
 static void set_auth_timer_idle(im_server *s, im_conn *c) {
+  if (s->idle_ticks == 0) {
+    tw_cancel(&s->wheel, &c->timer); /* heartbeat 0 and idle_timeout 0: no idle check */
+    return;
+  }
   /* first idle deadline jittered by up to 1/8 so a mass reconnect does not
    * time out in lockstep (R8) */
   uint64_t jitter = s->idle_ticks >= 8 ? rng_next(s) % (s->idle_ticks / 8) : 0;
@@ -970,7 +988,8 @@ int im_server_feed(im_server *s, im_conn_id id, void *buf, size_t len) {
         conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
     }
   }
-  int rc = c->state >= CS_CLOSING ? IM_ECLOSED : 0;
+  /* a WebSocket waiting for the peer's close frame still wants input */
+  int rc = c->state == CS_CLOSED || (c->flags & CF_FLUSH_CLOSE) ? IM_ECLOSED : 0;
   leave(s);
   return rc;
 }
@@ -1076,14 +1095,19 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   if (m->ts) imp_set_num(&f->pkt, IMP_K_TS, m->ts);
   if (m->seq) imp_set_num(&f->pkt, IMP_K_SEQ, m->seq);
   if (m->data) imp_set_str(&f->pkt, IMP_K_DATA, m->data, m->data_len);
-  if (m->data_len > s->cfg.max_message) return IM_ETOOBIG;
+  /* data is bounded like upstream data; the envelope gets fixed headroom so
+   * a maximal message can still be delivered. The JSON form is the longest
+   * encoding: if it fits, every form does. */
+  if (m->data_len > s->cfg.max_message ||
+      imp_json_encode(&f->pkt, NULL, 0) > (size_t)s->cfg.max_message + IM_ENVELOPE_MAX)
+    return IM_ETOOBIG;
   return 0;
 }
 
 static int fanout_send(im_server *s, fanout *f, im_conn *c) {
   if (c->state != CS_OPEN) return c->state >= CS_CLOSING ? IM_ECLOSED : IM_ESTATE;
   enum wire_kind w = conn_wire(c);
-  if (!f->b[w] && !(f->b[w] = frame_packet(s, w, &f->pkt))) return IM_ETOOBIG;
+  if (!f->b[w] && !(f->b[w] = frame_packet(s, w, &f->pkt))) return IM_ENOMEM;
   int rc = conn_queue(s, c, f->b[w]);
   if (rc == 0) s->st.msgs_out++;
   return rc;
@@ -1203,6 +1227,8 @@ int im_reply_error(im_server *s, im_conn_id id, int code, const char *reason, co
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state >= CS_CLOSING) return IM_ECLOSED;
+  /* before the 101 there is no WebSocket stream to put an error on */
+  if (c->state == CS_HANDSHAKE || (c->flags & CF_UPGRADE_AUTH)) return IM_ESTATE;
   enter(s);
   imp_str cs = {cid, cid ? (uint32_t)strlen(cid) : 0};
   int rc = send_error(s, c, code, reason ? reason : "", cid ? &cs : NULL);
@@ -1211,6 +1237,8 @@ int im_reply_error(im_server *s, im_conn_id id, int code, const char *reason, co
 }
 
 int im_conn_close(im_server *s, im_conn_id id, int code, const char *reason) {
+  if (code != IM_CLOSE_NORMAL && code != IM_CLOSE_GOING_AWAY && (code < 3000 || code > 4999))
+    return IM_EINVAL;
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state >= CS_CLOSING) return IM_ECLOSED;

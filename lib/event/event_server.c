@@ -56,6 +56,7 @@ struct im_event {
   ev_conn *grave;
   ev_conn *all;
   bool shutting_down;
+  unsigned signal_grace_ms;
   uint8_t rbuf[READ_BUF];
 };
 
@@ -388,16 +389,15 @@ void im_event_shutdown(im_event *e, unsigned grace_ms) {
   schedule_flush(e);
 }
 
-static unsigned signal_grace_ms = 3000;
-
 static void signal_cb(evutil_socket_t sig, short what, void *arg) {
   (void)sig;
   (void)what;
-  im_event_shutdown(arg, signal_grace_ms);
+  im_event *e = arg;
+  im_event_shutdown(e, e->signal_grace_ms);
 }
 
 int im_event_handle_signals(im_event *e, unsigned grace_ms) {
-  signal_grace_ms = grace_ms;
+  e->signal_grace_ms = grace_ms;
   static const int sigs[2] = {SIGINT, SIGTERM};
   for (int i = 0; i < 2; i++) {
     if (!e->sig[i]) e->sig[i] = evsignal_new(e->base, sigs[i], signal_cb, e);
