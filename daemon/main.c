@@ -69,7 +69,14 @@ static char *trim(char *s) {
   return s;
 }
 
-/* Read "key = value" lines; '#' starts a comment. Values are kept (strdup). */
+/* Values read from the config file live until exit (options point at them). */
+static char *config_values[O_N];
+
+static void free_config_values(void) {
+  for (int i = 0; i < O_N; i++) free(config_values[i]);
+}
+
+/* Read "key = value" lines; '#' starts a comment. */
 static int read_config(const char *path, const char *vals[O_N]) {
   FILE *f = fopen(path, "r");
   if (!f) {
@@ -97,7 +104,7 @@ static int read_config(const char *path, const char *vals[O_N]) {
       rc = -1;
       break;
     }
-    if (!vals[i]) vals[i] = strdup(v);
+    if (!vals[i] && !config_values[i]) vals[i] = config_values[i] = strdup(v);
   }
   fclose(f);
   return rc;
@@ -217,6 +224,7 @@ int main(int argc, char **argv) {
   }
   for (int k = 0; k < O_N; k++)
     if (!vals[k]) vals[k] = getenv(options[k].env);
+  atexit(free_config_values);
   if (vals[O_CONFIG] && read_config(vals[O_CONFIG], vals) < 0) return 2;
   for (int k = 0; k < O_N; k++)
     if (!vals[k]) vals[k] = defaults[k];
