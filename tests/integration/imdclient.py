@@ -6,26 +6,25 @@ sleeps to wait for a result.
 """
 import asyncio
 import base64
-import functools
 import hashlib
 import hmac
 import http.client
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import socket
-import struct
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.parse
 
-import websockets
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import wire  # noqa: E402
+from wire import (T, check, decode_bin, encode_bin, scenario, tcp_frame,  # noqa: E402,F401
+                  track, upgrade_request, within, ws_frame)
 
-T = 10.0                                    # default timeout of one wait, seconds
 SECRET = 'integration-test-secret-0123456789'
 API_KEY = 'integration-test-api-key'
 SANITIZER_RE = re.compile(r'AddressSanitizer|LeakSanitizer|ERROR: \w*Sanitizer|runtime error:')
@@ -37,43 +36,6 @@ def imd_path():
     if not path:
         raise SystemExit('set IMD to the imd binary (or pass --imd PATH)')
     return path
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
-
-class Timeout(AssertionError):
-    pass
-
-
-async def within(aw, timeout=T, what='the server'):
-    try:
-        return await asyncio.wait_for(aw, timeout)
-    except asyncio.TimeoutError:
-        raise Timeout('timed out after %gs waiting for %s' % (timeout, what)) from None
-
-
-_TRANSPORTS = []                            # client transports of the running scenario
-
-
-def scenario(timeout=60):
-    """Decorator: run an async test method with an overall deadline, then
-    drop every client socket it opened."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def test(self):
-            async def guarded():
-                try:
-                    return await within(fn(self), timeout, 'the whole scenario')
-                finally:
-                    for t in _TRANSPORTS:
-                        t.abort()
-                    _TRANSPORTS.clear()
-            return asyncio.run(guarded())
-        return test
-    return wrap
 
 
 # ------------------------------------------------------------- the daemon ---
@@ -90,8 +52,13 @@ def run_cli(*args, env=None, cwd=None, timeout=T):
     return p.returncode, p.stdout.decode(errors='replace'), p.stderr.decode(errors='replace')
 
 
-class Imd:
-    """An imd process on kernel-picked ports with its own data directory."""
+class Imd(wire.ServerProcess):
+    """An imd process on kernel-picked ports with its own data directory
+    (stop() keeps it; remove_data() removes it when it was made here)."""
+    NAME = 'imd'
+    PORT_RE = PORT_RE
+    KINDS = ('ws', 'tcp', 'http')
+    SANITIZER_RE = SANITIZER_RE
 
     def __init__(self, *extra, data=None, secret=SECRET, api_key=API_KEY, env=None,
                  listen=True):
@@ -107,65 +74,20 @@ class Imd:
             args += ['--api-key', api_key]
         e = {k: v for k, v in os.environ.items() if not k.startswith('IMD_')}
         e.update(env or {})
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen([imd_path(), *args, *extra], stdout=subprocess.PIPE,
-                                     stderr=self.stderr, env=e, cwd=self.data)
-        self.ports, self.out = {}, b''
+        super().__init__([imd_path(), *args, *extra], env=e, cwd=self.data)
         try:
-            self._read_ports()
+            self.read_ports()
         except Exception:
             self.remove_data()
             raise
         self.ws, self.tcp, self.http = self.ports['ws'], self.ports['tcp'], self.ports['http']
-
-    def _read_ports(self):
-        deadline, fd = time.monotonic() + T, self.proc.stdout.fileno()
-        while len(self.ports) < 3:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.kill()
-                raise RuntimeError('imd did not print its ports: %r %s' % (self.out, self.log()))
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError('imd exited early (%s): %s' % (self.proc.wait(), self.log()))
-            self.out += chunk
-            for kind, port in PORT_RE.findall(self.out):
-                self.ports[kind.decode()] = int(port)
-
-    def log(self):
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors='replace')
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self, timeout=15):
-        """SIGTERM, wait for the exit: (status, stderr). Keeps the data dir."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = 'no exit within %ds' % timeout
-        log = self.log()
-        self.kill()
-        return rc, log
-
-    def kill(self):
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        self.stderr.close()
 
     def remove_data(self):
         if self.own_data:
             shutil.rmtree(self.data, ignore_errors=True)
 
 
-def assert_clean_exit(rc, log):
-    check(not SANITIZER_RE.search(log), 'sanitizer report on imd stderr:\n' + log)
-    check(rc == 0, 'imd exit status %r after SIGTERM, expected 0\n%s' % (rc, log))
+assert_clean_exit = Imd.assert_clean_exit
 
 
 # ------------------------------------------------------------------ tokens ---
@@ -203,68 +125,7 @@ def forge(token):
     return token[:-5] + ('A' if c != 'A' else 'B') + token[-4:]
 
 
-# ------------------------------------------------------------ IMP codec ---
-
-OPS = {'auth': 1, 'auth_ok': 2, 'msg': 3, 'ack': 4, 'sync': 5, 'sync_end': 6, 'ping': 7,
-       'pong': 8, 'join': 9, 'leave': 10, 'error': 11, 'goaway': 12}
-OP_NAMES = {v: k for k, v in OPS.items()}
-KEYS = {'uid': (1, 'S'), 'token': (2, 'S'), 'device': (3, 'S'), 'platform': (4, 'S'),
-        'conn': (5, 'S'), 'hb': (6, 'U'), 'cid': (7, 'S'), 'id': (8, 'S'), 'from': (9, 'S'),
-        'to': (10, 'S'), 'group': (11, 'S'), 'room': (12, 'S'), 'ts': (13, 'U'),
-        'seq': (14, 'U'), 'data': (15, 'J'), 'code': (16, 'U'), 'reason': (17, 'S'),
-        'since': (18, 'U'), 'limit': (19, 'U'), 'last': (20, 'U'), 'more': (21, 'B'),
-        'gap': (22, 'B')}
-KEY_BY_NUM = {num: (name, kind) for name, (num, kind) in KEYS.items()}
-
-
-def uvarint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_bin(op, **fields):
-    """Binary IMP; `data` is JSON text (str), passed as its UTF-8 bytes."""
-    out = bytearray([OPS[op]])
-    for name, v in fields.items():
-        num, kind = KEYS[name]
-        if kind == 'U':
-            v = v.to_bytes(max(1, (v.bit_length() + 7) // 8), 'big')
-        elif kind == 'B':
-            v = b'\x01' if v else b'\x00'
-        else:
-            v = v.encode()
-        out += bytes([num]) + uvarint(len(v)) + v
-    return bytes(out)
-
-
-def decode_bin(b):
-    """One binary packet as {'op': name, field: value}; data stays JSON text."""
-    check(len(b) >= 1 and b[0] in OP_NAMES, 'bad binary packet %r' % b[:80])
-    i, out = 1, {'op': OP_NAMES[b[0]], '_raw': b}
-    while i < len(b):
-        key, n, shift, i = b[i], 0, 0, i + 1
-        while True:
-            check(i < len(b), 'truncated varint in %r' % b[:80])
-            n, shift, i = n | (b[i] & 0x7F) << shift, shift + 7, i + 1
-            if not b[i - 1] & 0x80:
-                break
-        check(i + n <= len(b), 'truncated field in %r' % b[:80])
-        v = b[i:i + n]
-        i += n
-        name, kind = KEY_BY_NUM.get(key, (key, None))
-        if kind == 'U':
-            v = int.from_bytes(v, 'big')
-        elif kind == 'B':
-            v = v == b'\x01'
-        elif kind in ('S', 'J'):
-            v = v.decode()
-        out[name] = v
-    return out
-
+# ------------------------------------------- IMP codec (binary: in wire) ---
 
 def encode_json(op, **fields):
     """JSON IMP; `data` is inserted as raw JSON text."""
@@ -308,16 +169,10 @@ class Client:
     @classmethod
     async def open(cls, port, kind, path='/ws'):
         if kind == 'tcp':
-            r, w = await within(asyncio.open_connection('127.0.0.1', port, limit=1 << 22),
-                                what='the TCP connection')
-            _TRANSPORTS.append(w.transport)
+            r, w = await open_tcp(port, 'the TCP connection', limit=1 << 22)
             return cls(kind, reader=r, writer=w)
-        ws = await within(websockets.connect(
-            'ws://127.0.0.1:%d%s' % (port, path),
-            subprotocols=['imp.bin' if kind == 'bin' else 'imp.json'],
-            ping_interval=None, compression=None, max_size=None, close_timeout=5),
-            what='the WebSocket handshake')
-        _TRANSPORTS.append(ws.transport)
+        ws = await wire.ws_connect(port, path, 'imp.bin' if kind == 'bin' else 'imp.json',
+                                   what='the WebSocket handshake')
         return cls(kind, ws=ws)
 
     def sockname(self):
@@ -333,8 +188,7 @@ class Client:
 
     async def send(self, op, **fields):
         if self.kind == 'tcp':
-            body = encode_bin(op, **fields)
-            await self.send_raw(struct.pack('!I', len(body)) + body)
+            await self.send_raw(tcp_frame(encode_bin(op, **fields)))
         elif self.binary:
             await self.send_raw(encode_bin(op, **fields))
         else:
@@ -342,8 +196,7 @@ class Client:
 
     async def recv(self, what='a packet', timeout=T):
         if self.kind == 'tcp':
-            n = struct.unpack('!I', await within(self.r.readexactly(4), timeout, what))[0]
-            return decode_bin(await within(self.r.readexactly(n), timeout, what))
+            return decode_bin(await wire.read_tcp_frame(self.r, timeout, what))
         frame = await within(self.ws.recv(), timeout, what)
         if self.binary:
             check(isinstance(frame, bytes), 'text frame on imp.bin: %r' % frame[:80])
@@ -384,8 +237,7 @@ class Client:
         """Wait for the server to close: the close code (WebSocket), or the
         code of the last error op before EOF (TCP)."""
         if self.kind != 'tcp':
-            await within(self.ws.wait_closed(), what='the server to close the WebSocket')
-            return self.ws.close_code
+            return await wire.ws_close_code(self.ws)
         code = None
         while True:
             try:
@@ -399,6 +251,13 @@ class Client:
             self.w.close()
         else:
             await within(self.ws.close(), what='the close handshake')
+
+
+async def open_tcp(port, what='the server', **kw):
+    """A plain stream connection, dropped when the scenario ends."""
+    r, w = await within(asyncio.open_connection('127.0.0.1', port, **kw), what=what)
+    track(w.transport)
+    return r, w
 
 
 async def connect(srv, kind, uid, device='d1', platform=None, token=None):
@@ -420,12 +279,8 @@ async def connect(srv, kind, uid, device='d1', platform=None, token=None):
 
 async def upgrade_status(port, path):
     """Status code of a WebSocket upgrade request for path (then closed)."""
-    r, w = await within(asyncio.open_connection('127.0.0.1', port))
-    _TRANSPORTS.append(w.transport)
-    key = base64.b64encode(os.urandom(16)).decode()
-    w.write(('GET %s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'
-             'Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n'
-             'Sec-WebSocket-Protocol: imp.json\r\n\r\n' % (path, key)).encode())
+    r, w = await open_tcp(port)
+    w.write(upgrade_request(port, path, wire.new_key(), protocol='imp.json', host='x'))
     head = await within(r.readuntil(b'\r\n\r\n'), what='the upgrade response')
     w.close()
     return int(head.split()[1])
@@ -518,36 +373,17 @@ def parse_metrics(text):
 
 # --------------------------------------------------- hand-made WebSocket ---
 
-def ws_frame(op, payload=b'', masked=True):
-    n = len(payload)
-    b0, mbit = 0x80 | op, 0x80 if masked else 0
-    if n < 126:
-        hdr = bytes([b0, mbit | n])
-    elif n < 65536:
-        hdr = struct.pack('!BBH', b0, mbit | 126, n)
-    else:
-        hdr = struct.pack('!BBQ', b0, mbit | 127, n)
-    if not masked:
-        return hdr + payload
-    key = os.urandom(4)
-    return hdr + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
 class RawWS:
     """A hand-driven WebSocket client (query auth) for malformed traffic."""
 
     @classmethod
     async def connect(cls, srv, uid):
         self = cls()
-        self.r, self.w = await within(asyncio.open_connection('127.0.0.1', srv.ws))
-        _TRANSPORTS.append(self.w.transport)
+        self.r, self.w = await open_tcp(srv.ws)
         q = urllib.parse.urlencode({'uid': uid, 'token': py_token(uid), 'device': 'raw',
                                     'platform': 'raw'}, quote_via=urllib.parse.quote)
-        key = base64.b64encode(os.urandom(16)).decode()
-        self.w.write(('GET /ws?%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n'
-                      'Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n'
-                      'Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: imp.json\r\n\r\n'
-                      % (q, key)).encode())
+        self.w.write(upgrade_request(srv.ws, '/ws?' + q, wire.new_key(), protocol='imp.json',
+                                     host='x'))
         head = await within(self.r.readuntil(b'\r\n\r\n'), what='the upgrade response')
         check(head.startswith(b'HTTP/1.1 101'), 'upgrade refused: %r' % head)
         check((await self.frame())[1].startswith(b'{"op":"auth_ok"'), 'no auth_ok')
@@ -558,13 +394,8 @@ class RawWS:
 
     async def frame(self):
         """(opcode, payload) of one server frame."""
-        b0, b1 = await within(self.r.readexactly(2), what='a WebSocket frame')
-        n = b1 & 0x7F
-        if n == 126:
-            n = struct.unpack('!H', await within(self.r.readexactly(2)))[0]
-        elif n == 127:
-            n = struct.unpack('!Q', await within(self.r.readexactly(8)))[0]
-        return b0 & 0x0F, await within(self.r.readexactly(n), what='a frame payload')
+        _, op, payload = await wire.read_ws_frame(self.r, strict=False)
+        return op, payload
 
     async def json(self):
         op, payload = await self.frame()
@@ -577,9 +408,6 @@ class RawWS:
             op, payload = await self.frame()
             if op == 8:
                 break
-        try:
-            rest = await within(self.r.read(), what='EOF after the close frame')
-        except ConnectionError:
-            rest = b''
+        rest = await wire.read_to_eof(self.r, 'EOF after the close frame', ConnectionError)
         check(rest == b'', 'bytes after the close frame: %r' % rest[:80])
-        return struct.unpack('!H', payload[:2])[0]
+        return wire.close_code(payload)

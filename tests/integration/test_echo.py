@@ -15,133 +15,47 @@ import hashlib
 import json
 import os
 import re
-import select
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 import unittest
 
-import websockets
+sys.dont_write_bytecode = True          # no __pycache__ in the source tree
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import wire  # noqa: E402
+from wire import (KEY_BY_NUM, OP_BIN, OP_CLOSE, OP_CONT, OP_NAMES, OP_PING,  # noqa: E402
+                  OP_PONG, OP_TEXT, T, Timeout, be, bin_fields, check, close_code,
+                  close_payload, read_tcp_frame, read_to_eof, read_ws_frame, run, scenario,
+                  tcp_frame, track, upgrade_request, within, ws_close_code, ws_connect,
+                  ws_frame)
+from wire import encode_bin as imp_bin  # noqa: E402
 
 IM_ECHO = None      # path of the binary, set by main()
-T = 10.0            # default timeout of one wait, seconds
 MAX_MESSAGE = 65536  # im-echo's default --max-message
 
 # ---------------------------------------------------------------- helpers ---
 
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
-
-
-class Timeout(AssertionError):
-    pass
-
-async def within(aw, timeout=T, what='the server'):
-    try:
-        return await asyncio.wait_for(aw, timeout)
-    except asyncio.TimeoutError:
-        raise Timeout('timed out after %gs waiting for %s' % (timeout, what)) from None
-
-_TRANSPORTS = []    # every client transport of the running scenario
-
-def run(coro, timeout=60):
-    """Run one async scenario with an overall deadline; drop its sockets after."""
-    async def guarded():
-        try:
-            return await within(coro, timeout, 'the whole scenario')
-        finally:
-            for t in _TRANSPORTS:
-                t.abort()
-            _TRANSPORTS.clear()
-    return asyncio.run(guarded())
-
-def scenario(timeout=60):
-    """Decorator: an async test method run by run() with an overall deadline."""
-    def wrap(fn):
-        @functools.wraps(fn)
-        def test(self):
-            return run(fn(self), timeout)
-        return test
-    return wrap
-
-SANITIZER_RE = re.compile(r'ERROR: \w*Sanitizer|runtime error:')
-
-
-class EchoServer:
+class EchoServer(wire.ServerProcess):
     """An im-echo process on kernel-picked ports; stderr goes to a file."""
+    NAME = 'im-echo'
+    PORT_RE = re.compile(rb'im-echo: (ws|tcp) listening on \S+ port (\d+)')
+    KINDS = ('ws', 'tcp')
+    SANITIZER_RE = re.compile(r'ERROR: \w*Sanitizer|runtime error:')
 
     def __init__(self, *extra):
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [IM_ECHO, '--ws', '127.0.0.1:0', '--tcp', '127.0.0.1:0', *extra],
-            stdout=subprocess.PIPE, stderr=self.stderr)
-        self.ws_port = self.tcp_port = None
-        buf, deadline = b'', time.monotonic() + T
-        fd = self.proc.stdout.fileno()
-        while self.ws_port is None or self.tcp_port is None:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                self.kill()
-                raise RuntimeError('im-echo did not print its ports: %r %s' % (buf, self.log()))
-            chunk = os.read(fd, 4096)
-            if not chunk:
-                raise RuntimeError('im-echo exited early (%s): %s' % (self.proc.wait(), self.log()))
-            buf += chunk
-            for kind, port in re.findall(rb'im-echo: (ws|tcp) listening on \S+ port (\d+)', buf):
-                setattr(self, kind.decode() + '_port', int(port))
-
-    def log(self):
-        self.stderr.seek(0)
-        return self.stderr.read().decode(errors='replace')
-
-    def alive(self):
-        return self.proc.poll() is None
-
-    def stop(self, timeout=15, signal_it=True):
-        """SIGTERM, wait for the exit, release everything: (status, stderr)."""
-        if signal_it and self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            rc = 'no exit within %ds' % timeout
-        log = self.log()
-        self.kill()
-        return rc, log
-
-    def kill(self):
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait()
-        self.proc.stdout.close()
-        self.stderr.close()
-
-def assert_clean_exit(rc, log):
-    check(not SANITIZER_RE.search(log), 'sanitizer report on im-echo stderr:\n' + log)
-    check(rc == 0, 'im-echo exit status %r after SIGTERM, expected 0\n%s' % (rc, log))
+        super().__init__([IM_ECHO, '--ws', '127.0.0.1:0', '--tcp', '127.0.0.1:0', *extra])
+        self.read_ports()
+        self.ws_port, self.tcp_port = self.ports['ws'], self.ports['tcp']
 
 
-class ServerCase(unittest.TestCase):
+assert_clean_exit = EchoServer.assert_clean_exit
+
+
+class ServerCase(wire.ServerCase):
     """One im-echo per TestCase class; each test checks it is still healthy."""
-    server_args = ()
-
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = EchoServer(*cls.server_args)
-
-    @classmethod
-    def tearDownClass(cls):
-        assert_clean_exit(*cls.srv.stop())
-
-    def tearDown(self):
-        log = self.srv.log()
-        self.assertFalse(SANITIZER_RE.search(log), 'sanitizer report on im-echo stderr:\n' + log)
-        self.assertTrue(self.srv.alive(), 'im-echo died:\n' + log)
+    server_class = EchoServer
 
 async def open_tcp(port, rcvbuf=None):
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -151,15 +65,8 @@ async def open_tcp(port, rcvbuf=None):
     await within(asyncio.get_running_loop().sock_connect(s, ('127.0.0.1', port)))
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     r, w = await asyncio.open_connection(sock=s, limit=1 << 22)
-    _TRANSPORTS.append(w.transport)
+    track(w.transport)
     return r, w
-
-async def read_to_eof(reader):
-    """Everything until the server closes; a reset counts as closed."""
-    try:
-        return await within(reader.read(), what='the server to close the connection')
-    except ConnectionResetError:
-        return b''
 
 def msg_text(cid, data):
     return '{"op":"msg","cid":%s,"data":%s}' % (json.dumps(cid), data)
@@ -176,56 +83,8 @@ def check_echo(ack_text, ack, echo_text, echo, cid, data):
 
 AUTH = '{"op":"auth","uid":%s,"token":%s,"device":"d1","platform":"web"}'
 
-# ---- WebSocket framing (RFC 6455), built by hand ----
-OP_CONT, OP_TEXT, OP_BIN, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+# ---- WebSocket, by hand ----
 GUID = b'258EAFA5-E914-47DA-95CA-C5AB0DC85B11'
-
-def mask(key, data):
-    if not data:
-        return b''
-    k = (key * (len(data) // 4 + 1))[:len(data)]
-    return (int.from_bytes(data, 'big') ^ int.from_bytes(k, 'big')).to_bytes(len(data), 'big')
-
-def ws_frame(op, payload=b'', fin=True, rsv=0, masked=True, length=None):
-    """One client frame. `length` declares a length without sending it."""
-    n = len(payload) if length is None else length
-    b0 = (0x80 if fin else 0) | (rsv << 4) | op
-    mbit = 0x80 if masked else 0
-    if n < 126:
-        hdr = bytes([b0, mbit | n])
-    elif n < 65536:
-        hdr = struct.pack('!BBH', b0, mbit | 126, n)
-    else:
-        hdr = struct.pack('!BBQ', b0, mbit | 127, n)
-    if not masked:
-        return hdr + payload
-    key = os.urandom(4)
-    return hdr + key + mask(key, payload)
-
-def close_payload(code, reason=b''):
-    return struct.pack('!H', code) + reason
-
-async def read_ws_frame(reader, timeout=T, what='a WebSocket frame'):
-    """(fin, opcode, payload) of one server frame; server frames are unmasked."""
-    b0, b1 = await within(reader.readexactly(2), timeout, what)
-    check(not b1 & 0x80, 'server frame is masked')
-    check(not b0 & 0x70, 'server frame has RSV bits')
-    n = b1 & 0x7F
-    if n == 126:
-        n = struct.unpack('!H', await within(reader.readexactly(2), timeout, what))[0]
-    elif n == 127:
-        n = struct.unpack('!Q', await within(reader.readexactly(8), timeout, what))[0]
-    return bool(b0 & 0x80), b0 & 0x0F, await within(reader.readexactly(n), timeout, what)
-
-def upgrade_request(port, path='/ws', key=None, version='13', upgrade='websocket',
-                    connection='Upgrade', protocol=None):
-    lines = ['GET %s HTTP/1.1' % path, 'Host: 127.0.0.1:%d' % port]
-    for name, value in (('Upgrade', upgrade), ('Connection', connection),
-                        ('Sec-WebSocket-Key', key), ('Sec-WebSocket-Version', version),
-                        ('Sec-WebSocket-Protocol', protocol)):
-        if value is not None:
-            lines.append('%s: %s' % (name, value))
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode()
 
 async def read_http_head(reader):
     head = await within(reader.readuntil(b'\r\n\r\n'), what='an HTTP response')
@@ -255,7 +114,7 @@ class RawWS:
     async def connect(cls, port, path='/ws', protocol=None, rcvbuf=None, uid=None):
         """Upgrade (checking the accept key); then authenticate when uid is given."""
         r, w = await open_tcp(port, rcvbuf)
-        key = base64.b64encode(os.urandom(16)).decode()
+        key = wire.new_key()
         w.write(upgrade_request(port, path, key, protocol=protocol))
         status, headers = await read_http_head(r)
         check(status == 101, 'upgrade refused: %d' % status)
@@ -302,7 +161,7 @@ class RawWS:
             if op == OP_CLOSE:
                 break
         check(len(payload) >= 2, 'close frame without a code')
-        got = struct.unpack('!H', payload[:2])[0]
+        got = close_code(payload)
         check(got == code, 'close code %d, expected %d' % (got, code))
         if reply:
             self.send(ws_frame(OP_CLOSE, close_payload(code)))
@@ -311,13 +170,6 @@ class RawWS:
 
 
 # ---- websockets library clients ----
-
-async def ws_connect(port, path='/ws', protocol='imp.json'):
-    ws = await within(websockets.connect(
-        'ws://127.0.0.1:%d%s' % (port, path), subprotocols=[protocol] if protocol else None,
-        ping_interval=None, compression=None, max_size=None, close_timeout=5))
-    _TRANSPORTS.append(ws.transport)
-    return ws
 
 async def ws_json(ws, what='a text message'):
     text = await within(ws.recv(), what=what)
@@ -340,56 +192,13 @@ async def ws_echo(ws, data, cid='c1', send=True):
     ack = await ws_json(ws, 'the ack of ' + cid)
     return check_echo(*ack, *(await ws_json(ws, 'the echo of ' + cid)), cid, data)
 
-async def ws_close_code(ws):
-    await within(ws.wait_closed(), what='the server to close the WebSocket')
-    return ws.close_code
-
-
 # ---- IMP binary form and raw TCP framing ----
-OPS = {'auth': 1, 'auth_ok': 2, 'msg': 3, 'ack': 4, 'ping': 7, 'pong': 8, 'error': 0x0B}
-OP_NAMES = {v: k for k, v in OPS.items()}
-KEYS = {'uid': 1, 'token': 2, 'device': 3, 'platform': 4, 'conn': 5, 'hb': 6, 'cid': 7,
-        'id': 8, 'data': 0x0F, 'code': 0x10, 'reason': 0x11}
-KEY_NAMES = {v: k for k, v in KEYS.items()}
-
-def uvarint(n):
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-def imp_bin(op, **fields):
-    out = bytearray([OPS[op]])
-    for k, v in fields.items():
-        if isinstance(v, int):
-            v = v.to_bytes(max(1, (v.bit_length() + 7) // 8), 'big')
-        elif isinstance(v, str):
-            v = v.encode()
-        out += bytes([KEYS[k]]) + uvarint(len(v)) + v
-    return bytes(out)
 
 def parse_imp_bin(b):
     """(op name, {field name: bytes}) of one binary packet."""
     check(len(b) >= 1, 'empty binary packet')
-    i, fields = 1, {}
-    while i < len(b):
-        key, n, shift, i = b[i], 0, 0, i + 1
-        while True:                     # uvarint length
-            n, shift, i = n | (b[i] & 0x7F) << shift, shift + 7, i + 1
-            if not b[i - 1] & 0x80:
-                break
-        check(i + n <= len(b), 'truncated field in %r' % b[:80])
-        fields[KEY_NAMES.get(key, key)] = b[i:i + n]
-        i += n
+    fields = {KEY_BY_NUM.get(key, (key,))[0]: v for key, v in bin_fields(b)}
     return OP_NAMES.get(b[0], b[0]), fields
-
-def be(b):
-    return int.from_bytes(b, 'big')
-
-def tcp_frame(body):
-    return struct.pack('!I', len(body)) + body
 
 def check_bin_echo(ack, msg, cid, data):
     check(ack['cid'] == cid.encode() and ack.get('id'), 'bad ack %r' % ack)
@@ -413,8 +222,7 @@ class TCPClient:
         self.w.write(tcp_frame(imp_bin(op, **fields)))
 
     async def packet(self, timeout=T, what='a TCP frame'):
-        n = struct.unpack('!I', await within(self.r.readexactly(4), timeout, what))[0]
-        return parse_imp_bin(await within(self.r.readexactly(n), timeout, what))
+        return parse_imp_bin(await read_tcp_frame(self.r, timeout, what))
 
     async def expect(self, op, what=None):
         got, f = await self.packet(what=what or op)
@@ -952,7 +760,7 @@ class TestSlowReader(ServerCase):
         async def read_one(timeout):
             fin, op, p = await raw.frame(timeout)
             if op == OP_CLOSE:
-                return 'close', struct.unpack('!H', p[:2])[0]
+                return 'close', close_code(p)
             return ('msg' if p.startswith(b'{"op":"msg"') else 'other'), None
         await self.shed(raw.w, ws_frame(OP_TEXT, msg_text('s', '"%s"' % ('x' * self.PAD)).encode()),
                         read_one)

@@ -29,6 +29,7 @@ from imdclient import (API_KEY, SANITIZER_RE, SECRET, T, Client, Imd, RawWS, api
                        assert_clean_exit, cli_token, connect, forge, http_call,
                        parse_metrics, py_token, raw_http, request_bytes, run_cli, scenario,
                        token_exp, upgrade_status, within, ws_frame)
+import wire  # noqa: E402
 
 KINDS = ('json', 'query', 'bin', 'tcp')
 # data that must pass byte for byte: a big integer, raw UTF-8, escapes, spacing
@@ -41,24 +42,15 @@ def now_ms():
     return int(time.time() * 1000)
 
 
-class ServerCase(unittest.TestCase):
+class ServerCase(wire.ServerCase):
     """One imd per TestCase class; each test checks it is still healthy."""
-    server_args = ()
-
-    @classmethod
-    def setUpClass(cls):
-        cls.srv = Imd(*cls.server_args)
+    server_class = Imd
 
     @classmethod
     def tearDownClass(cls):
         rc, log = cls.srv.stop()
         cls.srv.remove_data()
         assert_clean_exit(rc, log)
-
-    def tearDown(self):
-        log = self.srv.log()
-        self.assertFalse(SANITIZER_RE.search(log), 'sanitizer report on imd stderr:\n' + log)
-        self.assertTrue(self.srv.alive(), 'imd died:\n' + log)
 
     def uid(self, name):
         """A uid private to the running test."""
