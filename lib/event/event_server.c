@@ -244,9 +244,8 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
     evutil_closesocket(fd);
     return;
   }
-  int one = 1;
-  if (ls->t == IM_TRANSPORT_TCP || ls->t == IM_TRANSPORT_WS)
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  int one = 1; /* small IMP frames must not wait for Nagle */
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   ev_conn *ec = calloc(1, sizeof(*ec) + event_get_struct_event_size());
   if (!ec) {
     evutil_closesocket(fd);
