@@ -111,9 +111,7 @@ im_buf *frame_ws(im_server *s, uint8_t opcode, const void *payload, size_t len) 
 }
 
 im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt) {
-  char probe[1];
-  size_t plen = w == WIRE_WS_TEXT ? imp_json_encode(pkt, probe, 0)
-                                  : imp_bin_encode(pkt, (uint8_t *)probe, 0);
+  size_t plen = w == WIRE_WS_TEXT ? imp_json_encode(pkt, NULL, 0) : imp_bin_encode(pkt, NULL, 0);
   uint8_t hdr[10];
   size_t hl;
   if (w == WIRE_TCP) {

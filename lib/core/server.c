@@ -476,16 +476,9 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
     return;
   }
   if (upgrade) {
+    /* the finished handshake repeats its verdict (accept key, protocol) */
     ws_hs_result res;
-    memset(&res, 0, sizeof res);
-    res.subproto = c->binary;
-    /* the accept key was kept in c->msg by on_upgrade (see there) */
-    memcpy(res.accept, c->msg, sizeof res.accept);
-    res.subproto_offered = c->msg[sizeof res.accept] != 0;
-    im_dealloc(s, c->msg);
-    c->msg = NULL;
-    c->msg_cap = 0;
-    c->close_code = 0;
+    ws_hs_feed(c->hs, NULL, 0, &res);
     send_upgrade(s, c, &res);
     c->flags &= (uint16_t)~CF_UPGRADE_AUTH;
   }
@@ -865,22 +858,11 @@ static size_t process_handshake(im_server *s, im_conn *c, uint8_t *p, size_t n) 
     im_auth a = {res.uid ? res.uid : "", res.token ? res.token : "",
                  res.device ? res.device : "", res.platform ? res.platform : "", c->peer, 1,
                  0, NULL};
-    /* keep the accept key (and whether to echo the protocol) for later */
-    c->msg = im_alloc(s, sizeof res.accept + 1);
-    if (!c->msg) {
-      conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
-      return n;
-    }
-    memcpy(c->msg, res.accept, sizeof res.accept);
-    c->msg[sizeof res.accept] = res.subproto_offered;
+    /* c->hs stays until the connection opens: it holds the 101's fields */
     c->flags |= CF_UPGRADE_AUTH;
     c->state = CS_AUTH;
     if (!auth_start(s, c, &a)) {
       if (auth_park(s, c, &a) < 0) conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
-    }
-    if (c->state == CS_CLOSING && c->msg) {
-      im_dealloc(s, c->msg);
-      c->msg = NULL;
     }
     return res.consumed;
   }
