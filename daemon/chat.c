@@ -86,7 +86,7 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
     d->m.msgs_room++;
   }
   if (rc < 0) return refuse(d, srv, c, m, rc == IM_ETOOBIG ? 413 : 500, im_strerror(rc));
-  im_ack(srv, c, m->cid, m->id);
+  im_ack(srv, c, m->cid, m->id, 0);
   return IM_MSG_DEFER;
 }
 

@@ -84,7 +84,7 @@ static void flush(im_server *srv, sock *s) {
 
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   (void)user;
-  im_ack(srv, c, m->cid, m->id);
+  im_ack(srv, c, m->cid, m->id, 0);
   im_msg echo = {.id = m->id, .data = m->data, .data_len = m->data_len};
   im_send_conn(srv, c, &echo);
   return IM_MSG_DEFER;

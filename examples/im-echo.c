@@ -12,7 +12,7 @@
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   (void)user;
   /* ack first so the client sees ack -> echo, then the copy */
-  im_ack(srv, c, m->cid, m->id);
+  im_ack(srv, c, m->cid, m->id, 0);
   im_msg echo = {.id = m->id, .data = m->data, .data_len = m->data_len};
   im_send_conn(srv, c, &echo);
   return IM_MSG_DEFER;

@@ -61,6 +61,9 @@ static void fz_check_packet(const uint8_t *p, size_t n, bool binary) {
     case IMP_OP_MSG:
       FZ_CHECK(IMP_HAS(&pkt, IMP_K_ID));
       break;
+    case IMP_OP_SYNC_END:
+      FZ_CHECK(IMP_HAS(&pkt, IMP_K_LAST) && IMP_HAS(&pkt, IMP_K_MORE));
+      break;
     case IMP_OP_ACK:
     case IMP_OP_PONG:
       break;
@@ -248,6 +251,8 @@ static int fz_on_message(im_server *srv, im_conn_id c, const im_msg *m, void *us
   if (m->from) (void)strlen(m->from);
   im_msg echo = {.to = m->to, .group = m->group, .room = m->room, .seq = m->seq, .ts = m->ts,
                  .data = m->data, .data_len = m->data_len};
+  /* ts odd: the copies are reliable (in flight until ACKed, retransmitted) */
+  if (m->ts & 1) echo.flags = IM_SEND_RELIABLE;
   /* seq 1..32: echo that many copies (amplification reaches max_output) */
   for (uint64_t i = 0; m->seq <= 32 && i < m->seq; i++) {
     int rc = im_send_conn(srv, c, &echo);
@@ -257,7 +262,7 @@ static int fz_on_message(im_server *srv, im_conn_id c, const im_msg *m, void *us
   im_conn_info ci;
   switch (m->cid[0]) {
     case 'D': /* defer, then ack from inside the callback */
-      FZ_CHECK(fz_send_rc_ok(im_ack(srv, c, m->cid, m->id)));
+      FZ_CHECK(fz_send_rc_ok(im_ack(srv, c, m->cid, m->id, m->seq)));
       return IM_MSG_DEFER;
     case 'E':
       FZ_CHECK(fz_send_rc_ok(im_reply_error(srv, c, 409, "refused by the application", m->cid)));
@@ -304,11 +309,32 @@ static int fz_on_room(im_server *srv, im_conn_id c, const char *room, int join, 
   return 0;
 }
 
-static void fz_on_ack(im_server *srv, im_conn_id c, const char *id, void *user) {
+static void fz_on_ack(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user) {
   fz_engine *e = user;
   (void)srv;
+  (void)seq;
   FZ_CHECK(c == e->id && id);
   (void)strlen(id);
+}
+
+static void fz_on_undelivered(im_server *srv, im_conn_id c, const char *id, uint64_t seq,
+                              void *user) {
+  fz_engine *e = user;
+  (void)srv;
+  (void)seq;
+  FZ_CHECK(c == e->id && id && *id);
+}
+
+/* Answer a sync with up to three reliable messages, then sync_end. */
+static void fz_on_sync(im_server *srv, im_conn_id c, uint64_t since, uint32_t limit, void *user) {
+  fz_engine *e = user;
+  FZ_CHECK(c == e->id);
+  uint32_t n = limit < 3 ? limit : 3;
+  for (uint32_t i = 0; i < n; i++) {
+    im_msg m = {.seq = since + i + 1, .data = "{}", .data_len = 2, .flags = IM_SEND_RELIABLE};
+    FZ_CHECK(fz_send_rc_ok(im_send_conn(srv, c, &m)));
+  }
+  FZ_CHECK(fz_send_rc_ok(im_sync_end(srv, c, since + n, n == 3, since == 7)));
 }
 
 static void fz_on_close(im_server *srv, im_conn_id c, int code, void *user) {
@@ -367,7 +393,14 @@ static void fz_engine_run(enum im_transport transport, const char *ws_path, cons
   cfg.close_timeout_ms = 1000;
   cfg.tick_ms = 100;
   cfg.ws_path = ws_path;
-  im_callbacks cb = {fz_on_auth, fz_on_open, fz_on_message, fz_on_room, fz_on_ack, fz_on_close};
+  cfg.ack_timeout_ms = 300;   /* retransmits and the 4408 close happen within the run */
+  cfg.ack_retries = 2;
+  cfg.max_inflight = 4;
+  cfg.dedupe_window = 4;
+  im_callbacks cb = {.on_auth = fz_on_auth, .on_open = fz_on_open, .on_message = fz_on_message,
+                     .on_room = fz_on_room, .on_ack = fz_on_ack,
+                     .on_undelivered = fz_on_undelivered, .on_sync = fz_on_sync,
+                     .on_close = fz_on_close};
   e.srv = im_server_new(&cfg, &cb, &e);
   FZ_CHECK(e.srv != NULL);
   im_io io = {fz_want_write, fz_io_close, &e};

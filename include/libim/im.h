@@ -87,7 +87,8 @@ enum im_close_code {
   IM_CLOSE_INTERNAL = 1011,
   IM_CLOSE_AUTH_FAILED = 4401,
   IM_CLOSE_KICKED = 4403,
-  IM_CLOSE_AUTH_TIMEOUT = 4408, /* also: idle (no heartbeat) */
+  IM_CLOSE_AUTH_TIMEOUT = 4408, /* also: idle (no heartbeat) and ACK timeout */
+  IM_CLOSE_ACK_TIMEOUT = 4408,  /* a reliable message stayed unACKed after the last retry */
   IM_CLOSE_SHED = 4429          /* output bound exceeded (slow reader) */
 };
 
@@ -111,6 +112,12 @@ typedef struct im_config {
   uint32_t close_timeout_ms; /* wait this long for the peer's close frame. 3000 */
   uint32_t tick_ms;          /* timer granularity the driver ticks at. 100 */
   uint16_t node_id;          /* 0..1023, part of generated message ids. 0 */
+  uint32_t ack_timeout_ms;   /* reliable sends: retransmit when unACKed this long. 18000 */
+  uint32_t ack_retries;      /* retransmits before the connection is closed (4408). 3 */
+  uint32_t max_inflight;     /* reliable messages sent and unACKed per connection; more wait
+                                in order (their bytes count against max_output). 128 */
+  uint32_t dedupe_window;    /* upstream cids remembered per connection to drop client
+                                retransmits; 0 = no de-duplication. 32 */
   const char *ws_path;       /* request path of the WebSocket endpoint (copied); NULL = any. "/ws" */
   const im_allocator *alloc; /* NULL = malloc/free. Used for connections, buffers, queues and
                                 registry entries; the handshake parser, hash buckets and the
@@ -130,6 +137,8 @@ typedef struct im_auth {
   const char *platform;
   const char *peer;          /* remote address as given to im_server_accept */
   int via_upgrade;           /* 1: from the upgrade query (failure -> HTTP 403) */
+  int has_since;             /* the auth op carried "since": on_sync follows on_open */
+  uint64_t since;
   /* Set by on_auth when it returns IM_AUTH_DENY: the error code (default
    * 401) and reason sent to the client. The reason is encoded right after
    * on_auth returns, so it must outlive the call (a string literal, or
@@ -155,7 +164,18 @@ typedef struct im_msg {
   uint64_t ts;
   const char *data;
   size_t data_len;
+  unsigned flags;          /* downstream: IM_SEND_* bits; 0 upstream */
 } im_msg;
+
+/* im_msg.flags of a downstream message. */
+enum {
+  /* Track the message per receiving connection until the client ACKs its
+   * id: retransmit the same bytes every ack_timeout_ms, close the
+   * connection with 4408 after ack_retries retransmits, and report it to
+   * on_undelivered if the connection closes first. Needs an id the client
+   * can echo (m->id, or the generated one). */
+  IM_SEND_RELIABLE = 1u << 0
+};
 
 /* Return values of on_auth. */
 enum { IM_AUTH_ACCEPT = 0, IM_AUTH_DENY = 1, IM_AUTH_PENDING = 2 };
@@ -178,8 +198,20 @@ typedef struct im_callbacks {
    * (the library updates membership and acks), or an error code (HTTP-like,
    * e.g. 403) to refuse with an IMP error. NULL allows everything. */
   int (*on_room)(im_server *srv, im_conn_id c, const char *room, int join, void *user);
-  /* The client ACKed a downstream message id. */
-  void (*on_ack)(im_server *srv, im_conn_id c, const char *id, void *user);
+  /* The client ACKed a downstream message id. seq is the seq the message
+   * was sent with when it was a reliable send still in flight on c, else
+   * the seq the client put in its ack (0 when none). Called for every ack,
+   * tracked or not (a repeated ack is reported again). */
+  void (*on_ack)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
+  /* c is closing with reliable messages it never ACKed (sent or still
+   * waiting for window space): called once per message, oldest first, right
+   * before on_close. */
+  void (*on_undelivered)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
+  /* The client asked for the messages after `since` (a sync op, or an auth
+   * op carrying since: then right after on_open). limit is the client's
+   * (0: none given). The application sends them with im_send_conn() and
+   * finishes with im_sync_end(). NULL answers a sync op with error 501. */
+  void (*on_sync)(im_server *srv, im_conn_id c, uint64_t since, uint32_t limit, void *user);
   /* The connection is gone (code: the close code sent or received, 1006
    * when the transport died). Called once for every accepted connection,
    * authenticated or not. After it returns the id is invalid. */
@@ -295,16 +327,28 @@ IM_EXTERN int im_room_member(const im_server *srv, im_conn_id c, const char *roo
 /* Members of a room on this server (0 if none). */
 IM_EXTERN size_t im_room_size(const im_server *srv, const char *room);
 
-/* Acknowledge an upstream message whose on_message returned IM_MSG_DEFER.
- * Returns 0, IM_ENOENT, IM_ECLOSED (c is closing or not authenticated),
- * IM_EFULL, IM_ENOMEM. */
-IM_EXTERN int im_ack(im_server *srv, im_conn_id c, const char *cid, const char *id);
+/* Acknowledge an upstream message whose on_message returned IM_MSG_DEFER:
+ * {"op":"ack","cid":cid,"id":id,"seq":seq} (seq omitted when 0; cid/id
+ * omitted when NULL). A later client retransmit of the same cid on c is
+ * answered with this ack again instead of reaching on_message (within
+ * dedupe_window). Returns 0, IM_ENOENT, IM_ECLOSED (c is closing or not
+ * authenticated), IM_EFULL, IM_ENOMEM. */
+IM_EXTERN int im_ack(im_server *srv, im_conn_id c, const char *cid, const char *id,
+                     uint64_t seq);
 /* Send {"op":"error","code":code,"reason":reason,"cid":cid} (cid may be
- * NULL). The connection stays open. Returns 0, IM_ENOENT, IM_ECLOSED,
+ * NULL). The connection stays open. An error for a cid forgets it in the
+ * de-duplication window, so a retransmit is processed again. Returns 0, IM_ENOENT, IM_ECLOSED,
  * IM_ESTATE (a WebSocket whose upgrade is not answered yet), IM_EFULL,
  * IM_ENOMEM. */
 IM_EXTERN int im_reply_error(im_server *srv, im_conn_id c, int code, const char *reason,
                              const char *cid);
+
+/* Finish a sync: {"op":"sync_end","last":last,"more":more,"gap":true}
+ * (gap only when non-zero). last is the seq of the last message sent for
+ * this sync (or the position the client is now at); more != 0 tells the
+ * client to sync again from last; gap != 0 that history after the client's
+ * since was trimmed. Returns 0, IM_ENOENT, IM_ECLOSED, IM_EFULL, IM_ENOMEM. */
+IM_EXTERN int im_sync_end(im_server *srv, im_conn_id c, uint64_t last, int more, int gap);
 
 /* Close c: WebSocket gets a close frame with code/reason, TCP an error op
  * then FIN, after queued output is flushed. A WebSocket then waits up to
@@ -348,6 +392,11 @@ typedef struct im_stats {
   uint64_t auth_failures;
   uint64_t timeouts;         /* auth + idle timeouts */
   uint64_t out_queued;       /* bytes queued right now, all connections */
+  uint64_t inflight;         /* reliable messages unACKed right now (sent or waiting) */
+  uint64_t retransmits;      /* reliable messages sent again after ack_timeout_ms */
+  uint64_t ack_timeouts;     /* connections closed (4408) after the last retransmit */
+  uint64_t undelivered;      /* reliable messages reported to on_undelivered */
+  uint64_t dups;             /* client retransmits (repeated cid) not delivered again */
 } im_stats;
 
 IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);

@@ -41,7 +41,8 @@ enum conn_flag {
   CF_NOTIFIED = 1u << 2,     /* want_write was called and output not yet drained */
   CF_UPGRADE_AUTH = 1u << 3, /* pending auth came from the upgrade query */
   CF_REGISTERED = 1u << 5,   /* counted in stats.conns_authed / in a user */
-  CF_HS_UNSENT = 1u << 6     /* the 101 response may not have been fully written */
+  CF_HS_UNSENT = 1u << 6,    /* the 101 response may not have been fully written */
+  CF_SYNC_ON_OPEN = 1u << 7  /* the auth op carried since: call on_sync after on_open */
 };
 
 /* Headroom for a downstream message's envelope (id, from, to, ts, ...)
@@ -53,6 +54,7 @@ enum wire_kind { WIRE_WS_TEXT, WIRE_WS_BIN, WIRE_TCP, WIRE_N };
 
 typedef struct im_user im_user;
 typedef struct room_member room_member;
+typedef struct im_rel im_rel;
 
 typedef struct im_conn {
   im_conn_id id;
@@ -80,8 +82,40 @@ typedef struct im_conn {
   char *ident;             /* "uid\0device\0platform\0": parked while auth is pending,
                               then kept (valid in on_close too) */
   uint64_t since_ms;
+  uint64_t sync_since;     /* since of the auth op (CF_SYNC_ON_OPEN) */
+  im_rel *rel;             /* reliable-delivery state, allocated on first use */
   char peer[56];   /* "[v6-mapped address]:port" fits */
 } im_conn;
+
+/* A reliable downstream message on one connection (reliable.c). */
+typedef struct rel_entry {
+  struct rel_entry *next;
+  im_buf *buf;             /* the framed message, resent as is */
+  uint64_t seq;
+  uint64_t due;            /* tick of the next retransmit (sent entries) */
+  uint32_t tries;          /* times sent */
+  char id[IM_ID_MAX];
+} rel_entry;
+
+/* A remembered upstream cid (the de-duplication window). */
+enum { DD_FREE, DD_PENDING, DD_ACKED };
+typedef struct dd_entry {
+  uint64_t hash;           /* of the cid; 0 = free slot */
+  uint64_t seq;            /* the ack's seq */
+  uint8_t state;
+  char id[IM_ID_MAX];      /* the ack's id */
+} dd_entry;
+
+struct im_rel {
+  tw_entry timer;          /* on im_server.ack_wheel: due of `head` */
+  im_conn *conn;
+  rel_entry *head, *tail;  /* sent and unACKed, in due order */
+  rel_entry *wait_head, *wait_tail; /* beyond max_inflight, not sent yet */
+  uint32_t inflight, waiting;
+  uint64_t wait_bytes;
+  dd_entry *dd;            /* dedupe_window entries, or NULL */
+  uint32_t dd_next;        /* slot the next cid takes (oldest) */
+};
 
 struct im_user {
   strmap_node node;
@@ -118,6 +152,8 @@ struct im_server {
   strmap users;
   strmap rooms;
   tw_wheel wheel;
+  tw_wheel ack_wheel;      /* reliable-send retransmit deadlines */
+  uint32_t ack_ticks;
   uint64_t now_ms;         /* engine time: driver time - t0 */
   uint64_t t0;
   bool started;
@@ -164,6 +200,33 @@ im_buf *frame_ws(im_server *s, uint8_t opcode, const void *payload, size_t len);
 
 /* server.c */
 im_conn *conn_lookup(const im_server *s, im_conn_id id);
+/* Queue b on c (a new reference), notify the driver, shed over the bound.
+ * Returns 0, IM_ECLOSED, IM_EFULL (c was shed), IM_ENOMEM. */
+int conn_queue(im_server *s, im_conn *c, im_buf *b);
+/* Start closing c (see server.c). */
+void conn_close(im_server *s, im_conn *c, int code, const char *reason, bool wait_peer);
+void conn_shed(im_server *s, im_conn *c);
+uint64_t now_tick(const im_server *s);
+
+/* reliable.c */
+/* Send b on c as reliable message id/seq: queued now when the window has
+ * room, else held in order. Returns 0, IM_EFULL (c was shed), IM_ENOMEM,
+ * IM_ECLOSED. */
+int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, uint64_t seq);
+/* The client ACKed id: forget it and send what waits. Returns true when it
+ * was in flight, with its seq in *seq. */
+bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq);
+/* Retransmit timer (tw_advance callback on ack_wheel). */
+void rel_on_timer(tw_entry *e, void *arg);
+/* Report c's unACKed messages to on_undelivered (c is being released). */
+void rel_undelivered(im_server *s, im_conn *c);
+/* Stop timers and free everything reliable about c. */
+void rel_free(im_server *s, im_conn *c);
+/* The de-duplication slot of cid on c, or NULL. */
+dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t n);
+/* Remember cid as pending (evicting the oldest). NULL when the window is
+ * off or memory ran out (the message is then processed undeduplicated). */
+dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n);
 
 /* registry.c */
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);

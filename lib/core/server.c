@@ -32,6 +32,10 @@ void im_config_init(im_config *cfg) {
   cfg->close_timeout_ms = 3000;
   cfg->tick_ms = 100;
   cfg->ws_path = "/ws";
+  cfg->ack_timeout_ms = 18000;
+  cfg->ack_retries = 3;
+  cfg->max_inflight = 128;
+  cfg->dedupe_window = 32;
 }
 
 static uint64_t rng_next(im_server *s) {
@@ -48,7 +52,7 @@ static uint64_t ms_to_ticks(const im_server *s, uint64_t ms) {
   return (ms + s->cfg.tick_ms - 1) / s->cfg.tick_ms;
 }
 
-static uint64_t now_tick(const im_server *s) { return s->now_ms / s->cfg.tick_ms; }
+uint64_t now_tick(const im_server *s) { return s->now_ms / s->cfg.tick_ms; }
 
 im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user) {
   im_config def;
@@ -78,6 +82,9 @@ im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *use
   }
   if (s->cfg.idle_timeout_ms == 0) s->cfg.idle_timeout_ms = s->cfg.heartbeat_s * 2500u;
   s->idle_ticks = (uint32_t)ms_to_ticks(s, s->cfg.idle_timeout_ms);
+  if (s->cfg.ack_timeout_ms == 0) s->cfg.ack_timeout_ms = 18000;
+  if (s->cfg.max_inflight == 0) s->cfg.max_inflight = 128;
+  s->ack_ticks = (uint32_t)ms_to_ticks(s, s->cfg.ack_timeout_ms);
   s->fields_cap = (size_t)s->cfg.max_message + 64;
   s->scratch = im_alloc(s, s->cfg.max_message);
   s->fields = im_alloc(s, s->fields_cap);
@@ -86,7 +93,8 @@ im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *use
   s->id_wall0 = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
   s->rng = (s->id_wall0 ^ (uintptr_t)s) | 1u;
   if (!s->scratch || !s->fields || strmap_init(&s->users, 1024) < 0 ||
-      strmap_init(&s->rooms, 64) < 0 || tw_init(&s->wheel, 4096, 0) < 0) {
+      strmap_init(&s->rooms, 64) < 0 || tw_init(&s->wheel, 4096, 0) < 0 ||
+      tw_init(&s->ack_wheel, 1024, 0) < 0) {
     im_server_free(s);
     return NULL;
   }
@@ -114,6 +122,7 @@ void im_server_free(im_server *s) {
   strmap_free(&s->users);
   strmap_free(&s->rooms);
   tw_free(&s->wheel);
+  tw_free(&s->ack_wheel);
   outq_pool_free(s);
   im_dealloc(s, s->scratch);
   im_dealloc(s, s->fields);
@@ -168,6 +177,7 @@ static void conn_free(im_server *s, im_conn *c) {
     s->free_slots[s->nfree++] = slot;
   }
   tw_cancel(&s->wheel, &c->timer);
+  rel_free(s, c);
   reg_room_leave_all(s, c);
   reg_user_del(s, c);
   outq_clear(s, c, false);
@@ -192,6 +202,7 @@ static void leave(im_server *s) {
     im_conn *c = s->dead;
     s->dead = c->u_next;
     c->u_next = NULL;
+    rel_undelivered(s, c);
     if (s->cb.on_close) s->cb.on_close(s, c->id, c->close_code ? c->close_code : 1006, s->user);
     conn_free(s, c);
   }
@@ -204,6 +215,7 @@ static void conn_release(im_server *s, im_conn *c) {
   if (c->state == CS_CLOSED) return;
   c->state = CS_CLOSED;
   tw_cancel(&s->wheel, &c->timer);
+  if (c->rel) tw_cancel(&s->ack_wheel, &c->rel->timer);
   reg_room_leave_all(s, c);
   if (c->flags & CF_REGISTERED) s->st.conns_authed--;
   reg_user_del(s, c);
@@ -227,11 +239,10 @@ static enum wire_kind conn_wire(const im_conn *c) {
   return c->binary ? WIRE_WS_BIN : WIRE_WS_TEXT;
 }
 
-static void conn_shed(im_server *s, im_conn *c);
 
 /* Queue b on c, notifying the driver when the queue was empty. Over the
  * bound, the connection is shed. */
-static int conn_queue(im_server *s, im_conn *c, im_buf *b) {
+int conn_queue(im_server *s, im_conn *c, im_buf *b) {
   if (c->state == CS_CLOSED) return IM_ECLOSED;
   if ((uint64_t)c->out_bytes + b->len > s->cfg.max_output) {
     conn_shed(s, c);
@@ -268,7 +279,7 @@ static int send_error(im_server *s, im_conn *c, int code, const char *reason, co
 /* Start closing c with code. For WebSocket a close frame is queued; for TCP
  * an IMP error op. When `wait_peer`, a WebSocket waits (close_timeout) for
  * the peer's close frame; otherwise the transport closes once flushed. */
-static void conn_close(im_server *s, im_conn *c, int code, const char *reason, bool wait_peer) {
+void conn_close(im_server *s, im_conn *c, int code, const char *reason, bool wait_peer) {
   if (c->state >= CS_CLOSING) return;
   /* before the 101 there is no WebSocket to send a close frame on */
   bool handshake = c->state == CS_HANDSHAKE || (c->flags & CF_UPGRADE_AUTH);
@@ -300,7 +311,7 @@ static void conn_close(im_server *s, im_conn *c, int code, const char *reason, b
 
 /* A slow reader hit max_output: drop what is queued (keeping a partially
  * written frame so the stream stays well-formed) and close. */
-static void conn_shed(im_server *s, im_conn *c) {
+void conn_shed(im_server *s, im_conn *c) {
   if (c->state >= CS_CLOSING) {
     /* already closing: its close frame may itself not fit; just drop it */
     outq_clear(s, c, true);
@@ -492,6 +503,13 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
   }
   send_auth_ok(s, c);
   if (s->cb.on_open && c->state == CS_OPEN) s->cb.on_open(s, c->id, s->user);
+  if ((c->flags & CF_SYNC_ON_OPEN) && c->state == CS_OPEN) {
+    c->flags &= (uint16_t)~CF_SYNC_ON_OPEN;
+    if (s->cb.on_sync)
+      s->cb.on_sync(s, c->id, c->sync_since, 0, s->user);
+    else
+      send_error(s, c, 501, "sync not supported", NULL);
+  }
 }
 
 static bool auth_default(const im_auth *a) { return *a->uid && *a->token; }
@@ -581,8 +599,31 @@ static void on_auth_op(im_server *s, im_conn *c, const imp_packet *p) {
   if (!a.device) a.device = "";
   if (!a.platform) a.platform = "";
   a.peer = c->peer;
+  if (IMP_HAS(p, IMP_K_SINCE)) {
+    a.has_since = 1;
+    a.since = c->sync_since = p->num[IMP_K_SINCE];
+    c->flags |= CF_SYNC_ON_OPEN;
+  }
   if (!auth_start(s, c, &a) && auth_park(s, c, &a) < 0)
     conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
+}
+
+static int send_ack(im_server *s, im_conn *c, const char *cid, size_t cidlen, const char *id,
+                    uint64_t seq) {
+  imp_packet a = {.op = IMP_OP_ACK};
+  if (cid) imp_set_str(&a, IMP_K_CID, cid, cidlen);
+  if (id) imp_set_str(&a, IMP_K_ID, id, strlen(id));
+  if (seq) imp_set_num(&a, IMP_K_SEQ, seq);
+  return send_packet(s, c, &a);
+}
+
+static void dd_acked(dd_entry *dd, const char *id, uint64_t seq) {
+  size_t n = strlen(id);
+  if (n >= IM_ID_MAX) n = IM_ID_MAX - 1;
+  memcpy(dd->id, id, n);
+  dd->id[n] = '\0';
+  dd->seq = seq;
+  dd->state = DD_ACKED;
 }
 
 static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
@@ -596,6 +637,14 @@ static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
     return;
   }
   s->st.msgs_in++;
+  dd_entry *dd = dd_find(s, c, cid->p, cid->n);
+  if (dd) {
+    /* a client retransmit: answer it like the original, deliver nothing */
+    s->st.dups++;
+    if (dd->state == DD_ACKED) send_ack(s, c, cid->p, cid->n, dd->id, dd->seq);
+    return;
+  }
+  dd = dd_add(s, c, cid->p, cid->n);
   size_t used = 0;
   char id[24];
   next_id(s, id);
@@ -611,10 +660,8 @@ static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
   m.data_len = p->str[IMP_K_DATA].n;
   int v = s->cb.on_message ? s->cb.on_message(s, c->id, &m, s->user) : IM_MSG_ACK;
   if (v == IM_MSG_ACK && c->state == CS_OPEN) {
-    imp_packet a = {.op = IMP_OP_ACK};
-    imp_set_str(&a, IMP_K_CID, cid->p, cid->n);
-    imp_set_str(&a, IMP_K_ID, id, strlen(id));
-    send_packet(s, c, &a);
+    if (dd) dd_acked(dd, id, 0);
+    send_ack(s, c, cid->p, cid->n, id, 0);
   }
 }
 
@@ -672,9 +719,23 @@ static void dispatch(im_server *s, im_conn *c, const imp_packet *p) {
     case IMP_OP_ACK:
       if (!IMP_HAS(p, IMP_K_ID)) {
         send_error(s, c, 400, "missing id", cid);
-      } else if (s->cb.on_ack) {
-        size_t used = 0;
-        s->cb.on_ack(s, c->id, field(s, p, IMP_K_ID, &used), s->user);
+      } else {
+        const imp_str *id = &p->str[IMP_K_ID];
+        uint64_t seq = IMP_HAS(p, IMP_K_SEQ) ? p->num[IMP_K_SEQ] : 0;
+        rel_ack(s, c, id->p, id->n, &seq);
+        if (s->cb.on_ack) {
+          size_t used = 0;
+          s->cb.on_ack(s, c->id, field(s, p, IMP_K_ID, &used), seq, s->user);
+        }
+      }
+      break;
+    case IMP_OP_SYNC:
+      if (!s->cb.on_sync) {
+        send_error(s, c, 501, "sync not supported", cid);
+      } else {
+        uint64_t lim = IMP_HAS(p, IMP_K_LIMIT) ? p->num[IMP_K_LIMIT] : 0;
+        s->cb.on_sync(s, c->id, IMP_HAS(p, IMP_K_SINCE) ? p->num[IMP_K_SINCE] : 0,
+                      lim > UINT32_MAX ? UINT32_MAX : (uint32_t)lim, s->user);
       }
       break;
     case IMP_OP_JOIN:
@@ -855,9 +916,10 @@ static size_t process_handshake(im_server *s, im_conn *c, uint8_t *p, size_t n) 
   c->binary = res.subproto == WS_SUB_BIN;
   if (res.uid || res.token) {
     /* auth in the upgrade request: 101 only after it succeeds */
-    im_auth a = {res.uid ? res.uid : "", res.token ? res.token : "",
-                 res.device ? res.device : "", res.platform ? res.platform : "", c->peer, 1,
-                 0, NULL};
+    im_auth a = {.uid = res.uid ? res.uid : "", .token = res.token ? res.token : "",
+                 .device = res.device ? res.device : "",
+                 .platform = res.platform ? res.platform : "", .peer = c->peer,
+                 .via_upgrade = 1};
     /* c->hs stays until the connection opens: it holds the 101's fields */
     c->flags |= CF_UPGRADE_AUTH;
     c->state = CS_AUTH;
@@ -1049,6 +1111,7 @@ void im_server_tick(im_server *s, uint64_t now_ms) {
   enter(s);
   s->now_ms = t;
   tw_advance(&s->wheel, now_tick(s), on_timer, s);
+  tw_advance(&s->ack_wheel, now_tick(s), rel_on_timer, s);
   leave(s);
 }
 
@@ -1058,6 +1121,8 @@ void im_server_tick(im_server *s, uint64_t now_ms) {
 typedef struct fanout {
   imp_packet pkt;
   im_buf *b[WIRE_N];
+  bool reliable;
+  uint64_t seq;
   char id[24];
 } fanout;
 
@@ -1070,6 +1135,9 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
     id = f->id;
   }
   imp_set_str(&f->pkt, IMP_K_ID, id, strlen(id));
+  f->reliable = m->flags & IM_SEND_RELIABLE;
+  f->seq = m->seq;
+  if (f->reliable && strlen(id) >= IM_ID_MAX) return IM_EINVAL;
   if (m->from) imp_set_str(&f->pkt, IMP_K_FROM, m->from, strlen(m->from));
   if (m->to) imp_set_str(&f->pkt, IMP_K_TO, m->to, strlen(m->to));
   if (m->group) imp_set_str(&f->pkt, IMP_K_GROUP, m->group, strlen(m->group));
@@ -1090,7 +1158,8 @@ static int fanout_send(im_server *s, fanout *f, im_conn *c) {
   if (c->state != CS_OPEN) return c->state >= CS_CLOSING ? IM_ECLOSED : IM_ESTATE;
   enum wire_kind w = conn_wire(c);
   if (!f->b[w] && !(f->b[w] = frame_packet(s, w, &f->pkt))) return IM_ENOMEM;
-  int rc = conn_queue(s, c, f->b[w]);
+  const imp_str *id = &f->pkt.str[IMP_K_ID];
+  int rc = f->reliable ? rel_send(s, c, f->b[w], id->p, id->n, f->seq) : conn_queue(s, c, f->b[w]);
   if (rc == 0) s->st.msgs_out++;
   return rc;
 }
@@ -1192,15 +1261,29 @@ size_t im_room_size(const im_server *s, const char *room) {
   return r ? r->n : 0;
 }
 
-int im_ack(im_server *s, im_conn_id id, const char *cid, const char *msg_id) {
+int im_ack(im_server *s, im_conn_id id, const char *cid, const char *msg_id, uint64_t seq) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state != CS_OPEN) return IM_ECLOSED;
   enter(s);
-  imp_packet a = {.op = IMP_OP_ACK};
-  if (cid) imp_set_str(&a, IMP_K_CID, cid, strlen(cid));
-  if (msg_id) imp_set_str(&a, IMP_K_ID, msg_id, strlen(msg_id));
-  int rc = send_packet(s, c, &a);
+  size_t cl = cid ? strlen(cid) : 0;
+  dd_entry *dd = cid && msg_id ? dd_find(s, c, cid, cl) : NULL;
+  if (dd) dd_acked(dd, msg_id, seq);
+  int rc = send_ack(s, c, cid, cl, msg_id, seq);
+  leave(s);
+  return rc;
+}
+
+int im_sync_end(im_server *s, im_conn_id id, uint64_t last, int more, int gap) {
+  im_conn *c = conn_live(s, id);
+  if (!c) return IM_ENOENT;
+  if (c->state != CS_OPEN) return IM_ECLOSED;
+  enter(s);
+  imp_packet p = {.op = IMP_OP_SYNC_END};
+  imp_set_num(&p, IMP_K_LAST, last);
+  imp_set_num(&p, IMP_K_MORE, more != 0);
+  if (gap) imp_set_num(&p, IMP_K_GAP, 1);
+  int rc = send_packet(s, c, &p);
   leave(s);
   return rc;
 }
@@ -1213,6 +1296,8 @@ int im_reply_error(im_server *s, im_conn_id id, int code, const char *reason, co
   if (c->state == CS_HANDSHAKE || (c->flags & CF_UPGRADE_AUTH)) return IM_ESTATE;
   enter(s);
   imp_str cs = {cid, cid ? (uint32_t)strlen(cid) : 0};
+  dd_entry *dd = cid ? dd_find(s, c, cid, cs.n) : NULL;
+  if (dd && dd->state == DD_PENDING) dd->state = DD_FREE; /* a retry is processed again */
   int rc = send_error(s, c, code, reason ? reason : "", cid ? &cs : NULL);
   leave(s);
   return rc;

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import functools
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -67,6 +68,14 @@ async def open_tcp(port, rcvbuf=None):
     r, w = await asyncio.open_connection(sock=s, limit=1 << 22)
     track(w.transport)
     return r, w
+
+_cids = itertools.count(1)
+
+
+def fresh_cid(prefix):
+    """A cid not used before: the server drops a repeated cid as a retransmit."""
+    return '%s%d' % (prefix, next(_cids))
+
 
 def msg_text(cid, data):
     return '{"op":"msg","cid":%s,"data":%s}' % (json.dumps(cid), data)
@@ -145,7 +154,8 @@ class RawWS:
         check(m['op'] == 'auth_ok', 'auth failed: %r' % m)
         return m
 
-    async def echo(self, data, cid='r1', send=True):
+    async def echo(self, data, cid=None, send=True):
+        cid = cid or fresh_cid('r')
         if send:
             self.send_text(msg_text(cid, data))
         ack = await self.json('the ack of ' + cid)
@@ -186,7 +196,8 @@ async def ws_client(port, uid='alice'):
     check(m['op'] == 'auth_ok', 'auth failed: %r' % m)
     return ws
 
-async def ws_echo(ws, data, cid='c1', send=True):
+async def ws_echo(ws, data, cid=None, send=True):
+    cid = cid or fresh_cid('c')
     if send:
         await ws.send(msg_text(cid, data))
     ack = await ws_json(ws, 'the ack of ' + cid)
@@ -233,7 +244,8 @@ class TCPClient:
         self.send('auth', uid=uid, token='t', device='d', platform='tcp')
         return await self.expect('auth_ok')
 
-    async def echo(self, data, cid='t1'):
+    async def echo(self, data, cid=None):
+        cid = cid or fresh_cid('t')
         self.send('msg', cid=cid, data=data)
         ack = await self.expect('ack', 'the ack of ' + cid)
         return check_bin_echo(ack, await self.expect('msg', 'the echo of ' + cid), cid, data)
@@ -415,21 +427,25 @@ class TestProtocolViolations(ServerCase):
 
 class TestFragmentation(ServerCase):
     DATA = '"a\u20acb\U0001F600c\u00e9"'
-    TEXT = msg_text('f', DATA).encode()
+
+    def text(self, cid):
+        # every cid the same length, so each split point cuts the same field
+        return msg_text(cid, self.DATA).encode()
 
     @scenario()
     async def test_utf8_split_at_every_byte(self):
         raw = await RawWS.connect(self.srv.ws_port, uid='raw')
-        b = self.TEXT
-        for i in range(1, len(b)):
+        for i in range(1, len(self.text('f000'))):
             with self.subTest(split=i):
+                b = self.text('f%03d' % i)
                 raw.send(ws_frame(OP_TEXT, b[:i], fin=False), ws_frame(OP_CONT, b[i:]))
-                await raw.echo(self.DATA, 'f', send=False)
+                await raw.echo(self.DATA, 'f%03d' % i, send=False)
         # one byte per frame, with empty fragments at both ends
+        b = self.text('f999')
         frames = [ws_frame(OP_TEXT, b'', fin=False)]
         frames += [ws_frame(OP_CONT, b[i:i + 1], fin=False) for i in range(len(b))]
         raw.send(*frames, ws_frame(OP_CONT, b''))
-        await raw.echo(self.DATA, 'f', send=False)
+        await raw.echo(self.DATA, 'f999', send=False)
 
     HEAD = b'{"op":"msg","cid":"f","data":"'
     BAD_UTF8 = [
@@ -452,12 +468,12 @@ class TestFragmentation(ServerCase):
     @scenario()
     async def test_fragmented_message_with_interleaved_ping(self):
         raw = await RawWS.connect(self.srv.ws_port, uid='raw')
-        b = self.TEXT
+        b = self.text('f000')
         raw.send(ws_frame(OP_TEXT, b[:10], fin=False), ws_frame(OP_PING, b'mid'),
                  ws_frame(OP_CONT, b[10:20], fin=False), ws_frame(OP_PONG, b'unsolicited'),
                  ws_frame(OP_CONT, b[20:]))
         self.assertEqual(await raw.frame(), (True, OP_PONG, b'mid'))
-        await raw.echo(self.DATA, 'f', send=False)
+        await raw.echo(self.DATA, 'f000', send=False)
         await raw.echo('{"next":"message"}')
 
     @scenario()
@@ -732,11 +748,12 @@ class TestSlowReader(ServerCase):
     COUNT, PAD = 12000, 1000            # ~13 MB of echoes: more than any socket buffer
 
     async def shed(self, writer, unit, read_one):
-        """Send COUNT msgs without reading, then read what is left of the
-        stream: it must end (close code 4429, or EOF/reset) before COUNT echoes."""
+        """Send COUNT msgs (unit(cid) frames) without reading, then read what
+        is left of the stream: it must end (close code 4429, or EOF/reset)
+        before COUNT echoes."""
         try:
-            for _ in range(self.COUNT // 100):
-                writer.write(unit * 100)
+            for i in range(self.COUNT // 100):
+                writer.write(b''.join(unit('s%d' % (i * 100 + j)) for j in range(100)))
                 await within(writer.drain(), 30, 'the server to read our msgs')
         except ConnectionError:
             pass                        # shed and reset while we were still sending
@@ -762,7 +779,7 @@ class TestSlowReader(ServerCase):
             if op == OP_CLOSE:
                 return 'close', close_code(p)
             return ('msg' if p.startswith(b'{"op":"msg"') else 'other'), None
-        await self.shed(raw.w, ws_frame(OP_TEXT, msg_text('s', '"%s"' % ('x' * self.PAD)).encode()),
+        await self.shed(raw.w, lambda cid: ws_frame(OP_TEXT, msg_text(cid, '"%s"' % ('x' * self.PAD)).encode()),
                         read_one)
         await ws_echo(bystander, '{"after":"shed"}')
 
@@ -774,7 +791,7 @@ class TestSlowReader(ServerCase):
         async def read_one(timeout):
             op, f = await c.packet(timeout)
             return op, be(f['code']) if op == 'error' else None
-        await self.shed(c.w, tcp_frame(imp_bin('msg', cid='s', data='"%s"' % ('x' * self.PAD))),
+        await self.shed(c.w, lambda cid: tcp_frame(imp_bin('msg', cid=cid, data='"%s"' % ('x' * self.PAD))),
                         read_one)
         await bystander.echo('{"after":"shed"}')
 

@@ -27,6 +27,17 @@ typedef struct fake {
   char last_uid[64];
   char last_data[256];
   int msgs;
+  int defer;              /* on_message returns IM_MSG_DEFER without acking */
+  char acked[8][24];      /* on_ack ids and seqs */
+  uint64_t acked_seq[8];
+  int nacked;
+  char undelivered[8][24];
+  uint64_t undelivered_seq[8];
+  int nundelivered;
+  int undelivered_before_close; /* on_close count when the last on_undelivered ran */
+  uint64_t sync_since;
+  uint32_t sync_limit;
+  int syncs;
 } fake;
 
 static void want_write(im_server *s, im_conn_id c, void *ctx, void *u) {
@@ -61,9 +72,34 @@ static int on_message(im_server *s, im_conn_id c, const im_msg *m, void *u) {
   fake *f = u;
   f->msgs++;
   snprintf(f->last_data, sizeof f->last_data, "%.*s", (int)m->data_len, m->data);
+  if (f->defer) return IM_MSG_DEFER;
   im_msg echo = {.data = m->data, .data_len = m->data_len};
   im_send_conn(s, c, &echo);
   return IM_MSG_ACK;
+}
+
+static void on_ack(im_server *s, im_conn_id c, const char *id, uint64_t seq, void *u) {
+  (void)s, (void)c;
+  fake *f = u;
+  snprintf(f->acked[f->nacked % 8], 24, "%s", id);
+  f->acked_seq[f->nacked++ % 8] = seq;
+}
+
+static void on_undelivered(im_server *s, im_conn_id c, const char *id, uint64_t seq, void *u) {
+  (void)s, (void)c;
+  fake *f = u;
+  snprintf(f->undelivered[f->nundelivered % 8], 24, "%s", id);
+  f->undelivered_seq[f->nundelivered++ % 8] = seq;
+  f->undelivered_before_close = f->nclose_cb;
+}
+
+/* Answer every sync with sync_end(since + 4, more, no gap). */
+static void on_sync(im_server *s, im_conn_id c, uint64_t since, uint32_t limit, void *u) {
+  fake *f = u;
+  f->syncs++;
+  f->sync_since = since;
+  f->sync_limit = limit;
+  assert_int_equal(im_sync_end(s, c, since + 4, 1, 0), 0);
 }
 
 static void on_close(im_server *s, im_conn_id c, int code, void *u) {
@@ -76,6 +112,7 @@ static void on_close(im_server *s, im_conn_id c, int code, void *u) {
 static im_server *new_server(fake *f, im_config *cfg) {
   memset(f, 0, sizeof *f);
   im_callbacks cb = {.on_auth = on_auth, .on_open = on_open, .on_message = on_message,
+                     .on_ack = on_ack, .on_undelivered = on_undelivered, .on_sync = on_sync,
                      .on_close = on_close};
   im_server *s = im_server_new(cfg, &cb, f);
   assert_non_null(s);
@@ -577,6 +614,223 @@ static void test_timeouts(void **st) {
   im_server_free(s);
 }
 
+/* ---- reliable delivery ---------------------------------------------------- */
+
+static im_msg reliable(const char *id, uint64_t seq) {
+  im_msg m = {.id = id, .seq = seq, .data = "1", .data_len = 1, .flags = IM_SEND_RELIABLE};
+  return m;
+}
+
+/* Drain c and return how many text frames carry "id":"<id>". */
+static int frames_with_id(im_server *s, im_conn_id c, const char *id) {
+  static uint8_t out[8192];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[16];
+  int k = parse_frames(out, n, fr, 16), hits = 0;
+  char pat[48];
+  snprintf(pat, sizeof pat, "\"id\":\"%s\"", id);
+  for (int i = 0; i < k; i++) hits += memmem(fr[i].pl, fr[i].len, pat, strlen(pat)) != NULL;
+  return hits;
+}
+
+static void test_reliable_retransmit_then_4408(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.ack_timeout_ms = 1000;
+  cfg.ack_retries = 2;
+  cfg.heartbeat_s = 0; /* no idle timeout in the way */
+  im_server *s = new_server(&f, &cfg);
+  uint64_t t = 1000000;
+  im_conn_id c = ws_open(s, &f, "bob");
+  im_msg m = reliable("m1", 5);
+  assert_int_equal(im_send_conn(s, c, &m), 0);
+  assert_int_equal(frames_with_id(s, c, "m1"), 1);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.inflight, 1);
+  im_server_tick(s, t + 900);
+  assert_int_equal(frames_with_id(s, c, "m1"), 0); /* not due yet */
+  im_server_tick(s, t + 1100);
+  assert_int_equal(frames_with_id(s, c, "m1"), 1); /* retransmit 1: the same bytes */
+  im_server_tick(s, t + 2200);
+  assert_int_equal(frames_with_id(s, c, "m1"), 1); /* retransmit 2, the last */
+  assert_int_equal(f.nclose_cb, 0);
+  im_server_tick(s, t + 3300);
+  expect_closed_with(s, &f, c, 4408);
+  assert_int_equal(f.nclose_cb, 1);
+  assert_int_equal(f.nundelivered, 1);
+  assert_string_equal(f.undelivered[0], "m1");
+  assert_int_equal(f.undelivered_seq[0], 5);
+  assert_int_equal(f.undelivered_before_close, 0); /* reported before on_close */
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.retransmits, 2);
+  assert_int_equal(stt.ack_timeouts, 1);
+  assert_int_equal(stt.undelivered, 1);
+  assert_int_equal(stt.inflight, 0);
+  im_server_free(s);
+}
+
+static void test_reliable_ack_clears(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.ack_timeout_ms = 1000;
+  cfg.heartbeat_s = 0;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id c = ws_open(s, &f, "bob");
+  im_msg m1 = reliable("m1", 7), m2 = reliable("m2", 8);
+  im_send_conn(s, c, &m1);
+  im_send_conn(s, c, &m2);
+  frames_with_id(s, c, "m1");
+  /* out of order, and an ack for an id that is not in flight (seq from the client) */
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m2\"}");
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m1\",\"seq\":99}");
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"other\",\"seq\":3}");
+  assert_int_equal(f.nacked, 3);
+  assert_string_equal(f.acked[0], "m2");
+  assert_int_equal(f.acked_seq[0], 8);
+  assert_int_equal(f.acked_seq[1], 7); /* the tracked seq, not the client's claim */
+  assert_int_equal(f.acked_seq[2], 3);
+  for (uint64_t dt = 0; dt <= 10000; dt += 500) im_server_tick(s, 1000000 + dt);
+  assert_int_equal(frames_with_id(s, c, "m1") + frames_with_id(s, c, "m2"), 0);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.inflight, 0);
+  assert_int_equal(stt.retransmits, 0);
+  im_conn_close(s, c, 1000, "bye");
+  feed_frame(s, c, 0x8, 1, "\x03\xe8", 2);
+  assert_int_equal(f.nundelivered, 0);
+  im_server_free(s);
+}
+
+static void test_reliable_window(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_inflight = 2;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id c = ws_open(s, &f, "bob");
+  const char *ids[] = {"a", "b", "c", "d"};
+  for (int i = 0; i < 4; i++) {
+    im_msg m = reliable(ids[i], (uint64_t)i + 1);
+    assert_int_equal(im_send_conn(s, c, &m), 0);
+  }
+  uint8_t out[4096];
+  sframe fr[8];
+  size_t n = drain(s, c, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 8), 2); /* a, b; c and d wait */
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"a\"}");
+  assert_int_equal(frames_with_id(s, c, "c"), 1);  /* the window slides in order */
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.inflight, 3);
+  im_server_hangup(s, c);
+  assert_int_equal(f.nundelivered, 3); /* b, c (sent) then d (waiting) */
+  assert_string_equal(f.undelivered[0], "b");
+  assert_string_equal(f.undelivered[1], "c");
+  assert_string_equal(f.undelivered[2], "d");
+  assert_int_equal(f.undelivered_seq[2], 4);
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.inflight, 0);
+  im_server_free(s);
+}
+
+static void test_dedupe_cid(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.dedupe_window = 2;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id c = ws_open(s, &f, "alice");
+  uint8_t out[4096];
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c1\",\"data\":1}");
+  size_t n = drain(s, c, out, sizeof out);
+  char *ack = strstr((char *)out, "\"op\":\"ack\",\"cid\":\"c1\"");
+  assert_non_null(ack);
+  char first[128];
+  snprintf(first, sizeof first, "%.*s", (int)(strchr(ack, '}') - ack), ack);
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c1\",\"data\":1}");
+  assert_int_equal(f.msgs, 1); /* not delivered twice */
+  n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 1); /* only the ack, with the same id */
+  assert_non_null(memmem(fr[0].pl, fr[0].len, first, strlen(first)));
+  /* the window holds 2 cids: c1 is forgotten after c2, c3 */
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c2\",\"data\":1}");
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c3\",\"data\":1}");
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c1\",\"data\":1}");
+  assert_int_equal(f.msgs, 4);
+  drain(s, c, out, sizeof out);
+  /* deferred and not yet acked: a retransmit is dropped silently */
+  f.defer = 1;
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"d1\",\"data\":1}");
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"d1\",\"data\":1}");
+  assert_int_equal(f.msgs, 5);
+  assert_int_equal(drain(s, c, out, sizeof out), 0);
+  /* the application's ack (with seq) is what later retransmits get */
+  assert_int_equal(im_ack(s, c, "d1", "777", 42), 0);
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"d1\",\"data\":1}");
+  n = drain(s, c, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  assert_memory_equal(fr[0].pl, "{\"op\":\"ack\",\"cid\":\"d1\",\"id\":\"777\",\"seq\":42}", fr[0].len);
+  assert_memory_equal(fr[0].pl, fr[1].pl, fr[0].len);
+  /* an error forgets the cid: the retry is processed again */
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"e1\",\"data\":1}");
+  im_reply_error(s, c, 500, "store failed", "e1");
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"e1\",\"data\":1}");
+  assert_int_equal(f.msgs, 7);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.dups, 3);
+  im_server_free(s);
+}
+
+static void test_sync_ops(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "bob");
+  uint8_t out[4096];
+  feed_text(s, c, "{\"op\":\"sync\",\"since\":5,\"limit\":10}");
+  assert_int_equal(f.syncs, 1);
+  assert_int_equal(f.sync_since, 5);
+  assert_int_equal(f.sync_limit, 10);
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  const char *want = "{\"op\":\"sync_end\",\"last\":9,\"more\":true}";
+  assert_int_equal(fr[0].len, strlen(want));
+  assert_memory_equal(fr[0].pl, want, fr[0].len);
+  /* auth carrying since: auth_ok, then the sync in the same round trip */
+  im_conn_id d = ws_accept(s, NULL, NULL);
+  drain(s, d, out, sizeof out);
+  feed_text(s, d, "{\"op\":\"auth\",\"uid\":\"bob\",\"token\":\"t\",\"since\":12}");
+  assert_int_equal(f.syncs, 2);
+  assert_int_equal(f.sync_since, 12);
+  n = drain(s, d, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "auth_ok", 7));
+  assert_non_null(memmem(fr[1].pl, fr[1].len, "\"last\":16", 9));
+  im_server_free(s);
+  /* an application without on_sync answers 501 */
+  memset(&f, 0, sizeof f);
+  im_callbacks cb = {.on_message = on_message};
+  s = im_server_new(NULL, &cb, &f);
+  im_io io = {want_write, io_close, &f};
+  im_server_set_io(s, &io);
+  c = im_server_accept(s, IM_TRANSPORT_TCP, "127.0.0.1:1", NULL);
+  uint8_t in[] = {0, 0, 0, 7, 0x01, 0x01, 1, 'u', 0x02, 1, 't', 0, 0, 0, 1, 0x05};
+  im_server_feed(s, c, in, sizeof in);
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(memmem(out, n, "\x10\x02\x01\xf5", 4)); /* code 501 */
+  im_server_free(s);
+}
+
 static void test_tcp_binary(void **st) {
   (void)st;
   fake f;
@@ -758,6 +1012,11 @@ int main(void) {
       cmocka_unit_test(test_registry_and_fanout),
       cmocka_unit_test(test_output_bound_sheds),
       cmocka_unit_test(test_timeouts),
+      cmocka_unit_test(test_reliable_retransmit_then_4408),
+      cmocka_unit_test(test_reliable_ack_clears),
+      cmocka_unit_test(test_reliable_window),
+      cmocka_unit_test(test_dedupe_cid),
+      cmocka_unit_test(test_sync_ops),
       cmocka_unit_test(test_tcp_binary),
       cmocka_unit_test(test_handshake_errors),
       cmocka_unit_test(test_bad_json_keeps_connection),
