@@ -1,10 +1,19 @@
-/* HTTP/1.1 for the business API: llhttp parses, one synchronous handler
- * answers, responses are queued per connection and written with sendmsg().
+/* HTTP/1.1 for the business API: llhttp parses, one handler answers (now or
+ * later), responses are queued per connection and written with sendmsg().
  *
  * Each complete request pauses the parser (on_message_complete returns
  * HPE_PAUSED), so the handler runs outside llhttp and pipelined requests are
  * answered strictly in order. Idle and lingering connections sit on two
- * lists ordered by deadline, served by one timer for the whole server. */
+ * lists ordered by deadline, served by one timer for the whole server.
+ *
+ * A deferred answer is a placeholder segment in the connection's output
+ * queue: writing stops in front of it until http_server_respond() swaps in
+ * the real response. Tickets name a slot in a server-wide table plus the
+ * slot's generation, so a stale ticket is recognised without touching the
+ * (possibly freed) connection. respond() only queues and puts the connection
+ * on a "kick" list that a server event serves from the loop, so it never
+ * re-enters the handler or the connection code. Connections waiting for the
+ * application sit on a third list without a deadline. */
 #include "http_server.h"
 
 #include <errno.h>
@@ -44,18 +53,30 @@
 #define HEADER_OVERHEAD 4
 #define HNAME_MAX 16
 #define ABSENT SIZE_MAX
+/* A ticket is (generation << SLOT_BITS) | slot index; generations start at 1
+ * and wrap within GEN_BITS, so no ticket is 0. */
+#define SLOT_BITS 24
+#define GEN_BITS 40
+#define SLOT_MAX ((uint32_t)1 << SLOT_BITS)
+#define GEN_MAX (((uint64_t)1 << GEN_BITS) - 1)
+#define NO_SLOT UINT32_MAX
 
 enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_COUNT };
 
 static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect"};
 
-/* One queued response (or interim 100 Continue): its head, then its body. */
+/* One queued response (or interim 100 Continue): its head, then its body.
+ * Or, with `waiting`, the place of a deferred answer: no head, no body. */
 typedef struct out_seg {
-  struct out_seg *next;
+  struct out_seg *next, *prev;
   char *body; /* owned; NULL when none is sent */
   size_t body_len;
   size_t sent; /* bytes of head + body already written */
   size_t head_len;
+  bool waiting;   /* deferred answer not given yet */
+  bool head_only; /* of a waiting one: HEAD request */
+  bool keep_alive;
+  uint32_t slot; /* of a waiting one: its ticket slot */
   char head[];
 } out_seg;
 
@@ -75,10 +96,14 @@ struct http_conn {
   bool keep_alive;   /* of the message just completed */
   bool closing;      /* send what is queued, then close */
   bool lingering;    /* write side shut; draining input until EOF */
-  bool throttled;    /* too much output queued; input held in `in` */
+  bool throttled;    /* too much output queued or too many answers
+                        outstanding; input held in `in` */
+  bool kicked;       /* on srv's kick list */
   bool peer_eof;
   bool dead;         /* fatal (out of memory): drop without a response */
   bool in_body;      /* headers done: later header callbacks are trailers */
+  http_conn *kprev, *knext; /* on srv's kick list */
+  unsigned nwait;            /* waiting segments in the output queue */
   llhttp_t parser;
   out_seg *out_head, *out_tail;
   size_t out_bytes;
@@ -103,17 +128,30 @@ struct http_conn {
   _Alignas(max_align_t) unsigned char ev[];
 };
 
+/* A ticket's slot: in use while seg is set. */
+typedef struct defer_slot {
+  uint64_t gen;
+  out_seg *seg; /* the waiting segment */
+  http_conn *conn;
+  uint32_t next_free;
+} defer_slot;
+
 struct http_server {
   struct event_base *base;
   struct evconnlistener *listener;
   struct event *timer;
   struct event *accept_retry;
+  struct event *kick; /* serves kick_head..kick_tail */
   http_limits lim;
   http_handler handler;
   void *user;
   int port;
   unsigned nconns;
   conn_list idle, linger;
+  conn_list busy; /* waiting for the application: no deadline */
+  http_conn *kick_head, *kick_tail;
+  defer_slot *slots;
+  uint32_t nslots, slots_cap, free_slot;
   uint64_t timer_at; /* when `timer` fires; 0 when not armed */
   unsigned depth;    /* > 0 while inside a connection callback */
   bool free_pending; /* http_server_free() was called from the handler */
@@ -174,9 +212,17 @@ static void set_deadline(http_conn *c, conn_list *l, unsigned ms) {
   timer_want(c->srv, c->deadline_ms);
 }
 
-/* Bytes moved: the idle clock starts again. */
+/* Bytes moved: the idle clock starts again, unless an answer is awaited
+ * from the application, which stops it. */
 static void conn_touch(http_conn *c) {
-  if (!c->lingering) set_deadline(c, &c->srv->idle, c->srv->lim.idle_timeout_ms);
+  if (c->lingering) return;
+  http_server *s = c->srv;
+  if (!c->nwait) {
+    set_deadline(c, &s->idle, s->lim.idle_timeout_ms);
+  } else if (c->list != &s->busy) {
+    list_unlink(c);
+    list_append(&s->busy, c);
+  }
 }
 
 static void conn_destroy(http_conn *c);
@@ -211,25 +257,92 @@ static void conn_set_events(http_conn *c, short want) {
   if (event_add(ev, NULL) == 0) c->events = want;
 }
 
-/* Reading stops while output is throttled and once the last response is
- * queued; it resumes, to discard, while lingering. Writing is awaited only
- * after sendmsg() said EAGAIN, which is when output stays queued. */
+/* Reading stops while input is throttled and once the last request is
+ * read; it resumes, to discard, while lingering. Writing is awaited only
+ * after sendmsg() said EAGAIN, which is when sendable output stays queued
+ * (not a deferred answer the application has yet to give). */
 static void conn_update_events(http_conn *c) {
   short want = 0;
   if (c->lingering || (!c->closing && !c->throttled)) want |= EV_READ;
-  if (c->out_head) want |= EV_WRITE;
+  if (c->out_head && !c->out_head->waiting) want |= EV_WRITE;
   conn_set_events(c, want);
+}
+
+/* ---- tickets and kicks ------------------------------------------------------ */
+
+/* Takes a free slot, growing the table; false when out of memory or full. */
+static bool slot_take(http_server *s, uint32_t *idx) {
+  if (s->free_slot != NO_SLOT) {
+    *idx = s->free_slot;
+    s->free_slot = s->slots[*idx].next_free;
+    return true;
+  }
+  if (s->nslots == SLOT_MAX) return false;
+  if (s->nslots == s->slots_cap) {
+    uint32_t cap = s->slots_cap ? s->slots_cap * 2 : 16;
+    if (cap > SLOT_MAX) cap = SLOT_MAX;
+    defer_slot *t = realloc(s->slots, cap * sizeof *t);
+    if (!t) return false;
+    s->slots = t;
+    s->slots_cap = cap;
+  }
+  *idx = s->nslots++;
+  s->slots[*idx].gen = 1;
+  return true;
+}
+
+/* Frees the slot; its ticket goes stale at once. */
+static void slot_release(http_server *s, uint32_t idx) {
+  defer_slot *d = &s->slots[idx];
+  d->seg = NULL;
+  d->conn = NULL;
+  d->gen = d->gen == GEN_MAX ? 1 : d->gen + 1;
+  d->next_free = s->free_slot;
+  s->free_slot = idx;
+}
+
+static void kick_unlink(http_conn *c) {
+  http_server *s = c->srv;
+  if (!c->kicked) return;
+  if (c->kprev)
+    c->kprev->knext = c->knext;
+  else
+    s->kick_head = c->knext;
+  if (c->knext)
+    c->knext->kprev = c->kprev;
+  else
+    s->kick_tail = c->kprev;
+  c->kprev = c->knext = NULL;
+  c->kicked = false;
+}
+
+/* Has the loop run c (write, resume reading, close) once the current
+ * callback returns. */
+static void kick_add(http_conn *c) {
+  http_server *s = c->srv;
+  if (c->kicked) return;
+  c->kicked = true;
+  c->knext = NULL;
+  c->kprev = s->kick_tail;
+  if (s->kick_tail)
+    s->kick_tail->knext = c;
+  else
+    s->kick_head = c;
+  s->kick_tail = c;
+  event_active(s->kick, EV_TIMEOUT, 0);
 }
 
 static void out_free_all(http_conn *c) {
   while (c->out_head) {
     out_seg *o = c->out_head;
     c->out_head = o->next;
+    if (o->waiting) slot_release(c->srv, o->slot);
     free(o->body);
     free(o);
   }
   c->out_tail = NULL;
   c->out_bytes = 0;
+  c->nwait = 0;
 }
 
 static void conn_destroy(http_conn *c) {
@@ -237,6 +350,7 @@ static void conn_destroy(http_conn *c) {
   conn_set_events(c, 0);
   close(c->fd);
   list_unlink(c);
+  kick_unlink(c);
   out_free_all(c);
   free(c->req);
   free(c->in);
@@ -317,6 +431,7 @@ static const char *reason_phrase(int status) {
 
 static void out_push(http_conn *c, out_seg *o) {
   o->next = NULL;
+  o->prev = c->out_tail;
   if (c->out_tail)
     c->out_tail->next = o;
   else
@@ -325,22 +440,59 @@ static void out_push(http_conn *c, out_seg *o) {
   c->out_bytes += o->head_len + o->body_len;
 }
 
+/* Takes o (unsent) out of the queue, without freeing it. */
+static void out_unlink(http_conn *c, out_seg *o) {
+  if (o->prev)
+    o->prev->next = o->next;
+  else
+    c->out_head = o->next;
+  if (o->next)
+    o->next->prev = o->prev;
+  else
+    c->out_tail = o->prev;
+  c->out_bytes -= o->head_len + o->body_len;
+}
+
+/* Puts n (not queued) where old is; old is unlinked, not freed. */
+static void out_replace(http_conn *c, out_seg *old, out_seg *n) {
+  n->prev = old->prev;
+  n->next = old->next;
+  if (n->prev)
+    n->prev->next = n;
+  else
+    c->out_head = n;
+  if (n->next)
+    n->next->prev = n;
+  else
+    c->out_tail = n;
+  c->out_bytes += n->head_len + n->body_len;
+  c->out_bytes -= old->head_len + old->body_len;
+}
+
 static bool out_push_raw(http_conn *c, const char *head, size_t len) {
-  out_seg *o = malloc(sizeof *o + len);
+  out_seg *o = calloc(1, sizeof *o + len);
   if (!o) return false;
   memcpy(o->head, head, len);
   o->head_len = len;
-  o->body = NULL;
-  o->body_len = 0;
-  o->sent = 0;
   out_push(c, o);
   return true;
 }
 
-/* Queues one response; body (malloc()ed or NULL) is owned from here on,
- * even on failure, which marks the connection dead. */
-static void queue_response(http_conn *c, int status, const char *ctype, char *body,
-                           size_t body_len, bool head_only, bool keep_alive) {
+static char *json_error(const char *msg, size_t *len);
+
+/* Builds one response; body (malloc()ed or NULL) is owned from here on,
+ * even on failure, which returns NULL (out of memory). A status outside
+ * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
+ * one with CR or LF, the default. */
+static out_seg *make_response(int status, const char *ctype, char *body, size_t body_len,
+                              bool head_only, bool keep_alive) {
+  if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
+  if (status < 200 || status > 599) {
+    free(body);
+    status = 500;
+    ctype = "application/json";
+    body = json_error("internal error", &body_len);
+  }
   if (!body) body_len = 0;
   bool no_length = status == 204 || status == 304;
   if (no_length || head_only) {
@@ -349,11 +501,10 @@ static void queue_response(http_conn *c, int status, const char *ctype, char *bo
   }
   if (no_length) body_len = 0;
   size_t cap = 200 + strlen(ctype);
-  out_seg *o = malloc(sizeof *o + cap);
+  out_seg *o = calloc(1, sizeof *o + cap);
   if (!o) {
     free(body);
-    c->dead = true;
-    return;
+    return NULL;
   }
   const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
   int n;
@@ -368,14 +519,23 @@ static void queue_response(http_conn *c, int status, const char *ctype, char *bo
   if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
     free(body);
     free(o);
-    c->dead = true;
-    return;
+    return NULL;
   }
   o->head_len = (size_t)n;
   o->body = body;
   o->body_len = body ? body_len : 0;
-  o->sent = 0;
-  out_push(c, o);
+  return o;
+}
+
+/* Queues one response (see make_response); running out of memory marks
+ * the connection dead. */
+static void queue_response(http_conn *c, int status, const char *ctype, char *body,
+                           size_t body_len, bool head_only, bool keep_alive) {
+  out_seg *o = make_response(status, ctype, body, body_len, head_only, keep_alive);
+  if (o)
+    out_push(c, o);
+  else
+    c->dead = true;
 }
 
 /* {"error":"<msg>"} with msg escaped as a JSON string; NULL on ENOMEM. */
@@ -411,13 +571,13 @@ static void conn_fail(http_conn *c, int status, const char *msg) {
   c->closing = true;
 }
 
-/* Writes what is queued until done or EAGAIN. Returns false on a socket
- * error (the connection must go). */
+/* Writes what is queued until done, EAGAIN or a deferred answer not given
+ * yet. Returns false on a socket error (the connection must go). */
 static bool conn_flush(http_conn *c) {
-  while (c->out_head) {
+  while (c->out_head && !c->out_head->waiting) {
     struct iovec iov[IOV_BATCH];
     int n = 0;
-    for (out_seg *o = c->out_head; o && n <= IOV_BATCH - 2; o = o->next) {
+    for (out_seg *o = c->out_head; o && !o->waiting && n <= IOV_BATCH - 2; o = o->next) {
       if (o->sent < o->head_len) {
         iov[n].iov_base = o->head + o->sent;
         iov[n++].iov_len = o->head_len - o->sent;
@@ -450,7 +610,10 @@ static bool conn_flush(http_conn *c) {
       }
       left -= rest;
       c->out_head = o->next;
-      if (!c->out_head) c->out_tail = NULL;
+      if (c->out_head)
+        c->out_head->prev = NULL;
+      else
+        c->out_tail = NULL;
       free(o->body);
       free(o);
     }
@@ -654,6 +817,41 @@ static const llhttp_settings_t parser_settings = {
 
 /* ---- requests ------------------------------------------------------------------ */
 
+/* What the handler gets as its http_response: http_response_defer() finds
+ * the connection through it. */
+typedef struct resp_box {
+  http_response pub; /* first: a pointer to it is a pointer to the box */
+  http_conn *conn;
+  bool head_only;
+  uint64_t ticket;
+} resp_box;
+
+uint64_t http_response_defer(http_response *resp) {
+  if (!resp) return 0;
+  resp_box *b = (resp_box *)resp;
+  if (b->ticket) return b->ticket;
+  http_conn *c = b->conn;
+  http_server *s = c->srv;
+  out_seg *o = calloc(1, sizeof *o);
+  uint32_t idx;
+  if (!o) return 0;
+  if (!slot_take(s, &idx)) {
+    free(o);
+    return 0;
+  }
+  o->waiting = true;
+  o->head_only = b->head_only;
+  o->keep_alive = c->keep_alive;
+  o->slot = idx;
+  s->slots[idx].seg = o;
+  s->slots[idx].conn = c;
+  out_push(c, o);
+  c->nwait++;
+  conn_touch(c); /* onto the busy list: no idle deadline while waiting */
+  b->ticket = (s->slots[idx].gen << SLOT_BITS) | idx;
+  return b->ticket;
+}
+
 static void dispatch(http_conn *c) {
   http_server *s = c->srv;
   http_request rq = {0};
@@ -675,20 +873,15 @@ static void dispatch(http_conn *c) {
   rq.body_len = c->body_len;
   rq.peer = c->peer;
 
-  http_response rs = {0};
-  s->handler(s->user, &rq, &rs);
+  resp_box b = {.conn = c, .head_only = rq.method == HTTP_HEAD};
+  s->handler(s->user, &rq, &b.pub);
 
   bool keep = c->keep_alive && !s->free_pending;
-  const char *ctype = rs.content_type;
-  if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
-  if (rs.status < 200 || rs.status > 599) {
-    free(rs.body);
-    size_t len = 0;
-    char *body = json_error("internal error", &len);
-    queue_response(c, 500, "application/json", body, len, false, keep);
-  } else {
-    queue_response(c, rs.status, ctype, rs.body, rs.body_len, rq.method == HTTP_HEAD, keep);
-  }
+  const http_response *rs = &b.pub;
+  if (b.ticket) /* its place is queued; resp does not count */
+    free(rs->body);
+  else
+    queue_response(c, rs->status, rs->content_type, rs->body, rs->body_len, b.head_only, keep);
   if (!keep) c->closing = true;
   /* keep nothing of the request while the connection waits for the next */
   free(c->req);
@@ -708,11 +901,17 @@ static void stash_input(http_conn *c, const char *data, size_t len) {
   c->in_len = len;
 }
 
+/* Whether more requests may be parsed: output and the answers awaited from
+ * the application are under their bounds. */
+static bool conn_can_parse(const http_conn *c) {
+  return c->out_bytes <= OUT_HIGH && c->nwait < c->srv->lim.max_deferred;
+}
+
 /* Parses input and answers each complete request in turn. Returns false
  * only when the handler asked for the server to be freed. */
 static bool conn_feed(http_conn *c, const char *data, size_t len) {
   while (len && !c->closing && !c->dead) {
-    if (c->out_bytes > OUT_HIGH) {
+    if (!conn_can_parse(c)) {
       c->throttled = true;
       stash_input(c, data, len);
       return true;
@@ -742,25 +941,28 @@ static bool conn_feed(http_conn *c, const char *data, size_t len) {
   return true;
 }
 
-/* Moves c on after input or writability: writes, resumes throttled input
- * once output has drained, and closes when done. Returns false when c is
- * gone or the server is being freed. */
+/* Moves c on after input, writability or an answer: writes, resumes
+ * throttled input once output has drained (or, with answers outstanding,
+ * once back under the bounds), and closes when done. Returns false when c
+ * is gone or the server is being freed. */
 static bool conn_run(http_conn *c) {
   for (;;) {
     if (c->dead || !conn_flush(c)) {
       conn_destroy(c);
       return false;
     }
-    if (c->out_head) break;
-    if (c->closing) {
+    if (c->out_head) {
+      if (!c->throttled || !c->nwait || !conn_can_parse(c)) break;
+    } else if (c->closing) {
       if (c->peer_eof) {
         conn_destroy(c);
         return false;
       }
       if (!c->lingering) conn_start_linger(c);
       break;
+    } else if (!c->throttled) {
+      break;
     }
-    if (!c->throttled) break;
     c->throttled = false;
     char *buf = c->in;
     size_t n = c->in_len;
@@ -809,6 +1011,48 @@ static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
   conn_io(c, what);
   s->depth--;
   if (s->free_pending && s->depth == 0) server_destroy(s);
+}
+
+/* Serves the connections that got answers. */
+static void kick_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  http_server *s = arg;
+  s->depth++;
+  while (s->kick_head && !s->free_pending) {
+    http_conn *c = s->kick_head;
+    kick_unlink(c);
+    conn_run(c);
+  }
+  s->depth--;
+  if (s->free_pending && s->depth == 0) server_destroy(s);
+}
+
+int http_server_respond(http_server *s, uint64_t ticket, int status, const char *content_type,
+                        char *body, size_t body_len) {
+  uint64_t idx = ticket & (SLOT_MAX - 1);
+  if (!s || s->free_pending || idx >= s->nslots || !s->slots[idx].seg ||
+      s->slots[idx].gen != ticket >> SLOT_BITS) {
+    free(body);
+    return -1;
+  }
+  defer_slot *d = &s->slots[idx];
+  http_conn *c = d->conn;
+  out_seg *w = d->seg;
+  slot_release(s, (uint32_t)idx);
+  out_seg *o = make_response(status, content_type, body, body_len, w->head_only, w->keep_alive);
+  if (o) {
+    out_replace(c, w, o);
+  } else {
+    /* no memory for the answer: the connection goes, as for a synchronous
+     * one */
+    out_unlink(c, w);
+    c->dead = true;
+  }
+  free(w);
+  if (--c->nwait == 0) conn_touch(c);
+  kick_add(c);
+  return 0;
 }
 
 /* ---- listener ------------------------------------------------------------------ */
@@ -932,9 +1176,12 @@ http_server *http_server_new(struct event_base *base, const char *addr, const ht
   if (!s->lim.idle_timeout_ms) s->lim.idle_timeout_ms = HTTP_DEFAULT_IDLE_TIMEOUT_MS;
   if (!s->lim.max_conns) s->lim.max_conns = HTTP_DEFAULT_MAX_CONNS;
   s->port = -1;
+  if (!s->lim.max_deferred) s->lim.max_deferred = HTTP_DEFAULT_MAX_DEFERRED;
+  s->free_slot = NO_SLOT;
   s->timer = evtimer_new(base, timer_cb, s);
   s->accept_retry = evtimer_new(base, accept_retry_cb, s);
-  if (!s->timer || !s->accept_retry) goto fail;
+  s->kick = event_new(base, -1, 0, kick_cb, s);
+  if (!s->timer || !s->accept_retry || !s->kick) goto fail;
   s->listener = evconnlistener_new_bind(
       base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
       (struct sockaddr *)&ss, sslen);
@@ -959,8 +1206,11 @@ static void server_destroy(http_server *s) {
   if (s->listener) evconnlistener_free(s->listener);
   while (s->idle.head) conn_destroy(s->idle.head);
   while (s->linger.head) conn_destroy(s->linger.head);
+  while (s->busy.head) conn_destroy(s->busy.head);
   if (s->timer) event_free(s->timer);
   if (s->accept_retry) event_free(s->accept_retry);
+  if (s->kick) event_free(s->kick);
+  free(s->slots);
   free(s);
 }
 

@@ -1,8 +1,9 @@
 /* A small HTTP/1.1 server for imd's business API, on one libevent base.
  *
  * Requests are parsed with llhttp and handed, complete and in arrival order,
- * to one synchronous handler; its answer is queued and written with
- * sendmsg(). Keep-alive and pipelining are supported; upgrades, trailers
+ * to one handler, which answers at once or defers its answer (see
+ * http_response_defer); answers are queued and written with sendmsg(), in
+ * request order. Keep-alive and pipelining are supported; upgrades, trailers
  * and response streaming are not. Every response carries Content-Type,
  * Content-Length (except 204 and 304) and Connection. Failures the server
  * detects itself are answered with a JSON body {"error":"..."} and the
@@ -20,6 +21,7 @@
 #define IMD_HTTP_SERVER_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 struct event_base;
 
@@ -45,7 +47,8 @@ typedef struct http_request {
   const char *peer;          /* "ip:port", "[ipv6]:port" */
 } http_request;
 
-/* The handler's answer. The server zeroes it before the call. */
+/* The handler's answer. The server zeroes it before the call. Ignored (and
+ * a body set in it freed) once the handler called http_response_defer(). */
 typedef struct http_response {
   int status;               /* 200..599; anything else becomes a 500 with
                                the body replaced by {"error":"internal error"} */
@@ -66,8 +69,66 @@ typedef struct http_response {
  *
  * For HEAD, the server sends the status line and headers the handler asks
  * for (Content-Length of its body included) and drops the body, so a handler
- * that serves HEAD like GET gives a correct answer. */
+ * that serves HEAD like GET gives a correct answer. This holds for deferred
+ * answers too, as do the rules on status and content_type above. */
 typedef void (*http_handler)(void *user, const http_request *req, http_response *resp);
+
+/* ---- deferred answers ----
+ *
+ * A handler that cannot answer before it returns (imd answers POST
+ * /v1/messages after a group commit) takes a ticket instead, returns, and
+ * later answers with http_server_respond() from the event-loop thread, while
+ * the server goes on serving this and other connections.
+ *
+ * Order: answers go out in request order on each connection. Later
+ * pipelined requests are still parsed and handed to the handler; their
+ * answers, deferred or not, are held until every earlier one is sent (a
+ * 100 Continue for a later request too).
+ * Back-pressure: at http_limits.max_deferred unanswered tickets on one
+ * connection the server stops reading from it, and reads on once an answer
+ * comes; this is no error.
+ * Idle timeout: it does not run while a connection has a ticket outstanding;
+ * it starts again, from zero, when the last one is answered.
+ * Connection end: a connection that fails (reset by the client, a socket
+ * error, the server out of memory) voids its tickets at once. A client
+ * that only shuts down its sending side (FIN) still gets the answers to the
+ * requests it sent, as with synchronous answers, so its tickets stay valid
+ * until answered; the connection is closed after the last one. A request
+ * with "Connection: close" (or HTTP/1.0 without keep-alive) is the last one
+ * read; the connection closes after its deferred answer is sent.
+ * http_server_free() voids every ticket. */
+
+/* Call only from the handler, with the resp it was passed. Takes a ticket
+ * for the request being handled: the fields of resp are then ignored (a body
+ * set in it is freed) and the request is answered by http_server_respond().
+ * Calling it again in the same handler call returns the same ticket.
+ *
+ * Returns the ticket, never 0; or 0 when memory ran out (or the server holds
+ * 2^24 tickets already): nothing is deferred then and the handler answers
+ * through resp as usual (503, say). */
+uint64_t http_response_defer(http_response *resp);
+
+/* Answers the request of ticket, on the event-loop thread, inside or outside
+ * a handler. status, content_type, body and body_len follow the rules of
+ * http_response: status outside 200..599 gives a 500 {"error":"internal
+ * error"}; content_type NULL or with CR or LF gives "application/json", and is
+ * borrowed for the call only; body is NULL or malloc()ed, and ownership passes
+ * to the server in every case: it is freed, unsent, when the ticket is stale.
+ * Nothing is written and the handler is never called from inside this call:
+ * the answer is queued, and the connection is served from the event loop
+ * once the current callback returns.
+ *
+ * Returns 0 when the answer was taken (it is sent unless the connection fails
+ * first); -1, having freed body, when the ticket is unknown: 0, already
+ * answered, its connection gone, or s NULL or being freed from inside the
+ * handler. A ticket is never confused with another, even of a connection
+ * that took over its memory, until its internal slot has been reused 2^40
+ * times.
+ *
+ * s must be live: after http_server_free(s) the application must drop its
+ * tickets and not call this with s. */
+int http_server_respond(http_server *s, uint64_t ticket, int status, const char *content_type,
+                        char *body, size_t body_len);
 
 /* Per-server limits; a field left 0 takes its default. */
 typedef struct http_limits {
@@ -78,12 +139,16 @@ typedef struct http_limits {
                                this long is closed; default 60000 */
   unsigned max_conns;       /* connections beyond this are accepted and closed
                                at once; default 10000 */
+  unsigned max_deferred;    /* unanswered tickets per connection at which the
+                               server stops reading from it until one is
+                               answered; default 64 */
 } http_limits;
 
 #define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)
 #define HTTP_DEFAULT_MAX_HEADER ((size_t)16 << 10)
 #define HTTP_DEFAULT_IDLE_TIMEOUT_MS 60000u
 #define HTTP_DEFAULT_MAX_CONNS 10000u
+#define HTTP_DEFAULT_MAX_DEFERRED 64u
 
 /* Listens on addr and serves requests on base with h.
  *
@@ -103,9 +168,11 @@ http_server *http_server_new(struct event_base *base, const char *addr, const ht
 int http_server_port(const http_server *s);
 
 /* Closes the listener and every connection at once (queued responses are
- * dropped) and frees the server, including the response bodies it owns.
- * NULL is a no-op. Called from inside the handler, the teardown is deferred
- * until the handler returns. */
+ * dropped, outstanding tickets voided) and frees the server, including the
+ * response bodies it owns. NULL is a no-op. Called from inside the handler,
+ * the teardown is deferred until the handler returns; http_server_respond()
+ * returns -1 meanwhile. Afterwards s is gone: do not pass it to
+ * http_server_respond() (drop the tickets). */
 void http_server_free(http_server *s);
 
 #endif

@@ -1,7 +1,8 @@
 /* http_server tests: a real server on 127.0.0.1, port 0, its event base
  * run by a second thread; the test body is a plain blocking-socket client
  * (every recv bounded by SO_RCVTIMEO, nothing sleeps) that checks the bytes
- * on the wire. */
+ * on the wire. Deferred answers are given by the loop thread, on commands
+ * the test sends it through a pipe (each acknowledged once carried out). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -27,11 +28,21 @@
 #include "http_server.h"
 
 #define BIG_BODY (256 * 1024)
+#define MAX_PEND 256
 
 /* ---- the server under test ------------------------------------------------ */
 
+/* A deferred request, to be answered with status and body. */
+typedef struct pend {
+  uint64_t ticket;
+  int status;
+  const char *ctype;
+  char body[64];
+} pend;
+
 typedef struct seen {
   pthread_mutex_t mu;
+  pthread_cond_t cv; /* on every request and every command done */
   int requests;
   int peer_changes;
   char peer[64];
@@ -43,6 +54,17 @@ typedef struct seen {
   char query[256];
   bool query_null;
   int method;
+  /* deferred requests not answered yet, in arrival order */
+  pend pend[MAX_PEND];
+  int npend;
+  unsigned bound;  /* a deferring request that finds this many pending */
+  int violations; /* counts here */
+  int errors;     /* what the loop thread found wrong */
+  int rc[MAX_PEND]; /* what http_server_respond returned, last command */
+  int nrc;
+  int now_rc[2]; /* the two answers given from inside the handler */
+  uint64_t last_ticket;
+  int acks; /* commands carried out */
 } seen;
 
 typedef struct fixture {
@@ -50,6 +72,9 @@ typedef struct fixture {
   http_server *srv;
   struct event *stop_ev;
   int stop_pipe[2];
+  struct event *ctl_ev;   /* commands from the test */
+  int ctl_pipe[2];
+  struct event *later_ev; /* answers /later requests */
   pthread_t loop;
   bool running;
   int port;
@@ -76,12 +101,72 @@ static bool path_is(const http_request *rq, const char *p) {
   return rq->path_len == strlen(p) && memcmp(rq->path, p, rq->path_len) == 0;
 }
 
+static bool has_prefix(const http_request *rq, const char *p) {
+  return rq->path_len > strlen(p) && memcmp(rq->path, p, strlen(p)) == 0;
+}
+
+/* Deferring routes, with TEXT the query:
+ *   /defer/N?TEXT       deferred; answered on command with status N, body TEXT
+ *   /defer-crlf/N?TEXT  likewise, with a content type holding CR LF
+ *   /later/N?TEXT       likewise, answered by a timer 50 ms on
+ *   /now/N?TEXT         deferred and answered (twice) inside the handler
+ * Returns false for other paths. Called with s->mu held. */
+static bool defer_route(fixture *f, const http_request *rq, http_response *rs) {
+  seen *s = &f->seen;
+  const char *ctype = "text/plain";
+  size_t k;
+  if (has_prefix(rq, "/defer/"))
+    k = 7;
+  else if (has_prefix(rq, "/later/"))
+    k = 7;
+  else if (has_prefix(rq, "/now/"))
+    k = 5;
+  else if (has_prefix(rq, "/defer-crlf/")) {
+    k = 12;
+    ctype = "text/plain\r\nX-Injected: 1";
+  } else
+    return false;
+  int status = atoi(rq->path + k);
+  if (s->bound && (unsigned)s->npend >= s->bound) s->violations++;
+  /* no cmocka asserts on the loop thread: errors are counted, and
+   * teardown fails the test if any */
+  uint64_t t = http_response_defer(rs);
+  if (!t || http_response_defer(rs) != t) s->errors++; /* same ticket again */
+  s->last_ticket = t;
+  /* ignored once deferred, and freed */
+  rs->status = 204;
+  rs->body = dup_mem("ignored", 7);
+  rs->body_len = 7;
+  if (has_prefix(rq, "/now/")) {
+    s->now_rc[0] = http_server_respond(f->srv, t, status, ctype,
+                                       dup_mem(rq->query ? rq->query : "", rq->query_len),
+                                       rq->query_len);
+    s->now_rc[1] = http_server_respond(f->srv, t, 200, NULL, dup_mem("again", 5), 5);
+    return true;
+  }
+  if (s->npend == MAX_PEND) {
+    s->errors++;
+    return true;
+  }
+  pend *p = &s->pend[s->npend++];
+  p->ticket = t;
+  p->status = status;
+  p->ctype = ctype;
+  copy_str(p->body, sizeof p->body, rq->query ? rq->query : "", rq->query_len);
+  if (has_prefix(rq, "/later/")) {
+    struct timeval tv = {0, 50 * 1000};
+    evtimer_add(f->later_ev, &tv);
+  }
+  return true;
+}
+
 /* Routes:
  *   /echo        200 text/plain, body = request body
  *   /status/N    status N, body "{}"
  *   /big?C       200, BIG_BODY bytes of the character C
  *   /noct        200, no body, no content type set
  *   /quit        frees the server from inside the handler
+ *   deferring    see defer_route
  *   anything     200 {"ok":true}
  */
 static void handler(void *user, const http_request *rq, http_response *rs) {
@@ -89,6 +174,7 @@ static void handler(void *user, const http_request *rq, http_response *rs) {
   seen *s = &f->seen;
   pthread_mutex_lock(&s->mu);
   s->requests++;
+  pthread_cond_broadcast(&s->cv);
   if (strcmp(s->peer, rq->peer) != 0) s->peer_changes++;
   snprintf(s->peer, sizeof s->peer, "%s", rq->peer);
   s->auth_null = rq->authorization == NULL;
@@ -99,9 +185,12 @@ static void handler(void *user, const http_request *rq, http_response *rs) {
   s->query_null = rq->query == NULL;
   copy_str(s->query, sizeof s->query, rq->query ? rq->query : "", rq->query_len);
   s->method = rq->method;
+  bool deferred = defer_route(f, rq, rs);
   pthread_mutex_unlock(&s->mu);
 
-  if (path_is(rq, "/echo")) {
+  if (deferred) {
+    /* answered later */
+  } else if (path_is(rq, "/echo")) {
     rs->status = 200;
     rs->content_type = "text/plain";
     rs->body = dup_mem(rq->body, rq->body_len);
@@ -139,6 +228,62 @@ static void stop_cb(evutil_socket_t fd, short what, void *arg) {
   event_base_loopbreak(arg);
 }
 
+/* Answers every pending request, oldest first or newest first, recording
+ * what http_server_respond returned. Loop thread only. */
+static void answer_all(fixture *f, bool newest_first) {
+  seen *s = &f->seen;
+  pthread_mutex_lock(&s->mu);
+  s->nrc = s->npend;
+  for (int i = 0; i < s->npend; i++) {
+    pend *p = &s->pend[newest_first ? s->npend - 1 - i : i];
+    size_t n = strlen(p->body);
+    /* respond never calls back into the handler, so the lock may be held */
+    s->rc[i] = http_server_respond(f->srv, p->ticket, p->status, p->ctype, dup_mem(p->body, n), n);
+  }
+  s->npend = 0;
+  pthread_mutex_unlock(&s->mu);
+}
+
+static void later_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  answer_all(arg, false);
+}
+
+/* Answers the newest pending request only. Loop thread only. */
+static void answer_newest(fixture *f) {
+  seen *s = &f->seen;
+  pthread_mutex_lock(&s->mu);
+  s->nrc = 0;
+  if (s->npend) {
+    pend *p = &s->pend[--s->npend];
+    size_t n = strlen(p->body);
+    s->rc[s->nrc++] =
+        http_server_respond(f->srv, p->ticket, p->status, p->ctype, dup_mem(p->body, n), n);
+  }
+  pthread_mutex_unlock(&s->mu);
+}
+
+/* Commands: 'p' nothing (a round trip through the loop), 'a' answer all
+ * oldest first, 'r' newest first, 'n' answer the newest only, 'f' free the
+ * server. */
+static void ctl_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)what;
+  fixture *f = arg;
+  char cmd;
+  if (read(fd, &cmd, 1) != 1) return;
+  if (cmd == 'a' || cmd == 'r') answer_all(f, cmd == 'r');
+  if (cmd == 'n') answer_newest(f);
+  if (cmd == 'f') {
+    http_server_free(f->srv);
+    f->srv = NULL;
+  }
+  pthread_mutex_lock(&f->seen.mu);
+  f->seen.acks++;
+  pthread_cond_broadcast(&f->seen.cv);
+  pthread_mutex_unlock(&f->seen.mu);
+}
+
 static void *loop_main(void *arg) {
   fixture *f = arg;
   event_base_dispatch(f->base);
@@ -158,6 +303,12 @@ static bool start_at(const char *addr, const http_limits *lim) {
   f->stop_ev = event_new(f->base, f->stop_pipe[0], EV_READ, stop_cb, f->base);
   assert_non_null(f->stop_ev);
   assert_int_equal(event_add(f->stop_ev, NULL), 0);
+  assert_int_equal(pipe(f->ctl_pipe), 0);
+  f->ctl_ev = event_new(f->base, f->ctl_pipe[0], EV_READ | EV_PERSIST, ctl_cb, f);
+  assert_non_null(f->ctl_ev);
+  assert_int_equal(event_add(f->ctl_ev, NULL), 0);
+  f->later_ev = evtimer_new(f->base, later_cb, f);
+  assert_non_null(f->later_ev);
   /* from here on only the loop thread touches the base, until teardown */
   assert_int_equal(pthread_create(&f->loop, NULL, loop_main, f), 0);
   f->running = true;
@@ -170,7 +321,9 @@ static int setup(void **state) {
   fixture *f = calloc(1, sizeof *f);
   if (!f) return -1;
   pthread_mutex_init(&f->seen.mu, NULL);
+  pthread_cond_init(&f->seen.cv, NULL);
   f->stop_pipe[0] = f->stop_pipe[1] = -1;
+  f->ctl_pipe[0] = f->ctl_pipe[1] = -1;
   current = f;
   *state = f;
   return 0;
@@ -183,15 +336,23 @@ static int teardown(void **state) {
     (void)w;
     pthread_join(f->loop, NULL);
   }
+  /* tickets still pending are voided here; the fixture just drops them */
   http_server_free(f->srv);
   if (f->stop_ev) event_free(f->stop_ev);
+  if (f->ctl_ev) event_free(f->ctl_ev);
+  if (f->later_ev) event_free(f->later_ev);
   if (f->stop_pipe[0] >= 0) close(f->stop_pipe[0]);
   if (f->stop_pipe[1] >= 0) close(f->stop_pipe[1]);
+  if (f->ctl_pipe[0] >= 0) close(f->ctl_pipe[0]);
+  if (f->ctl_pipe[1] >= 0) close(f->ctl_pipe[1]);
   if (f->base) event_base_free(f->base);
+  pthread_cond_destroy(&f->seen.cv);
   pthread_mutex_destroy(&f->seen.mu);
+  int errors = f->seen.errors;
   free(f);
   current = NULL;
-  return 0;
+  if (errors) fprintf(stderr, "%d errors on the loop thread\n", errors);
+  return errors ? -1 : 0;
 }
 
 static seen snapshot(void) {
@@ -200,6 +361,44 @@ static seen snapshot(void) {
   s = current->seen;
   pthread_mutex_unlock(&current->seen.mu);
   return s;
+}
+
+static void deadline_in(struct timespec *ts, int sec) {
+  clock_gettime(CLOCK_REALTIME, ts);
+  ts->tv_sec += sec;
+}
+
+/* Waits (5 s at most) until the handler has seen n requests in all. */
+static void wait_requests(int n) {
+  seen *s = &current->seen;
+  struct timespec ts;
+  deadline_in(&ts, 5);
+  pthread_mutex_lock(&s->mu);
+  while (s->requests < n)
+    if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) != 0) break;
+  int got = s->requests;
+  pthread_mutex_unlock(&s->mu);
+  if (got < n) fail_msg("%d requests seen, waited for %d", got, n);
+}
+
+/* Has the loop thread carry out cmd (see ctl_cb) and waits until it has.
+ * Every callback the loop was running, or had ready, when cmd was sent has
+ * returned by then. */
+static void cmd(char c) {
+  fixture *f = current;
+  seen *s = &f->seen;
+  pthread_mutex_lock(&s->mu);
+  int want = s->acks + 1;
+  pthread_mutex_unlock(&s->mu);
+  assert_int_equal(write(f->ctl_pipe[1], &c, 1), 1);
+  struct timespec ts;
+  deadline_in(&ts, 5);
+  pthread_mutex_lock(&s->mu);
+  while (s->acks < want)
+    if (pthread_cond_timedwait(&s->cv, &s->mu, &ts) != 0) break;
+  int got = s->acks;
+  pthread_mutex_unlock(&s->mu);
+  if (got < want) fail_msg("command %c not carried out", c);
 }
 
 /* ---- a blocking client -------------------------------------------------------- */
@@ -331,6 +530,22 @@ static response cli_read(client *c) { return cli_read_ex(c, false); }
 static void resp_free(response *r) {
   free(r->body);
   r->body = NULL;
+}
+
+/* Nothing has arrived, and the connection is still open. */
+static void cli_expect_nothing(client *c) {
+  assert_int_equal(c->len, 0);
+  char b;
+  ssize_t n = recv(c->fd, &b, 1, MSG_DONTWAIT);
+  if (n >= 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
+    fail_msg("expected nothing, recv returned %zd (errno %d)", n, errno);
+}
+
+/* Closes with a reset, as a client that crashed or gave up. */
+static void cli_abort(client *c) {
+  struct linger lg = {1, 0};
+  setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+  cli_close(c);
 }
 
 /* The server closed (or shut down) its side and sent nothing more. */
@@ -1009,6 +1224,503 @@ static void test_free_from_handler(void **state) {
   cli_close(&other);
 }
 
+/* ---- deferred answers ---------------------------------------------------------- */
+
+/* Opens a connection and has it answered once, retrying while the server
+ * still refuses it (max_conns, with an old connection not yet gone). */
+static client cli_open_served(void) {
+  for (int i = 0; i < 200; i++) {
+    client c = cli_open();
+    cli_sends(&c, GET_ROOT);
+    ssize_t n = cli_fill(&c);
+    if (n > 12 && memcmp(c.buf, "HTTP/1.1 200", 12) == 0) {
+      response r = cli_read(&c);
+      resp_free(&r);
+      return c;
+    }
+    cli_close(&c);
+  }
+  fail_msg("no connection served");
+  return (client){.fd = -1};
+}
+
+static void test_deferred_basic(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/201?hello HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  cmd('p');
+  cli_expect_nothing(&c);
+  uint64_t t = snapshot().last_ticket;
+  assert_true(t != 0);
+  cmd('a');
+  seen s = snapshot();
+  assert_int_equal(s.nrc, 1);
+  assert_int_equal(s.rc[0], 0);
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  assert_string_equal(r.ctype, "text/plain");
+  assert_string_equal(r.connection, "keep-alive");
+  assert_string_equal(r.body, "hello");
+  resp_free(&r);
+  /* the connection goes on, synchronous and deferred */
+  cli_sends(&c, GET_ROOT);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  resp_free(&r);
+  cli_sends(&c, "POST /defer/200?again HTTP/1.1\r\nContent-Length: 2\r\n\r\nxy");
+  wait_requests(3);
+  assert_true(snapshot().last_ticket != t);
+  cmd('a');
+  r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, "again");
+  resp_free(&r);
+  /* answered tickets are stale */
+  assert_int_equal(snapshot().rc[0], 0);
+  cli_close(&c);
+}
+
+static void test_deferred_inside_handler(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c, "GET /now/202?at%20once HTTP/1.1\r\n\r\nGET /status/203 HTTP/1.1\r\n\r\n");
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 202);
+  assert_string_equal(r.body, "at%20once");
+  resp_free(&r);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 203);
+  resp_free(&r);
+  seen s = snapshot();
+  assert_int_equal(s.now_rc[0], 0);
+  assert_int_equal(s.now_rc[1], -1); /* already answered */
+  cli_close(&c);
+}
+
+static uint64_t mono_ms(void);
+
+static void test_deferred_timer(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  uint64_t t0 = mono_ms();
+  cli_sends(&c, "GET /later/202?late HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  /* meanwhile the loop serves others */
+  client d = cli_open();
+  cli_sends(&d, GET_ROOT);
+  response r = cli_read(&d);
+  assert_int_equal(r.status, 200);
+  resp_free(&r);
+  cli_close(&d);
+  r = cli_read(&c);
+  assert_true(mono_ms() - t0 >= 40);
+  assert_int_equal(r.status, 202);
+  assert_string_equal(r.body, "late");
+  resp_free(&r);
+  assert_int_equal(snapshot().rc[0], 0);
+  cli_close(&c);
+}
+
+static void test_deferred_then_sync_order(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/201?first HTTP/1.1\r\n\r\n"
+            "GET /status/202 HTTP/1.1\r\n\r\n"
+            "POST /echo HTTP/1.1\r\nContent-Length: 5\r\n\r\nthird");
+  /* the later ones are handled, and their answers held */
+  wait_requests(3);
+  cmd('p');
+  cli_expect_nothing(&c);
+  cmd('a');
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  assert_string_equal(r.body, "first");
+  resp_free(&r);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 202);
+  resp_free(&r);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, "third");
+  resp_free(&r);
+  cli_close(&c);
+}
+
+static void test_deferred_reverse_answers(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/201?one HTTP/1.1\r\n\r\nGET /status/204 HTTP/1.1\r\n\r\n"
+            "GET /defer/202?two HTTP/1.1\r\n\r\nGET /defer/203?three HTTP/1.1\r\n\r\n");
+  wait_requests(4);
+  cmd('r');
+  seen s = snapshot();
+  assert_int_equal(s.nrc, 3);
+  for (int i = 0; i < 3; i++) assert_int_equal(s.rc[i], 0);
+  static const char *const bodies[] = {"one", NULL, "two", "three"};
+  static const int statuses[] = {201, 204, 202, 203};
+  for (int i = 0; i < 4; i++) {
+    response r = cli_read(&c);
+    assert_int_equal(r.status, statuses[i]);
+    if (bodies[i]) assert_string_equal(r.body, bodies[i]);
+    resp_free(&r);
+  }
+  cli_close(&c);
+}
+
+static void test_deferred_client_gone(void **state) {
+  (void)state;
+  /* one connection at most: once another is served, the first is gone */
+  http_limits lim = {.max_conns = 1};
+  start(&lim);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/201?lost HTTP/1.1\r\n\r\nGET /status/202 HTTP/1.1\r\n\r\n");
+  wait_requests(2);
+  cli_abort(&c);
+  client d = cli_open_served();
+  cmd('a');
+  seen s = snapshot();
+  assert_int_equal(s.nrc, 1);
+  assert_int_equal(s.rc[0], -1);
+  cli_sends(&d, GET_ROOT);
+  response r = cli_read(&d);
+  assert_int_equal(r.status, 200);
+  resp_free(&r);
+  cli_close(&d);
+}
+
+static void test_deferred_stale_ticket(void **state) {
+  (void)state;
+  http_limits lim = {.max_conns = 1};
+  start(&lim);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/201?old HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  uint64_t old = snapshot().last_ticket;
+  cli_abort(&c);
+  /* a new connection, likely in the old one's memory, with a ticket likely
+   * in the old one's slot */
+  client d = cli_open_served();
+  int n = snapshot().requests;
+  cli_sends(&d, "GET /defer/202?new HTTP/1.1\r\n\r\n");
+  wait_requests(n + 1);
+  assert_true(snapshot().last_ticket != old);
+  cmd('a'); /* the old ticket first */
+  seen s = snapshot();
+  assert_int_equal(s.nrc, 2);
+  assert_int_equal(s.rc[0], -1);
+  assert_int_equal(s.rc[1], 0);
+  response r = cli_read(&d);
+  assert_int_equal(r.status, 202);
+  assert_string_equal(r.body, "new");
+  resp_free(&r);
+  cmd('p');
+  cli_expect_nothing(&d);
+  cli_close(&d);
+}
+
+/* Sends n deferred requests at once on a server that stops reading at
+ * bound outstanding; answers them in batches and reads them all, in order. */
+static void run_backpressure(unsigned bound, int n) {
+  current->seen.bound = bound;
+  client c = cli_open();
+  size_t cap = (size_t)n * 48, k = 0;
+  char *reqs = malloc(cap);
+  assert_non_null(reqs);
+  for (int i = 0; i < n; i++)
+    k += (size_t)snprintf(reqs + k, cap - k, "GET /defer/200?%03d HTTP/1.1\r\n\r\n", i);
+  cli_send(&c, reqs, k);
+  free(reqs);
+  int seen_n = 0;
+  while (seen_n < n) {
+    int want = seen_n + (int)bound < n ? seen_n + (int)bound : n;
+    wait_requests(want);
+    cmd('p');
+    /* not one more until answers come */
+    assert_int_equal(snapshot().requests, want);
+    cmd('a');
+    seen_n = want;
+  }
+  for (int i = 0; i < n; i++) {
+    response r = cli_read(&c);
+    assert_int_equal(r.status, 200);
+    char want[8];
+    snprintf(want, sizeof want, "%03d", i);
+    assert_string_equal(r.body, want);
+    resp_free(&r);
+  }
+  seen s = snapshot();
+  assert_int_equal(s.violations, 0);
+  assert_int_equal(s.requests, n);
+  /* the connection reads again */
+  cli_sends(&c, GET_ROOT);
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  resp_free(&r);
+  cli_close(&c);
+}
+
+static void test_deferred_backpressure(void **state) {
+  (void)state;
+  http_limits lim = {.max_deferred = 8};
+  start(&lim);
+  run_backpressure(8, 21);
+}
+
+static void test_deferred_backpressure_default(void **state) {
+  (void)state;
+  start(NULL);
+  run_backpressure(HTTP_DEFAULT_MAX_DEFERRED, 150);
+}
+
+/* Under the bound again, reading resumes though the oldest answer, and so
+ * every response, is still held. */
+static void test_deferred_backpressure_resume(void **state) {
+  (void)state;
+  http_limits lim = {.max_deferred = 2};
+  start(&lim);
+  current->seen.bound = 2;
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/201?1 HTTP/1.1\r\n\r\nGET /defer/202?2 HTTP/1.1\r\n\r\n"
+            "GET /defer/203?3 HTTP/1.1\r\n\r\nGET /status/204 HTTP/1.1\r\n\r\n"
+            "GET /defer/205?5 HTTP/1.1\r\n\r\n");
+  wait_requests(2);
+  cmd('p');
+  assert_int_equal(snapshot().requests, 2);
+  cmd('n'); /* answers 2: 3 is read, and makes two outstanding again */
+  assert_int_equal(snapshot().rc[0], 0);
+  wait_requests(3);
+  cmd('p');
+  assert_int_equal(snapshot().requests, 3);
+  cmd('n'); /* answers 3: 204 and 5 are read */
+  wait_requests(5);
+  cmd('p');
+  cli_expect_nothing(&c);
+  cmd('r'); /* 5, then 1 */
+  for (int st = 201; st <= 205; st++) {
+    response r = cli_read(&c);
+    assert_int_equal(r.status, st);
+    resp_free(&r);
+  }
+  assert_int_equal(snapshot().violations, 0);
+  cli_close(&c);
+}
+
+static void test_deferred_head(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c, "HEAD /defer/200?abcd HTTP/1.1\r\n\r\nHEAD /defer/42?x HTTP/1.1\r\n\r\n");
+  wait_requests(2);
+  cmd('a');
+  response r = cli_read_ex(&c, true);
+  assert_int_equal(r.status, 200);
+  assert_true(r.has_length);
+  assert_int_equal(r.length, 4);
+  resp_free(&r);
+  /* the 500 for a bad status drops its body for HEAD too */
+  r = cli_read_ex(&c, true);
+  assert_int_equal(r.status, 500);
+  assert_int_equal(r.length, strlen("{\"error\":\"internal error\"}"));
+  resp_free(&r);
+  cli_sends(&c, "GET /status/202 HTTP/1.1\r\n\r\n");
+  r = cli_read(&c); /* would start with body bytes if HEAD had sent any */
+  assert_int_equal(r.status, 202);
+  resp_free(&r);
+  assert_int_equal(snapshot().method, HTTP_GET);
+  cli_close(&c);
+}
+
+static void test_deferred_invalid(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/42?x HTTP/1.1\r\n\r\nGET /defer/600?y HTTP/1.1\r\n\r\n"
+            "GET /defer-crlf/201?z HTTP/1.1\r\n\r\n");
+  wait_requests(3);
+  cmd('a');
+  for (int i = 0; i < 2; i++) {
+    response r = cli_read(&c);
+    assert_int_equal(r.status, 500);
+    assert_string_equal(r.ctype, "application/json");
+    assert_string_equal(r.connection, "keep-alive");
+    assert_string_equal(r.body, "{\"error\":\"internal error\"}");
+    resp_free(&r);
+  }
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  assert_string_equal(r.ctype, "application/json");
+  assert_string_equal(r.body, "z");
+  resp_free(&r);
+  cli_close(&c);
+}
+
+static void test_deferred_connection_close(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/202?bye HTTP/1.1\r\nConnection: close\r\n\r\n"
+            "GET /status/203 HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  cmd('a');
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 202);
+  assert_string_equal(r.connection, "close");
+  assert_string_equal(r.body, "bye");
+  resp_free(&r);
+  cli_expect_eof(&c);
+  assert_int_equal(snapshot().requests, 1);
+  cli_close(&c);
+}
+
+static void test_deferred_half_close(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/201?still HTTP/1.1\r\n\r\nGET /status/202 HTTP/1.1\r\n\r\n");
+  shutdown(c.fd, SHUT_WR);
+  wait_requests(2);
+  cmd('p');
+  cmd('a');
+  assert_int_equal(snapshot().rc[0], 0);
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  assert_string_equal(r.body, "still");
+  resp_free(&r);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 202);
+  resp_free(&r);
+  cli_expect_eof(&c);
+  cli_close(&c);
+}
+
+/* A 100 Continue is an answer too: it waits for the earlier ones. */
+static void test_deferred_expect_continue(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c,
+            "GET /defer/201?a HTTP/1.1\r\n\r\n"
+            "POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n");
+  wait_requests(1);
+  cmd('p');
+  cli_expect_nothing(&c);
+  cmd('a');
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  resp_free(&r);
+  const char *cont = "HTTP/1.1 100 Continue\r\n\r\n";
+  while (c.len < strlen(cont)) assert_true(cli_fill(&c) > 0);
+  assert_memory_equal(c.buf, cont, strlen(cont));
+  cli_consume(&c, strlen(cont));
+  cli_sends(&c, "hello");
+  r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, "hello");
+  resp_free(&r);
+  cli_close(&c);
+}
+
+static void test_deferred_idle_timeout(void **state) {
+  (void)state;
+  http_limits lim = {.idle_timeout_ms = 200};
+  start(&lim);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/200?patience HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  /* a connection opened later times out; the waiting one does not */
+  client quiet = cli_open();
+  cli_expect_eof(&quiet);
+  cli_close(&quiet);
+  cmd('p');
+  cli_expect_nothing(&c);
+  cmd('a');
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, "patience");
+  resp_free(&r);
+  /* answered: the idle clock runs again */
+  uint64_t t0 = mono_ms();
+  cli_expect_eof(&c);
+  uint64_t dt = mono_ms() - t0;
+  assert_true(dt >= 150);
+  assert_true(dt < 3000);
+  cli_close(&c);
+}
+
+/* Answering lets the held-back input be read; a request in it frees the
+ * server from inside the handler. */
+static void test_deferred_resume_then_quit(void **state) {
+  (void)state;
+  http_limits lim = {.max_deferred = 1};
+  start(&lim);
+  client c = cli_open();
+  cli_sends(&c, "GET /defer/201?a HTTP/1.1\r\n\r\nGET /quit HTTP/1.1\r\n\r\n");
+  wait_requests(1);
+  cmd('p');
+  assert_int_equal(snapshot().requests, 1);
+  cmd('a');
+  wait_requests(2);
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 201);
+  resp_free(&r);
+  ssize_t n = cli_fill(&c);
+  assert_true(n == 0 || (n < 0 && errno == ECONNRESET));
+  cmd('p');
+  assert_null(current->srv);
+  cli_close(&c);
+}
+
+static void test_deferred_free_outstanding(void **state) {
+  (void)state;
+  start(NULL);
+  client a = cli_open(), b = cli_open();
+  cli_sends(&a, "GET /defer/201?a HTTP/1.1\r\n\r\nGET /status/202 HTTP/1.1\r\n\r\n");
+  cli_sends(&b, "POST /defer/201?b HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc");
+  wait_requests(3);
+  cmd('f'); /* the tickets are voided; the fixture drops them */
+  assert_null(current->srv);
+  client *cs[2] = {&a, &b};
+  for (int i = 0; i < 2; i++) {
+    ssize_t n = cli_fill(cs[i]);
+    assert_true(n == 0 || (n < 0 && errno == ECONNRESET));
+    cli_close(cs[i]);
+  }
+}
+
+static void respond_any_handler(void *user, const http_request *rq, http_response *rs) {
+  (void)user;
+  (void)rq;
+  rs->status = 200;
+}
+
+static void test_respond_bad_tickets(void **state) {
+  (void)state;
+  struct event_base *base = event_base_new();
+  assert_non_null(base);
+  http_server *s = http_server_new(base, "127.0.0.1:0", NULL, respond_any_handler, NULL);
+  assert_non_null(s);
+  /* the body is freed each time (ASan would tell) */
+  assert_int_equal(http_server_respond(NULL, 1, 200, NULL, dup_mem("x", 1), 1), -1);
+  assert_int_equal(http_server_respond(s, 0, 200, NULL, dup_mem("x", 1), 1), -1);
+  assert_int_equal(http_server_respond(s, 1, 200, NULL, dup_mem("x", 1), 1), -1);
+  assert_int_equal(http_server_respond(s, (uint64_t)1 << 24, 200, NULL, NULL, 0), -1);
+  assert_int_equal(http_server_respond(s, UINT64_MAX, 200, NULL, dup_mem("x", 1), 1), -1);
+  assert_int_equal(http_response_defer(NULL), 0);
+  http_server_free(s);
+  event_base_free(base);
+}
+
 static void test_bad_args(void **state) {
   (void)state;
   struct event_base *base = event_base_new();
@@ -1059,6 +1771,25 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_idle_timeout, setup, teardown),
       cmocka_unit_test_setup_teardown(test_max_conns, setup, teardown),
       cmocka_unit_test_setup_teardown(test_free_from_handler, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_basic, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_inside_handler, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_timer, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_then_sync_order, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_reverse_answers, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_client_gone, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_stale_ticket, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_backpressure, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_backpressure_default, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_backpressure_resume, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_head, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_invalid, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_connection_close, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_half_close, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_expect_continue, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_idle_timeout, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_resume_then_quit, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_deferred_free_outstanding, setup, teardown),
+      cmocka_unit_test(test_respond_bad_tickets),
       cmocka_unit_test(test_bad_args),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
