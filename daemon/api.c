@@ -21,10 +21,21 @@ static void reply_json(http_response *r, int status, cJSON *body) {
   cJSON_Delete(body);
 }
 
-static void reply_error(http_response *r, int status, const char *msg) {
+static cJSON *json_error(const char *msg) {
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "error", msg);
-  reply_json(r, status, o);
+  return o;
+}
+
+char *imd_error_body(const char *msg) {
+  cJSON *o = json_error(msg);
+  char *s = cJSON_PrintUnformatted(o);
+  cJSON_Delete(o);
+  return s;
+}
+
+static void reply_error(http_response *r, int status, const char *msg) {
+  reply_json(r, status, json_error(msg));
 }
 
 /* Compare the whole length whatever the contents, so timing says nothing
@@ -102,6 +113,17 @@ static int string_list(const cJSON *j, const char **v, size_t max) {
   return n;
 }
 
+static int cmp_str(const void *a, const void *b);
+
+/* Sort v and drop repeated strings; returns the new count. */
+static size_t unique_strings(const char **v, size_t n) {
+  qsort(v, n, sizeof *v, cmp_str);
+  size_t k = 0;
+  for (size_t i = 0; i < n; i++)
+    if (k == 0 || strcmp(v[k - 1], v[i])) v[k++] = v[i];
+  return k;
+}
+
 static void post_message(imd *d, const http_request *req, http_response *r) {
   cJSON *b = cJSON_ParseWithLength(req->body, req->body_len);
   if (!cJSON_IsObject(b)) {
@@ -114,6 +136,7 @@ static void post_message(imd *d, const http_request *req, http_response *r) {
   const cJSON *to = cJSON_GetObjectItemCaseSensitive(b, "to");
   const cJSON *group = cJSON_GetObjectItemCaseSensitive(b, "group");
   const cJSON *room = cJSON_GetObjectItemCaseSensitive(b, "room");
+  const cJSON *cid = cJSON_GetObjectItemCaseSensitive(b, "cid");
   int targets = (to != NULL) + (group != NULL) + (room != NULL);
   const char *err = NULL;
   if (!raw_member(req->body, req->body_len, "data", &data))
@@ -124,44 +147,58 @@ static void post_message(imd *d, const http_request *req, http_response *r) {
     err = "give exactly one of to, group, room";
   else if ((group && !cJSON_IsString(group)) || (room && !cJSON_IsString(room)))
     err = "group and room must be strings";
+  else if (cid && (!cJSON_IsString(cid) || !*cid->valuestring))
+    err = "cid must be a non-empty string";
+  else if (room && cid)
+    err = "room messages are not stored: no cid";
   if (err) {
     cJSON_Delete(b);
     reply_error(r, 400, err);
     return;
   }
+  if (data.n > im_server_config(d->srv)->max_message) {
+    cJSON_Delete(b);
+    reply_error(r, 413, "data over the message size limit");
+    return;
+  }
   char id[IM_ID_MAX];
   im_new_id(d->srv, id);
-  im_msg m = {.id = id, .from = from ? from->valuestring : "system", .ts = imd_wall_ms(),
-              .data = data.p, .data_len = data.n};
-  int n = 0;
-  if (to) {
-    const char **uids = malloc(MAX_TARGETS * sizeof(*uids));
-    int k = uids ? string_list(to, uids, MAX_TARGETS) : -1;
-    if (k <= 0) {
-      free(uids);
-      cJSON_Delete(b);
-      reply_error(r, 400, "to must be a non-empty uid or array of uids");
-      return;
-    }
-    if (k == 1) m.to = uids[0];
-    n = im_send_users(d->srv, uids, (size_t)k, &m, 0);
-    free(uids);
-  } else if (group) {
-    imd_group *g = imd_group_find(d, group->valuestring);
+  const char *sender = from ? from->valuestring : "system";
+  if (!room) {
+    /* stored: answered after the commit (deferred), like a client's ack */
+    const char **uids = NULL;
     size_t k = 0;
-    const char **uids = g ? imd_group_members(g, &k) : NULL;
-    if (!uids) {
-      cJSON_Delete(b);
-      reply_error(r, 404, "no such group");
-      return;
+    imd_store_msg sm = {.id = id, .from = sender, .device = "", .ts = imd_wall_ms(),
+                        .cid = cid ? cid->valuestring : NULL, .data = data.p,
+                        .data_len = data.n};
+    if (to) {
+      uids = malloc(MAX_TARGETS * sizeof(*uids));
+      int nk = uids ? string_list(to, uids, MAX_TARGETS) : -1;
+      k = nk > 0 ? unique_strings(uids, (size_t)nk) : 0;
+      if (k == 1) sm.to = uids[0];
+      err = nk <= 0 ? "to must be a non-empty uid or array of uids" : NULL;
+    } else {
+      imd_group *g = imd_group_find(d, group->valuestring);
+      uids = g ? imd_group_members(g, &k) : NULL;
+      sm.group = group->valuestring;
+      err = g ? (k ? NULL : "the group has no members") : "no such group";
     }
-    m.group = group->valuestring;
-    n = im_send_users(d->srv, uids, k, &m, 0);
+    int code = err ? (to ? 400 : 404) : 0;
+    uint64_t ticket = err ? 0 : http_response_defer(r);
+    if (!err && !ticket) code = 503, err = "out of memory";
+    if (!err && (code = imd_store_and_deliver(d, &sm, uids, k, 0, ticket)) != 0) {
+      imd_http_respond(d, ticket, code, imd_error_body("store failed"));
+    } else if (!err) {
+      d->m.msgs_http++;
+    }
     free((void *)uids);
-  } else {
-    m.room = room->valuestring;
-    n = im_room_send(d->srv, room->valuestring, &m, 0);
+    cJSON_Delete(b);
+    if (err) reply_error(r, code, err);
+    return;
   }
+  im_msg m = {.id = id, .from = sender, .room = room->valuestring, .ts = imd_wall_ms(),
+              .data = data.p, .data_len = data.n};
+  int n = im_room_send(d->srv, room->valuestring, &m, 0);
   cJSON_Delete(b);
   if (n < 0) {
     reply_error(r, n == IM_ETOOBIG ? 413 : 500, im_strerror(n));
@@ -196,6 +233,33 @@ static void get_presence(imd *d, const char *uid, http_response *r) {
     cJSON_AddItemToArray(arr, c);
   }
   cJSON_AddNumberToObject(o, "count", (double)total);
+  reply_json(r, 200, o);
+}
+
+static void add_device(void *arr, const char *device, uint64_t seq) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "device", device);
+  cJSON_AddNumberToObject(o, "delivered", (double)seq);
+  cJSON_AddItemToArray(arr, o);
+}
+
+/* The user's inbox position: last seq, what retention trimmed, and how far
+ * each device has ACKed. */
+static void get_inbox(imd *d, const char *uid, http_response *r) {
+  imd_flush(d);
+  uint64_t last = 0, trimmed = 0;
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "uid", uid);
+  cJSON *devs = cJSON_CreateArray();
+  if (imd_store_user_state(d->store, uid, &last, &trimmed, add_device, devs) < 0) {
+    cJSON_Delete(devs);
+    cJSON_Delete(o);
+    reply_error(r, 500, "store failed");
+    return;
+  }
+  cJSON_AddNumberToObject(o, "last", (double)last);
+  cJSON_AddNumberToObject(o, "trimmed", (double)trimmed);
+  cJSON_AddItemToObject(o, "devices", devs);
   reply_json(r, 200, o);
 }
 
@@ -296,6 +360,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
       get_presence(d, seg[2], r);
       return;
     }
+    if (!strcmp(seg[3], "inbox")) {
+      if (!get) goto method;
+      get_inbox(d, seg[2], r);
+      return;
+    }
     if (!strcmp(seg[3], "kick")) {
       if (!post) goto method;
       post_kick(d, seg[2], r);
@@ -318,9 +387,19 @@ method:
   reply_error(r, 405, "method not allowed");
 }
 
+static void count_status(imd *d, int status) {
+  if (status >= 100 && status < 600) d->m.http_status[status / 100]++;
+}
+
+void imd_http_respond(imd *d, uint64_t ticket, int status, char *body) {
+  if (!body) status = 500;
+  count_status(d, status);
+  http_server_respond(d->http, ticket, status, NULL, body, body ? strlen(body) : 0);
+}
+
 void imd_api_handle(void *user, const http_request *req, http_response *resp) {
   imd *d = user;
   route(d, req, resp);
   d->m.http_requests++;
-  if (resp->status >= 100 && resp->status < 600) d->m.http_status[resp->status / 100]++;
+  count_status(d, resp->status); /* a deferred answer counts when it is given */
 }

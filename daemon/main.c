@@ -1,6 +1,7 @@
 /* imd: the reference daemon on libim.
  *   imd [--ws ADDR] [--tcp ADDR] [--http ADDR] [--secret S] [--api-key K]
- *       [--data DIR] [--config FILE]
+ *       [--data DIR] [--config FILE] [limits, delivery and retention flags:
+ *       see usage() / imd(8)]
  *   imd token --secret S --uid U [--device D] [--ttl SECONDS]
  * Flags beat environment variables (IMD_WS, ...), which beat the config
  * file, which beats the defaults. */
@@ -25,7 +26,8 @@ typedef struct option_def {
 } option_def;
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
-       O_AUTH_TIMEOUT, O_MAX_CONNS, O_N };
+       O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
+       O_DURABLE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -45,12 +47,24 @@ static const option_def options[O_N] = {
                         "ms to authenticate              [10000]"},
     [O_MAX_CONNS] = {"--max-connections", "IMD_MAX_CONNECTIONS", "max_connections",
                      "0 = unlimited                   [0]"},
+    [O_ACK_TIMEOUT] = {"--ack-timeout", "IMD_ACK_TIMEOUT", "ack_timeout",
+                       "ms before an unACKed push is resent [18000]"},
+    [O_ACK_RETRIES] = {"--ack-retries", "IMD_ACK_RETRIES", "ack_retries",
+                       "resends before the connection is closed (4408) [3]"},
+    [O_INBOX_MAX] = {"--inbox-max", "IMD_INBOX_MAX", "inbox_max",
+                     "messages kept per user, 0 = no limit [10000]"},
+    [O_INBOX_DAYS] = {"--inbox-days", "IMD_INBOX_DAYS", "inbox_days",
+                      "days messages are kept, 0 = forever [30]"},
+    [O_DURABLE] = {"--fsync", "IMD_FSYNC", "fsync",
+                 "on: fsync every commit; off: survive crashes, not power loss [on]"},
 };
 
 static const char *defaults[O_N] = {
     [O_WS] = "127.0.0.1:8080", [O_TCP] = "127.0.0.1:8081", [O_HTTP] = "127.0.0.1:8082",
     [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
-    [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",
+    [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",      [O_ACK_TIMEOUT] = "18000",
+    [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
+    [O_DURABLE] = "on",
 };
 
 static void usage(FILE *f) {
@@ -236,11 +250,28 @@ int main(int argc, char **argv) {
   d.cfg.data_dir = vals[O_DATA];
   im_config icfg;
   im_config_init(&icfg);
+  imd_store_opts store_opts = {0};
+  uint32_t inbox_days;
   if (parse_u32("max-message", vals[O_MAX_MESSAGE], &icfg.max_message) < 0 ||
       parse_u32("heartbeat", vals[O_HEARTBEAT], &icfg.heartbeat_s) < 0 ||
       parse_u32("auth-timeout", vals[O_AUTH_TIMEOUT], &icfg.auth_timeout_ms) < 0 ||
-      parse_u32("max-connections", vals[O_MAX_CONNS], &icfg.max_connections) < 0)
+      parse_u32("max-connections", vals[O_MAX_CONNS], &icfg.max_connections) < 0 ||
+      parse_u32("ack-timeout", vals[O_ACK_TIMEOUT], &icfg.ack_timeout_ms) < 0 ||
+      parse_u32("ack-retries", vals[O_ACK_RETRIES], &icfg.ack_retries) < 0 ||
+      parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
+      parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0)
     return 2;
+  if (icfg.ack_timeout_ms < 100 || inbox_days > 100000) {
+    fprintf(stderr, "imd: %s\n", inbox_days > 100000 ? "inbox-days: at most 100000"
+                                                       : "ack-timeout: at least 100 ms");
+    return 2;
+  }
+  store_opts.keep_age_s = inbox_days * 86400u;
+  if (strcmp(vals[O_DURABLE], "on") && strcmp(vals[O_DURABLE], "off")) {
+    fprintf(stderr, "imd: fsync: 'on' or 'off', not '%s'\n", vals[O_DURABLE]);
+    return 2;
+  }
+  store_opts.no_fsync = !strcmp(vals[O_DURABLE], "off");
   if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
     fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
     return 1;
@@ -276,6 +307,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
+  if (imd_delivery_init(&d, &store_opts) < 0) return 1;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
@@ -305,6 +337,7 @@ int main(int argc, char **argv) {
     fflush(stdout);
     event_base_dispatch(d.base);
   }
+  imd_delivery_free(&d); /* commits and settles what is pending */
   http_server_free(d.http);
   im_event_free(d.ev);
   im_server_free(d.srv);

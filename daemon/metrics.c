@@ -112,6 +112,23 @@ char *imd_metrics_render(imd *d, size_t *len) {
   counter(&b, "imd_messages_out_total", "Downstream messages queued to connections", st.msgs_out);
   counter(&b, "imd_bytes_in_total", "Bytes read from clients", st.bytes_in);
   counter(&b, "imd_bytes_out_total", "Bytes queued to clients", st.bytes_out);
+  counter(&b, "imd_messages_stored_total", "Messages stored in receivers' inboxes", d->m.stored);
+  counter(&b, "imd_messages_duplicate_total",
+          "Resent messages answered with their stored id, not delivered again", d->m.duplicates);
+  counter(&b, "imd_store_commits_total", "Group commits (one fsync each)", d->m.commits);
+  counter(&b, "imd_store_commit_messages_total", "Messages settled by those commits",
+          d->m.batched);
+  counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", d->m.commit_us);
+  counter(&b, "imd_syncs_total", "Sync requests answered", d->m.syncs);
+  counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", d->m.trimmed);
+  gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
+  counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
+  counter(&b, "imd_ack_timeouts_total", "Connections closed (4408) after the last resend",
+          st.ack_timeouts);
+  counter(&b, "imd_undelivered_total", "Pushes whose connection closed before the ACK (kept for sync)",
+          st.undelivered);
+  counter(&b, "imd_client_retransmits_dropped_total",
+          "Client resends of a cid dropped by the connection's window", st.dups);
   sb_printf(&b, "# HELP imd_errors_total Errors by kind\n# TYPE imd_errors_total counter\n");
   const struct {
     const char *kind;
@@ -120,7 +137,7 @@ char *imd_metrics_render(imd *d, size_t *len) {
       {"protocol", st.proto_errors},   {"auth", st.auth_failures},
       {"auth_expired", d->m.auth_expired}, {"auth_invalid", d->m.auth_invalid},
       {"timeout", st.timeouts},        {"shed", st.shed},
-      {"message_refused", d->m.msg_errors},
+      {"message_refused", d->m.msg_errors}, {"store", d->m.store_errors},
   };
   for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++)
     sb_printf(&b, "imd_errors_total{kind=\"%s\"} %llu\n", errs[i].kind,

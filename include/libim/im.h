@@ -204,8 +204,9 @@ typedef struct im_callbacks {
    * tracked or not (a repeated ack is reported again). */
   void (*on_ack)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
   /* c is closing with reliable messages it never ACKed (sent or still
-   * waiting for window space): called once per message, oldest first, right
-   * before on_close. */
+   * waiting for window space): called once per message, right before
+   * on_close; sent ones first, in the order they were last (re)sent, then
+   * the waiting ones in order. */
   void (*on_undelivered)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
   /* The client asked for the messages after `since` (a sync op, or an auth
    * op carrying since: then right after on_open). limit is the client's
@@ -298,18 +299,20 @@ IM_EXTERN void im_new_id(im_server *srv, char out[IM_ID_MAX]);
 
 /* Send one message to a connection. m->id NULL: the library generates one.
  * Returns 0, IM_ENOENT, IM_ESTATE (c not authenticated), IM_ECLOSED,
- * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM. */
+ * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM,
+ * IM_EINVAL (IM_SEND_RELIABLE with an id of IM_ID_MAX bytes or more). */
 IM_EXTERN int im_send_conn(im_server *srv, im_conn_id c, const im_msg *m);
 
 /* Send to every connection of uid except `except` (0: none). The message is
  * encoded once per wire format and shared. Returns the number of
- * connections it was queued on (>= 0), or IM_ETOOBIG / IM_ENOMEM. */
+ * connections it was queued on (>= 0), or IM_ETOOBIG / IM_ENOMEM /
+ * IM_EINVAL (as im_send_conn). */
 IM_EXTERN int im_send_user(im_server *srv, const char *uid, const im_msg *m, im_conn_id except);
 
 /* Send to every connection of each of n users (duplicates in uids are
  * sent once per occurrence), except connection `except`; encoded once for
  * all of them. Returns the number of connections reached, or IM_ETOOBIG /
- * IM_ENOMEM. */
+ * IM_ENOMEM / IM_EINVAL (as im_send_conn). */
 IM_EXTERN int im_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
                             im_conn_id except);
 

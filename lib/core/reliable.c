@@ -49,7 +49,8 @@ static void arm(im_server *s, im_rel *r) {
 /* (Re)send e and append it to the in-flight list. */
 static int transmit(im_server *s, im_rel *r, rel_entry *e) {
   e->tries++;
-  e->due = now_tick(s) + s->ack_ticks;
+  /* +1: now_tick is rounded down, so a deadline is never early */
+  e->due = now_tick(s) + s->ack_ticks + 1;
   e->next = NULL;
   if (r->tail)
     r->tail->next = e;

@@ -244,7 +244,9 @@ static enum wire_kind conn_wire(const im_conn *c) {
  * bound, the connection is shed. */
 int conn_queue(im_server *s, im_conn *c, im_buf *b) {
   if (c->state == CS_CLOSED) return IM_ECLOSED;
-  if ((uint64_t)c->out_bytes + b->len > s->cfg.max_output) {
+  /* reliable messages waiting for window space count as queued output */
+  uint64_t held = c->rel ? c->rel->wait_bytes : 0;
+  if ((uint64_t)c->out_bytes + held + b->len > s->cfg.max_output) {
     conn_shed(s, c);
     return IM_EFULL;
   }
@@ -1267,8 +1269,11 @@ int im_ack(im_server *s, im_conn_id id, const char *cid, const char *msg_id, uin
   if (c->state != CS_OPEN) return IM_ECLOSED;
   enter(s);
   size_t cl = cid ? strlen(cid) : 0;
-  dd_entry *dd = cid && msg_id ? dd_find(s, c, cid, cl) : NULL;
-  if (dd) dd_acked(dd, msg_id, seq);
+  dd_entry *dd = cid ? dd_find(s, c, cid, cl) : NULL;
+  if (dd && msg_id)
+    dd_acked(dd, msg_id, seq);
+  else if (dd)
+    dd->state = DD_FREE; /* nothing to repeat: a retry is processed again */
   int rc = send_ack(s, c, cid, cl, msg_id, seq);
   leave(s);
   return rc;

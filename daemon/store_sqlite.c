@@ -1,0 +1,1002 @@
+/* imd's message store on SQLite (the contract is in store.h).
+ *
+ * Tables (schema version 1, PRAGMA user_version):
+ *   msgs    one row per stored message; refs counts the inbox rows that
+ *           point at it, so trimming can find orphans without an index on
+ *           inbox(mid).
+ *   idem    (sender, device, cid) -> id, the idempotency keys. Kept apart
+ *           from msgs because a key must outlive its message (store.h: keys
+ *           live for keep_age_s, or forever).
+ *   inbox   (uid, seq) -> mid: the per-user inboxes. The entries still held
+ *           for a user are always exactly trimmed+1 .. last_seq; trimming
+ *           only ever drops a prefix.
+ *   users   uid -> last_seq, trimmed. last_seq is written once per batch per
+ *           user touched (at commit), not per append.
+ *   cursors (uid, device) -> delivered.
+ *
+ * Hot path: an append is one INSERT per table row it adds (idem, msgs, one
+ * inbox row per receiver) inside a SAVEPOINT, so a failing append undoes
+ * only itself and the batch around it survives. The next seq of each user
+ * comes from an in-memory cache loaded once from the database. */
+#include "store.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <sqlite3.h>
+
+#include "core/strmap.h"
+
+#define SCHEMA_VERSION 1
+#define ID_MAX 24                /* dup_id size promised by store.h */
+#define BUSY_TIMEOUT_MS 5000     /* another process (sqlite3 shell, backup) holding the lock */
+#define CACHE_SIZE_KIB 16384     /* page cache: the hot inbox pages of many users */
+/* Appends insert at random places in idem and inbox (keyed by sender and
+ * by receiver), so a commit writes about one whole page per row to the WAL.
+ * Small pages cut those bytes (measured: under half the volume of 4 KiB
+ * pages, and ~20% more appends/s). The checkpoint runs inside the commit
+ * that crosses WAL_CHECKPOINT_BYTES, so that size trades throughput for the
+ * longest commit: 32 MiB measured a little faster but stalled commits for
+ * 50-80 ms against ~25 ms at 4 MiB (SQLite's default size in bytes). */
+#define PAGE_SIZE 1024           /* only takes effect when the file is created */
+#define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
+#define WAL_LIMIT_BYTES (64 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
+#define CACHE_BUCKETS 1024
+#define CACHE_MAX (1u << 18)     /* counters kept across commits; beyond that start afresh */
+#define ERR_MAX 256
+
+enum stmt_id {
+  ST_BEGIN,
+  ST_COMMIT,
+  ST_ROLLBACK,
+  ST_SAVEPOINT,
+  ST_RELEASE,
+  ST_UNDO,
+  ST_USER_GET,
+  ST_USER_PUT,
+  ST_IDEM_PUT,
+  ST_IDEM_GET,
+  ST_MSG_PUT,
+  ST_INBOX_PUT,
+  ST_MARK,
+  ST_SYNC,
+  ST_CURSORS,
+  ST_TRIM_CUT,
+  ST_TRIM_GONE,
+  ST_TRIM_INBOX,
+  ST_TRIM_USERS,
+  ST_TRIM_REFS,
+  ST_TRIM_MSGS,
+  ST_TRIM_IDEM,
+  ST_TRIM_CLEAR_CUT,
+  ST_TRIM_CLEAR_GONE,
+  ST_COUNT
+};
+
+/* Every statement the store runs. Only bound parameters carry caller data. */
+static const char *const stmt_sql[ST_COUNT] = {
+  [ST_BEGIN] = "BEGIN IMMEDIATE",
+  [ST_COMMIT] = "COMMIT",
+  [ST_ROLLBACK] = "ROLLBACK",
+  [ST_SAVEPOINT] = "SAVEPOINT append",
+  [ST_RELEASE] = "RELEASE append",
+  [ST_UNDO] = "ROLLBACK TO append",
+  /* last = max(users.last_seq, newest inbox entry): the inbox term makes the
+   * counter right even if a users row lagged behind its inbox. */
+  [ST_USER_GET] =
+    "SELECT max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
+    "           coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)),"
+    "       coalesce((SELECT trimmed FROM users WHERE uid = ?1), 0)",
+  [ST_USER_PUT] =
+    "INSERT INTO users(uid, last_seq, trimmed) VALUES(?1, ?2, 0)"
+    " ON CONFLICT(uid) DO UPDATE SET last_seq = excluded.last_seq",
+  /* Insert first, look up only on conflict: a new key costs one index probe. */
+  [ST_IDEM_PUT] =
+    "INSERT INTO idem(sender, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
+    " ON CONFLICT DO NOTHING",
+  [ST_IDEM_GET] = "SELECT id FROM idem WHERE sender = ?1 AND device = ?2 AND cid = ?3",
+  [ST_MSG_PUT] =
+    "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs)"
+    " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+  [ST_INBOX_PUT] = "INSERT INTO inbox(uid, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
+  [ST_MARK] =
+    "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
+    " ON CONFLICT(uid, device) DO UPDATE SET delivered = excluded.delivered"
+    " WHERE excluded.delivered > cursors.delivered",
+  [ST_SYNC] =
+    "SELECT i.seq, m.id, m.sender, m.device, m.cid, m.to_uid, m.grp, m.ts, m.data"
+    " FROM inbox AS i JOIN msgs AS m ON m.mid = i.mid"
+    " WHERE i.uid = ?1 AND i.seq > ?2 ORDER BY i.seq LIMIT ?3",
+  [ST_CURSORS] = "SELECT device, delivered FROM cursors WHERE uid = ?1 ORDER BY device",
+  /* Retention, set-based. trim_cut gets each user's new trimmed mark: the
+   * larger of the count cut (from users alone, no inbox scan) and the age
+   * cut (newest expired entry, found through inbox_ts, so the work is
+   * proportional to what expired; INDEXED BY because without statistics the
+   * planner prefers a full scan in uid order for the GROUP BY). Cutting at
+   * the newest expired entry
+   * keeps the dropped set a prefix even if the wall clock went backwards. */
+  [ST_TRIM_CUT] =
+    "INSERT INTO temp.trim_cut(uid, seq) SELECT uid, max(s) FROM ("
+    "  SELECT uid, last_seq - ?1 AS s FROM users WHERE ?1 > 0 AND last_seq - trimmed > ?1"
+    "  UNION ALL"
+    "  SELECT uid, max(seq) AS s FROM inbox INDEXED BY inbox_ts WHERE ts < ?2 GROUP BY uid"
+    ") GROUP BY uid",
+  [ST_TRIM_GONE] =
+    "INSERT INTO temp.trim_gone(uid, seq, mid)"
+    " SELECT i.uid, i.seq, i.mid FROM temp.trim_cut AS c CROSS JOIN inbox AS i"
+    " WHERE i.uid = c.uid AND i.seq <= c.seq",
+  [ST_TRIM_INBOX] = "DELETE FROM inbox WHERE (uid, seq) IN (SELECT uid, seq FROM temp.trim_gone)",
+  [ST_TRIM_USERS] =
+    "UPDATE users SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
+    " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
+  [ST_TRIM_REFS] =
+    "UPDATE msgs SET refs = refs - g.n"
+    " FROM (SELECT mid, count(*) AS n FROM temp.trim_gone GROUP BY mid) AS g"
+    " WHERE msgs.mid = g.mid",
+  [ST_TRIM_MSGS] = "DELETE FROM msgs WHERE mid IN (SELECT mid FROM temp.trim_gone) AND refs <= 0",
+  [ST_TRIM_IDEM] = "DELETE FROM idem WHERE ts < ?1",
+  [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
+  [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
+};
+
+/* IF NOT EXISTS throughout so that opening an existing store is a no-op. */
+static const char schema_sql[] =
+  "CREATE TABLE IF NOT EXISTS msgs("
+  "  mid INTEGER PRIMARY KEY,"
+  "  id TEXT NOT NULL UNIQUE,"
+  "  sender TEXT NOT NULL,"
+  "  device TEXT NOT NULL,"
+  "  cid TEXT,"
+  "  to_uid TEXT,"
+  "  grp TEXT,"
+  "  ts INTEGER NOT NULL,"
+  "  data TEXT NOT NULL,"
+  "  refs INTEGER NOT NULL);"
+  "CREATE TABLE IF NOT EXISTS idem("
+  "  sender TEXT NOT NULL,"
+  "  device TEXT NOT NULL,"
+  "  cid TEXT NOT NULL,"
+  "  id TEXT NOT NULL,"
+  "  ts INTEGER NOT NULL,"
+  "  PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
+  "CREATE INDEX IF NOT EXISTS idem_ts ON idem(ts);"
+  "CREATE TABLE IF NOT EXISTS inbox("
+  "  uid TEXT NOT NULL,"
+  "  seq INTEGER NOT NULL,"
+  "  mid INTEGER NOT NULL,"
+  "  ts INTEGER NOT NULL,"
+  "  PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
+  "CREATE INDEX IF NOT EXISTS inbox_ts ON inbox(ts);"
+  "CREATE TABLE IF NOT EXISTS users("
+  "  uid TEXT PRIMARY KEY,"
+  "  last_seq INTEGER NOT NULL,"
+  "  trimmed INTEGER NOT NULL) WITHOUT ROWID;"
+  "CREATE TABLE IF NOT EXISTS cursors("
+  "  uid TEXT NOT NULL,"
+  "  device TEXT NOT NULL,"
+  "  delivered INTEGER NOT NULL,"
+  "  PRIMARY KEY(uid, device)) WITHOUT ROWID;";
+
+/* Per-connection scratch tables of imd_store_trim(); empty between trims. */
+static const char temp_sql[] =
+  "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_gone(uid TEXT NOT NULL, seq INTEGER NOT NULL,"
+  " mid INTEGER NOT NULL);";
+
+/* One user's seq counter. last includes the open batch's appends. */
+typedef struct user_ctr {
+  strmap_node node;
+  struct user_ctr *dirty_next; /* on s->dirty: last changed in this batch */
+  struct user_ctr *touch_next; /* on the list of the append in progress */
+  uint64_t last;
+  uint64_t next;               /* seq the append in progress gives it */
+  uint64_t stamp;              /* append that touched it last: spots a uid listed twice */
+  bool dirty;
+  char uid[];
+} user_ctr;
+
+#define CTR_OF(np) ((user_ctr *)(void *)((char *)(np) - offsetof(user_ctr, node)))
+
+struct imd_store {
+  sqlite3 *db;
+  sqlite3_stmt *st[ST_COUNT];
+  imd_store_opts opts;
+  strmap users;         /* uid -> user_ctr */
+  user_ctr *dirty;      /* counters to write to users at commit */
+  uint64_t stamp;       /* counts appends, for user_ctr.stamp */
+  bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
+  bool lost;            /* SQLite rolled the batch back on its own: the next
+                           commit must fail so nothing in it is acknowledged */
+  char err[ERR_MAX];
+  char lost_err[ERR_MAX];
+};
+
+/* ---- errors ---- */
+
+static int set_err(imd_store *s, int rc, const char *what)
+{
+  snprintf(s->err, sizeof s->err, "%s", what);
+  return rc;
+}
+
+/* Records SQLite's message at the point of failure: the rollback that
+ * usually follows would replace it. */
+static int db_fail(imd_store *s, const char *what)
+{
+  snprintf(s->err, sizeof s->err, "%s: %s", what, sqlite3_errmsg(s->db));
+  return IMD_STORE_EIO;
+}
+
+/* ---- statements ---- */
+
+/* Steps a statement that returns no rows and resets it for its next use. */
+static int run(imd_store *s, enum stmt_id id, const char *what)
+{
+  sqlite3_stmt *st = s->st[id];
+  int rc = sqlite3_step(st);
+
+  if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
+    db_fail(s, what);
+    sqlite3_reset(st);
+    return IMD_STORE_EIO;
+  }
+  sqlite3_reset(st);
+  return IMD_STORE_OK;
+}
+
+/* Borrowed text: every pointer outlives the statement's step, and
+ * SQLITE_STATIC spares a copy per column on the hot path. */
+static void bind_text(sqlite3_stmt *st, int i, const char *v)
+{
+  if (v == NULL)
+    sqlite3_bind_null(st, i);
+  else
+    sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
+}
+
+static void bind_u64(sqlite3_stmt *st, int i, uint64_t v)
+{
+  sqlite3_bind_int64(st, i, (sqlite3_int64)v); /* callers keep v <= INT64_MAX */
+}
+
+static uint64_t column_u64(sqlite3_stmt *st, int i)
+{
+  sqlite3_int64 v = sqlite3_column_int64(st, i);
+  return v < 0 ? 0 : (uint64_t)v;
+}
+
+static const char *column_str(sqlite3_stmt *st, int i)
+{
+  return (const char *)sqlite3_column_text(st, i);
+}
+
+/* ---- seq counter cache ---- */
+
+static void cache_drop(imd_store *s)
+{
+  for (uint32_t b = 0; s->users.buckets != NULL && b <= s->users.mask; b++) {
+    strmap_node *n = s->users.buckets[b];
+    while (n != NULL) {
+      strmap_node *next = n->next;
+      free(CTR_OF(n));
+      n = next;
+    }
+    s->users.buckets[b] = NULL;
+  }
+  s->users.count = 0;
+  s->dirty = NULL;
+}
+
+/* A user's (last, trimmed) as the database has them now, batch included. */
+static int user_load(imd_store *s, const char *uid, uint64_t *last, uint64_t *trimmed)
+{
+  sqlite3_stmt *st = s->st[ST_USER_GET];
+  int rc;
+
+  bind_text(st, 1, uid);
+  rc = sqlite3_step(st);
+  if (rc != SQLITE_ROW) {
+    db_fail(s, "cannot read the user's seq");
+    sqlite3_reset(st);
+    return IMD_STORE_EIO;
+  }
+  *last = column_u64(st, 0);
+  if (trimmed != NULL)
+    *trimmed = column_u64(st, 1);
+  sqlite3_reset(st);
+  return IMD_STORE_OK;
+}
+
+/* The cached counter of uid, loaded on first use. */
+static int user_get(imd_store *s, const char *uid, size_t len, user_ctr **out)
+{
+  strmap_node *n = strmap_get(&s->users, uid, len);
+  user_ctr *u;
+  uint64_t last;
+  int rc;
+
+  if (n != NULL) {
+    *out = CTR_OF(n);
+    return IMD_STORE_OK;
+  }
+  rc = user_load(s, uid, &last, NULL);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  u = calloc(1, sizeof *u + len + 1);
+  if (u == NULL)
+    return set_err(s, IMD_STORE_EIO, "out of memory");
+  memcpy(u->uid, uid, len + 1);
+  u->node.key = u->uid;
+  u->node.klen = (uint32_t)len;
+  u->last = last;
+  strmap_put(&s->users, &u->node); /* a failed grow leaves it inserted, just slower */
+  *out = u;
+  return IMD_STORE_OK;
+}
+
+/* ---- batches ---- */
+
+static int batch_begin(imd_store *s)
+{
+  if (s->batch)
+    return IMD_STORE_OK;
+  if (run(s, ST_BEGIN, "cannot begin a batch") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  s->batch = true;
+  return IMD_STORE_OK;
+}
+
+/* After a failed statement: on SQLITE_FULL, IOERR, NOMEM and the like SQLite
+ * may have rolled the whole transaction back itself. The counters then count
+ * appends that are gone, and the caller, who still believes in the batch,
+ * must learn at commit that it failed. */
+static void batch_check_lost(imd_store *s)
+{
+  if (s->batch && sqlite3_get_autocommit(s->db)) {
+    s->batch = false;
+    s->lost = true;
+    memcpy(s->lost_err, s->err, sizeof s->err);
+    cache_drop(s);
+  }
+}
+
+/* Ends the batch after a failure: roll back what is left of it and forget
+ * the counters, which reload from the committed state. */
+static void batch_abort(imd_store *s)
+{
+  if (!sqlite3_get_autocommit(s->db)) {
+    sqlite3_step(s->st[ST_ROLLBACK]);
+    sqlite3_reset(s->st[ST_ROLLBACK]);
+  }
+  s->batch = false;
+  cache_drop(s);
+}
+
+static int refuse_lost(imd_store *s)
+{
+  snprintf(s->err, sizeof s->err, "the batch was rolled back by an earlier error (%.160s); commit to start over",
+           s->lost_err);
+  return IMD_STORE_EIO;
+}
+
+/* ---- open / close ---- */
+
+static void report(char *err, size_t errlen, const char *what, const char *why)
+{
+  if (err != NULL && errlen > 0)
+    snprintf(err, errlen, "%s%s%s", what, why != NULL ? ": " : "", why != NULL ? why : "");
+}
+
+/* The integer a PRAGMA query answers, or -1. */
+static int pragma_int(sqlite3 *db, const char *sql)
+{
+  sqlite3_stmt *st = NULL;
+  int v = -1;
+
+  if (sqlite3_prepare_v2(db, sql, -1, &st, NULL) == SQLITE_OK && sqlite3_step(st) == SQLITE_ROW)
+    v = sqlite3_column_int(st, 0);
+  sqlite3_finalize(st);
+  return v;
+}
+
+/* Schema under a write lock, so two imd processes racing on a new file do
+ * not both create it; refuses files written by a newer schema. */
+static int schema_setup(sqlite3 *db, char *err, size_t errlen)
+{
+  int version;
+
+  if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot lock the store", sqlite3_errmsg(db));
+    return -1;
+  }
+  version = pragma_int(db, "PRAGMA user_version");
+  if (version < 0 || version > SCHEMA_VERSION) {
+    if (version < 0)
+      report(err, errlen, "cannot read the schema version", sqlite3_errmsg(db));
+    else
+      report(err, errlen, "the store was written by a newer imd (schema version too high)", NULL);
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+  }
+  if (sqlite3_exec(db, schema_sql, NULL, NULL, NULL) != SQLITE_OK ||
+      sqlite3_exec(db, "PRAGMA user_version = 1", NULL, NULL, NULL) != SQLITE_OK ||
+      sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot create the schema", sqlite3_errmsg(db));
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+  }
+  return 0;
+}
+
+/* WAL lets a commit be one sequential append plus (FULL) one fsync. The
+ * page size must be set before WAL mode writes the first page. */
+static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
+{
+  sqlite3_stmt *st = NULL;
+  bool wal = false;
+  int page_size;
+  char sql[192];
+
+  snprintf(sql, sizeof sql, "PRAGMA page_size=%d", PAGE_SIZE);
+  sqlite3_exec(db, sql, NULL, NULL, NULL); /* ignored by an existing file */
+  if (sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL) == SQLITE_OK &&
+      sqlite3_step(st) == SQLITE_ROW) {
+    const char *mode = column_str(st, 0);
+    wal = mode != NULL && strcmp(mode, "wal") == 0;
+  }
+  sqlite3_finalize(st);
+  if (!wal) {
+    report(err, errlen, "cannot switch the store to WAL mode", sqlite3_errmsg(db));
+    return -1;
+  }
+  page_size = pragma_int(db, "PRAGMA page_size");
+  if (page_size <= 0) {
+    report(err, errlen, "cannot read the page size", sqlite3_errmsg(db));
+    return -1;
+  }
+  /* Only constants go into this text. */
+  snprintf(sql, sizeof sql,
+           "PRAGMA synchronous=%s; PRAGMA cache_size=-%d; PRAGMA journal_size_limit=%d;"
+           " PRAGMA wal_autocheckpoint=%d",
+           no_fsync ? "NORMAL" : "FULL", CACHE_SIZE_KIB, WAL_LIMIT_BYTES,
+           WAL_CHECKPOINT_BYTES / page_size);
+  if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot configure the store", sqlite3_errmsg(db));
+    return -1;
+  }
+  return 0;
+}
+
+static int stmts_prepare(imd_store *s, char *err, size_t errlen)
+{
+  for (int i = 0; i < ST_COUNT; i++) {
+    if (sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL) !=
+        SQLITE_OK) {
+      report(err, errlen, "cannot prepare a statement", sqlite3_errmsg(s->db));
+      return -1;
+    }
+  }
+  return 0;
+}
+
+imd_store *imd_store_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
+{
+  imd_store *s;
+  int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
+
+  if (path == NULL || path[0] == '\0') {
+    report(err, errlen, "no store path", NULL);
+    return NULL;
+  }
+  s = calloc(1, sizeof *s);
+  if (s == NULL || strmap_init(&s->users, CACHE_BUCKETS) != 0) {
+    free(s);
+    report(err, errlen, "out of memory", NULL);
+    return NULL;
+  }
+  if (o != NULL)
+    s->opts = *o;
+  set_err(s, 0, "no error");
+  if (sqlite3_open_v2(path, &s->db, flags, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot open the store", s->db != NULL ? sqlite3_errmsg(s->db) : "out of memory");
+    goto fail;
+  }
+  sqlite3_busy_timeout(s->db, BUSY_TIMEOUT_MS);
+  if (pragmas_setup(s->db, s->opts.no_fsync, err, errlen) != 0 ||
+      schema_setup(s->db, err, errlen) != 0)
+    goto fail;
+  if (sqlite3_exec(s->db, temp_sql, NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot create the scratch tables", sqlite3_errmsg(s->db));
+    goto fail;
+  }
+  if (stmts_prepare(s, err, errlen) != 0)
+    goto fail;
+  return s;
+fail:
+  imd_store_close(s);
+  return NULL;
+}
+
+void imd_store_close(imd_store *s)
+{
+  if (s == NULL)
+    return;
+  if (s->db != NULL && !sqlite3_get_autocommit(s->db))
+    sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  for (int i = 0; i < ST_COUNT; i++)
+    sqlite3_finalize(s->st[i]);
+  sqlite3_close(s->db);
+  cache_drop(s);
+  strmap_free(&s->users);
+  free(s);
+}
+
+const char *imd_store_error(const imd_store *s)
+{
+  return s != NULL ? s->err : "no store";
+}
+
+bool imd_store_in_batch(const imd_store *s)
+{
+  return s != NULL && (s->batch || s->lost);
+}
+
+/* ---- append ---- */
+
+static int check_msg(imd_store *s, const imd_store_msg *m)
+{
+  if (m == NULL || m->id == NULL || m->id[0] == '\0' || m->from == NULL)
+    return set_err(s, IMD_STORE_EINVAL, "message without id or sender");
+  if (strlen(m->id) >= ID_MAX)
+    return set_err(s, IMD_STORE_EINVAL, "message id too long");
+  if (m->data == NULL && m->data_len > 0)
+    return set_err(s, IMD_STORE_EINVAL, "message data missing");
+  if (m->data_len > INT32_MAX || m->ts > INT64_MAX)
+    return set_err(s, IMD_STORE_EINVAL, "message data too large or ts out of range");
+  return IMD_STORE_OK;
+}
+
+/* If (from, device, cid) is already stored, copies its id to dup_id and
+ * returns IMD_STORE_DUP; otherwise records the key and returns 0. */
+static int idem_claim(imd_store *s, const imd_store_msg *m, const char *device, char *dup_id)
+{
+  sqlite3_stmt *st = s->st[ST_IDEM_PUT];
+  const char *id;
+  int rc;
+
+  bind_text(st, 1, m->from);
+  bind_text(st, 2, device);
+  bind_text(st, 3, m->cid);
+  bind_text(st, 4, m->id);
+  bind_u64(st, 5, m->ts);
+  if (run(s, ST_IDEM_PUT, "cannot store the idempotency key") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  if (sqlite3_changes(s->db) > 0)
+    return IMD_STORE_OK;
+
+  st = s->st[ST_IDEM_GET];
+  bind_text(st, 1, m->from);
+  bind_text(st, 2, device);
+  bind_text(st, 3, m->cid);
+  rc = sqlite3_step(st);
+  id = rc == SQLITE_ROW ? column_str(st, 0) : NULL;
+  if (id == NULL) {
+    db_fail(s, "cannot read the duplicate's id");
+    sqlite3_reset(st);
+    return IMD_STORE_EIO;
+  }
+  if (dup_id != NULL)
+    snprintf(dup_id, ID_MAX, "%s", id);
+  sqlite3_reset(st);
+  return IMD_STORE_DUP;
+}
+
+/* Loads the counters of all receivers and picks their next seqs; touches
+ * nothing in the database. */
+static int seqs_pick(imd_store *s, const char *const *uids, size_t n, uint64_t *seqs,
+                     user_ctr **touched)
+{
+  uint64_t stamp = ++s->stamp;
+
+  *touched = NULL;
+  for (size_t i = 0; i < n; i++) {
+    size_t len = uids[i] != NULL ? strlen(uids[i]) : 0;
+    user_ctr *u;
+    int rc;
+
+    if (len == 0 || len > UINT32_MAX)
+      return set_err(s, IMD_STORE_EINVAL, "empty receiver uid");
+    rc = user_get(s, uids[i], len, &u);
+    if (rc != IMD_STORE_OK)
+      return rc;
+    if (u->stamp == stamp)
+      return set_err(s, IMD_STORE_EINVAL, "receiver uid listed twice");
+    if (u->last >= INT64_MAX)
+      return set_err(s, IMD_STORE_EIO, "seq overflow");
+    u->stamp = stamp;
+    u->next = u->last + 1;
+    u->touch_next = *touched;
+    *touched = u;
+    seqs[i] = u->next;
+  }
+  return IMD_STORE_OK;
+}
+
+static int msg_insert(imd_store *s, const imd_store_msg *m, const char *device, size_t refs,
+                      sqlite3_int64 *mid)
+{
+  sqlite3_stmt *st = s->st[ST_MSG_PUT];
+
+  bind_text(st, 1, m->id);
+  bind_text(st, 2, m->from);
+  bind_text(st, 3, device);
+  bind_text(st, 4, m->cid);
+  bind_text(st, 5, m->to);
+  bind_text(st, 6, m->group);
+  bind_u64(st, 7, m->ts);
+  /* Explicit length: the bytes go in and come back unchanged. */
+  sqlite3_bind_text(st, 8, m->data_len > 0 ? m->data : "", (int)m->data_len, SQLITE_STATIC);
+  bind_u64(st, 9, refs);
+  if (run(s, ST_MSG_PUT, "cannot store the message") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  *mid = sqlite3_last_insert_rowid(s->db);
+  return IMD_STORE_OK;
+}
+
+static int inbox_insert(imd_store *s, const char *uid, uint64_t seq, sqlite3_int64 mid,
+                        uint64_t ts)
+{
+  sqlite3_stmt *st = s->st[ST_INBOX_PUT];
+
+  bind_text(st, 1, uid);
+  bind_u64(st, 2, seq);
+  sqlite3_bind_int64(st, 3, mid);
+  bind_u64(st, 4, ts);
+  return run(s, ST_INBOX_PUT, "cannot store the inbox entry");
+}
+
+/* The writes of one append; the caller holds the savepoint around them. */
+static int append_rows(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+                       uint64_t *seqs, char *dup_id, user_ctr **touched)
+{
+  const char *device = m->device != NULL ? m->device : "";
+  sqlite3_int64 mid;
+  int rc;
+
+  rc = seqs_pick(s, uids, n, seqs, touched);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (m->cid != NULL) {
+    rc = idem_claim(s, m, device, dup_id);
+    if (rc != IMD_STORE_OK)
+      return rc;
+  }
+  rc = msg_insert(s, m, device, n, &mid);
+  for (size_t i = 0; rc == IMD_STORE_OK && i < n; i++)
+    rc = inbox_insert(s, uids[i], seqs[i], mid, m->ts);
+  return rc;
+}
+
+/* The append's rows are in: hand its seqs out for good. */
+static void seqs_take(imd_store *s, user_ctr *touched)
+{
+  for (user_ctr *u = touched; u != NULL; u = u->touch_next) {
+    u->last = u->next;
+    if (!u->dirty) {
+      u->dirty = true;
+      u->dirty_next = s->dirty;
+      s->dirty = u;
+    }
+  }
+}
+
+/* Undoes a failed append alone. The counters were not advanced yet, so
+ * only the database needs undoing. */
+static void append_undo(imd_store *s)
+{
+  batch_check_lost(s);
+  if (!s->batch)
+    return;
+  if (sqlite3_step(s->st[ST_UNDO]) != SQLITE_DONE) {
+    sqlite3_reset(s->st[ST_UNDO]);
+    batch_abort(s); /* cannot happen in practice; never leave half an append */
+    s->lost = true;
+    memcpy(s->lost_err, s->err, sizeof s->err);
+    return;
+  }
+  sqlite3_reset(s->st[ST_UNDO]);
+  sqlite3_step(s->st[ST_RELEASE]);
+  sqlite3_reset(s->st[ST_RELEASE]);
+}
+
+int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+                     uint64_t *seqs, char *dup_id)
+{
+  user_ctr *touched = NULL;
+  int rc;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (uids == NULL || n == 0 || seqs == NULL)
+    return set_err(s, IMD_STORE_EINVAL, "no receivers");
+  rc = check_msg(s, m);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (s->lost)
+    return refuse_lost(s);
+  rc = batch_begin(s);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (run(s, ST_SAVEPOINT, "cannot begin the append") != IMD_STORE_OK) {
+    batch_check_lost(s);
+    return IMD_STORE_EIO;
+  }
+  rc = append_rows(s, m, uids, n, seqs, dup_id, &touched);
+  if (rc == IMD_STORE_OK || rc == IMD_STORE_DUP) {
+    if (run(s, ST_RELEASE, "cannot end the append") == IMD_STORE_OK) {
+      if (rc == IMD_STORE_OK)
+        seqs_take(s, touched);
+      else
+        memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
+      return rc;
+    }
+    rc = IMD_STORE_EIO;
+  }
+  append_undo(s);
+  return rc;
+}
+
+/* ---- delivered marks ---- */
+
+int imd_store_mark_delivered(imd_store *s, const char *uid, const char *device, uint64_t seq)
+{
+  sqlite3_stmt *st;
+  int rc;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (uid == NULL || uid[0] == '\0' || device == NULL || seq > INT64_MAX)
+    return set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
+  if (s->lost)
+    return refuse_lost(s);
+  rc = batch_begin(s);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  st = s->st[ST_MARK];
+  bind_text(st, 1, uid);
+  bind_text(st, 2, device);
+  bind_u64(st, 3, seq);
+  rc = run(s, ST_MARK, "cannot store the delivered mark");
+  if (rc != IMD_STORE_OK)
+    batch_check_lost(s); /* a single statement undoes itself otherwise */
+  return rc;
+}
+
+/* ---- commit ---- */
+
+/* Writes each touched user's counter once per batch rather than once per
+ * append; retention reads last_seq from here. */
+static int users_flush(imd_store *s)
+{
+  sqlite3_stmt *st = s->st[ST_USER_PUT];
+
+  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
+    bind_text(st, 1, u->uid);
+    bind_u64(st, 2, u->last);
+    if (run(s, ST_USER_PUT, "cannot store the user's seq") != IMD_STORE_OK)
+      return IMD_STORE_EIO;
+  }
+  return IMD_STORE_OK;
+}
+
+static void dirty_clear(imd_store *s)
+{
+  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next)
+    u->dirty = false;
+  s->dirty = NULL;
+}
+
+int imd_store_commit(imd_store *s)
+{
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (s->lost) {
+    s->lost = false;
+    return refuse_lost(s);
+  }
+  if (!s->batch)
+    return IMD_STORE_OK;
+  if (users_flush(s) != IMD_STORE_OK || run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
+    batch_abort(s);
+    return IMD_STORE_EIO;
+  }
+  s->batch = false;
+  dirty_clear(s);
+  /* The counters are a cache of the database: dropping them is always
+   * correct, and keeps memory bounded when many users come and go. */
+  if (s->users.count > CACHE_MAX)
+    cache_drop(s);
+  return IMD_STORE_OK;
+}
+
+/* ---- reads ---- */
+
+static int check_read(imd_store *s, const char *uid)
+{
+  if (uid == NULL || uid[0] == '\0')
+    return set_err(s, IMD_STORE_EINVAL, "empty uid");
+  if (s->batch || s->lost)
+    return set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
+  return IMD_STORE_OK;
+}
+
+/* Passes one row to fn (its strings live until the statement steps again).
+ * Returns 0 to go on, 1 when fn asked to stop, IMD_STORE_EIO when the row
+ * could not be read. */
+static int sync_row(imd_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx, uint64_t *upto)
+{
+  imd_store_msg m;
+  uint64_t seq = column_u64(st, 0);
+  const char *data = column_str(st, 8);
+
+  m.id = column_str(st, 1);
+  m.from = column_str(st, 2);
+  m.device = column_str(st, 3);
+  m.cid = column_str(st, 4);
+  m.to = column_str(st, 5);
+  m.group = column_str(st, 6);
+  m.ts = column_u64(st, 7);
+  m.data = data != NULL ? data : "";
+  m.data_len = (size_t)sqlite3_column_bytes(st, 8);
+  /* NULL for a NOT NULL column means SQLite ran out of memory converting it. */
+  if (m.id == NULL || m.from == NULL || m.device == NULL || (data == NULL && m.data_len > 0))
+    return set_err(s, IMD_STORE_EIO, "out of memory reading the inbox");
+  *upto = seq;
+  return fn != NULL && fn(ctx, seq, &m) != 0 ? 1 : 0;
+}
+
+int imd_store_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
+                   imd_store_each fn, void *ctx, imd_sync_info *info)
+{
+  sqlite3_stmt *st;
+  imd_sync_info r = {0};
+  int rc, step;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  rc = check_read(s, uid);
+  if (rc == IMD_STORE_OK)
+    rc = user_load(s, uid, &r.last, &r.trimmed);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (since > INT64_MAX)
+    since = INT64_MAX;
+  r.gap = since < r.trimmed;
+  r.upto = since > r.trimmed ? since : r.trimmed;
+
+  st = s->st[ST_SYNC];
+  bind_text(st, 1, uid);
+  bind_u64(st, 2, r.upto);
+  sqlite3_bind_int64(st, 3, limit > 0 ? (sqlite3_int64)limit : -1);
+  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    rc = sync_row(s, st, fn, ctx, &r.upto);
+    if (rc != 0)
+      break;
+  }
+  if (rc == 0 && step != SQLITE_DONE)
+    rc = db_fail(s, "cannot read the inbox");
+  sqlite3_reset(st);
+  if (rc < 0)
+    return rc;
+  /* The entries after trimmed have no holes, so whether more exist needs
+   * no extra row: the same answer for a limit and for fn stopping early. */
+  r.more = r.upto < r.last;
+  if (info != NULL)
+    *info = r;
+  return IMD_STORE_OK;
+}
+
+int imd_store_user_state(imd_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
+                         void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx)
+{
+  sqlite3_stmt *st;
+  uint64_t l, t;
+  int rc, step;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  rc = check_read(s, uid);
+  if (rc == IMD_STORE_OK)
+    rc = user_load(s, uid, &l, &t);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (last != NULL)
+    *last = l;
+  if (trimmed != NULL)
+    *trimmed = t;
+  if (fn == NULL)
+    return IMD_STORE_OK;
+  st = s->st[ST_CURSORS];
+  bind_text(st, 1, uid);
+  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    const char *device = column_str(st, 0);
+    if (device == NULL) {
+      step = SQLITE_NOMEM;
+      break;
+    }
+    fn(ctx, device, column_u64(st, 1));
+  }
+  if (step != SQLITE_DONE)
+    rc = db_fail(s, "cannot read the delivered marks");
+  sqlite3_reset(st);
+  return rc;
+}
+
+/* ---- retention ---- */
+
+/* The steps of a trim, inside its transaction. Returns the inbox entries
+ * dropped or IMD_STORE_EIO. */
+static long trim_steps(imd_store *s, sqlite3_int64 cutoff)
+{
+  sqlite3_stmt *st = s->st[ST_TRIM_CUT];
+  long dropped;
+
+  sqlite3_bind_int64(st, 1, (sqlite3_int64)s->opts.keep_count);
+  sqlite3_bind_int64(st, 2, cutoff);
+  if (run(s, ST_TRIM_CUT, "cannot find what to trim") != IMD_STORE_OK ||
+      run(s, ST_TRIM_GONE, "cannot collect the trimmed entries") != IMD_STORE_OK ||
+      run(s, ST_TRIM_INBOX, "cannot trim the inboxes") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  dropped = (long)sqlite3_changes(s->db);
+  if (run(s, ST_TRIM_USERS, "cannot raise the trimmed marks") != IMD_STORE_OK ||
+      run(s, ST_TRIM_REFS, "cannot count the message references") != IMD_STORE_OK ||
+      run(s, ST_TRIM_MSGS, "cannot drop unreferenced messages") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  if (s->opts.keep_age_s > 0) {
+    sqlite3_bind_int64(s->st[ST_TRIM_IDEM], 1, cutoff);
+    if (run(s, ST_TRIM_IDEM, "cannot trim the idempotency keys") != IMD_STORE_OK)
+      return IMD_STORE_EIO;
+  }
+  /* Empty the scratch tables inside the transaction: they stay empty
+   * whether it commits or rolls back. */
+  if (run(s, ST_TRIM_CLEAR_CUT, "cannot clear the scratch tables") != IMD_STORE_OK ||
+      run(s, ST_TRIM_CLEAR_GONE, "cannot clear the scratch tables") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  return dropped;
+}
+
+/* Entries with ts below this are past the age limit; below every ts when
+ * there is no age limit or it reaches back before the epoch. */
+static sqlite3_int64 age_cutoff(const imd_store *s, uint64_t now_ms)
+{
+  uint64_t age_ms = (uint64_t)s->opts.keep_age_s * 1000;
+
+  if (s->opts.keep_age_s == 0 || now_ms <= age_ms)
+    return -1;
+  now_ms -= age_ms;
+  return now_ms > INT64_MAX ? INT64_MAX : (sqlite3_int64)now_ms;
+}
+
+long imd_store_trim(imd_store *s, uint64_t now_ms)
+{
+  long dropped;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (s->batch || s->lost)
+    return set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
+  if (s->opts.keep_count == 0 && s->opts.keep_age_s == 0)
+    return 0;
+  if (run(s, ST_BEGIN, "cannot begin the trim") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  dropped = trim_steps(s, age_cutoff(s, now_ms));
+  if (dropped >= 0 && run(s, ST_COMMIT, "cannot commit the trim") != IMD_STORE_OK)
+    dropped = IMD_STORE_EIO;
+  if (dropped < 0 && !sqlite3_get_autocommit(s->db)) {
+    sqlite3_step(s->st[ST_ROLLBACK]);
+    sqlite3_reset(s->st[ST_ROLLBACK]);
+  }
+  return dropped;
+}

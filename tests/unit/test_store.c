@@ -1,0 +1,994 @@
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <sqlite3.h>
+
+#include "store.h"
+
+/* Every test gets a fresh directory holding one store file. */
+typedef struct fixture {
+  char dir[64];
+  char path[96];
+  imd_store *s;
+} fixture;
+
+#define MAX_GOT 64
+
+/* One inbox entry as the sync callback saw it, copied out of the store. */
+typedef struct entry {
+  uint64_t seq;
+  char id[24];
+  char from[32];
+  char device[32];
+  char cid[32];
+  char to[32];
+  char group[32];
+  bool has_cid, has_to, has_group;
+  uint64_t ts;
+  char data[256];
+  size_t data_len;
+} entry;
+
+typedef struct got {
+  size_t n;
+  size_t stop_after; /* fn returns non-zero after this many; 0 = never */
+  entry e[MAX_GOT];
+} got;
+
+static void copy_str(char *dst, size_t size, const char *src, bool *present)
+{
+  if (present != NULL)
+    *present = src != NULL;
+  if (src == NULL) {
+    dst[0] = '\0';
+    return;
+  }
+  assert_true(strlen(src) < size);
+  strcpy(dst, src);
+}
+
+static int collect(void *ctx, uint64_t seq, const imd_store_msg *m)
+{
+  got *g = ctx;
+  entry *e;
+
+  assert_true(g->n < MAX_GOT);
+  e = &g->e[g->n++];
+  e->seq = seq;
+  copy_str(e->id, sizeof e->id, m->id, NULL);
+  copy_str(e->from, sizeof e->from, m->from, NULL);
+  copy_str(e->device, sizeof e->device, m->device, NULL);
+  copy_str(e->cid, sizeof e->cid, m->cid, &e->has_cid);
+  copy_str(e->to, sizeof e->to, m->to, &e->has_to);
+  copy_str(e->group, sizeof e->group, m->group, &e->has_group);
+  e->ts = m->ts;
+  assert_true(m->data_len < sizeof e->data);
+  assert_int_equal(m->data[m->data_len], '\0'); /* NUL-terminated as promised */
+  memcpy(e->data, m->data, m->data_len);
+  e->data_len = m->data_len;
+  return g->stop_after != 0 && g->n >= g->stop_after;
+}
+
+static int setup(void **state)
+{
+  fixture *f = calloc(1, sizeof *f);
+
+  assert_non_null(f);
+  strcpy(f->dir, "/tmp/test_store.XXXXXX");
+  assert_non_null(mkdtemp(f->dir));
+  snprintf(f->path, sizeof f->path, "%s/imd.db", f->dir);
+  *state = f;
+  return 0;
+}
+
+static int teardown(void **state)
+{
+  fixture *f = *state;
+  static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
+  char p[128];
+
+  imd_store_close(f->s);
+  for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
+    snprintf(p, sizeof p, "%s%s", f->path, suffix[i]);
+    unlink(p);
+  }
+  assert_int_equal(rmdir(f->dir), 0);
+  free(f);
+  return 0;
+}
+
+static imd_store *reopen(fixture *f, uint32_t keep_count, uint32_t keep_age_s)
+{
+  imd_store_opts o = {.keep_count = keep_count, .keep_age_s = keep_age_s, .no_fsync = true};
+  char err[256] = "";
+
+  imd_store_close(f->s);
+  f->s = imd_store_open(f->path, &o, err, sizeof err);
+  if (f->s == NULL)
+    fail_msg("open: %s", err);
+  return f->s;
+}
+
+static imd_store_msg msg(const char *id, const char *from, const char *cid, const char *to,
+                         uint64_t ts)
+{
+  imd_store_msg m = {.id = id, .from = from, .device = "d1", .cid = cid, .to = to,
+                     .ts = ts, .data = "{\"text\":\"hi\"}", .data_len = 13};
+  return m;
+}
+
+/* A 1:1 message from -> to, stored in both inboxes as imd does. */
+static int send1(imd_store *s, const char *id, const char *from, const char *to, const char *cid,
+                 uint64_t seqs[2], char dup[24])
+{
+  imd_store_msg m = msg(id, from, cid, to, 1000);
+  const char *uids[2] = {to, from};
+
+  return imd_store_append(s, &m, uids, 2, seqs, dup);
+}
+
+/* Appends to one user and returns the seq it got. */
+static uint64_t put(imd_store *s, const char *id, const char *uid, uint64_t ts)
+{
+  imd_store_msg m = msg(id, "system", NULL, uid, ts);
+  const char *uids[1] = {uid};
+  uint64_t seq = 0;
+
+  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  return seq;
+}
+
+static imd_sync_info sync_all(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
+                              got *g)
+{
+  imd_sync_info info;
+
+  memset(&info, 0xa5, sizeof info);
+  g->n = 0;
+  assert_int_equal(imd_store_sync(s, uid, since, limit, collect, g, &info), IMD_STORE_OK);
+  return info;
+}
+
+static sqlite3 *side_open(const fixture *f)
+{
+  sqlite3 *db = NULL;
+
+  assert_int_equal(sqlite3_open(f->path, &db), SQLITE_OK);
+  sqlite3_busy_timeout(db, 5000);
+  return db;
+}
+
+static void side_exec(sqlite3 *db, const char *sql)
+{
+  char *e = NULL;
+
+  if (sqlite3_exec(db, sql, NULL, NULL, &e) != SQLITE_OK)
+    fail_msg("%s: %s", sql, e != NULL ? e : "?");
+}
+
+static long side_count(sqlite3 *db, const char *sql)
+{
+  sqlite3_stmt *st = NULL;
+  long n;
+
+  assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  n = (long)sqlite3_column_int64(st, 0);
+  sqlite3_finalize(st);
+  return n;
+}
+
+static void test_seqs_gap_free_per_user(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+  char id[24];
+  got g = {0};
+
+  for (int i = 1; i <= 10; i++) {
+    snprintf(id, sizeof id, "m%d", i);
+    assert_int_equal(send1(s, id, "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+    assert_int_equal(seqs[0], i);
+    assert_int_equal(seqs[1], i);
+    if (i % 3 == 0)
+      assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  }
+  /* Other users count on their own. */
+  assert_int_equal(send1(s, "m11", "alice", "dave", NULL, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 1);
+  assert_int_equal(seqs[1], 11);
+  assert_int_equal(put(s, "m12", "carol", 1000), 1);
+  assert_int_equal(put(s, "m13", "bob", 1000), 11);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  imd_sync_info info = sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(g.n, 11);
+  for (size_t i = 0; i < g.n; i++)
+    assert_int_equal(g.e[i].seq, i + 1);
+  assert_string_equal(g.e[10].id, "m11");
+  assert_int_equal(info.last, 11);
+  assert_int_equal(info.upto, 11);
+  assert_false(info.more);
+  assert_false(info.gap);
+  assert_int_equal(info.trimmed, 0);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 11);
+  assert_string_equal(g.e[10].id, "m13");
+  info = sync_all(s, "dave", 0, 0, &g);
+  assert_int_equal(g.n, 1);
+  assert_int_equal(info.last, 1);
+}
+
+static void test_append_to_many_users(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  const char *members[5] = {"u1", "u2", "u3", "u4", "u5"};
+  imd_store_msg m = msg("g1", "u1", NULL, NULL, 5000);
+  uint64_t seqs[5];
+  got g = {0};
+
+  m.group = "team";
+  assert_int_equal(imd_store_append(s, &m, members, 5, seqs, NULL), IMD_STORE_OK);
+  for (int i = 0; i < 5; i++)
+    assert_int_equal(seqs[i], 1);
+  m.id = "g2";
+  assert_int_equal(imd_store_append(s, &m, members + 2, 3, seqs, NULL), IMD_STORE_OK);
+  for (int i = 0; i < 3; i++)
+    assert_int_equal(seqs[i], 2);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  sync_all(s, "u2", 0, 0, &g);
+  assert_int_equal(g.n, 1);
+  sync_all(s, "u5", 0, 0, &g);
+  assert_int_equal(g.n, 2);
+  assert_string_equal(g.e[1].id, "g2");
+  assert_true(g.e[1].has_group);
+  assert_string_equal(g.e[1].group, "team");
+  assert_false(g.e[1].has_to);
+  assert_int_equal(g.e[1].ts, 5000);
+
+  /* The message is stored once, however many inboxes hold it. */
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 2);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox"), 8);
+  sqlite3_close(db);
+}
+
+static void test_dup_within_batch(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+  char dup[24] = "";
+
+  assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m2", "alice", "bob", "c1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  /* The duplicate took no seq. */
+  assert_int_equal(send1(s, "m3", "alice", "bob", "c2", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 2);
+  /* The key is (sender, device, cid): other senders and devices are not duplicates. */
+  assert_int_equal(send1(s, "m4", "carol", "bob", "c1", seqs, dup), IMD_STORE_OK);
+  imd_store_msg m = msg("m5", "alice", "c1", "bob", 1000);
+  const char *uids[2] = {"bob", "alice"};
+  m.device = "d2";
+  assert_int_equal(imd_store_append(s, &m, uids, 2, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 4);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  got g = {0};
+  imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 4);
+  assert_int_equal(info.last, 4);
+  assert_string_equal(g.e[0].id, "m1");
+  assert_string_equal(g.e[1].id, "m3");
+}
+
+static void test_dup_after_commit_and_reopen(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+  char dup[24] = "";
+
+  assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m2", "alice", "bob", "c1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  s = reopen(f, 0, 0);
+  strcpy(dup, "");
+  assert_int_equal(send1(s, "m3", "alice", "bob", "c1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  /* A NULL dup_id is allowed; the answer is the same. */
+  assert_int_equal(send1(s, "m3", "alice", "bob", "c1", seqs, NULL), IMD_STORE_DUP);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  got g = {0};
+  imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 1);
+  assert_int_equal(info.last, 1);
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 1);
+  sqlite3_close(db);
+}
+
+static void test_null_cid_never_dedupes(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+
+  for (int i = 0; i < 3; i++) {
+    char id[8];
+    snprintf(id, sizeof id, "m%d", i);
+    assert_int_equal(send1(s, id, "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+    assert_int_equal(seqs[0], (uint64_t)i + 1);
+  }
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  got g = {0};
+  sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 3);
+  assert_false(g.e[0].has_cid);
+}
+
+/* Uncommitted appends vanish with close; the seqs they took are reused. */
+static void test_close_without_commit(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+  char dup[24];
+
+  assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m2", "alice", "bob", "c2", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m3", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 3), IMD_STORE_OK);
+  assert_true(imd_store_in_batch(s));
+
+  s = reopen(f, 0, 0);
+  assert_false(imd_store_in_batch(s));
+  /* c3 was never stored, so it is no duplicate now. */
+  assert_int_equal(send1(s, "m4", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(seqs[1], 3);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  got g = {0};
+  uint64_t last = 0;
+  sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 3);
+  assert_string_equal(g.e[2].id, "m4");
+  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(last, 3);
+}
+
+/* A commit that fails rolls the batch back and hands its seqs out again. The
+ * failure is provoked by a trigger on the users table, which the commit
+ * writes. */
+static void test_failed_commit_restores_seqs(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2];
+  char dup[24];
+  sqlite3 *db;
+
+  assert_int_equal(send1(s, "m1", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m2", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  db = side_open(f);
+  side_exec(db, "CREATE TRIGGER no_users BEFORE INSERT ON users"
+                " BEGIN SELECT RAISE(ABORT, 'provoked failure'); END");
+  assert_int_equal(send1(s, "m3", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(send1(s, "m4", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 4);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 4), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
+  assert_non_null(strstr(imd_store_error(s), "provoked failure"));
+  assert_false(imd_store_in_batch(s));
+  side_exec(db, "DROP TRIGGER no_users");
+
+  assert_int_equal(send1(s, "m5", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(seqs[1], 3);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  got g = {0};
+  imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 3);
+  assert_int_equal(info.last, 3);
+  assert_string_equal(g.e[2].id, "m5");
+  assert_int_equal(side_count(db, "SELECT count(*) FROM cursors"), 0);
+  assert_int_equal(side_count(db, "SELECT last_seq FROM users WHERE uid = 'alice'"), 3);
+  sqlite3_close(db);
+}
+
+/* A failing append undoes itself alone: the batch around it survives. */
+static void test_failed_append_keeps_batch(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  const char *uids[2] = {"alice", "bad"};
+  imd_store_msg m = msg("m2", "system", "k2", NULL, 1000);
+  uint64_t seqs[2];
+  char dup[24];
+  sqlite3 *db = side_open(f);
+
+  side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox WHEN NEW.uid = 'bad'"
+                " BEGIN SELECT RAISE(ABORT, 'bad inbox'); END");
+  assert_int_equal(put(s, "m1", "alice", 1000), 1);
+  assert_int_equal(imd_store_append(s, &m, uids, 2, seqs, dup), IMD_STORE_EIO);
+  assert_non_null(strstr(imd_store_error(s), "bad inbox"));
+  assert_true(imd_store_in_batch(s));
+  /* A reused message id breaks the UNIQUE constraint; also undone alone. */
+  assert_int_equal(put(s, "m3", "alice", 1000), 2);
+  m.id = "m1";
+  assert_int_equal(imd_store_append(s, &m, uids, 1, seqs, dup), IMD_STORE_EIO);
+  /* Neither failure left its key or seq behind. */
+  m.id = "m4";
+  assert_int_equal(imd_store_append(s, &m, uids, 1, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  side_exec(db, "DROP TRIGGER no_bad");
+
+  got g = {0};
+  imd_sync_info info = sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(g.n, 3);
+  assert_int_equal(info.last, 3);
+  assert_string_equal(g.e[0].id, "m1");
+  assert_string_equal(g.e[1].id, "m3");
+  assert_string_equal(g.e[2].id, "m4");
+  info = sync_all(s, "bad", 0, 0, &g);
+  assert_int_equal(g.n, 0);
+  assert_int_equal(info.last, 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 3);
+  sqlite3_close(db);
+}
+
+/* On some errors (disk full, I/O) SQLite rolls the whole transaction back by
+ * itself; a trigger doing RAISE(ROLLBACK) does the same on demand. The batch
+ * is then gone, and the caller must hear so at commit. */
+static void test_batch_lost_to_sqlite(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  const char *boom[1] = {"boom"};
+  imd_store_msg m = msg("m3", "system", NULL, NULL, 1000);
+  imd_sync_info info;
+  uint64_t seq;
+  sqlite3 *db = side_open(f);
+  got g = {0};
+
+  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox WHEN NEW.uid = 'boom'"
+                " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
+  assert_int_equal(put(s, "m1", "alice", 1000), 1);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(put(s, "m2", "alice", 1000), 2);
+  assert_int_equal(imd_store_append(s, &m, boom, 1, &seq, NULL), IMD_STORE_EIO);
+  assert_non_null(strstr(imd_store_error(s), "boom"));
+  /* Still "in a batch" until the failure is reported by commit. */
+  assert_true(imd_store_in_batch(s));
+  m.id = "m4";
+  m.to = "alice";
+  assert_int_equal(imd_store_append(s, &m, (const char *const[]){"alice"}, 1, &seq, NULL),
+                   IMD_STORE_EIO);
+  assert_int_equal(imd_store_mark_delivered(s, "alice", "d1", 1), IMD_STORE_EIO);
+  assert_int_equal(imd_store_sync(s, "alice", 0, 0, NULL, NULL, &info), IMD_STORE_EBATCH);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
+  assert_non_null(strstr(imd_store_error(s), "boom"));
+  assert_false(imd_store_in_batch(s));
+  side_exec(db, "DROP TRIGGER boom");
+
+  /* m2's seq is handed out again. */
+  assert_int_equal(put(s, "m5", "alice", 1000), 2);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  info = sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(g.n, 2);
+  assert_string_equal(g.e[1].id, "m5");
+  assert_int_equal(info.last, 2);
+
+  /* The same through a delivered mark. */
+  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON cursors WHEN NEW.device = 'boom'"
+                " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
+  assert_int_equal(put(s, "m6", "alice", 1000), 3);
+  assert_int_equal(imd_store_mark_delivered(s, "alice", "boom", 1), IMD_STORE_EIO);
+  assert_true(imd_store_in_batch(s));
+  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
+  side_exec(db, "DROP TRIGGER boom");
+  assert_int_equal(put(s, "m7", "alice", 1000), 3);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  sqlite3_close(db);
+}
+
+static void test_sync_paging(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  imd_sync_info info;
+  got g = {0};
+
+  for (int i = 1; i <= 25; i++) {
+    char id[8];
+    snprintf(id, sizeof id, "m%d", i);
+    put(s, id, "bob", 1000);
+  }
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  info = sync_all(s, "bob", 0, 10, &g);
+  assert_int_equal(g.n, 10);
+  assert_int_equal(g.e[0].seq, 1);
+  assert_int_equal(info.upto, 10);
+  assert_true(info.more);
+  assert_int_equal(info.last, 25);
+  info = sync_all(s, "bob", info.upto, 10, &g);
+  assert_int_equal(g.n, 10);
+  assert_int_equal(g.e[0].seq, 11);
+  assert_string_equal(g.e[0].id, "m11");
+  assert_int_equal(info.upto, 20);
+  assert_true(info.more);
+  info = sync_all(s, "bob", info.upto, 10, &g);
+  assert_int_equal(g.n, 5);
+  assert_int_equal(info.upto, 25);
+  assert_false(info.more);
+  info = sync_all(s, "bob", 25, 10, &g);
+  assert_int_equal(g.n, 0);
+  assert_int_equal(info.upto, 25);
+  assert_false(info.more);
+  /* A limit that ends exactly at the last entry leaves nothing more. */
+  info = sync_all(s, "bob", 15, 10, &g);
+  assert_int_equal(g.n, 10);
+  assert_false(info.more);
+
+  /* The callback stopping early reads like a limit. */
+  g.stop_after = 3;
+  info = sync_all(s, "bob", 5, 0, &g);
+  assert_int_equal(g.n, 3);
+  assert_int_equal(info.upto, 8);
+  assert_true(info.more);
+  g.stop_after = 0;
+
+  /* NULL info and NULL fn are allowed. */
+  assert_int_equal(imd_store_sync(s, "bob", 0, 0, NULL, NULL, NULL), IMD_STORE_OK);
+}
+
+static void test_sync_unknown_user(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  imd_sync_info info;
+  uint64_t last = 9, trimmed = 9;
+  got g = {0};
+
+  info = sync_all(s, "nobody", 0, 10, &g);
+  assert_int_equal(g.n, 0);
+  assert_int_equal(info.last, 0);
+  assert_int_equal(info.upto, 0);
+  assert_int_equal(info.trimmed, 0);
+  assert_false(info.more);
+  assert_false(info.gap);
+  info = sync_all(s, "nobody", 5, 10, &g);
+  assert_int_equal(info.upto, 5);
+  assert_int_equal(imd_store_user_state(s, "nobody", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(last, 0);
+  assert_int_equal(trimmed, 0);
+}
+
+static void test_reads_refuse_open_batch(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 10, 0);
+  imd_sync_info info;
+  uint64_t last;
+
+  assert_false(imd_store_in_batch(s));
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK); /* nothing to commit */
+  put(s, "m1", "bob", 1000);
+  assert_true(imd_store_in_batch(s));
+  assert_int_equal(imd_store_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
+  assert_true(strlen(imd_store_error(s)) > 0);
+  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_EBATCH);
+  assert_int_equal(imd_store_trim(s, 1000), IMD_STORE_EBATCH);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_false(imd_store_in_batch(s));
+
+  /* A delivered mark opens a batch too. */
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 1), IMD_STORE_OK);
+  assert_true(imd_store_in_batch(s));
+  assert_int_equal(imd_store_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  got g = {0};
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(g.n, 1);
+}
+
+typedef struct devices {
+  size_t n;
+  char name[8][16];
+  uint64_t seq[8];
+} devices;
+
+static void on_device(void *ctx, const char *device, uint64_t seq)
+{
+  devices *d = ctx;
+
+  assert_true(d->n < 8 && strlen(device) < 16);
+  strcpy(d->name[d->n], device);
+  d->seq[d->n++] = seq;
+}
+
+static void test_user_state_lists_devices(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t last = 0, trimmed = 9;
+  devices d = {0};
+  char id[8];
+
+  for (int i = 1; i <= 6; i++) {
+    snprintf(id, sizeof id, "m%d", i);
+    put(s, id, "bob", 1000);
+  }
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 5), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 3), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "", 2), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "laptop", 1), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 4), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "alice", "phone", 1), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  assert_int_equal(imd_store_user_state(s, "bob", &last, &trimmed, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(last, 6);
+  assert_int_equal(trimmed, 0);
+  assert_int_equal(d.n, 3);
+  assert_string_equal(d.name[0], "");
+  assert_int_equal(d.seq[0], 2);
+  assert_string_equal(d.name[1], "laptop");
+  assert_int_equal(d.seq[1], 1);
+  assert_string_equal(d.name[2], "phone");
+  assert_int_equal(d.seq[2], 5); /* 3 and 4 came later but lower */
+
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 6), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  s = reopen(f, 0, 0);
+  memset(&d, 0, sizeof d);
+  assert_int_equal(imd_store_user_state(s, "bob", NULL, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(d.n, 3);
+  assert_int_equal(d.seq[2], 6);
+}
+
+static void test_trim_by_count(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 3, 0);
+  uint64_t seqs[2], last, trimmed;
+  char id[24], dup[24];
+  imd_sync_info info;
+  got g = {0};
+
+  for (int i = 1; i <= 10; i++) {
+    snprintf(id, sizeof id, "m%d", i);
+    if (i <= 2)
+      assert_int_equal(send1(s, id, "alice", "bob", id, seqs, dup), IMD_STORE_OK);
+    else
+      put(s, id, "bob", 1000);
+  }
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  /* bob: 10 entries, 7 over the limit; alice: 2, under it. */
+  assert_int_equal(imd_store_trim(s, 5000), 7);
+  assert_int_equal(imd_store_trim(s, 5000), 0);
+
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_true(info.gap);
+  assert_int_equal(info.trimmed, 7);
+  assert_int_equal(info.last, 10);
+  assert_int_equal(info.upto, 10);
+  assert_false(info.more);
+  assert_int_equal(g.n, 3);
+  assert_int_equal(g.e[0].seq, 8);
+  assert_string_equal(g.e[0].id, "m8");
+  info = sync_all(s, "bob", 7, 2, &g);
+  assert_false(info.gap);
+  assert_int_equal(g.n, 2);
+  assert_true(info.more);
+  info = sync_all(s, "bob", 3, 0, &g);
+  assert_true(info.gap);
+  assert_int_equal(g.n, 3);
+  info = sync_all(s, "alice", 0, 0, &g);
+  assert_false(info.gap);
+  assert_int_equal(g.n, 2);
+
+  assert_int_equal(imd_store_user_state(s, "bob", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(last, 10);
+  assert_int_equal(trimmed, 7);
+
+  /* Only messages no inbox holds are dropped: m1, m2 are in alice's still. */
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 5);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox"), 5);
+
+  /* Seqs go on after a trim; and a second trim drops what is over again. */
+  assert_int_equal(put(s, "m11", "bob", 1000), 11);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(imd_store_trim(s, 5000), 1);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 8);
+  assert_int_equal(g.n, 3);
+
+  /* A tighter limit after a reopen: bob keeps 11, alice keeps 2. */
+  s = reopen(f, 1, 0);
+  assert_int_equal(imd_store_trim(s, 5000), 3);
+  info = sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(info.trimmed, 1);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "m2");
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 2); /* m2 and m11 */
+
+  /* m1 is gone from every inbox, but without an age limit its
+   * idempotency key stays. */
+  assert_int_equal(send1(s, "m12", "alice", "bob", "m1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 2);
+  sqlite3_close(db);
+}
+
+static void test_trim_by_age(void **state)
+{
+  fixture *f = *state;
+  const uint64_t t0 = 1700000000000;
+  imd_store *s = reopen(f, 0, 60);
+  uint64_t seqs[2];
+  char dup[24];
+  imd_sync_info info;
+  got g = {0};
+  imd_store_msg m;
+  const char *bob[1] = {"bob"};
+
+  /* bob's entries at t0, +10 s, +20 s, +100 s; carol's at +5 s and +80 s. */
+  static const uint64_t at[4] = {0, 10000, 20000, 100000};
+  for (int i = 0; i < 4; i++) {
+    char id[8], cid[8];
+    snprintf(id, sizeof id, "b%d", i + 1);
+    snprintf(cid, sizeof cid, "k%d", i + 1);
+    m = msg(id, "alice", cid, "bob", t0 + at[i]);
+    assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, NULL), IMD_STORE_OK);
+  }
+  put(s, "c1", "carol", t0 + 5000);
+  put(s, "c2", "carol", t0 + 80000);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  /* now = t0 + 90 s with a 60 s limit: everything before t0 + 30 s goes. */
+  assert_int_equal(imd_store_trim(s, t0 + 90000), 4);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 3);
+  assert_true(info.gap);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "b4");
+  info = sync_all(s, "carol", 0, 0, &g);
+  assert_int_equal(info.trimmed, 1);
+  assert_int_equal(g.n, 1);
+
+  /* The keys of the expired messages are gone, the younger ones stay. */
+  m = msg("b5", "alice", "k1", "bob", t0 + 95000);
+  assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 5);
+  m = msg("b6", "alice", "k4", "bob", t0 + 95000);
+  assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "b4");
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+
+  /* A clock that stepped back: an older ts after a newer one. Trimming
+   * drops a prefix, so the young entry 6 goes with the expired entry 7. */
+  assert_int_equal(put(s, "b7", "bob", t0 + 200000), 6);
+  assert_int_equal(put(s, "b8", "bob", t0 + 150000), 7);
+  assert_int_equal(put(s, "b9", "bob", t0 + 300000), 8);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  /* Cutoff t0 + 150.001 s: bob's 4..7 and carol's 2 go. */
+  assert_int_equal(imd_store_trim(s, t0 + 150000 + 60000 + 1), 5);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 7);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "b9");
+  /* carol has nothing left: upto is the trimmed mark, not since. */
+  info = sync_all(s, "carol", 0, 0, &g);
+  assert_int_equal(g.n, 0);
+  assert_int_equal(info.last, 2);
+  assert_int_equal(info.trimmed, 2);
+  assert_int_equal(info.upto, 2);
+  assert_true(info.gap);
+  assert_false(info.more);
+
+  /* Too early for anything to have expired. */
+  assert_int_equal(imd_store_trim(s, 1000), 0);
+}
+
+static void test_data_round_trip(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  static const char data[] = "{\"text\":\"h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x8e\x89\","
+                             "\"q\":\"it's \\\"quoted\\\" \\\\ '); DROP TABLE msgs;--\"}\0tail";
+  const char *uid = "\xc3\xbc" "ser'\"1";
+  const char *uids[1] = {uid};
+  imd_store_msg m = {.id = "x1", .from = "o'brien", .device = "", .cid = "c'1", .to = uid,
+                     .ts = UINT64_C(1) << 50, .data = data, .data_len = sizeof data - 1};
+  uint64_t seq;
+  got g = {0};
+
+  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  m.id = "x2";
+  m.cid = NULL;
+  m.to = NULL;
+  m.data = NULL;
+  m.data_len = 0;
+  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  s = reopen(f, 0, 0);
+
+  sync_all(s, uid, 0, 0, &g);
+  assert_int_equal(g.n, 2);
+  assert_int_equal(g.e[0].data_len, sizeof data - 1);
+  assert_memory_equal(g.e[0].data, data, sizeof data - 1);
+  assert_string_equal(g.e[0].from, "o'brien");
+  assert_string_equal(g.e[0].device, "");
+  assert_true(g.e[0].has_cid);
+  assert_string_equal(g.e[0].cid, "c'1");
+  assert_string_equal(g.e[0].to, uid);
+  assert_int_equal(g.e[0].ts, UINT64_C(1) << 50);
+  assert_int_equal(g.e[1].data_len, 0);
+  assert_false(g.e[1].has_cid);
+  assert_false(g.e[1].has_to);
+  assert_false(g.e[1].has_group);
+}
+
+static void test_persistence(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  uint64_t seqs[2], last;
+  got g = {0};
+
+  assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(send1(s, "m2", "bob", "alice", "c1", seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 2), IMD_STORE_OK);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  imd_store_close(f->s);
+  f->s = NULL;
+
+  /* Default options (NULL): synchronous=FULL. */
+  char err[128];
+  f->s = s = imd_store_open(f->path, NULL, err, sizeof err);
+  assert_non_null(s);
+  sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(g.n, 2);
+  assert_string_equal(g.e[1].id, "m2");
+  assert_string_equal(g.e[1].from, "bob");
+  assert_int_equal(send1(s, "m3", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(seqs[1], 3);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  devices d = {0};
+  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(last, 3);
+  assert_int_equal(d.n, 1);
+  assert_int_equal(d.seq[0], 2);
+
+  /* The file: WAL mode, small pages, schema version 1. */
+  sqlite3 *db = side_open(f);
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_string_equal((const char *)sqlite3_column_text(st, 0), "wal");
+  sqlite3_finalize(st);
+  assert_int_equal(side_count(db, "PRAGMA page_size"), 1024);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 1);
+  sqlite3_close(db);
+}
+
+static void test_invalid_arguments(void **state)
+{
+  fixture *f = *state;
+  imd_store *s = reopen(f, 0, 0);
+  const char *twice[2] = {"bob", "bob"};
+  const char *empty[2] = {"bob", ""};
+  const char *null_uid[1] = {NULL};
+  imd_store_msg m = msg("m1", "alice", "c1", "bob", 1000);
+  uint64_t seqs[2];
+  imd_sync_info info;
+
+  assert_int_equal(imd_store_append(s, &m, twice, 0, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_append(s, NULL, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_append(s, &m, empty, 2, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_append(s, &m, null_uid, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_append(s, &m, twice, 2, seqs, NULL), IMD_STORE_EINVAL);
+  m.id = "123456789012345678901234"; /* 24 characters: no room in dup_id */
+  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  m.id = "";
+  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  m.id = "m1";
+  m.ts = UINT64_MAX;
+  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  m.ts = 1000;
+  assert_int_equal(imd_store_mark_delivered(s, "", "d1", 1), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_mark_delivered(s, "bob", NULL, 1), IMD_STORE_EINVAL);
+  assert_true(strlen(imd_store_error(s)) > 0);
+
+  /* None of it wrote anything: seqs start at 1 and c1 is no duplicate. */
+  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(seqs[0], 1);
+  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(imd_store_sync(s, "", 0, 0, NULL, NULL, &info), IMD_STORE_EINVAL);
+  assert_int_equal(imd_store_user_state(s, NULL, NULL, NULL, NULL, NULL), IMD_STORE_EINVAL);
+  assert_string_equal(imd_store_error(NULL), "no store");
+  imd_store_close(NULL);
+}
+
+static void test_open_failures(void **state)
+{
+  fixture *f = *state;
+  char err[256] = "";
+  char path[160];
+  sqlite3 *db;
+
+  snprintf(path, sizeof path, "%s/missing/dir/imd.db", f->dir);
+  assert_null(imd_store_open(path, NULL, err, sizeof err));
+  assert_true(strlen(err) > 0);
+  assert_null(imd_store_open(path, NULL, NULL, 0));
+
+  /* A store written by a newer schema is refused, not misread. */
+  reopen(f, 0, 0);
+  imd_store_close(f->s);
+  f->s = NULL;
+  db = side_open(f);
+  side_exec(db, "PRAGMA user_version = 2");
+  sqlite3_close(db);
+  err[0] = '\0';
+  assert_null(imd_store_open(f->path, NULL, err, sizeof err));
+  assert_non_null(strstr(err, "newer"));
+}
+
+int main(void)
+{
+  const struct CMUnitTest tests[] = {
+    cmocka_unit_test_setup_teardown(test_seqs_gap_free_per_user, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_append_to_many_users, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_dup_within_batch, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_dup_after_commit_and_reopen, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_null_cid_never_dedupes, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_close_without_commit, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_failed_commit_restores_seqs, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_failed_append_keeps_batch, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_batch_lost_to_sqlite, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_sync_paging, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_sync_unknown_user, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_reads_refuse_open_batch, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_user_state_lists_devices, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_trim_by_count, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_trim_by_age, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_data_round_trip, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_persistence, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_invalid_arguments, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_open_failures, setup, teardown),
+  };
+
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
