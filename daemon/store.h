@@ -46,9 +46,10 @@ typedef struct imd_store_opts {
  * On append every pointer is borrowed for the call. On read (sync callback)
  * they point into the store and are valid only during the callback. */
 typedef struct imd_store_msg {
-  const char *id;         /* server message id (unique) */
+  const char *id;         /* server message id (unique; 1..23 bytes, so that
+                             it fits dup_id) */
   const char *from;       /* sender uid ("system" etc. for the HTTP API) */
-  const char *device;     /* sender device; "" when none */
+  const char *device;     /* sender device; "" when none (NULL reads as "") */
   const char *cid;        /* client message id; NULL = no idempotency key */
   const char *to;         /* 1:1 receiver, or NULL */
   const char *group;      /* group id, or NULL */
@@ -69,7 +70,12 @@ const char *imd_store_error(const imd_store *s);
  * the current batch; seqs[i] gets the new seq of uids[i].
  * If m->cid is not NULL and (m->from, m->device, m->cid) is already stored
  * (committed or earlier in this batch), nothing is written: the stored id is
- * copied into dup_id (at least 24 bytes) and IMD_STORE_DUP is returned.
+ * copied into dup_id (at least 24 bytes; may be NULL) and IMD_STORE_DUP is
+ * returned, with seqs all 0.
+ * A failed append (EINVAL, EIO) writes nothing and leaves the batch's earlier
+ * appends in place; only if the database itself lost the whole batch (disk
+ * full, I/O error) do later appends and marks fail too, until the next
+ * imd_store_commit() reports the loss with IMD_STORE_EIO.
  * Returns IMD_STORE_OK, IMD_STORE_DUP, IMD_STORE_EINVAL or IMD_STORE_EIO. */
 int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
                      uint64_t *seqs, char *dup_id);
@@ -79,7 +85,8 @@ int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *ui
 int imd_store_mark_delivered(imd_store *s, const char *uid, const char *device, uint64_t seq);
 
 /* True when a batch is open (something was appended or marked since the
- * last commit). */
+ * last commit), including a batch the database lost, until the commit that
+ * reports it. */
 bool imd_store_in_batch(const imd_store *s);
 
 /* Make the batch durable (one COMMIT; one fsync with synchronous=FULL).
@@ -97,7 +104,8 @@ typedef struct imd_sync_info {
 } imd_sync_info;
 
 /* Called once per entry, in seq order. Return 0 to go on, non-zero to stop
- * (more is then set as if the limit had been reached). */
+ * (more is then set as if the limit had been reached). It must not call
+ * into the store. */
 typedef int (*imd_store_each)(void *ctx, uint64_t seq, const imd_store_msg *m);
 
 /* Read uid's inbox entries with seq > since (and > trimmed), at most limit
@@ -116,9 +124,12 @@ int imd_store_user_state(imd_store *s, const char *uid, uint64_t *last, uint64_t
  * keep_count (oldest first) and entries older than keep_age_s; raise each
  * user's trimmed mark to the highest seq dropped; drop messages no inbox
  * refers to any more, but keep their idempotency keys while they are younger
- * than keep_age_s (or forever without an age limit). Runs in its own
- * transaction. Returns the number of inbox entries dropped (>= 0),
- * IMD_STORE_EBATCH or IMD_STORE_EIO. */
+ * than keep_age_s (or forever without an age limit). What goes is always a
+ * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
+ * clock stepped back, a younger entry before an expired one goes with it.
+ * Runs in its own transaction, so its time grows with the entries dropped
+ * (call it often rather than rarely). Returns the number of inbox entries
+ * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
 long imd_store_trim(imd_store *s, uint64_t now_ms);
 
 #endif

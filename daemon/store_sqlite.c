@@ -30,6 +30,8 @@
 #include "core/strmap.h"
 
 #define SCHEMA_VERSION 1
+#define STR_(x) #x
+#define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
 #define BUSY_TIMEOUT_MS 5000     /* another process (sqlite3 shell, backup) holding the lock */
 #define CACHE_SIZE_KIB 16384     /* page cache: the hot inbox pages of many users */
@@ -67,11 +69,13 @@ enum stmt_id {
   ST_TRIM_GONE,
   ST_TRIM_INBOX,
   ST_TRIM_USERS,
-  ST_TRIM_REFS,
+  ST_TRIM_COUNT,
   ST_TRIM_MSGS,
+  ST_TRIM_REFS,
   ST_TRIM_IDEM,
   ST_TRIM_CLEAR_CUT,
   ST_TRIM_CLEAR_GONE,
+  ST_TRIM_CLEAR_REFS,
   ST_COUNT
 };
 
@@ -129,16 +133,24 @@ static const char *const stmt_sql[ST_COUNT] = {
     " WHERE i.uid = c.uid AND i.seq <= c.seq",
   [ST_TRIM_INBOX] = "DELETE FROM inbox WHERE (uid, seq) IN (SELECT uid, seq FROM temp.trim_gone)",
   [ST_TRIM_USERS] =
-    "UPDATE users SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
+    "UPDATE users"
+    " SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
     " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
+  /* Messages that lost all their references go at once; only the others
+   * get their count lowered (most 1:1 messages lose both entries in the
+   * same trim, and an update before the delete would be wasted). */
+  [ST_TRIM_COUNT] =
+    "INSERT INTO temp.trim_refs(mid, n) SELECT mid, count(*) FROM temp.trim_gone GROUP BY mid",
+  [ST_TRIM_MSGS] =
+    "DELETE FROM msgs WHERE mid IN (SELECT r.mid FROM temp.trim_refs AS r"
+    " CROSS JOIN msgs AS m ON m.mid = r.mid WHERE m.refs <= r.n)",
   [ST_TRIM_REFS] =
-    "UPDATE msgs SET refs = refs - g.n"
-    " FROM (SELECT mid, count(*) AS n FROM temp.trim_gone GROUP BY mid) AS g"
-    " WHERE msgs.mid = g.mid",
-  [ST_TRIM_MSGS] = "DELETE FROM msgs WHERE mid IN (SELECT mid FROM temp.trim_gone) AND refs <= 0",
+    "UPDATE msgs SET refs = refs - (SELECT r.n FROM temp.trim_refs AS r WHERE r.mid = msgs.mid)"
+    " WHERE mid IN (SELECT mid FROM temp.trim_refs)",
   [ST_TRIM_IDEM] = "DELETE FROM idem WHERE ts < ?1",
   [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
   [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
+  [ST_TRIM_CLEAR_REFS] = "DELETE FROM temp.trim_refs",
 };
 
 /* IF NOT EXISTS throughout so that opening an existing store is a no-op. */
@@ -181,9 +193,11 @@ static const char schema_sql[] =
 
 /* Per-connection scratch tables of imd_store_trim(); empty between trims. */
 static const char temp_sql[] =
-  "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
+  " WITHOUT ROWID;"
   "CREATE TEMP TABLE IF NOT EXISTS trim_gone(uid TEXT NOT NULL, seq INTEGER NOT NULL,"
-  " mid INTEGER NOT NULL);";
+  " mid INTEGER NOT NULL);"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_refs(mid INTEGER PRIMARY KEY, n INTEGER NOT NULL);";
 
 /* One user's seq counter. last includes the open batch's appends. */
 typedef struct user_ctr {
@@ -376,7 +390,8 @@ static void batch_abort(imd_store *s)
 
 static int refuse_lost(imd_store *s)
 {
-  snprintf(s->err, sizeof s->err, "the batch was rolled back by an earlier error (%.160s); commit to start over",
+  snprintf(s->err, sizeof s->err,
+           "the batch was rolled back by an earlier error (%.160s); commit to start over",
            s->lost_err);
   return IMD_STORE_EIO;
 }
@@ -421,7 +436,8 @@ static int schema_setup(sqlite3 *db, char *err, size_t errlen)
     return -1;
   }
   if (sqlite3_exec(db, schema_sql, NULL, NULL, NULL) != SQLITE_OK ||
-      sqlite3_exec(db, "PRAGMA user_version = 1", NULL, NULL, NULL) != SQLITE_OK ||
+      sqlite3_exec(db, "PRAGMA user_version = " STR(SCHEMA_VERSION), NULL, NULL, NULL) !=
+          SQLITE_OK ||
       sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
     report(err, errlen, "cannot create the schema", sqlite3_errmsg(db));
     sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
@@ -500,7 +516,8 @@ imd_store *imd_store_open(const char *path, const imd_store_opts *o, char *err, 
     s->opts = *o;
   set_err(s, 0, "no error");
   if (sqlite3_open_v2(path, &s->db, flags, NULL) != SQLITE_OK) {
-    report(err, errlen, "cannot open the store", s->db != NULL ? sqlite3_errmsg(s->db) : "out of memory");
+    report(err, errlen, "cannot open the store",
+           s->db != NULL ? sqlite3_errmsg(s->db) : "out of memory");
     goto fail;
   }
   sqlite3_busy_timeout(s->db, BUSY_TIMEOUT_MS);
@@ -951,8 +968,9 @@ static long trim_steps(imd_store *s, sqlite3_int64 cutoff)
     return IMD_STORE_EIO;
   dropped = (long)sqlite3_changes(s->db);
   if (run(s, ST_TRIM_USERS, "cannot raise the trimmed marks") != IMD_STORE_OK ||
-      run(s, ST_TRIM_REFS, "cannot count the message references") != IMD_STORE_OK ||
-      run(s, ST_TRIM_MSGS, "cannot drop unreferenced messages") != IMD_STORE_OK)
+      run(s, ST_TRIM_COUNT, "cannot count the message references") != IMD_STORE_OK ||
+      run(s, ST_TRIM_MSGS, "cannot drop unreferenced messages") != IMD_STORE_OK ||
+      run(s, ST_TRIM_REFS, "cannot lower the message references") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   if (s->opts.keep_age_s > 0) {
     sqlite3_bind_int64(s->st[ST_TRIM_IDEM], 1, cutoff);
@@ -962,7 +980,8 @@ static long trim_steps(imd_store *s, sqlite3_int64 cutoff)
   /* Empty the scratch tables inside the transaction: they stay empty
    * whether it commits or rolls back. */
   if (run(s, ST_TRIM_CLEAR_CUT, "cannot clear the scratch tables") != IMD_STORE_OK ||
-      run(s, ST_TRIM_CLEAR_GONE, "cannot clear the scratch tables") != IMD_STORE_OK)
+      run(s, ST_TRIM_CLEAR_GONE, "cannot clear the scratch tables") != IMD_STORE_OK ||
+      run(s, ST_TRIM_CLEAR_REFS, "cannot clear the scratch tables") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   return dropped;
 }
