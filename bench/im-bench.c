@@ -1,7 +1,11 @@
-/* im-bench: a load client for the im-echo example server. Plain C11 + POSIX +
+/* im-bench: a load client for im-echo, imd and their peers. Plain C11 + POSIX +
  * epoll on one thread with no libim dependency: it speaks WebSocket/JSON and
  * the raw TCP binary framing itself, so it measures the server, not a shared
- * codec. Run several processes for more connections or more client CPU. */
+ * codec. Run several processes for more connections or more client CPU.
+ * Modes: hold (idle connections), echo (closed-loop round trips), chat (paced
+ * 1:1 messages between sender/receiver pairs, open loop) and recv (receivers
+ * that count and acknowledge what they are pushed). The only library is
+ * mbedTLS's HMAC, for minting imd tokens (docs/TOKENS.md). */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* memmem, getopt_long, IP_BIND_ADDRESS_NO_PORT */
 #endif
@@ -19,11 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
+
+#include <mbedtls/md.h>
 
 #define FD_CEILING 20000       /* hard per-process open-file limit on the test hosts */
 #define FD_RESERVE 16          /* stdio, epoll, resolver */
@@ -33,6 +41,9 @@
 #define SCRATCH_MAX (1u << 18) /* largest frame built; --payload is capped well below */
 #define NS_PER_S INT64_C(1000000000)
 #define SETUP_TIMEOUT_NS (10 * NS_PER_S)
+#define TOKEN_MAX 128
+#define TOKEN_TTL_S 86400
+#define CHAT_MAX_MSGS INT64_C(200000000) /* warm-up + measured; bounds the bitmaps */
 
 enum conn_state {
   ST_NEW,        /* not started */
@@ -43,6 +54,12 @@ enum conn_state {
   ST_WAITING,    /* echo: msg sent, waiting for the downstream msg */
   ST_CLOSED,
 };
+
+enum bench_mode { MODE_HOLD, MODE_ECHO, MODE_CHAT, MODE_RECV };
+
+/* chat: connections [0, pairs) send as <prefix>s<i>, [pairs, 2*pairs)
+ * receive as <prefix>r<i>. Other modes: <prefix><index>. */
+enum conn_role { ROLE_PLAIN, ROLE_SENDER, ROLE_RECEIVER };
 
 /* Server messages the bench reacts to, from either wire format. */
 enum msg_op { OP_OTHER, OP_AUTH_OK, OP_ACK, OP_MSG, OP_PONG, OP_ERROR };
@@ -56,6 +73,7 @@ enum { BKEY_UID = 0x01, BKEY_TOKEN = 0x02, BKEY_DEVICE = 0x03, BKEY_PLATFORM = 0
 typedef struct conn {
   int fd;
   uint8_t state;
+  uint8_t role;
   bool authed;
   bool out_armed;      /* EPOLLOUT registered */
   uint32_t idx, seq;   /* connection number (uid suffix), next cid */
@@ -68,14 +86,45 @@ typedef struct conn {
 } conn;
 
 static struct {
-  bool echo, tcp, auth_frame, send_ack;
+  enum bench_mode mode;
+  bool tcp, auth_frame, send_ack;
   char host[256], port[16], path[256];
   int nconns, duration_s, hold_s, ping_s, window, payload;
+  int pairs, rate, warmup_s, drain_s, idle_exit_s;
+  long server_pid;
   char uid_prefix[64];
+  unsigned char secret[256]; /* HMAC key for imd tokens: the secret's own bytes */
+  size_t secret_len;         /* 0: send the placeholder token "t" */
   struct sockaddr_in src[MAX_SRC];
   int nsrc;
 } opt = { .nconns = 100, .duration_s = 10, .hold_s = 30, .ping_s = 20,
-          .window = 500, .payload = 16 };
+          .window = 500, .payload = 16, .pairs = 100, .rate = 10000, .warmup_s = 3,
+          .drain_s = 5 };
+
+/* chat: message k is due at sched(k) = t_begin + k / rate and goes from
+ * sender k % pairs to its receiver. Messages [0, k_warm) warm up; [k_warm,
+ * k_end) are measured. Latency counts from the due time, not the time the
+ * client got round to sending, so a stall anywhere is not hidden by the
+ * sender waiting for it (no coordinated omission). */
+static struct {
+  int timerfd;
+  int64_t t_begin, k_next, k_warm, k_end, timer_armed_for;
+  int64_t cid_base; /* message k has cid cid_base + k: unique per run, as imd's
+                     * idempotency key (uid, device, cid) outlives connections */
+  int64_t sent_total, recv_total, acked_total; /* unique, warm-up included */
+  int64_t sent, received, acked;                /* measured messages only */
+  int64_t dups, ack_dups, foreign, unexpected, unsendable;
+  int64_t t_first_send, t_last_send, t_first_recv, t_last_recv, t_sent_all;
+  unsigned char *recv_seen, *ack_seen;          /* one bit per message number */
+  struct rusage ru0, ru1;
+  int64_t cpu_t0, cpu_t1, srv_ticks0, srv_ticks1;
+  char first_error[200];
+} C = { .timerfd = -1, .srv_ticks0 = -1, .srv_ticks1 = -1 };
+
+/* recv: what the receivers got. */
+static struct {
+  int64_t received, acks_sent, t_last;
+} R;
 
 static struct {
   int epfd;
@@ -99,10 +148,14 @@ static volatile sig_atomic_t stop_requested;
 #define HIST_SUB_BITS 7
 #define HIST_SUB (1u << HIST_SUB_BITS)
 #define HIST_BUCKETS (HIST_SUB + (64 - HIST_SUB_BITS) * HIST_SUB)
-static struct {
+typedef struct histogram {
   uint64_t counts[HIST_BUCKETS];
   uint64_t total, max;
-} hist;
+} histogram;
+static histogram hist;     /* echo round trips; chat one-way latency */
+static histogram hist_ack;   /* chat: due time -> the sender's ack */
+static histogram hist_lag;   /* chat: due time -> the client starts writing it (its own lateness) */
+static histogram hist_write; /* chat: the client starts writing -> received */
 
 static int64_t now_ns(void)
 {
@@ -139,52 +192,114 @@ static void rng_seed(void)
   B.rng |= 1;
 }
 
-static void hist_record(uint64_t v)
+static void hist_record(histogram *h, uint64_t v)
 {
   uint32_t idx = (uint32_t)v;
   if (v >= HIST_SUB) {
     unsigned e = 63u - (unsigned)__builtin_clzll(v);
     idx = HIST_SUB + (e - HIST_SUB_BITS) * HIST_SUB + (uint32_t)((v >> (e - HIST_SUB_BITS)) - HIST_SUB);
   }
-  hist.counts[idx]++;
-  hist.total++;
-  if (v > hist.max)
-    hist.max = v;
+  h->counts[idx]++;
+  h->total++;
+  if (v > h->max)
+    h->max = v;
 }
 
 /* Value at quantile q: the midpoint of the bucket holding it, capped at max. */
-static uint64_t hist_quantile(double q)
+static uint64_t hist_quantile(const histogram *h, double q)
 {
-  double rank = q * (double)hist.total;
+  double rank = q * (double)h->total;
   uint64_t want = (uint64_t)rank, seen = 0;
   if ((double)want < rank || want == 0)
     want++;
   for (uint32_t i = 0; i < HIST_BUCKETS; i++) {
-    seen += hist.counts[i];
-    if (seen < want || hist.counts[i] == 0)
+    seen += h->counts[i];
+    if (seen < want || h->counts[i] == 0)
       continue;
     uint64_t v = i;
     if (i >= HIST_SUB) {
       unsigned shift = (i - HIST_SUB) / HIST_SUB;
       v = ((uint64_t)(HIST_SUB + (i - HIST_SUB) % HIST_SUB) << shift) + ((UINT64_C(1) << shift) >> 1);
     }
-    return v < hist.max ? v : hist.max;
+    return v < h->max ? v : h->max;
   }
-  return hist.max;
+  return h->max;
+}
+
+/* Standard base64 with padding, or (url) base64url without padding. */
+static void base64_enc(const unsigned char *in, size_t n, char *out, bool url)
+{
+  static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  static const char tab_url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  const char *t = url ? tab_url : tab;
+  for (size_t i = 0; i < n; i += 3) {
+    uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
+                 (i + 2 < n ? in[i + 2] : 0);
+    *out++ = t[v >> 18];
+    *out++ = t[(v >> 12) & 63];
+    if (i + 1 < n || !url)
+      *out++ = i + 1 < n ? t[(v >> 6) & 63] : '=';
+    if (i + 2 < n || !url)
+      *out++ = i + 2 < n ? t[v & 63] : '=';
+  }
+  *out = '\0';
 }
 
 static void base64(const unsigned char *in, size_t n, char *out)
 {
-  static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  for (size_t i = 0; i < n; i += 3) {
-    uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
-                 (i + 2 < n ? in[i + 2] : 0);
-    *out++ = tab[v >> 18];
-    *out++ = tab[(v >> 12) & 63];
-    *out++ = i + 1 < n ? tab[(v >> 6) & 63] : '=';
-    *out++ = i + 2 < n ? tab[v & 63] : '=';
+  base64_enc(in, n, out, false);
+}
+
+/* An imd token (docs/TOKENS.md): "1." EXP "." SCOPE "." base64url_nopad(
+ * HMAC-SHA256(secret, "imd-token-v1\n" uid "\n" DEV "\n" EXP)); device ""
+ * means any device (SCOPE and DEV "*"). Returns false if mbedTLS fails. */
+static bool token_mint(const unsigned char *key, size_t keylen, const char *uid, const char *device,
+                       long long exp, char out[TOKEN_MAX])
+{
+  const mbedtls_md_info_t *md = mbedtls_md_info_from_type(MBEDTLS_MD_SHA256);
+  unsigned char mac[32];
+  char msg[512];
+  int n = snprintf(msg, sizeof msg, "imd-token-v1\n%s\n%s\n%lld", uid, *device ? device : "*", exp);
+  if (md == NULL || mbedtls_md_get_size(md) != sizeof mac || n < 0 || (size_t)n >= sizeof msg ||
+      mbedtls_md_hmac(md, key, keylen, (const unsigned char *)msg, (size_t)n, mac) != 0)
+    return false;
+  int o = snprintf(out, TOKEN_MAX, "1.%lld.%c.", exp, *device ? 'd' : '*');
+  base64_enc(mac, sizeof mac, out + o, true);
+  return true;
+}
+
+/* The first known-answer vector of docs/TOKENS.md, checked before any use. */
+static void token_selftest(void)
+{
+  static const char key[] = "0123456789abcdef0123456789abcdef";
+  static const char want[] = "1.2000000000.d.nWYijPbBCXOLeBCsFGQCqqdNNEFKndCwCp59-NNkUFg";
+  char tok[TOKEN_MAX] = "";
+  if (!token_mint((const unsigned char *)key, sizeof key - 1, "alice", "d1", 2000000000LL, tok) ||
+      strcmp(tok, want) != 0)
+    die("token self-test failed: got '%s', want '%s'", tok, want);
+}
+
+/* The uid of connection c, see enum conn_role. */
+static void conn_uid(const conn *c, char *out, size_t cap)
+{
+  if (c->role == ROLE_SENDER)
+    snprintf(out, cap, "%ss%u", opt.uid_prefix, c->idx);
+  else if (c->role == ROLE_RECEIVER)
+    snprintf(out, cap, "%sr%u", opt.uid_prefix, c->idx - (uint32_t)opt.pairs);
+  else
+    snprintf(out, cap, "%s%u", opt.uid_prefix, c->idx);
+}
+
+/* A real token bound to device d1 when a secret was given, else "t" (im-echo
+ * and the peers accept any token). */
+static void conn_token(const char *uid, char out[TOKEN_MAX])
+{
+  if (opt.secret_len == 0) {
+    strcpy(out, "t");
+  } else if (!token_mint(opt.secret, opt.secret_len, uid, "d1", (long long)time(NULL) + TOKEN_TTL_S,
+                         out)) {
+    die("cannot mint a token for '%s' (mbedTLS)", uid);
   }
-  *out = '\0';
 }
 
 static void conn_arm(conn *c, bool want_out)
@@ -293,13 +408,17 @@ static void ws_send(conn *c, unsigned opcode, const void *payload, size_t len)
 static void ws_send_upgrade(conn *c)
 {
   uint64_t key[2] = { rng_next(), rng_next() };
-  char key64[32], req[1024];
+  char key64[32], req[1024], uid[96], tok[TOKEN_MAX];
   int n = snprintf(req, sizeof req, "GET %s", opt.path);
 
-  /* Authenticating in the URL saves a round trip per connection. */
-  if (!opt.auth_frame)
-    n += snprintf(req + n, sizeof req - (size_t)n, "%cuid=%s%u&token=t&device=d1&platform=bench",
-                  strchr(opt.path, '?') ? '&' : '?', opt.uid_prefix, c->idx);
+  /* Authenticating in the URL saves a round trip per connection. uids and
+   * tokens need no percent-encoding (--uid-prefix is checked). */
+  if (!opt.auth_frame) {
+    conn_uid(c, uid, sizeof uid);
+    conn_token(uid, tok);
+    n += snprintf(req + n, sizeof req - (size_t)n, "%cuid=%s&token=%s&device=d1&platform=bench",
+                  strchr(opt.path, '?') ? '&' : '?', uid, tok);
+  }
   base64((const unsigned char *)key, sizeof key, key64);
   n += snprintf(req + n, sizeof req - (size_t)n,
                 " HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -401,17 +520,18 @@ static const unsigned char *bin_field(const unsigned char *p, size_t len, unsign
 
 static void send_auth(conn *c)
 {
-  char uid[96];
-  int ul = snprintf(uid, sizeof uid, "%s%u", opt.uid_prefix, c->idx);
+  char uid[96], tok[TOKEN_MAX];
+  conn_uid(c, uid, sizeof uid);
+  conn_token(uid, tok);
   if (opt.tcp) {
-    size_t n = put_field(B.body, BKEY_UID, uid, (size_t)ul);
-    n += put_field(B.body + n, BKEY_TOKEN, "t", 1);
+    size_t n = put_field(B.body, BKEY_UID, uid, strlen(uid));
+    n += put_field(B.body + n, BKEY_TOKEN, tok, strlen(tok));
     n += put_field(B.body + n, BKEY_DEVICE, "d1", 2);
     n += put_field(B.body + n, BKEY_PLATFORM, "bench", 5);
     tcp_send(c, BOP_AUTH, B.body, n);
   } else {
-    int n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"auth\",\"uid\":\"%s\",\"token\":\"t\","
-                     "\"device\":\"d1\",\"platform\":\"bench\"}", uid);
+    int n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"auth\",\"uid\":\"%s\",\"token\":\"%s\","
+                     "\"device\":\"d1\",\"platform\":\"bench\"}", uid, tok);
     ws_send(c, 1, B.body, (size_t)n);
   }
 }
@@ -446,6 +566,324 @@ static void send_ack(conn *c, const void *id, size_t idlen)
   }
 }
 
+/* ---- chat and recv ------------------------------------------------------ */
+
+/* A member value of a JSON object: strings without their quotes (escapes
+ * left as they are), anything else as its raw text. */
+typedef struct span {
+  const char *p; /* NULL: absent */
+  size_t n;
+  bool str;
+} span;
+
+static const char *json_ws(const char *p, const char *end)
+{
+  while (p < end && (*p == ' ' || *p == '\t' || *p == '\r' || *p == '\n'))
+    p++;
+  return p;
+}
+
+/* End of the JSON value that starts at p, or NULL. Strings honour escapes;
+ * objects and arrays end at the bracket that closes them, strings inside
+ * skipped whole. Validating is the server's job: this only has to find the
+ * end of what a server sent, so it tolerates members it does not know. */
+static const char *json_value_end(const char *p, const char *end)
+{
+  int depth = 0;
+  if (p >= end)
+    return NULL;
+  if (*p != '"' && *p != '{' && *p != '[') {
+    while (p < end && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\t' &&
+           *p != '\r' && *p != '\n')
+      p++;
+    return p;
+  }
+  do {
+    if (*p == '"') {
+      for (p++; p < end && *p != '"'; p++)
+        if (*p == '\\' && ++p == end)
+          return NULL;
+      if (p == end)
+        return NULL;
+    } else if (*p == '{' || *p == '[') {
+      depth++;
+    } else if (*p == '}' || *p == ']') {
+      depth--;
+    }
+    p++;
+  } while (depth > 0 && p < end);
+  return depth == 0 ? p : NULL;
+}
+
+/* Sets out[i] to the top-level member names[i] of the object in s (the
+ * last one if repeated), {NULL} when absent. False if s is not an object. */
+static bool json_members(const char *s, size_t len, const char *const *names, span *out, int count)
+{
+  const char *p, *end = s + len;
+  for (int i = 0; i < count; i++)
+    out[i] = (span){ NULL, 0, false };
+  p = json_ws(s, end);
+  if (p == end || *p != '{')
+    return false;
+  p = json_ws(p + 1, end);
+  if (p < end && *p == '}')
+    return true;
+  for (;;) {
+    if (p == end || *p != '"')
+      return false;
+    const char *key = p + 1, *key_end = json_value_end(p, end);
+    if (key_end == NULL)
+      return false;
+    size_t kn = (size_t)(key_end - 1 - key);
+    p = json_ws(key_end, end);
+    if (p == end || *p != ':')
+      return false;
+    p = json_ws(p + 1, end);
+    const char *v_end = json_value_end(p, end);
+    if (v_end == NULL || v_end == p)
+      return false;
+    for (int i = 0; i < count; i++) {
+      if (strlen(names[i]) != kn || memcmp(names[i], key, kn) != 0)
+        continue;
+      if (*p == '"')
+        out[i] = (span){ p + 1, (size_t)(v_end - p - 2), true };
+      else
+        out[i] = (span){ p, (size_t)(v_end - p), false };
+    }
+    p = json_ws(v_end, end);
+    if (p < end && *p == ',') {
+      p = json_ws(p + 1, end);
+      continue;
+    }
+    return p < end && *p == '}';
+  }
+}
+
+static bool span_is(span v, const char *s)
+{
+  return v.p != NULL && v.n == strlen(s) && memcmp(v.p, s, v.n) == 0;
+}
+
+/* A decimal integer, quoted or not. */
+static bool span_i64(span v, int64_t *out)
+{
+  int64_t x = 0;
+  size_t i = v.n > 0 && v.p[0] == '-';
+  if (v.p == NULL || i == v.n || v.n - i > 18)
+    return false;
+  for (; i < v.n; i++) {
+    if (v.p[i] < '0' || v.p[i] > '9')
+      return false;
+    x = x * 10 + (v.p[i] - '0');
+  }
+  *out = v.p[0] == '-' ? -x : x;
+  return true;
+}
+
+static int64_t sched(int64_t k)
+{
+  return C.t_begin + k * NS_PER_S / opt.rate;
+}
+
+/* Returns the bit's old value. */
+static bool bit_test_set(unsigned char *bits, int64_t k)
+{
+  unsigned char m = (unsigned char)(1u << (k & 7));
+  bool was = (bits[k >> 3] & m) != 0;
+  bits[k >> 3] |= m;
+  return was;
+}
+
+/* utime + stime of a process in clock ticks, -1 if unreadable. */
+static int64_t proc_ticks(long pid)
+{
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (f == NULL)
+    return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = '\0';
+  const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
+  unsigned long long ut, st;
+  if (p == NULL ||
+      sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) != 2)
+    return -1;
+  return (int64_t)(ut + st);
+}
+
+static void cpu_snapshot(struct rusage *ru, int64_t *t, int64_t *srv)
+{
+  getrusage(RUSAGE_SELF, ru);
+  *t = now_ns();
+  *srv = opt.server_pid > 0 ? proc_ticks(opt.server_pid) : -1;
+}
+
+static void chat_error(const char *p, size_t n)
+{
+  B.errors++;
+  if (C.first_error[0] == '\0')
+    snprintf(C.first_error, sizeof C.first_error, "%.*s", (int)(n < 180 ? n : 180), p);
+}
+
+/* {"op":"ack","id":ID} plus the message's seq when it has one. */
+static void send_ack_json(conn *c, span id, span seq)
+{
+  int n;
+  if (id.n > 200 || seq.n > 40)
+    return;
+  if (seq.p != NULL)
+    n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"ack\",\"id\":\"%.*s\",\"seq\":%s%.*s%s}",
+                 (int)id.n, id.p, seq.str ? "\"" : "", (int)seq.n, seq.p, seq.str ? "\"" : "");
+  else
+    n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"ack\",\"id\":\"%.*s\"}", (int)id.n, id.p);
+  ws_send(c, 1, B.body, (size_t)n);
+  R.acks_sent++;
+}
+
+/* A JSON message on an authenticated connection in chat or recv mode. */
+static void on_json_ready(conn *c, const char *p, size_t n)
+{
+  static const char *const names[] = { "op", "id", "cid", "seq", "data" };
+  static const char *const data_names[] = { "t", "n", "s" };
+  enum { F_OP, F_ID, F_CID, F_SEQ, F_DATA, F_N };
+  span f[F_N], d[3];
+  int64_t t = now_ns(), ts, k, tw;
+
+  if (!json_members(p, n, names, f, F_N) || f[F_OP].p == NULL) {
+    chat_error(p, n);
+    return;
+  }
+  if (span_is(f[F_OP], "error")) {
+    chat_error(p, n);
+    return;
+  }
+  if (span_is(f[F_OP], "msg")) {
+    /* Every downstream msg with an id is acknowledged, whoever it is for. */
+    if (opt.send_ack && f[F_ID].p != NULL)
+      send_ack_json(c, f[F_ID], f[F_SEQ]);
+    if (opt.mode == MODE_RECV) {
+      R.received++;
+      R.t_last = t;
+      return;
+    }
+    if (c->role != ROLE_RECEIVER) {
+      C.unexpected++;
+      return;
+    }
+    if (f[F_DATA].p == NULL || f[F_DATA].str ||
+        !json_members(f[F_DATA].p, f[F_DATA].n, data_names, d, 3) || !span_i64(d[0], &ts) ||
+        !span_i64(d[1], &k) || k < 0 || k >= C.k_next) {
+      C.foreign++;
+      return;
+    }
+    if (bit_test_set(C.recv_seen, k)) {
+      C.dups += k >= C.k_warm;
+      return;
+    }
+    C.recv_total++;
+    if (k >= C.k_warm) {
+      C.received++;
+      hist_record(&hist, (uint64_t)(t > ts ? t - ts : 0));
+      if (span_i64(d[2], &tw))
+        hist_record(&hist_write, (uint64_t)(t > tw ? t - tw : 0));
+      if (C.t_first_recv == 0)
+        C.t_first_recv = t;
+      C.t_last_recv = t;
+    }
+    return;
+  }
+  if (span_is(f[F_OP], "ack") && c->role == ROLE_SENDER) {
+    if (!span_i64(f[F_CID], &k) || (k -= C.cid_base) < 0 || k >= C.k_next) {
+      C.foreign++;
+      return;
+    }
+    if (bit_test_set(C.ack_seen, k)) {
+      C.ack_dups += k >= C.k_warm;
+      return;
+    }
+    C.acked_total++;
+    if (k >= C.k_warm) {
+      C.acked++;
+      int64_t due = sched(k);
+      hist_record(&hist_ack, (uint64_t)(t > due ? t - due : 0));
+    }
+  }
+}
+
+/* Message k to receiver k % pairs: {"op":"msg","cid":"<cid_base + k>",
+ * "to":"<prefix>r<i>","data":{"t":DUE_NS,"s":WRITE_NS,"n":k,"p":"<payload>"}}. */
+static void chat_send(int64_t k)
+{
+  int pair = (int)(k % opt.pairs);
+  conn *c = &B.conns[pair];
+  int64_t due = sched(k), t = now_ns();
+  if (c->state != ST_READY) {
+    C.unsendable++;
+    return;
+  }
+  int n = snprintf((char *)B.body, sizeof B.body,
+                   "{\"op\":\"msg\",\"cid\":\"%lld\",\"to\":\"%sr%d\",\"data\":{\"t\":%lld,\"s\":%lld,"
+                   "\"n\":%lld,\"p\":\"%.*s\"}}", (long long)(C.cid_base + k), opt.uid_prefix, pair,
+                   (long long)due, (long long)t, (long long)k, opt.payload, B.data_json + 6);
+  ws_send(c, 1, B.body, (size_t)n);
+  C.sent_total++;
+  if (k >= C.k_warm) {
+    C.sent++;
+    hist_record(&hist_lag, (uint64_t)(t > due ? t - due : 0));
+    if (C.t_first_send == 0)
+      C.t_first_send = t;
+    C.t_last_send = t;
+  }
+}
+
+/* Sends everything due (all at once if the client fell behind: open loop),
+ * then sets the timer for the next due time. */
+static void chat_pump(void)
+{
+  while (C.k_next < C.k_end && sched(C.k_next) <= now_ns()) {
+    if (C.k_next == C.k_warm)
+      cpu_snapshot(&C.ru0, &C.cpu_t0, &C.srv_ticks0);
+    chat_send(C.k_next++);
+  }
+  if (C.k_next == C.k_end && C.t_sent_all == 0) {
+    cpu_snapshot(&C.ru1, &C.cpu_t1, &C.srv_ticks1);
+    C.t_sent_all = C.cpu_t1;
+  }
+  if (C.k_next < C.k_end && sched(C.k_next) != C.timer_armed_for) {
+    int64_t due = sched(C.k_next);
+    struct itimerspec its = { .it_value = { .tv_sec = due / NS_PER_S, .tv_nsec = due % NS_PER_S } };
+    if (timerfd_settime(C.timerfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
+      die("timerfd_settime: %s", strerror(errno));
+    C.timer_armed_for = due;
+  }
+}
+
+static void chat_begin(int64_t t)
+{
+  C.k_warm = (int64_t)opt.warmup_s * opt.rate;
+  C.k_end = C.k_warm + (int64_t)opt.duration_s * opt.rate;
+  if (C.k_end > CHAT_MAX_MSGS)
+    die("--rate x (--warmup + -d) is over %lld messages", (long long)CHAT_MAX_MSGS);
+  C.recv_seen = calloc((size_t)(C.k_end / 8 + 1), 1);
+  C.ack_seen = calloc((size_t)(C.k_end / 8 + 1), 1);
+  if (C.recv_seen == NULL || C.ack_seen == NULL)
+    die("out of memory");
+  C.cid_base = (int64_t)(rng_next() % 100000000u) * INT64_C(1000000000);
+  C.t_begin = t + NS_PER_S / 10;
+  chat_pump();
+}
+
+/* Every message sent has arrived and been acked, or the drain time is up. */
+static bool chat_done(int64_t t)
+{
+  if (C.k_next < C.k_end)
+    return false;
+  return (C.recv_total >= C.sent_total && C.acked_total >= C.sent_total) ||
+         t - C.t_sent_all >= (int64_t)opt.drain_s * NS_PER_S;
+}
+
 static void on_message(conn *c, enum msg_op op, const void *id, size_t idlen, int64_t deadline)
 {
   if (op == OP_ERROR)
@@ -466,7 +904,7 @@ static void on_message(conn *c, enum msg_op op, const void *id, size_t idlen, in
   if (op != OP_MSG || c->state != ST_WAITING)
     return;
   int64_t t = now_ns();
-  hist_record((uint64_t)(t - c->t_start));
+  hist_record(&hist, (uint64_t)(t - c->t_start));
   if (opt.send_ack && id != NULL)
     send_ack(c, id, idlen);
   c->state = ST_READY;
@@ -518,6 +956,8 @@ static long ws_frame(conn *c, unsigned char *p, size_t avail, int64_t deadline)
     pl[i] ^= p[h - 4 + (i & 3)];
   if (opcode == 9) {
     ws_send(c, 10, pl, (size_t)plen);
+  } else if ((opcode == 1 || opcode == 2) && opt.mode >= MODE_CHAT && c->state == ST_READY) {
+    on_json_ready(c, (const char *)pl, (size_t)plen);
   } else if (opcode == 1 || opcode == 2) {
     size_t idlen = 0;
     const char *id = json_str((const char *)pl, (size_t)plen, "id", &idlen);
@@ -650,6 +1090,9 @@ static void usage(FILE *f)
   fputs("usage:\n"
         "  im-bench hold --url ws://HOST:PORT/ws -n N [--src IP,IP,...] [--hold-seconds S]\n"
         "  im-bench echo --url ws://HOST:PORT/ws -c N [-d SECONDS] [--tcp HOST:PORT]\n"
+        "  im-bench chat --url ws://HOST:PORT/ws [--pairs P] [--rate R] [-d SECONDS]\n"
+        "                [--warmup S] [--secret-file F | --secret S]\n"
+        "  im-bench recv --url ws://HOST:PORT/ws [-n N] [--idle-exit S] [--secret-file F]\n"
         "\n"
         "hold: open N connections, authenticate, keep them idle with an {\"op\":\"ping\"}\n"
         "      every --ping-seconds, print 'connected N authed N failed N' once all are\n"
@@ -657,6 +1100,19 @@ static void usage(FILE *f)
         "echo: N connections each sending msg and waiting for its echo, in a closed\n"
         "      loop for D seconds (default 10) counted once all are authenticated;\n"
         "      prints round trips/s, latency percentiles and a 'RESULT k=v ...' line.\n"
+        "chat: P senders <prefix>s<i> and P receivers <prefix>r<i> (2P connections);\n"
+        "      message k is due at k/R s after the start and goes from sender k%P to\n"
+        "      receiver k%P as {\"op\":\"msg\",\"cid\":\"<run base + k>\",\"to\":\"r<i>\",\"data\":\n"
+        "      {\"t\":DUE_NS,\"s\":WRITE_NS,\"n\":k,\"p\":PAYLOAD}} (CLOCK_MONOTONIC ns; open\n"
+        "      loop: latency counts from the due time, so stalls are not hidden).\n"
+        "      --warmup S unmeasured, then -d D measured; then up\n"
+        "      to --drain S for stragglers. Receivers ack every downstream msg that has\n"
+        "      an id ({\"op\":\"ack\",\"id\":..,\"seq\":..}, seq when the msg has one).\n"
+        "      Prints one-way latency (due -> received), ack latency (due -> the\n"
+        "      sender's ack), the client's own send lag, CPU, and a RESULT line.\n"
+        "recv: N receivers <prefix><i> (default prefix r) that count and ack every\n"
+        "      msg pushed to them; exits after --hold-seconds, on SIGTERM/SIGINT, or\n"
+        "      --idle-exit S seconds after the last msg; prints a RESULT line.\n"
         "\n"
         "  --url URL         WebSocket endpoint (ws://IPV4-OR-NAME:PORT/PATH, imp.json)\n"
         "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
@@ -665,11 +1121,22 @@ static void usage(FILE *f)
         "  --window N        connection setups in flight at once (default 500)\n"
         "  --hold-seconds S  hold: time to hold after setup (default 30)\n"
         "  --ping-seconds S  hold: keepalive interval (default 20)\n"
-        "  -d SECONDS        echo: measured duration (default 10)\n"
-        "  --payload BYTES   echo: length of the echoed data string (default 16)\n"
+        "  -d SECONDS        echo, chat: measured duration (default 10)\n"
+        "  --payload BYTES   echo, chat: length of the data string (default 16)\n"
         "  --ack             echo: acknowledge each downstream msg\n"
         "  --auth-frame      WebSocket: authenticate with an auth message, not the URL\n"
-        "  --uid-prefix P    uids are P<index> (default u<pid>-)\n",
+        "  --uid-prefix P    uids are P<index> (default u<pid>-; chat: P s<i> / P r<i>,\n"
+        "                    default empty; recv: default r); [A-Za-z0-9._-]\n"
+        "  --secret S        mint real imd tokens (docs/TOKENS.md) with this secret\n"
+        "  --secret-file F   the same, the secret read from F (e.g. DATA/secret)\n"
+        "                    (without either, the token is \"t\": im-echo and peers)\n"
+        "  --pairs P         chat: sender/receiver pairs (default 100)\n"
+        "  --rate R          chat: messages/s from this process, all pairs (default 10000)\n"
+        "  --warmup S        chat: unmeasured seconds first (default 3)\n"
+        "  --drain S         chat: longest wait for outstanding messages (default 5)\n"
+        "  --no-ack          chat, recv: do not ack downstream messages\n"
+        "  --idle-exit S     recv: exit S seconds after the last msg (0: never)\n"
+        "  --server-pid PID  chat: also report this process's CPU over the measured part\n",
         f);
 }
 
@@ -724,19 +1191,27 @@ static void parse_args(int argc, char **argv)
     {"url", 1, NULL, 'u'}, {"tcp", 1, NULL, 't'}, {"src", 1, NULL, 's'},
     {"window", 1, NULL, 'w'}, {"hold-seconds", 1, NULL, 'H'}, {"ping-seconds", 1, NULL, 'P'},
     {"payload", 1, NULL, 'p'}, {"uid-prefix", 1, NULL, 'U'}, {"ack", 0, NULL, 'a'},
-    {"auth-frame", 0, NULL, 'A'}, {"help", 0, NULL, 'h'}, {NULL, 0, NULL, 0},
+    {"auth-frame", 0, NULL, 'A'}, {"help", 0, NULL, 'h'}, {"secret", 1, NULL, 'S'},
+    {"secret-file", 1, NULL, 'F'}, {"pairs", 1, NULL, 'q'}, {"rate", 1, NULL, 'r'},
+    {"warmup", 1, NULL, 'W'}, {"drain", 1, NULL, 'D'}, {"no-ack", 0, NULL, 'N'},
+    {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {NULL, 0, NULL, 0},
   };
-  const char *url = NULL, *tcp = NULL;
+  static const char *const modes[] = { "hold", "echo", "chat", "recv" };
+  const char *url = NULL, *tcp = NULL, *secret = NULL, *secret_file = NULL;
+  char secret_buf[sizeof opt.secret + 2];
+  bool no_ack = false, have_prefix = false, have_conns = false;
   int ch;
 
   if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
     usage(argc < 2 ? stderr : stdout);
     exit(argc < 2 ? 2 : 0);
   }
-  if (strcmp(argv[1], "hold") != 0 && strcmp(argv[1], "echo") != 0)
-    die("unknown mode '%s' (hold or echo; --help for usage)", argv[1]);
-  opt.echo = strcmp(argv[1], "echo") == 0;
-  snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "u%ld-", (long)getpid());
+  opt.mode = (enum bench_mode)-1;
+  for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
+    if (strcmp(argv[1], modes[i]) == 0)
+      opt.mode = (enum bench_mode)i;
+  if ((int)opt.mode < 0)
+    die("unknown mode '%s' (hold, echo, chat or recv; --help for usage)", argv[1]);
 
   /* The mode word plays argv[0] for getopt. */
   while ((ch = getopt_long(argc - 1, argv + 1, "n:c:d:h", longopts, NULL)) != -1) {
@@ -744,14 +1219,32 @@ static void parse_args(int argc, char **argv)
     case 'u': url = optarg; break;
     case 't': tcp = optarg; break;
     case 's': parse_src(optarg); break;
-    case 'n': case 'c': opt.nconns = parse_int(optarg, 1, FD_CEILING, "connection count"); break;
+    case 'n': case 'c':
+      opt.nconns = parse_int(optarg, 1, FD_CEILING, "connection count");
+      have_conns = true;
+      break;
     case 'w': opt.window = parse_int(optarg, 1, FD_CEILING, "window"); break;
     case 'H': opt.hold_s = parse_int(optarg, 0, 7 * 86400, "hold seconds"); break;
     case 'P': opt.ping_s = parse_int(optarg, 1, 86400, "ping seconds"); break;
     case 'd': opt.duration_s = parse_int(optarg, 1, 86400, "duration"); break;
     case 'p': opt.payload = parse_int(optarg, 0, (int)sizeof B.data_json - 16, "payload"); break;
-    case 'U': snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "%s", optarg); break;
+    case 'U':
+      if (strlen(optarg) > 40 || strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                 "0123456789._-") != strlen(optarg))
+        die("bad --uid-prefix '%s' (at most 40 of [A-Za-z0-9._-])", optarg);
+      snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "%s", optarg);
+      have_prefix = true;
+      break;
     case 'a': opt.send_ack = true; break;
+    case 'S': secret = optarg; break;
+    case 'F': secret_file = optarg; break;
+    case 'q': opt.pairs = parse_int(optarg, 1, (FD_CEILING - FD_RESERVE) / 2, "pairs"); break;
+    case 'r': opt.rate = parse_int(optarg, 1, 10000000, "rate"); break;
+    case 'W': opt.warmup_s = parse_int(optarg, 0, 3600, "warm-up seconds"); break;
+    case 'D': opt.drain_s = parse_int(optarg, 0, 3600, "drain seconds"); break;
+    case 'N': no_ack = true; break;
+    case 'I': opt.idle_exit_s = parse_int(optarg, 0, 86400, "idle-exit seconds"); break;
+    case 'x': opt.server_pid = parse_int(optarg, 1, 0x7fffffff, "server pid"); break;
     case 'A': opt.auth_frame = true; break;
     case 'h': usage(stdout); exit(0);
     default: die("bad option (--help for usage)");
@@ -759,7 +1252,37 @@ static void parse_args(int argc, char **argv)
   }
   if (optind < argc - 1)
     die("unexpected argument '%s'", argv[optind + 1]);
+  if (!have_prefix && opt.mode == MODE_RECV)
+    strcpy(opt.uid_prefix, "r");
+  else if (!have_prefix && opt.mode != MODE_CHAT)
+    snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "u%ld-", (long)getpid());
+  if (opt.mode == MODE_CHAT)
+    opt.nconns = 2 * opt.pairs; /* senders first, then receivers */
+  else if (opt.mode == MODE_RECV && !have_conns)
+    opt.nconns = 1;
+  if (opt.mode >= MODE_CHAT)
+    opt.send_ack = !no_ack;
+  if (secret_file != NULL) {
+    FILE *f = fopen(secret_file, "r");
+    if (f == NULL || fgets(secret_buf, sizeof secret_buf, f) == NULL)
+      die("cannot read the secret from %s", secret_file);
+    fclose(f);
+    /* as imd reads DATA/secret: surrounding blanks and the line end dropped */
+    size_t n = strlen(secret_buf);
+    while (n > 0 && strchr(" \t\r\n", secret_buf[n - 1]) != NULL)
+      secret_buf[--n] = '\0';
+    secret = secret_buf + strspn(secret_buf, " \t");
+  }
+  if (secret != NULL) {
+    opt.secret_len = strlen(secret);
+    if (opt.secret_len < 16 || opt.secret_len > sizeof opt.secret)
+      die("the secret must be 16 to %zu bytes", sizeof opt.secret);
+    memcpy(opt.secret, secret, opt.secret_len);
+    token_selftest();
+  }
   opt.tcp = tcp != NULL; /* --tcp selects the transport even next to --url */
+  if (opt.tcp && opt.mode >= MODE_CHAT)
+    die("chat and recv speak WebSocket JSON only (--url)");
   if (tcp != NULL)
     parse_hostport(tcp, strlen(tcp), "");
   else if (url != NULL)
@@ -808,9 +1331,19 @@ static void setup(void)
   for (int i = 0; i < opt.nconns; i++) {
     B.conns[i].fd = -1;
     B.conns[i].idx = (uint32_t)i;
+    B.conns[i].role = opt.mode != MODE_CHAT ? ROLE_PLAIN : i < opt.pairs ? ROLE_SENDER : ROLE_RECEIVER;
   }
   if ((B.epfd = epoll_create1(EPOLL_CLOEXEC)) < 0)
     die("epoll_create1: %s", strerror(errno));
+  if (opt.mode == MODE_CHAT) {
+    /* The send schedule runs on an absolute timerfd; the default 50 us timer
+     * slack would make every send that much late. */
+    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &C };
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+    C.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (C.timerfd < 0 || epoll_ctl(B.epfd, EPOLL_CTL_ADD, C.timerfd, &ev) < 0)
+      die("timerfd: %s", strerror(errno));
+  }
   sigemptyset(&sa.sa_mask);
   sigaction(SIGTERM, &sa, NULL);
   sigaction(SIGINT, &sa, NULL);
@@ -824,7 +1357,7 @@ static void housekeeping(int64_t t)
     conn *c = &B.conns[i];
     if (c->state >= ST_CONNECTING && c->state <= ST_AUTHING && t - c->t_start > SETUP_TIMEOUT_NS) {
       conn_close(c, "setup timed out", 0);
-    } else if (!opt.echo && c->state == ST_READY && t >= c->next_ping) {
+    } else if (opt.mode != MODE_ECHO && c->state == ST_READY && t >= c->next_ping) {
       /* An application ping, which surely counts as activity for the idle timer. */
       if (opt.tcp)
         tcp_send(c, BOP_PING, NULL, 0);
@@ -835,6 +1368,69 @@ static void housekeeping(int64_t t)
   }
 }
 
+static double cpu_secs(const struct rusage *ru)
+{
+  return (double)ru->ru_utime.tv_sec + (double)ru->ru_utime.tv_usec / 1e6 +
+         (double)ru->ru_stime.tv_sec + (double)ru->ru_stime.tv_usec / 1e6;
+}
+
+static void print_chat(int open_now)
+{
+  const histogram *hs[4] = { &hist, &hist_ack, &hist_lag, &hist_write };
+  static const char *const label[4] = { "one-way", "ack", "send lag", "write->rx" };
+  double q[4][5];
+  double span_s = (double)(C.t_last_send - C.t_first_send) / 1e9;
+  double rspan_s = (double)(C.t_last_recv - C.t_first_recv) / 1e9;
+  double sent_rate = C.sent > 1 && span_s > 0 ? (double)(C.sent - 1) / span_s : 0;
+  double recv_rate = C.received > 1 && rspan_s > 0 ? (double)(C.received - 1) / rspan_s : 0;
+  double wall = (double)(C.cpu_t1 - C.cpu_t0) / 1e9;
+  double cpu = wall > 0 ? 100 * (cpu_secs(&C.ru1) - cpu_secs(&C.ru0)) / wall : 0;
+  double user = (double)(C.ru1.ru_utime.tv_sec - C.ru0.ru_utime.tv_sec) +
+                (double)(C.ru1.ru_utime.tv_usec - C.ru0.ru_utime.tv_usec) / 1e6;
+  user = wall > 0 ? 100 * user / wall : 0;
+  double srv_cpu = -1;
+  if (C.srv_ticks0 >= 0 && C.srv_ticks1 >= 0 && wall > 0)
+    srv_cpu = 100 * (double)(C.srv_ticks1 - C.srv_ticks0) / (double)sysconf(_SC_CLK_TCK) / wall;
+
+  for (int h = 0; h < 4; h++) {
+    q[h][0] = (double)hist_quantile(hs[h], 0.50) / 1e3;
+    q[h][1] = (double)hist_quantile(hs[h], 0.90) / 1e3;
+    q[h][2] = (double)hist_quantile(hs[h], 0.99) / 1e3;
+    q[h][3] = (double)hist_quantile(hs[h], 0.999) / 1e3;
+    q[h][4] = (double)hs[h]->max / 1e3;
+  }
+  printf("chat: %d pairs, %d msgs/s scheduled, %d s warm-up + %d s measured, acks %s\n", opt.pairs,
+         opt.rate, opt.warmup_s, opt.duration_s, opt.send_ack ? "on" : "off");
+  printf("measured: sent %lld (%.0f/s), received %lld (%.0f/s), acked %lld, lost %lld, "
+         "unacked %lld, dups %lld, errors %ld\n", (long long)C.sent, sent_rate,
+         (long long)C.received, recv_rate, (long long)C.acked, (long long)(C.sent - C.received),
+         (long long)(C.sent - C.acked), (long long)C.dups, B.errors);
+  for (int h = 0; h < 4; h++)
+    printf("%-9s us: p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  (n=%llu)\n", label[h],
+           q[h][0], q[h][1], q[h][2], q[h][3], q[h][4], (unsigned long long)hs[h]->total);
+  printf("client CPU %.1f%% of one core (user space %.1f%%)", cpu, user);
+  if (srv_cpu >= 0)
+    printf(", server CPU %.1f%%", srv_cpu);
+  printf(" over the measured %.1f s\n", wall);
+  if (C.first_error[0] != '\0')
+    printf("first error: %s\n", C.first_error);
+  if (C.unexpected || C.foreign || C.ack_dups || C.unsendable || B.dropped || B.failed)
+    printf("also: unexpected msgs at senders %lld, unparsable %lld, duplicate acks %lld, "
+           "unsendable %lld, dropped conns %d, failed conns %d\n", (long long)C.unexpected,
+           (long long)C.foreign, (long long)C.ack_dups, (long long)C.unsendable, B.dropped, B.failed);
+  printf("RESULT mode=chat pairs=%d rate=%d secs=%d sent=%lld received=%lld acked=%lld "
+         "lost=%lld dups=%lld errors=%ld sent_rate=%.0f recv_rate=%.0f "
+         "p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f "
+         "ack_p50_us=%.1f ack_p90_us=%.1f ack_p99_us=%.1f ack_max_us=%.1f "
+         "lag_p50_us=%.1f lag_p99_us=%.1f lag_max_us=%.1f w_p50_us=%.1f w_p99_us=%.1f "
+         "cpu_pct=%.1f srv_cpu_pct=%.1f open=%d dropped=%d\n",
+         opt.pairs, opt.rate, opt.duration_s, (long long)C.sent, (long long)C.received,
+         (long long)C.acked, (long long)(C.sent - C.received), (long long)C.dups, B.errors,
+         sent_rate, recv_rate, q[0][0], q[0][1], q[0][2], q[0][3], q[0][4], q[1][0], q[1][1],
+         q[1][2], q[1][4], q[2][0], q[2][2], q[2][4], q[3][0], q[3][2], cpu, srv_cpu, open_now,
+         B.dropped);
+}
+
 static void print_results(int64_t phase_ns)
 {
   double secs = (double)phase_ns / 1e9;
@@ -842,15 +1438,31 @@ static void print_results(int64_t phase_ns)
 
   for (int i = 0; i < opt.nconns; i++)
     open_now += B.conns[i].state == ST_READY || B.conns[i].state == ST_WAITING;
-  if (!opt.echo) {
+  if (opt.mode == MODE_CHAT) {
+    print_chat(open_now);
+    return;
+  }
+  if (opt.mode == MODE_RECV) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("received %lld msgs on %d connections, acks sent %lld, errors %ld, CPU %.2f s\n",
+           (long long)R.received, open_now, (long long)R.acks_sent, B.errors, cpu_secs(&ru));
+    if (C.first_error[0] != '\0')
+      printf("first error: %s\n", C.first_error);
+    printf("RESULT mode=recv conns=%d authed=%d failed=%d dropped=%d open=%d received=%lld "
+           "acks=%lld errors=%ld secs=%.1f cpu_s=%.2f\n", opt.nconns, B.authed, B.failed, B.dropped,
+           open_now, (long long)R.received, (long long)R.acks_sent, B.errors, secs, cpu_secs(&ru));
+    return;
+  }
+  if (opt.mode == MODE_HOLD) {
     printf("RESULT mode=hold conns=%d connected=%d authed=%d failed=%d dropped=%d open=%d "
            "held_s=%.1f errors=%ld\n", opt.nconns, B.connected, B.authed, B.failed, B.dropped,
            open_now, secs, B.errors);
     return;
   }
   double rtps = secs > 0 ? (double)hist.total / secs : 0;
-  double p50 = (double)hist_quantile(0.50) / 1e3, p90 = (double)hist_quantile(0.90) / 1e3;
-  double p99 = (double)hist_quantile(0.99) / 1e3, p999 = (double)hist_quantile(0.999) / 1e3;
+  double p50 = (double)hist_quantile(&hist, 0.50) / 1e3, p90 = (double)hist_quantile(&hist, 0.90) / 1e3;
+  double p99 = (double)hist_quantile(&hist, 0.99) / 1e3, p999 = (double)hist_quantile(&hist, 0.999) / 1e3;
   double max = (double)hist.max / 1e3;
   const char *transport = opt.tcp ? "tcp" : "ws";
 
@@ -887,17 +1499,36 @@ int main(int argc, char **argv)
       if (B.first_failure[0] != '\0')
         fprintf(stderr, "first failure: %s\n", B.first_failure);
       deadline = t + opt.duration_s * NS_PER_S;
-      for (int i = 0; opt.echo && i < opt.nconns; i++)
+      for (int i = 0; opt.mode == MODE_ECHO && i < opt.nconns; i++)
         if (B.conns[i].state == ST_READY)
           send_msg(&B.conns[i]);
+      if (opt.mode == MODE_CHAT) {
+        if (B.authed != opt.nconns)
+          die("chat needs every connection authenticated (%d of %d; first failure: %s)",
+              B.authed, opt.nconns, B.first_failure);
+        chat_begin(t);
+      }
     }
-    if (settled && t - phase_start >= (opt.echo ? opt.duration_s : opt.hold_s) * NS_PER_S)
+    if (settled && opt.mode == MODE_CHAT) {
+      chat_pump();
+      if (chat_done(now_ns()))
+        break;
+    } else if (settled && opt.mode == MODE_RECV && opt.idle_exit_s > 0 && R.received > 0 &&
+               t - R.t_last >= (int64_t)opt.idle_exit_s * NS_PER_S) {
       break;
+    } else if (settled && opt.mode != MODE_CHAT &&
+               t - phase_start >= (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S) {
+      break;
+    }
     if (t >= next_tick) {
       housekeeping(t);
       if (!settled)
         fprintf(stderr, "[%5.1fs] started %d connected %d authed %d failed %d\n",
                 (double)(t - t0) / 1e9, B.started, B.connected, B.authed, B.failed);
+      else if (opt.mode == MODE_CHAT && (t - phase_start) / NS_PER_S % 5 == 0)
+        fprintf(stderr, "[%5.1fs] sent %lld received %lld acked %lld errors %ld\n",
+                (double)(t - t0) / 1e9, (long long)C.sent_total, (long long)C.recv_total,
+                (long long)C.acked_total, B.errors);
       next_tick = t + NS_PER_S;
     }
 
@@ -906,6 +1537,12 @@ int main(int argc, char **argv)
       die("epoll_wait: %s", strerror(errno));
     for (int i = 0; i < n; i++) {
       conn *c = evs[i].data.ptr;
+      if (evs[i].data.ptr == (void *)&C) {
+        uint64_t expirations;
+        if (read(C.timerfd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
+          die("timerfd read: %s", strerror(errno));
+        continue;
+      }
       if (c->state == ST_CONNECTING) {
         on_connected(c);
         continue;
@@ -913,7 +1550,7 @@ int main(int argc, char **argv)
       if (c->state != ST_CLOSED && (evs[i].events & EPOLLOUT))
         conn_flush(c);
       if (c->state != ST_CLOSED && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)))
-        on_readable(c, settled && opt.echo ? deadline : 0);
+        on_readable(c, settled && opt.mode == MODE_ECHO ? deadline : 0);
     }
   }
   if (!settled)

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# 1:1 chat latency at a paced rate, imd and the Node peer (bench/peer-chat.js)
+# measured by the same client in the same run: `im-bench chat`, PAIRS sender ->
+# receiver pairs, RATE msgs/s in all on an open-loop schedule, a 3 s warm-up,
+# then SECONDS measured. The server is pinned to core 0, the client to core 1.
+# imd runs with a fresh data directory and real HMAC tokens (minted by the
+# client from DATA/secret); the peer accepts any token. Runs alternate the
+# order of the two servers; the last lines are medians over the runs.
+#   bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]
+# IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
+# from a given commit); im-bench always comes from BUILD_DIR.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+build=${1:?usage: bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]}
+rate=${2:-10000}; secs=${3:-20}; pairs=${4:-100}; runs=${5:-1}; which=${6:-both}
+imd=${IMD:-$build/daemon/imd}
+tmp=$(mktemp -d)
+srv=
+cleanup() {
+  if [ -n "$srv" ]; then kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true; fi
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# port_of FILE KIND: the port of the "KIND listening ... port N" line
+port_of() {
+  for _ in $(seq 100); do grep -q "$2 listening" "$1" && break; sleep 0.1; done
+  grep "$2 listening" "$1" | grep -o 'port [0-9]*' | awk '{print $2}'
+}
+
+run_one() { # TARGET RUN
+  local target=$1 run=$2 out=$tmp/$1.srv port auth=()
+  if [ "$target" = imd ]; then
+    rm -rf "$tmp/data"
+    taskset -c 0 "$imd" --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off \
+      >"$out" 2>&1 &
+    auth=(--secret-file "$tmp/data/secret")
+  else
+    taskset -c 0 node "$here/peer-chat.js" 0 0 >"$out" 2>&1 &
+  fi
+  srv=$!
+  port=$(port_of "$out" ws)
+  if [ -z "$port" ]; then cat "$out" >&2; exit 1; fi
+  taskset -c 1 "$build/bench/im-bench" chat --url "ws://127.0.0.1:$port/ws" --pairs "$pairs" \
+    --rate "$rate" -d "$secs" "${auth[@]}" --server-pid "$srv" 2>"$tmp/err" \
+    | tee -a "$tmp/results" | sed "s/^/[$target $run] /" || { cat "$tmp/err" >&2; exit 1; }
+  grep -v '^\[' "$tmp/err" | sed "s/^/[$target $run] stderr: /" >&2 || true
+  kill "$srv"; wait "$srv" 2>/dev/null || true; srv=
+  sed -i "s/^RESULT mode=chat /RESULT target=$target mode=chat /" "$tmp/results"
+}
+
+# median TARGET KEY: median of KEY=value over the RESULT lines of TARGET
+median() {
+  grep "^RESULT target=$1 " "$tmp/results" | grep -o " $2=[-0-9.]*" | cut -d= -f2 | sort -g \
+    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2];
+           else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
+}
+
+targets=(imd peer)
+[ "$which" = both ] || targets=("$which")
+echo "start: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "imd: $imd"
+for run in $(seq "$runs"); do
+  order=("${targets[@]}")
+  if [ "${#targets[@]}" = 2 ] && [ $((run % 2)) = 0 ]; then order=(peer imd); fi
+  for t in "${order[@]}"; do run_one "$t" "$run"; done
+done
+
+keys="p50_us p90_us p99_us max_us ack_p50_us ack_p99_us w_p50_us lag_p50_us recv_rate lost errors cpu_pct srv_cpu_pct"
+echo "end: load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "medians over $runs run(s), rate $rate/s, $pairs pairs, $secs s measured:"
+for t in "${targets[@]}"; do
+  line="MEDIAN target=$t"
+  for k in $keys; do line="$line $k=$(median "$t" "$k")"; done
+  echo "$line"
+done
+if [ "${#targets[@]}" = 2 ]; then
+  for k in p50_us p99_us ack_p50_us ack_p99_us srv_cpu_pct; do
+    awk -v k="$k" -v a="$(median imd "$k")" -v b="$(median peer "$k")" \
+      'BEGIN {if (a > 0) printf "RATIO %s peer/imd = %.2f\n", k, b / a}'
+  done
+fi

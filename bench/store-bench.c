@@ -1,0 +1,164 @@
+/* Append throughput of imd's SQLite store: 1:1 messages, each stored in the
+ * inboxes of its sender and its receiver, committed in groups as imd's
+ * group commit does; then one retention pass.
+ *
+ *   store-bench [-n messages] [-b appends per commit] [-u users]
+ *               [-k keep_count] [-N] [-c] FILE
+ *
+ * -N: synchronous=NORMAL instead of FULL. -c: give every message a client
+ * id (idempotency key). FILE must not exist; it and its -wal/-shm are
+ * removed at the end. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "store.h"
+
+typedef struct bench_opts {
+  unsigned long messages;
+  unsigned long batch;
+  unsigned long users;
+  uint32_t keep_count;
+  int no_fsync;
+  int with_cid;
+  const char *path;
+} bench_opts;
+
+static double now_s(void)
+{
+  struct timespec ts;
+
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* xorshift64: a fixed, cheap sequence of user pairs. */
+static uint64_t next_rand(uint64_t *x)
+{
+  *x ^= *x << 13;
+  *x ^= *x >> 7;
+  *x ^= *x << 17;
+  return *x;
+}
+
+static int parse_args(int argc, char **argv, bench_opts *o)
+{
+  int c;
+
+  *o = (bench_opts){.messages = 200000, .batch = 100, .users = 10000};
+  while ((c = getopt(argc, argv, "n:b:u:k:Nc")) != -1) {
+    switch (c) {
+    case 'n': o->messages = strtoul(optarg, NULL, 10); break;
+    case 'b': o->batch = strtoul(optarg, NULL, 10); break;
+    case 'u': o->users = strtoul(optarg, NULL, 10); break;
+    case 'k': o->keep_count = (uint32_t)strtoul(optarg, NULL, 10); break;
+    case 'N': o->no_fsync = 1; break;
+    case 'c': o->with_cid = 1; break;
+    default: return -1;
+    }
+  }
+  if (optind != argc - 1 || o->batch == 0 || o->users < 2)
+    return -1;
+  o->path = argv[optind];
+  return 0;
+}
+
+static void remove_store(const char *path)
+{
+  static const char *const suffix[] = {"", "-wal", "-shm"};
+  char p[4096];
+
+  for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
+    snprintf(p, sizeof p, "%s%s", path, suffix[i]);
+    unlink(p);
+  }
+}
+
+/* Appends o->messages messages; returns the seconds taken or -1. */
+static double run_appends(imd_store *s, const bench_opts *o, double *max_commit_s)
+{
+  static const char data[] = "{\"text\":\"hello, this is a chat message of typical length\"}";
+  uint64_t rnd = 0x9e3779b97f4a7c15u;
+  double t0 = now_s();
+
+  *max_commit_s = 0;
+  for (unsigned long i = 0; i < o->messages; i++) {
+    char id[24], cid[24], from[32], to[32];
+    const char *uids[2] = {to, from};
+    uint64_t a = next_rand(&rnd) % o->users;
+    uint64_t b = (a + 1 + next_rand(&rnd) % (o->users - 1)) % o->users;
+    uint64_t seqs[2];
+
+    snprintf(id, sizeof id, "%lu", i + 1);
+    snprintf(cid, sizeof cid, "c%lu", i + 1);
+    snprintf(from, sizeof from, "user%llu", (unsigned long long)a);
+    snprintf(to, sizeof to, "user%llu", (unsigned long long)b);
+    imd_store_msg m = {.id = id, .from = from, .device = "phone",
+                       .cid = o->with_cid ? cid : NULL, .to = to, .ts = 1700000000000 + i,
+                       .data = data, .data_len = sizeof data - 1};
+    if (imd_store_append(s, &m, uids, 2, seqs, NULL) != IMD_STORE_OK) {
+      fprintf(stderr, "append: %s\n", imd_store_error(s));
+      return -1;
+    }
+    if ((i + 1) % o->batch == 0 || i + 1 == o->messages) {
+      double c0 = now_s();
+      if (imd_store_commit(s) != IMD_STORE_OK) {
+        fprintf(stderr, "commit: %s\n", imd_store_error(s));
+        return -1;
+      }
+      if (now_s() - c0 > *max_commit_s)
+        *max_commit_s = now_s() - c0;
+    }
+  }
+  return now_s() - t0;
+}
+
+int main(int argc, char **argv)
+{
+  bench_opts o;
+  imd_store_opts so = {0};
+  imd_store *s;
+  char err[256];
+  double secs, max_commit, t0;
+  long trimmed;
+
+  if (parse_args(argc, argv, &o) != 0) {
+    fprintf(stderr,
+            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-N] [-c] FILE\n",
+            argv[0]);
+    return 2;
+  }
+  if (access(o.path, F_OK) == 0) {
+    fprintf(stderr, "%s exists; give a new file\n", o.path);
+    return 2;
+  }
+  so.no_fsync = o.no_fsync != 0;
+  so.keep_count = o.keep_count;
+  s = imd_store_open(o.path, &so, err, sizeof err);
+  if (s == NULL) {
+    fprintf(stderr, "open: %s\n", err);
+    return 1;
+  }
+  secs = run_appends(s, &o, &max_commit);
+  if (secs < 0) {
+    imd_store_close(s);
+    remove_store(o.path);
+    return 1;
+  }
+  printf("synchronous=%s cid=%s users=%lu: %lu appends (2 inboxes each), commit every %lu: "
+         "%.0f appends/s, slowest commit %.1f ms\n",
+         o.no_fsync ? "NORMAL" : "FULL", o.with_cid ? "yes" : "no", o.users, o.messages, o.batch,
+         (double)o.messages / secs, max_commit * 1e3);
+  if (o.keep_count > 0) {
+    t0 = now_s();
+    trimmed = imd_store_trim(s, 1700000000000 + o.messages);
+    printf("trim to %u per user: %ld entries in %.0f ms\n", o.keep_count, trimmed,
+           (now_s() - t0) * 1e3);
+  }
+  imd_store_close(s);
+  remove_store(o.path);
+  return 0;
+}
