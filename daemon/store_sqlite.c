@@ -475,6 +475,7 @@ static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
   /* Only constants go into this text. */
   snprintf(sql, sizeof sql,
            "PRAGMA synchronous=%s; PRAGMA cache_size=-%d; PRAGMA journal_size_limit=%d;"
+           " PRAGMA temp_store=MEMORY;"
            " PRAGMA wal_autocheckpoint=%d",
            no_fsync ? "NORMAL" : "FULL", CACHE_SIZE_KIB, WAL_LIMIT_BYTES,
            WAL_CHECKPOINT_BYTES / page_size);
