@@ -137,7 +137,9 @@ void rel_on_timer(tw_entry *te, void *arg) {
     if (!r->head) r->tail = NULL;
     r->inflight--;
     s->st.retransmits++;
-    if (transmit(s, r, e) < 0) return; /* shed */
+    /* shed: c is closing and what is unACKed gets reported; a failed
+     * allocation leaves e in flight, to be resent at its next deadline */
+    if (transmit(s, r, e) < 0 && c->state != CS_OPEN) return;
   }
   arm(s, r);
 }
