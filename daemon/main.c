@@ -217,6 +217,9 @@ static int cmd_token(int argc, char **argv) {
   return 0;
 }
 
+/* store_opts.keep_age_s counts seconds in 32 bits: 100 years fit */
+#define IMD_INBOX_DAYS_MAX 36500u
+
 static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
 
 int main(int argc, char **argv) {
@@ -261,8 +264,8 @@ int main(int argc, char **argv) {
       parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
       parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0)
     return 2;
-  if (icfg.ack_timeout_ms < 100 || inbox_days > 100000) {
-    fprintf(stderr, "imd: %s\n", inbox_days > 100000 ? "inbox-days: at most 100000"
+  if (icfg.ack_timeout_ms < 100 || inbox_days > IMD_INBOX_DAYS_MAX) {
+    fprintf(stderr, "imd: %s\n", inbox_days > IMD_INBOX_DAYS_MAX ? "inbox-days: at most 36500"
                                                        : "ack-timeout: at least 100 ms");
     return 2;
   }
