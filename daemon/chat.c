@@ -78,8 +78,6 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
                                              : "missing to, group or room");
   im_conn_info info;
   im_conn_get_info(srv, c, &info);
-  if (m->data_len > im_server_config(srv)->max_message)
-    return refuse(d, srv, c, m, 413, "message too big");
   if (m->to) {
     if (!*m->to) return refuse(d, srv, c, m, 400, "empty to");
     if (strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");

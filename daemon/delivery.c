@@ -10,6 +10,7 @@
  * that is not durable, and no seq is pushed before every smaller seq of that
  * user is stored: a client that sees seq N can always fetch 1..N by sync.
  */
+#include <cjson/cJSON.h>
 #include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>

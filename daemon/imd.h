@@ -8,8 +8,6 @@
 #include <stdbool.h>
 #include <stdint.h>
 
-#include <cjson/cJSON.h>
-
 #include "core/strmap.h"
 #include "http_server.h"
 #include "store.h"
