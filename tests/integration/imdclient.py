@@ -90,6 +90,25 @@ class Imd(wire.ServerProcess):
 assert_clean_exit = Imd.assert_clean_exit
 
 
+class ImdCase(wire.ServerCase):
+    """One imd (with server_args) per TestCase class; each test checks it is
+    still healthy, and the class ends with a clean SIGTERM exit."""
+    server_class = Imd
+
+    @classmethod
+    def tearDownClass(cls):
+        rc, log = cls.srv.stop()
+        cls.srv.remove_data()
+        assert_clean_exit(rc, log)
+
+    def uid(self, name):
+        """A uid private to the running test."""
+        return '%s.%s' % (self._testMethodName[5:], name)
+
+    async def client(self, kind, name, **kw):
+        return await connect(self.srv, kind, self.uid(name), **kw)
+
+
 # ------------------------------------------------------------------ tokens ---
 
 def py_token(uid, device='', exp=None, secret=SECRET):

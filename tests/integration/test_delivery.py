@@ -19,8 +19,8 @@ import websockets
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (Client, Imd, api, assert_clean_exit, check, connect,  # noqa: E402
-                       py_token, scenario, within)
+from imdclient import (Client, Imd, ImdCase, api, assert_clean_exit, check,  # noqa: E402
+                       connect, py_token, scenario, within)
 import wire  # noqa: E402
 
 PLATFORM = {'json': 'web', 'bin': 'android', 'tcp': 'desktop'}
@@ -119,18 +119,8 @@ def figures(name, **kw):
     print('FIGURES %s %s' % (name, ' '.join('%s=%s' % kv for kv in kw.items())), flush=True)
 
 
-class DeliveryCase(wire.ServerCase):
-    server_class = Imd
+class DeliveryCase(ImdCase):
     server_args = ('--ack-timeout', '300', '--ack-retries', '2')
-
-    @classmethod
-    def tearDownClass(cls):
-        rc, log = cls.srv.stop()
-        cls.srv.remove_data()
-        assert_clean_exit(rc, log)
-
-    def uid(self, name):
-        return '%s.%s' % (self._testMethodName[5:], name)
 
 
 class TestSeqAndSync(DeliveryCase):

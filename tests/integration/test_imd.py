@@ -25,11 +25,10 @@ import urllib.parse
 
 sys.dont_write_bytecode = True          # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (API_KEY, SANITIZER_RE, SECRET, T, Client, Imd, RawWS, api,  # noqa: E402
-                       assert_clean_exit, cli_token, connect, forge, http_call,
+from imdclient import (API_KEY, SANITIZER_RE, SECRET, T, Client, Imd, ImdCase, RawWS,  # noqa: E402
+                       api, assert_clean_exit, cli_token, connect, forge, http_call,
                        parse_metrics, py_token, raw_http, request_bytes, run_cli, scenario,
                        token_exp, upgrade_status, within, ws_frame)
-import wire  # noqa: E402
 
 KINDS = ('json', 'query', 'bin', 'tcp')
 # data that must pass byte for byte: a big integer, raw UTF-8, escapes, spacing
@@ -42,22 +41,8 @@ def now_ms():
     return int(time.time() * 1000)
 
 
-class ServerCase(wire.ServerCase):
-    """One imd per TestCase class; each test checks it is still healthy."""
-    server_class = Imd
-
-    @classmethod
-    def tearDownClass(cls):
-        rc, log = cls.srv.stop()
-        cls.srv.remove_data()
-        assert_clean_exit(rc, log)
-
-    def uid(self, name):
-        """A uid private to the running test."""
-        return '%s.%s' % (self._testMethodName[5:], name)
-
-    async def client(self, kind, name, **kw):
-        return await connect(self.srv, kind, self.uid(name), **kw)
+class ServerCase(ImdCase):
+    """imd's own fixture plus the checks several test classes share."""
 
     async def expect_auth_refused(self, kind, uid, token, device, reason):
         """The token is refused: 401 + close 4401 (op auth), or 403 (query)."""
