@@ -49,25 +49,11 @@ run_one() { # TARGET RUN
   sed -i "s/^RESULT mode=chat /RESULT target=$target mode=chat /" "$tmp/results"
 }
 
-# median TARGET KEY: median of KEY=value over the RESULT lines of TARGET
-median() {
-  grep "^RESULT target=$1 " "$tmp/results" | grep -o " $2=[-0-9.]*" | cut -d= -f2 | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2];
-           else printf "%.1f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
-
-targets=(imd peer)
-[ "$which" = both ] || targets=("$which")
-echo "start: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "imd: $imd"
-for run in $(seq "$runs"); do
-  order=("${targets[@]}")
-  if [ "${#targets[@]}" = 2 ] && [ $((run % 2)) = 0 ]; then order=(peer imd); fi
-  for t in "${order[@]}"; do run_one "$t" "$run"; done
-done
+# shellcheck source=bench/compare-lib.sh
+. "$here/compare-lib.sh"
+run_all
 
 keys="p50_us p90_us p99_us max_us ack_p50_us ack_p99_us w_p50_us lag_p50_us recv_rate lost errors cpu_pct srv_cpu_pct"
-echo "end: load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "medians over $runs run(s), rate $rate/s, $pairs pairs, $secs s measured:"
 for t in "${targets[@]}"; do
   line="MEDIAN target=$t"

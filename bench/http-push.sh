@@ -126,33 +126,19 @@ run_one() { # TARGET RUN
     | tee -a "$tmp/results"
 }
 
-# median TARGET KEY over the RESULT lines of TARGET
-median() {
-  grep "^RESULT target=$1 " "$tmp/results" | grep -o " $2=[0-9.]*" | cut -d= -f2 | sort -g \
-    | awk '{v[NR] = $1} END {if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2];
-           else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2}'
-}
-
-targets=(imd peer)
-[ "$which" = both ] || targets=("$which")
-echo "start: $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "imd: $imd"
-for run in $(seq "$runs"); do
-  order=("${targets[@]}")
-  if [ "${#targets[@]}" = 2 ] && [ $((run % 2)) = 0 ]; then order=(peer imd); fi
-  for t in "${order[@]}"; do run_one "$t" "$run"; done
-done
-echo "end: load average $(cut -d' ' -f1-3 /proc/loadavg)"
+# shellcheck source=bench/compare-lib.sh
+. "$here/compare-lib.sh"
+run_all
 echo "medians over $runs run(s), $conns connections, $secs s:"
 for t in "${targets[@]}"; do
-  echo "MEDIAN target=$t rps=$(median "$t" rps) p50_us=$(median "$t" p50_us)" \
-       "p99_us=$(median "$t" p99_us) srv_cpu_pct=$(median "$t" srv_cpu_pct)" \
-       "wrk_cpu_pct=$(median "$t" wrk_cpu_pct) per_core=$(median "$t" per_core)" \
+  echo "MEDIAN target=$t rps=$(median "$t" rps 2) p50_us=$(median "$t" p50_us 2)" \
+       "p99_us=$(median "$t" p99_us 2) srv_cpu_pct=$(median "$t" srv_cpu_pct 2)" \
+       "wrk_cpu_pct=$(median "$t" wrk_cpu_pct 2) per_core=$(median "$t" per_core 2)" \
        "mismatches=$(grep "^RESULT target=$t " "$tmp/results" | grep -c MISMATCH || true)"
 done
 if [ "${#targets[@]}" = 2 ]; then
-  awk -v a="$(median imd rps)" -v b="$(median peer rps)" \
+  awk -v a="$(median imd rps 2)" -v b="$(median peer rps 2)" \
     'BEGIN {if (b > 0) printf "RATIO rps imd/peer = %.2f\n", a / b}'
-  awk -v a="$(median imd per_core)" -v b="$(median peer per_core)" \
+  awk -v a="$(median imd per_core 2)" -v b="$(median peer per_core 2)" \
     'BEGIN {if (b > 0) printf "RATIO per_core imd/peer = %.2f\n", a / b}'
 fi
