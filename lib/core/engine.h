@@ -203,6 +203,8 @@ im_conn *conn_lookup(const im_server *s, im_conn_id id);
 /* Queue b on c (a new reference), notify the driver, shed over the bound.
  * Returns 0, IM_ECLOSED, IM_EFULL (c was shed), IM_ENOMEM. */
 int conn_queue(im_server *s, im_conn *c, im_buf *b);
+/* Would len more bytes take c's queued and held output over max_output? */
+bool conn_over_bound(const im_server *s, const im_conn *c, size_t len);
 /* Start closing c (see server.c). */
 void conn_close(im_server *s, im_conn *c, int code, const char *reason, bool wait_peer);
 void conn_shed(im_server *s, im_conn *c);

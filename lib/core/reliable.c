@@ -73,7 +73,7 @@ int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, 
     return rc;
   }
   /* window full: hold it in order; its bytes count like queued output */
-  if ((uint64_t)c->out_bytes + r->wait_bytes + b->len > s->cfg.max_output) {
+  if (conn_over_bound(s, c, b->len)) {
     entry_free(s, e);
     s->st.inflight--;
     conn_shed(s, c);

@@ -239,14 +239,17 @@ static enum wire_kind conn_wire(const im_conn *c) {
   return c->binary ? WIRE_WS_BIN : WIRE_WS_TEXT;
 }
 
+bool conn_over_bound(const im_server *s, const im_conn *c, size_t len) {
+  /* reliable messages waiting for window space count as queued output */
+  uint64_t held = c->rel ? c->rel->wait_bytes : 0;
+  return (uint64_t)c->out_bytes + held + len > s->cfg.max_output;
+}
 
 /* Queue b on c, notifying the driver when the queue was empty. Over the
  * bound, the connection is shed. */
 int conn_queue(im_server *s, im_conn *c, im_buf *b) {
   if (c->state == CS_CLOSED) return IM_ECLOSED;
-  /* reliable messages waiting for window space count as queued output */
-  uint64_t held = c->rel ? c->rel->wait_bytes : 0;
-  if ((uint64_t)c->out_bytes + held + b->len > s->cfg.max_output) {
+  if (conn_over_bound(s, c, b->len)) {
     conn_shed(s, c);
     return IM_EFULL;
   }
@@ -1124,7 +1127,6 @@ typedef struct fanout {
   imp_packet pkt;
   im_buf *b[WIRE_N];
   bool reliable;
-  uint64_t seq;
   char id[24];
 } fanout;
 
@@ -1138,7 +1140,6 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   }
   imp_set_str(&f->pkt, IMP_K_ID, id, strlen(id));
   f->reliable = m->flags & IM_SEND_RELIABLE;
-  f->seq = m->seq;
   if (f->reliable && strlen(id) >= IM_ID_MAX) return IM_EINVAL;
   if (m->from) imp_set_str(&f->pkt, IMP_K_FROM, m->from, strlen(m->from));
   if (m->to) imp_set_str(&f->pkt, IMP_K_TO, m->to, strlen(m->to));
@@ -1161,7 +1162,7 @@ static int fanout_send(im_server *s, fanout *f, im_conn *c) {
   enum wire_kind w = conn_wire(c);
   if (!f->b[w] && !(f->b[w] = frame_packet(s, w, &f->pkt))) return IM_ENOMEM;
   const imp_str *id = &f->pkt.str[IMP_K_ID];
-  int rc = f->reliable ? rel_send(s, c, f->b[w], id->p, id->n, f->seq) : conn_queue(s, c, f->b[w]);
+  int rc = f->reliable ? rel_send(s, c, f->b[w], id->p, id->n, f->pkt.num[IMP_K_SEQ]) : conn_queue(s, c, f->b[w]);
   if (rc == 0) s->st.msgs_out++;
   return rc;
 }
