@@ -137,32 +137,20 @@ static void schedule_flush(imd *d) { event_active(d->flush_ev, EV_TIMEOUT, 0); }
 
 int imd_store_and_deliver(imd *d, const imd_store_msg *m, const char *const *uids, size_t n,
                           im_conn_id conn, uint64_t ticket) {
-  char dup_id[IM_ID_MAX] = "";
-  uint64_t seq_buf[64];
-  uint64_t *seqs = n <= 64 ? seq_buf : malloc(n * sizeof *seqs);
-  if (!seqs) return 500;
-  int rc = imd_store_append(d->store, m, uids, n, seqs, dup_id);
+  parked *p = park_new(m, uids, n);
+  if (!p) return 500;
+  /* the seqs land in the parked copy; a duplicate's stored id replaces p->id */
+  int rc = imd_store_append(d->store, m, uids, n, p->seqs, p->id);
   if (rc < 0) {
-    if (seqs != seq_buf) free(seqs);
+    free(p);
     d->m.store_errors++;
     fprintf(stderr, "imd: store append failed: %s\n", imd_store_error(d->store));
     return rc == IMD_STORE_EINVAL ? 400 : 500;
   }
-  parked *p = park_new(m, uids, n);
-  if (!p) {
-    /* appended but not parked: it is delivered by sync; the sender retries
-     * and gets the stored id back */
-    if (seqs != seq_buf) free(seqs);
-    schedule_flush(d);
-    return 500;
-  }
-  memcpy(p->seqs, seqs, n * sizeof *seqs);
-  if (seqs != seq_buf) free(seqs);
   p->conn = conn;
   p->ticket = ticket;
   if (rc == IMD_STORE_DUP) {
     p->dup = true;
-    snprintf(p->id, sizeof p->id, "%s", dup_id);
     d->m.duplicates++;
   }
   if (d->parked_tail)
