@@ -3,6 +3,7 @@
 #define IM_CORE_ENGINE_H
 
 #include <libim/im.h>
+#include <libim/im_router.h>
 #include <stdbool.h>
 
 #include "core/strmap.h"
@@ -169,6 +170,7 @@ struct im_server {
   uint64_t id_last_ms;
   uint32_t id_counter;
   uint32_t idle_ticks;
+  im_router router;        /* all NULL: a single island */
   im_stats st;
 };
 
@@ -229,6 +231,14 @@ dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t 
 /* Remember cid as pending (evicting the oldest). NULL when the window is
  * off or memory ran out (the message is then processed undeduplicated). */
 dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n);
+
+/* router.c: tell the router about local changes (no-ops without one) */
+void route_conn_open(im_server *s, im_conn *c);
+void route_conn_close(im_server *s, im_conn *c);
+void route_room_open(im_server *s, const char *room);
+void route_room_close(im_server *s, const char *room);
+/* m itself when it has an id; else *copy with a fresh id written into id. */
+const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, char id[IM_ID_MAX]);
 
 /* registry.c */
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);

@@ -87,7 +87,7 @@ int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
   m->r_next = r->members;
   if (r->members) r->members->r_prev = m;
   r->members = m;
-  r->n++;
+  if (r->n++ == 0) route_room_open(s, r->name);
   m->c_next = c->rooms;
   c->rooms = m;
   return 0;
@@ -102,6 +102,7 @@ static void member_unlink(im_server *s, room_member *m) {
   if (m->r_next) m->r_next->r_prev = m->r_prev;
   im_dealloc(s, m);
   if (--r->n == 0) {
+    route_room_close(s, r->name);
     strmap_del(&s->rooms, &r->node);
     im_dealloc(s, r);
     s->st.rooms--;

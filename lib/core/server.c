@@ -217,7 +217,10 @@ static void conn_release(im_server *s, im_conn *c) {
   tw_cancel(&s->wheel, &c->timer);
   if (c->rel) tw_cancel(&s->ack_wheel, &c->rel->timer);
   reg_room_leave_all(s, c);
-  if (c->flags & CF_REGISTERED) s->st.conns_authed--;
+  if (c->flags & CF_REGISTERED) {
+    s->st.conns_authed--;
+    route_conn_close(s, c);
+  }
   reg_user_del(s, c);
   s->st.conns--;
   /* the dead list reuses u_next: reg_user_del cleared it */
@@ -449,6 +452,7 @@ static int conn_open(im_server *s, im_conn *c, const char *uid, const char *devi
   s->st.conns_authed++;
   c->state = CS_OPEN;
   set_auth_timer_idle(s, c);
+  route_conn_open(s, c);
   return 0;
 }
 
@@ -1199,8 +1203,8 @@ static int fanout_user(im_server *s, fanout *f, const char *uid, im_conn_id exce
   return 0;
 }
 
-int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg *m,
-                  im_conn_id except) {
+int im_local_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg *m,
+                        im_conn_id except) {
   enter(s);
   fanout f;
   int rc = fanout_init(s, &f, m), n = 0;
@@ -1210,11 +1214,25 @@ int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg
   return rc < 0 ? rc : n;
 }
 
+int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg *m,
+                  im_conn_id except) {
+  if (!s->router.send_users) return im_local_send_users(s, uids, nu, m, except);
+  im_msg routed;
+  char id[IM_ID_MAX];
+  m = route_msg_with_id(s, m, &routed, id);
+  int n = im_local_send_users(s, uids, nu, m, except);
+  if (n < 0) return n;
+  enter(s);
+  int rc = s->router.send_users(s, uids, nu, m, s->router.ud);
+  leave(s);
+  return rc < 0 ? rc : n;
+}
+
 int im_send_user(im_server *s, const char *uid, const im_msg *m, im_conn_id except) {
   return im_send_users(s, &uid, 1, m, except);
 }
 
-int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id except) {
+int im_local_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id except) {
   im_room *r = reg_room_find(s, room, strlen(room));
   if (!r) return 0;
   enter(s);
@@ -1230,6 +1248,19 @@ int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id exc
       rc = x;
   }
   fanout_done(s, &f);
+  leave(s);
+  return rc < 0 ? rc : n;
+}
+
+int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id except) {
+  if (!s->router.room_send) return im_local_room_send(s, room, m, except);
+  im_msg routed;
+  char id[IM_ID_MAX];
+  m = route_msg_with_id(s, m, &routed, id);
+  int n = im_local_room_send(s, room, m, except);
+  if (n < 0) return n;
+  enter(s);
+  int rc = s->router.room_send(s, room, m, s->router.ud);
   leave(s);
   return rc < 0 ? rc : n;
 }
