@@ -15,7 +15,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "store.h"
+#include "store_sqlite.h"
 
 typedef struct bench_opts {
   unsigned long messages;
@@ -78,7 +78,7 @@ static void remove_store(const char *path)
 }
 
 /* Appends o->messages messages; returns the seconds taken or -1. */
-static double run_appends(imd_store *s, const bench_opts *o, double *max_commit_s)
+static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_s)
 {
   static const char data[] = "{\"text\":\"hello, this is a chat message of typical length\"}";
   uint64_t rnd = 0x9e3779b97f4a7c15u;
@@ -99,14 +99,14 @@ static double run_appends(imd_store *s, const bench_opts *o, double *max_commit_
     imd_store_msg m = {.id = id, .from = from, .device = "phone",
                        .cid = o->with_cid ? cid : NULL, .to = to, .ts = 1700000000000 + i,
                        .data = data, .data_len = sizeof data - 1};
-    if (imd_store_append(s, &m, uids, 2, seqs, NULL) != IMD_STORE_OK) {
-      fprintf(stderr, "append: %s\n", imd_store_error(s));
+    if (sqlstore_append(s, &m, uids, 2, seqs, NULL) != IMD_STORE_OK) {
+      fprintf(stderr, "append: %s\n", sqlstore_error(s));
       return -1;
     }
     if ((i + 1) % o->batch == 0 || i + 1 == o->messages) {
       double c0 = now_s();
-      if (imd_store_commit(s) != IMD_STORE_OK) {
-        fprintf(stderr, "commit: %s\n", imd_store_error(s));
+      if (sqlstore_commit(s) != IMD_STORE_OK) {
+        fprintf(stderr, "commit: %s\n", sqlstore_error(s));
         return -1;
       }
       if (now_s() - c0 > *max_commit_s)
@@ -120,7 +120,7 @@ int main(int argc, char **argv)
 {
   bench_opts o;
   imd_store_opts so = {0};
-  imd_store *s;
+  sql_store *s;
   char err[256];
   double secs, max_commit, t0;
   long trimmed;
@@ -137,14 +137,14 @@ int main(int argc, char **argv)
   }
   so.no_fsync = o.no_fsync != 0;
   so.keep_count = o.keep_count;
-  s = imd_store_open(o.path, &so, err, sizeof err);
+  s = sqlstore_open(o.path, &so, err, sizeof err);
   if (s == NULL) {
     fprintf(stderr, "open: %s\n", err);
     return 1;
   }
   secs = run_appends(s, &o, &max_commit);
   if (secs < 0) {
-    imd_store_close(s);
+    sqlstore_close(s);
     remove_store(o.path);
     return 1;
   }
@@ -154,11 +154,11 @@ int main(int argc, char **argv)
          (double)o.messages / secs, max_commit * 1e3);
   if (o.keep_count > 0) {
     t0 = now_s();
-    trimmed = imd_store_trim(s, 1700000000000 + o.messages);
+    trimmed = sqlstore_trim(s, 1700000000000 + o.messages);
     printf("trim to %u per user: %ld entries in %.0f ms\n", o.keep_count, trimmed,
            (now_s() - t0) * 1e3);
   }
-  imd_store_close(s);
+  sqlstore_close(s);
   remove_store(o.path);
   return 0;
 }

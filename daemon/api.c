@@ -9,6 +9,7 @@
 
 #include "imd.h"
 #include "proto/json_scan.h"
+#include <libim/im_router.h>
 
 #define MAX_TARGETS 10000
 #define PATH_MAX_SEGS 6
@@ -27,7 +28,7 @@ static cJSON *json_error(const char *msg) {
   return o;
 }
 
-char *imd_error_body(const char *msg) {
+static char *error_body(const char *msg) {
   cJSON *o = json_error(msg);
   char *s = cJSON_PrintUnformatted(o);
   cJSON_Delete(o);
@@ -113,7 +114,9 @@ static int string_list(const cJSON *j, const char **v, size_t max) {
   return n;
 }
 
-static int cmp_str(const void *a, const void *b);
+static int cmp_str(const void *a, const void *b) {
+  return strcmp(*(const char *const *)a, *(const char *const *)b);
+}
 
 /* Sort v and drop repeated strings; returns the new count. */
 static size_t unique_strings(const char **v, size_t n) {
@@ -122,6 +125,127 @@ static size_t unique_strings(const char **v, size_t n) {
   for (size_t i = 0; i < n; i++)
     if (k == 0 || strcmp(v[k - 1], v[i])) v[k++] = v[i];
   return k;
+}
+
+/* ---- deferred answers ---------------------------------------------------------- */
+
+static void count_status(imd *d, int status) {
+  if (status >= 100 && status < 600) d->m.http_status[status / 100]++;
+}
+
+/* Answer a deferred request (body: malloc'd JSON or NULL for a 500;
+ * ownership passes) and count its status. */
+static void respond(imd *d, uint64_t ticket, int status, char *body) {
+  if (!body) status = 500;
+  count_status(d, status);
+  http_server_respond(d->http, ticket, status, NULL, body, body ? strlen(body) : 0);
+}
+
+static void respond_json(imd *d, uint64_t ticket, int status, cJSON *o) {
+  respond(d, ticket, status, cJSON_PrintUnformatted(o));
+  cJSON_Delete(o);
+}
+
+static void respond_error(imd *d, uint64_t ticket, int status, const char *msg) {
+  respond(d, ticket, status, error_body(msg));
+}
+
+/* A store failure as an answer: 503 while the store is unreachable. */
+static void respond_store_error(imd *d, uint64_t ticket, int status, const char *what) {
+  if (status == IMD_STORE_EDOWN)
+    respond_error(d, ticket, 503, "store unavailable");
+  else
+    respond_error(d, ticket, status == IMD_STORE_EINVAL ? 400 : 500, what);
+}
+
+/* Defer r; on failure r is answered 503 and 0 returned. */
+static uint64_t defer(http_response *r) {
+  uint64_t ticket = http_response_defer(r);
+  if (!ticket) reply_error(r, 503, "out of memory");
+  return ticket;
+}
+
+/* ---- messages ------------------------------------------------------------------ */
+
+/* A stored push was answered by the store: answer its request. */
+static void pushed(imd *d, uint64_t ticket, const imd_delivery *res) {
+  if (res->status < 0) {
+    respond_store_error(d, ticket, res->status, "store failed");
+    return;
+  }
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "id", res->id);
+  cJSON_AddNumberToObject(o, "delivered", res->reached);
+  cJSON_AddNumberToObject(o, "stored", res->status == IMD_STORE_DUP ? 0 : (double)res->stored);
+  if (res->status == IMD_STORE_DUP) cJSON_AddBoolToObject(o, "duplicate", 1);
+  respond_json(d, ticket, 200, o);
+}
+
+static void push_stored(imd *d, uint64_t ticket, const imd_store_msg *sm, const char *const *uids,
+                        size_t n) {
+  int rc = imd_deliver(d, sm, uids, n, 0, pushed, ticket);
+  if (rc < 0)
+    respond_store_error(d, ticket, rc, "store failed");
+  else
+    d->m.msgs_http++;
+}
+
+/* A group push waits for the group's members: the message is copied here. */
+typedef struct group_push {
+  imd *d;
+  uint64_t ticket;
+  imd_store_msg sm;
+  char id[IM_ID_MAX];
+  char buf[];
+} group_push;
+
+static group_push *group_push_new(imd *d, uint64_t ticket, const imd_store_msg *sm) {
+  size_t fl = strlen(sm->from) + 1, gl = strlen(sm->group) + 1;
+  size_t cl = sm->cid ? strlen(sm->cid) + 1 : 0;
+  group_push *g = malloc(sizeof *g + fl + gl + cl + sm->data_len + 1);
+  if (!g) return NULL;
+  g->d = d;
+  g->ticket = ticket;
+  g->sm = *sm;
+  snprintf(g->id, sizeof g->id, "%s", sm->id);
+  g->sm.id = g->id;
+  char *at = g->buf;
+  g->sm.from = memcpy(at, sm->from, fl);
+  at += fl;
+  g->sm.group = memcpy(at, sm->group, gl);
+  at += gl;
+  if (cl) {
+    g->sm.cid = memcpy(at, sm->cid, cl);
+    at += cl;
+  }
+  memcpy(at, sm->data, sm->data_len);
+  at[sm->data_len] = '\0';
+  g->sm.data = at;
+  return g;
+}
+
+static void group_push_members(void *arg, int status, const char *const *uids, size_t n) {
+  group_push *g = arg;
+  if (status < 0)
+    respond_store_error(g->d, g->ticket, status, "store failed");
+  else if (n == 0)
+    respond_error(g->d, g->ticket, 404, "no such group");
+  else
+    push_stored(g->d, g->ticket, &g->sm, uids, n);
+  free(g);
+}
+
+static void push_room(imd *d, const char *room, im_msg *m, http_response *r) {
+  int n = im_room_send(d->srv, room, m, 0);
+  if (n < 0) {
+    reply_error(r, n == IM_ETOOBIG ? 413 : 500, im_strerror(n));
+    return;
+  }
+  d->m.msgs_http++;
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "id", m->id);
+  cJSON_AddNumberToObject(o, "delivered", n);
+  reply_json(r, 200, o);
 }
 
 static void post_message(imd *d, const http_request *req, http_response *r) {
@@ -164,136 +288,183 @@ static void post_message(imd *d, const http_request *req, http_response *r) {
   char id[IM_ID_MAX];
   im_new_id(d->srv, id);
   const char *sender = from ? from->valuestring : "system";
-  if (!room) {
-    /* stored: answered after the commit (deferred), like a client's ack */
-    const char **uids = NULL;
-    size_t k = 0;
-    imd_store_msg sm = {.id = id, .from = sender, .device = "", .ts = imd_wall_ms(),
-                        .cid = cid ? cid->valuestring : NULL, .data = data.p,
-                        .data_len = data.n};
-    if (to) {
-      uids = malloc(MAX_TARGETS * sizeof(*uids));
-      int nk = uids ? string_list(to, uids, MAX_TARGETS) : -1;
-      k = nk > 0 ? unique_strings(uids, (size_t)nk) : 0;
-      if (k == 1) sm.to = uids[0];
-      err = nk <= 0 ? "to must be a non-empty uid or array of uids" : NULL;
-    } else {
-      imd_group *g = imd_group_find(d, group->valuestring);
-      uids = g ? imd_group_members(g, &k) : NULL;
-      sm.group = group->valuestring;
-      err = g ? (k ? NULL : "the group has no members") : "no such group";
-    }
-    int code = err ? (to ? 400 : 404) : 0;
-    uint64_t ticket = err ? 0 : http_response_defer(r);
-    if (!err && !ticket) code = 503, err = "out of memory";
-    if (!err && (code = imd_store_and_deliver(d, &sm, uids, k, 0, ticket)) != 0) {
-      imd_http_respond(d, ticket, code, imd_error_body("store failed"));
-    } else if (!err) {
-      d->m.msgs_http++;
-    }
-    free((void *)uids);
+  if (room) {
+    im_msg m = {.id = id, .from = sender, .room = room->valuestring, .ts = imd_wall_ms(),
+                .data = data.p, .data_len = data.n};
+    push_room(d, room->valuestring, &m, r);
     cJSON_Delete(b);
-    if (err) reply_error(r, code, err);
     return;
   }
-  im_msg m = {.id = id, .from = sender, .room = room->valuestring, .ts = imd_wall_ms(),
-              .data = data.p, .data_len = data.n};
-  int n = im_room_send(d->srv, room->valuestring, &m, 0);
+  /* stored: answered once the store has it (deferred), like a client's ack */
+  imd_store_msg sm = {.id = id, .from = sender, .device = "", .ts = imd_wall_ms(),
+                      .cid = cid ? cid->valuestring : NULL, .data = data.p, .data_len = data.n};
+  const char **uids = NULL;
+  size_t k = 0;
+  if (to) {
+    uids = malloc(MAX_TARGETS * sizeof(*uids));
+    int nk = uids ? string_list(to, uids, MAX_TARGETS) : -1;
+    k = nk > 0 ? unique_strings(uids, (size_t)nk) : 0;
+    if (k == 1) sm.to = uids[0];
+    if (nk <= 0) err = "to must be a non-empty uid or array of uids";
+  } else {
+    sm.group = group->valuestring;
+  }
+  uint64_t ticket = 0;
+  if (err) {
+    reply_error(r, 400, err);
+  } else if ((ticket = defer(r)) != 0 && to) {
+    push_stored(d, ticket, &sm, uids, k);
+  } else if (ticket) {
+    group_push *g = group_push_new(d, ticket, &sm);
+    if (!g || d->store->ops->group_members(d->store, sm.group, group_push_members, g) < 0) {
+      free(g);
+      respond_error(d, ticket, 500, "store failed");
+    }
+  }
+  free((void *)uids);
   cJSON_Delete(b);
-  if (n < 0) {
-    reply_error(r, n == IM_ETOOBIG ? 413 : 500, im_strerror(n));
-    return;
-  }
-  d->m.msgs_http++;
+}
+
+/* ---- users ---------------------------------------------------------------------- */
+
+/* Every connection of the user on every node (libim asks its router). */
+static void presence_known(im_server *srv, const char *uid, const im_route *routes, size_t n,
+                           int status, void *arg) {
+  imd *d = im_server_user(srv);
+  uint64_t ticket = (uint64_t)(uintptr_t)arg;
   cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "id", id);
-  cJSON_AddNumberToObject(o, "delivered", n);
-  reply_json(r, 200, o);
+  cJSON_AddStringToObject(o, "uid", uid);
+  cJSON_AddBoolToObject(o, "online", n > 0);
+  cJSON *arr = cJSON_AddArrayToObject(o, "connections");
+  for (size_t i = 0; i < n; i++) {
+    cJSON *c = cJSON_CreateObject();
+    if (routes[i].node) cJSON_AddStringToObject(c, "node", routes[i].node);
+    cJSON_AddStringToObject(c, "conn", routes[i].conn);
+    cJSON_AddStringToObject(c, "device", routes[i].device);
+    cJSON_AddStringToObject(c, "platform", routes[i].platform);
+    cJSON_AddStringToObject(c, "address", routes[i].peer);
+    cJSON_AddStringToObject(c, "transport", routes[i].transport == IM_TRANSPORT_TCP ? "tcp" : "ws");
+    cJSON_AddNumberToObject(c, "since", (double)routes[i].since_ms);
+    cJSON_AddItemToArray(arr, c);
+  }
+  cJSON_AddNumberToObject(o, "count", (double)n);
+  if (status < 0) cJSON_AddBoolToObject(o, "partial", 1); /* other nodes could not be asked */
+  respond_json(d, ticket, 200, o);
 }
 
 static void get_presence(imd *d, const char *uid, http_response *r) {
-  im_conn_id ids[256];
-  size_t total = im_user_conns(d->srv, uid, ids, 256);
-  cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "uid", uid);
-  cJSON_AddBoolToObject(o, "online", total > 0);
-  cJSON *arr = cJSON_AddArrayToObject(o, "connections");
-  for (size_t i = 0; i < total && i < 256; i++) {
-    im_conn_info info;
-    if (im_conn_get_info(d->srv, ids[i], &info) < 0) continue;
-    char cid[24];
-    snprintf(cid, sizeof cid, "%" PRIx64, ids[i]);
-    cJSON *c = cJSON_CreateObject();
-    cJSON_AddStringToObject(c, "conn", cid);
-    cJSON_AddStringToObject(c, "device", info.device);
-    cJSON_AddStringToObject(c, "platform", info.platform);
-    cJSON_AddStringToObject(c, "address", info.peer);
-    cJSON_AddStringToObject(c, "transport", info.transport == IM_TRANSPORT_TCP ? "tcp" : "ws");
-    cJSON_AddNumberToObject(c, "since", (double)(d->start_wall_ms + info.since_ms));
-    cJSON_AddItemToArray(arr, c);
-  }
-  cJSON_AddNumberToObject(o, "count", (double)total);
-  reply_json(r, 200, o);
+  uint64_t ticket = defer(r);
+  if (ticket && im_presence(d->srv, uid, presence_known, (void *)(uintptr_t)ticket) < 0)
+    respond_error(d, ticket, 503, "presence unavailable");
 }
 
-static void add_device(void *arr, const char *device, uint64_t seq) {
+/* A store read on behalf of a deferred request. */
+typedef struct api_req {
+  imd *d;
+  uint64_t ticket;
+  char key[];   /* the uid or gid */
+} api_req;
+
+static api_req *api_req_new(imd *d, http_response *r, const char *key) {
+  uint64_t ticket = defer(r);
+  if (!ticket) return NULL;
+  size_t n = strlen(key) + 1;
+  api_req *q = malloc(sizeof *q + n);
+  if (!q) {
+    respond_error(d, ticket, 503, "out of memory");
+    return NULL;
+  }
+  q->d = d;
+  q->ticket = ticket;
+  memcpy(q->key, key, n);
+  return q;
+}
+
+static void inbox_known(void *arg, int status, uint64_t last, uint64_t trimmed,
+                        const imd_device_mark *devs, size_t n) {
+  api_req *q = arg;
+  if (status < 0) {
+    respond_store_error(q->d, q->ticket, status, "store failed");
+    free(q);
+    return;
+  }
   cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "device", device);
-  cJSON_AddNumberToObject(o, "delivered", (double)seq);
-  cJSON_AddItemToArray(arr, o);
+  cJSON_AddStringToObject(o, "uid", q->key);
+  cJSON_AddNumberToObject(o, "last", (double)last);
+  cJSON_AddNumberToObject(o, "trimmed", (double)trimmed);
+  cJSON *devices = cJSON_AddArrayToObject(o, "devices");
+  for (size_t i = 0; i < n; i++) {
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddStringToObject(e, "device", devs[i].device);
+    cJSON_AddNumberToObject(e, "delivered", (double)devs[i].delivered);
+    cJSON_AddItemToArray(devices, e);
+  }
+  respond_json(q->d, q->ticket, 200, o);
+  free(q);
 }
 
 /* The user's inbox position: last seq, what retention trimmed, and how far
  * each device has ACKed. */
 static void get_inbox(imd *d, const char *uid, http_response *r) {
-  imd_flush(d);
-  uint64_t last = 0, trimmed = 0;
-  cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "uid", uid);
-  cJSON *devs = cJSON_CreateArray();
-  if (imd_store_user_state(d->store, uid, &last, &trimmed, add_device, devs) < 0) {
-    cJSON_Delete(devs);
-    cJSON_Delete(o);
-    reply_error(r, 500, "store failed");
-    return;
+  api_req *q = api_req_new(d, r, uid);
+  if (q && d->store->ops->user_state(d->store, uid, inbox_known, q) < 0) {
+    respond_error(d, q->ticket, 500, "store failed");
+    free(q);
   }
-  cJSON_AddNumberToObject(o, "last", (double)last);
-  cJSON_AddNumberToObject(o, "trimmed", (double)trimmed);
-  cJSON_AddItemToObject(o, "devices", devs);
-  reply_json(r, 200, o);
 }
 
+/* Close the user's connections on every node (libim forwards through its
+ * router); `kicked` counts this node's. */
 static void post_kick(imd *d, const char *uid, http_response *r) {
-  im_conn_id ids[256];
-  size_t total, kicked = 0;
-  /* closing removes nothing from the registry until the close completes,
-   * so one pass over a snapshot is enough */
-  total = im_user_conns(d->srv, uid, ids, 256);
-  for (size_t i = 0; i < total && i < 256; i++)
-    if (im_conn_close(d->srv, ids[i], IM_CLOSE_KICKED, "kicked") == 0) kicked++;
+  int kicked = im_kick_user(d->srv, uid, IM_CLOSE_KICKED, "kicked");
+  if (kicked < 0) {
+    reply_error(r, 503, im_strerror(kicked));
+    return;
+  }
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "uid", uid);
   cJSON_AddNumberToObject(o, "kicked", (double)kicked);
   reply_json(r, 200, o);
 }
 
-static int cmp_str(const void *a, const void *b) {
-  return strcmp(*(const char *const *)a, *(const char *const *)b);
+/* ---- groups ---------------------------------------------------------------------- */
+
+static void members_known(void *arg, int status, const char *const *uids, size_t n) {
+  api_req *q = arg;
+  if (status < 0) {
+    respond_store_error(q->d, q->ticket, status, "store failed");
+  } else {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "gid", q->key);
+    cJSON *arr = cJSON_AddArrayToObject(o, "members");
+    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(arr, cJSON_CreateString(uids[i]));
+    respond_json(q->d, q->ticket, 200, o);
+  }
+  free(q);
 }
 
-static void reply_members(imd *d, const char *gid, http_response *r) {
-  imd_group *g = imd_group_find(d, gid);
-  size_t n = 0;
-  const char **v = g ? imd_group_members(g, &n) : NULL;
-  cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "gid", gid);
-  cJSON *arr = cJSON_AddArrayToObject(o, "members");
-  if (v) {
-    qsort(v, n, sizeof(*v), cmp_str);
-    for (size_t i = 0; i < n; i++) cJSON_AddItemToArray(arr, cJSON_CreateString(v[i]));
+static void read_members(api_req *q) {
+  if (q->d->store->ops->group_members(q->d->store, q->key, members_known, q) < 0) {
+    respond_error(q->d, q->ticket, 500, "store failed");
+    free(q);
   }
-  free((void *)v);
-  reply_json(r, 200, o);
+}
+
+static void get_members(imd *d, const char *gid, http_response *r) {
+  api_req *q = api_req_new(d, r, gid);
+  if (q) read_members(q);
+}
+
+/* The change is durable (or failed, and nothing changed): answer with the
+ * members as they are now. */
+static void members_updated(void *arg, int status) {
+  api_req *q = arg;
+  if (status < 0) {
+    respond_store_error(q->d, q->ticket, status, "cannot store the group");
+    free(q);
+    return;
+  }
+  read_members(q);
 }
 
 static void put_members(imd *d, const char *gid, const http_request *req, http_response *r) {
@@ -301,8 +472,8 @@ static void put_members(imd *d, const char *gid, const http_request *req, http_r
   const cJSON *add = cJSON_GetObjectItemCaseSensitive(b, "add");
   const cJSON *rm = cJSON_GetObjectItemCaseSensitive(b, "remove");
   const char **va = malloc(MAX_TARGETS * sizeof(*va)), **vr = malloc(MAX_TARGETS * sizeof(*vr));
-  int na = add ? string_list(add, va, MAX_TARGETS) : 0;
-  int nr = rm ? string_list(rm, vr, MAX_TARGETS) : 0;
+  int na = add && va ? string_list(add, va, MAX_TARGETS) : 0;
+  int nr = rm && vr ? string_list(rm, vr, MAX_TARGETS) : 0;
   const char *err = NULL;
   if (!cJSON_IsObject(b))
     err = "body must be a JSON object";
@@ -310,12 +481,16 @@ static void put_members(imd *d, const char *gid, const http_request *req, http_r
     err = "give add and/or remove";
   else if (na < 0 || nr < 0 || cJSON_IsString(add) || cJSON_IsString(rm))
     err = "add and remove must be arrays of non-empty uids";
-  if (err) {
+  api_req *q = NULL;
+  if (!va || !vr)
+    reply_error(r, 503, "out of memory");
+  else if (err)
     reply_error(r, 400, err);
-  } else if (imd_group_update(d, gid, va, (size_t)na, vr, (size_t)nr) < 0) {
-    reply_error(r, 500, "cannot store the group");
-  } else {
-    reply_members(d, gid, r);
+  else if ((q = api_req_new(d, r, gid)) != NULL &&
+           d->store->ops->group_update(d->store, gid, va, (size_t)na, vr, (size_t)nr,
+                                       members_updated, q) < 0) {
+    respond_error(d, q->ticket, 500, "cannot store the group");
+    free(q);
   }
   free(va);
   free(vr);
@@ -375,7 +550,7 @@ static void route(imd *d, const http_request *req, http_response *r) {
     if (put)
       put_members(d, seg[2], req, r);
     else if (get)
-      reply_members(d, seg[2], r);
+      get_members(d, seg[2], r);
     else
       goto method;
     return;
@@ -385,16 +560,6 @@ not_found:
   return;
 method:
   reply_error(r, 405, "method not allowed");
-}
-
-static void count_status(imd *d, int status) {
-  if (status >= 100 && status < 600) d->m.http_status[status / 100]++;
-}
-
-void imd_http_respond(imd *d, uint64_t ticket, int status, char *body) {
-  if (!body) status = 500;
-  count_status(d, status);
-  http_server_respond(d->http, ticket, status, NULL, body, body ? strlen(body) : 0);
 }
 
 void imd_api_handle(void *user, const http_request *req, http_response *resp) {

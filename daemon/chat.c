@@ -55,21 +55,92 @@ static int refuse(imd *d, im_server *srv, im_conn_id c, const im_msg *m, int cod
   return IM_MSG_DEFER;
 }
 
+/* The store answered for a client's message: ack it (with the sender's own
+ * seq) or tell the client it failed, so that it resends. */
+static void acked(imd *d, uint64_t conn, const imd_delivery *res) {
+  im_conn_info info;
+  if (im_conn_get_info(d->srv, conn, &info) < 0) return; /* the sender left; it resends */
+  if (res->status >= 0) {
+    im_ack(d->srv, conn, res->cid, res->id, res->sender_seq);
+    return;
+  }
+  d->m.msg_errors++;
+  im_reply_error(d->srv, conn, res->status == IMD_STORE_EDOWN ? 503 : 500,
+                 res->status == IMD_STORE_EDOWN ? "store unavailable" : "store failed", res->cid);
+}
+
 /* Store a 1:1 or group message for its receivers (the sender included, for
- * its other devices and its own history) and deliver it after the commit;
- * the ack follows the commit too (delivery.c). */
-static int store(imd *d, im_server *srv, im_conn_id c, const im_msg *m, const im_conn_info *info,
-                 const char *const *uids, size_t n) {
-  imd_store_msg sm = {.id = m->id, .from = info->uid, .device = info->device, .cid = m->cid,
+ * its other devices and its own history) and deliver it once durable; the
+ * ack follows (acked). */
+static int store(imd *d, im_server *srv, im_conn_id c, const im_msg *m, const char *uid,
+                 const char *device, const char *const *uids, size_t n) {
+  imd_store_msg sm = {.id = m->id, .from = uid, .device = device, .cid = m->cid,
                       .to = m->to, .group = m->group, .ts = imd_wall_ms(), .data = m->data,
                       .data_len = m->data_len};
-  int code = imd_store_and_deliver(d, &sm, uids, n, c, 0);
-  if (code) return refuse(d, srv, c, m, code, "store failed");
+  int rc = imd_deliver(d, &sm, uids, n, c, acked, c);
+  if (rc < 0)
+    return refuse(d, srv, c, m, rc == IMD_STORE_EINVAL ? 400 : rc == IMD_STORE_EDOWN ? 503 : 500,
+                  rc == IMD_STORE_EDOWN ? "store unavailable" : "store failed");
   return IM_MSG_DEFER;
 }
 
-/* Route one upstream msg: 1:1 and group messages are stored and acked after
- * the commit; room messages are ephemeral and acked once queued. */
+/* A group message waits for the group's members (a store read): its fields
+ * are copied here. */
+typedef struct group_msg {
+  imd *d;
+  im_conn_id c;
+  im_msg m;
+  char *uid, *device;
+  char buf[];
+} group_msg;
+
+static group_msg *group_msg_new(imd *d, im_conn_id c, const im_msg *m, const im_conn_info *info) {
+  const char *strs[] = {m->id, m->cid, m->group, info->uid, info->device};
+  size_t len = sizeof(group_msg) + m->data_len + 1;
+  for (size_t i = 0; i < 5; i++) len += (strs[i] ? strlen(strs[i]) : 0) + 1;
+  group_msg *g = malloc(len);
+  if (!g) return NULL;
+  char *at = g->buf;
+  char *out[5];
+  for (size_t i = 0; i < 5; i++) {
+    out[i] = NULL;
+    if (!strs[i]) continue;
+    size_t n = strlen(strs[i]) + 1;
+    out[i] = memcpy(at, strs[i], n);
+    at += n;
+  }
+  memcpy(at, m->data, m->data_len);
+  at[m->data_len] = '\0';
+  g->d = d;
+  g->c = c;
+  g->m = (im_msg){.id = out[0], .cid = out[1], .group = out[2], .data = at,
+                  .data_len = m->data_len};
+  g->uid = out[3];
+  g->device = out[4];
+  return g;
+}
+
+static void group_members_known(void *arg, int status, const char *const *uids, size_t n) {
+  group_msg *g = arg;
+  imd *d = g->d;
+  if (im_conn_get_info(d->srv, g->c, &(im_conn_info){0}) == 0) {
+    bool member = false;
+    for (size_t i = 0; i < n && !member; i++) member = !strcmp(uids[i], g->uid);
+    if (status < 0)
+      refuse(d, d->srv, g->c, &g->m, status == IMD_STORE_EDOWN ? 503 : 500,
+             status == IMD_STORE_EDOWN ? "store unavailable" : "store failed");
+    else if (!member)
+      refuse(d, d->srv, g->c, &g->m, 403, "not a member of the group");
+    else {
+      d->m.msgs_group++;
+      store(d, d->srv, g->c, &g->m, g->uid, g->device, uids, n);
+    }
+  }
+  free(g);
+}
+
+/* Route one upstream msg: 1:1 and group messages are stored and acked once
+ * durable; room messages are ephemeral and acked once queued. */
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   imd *d = user;
   int targets = (m->to != NULL) + (m->group != NULL) + (m->room != NULL);
@@ -84,18 +155,17 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
     d->m.msgs_1to1++;
     /* the receiver's devices, then the sender's other devices (R7) */
     const char *users[2] = {m->to, info.uid};
-    return store(d, srv, c, m, &info, users, strcmp(m->to, info.uid) ? 2 : 1);
+    return store(d, srv, c, m, info.uid, info.device, users, strcmp(m->to, info.uid) ? 2 : 1);
   }
   if (m->group) {
-    imd_group *g = imd_group_find(d, m->group);
-    if (!g || !imd_group_has(g, info.uid)) return refuse(d, srv, c, m, 403, "not a member of the group");
-    size_t n;
-    const char **members = imd_group_members(g, &n);
-    if (!members) return refuse(d, srv, c, m, 500, "out of memory");
-    d->m.msgs_group++;
-    int v = store(d, srv, c, m, &info, members, n);
-    free((void *)members);
-    return v;
+    /* membership is the store's: the message waits for it */
+    group_msg *g = group_msg_new(d, c, m, &info);
+    if (!g) return refuse(d, srv, c, m, 500, "out of memory");
+    if (d->store->ops->group_members(d->store, m->group, group_members_known, g) < 0) {
+      free(g);
+      return refuse(d, srv, c, m, 500, "store failed");
+    }
+    return IM_MSG_DEFER;
   }
   if (!im_room_member(srv, c, m->room)) return refuse(d, srv, c, m, 403, "join the room first");
   im_msg out = {.id = m->id, .from = info.uid, .room = m->room, .ts = imd_wall_ms(),

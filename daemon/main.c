@@ -297,7 +297,6 @@ int main(int argc, char **argv) {
     api_key = key_text;
   }
   snprintf(d.api_key, sizeof d.api_key, "%s", api_key);
-  if (imd_groups_load(&d) < 0) return 1;
 
   im_callbacks cb;
   imd_chat_callbacks(&cb);
@@ -345,6 +344,5 @@ int main(int argc, char **argv) {
   im_event_free(d.ev);
   im_server_free(d.srv);
   event_base_free(d.base);
-  imd_groups_free(&d);
   return rc;
 }

@@ -87,6 +87,8 @@ static void gauge(sbuf *b, const char *name, const char *help, uint64_t v) {
 char *imd_metrics_render(imd *d, size_t *len) {
   im_stats st;
   im_server_stats(d->srv, &st);
+  imd_store_stats ss;
+  d->store->ops->stats(d->store, &ss);
   sbuf b = {0};
   gauge(&b, "imd_connections", "Open client connections (authenticated or not)", st.conns);
   sb_printf(&b, "# HELP imd_connections_by_platform Authenticated connections by platform\n"
@@ -115,12 +117,14 @@ char *imd_metrics_render(imd *d, size_t *len) {
   counter(&b, "imd_messages_stored_total", "Messages stored in receivers' inboxes", d->m.stored);
   counter(&b, "imd_messages_duplicate_total",
           "Resent messages answered with their stored id, not delivered again", d->m.duplicates);
-  counter(&b, "imd_store_commits_total", "Group commits (one fsync each)", d->m.commits);
-  counter(&b, "imd_store_commit_messages_total", "Messages settled by those commits",
+  counter(&b, "imd_store_commits_total", "Durable store writes (SQLite group commits, one fsync each)",
+          ss.commits);
+  counter(&b, "imd_store_commit_messages_total", "Messages the store answered for",
           d->m.batched);
-  counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", d->m.commit_us);
+  counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", ss.commit_us);
+  counter(&b, "imd_store_errors_total", "Store requests that failed", ss.errors);
   counter(&b, "imd_syncs_total", "Sync requests answered", d->m.syncs);
-  counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", d->m.trimmed);
+  counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);
   gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
   counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
   counter(&b, "imd_ack_timeouts_total", "Connections closed (4408) after the last resend",

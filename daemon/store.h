@@ -1,22 +1,27 @@
-/* imd's message store: a durable per-user inbox with gap-free sequence
- * numbers, idempotent appends and delivered marks.
+/* imd's message store, as the event loop sees it: an asynchronous contract
+ * that every backend implements (store_thread.c runs the SQLite engine on a
+ * thread of its own; store_redis.c is the clustered one).
  *
- * The interface is small so another backend (the Redis Streams store of the
- * scale-out work) can implement it. This file documents the contract; the
- * SQLite implementation lives in store_sqlite.c.
+ * What a backend keeps: a durable inbox per user with gap-free sequence
+ * numbers (1, 2, 3, ...) that the backend assigns, idempotency keys
+ * (sender, device, cid), each device's delivered position, retention by
+ * count and age, and group membership.
  *
- * Batches (group commit): imd_store_append() and imd_store_mark_delivered()
- * write into the current batch, begun on demand; imd_store_commit() makes the
- * whole batch durable with one fsync. Nothing appended is visible to
- * imd_store_sync() callers as "stored" before the commit returns 0; the
- * caller must therefore commit before it syncs (imd_store_sync() refuses to
- * run with a batch open: IMD_STORE_EBATCH).
+ * Every request completes through its callback, on the loop thread, never
+ * before the request function returned, exactly once (also when the store
+ * is closed with requests outstanding: they complete with IMD_STORE_EIO or
+ * their result first). A request function that returns an error never
+ * calls its callback.
  *
- * Sequence numbers: each user's inbox numbers its entries 1, 2, 3, ... with
- * no gaps. A failed commit rolls the batch back and the numbers it handed out
- * are handed out again (nothing using them was acknowledged).
+ * Order: requests complete in the order they were made. A read (sync,
+ * user_state, group_members) sees every write made before it that
+ * completed with success. An append completes only once it is durable by
+ * the backend's standard (the SQLite commit with its fsync; Redis's answer
+ * under appendfsync always), so an ack may follow the callback.
  *
- * Not thread-safe: one thread uses a store.
+ * Pointers handed to a request (message, uids, gid) must stay valid and
+ * unchanged until its callback runs; pointers handed to a callback are
+ * valid only during it.
  */
 #ifndef IMD_STORE_H
 #define IMD_STORE_H
@@ -25,14 +30,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-typedef struct imd_store imd_store;
-
 enum imd_store_err {
   IMD_STORE_OK = 0,
-  IMD_STORE_EIO = -1,     /* the database failed (message in imd_store_error()) */
+  IMD_STORE_EIO = -1,     /* the backend failed (see imd_store_error()) */
   IMD_STORE_EINVAL = -2,  /* bad argument (empty uid, n == 0, ...) */
-  IMD_STORE_EBATCH = -3,  /* not allowed while a batch is open */
-  IMD_STORE_DUP = 1       /* imd_store_append: (from, device, cid) already stored */
+  IMD_STORE_EBATCH = -3,  /* (SQLite engine) not allowed while a batch is open */
+  IMD_STORE_EDOWN = -4,   /* the backend is unreachable (Redis down): nothing was done */
+  IMD_STORE_DUP = 1       /* append: (from, device, cid) was stored before */
 };
 
 typedef struct imd_store_opts {
@@ -42,9 +46,7 @@ typedef struct imd_store_opts {
                              crash, not a power cut); default FULL */
 } imd_store_opts;
 
-/* One message, as appended and as read back. Strings are NUL-terminated.
- * On append every pointer is borrowed for the call. On read (sync callback)
- * they point into the store and are valid only during the callback. */
+/* One message, as appended and as read back. Strings are NUL-terminated. */
 typedef struct imd_store_msg {
   const char *id;         /* server message id (unique; 1..23 bytes, so that
                              it fits dup_id) */
@@ -58,78 +60,104 @@ typedef struct imd_store_msg {
   size_t data_len;
 } imd_store_msg;
 
-/* Open (creating if needed) the store at `path` (a file name). WAL mode.
- * Returns the store, or NULL with a reason in err (errlen bytes, NUL-terminated). */
-imd_store *imd_store_open(const char *path, const imd_store_opts *o, char *err, size_t errlen);
-/* Roll back an open batch and close. NULL is a no-op. */
-void imd_store_close(imd_store *s);
-/* Text of the last error (never NULL; valid until the next store call). */
-const char *imd_store_error(const imd_store *s);
-
-/* Append m to the inboxes of the n users in uids (distinct, non-empty) in
- * the current batch; seqs[i] gets the new seq of uids[i].
- * If m->cid is not NULL and (m->from, m->device, m->cid) is already stored
- * (committed or earlier in this batch), nothing is written: the stored id is
- * copied into dup_id (at least 24 bytes; may be NULL) and IMD_STORE_DUP is
- * returned, with seqs all 0.
- * A failed append (EINVAL, EIO) writes nothing and leaves the batch's earlier
- * appends in place; only if the database itself lost the whole batch (disk
- * full, I/O error) do later appends and marks fail too, until the next
- * imd_store_commit() reports the loss with IMD_STORE_EIO.
- * Returns IMD_STORE_OK, IMD_STORE_DUP, IMD_STORE_EINVAL or IMD_STORE_EIO. */
-int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
-                     uint64_t *seqs, char *dup_id);
-
-/* Raise the delivered position of (uid, device) to seq within the current
- * batch; never lowers it. Returns 0, IMD_STORE_EINVAL or IMD_STORE_EIO. */
-int imd_store_mark_delivered(imd_store *s, const char *uid, const char *device, uint64_t seq);
-
-/* True when a batch is open (something was appended or marked since the
- * last commit), including a batch the database lost, until the commit that
- * reports it. */
-bool imd_store_in_batch(const imd_store *s);
-
-/* Make the batch durable (one COMMIT; one fsync with synchronous=FULL).
- * No batch open: returns 0 at once. On failure the batch is rolled back,
- * the seq counters are restored, and IMD_STORE_EIO is returned. */
-int imd_store_commit(imd_store *s);
-
 typedef struct imd_sync_info {
   uint64_t last;     /* the user's highest seq (0: empty inbox, never written) */
-  uint64_t upto;     /* seq of the last entry passed to the callback, or
-                        max(since, trimmed) when none was */
+  uint64_t upto;     /* seq of the last entry returned, or max(since, trimmed)
+                        when none was */
   uint64_t trimmed;  /* highest seq removed by retention (0: none) */
-  bool more;         /* entries after `upto` exist (the limit cut the answer) */
+  bool more;         /* entries after `upto` exist (a limit cut the answer) */
   bool gap;          /* since < trimmed: entries since+1..trimmed are gone */
 } imd_sync_info;
 
-/* Called once per entry, in seq order. Return 0 to go on, non-zero to stop
- * (more is then set as if the limit had been reached). It must not call
- * into the store. */
-typedef int (*imd_store_each)(void *ctx, uint64_t seq, const imd_store_msg *m);
+/* A stored entry of a sync answer. */
+typedef struct imd_stored {
+  uint64_t seq;
+  imd_store_msg m;
+} imd_stored;
 
-/* Read uid's inbox entries with seq > since (and > trimmed), at most limit
- * (limit 0 = none) of them, in seq order. Fills *info. Returns 0,
- * IMD_STORE_EBATCH (commit first), IMD_STORE_EINVAL or IMD_STORE_EIO. */
-int imd_store_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
-                   imd_store_each fn, void *ctx, imd_sync_info *info);
+typedef struct imd_device_mark {
+  const char *device;
+  uint64_t delivered;
+} imd_device_mark;
 
-/* The delivered position of each known device of uid: fn(ctx, device,
- * seq) per device, in device order. *last gets the user's highest seq and
- * *trimmed the highest trimmed seq. Returns 0, EBATCH, EINVAL or EIO. */
-int imd_store_user_state(imd_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
-                         void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx);
+/* status: IMD_STORE_OK (seqs[i] is the new seq of uids[i]), IMD_STORE_DUP
+ * (nothing written; id is the first append's id, seqs NULL), or a negative
+ * code (nothing written; seqs and id NULL). */
+typedef void (*imd_append_cb)(void *arg, int status, const uint64_t *seqs, const char *id);
+/* status 0: msgs[0..n) in seq order and *info; else msgs NULL, info NULL. */
+typedef void (*imd_sync_cb)(void *arg, int status, const imd_stored *msgs, size_t n,
+                            const imd_sync_info *info);
+typedef void (*imd_state_cb)(void *arg, int status, uint64_t last, uint64_t trimmed,
+                             const imd_device_mark *devs, size_t n);
+/* status 0: the members (n == 0: no such group); else uids NULL. */
+typedef void (*imd_members_cb)(void *arg, int status, const char *const *uids, size_t n);
+typedef void (*imd_done_cb)(void *arg, int status);
 
-/* Apply retention at wall-clock time now_ms: per user, drop entries beyond
- * keep_count (oldest first) and entries older than keep_age_s; raise each
- * user's trimmed mark to the highest seq dropped; drop messages no inbox
- * refers to any more, but keep their idempotency keys while they are younger
- * than keep_age_s (or forever without an age limit). What goes is always a
- * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
- * clock stepped back, a younger entry before an expired one goes with it.
- * Runs in its own transaction, so its time grows with the entries dropped
- * (call it often rather than rarely). Returns the number of inbox entries
- * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
-long imd_store_trim(imd_store *s, uint64_t now_ms);
+typedef struct imd_store_stats {
+  uint64_t commits;       /* durable writes (SQLite commits, Redis round trips) */
+  uint64_t commit_us;     /* time they took */
+  uint64_t trimmed;       /* inbox entries removed by retention */
+  uint64_t errors;        /* failed requests */
+} imd_store_stats;
+
+typedef struct imd_store imd_store;
+
+typedef struct imd_store_ops {
+  /* Append m to the inboxes of the n distinct, non-empty uids. If m->cid is
+   * set and (m->from, m->device, m->cid) was appended before (within the
+   * retention age), nothing is written and cb gets IMD_STORE_DUP. */
+  int (*append)(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+                imd_append_cb cb, void *arg);
+  /* Raise (uid, device)'s delivered position to seq; never lowers it. No
+   * callback: a mark rides along with the next durable write (a lost mark
+   * only makes a device resync more). */
+  int (*mark_delivered)(imd_store *s, const char *uid, const char *device, uint64_t seq);
+  /* uid's entries after since (and after what was trimmed), at most limit
+   * (0 = backend default) and about max_bytes of data (0 = no byte bound;
+   * at least one entry is always returned), in seq order. */
+  int (*sync)(imd_store *s, const char *uid, uint64_t since, uint32_t limit, size_t max_bytes,
+              imd_sync_cb cb, void *arg);
+  /* uid's last and trimmed seqs and each device's delivered position. */
+  int (*user_state)(imd_store *s, const char *uid, imd_state_cb cb, void *arg);
+  int (*group_members)(imd_store *s, const char *gid, imd_members_cb cb, void *arg);
+  /* Add, then remove members; a group with no member is gone. Durable
+   * before cb(arg, 0): a failed update changes nothing. */
+  int (*group_update)(imd_store *s, const char *gid, const char *const *add, size_t nadd,
+                      const char *const *rm, size_t nrm, imd_done_cb cb, void *arg);
+  void (*stats)(imd_store *s, imd_store_stats *st);
+  /* Text of the last error (never NULL). */
+  const char *(*error)(imd_store *s);
+  /* Finish what is outstanding (callbacks run), then free. */
+  void (*close)(imd_store *s);
+} imd_store_ops;
+
+/* Every backend's handle starts with this. */
+struct imd_store {
+  const imd_store_ops *ops;
+};
+
+/* Shorthands: each returns the op's result (0 or a negative IMD_STORE_*). */
+static inline int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *uids,
+                                   size_t n, imd_append_cb cb, void *arg) {
+  return s->ops->append(s, m, uids, n, cb, arg);
+}
+static inline int imd_store_mark(imd_store *s, const char *uid, const char *device, uint64_t seq) {
+  return s->ops->mark_delivered(s, uid, device, seq);
+}
+static inline int imd_store_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
+                                 size_t max_bytes, imd_sync_cb cb, void *arg) {
+  return s->ops->sync(s, uid, since, limit, max_bytes, cb, arg);
+}
+
+/* store_thread.c: the SQLite engine (store_sqlite.c) at `path` on a thread
+ * of its own, with retention every trim_interval_s seconds; the loop is
+ * woken once per finished batch through `base`. Returns NULL with a reason
+ * in err. If groups_json names an existing file (the old groups store), its
+ * groups are imported on first start and the file renamed to
+ * groups_json.migrated. */
+struct event_base;
+imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
+                                  const imd_store_opts *o, uint32_t trim_interval_s,
+                                  const char *groups_json, char *err, size_t errlen);
 
 #endif

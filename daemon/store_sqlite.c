@@ -18,7 +18,7 @@
  * inbox row per receiver) inside a SAVEPOINT, so a failing append undoes
  * only itself and the batch around it survives. The next seq of each user
  * comes from an in-memory cache loaded once from the database. */
-#include "store.h"
+#include "store_sqlite.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -29,7 +29,7 @@
 
 #include "core/strmap.h"
 
-#define SCHEMA_VERSION 1
+#define SCHEMA_VERSION 2      /* 2: group membership (grp_members) */
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
@@ -76,6 +76,9 @@ enum stmt_id {
   ST_TRIM_CLEAR_CUT,
   ST_TRIM_CLEAR_GONE,
   ST_TRIM_CLEAR_REFS,
+  ST_GROUP_ADD,
+  ST_GROUP_DEL,
+  ST_GROUP_GET,
   ST_COUNT
 };
 
@@ -151,6 +154,9 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
   [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
   [ST_TRIM_CLEAR_REFS] = "DELETE FROM temp.trim_refs",
+  [ST_GROUP_ADD] = "INSERT INTO grp_members(gid, uid) VALUES(?1, ?2) ON CONFLICT DO NOTHING",
+  [ST_GROUP_DEL] = "DELETE FROM grp_members WHERE gid = ?1 AND uid = ?2",
+  [ST_GROUP_GET] = "SELECT uid FROM grp_members WHERE gid = ?1 ORDER BY uid",
 };
 
 /* IF NOT EXISTS throughout so that opening an existing store is a no-op. */
@@ -189,9 +195,13 @@ static const char schema_sql[] =
   "  uid TEXT NOT NULL,"
   "  device TEXT NOT NULL,"
   "  delivered INTEGER NOT NULL,"
-  "  PRIMARY KEY(uid, device)) WITHOUT ROWID;";
+  "  PRIMARY KEY(uid, device)) WITHOUT ROWID;"
+  "CREATE TABLE IF NOT EXISTS grp_members("
+  "  gid TEXT NOT NULL,"
+  "  uid TEXT NOT NULL,"
+  "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;";
 
-/* Per-connection scratch tables of imd_store_trim(); empty between trims. */
+/* Per-connection scratch tables of sqlstore_trim(); empty between trims. */
 static const char temp_sql[] =
   "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
   " WITHOUT ROWID;"
@@ -213,7 +223,7 @@ typedef struct user_ctr {
 
 #define CTR_OF(np) ((user_ctr *)(void *)((char *)(np) - offsetof(user_ctr, node)))
 
-struct imd_store {
+struct sql_store {
   sqlite3 *db;
   sqlite3_stmt *st[ST_COUNT];
   imd_store_opts opts;
@@ -221,6 +231,7 @@ struct imd_store {
   user_ctr *dirty;      /* counters to write to users at commit */
   uint64_t stamp;       /* counts appends, for user_ctr.stamp */
   bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
+  bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next
                            commit must fail so nothing in it is acknowledged */
   char err[ERR_MAX];
@@ -229,7 +240,7 @@ struct imd_store {
 
 /* ---- errors ---- */
 
-static int set_err(imd_store *s, int rc, const char *what)
+static int set_err(sql_store *s, int rc, const char *what)
 {
   snprintf(s->err, sizeof s->err, "%s", what);
   return rc;
@@ -237,7 +248,7 @@ static int set_err(imd_store *s, int rc, const char *what)
 
 /* Records SQLite's message at the point of failure: the rollback that
  * usually follows would replace it. */
-static int db_fail(imd_store *s, const char *what)
+static int db_fail(sql_store *s, const char *what)
 {
   snprintf(s->err, sizeof s->err, "%s: %s", what, sqlite3_errmsg(s->db));
   return IMD_STORE_EIO;
@@ -246,7 +257,7 @@ static int db_fail(imd_store *s, const char *what)
 /* ---- statements ---- */
 
 /* Steps a statement that returns no rows and resets it for its next use. */
-static int run(imd_store *s, enum stmt_id id, const char *what)
+static int run(sql_store *s, enum stmt_id id, const char *what)
 {
   sqlite3_stmt *st = s->st[id];
   int rc = sqlite3_step(st);
@@ -288,7 +299,7 @@ static const char *column_str(sqlite3_stmt *st, int i)
 
 /* ---- seq counter cache ---- */
 
-static void cache_drop(imd_store *s)
+static void cache_drop(sql_store *s)
 {
   for (uint32_t b = 0; s->users.buckets != NULL && b <= s->users.mask; b++) {
     strmap_node *n = s->users.buckets[b];
@@ -304,7 +315,7 @@ static void cache_drop(imd_store *s)
 }
 
 /* A user's (last, trimmed) as the database has them now, batch included. */
-static int user_load(imd_store *s, const char *uid, uint64_t *last, uint64_t *trimmed)
+static int user_load(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed)
 {
   sqlite3_stmt *st = s->st[ST_USER_GET];
   int rc;
@@ -324,7 +335,7 @@ static int user_load(imd_store *s, const char *uid, uint64_t *last, uint64_t *tr
 }
 
 /* The cached counter of uid, loaded on first use. */
-static int user_get(imd_store *s, const char *uid, size_t len, user_ctr **out)
+static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
 {
   strmap_node *n = strmap_get(&s->users, uid, len);
   user_ctr *u;
@@ -352,7 +363,7 @@ static int user_get(imd_store *s, const char *uid, size_t len, user_ctr **out)
 
 /* ---- batches ---- */
 
-static int batch_begin(imd_store *s)
+static int batch_begin(sql_store *s)
 {
   if (s->batch)
     return IMD_STORE_OK;
@@ -366,7 +377,7 @@ static int batch_begin(imd_store *s)
  * may have rolled the whole transaction back itself. The counters then count
  * appends that are gone, and the caller, who still believes in the batch,
  * must learn at commit that it failed. */
-static void batch_check_lost(imd_store *s)
+static void batch_check_lost(sql_store *s)
 {
   if (s->batch && sqlite3_get_autocommit(s->db)) {
     s->batch = false;
@@ -378,17 +389,18 @@ static void batch_check_lost(imd_store *s)
 
 /* Ends the batch after a failure: roll back what is left of it and forget
  * the counters, which reload from the committed state. */
-static void batch_abort(imd_store *s)
+static void batch_abort(sql_store *s)
 {
   if (!sqlite3_get_autocommit(s->db)) {
     sqlite3_step(s->st[ST_ROLLBACK]);
     sqlite3_reset(s->st[ST_ROLLBACK]);
   }
   s->batch = false;
+  s->writes = false;
   cache_drop(s);
 }
 
-static int refuse_lost(imd_store *s)
+static int refuse_lost(sql_store *s)
 {
   snprintf(s->err, sizeof s->err,
            "the batch was rolled back by an earlier error (%.160s); commit to start over",
@@ -486,7 +498,7 @@ static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
   return 0;
 }
 
-static int stmts_prepare(imd_store *s, char *err, size_t errlen)
+static int stmts_prepare(sql_store *s, char *err, size_t errlen)
 {
   for (int i = 0; i < ST_COUNT; i++) {
     if (sqlite3_prepare_v3(s->db, stmt_sql[i], -1, SQLITE_PREPARE_PERSISTENT, &s->st[i], NULL) !=
@@ -498,9 +510,9 @@ static int stmts_prepare(imd_store *s, char *err, size_t errlen)
   return 0;
 }
 
-imd_store *imd_store_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
+sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
 {
-  imd_store *s;
+  sql_store *s;
   int flags = SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_NOMUTEX;
 
   if (path == NULL || path[0] == '\0') {
@@ -533,11 +545,11 @@ imd_store *imd_store_open(const char *path, const imd_store_opts *o, char *err, 
     goto fail;
   return s;
 fail:
-  imd_store_close(s);
+  sqlstore_close(s);
   return NULL;
 }
 
-void imd_store_close(imd_store *s)
+void sqlstore_close(sql_store *s)
 {
   if (s == NULL)
     return;
@@ -551,19 +563,19 @@ void imd_store_close(imd_store *s)
   free(s);
 }
 
-const char *imd_store_error(const imd_store *s)
+const char *sqlstore_error(const sql_store *s)
 {
   return s != NULL ? s->err : "no store";
 }
 
-bool imd_store_in_batch(const imd_store *s)
+bool sqlstore_in_batch(const sql_store *s)
 {
   return s != NULL && (s->batch || s->lost);
 }
 
 /* ---- append ---- */
 
-static int check_msg(imd_store *s, const imd_store_msg *m)
+static int check_msg(sql_store *s, const imd_store_msg *m)
 {
   if (m == NULL || m->id == NULL || m->id[0] == '\0' || m->from == NULL)
     return set_err(s, IMD_STORE_EINVAL, "message without id or sender");
@@ -578,7 +590,7 @@ static int check_msg(imd_store *s, const imd_store_msg *m)
 
 /* If (from, device, cid) is already stored, copies its id to dup_id and
  * returns IMD_STORE_DUP; otherwise records the key and returns 0. */
-static int idem_claim(imd_store *s, const imd_store_msg *m, const char *device, char *dup_id)
+static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, char *dup_id)
 {
   sqlite3_stmt *st = s->st[ST_IDEM_PUT];
   const char *id;
@@ -613,7 +625,7 @@ static int idem_claim(imd_store *s, const imd_store_msg *m, const char *device, 
 
 /* Loads the counters of all receivers and picks their next seqs; touches
  * nothing in the database. */
-static int seqs_pick(imd_store *s, const char *const *uids, size_t n, uint64_t *seqs,
+static int seqs_pick(sql_store *s, const char *const *uids, size_t n, uint64_t *seqs,
                      user_ctr **touched)
 {
   uint64_t stamp = ++s->stamp;
@@ -642,7 +654,7 @@ static int seqs_pick(imd_store *s, const char *const *uids, size_t n, uint64_t *
   return IMD_STORE_OK;
 }
 
-static int msg_insert(imd_store *s, const imd_store_msg *m, const char *device, size_t refs,
+static int msg_insert(sql_store *s, const imd_store_msg *m, const char *device, size_t refs,
                       sqlite3_int64 *mid)
 {
   sqlite3_stmt *st = s->st[ST_MSG_PUT];
@@ -663,7 +675,7 @@ static int msg_insert(imd_store *s, const imd_store_msg *m, const char *device, 
   return IMD_STORE_OK;
 }
 
-static int inbox_insert(imd_store *s, const char *uid, uint64_t seq, sqlite3_int64 mid,
+static int inbox_insert(sql_store *s, const char *uid, uint64_t seq, sqlite3_int64 mid,
                         uint64_t ts)
 {
   sqlite3_stmt *st = s->st[ST_INBOX_PUT];
@@ -676,7 +688,7 @@ static int inbox_insert(imd_store *s, const char *uid, uint64_t seq, sqlite3_int
 }
 
 /* The writes of one append; the caller holds the savepoint around them. */
-static int append_rows(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+static int append_rows(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
                        uint64_t *seqs, char *dup_id, user_ctr **touched)
 {
   const char *device = m->device != NULL ? m->device : "";
@@ -698,7 +710,7 @@ static int append_rows(imd_store *s, const imd_store_msg *m, const char *const *
 }
 
 /* The append's rows are in: hand its seqs out for good. */
-static void seqs_take(imd_store *s, user_ctr *touched)
+static void seqs_take(sql_store *s, user_ctr *touched)
 {
   for (user_ctr *u = touched; u != NULL; u = u->touch_next) {
     u->last = u->next;
@@ -712,7 +724,7 @@ static void seqs_take(imd_store *s, user_ctr *touched)
 
 /* Undoes a failed append alone. The counters were not advanced yet, so
  * only the database needs undoing. */
-static void append_undo(imd_store *s)
+static void append_undo(sql_store *s)
 {
   batch_check_lost(s);
   if (!s->batch)
@@ -729,7 +741,7 @@ static void append_undo(imd_store *s)
   sqlite3_reset(s->st[ST_RELEASE]);
 }
 
-int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
                      uint64_t *seqs, char *dup_id)
 {
   user_ctr *touched = NULL;
@@ -754,6 +766,7 @@ int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *ui
   rc = append_rows(s, m, uids, n, seqs, dup_id, &touched);
   if (rc == IMD_STORE_OK || rc == IMD_STORE_DUP) {
     if (run(s, ST_RELEASE, "cannot end the append") == IMD_STORE_OK) {
+      s->writes = true;
       if (rc == IMD_STORE_OK)
         seqs_take(s, touched);
       else
@@ -768,7 +781,7 @@ int imd_store_append(imd_store *s, const imd_store_msg *m, const char *const *ui
 
 /* ---- delivered marks ---- */
 
-int imd_store_mark_delivered(imd_store *s, const char *uid, const char *device, uint64_t seq)
+int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq)
 {
   sqlite3_stmt *st;
   int rc;
@@ -792,11 +805,84 @@ int imd_store_mark_delivered(imd_store *s, const char *uid, const char *device, 
   return rc;
 }
 
+/* ---- groups ---- */
+
+static int group_rows(sql_store *s, enum stmt_id id, const char *gid, const char *const *uids,
+                      size_t n)
+{
+  sqlite3_stmt *st = s->st[id];
+
+  for (size_t i = 0; i < n; i++) {
+    if (uids[i] == NULL || uids[i][0] == '\0')
+      return set_err(s, IMD_STORE_EINVAL, "empty member uid");
+    bind_text(st, 1, gid);
+    bind_text(st, 2, uids[i]);
+    if (run(s, id, "cannot change the group") != IMD_STORE_OK)
+      return IMD_STORE_EIO;
+  }
+  return IMD_STORE_OK;
+}
+
+int sqlstore_group_update(sql_store *s, const char *gid, const char *const *add, size_t nadd,
+                          const char *const *rm, size_t nrm)
+{
+  int rc;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (gid == NULL || gid[0] == '\0')
+    return set_err(s, IMD_STORE_EINVAL, "empty gid");
+  if (s->lost)
+    return refuse_lost(s);
+  rc = batch_begin(s);
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (run(s, ST_SAVEPOINT, "cannot begin the group change") != IMD_STORE_OK) {
+    batch_check_lost(s);
+    return IMD_STORE_EIO;
+  }
+  rc = group_rows(s, ST_GROUP_ADD, gid, add, nadd);
+  if (rc == IMD_STORE_OK)
+    rc = group_rows(s, ST_GROUP_DEL, gid, rm, nrm);
+  if (rc == IMD_STORE_OK && run(s, ST_RELEASE, "cannot end the group change") == IMD_STORE_OK) {
+    s->writes = true;
+    return IMD_STORE_OK;
+  }
+  if (rc == IMD_STORE_OK)
+    rc = IMD_STORE_EIO;
+  append_undo(s);
+  return rc;
+}
+
+int sqlstore_group_members(sql_store *s, const char *gid,
+                           void (*fn)(void *ctx, const char *uid), void *ctx)
+{
+  sqlite3_stmt *st;
+  int rc = IMD_STORE_OK, step;
+
+  if (s == NULL || gid == NULL)
+    return IMD_STORE_EINVAL;
+  st = s->st[ST_GROUP_GET];
+  bind_text(st, 1, gid);
+  while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    const char *uid = column_str(st, 0);
+    if (uid == NULL) {
+      step = SQLITE_NOMEM;
+      break;
+    }
+    fn(ctx, uid);
+  }
+  if (step != SQLITE_DONE)
+    rc = db_fail(s, "cannot read the group");
+  sqlite3_reset(st);
+  return rc;
+}
+
 /* ---- commit ---- */
 
 /* Writes each touched user's counter once per batch rather than once per
  * append; retention reads last_seq from here. */
-static int users_flush(imd_store *s)
+static int users_flush(sql_store *s)
 {
   sqlite3_stmt *st = s->st[ST_USER_PUT];
 
@@ -809,19 +895,20 @@ static int users_flush(imd_store *s)
   return IMD_STORE_OK;
 }
 
-static void dirty_clear(imd_store *s)
+static void dirty_clear(sql_store *s)
 {
   for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next)
     u->dirty = false;
   s->dirty = NULL;
 }
 
-int imd_store_commit(imd_store *s)
+int sqlstore_commit(sql_store *s)
 {
   if (s == NULL)
     return IMD_STORE_EINVAL;
   if (s->lost) {
     s->lost = false;
+    s->writes = false;
     return refuse_lost(s);
   }
   if (!s->batch)
@@ -831,6 +918,7 @@ int imd_store_commit(imd_store *s)
     return IMD_STORE_EIO;
   }
   s->batch = false;
+  s->writes = false;
   dirty_clear(s);
   /* The counters are a cache of the database: dropping them is always
    * correct, and keeps memory bounded when many users come and go. */
@@ -841,11 +929,13 @@ int imd_store_commit(imd_store *s)
 
 /* ---- reads ---- */
 
-static int check_read(imd_store *s, const char *uid)
+static int check_read(sql_store *s, const char *uid)
 {
   if (uid == NULL || uid[0] == '\0')
     return set_err(s, IMD_STORE_EINVAL, "empty uid");
-  if (s->batch || s->lost)
+  /* delivered marks alone may stay uncommitted: reads see them, and no
+   * message is visible before it is durable */
+  if (s->writes || s->lost)
     return set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
   return IMD_STORE_OK;
 }
@@ -853,7 +943,7 @@ static int check_read(imd_store *s, const char *uid)
 /* Passes one row to fn (its strings live until the statement steps again).
  * Returns 0 to go on, 1 when fn asked to stop, IMD_STORE_EIO when the row
  * could not be read. */
-static int sync_row(imd_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx, uint64_t *upto)
+static int sync_row(sql_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx, uint64_t *upto)
 {
   imd_store_msg m;
   uint64_t seq = column_u64(st, 0);
@@ -875,7 +965,7 @@ static int sync_row(imd_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx
   return fn != NULL && fn(ctx, seq, &m) != 0 ? 1 : 0;
 }
 
-int imd_store_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
+int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
                    imd_store_each fn, void *ctx, imd_sync_info *info)
 {
   sqlite3_stmt *st;
@@ -916,7 +1006,7 @@ int imd_store_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit
   return IMD_STORE_OK;
 }
 
-int imd_store_user_state(imd_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
+int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
                          void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx)
 {
   sqlite3_stmt *st;
@@ -956,7 +1046,7 @@ int imd_store_user_state(imd_store *s, const char *uid, uint64_t *last, uint64_t
 
 /* The steps of a trim, inside its transaction. Returns the inbox entries
  * dropped or IMD_STORE_EIO. */
-static long trim_steps(imd_store *s, sqlite3_int64 cutoff)
+static long trim_steps(sql_store *s, sqlite3_int64 cutoff)
 {
   sqlite3_stmt *st = s->st[ST_TRIM_CUT];
   long dropped;
@@ -989,7 +1079,7 @@ static long trim_steps(imd_store *s, sqlite3_int64 cutoff)
 
 /* Entries with ts below this are past the age limit; below every ts when
  * there is no age limit or it reaches back before the epoch. */
-static sqlite3_int64 age_cutoff(const imd_store *s, uint64_t now_ms)
+static sqlite3_int64 age_cutoff(const sql_store *s, uint64_t now_ms)
 {
   uint64_t age_ms = (uint64_t)s->opts.keep_age_s * 1000;
 
@@ -999,7 +1089,7 @@ static sqlite3_int64 age_cutoff(const imd_store *s, uint64_t now_ms)
   return now_ms > INT64_MAX ? INT64_MAX : (sqlite3_int64)now_ms;
 }
 
-long imd_store_trim(imd_store *s, uint64_t now_ms)
+long sqlstore_trim(sql_store *s, uint64_t now_ms)
 {
   long dropped;
 

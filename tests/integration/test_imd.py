@@ -422,10 +422,8 @@ class TestGroupPersistence(unittest.TestCase):
         rc, log = srv.stop()
         self.assertEqual(await watcher.closed(), 1001, 'shutdown close code')
         assert_clean_exit(rc, log)
-        with open(os.path.join(srv.data, 'groups.json')) as f:
-            stored = json.load(f)
-        self.assertEqual({k: sorted(v) for k, v in stored.items()},
-                         {'team': ['pa', 'pb'], 'caf\u00e9': ['zo\u00eb']})
+        self.assertFalse(os.path.exists(os.path.join(srv.data, 'groups.json')),
+                         'membership lives in the store, not in a side file')
         srv2 = Imd(data=srv.data)
         self.addCleanup(lambda: srv2.alive() and srv2.kill())
         for gid, members in (('team', ['pa', 'pb']), ('gone', []), ('caf%C3%A9', ['zo\u00eb'])):
@@ -437,6 +435,31 @@ class TestGroupPersistence(unittest.TestCase):
         await pb.expect('msg', id=ack['id'], group='team', data='"restarted"')
         await pc.send('msg', cid='no', group='team', data='1')
         await pc.expect('error', code=403, cid='no')
+        assert_clean_exit(*srv2.stop())
+
+
+    @scenario(60)
+    async def test_groups_json_is_migrated_once(self):
+        """A data dir of an imd that kept groups in groups.json: its groups are
+        imported into the store on first start and the file is set aside."""
+        data = tempfile.mkdtemp(prefix='imd-migrate-')
+        with open(os.path.join(data, 'groups.json'), 'w') as f:
+            json.dump({'old': ['ma', 'mb'], 'empty': [], 'bad': 'x'}, f)
+        srv = Imd(data=data)
+        self.addCleanup(srv.remove_data)
+        self.addCleanup(lambda: srv.alive() and srv.kill())
+        r = await api(srv, 'GET', '/v1/groups/old/members')
+        self.assertEqual(r.json['members'], ['ma', 'mb'])
+        self.assertFalse(os.path.exists(os.path.join(data, 'groups.json')))
+        self.assertTrue(os.path.exists(os.path.join(data, 'groups.json.migrated')))
+        ma, mb = await connect(srv, 'json', 'ma'), await connect(srv, 'tcp', 'mb')
+        ack = await ma.msg('m1', '"still a group"', group='old')
+        await mb.expect('msg', id=ack['id'], group='old', data='"still a group"')
+        assert_clean_exit(*srv.stop())
+        srv2 = Imd(data=data)  # the second start imports nothing and keeps the members
+        self.addCleanup(lambda: srv2.alive() and srv2.kill())
+        r = await api(srv2, 'GET', '/v1/groups/old/members')
+        self.assertEqual(r.json['members'], ['ma', 'mb'])
         assert_clean_exit(*srv2.stop())
 
 

@@ -12,13 +12,13 @@
 
 #include <sqlite3.h>
 
-#include "store.h"
+#include "store_sqlite.h"
 
 /* Every test gets a fresh directory holding one store file. */
 typedef struct fixture {
   char dir[64];
   char path[96];
-  imd_store *s;
+  sql_store *s;
 } fixture;
 
 #define MAX_GOT 64
@@ -96,7 +96,7 @@ static int teardown(void **state)
   static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
   char p[128];
 
-  imd_store_close(f->s);
+  sqlstore_close(f->s);
   for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
     snprintf(p, sizeof p, "%s%s", f->path, suffix[i]);
     unlink(p);
@@ -106,13 +106,13 @@ static int teardown(void **state)
   return 0;
 }
 
-static imd_store *reopen(fixture *f, uint32_t keep_count, uint32_t keep_age_s)
+static sql_store *reopen(fixture *f, uint32_t keep_count, uint32_t keep_age_s)
 {
   imd_store_opts o = {.keep_count = keep_count, .keep_age_s = keep_age_s, .no_fsync = true};
   char err[256] = "";
 
-  imd_store_close(f->s);
-  f->s = imd_store_open(f->path, &o, err, sizeof err);
+  sqlstore_close(f->s);
+  f->s = sqlstore_open(f->path, &o, err, sizeof err);
   if (f->s == NULL)
     fail_msg("open: %s", err);
   return f->s;
@@ -127,34 +127,34 @@ static imd_store_msg msg(const char *id, const char *from, const char *cid, cons
 }
 
 /* A 1:1 message from -> to, stored in both inboxes as imd does. */
-static int send1(imd_store *s, const char *id, const char *from, const char *to, const char *cid,
+static int send1(sql_store *s, const char *id, const char *from, const char *to, const char *cid,
                  uint64_t seqs[2], char dup[24])
 {
   imd_store_msg m = msg(id, from, cid, to, 1000);
   const char *uids[2] = {to, from};
 
-  return imd_store_append(s, &m, uids, 2, seqs, dup);
+  return sqlstore_append(s, &m, uids, 2, seqs, dup);
 }
 
 /* Appends to one user and returns the seq it got. */
-static uint64_t put(imd_store *s, const char *id, const char *uid, uint64_t ts)
+static uint64_t put(sql_store *s, const char *id, const char *uid, uint64_t ts)
 {
   imd_store_msg m = msg(id, "system", NULL, uid, ts);
   const char *uids[1] = {uid};
   uint64_t seq = 0;
 
-  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
   return seq;
 }
 
-static imd_sync_info sync_all(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
+static imd_sync_info sync_all(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
                               got *g)
 {
   imd_sync_info info;
 
   memset(&info, 0xa5, sizeof info);
   g->n = 0;
-  assert_int_equal(imd_store_sync(s, uid, since, limit, collect, g, &info), IMD_STORE_OK);
+  assert_int_equal(sqlstore_sync(s, uid, since, limit, collect, g, &info), IMD_STORE_OK);
   return info;
 }
 
@@ -190,7 +190,7 @@ static long side_count(sqlite3 *db, const char *sql)
 static void test_seqs_gap_free_per_user(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
   char id[24];
   got g = {0};
@@ -201,7 +201,7 @@ static void test_seqs_gap_free_per_user(void **state)
     assert_int_equal(seqs[0], i);
     assert_int_equal(seqs[1], i);
     if (i % 3 == 0)
-      assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+      assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   }
   /* Other users count on their own. */
   assert_int_equal(send1(s, "m11", "alice", "dave", NULL, seqs, NULL), IMD_STORE_OK);
@@ -209,7 +209,7 @@ static void test_seqs_gap_free_per_user(void **state)
   assert_int_equal(seqs[1], 11);
   assert_int_equal(put(s, "m12", "carol", 1000), 1);
   assert_int_equal(put(s, "m13", "bob", 1000), 11);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   imd_sync_info info = sync_all(s, "alice", 0, 0, &g);
   assert_int_equal(g.n, 11);
@@ -232,21 +232,21 @@ static void test_seqs_gap_free_per_user(void **state)
 static void test_append_to_many_users(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   const char *members[5] = {"u1", "u2", "u3", "u4", "u5"};
   imd_store_msg m = msg("g1", "u1", NULL, NULL, 5000);
   uint64_t seqs[5];
   got g = {0};
 
   m.group = "team";
-  assert_int_equal(imd_store_append(s, &m, members, 5, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, members, 5, seqs, NULL), IMD_STORE_OK);
   for (int i = 0; i < 5; i++)
     assert_int_equal(seqs[i], 1);
   m.id = "g2";
-  assert_int_equal(imd_store_append(s, &m, members + 2, 3, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, members + 2, 3, seqs, NULL), IMD_STORE_OK);
   for (int i = 0; i < 3; i++)
     assert_int_equal(seqs[i], 2);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   sync_all(s, "u2", 0, 0, &g);
   assert_int_equal(g.n, 1);
@@ -268,7 +268,7 @@ static void test_append_to_many_users(void **state)
 static void test_dup_within_batch(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
   char dup[24] = "";
 
@@ -283,9 +283,9 @@ static void test_dup_within_batch(void **state)
   imd_store_msg m = msg("m5", "alice", "c1", "bob", 1000);
   const char *uids[2] = {"bob", "alice"};
   m.device = "d2";
-  assert_int_equal(imd_store_append(s, &m, uids, 2, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, uids, 2, seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 4);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   got g = {0};
   imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
@@ -298,15 +298,15 @@ static void test_dup_within_batch(void **state)
 static void test_dup_after_commit_and_reopen(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
   char dup[24] = "";
 
   assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, dup), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_int_equal(send1(s, "m2", "alice", "bob", "c1", seqs, dup), IMD_STORE_DUP);
   assert_string_equal(dup, "m1");
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   s = reopen(f, 0, 0);
   strcpy(dup, "");
@@ -314,7 +314,7 @@ static void test_dup_after_commit_and_reopen(void **state)
   assert_string_equal(dup, "m1");
   /* A NULL dup_id is allowed; the answer is the same. */
   assert_int_equal(send1(s, "m3", "alice", "bob", "c1", seqs, NULL), IMD_STORE_DUP);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   got g = {0};
   imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
@@ -328,7 +328,7 @@ static void test_dup_after_commit_and_reopen(void **state)
 static void test_null_cid_never_dedupes(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
 
   for (int i = 0; i < 3; i++) {
@@ -337,7 +337,7 @@ static void test_null_cid_never_dedupes(void **state)
     assert_int_equal(send1(s, id, "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
     assert_int_equal(seqs[0], (uint64_t)i + 1);
   }
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   got g = {0};
   sync_all(s, "bob", 0, 0, &g);
@@ -349,32 +349,32 @@ static void test_null_cid_never_dedupes(void **state)
 static void test_close_without_commit(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
   char dup[24];
 
   assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, dup), IMD_STORE_OK);
   assert_int_equal(send1(s, "m2", "alice", "bob", "c2", seqs, dup), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_int_equal(send1(s, "m3", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 3), IMD_STORE_OK);
-  assert_true(imd_store_in_batch(s));
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "d1", 3), IMD_STORE_OK);
+  assert_true(sqlstore_in_batch(s));
 
   s = reopen(f, 0, 0);
-  assert_false(imd_store_in_batch(s));
+  assert_false(sqlstore_in_batch(s));
   /* c3 was never stored, so it is no duplicate now. */
   assert_int_equal(send1(s, "m4", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
   assert_int_equal(seqs[1], 3);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   got g = {0};
   uint64_t last = 0;
   sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(g.n, 3);
   assert_string_equal(g.e[2].id, "m4");
-  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_OK);
   assert_int_equal(last, 3);
 }
 
@@ -384,14 +384,14 @@ static void test_close_without_commit(void **state)
 static void test_failed_commit_restores_seqs(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2];
   char dup[24];
   sqlite3 *db;
 
   assert_int_equal(send1(s, "m1", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
   assert_int_equal(send1(s, "m2", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   db = side_open(f);
   side_exec(db, "CREATE TRIGGER no_users BEFORE INSERT ON users"
@@ -400,16 +400,16 @@ static void test_failed_commit_restores_seqs(void **state)
   assert_int_equal(seqs[0], 3);
   assert_int_equal(send1(s, "m4", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
   assert_int_equal(seqs[0], 4);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 4), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
-  assert_non_null(strstr(imd_store_error(s), "provoked failure"));
-  assert_false(imd_store_in_batch(s));
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "d1", 4), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_EIO);
+  assert_non_null(strstr(sqlstore_error(s), "provoked failure"));
+  assert_false(sqlstore_in_batch(s));
   side_exec(db, "DROP TRIGGER no_users");
 
   assert_int_equal(send1(s, "m5", "alice", "bob", "c3", seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
   assert_int_equal(seqs[1], 3);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   got g = {0};
   imd_sync_info info = sync_all(s, "bob", 0, 0, &g);
@@ -425,7 +425,7 @@ static void test_failed_commit_restores_seqs(void **state)
 static void test_failed_append_keeps_batch(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   const char *uids[2] = {"alice", "bad"};
   imd_store_msg m = msg("m2", "system", "k2", NULL, 1000);
   uint64_t seqs[2];
@@ -435,18 +435,18 @@ static void test_failed_append_keeps_batch(void **state)
   side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox WHEN NEW.uid = 'bad'"
                 " BEGIN SELECT RAISE(ABORT, 'bad inbox'); END");
   assert_int_equal(put(s, "m1", "alice", 1000), 1);
-  assert_int_equal(imd_store_append(s, &m, uids, 2, seqs, dup), IMD_STORE_EIO);
-  assert_non_null(strstr(imd_store_error(s), "bad inbox"));
-  assert_true(imd_store_in_batch(s));
+  assert_int_equal(sqlstore_append(s, &m, uids, 2, seqs, dup), IMD_STORE_EIO);
+  assert_non_null(strstr(sqlstore_error(s), "bad inbox"));
+  assert_true(sqlstore_in_batch(s));
   /* A reused message id breaks the UNIQUE constraint; also undone alone. */
   assert_int_equal(put(s, "m3", "alice", 1000), 2);
   m.id = "m1";
-  assert_int_equal(imd_store_append(s, &m, uids, 1, seqs, dup), IMD_STORE_EIO);
+  assert_int_equal(sqlstore_append(s, &m, uids, 1, seqs, dup), IMD_STORE_EIO);
   /* Neither failure left its key or seq behind. */
   m.id = "m4";
-  assert_int_equal(imd_store_append(s, &m, uids, 1, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, uids, 1, seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   side_exec(db, "DROP TRIGGER no_bad");
 
   got g = {0};
@@ -469,7 +469,7 @@ static void test_failed_append_keeps_batch(void **state)
 static void test_batch_lost_to_sqlite(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   const char *boom[1] = {"boom"};
   imd_store_msg m = msg("m3", "system", NULL, NULL, 1000);
   imd_sync_info info;
@@ -480,26 +480,26 @@ static void test_batch_lost_to_sqlite(void **state)
   side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox WHEN NEW.uid = 'boom'"
                 " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
   assert_int_equal(put(s, "m1", "alice", 1000), 1);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_int_equal(put(s, "m2", "alice", 1000), 2);
-  assert_int_equal(imd_store_append(s, &m, boom, 1, &seq, NULL), IMD_STORE_EIO);
-  assert_non_null(strstr(imd_store_error(s), "boom"));
+  assert_int_equal(sqlstore_append(s, &m, boom, 1, &seq, NULL), IMD_STORE_EIO);
+  assert_non_null(strstr(sqlstore_error(s), "boom"));
   /* Still "in a batch" until the failure is reported by commit. */
-  assert_true(imd_store_in_batch(s));
+  assert_true(sqlstore_in_batch(s));
   m.id = "m4";
   m.to = "alice";
-  assert_int_equal(imd_store_append(s, &m, (const char *const[]){"alice"}, 1, &seq, NULL),
+  assert_int_equal(sqlstore_append(s, &m, (const char *const[]){"alice"}, 1, &seq, NULL),
                    IMD_STORE_EIO);
-  assert_int_equal(imd_store_mark_delivered(s, "alice", "d1", 1), IMD_STORE_EIO);
-  assert_int_equal(imd_store_sync(s, "alice", 0, 0, NULL, NULL, &info), IMD_STORE_EBATCH);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
-  assert_non_null(strstr(imd_store_error(s), "boom"));
-  assert_false(imd_store_in_batch(s));
+  assert_int_equal(sqlstore_mark_delivered(s, "alice", "d1", 1), IMD_STORE_EIO);
+  assert_int_equal(sqlstore_sync(s, "alice", 0, 0, NULL, NULL, &info), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_EIO);
+  assert_non_null(strstr(sqlstore_error(s), "boom"));
+  assert_false(sqlstore_in_batch(s));
   side_exec(db, "DROP TRIGGER boom");
 
   /* m2's seq is handed out again. */
   assert_int_equal(put(s, "m5", "alice", 1000), 2);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   info = sync_all(s, "alice", 0, 0, &g);
   assert_int_equal(g.n, 2);
   assert_string_equal(g.e[1].id, "m5");
@@ -509,19 +509,19 @@ static void test_batch_lost_to_sqlite(void **state)
   side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON cursors WHEN NEW.device = 'boom'"
                 " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
   assert_int_equal(put(s, "m6", "alice", 1000), 3);
-  assert_int_equal(imd_store_mark_delivered(s, "alice", "boom", 1), IMD_STORE_EIO);
-  assert_true(imd_store_in_batch(s));
-  assert_int_equal(imd_store_commit(s), IMD_STORE_EIO);
+  assert_int_equal(sqlstore_mark_delivered(s, "alice", "boom", 1), IMD_STORE_EIO);
+  assert_true(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_EIO);
   side_exec(db, "DROP TRIGGER boom");
   assert_int_equal(put(s, "m7", "alice", 1000), 3);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   sqlite3_close(db);
 }
 
 static void test_sync_paging(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   imd_sync_info info;
   got g = {0};
 
@@ -530,7 +530,7 @@ static void test_sync_paging(void **state)
     snprintf(id, sizeof id, "m%d", i);
     put(s, id, "bob", 1000);
   }
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   info = sync_all(s, "bob", 0, 10, &g);
   assert_int_equal(g.n, 10);
@@ -566,13 +566,13 @@ static void test_sync_paging(void **state)
   g.stop_after = 0;
 
   /* NULL info and NULL fn are allowed. */
-  assert_int_equal(imd_store_sync(s, "bob", 0, 0, NULL, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_sync(s, "bob", 0, 0, NULL, NULL, NULL), IMD_STORE_OK);
 }
 
 static void test_sync_unknown_user(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   imd_sync_info info;
   uint64_t last = 9, trimmed = 9;
   got g = {0};
@@ -586,7 +586,7 @@ static void test_sync_unknown_user(void **state)
   assert_false(info.gap);
   info = sync_all(s, "nobody", 5, 10, &g);
   assert_int_equal(info.upto, 5);
-  assert_int_equal(imd_store_user_state(s, "nobody", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "nobody", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
   assert_int_equal(last, 0);
   assert_int_equal(trimmed, 0);
 }
@@ -594,29 +594,31 @@ static void test_sync_unknown_user(void **state)
 static void test_reads_refuse_open_batch(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 10, 0);
+  sql_store *s = reopen(f, 10, 0);
   imd_sync_info info;
   uint64_t last;
 
-  assert_false(imd_store_in_batch(s));
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK); /* nothing to commit */
+  assert_false(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK); /* nothing to commit */
   put(s, "m1", "bob", 1000);
-  assert_true(imd_store_in_batch(s));
-  assert_int_equal(imd_store_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
-  assert_true(strlen(imd_store_error(s)) > 0);
-  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_EBATCH);
-  assert_int_equal(imd_store_trim(s, 1000), IMD_STORE_EBATCH);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
-  assert_false(imd_store_in_batch(s));
+  assert_true(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
+  assert_true(strlen(sqlstore_error(s)) > 0);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_trim(s, 1000), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_false(sqlstore_in_batch(s));
 
-  /* A delivered mark opens a batch too. */
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 1), IMD_STORE_OK);
-  assert_true(imd_store_in_batch(s));
-  assert_int_equal(imd_store_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  /* A delivered mark opens a batch too, but reads need not wait for it
+   * (marks alone never force a commit); the read sees the mark. */
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "d1", 1), IMD_STORE_OK);
+  assert_true(sqlstore_in_batch(s));
   got g = {0};
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(g.n, 1);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim(s, 1000), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 }
 
 typedef struct devices {
@@ -637,7 +639,7 @@ static void on_device(void *ctx, const char *device, uint64_t seq)
 static void test_user_state_lists_devices(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t last = 0, trimmed = 9;
   devices d = {0};
   char id[8];
@@ -646,16 +648,16 @@ static void test_user_state_lists_devices(void **state)
     snprintf(id, sizeof id, "m%d", i);
     put(s, id, "bob", 1000);
   }
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 5), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 3), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "", 2), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "laptop", 1), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 4), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "alice", "phone", 1), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", 5), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", 3), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "", 2), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "laptop", 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", 4), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "alice", "phone", 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
-  assert_int_equal(imd_store_user_state(s, "bob", &last, &trimmed, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, &trimmed, on_device, &d), IMD_STORE_OK);
   assert_int_equal(last, 6);
   assert_int_equal(trimmed, 0);
   assert_int_equal(d.n, 3);
@@ -666,11 +668,11 @@ static void test_user_state_lists_devices(void **state)
   assert_string_equal(d.name[2], "phone");
   assert_int_equal(d.seq[2], 5); /* 3 and 4 came later but lower */
 
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "phone", 6), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", 6), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   s = reopen(f, 0, 0);
   memset(&d, 0, sizeof d);
-  assert_int_equal(imd_store_user_state(s, "bob", NULL, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "bob", NULL, NULL, on_device, &d), IMD_STORE_OK);
   assert_int_equal(d.n, 3);
   assert_int_equal(d.seq[2], 6);
 }
@@ -678,7 +680,7 @@ static void test_user_state_lists_devices(void **state)
 static void test_trim_by_count(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 3, 0);
+  sql_store *s = reopen(f, 3, 0);
   uint64_t seqs[2], last, trimmed;
   char id[24], dup[24];
   imd_sync_info info;
@@ -691,10 +693,10 @@ static void test_trim_by_count(void **state)
     else
       put(s, id, "bob", 1000);
   }
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   /* bob: 10 entries, 7 over the limit; alice: 2, under it. */
-  assert_int_equal(imd_store_trim(s, 5000), 7);
-  assert_int_equal(imd_store_trim(s, 5000), 0);
+  assert_int_equal(sqlstore_trim(s, 5000), 7);
+  assert_int_equal(sqlstore_trim(s, 5000), 0);
 
   info = sync_all(s, "bob", 0, 0, &g);
   assert_true(info.gap);
@@ -716,7 +718,7 @@ static void test_trim_by_count(void **state)
   assert_false(info.gap);
   assert_int_equal(g.n, 2);
 
-  assert_int_equal(imd_store_user_state(s, "bob", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, &trimmed, NULL, NULL), IMD_STORE_OK);
   assert_int_equal(last, 10);
   assert_int_equal(trimmed, 7);
 
@@ -727,15 +729,15 @@ static void test_trim_by_count(void **state)
 
   /* Seqs go on after a trim; and a second trim drops what is over again. */
   assert_int_equal(put(s, "m11", "bob", 1000), 11);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
-  assert_int_equal(imd_store_trim(s, 5000), 1);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim(s, 5000), 1);
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 8);
   assert_int_equal(g.n, 3);
 
   /* A tighter limit after a reopen: bob keeps 11, alice keeps 2. */
   s = reopen(f, 1, 0);
-  assert_int_equal(imd_store_trim(s, 5000), 3);
+  assert_int_equal(sqlstore_trim(s, 5000), 3);
   info = sync_all(s, "alice", 0, 0, &g);
   assert_int_equal(info.trimmed, 1);
   assert_int_equal(g.n, 1);
@@ -746,7 +748,7 @@ static void test_trim_by_count(void **state)
    * idempotency key stays. */
   assert_int_equal(send1(s, "m12", "alice", "bob", "m1", seqs, dup), IMD_STORE_DUP);
   assert_string_equal(dup, "m1");
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 2);
   sqlite3_close(db);
 }
@@ -755,7 +757,7 @@ static void test_trim_by_age(void **state)
 {
   fixture *f = *state;
   const uint64_t t0 = 1700000000000;
-  imd_store *s = reopen(f, 0, 60);
+  sql_store *s = reopen(f, 0, 60);
   uint64_t seqs[2];
   char dup[24];
   imd_sync_info info;
@@ -770,14 +772,14 @@ static void test_trim_by_age(void **state)
     snprintf(id, sizeof id, "b%d", i + 1);
     snprintf(cid, sizeof cid, "k%d", i + 1);
     m = msg(id, "alice", cid, "bob", t0 + at[i]);
-    assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, NULL), IMD_STORE_OK);
+    assert_int_equal(sqlstore_append(s, &m, bob, 1, seqs, NULL), IMD_STORE_OK);
   }
   put(s, "c1", "carol", t0 + 5000);
   put(s, "c2", "carol", t0 + 80000);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   /* now = t0 + 90 s with a 60 s limit: everything before t0 + 30 s goes. */
-  assert_int_equal(imd_store_trim(s, t0 + 90000), 4);
+  assert_int_equal(sqlstore_trim(s, t0 + 90000), 4);
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 3);
   assert_true(info.gap);
@@ -789,21 +791,21 @@ static void test_trim_by_age(void **state)
 
   /* The keys of the expired messages are gone, the younger ones stay. */
   m = msg("b5", "alice", "k1", "bob", t0 + 95000);
-  assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, dup), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, bob, 1, seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 5);
   m = msg("b6", "alice", "k4", "bob", t0 + 95000);
-  assert_int_equal(imd_store_append(s, &m, bob, 1, seqs, dup), IMD_STORE_DUP);
+  assert_int_equal(sqlstore_append(s, &m, bob, 1, seqs, dup), IMD_STORE_DUP);
   assert_string_equal(dup, "b4");
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   /* A clock that stepped back: an older ts after a newer one. Trimming
    * drops a prefix, so the young entry 6 goes with the expired entry 7. */
   assert_int_equal(put(s, "b7", "bob", t0 + 200000), 6);
   assert_int_equal(put(s, "b8", "bob", t0 + 150000), 7);
   assert_int_equal(put(s, "b9", "bob", t0 + 300000), 8);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   /* Cutoff t0 + 150.001 s: bob's 4..7 and carol's 2 go. */
-  assert_int_equal(imd_store_trim(s, t0 + 150000 + 60000 + 1), 5);
+  assert_int_equal(sqlstore_trim(s, t0 + 150000 + 60000 + 1), 5);
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 7);
   assert_int_equal(g.n, 1);
@@ -818,13 +820,13 @@ static void test_trim_by_age(void **state)
   assert_false(info.more);
 
   /* Too early for anything to have expired. */
-  assert_int_equal(imd_store_trim(s, 1000), 0);
+  assert_int_equal(sqlstore_trim(s, 1000), 0);
 }
 
 static void test_data_round_trip(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   static const char data[] = "{\"text\":\"h\xc3\xa9llo \xe4\xb8\x96\xe7\x95\x8c \xf0\x9f\x8e\x89\","
                              "\"q\":\"it's \\\"quoted\\\" \\\\ '); DROP TABLE msgs;--\"}\0tail";
   const char *uid = "\xc3\xbc" "ser'\"1";
@@ -834,14 +836,14 @@ static void test_data_round_trip(void **state)
   uint64_t seq;
   got g = {0};
 
-  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
   m.id = "x2";
   m.cid = NULL;
   m.to = NULL;
   m.data = NULL;
   m.data_len = 0;
-  assert_int_equal(imd_store_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, uids, 1, &seq, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   s = reopen(f, 0, 0);
 
   sync_all(s, uid, 0, 0, &g);
@@ -863,20 +865,20 @@ static void test_data_round_trip(void **state)
 static void test_persistence(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   uint64_t seqs[2], last;
   got g = {0};
 
   assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, NULL), IMD_STORE_OK);
   assert_int_equal(send1(s, "m2", "bob", "alice", "c1", seqs, NULL), IMD_STORE_OK);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", "d1", 2), IMD_STORE_OK);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
-  imd_store_close(f->s);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "d1", 2), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  sqlstore_close(f->s);
   f->s = NULL;
 
   /* Default options (NULL): synchronous=FULL. */
   char err[128];
-  f->s = s = imd_store_open(f->path, NULL, err, sizeof err);
+  f->s = s = sqlstore_open(f->path, NULL, err, sizeof err);
   assert_non_null(s);
   sync_all(s, "alice", 0, 0, &g);
   assert_int_equal(g.n, 2);
@@ -885,14 +887,14 @@ static void test_persistence(void **state)
   assert_int_equal(send1(s, "m3", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
   assert_int_equal(seqs[1], 3);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   devices d = {0};
-  assert_int_equal(imd_store_user_state(s, "bob", &last, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, on_device, &d), IMD_STORE_OK);
   assert_int_equal(last, 3);
   assert_int_equal(d.n, 1);
   assert_int_equal(d.seq[0], 2);
 
-  /* The file: WAL mode, small pages, schema version 1. */
+  /* The file: WAL mode, small pages, schema version 2. */
   sqlite3 *db = side_open(f);
   sqlite3_stmt *st = NULL;
   assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
@@ -900,14 +902,68 @@ static void test_persistence(void **state)
   assert_string_equal((const char *)sqlite3_column_text(st, 0), "wal");
   sqlite3_finalize(st);
   assert_int_equal(side_count(db, "PRAGMA page_size"), 1024);
-  assert_int_equal(side_count(db, "PRAGMA user_version"), 1);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 2);
   sqlite3_close(db);
+}
+
+typedef struct members {
+  char v[8][16];
+  size_t n;
+} members;
+
+static void add_member(void *ctx, const char *uid)
+{
+  members *m = ctx;
+  assert_true(m->n < 8);
+  snprintf(m->v[m->n++], 16, "%s", uid);
+}
+
+static members group_of(sql_store *s, const char *gid)
+{
+  members m = {0};
+  assert_int_equal(sqlstore_group_members(s, gid, add_member, &m), IMD_STORE_OK);
+  return m;
+}
+
+/* Group membership: add/remove within a batch, visible to the batch at
+ * once, durable only through the commit, all-or-nothing on bad input. */
+static void test_groups(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 0);
+  const char *add[] = {"carol", "alice", "bob"}, *rm[] = {"bob", "nobody"};
+
+  assert_int_equal(sqlstore_group_update(s, "g1", add, 3, NULL, 0), IMD_STORE_OK);
+  assert_true(sqlstore_in_batch(s));
+  members m = group_of(s, "g1");
+  assert_int_equal(m.n, 3);
+  assert_string_equal(m.v[0], "alice"); /* uid order */
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_group_update(s, "g1", NULL, 0, rm, 2), IMD_STORE_OK);
+  /* a bad member undoes that whole change, not the batch */
+  const char *bad[] = {"dave", ""};
+  assert_int_equal(sqlstore_group_update(s, "g1", bad, 2, NULL, 0), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_group_update(s, "", add, 1, NULL, 0), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  /* a group change is a write: inbox reads wait for its commit */
+  assert_int_equal(sqlstore_group_update(s, "g2", add, 1, NULL, 0), IMD_STORE_OK);
+  imd_sync_info info;
+  assert_int_equal(sqlstore_sync(s, "bob", 0, 0, collect, NULL, &info), IMD_STORE_EBATCH);
+  sqlstore_close(s); /* never committed: g2 is gone */
+  f->s = NULL;
+  s = reopen(f, 0, 0);
+  m = group_of(s, "g1");
+  assert_int_equal(m.n, 2);
+  assert_string_equal(m.v[0], "alice");
+  assert_string_equal(m.v[1], "carol");
+  assert_int_equal(group_of(s, "g2").n, 0);
+  assert_int_equal(group_of(s, "none").n, 0);
 }
 
 static void test_invalid_arguments(void **state)
 {
   fixture *f = *state;
-  imd_store *s = reopen(f, 0, 0);
+  sql_store *s = reopen(f, 0, 0);
   const char *twice[2] = {"bob", "bob"};
   const char *empty[2] = {"bob", ""};
   const char *null_uid[1] = {NULL};
@@ -915,31 +971,31 @@ static void test_invalid_arguments(void **state)
   uint64_t seqs[2];
   imd_sync_info info;
 
-  assert_int_equal(imd_store_append(s, &m, twice, 0, seqs, NULL), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_append(s, NULL, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_append(s, &m, empty, 2, seqs, NULL), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_append(s, &m, null_uid, 1, seqs, NULL), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_append(s, &m, twice, 2, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, twice, 0, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, NULL, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, empty, 2, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, null_uid, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, twice, 2, seqs, NULL), IMD_STORE_EINVAL);
   m.id = "123456789012345678901234"; /* 24 characters: no room in dup_id */
-  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
   m.id = "";
-  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
   m.id = "m1";
   m.ts = UINT64_MAX;
-  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_EINVAL);
   m.ts = 1000;
-  assert_int_equal(imd_store_mark_delivered(s, "", "d1", 1), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_mark_delivered(s, "bob", NULL, 1), IMD_STORE_EINVAL);
-  assert_true(strlen(imd_store_error(s)) > 0);
+  assert_int_equal(sqlstore_mark_delivered(s, "", "d1", 1), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", NULL, 1), IMD_STORE_EINVAL);
+  assert_true(strlen(sqlstore_error(s)) > 0);
 
   /* None of it wrote anything: seqs start at 1 and c1 is no duplicate. */
-  assert_int_equal(imd_store_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_append(s, &m, twice, 1, seqs, NULL), IMD_STORE_OK);
   assert_int_equal(seqs[0], 1);
-  assert_int_equal(imd_store_commit(s), IMD_STORE_OK);
-  assert_int_equal(imd_store_sync(s, "", 0, 0, NULL, NULL, &info), IMD_STORE_EINVAL);
-  assert_int_equal(imd_store_user_state(s, NULL, NULL, NULL, NULL, NULL), IMD_STORE_EINVAL);
-  assert_string_equal(imd_store_error(NULL), "no store");
-  imd_store_close(NULL);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_sync(s, "", 0, 0, NULL, NULL, &info), IMD_STORE_EINVAL);
+  assert_int_equal(sqlstore_user_state(s, NULL, NULL, NULL, NULL, NULL), IMD_STORE_EINVAL);
+  assert_string_equal(sqlstore_error(NULL), "no store");
+  sqlstore_close(NULL);
 }
 
 static void test_open_failures(void **state)
@@ -950,19 +1006,19 @@ static void test_open_failures(void **state)
   sqlite3 *db;
 
   snprintf(path, sizeof path, "%s/missing/dir/imd.db", f->dir);
-  assert_null(imd_store_open(path, NULL, err, sizeof err));
+  assert_null(sqlstore_open(path, NULL, err, sizeof err));
   assert_true(strlen(err) > 0);
-  assert_null(imd_store_open(path, NULL, NULL, 0));
+  assert_null(sqlstore_open(path, NULL, NULL, 0));
 
   /* A store written by a newer schema is refused, not misread. */
   reopen(f, 0, 0);
-  imd_store_close(f->s);
+  sqlstore_close(f->s);
   f->s = NULL;
   db = side_open(f);
-  side_exec(db, "PRAGMA user_version = 2");
+  side_exec(db, "PRAGMA user_version = 3");
   sqlite3_close(db);
   err[0] = '\0';
-  assert_null(imd_store_open(f->path, NULL, err, sizeof err));
+  assert_null(sqlstore_open(f->path, NULL, err, sizeof err));
   assert_non_null(strstr(err, "newer"));
 }
 
@@ -986,6 +1042,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_trim_by_age, setup, teardown),
     cmocka_unit_test_setup_teardown(test_data_round_trip, setup, teardown),
     cmocka_unit_test_setup_teardown(test_persistence, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_groups, setup, teardown),
     cmocka_unit_test_setup_teardown(test_invalid_arguments, setup, teardown),
     cmocka_unit_test_setup_teardown(test_open_failures, setup, teardown),
   };

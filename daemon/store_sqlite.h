@@ -1,0 +1,108 @@
+/* The SQLite store engine: a durable per-user inbox with gap-free sequence
+ * numbers, idempotent appends, delivered marks and group membership, in one
+ * SQLite database (WAL). Synchronous and single-threaded: imd runs it on
+ * its store thread (store_thread.c), which gives the loop the asynchronous
+ * contract of store.h. The value types and error codes are store.h's.
+ *
+ * Batches (group commit): sqlstore_append(), sqlstore_mark_delivered() and
+ * sqlstore_group_update() write into the current batch, begun on demand;
+ * sqlstore_commit() makes the whole batch durable with one fsync. Nothing
+ * appended is visible to sqlstore_sync() callers as "stored" before the
+ * commit returns 0; the caller must therefore commit before it syncs
+ * (sqlstore_sync() refuses to run with a batch open: IMD_STORE_EBATCH).
+ *
+ * Sequence numbers: each user's inbox numbers its entries 1, 2, 3, ... with
+ * no gaps. A failed commit rolls the batch back and the numbers it handed out
+ * are handed out again (nothing using them was acknowledged).
+ *
+ * Not thread-safe: one thread uses a store.
+ */
+#ifndef IMD_STORE_SQLITE_H
+#define IMD_STORE_SQLITE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "store.h"
+
+typedef struct sql_store sql_store;
+
+
+/* Open (creating if needed) the store at `path` (a file name). WAL mode.
+ * Returns the store, or NULL with a reason in err (errlen bytes, NUL-terminated). */
+sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen);
+/* Roll back an open batch and close. NULL is a no-op. */
+void sqlstore_close(sql_store *s);
+/* Text of the last error (never NULL; valid until the next store call). */
+const char *sqlstore_error(const sql_store *s);
+
+/* Append m to the inboxes of the n users in uids (distinct, non-empty) in
+ * the current batch; seqs[i] gets the new seq of uids[i].
+ * If m->cid is not NULL and (m->from, m->device, m->cid) is already stored
+ * (committed or earlier in this batch), nothing is written: the stored id is
+ * copied into dup_id (at least 24 bytes; may be NULL) and IMD_STORE_DUP is
+ * returned, with seqs all 0.
+ * A failed append (EINVAL, EIO) writes nothing and leaves the batch's earlier
+ * appends in place; only if the database itself lost the whole batch (disk
+ * full, I/O error) do later appends and marks fail too, until the next
+ * sqlstore_commit() reports the loss with IMD_STORE_EIO.
+ * Returns IMD_STORE_OK, IMD_STORE_DUP, IMD_STORE_EINVAL or IMD_STORE_EIO. */
+int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+                     uint64_t *seqs, char *dup_id);
+
+/* Raise the delivered position of (uid, device) to seq within the current
+ * batch; never lowers it. Returns 0, IMD_STORE_EINVAL or IMD_STORE_EIO. */
+int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq);
+
+/* True when a batch is open (something was appended or marked since the
+ * last commit), including a batch the database lost, until the commit that
+ * reports it. */
+bool sqlstore_in_batch(const sql_store *s);
+
+/* Add the uids of add, then remove those of rm, from group gid within the
+ * current batch (a group is the set of its member rows: with none left it
+ * is gone). All or nothing. Returns 0, IMD_STORE_EINVAL or IMD_STORE_EIO. */
+int sqlstore_group_update(sql_store *s, const char *gid, const char *const *add, size_t nadd,
+                          const char *const *rm, size_t nrm);
+/* fn(ctx, uid) per member of gid, in uid order (the open batch's changes
+ * included). Returns 0, IMD_STORE_EINVAL or IMD_STORE_EIO. */
+int sqlstore_group_members(sql_store *s, const char *gid,
+                           void (*fn)(void *ctx, const char *uid), void *ctx);
+
+/* Make the batch durable (one COMMIT; one fsync with synchronous=FULL).
+ * No batch open: returns 0 at once. On failure the batch is rolled back,
+ * the seq counters are restored, and IMD_STORE_EIO is returned. */
+int sqlstore_commit(sql_store *s);
+
+
+/* Called once per entry, in seq order. Return 0 to go on, non-zero to stop
+ * (more is then set as if the limit had been reached). It must not call
+ * into the store. */
+typedef int (*imd_store_each)(void *ctx, uint64_t seq, const imd_store_msg *m);
+
+/* Read uid's inbox entries with seq > since (and > trimmed), at most limit
+ * (limit 0 = none) of them, in seq order. Fills *info. Returns 0,
+ * IMD_STORE_EBATCH (commit first), IMD_STORE_EINVAL or IMD_STORE_EIO. */
+int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
+                   imd_store_each fn, void *ctx, imd_sync_info *info);
+
+/* The delivered position of each known device of uid: fn(ctx, device,
+ * seq) per device, in device order. *last gets the user's highest seq and
+ * *trimmed the highest trimmed seq. Returns 0, EBATCH, EINVAL or EIO. */
+int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
+                         void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx);
+
+/* Apply retention at wall-clock time now_ms: per user, drop entries beyond
+ * keep_count (oldest first) and entries older than keep_age_s; raise each
+ * user's trimmed mark to the highest seq dropped; drop messages no inbox
+ * refers to any more, but keep their idempotency keys while they are younger
+ * than keep_age_s (or forever without an age limit). What goes is always a
+ * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
+ * clock stepped back, a younger entry before an expired one goes with it.
+ * Runs in its own transaction, so its time grows with the entries dropped
+ * (call it often rather than rarely). Returns the number of inbox entries
+ * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
+long sqlstore_trim(sql_store *s, uint64_t now_ms);
+
+#endif

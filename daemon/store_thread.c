@@ -1,0 +1,614 @@
+/* The SQLite store on a thread of its own (store.h's asynchronous contract
+ * over store_sqlite.c's synchronous engine).
+ *
+ * The loop queues requests; the store thread takes everything queued at
+ * once as one batch, runs it in one transaction and commits it with one
+ * fsync, then hands the finished batch back and wakes the loop once
+ * (eventfd). While the thread commits batch N the loop goes on reading and
+ * queues batch N+1: the double buffering that keeps the fsync off the loop.
+ *
+ * Reads see everything queued before them: a read finds the writes before
+ * it in its batch already committed (a read in the middle of a batch
+ * commits what precedes it first). Delivered marks alone never force a
+ * commit: they ride along with the next write, or are committed after
+ * MARK_DELAY_MS at the latest; reads of the inbox do not wait for them.
+ */
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <event2/event.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "store.h"
+#include "store_sqlite.h"
+
+#define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
+#define ERR_MAX 256
+
+enum rq_kind { RQ_APPEND, RQ_MARK, RQ_SYNC, RQ_STATE, RQ_MEMBERS, RQ_GROUP };
+
+/* A result row of a read: the copied strings follow the struct. */
+typedef struct row {
+  imd_stored st;
+  char buf[];
+} row;
+
+typedef struct rq {
+  struct rq *next;
+  enum rq_kind kind;
+  int status;
+  void *arg;
+  union {
+    imd_append_cb append;
+    imd_sync_cb sync;
+    imd_state_cb state;
+    imd_members_cb members;
+    imd_done_cb done;
+  } cb;
+  /* append (borrowed until the callback) */
+  const imd_store_msg *m;
+  const char *const *uids;
+  size_t n;
+  uint64_t *seqs;
+  char id[24];
+  /* reads and marks: copied arguments */
+  uint64_t since, seq;
+  uint32_t limit;
+  size_t max_bytes;
+  char **strs;             /* group_update: add then rm, owned */
+  size_t nadd, nrm;
+  /* read results */
+  row **rows;
+  size_t nrows, cap;
+  imd_sync_info info;
+  uint64_t last, trimmed;
+  char key[];              /* uid or gid (and device for marks), NUL-separated */
+} rq;
+
+typedef struct thread_store {
+  imd_store base;          /* first: the contract's handle */
+  sql_store *db;
+  pthread_t thread;
+  pthread_mutex_t lock;
+  pthread_cond_t wake;
+  rq *todo, *todo_tail;    /* queued by the loop */
+  rq *done, *done_tail;    /* finished by the thread */
+  bool stop, started;
+  int efd;
+  struct event *done_ev;
+  uint32_t trim_interval_s;
+  imd_store_stats st;
+  char err[ERR_MAX];
+} thread_store;
+
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static uint64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* ---- the loop side ---------------------------------------------------------- */
+
+static rq *rq_new(enum rq_kind kind, const char *k1, const char *k2, void *arg) {
+  size_t l1 = k1 ? strlen(k1) : 0, l2 = k2 ? strlen(k2) : 0;
+  rq *r = calloc(1, sizeof *r + l1 + l2 + 2);
+  if (!r) return NULL;
+  r->kind = kind;
+  r->arg = arg;
+  if (k1) memcpy(r->key, k1, l1);
+  if (k2) memcpy(r->key + l1 + 1, k2, l2);
+  return r;
+}
+
+static const char *rq_key2(const rq *r) { return r->key + strlen(r->key) + 1; }
+
+static int submit(thread_store *t, rq *r) {
+  pthread_mutex_lock(&t->lock);
+  if (t->todo_tail)
+    t->todo_tail->next = r;
+  else
+    t->todo = r;
+  t->todo_tail = r;
+  pthread_cond_signal(&t->wake);
+  pthread_mutex_unlock(&t->lock);
+  return IMD_STORE_OK;
+}
+
+static void rq_free(rq *r) {
+  for (size_t i = 0; i < r->nrows; i++) free(r->rows[i]);
+  free(r->rows);
+  if (r->strs)
+    for (size_t i = 0; i < r->nadd + r->nrm; i++) free(r->strs[i]);
+  free(r->strs);
+  free(r->seqs);
+  free(r);
+}
+
+/* Run one finished request's callback on the loop thread. */
+static void complete(rq *r) {
+  switch (r->kind) {
+  case RQ_APPEND:
+    r->cb.append(r->arg, r->status, r->status == IMD_STORE_OK ? r->seqs : NULL,
+                 r->status >= 0 ? r->id : NULL);
+    break;
+  case RQ_SYNC: {
+    imd_stored *v = r->status == 0 && r->nrows ? malloc(r->nrows * sizeof *v) : NULL;
+    if (r->status == 0 && r->nrows && !v) r->status = IMD_STORE_EIO;
+    for (size_t i = 0; v && i < r->nrows; i++) v[i] = r->rows[i]->st;
+    r->cb.sync(r->arg, r->status, v, r->status ? 0 : r->nrows, r->status ? NULL : &r->info);
+    free(v);
+    break;
+  }
+  case RQ_STATE: {
+    imd_device_mark *v = r->status == 0 && r->nrows ? malloc(r->nrows * sizeof *v) : NULL;
+    if (r->status == 0 && r->nrows && !v) r->status = IMD_STORE_EIO;
+    for (size_t i = 0; v && i < r->nrows; i++)
+      v[i] = (imd_device_mark){r->rows[i]->buf, r->rows[i]->st.seq};
+    r->cb.state(r->arg, r->status, r->last, r->trimmed, v, r->status ? 0 : r->nrows);
+    free(v);
+    break;
+  }
+  case RQ_MEMBERS: {
+    const char **v = r->status == 0 && r->nrows ? malloc(r->nrows * sizeof *v) : NULL;
+    if (r->status == 0 && r->nrows && !v) r->status = IMD_STORE_EIO;
+    for (size_t i = 0; v && i < r->nrows; i++) v[i] = r->rows[i]->buf;
+    r->cb.members(r->arg, r->status, r->status ? NULL : v, r->status ? 0 : r->nrows);
+    free(v);
+    break;
+  }
+  case RQ_GROUP:
+    r->cb.done(r->arg, r->status);
+    break;
+  case RQ_MARK:
+    break;
+  }
+}
+
+static void run_done(thread_store *t) {
+  pthread_mutex_lock(&t->lock);
+  rq *r = t->done;
+  t->done = t->done_tail = NULL;
+  pthread_mutex_unlock(&t->lock);
+  while (r) {
+    rq *next = r->next;
+    complete(r);
+    rq_free(r);
+    r = next;
+  }
+}
+
+static void on_done(evutil_socket_t fd, short what, void *arg) {
+  (void)what;
+  uint64_t v;
+  if (read(fd, &v, sizeof v) < 0 && errno != EAGAIN) perror("imd: store wake-up");
+  run_done(arg);
+}
+
+/* ---- the store thread --------------------------------------------------------- */
+
+static row *row_new(size_t extra) { return malloc(sizeof(row) + extra); }
+
+static int rows_push(rq *r, row *w) {
+  if (!w) return -1;
+  if (r->nrows == r->cap) {
+    size_t cap = r->cap ? r->cap * 2 : 16;
+    row **v = realloc(r->rows, cap * sizeof *v);
+    if (!v) {
+      free(w);
+      return -1;
+    }
+    r->rows = v;
+    r->cap = cap;
+  }
+  r->rows[r->nrows++] = w;
+  return 0;
+}
+
+static char *put_str(char **at, const char *s) {
+  if (!s) return NULL;
+  size_t n = strlen(s) + 1;
+  char *d = memcpy(*at, s, n);
+  *at += n;
+  return d;
+}
+
+typedef struct sync_ctx {
+  rq *r;
+  size_t bytes;
+  bool oom;
+} sync_ctx;
+
+static int sync_row(void *arg, uint64_t seq, const imd_store_msg *m) {
+  sync_ctx *x = arg;
+  /* the byte budget: stop before an entry that would go over it, but
+   * always return at least one */
+  if (x->r->max_bytes && x->r->nrows && x->bytes + m->data_len > x->r->max_bytes) return 1;
+  const char *strs[] = {m->id, m->from, m->device, m->cid, m->to, m->group};
+  size_t len = m->data_len + 1;
+  for (size_t i = 0; i < sizeof strs / sizeof *strs; i++)
+    if (strs[i]) len += strlen(strs[i]) + 1;
+  row *w = row_new(len);
+  if (!w) {
+    x->oom = true;
+    return 1;
+  }
+  char *at = w->buf;
+  w->st.seq = seq;
+  w->st.m = *m;
+  w->st.m.id = put_str(&at, m->id);
+  w->st.m.from = put_str(&at, m->from);
+  w->st.m.device = put_str(&at, m->device);
+  w->st.m.cid = put_str(&at, m->cid);
+  w->st.m.to = put_str(&at, m->to);
+  w->st.m.group = put_str(&at, m->group);
+  memcpy(at, m->data, m->data_len);
+  at[m->data_len] = '\0';
+  w->st.m.data = at;
+  if (rows_push(x->r, w) < 0) {
+    x->oom = true;
+    return 1;
+  }
+  x->bytes += m->data_len;
+  return 0;
+}
+
+static void name_row(void *arg, const char *name, uint64_t seq) {
+  sync_ctx *x = arg;
+  size_t n = strlen(name) + 1;
+  row *w = row_new(n);
+  if (w) {
+    memcpy(w->buf, name, n);
+    w->st.seq = seq;
+  }
+  if (rows_push(x->r, w) < 0) x->oom = true;
+}
+
+static void member_row(void *arg, const char *uid) { name_row(arg, uid, 0); }
+
+static void set_err_locked(thread_store *t) {
+  pthread_mutex_lock(&t->lock);
+  snprintf(t->err, sizeof t->err, "%s", sqlstore_error(t->db));
+  t->st.errors++;
+  pthread_mutex_unlock(&t->lock);
+}
+
+/* Commit the open batch; the writes since the last commit learn its fate. */
+static void commit_now(thread_store *t, rq *from, rq *upto) {
+  uint64_t t0 = mono_ms();
+  struct timespec a, b;
+  clock_gettime(CLOCK_MONOTONIC, &a);
+  int rc = sqlstore_commit(t->db);
+  clock_gettime(CLOCK_MONOTONIC, &b);
+  (void)t0;
+  if (rc < 0) {
+    fprintf(stderr, "imd: store commit failed: %s\n", sqlstore_error(t->db));
+    set_err_locked(t);
+    for (rq *r = from; r && r != upto; r = r->next)
+      if ((r->kind == RQ_APPEND || r->kind == RQ_GROUP) && r->status >= 0) r->status = IMD_STORE_EIO;
+  }
+  pthread_mutex_lock(&t->lock);
+  t->st.commits++;
+  t->st.commit_us += (uint64_t)((b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000);
+  pthread_mutex_unlock(&t->lock);
+}
+
+static void run_read(thread_store *t, rq *r) {
+  sync_ctx x = {r, 0, false};
+  switch (r->kind) {
+  case RQ_SYNC:
+    r->status = sqlstore_sync(t->db, r->key, r->since, r->limit, sync_row, &x, &r->info);
+    if (r->status == 0 && r->nrows) r->info.upto = r->rows[r->nrows - 1]->st.seq;
+    break;
+  case RQ_STATE:
+    r->status = sqlstore_user_state(t->db, r->key, &r->last, &r->trimmed, name_row, &x);
+    break;
+  case RQ_MEMBERS:
+    r->status = sqlstore_group_members(t->db, r->key, member_row, &x);
+    break;
+  default:
+    break;
+  }
+  if (r->status == 0 && x.oom) r->status = IMD_STORE_EIO;
+  if (r->status < 0) set_err_locked(t);
+}
+
+/* Run one batch in order. Returns true when only delivered marks are left
+ * uncommitted. */
+static bool run_batch(thread_store *t, rq *batch) {
+  rq *since = batch;         /* first request not yet covered by a commit */
+  bool writes = false, marks = false;
+  for (rq *r = batch; r; r = r->next) {
+    switch (r->kind) {
+    case RQ_APPEND:
+      r->status = sqlstore_append(t->db, r->m, r->uids, r->n, r->seqs, r->id);
+      if (r->status < 0) set_err_locked(t);
+      writes = true;
+      break;
+    case RQ_GROUP:
+      r->status = sqlstore_group_update(t->db, r->key, (const char *const *)r->strs, r->nadd,
+                                        (const char *const *)r->strs + r->nadd, r->nrm);
+      if (r->status < 0) set_err_locked(t);
+      writes = true;
+      break;
+    case RQ_MARK:
+      if (sqlstore_mark_delivered(t->db, r->key, rq_key2(r), r->seq) < 0) set_err_locked(t);
+      marks = true;
+      break;
+    default:
+      /* a read sees every write queued before it: commit those first (marks
+       * alone need not be durable for it) */
+      if (writes) {
+        commit_now(t, since, r);
+        since = r;
+        writes = marks = false;
+      }
+      run_read(t, r);
+      break;
+    }
+  }
+  if (writes) {
+    commit_now(t, since, NULL);
+    return false;
+  }
+  return marks;
+}
+
+static void *thread_main(void *arg) {
+  thread_store *t = arg;
+  uint64_t next_trim =
+      t->trim_interval_s ? mono_ms() + (uint64_t)t->trim_interval_s * 1000u : UINT64_MAX;
+  uint64_t marks_due = UINT64_MAX;
+  pthread_mutex_lock(&t->lock);
+  for (;;) {
+    while (!t->todo && !t->stop) {
+      uint64_t now = mono_ms(), due = next_trim < marks_due ? next_trim : marks_due;
+      if (due <= now) break;
+      struct timespec ts;
+      clock_gettime(CLOCK_REALTIME, &ts);
+      uint64_t wait = due - now > 3600000 ? 3600000 : due - now;
+      ts.tv_sec += (time_t)(wait / 1000);
+      ts.tv_nsec += (long)(wait % 1000) * 1000000L;
+      if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+      }
+      pthread_cond_timedwait(&t->wake, &t->lock, &ts);
+    }
+    rq *batch = t->todo;
+    t->todo = t->todo_tail = NULL;
+    bool stop = t->stop;
+    pthread_mutex_unlock(&t->lock);
+
+    bool marks_left = batch ? run_batch(t, batch) : sqlstore_in_batch(t->db);
+    uint64_t now = mono_ms();
+    if (!marks_left) {
+      marks_due = UINT64_MAX;
+    } else if (marks_due == UINT64_MAX) {
+      marks_due = now + MARK_DELAY_MS;
+    }
+    if (marks_left && (now >= marks_due || stop || now >= next_trim)) {
+      commit_now(t, NULL, NULL);
+      marks_due = UINT64_MAX;
+    }
+    if (now >= next_trim && !sqlstore_in_batch(t->db)) {
+      long n = sqlstore_trim(t->db, wall_ms());
+      if (n < 0) {
+        fprintf(stderr, "imd: retention trim failed: %s\n", sqlstore_error(t->db));
+        set_err_locked(t);
+      }
+      pthread_mutex_lock(&t->lock);
+      if (n > 0) t->st.trimmed += (uint64_t)n;
+      pthread_mutex_unlock(&t->lock);
+      next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
+    }
+
+    pthread_mutex_lock(&t->lock);
+    if (batch) {
+      rq *tail = batch;
+      while (tail->next) tail = tail->next;
+      if (t->done_tail)
+        t->done_tail->next = batch;
+      else
+        t->done = batch;
+      t->done_tail = tail;
+      uint64_t one = 1;
+      if (write(t->efd, &one, sizeof one) < 0) perror("imd: store wake-up");
+    }
+    if (stop && !t->todo) break;
+  }
+  pthread_mutex_unlock(&t->lock);
+  return NULL;
+}
+
+/* ---- the ops ------------------------------------------------------------------ */
+
+static int t_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
+                    imd_append_cb cb, void *arg) {
+  if (!m || !uids || n == 0 || !cb) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_APPEND, NULL, NULL, arg);
+  if (!r || !(r->seqs = calloc(n, sizeof *r->seqs))) {
+    free(r);
+    return IMD_STORE_EIO;
+  }
+  r->cb.append = cb;
+  r->m = m;
+  r->uids = uids;
+  r->n = n;
+  return submit((thread_store *)s, r);
+}
+
+static int t_mark(imd_store *s, const char *uid, const char *device, uint64_t seq) {
+  if (!uid || !*uid || !device) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_MARK, uid, device, NULL);
+  if (!r) return IMD_STORE_EIO;
+  r->seq = seq;
+  return submit((thread_store *)s, r);
+}
+
+static int t_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit, size_t max_bytes,
+                  imd_sync_cb cb, void *arg) {
+  if (!uid || !*uid || !cb) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_SYNC, uid, NULL, arg);
+  if (!r) return IMD_STORE_EIO;
+  r->cb.sync = cb;
+  r->since = since;
+  r->limit = limit;
+  r->max_bytes = max_bytes;
+  return submit((thread_store *)s, r);
+}
+
+static int t_state(imd_store *s, const char *uid, imd_state_cb cb, void *arg) {
+  if (!uid || !*uid || !cb) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_STATE, uid, NULL, arg);
+  if (!r) return IMD_STORE_EIO;
+  r->cb.state = cb;
+  return submit((thread_store *)s, r);
+}
+
+static int t_members(imd_store *s, const char *gid, imd_members_cb cb, void *arg) {
+  if (!gid || !*gid || !cb) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_MEMBERS, gid, NULL, arg);
+  if (!r) return IMD_STORE_EIO;
+  r->cb.members = cb;
+  return submit((thread_store *)s, r);
+}
+
+static int t_group(imd_store *s, const char *gid, const char *const *add, size_t nadd,
+                   const char *const *rm, size_t nrm, imd_done_cb cb, void *arg) {
+  if (!gid || !*gid || !cb) return IMD_STORE_EINVAL;
+  rq *r = rq_new(RQ_GROUP, gid, NULL, arg);
+  if (!r) return IMD_STORE_EIO;
+  r->cb.done = cb;
+  r->strs = calloc(nadd + nrm + 1, sizeof *r->strs);
+  r->nadd = nadd;
+  r->nrm = nrm;
+  bool ok = r->strs != NULL;
+  for (size_t i = 0; ok && i < nadd + nrm; i++)
+    ok = (r->strs[i] = strdup(i < nadd ? add[i] : rm[i - nadd])) != NULL;
+  if (!ok) {
+    rq_free(r);
+    return IMD_STORE_EIO;
+  }
+  return submit((thread_store *)s, r);
+}
+
+static void t_stats(imd_store *s, imd_store_stats *st) {
+  thread_store *t = (thread_store *)s;
+  pthread_mutex_lock(&t->lock);
+  *st = t->st;
+  pthread_mutex_unlock(&t->lock);
+}
+
+static const char *t_error(imd_store *s) { return ((thread_store *)s)->err; }
+
+static void t_close(imd_store *s) {
+  thread_store *t = (thread_store *)s;
+  if (t->started) {
+    pthread_mutex_lock(&t->lock);
+    t->stop = true;
+    pthread_cond_signal(&t->wake);
+    pthread_mutex_unlock(&t->lock);
+    pthread_join(t->thread, NULL);
+    run_done(t); /* what the thread finished last */
+  }
+  if (t->done_ev) event_free(t->done_ev);
+  if (t->efd >= 0) close(t->efd);
+  sqlstore_close(t->db);
+  pthread_mutex_destroy(&t->lock);
+  pthread_cond_destroy(&t->wake);
+  free(t);
+}
+
+static const imd_store_ops thread_ops = {t_append, t_mark,  t_sync,  t_state, t_members,
+                                         t_group,  t_stats, t_error, t_close};
+
+/* ---- start ---------------------------------------------------------------------- */
+
+/* Import the groups of the old groups.json store, once. */
+static int import_groups(sql_store *db, const char *path, char *err, size_t errlen) {
+  FILE *f = fopen(path, "r");
+  if (!f) return errno == ENOENT ? 0 : (snprintf(err, errlen, "%s: %s", path, strerror(errno)), -1);
+  fseek(f, 0, SEEK_END);
+  long len = ftell(f);
+  fseek(f, 0, SEEK_SET);
+  char *text = len >= 0 ? malloc((size_t)len + 1) : NULL;
+  size_t got = text ? fread(text, 1, (size_t)len, f) : 0;
+  fclose(f);
+  cJSON *root = text ? cJSON_ParseWithLength(text, got) : NULL;
+  free(text);
+  int rc = 0;
+  if (!cJSON_IsObject(root)) {
+    snprintf(err, errlen, "%s is not a JSON object; refusing to start", path);
+    rc = -1;
+  }
+  cJSON *g;
+  if (rc == 0) cJSON_ArrayForEach(g, root) {
+    if (!cJSON_IsArray(g) || !*g->string) continue;
+    cJSON *m;
+    cJSON_ArrayForEach(m, g) {
+      if (!cJSON_IsString(m) || !*m->valuestring) continue;
+      const char *uid = m->valuestring;
+      if (sqlstore_group_update(db, g->string, &uid, 1, NULL, 0) < 0) rc = -1;
+    }
+  }
+  cJSON_Delete(root);
+  if (rc == 0 && sqlstore_commit(db) < 0) rc = -1;
+  if (rc < 0 && !*err) snprintf(err, errlen, "cannot import %s: %s", path, sqlstore_error(db));
+  if (rc == 0) {
+    char moved[4200];
+    snprintf(moved, sizeof moved, "%s.migrated", path);
+    if (rename(path, moved) < 0) {
+      snprintf(err, errlen, "cannot rename %s: %s", path, strerror(errno));
+      rc = -1;
+    } else {
+      fprintf(stderr, "imd: groups imported from %s (now %s)\n", path, moved);
+    }
+  }
+  return rc;
+}
+
+imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
+                                  const imd_store_opts *o, uint32_t trim_interval_s,
+                                  const char *groups_json, char *err, size_t errlen) {
+  thread_store *t = calloc(1, sizeof *t);
+  if (!t) {
+    snprintf(err, errlen, "out of memory");
+    return NULL;
+  }
+  t->base.ops = &thread_ops;
+  t->efd = -1;
+  t->trim_interval_s = trim_interval_s;
+  pthread_mutex_init(&t->lock, NULL);
+  pthread_cond_init(&t->wake, NULL);
+  *err = '\0';
+  t->db = sqlstore_open(path, o, err, errlen);
+  if (!t->db || (groups_json && import_groups(t->db, groups_json, err, errlen) < 0)) {
+    t_close(&t->base);
+    return NULL;
+  }
+  /* retention at start, before the first request can read */
+  long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
+  if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
+  if (trimmed < 0) fprintf(stderr, "imd: retention trim failed: %s\n", sqlstore_error(t->db));
+  t->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  t->done_ev = t->efd >= 0 ? event_new(base, t->efd, EV_READ | EV_PERSIST, on_done, t) : NULL;
+  if (!t->done_ev || event_add(t->done_ev, NULL) < 0 ||
+      pthread_create(&t->thread, NULL, thread_main, t) != 0) {
+    snprintf(err, errlen, "cannot start the store thread");
+    t_close(&t->base);
+    return NULL;
+  }
+  t->started = true;
+  return &t->base;
+}

@@ -1,0 +1,233 @@
+/* The asynchronous store contract (store.h) over the SQLite engine on its
+ * thread: callbacks on the loop in request order, reads after writes,
+ * groups, marks that need no commit of their own, close with requests
+ * outstanding. Driven by a real libevent loop. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <event2/event.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "store.h"
+
+typedef struct fx {
+  char dir[64], path[96];
+  struct event_base *base;
+  imd_store *s;
+  int order[64];      /* completion order of tagged requests */
+  int done;
+  uint64_t seqs[64][2];
+  char ids[64][24];
+  int status[64];
+} fx;
+
+static fx *F;
+
+static int setup(void **state) {
+  fx *f = calloc(1, sizeof *f);
+  snprintf(f->dir, sizeof f->dir, "/tmp/imd-st-XXXXXX");
+  assert_non_null(mkdtemp(f->dir));
+  snprintf(f->path, sizeof f->path, "%s/imd.db", f->dir);
+  f->base = event_base_new();
+  char err[256];
+  imd_store_opts o = {.no_fsync = true};
+  f->s = imd_store_sqlite_start(f->base, f->path, &o, 0, NULL, err, sizeof err);
+  assert_non_null(f->s);
+  F = f;
+  *state = f;
+  return 0;
+}
+
+static int teardown(void **state) {
+  fx *f = *state;
+  if (f->s) f->s->ops->close(f->s);
+  event_base_free(f->base);
+  char cmd[128];
+  snprintf(cmd, sizeof cmd, "rm -rf %s", f->dir);
+  assert_int_equal(system(cmd), 0);
+  free(f);
+  return 0;
+}
+
+/* Run the loop until `want` requests completed (or 5 s). */
+static void wait_done(fx *f, int want) {
+  for (int i = 0; i < 500 && f->done < want; i++) {
+    struct timeval tv = {0, 10000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+  }
+  assert_int_equal(f->done, want);
+}
+
+static void appended(void *arg, int status, const uint64_t *seqs, const char *id) {
+  int k = (int)(intptr_t)arg;
+  F->order[F->done++] = k;
+  F->status[k] = status;
+  if (seqs) memcpy(F->seqs[k], seqs, 2 * sizeof *seqs);
+  if (id) snprintf(F->ids[k], 24, "%s", id);
+}
+
+static imd_store_msg msgs[64];
+static char idbuf[64][24], cidbuf[64][24];
+static const char *const pair[] = {"bob", "alice"};
+
+static int append(fx *f, int k, const char *cid) {
+  snprintf(idbuf[k], 24, "%d", 1000 + k);
+  msgs[k] = (imd_store_msg){.id = idbuf[k], .from = "alice", .device = "d", .to = "bob",
+                            .ts = 1, .data = "1", .data_len = 1};
+  if (cid) {
+    snprintf(cidbuf[k], 24, "%s", cid);
+    msgs[k].cid = cidbuf[k];
+  }
+  return imd_store_append(f->s, &msgs[k], pair, 2, appended, (void *)(intptr_t)k);
+}
+
+static size_t synced_n;
+static imd_sync_info synced_info;
+static uint64_t synced_first;
+
+static void synced(void *arg, int status, const imd_stored *m, size_t n, const imd_sync_info *info) {
+  F->order[F->done++] = (int)(intptr_t)arg;
+  assert_int_equal(status, 0);
+  synced_n = n;
+  synced_info = *info;
+  synced_first = n ? m[0].seq : 0;
+  for (size_t i = 0; i < n; i++) assert_string_equal(m[i].m.data, "1");
+}
+
+static void callbacks_in_order_and_reads_after_writes(void **state) {
+  fx *f = *state;
+  for (int k = 0; k < 10; k++) assert_int_equal(append(f, k, NULL), 0);
+  assert_int_equal(f->done, 0); /* never before the request returned */
+  assert_int_equal(imd_store_sync(f->s, "bob", 0, 0, 0, synced, (void *)(intptr_t)10), 0);
+  wait_done(f, 11);
+  for (int k = 0; k <= 10; k++) assert_int_equal(f->order[k], k);
+  for (int k = 0; k < 10; k++) {
+    assert_int_equal(f->status[k], IMD_STORE_OK);
+    assert_int_equal(f->seqs[k][0], (uint64_t)k + 1); /* bob */
+    assert_int_equal(f->seqs[k][1], (uint64_t)k + 1); /* alice */
+  }
+  assert_int_equal(synced_n, 10);
+  assert_int_equal(synced_info.last, 10);
+  /* the byte budget cuts a sync (at least one entry) and says more */
+  assert_int_equal(imd_store_sync(f->s, "bob", 2, 0, 3, synced, (void *)(intptr_t)11), 0);
+  wait_done(f, 12);
+  assert_int_equal(synced_n, 3);
+  assert_int_equal(synced_first, 3);
+  assert_true(synced_info.more);
+  assert_int_equal(synced_info.upto, 5);
+  assert_int_equal(imd_store_sync(f->s, "bob", 0, 0, 0, NULL, NULL), IMD_STORE_EINVAL);
+}
+
+static void duplicates_answer_the_first_id(void **state) {
+  fx *f = *state;
+  assert_int_equal(append(f, 0, "c1"), 0);
+  assert_int_equal(append(f, 1, "c1"), 0); /* same batch */
+  wait_done(f, 2);
+  assert_int_equal(append(f, 2, "c1"), 0); /* after the commit */
+  wait_done(f, 3);
+  assert_int_equal(f->status[0], IMD_STORE_OK);
+  assert_int_equal(f->status[1], IMD_STORE_DUP);
+  assert_int_equal(f->status[2], IMD_STORE_DUP);
+  assert_string_equal(f->ids[1], "1000");
+  assert_string_equal(f->ids[2], "1000");
+}
+
+static uint64_t state_last;
+static size_t state_devs;
+static uint64_t state_mark;
+
+static void state_known(void *arg, int status, uint64_t last, uint64_t trimmed,
+                        const imd_device_mark *devs, size_t n) {
+  (void)trimmed;
+  F->order[F->done++] = (int)(intptr_t)arg;
+  assert_int_equal(status, 0);
+  state_last = last;
+  state_devs = n;
+  state_mark = n ? devs[0].delivered : 0;
+}
+
+static void marks_ride_along(void **state) {
+  fx *f = *state;
+  assert_int_equal(append(f, 0, NULL), 0);
+  wait_done(f, 1);
+  imd_store_stats st0, st1;
+  f->s->ops->stats(f->s, &st0);
+  /* a mark then a read: the read sees the mark without a commit for it */
+  assert_int_equal(imd_store_mark(f->s, "bob", "phone", 1), 0);
+  assert_int_equal(f->s->ops->user_state(f->s, "bob", state_known, (void *)(intptr_t)1), 0);
+  wait_done(f, 2);
+  f->s->ops->stats(f->s, &st1);
+  assert_int_equal(st1.commits, st0.commits);
+  assert_int_equal(state_last, 1);
+  assert_int_equal(state_devs, 1);
+  assert_int_equal(state_mark, 1);
+  /* the mark is durable after close */
+  f->s->ops->close(f->s);
+  char err[256];
+  imd_store_opts o = {.no_fsync = true};
+  f->s = imd_store_sqlite_start(f->base, f->path, &o, 0, NULL, err, sizeof err);
+  assert_non_null(f->s);
+  assert_int_equal(f->s->ops->user_state(f->s, "bob", state_known, (void *)(intptr_t)2), 0);
+  wait_done(f, 3);
+  assert_int_equal(state_mark, 1);
+}
+
+static char members_seen[256];
+
+static void members_known(void *arg, int status, const char *const *uids, size_t n) {
+  F->order[F->done++] = (int)(intptr_t)arg;
+  assert_int_equal(status, 0);
+  members_seen[0] = '\0';
+  for (size_t i = 0; i < n; i++) {
+    strcat(members_seen, uids[i]);
+    strcat(members_seen, ",");
+  }
+}
+
+static void updated(void *arg, int status) {
+  F->order[F->done++] = (int)(intptr_t)arg;
+  F->status[(intptr_t)arg] = status;
+}
+
+static void groups(void **state) {
+  fx *f = *state;
+  const char *add[] = {"b", "a"}, *rm[] = {"b"}, *bad[] = {""};
+  assert_int_equal(f->s->ops->group_update(f->s, "g", add, 2, NULL, 0, updated, (void *)0), 0);
+  assert_int_equal(f->s->ops->group_members(f->s, "g", members_known, (void *)1), 0);
+  assert_int_equal(f->s->ops->group_update(f->s, "g", bad, 1, NULL, 0, updated, (void *)2), 0);
+  assert_int_equal(f->s->ops->group_update(f->s, "g", NULL, 0, rm, 1, updated, (void *)3), 0);
+  wait_done(f, 4);
+  assert_int_equal(f->status[0], 0);
+  assert_int_equal(f->status[2], IMD_STORE_EINVAL);
+  assert_int_equal(f->status[3], 0);
+  assert_string_equal(members_seen, "a,b,");
+  assert_int_equal(f->s->ops->group_members(f->s, "g", members_known, (void *)4), 0);
+  wait_done(f, 5);
+  assert_string_equal(members_seen, "a,");
+}
+
+static void close_completes_outstanding(void **state) {
+  fx *f = *state;
+  for (int k = 0; k < 20; k++) assert_int_equal(append(f, k, NULL), 0);
+  f->s->ops->close(f->s); /* no loop pass: close itself completes them */
+  f->s = NULL;
+  assert_int_equal(f->done, 20);
+  for (int k = 0; k < 20; k++) assert_int_equal(f->status[k], IMD_STORE_OK);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test_setup_teardown(callbacks_in_order_and_reads_after_writes, setup, teardown),
+      cmocka_unit_test_setup_teardown(duplicates_answer_the_first_id, setup, teardown),
+      cmocka_unit_test_setup_teardown(marks_ride_along, setup, teardown),
+      cmocka_unit_test_setup_teardown(groups, setup, teardown),
+      cmocka_unit_test_setup_teardown(close_completes_outstanding, setup, teardown),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
