@@ -497,6 +497,72 @@ static void put_members(imd *d, const char *gid, const http_request *req, http_r
   cJSON_Delete(b);
 }
 
+/* ---- gateways -------------------------------------------------------------------- */
+
+static void gateways_known(void *arg, int status, const im_gateway *gw, size_t n) {
+  api_req *q = arg;
+  if (status < 0) {
+    respond_error(q->d, q->ticket, 503, "cluster unavailable");
+    free(q);
+    return;
+  }
+  cJSON *o = cJSON_CreateObject();
+  cJSON *arr = cJSON_AddArrayToObject(o, "gateways");
+  for (size_t i = 0; i < n; i++) {
+    cJSON *g = cJSON_CreateObject();
+    cJSON_AddStringToObject(g, "node", gw[i].node);
+    if (gw[i].ws && *gw[i].ws) cJSON_AddStringToObject(g, "ws", gw[i].ws);
+    if (gw[i].tcp && *gw[i].tcp) cJSON_AddStringToObject(g, "tcp", gw[i].tcp);
+    cJSON_AddNumberToObject(g, "conns", (double)gw[i].conns);
+    cJSON_AddItemToArray(arr, g);
+  }
+  respond_json(q->d, q->ticket, 200, o);
+  free(q);
+}
+
+/* The uid of "?uid=U" (percent-decoded into out); "" when absent. */
+static int query_uid(const http_request *req, char *out, size_t cap) {
+  out[0] = '\0';
+  if (!req->query) return 0;
+  const char *end = req->query + req->query_len;
+  for (const char *p = req->query; p < end;) {
+    const char *amp = memchr(p, '&', (size_t)(end - p));
+    if (!amp) amp = end;
+    if (amp - p > 4 && !memcmp(p, "uid=", 4)) {
+      size_t o = 0;
+      for (const char *c = p + 4; c < amp; c++) {
+        if (o + 1 >= cap) return -1;
+        if (*c == '%') {
+          if (amp - c < 3) return -1;
+          char hex[3] = {c[1], c[2], 0}, *e;
+          long v = strtol(hex, &e, 16);
+          if (*e || v <= 0) return -1;
+          out[o++] = (char)v;
+          c += 2;
+        } else {
+          out[o++] = *c == '+' ? ' ' : *c;
+        }
+      }
+      out[o] = '\0';
+    }
+    p = amp + 1;
+  }
+  return 0;
+}
+
+static void get_gateways(imd *d, const http_request *req, http_response *r) {
+  char uid[IMD_UID_MAX + 1];
+  if (query_uid(req, uid, sizeof uid) < 0) {
+    reply_error(r, 400, "bad uid");
+    return;
+  }
+  api_req *q = api_req_new(d, r, uid);
+  if (q && imd_gateways(d, uid, gateways_known, q) < 0) {
+    respond_error(d, q->ticket, 503, "cluster unavailable");
+    free(q);
+  }
+}
+
 static void route(imd *d, const http_request *req, http_response *r) {
   char buf[1024], *seg[PATH_MAX_SEGS];
   int n = split_path(req->path, req->path_len, buf, sizeof buf, seg);
@@ -507,9 +573,12 @@ static void route(imd *d, const http_request *req, http_response *r) {
   bool get = req->method == HTTP_GET, post = req->method == HTTP_POST, put = req->method == HTTP_PUT;
   if (n == 1 && !strcmp(seg[0], "healthz")) {
     if (!get) goto method;
+    const char *redis = imd_redis_state(d);
+    bool up = !redis || !strcmp(redis, "up");
     cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "status", "ok");
-    reply_json(r, 200, o);
+    cJSON_AddStringToObject(o, "status", d->draining ? "draining" : up ? "ok" : "degraded");
+    if (redis) cJSON_AddStringToObject(o, "redis", redis);
+    reply_json(r, up && !d->draining ? 200 : 503, o);
     return;
   }
   if (!authorized(d, req)) {
@@ -545,6 +614,19 @@ static void route(imd *d, const http_request *req, http_response *r) {
       post_kick(d, seg[2], r);
       return;
     }
+  }
+  if (n == 2 && !strcmp(seg[1], "gateways")) {
+    if (!get) goto method;
+    get_gateways(d, req, r);
+    return;
+  }
+  if (n == 3 && !strcmp(seg[1], "admin") && !strcmp(seg[2], "drain")) {
+    if (!post) goto method;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddBoolToObject(o, "draining", 1);
+    cJSON_AddNumberToObject(o, "connections", (double)imd_drain(d));
+    reply_json(r, 202, o);
+    return;
   }
   if (n == 4 && !strcmp(seg[1], "groups") && *seg[2] && !strcmp(seg[3], "members")) {
     if (put)

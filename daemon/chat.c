@@ -40,6 +40,7 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
 static void on_open(im_server *srv, im_conn_id c, void *user) {
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0) imd_metrics_open(user, info.platform);
+  imd_node_opened(user, c);
 }
 
 static void on_close(im_server *srv, im_conn_id c, int code, void *user) {

@@ -172,6 +172,58 @@ void imd_sync(imd *d, im_conn_id c, const char *uid, uint64_t since, uint32_t li
   }
 }
 
+/* ---- repair ------------------------------------------------------------------- */
+
+typedef struct repair_req {
+  imd *d;
+  im_conn_id c;
+  char uid[];
+} repair_req;
+
+static void repair_push(void *arg, int status, const imd_stored *msgs, size_t n,
+                        const imd_sync_info *info) {
+  (void)info;
+  repair_req *q = arg;
+  for (size_t i = 0; status == 0 && i < n; i++) {
+    const imd_store_msg *m = &msgs[i].m;
+    im_msg out = {.id = m->id, .from = m->from, .to = m->to, .group = m->group,
+                  .seq = msgs[i].seq, .ts = m->ts, .data = m->data, .data_len = m->data_len,
+                  .flags = IM_SEND_RELIABLE};
+    if (im_send_conn(q->d->srv, q->c, &out) == IM_ENOENT) break;
+  }
+  free(q);
+}
+
+static void repair_from_mark(void *arg, int status, uint64_t last, uint64_t trimmed,
+                             const imd_device_mark *devs, size_t n) {
+  (void)trimmed;
+  repair_req *q = arg;
+  im_conn_info info;
+  if (status < 0 || im_conn_get_info(q->d->srv, q->c, &info) < 0 || !info.uid) {
+    free(q);
+    return;
+  }
+  uint64_t mark = 0;
+  for (size_t i = 0; i < n; i++)
+    if (!strcmp(devs[i].device, info.device)) mark = devs[i].delivered;
+  size_t budget = im_server_config(q->d->srv)->max_output / 4;
+  if (mark >= last ||
+      imd_store_sync(q->d->store, q->uid, mark, IMD_SYNC_MAX, budget, repair_push, q) < 0)
+    free(q);
+}
+
+void imd_repair(imd *d, im_conn_id c) {
+  im_conn_info info;
+  if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
+  size_t n = strlen(info.uid) + 1;
+  repair_req *q = malloc(sizeof *q + n);
+  if (!q) return;
+  q->d = d;
+  q->c = c;
+  memcpy(q->uid, info.uid, n);
+  if (d->store->ops->user_state(d->store, q->uid, repair_from_mark, q) < 0) free(q);
+}
+
 /* ---- lifecycle --------------------------------------------------------------- */
 
 int imd_delivery_init(imd *d, const imd_store_opts *o) {

@@ -5,6 +5,7 @@
 
 #include <libim/im.h>
 #include <libim/im_event.h>
+#include <libim/im_redis.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -23,6 +24,12 @@ typedef struct imd_config {
   uint32_t heartbeat_s;
   uint32_t auth_timeout_ms;
   uint32_t max_connections;
+  const char *redis_addr;   /* HOST:PORT, NULL: single node */
+  const char *node;         /* NULL: HOSTNAME-WSPORT */
+  const char *redis_prefix;
+  uint32_t lease_ttl_s;
+  const char *advertise_ws, *advertise_tcp;
+  uint32_t drain_rate;      /* connections closed per second while draining */
 } imd_config;
 
 #define IMD_UID_MAX 128         /* as libim: longer uids cannot log in */
@@ -57,6 +64,11 @@ typedef struct imd {
   char api_key[256];
   uint64_t start_wall_ms;   /* wall clock when the engine started */
   imd_store *store;         /* messages, marks and groups (store.h) */
+  int ports[2];             /* bound ws and tcp ports (0: off) */
+  im_redis *redis;          /* the cluster link (node.c); NULL: single node */
+  char node_name[160];
+  bool draining;
+  struct event *drain_ev, *usr1_ev, *trim_ev;
   imd_metrics m;
 } imd;
 
@@ -93,6 +105,27 @@ int imd_deliver(imd *d, const imd_store_msg *m, const char *const *uids, size_t 
 void imd_sync(imd *d, im_conn_id c, const char *uid, uint64_t since, uint32_t limit);
 /* Raise (uid, device)'s delivered position to seq (durable with the next write). */
 void imd_mark_delivered(imd *d, const char *uid, const char *device, uint64_t seq);
+
+/* Push uid's stored messages after c's device's delivered position to c
+ * again (after a gap in cross-node notifications); the client drops what
+ * it has by id. */
+void imd_repair(imd *d, im_conn_id c);
+
+/* node.c: this process as a node: the cluster link (libim's Redis module),
+ * graceful drain, gateway lists, health. */
+int imd_node_start(imd *d);   /* 0, or -1 with a message on stderr */
+void imd_node_stop(imd *d);
+/* Start draining (idempotent): leave gateway lists, goaway to every client,
+ * close them at cfg.drain_rate per second, exit 0 when none is left.
+ * Returns the connections to drain. */
+size_t imd_drain(imd *d);
+/* A connection opened: a draining node sends it on at once. */
+void imd_node_opened(imd *d, im_conn_id c);
+/* "up", "down", or NULL for a single node. */
+const char *imd_redis_state(const imd *d);
+/* Answer cb with the gateways for uid (this node alone without Redis). */
+typedef void (*imd_gateways_cb)(void *arg, int status, const im_gateway *gw, size_t n);
+int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg);
 
 /* api.c: the HTTP API handler (http_handler, user = imd *). */
 void imd_api_handle(void *user, const http_request *req, http_response *resp);

@@ -27,7 +27,8 @@ typedef struct option_def {
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
-       O_DURABLE, O_N };
+       O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
+       O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -57,6 +58,19 @@ static const option_def options[O_N] = {
                       "days messages are kept, 0 = forever [30]"},
     [O_DURABLE] = {"--fsync", "IMD_FSYNC", "fsync",
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
+    [O_REDIS] = {"--redis", "IMD_REDIS", "redis",
+                 "HOST:PORT of Redis: run as a cluster node      [off]"},
+    [O_NODE] = {"--node", "IMD_NODE", "node", "node name, unique in the cluster [HOSTNAME-WSPORT]"},
+    [O_REDIS_PREFIX] = {"--redis-prefix", "IMD_REDIS_PREFIX", "redis_prefix",
+                        "prefix of every Redis key         [im:]"},
+    [O_LEASE_TTL] = {"--lease-ttl", "IMD_LEASE_TTL", "lease_ttl",
+                     "node lease TTL, s (renewed every third) [10]"},
+    [O_ADV_WS] = {"--advertise-ws", "IMD_ADVERTISE_WS", "advertise_ws",
+                  "WebSocket URL in gateway lists    [ws://WSADDR/ws]"},
+    [O_ADV_TCP] = {"--advertise-tcp", "IMD_ADVERTISE_TCP", "advertise_tcp",
+                   "raw TCP HOST:PORT in gateway lists [TCPADDR]"},
+    [O_DRAIN_RATE] = {"--drain-rate", "IMD_DRAIN_RATE", "drain_rate",
+                      "connections closed per second when draining [1000]"},
 };
 
 static const char *defaults[O_N] = {
@@ -64,7 +78,8 @@ static const char *defaults[O_N] = {
     [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
     [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",      [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
-    [O_DURABLE] = "on",
+    [O_DURABLE] = "on",         [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_DRAIN_RATE] = "1000",
 };
 
 static void usage(FILE *f) {
@@ -275,6 +290,19 @@ int main(int argc, char **argv) {
     return 2;
   }
   store_opts.no_fsync = !strcmp(vals[O_DURABLE], "off");
+  if (parse_u32("lease-ttl", vals[O_LEASE_TTL], &d.cfg.lease_ttl_s) < 0 ||
+      parse_u32("drain-rate", vals[O_DRAIN_RATE], &d.cfg.drain_rate) < 0)
+    return 2;
+  if (d.cfg.lease_ttl_s < 1 || d.cfg.lease_ttl_s > 3600 || d.cfg.drain_rate < 1) {
+    fprintf(stderr, "imd: %s\n", d.cfg.drain_rate < 1 ? "drain-rate: at least 1"
+                                                      : "lease-ttl: 1 to 3600 seconds");
+    return 2;
+  }
+  d.cfg.redis_addr = enabled(vals[O_REDIS]) ? vals[O_REDIS] : NULL;
+  d.cfg.node = vals[O_NODE];
+  d.cfg.redis_prefix = vals[O_REDIS_PREFIX];
+  d.cfg.advertise_ws = vals[O_ADV_WS];
+  d.cfg.advertise_tcp = vals[O_ADV_TCP];
   if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
     fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
     return 1;
@@ -309,7 +337,6 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
-  if (imd_delivery_init(&d, &store_opts) < 0) return 1;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
@@ -322,7 +349,8 @@ int main(int argc, char **argv) {
       rc = 1;
       break;
     }
-    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], im_event_port(d.ev, n++));
+    d.ports[i] = im_event_port(d.ev, n++);
+    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], d.ports[i]);
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
     http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096};
@@ -334,12 +362,16 @@ int main(int argc, char **argv) {
       printf("imd: http listening on %s port %d\n", d.cfg.http_addr, http_server_port(d.http));
     }
   }
+  /* the node (cluster link, drain) once the ports are known: they are
+   * what it advertises */
+  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0)) rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
     fflush(stdout);
     event_base_dispatch(d.base);
   }
-  imd_delivery_free(&d); /* commits and settles what is pending */
+  imd_delivery_free(&d); /* completes what is outstanding */
+  imd_node_stop(&d);
   http_server_free(d.http);
   im_event_free(d.ev);
   im_server_free(d.srv);

@@ -338,6 +338,14 @@ IM_EXTERN size_t im_room_size(const im_server *srv, const char *room);
  * authenticated), IM_EFULL, IM_ENOMEM. */
 IM_EXTERN int im_ack(im_server *srv, im_conn_id c, const char *cid, const char *id,
                      uint64_t seq);
+/* Tell c to reconnect elsewhere: {"op":"goaway","reconnect_ms":N,"reason":..}
+ * (binary op 0x0c; reason omitted when NULL or ""). The connection stays
+ * open; close it later (1001) if the client does not leave. Returns 0,
+ * IM_ENOENT, IM_ECLOSED (not open: closing, or not authenticated),
+ * IM_EFULL, IM_ENOMEM. */
+IM_EXTERN int im_conn_goaway(im_server *srv, im_conn_id c, uint32_t reconnect_ms,
+                             const char *reason);
+
 /* Send {"op":"error","code":code,"reason":reason,"cid":cid} (cid may be
  * NULL). The connection stays open. An error for a cid forgets it in the
  * de-duplication window, so a retransmit is processed again. Returns 0, IM_ENOENT, IM_ECLOSED,

@@ -101,9 +101,20 @@ IM_EXTERN int im_local_room_send(im_server *srv, const char *room, const im_msg 
                                  im_conn_id except);
 IM_EXTERN int im_local_kick_user(im_server *srv, const char *uid, int code, const char *reason);
 
+/* Every local connection that is authenticated and open: fn(c, arg) for
+ * each (fn may close c). Returns the number visited. */
+IM_EXTERN size_t im_server_each_conn(im_server *srv, void (*fn)(im_server *srv, im_conn_id c,
+                                                                void *arg),
+                                     void *arg);
+
 /* Rooms with local members: fn(room, members, arg) for each. */
 IM_EXTERN void im_server_rooms(const im_server *srv,
                                void (*fn)(const char *room, size_t members, void *arg), void *arg);
+
+/* Change the node id in generated message ids (0..1023; a cluster module
+ * takes it from its lease so that two live nodes never mint the same id).
+ * Returns 0 or IM_EINVAL. */
+IM_EXTERN int im_server_set_node_id(im_server *srv, uint16_t node_id);
 
 /* The server's wall-clock base: a connection's im_conn_info.since_ms plus
  * this is the wall-clock ms it was accepted. */

@@ -50,6 +50,20 @@ size_t im_server_announce(im_server *s) {
   return n;
 }
 
+size_t im_server_each_conn(im_server *s, void (*fn)(im_server *s, im_conn_id c, void *arg),
+                           void *arg) {
+  size_t n = 0;
+  /* ids first: fn may close connections (their slots stay until released) */
+  for (uint32_t i = 0; i < s->nslots; i++) {
+    im_conn *c = s->slots[i];
+    if (c && c->state == CS_OPEN && (c->flags & CF_REGISTERED)) {
+      fn(s, c->id, arg);
+      n++;
+    }
+  }
+  return n;
+}
+
 int im_server_set_router(im_server *s, const im_router *r) {
   if (r)
     s->router = *r;
@@ -71,6 +85,12 @@ void im_server_rooms(const im_server *s, void (*fn)(const char *room, size_t mem
 }
 
 uint64_t im_server_wall_base(const im_server *s) { return s->id_wall0; }
+
+int im_server_set_node_id(im_server *s, uint16_t node_id) {
+  if (node_id > 1023) return IM_EINVAL;
+  s->cfg.node_id = node_id;
+  return 0;
+}
 
 int im_local_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   if (code != IM_CLOSE_NORMAL && code != IM_CLOSE_GOING_AWAY && (code < 3000 || code > 4999))

@@ -1325,6 +1325,19 @@ int im_sync_end(im_server *s, im_conn_id id, uint64_t last, int more, int gap) {
   return rc;
 }
 
+int im_conn_goaway(im_server *s, im_conn_id id, uint32_t reconnect_ms, const char *reason) {
+  im_conn *c = conn_live(s, id);
+  if (!c) return IM_ENOENT;
+  if (c->state != CS_OPEN) return IM_ECLOSED;
+  enter(s);
+  imp_packet p = {.op = IMP_OP_GOAWAY};
+  imp_set_num(&p, IMP_K_RECONNECT_MS, reconnect_ms);
+  if (reason && *reason) imp_set_str(&p, IMP_K_REASON, reason, strlen(reason));
+  int rc = send_packet(s, c, &p);
+  leave(s);
+  return rc;
+}
+
 int im_reply_error(im_server *s, im_conn_id id, int code, const char *reason, const char *cid) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;

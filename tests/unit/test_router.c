@@ -348,6 +348,45 @@ static void presence_local_and_deferred(void **st) {
   nodes_free(&a, &b);
 }
 
+static void count_conn(im_server *s, im_conn_id c, void *arg) {
+  (void)s, (void)c;
+  (*(int *)arg)++;
+}
+
+/* A drain: goaway to every open connection (binary op 0c with
+ * reconnect_ms and reason), visiting only authenticated ones. */
+static void goaway_and_each_conn(void **st) {
+  (void)st;
+  node a;
+  node_init(&a);
+  im_conn_id x = login(&a, "x", "d"), y = login(&a, "y", "d");
+  im_conn_id anon = im_server_accept(a.srv, IM_TRANSPORT_TCP, "127.0.0.1:2", NULL);
+  int n = 0;
+  assert_int_equal(im_server_each_conn(a.srv, count_conn, &n), 2);
+  assert_int_equal(n, 2);
+  assert_int_equal(im_conn_goaway(a.srv, x, 1500, "node draining"), 0);
+  assert_int_equal(im_conn_goaway(a.srv, y, 0, NULL), 0);
+  assert_int_equal(im_conn_goaway(a.srv, anon, 0, NULL), IM_ECLOSED);
+  imp_packet got[4];
+  assert_int_equal(recv_pkts(a.srv, x, got, 4), 1);
+  assert_int_equal(got[0].op, IMP_OP_GOAWAY);
+  assert_true(IMP_HAS(&got[0], IMP_K_RECONNECT_MS));
+  assert_int_equal(got[0].num[IMP_K_RECONNECT_MS], 1500);
+  assert_memory_equal(got[0].str[IMP_K_REASON].p, "node draining", 13);
+  assert_int_equal(recv_pkts(a.srv, y, got, 4), 1);
+  assert_int_equal(got[0].num[IMP_K_RECONNECT_MS], 0);
+  assert_false(IMP_HAS(&got[0], IMP_K_REASON));
+  /* the connection stays open: a message still reaches it */
+  im_msg m = {.id = "1", .data = "1", .data_len = 1};
+  assert_int_equal(im_send_user(a.srv, "x", &m, 0), 1);
+  assert_int_equal(im_server_set_node_id(a.srv, 1024), IM_EINVAL);
+  assert_int_equal(im_server_set_node_id(a.srv, 7), 0);
+  char id[IM_ID_MAX];
+  im_new_id(a.srv, id);
+  assert_int_equal((strtoull(id, NULL, 10) >> 12) & 1023, 7); /* the node bits of the id */
+  im_server_free(a.srv);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(without_router_sends_are_local),
@@ -355,6 +394,7 @@ int main(void) {
       cmocka_unit_test(user_send_reaches_the_other_node_once),
       cmocka_unit_test(room_send_and_kick_cross_nodes),
       cmocka_unit_test(presence_local_and_deferred),
+      cmocka_unit_test(goaway_and_each_conn),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,119 @@
+/* libim cluster module on Redis: many im_servers on many machines behave
+ * like one. Built when hiredis is found; links hiredis and libevent.
+ *
+ * im_redis_new() installs a router (<libim/im_router.h>) on the server and
+ * keeps three connections to one Redis: commands, the node's delivery
+ * stream (XREAD) and room channels (SUBSCRIBE). It provides:
+ *  - a node lease: <prefix>node:{NAME} (a hash of the advertised addresses,
+ *    connection count, draining flag, epoch and node id) with a TTL,
+ *    renewed every third of it. The epoch (INCR <prefix>epoch) fences what
+ *    the node writes; the 10-bit node id (for message ids) is leased with it
+ *    from <prefix>nodeids, so two live nodes never mint the same ids.
+ *  - owned routes: <prefix>route:{UID}, a hash with one field per
+ *    connection ("NODE/CONN") whose value is
+ *    "NODE|EPOCH|PLATFORM|DEVICE|PEER|SINCE_MS|TRANSPORT". Written and
+ *    deleted by Lua scripts that compare the epoch, so a stale node can
+ *    neither overwrite nor delete what a newer epoch wrote; survivors purge
+ *    the routes of a lapsed lease (exactly its epoch) within one renew
+ *    interval after the lapse.
+ *  - cross-node delivery: one Redis Stream per node,
+ *    <prefix>deliver:{NODE}; messages for the users of a node are batched
+ *    per event-loop pass into one XADD per node and fanned out locally by
+ *    the receiving node with one encoding. Kicks travel the same way.
+ *  - rooms: a node subscribes to <prefix>room:{ROOM} while it has local
+ *    members; one PUBLISH per room message.
+ *  - presence from the routes, gateway assignment, drain flag.
+ * docs/CLUSTER.md explains the design, the failure cases and the numbers.
+ *
+ * Every function runs on the loop thread of the server. Callbacks are never
+ * called before the function that takes them returned.
+ */
+#ifndef LIBIM_IM_REDIS_H
+#define LIBIM_IM_REDIS_H
+
+#include <libim/im.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct event_base;
+struct redisReply;
+typedef struct im_redis im_redis;
+
+/* What happened to the cluster link (im_redis_config.on_event). */
+enum im_redis_event {
+  IM_REDIS_UP = 1,       /* connected and leased: routes and rooms were (re)announced */
+  IM_REDIS_DOWN = 2,     /* the command connection is gone; it reconnects with backoff */
+  IM_REDIS_RESYNC = 3,   /* cross-node notifications may have been missed (a link came
+                            back): the application should repair its local connections
+                            from its store (imd syncs them) */
+  IM_REDIS_LEASE_LOST = 4 /* the lease lapsed (the process was paused, Redis lost it):
+                             a new epoch was taken and routes are being rewritten */
+};
+
+typedef struct im_redis_config {
+  const char *host;          /* "127.0.0.1" */
+  int port;                  /* 6379 */
+  const char *prefix;        /* key prefix. "im:" */
+  const char *node;          /* this node's unique name (required) */
+  uint32_t lease_ttl_ms;     /* lease TTL. 10000 (renewed every third) */
+  const char *advertise_ws;  /* "ws://HOST:PORT/ws" for gateway lists; NULL: none */
+  const char *advertise_tcp; /* "HOST:PORT"; NULL: none */
+  uint32_t stream_max;       /* entries a delivery stream keeps. 100000 */
+  void (*on_event)(im_redis *r, enum im_redis_event ev, void *ud);
+  void *ud;
+} im_redis_config;
+
+/* Fill cfg with the defaults above (node NULL). */
+IM_EXTERN void im_redis_config_init(im_redis_config *cfg);
+
+/* Start the cluster module for srv on base: connects (asynchronously,
+ * retrying with backoff while Redis is unreachable), leases the node name,
+ * installs the router. Strings of cfg are copied. Returns NULL on a bad
+ * cfg (no node name) or when memory ran out. */
+IM_EXTERN im_redis *im_redis_new(struct event_base *base, im_server *srv,
+                                 const im_redis_config *cfg);
+/* Remove the router, give the lease back (best effort: the routes of this
+ * node are deleted), close the connections and free. NULL is a no-op. */
+IM_EXTERN void im_redis_free(im_redis *r);
+
+/* 1 while the command connection is up and the lease is held, else 0. */
+IM_EXTERN int im_redis_up(const im_redis *r);
+/* The lease's epoch and node id (0 before the first lease). */
+IM_EXTERN uint64_t im_redis_epoch(const im_redis *r);
+IM_EXTERN const char *im_redis_node(const im_redis *r);
+
+/* Mark the node draining (gone from gateway lists at once; written now
+ * and with every renewal). Returns 0 or IM_ECLOSED (Redis down: the flag
+ * is written when it comes back). */
+IM_EXTERN int im_redis_set_draining(im_redis *r, int draining);
+
+/* Reply of a command: NULL when the connection failed before the answer
+ * (the command may or may not have run). Valid during the callback only. */
+typedef void (*im_redis_reply_cb)(void *arg, const struct redisReply *reply);
+
+/* Run a command on the module's command connection (ordered with the
+ * module's own writes: a route written before a command is visible to it).
+ * argv/argvlen are copied. Returns 0 (cb is called exactly once, later) or
+ * IM_ECLOSED when the connection is down (cb is not called) or IM_ENOMEM. */
+IM_EXTERN int im_redis_command(im_redis *r, int argc, const char **argv, const size_t *argvlen,
+                               im_redis_reply_cb cb, void *arg);
+
+/* One live, not draining node, as gateway assignment lists it. */
+typedef struct im_gateway {
+  const char *node;
+  const char *ws;            /* "" when the node advertises none */
+  const char *tcp;
+  uint64_t conns;
+} im_gateway;
+/* The live, not-draining nodes, least loaded first, ties broken by a hash
+ * of uid (so one user's devices tend to one node). status 0, or IM_ECLOSED
+ * when Redis could not be asked. */
+typedef void (*im_gateways_cb)(void *arg, int status, const im_gateway *gw, size_t n);
+IM_EXTERN int im_redis_gateways(im_redis *r, const char *uid, im_gateways_cb cb, void *arg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,978 @@
+/* libim's cluster module on Redis (include/libim/im_redis.h): node lease,
+ * owned routes, cross-node delivery through per-node streams, room
+ * channels, presence, kick and gateway lists, installed as the server's
+ * router (include/libim/im_router.h). */
+#include <libim/im_redis.h>
+#include <libim/im_router.h>
+
+#include <event2/event.h>
+#include <hiredis/hiredis.h>
+#include <inttypes.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "redis/redis_link.h"
+#include "redis/redis_scripts.h"
+#include "redis/redis_wire.h"
+
+#define KEY_MAX 512
+#define IM_REDIS_NODE_MAX 128    /* bytes of a node name */
+#define LOOKUP_MAX 256            /* uids per route lookup */
+#define PENDING_MAX_BYTES (64u << 20) /* forwarded bytes kept while Redis is away */
+#define XREAD_COUNT "512"
+
+/* A send (or kick) waiting for the route lookup of its uids. */
+typedef struct pending {
+  struct pending *next;
+  rbuf head;                /* the record without its uid list */
+  size_t n;
+  char **uids;
+} pending;
+
+/* Records for one node, flushed with one XADD per loop pass. */
+typedef struct outbox {
+  struct outbox *next;
+  rbuf buf;
+  char node[];
+} outbox;
+
+struct im_redis {
+  struct event_base *base;
+  im_server *srv;
+  im_redis_config cfg;      /* strings point at the copies below */
+  char *host, *prefix, *node, *adv_ws, *adv_tcp;
+  rlink cmd, stream, sub;
+  bool leased, acquiring, freeing, draining;
+  bool stream_was_up, stream_reading;
+  uint64_t epoch;
+  int node_id;
+  char last_id[64];         /* last delivery-stream entry read */
+  struct event *renew_ev, *flush_ev;
+  pending *pend, *pend_tail;
+  size_t pend_bytes;
+  outbox *boxes;            /* waiting for XADD */
+  uint64_t dropped;         /* forwards given up (memory bound) */
+};
+
+/* ---- small helpers ---------------------------------------------------------- */
+
+static char *dup_or_null(const char *s) { return s ? strdup(s) : NULL; }
+
+static void key(const im_redis *r, char out[KEY_MAX], const char *fmt, const char *a) {
+  snprintf(out, KEY_MAX, "%s", r->prefix);
+  size_t n = strlen(out);
+  snprintf(out + n, KEY_MAX - n, fmt, a);
+}
+
+static void emit(im_redis *r, enum im_redis_event ev) {
+  if (r->cfg.on_event && !r->freeing) r->cfg.on_event(r, ev, r->cfg.ud);
+}
+
+static uint64_t fnv(const char *a, const char *b) {
+  uint64_t h = 1469598103934665603ULL;
+  for (const char *s = a; s && *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+  h = (h ^ '|') * 1099511628211ULL;
+  for (const char *s = b; s && *s; s++) h = (h ^ (uint8_t)*s) * 1099511628211ULL;
+  return h;
+}
+
+/* EVAL script with nkeys keys then args (all NUL-terminated strings). */
+static int eval(im_redis *r, redisCallbackFn *fn, void *priv, const char *script, int nkeys,
+                const char *const *keys, int nargs, const char *const *args) {
+  const char *argv[LOOKUP_MAX + 16];
+  size_t lens[LOOKUP_MAX + 16];
+  char nk[16];
+  if (3 + nkeys + nargs > (int)(sizeof argv / sizeof *argv)) return -1;
+  snprintf(nk, sizeof nk, "%d", nkeys);
+  int k = 0;
+  argv[k++] = "EVAL";
+  argv[k++] = script;
+  argv[k++] = nk;
+  for (int i = 0; i < nkeys; i++) argv[k++] = keys[i];
+  for (int i = 0; i < nargs; i++) argv[k++] = args[i];
+  for (int i = 0; i < k; i++) lens[i] = strlen(argv[i]);
+  return rlink_cmd(&r->cmd, fn, priv, k, argv, lens);
+}
+
+static void fmt_u64(char out[24], uint64_t v) { snprintf(out, 24, "%" PRIu64, v); }
+
+/* ---- lease -------------------------------------------------------------------- */
+
+static void lease_acquire(im_redis *r);
+static void stream_read(im_redis *r);
+
+static void lease_args(im_redis *r, char ttl[24], char conns[24], char ep[24]) {
+  im_stats st;
+  im_server_stats(r->srv, &st);
+  fmt_u64(ttl, r->cfg.lease_ttl_ms);
+  fmt_u64(conns, st.conns_authed);
+  fmt_u64(ep, r->epoch);
+}
+
+/* The lease is ours (again): routes and rooms are (re)announced after the
+ * stream position is known, so nothing sent to us after a route exists
+ * is missed. */
+static void on_stream_pos(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  if (!rp || r->freeing) return;
+  if (!r->last_id[0]) {
+    snprintf(r->last_id, sizeof r->last_id, "0-0");
+    if (rp->type == REDIS_REPLY_ARRAY && rp->elements > 0 &&
+        rp->element[0]->type == REDIS_REPLY_ARRAY && rp->element[0]->elements > 0 &&
+        rp->element[0]->element[0]->type == REDIS_REPLY_STRING)
+      snprintf(r->last_id, sizeof r->last_id, "%s", rp->element[0]->element[0]->str);
+  }
+  r->leased = true;
+  im_server_announce(r->srv);
+  stream_read(r);
+  emit(r, IM_REDIS_UP);
+}
+
+static void leased(im_redis *r) {
+  char k[KEY_MAX];
+  key(r, k, "deliver:{%s}", r->node);
+  if (rlink_cmdf(&r->cmd, on_stream_pos, r, "XREVRANGE %s + - COUNT 1", k) < 0) r->acquiring = false;
+}
+
+static void on_acquired(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  if (r->freeing) return;
+  r->acquiring = false;
+  if (!rp) return; /* the link went down: acquired again when it comes back */
+  if (rp->type != REDIS_REPLY_INTEGER || rp->integer < 0) {
+    fprintf(stderr, "libim: cannot lease node name '%s': %s\n", r->node,
+            rp->type == REDIS_REPLY_INTEGER && rp->integer == -1 ? "a live node holds it"
+            : rp->type == REDIS_REPLY_ERROR                       ? rp->str
+                                                                  : "no free node id");
+    return; /* the renew timer tries again */
+  }
+  r->node_id = (int)rp->integer;
+  im_server_set_node_id(r->srv, (uint16_t)r->node_id);
+  leased(r);
+}
+
+static void on_epoch(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  if (r->freeing) return;
+  if (!rp || rp->type != REDIS_REPLY_INTEGER) {
+    r->acquiring = false;
+    return;
+  }
+  r->epoch = (uint64_t)rp->integer;
+  char knode[KEY_MAX], kids[KEY_MAX], kleases[KEY_MAX], ttl[24], conns[24], ep[24], slot[24];
+  key(r, knode, "node:%s", r->node);
+  key(r, kids, "%s", "nodeids");
+  key(r, kleases, "%s", "leases");
+  lease_args(r, ttl, conns, ep);
+  fmt_u64(slot, fnv(r->node, NULL) % 1024);
+  const char *keys[] = {knode, kids, kleases};
+  const char *args[] = {r->node, ep, ttl, r->adv_ws ? r->adv_ws : "", r->adv_tcp ? r->adv_tcp : "",
+                        conns, r->draining ? "1" : "0", slot};
+  if (eval(r, on_acquired, r, LUA_LEASE_ACQUIRE, 3, keys, 8, args) < 0) r->acquiring = false;
+}
+
+/* Take a new epoch and lease the name with it. */
+static void lease_acquire(im_redis *r) {
+  if (r->acquiring || !r->cmd.up) return;
+  char k[KEY_MAX];
+  key(r, k, "%s", "epoch");
+  r->acquiring = rlink_cmdf(&r->cmd, on_epoch, r, "INCR %s", k) == 0;
+}
+
+static void on_purged(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  (void)priv;
+  redisReply *rp = rep;
+  for (size_t i = 0; rp && rp->type == REDIS_REPLY_ARRAY && i < rp->elements; i++)
+    if (rp->element[i]->type == REDIS_REPLY_STRING)
+      fprintf(stderr, "libim: purged the routes of lapsed node lease %s\n", rp->element[i]->str);
+}
+
+static void purge_dead(im_redis *r) {
+  char kleases[KEY_MAX], me[KEY_MAX];
+  key(r, kleases, "%s", "leases");
+  snprintf(me, sizeof me, "%s|%" PRIu64, r->node, r->epoch);
+  const char *keys[] = {kleases};
+  const char *args[] = {r->prefix, me};
+  eval(r, on_purged, r, LUA_PURGE, 1, keys, 2, args);
+}
+
+static void on_renewed(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  if (!rp || r->freeing) return;
+  if (rp->type == REDIS_REPLY_INTEGER && rp->integer == 1) {
+    if (!r->leased) leased(r); /* kept across a reconnect */
+    purge_dead(r);
+    return;
+  }
+  /* lost: paused past the TTL, or Redis forgot it. Routes written under the
+   * old epoch are purged by the survivors; ours are rewritten under the new
+   * one. */
+  fprintf(stderr, "libim: node %s lost its lease (epoch %" PRIu64 "); taking a new one\n", r->node,
+          r->epoch);
+  r->leased = false;
+  emit(r, IM_REDIS_LEASE_LOST);
+  lease_acquire(r);
+}
+
+static void lease_renew(im_redis *r) {
+  if (!r->cmd.up || r->acquiring) return;
+  if (!r->epoch) {
+    lease_acquire(r);
+    return;
+  }
+  char knode[KEY_MAX], kids[KEY_MAX], ttl[24], conns[24], ep[24], id[24];
+  key(r, knode, "node:%s", r->node);
+  key(r, kids, "%s", "nodeids");
+  lease_args(r, ttl, conns, ep);
+  fmt_u64(id, (uint64_t)(r->node_id < 0 ? 0 : r->node_id));
+  const char *keys[] = {knode, kids};
+  const char *args[] = {r->node, ep, ttl, conns, r->draining ? "1" : "0", id};
+  eval(r, on_renewed, r, LUA_LEASE_RENEW, 2, keys, 6, args);
+}
+
+static void on_renew_timer(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  lease_renew(arg);
+}
+
+/* ---- routes (router hooks) ------------------------------------------------------ */
+
+static void ignore_reply(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  (void)rep;
+  (void)priv;
+}
+
+static void conn_field(const im_redis *r, im_conn_id c, char out[KEY_MAX]) {
+  snprintf(out, KEY_MAX, "%s/%" PRIx64, r->node, c);
+}
+
+static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
+  im_redis *r = ud;
+  im_conn_info info;
+  if (!r->leased || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
+  char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], value[1024], ep[24], reg[200];
+  key(r, kroute, "route:{%s}", info.uid);
+  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, r->epoch);
+  key(r, kidx, "noderoutes:%s", reg);
+  conn_field(r, c, field);
+  snprintf(value, sizeof value, "%s|%" PRIu64 "|%s|%s|%s|%" PRIu64 "|%s", r->node, r->epoch,
+           info.platform, info.device, info.peer, im_server_wall_base(srv) + info.since_ms,
+           info.transport == IM_TRANSPORT_TCP ? "tcp" : "ws");
+  fmt_u64(ep, r->epoch);
+  const char *keys[] = {kroute, kidx};
+  const char *args[] = {field, value, ep, info.uid};
+  eval(r, ignore_reply, NULL, LUA_ROUTE_PUT, 2, keys, 4, args);
+}
+
+static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
+  im_redis *r = ud;
+  im_conn_info info;
+  if (!r->epoch || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
+  char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], ep[24], reg[200];
+  key(r, kroute, "route:{%s}", info.uid);
+  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, r->epoch);
+  key(r, kidx, "noderoutes:%s", reg);
+  conn_field(r, c, field);
+  fmt_u64(ep, r->epoch);
+  /* c is still registered: it is the last one when it is the only one */
+  const char *last = im_user_conns(srv, info.uid, NULL, 0) <= 1 ? "1" : "0";
+  const char *keys[] = {kroute, kidx};
+  const char *args[] = {field, ep, info.uid, last};
+  eval(r, ignore_reply, NULL, LUA_ROUTE_DEL, 2, keys, 4, args);
+}
+
+/* ---- rooms ---------------------------------------------------------------------- */
+
+static void on_room_message(redisAsyncContext *ac, void *rep, void *priv);
+
+static void subscribe(im_redis *r, const char *room, bool on) {
+  if (!r->sub.up) return; /* every local room is subscribed when the link comes up */
+  char ch[KEY_MAX];
+  key(r, ch, "room:{%s}", room);
+  rlink_cmdf(&r->sub, on ? on_room_message : NULL, r, on ? "SUBSCRIBE %s" : "UNSUBSCRIBE %s", ch);
+}
+
+static void h_room_open(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  subscribe(ud, room, true);
+}
+
+static void h_room_close(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  subscribe(ud, room, false);
+}
+
+static void on_room_message(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  if (!rp || r->freeing || rp->type != REDIS_REPLY_ARRAY || rp->elements != 3) return;
+  if (rp->element[0]->type != REDIS_REPLY_STRING || strcmp(rp->element[0]->str, "message") != 0)
+    return;
+  redisReply *payload = rp->element[2];
+  if (payload->type != REDIS_REPLY_STRING) return;
+  /* origin node name, NUL, record */
+  const char *origin = payload->str;
+  size_t ol = strnlen(origin, payload->len);
+  if (ol == payload->len || !strcmp(origin, r->node)) return; /* ours: served locally */
+  const uint8_t *p = (const uint8_t *)payload->str + ol + 1, *end = (const uint8_t *)payload->str + payload->len;
+  rwire_rec rec;
+  while (rwire_next(&p, end, &rec) == 1)
+    if (rec.kind == RWIRE_ROOM && rec.m.room) im_local_room_send(r->srv, rec.m.room, &rec.m, 0);
+}
+
+static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
+  (void)srv;
+  im_redis *r = ud;
+  rbuf b = {0};
+  char ch[KEY_MAX];
+  key(r, ch, "room:{%s}", room);
+  im_msg rm = *m;
+  rm.room = room;
+  int rc = 0;
+  if (rwire_put_bytes(&b, r->node, strlen(r->node) + 1) < 0 ||
+      rwire_put_msg_head(&b, RWIRE_ROOM, &rm) < 0 || rwire_put_uids(&b, NULL, 0) < 0) {
+    rc = IM_ENOMEM;
+  } else {
+    const char *argv[] = {"PUBLISH", ch, (const char *)b.p};
+    size_t lens[] = {7, strlen(ch), b.len};
+    /* Redis away: the local members had it; the other nodes' miss it
+     * (rooms are ephemeral) */
+    if (rlink_cmd(&r->cmd, ignore_reply, NULL, 3, argv, lens) < 0) r->dropped++;
+  }
+  rbuf_free(&b);
+  return rc;
+}
+
+/* ---- cross-node delivery: route lookup, per-node batches, XADD ---------------------- */
+
+static void flush_soon(im_redis *r) { event_active(r->flush_ev, EV_TIMEOUT, 0); }
+
+static void pending_free(pending *p) {
+  for (size_t i = 0; i < p->n; i++) free(p->uids[i]);
+  free(p->uids);
+  rbuf_free(&p->head);
+  free(p);
+}
+
+static int enqueue(im_redis *r, pending *p, const char *const *uids, size_t n) {
+  p->uids = calloc(n ? n : 1, sizeof *p->uids);
+  bool ok = p->uids != NULL;
+  for (size_t i = 0; ok && i < n; i++) ok = (p->uids[p->n++] = strdup(uids[i])) != NULL;
+  if (!ok || r->pend_bytes + p->head.len > PENDING_MAX_BYTES) {
+    pending_free(p);
+    r->dropped++;
+    return IM_ENOMEM;
+  }
+  r->pend_bytes += p->head.len;
+  if (r->pend_tail)
+    r->pend_tail->next = p;
+  else
+    r->pend = p;
+  r->pend_tail = p;
+  flush_soon(r);
+  return 0;
+}
+
+static int h_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
+                        void *ud) {
+  (void)srv;
+  im_redis *r = ud;
+  pending *p = calloc(1, sizeof *p);
+  if (!p || rwire_put_msg_head(&p->head, RWIRE_MSG, m) < 0) {
+    if (p) rbuf_free(&p->head);
+    free(p);
+    return IM_ENOMEM;
+  }
+  return enqueue(r, p, uids, n);
+}
+
+static int h_kick_user(im_server *srv, const char *uid, int code, const char *reason, void *ud) {
+  (void)srv;
+  im_redis *r = ud;
+  pending *p = calloc(1, sizeof *p);
+  if (!p || rwire_put_kick_head(&p->head, code, reason) < 0) {
+    if (p) rbuf_free(&p->head);
+    free(p);
+    return IM_ENOMEM;
+  }
+  return enqueue(r, p, &uid, 1);
+}
+
+static outbox *box_for(im_redis *r, const char *node) {
+  for (outbox *b = r->boxes; b; b = b->next)
+    if (!strcmp(b->node, node)) return b;
+  size_t n = strlen(node) + 1;
+  outbox *b = calloc(1, sizeof *b + n);
+  if (!b) return NULL;
+  memcpy(b->node, node, n);
+  b->next = r->boxes;
+  r->boxes = b;
+  return b;
+}
+
+/* A batch being looked up: the pending sends it covers. */
+typedef struct lookup {
+  im_redis *r;
+  pending *list;
+  size_t nuids;
+} lookup;
+
+static void xadd_boxes(im_redis *r);
+
+static void requeue(im_redis *r, pending *list) {
+  /* the lookup was lost with the link: try again when it is back */
+  pending *tail = list;
+  while (tail->next) tail = tail->next;
+  tail->next = r->pend;
+  r->pend = list;
+  if (!r->pend_tail) r->pend_tail = tail;
+}
+
+static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  lookup *lk = priv;
+  im_redis *r = lk->r;
+  redisReply *rp = rep;
+  if (r->freeing || !rp || rp->type != REDIS_REPLY_ARRAY || rp->elements != lk->nuids) {
+    if (!r->freeing && rp && rp->type == REDIS_REPLY_ERROR)
+      fprintf(stderr, "libim: route lookup failed: %s\n", rp->str);
+    if (!r->freeing && !rp) {
+      requeue(r, lk->list);
+    } else {
+      for (pending *p = lk->list, *next; p; p = next) {
+        next = p->next;
+        r->pend_bytes -= p->head.len;
+        pending_free(p);
+      }
+    }
+    free(lk);
+    return;
+  }
+  size_t at = 0;
+  for (pending *p = lk->list, *next; p; p = next) {
+    next = p->next;
+    /* one record per node with the uids that node holds */
+    for (size_t i = 0; i < p->n; i++) {
+      redisReply *nodes = rp->element[at + i];
+      for (size_t j = 0; nodes->type == REDIS_REPLY_ARRAY && j < nodes->elements; j++) {
+        const char *node = nodes->element[j]->str;
+        bool first = true; /* only from the first uid that lists this node */
+        for (size_t i2 = 0; i2 < i && first; i2++) {
+          redisReply *prev = rp->element[at + i2];
+          for (size_t j2 = 0; prev->type == REDIS_REPLY_ARRAY && j2 < prev->elements; j2++)
+            if (!strcmp(prev->element[j2]->str, node)) first = false;
+        }
+        if (!first) continue;
+        const char *sel[LOOKUP_MAX];
+        size_t ns = 0;
+        for (size_t i2 = i; i2 < p->n; i2++) {
+          redisReply *row = rp->element[at + i2];
+          for (size_t j2 = 0; row->type == REDIS_REPLY_ARRAY && j2 < row->elements; j2++)
+            if (!strcmp(row->element[j2]->str, node)) {
+              sel[ns++] = p->uids[i2];
+              break;
+            }
+        }
+        outbox *b = box_for(r, node);
+        if (!b || rwire_put_bytes(&b->buf, p->head.p, p->head.len) < 0 ||
+            rwire_put_uids(&b->buf, sel, ns) < 0)
+          r->dropped++;
+      }
+    }
+    at += p->n;
+    r->pend_bytes -= p->head.len;
+    pending_free(p);
+  }
+  free(lk);
+  xadd_boxes(r);
+}
+
+static void on_xadd(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  (void)priv;
+  redisReply *rp = rep;
+  if (rp && rp->type == REDIS_REPLY_ERROR) fprintf(stderr, "libim: XADD failed: %s\n", rp->str);
+}
+
+static void xadd_boxes(im_redis *r) {
+  char maxlen[24];
+  fmt_u64(maxlen, r->cfg.stream_max);
+  for (outbox *b = r->boxes; b; b = b->next) {
+    if (!b->buf.len) continue;
+    char k[KEY_MAX];
+    key(r, k, "deliver:{%s}", b->node);
+    const char *argv[] = {"XADD", k, "MAXLEN", "~", maxlen, "*", "b", (const char *)b->buf.p};
+    size_t lens[] = {4, strlen(k), 6, 1, strlen(maxlen), 1, 1, b->buf.len};
+    if (rlink_cmd(&r->cmd, on_xadd, r, 8, argv, lens) < 0) return; /* kept for the reconnect */
+    b->buf.len = 0;
+  }
+}
+
+/* End of a loop pass: look up the nodes of every pending uid at once. */
+static void flush(im_redis *r) {
+  while (r->pend && r->cmd.up && r->leased) {
+    char keys[LOOKUP_MAX][KEY_MAX / 4];
+    const char *kp[LOOKUP_MAX];
+    size_t nk = 0;
+    pending *list = r->pend, *last = NULL;
+    for (pending *p = r->pend; p && nk + p->n <= LOOKUP_MAX; p = p->next) {
+      for (size_t i = 0; i < p->n; i++) {
+        snprintf(keys[nk], sizeof keys[nk], "%sroute:{%s}", r->prefix, p->uids[i]);
+        kp[nk] = keys[nk];
+        nk++;
+      }
+      last = p;
+    }
+    if (!last) { /* one send with more uids than a lookup takes: split it */
+      pending *p = r->pend;
+      r->pend = p->next;
+      if (!r->pend) r->pend_tail = NULL;
+      for (size_t off = 0; off < p->n; off += LOOKUP_MAX) {
+        pending *q = calloc(1, sizeof *q);
+        size_t cnt = p->n - off < LOOKUP_MAX ? p->n - off : LOOKUP_MAX;
+        if (!q || rwire_put_bytes(&q->head, p->head.p, p->head.len) < 0) {
+          free(q);
+          r->dropped++;
+          continue;
+        }
+        r->pend_bytes += q->head.len;
+        enqueue(r, q, (const char *const *)p->uids + off, cnt);
+        r->pend_bytes -= q->head.len;
+      }
+      r->pend_bytes -= p->head.len;
+      pending_free(p);
+      continue;
+    }
+    r->pend = last->next;
+    if (!r->pend) r->pend_tail = NULL;
+    last->next = NULL;
+    lookup *lk = calloc(1, sizeof *lk);
+    const char *args[] = {r->node};
+    if (!lk) {
+      requeue(r, list);
+      return;
+    }
+    *lk = (lookup){r, list, nk};
+    if (eval(r, on_nodes_known, lk, LUA_ROUTE_NODES, (int)nk, kp, 1, args) < 0) {
+      requeue(r, list);
+      free(lk);
+      return;
+    }
+  }
+  xadd_boxes(r);
+}
+
+static void on_flush(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  flush(arg);
+}
+
+/* ---- the delivery stream of this node ------------------------------------------------ */
+
+static void apply_entry(im_redis *r, const redisReply *fields) {
+  for (size_t i = 0; i + 1 < fields->elements; i += 2) {
+    const redisReply *v = fields->element[i + 1];
+    if (v->type != REDIS_REPLY_STRING) continue;
+    const uint8_t *p = (const uint8_t *)v->str, *end = p + v->len;
+    rwire_rec rec;
+    while (rwire_next(&p, end, &rec) == 1) {
+      const uint8_t *at = rec.uids;
+      const char *uids[LOOKUP_MAX];
+      size_t k = 0;
+      for (uint32_t u = 0; u < rec.n; u++) {
+        uids[k++] = rwire_uid(&at);
+        if (k == LOOKUP_MAX || u + 1 == rec.n) {
+          if (rec.kind == RWIRE_MSG)
+            im_local_send_users(r->srv, uids, k, &rec.m, 0);
+          else if (rec.kind == RWIRE_KICK)
+            for (size_t x = 0; x < k; x++)
+              im_local_kick_user(r->srv, uids[x], rec.code, rec.reason ? rec.reason : "");
+          k = 0;
+        }
+      }
+    }
+  }
+}
+
+static void on_xread(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  im_redis *r = priv;
+  redisReply *rp = rep;
+  r->stream_reading = false;
+  if (!rp || r->freeing) return; /* the link is down: read again when it is back */
+  if (rp->type == REDIS_REPLY_ARRAY) {
+    for (size_t s = 0; s < rp->elements; s++) {
+      redisReply *st = rp->element[s];
+      if (st->type != REDIS_REPLY_ARRAY || st->elements != 2) continue;
+      redisReply *entries = st->element[1];
+      for (size_t e = 0; entries->type == REDIS_REPLY_ARRAY && e < entries->elements; e++) {
+        redisReply *en = entries->element[e];
+        if (en->type != REDIS_REPLY_ARRAY || en->elements != 2) continue;
+        snprintf(r->last_id, sizeof r->last_id, "%s", en->element[0]->str);
+        if (en->element[1]->type == REDIS_REPLY_ARRAY) apply_entry(r, en->element[1]);
+      }
+    }
+  } else if (rp->type == REDIS_REPLY_ERROR) {
+    fprintf(stderr, "libim: XREAD failed: %s\n", rp->str);
+  }
+  stream_read(r);
+}
+
+static void stream_read(im_redis *r) {
+  if (r->stream_reading || !r->stream.up || !r->leased || !r->last_id[0]) return;
+  char k[KEY_MAX];
+  key(r, k, "deliver:{%s}", r->node);
+  const char *argv[] = {"XREAD", "COUNT", XREAD_COUNT, "BLOCK", "0", "STREAMS", k, r->last_id};
+  size_t lens[8];
+  for (int i = 0; i < 8; i++) lens[i] = strlen(argv[i]);
+  r->stream_reading = rlink_cmd(&r->stream, on_xread, r, 8, argv, lens) == 0;
+}
+
+/* ---- presence and gateways ------------------------------------------------------------ */
+
+typedef struct presence_req {
+  im_redis *r;
+  im_presence_cb cb;
+  void *arg;
+  size_t n_local;
+  im_route *local;          /* copies of the local routes */
+  char *strs;
+  char uid[];
+} presence_req;
+
+static void on_routes(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  presence_req *q = priv;
+  im_redis *r = q->r;
+  redisReply *rp = rep;
+  size_t nr = rp && rp->type == REDIS_REPLY_ARRAY ? rp->elements / 2 : 0;
+  im_route *all = calloc(q->n_local + nr + 1, sizeof *all);
+  char (*bufs)[1024] = nr ? calloc(nr, sizeof *bufs) : NULL;
+  size_t n = 0;
+  if (all) memcpy(all, q->local, q->n_local * sizeof *all);
+  n = all ? q->n_local : 0;
+  for (size_t i = 0; all && bufs && i < nr; i++) {
+    const char *field = rp->element[2 * i]->str, *val = rp->element[2 * i + 1]->str;
+    if (!field || !val) continue;
+    snprintf(bufs[i], sizeof bufs[i], "%s", val);
+    char *parts[7] = {0}, *save = NULL, *s = bufs[i];
+    for (int k = 0; k < 7; k++) {
+      parts[k] = strsep(&s, "|");
+      (void)save;
+    }
+    if (!parts[6] || !strcmp(parts[0], r->node)) continue; /* ours are the local ones */
+    const char *slash = strchr(field, '/');
+    all[n++] = (im_route){.node = parts[0], .conn = slash ? slash + 1 : field, .platform = parts[2],
+                          .device = parts[3], .peer = parts[4],
+                          .transport = !strcmp(parts[6], "tcp") ? IM_TRANSPORT_TCP : IM_TRANSPORT_WS,
+                          .since_ms = strtoull(parts[5], NULL, 10)};
+  }
+  if (!r->freeing)
+    q->cb(r->srv, q->uid, all ? all : q->local, all ? n : q->n_local, rp ? 0 : IM_ECLOSED, q->arg);
+  free(bufs);
+  free(all);
+  free(q->local);
+  free(q->strs);
+  free(q);
+}
+
+static int h_presence(im_server *srv, const char *uid, const im_route *local, size_t n_local,
+                      im_presence_cb cb, void *arg, void *ud) {
+  (void)srv;
+  im_redis *r = ud;
+  size_t ul = strlen(uid) + 1, sl = 0;
+  for (size_t i = 0; i < n_local; i++)
+    sl += strlen(local[i].conn) + strlen(local[i].device) + strlen(local[i].platform) +
+          strlen(local[i].peer) + 4;
+  presence_req *q = calloc(1, sizeof *q + ul);
+  if (!q) return IM_ENOMEM;
+  q->local = calloc(n_local + 1, sizeof *q->local);
+  q->strs = malloc(sl + 1);
+  if (!q->local || !q->strs) {
+    free(q->local);
+    free(q->strs);
+    free(q);
+    return IM_ENOMEM;
+  }
+  char *at = q->strs;
+  for (size_t i = 0; i < n_local; i++) {
+    q->local[i] = local[i];
+    const char **f[] = {&q->local[i].conn, &q->local[i].device, &q->local[i].platform,
+                        &q->local[i].peer};
+    for (int k = 0; k < 4; k++) {
+      size_t n = strlen(*f[k]) + 1;
+      memcpy(at, *f[k], n);
+      *f[k] = at;
+      at += n;
+    }
+  }
+  q->r = r;
+  q->cb = cb;
+  q->arg = arg;
+  q->n_local = n_local;
+  memcpy(q->uid, uid, ul);
+  char k[KEY_MAX];
+  key(r, k, "route:{%s}", uid);
+  if (rlink_cmdf(&r->cmd, on_routes, q, "HGETALL %s", k) < 0) {
+    /* Redis away: the local connections are all we know */
+    free(q->local);
+    free(q->strs);
+    free(q);
+    cb(srv, uid, local, n_local, IM_ECLOSED, arg);
+  }
+  return 0;
+}
+
+typedef struct gw_req {
+  im_redis *r;
+  im_gateways_cb cb;
+  void *arg;
+  char uid[];
+} gw_req;
+
+typedef struct gw_sort {
+  im_gateway g;
+  uint64_t tie;
+} gw_sort;
+
+static int gw_cmp(const void *a, const void *b) {
+  const gw_sort *x = a, *y = b;
+  if (x->g.conns != y->g.conns) return x->g.conns < y->g.conns ? -1 : 1;
+  return x->tie < y->tie ? -1 : x->tie > y->tie;
+}
+
+static void on_nodes(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  gw_req *q = priv;
+  redisReply *rp = rep;
+  if (q->r->freeing) {
+    free(q);
+    return;
+  }
+  if (!rp || rp->type != REDIS_REPLY_ARRAY) {
+    q->cb(q->arg, IM_ECLOSED, NULL, 0);
+    free(q);
+    return;
+  }
+  gw_sort *v = calloc(rp->elements + 1, sizeof *v);
+  size_t n = 0;
+  for (size_t i = 0; v && i < rp->elements; i++) {
+    redisReply *e = rp->element[i];
+    if (e->type != REDIS_REPLY_ARRAY || e->elements != 5) continue;
+    if (!strcmp(e->element[4]->str, "1")) continue; /* draining */
+    v[n].g = (im_gateway){e->element[0]->str, e->element[1]->str, e->element[2]->str,
+                          strtoull(e->element[3]->str, NULL, 10)};
+    v[n].tie = fnv(q->uid, e->element[0]->str);
+    n++;
+  }
+  if (v) qsort(v, n, sizeof *v, gw_cmp);
+  im_gateway *out = v ? calloc(n + 1, sizeof *out) : NULL;
+  for (size_t i = 0; out && i < n; i++) out[i] = v[i].g;
+  q->cb(q->arg, out ? 0 : IM_ENOMEM, out, out ? n : 0);
+  free(out);
+  free(v);
+  free(q);
+}
+
+int im_redis_gateways(im_redis *r, const char *uid, im_gateways_cb cb, void *arg) {
+  size_t ul = strlen(uid ? uid : "") + 1;
+  gw_req *q = malloc(sizeof *q + ul);
+  if (!q) return IM_ENOMEM;
+  *q = (gw_req){r, cb, arg};
+  memcpy(q->uid, uid ? uid : "", ul);
+  char kleases[KEY_MAX];
+  key(r, kleases, "%s", "leases");
+  const char *keys[] = {kleases};
+  const char *args[] = {r->prefix};
+  if (eval(r, on_nodes, q, LUA_NODES, 1, keys, 1, args) < 0) {
+    free(q);
+    return IM_ECLOSED;
+  }
+  return 0;
+}
+
+/* ---- links up and down -------------------------------------------------------------- */
+
+static void subscribe_room(const char *room, size_t members, void *arg) {
+  (void)members;
+  subscribe(arg, room, true);
+}
+
+static void on_link(rlink *l, bool up, void *ud) {
+  im_redis *r = ud;
+  if (r->freeing) return;
+  if (l == &r->cmd) {
+    if (up) {
+      lease_renew(r); /* keeps the lease when it survived, else takes a new one */
+      flush(r);
+    } else {
+      r->leased = false;
+      r->acquiring = false;
+      emit(r, IM_REDIS_DOWN);
+    }
+  } else if (l == &r->stream) {
+    if (up) {
+      if (r->stream_was_up) emit(r, IM_REDIS_RESYNC);
+      r->stream_was_up = true;
+      stream_read(r);
+    } else {
+      r->stream_reading = false;
+    }
+  } else if (l == &r->sub && up) {
+    im_server_rooms(r->srv, subscribe_room, r);
+  }
+}
+
+/* ---- lifecycle ---------------------------------------------------------------------- */
+
+void im_redis_config_init(im_redis_config *cfg) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->host = "127.0.0.1";
+  cfg->port = 6379;
+  cfg->prefix = "im:";
+  cfg->lease_ttl_ms = 10000;
+  cfg->stream_max = 100000;
+}
+
+im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_config *cfg) {
+  if (!cfg || !cfg->node || !*cfg->node || strlen(cfg->node) > IM_REDIS_NODE_MAX ||
+      strchr(cfg->node, '|') || strchr(cfg->node, '/') ||
+      cfg->lease_ttl_ms < 300)
+    return NULL;
+  im_redis *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->base = base;
+  r->srv = srv;
+  r->cfg = *cfg;
+  r->node_id = -1;
+  r->host = dup_or_null(cfg->host ? cfg->host : "127.0.0.1");
+  r->prefix = dup_or_null(cfg->prefix ? cfg->prefix : "im:");
+  r->node = dup_or_null(cfg->node);
+  r->adv_ws = dup_or_null(cfg->advertise_ws);
+  r->adv_tcp = dup_or_null(cfg->advertise_tcp);
+  if (!r->cfg.stream_max) r->cfg.stream_max = 100000;
+  r->renew_ev = event_new(base, -1, EV_PERSIST, on_renew_timer, r);
+  r->flush_ev = event_new(base, -1, 0, on_flush, r);
+  if (!r->host || !r->prefix || !r->node || (cfg->advertise_ws && !r->adv_ws) ||
+      (cfg->advertise_tcp && !r->adv_tcp) || !r->renew_ev || !r->flush_ev ||
+      rlink_init(&r->cmd, base, r->host, cfg->port, "commands", on_link, r) < 0 ||
+      rlink_init(&r->stream, base, r->host, cfg->port, "stream", on_link, r) < 0 ||
+      rlink_init(&r->sub, base, r->host, cfg->port, "rooms", on_link, r) < 0) {
+    r->freeing = true;
+    im_redis_free(r);
+    return NULL;
+  }
+  uint32_t every = r->cfg.lease_ttl_ms / 3;
+  struct timeval tv = {every / 1000, (every % 1000) * 1000};
+  event_add(r->renew_ev, &tv);
+  im_router rt = {.conn_open = h_conn_open, .conn_close = h_conn_close,
+                  .room_open = h_room_open, .room_close = h_room_close,
+                  .send_users = h_send_users, .room_send = h_room_send,
+                  .kick_user = h_kick_user, .presence = h_presence, .ud = r};
+  im_server_set_router(srv, &rt);
+  rlink_start(&r->cmd);
+  rlink_start(&r->stream);
+  rlink_start(&r->sub);
+  return r;
+}
+
+static void release_lease(im_redis *r) {
+  if (!r->cmd.up || !r->epoch) return;
+  char knode[KEY_MAX], kids[KEY_MAX], kleases[KEY_MAX], ep[24], id[24];
+  key(r, knode, "node:%s", r->node);
+  key(r, kids, "%s", "nodeids");
+  key(r, kleases, "%s", "leases");
+  fmt_u64(ep, r->epoch);
+  fmt_u64(id, (uint64_t)(r->node_id < 0 ? 0 : r->node_id));
+  const char *keys[] = {knode, kids, kleases};
+  const char *args[] = {r->node, ep, id};
+  eval(r, ignore_reply, NULL, LUA_LEASE_RELEASE, 3, keys, 3, args);
+}
+
+void im_redis_free(im_redis *r) {
+  if (!r) return;
+  if (r->srv) im_server_set_router(r->srv, NULL);
+  /* what is still queued goes out first (best effort), then the lease:
+   * survivors purge our routes at once */
+  if (!r->freeing) {
+    flush(r);
+    release_lease(r);
+  }
+  r->freeing = true;
+  if (r->renew_ev) event_free(r->renew_ev);
+  if (r->flush_ev) event_free(r->flush_ev);
+  rlink_close(&r->sub);
+  rlink_close(&r->stream);
+  rlink_close(&r->cmd);
+  while (r->pend) {
+    pending *p = r->pend;
+    r->pend = p->next;
+    pending_free(p);
+  }
+  while (r->boxes) {
+    outbox *b = r->boxes;
+    r->boxes = b->next;
+    rbuf_free(&b->buf);
+    free(b);
+  }
+  free(r->host);
+  free(r->prefix);
+  free(r->node);
+  free(r->adv_ws);
+  free(r->adv_tcp);
+  free(r);
+}
+
+int im_redis_up(const im_redis *r) { return r->cmd.up && r->leased; }
+uint64_t im_redis_epoch(const im_redis *r) { return r->epoch; }
+const char *im_redis_node(const im_redis *r) { return r->node; }
+
+int im_redis_set_draining(im_redis *r, int draining) {
+  r->draining = draining != 0;
+  if (!r->cmd.up || !r->epoch) return IM_ECLOSED;
+  char k[KEY_MAX];
+  key(r, k, "node:%s", r->node);
+  rlink_cmdf(&r->cmd, ignore_reply, NULL, "HSET %s draining %s", k, r->draining ? "1" : "0");
+  return 0;
+}
+
+/* A command of the application, with its own callback and argument. */
+typedef struct app_cmd {
+  im_redis_reply_cb cb;
+  void *arg;
+} app_cmd;
+
+static void on_app_reply(redisAsyncContext *ac, void *rep, void *priv) {
+  (void)ac;
+  app_cmd *c = priv;
+  c->cb(c->arg, rep);
+  free(c);
+}
+
+int im_redis_command(im_redis *r, int argc, const char **argv, const size_t *argvlen,
+                     im_redis_reply_cb cb, void *arg) {
+  if (!r->cmd.up) return IM_ECLOSED;
+  app_cmd *c = malloc(sizeof *c);
+  if (!c) return IM_ENOMEM;
+  *c = (app_cmd){cb, arg};
+  if (rlink_cmd(&r->cmd, on_app_reply, c, argc, argv, argvlen) < 0) {
+    free(c);
+    return IM_ECLOSED;
+  }
+  return 0;
+}
