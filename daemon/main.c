@@ -27,7 +27,7 @@ typedef struct option_def {
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
-       O_DURABLE, O_N };
+       O_DURABLE, O_MAX_ROOMS, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -57,6 +57,8 @@ static const option_def options[O_N] = {
                       "days messages are kept, 0 = forever [30]"},
     [O_DURABLE] = {"--fsync", "IMD_FSYNC", "fsync",
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
+    [O_MAX_ROOMS] = {"--max-rooms", "IMD_MAX_ROOMS", "max_rooms",
+                     "rooms one connection may be in, 0 = unlimited [64]"},
 };
 
 static const char *defaults[O_N] = {
@@ -64,7 +66,7 @@ static const char *defaults[O_N] = {
     [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
     [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",      [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
-    [O_DURABLE] = "on",
+    [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",
 };
 
 static void usage(FILE *f) {
@@ -262,7 +264,8 @@ int main(int argc, char **argv) {
       parse_u32("ack-timeout", vals[O_ACK_TIMEOUT], &icfg.ack_timeout_ms) < 0 ||
       parse_u32("ack-retries", vals[O_ACK_RETRIES], &icfg.ack_retries) < 0 ||
       parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
-      parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0)
+      parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0 ||
+      parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0)
     return 2;
   if (icfg.ack_timeout_ms < 100 || inbox_days > IMD_INBOX_DAYS_MAX) {
     fprintf(stderr, "imd: %s\n", inbox_days > IMD_INBOX_DAYS_MAX ? "inbox-days: at most 36500"

@@ -122,6 +122,8 @@ typedef struct im_config {
   const im_allocator *alloc; /* NULL = malloc/free. Used for connections, buffers, queues and
                                 registry entries; the handshake parser, hash buckets and the
                                 timer wheel still use malloc directly */
+  uint32_t max_rooms;        /* rooms one connection may be in at once; a join over it is refused
+                                (IM_ELIMIT; IMP error 429 "too many rooms"). 0 = unlimited. 64 */
 } im_config;
 
 /* Fill cfg with the defaults above. */
@@ -319,7 +321,8 @@ IM_EXTERN int im_send_users(im_server *srv, const char *const *uids, size_t n, c
 /* Join / leave a room (created on first join, freed when empty).
  * Returns 0 (also when already a member / not a member), IM_ENOENT,
  * IM_ESTATE (not authenticated), IM_EINVAL (room name empty or over 128
- * bytes; join only), IM_ENOMEM. */
+ * bytes; join only), IM_ELIMIT (join only: c is already in max_rooms
+ * rooms), IM_ENOMEM. */
 IM_EXTERN int im_room_join(im_server *srv, im_conn_id c, const char *room);
 IM_EXTERN int im_room_leave(im_server *srv, im_conn_id c, const char *room);
 /* Send to every connection in the room except `except`; encoded once.

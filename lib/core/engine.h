@@ -234,6 +234,8 @@ dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n);
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);
 void reg_user_del(im_server *s, im_conn *c);
 im_user *reg_user_find(const im_server *s, const char *uid, size_t len);
+/* Returns 0 (joined or already a member), IM_ELIMIT (c is in max_rooms
+ * rooms already) or IM_ENOMEM. */
 int reg_room_join(im_server *s, im_conn *c, const char *room, size_t len);
 /* Returns 1 if c was a member and left, 0 if it was not. */
 int reg_room_leave(im_server *s, im_conn *c, const char *room, size_t len);

@@ -36,6 +36,7 @@ void im_config_init(im_config *cfg) {
   cfg->ack_retries = 3;
   cfg->max_inflight = 128;
   cfg->dedupe_window = 32;
+  cfg->max_rooms = 64;
 }
 
 static uint64_t rng_next(im_server *s) {
@@ -687,7 +688,8 @@ static void on_room_op(im_server *s, im_conn *c, const imp_packet *p, int join) 
   }
   int rc = join ? reg_room_join(s, c, room, r->n) : (reg_room_leave(s, c, room, r->n), 0);
   if (rc < 0) {
-    send_error(s, c, 500, "out of memory", cid);
+    send_error(s, c, rc == IM_ELIMIT ? 429 : 500,
+               rc == IM_ELIMIT ? "too many rooms" : "out of memory", cid);
     return;
   }
   if (cid) {
