@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -27,7 +28,7 @@ typedef struct option_def {
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
-       O_DURABLE, O_MAX_ROOMS, O_N };
+       O_DURABLE, O_MAX_ROOMS, O_MAX_CONNS_USER, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -46,7 +47,7 @@ static const option_def options[O_N] = {
     [O_AUTH_TIMEOUT] = {"--auth-timeout", "IMD_AUTH_TIMEOUT", "auth_timeout",
                         "ms to authenticate              [10000]"},
     [O_MAX_CONNS] = {"--max-connections", "IMD_MAX_CONNECTIONS", "max_connections",
-                     "0 = unlimited                   [0]"},
+                     "0 = unlimited; auto: from the open-file limit [auto]"},
     [O_ACK_TIMEOUT] = {"--ack-timeout", "IMD_ACK_TIMEOUT", "ack_timeout",
                        "ms before an unACKed push is resent [18000]"},
     [O_ACK_RETRIES] = {"--ack-retries", "IMD_ACK_RETRIES", "ack_retries",
@@ -59,14 +60,17 @@ static const option_def options[O_N] = {
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
     [O_MAX_ROOMS] = {"--max-rooms", "IMD_MAX_ROOMS", "max_rooms",
                      "rooms one connection may be in, 0 = unlimited [64]"},
+    [O_MAX_CONNS_USER] = {"--max-conns-per-user", "IMD_MAX_CONNS_PER_USER", "max_conns_per_user",
+                          "connections of one uid, 0 = unlimited [32]"},
 };
 
 static const char *defaults[O_N] = {
     [O_WS] = "127.0.0.1:8080", [O_TCP] = "127.0.0.1:8081", [O_HTTP] = "127.0.0.1:8082",
     [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
-    [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",      [O_ACK_TIMEOUT] = "18000",
+    [O_AUTH_TIMEOUT] = "10000", [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
-    [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",
+    [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
+    [O_MAX_CONNS] = "auto",
 };
 
 static void usage(FILE *f) {
@@ -135,6 +139,27 @@ static int parse_u32(const char *name, const char *v, uint32_t *out) {
     return -1;
   }
   *out = (uint32_t)n;
+  return 0;
+}
+
+/* Cap of "auto" max-connections, whatever the open-file limit. */
+#define IMD_AUTO_CONNS_MAX 100000u
+/* Descriptors kept back from client connections: listeners, the store,
+ * HTTP API clients, the config and secret files. */
+#define IMD_FD_RESERVE 128u
+
+/* "auto": every client costs a descriptor, so fit the open-file limit
+ * (minus a reserve), at most IMD_AUTO_CONNS_MAX. Beyond it, accept(2) would
+ * fail with EMFILE for clients and the API alike; at the limit the engine
+ * closes a new connection at once instead. */
+static int parse_max_conns(const char *v, uint32_t *out) {
+  if (strcmp(v, "auto") != 0) return parse_u32("max-connections", v, out);
+  struct rlimit rl;
+  uint64_t n = IMD_AUTO_CONNS_MAX;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    n = rl.rlim_cur > 2 * IMD_FD_RESERVE ? rl.rlim_cur - IMD_FD_RESERVE : rl.rlim_cur / 2;
+  if (n > IMD_AUTO_CONNS_MAX) n = IMD_AUTO_CONNS_MAX;
+  *out = n ? (uint32_t)n : 1;
   return 0;
 }
 
@@ -260,12 +285,13 @@ int main(int argc, char **argv) {
   if (parse_u32("max-message", vals[O_MAX_MESSAGE], &icfg.max_message) < 0 ||
       parse_u32("heartbeat", vals[O_HEARTBEAT], &icfg.heartbeat_s) < 0 ||
       parse_u32("auth-timeout", vals[O_AUTH_TIMEOUT], &icfg.auth_timeout_ms) < 0 ||
-      parse_u32("max-connections", vals[O_MAX_CONNS], &icfg.max_connections) < 0 ||
+      parse_max_conns(vals[O_MAX_CONNS], &icfg.max_connections) < 0 ||
       parse_u32("ack-timeout", vals[O_ACK_TIMEOUT], &icfg.ack_timeout_ms) < 0 ||
       parse_u32("ack-retries", vals[O_ACK_RETRIES], &icfg.ack_retries) < 0 ||
       parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
       parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0 ||
-      parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0)
+      parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0 ||
+      parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0)
     return 2;
   if (icfg.ack_timeout_ms < 100 || inbox_days > IMD_INBOX_DAYS_MAX) {
     fprintf(stderr, "imd: %s\n", inbox_days > IMD_INBOX_DAYS_MAX ? "inbox-days: at most 36500"
@@ -340,6 +366,8 @@ int main(int argc, char **argv) {
   }
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
+    printf("imd: at most %u connections (0: no limit), %u per user\n",
+           icfg.max_connections, icfg.max_conns_per_user);
     fflush(stdout);
     event_base_dispatch(d.base);
   }

@@ -124,6 +124,13 @@ typedef struct im_config {
                                 timer wheel still use malloc directly */
   uint32_t max_rooms;        /* rooms one connection may be in at once; a join over it is refused
                                 (IM_ELIMIT; IMP error 429 "too many rooms"). 0 = unlimited. 64 */
+  uint32_t max_preauth_input; /* bytes a connection may send before it is authenticated: the
+                                upgrade request (over it: HTTP 431), one frame or message (close
+                                1009), input held while auth is pending (close 1009). 0 = only
+                                the other limits. 8192 */
+  uint32_t max_conns_per_user; /* authenticated connections of one uid; the auth that would
+                                exceed it is refused (IMP error 429 and close 1008, or HTTP 403
+                                for upgrade-query auth). 0 = unlimited. 32 */
 } im_config;
 
 /* Fill cfg with the defaults above. */

@@ -85,6 +85,7 @@ typedef struct im_conn {
   uint64_t sync_since;     /* since of the auth op (CF_SYNC_ON_OPEN) */
   im_rel *rel;             /* reliable-delivery state, allocated on first use */
   char peer[56];   /* "[v6-mapped address]:port" fits */
+  uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
 } im_conn;
 
 /* A reliable downstream message on one connection (reliable.c). */

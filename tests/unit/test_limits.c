@@ -323,9 +323,133 @@ static void test_max_rooms(void **st) {
   im_server_free(s);
 }
 
+static void test_preauth_input_limit(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  assert_int_equal(cfg.max_preauth_input, 8192);
+  cfg.max_preauth_input = 256;
+  im_server *s = new_server(&f, &cfg);
+  static uint8_t out[70000];
+  char big[300];
+  memset(big, 'x', sizeof big);
+
+  /* WebSocket, upgraded, not authenticated: a 300-byte frame is refused
+   * from its header (1009), though max_message would allow it */
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  uint8_t hdr[] = {0x81, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4}; /* text, masked, 300 bytes */
+  im_server_feed(s, c, hdr, sizeof hdr);
+  expect_closed_with(s, &f, c, 1009);
+
+  /* the same frame after authentication is fine */
+  c = ws_open(s, &f, "alice");
+  char msg[400];
+  snprintf(msg, sizeof msg, "{\"op\":\"msg\",\"cid\":\"c\",\"data\":\"%.*s\"}", 250, big);
+  assert_int_equal(feed_text(s, c, msg), 0);
+  assert_int_equal(f.msgs, 1);
+
+  /* fragments add up: 200 + 200 bytes before auth */
+  c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_frame(s, c, 0x1, 0, big, 200);
+  feed_frame(s, c, 0x0, 1, big, 200);
+  expect_closed_with(s, &f, c, 1009);
+
+  /* TCP: a length prefix over the limit before auth: error op, then closed */
+  c = im_server_accept(s, IM_TRANSPORT_TCP, "127.0.0.1:2", NULL);
+  uint8_t tcp[] = {0, 0, 0x01, 0x2c, 0x03};
+  im_server_feed(s, c, tcp, sizeof tcp);
+  size_t n = drain(s, c, out, sizeof out);
+  assert_true(n > 5 && out[4] == 0x0b);
+  assert_non_null(memmem(out, n, "before authentication", 21));
+  assert_true(f.closed[f.nclosed - 1] == c);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1009);
+
+  /* an upgrade request longer than the limit: 431 */
+  char hdrs[400];
+  snprintf(hdrs, sizeof hdrs, "X-Pad: %.*s\r\n", 280, big);
+  c = ws_accept(s, NULL, hdrs);
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 431"));
+  assert_true(f.closed[f.nclosed - 1] == c);
+  /* ... fed in small pieces too */
+  char req[1024];
+  snprintf(req, sizeof req,
+           "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+           hdrs);
+  c = im_server_accept(s, IM_TRANSPORT_WS, "127.0.0.1:3", NULL);
+  for (size_t i = 0; i < strlen(req); i += 7) {
+    size_t k = strlen(req) - i < 7 ? strlen(req) - i : 7;
+    if (im_server_feed(s, c, req + i, k) != 0) break;
+  }
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 431"));
+
+  /* input held while an auth is pending is bounded by the limit too */
+  f.auth_mode = IM_AUTH_PENDING;
+  c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_text(s, c, "{\"op\":\"auth\",\"uid\":\"p\",\"token\":\"t\"}");
+  assert_true(f.pending_auth == c);
+  assert_int_equal(feed_frame(s, c, 0x1, 1, big, 150), 0);
+  feed_frame(s, c, 0x1, 1, big, 150);
+  drain(s, c, out, sizeof out);
+  assert_true(f.closed[f.nclosed - 1] == c);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1009);
+  im_server_free(s);
+}
+
+static void test_max_conns_per_user(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  assert_int_equal(cfg.max_conns_per_user, 32);
+  cfg.max_conns_per_user = 2;
+  im_server *s = new_server(&f, &cfg);
+  static uint8_t out[4096];
+  im_conn_id a1 = ws_open(s, &f, "alice");
+  im_conn_id a2 = ws_open(s, &f, "alice");
+  im_conn_id b = ws_open(s, &f, "bob");
+  (void)b;
+  /* the third alice is refused: error 429, then close 1008 */
+  im_conn_id a3 = ws_accept(s, NULL, NULL);
+  drain(s, a3, out, sizeof out);
+  int opens = f.opens;
+  feed_text(s, a3, "{\"op\":\"auth\",\"uid\":\"alice\",\"token\":\"t\"}");
+  assert_int_equal(f.opens, opens);
+  assert_int_equal(errors_with(s, a3, 429, "too many connections for this user"), 1);
+  assert_true(f.closed[f.nclosed - 1] == a3);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1008);
+  /* through the upgrade query: HTTP 403 with the reason */
+  im_conn_id a4 = ws_accept(s, "?uid=alice&token=t", NULL);
+  size_t n = drain(s, a4, out, sizeof out);
+  assert_true(n > 0);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 403"));
+  assert_non_null(strstr((char *)out, "too many connections for this user"));
+  /* the two open ones are untouched */
+  im_conn_id ids[4];
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.conns_authed, 3);
+  assert_int_equal(stt.auth_failures, 2);
+  /* one gone: a new one fits */
+  im_server_hangup(s, a1);
+  im_conn_id a5 = ws_open(s, &f, "alice");
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
+  (void)a2, (void)a5;
+  im_server_free(s);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_max_rooms),
+      cmocka_unit_test(test_preauth_input_limit),
+      cmocka_unit_test(test_max_conns_per_user),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
