@@ -28,7 +28,7 @@ typedef struct option_def {
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
-       O_DURABLE, O_MAX_ROOMS, O_MAX_CONNS_USER, O_N };
+       O_DURABLE, O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -62,6 +62,10 @@ static const option_def options[O_N] = {
                      "rooms one connection may be in, 0 = unlimited [64]"},
     [O_MAX_CONNS_USER] = {"--max-conns-per-user", "IMD_MAX_CONNS_PER_USER", "max_conns_per_user",
                           "connections of one uid, 0 = unlimited [32]"},
+    [O_SECRET_FILE] = {"--secret-file", "IMD_SECRET_FILE", "secret_file",
+                       "read the token secret from FILE (first line)"},
+    [O_API_KEY_FILE] = {"--api-key-file", "IMD_API_KEY_FILE", "api_key_file",
+                        "read the API key from FILE (first line, >= 16 bytes)"},
 };
 
 static const char *defaults[O_N] = {
@@ -175,11 +179,33 @@ static int read_line_file(const char *path, char *out, size_t cap) {
   return *out ? 0 : -1;
 }
 
+/* Warn when path (a directory or a secret file) can be read by others. */
+static void warn_loose_mode(const char *path, const char *what) {
+  struct stat st;
+  if (stat(path, &st) == 0 && (st.st_mode & 077))
+    fprintf(stderr, "imd: warning: %s %s has mode %04o: group and others can reach it; "
+                    "chmod %s it\n",
+            what, path, (unsigned)(st.st_mode & 07777), S_ISDIR(st.st_mode) ? "700" : "600");
+}
+
+/* A credential given as a file: its first line, trimmed. */
+static int read_credential(const char *flag, const char *path, char *out, size_t cap) {
+  errno = 0;
+  if (read_line_file(path, out, cap) < 0) {
+    fprintf(stderr, "imd: %s: cannot read a value from %s: %s\n", flag, path,
+            errno ? strerror(errno) : "empty file");
+    return -1;
+  }
+  warn_loose_mode(path, "secret file");
+  return 0;
+}
+
 /* Use DATA/name if present, else generate a new secret into it (0600). */
 static int load_or_make(const char *dir, const char *name, char *out, size_t cap) {
   char path[4096];
   snprintf(path, sizeof path, "%s/%s", dir, name);
   if (read_line_file(path, out, cap) == 0) {
+    warn_loose_mode(path, "secret file");
     printf("imd: %s read from %s\n", name, path);
     return 0;
   }
@@ -244,6 +270,13 @@ static int cmd_token(int argc, char **argv) {
   return 0;
 }
 
+/* Largest --max-message: the engine keeps message and frame lengths in
+ * 32-bit counters and the HTTP body limit is 4 x max_message + 4096; 16 MiB
+ * keeps every such sum far from overflow (and is more than any chat
+ * message needs). */
+#define IMD_MAX_MESSAGE_MAX (16u << 20)
+#define IMD_API_KEY_MIN 16
+
 /* store_opts.keep_age_s counts seconds in 32 bits: 100 years fit */
 #define IMD_INBOX_DAYS_MAX 36500u
 
@@ -265,6 +298,9 @@ int main(int argc, char **argv) {
       return 2;
     }
     vals[k] = argv[++i];
+    if (k == O_SECRET || k == O_API_KEY)
+      fprintf(stderr, "imd: warning: %s on the command line is visible to every local user "
+                      "(/proc/PID/cmdline); prefer %s-file\n", options[k].flag, options[k].flag);
   }
   for (int k = 0; k < O_N; k++)
     if (!vals[k]) vals[k] = getenv(options[k].env);
@@ -293,6 +329,16 @@ int main(int argc, char **argv) {
       parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0 ||
       parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0)
     return 2;
+  if (icfg.max_message < 16 || icfg.max_message > IMD_MAX_MESSAGE_MAX) {
+    fprintf(stderr, "imd: max-message: between 16 and %u bytes\n", IMD_MAX_MESSAGE_MAX);
+    return 2;
+  }
+  if ((vals[O_SECRET] && vals[O_SECRET_FILE]) || (vals[O_API_KEY] && vals[O_API_KEY_FILE])) {
+    fprintf(stderr, "imd: give %s or %s-file, not both\n",
+            vals[O_SECRET] && vals[O_SECRET_FILE] ? "--secret" : "--api-key",
+            vals[O_SECRET] && vals[O_SECRET_FILE] ? "--secret" : "--api-key");
+    return 2;
+  }
   if (icfg.ack_timeout_ms < 100 || inbox_days > IMD_INBOX_DAYS_MAX) {
     fprintf(stderr, "imd: %s\n", inbox_days > IMD_INBOX_DAYS_MAX ? "inbox-days: at most 36500"
                                                        : "ack-timeout: at least 100 ms");
@@ -304,12 +350,21 @@ int main(int argc, char **argv) {
     return 2;
   }
   store_opts.no_fsync = !strcmp(vals[O_DURABLE], "off");
+  /* everything imd creates (the data dir, secret, api-key, groups.json,
+   * the store) is for its own user only */
+  umask(077);
   if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
     fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
     return 1;
   }
+  warn_loose_mode(d.cfg.data_dir, "data dir");
   char secret_text[256], key_text[256];
   const char *secret = vals[O_SECRET];
+  if (!secret && vals[O_SECRET_FILE]) {
+    if (read_credential("secret-file", vals[O_SECRET_FILE], secret_text, sizeof secret_text) < 0)
+      return 2;
+    secret = secret_text;
+  }
   if (!secret) {
     if (load_or_make(d.cfg.data_dir, "secret", secret_text, sizeof secret_text) < 0) return 1;
     secret = secret_text;
@@ -321,9 +376,18 @@ int main(int argc, char **argv) {
   }
   d.secret_len = (size_t)sl;
   const char *api_key = vals[O_API_KEY];
+  if (!api_key && vals[O_API_KEY_FILE]) {
+    if (read_credential("api-key-file", vals[O_API_KEY_FILE], key_text, sizeof key_text) < 0)
+      return 2;
+    api_key = key_text;
+  }
   if (!api_key) {
     if (load_or_make(d.cfg.data_dir, "api-key", key_text, sizeof key_text) < 0) return 1;
     api_key = key_text;
+  }
+  if (strlen(api_key) < IMD_API_KEY_MIN) {
+    fprintf(stderr, "imd: the API key must be at least %d bytes\n", IMD_API_KEY_MIN);
+    return 2;
   }
   snprintf(d.api_key, sizeof d.api_key, "%s", api_key);
   if (imd_groups_load(&d) < 0) return 1;

@@ -136,9 +136,15 @@ typedef struct im_config {
 /* Fill cfg with the defaults above. */
 IM_EXTERN void im_config_init(im_config *cfg);
 
+/* Longest device and platform accepted in an auth, bytes; a longer one is
+ * refused (error 400 "device too long" / "platform too long", or HTTP 403
+ * for upgrade-query auth) before on_auth runs. */
+#define IM_DEVICE_MAX 64
+
 /* Credentials of an authentication attempt (from an IMP auth op or the
  * ?uid=&token=&device=&platform= query of the WebSocket upgrade).
- * Strings are NUL-terminated; device and platform are "" when absent. */
+ * Strings are NUL-terminated; device and platform are "" when absent
+ * and at most IM_DEVICE_MAX bytes. */
 typedef struct im_auth {
   const char *uid;
   const char *token;

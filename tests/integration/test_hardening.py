@@ -21,8 +21,8 @@ import urllib.parse
 sys.dont_write_bytecode = True          # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire  # noqa: E402
-from imdclient import (API_KEY, T, Client, Imd, ImdCase, api, assert_clean_exit,  # noqa: E402,F401
-                       decode_bin, open_tcp, py_token, scenario, upgrade_status, within)
+from imdclient import (API_KEY, SECRET, T, Client, Imd, ImdCase, api,  # noqa: E402,F401
+                       assert_clean_exit, connect, parse_metrics, run_cli, decode_bin, open_tcp, py_token, scenario, upgrade_status, within)
 
 
 # ================================================================== rooms ===
@@ -175,6 +175,162 @@ class TestMaxConnectionsAuto(unittest.TestCase):
             os.unlink(wrapper)
             os.rmdir(tmp)
         assert_clean_exit(rc, log)
+
+
+# ============================================== client-chosen strings ===
+
+class TestDeviceAndPlatform(ImdCase):
+    @scenario()
+    async def test_over_64_bytes_refused(self):
+        uid = self.uid('a')
+        for field in ('device', 'platform'):
+            for kind in ('json', 'tcp'):
+                c = await Client.open(self.srv.tcp if kind == 'tcp' else self.srv.ws, kind)
+                dev, plat = ('d' * 65, 'web') if field == 'device' else ('d1', 'p' * 65)
+                m = await c.auth(uid, py_token(uid), dev, plat)
+                self.assertEqual((m['op'], m.get('code'), m.get('reason')),
+                                 ('error', 400, field + ' too long'), m['_raw'])
+                self.assertEqual(await c.closed(), 4401)
+            q = urllib.parse.urlencode({'uid': uid, 'token': py_token(uid),
+                                        field: 'x' * 65}, quote_via=urllib.parse.quote)
+            self.assertEqual(await upgrade_status(self.srv.ws, '/ws?' + q), 403)
+        c = await self.client('json', 'a', device='d' * 64, platform='p' * 64)
+        await c.close()
+
+    @scenario()
+    async def test_platform_series_cannot_be_exhausted(self):
+        async def by_platform():
+            r = await api(self.srv, 'GET', '/metrics')
+            self.assertEqual(r.status, 200, r)
+            return {k: v for k, v in parse_metrics(r.body.decode()).items()
+                    if k.startswith('imd_connections_by_platform')}
+
+        async def settled():
+            # on_close runs when the transport goes; wait until every
+            # connection of this test is counted out
+            for _ in range(200):
+                m = await by_platform()
+                if sum(m.values()) == 0:
+                    return m
+                await asyncio.sleep(0.02)
+            self.fail('connections still counted: %r' % m)
+
+        # more made-up platforms than there are series, one after another
+        for i in range(40):
+            c = await self.client('tcp', 'junk%d' % i, platform='junk-%d' % i)
+            await c.close()
+        await settled()
+        # then 20 at once: 16 get a series, the rest are "other"
+        held = [await self.client('tcp', 'held%d' % i, platform='held-%d' % i) for i in range(20)]
+        m = await by_platform()
+        self.assertEqual(m['imd_connections_by_platform{platform="other"}'], 4, m)
+        self.assertEqual(sum(m.values()), 20, m)
+        for c in held:
+            await c.close()
+        m = await settled()
+        self.assertEqual(len(m), 17, m)         # 16 idle series at 0, and "other"
+        # a real platform still gets its own series
+        w = await self.client('json', 'w', platform='web')
+        m = await by_platform()
+        self.assertEqual(m.get('imd_connections_by_platform{platform="web"}'), 1, m)
+        await w.close()
+
+
+# ============================================= credentials and data dir ===
+
+class TestCredentialsAndDataDir(unittest.TestCase):
+    def start(self, *args, **kw):
+        srv = Imd(*args, **kw)
+        self.addCleanup(srv.remove_data)
+        self.addCleanup(lambda: srv.alive() and srv.kill())
+        return srv
+
+    def tmpdir(self):
+        d = tempfile.mkdtemp(prefix='imd-it-cred-')
+        self.addCleanup(lambda: __import__('shutil').rmtree(d, ignore_errors=True))
+        return d
+
+    @scenario()
+    async def test_secret_and_api_key_files(self):
+        d = self.tmpdir()
+        sf, kf = os.path.join(d, 'secret'), os.path.join(d, 'key')
+        for path, text in ((sf, SECRET), (kf, 'file-api-key-0123456789')):
+            with open(path, 'w') as f:
+                f.write(text + '\n')
+            os.chmod(path, 0o600)
+        srv = self.start('--secret-file', sf, '--api-key-file', kf, secret=None, api_key=None)
+        c = await connect(srv, 'json', 'filed')            # a token of SECRET verifies
+        r = await api(srv, 'GET', '/v1/users/filed/presence', key='file-api-key-0123456789')
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual((await api(srv, 'GET', '/metrics', key=API_KEY)).status, 401)
+        await c.close()
+        self.assertNotIn('visible to every local user', srv.log())
+        self.assertNotIn('warning', srv.log())
+        assert_clean_exit(*srv.stop())
+        # a secret on the command line works, with a warning
+        srv = self.start()
+        self.assertIn('--secret on the command line is visible', srv.log())
+        self.assertIn('--api-key on the command line is visible', srv.log())
+        assert_clean_exit(*srv.stop())
+
+    def test_bad_credentials_exit_2(self):
+        d = self.tmpdir()
+        short = os.path.join(d, 'short')
+        with open(short, 'w') as f:
+            f.write('fifteen-bytes-k\n')
+        empty = os.path.join(d, 'empty')
+        open(empty, 'w').close()
+        data = os.path.join(d, 'data')
+        base = ('--data', data, '--ws', 'off', '--tcp', 'off', '--http', 'off')
+        for args, msg in (
+                (('--secret', SECRET, '--secret-file', short), 'not both'),
+                (('--api-key', 'k' * 20, '--api-key-file', short, '--secret', SECRET), 'not both'),
+                (('--secret-file', os.path.join(d, 'missing')), 'cannot read'),
+                (('--secret-file', empty), 'cannot read'),
+                (('--secret', SECRET, '--api-key-file', short), 'at least 16'),
+                (('--secret', SECRET, '--api-key', 'fifteen-bytes-k'), 'at least 16'),
+                (('--secret', SECRET, '--max-message', str((16 << 20) + 1)), 'max-message'),
+                (('--secret', SECRET, '--max-message', '15'), 'max-message'),
+                (('--secret', SECRET, '--max-message', '4294967295'), 'max-message')):
+            with self.subTest(args=args):
+                rc, out, err = run_cli(*base, *args)
+                self.assertEqual(rc, 2, (out, err))
+                self.assertIn(msg, err)
+
+    @scenario()
+    async def test_data_dir_modes(self):
+        # a new data dir (imd makes it), under a permissive umask: 0700, and
+        # everything imd writes in it is for its own user only
+        parent = self.tmpdir()
+        data = os.path.join(parent, 'data')
+        old = os.umask(0o022)
+        try:
+            # (the later --data wins; the fixture's own must exist: it is the cwd)
+            srv = self.start('--data', data, data=parent, secret=None, api_key=None)
+        finally:
+            os.umask(old)
+        self.assertEqual(stat.S_IMODE(os.stat(data).st_mode), 0o700)
+        with open(os.path.join(data, 'api-key')) as f:
+            key = f.read().strip()
+        r = await api(srv, 'PUT', '/v1/groups/g/members', {'add': ['x']}, key=key)
+        self.assertEqual(r.status, 200, r)      # writes groups.json
+        log = srv.log()
+        assert_clean_exit(*srv.stop())
+        names = sorted(os.listdir(data))
+        self.assertIn('groups.json', names)
+        for name in names:
+            mode = stat.S_IMODE(os.stat(os.path.join(data, name)).st_mode)
+            self.assertEqual(mode & 0o077, 0, '%s has mode %o' % (name, mode))
+        self.assertNotIn('warning', log)
+        # an existing data dir and secret open to others: warned about
+        os.chmod(data, 0o755)
+        os.chmod(os.path.join(data, 'secret'), 0o644)
+        srv2 = self.start('--data', data, data=parent, secret=None, api_key=None)
+        log = srv2.log()
+        self.assertIn('data dir %s has mode 0755' % data, log)
+        self.assertIn('secret file %s has mode 0644' % os.path.join(data, 'secret'), log)
+        self.assertNotIn(os.path.join(data, 'api-key'), log)
+        assert_clean_exit(*srv2.stop())
 
 
 def main():
