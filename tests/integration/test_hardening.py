@@ -333,6 +333,47 @@ class TestCredentialsAndDataDir(unittest.TestCase):
         assert_clean_exit(*srv2.stop())
 
 
+# ========================================================== the API key ===
+
+class TestApiKeyEveryRoute(ImdCase):
+    ROUTES = (('POST', '/v1/messages', {'to': 'victim', 'data': 1}),
+              ('GET', '/v1/users/victim/presence', None),
+              ('GET', '/v1/users/victim/inbox', None),
+              ('POST', '/v1/users/victim/kick', {}),
+              ('GET', '/v1/groups/g1/members', None),
+              ('PUT', '/v1/groups/g1/members', {'add': ['intruder']}),
+              ('GET', '/metrics', None))
+
+    @scenario()
+    async def test_missing_or_wrong_key_401_and_no_effect(self):
+        victim = await connect(self.srv, 'json', 'victim')
+        r = await api(self.srv, 'PUT', '/v1/groups/g1/members', {'add': ['victim']})
+        self.assertEqual(r.status, 200, r)
+        for method, path, body in self.ROUTES:
+            for key, headers in ((None, None), ('wrong-key-0123456789', None),
+                                 (API_KEY + 'x', None), (API_KEY[:-1], None),
+                                 (None, {'Authorization': 'Basic ' + API_KEY}),
+                                 (None, {'Authorization': 'Bearer'})):
+                with self.subTest(method=method, path=path, key=key, headers=headers):
+                    r = await api(self.srv, method, path, body, key=key, headers=headers)
+                    self.assertEqual(r.status, 401, r)
+                    self.assertEqual(r.ctype, 'application/json', r)
+                    self.assertIsInstance(r.json, dict, r)
+                    self.assertIsInstance(r.json.get('error'), str, r)
+        # none of them did anything: no message, no kick, no new member
+        await victim.barrier('nothing pushed or closed by a refused request')
+        r = await api(self.srv, 'GET', '/v1/groups/g1/members')
+        self.assertEqual((r.status, r.json), (200, {'gid': 'g1', 'members': ['victim']}), r)
+        r = await api(self.srv, 'GET', '/v1/users/victim/inbox')
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(r.json.get('last'), 0, r)            # nothing stored
+        # and every route works with the right key
+        for method, path, body in self.ROUTES:
+            with self.subTest(method=method, path=path, key='right'):
+                r = await api(self.srv, method, path, body)
+                self.assertEqual(r.status // 100, 2, r)
+
+
 def main():
     argv = list(sys.argv)
     if '--imd' in argv:

@@ -445,11 +445,68 @@ static void test_max_conns_per_user(void **st) {
   im_server_free(s);
 }
 
+/* Three connections of one uid; the newest hangs up, then the middle one:
+ * the registry and a send to the uid must reach exactly the oldest (the
+ * unlinking of a list head and of an inner node). Then the same with the
+ * other orders. */
+static void registry_keeps_one(int first, int second) {
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c[3];
+  for (int i = 0; i < 3; i++) c[i] = ws_open(s, &f, "u");
+  im_conn_id other = ws_open(s, &f, "v");
+  im_conn_id ids[4];
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 3);
+  assert_int_equal(im_server_hangup(s, c[first]), 0);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 2);
+  assert_int_equal(im_server_hangup(s, c[second]), 0);
+  int keep = 3 - first - second;
+  memset(ids, 0, sizeof ids);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 1);
+  assert_true(ids[0] == c[keep]);
+  im_msg m = {.from = "sys", .data = "\"hi\"", .data_len = 4};
+  assert_int_equal(im_send_user(s, "u", &m, 0), 1);
+  assert_int_equal(im_send_user(s, "u", &m, c[keep]), 0);
+  const char *uids[] = {"u", "v"};
+  assert_int_equal(im_send_users(s, uids, 2, &m, 0), 2);
+  static uint8_t out[4096];
+  size_t n = drain(s, c[keep], out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  for (int i = 0; i < 2; i++) assert_non_null(memmem(fr[i].pl, fr[i].len, "\"hi\"", 4));
+  n = drain(s, other, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(im_send_conn(s, c[first], &m), IM_ENOENT);
+  assert_int_equal(im_send_conn(s, c[second], &m), IM_ENOENT);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.users, 2);
+  assert_int_equal(stt.conns_authed, 2);
+  /* the last one leaves: the uid is gone */
+  im_server_hangup(s, c[keep]);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 0);
+  assert_int_equal(im_send_user(s, "u", &m, 0), 0);
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.users, 1);
+  im_server_free(s);
+}
+
+static void test_registry_newest_then_middle(void **st) {
+  (void)st;
+  registry_keeps_one(2, 1); /* the brief's order: the oldest stays */
+  registry_keeps_one(1, 2);
+  registry_keeps_one(0, 1);
+  registry_keeps_one(0, 2);
+  registry_keeps_one(1, 0);
+  registry_keeps_one(2, 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_max_rooms),
       cmocka_unit_test(test_preauth_input_limit),
       cmocka_unit_test(test_max_conns_per_user),
+      cmocka_unit_test(test_registry_newest_then_middle),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
