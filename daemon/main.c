@@ -2,7 +2,8 @@
  *   imd [--ws ADDR] [--tcp ADDR] [--http ADDR] [--secret S] [--api-key K]
  *       [--data DIR] [--config FILE] [limits, delivery and retention flags:
  *       see usage() / imd(8)]
- *   imd token --secret S --uid U [--device D] [--ttl SECONDS]
+ *   imd token (--secret S | --secret-file FILE | --data DIR) --uid U [--device D]
+ *             [--ttl SECONDS]
  * Flags beat environment variables (IMD_WS, ...), which beat the config
  * file, which beats the defaults. */
 #include <errno.h>
@@ -78,7 +79,11 @@ static const char *defaults[O_N] = {
 };
 
 static void usage(FILE *f) {
-  fprintf(f, "usage: imd [options]\n       imd token --secret S --uid U [--device D] [--ttl SECONDS]\n\n"
+  fprintf(f, "usage: imd [options]\n"
+             "       imd token (--secret S | --secret-file FILE | --data DIR) --uid U [--device D]\n"
+             "                 [--ttl SECONDS]\n"
+             "         mint a token; the secret comes from --secret, IMD_SECRET, the first line of\n"
+             "         --secret-file FILE, or DIR/secret of the data dir --data DIR\n\n"
              "options (each also read from the environment variable shown, or the config file key):\n");
   for (int i = 0; i < O_N; i++)
     fprintf(f, "  %-20s %-22s %s\n", options[i].flag, options[i].env, options[i].help);
@@ -221,7 +226,7 @@ static int load_or_make(const char *dir, const char *name, char *out, size_t cap
 
 static int cmd_token(int argc, char **argv) {
   const char *secret = getenv("IMD_SECRET"), *uid = NULL, *device = NULL, *ttl = "86400";
-  const char *data = NULL;
+  const char *data = NULL, *secret_file = NULL;
   for (int i = 2; i < argc; i++) {
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(argv[i], "--help")) {
@@ -237,6 +242,7 @@ static int cmd_token(int argc, char **argv) {
     else if (!strcmp(argv[i], "--device")) device = v;
     else if (!strcmp(argv[i], "--ttl")) ttl = v;
     else if (!strcmp(argv[i], "--data")) data = v;
+    else if (!strcmp(argv[i], "--secret-file")) secret_file = v;
     else {
       fprintf(stderr, "imd token: unknown option '%s'\n", argv[i]);
       return 2;
@@ -244,14 +250,18 @@ static int cmd_token(int argc, char **argv) {
     i++;
   }
   static char from_file[256];
-  if (!secret && data) {
+  if (secret_file) {
+    if (read_credential("token --secret-file", secret_file, from_file, sizeof from_file) < 0)
+      return 2;
+    secret = from_file;
+  } else if (!secret && data) {
     char path[4096];
     snprintf(path, sizeof path, "%s/secret", data);
     if (read_line_file(path, from_file, sizeof from_file) == 0) secret = from_file;
   }
   uint32_t ttl_s;
   if (!secret || !uid || parse_u32("--ttl", ttl, &ttl_s) < 0) {
-    fprintf(stderr, "imd token: needs --secret (or --data DIR) and --uid\n");
+    fprintf(stderr, "imd token: needs --secret, --secret-file FILE or --data DIR, and --uid\n");
     return 2;
   }
   uint8_t key[256];

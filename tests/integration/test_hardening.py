@@ -374,6 +374,112 @@ class TestApiKeyEveryRoute(ImdCase):
                 self.assertEqual(r.status // 100, 2, r)
 
 
+# ================================== documented behaviour (PROTOCOL.md, imd.8) ===
+
+class TestDocumentedAnswers(ImdCase):
+    server_args = ('--max-message', '4096')
+
+    @scenario()
+    async def test_sync_beyond_the_inbox_end(self):
+        """docs/PROTOCOL.md §8.11 / §16.4: a since beyond the inbox's end
+        is answered with last = the inbox's end (0 for an empty inbox)."""
+        b = await self.client('tcp', 'b')
+        await b.send('sync', since=500)
+        await b.expect('sync_end', last=0, more=False)
+        a = await self.client('json', 'a')
+        for i in range(3):
+            ack = await a.msg('m%d' % i, str(i), to=b.uid)
+            await b.expect('msg', id=ack['id'], seq=i + 1)
+        await b.send('sync', since=500)
+        end = await b.expect('sync_end', last=3, more=False)
+        self.assertNotIn('gap', end)
+        await b.send('sync', since=3)                # at the end: last = since
+        await b.expect('sync_end', last=3, more=False)
+        await b.send('sync', since=1)
+        await b.expect('msg', seq=2)
+        await b.expect('msg', seq=3)
+        await b.expect('sync_end', last=3, more=False)
+
+    @scenario()
+    async def test_upgrade_with_bad_or_expired_token_403_body(self):
+        """§2.3: imd's refusal reasons are the body of the 403."""
+        uid = self.uid('q')
+        for token, reason in ((py_token(uid)[:-2] + 'AA', b'invalid token\n'),
+                              (py_token(uid, exp=1000), b'token expired\n')):
+            q = urllib.parse.urlencode({'uid': uid, 'token': token},
+                                       quote_via=urllib.parse.quote)
+            r, w = await open_tcp(self.srv.ws)
+            w.write(wire.upgrade_request(self.srv.ws, '/ws?' + q, wire.new_key(),
+                                         protocol='imp.json'))
+            head = await within(r.readuntil(b'\r\n\r\n'), what='the 403')
+            self.assertTrue(head.startswith(b'HTTP/1.1 403 '), head)
+            n = int(head.lower().split(b'content-length:')[1].split(b'\r\n')[0])
+            self.assertEqual(await within(r.readexactly(n), what='the body'), reason)
+
+    @scenario()
+    async def test_tcp_length_prefix_over_max_message(self):
+        """§3: an authenticated TCP client declaring a frame over
+        --max-message is closed with 1009 `frame too big` at once."""
+        c = await self.client('tcp', 'big')
+        c.w.write(struct.pack('!I', 4097) + b'\x03')
+        m = decode_bin(await wire.read_tcp_frame(c.r, what='the close notice'))
+        self.assertEqual((m['op'], m['code'], m['reason']), ('error', 1009, 'frame too big'))
+        self.assertEqual(await wire.read_to_eof(c.r), b'')
+
+    @scenario()
+    async def test_field_length_over_32_bits_malformed(self):
+        """§7: a field length (uvarint) over 2^32-1, or of more than 5
+        bytes, gives 400 `malformed message`; the connection stays."""
+        c = await self.client('tcp', 'varint')
+        for varint in (b'\xff\xff\xff\xff\x1f', b'\x80\x80\x80\x80\x80\x01'):
+            c.w.write(wire.tcp_frame(b'\x07\x0b' + varint + b'x'))
+            await c.expect('error', code=400, reason='malformed message')
+        await c.barrier()
+
+    @scenario()
+    async def test_presence_kick_members_shapes(self):
+        """imd(8): the outer shape and status of the API answers."""
+        a = await self.client('tcp', 'a', device='d1', platform='desktop')
+        r = await api(self.srv, 'GET', '/v1/users/%s/presence' % a.uid)
+        self.assertEqual(r.status, 200, r)
+        self.assertEqual(sorted(r.json), ['connections', 'count', 'online', 'uid'], r)
+        self.assertEqual((r.json['uid'], r.json['online'], r.json['count']), (a.uid, True, 1))
+        self.assertEqual(sorted(r.json['connections'][0]),
+                         ['address', 'conn', 'device', 'platform', 'since', 'transport'])
+        r = await api(self.srv, 'GET', '/v1/users/nobody/presence')
+        self.assertEqual((r.status, r.json),
+                         (200, {'uid': 'nobody', 'online': False, 'connections': [], 'count': 0}))
+        r = await api(self.srv, 'PUT', '/v1/groups/g9/members', {'add': ['x']})
+        self.assertEqual((r.status, r.json), (200, {'gid': 'g9', 'members': ['x']}), r)
+        r = await api(self.srv, 'POST', '/v1/users/%s/kick' % a.uid, {})
+        self.assertEqual((r.status, r.json), (200, {'uid': a.uid, 'kicked': 1}), r)
+        r = await api(self.srv, 'GET', '/metrics', key='nope-nope-nope-nope')
+        self.assertEqual((r.status, r.json), (401, {'error': 'missing or bad API key'}), r)
+
+
+class TestTokenCli(unittest.TestCase):
+    def test_help_and_data_dir(self):
+        rc, out, err = run_cli('token', '--help')
+        self.assertEqual(rc, 0, err)
+        self.assertIn('--data DIR', out)
+        self.assertIn('--secret-file FILE', out)
+        d = tempfile.mkdtemp(prefix='imd-it-tok-')
+        try:
+            path = os.path.join(d, 'secret')
+            with open(path, 'w') as f:
+                f.write(SECRET + '\n')
+            os.chmod(path, 0o600)
+            for args in (('--data', d), ('--secret-file', path)):
+                rc, out, err = run_cli('token', *args, '--uid', 'u1', '--device', 'd1')
+                self.assertEqual(rc, 0, err)
+                exp = int(out.split('.')[1])
+                self.assertEqual(out.strip(), py_token('u1', 'd1', exp))
+            rc, out, err = run_cli('token', '--secret-file', os.path.join(d, 'no'), '--uid', 'u')
+            self.assertEqual(rc, 2, (out, err))
+        finally:
+            __import__('shutil').rmtree(d, ignore_errors=True)
+
+
 def main():
     argv = list(sys.argv)
     if '--imd' in argv:
