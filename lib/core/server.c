@@ -552,7 +552,8 @@ static bool auth_start(im_server *s, im_conn *c, im_auth *a) {
   /* device and platform are kept for the connection's life and end up in
    * applications' logs and metrics labels: bound them like the uid */
   if (strlen(a->device) > IM_DEVICE_MAX || strlen(a->platform) > IM_DEVICE_MAX) {
-    auth_deny(s, c, 400, strlen(a->device) > IM_DEVICE_MAX ? "device too long" : "platform too long");
+    auth_deny(s, c, 400,
+              strlen(a->device) > IM_DEVICE_MAX ? "device too long" : "platform too long");
     return true;
   }
   int v = s->cb.on_auth ? s->cb.on_auth(s, c->id, a, s->user)
