@@ -120,6 +120,9 @@ const char **imd_group_members(const imd_group *g, size_t *n);
 
 /* api.c: the HTTP API handler (http_handler, user = imd *). */
 void imd_api_handle(void *user, const http_request *req, http_response *resp);
+/* http_limits.admit (user = imd *): true when authorization carries the
+ * API key, so only such requests get their bodies buffered. */
+bool imd_api_admit(void *user, const char *authorization);
 /* {"error": msg} as a malloc'd string (NULL when memory ran out). */
 char *imd_error_body(const char *msg);
 /* Answer a deferred API request (body: malloc'd JSON or NULL for a 500;

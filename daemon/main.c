@@ -429,7 +429,7 @@ int main(int argc, char **argv) {
     printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], im_event_port(d.ev, n++));
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
-    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096};
+    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit};
     d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
     if (!d.http) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));

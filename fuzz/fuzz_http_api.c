@@ -84,7 +84,8 @@ static void fuzz_init(void) {
   D.start_wall_ms = imd_wall_ms();
   imd_store_opts so = {.keep_count = 50, .keep_age_s = 0, .no_fsync = true};
   FZ_CHECK(imd_delivery_init(&D, &so) == 0);
-  http_limits lim = {.max_body = (size_t)cfg.max_message * 4 + 4096, .max_header = 4096};
+  http_limits lim = {.max_body = (size_t)cfg.max_message * 4 + 4096, .max_header = 4096,
+                     .admit = imd_api_admit};
   D.http = http_server_new(D.base, "127.0.0.1:0", &lim, imd_api_handle, &D);
   FZ_CHECK(D.http != NULL);
   port = http_server_port(D.http);
