@@ -53,6 +53,12 @@ static bool authorized(const imd *d, const http_request *req) {
   return key_equal(h + 7, strlen(h + 7), d->api_key, strlen(d->api_key));
 }
 
+bool imd_api_admit(void *user, const char *authorization) {
+  const imd *d = user;
+  http_request req = {.authorization = authorization};
+  return authorized(d, &req);
+}
+
 /* Split the path into percent-decoded segments (in place in buf). */
 static int split_path(const char *p, size_t n, char *buf, size_t cap, char **seg) {
   if (n + 1 > cap) return -1;

@@ -102,6 +102,7 @@ struct http_conn {
   bool peer_eof;
   bool dead;         /* fatal (out of memory): drop without a response */
   bool in_body;      /* headers done: later header callbacks are trailers */
+  bool discard_body; /* not admitted (http_limits.admit): body read, not kept */
   http_conn *kprev, *knext; /* on srv's kick list */
   unsigned nwait;            /* waiting segments in the output queue */
   llhttp_t parser;
@@ -673,6 +674,7 @@ static int on_message_begin(llhttp_t *p) {
   c->cur_hdr = H_OTHER;
   c->hname_len = 0;
   c->in_body = false;
+  c->discard_body = false;
   c->err_status = 0;
   c->err_msg = NULL;
   return 0;
@@ -768,8 +770,11 @@ static int on_headers_complete(llhttp_t *p) {
     return refuse(c, 413, "request body too large");
   if (send_continue && !out_push_raw(c, "HTTP/1.1 100 Continue\r\n\r\n", 25))
     return refuse(c, 500, "out of memory");
+  if (has_body && lim->admit)
+    c->discard_body = !lim->admit(c->srv->user,
+                                  c->hoff[H_AUTH] != ABSENT ? c->req + c->hoff[H_AUTH] : NULL);
   /* a declared length can be allocated once; chunked grows as it comes */
-  if (!(p->flags & F_CHUNKED) && p->content_length > 0 &&
+  if (!c->discard_body && !(p->flags & F_CHUNKED) && p->content_length > 0 &&
       req_reserve(c, (size_t)p->content_length + 1) < 0)
     return refuse(c, 500, "out of memory");
   c->body_off = c->req_len;
@@ -789,7 +794,7 @@ static int on_body(llhttp_t *p, const char *at, size_t n) {
   http_conn *c = p->data;
   if (n > c->srv->lim.max_body - c->body_len) return refuse(c, 413, "request body too large");
   c->body_len += n;
-  return req_put(c, at, n);
+  return c->discard_body ? 0 : req_put(c, at, n);
 }
 
 static int on_message_complete(llhttp_t *p) {
@@ -870,7 +875,7 @@ static void dispatch(http_conn *c) {
   if (c->hoff[H_AUTH] != ABSENT) rq.authorization = c->req + c->hoff[H_AUTH];
   if (c->hoff[H_CTYPE] != ABSENT) rq.content_type = c->req + c->hoff[H_CTYPE];
   rq.body = c->req + c->body_off;
-  rq.body_len = c->body_len;
+  rq.body_len = c->discard_body ? 0 : c->body_len;
   rq.peer = c->peer;
 
   resp_box b = {.conn = c, .head_only = rq.method == HTTP_HEAD};

@@ -20,6 +20,7 @@
 #ifndef IMD_HTTP_SERVER_H
 #define IMD_HTTP_SERVER_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -142,6 +143,13 @@ typedef struct http_limits {
   unsigned max_deferred;    /* unanswered tickets per connection at which the
                                server stops reading from it until one is
                                answered; default 64 */
+  /* Optional, called (with the server's user pointer) once a request's
+   * headers are in, with its Authorization value (NULL when absent). When
+   * it returns false the body is read and thrown away instead of buffered,
+   * and the handler gets the request with an empty body (to refuse it): a
+   * client without credentials cannot make the server hold max_body bytes
+   * per connection. NULL: every body is buffered. */
+  bool (*admit)(void *user, const char *authorization);
 } http_limits;
 
 #define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)

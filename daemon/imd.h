@@ -129,6 +129,9 @@ int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg);
 
 /* api.c: the HTTP API handler (http_handler, user = imd *). */
 void imd_api_handle(void *user, const http_request *req, http_response *resp);
+/* http_limits.admit (user = imd *): true when authorization carries the
+ * API key, so only such requests get their bodies buffered. */
+bool imd_api_admit(void *user, const char *authorization);
 
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);

@@ -2,7 +2,8 @@
  *   imd [--ws ADDR] [--tcp ADDR] [--http ADDR] [--secret S] [--api-key K]
  *       [--data DIR] [--config FILE] [limits, delivery and retention flags:
  *       see usage() / imd(8)]
- *   imd token --secret S --uid U [--device D] [--ttl SECONDS]
+ *   imd token (--secret S | --secret-file FILE | --data DIR) --uid U [--device D]
+ *             [--ttl SECONDS]
  * Flags beat environment variables (IMD_WS, ...), which beat the config
  * file, which beats the defaults. */
 #include <errno.h>
@@ -12,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,7 +30,7 @@ typedef struct option_def {
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
-       O_N };
+       O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -47,7 +49,7 @@ static const option_def options[O_N] = {
     [O_AUTH_TIMEOUT] = {"--auth-timeout", "IMD_AUTH_TIMEOUT", "auth_timeout",
                         "ms to authenticate              [10000]"},
     [O_MAX_CONNS] = {"--max-connections", "IMD_MAX_CONNECTIONS", "max_connections",
-                     "0 = unlimited                   [0]"},
+                     "0 = unlimited; auto: from the open-file limit [auto]"},
     [O_ACK_TIMEOUT] = {"--ack-timeout", "IMD_ACK_TIMEOUT", "ack_timeout",
                        "ms before an unACKed push is resent [18000]"},
     [O_ACK_RETRIES] = {"--ack-retries", "IMD_ACK_RETRIES", "ack_retries",
@@ -71,19 +73,32 @@ static const option_def options[O_N] = {
                    "raw TCP HOST:PORT in gateway lists [TCPADDR]"},
     [O_DRAIN_RATE] = {"--drain-rate", "IMD_DRAIN_RATE", "drain_rate",
                       "connections closed per second when draining [1000]"},
+    [O_MAX_ROOMS] = {"--max-rooms", "IMD_MAX_ROOMS", "max_rooms",
+                     "rooms one connection may be in, 0 = unlimited [64]"},
+    [O_MAX_CONNS_USER] = {"--max-conns-per-user", "IMD_MAX_CONNS_PER_USER", "max_conns_per_user",
+                          "connections of one uid, 0 = unlimited [32]"},
+    [O_SECRET_FILE] = {"--secret-file", "IMD_SECRET_FILE", "secret_file",
+                       "read the token secret from FILE (first line)"},
+    [O_API_KEY_FILE] = {"--api-key-file", "IMD_API_KEY_FILE", "api_key_file",
+                        "read the API key from FILE (first line, >= 16 bytes)"},
 };
 
 static const char *defaults[O_N] = {
     [O_WS] = "127.0.0.1:8080", [O_TCP] = "127.0.0.1:8081", [O_HTTP] = "127.0.0.1:8082",
     [O_DATA] = "./imd-data",   [O_MAX_MESSAGE] = "65536",  [O_HEARTBEAT] = "30",
-    [O_AUTH_TIMEOUT] = "10000", [O_MAX_CONNS] = "0",      [O_ACK_TIMEOUT] = "18000",
+    [O_AUTH_TIMEOUT] = "10000", [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
-    [O_DURABLE] = "on",         [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
+    [O_MAX_CONNS] = "auto",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
     [O_DRAIN_RATE] = "1000",
 };
 
 static void usage(FILE *f) {
-  fprintf(f, "usage: imd [options]\n       imd token --secret S --uid U [--device D] [--ttl SECONDS]\n\n"
+  fprintf(f, "usage: imd [options]\n"
+             "       imd token (--secret S | --secret-file FILE | --data DIR) --uid U [--device D]\n"
+             "                 [--ttl SECONDS]\n"
+             "         mint a token; the secret comes from --secret, IMD_SECRET, the first line of\n"
+             "         --secret-file FILE, or DIR/secret of the data dir --data DIR\n\n"
              "options (each also read from the environment variable shown, or the config file key):\n");
   for (int i = 0; i < O_N; i++)
     fprintf(f, "  %-20s %-22s %s\n", options[i].flag, options[i].env, options[i].help);
@@ -151,6 +166,27 @@ static int parse_u32(const char *name, const char *v, uint32_t *out) {
   return 0;
 }
 
+/* Cap of "auto" max-connections, whatever the open-file limit. */
+#define IMD_AUTO_CONNS_MAX 100000u
+/* Descriptors kept back from client connections: listeners, the store,
+ * HTTP API clients, the config and secret files. */
+#define IMD_FD_RESERVE 128u
+
+/* "auto": every client costs a descriptor, so fit the open-file limit
+ * (minus a reserve), at most IMD_AUTO_CONNS_MAX. Beyond it, accept(2) would
+ * fail with EMFILE for clients and the API alike; at the limit the engine
+ * closes a new connection at once instead. */
+static int parse_max_conns(const char *v, uint32_t *out) {
+  if (strcmp(v, "auto") != 0) return parse_u32("max-connections", v, out);
+  struct rlimit rl;
+  uint64_t n = IMD_AUTO_CONNS_MAX;
+  if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    n = rl.rlim_cur > 2 * IMD_FD_RESERVE ? rl.rlim_cur - IMD_FD_RESERVE : rl.rlim_cur / 2;
+  if (n > IMD_AUTO_CONNS_MAX) n = IMD_AUTO_CONNS_MAX;
+  *out = n ? (uint32_t)n : 1;
+  return 0;
+}
+
 /* Read a small file holding one line; returns 0 and fills out. */
 static int read_line_file(const char *path, char *out, size_t cap) {
   FILE *f = fopen(path, "r");
@@ -163,11 +199,33 @@ static int read_line_file(const char *path, char *out, size_t cap) {
   return *out ? 0 : -1;
 }
 
+/* Warn when path (a directory or a secret file) can be read by others. */
+static void warn_loose_mode(const char *path, const char *what) {
+  struct stat st;
+  if (stat(path, &st) == 0 && (st.st_mode & 077))
+    fprintf(stderr, "imd: warning: %s %s has mode %04o: group and others can reach it; "
+                    "chmod %s it\n",
+            what, path, (unsigned)(st.st_mode & 07777), S_ISDIR(st.st_mode) ? "700" : "600");
+}
+
+/* A credential given as a file: its first line, trimmed. */
+static int read_credential(const char *flag, const char *path, char *out, size_t cap) {
+  errno = 0;
+  if (read_line_file(path, out, cap) < 0) {
+    fprintf(stderr, "imd: %s: cannot read a value from %s: %s\n", flag, path,
+            errno ? strerror(errno) : "empty file");
+    return -1;
+  }
+  warn_loose_mode(path, "secret file");
+  return 0;
+}
+
 /* Use DATA/name if present, else generate a new secret into it (0600). */
 static int load_or_make(const char *dir, const char *name, char *out, size_t cap) {
   char path[4096];
   snprintf(path, sizeof path, "%s/%s", dir, name);
   if (read_line_file(path, out, cap) == 0) {
+    warn_loose_mode(path, "secret file");
     printf("imd: %s read from %s\n", name, path);
     return 0;
   }
@@ -183,7 +241,7 @@ static int load_or_make(const char *dir, const char *name, char *out, size_t cap
 
 static int cmd_token(int argc, char **argv) {
   const char *secret = getenv("IMD_SECRET"), *uid = NULL, *device = NULL, *ttl = "86400";
-  const char *data = NULL;
+  const char *data = NULL, *secret_file = NULL;
   for (int i = 2; i < argc; i++) {
     const char *v = i + 1 < argc ? argv[i + 1] : NULL;
     if (!strcmp(argv[i], "--help")) {
@@ -199,6 +257,7 @@ static int cmd_token(int argc, char **argv) {
     else if (!strcmp(argv[i], "--device")) device = v;
     else if (!strcmp(argv[i], "--ttl")) ttl = v;
     else if (!strcmp(argv[i], "--data")) data = v;
+    else if (!strcmp(argv[i], "--secret-file")) secret_file = v;
     else {
       fprintf(stderr, "imd token: unknown option '%s'\n", argv[i]);
       return 2;
@@ -206,14 +265,18 @@ static int cmd_token(int argc, char **argv) {
     i++;
   }
   static char from_file[256];
-  if (!secret && data) {
+  if (secret_file) {
+    if (read_credential("token --secret-file", secret_file, from_file, sizeof from_file) < 0)
+      return 2;
+    secret = from_file;
+  } else if (!secret && data) {
     char path[4096];
     snprintf(path, sizeof path, "%s/secret", data);
     if (read_line_file(path, from_file, sizeof from_file) == 0) secret = from_file;
   }
   uint32_t ttl_s;
   if (!secret || !uid || parse_u32("--ttl", ttl, &ttl_s) < 0) {
-    fprintf(stderr, "imd token: needs --secret (or --data DIR) and --uid\n");
+    fprintf(stderr, "imd token: needs --secret, --secret-file FILE or --data DIR, and --uid\n");
     return 2;
   }
   uint8_t key[256];
@@ -231,6 +294,13 @@ static int cmd_token(int argc, char **argv) {
   printf("%s\n", tok);
   return 0;
 }
+
+/* Largest --max-message: the engine keeps message and frame lengths in
+ * 32-bit counters and the HTTP body limit is 4 x max_message + 4096; 16 MiB
+ * keeps every such sum far from overflow (and is more than any chat
+ * message needs). */
+#define IMD_MAX_MESSAGE_MAX (16u << 20)
+#define IMD_API_KEY_MIN 16
 
 /* store_opts.keep_age_s counts seconds in 32 bits: 100 years fit */
 #define IMD_INBOX_DAYS_MAX 36500u
@@ -253,6 +323,9 @@ int main(int argc, char **argv) {
       return 2;
     }
     vals[k] = argv[++i];
+    if (k == O_SECRET || k == O_API_KEY)
+      fprintf(stderr, "imd: warning: %s on the command line is visible to every local user "
+                      "(/proc/PID/cmdline); prefer %s-file\n", options[k].flag, options[k].flag);
   }
   for (int k = 0; k < O_N; k++)
     if (!vals[k]) vals[k] = getenv(options[k].env);
@@ -273,12 +346,24 @@ int main(int argc, char **argv) {
   if (parse_u32("max-message", vals[O_MAX_MESSAGE], &icfg.max_message) < 0 ||
       parse_u32("heartbeat", vals[O_HEARTBEAT], &icfg.heartbeat_s) < 0 ||
       parse_u32("auth-timeout", vals[O_AUTH_TIMEOUT], &icfg.auth_timeout_ms) < 0 ||
-      parse_u32("max-connections", vals[O_MAX_CONNS], &icfg.max_connections) < 0 ||
+      parse_max_conns(vals[O_MAX_CONNS], &icfg.max_connections) < 0 ||
       parse_u32("ack-timeout", vals[O_ACK_TIMEOUT], &icfg.ack_timeout_ms) < 0 ||
       parse_u32("ack-retries", vals[O_ACK_RETRIES], &icfg.ack_retries) < 0 ||
       parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
-      parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0)
+      parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0 ||
+      parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0 ||
+      parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0)
     return 2;
+  if (icfg.max_message < 16 || icfg.max_message > IMD_MAX_MESSAGE_MAX) {
+    fprintf(stderr, "imd: max-message: between 16 and %u bytes\n", IMD_MAX_MESSAGE_MAX);
+    return 2;
+  }
+  if ((vals[O_SECRET] && vals[O_SECRET_FILE]) || (vals[O_API_KEY] && vals[O_API_KEY_FILE])) {
+    fprintf(stderr, "imd: give %s or %s-file, not both\n",
+            vals[O_SECRET] && vals[O_SECRET_FILE] ? "--secret" : "--api-key",
+            vals[O_SECRET] && vals[O_SECRET_FILE] ? "--secret" : "--api-key");
+    return 2;
+  }
   if (icfg.ack_timeout_ms < 100 || inbox_days > IMD_INBOX_DAYS_MAX) {
     fprintf(stderr, "imd: %s\n", inbox_days > IMD_INBOX_DAYS_MAX ? "inbox-days: at most 36500"
                                                        : "ack-timeout: at least 100 ms");
@@ -303,12 +388,21 @@ int main(int argc, char **argv) {
   d.cfg.redis_prefix = vals[O_REDIS_PREFIX];
   d.cfg.advertise_ws = vals[O_ADV_WS];
   d.cfg.advertise_tcp = vals[O_ADV_TCP];
+  /* everything imd creates (the data dir, secret, api-key, groups.json,
+   * the store) is for its own user only */
+  umask(077);
   if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
     fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
     return 1;
   }
+  warn_loose_mode(d.cfg.data_dir, "data dir");
   char secret_text[256], key_text[256];
   const char *secret = vals[O_SECRET];
+  if (!secret && vals[O_SECRET_FILE]) {
+    if (read_credential("secret-file", vals[O_SECRET_FILE], secret_text, sizeof secret_text) < 0)
+      return 2;
+    secret = secret_text;
+  }
   if (!secret) {
     if (load_or_make(d.cfg.data_dir, "secret", secret_text, sizeof secret_text) < 0) return 1;
     secret = secret_text;
@@ -320,9 +414,18 @@ int main(int argc, char **argv) {
   }
   d.secret_len = (size_t)sl;
   const char *api_key = vals[O_API_KEY];
+  if (!api_key && vals[O_API_KEY_FILE]) {
+    if (read_credential("api-key-file", vals[O_API_KEY_FILE], key_text, sizeof key_text) < 0)
+      return 2;
+    api_key = key_text;
+  }
   if (!api_key) {
     if (load_or_make(d.cfg.data_dir, "api-key", key_text, sizeof key_text) < 0) return 1;
     api_key = key_text;
+  }
+  if (strlen(api_key) < IMD_API_KEY_MIN) {
+    fprintf(stderr, "imd: the API key must be at least %d bytes\n", IMD_API_KEY_MIN);
+    return 2;
   }
   snprintf(d.api_key, sizeof d.api_key, "%s", api_key);
 
@@ -353,7 +456,7 @@ int main(int argc, char **argv) {
     printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], d.ports[i]);
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
-    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096};
+    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit};
     d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
     if (!d.http) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
@@ -367,6 +470,8 @@ int main(int argc, char **argv) {
   if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0)) rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
+    printf("imd: at most %u connections (0: no limit), %u per user\n",
+           icfg.max_connections, icfg.max_conns_per_user);
     fflush(stdout);
     event_base_dispatch(d.base);
   }

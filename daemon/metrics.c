@@ -6,20 +6,29 @@
 
 #include "imd.h"
 
-/* Platforms are client-chosen strings: the first IMD_MAX_PLATFORMS seen
+/* Platforms are client-chosen strings: up to IMD_MAX_PLATFORMS of them
  * get a series each, the rest are counted as "other" so a client cannot
- * grow the metrics without bound. */
+ * grow the metrics without bound. A platform with no connection left keeps
+ * its series (at 0) only until a new platform needs the slot, so platforms
+ * that came and went (a client cycling through made-up names) cannot hold
+ * the slots for good; only open connections hold them. The sum of the
+ * series is always the number of authenticated connections. */
 static int platform_slot(imd *d, const char *platform, bool add) {
+  int free_slot = -1, idle_slot = -1;
   if (!platform || !*platform) platform = "unknown";
   for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {
     if (!d->m.platform[i][0]) {
-      if (!add) return -1;
-      snprintf(d->m.platform[i], sizeof d->m.platform[i], "%s", platform);
+      if (free_slot < 0) free_slot = i;
+    } else if (strncmp(d->m.platform[i], platform, sizeof d->m.platform[i] - 1) == 0) {
       return i;
+    } else if (d->m.platform_conns[i] == 0 && idle_slot < 0) {
+      idle_slot = i;
     }
-    if (strncmp(d->m.platform[i], platform, sizeof d->m.platform[i] - 1) == 0) return i;
   }
-  return -1;
+  if (free_slot < 0) free_slot = idle_slot;
+  if (!add || free_slot < 0) return -1;
+  snprintf(d->m.platform[free_slot], sizeof d->m.platform[free_slot], "%s", platform);
+  return free_slot;
 }
 
 void imd_metrics_open(imd *d, const char *platform) {
@@ -32,10 +41,12 @@ void imd_metrics_open(imd *d, const char *platform) {
 
 void imd_metrics_close(imd *d, const char *platform) {
   int i = platform_slot(d, platform, false);
-  if (i >= 0 && d->m.platform_conns[i])
+  if (i >= 0 && d->m.platform_conns[i]) {
     d->m.platform_conns[i]--;
-  else if (i < 0 && d->m.other_platform_conns)
+  } else if (d->m.other_platform_conns) {
+    /* opened while every slot was taken */
     d->m.other_platform_conns--;
+  }
 }
 
 typedef struct sbuf {
@@ -93,7 +104,8 @@ char *imd_metrics_render(imd *d, size_t *len) {
   gauge(&b, "imd_connections", "Open client connections (authenticated or not)", st.conns);
   sb_printf(&b, "# HELP imd_connections_by_platform Authenticated connections by platform\n"
                 "# TYPE imd_connections_by_platform gauge\n");
-  for (int i = 0; i < IMD_MAX_PLATFORMS && d->m.platform[i][0]; i++) {
+  for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {
+    if (!d->m.platform[i][0]) continue;
     sb_printf(&b, "imd_connections_by_platform{platform=\"");
     sb_label(&b, d->m.platform[i]);
     sb_printf(&b, "\"} %llu\n", (unsigned long long)d->m.platform_conns[i]);

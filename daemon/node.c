@@ -67,7 +67,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
     /* the rest (unauthenticated, closing) goes with the listeners */
     event_del(d->drain_ev);
     fprintf(stderr, "imd: drained; exiting\n");
-    im_event_shutdown(d->ev, 3000);
+    if (d->ev) im_event_shutdown(d->ev, 3000);
     return;
   }
   uint32_t per_tick = d->cfg.drain_rate * DRAIN_TICK_MS / 1000;

@@ -279,7 +279,9 @@ static int fz_on_message(im_server *srv, im_conn_id c, const im_msg *m, void *us
     case 'R':
       if (m->room && *m->room) {
         int rc = im_room_join(srv, c, m->room);
-        FZ_CHECK(rc == 0 || rc == IM_EINVAL || rc == IM_ESTATE || rc == IM_ENOENT);
+        FZ_CHECK(rc == 0 || rc == IM_EINVAL || rc == IM_ESTATE || rc == IM_ENOENT ||
+                 rc == IM_ELIMIT);
+        if (rc == IM_ELIMIT) FZ_CHECK(im_room_member(srv, c, m->room) == 0);
         if (rc == 0) FZ_CHECK(im_room_member(srv, c, m->room) == 1);
         FZ_CHECK(im_room_send(srv, m->room, &echo, 0) > IM_EFATAL);
       }
@@ -397,6 +399,8 @@ static void fz_engine_run(enum im_transport transport, const char *ws_path, cons
   cfg.ack_retries = 2;
   cfg.max_inflight = 4;
   cfg.dedupe_window = 4;
+  cfg.max_rooms = 4;          /* joins over it are refused (429 / IM_ELIMIT) */
+  cfg.max_preauth_input = 1024; /* below max_message: the pre-auth bound decides */
   im_callbacks cb = {.on_auth = fz_on_auth, .on_open = fz_on_open, .on_message = fz_on_message,
                      .on_room = fz_on_room, .on_ack = fz_on_ack,
                      .on_undelivered = fz_on_undelivered, .on_sync = fz_on_sync,

@@ -122,14 +122,29 @@ typedef struct im_config {
   const im_allocator *alloc; /* NULL = malloc/free. Used for connections, buffers, queues and
                                 registry entries; the handshake parser, hash buckets and the
                                 timer wheel still use malloc directly */
+  uint32_t max_rooms;        /* rooms one connection may be in at once; a join over it is refused
+                                (IM_ELIMIT; IMP error 429 "too many rooms"). 0 = unlimited. 64 */
+  uint32_t max_preauth_input; /* bytes a connection may send before it is authenticated: the
+                                upgrade request (over it: HTTP 431), one frame or message (close
+                                1009), input held while auth is pending (close 1009). 0 = only
+                                the other limits. 8192 */
+  uint32_t max_conns_per_user; /* authenticated connections of one uid; the auth that would
+                                exceed it is refused (IMP error 429 and close 1008, or HTTP 403
+                                for upgrade-query auth). 0 = unlimited. 32 */
 } im_config;
 
 /* Fill cfg with the defaults above. */
 IM_EXTERN void im_config_init(im_config *cfg);
 
+/* Longest device and platform accepted in an auth, bytes; a longer one is
+ * refused (error 400 "device too long" / "platform too long", or HTTP 403
+ * for upgrade-query auth) before on_auth runs. */
+#define IM_DEVICE_MAX 64
+
 /* Credentials of an authentication attempt (from an IMP auth op or the
  * ?uid=&token=&device=&platform= query of the WebSocket upgrade).
- * Strings are NUL-terminated; device and platform are "" when absent. */
+ * Strings are NUL-terminated; device and platform are "" when absent
+ * and at most IM_DEVICE_MAX bytes. */
 typedef struct im_auth {
   const char *uid;
   const char *token;
@@ -319,7 +334,8 @@ IM_EXTERN int im_send_users(im_server *srv, const char *const *uids, size_t n, c
 /* Join / leave a room (created on first join, freed when empty).
  * Returns 0 (also when already a member / not a member), IM_ENOENT,
  * IM_ESTATE (not authenticated), IM_EINVAL (room name empty or over 128
- * bytes; join only), IM_ENOMEM. */
+ * bytes; join only), IM_ELIMIT (join only: c is already in max_rooms
+ * rooms), IM_ENOMEM. */
 IM_EXTERN int im_room_join(im_server *srv, im_conn_id c, const char *room);
 IM_EXTERN int im_room_leave(im_server *srv, im_conn_id c, const char *room);
 /* Send to every connection in the room except `except`; encoded once.

@@ -86,6 +86,7 @@ typedef struct im_conn {
   uint64_t sync_since;     /* since of the auth op (CF_SYNC_ON_OPEN) */
   im_rel *rel;             /* reliable-delivery state, allocated on first use */
   char peer[56];   /* "[v6-mapped address]:port" fits */
+  uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
 } im_conn;
 
 /* A reliable downstream message on one connection (reliable.c). */
@@ -244,6 +245,8 @@ const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, cha
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);
 void reg_user_del(im_server *s, im_conn *c);
 im_user *reg_user_find(const im_server *s, const char *uid, size_t len);
+/* Returns 0 (joined or already a member), IM_ELIMIT (c is in max_rooms
+ * rooms already) or IM_ENOMEM. */
 int reg_room_join(im_server *s, im_conn *c, const char *room, size_t len);
 /* Returns 1 if c was a member and left, 0 if it was not. */
 int reg_room_leave(im_server *s, im_conn *c, const char *room, size_t len);

@@ -57,10 +57,15 @@ im_room *reg_room_find(const im_server *s, const char *room, size_t len) {
 
 int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
   im_room *r = reg_room_find(s, name, len);
-  if (r) {
-    for (room_member *m = c->rooms; m; m = m->c_next)
+  if (r || s->cfg.max_rooms) {
+    /* one walk of c's rooms: already a member, and how many it is in
+     * (bounded by max_rooms, so a client cannot make this walk long) */
+    uint32_t in = 0;
+    for (room_member *m = c->rooms; m; m = m->c_next, in++)
       if (m->room == r) return 0;
-  } else {
+    if (s->cfg.max_rooms && in >= s->cfg.max_rooms) return IM_ELIMIT;
+  }
+  if (!r) {
     r = im_alloc(s, sizeof(*r) + len + 1);
     if (!r) return IM_ENOMEM;
     memcpy(r->name, name, len);

@@ -36,6 +36,14 @@ void im_config_init(im_config *cfg) {
   cfg->ack_retries = 3;
   cfg->max_inflight = 128;
   cfg->dedupe_window = 32;
+  cfg->max_rooms = 64;
+  cfg->max_preauth_input = 8192;
+  cfg->max_conns_per_user = 32;
+}
+
+/* The preauth limit for a connection in its current state (0: none). */
+static uint32_t preauth_limit(const im_server *s, const im_conn *c) {
+  return c->state < CS_OPEN ? s->cfg.max_preauth_input : 0;
 }
 
 static uint64_t rng_next(im_server *s) {
@@ -495,6 +503,21 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
     auth_deny(s, c, code, reason);
     return;
   }
+  if (s->cfg.max_conns_per_user) {
+    /* the newest connection is the one refused: those already open keep
+     * working, and a client stuck in a reconnect loop cannot push them out */
+    im_user *u = reg_user_find(s, a->uid, strlen(a->uid));
+    if (u && u->nconns >= s->cfg.max_conns_per_user) {
+      s->st.auth_failures++;
+      if (upgrade) {
+        http_reject(s, c, 403, "too many connections for this user");
+      } else {
+        send_error(s, c, 429, "too many connections for this user", NULL);
+        conn_close(s, c, IM_CLOSE_POLICY, "too many connections for this user", false);
+      }
+      return;
+    }
+  }
   if (upgrade) {
     /* the finished handshake repeats its verdict (accept key, protocol) */
     ws_hs_result res;
@@ -528,6 +551,13 @@ static bool auth_start(im_server *s, im_conn *c, im_auth *a) {
   size_t ul = strlen(a->uid);
   if (ul == 0 || ul > UID_MAX) {
     auth_deny(s, c, 401, ul ? "uid too long" : "missing uid");
+    return true;
+  }
+  /* device and platform are kept for the connection's life and end up in
+   * applications' logs and metrics labels: bound them like the uid */
+  if (strlen(a->device) > IM_DEVICE_MAX || strlen(a->platform) > IM_DEVICE_MAX) {
+    auth_deny(s, c, 400,
+              strlen(a->device) > IM_DEVICE_MAX ? "device too long" : "platform too long");
     return true;
   }
   int v = s->cb.on_auth ? s->cb.on_auth(s, c->id, a, s->user)
@@ -691,7 +721,8 @@ static void on_room_op(im_server *s, im_conn *c, const imp_packet *p, int join) 
   }
   int rc = join ? reg_room_join(s, c, room, r->n) : (reg_room_leave(s, c, room, r->n), 0);
   if (rc < 0) {
-    send_error(s, c, 500, "out of memory", cid);
+    send_error(s, c, rc == IM_ELIMIT ? 429 : 500,
+               rc == IM_ELIMIT ? "too many rooms" : "out of memory", cid);
     return;
   }
   if (cid) {
@@ -903,6 +934,13 @@ static size_t process_ws_frames(im_server *s, im_conn *c, uint8_t *p, size_t n) 
         proto_fail(s, c, IM_CLOSE_TOO_BIG, "message too big");
         return n;
       }
+      /* before authentication only a small message (the auth op) is
+       * worth buffering: an anonymous peer gets no max_message buffer */
+      uint32_t pre = preauth_limit(s, c);
+      if (pre && (h.len > pre || c->msg_len + h.len > pre)) {
+        proto_fail(s, c, IM_CLOSE_TOO_BIG, "message too big before authentication");
+        return n;
+      }
     }
     if (n - off < (size_t)hl + h.len) break;
     uint8_t *pl = p + off + hl;
@@ -915,7 +953,18 @@ static size_t process_ws_frames(im_server *s, im_conn *c, uint8_t *p, size_t n) 
 
 static size_t process_handshake(im_server *s, im_conn *c, uint8_t *p, size_t n) {
   ws_hs_result res;
-  int rc = ws_hs_feed(c->hs, p, n, &res);
+  /* the parser stops at WS_HS_MAX_REQUEST by itself; a lower
+   * max_preauth_input stops it earlier */
+  size_t take = n;
+  if (s->cfg.max_preauth_input && s->cfg.max_preauth_input - c->hs_fed < take)
+    take = s->cfg.max_preauth_input - c->hs_fed;
+  int rc = ws_hs_feed(c->hs, p, take, &res);
+  if (rc == WS_HS_MORE && take < n) {
+    s->st.proto_errors++;
+    http_reject(s, c, 431, "request headers too large");
+    return n;
+  }
+  c->hs_fed += (uint32_t)take;
   if (rc == WS_HS_MORE) return n;
   if (rc == WS_HS_FAIL) {
     s->st.proto_errors++;
@@ -951,11 +1000,15 @@ static size_t process_tcp_frames(im_server *s, im_conn *c, uint8_t *p, size_t n)
   while (off < n && c->state < CS_CLOSING && c->state != CS_AUTH_PENDING) {
     const uint8_t *body;
     uint32_t blen;
-    long fl = tcp_frame_parse(p + off, n - off, s->cfg.max_message, &body, &blen);
+    uint32_t pre = preauth_limit(s, c);
+    uint32_t max = pre && pre < s->cfg.max_message ? pre : s->cfg.max_message;
+    long fl = tcp_frame_parse(p + off, n - off, max, &body, &blen);
     if (fl == TCP_FRAME_INCOMPLETE) break;
     if (fl < 0) {
       proto_fail(s, c, fl == TCP_FRAME_E_TOO_BIG ? IM_CLOSE_TOO_BIG : IM_CLOSE_PROTOCOL,
-                 fl == TCP_FRAME_E_TOO_BIG ? "frame too big" : "empty frame");
+                 fl != TCP_FRAME_E_TOO_BIG ? "empty frame"
+                 : max < s->cfg.max_message ? "frame too big before authentication"
+                                            : "frame too big");
       return n;
     }
     off += (size_t)fl;
@@ -977,8 +1030,12 @@ static size_t process(im_server *s, im_conn *c, uint8_t *p, size_t n) {
   return off + process_ws_frames(s, c, p + off, n - off);
 }
 
-/* Largest partial input a connection may carry: one maximal frame. */
-static size_t in_limit(const im_server *s) { return (size_t)s->cfg.max_message + WS_MAX_HDR; }
+/* Largest input held while auth is pending: one maximal frame, or
+ * max_preauth_input when that is set. */
+static size_t in_limit(const im_server *s) {
+  if (s->cfg.max_preauth_input) return s->cfg.max_preauth_input;
+  return (size_t)s->cfg.max_message + WS_MAX_HDR;
+}
 
 static bool in_append(im_server *s, im_conn *c, const uint8_t *p, size_t n) {
   if (c->in_len + n > c->in_cap) {

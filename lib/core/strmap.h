@@ -1,6 +1,11 @@
 /* An intrusive string-keyed hash map (chained, power-of-two buckets,
  * doubling). The map never owns keys or values: each value embeds a
- * strmap_node whose key points at bytes the value owns. */
+ * strmap_node whose key points at bytes the value owns.
+ *
+ * Keys come from clients (uids, rooms, group ids), so the hash is keyed:
+ * SipHash-1-3 under a random key drawn once per process (getrandom), so a
+ * peer cannot precompute keys that share a bucket (hash flooding). Hash
+ * values, and so iteration order, differ from run to run. */
 #ifndef IM_CORE_STRMAP_H
 #define IM_CORE_STRMAP_H
 
@@ -20,7 +25,14 @@ typedef struct strmap {
   size_t count;
 } strmap;
 
+/* The map's hash of key (len bytes): SipHash-1-3 under the process key,
+ * 64 bits folded to 32. Thread-safe; the key is drawn on first use. */
 uint32_t strmap_hash(const char *key, size_t len);
+/* SipHash-c-d of len bytes of data under the 16-byte key (as the paper
+ * defines it: words read little-endian, result as a 64-bit integer).
+ * Exposed for the tests (reference vectors of SipHash-2-4). */
+uint64_t strmap_siphash(const uint8_t key[16], const void *data, size_t len, unsigned c_rounds,
+                        unsigned d_rounds);
 
 /* Returns 0 or -1 on allocation failure. */
 int strmap_init(strmap *m, uint32_t initial_buckets);

@@ -365,6 +365,149 @@ static void test_random_vs_model(void **state)
   free(present);
 }
 
+/* SipHash-2-4 reference values from the paper (key 00 01 .. 0f): the
+ * 15-byte message 00 01 .. 0e of its appendix A, and the empty message. */
+static void test_siphash_reference_vectors(void **state)
+{
+  uint8_t key[16], msg[15];
+  (void)state;
+
+  for (int i = 0; i < 16; i++)
+    key[i] = (uint8_t)i;
+  for (int i = 0; i < 15; i++)
+    msg[i] = (uint8_t)i;
+  assert_true(strmap_siphash(key, msg, 15, 2, 4) == UINT64_C(0xa129ca6149be45e5));
+  assert_true(strmap_siphash(key, msg, 0, 2, 4) == UINT64_C(0x726fdb47dd0e0e31));
+  /* the rounds matter: 1-3 is a different function */
+  assert_true(strmap_siphash(key, msg, 15, 1, 3) != UINT64_C(0xa129ca6149be45e5));
+}
+
+/* The map's former unkeyed hash (before SipHash), kept here to craft keys
+ * that all collided under it: the reproduction of the hash-flooding report. */
+#define OLD_MUL1 UINT64_C(0x9e3779b97f4a7c15)
+#define OLD_MUL2 UINT64_C(0xc2b2ae3d27d4eb4f)
+
+static uint64_t old_rotl(uint64_t x, unsigned r) { return (x << r) | (x >> (64 - r)); }
+
+static uint64_t old_mix(uint64_t x)
+{
+  x ^= x >> 32;
+  x *= OLD_MUL2;
+  x ^= x >> 29;
+  x *= OLD_MUL1;
+  x ^= x >> 32;
+  return x;
+}
+
+static uint32_t old_hash(const char *key, size_t len)
+{
+  const unsigned char *p = (const unsigned char *)key;
+  uint64_t h = OLD_MUL1 ^ ((uint64_t)len * OLD_MUL2), w;
+
+  for (; len >= 8; p += 8, len -= 8) {
+    memcpy(&w, p, 8);
+    h = old_rotl(h ^ (w * OLD_MUL2), 27) * OLD_MUL1;
+  }
+  if (len > 0) {
+    w = 0;
+    memcpy(&w, p, len);
+    h = old_rotl(h ^ (w * OLD_MUL2), 27) * OLD_MUL1;
+  }
+  h = old_mix(h);
+  return (uint32_t)(h ^ (h >> 32));
+}
+
+static uint64_t inv64(uint64_t a) /* a odd: Newton's iteration for a^-1 mod 2^64 */
+{
+  uint64_t x = a;
+  for (int i = 0; i < 6; i++)
+    x *= 2 - a * x;
+  return x;
+}
+
+static uint64_t old_unmix(uint64_t x)
+{
+  x ^= x >> 32;
+  x *= inv64(OLD_MUL1);
+  x ^= (x >> 29) ^ (x >> 58);
+  x *= inv64(OLD_MUL2);
+  x ^= x >> 32;
+  return x;
+}
+
+/* Craft n distinct 16-byte printable keys whose old hash is 0 (so they
+ * shared bucket 0 at every table size): "flood-00" then 8 bytes solved
+ * backwards from a final state H = x:x, whose 32-bit fold is 0. */
+static void craft_old_collisions(char (*keys)[17], size_t n)
+{
+  uint64_t h1 = OLD_MUL1 ^ (16 * OLD_MUL2), w;
+  const char *prefix = "flood-00";
+  size_t found = 0;
+
+  memcpy(&w, prefix, 8);
+  h1 = old_rotl(h1 ^ (w * OLD_MUL2), 27) * OLD_MUL1;
+  for (uint64_t x = 1; found < n; x++) {
+    uint64_t h2 = old_unmix(x << 32 | x);
+    uint64_t t = h2 * inv64(OLD_MUL1);
+    t = (t >> 27) | (t << 37);
+    w = (t ^ h1) * inv64(OLD_MUL2);
+    unsigned char b[8];
+    memcpy(b, &w, 8);
+    int ok = 1;
+    for (int i = 0; i < 8 && ok; i++)
+      ok = b[i] > 0x20 && b[i] < 0x7f && b[i] != '"' && b[i] != '\\';
+    if (!ok)
+      continue;
+    memcpy(keys[found], prefix, 8);
+    memcpy(keys[found] + 8, b, 8);
+    keys[found][16] = '\0';
+    found++;
+  }
+}
+
+/* Keys crafted to collide under the old hash spread like any keys now: the
+ * longest chain stays short (4096 random keys in 4096 buckets: the expected
+ * longest chain is about 6; 16 would be a one in ~10^9 event). */
+static void test_crafted_keys_do_not_flood(void **state)
+{
+  enum { N = 4096 };
+  char (*keys)[17] = calloc(N, sizeof *keys);
+  item *its = calloc(N, sizeof *its);
+  strmap m;
+  size_t longest = 0;
+  (void)state;
+
+  assert_non_null(keys);
+  assert_non_null(its);
+  craft_old_collisions(keys, N);
+  for (int i = 0; i < N; i++) {
+    assert_int_equal(old_hash(keys[i], 16), 0); /* the reproduction holds */
+    if (i)
+      assert_memory_not_equal(keys[i], keys[i - 1], 16);
+  }
+  assert_int_equal(strmap_init(&m, 16), 0);
+  for (int i = 0; i < N; i++) {
+    item_set(&its[i], keys[i], 16, i);
+    assert_int_equal(strmap_put(&m, &its[i].node), 0);
+  }
+  assert_int_equal(m.mask + 1, N);
+  for (uint32_t b = 0; b <= m.mask; b++) {
+    size_t len = 0;
+    for (const strmap_node *n = m.buckets[b]; n != NULL; n = n->next)
+      len++;
+    if (len > longest)
+      longest = len;
+  }
+  print_message("longest chain of %d crafted keys in %u buckets: %zu\n", N, m.mask + 1, longest);
+  assert_true(longest <= 16);
+  for (int i = 0; i < N; i++)
+    assert_ptr_equal(strmap_get(&m, keys[i], 16), &its[i].node);
+  check_structure(&m);
+  strmap_free(&m);
+  free(its);
+  free(keys);
+}
+
 int main(void)
 {
   const struct CMUnitTest tests[] = {
@@ -376,6 +519,8 @@ int main(void)
     cmocka_unit_test(test_full_hash_collision),
     cmocka_unit_test(test_growth_preserves_entries),
     cmocka_unit_test(test_random_vs_model),
+    cmocka_unit_test(test_siphash_reference_vectors),
+    cmocka_unit_test(test_crafted_keys_do_not_flood),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,512 @@
+/* Engine limits: rooms per connection, input before authentication,
+ * connections per uid, and the registry's order when connections of one
+ * uid come and go. Driven with byte arrays like tests/unit/test_server.c
+ * (whose fake driver is repeated here). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <libim/im.h>
+
+/* ---- a fake driver ------------------------------------------------------- */
+
+typedef struct fake {
+  im_conn_id closed[64];
+  int nclosed;
+  int want_writes;
+  im_conn_id on_close_ids[64];
+  int on_close_codes[64];
+  int nclose_cb;
+  int opens;
+  int auth_mode;          /* IM_AUTH_* to return from on_auth */
+  im_conn_id pending_auth;
+  char last_uid[64];
+  char last_data[256];
+  int msgs;
+  int defer;              /* on_message returns IM_MSG_DEFER without acking */
+  char acked[8][24];      /* on_ack ids and seqs */
+  uint64_t acked_seq[8];
+  int nacked;
+  char undelivered[8][24];
+  uint64_t undelivered_seq[8];
+  int nundelivered;
+  int undelivered_before_close; /* on_close count when the last on_undelivered ran */
+  uint64_t sync_since;
+  uint32_t sync_limit;
+  int syncs;
+} fake;
+
+static void want_write(im_server *s, im_conn_id c, void *ctx, void *u) {
+  (void)s, (void)c, (void)ctx;
+  ((fake *)u)->want_writes++;
+}
+
+static void io_close(im_server *s, im_conn_id c, void *ctx, void *u) {
+  (void)s, (void)ctx;
+  fake *f = u;
+  f->closed[f->nclosed++] = c;
+}
+
+static int on_auth(im_server *s, im_conn_id c, im_auth *a, void *u) {
+  (void)s;
+  fake *f = u;
+  snprintf(f->last_uid, sizeof f->last_uid, "%s", a->uid);
+  if (f->auth_mode == IM_AUTH_PENDING) f->pending_auth = c;
+  if (f->auth_mode == IM_AUTH_ACCEPT && strcmp(a->token, "bad") == 0) {
+    a->reason = "token rejected";
+    return IM_AUTH_DENY;
+  }
+  return f->auth_mode;
+}
+
+static void on_open(im_server *s, im_conn_id c, void *u) {
+  (void)s, (void)c;
+  ((fake *)u)->opens++;
+}
+
+static int on_message(im_server *s, im_conn_id c, const im_msg *m, void *u) {
+  fake *f = u;
+  f->msgs++;
+  snprintf(f->last_data, sizeof f->last_data, "%.*s", (int)m->data_len, m->data);
+  if (f->defer) return IM_MSG_DEFER;
+  im_msg echo = {.data = m->data, .data_len = m->data_len};
+  im_send_conn(s, c, &echo);
+  return IM_MSG_ACK;
+}
+
+static void on_ack(im_server *s, im_conn_id c, const char *id, uint64_t seq, void *u) {
+  (void)s, (void)c;
+  fake *f = u;
+  snprintf(f->acked[f->nacked % 8], 24, "%s", id);
+  f->acked_seq[f->nacked++ % 8] = seq;
+}
+
+static void on_undelivered(im_server *s, im_conn_id c, const char *id, uint64_t seq, void *u) {
+  (void)s, (void)c;
+  fake *f = u;
+  snprintf(f->undelivered[f->nundelivered % 8], 24, "%s", id);
+  f->undelivered_seq[f->nundelivered++ % 8] = seq;
+  f->undelivered_before_close = f->nclose_cb;
+}
+
+/* Answer every sync with sync_end(since + 4, more, no gap). */
+static void on_sync(im_server *s, im_conn_id c, uint64_t since, uint32_t limit, void *u) {
+  fake *f = u;
+  f->syncs++;
+  f->sync_since = since;
+  f->sync_limit = limit;
+  assert_int_equal(im_sync_end(s, c, since + 4, 1, 0), 0);
+}
+
+static void on_close(im_server *s, im_conn_id c, int code, void *u) {
+  (void)s;
+  fake *f = u;
+  f->on_close_ids[f->nclose_cb] = c;
+  f->on_close_codes[f->nclose_cb++] = code;
+}
+
+static im_server *new_server(fake *f, im_config *cfg) {
+  memset(f, 0, sizeof *f);
+  im_callbacks cb = {.on_auth = on_auth, .on_open = on_open, .on_message = on_message,
+                     .on_ack = on_ack, .on_undelivered = on_undelivered, .on_sync = on_sync,
+                     .on_close = on_close};
+  im_server *s = im_server_new(cfg, &cb, f);
+  assert_non_null(s);
+  im_io io = {want_write, io_close, f};
+  im_server_set_io(s, &io);
+  im_server_tick(s, 1000000);
+  return s;
+}
+
+/* Take all pending output of c into out (NUL-terminated); returns length. */
+static size_t drain(im_server *s, im_conn_id c, uint8_t *out, size_t cap) {
+  struct iovec iov[16];
+  size_t total = 0;
+  int n;
+  while ((n = im_conn_pending(s, c, iov, 16)) > 0) {
+    size_t k = 0;
+    for (int i = 0; i < n; i++) {
+      assert_true(total + iov[i].iov_len < cap);
+      memcpy(out + total, iov[i].iov_base, iov[i].iov_len);
+      total += iov[i].iov_len;
+      k += iov[i].iov_len;
+    }
+    im_conn_sent(s, c, k);
+  }
+  out[total] = 0;
+  return total;
+}
+
+/* A masked client frame. */
+static size_t cframe(uint8_t *out, int op, int fin, const void *pl, size_t n) {
+  static const uint8_t mask[4] = {0x37, 0xfa, 0x21, 0x3d};
+  size_t h = 0;
+  out[h++] = (uint8_t)((fin ? 0x80 : 0) | op);
+  if (n < 126) {
+    out[h++] = (uint8_t)(0x80 | n);
+  } else if (n < 65536) {
+    out[h++] = 0x80 | 126;
+    out[h++] = (uint8_t)(n >> 8);
+    out[h++] = (uint8_t)n;
+  } else {
+    out[h++] = 0x80 | 127;
+    for (int i = 7; i >= 0; i--) out[h++] = (uint8_t)((uint64_t)n >> (8 * i));
+  }
+  memcpy(out + h, mask, 4);
+  h += 4;
+  for (size_t i = 0; i < n; i++) out[h + i] = ((const uint8_t *)pl)[i] ^ mask[i % 4];
+  return h + n;
+}
+
+static int feed_frame(im_server *s, im_conn_id c, int op, int fin, const char *pl, size_t n) {
+  static uint8_t buf[70000];
+  size_t len = cframe(buf, op, fin, pl, n);
+  return im_server_feed(s, c, buf, len);
+}
+
+static int feed_text(im_server *s, im_conn_id c, const char *text) {
+  return feed_frame(s, c, 0x1, 1, text, strlen(text));
+}
+
+typedef struct sframe {
+  int op, fin;
+  const uint8_t *pl;
+  size_t len;
+} sframe;
+
+/* Parse server frames from buf; returns the number parsed. */
+static int parse_frames(const uint8_t *b, size_t n, sframe *out, int max) {
+  int k = 0;
+  size_t off = 0;
+  while (off + 2 <= n && k < max) {
+    size_t len = b[off + 1] & 0x7f, h = 2;
+    assert_int_equal(b[off + 1] & 0x80, 0); /* servers never mask */
+    if (len == 126) {
+      len = (size_t)b[off + 2] << 8 | b[off + 3];
+      h = 4;
+    } else if (len == 127) {
+      len = 0;
+      for (int i = 0; i < 8; i++) len = len << 8 | b[off + 2 + i];
+      h = 10;
+    }
+    out[k].op = b[off] & 0x0f;
+    out[k].fin = b[off] >> 7;
+    out[k].pl = b + off + h;
+    out[k].len = len;
+    k++;
+    off += h + len;
+  }
+  assert_int_equal(off, n);
+  return k;
+}
+
+static const char *UPGRADE =
+    "GET /ws%s HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n";
+
+static im_conn_id ws_accept(im_server *s, const char *query, const char *extra) {
+  char req[1024];
+  snprintf(req, sizeof req, UPGRADE, query ? query : "", extra ? extra : "");
+  im_conn_id c = im_server_accept(s, IM_TRANSPORT_WS, "127.0.0.1:5000", NULL);
+  assert_true(c != 0);
+  im_server_feed(s, c, req, strlen(req));
+  return c;
+}
+
+/* Upgrade + auth op; returns the id with all output drained. */
+static im_conn_id ws_open(im_server *s, fake *f, const char *uid) {
+  static uint8_t out[4096];
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 101"));
+  assert_non_null(strstr((char *)out, "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="));
+  char auth[256];
+  snprintf(auth, sizeof auth, "{\"op\":\"auth\",\"uid\":\"%s\",\"token\":\"t\",\"device\":\"d\"}", uid);
+  int opens = f->opens;
+  feed_text(s, c, auth);
+  assert_int_equal(f->opens, opens + 1);
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(fr[0].op, 1);
+  assert_true(fr[0].len > 0 && memmem(fr[0].pl, fr[0].len, "\"op\":\"auth_ok\"", 14));
+  assert_non_null(memmem(fr[0].pl, fr[0].len, "\"hb\":", 5));
+  return c;
+}
+
+static int close_code_of(const sframe *fr) {
+  assert_int_equal(fr->op, 8);
+  assert_true(fr->len >= 2);
+  return fr->pl[0] << 8 | fr->pl[1];
+}
+
+/* Expect exactly: [optional text frames] then a close frame with code; the
+ * transport is then closed by the engine. Returns nothing. */
+static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
+  static uint8_t out[70000];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[8];
+  int k = parse_frames(out, n, fr, 8);
+  assert_true(k >= 1);
+  assert_int_equal(close_code_of(&fr[k - 1]), code);
+  assert_true(f->nclosed >= 1);
+  assert_true(f->closed[f->nclosed - 1] == c);
+}
+
+/* ---- tests ----------------------------------------------------------------- */
+
+/* Error frames of c's pending output that carry code and reason. */
+static int errors_with(im_server *s, im_conn_id c, int code, const char *reason) {
+  static uint8_t out[70000];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[256];
+  int k = parse_frames(out, n, fr, 256), hits = 0;
+  char want[64];
+  snprintf(want, sizeof want, "\"code\":%d", code);
+  for (int i = 0; i < k; i++)
+    if (fr[i].op == 1 && memmem(fr[i].pl, fr[i].len, "\"op\":\"error\"", 12) &&
+        memmem(fr[i].pl, fr[i].len, want, strlen(want)) &&
+        memmem(fr[i].pl, fr[i].len, reason, strlen(reason)))
+      hits++;
+  return hits;
+}
+
+static void test_max_rooms(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  assert_int_equal(cfg.max_rooms, 64);
+  cfg.max_rooms = 3;
+  im_server *s = new_server(&f, &cfg);
+  im_conn_id c = ws_open(s, &f, "alice");
+  char op[128];
+  for (int i = 0; i < 3; i++) {
+    snprintf(op, sizeof op, "{\"op\":\"join\",\"room\":\"r%d\",\"cid\":\"j%d\"}", i, i);
+    assert_int_equal(feed_text(s, c, op), 0);
+  }
+  assert_int_equal(errors_with(s, c, 429, "too many rooms"), 0);
+  /* the fourth room is refused over IMP and through the API; the
+   * connection stays open and keeps its three rooms */
+  assert_int_equal(feed_text(s, c, "{\"op\":\"join\",\"room\":\"r3\",\"cid\":\"j3\"}"), 0);
+  assert_int_equal(errors_with(s, c, 429, "too many rooms"), 1);
+  assert_int_equal(im_room_join(s, c, "r3"), IM_ELIMIT);
+  assert_int_equal(im_room_size(s, "r3"), 0);
+  /* joining a room it is already in is not a new room */
+  assert_int_equal(im_room_join(s, c, "r1"), 0);
+  assert_int_equal(f.nclosed, 0);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.rooms, 3);
+  /* leaving makes room again */
+  assert_int_equal(im_room_leave(s, c, "r0"), 0);
+  assert_int_equal(im_room_join(s, c, "r3"), 0);
+  assert_int_equal(im_room_size(s, "r3"), 1);
+  im_server_free(s);
+
+  /* 0: unlimited */
+  cfg.max_rooms = 0;
+  s = new_server(&f, &cfg);
+  c = ws_open(s, &f, "bob");
+  for (int i = 0; i < 200; i++) {
+    snprintf(op, sizeof op, "room-%d", i);
+    assert_int_equal(im_room_join(s, c, op), 0);
+  }
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.rooms, 200);
+  im_server_free(s);
+}
+
+static void test_preauth_input_limit(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  assert_int_equal(cfg.max_preauth_input, 8192);
+  cfg.max_preauth_input = 256;
+  im_server *s = new_server(&f, &cfg);
+  static uint8_t out[70000];
+  char big[300];
+  memset(big, 'x', sizeof big);
+
+  /* WebSocket, upgraded, not authenticated: a 300-byte frame is refused
+   * from its header (1009), though max_message would allow it */
+  im_conn_id c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  uint8_t hdr[] = {0x81, 0x80 | 126, 0x01, 0x2c, 1, 2, 3, 4}; /* text, masked, 300 bytes */
+  im_server_feed(s, c, hdr, sizeof hdr);
+  expect_closed_with(s, &f, c, 1009);
+
+  /* the same frame after authentication is fine */
+  c = ws_open(s, &f, "alice");
+  char msg[400];
+  snprintf(msg, sizeof msg, "{\"op\":\"msg\",\"cid\":\"c\",\"data\":\"%.*s\"}", 250, big);
+  assert_int_equal(feed_text(s, c, msg), 0);
+  assert_int_equal(f.msgs, 1);
+
+  /* fragments add up: 200 + 200 bytes before auth */
+  c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_frame(s, c, 0x1, 0, big, 200);
+  feed_frame(s, c, 0x0, 1, big, 200);
+  expect_closed_with(s, &f, c, 1009);
+
+  /* TCP: a length prefix over the limit before auth: error op, then closed */
+  c = im_server_accept(s, IM_TRANSPORT_TCP, "127.0.0.1:2", NULL);
+  uint8_t tcp[] = {0, 0, 0x01, 0x2c, 0x03};
+  im_server_feed(s, c, tcp, sizeof tcp);
+  size_t n = drain(s, c, out, sizeof out);
+  assert_true(n > 5 && out[4] == 0x0b);
+  assert_non_null(memmem(out, n, "before authentication", 21));
+  assert_true(f.closed[f.nclosed - 1] == c);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1009);
+
+  /* an upgrade request longer than the limit: 431 */
+  char hdrs[400];
+  snprintf(hdrs, sizeof hdrs, "X-Pad: %.*s\r\n", 280, big);
+  c = ws_accept(s, NULL, hdrs);
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 431"));
+  assert_true(f.closed[f.nclosed - 1] == c);
+  /* ... fed in small pieces too */
+  char req[1024];
+  snprintf(req, sizeof req,
+           "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n",
+           hdrs);
+  c = im_server_accept(s, IM_TRANSPORT_WS, "127.0.0.1:3", NULL);
+  for (size_t i = 0; i < strlen(req); i += 7) {
+    size_t k = strlen(req) - i < 7 ? strlen(req) - i : 7;
+    if (im_server_feed(s, c, req + i, k) != 0) break;
+  }
+  n = drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 431"));
+
+  /* input held while an auth is pending is bounded by the limit too */
+  f.auth_mode = IM_AUTH_PENDING;
+  c = ws_accept(s, NULL, NULL);
+  drain(s, c, out, sizeof out);
+  feed_text(s, c, "{\"op\":\"auth\",\"uid\":\"p\",\"token\":\"t\"}");
+  assert_true(f.pending_auth == c);
+  assert_int_equal(feed_frame(s, c, 0x1, 1, big, 150), 0);
+  feed_frame(s, c, 0x1, 1, big, 150);
+  drain(s, c, out, sizeof out);
+  assert_true(f.closed[f.nclosed - 1] == c);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1009);
+  im_server_free(s);
+}
+
+static void test_max_conns_per_user(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  assert_int_equal(cfg.max_conns_per_user, 32);
+  cfg.max_conns_per_user = 2;
+  im_server *s = new_server(&f, &cfg);
+  static uint8_t out[4096];
+  im_conn_id a1 = ws_open(s, &f, "alice");
+  im_conn_id a2 = ws_open(s, &f, "alice");
+  im_conn_id b = ws_open(s, &f, "bob");
+  (void)b;
+  /* the third alice is refused: error 429, then close 1008 */
+  im_conn_id a3 = ws_accept(s, NULL, NULL);
+  drain(s, a3, out, sizeof out);
+  int opens = f.opens;
+  feed_text(s, a3, "{\"op\":\"auth\",\"uid\":\"alice\",\"token\":\"t\"}");
+  assert_int_equal(f.opens, opens);
+  assert_int_equal(errors_with(s, a3, 429, "too many connections for this user"), 1);
+  assert_true(f.closed[f.nclosed - 1] == a3);
+  assert_int_equal(f.on_close_codes[f.nclose_cb - 1], 1008);
+  /* through the upgrade query: HTTP 403 with the reason */
+  im_conn_id a4 = ws_accept(s, "?uid=alice&token=t", NULL);
+  size_t n = drain(s, a4, out, sizeof out);
+  assert_true(n > 0);
+  assert_non_null(strstr((char *)out, "HTTP/1.1 403"));
+  assert_non_null(strstr((char *)out, "too many connections for this user"));
+  /* the two open ones are untouched */
+  im_conn_id ids[4];
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.conns_authed, 3);
+  assert_int_equal(stt.auth_failures, 2);
+  /* one gone: a new one fits */
+  im_server_hangup(s, a1);
+  im_conn_id a5 = ws_open(s, &f, "alice");
+  assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
+  (void)a2, (void)a5;
+  im_server_free(s);
+}
+
+/* Three connections of one uid; the newest hangs up, then the middle one:
+ * the registry and a send to the uid must reach exactly the oldest (the
+ * unlinking of a list head and of an inner node). Then the same with the
+ * other orders. */
+static void registry_keeps_one(int first, int second) {
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c[3];
+  for (int i = 0; i < 3; i++) c[i] = ws_open(s, &f, "u");
+  im_conn_id other = ws_open(s, &f, "v");
+  im_conn_id ids[4];
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 3);
+  assert_int_equal(im_server_hangup(s, c[first]), 0);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 2);
+  assert_int_equal(im_server_hangup(s, c[second]), 0);
+  int keep = 3 - first - second;
+  memset(ids, 0, sizeof ids);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 1);
+  assert_true(ids[0] == c[keep]);
+  im_msg m = {.from = "sys", .data = "\"hi\"", .data_len = 4};
+  assert_int_equal(im_send_user(s, "u", &m, 0), 1);
+  assert_int_equal(im_send_user(s, "u", &m, c[keep]), 0);
+  const char *uids[] = {"u", "v"};
+  assert_int_equal(im_send_users(s, uids, 2, &m, 0), 2);
+  static uint8_t out[4096];
+  size_t n = drain(s, c[keep], out, sizeof out);
+  sframe fr[4];
+  assert_int_equal(parse_frames(out, n, fr, 4), 2);
+  for (int i = 0; i < 2; i++) assert_non_null(memmem(fr[i].pl, fr[i].len, "\"hi\"", 4));
+  n = drain(s, other, out, sizeof out);
+  assert_int_equal(parse_frames(out, n, fr, 4), 1);
+  assert_int_equal(im_send_conn(s, c[first], &m), IM_ENOENT);
+  assert_int_equal(im_send_conn(s, c[second], &m), IM_ENOENT);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.users, 2);
+  assert_int_equal(stt.conns_authed, 2);
+  /* the last one leaves: the uid is gone */
+  im_server_hangup(s, c[keep]);
+  assert_int_equal(im_user_conns(s, "u", ids, 4), 0);
+  assert_int_equal(im_send_user(s, "u", &m, 0), 0);
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.users, 1);
+  im_server_free(s);
+}
+
+static void test_registry_newest_then_middle(void **st) {
+  (void)st;
+  registry_keeps_one(2, 1); /* the brief's order: the oldest stays */
+  registry_keeps_one(1, 2);
+  registry_keeps_one(0, 1);
+  registry_keeps_one(0, 2);
+  registry_keeps_one(1, 0);
+  registry_keeps_one(2, 0);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(test_max_rooms),
+      cmocka_unit_test(test_preauth_input_limit),
+      cmocka_unit_test(test_max_conns_per_user),
+      cmocka_unit_test(test_registry_newest_then_middle),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
