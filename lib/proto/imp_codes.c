@@ -32,6 +32,7 @@ static const imp_name key_names[IMP_K_MAX_] = {
     [IMP_K_REASON] = NAME("reason"), [IMP_K_SINCE] = NAME("since"),
     [IMP_K_LIMIT] = NAME("limit"),   [IMP_K_LAST] = NAME("last"),
     [IMP_K_MORE] = NAME("more"),     [IMP_K_GAP] = NAME("gap"),
+    [IMP_K_RECONNECT_MS] = NAME("reconnect_ms"),
 };
 
 static const char key_kinds[IMP_K_MAX_] = {
@@ -40,7 +41,7 @@ static const char key_kinds[IMP_K_MAX_] = {
     [IMP_K_FROM] = 'S',   [IMP_K_TO] = 'S',     [IMP_K_GROUP] = 'S',  [IMP_K_ROOM] = 'S',
     [IMP_K_TS] = 'U',     [IMP_K_SEQ] = 'U',    [IMP_K_DATA] = 'J',   [IMP_K_CODE] = 'U',
     [IMP_K_REASON] = 'S', [IMP_K_SINCE] = 'U',  [IMP_K_LIMIT] = 'U',  [IMP_K_LAST] = 'U',
-    [IMP_K_MORE] = 'B',   [IMP_K_GAP] = 'B',
+    [IMP_K_MORE] = 'B',   [IMP_K_GAP] = 'B',    [IMP_K_RECONNECT_MS] = 'U',
 };
 
 char imp_key_kind(unsigned key) {
@@ -55,7 +56,7 @@ const char *imp_op_name(unsigned op) {
   return op < IMP_OP_MAX_ ? op_names[op].s : NULL;
 }
 
-/* Linear scans: 12 and 22 short names, compared by length and first byte
+/* Linear scans: 12 and 23 short names, compared by length and first byte
  * before memcmp, are cheaper than hashing a name seen once per packet. */
 static unsigned find_name(const imp_name *t, unsigned count, const char *s, size_t n) {
   if (n == 0)

@@ -330,7 +330,7 @@ static void test_unknown_and_duplicate_keys(void **state) {
   (void)state;
   imp_packet q;
   assert_int_equal(imp_bin_decode(BYTES(0x04, 0x00, 0x02, 0xff, 0x00,      /* key 0 */
-                                        0x17, 0x01, 0x00,                   /* first unknown */
+                                        0x18, 0x01, 0x00,                   /* first unknown */
                                         0xff, 0x81, 0x00, 0xee,             /* key 255 */
                                         0x07, 0x02, 'c', '1',               /* cid */
                                         0x80, 0x00,                         /* empty unknown */
