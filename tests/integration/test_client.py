@@ -108,6 +108,15 @@ class Chat:
         self.reader.join(T)
 
 
+def shutdown(srv, chats):
+    """Kill what is left of the chats; imd must exit cleanly on SIGTERM."""
+    for c in chats:
+        c.kill()
+    rc, log = srv.stop()
+    srv.remove_data()
+    assert_clean_exit(rc, log)
+
+
 def is_open(lines):
     return '* state open' in lines
 
@@ -174,11 +183,7 @@ class ClientTest(unittest.TestCase):
                       len(A), len(B), acked_at_kill[0], acked_at_kill[1],
                       len(bob.received('alice')), len(alice.received('bob'))), flush=True)
         finally:
-            for c in chats:
-                c.kill()
-            rc, log = srv.stop()
-            srv.remove_data()
-            assert_clean_exit(rc, log)
+            shutdown(srv, chats)
 
     def test_gateway_fetch_falls_back(self):
         """--gateways pointing at an endpoint that does not answer a list:
@@ -198,11 +203,7 @@ class ClientTest(unittest.TestCase):
             self.assertEqual(alice.finish(), 0)
             self.assertEqual(bob.finish(), 0)
         finally:
-            for c in chats:
-                c.kill()
-            rc, log = srv.stop()
-            srv.remove_data()
-            assert_clean_exit(rc, log)
+            shutdown(srv, chats)
 
     def test_bad_token_stops(self):
         """A refused token stops the client (no reconnect loop): exit 1."""
@@ -217,11 +218,7 @@ class ClientTest(unittest.TestCase):
             check(re.search(r'^\* closed 4401 ', out, re.M), out)
             check(out.count('* connecting') == 1, 'reconnected after a refusal: ' + out)
         finally:
-            if c:
-                c.kill()
-            rc, log = srv.stop()
-            srv.remove_data()
-            assert_clean_exit(rc, log)
+            shutdown(srv, [c] if c else [])
 
 
 if __name__ == '__main__':
