@@ -10,6 +10,8 @@ Run:  IMD=build/daemon/imd IM_CHAT=build/examples/im-chat \
 
 Every wait is on an output line of im-chat or imd, with a timeout.
 """
+import http.server
+import json
 import os
 import re
 import signal
@@ -198,11 +200,58 @@ class ClientTest(unittest.TestCase):
             chats = [alice, bob]
             for c in chats:
                 c.wait_for(is_open, 'open state')
+            check('* state resolving' in alice.lines, 'no fetch: ' + '\n'.join(alice.lines))
             alice.say('over binary')
             bob.wait_for(lambda ls: 'gw.alice: over binary' in ls, 'the message')
             self.assertEqual(alice.finish(), 0)
             self.assertEqual(bob.finish(), 0)
         finally:
+            shutdown(srv, chats)
+
+    def test_gateway_list_fetched(self):
+        """--gateways answering a list (a stand-in HTTP server, checking the
+        Bearer key and the uid): the client connects to the "ws" address of
+        the gateway it names, not to the dead --url."""
+        srv = Imd()
+        seen = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append((self.path, self.headers.get('Authorization')))
+                body = json.dumps({'gateways': [
+                    {'node': 'n1', 'ws': 'ws://127.0.0.1:%d/ws' % srv.ws,
+                     'tcp': '127.0.0.1:%d' % srv.tcp, 'conns': 0}]}).encode()
+                self.send_response(200)
+                self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        httpd = http.server.HTTPServer(('127.0.0.1', 0), Handler)
+        t = threading.Thread(target=httpd.serve_forever, daemon=True)
+        t.start()
+        chats = []
+        try:
+            gw = 'http://127.0.0.1:%d/v1/gateways' % httpd.server_address[1]
+            # the configured URL is dead: only the fetched gateway works
+            alice = Chat('gl.alice', 'gl.bob', 'ws://127.0.0.1:1/ws', 'd1',
+                         '--gateways', gw, '--api-key', 'k3y')
+            bob = Chat('gl.bob', 'gl.alice', 'ws://127.0.0.1:%d/ws' % srv.ws, 'd1')
+            chats = [alice, bob]
+            for c in chats:
+                c.wait_for(is_open, 'open state')
+            check(seen == [('/v1/gateways?uid=gl.alice', 'Bearer k3y')], 'requests: %r' % seen)
+            check(alice.count('* connecting 127.0.0.1:%d' % srv.ws) == 1, '\n'.join(alice.lines))
+            alice.say('via the list')
+            bob.wait_for(lambda ls: 'gl.alice: via the list' in ls, 'the message')
+            self.assertEqual(alice.finish(), 0)
+            self.assertEqual(bob.finish(), 0)
+        finally:
+            httpd.shutdown()
+            httpd.server_close()
             shutdown(srv, chats)
 
     def test_bad_token_stops(self):
