@@ -465,15 +465,15 @@ static void on_msg(im_client *cl, const imp_packet *p) {
       return;
     }
     cl->contiguous = seq;
+  }
+  bool dup = idn && idw_has(&cl->ids, id, idn);
+  if (!dup) {
+    if (idn)
+      idw_add(&cl->ids, id, idn);
+    deliver(cl, p, id); /* contiguous == seq during the callback */
+  }
+  if (seq)
     absorb_own(cl);
-  }
-  if (idn && idw_has(&cl->ids, id, idn)) {
-    send_ack(cl, id, seq);
-    return;
-  }
-  if (idn)
-    idw_add(&cl->ids, id, idn);
-  deliver(cl, p, id);
   if (cl->gen == gen)
     send_ack(cl, id, seq);
 }
