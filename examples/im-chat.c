@@ -133,6 +133,7 @@ static void usage(void) {
           "usage: im-chat --url URL [--url URL...] --uid UID --token TOKEN (--to UID | --group G)\n"
           "               [--device D] [--platform P] [--binary] [--since SEQ]\n"
           "               [--gateways http://HOST:PORT/v1/gateways --api-key KEY]\n"
+          "               [--ping-ms MS] [--pong-timeout-ms MS]\n"
           "  URL: ws://HOST:PORT/ws or tcp://HOST:PORT\n");
   exit(2);
 }
@@ -144,7 +145,8 @@ int main(int argc, char **argv) {
       {"group", required_argument, 0, 'g'},    {"device", required_argument, 0, 'd'},
       {"platform", required_argument, 0, 'p'}, {"binary", no_argument, 0, 'b'},
       {"since", required_argument, 0, 's'},    {"gateways", required_argument, 0, 'G'},
-      {"api-key", required_argument, 0, 'k'},  {0, 0, 0, 0}};
+      {"api-key", required_argument, 0, 'k'},  {"ping-ms", required_argument, 0, 'P'},
+      {"pong-timeout-ms", required_argument, 0, 'T'}, {0, 0, 0, 0}};
   const char *urls[MAX_URLS];
   im_client_config cfg;
   im_client_config_init(&cfg);
@@ -169,6 +171,8 @@ int main(int argc, char **argv) {
     case 's': cfg.since = strtoull(optarg, NULL, 10); break;
     case 'G': cfg.gateways_url = optarg; break;
     case 'k': cfg.api_key = optarg; break;
+    case 'P': cfg.ping_ms = (unsigned)strtoul(optarg, NULL, 10); break;
+    case 'T': cfg.pong_timeout_ms = (unsigned)strtoul(optarg, NULL, 10); break;
     default: usage();
     }
   }

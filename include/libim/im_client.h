@@ -205,9 +205,10 @@ IM_EXTERN int im_client_connected(im_client *cl);
 IM_EXTERN int im_client_disconnected(im_client *cl);
 
 /* Bytes arrived on the transport. They are processed now; callbacks run
- * from inside. Returns 0, IM_ESTATE (no transport: dropped), or IM_EPROTO
- * when the server broke the protocol (the connection was closed through
- * io.close and a reconnect scheduled). */
+ * from inside. The bytes are copied as needed; data is not kept. Returns
+ * 0, IM_ESTATE (no transport: dropped), IM_EPROTO when the server broke the
+ * protocol or the handshake failed, or IM_ENOMEM; in those two cases the
+ * connection was closed through io.close and a reconnect scheduled. */
 IM_EXTERN int im_client_feed(im_client *cl, const void *data, size_t len);
 
 /* Bytes to send: fills up to max iovecs pointing into the client's buffer,

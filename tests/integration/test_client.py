@@ -254,6 +254,34 @@ class ClientTest(unittest.TestCase):
             httpd.server_close()
             shutdown(srv, chats)
 
+    def test_silent_server_detected(self):
+        """imd frozen (SIGSTOP): the heartbeat gets no answer, the read-idle
+        timeout closes the connection; once imd runs again the client is back
+        and a message typed meanwhile is delivered."""
+        srv = Imd()
+        chats = []
+        try:
+            url = 'ws://127.0.0.1:%d/ws' % srv.ws
+            alice = Chat('hb.alice', 'hb.bob', url, 'd1', '--ping-ms', '200',
+                         '--pong-timeout-ms', '300')
+            bob = Chat('hb.bob', 'hb.alice', url, 'd1')
+            chats = [alice, bob]
+            for c in chats:
+                c.wait_for(is_open, 'open state')
+            srv.proc.send_signal(signal.SIGSTOP)
+            try:
+                alice.wait_for(lambda ls: '* closed 1006 read idle timeout' in ls,
+                               'the read-idle timeout')
+                alice.say('after the freeze')
+            finally:
+                srv.proc.send_signal(signal.SIGCONT)
+            alice.wait_count('* state open', 2, 'a reconnect')
+            bob.wait_for(lambda ls: 'hb.alice: after the freeze' in ls, 'the message')
+            self.assertEqual(alice.finish(), 0)
+            self.assertEqual(bob.finish(), 0)
+        finally:
+            shutdown(srv, chats)
+
     def test_bad_token_stops(self):
         """A refused token stops the client (no reconnect loop): exit 1."""
         srv = Imd()
