@@ -6,7 +6,7 @@ ports. Every line typed must be shown exactly once, in order, on the other
 side, and every outbox must drain.
 
 Run:  IMD=build/daemon/imd IM_CHAT=build/examples/im-chat \
-      /usr/bin/python3 tests/integration/test_client.py
+      CLIENT_POLL=build/examples/client-poll /usr/bin/python3 tests/integration/test_client.py
 
 Every wait is on an output line of im-chat or imd, with a timeout.
 """
@@ -278,6 +278,25 @@ class ClientTest(unittest.TestCase):
             alice.wait_count('* state open', 2, 'a reconnect')
             bob.wait_for(lambda ls: 'hb.alice: after the freeze' in ls, 'the message')
             self.assertEqual(alice.finish(), 0)
+            self.assertEqual(bob.finish(), 0)
+        finally:
+            shutdown(srv, chats)
+
+    def test_hand_written_loop(self):
+        """examples/client-poll (the core on a poll() loop, raw TCP, no
+        libevent) sends to an im-chat and exits on the ack."""
+        srv = Imd()
+        chats = []
+        try:
+            bob = Chat('pl.bob', 'pl.alice', 'ws://127.0.0.1:%d/ws' % srv.ws, 'd1')
+            chats = [bob]
+            bob.wait_for(is_open, 'open state')
+            p = subprocess.run([os.environ['CLIENT_POLL'], '127.0.0.1', str(srv.tcp), 'pl.alice',
+                                py_token('pl.alice', 'poll'), 'pl.bob', 'from a poll loop'],
+                               capture_output=True, timeout=T)
+            check(p.returncode == 0, 'client-poll: %r %r' % (p.returncode, p.stderr))
+            check(re.match(rb'acked \d+\n$', p.stdout), p.stdout)
+            bob.wait_for(lambda ls: 'pl.alice: from a poll loop' in ls, 'the message')
             self.assertEqual(bob.finish(), 0)
         finally:
             shutdown(srv, chats)
