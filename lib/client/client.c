@@ -38,6 +38,7 @@ struct im_client {
 
   enum im_client_state state;
   uint64_t now, deadline;
+  uint64_t authed_at;         /* auth_ok of the current connection */
   unsigned attempt;           /* backoff exponent */
   unsigned gen;               /* bumped when a connection ends */
   bool stopping, auth_refused, background;
@@ -370,6 +371,10 @@ static void conn_lost(im_client *cl, unsigned code, const char *reason, bool we_
   if (cl->state < IM_CLIENT_CONNECTING)
     return;
   bool reached_auth = authed(cl);
+  /* The backoff starts over only after a connection that stayed up: a
+   * server that accepts and drops at once still gets growing delays. */
+  if (reached_auth && cl->now - cl->authed_at >= cl->cfg.connect_timeout_ms)
+    cl->attempt = 0;
   if (we_close && cl->io.close)
     cl->io.close(cl, cl->io_user);
   cl->gen++;
@@ -568,7 +573,7 @@ static void on_auth_ok(im_client *cl, const imp_packet *p) {
     return;
   unsigned gen = cl->gen;
   cl->hb_s = IMP_HAS(p, IMP_K_HB) && p->num[IMP_K_HB] ? (unsigned)p->num[IMP_K_HB] : DEFAULT_HB_S;
-  cl->attempt = 0;
+  cl->authed_at = cl->now;
   cl->fail_round = 0;
   set_state(cl, cl->sync_running ? IM_CLIENT_SYNCING : IM_CLIENT_OPEN);
   if (cl->gen != gen)

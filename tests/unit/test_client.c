@@ -523,6 +523,35 @@ static void test_backoff_bounds(void **state) {
   drop(f);
 }
 
+/* A server that accepts and drops at once: the delays still grow; a
+ * connection that stayed up long enough starts them over. */
+static void test_backoff_after_flapping(void **state) {
+  (void)state;
+  fake *f = open_client(WS1, 1, NULL); /* auth_ok at t=1000 */
+  uint64_t now = 1000;
+  long longest = 0;
+  for (unsigned a = 0; a < 6; a++) {
+    im_client_disconnected(f->cl);
+    long t = im_client_timeout(f->cl, now);
+    assert_true(t >= 0 && t <= (500L << a));
+    if (t > longest)
+      longest = t;
+    now += (uint64_t)t;
+    im_client_tick(f->cl, now);
+    im_client_connected(f->cl);
+    accept_upgrade(f);
+    feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c\",\"hb\":10}");
+  }
+  assert_true(longest > 500);
+  /* up for 10 s (connect_timeout_ms): the next delay is attempt 0's again */
+  now += 10000;
+  feed_json(f, "{\"op\":\"sync_end\",\"last\":0,\"more\":false}");
+  im_client_tick(f->cl, now);
+  im_client_disconnected(f->cl);
+  assert_true(im_client_timeout(f->cl, now) <= 500);
+  drop(f);
+}
+
 static void test_goaway(void **state) {
   (void)state;
   const char *const two[] = {"ws://10.0.0.1:80/ws", "ws://10.0.0.2:80/ws"};
@@ -667,6 +696,7 @@ int main(void) {
       cmocka_unit_test(test_outbox_bounded),
       cmocka_unit_test(test_sync_paging),
       cmocka_unit_test(test_backoff_bounds),
+      cmocka_unit_test(test_backoff_after_flapping),
       cmocka_unit_test(test_goaway),
       cmocka_unit_test(test_heartbeat_and_idle),
       cmocka_unit_test(test_gateway_list),
