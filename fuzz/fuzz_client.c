@@ -64,6 +64,7 @@ static bool drain(fz_client *f, char key[25]) {
     return false;
   const uint8_t *p = iov[0].iov_base;
   size_t len = iov[0].iov_len, off = 0;
+  FZ_CHECK(p != NULL && len > 0);
   if (len > 4 && memcmp(p, "GET ", 4) == 0) {
     const char *k = memmem(p, len, "Sec-WebSocket-Key: ", 19);
     const char *e = memmem(p, len, "\r\n\r\n", 4);
