@@ -15,6 +15,8 @@ import json
 import os
 import re
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -23,7 +25,8 @@ import unittest
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import API_KEY, Imd, assert_clean_exit, check, py_token  # noqa: E402
+from imdclient import (API_KEY, Imd, assert_clean_exit, check, encode_bin, py_token,  # noqa: E402
+                       tcp_frame)
 
 T = 30.0  # a reconnect after a restart may wait out a few backoff steps
 
@@ -299,6 +302,61 @@ class ClientTest(unittest.TestCase):
             bob.wait_for(lambda ls: 'pl.alice: from a poll loop' in ls, 'the message')
             self.assertEqual(bob.finish(), 0)
         finally:
+            shutdown(srv, chats)
+
+    def test_goaway_moves_to_the_next_gateway(self):
+        """A stand-in gateway (raw TCP) accepts alice, takes her message
+        without acking it, and sends goaway {reconnect_ms: 300}: she leaves
+        it no sooner than 300 ms later, connects to the next gateway (a real
+        imd), and the message reaches bob from there."""
+        srv = Imd()
+        lsock = socket.create_server(('127.0.0.1', 0))
+        seen = {}
+        gone = threading.Event()
+
+        def fake_gateway():
+            conn, _ = lsock.accept()
+            with conn:
+                f = conn.makefile('rb')
+
+                def packet():
+                    hdr = f.read(4)
+                    return f.read(struct.unpack('!I', hdr)[0]) if len(hdr) == 4 else None
+
+                seen['auth'] = packet()
+                conn.sendall(tcp_frame(encode_bin('auth_ok', conn='fake', hb=30)))
+                conn.sendall(tcp_frame(encode_bin('sync_end', last=0, more=False)))
+                seen['msg'] = packet()
+                conn.sendall(tcp_frame(bytes([0x0c, 0x17, 0x02]) + (300).to_bytes(2, 'big')))
+                sent = time.monotonic()
+                while packet() is not None:
+                    pass
+                seen['held_ms'] = (time.monotonic() - sent) * 1000
+                f.close()
+            gone.set()
+
+        t = threading.Thread(target=fake_gateway, daemon=True)
+        t.start()
+        chats = []
+        try:
+            fake = 'tcp://127.0.0.1:%d' % lsock.getsockname()[1]
+            alice = Chat('ga.alice', 'ga.bob', fake, 'd1', '--url',
+                         'tcp://127.0.0.1:%d' % srv.tcp)
+            bob = Chat('ga.bob', 'ga.alice', 'ws://127.0.0.1:%d/ws' % srv.ws, 'd1')
+            chats = [alice, bob]
+            for c in chats:
+                c.wait_for(is_open, 'open state')
+            alice.say('across a goaway')
+            bob.wait_for(lambda ls: 'ga.alice: across a goaway' in ls, 'the message')
+            check(gone.wait(T), 'the stand-in gateway was not left')
+            check(seen['auth'][0] == 0x01 and seen['msg'][0] == 0x03, repr(seen))
+            check(seen['held_ms'] >= 300, 'left after %.0f ms' % seen['held_ms'])
+            check(alice.count('* connecting 127.0.0.1:%d' % srv.tcp) == 1, '\n'.join(alice.lines))
+            alice.wait_count('* acked', 1, 'the ack from imd')
+            self.assertEqual(alice.finish(), 0)
+            self.assertEqual(bob.finish(), 0)
+        finally:
+            lsock.close()
             shutdown(srv, chats)
 
     def test_bad_token_stops(self):
