@@ -20,6 +20,7 @@
 #define RETRY_5XX_MS 1000u      /* resend delay after a 5xx for an outbox message */
 #define DEFAULT_HB_S 30u
 #define TARGET_MAX 128u
+#define MAX_WAIT_S 3600u        /* caps a server's hb and goaway reconnect_ms */
 
 struct im_client {
   im_client_config cfg;       /* strings below are our copies */
@@ -572,7 +573,8 @@ static void on_auth_ok(im_client *cl, const imp_packet *p) {
   if (cl->state != IM_CLIENT_AUTHENTICATING)
     return;
   unsigned gen = cl->gen;
-  cl->hb_s = IMP_HAS(p, IMP_K_HB) && p->num[IMP_K_HB] ? (unsigned)p->num[IMP_K_HB] : DEFAULT_HB_S;
+  uint64_t hb = IMP_HAS(p, IMP_K_HB) ? p->num[IMP_K_HB] : 0;
+  cl->hb_s = hb == 0 ? DEFAULT_HB_S : hb > MAX_WAIT_S ? MAX_WAIT_S : (unsigned)hb;
   cl->authed_at = cl->now;
   cl->fail_round = 0;
   set_state(cl, cl->sync_running ? IM_CLIENT_SYNCING : IM_CLIENT_OPEN);
@@ -605,15 +607,17 @@ static void on_packet(im_client *cl, const imp_packet *p) {
   case IMP_OP_ERROR:
     on_error(cl, p);
     break;
-  case IMP_OP_GOAWAY:
+  case IMP_OP_GOAWAY: {
     /* Keep the connection until the delay ends (or the server closes it),
      * then connect to the next gateway. */
     cl->goaway = true;
-    cl->goaway_at = cl->now + (IMP_HAS(p, IMP_K_RECONNECT_MS)
-                                   ? p->num[IMP_K_RECONNECT_MS]
-                                   : client_backoff_ms(cl->cfg.backoff_base_ms,
-                                                       cl->cfg.backoff_cap_ms, 0, rnd(cl)));
+    uint64_t ms = IMP_HAS(p, IMP_K_RECONNECT_MS)
+                      ? p->num[IMP_K_RECONNECT_MS]
+                      : client_backoff_ms(cl->cfg.backoff_base_ms, cl->cfg.backoff_cap_ms, 0,
+                                          rnd(cl));
+    cl->goaway_at = cl->now + (ms > MAX_WAIT_S * 1000u ? MAX_WAIT_S * 1000u : ms);
     break;
+  }
   default: /* pong; ops of later versions */
     break;
   }
