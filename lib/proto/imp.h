@@ -60,7 +60,7 @@ enum imp_key {
   IMP_K_LAST = 0x14,     /* U */
   IMP_K_MORE = 0x15,     /* B */
   IMP_K_GAP = 0x16,      /* B */
-  IMP_K_RECONNECT_MS = 0x17, /* U */
+  IMP_K_RECONNECT_MS = 0x17, /* U: goaway: reconnect (elsewhere) after this many ms */
   IMP_K_MAX_ = 0x18
 };
 

@@ -56,7 +56,7 @@ const char *imp_op_name(unsigned op) {
   return op < IMP_OP_MAX_ ? op_names[op].s : NULL;
 }
 
-/* Linear scans: 12 and 22 short names, compared by length and first byte
+/* Linear scans: 12 and 23 short names, compared by length and first byte
  * before memcmp, are cheaper than hashing a name seen once per packet. */
 static unsigned find_name(const imp_name *t, unsigned count, const char *s, size_t n) {
   if (n == 0)

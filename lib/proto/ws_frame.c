@@ -91,6 +91,14 @@ size_t ws_frame_encode_header(uint8_t out[10], uint8_t opcode, bool fin, uint64_
   return 2 + ext;
 }
 
+size_t ws_frame_encode_masked_header(uint8_t out[14], uint8_t opcode, bool fin, uint64_t len,
+                                     uint32_t mask) {
+  size_t n = ws_frame_encode_header(out, opcode, fin, len);
+  out[1] |= WS_MASK_BIT;
+  memcpy(out + n, &mask, 4);
+  return n + 4;
+}
+
 void ws_unmask(uint8_t *p, size_t n, uint32_t mask, uint64_t offset) {
   uint8_t key[8];
   uint8_t wire[4];

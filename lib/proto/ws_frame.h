@@ -60,7 +60,14 @@ int ws_frame_parse_header(const uint8_t *p, size_t n, bool require_mask, ws_fram
  * `out` must hold 10 bytes. Returns the header length (2, 4 or 10). */
 size_t ws_frame_encode_header(uint8_t out[10], uint8_t opcode, bool fin, uint64_t len);
 
-/* Unmask n payload bytes in place. `offset` is the position of p[0] within
+/* Encode a client (masked) frame header: the server form plus the MASK bit
+ * and the 4 masking-key bytes `mask` (wire order, as ws_frame_hdr.mask).
+ * `out` must hold 14 bytes. Returns the header length (6, 8 or 14). Mask
+ * the payload with ws_unmask (XOR is its own inverse). */
+size_t ws_frame_encode_masked_header(uint8_t out[14], uint8_t opcode, bool fin, uint64_t len,
+                                     uint32_t mask);
+
+/* Unmask n payload bytes in place (or mask them: the same XOR). `offset` is the position of p[0] within
  * the frame's payload (so a payload may be unmasked in pieces). Works a
  * machine word at a time. */
 void ws_unmask(uint8_t *p, size_t n, uint32_t mask, uint64_t offset);

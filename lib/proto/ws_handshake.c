@@ -3,6 +3,8 @@
  * needs, then judges them once the headers are complete. */
 #include "proto/ws_handshake.h"
 
+#include "proto/http_resp.h"
+
 #include <llhttp.h>
 #include <mbedtls/base64.h>
 #include <mbedtls/sha1.h>
@@ -36,18 +38,6 @@ struct ws_handshake {
   bool any_path;
   char path[]; /* the required path */
 };
-
-static bool ascii_ieq(const char *s, size_t len, const char *lower) {
-  size_t i = 0;
-  for (; i < len && lower[i]; i++) {
-    char c = s[i];
-    if (c >= 'A' && c <= 'Z')
-      c = (char)(c - 'A' + 'a');
-    if (c != lower[i])
-      return false;
-  }
-  return i == len && lower[i] == '\0';
-}
 
 static bool is_ows(char c) { return c == ' ' || c == '\t'; }
 
@@ -121,20 +111,20 @@ static int on_header_field_complete(llhttp_t *p) {
   const char *n = hs->name;
   size_t len = hs->name_too_long ? 0 : hs->name_len;
   hs->cur = H_OTHER;
-  if (ascii_ieq(n, len, "host")) {
+  if (http_name_is(n, len, "host")) {
     hs->cur = H_HOST;
     hs->hosts++;
-  } else if (ascii_ieq(n, len, "upgrade")) {
+  } else if (http_name_is(n, len, "upgrade")) {
     hs->cur = H_UPGRADE;
-  } else if (ascii_ieq(n, len, "connection")) {
+  } else if (http_name_is(n, len, "connection")) {
     hs->cur = H_CONNECTION;
-  } else if (ascii_ieq(n, len, "sec-websocket-key")) {
+  } else if (http_name_is(n, len, "sec-websocket-key")) {
     hs->cur = H_KEY;
     hs->keys++;
-  } else if (ascii_ieq(n, len, "sec-websocket-version")) {
+  } else if (http_name_is(n, len, "sec-websocket-version")) {
     hs->cur = H_VERSION;
     hs->versions++;
-  } else if (ascii_ieq(n, len, "sec-websocket-protocol")) {
+  } else if (http_name_is(n, len, "sec-websocket-protocol")) {
     hs->cur = H_PROTOCOL;
   }
   hs->name_len = 0;
@@ -173,7 +163,7 @@ static bool list_has(const char *v, const char *end, const char *lower) {
   const char *tok;
   size_t len;
   while (list_next(&v, end, &tok, &len))
-    if (ascii_ieq(tok, len, lower))
+    if (http_name_is(tok, len, lower))
       return true;
   return false;
 }
@@ -466,4 +456,77 @@ size_t ws_hs_error_response(int http_status, const char *reason, char *out, size
                    "%s\n",
                    http_status, phrase, strlen(body) + 1, extra, body);
   return snprintf_len(n);
+}
+
+/* ---- client side -------------------------------------------------------- */
+
+int ws_hs_client_key(const uint8_t nonce[16], char key[25]) {
+  size_t olen;
+  return mbedtls_base64_encode((unsigned char *)key, 25, &olen, nonce, 16) == 0 ? 0 : -1;
+}
+
+size_t ws_hs_client_request(const char *host, const char *target, const char *key,
+                            const char *protocol, char *out, size_t cap) {
+  int n = snprintf(out, cap,
+                   "GET %s HTTP/1.1\r\n"
+                   "Host: %s\r\n"
+                   "Upgrade: websocket\r\n"
+                   "Connection: Upgrade\r\n"
+                   "Sec-WebSocket-Key: %s\r\n"
+                   "%s%s%s"
+                   "Sec-WebSocket-Version: 13\r\n"
+                   "\r\n",
+                   target, host, key, protocol ? "Sec-WebSocket-Protocol: " : "",
+                   protocol ? protocol : "", protocol ? "\r\n" : "");
+  return snprintf_len(n);
+}
+
+static long reply_fail(ws_hs_reply *r, int status, const char *reason) {
+  r->http_status = status;
+  r->reason = reason;
+  return WS_HS_FAIL;
+}
+
+long ws_hs_client_response(const char *p, size_t n, const char *key, ws_hs_reply *r) {
+  memset(r, 0, sizeof *r);
+  int status = 0;
+  long head = http_resp_head(p, n, WS_HS_MAX_REQUEST, &status);
+  if (head == 0)
+    return WS_HS_MORE;
+  if (head < 0)
+    return reply_fail(r, 0, "malformed upgrade response");
+  if (status != 101)
+    return reply_fail(r, status, "upgrade refused");
+  char want[29];
+  if (ws_hs_accept_key(key, strlen(key), want) != 0)
+    return reply_fail(r, 101, "bad Sec-WebSocket-Key");
+  bool upgrade = false, conn = false, accept = false, proto_bad = false;
+  const char *cur = p;
+  http_hdr h;
+  while (http_resp_next_header(&cur, p, (size_t)head, &h)) {
+    const char *ve = h.value + h.value_len;
+    if (http_name_is(h.name, h.name_len, "upgrade"))
+      upgrade = upgrade || list_has(h.value, ve, "websocket");
+    else if (http_name_is(h.name, h.name_len, "connection"))
+      conn = conn || list_has(h.value, ve, "upgrade");
+    else if (http_name_is(h.name, h.name_len, "sec-websocket-accept"))
+      accept = h.value_len == 28 && memcmp(h.value, want, 28) == 0;
+    else if (http_name_is(h.name, h.name_len, "sec-websocket-protocol")) {
+      if (h.value_len == 8 && memcmp(h.value, "imp.json", 8) == 0)
+        r->subproto = WS_SUB_JSON;
+      else if (h.value_len == 7 && memcmp(h.value, "imp.bin", 7) == 0)
+        r->subproto = WS_SUB_BIN;
+      else
+        proto_bad = true;
+      r->subproto_set = true;
+    }
+  }
+  if (!upgrade || !conn)
+    return reply_fail(r, 101, "missing Upgrade/Connection in the 101");
+  if (!accept)
+    return reply_fail(r, 101, "Sec-WebSocket-Accept does not match the key");
+  if (proto_bad)
+    return reply_fail(r, 101, "server chose a subprotocol we did not offer");
+  r->http_status = 101;
+  return head;
 }

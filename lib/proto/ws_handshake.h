@@ -66,4 +66,34 @@ size_t ws_hs_accept_response(const ws_hs_result *res, char *out, size_t cap);
  * (reason NULL: the reason phrase). Returns the length needed (like snprintf). */
 size_t ws_hs_error_response(int http_status, const char *reason, char *out, size_t cap);
 
+/* ---- client side (lib/client) ------------------------------------------ */
+
+/* The Sec-WebSocket-Key for a 16-byte random nonce: 24 base64 chars + NUL.
+ * Returns 0, or -1 (never with a 25-byte key buffer). */
+int ws_hs_client_key(const uint8_t nonce[16], char key[25]);
+
+/* Write the client's upgrade request: GET target, Host, Upgrade,
+ * Connection, Sec-WebSocket-Key, Sec-WebSocket-Protocol (when protocol is
+ * not NULL) and Sec-WebSocket-Version 13. Returns the length needed (like
+ * snprintf). */
+size_t ws_hs_client_request(const char *host, const char *target, const char *key,
+                            const char *protocol, char *out, size_t cap);
+
+typedef struct ws_hs_reply {
+  int http_status;      /* the server's status (0 when the head is malformed) */
+  const char *reason;   /* static text on WS_HS_FAIL */
+  uint8_t subproto;     /* enum ws_subproto the server chose */
+  bool subproto_set;    /* the server sent Sec-WebSocket-Protocol */
+} ws_hs_reply;
+
+/* Check the server's answer to a request sent with `key` (NUL-terminated);
+ * p[0..n) is everything received so far. Returns the length of the
+ * response head (> 0) when it accepts the upgrade (bytes after it are
+ * frames); WS_HS_MORE (0) when more bytes are needed; WS_HS_FAIL (-1) when
+ * the status is not 101, Upgrade/Connection are missing, the
+ * Sec-WebSocket-Accept is not base64(SHA-1(key + GUID)), the subprotocol is
+ * not imp.json/imp.bin, or no complete head arrives within
+ * WS_HS_MAX_REQUEST bytes (r->http_status and r->reason say which). */
+long ws_hs_client_response(const char *p, size_t n, const char *key, ws_hs_reply *r);
+
 #endif

@@ -72,8 +72,7 @@ static void test_names_and_kinds(void **state) {
   static const char *keys[] = {NULL,   "uid",  "token", "device", "platform", "conn",
                                "hb",   "cid",  "id",    "from",   "to",       "group",
                                "room", "ts",   "seq",   "data",   "code",     "reason",
-                               "since", "limit", "last", "more",  "gap",
-                               "reconnect_ms"};
+                               "since", "limit", "last", "more",  "gap", "reconnect_ms"};
   static const char kinds[] = "?SSSSSUSSSSSSUUJUSUUUBBU";
   for (unsigned k = 1; k < IMP_K_MAX_; k++) {
     assert_string_equal(imp_key_name(k), keys[k]);
