@@ -721,7 +721,7 @@ static int load_scripts(redis_store *s) {
 /* Every first attempt from before the NOSCRIPT was answered (and resent):
  * reload the scripts, then send what was held back, in order. */
 static void unstall(redis_store *s) {
-  if (!s->stalled || s->first_out > 0) return;
+  if (!s->stalled || s->first_out > 0 || s->closed) return;
   s->stalled = false;
   load_scripts(s);
   for (rq *r = s->head; r; r = r->next) {
@@ -891,6 +891,13 @@ static int check_msg(redis_store *s, const imd_store_msg *m, const char *const *
   if (!m->data && m->data_len > 0) return set_err(s, IMD_STORE_EINVAL, "message data missing");
   if (m->ts > INT64_MAX) return set_err(s, IMD_STORE_EINVAL, "ts out of range");
   if (!uids || n == 0) return set_err(s, IMD_STORE_EINVAL, "no receivers");
+  if (n <= 2) { /* the common cases (1:1, HTTP API) without a sort */
+    if (!uids[0] || !*uids[0] || (n == 2 && (!uids[1] || !*uids[1])))
+      return set_err(s, IMD_STORE_EINVAL, "empty receiver uid");
+    if (n == 2 && !strcmp(uids[0], uids[1]))
+      return set_err(s, IMD_STORE_EINVAL, "receiver uid listed twice");
+    return IMD_STORE_OK;
+  }
   const char **v = malloc(n * sizeof *v);
   if (!v) return set_err(s, IMD_STORE_EIO, "out of memory");
   int rc = IMD_STORE_OK;
