@@ -39,9 +39,11 @@ typedef void (*imd_redis_reply_fn)(void *arg, const struct redisReply *reply);
 
 typedef struct imd_redis_io {
   /* Send one command (argc arguments, argv[i] of argvlen[i] bytes, borrowed
-   * for the call). Returns 0: fn(arg, reply) is called exactly once, later,
-   * on the loop thread; or -1: the connection is down right now and fn is
-   * never called. */
+   * for the call). Returns 0: fn(arg, reply) is called exactly once, later
+   * (never inside command()), on the loop thread; or -1: the connection is
+   * down right now and fn is never called. Commands must reach Redis in
+   * the order they were given (one connection, pipelined): the store's
+   * read-after-write and seq order rest on it. */
   int (*command)(void *ctx, int argc, const char **argv, const size_t *argvlen,
                  imd_redis_reply_fn fn, void *arg);
   void *ctx;
@@ -72,8 +74,9 @@ imd_store *imd_store_redis_new(const imd_redis_io *io, const char *prefix,
 int imd_store_redis_load_scripts(imd_store *s);
 
 /* Call about once a second with the wall clock (ms since the epoch):
- * sends delivered marks that waited a second or more, and one age
- * retention step every 60 s (or at once again while the last step left
+ * sends the pending delivered marks (those that found no append to ride
+ * along with), and with an age limit one retention step every 60 s (the
+ * first at the first call; the next at once while the last step left
  * work). Does nothing for a NULL store. */
 void imd_store_redis_tick(imd_store *s, uint64_t now_ms);
 
