@@ -515,6 +515,15 @@ static void seqs_gap_free_and_callbacks_in_order(void **state) {
   assert_int_equal(st.errors, 0);
 }
 
+static uint64_t big_seqs[300];
+
+static void big_appended(void *arg, int status, const uint64_t *seqs, const char *id) {
+  (void)id;
+  F->order[F->done++] = (int)(intptr_t)arg;
+  F->status[(intptr_t)arg] = status;
+  if (seqs) memcpy(big_seqs, seqs, sizeof big_seqs);
+}
+
 static void append_to_many_users(void **state) {
   NEED_REDIS();
   fx *f = *state;
@@ -530,16 +539,28 @@ static void append_to_many_users(void **state) {
   assert_int_equal(imd_store_append(f->s, &m, members + 2, 3, appended, (void *)1), 0);
   wait_done(f, 2);
   for (int i = 0; i < 3; i++) assert_int_equal(f->seqs[1][i], 2);
+  /* a big group: one command still, every member's seq from its own counter */
+  static char names[300][8];
+  static const char *many[300];
+  for (int i = 0; i < 300; i++) {
+    snprintf(names[i], sizeof names[i], "u%d", i + 1);
+    many[i] = names[i];
+  }
+  m.id = "g3";
+  assert_int_equal(imd_store_append(f->s, &m, many, 300, big_appended, (void *)2), 0);
+  wait_done(f, 3);
+  assert_int_equal(f->status[2], IMD_STORE_OK);
   sync_wait(f, "u2", 0, 0, 0);
-  assert_int_equal(f->ngot, 1);
-  sync_wait(f, "u5", 0, 0, 0);
   assert_int_equal(f->ngot, 2);
+  sync_wait(f, "u5", 0, 0, 0);
+  assert_int_equal(f->ngot, 3);
   assert_string_equal(f->got[1].id, "g2");
   assert_true(f->got[1].has_group);
   assert_string_equal(f->got[1].group, "team");
   assert_false(f->got[1].has_to);
   assert_false(f->got[1].has_cid);
   assert_int_equal(f->got[1].ts, 5000);
+  for (int i = 0; i < 300; i++) assert_int_equal(big_seqs[i], i < 2 ? 2 : i < 5 ? 3 : 1);
 }
 
 static void duplicates_answer_the_first_id(void **state) {
@@ -887,6 +908,26 @@ static void marks_never_lower_and_are_coalesced(void **state) {
   assert_int_equal(imd_store_mark(f->s, "bob", NULL, 1), IMD_STORE_EINVAL);
 }
 
+/* Pending marks are bounded: at MARKS_MAX (4096) distinct (uid, device)
+ * they are sent at once, 256 to a command. */
+static void marks_are_bounded(void **state) {
+  NEED_REDIS();
+  fx *f = *state;
+  run_until(f, all_answered, 0);
+  long evalsha0 = cmd_calls(f, "evalsha");
+  char dev[16];
+  for (int i = 0; i < 4095; i++) {
+    snprintf(dev, sizeof dev, "d%d", i);
+    assert_int_equal(imd_store_mark(f->s, "bob", dev, 7), 0);
+  }
+  run_until(f, all_answered, 0);
+  assert_int_equal(cmd_calls(f, "evalsha"), evalsha0);
+  assert_int_equal(imd_store_mark(f->s, "bob", "last", 7), 0);
+  run_until(f, all_answered, 0);
+  assert_int_equal(cmd_calls(f, "evalsha"), evalsha0 + 16);
+  assert_int_equal(side_int(f, "HLEN %s", "t:user:{bob}"), 4096);
+}
+
 static void groups(void **state) {
   NEED_REDIS();
   fx *f = *state;
@@ -915,6 +956,14 @@ static void groups(void **state) {
   assert_int_equal(f->status[5], 0);
   assert_int_equal(side_int(f, "EXISTS %s", "t:group:{g1}"), 0);
   for (int k = 0; k < 7; k++) assert_int_equal(f->order[k], k);
+  /* Redis answering an error (here: a key of another type) is EIO */
+  freeReplyObject(side(f, "SET t:group:{bad} x"));
+  assert_int_equal(s->ops->group_update(s, "bad", add, 1, NULL, 0, updated, (void *)7), 0);
+  assert_int_equal(s->ops->group_members(s, "bad", members_known, (void *)8), 0);
+  wait_done(f, 9);
+  assert_int_equal(f->status[7], IMD_STORE_EIO);
+  assert_int_equal(f->status[8], IMD_STORE_EIO);
+  assert_non_null(strstr(s->ops->error(s), "WRONGTYPE"));
 }
 
 /* The io says down: every request fails at once with EDOWN, no callback.
@@ -1192,6 +1241,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(trim_by_age, setup, teardown),
       cmocka_unit_test_setup_teardown(data_round_trip, setup, teardown),
       cmocka_unit_test_setup_teardown(marks_never_lower_and_are_coalesced, setup, teardown),
+      cmocka_unit_test_setup_teardown(marks_are_bounded, setup, teardown),
       cmocka_unit_test_setup_teardown(groups, setup, teardown),
       cmocka_unit_test_setup_teardown(edown, setup, teardown),
       cmocka_unit_test_setup_teardown(noscript_keeps_order, setup, teardown),
