@@ -11,11 +11,13 @@
  * every smaller seq of that user is stored: a client that sees seq N can
  * always fetch 1..N by sync.
  */
+#include <event2/event.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "imd.h"
+#include "store_redis.h"
 
 /* One message waiting for the store. The strings and arrays live in the
  * same allocation, after the struct. */
@@ -226,8 +228,37 @@ void imd_repair(imd *d, im_conn_id c) {
 
 /* ---- lifecycle --------------------------------------------------------------- */
 
+/* The Redis store's commands go over the cluster module's connection, in
+ * order with its route writes. */
+static int redis_command(void *ctx, int argc, const char **argv, const size_t *argvlen,
+                         imd_redis_reply_fn fn, void *arg) {
+  return im_redis_command(ctx, argc, argv, argvlen, fn, arg) == 0 ? 0 : -1;
+}
+
+static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  imd *d = arg;
+  imd_store_redis_tick(d->store, imd_wall_ms());
+}
+
+void imd_delivery_reconnected(imd *d) {
+  if (d->redis && d->store) imd_store_redis_load_scripts(d->store);
+}
+
 int imd_delivery_init(imd *d, const imd_store_opts *o) {
   char path[4096], groups[4096], err[512];
+  if (d->redis) {
+    imd_redis_io io = {redis_command, d->redis};
+    d->store = imd_store_redis_new(&io, d->cfg.redis_prefix, o, err, sizeof err);
+    d->trim_ev = d->store ? event_new(d->base, -1, EV_PERSIST, on_store_tick, d) : NULL;
+    struct timeval every = {1, 0};
+    if (!d->store || !d->trim_ev || event_add(d->trim_ev, &every) < 0) {
+      fprintf(stderr, "imd: cannot start the Redis store: %s\n", d->store ? "no memory" : err);
+      return -1;
+    }
+    return 0;
+  }
   snprintf(path, sizeof path, "%s/imd.db", d->cfg.data_dir);
   snprintf(groups, sizeof groups, "%s/groups.json", d->cfg.data_dir);
   d->store = imd_store_sqlite_start(d->base, path, o, IMD_TRIM_INTERVAL_S, groups, err, sizeof err);
@@ -239,6 +270,8 @@ int imd_delivery_init(imd *d, const imd_store_opts *o) {
 }
 
 void imd_delivery_free(imd *d) {
+  if (d->trim_ev) event_free(d->trim_ev);
+  d->trim_ev = NULL;
   if (d->store) d->store->ops->close(d->store); /* completes what is outstanding */
   d->store = NULL;
 }

@@ -80,6 +80,8 @@ uint64_t imd_mono_us(void);
 /* delivery.c: store, then deliver. */
 int imd_delivery_init(imd *d, const imd_store_opts *o); /* 0, or -1 with a message on stderr */
 void imd_delivery_free(imd *d);                          /* completes what is outstanding */
+/* The cluster link is back (Redis may have restarted): reload the store's scripts. */
+void imd_delivery_reconnected(imd *d);
 
 /* The outcome of imd_deliver(). */
 typedef struct imd_delivery {

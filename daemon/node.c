@@ -28,6 +28,7 @@ static void on_cluster_event(im_redis *r, enum im_redis_event ev, void *ud) {
   imd *d = ud;
   switch (ev) {
   case IM_REDIS_UP:
+    imd_delivery_reconnected(d);
     fprintf(stderr, "imd: cluster link up as node %s (epoch %llu)\n", d->node_name,
             (unsigned long long)im_redis_epoch(d->redis));
     break;

@@ -49,7 +49,7 @@ struct im_redis {
   uint64_t epoch;
   int node_id;
   char last_id[64];         /* last delivery-stream entry read */
-  struct event *renew_ev, *flush_ev;
+  struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
   outbox *boxes;            /* waiting for XADD */
@@ -628,9 +628,19 @@ static void on_xread(redisAsyncContext *ac, void *rep, void *priv) {
       }
     }
   } else if (rp->type == REDIS_REPLY_ERROR) {
+    /* not a stream (yet), loading, out of clients...: try again in a moment */
     fprintf(stderr, "libim: XREAD failed: %s\n", rp->str);
+    struct timeval tv = {1, 0};
+    event_add(r->xread_retry_ev, &tv);
+    return;
   }
   stream_read(r);
+}
+
+static void on_xread_retry(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  stream_read(arg);
 }
 
 static void stream_read(im_redis *r) {
@@ -868,14 +878,21 @@ im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_c
   if (!r->cfg.stream_max) r->cfg.stream_max = 100000;
   r->renew_ev = event_new(base, -1, EV_PERSIST, on_renew_timer, r);
   r->flush_ev = event_new(base, -1, 0, on_flush, r);
+  r->xread_retry_ev = evtimer_new(base, on_xread_retry, r);
   if (!r->host || !r->prefix || !r->node || (cfg->advertise_ws && !r->adv_ws) ||
-      (cfg->advertise_tcp && !r->adv_tcp) || !r->renew_ev || !r->flush_ev ||
+      (cfg->advertise_tcp && !r->adv_tcp) || !r->renew_ev || !r->flush_ev || !r->xread_retry_ev ||
       rlink_init(&r->cmd, base, r->host, cfg->port, "commands", on_link, r) < 0 ||
       rlink_init(&r->stream, base, r->host, cfg->port, "stream", on_link, r) < 0 ||
       rlink_init(&r->sub, base, r->host, cfg->port, "rooms", on_link, r) < 0) {
     r->freeing = true;
     im_redis_free(r);
     return NULL;
+  }
+  /* CLIENT SETNAME takes no spaces: such a node's links stay unnamed */
+  if (!strpbrk(r->node, " \t\r\n")) {
+    snprintf(r->cmd.client_name, sizeof r->cmd.client_name, "im:%s:commands", r->node);
+    snprintf(r->stream.client_name, sizeof r->stream.client_name, "im:%s:stream", r->node);
+    snprintf(r->sub.client_name, sizeof r->sub.client_name, "im:%s:rooms", r->node);
   }
   uint32_t every = r->cfg.lease_ttl_ms / 3;
   struct timeval tv = {every / 1000, (every % 1000) * 1000};
@@ -916,6 +933,7 @@ void im_redis_free(im_redis *r) {
   r->freeing = true;
   if (r->renew_ev) event_free(r->renew_ev);
   if (r->flush_ev) event_free(r->flush_ev);
+  if (r->xread_retry_ev) event_free(r->xread_retry_ev);
   rlink_close(&r->sub);
   rlink_close(&r->stream);
   rlink_close(&r->cmd);

@@ -25,6 +25,10 @@ static void on_connect(const redisAsyncContext *ac, int status) {
   }
   l->up = true;
   l->backoff_ms = 0;
+  /* named, so that an operator (or a test) can tell the links apart in
+   * CLIENT LIST */
+  if (l->client_name[0])
+    redisAsyncCommand(l->ac, NULL, NULL, "CLIENT SETNAME %s", l->client_name);
   if (l->on_state) l->on_state(l, true, l->ud);
 }
 

@@ -20,6 +20,7 @@ struct rlink {
   const char *host;         /* borrowed from the owner */
   int port;
   const char *name;         /* for logs: "commands", "stream", "rooms" */
+  char client_name[160];    /* CLIENT SETNAME on connect ("" = none) */
   redisAsyncContext *ac;    /* NULL while down */
   bool up;                  /* connected (connect callback said OK) */
   bool closing;             /* rlink_close(): no reconnect */
