@@ -501,11 +501,34 @@ static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
   xadd_boxes(r);
 }
 
+/* One XADD in flight: its bytes are kept until Redis answered, so that a
+ * connection lost meanwhile sends them again (at least once: receivers drop
+ * what they have by id). */
+typedef struct xadd_req {
+  im_redis *r;
+  rbuf buf;
+  char node[];
+} xadd_req;
+
 static void on_xadd(redisAsyncContext *ac, void *rep, void *priv) {
   (void)ac;
-  (void)priv;
+  xadd_req *x = priv;
   redisReply *rp = rep;
-  if (rp && rp->type == REDIS_REPLY_ERROR) fprintf(stderr, "libim: XADD failed: %s\n", rp->str);
+  if (!rp && !x->r->freeing) {
+    outbox *b = box_for(x->r, x->node);
+    /* the failed batch goes before anything queued since */
+    if (b && rwire_put_bytes(&x->buf, b->buf.p, b->buf.len) == 0) {
+      rbuf t = b->buf;
+      b->buf = x->buf;
+      x->buf = t;
+    } else {
+      x->r->dropped++;
+    }
+  } else if (rp && rp->type == REDIS_REPLY_ERROR) {
+    fprintf(stderr, "libim: XADD failed: %s\n", rp->str);
+  }
+  rbuf_free(&x->buf);
+  free(x);
 }
 
 static void xadd_boxes(im_redis *r) {
@@ -513,12 +536,21 @@ static void xadd_boxes(im_redis *r) {
   fmt_u64(maxlen, r->cfg.stream_max);
   for (outbox *b = r->boxes; b; b = b->next) {
     if (!b->buf.len) continue;
+    size_t nl = strlen(b->node) + 1;
+    xadd_req *x = calloc(1, sizeof *x + nl);
+    if (!x) return; /* kept for the next pass */
+    x->r = r;
+    memcpy(x->node, b->node, nl);
     char k[KEY_MAX];
     key(r, k, "deliver:{%s}", b->node);
     const char *argv[] = {"XADD", k, "MAXLEN", "~", maxlen, "*", "b", (const char *)b->buf.p};
     size_t lens[] = {4, strlen(k), 6, 1, strlen(maxlen), 1, 1, b->buf.len};
-    if (rlink_cmd(&r->cmd, on_xadd, r, 8, argv, lens) < 0) return; /* kept for the reconnect */
-    b->buf.len = 0;
+    if (rlink_cmd(&r->cmd, on_xadd, x, 8, argv, lens) < 0) {
+      free(x);
+      return; /* kept for the reconnect */
+    }
+    x->buf = b->buf; /* the bytes travel with the request; the box starts afresh */
+    memset(&b->buf, 0, sizeof b->buf);
   }
 }
 
