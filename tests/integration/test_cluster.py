@@ -241,7 +241,13 @@ class TestDelivery(ClusterCase):
         r = await api(A, 'GET', '/v1/gateways?uid=u1', key=None)
         check(r.status == 401, 'gateways needs the API key: %r' % r)
         held = [await connect(B, 'json', 'x%d' % i) for i in range(2)]
-        held.append(await connect(C, 'json', 'y'))
+        held.append(await connect(C, 'json', 'y', device='pad|1%2', platform='ios|x'))
+        # presence on another node: every field as the client gave it
+        await wait_for(lambda: self._on(A, 'y', ['C']), 5, 'y on C')
+        r = await api(A, 'GET', '/v1/users/y/presence')
+        c = r.json['connections'][0]
+        check((c['node'], c['device'], c['platform'], c['transport']) ==
+              ('C', 'pad|1%2', 'ios|x', 'ws'), 'presence: %r' % r)
 
         async def loads():
             r = await api(A, 'GET', '/v1/gateways?uid=u1')
@@ -262,6 +268,9 @@ class TestDelivery(ClusterCase):
             r = await api(B, 'GET', '/v1/gateways?uid=user%d' % i)
             firsts.add(r.json['gateways'][0]['node'])
         check(len(firsts) >= 2, 'ties always go to %r' % firsts)
+
+    async def _on(self, srv, uid, nodes):
+        return await presence_nodes(srv, uid) == nodes
 
     async def _eq(self, fn, want):
         return await fn() == want
