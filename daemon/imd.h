@@ -80,6 +80,7 @@ typedef struct imd {
   struct event *trim_ev;    /* retention timer */
   parked *parked, *parked_tail; /* messages of the open batch, in order */
   imd_metrics m;
+  struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;
 
 /* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
@@ -125,6 +126,18 @@ char *imd_error_body(const char *msg);
 /* Answer a deferred API request (body: malloc'd JSON or NULL for a 500;
  * ownership passes) and count its status. */
 void imd_http_respond(imd *d, uint64_t ticket, int status, char *body);
+
+/* tls.c: --tls-cert/--tls-key/--tls-plain. Loads the certificate (with
+ * handshake_ms as the handshake timeout) and catches SIGHUP to reload it.
+ * cert and key both NULL: TLS stays off. plain is a comma-separated list of
+ * listeners ("ws", "tcp", "http") kept plain, or "none"/NULL. Returns 0, or
+ * -1 with a message on stderr. */
+int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
+                 unsigned handshake_ms);
+/* The TLS context for listener `name` ("ws", "tcp", "http"), or NULL when
+ * that listener is plain. */
+im_tls *imd_tls_for(const imd *d, const char *name);
+void imd_tls_free(imd *d);
 
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);

@@ -27,7 +27,7 @@ typedef struct option_def {
 
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
-       O_DURABLE, O_N };
+       O_DURABLE, O_TLS_CERT, O_TLS_KEY, O_TLS_PLAIN, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -57,6 +57,11 @@ static const option_def options[O_N] = {
                       "days messages are kept, 0 = forever [30]"},
     [O_DURABLE] = {"--fsync", "IMD_FSYNC", "fsync",
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
+    [O_TLS_CERT] = {"--tls-cert", "IMD_TLS_CERT", "tls_cert",
+                    "PEM certificate (chain): TLS on every listener [off]"},
+    [O_TLS_KEY] = {"--tls-key", "IMD_TLS_KEY", "tls_key", "PEM private key of --tls-cert"},
+    [O_TLS_PLAIN] = {"--tls-plain", "IMD_TLS_PLAIN", "tls_plain",
+                     "listeners kept plain with TLS on: ws,tcp,http [none]"},
 };
 
 static const char *defaults[O_N] = {
@@ -311,6 +316,9 @@ int main(int argc, char **argv) {
   }
   d.start_wall_ms = imd_wall_ms();
   if (imd_delivery_init(&d, &store_opts) < 0) return 1;
+  if (imd_tls_init(&d, vals[O_TLS_CERT], vals[O_TLS_KEY], vals[O_TLS_PLAIN],
+                   icfg.auth_timeout_ms) < 0)
+    return 2;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
@@ -318,21 +326,25 @@ int main(int argc, char **argv) {
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
   for (int i = 0; i < 2 && rc == 0; i++) {
     if (!enabled(addrs[i])) continue;
-    if (im_event_listen(d.ev, kinds[i], addrs[i]) < 0) {
+    im_tls *tls = imd_tls_for(&d, i ? "tcp" : "ws");
+    if (im_event_listen_tls(d.ev, kinds[i], addrs[i], tls) < 0) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", addrs[i], strerror(errno));
       rc = 1;
       break;
     }
-    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], im_event_port(d.ev, n++));
+    printf("imd: %s listening on %s port %d%s\n", i ? "tcp" : "ws", addrs[i],
+           im_event_port(d.ev, n++), tls ? " (tls)" : "");
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
     http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096};
-    d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
+    d.http = http_server_new_tls(d.base, d.cfg.http_addr, &lim, imd_tls_for(&d, "http"),
+                                 imd_api_handle, &d);
     if (!d.http) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
       rc = 1;
     } else {
-      printf("imd: http listening on %s port %d\n", d.cfg.http_addr, http_server_port(d.http));
+      printf("imd: http listening on %s port %d%s\n", d.cfg.http_addr, http_server_port(d.http),
+             imd_tls_for(&d, "http") ? " (tls)" : "");
     }
   }
   if (rc == 0) {
@@ -343,6 +355,7 @@ int main(int argc, char **argv) {
   imd_delivery_free(&d); /* commits and settles what is pending */
   http_server_free(d.http);
   im_event_free(d.ev);
+  imd_tls_free(&d); /* after every listener that used it */
   im_server_free(d.srv);
   event_base_free(d.base);
   imd_groups_free(&d);
