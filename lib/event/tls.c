@@ -59,6 +59,7 @@ typedef struct tls_stream {
   im_stream base;
   tls_conf *conf;
   size_t wpending; /* length of a write that returned WANT_*, to repeat */
+  bool set_up;     /* mbedtls_ssl_setup done: the record buffers exist */
   bool hs_done;
   mbedtls_ssl_context ssl;
 } tls_stream;
@@ -239,6 +240,13 @@ static int tls_status(tls_stream *t, int rc) {
 static int tls_handshake(im_stream *s) {
   tls_stream *t = (tls_stream *)s;
   if (t->hs_done) return 0;
+  if (!t->set_up) {
+    /* the two ~16 KiB record buffers are allocated here, when the client
+     * has sent something, not at accept: idle sockets cost little */
+    if (mbedtls_ssl_setup(&t->ssl, &t->conf->conf) != 0) return IM_EPROTO;
+    mbedtls_ssl_set_bio(&t->ssl, t, bio_send, bio_recv, NULL);
+    t->set_up = true;
+  }
   int rc = mbedtls_ssl_handshake(&t->ssl);
   if (rc == 0) {
     t->hs_done = true;
@@ -271,7 +279,7 @@ static ssize_t tls_read(im_stream *s, void *buf, size_t cap) {
 
 static size_t tls_pending(const im_stream *s) {
   const tls_stream *t = (const tls_stream *)s;
-  return mbedtls_ssl_get_bytes_avail(&t->ssl);
+  return t->hs_done ? mbedtls_ssl_get_bytes_avail(&t->ssl) : 0;
 }
 
 static ssize_t tls_writev(im_stream *s, const struct iovec *iov, int n) {
@@ -332,17 +340,11 @@ im_stream *im__tls_stream_new(int fd, im_tls *tls) {
   tls_stream *t = calloc(1, sizeof *t);
   if (!t) return NULL;
   mbedtls_ssl_init(&t->ssl);
-  if (mbedtls_ssl_setup(&t->ssl, &tls->cur->conf) != 0) {
-    mbedtls_ssl_free(&t->ssl);
-    free(t);
-    return NULL;
-  }
-  t->conf = tls->cur;
+  t->conf = tls->cur; /* the certificate of accept time, even across a reload */
   t->conf->refs++;
   t->base.f = &tls_funcs;
   t->base.fd = fd;
   t->base.secure = 1;
   t->base.wants = IM_WANT_READ;
-  mbedtls_ssl_set_bio(&t->ssl, t, bio_send, bio_recv, NULL);
   return &t->base;
 }

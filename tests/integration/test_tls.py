@@ -199,7 +199,7 @@ class TlsListeners(unittest.TestCase):
 
     def test_tcp_frames_over_openssl_s_client(self):
         p = subprocess.Popen(['openssl', 's_client', '-connect', '[::1]:%d' % self.srv.tcp,
-                              '-quiet', '-verify_return_error', '-CAfile', self.crt,
+                              '-quiet', '-no_ign_eof', '-verify_return_error', '-CAfile', self.crt,
                               '-verify_ip', '::1'],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
@@ -214,7 +214,8 @@ class TlsListeners(unittest.TestCase):
                 self.assertTrue(left > 0 and select.select([p.stdout], [], [], left)[0],
                                 'no frames from s_client: %r' % buf)
                 chunk = os.read(p.stdout.fileno(), 65536)
-                self.assertTrue(chunk, 's_client ended: %s' % p.stderr.read()[-500:])
+                if not chunk:
+                    self.fail('s_client ended: %s' % p.stderr.read()[-500:])
                 buf += chunk
                 while len(buf) >= 4 and len(buf) >= 4 + int.from_bytes(buf[:4], 'big'):
                     n = int.from_bytes(buf[:4], 'big')
