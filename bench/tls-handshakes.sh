@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Full TLS handshakes per second that im-echo's one event-loop thread serves,
-# for an ECDHE-ECDSA P-256 certificate and an RSA-2048 one (TLS 1.2,
-# mbedTLS 2.28, no session resumption). Client: `openssl s_time -new` (one
-# handshake after another, no data), pinned to another core than the server.
+# TLS handshakes per second that im-echo's one event-loop thread serves, for
+# an ECDHE-ECDSA P-256 certificate and an RSA-2048 one (TLS 1.2, mbedTLS
+# 2.28): full handshakes (`openssl s_time -new`: one after another, no data),
+# and resumed ones with a session ticket (`-reuse`). The client is pinned to
+# another core than the server.
 # Prints the client's rate and the server's CPU seconds, and their quotient:
 # handshakes per server CPU second, the number that stays comparable on a
 # shared machine.
@@ -14,9 +15,9 @@ out=$(mktemp -d)
 srv=
 trap '[ -n "$srv" ] && kill $srv 2>/dev/null; rm -rf "$out"' EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-run() { # $1 = name, rest = openssl req key options
-  local name=$1
-  shift
+run() { # $1 = name, $2 = -new|-reuse, rest = openssl req key options
+  local name=$1 mode=$2
+  shift 2
   openssl req -x509 "$@" -nodes -keyout "$out/$name.key" -out "$out/$name.crt" -days 1 \
     -subj /CN=localhost 2>/dev/null
   taskset -c 0 "$build/examples/im-echo" --ws 127.0.0.1:0 --tls-cert "$out/$name.crt" \
@@ -26,7 +27,7 @@ run() { # $1 = name, rest = openssl req key options
   local port t0 t1 hz rate
   port=$(grep -o 'port [0-9]*' "$out/srv" | head -1 | awk '{print $2}')
   t0=$(cpu_ticks $srv)
-  taskset -c 1 openssl s_time -connect "127.0.0.1:$port" -new -time "$secs" >"$out/st" 2>&1
+  taskset -c 1 openssl s_time -connect "127.0.0.1:$port" "$mode" -time "$secs" >"$out/st" 2>&1
   t1=$(cpu_ticks $srv)
   kill $srv
   wait $srv 2>/dev/null || true
@@ -38,9 +39,10 @@ run() { # $1 = name, rest = openssl req key options
   local count=${n%% *}
   local cpu
   cpu=$(awk -v d=$((t1 - t0)) -v hz="$hz" 'BEGIN {printf "%.2f", d / hz}')
-  echo "$name: $n; server cpu ${cpu}s;" \
+  echo "$name $mode: $n; server cpu ${cpu}s;" \
        "$(awk -v c="$count" -v s="$cpu" 'BEGIN {printf "%.0f", c / s}') handshakes per server cpu second" \
        "(client: $rate)"
 }
-run ecdsa-p256 -newkey ec -pkeyopt ec_paramgen_curve:P-256
-run rsa-2048 -newkey rsa:2048
+run ecdsa-p256 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256
+run rsa-2048 -new -newkey rsa:2048
+run ecdsa-p256 -reuse -newkey ec -pkeyopt ec_paramgen_curve:P-256

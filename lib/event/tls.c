@@ -12,6 +12,7 @@
 #include <mbedtls/net_sockets.h>
 #include <mbedtls/pk.h>
 #include <mbedtls/ssl.h>
+#include <mbedtls/ssl_ticket.h>
 #include <mbedtls/x509_crt.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -25,6 +26,11 @@
 /* Largest application record: writes are gathered into one record up to
  * this size instead of one record per iovec. */
 #define RECORD_MAX 16384
+/* Session tickets (RFC 5077) let a client that reconnects skip the key
+ * exchange and the signature. Their key is random per loaded certificate
+ * (a reload starts over) and mbedTLS rotates it every TICKET_LIFETIME_S,
+ * which is also how long a ticket is accepted. */
+#define TICKET_LIFETIME_S 21600
 
 /* ECDHE only (forward secrecy), AEAD only. */
 static const int ciphersuites[] = {
@@ -44,6 +50,7 @@ typedef struct tls_conf {
   mbedtls_pk_context key;
   mbedtls_entropy_context entropy;
   mbedtls_ctr_drbg_context drbg;
+  mbedtls_ssl_ticket_context ticket;
   const char *alpn_list[2];
   char alpn[];
 } tls_conf;
@@ -69,6 +76,7 @@ typedef struct tls_stream {
 static void conf_unref(tls_conf *c) {
   if (!c || --c->refs) return;
   mbedtls_ssl_config_free(&c->conf);
+  mbedtls_ssl_ticket_free(&c->ticket);
   mbedtls_x509_crt_free(&c->crt);
   mbedtls_pk_free(&c->key);
   mbedtls_ctr_drbg_free(&c->drbg);
@@ -97,6 +105,7 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
   mbedtls_pk_init(&c->key);
   mbedtls_entropy_init(&c->entropy);
   mbedtls_ctr_drbg_init(&c->drbg);
+  mbedtls_ssl_ticket_init(&c->ticket);
   int rc;
   if ((rc = mbedtls_x509_crt_parse_file(&c->crt, t->cert_file)) != 0) {
     set_err(err, errlen, "cannot load certificate", t->cert_file, rc);
@@ -116,7 +125,9 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
       (rc = mbedtls_ssl_config_defaults(&c->conf, MBEDTLS_SSL_IS_SERVER,
                                         MBEDTLS_SSL_TRANSPORT_STREAM,
                                         MBEDTLS_SSL_PRESET_DEFAULT)) != 0 ||
-      (rc = mbedtls_ssl_conf_own_cert(&c->conf, &c->crt, &c->key)) != 0) {
+      (rc = mbedtls_ssl_conf_own_cert(&c->conf, &c->crt, &c->key)) != 0 ||
+      (rc = mbedtls_ssl_ticket_setup(&c->ticket, mbedtls_ctr_drbg_random, &c->drbg,
+                                     MBEDTLS_CIPHER_AES_256_GCM, TICKET_LIFETIME_S)) != 0) {
     set_err(err, errlen, "cannot set up TLS", NULL, rc);
     goto fail;
   }
@@ -125,6 +136,8 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
   mbedtls_ssl_conf_ciphersuites(&c->conf, ciphersuites);
   mbedtls_ssl_conf_renegotiation(&c->conf, MBEDTLS_SSL_RENEGOTIATION_DISABLED);
   mbedtls_ssl_conf_authmode(&c->conf, MBEDTLS_SSL_VERIFY_NONE);
+  mbedtls_ssl_conf_session_tickets_cb(&c->conf, mbedtls_ssl_ticket_write, mbedtls_ssl_ticket_parse,
+                                      &c->ticket);
   if (alen) {
     memcpy(c->alpn, t->alpn, alen);
     c->alpn_list[0] = c->alpn;
@@ -306,6 +319,8 @@ static ssize_t tls_writev(im_stream *s, const struct iovec *iov, int n) {
     p = gather;
   }
   if (!len) return 0;
+  /* a repeated write must offer the bytes already encrypted (im_net.h) */
+  if (t->wpending && len < t->wpending) return IM_EPROTO;
   int rc = mbedtls_ssl_write(&t->ssl, p, len);
   if (rc >= 0) {
     t->wpending = 0;

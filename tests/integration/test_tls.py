@@ -232,6 +232,20 @@ class TlsListeners(unittest.TestCase):
             p.stdout.close()
             p.stderr.close()
 
+    def test_session_resumption(self):
+        """A client reconnecting with its session ticket skips the full
+        handshake, on every listener."""
+        for kind in ('ws', 'tcp', 'http'):
+            port = getattr(self.srv, kind)
+            session = None
+            for i in range(2):
+                with socket.create_connection(('::1', port), timeout=T) as s:
+                    with self.ctx.wrap_socket(s, server_hostname='::1', session=session) as t:
+                        self.assertEqual(t.session_reused, i == 1, kind)
+                        self.assertEqual(t.version(), 'TLSv1.2')
+                        session = t.session
+                        self.assertTrue(session.has_ticket, kind)
+
     def curl(self, *args):
         r = subprocess.run(['curl', '-sS', '-v', '--cacert', self.crt, '--max-time', str(T),
                             '-H', 'Authorization: Bearer ' + API_KEY, *args],
