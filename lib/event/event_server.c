@@ -378,7 +378,11 @@ static void grace_cb(evutil_socket_t fd, short what, void *arg) {
 void im_event_shutdown(im_event *e, unsigned grace_ms) {
   if (e->shutting_down) return;
   e->shutting_down = true;
-  for (int i = 0; i < e->nls; i++) im_listener_enable(e->ls[i].l, 0);
+  for (int i = 0; i < e->nls; i++) {
+    im_listener_enable(e->ls[i].l, 0);
+    /* no channel to say goodbye on before the TLS handshake: just drop */
+    while (e->ls[i].hs_head) conn_fail(e->ls[i].hs_head);
+  }
   im_server_close_all(e->srv, IM_CLOSE_GOING_AWAY, "server shutting down");
   if (!e->grace) e->grace = evtimer_new(e->base, grace_cb, e);
   if (e->grace) {

@@ -409,6 +409,36 @@ class TlsChoices(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_shutdown_drops_pending_handshakes(self):
+        """SIGTERM does not wait for handshakes that have not finished: it
+        has no channel to say goodbye on them."""
+        d = tempfile.mkdtemp(prefix='imd-tls-')
+        try:
+            crt, key = make_cert(d, 'bye')
+            srv = TlsImd(crt, key, '--auth-timeout', '60000')
+            socks = []
+            try:
+                for kind in ('ws', 'tcp', 'http'):
+                    port = getattr(srv, kind)
+                    socks.append(socket.create_connection(('::1', port), timeout=T))
+                    s = socket.create_connection(('::1', port), timeout=T)
+                    s.sendall(partial_client_hello(port))
+                    socks.append(s)
+                # a full handshake after them: the loop has been through its accepts
+                self.assertEqual(peer_cert_raw(srv.http), der_of(crt))
+                t0 = time.monotonic()
+                rc, log = srv.stop()
+                self.assertLess(time.monotonic() - t0, 2.5, 'waited for the handshakes')
+                assert_clean_exit(rc, log)
+            finally:
+                for s in socks:
+                    s.close()
+                if srv.alive():
+                    srv.stop()
+                srv.remove_data()
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+
     def test_incomplete_or_broken_settings(self):
         d = tempfile.mkdtemp(prefix='imd-tls-')
         try:
