@@ -5,7 +5,6 @@
  * connection is handed to the engine at accept (so max_connections and the
  * auth timeout count it) but reads nothing until its handshake is done,
  * which must happen within the context's handshake timeout. */
-#include <errno.h>
 #include <event2/event.h>
 #include <event2/util.h>
 #include <libim/im_event.h>
@@ -15,9 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
 #define MAX_LISTENERS 8
 #define READ_BUF (64 * 1024)
