@@ -2,9 +2,10 @@
  *
  * Requests are parsed with llhttp and handed, complete and in arrival order,
  * to one handler, which answers at once or defers its answer (see
- * http_response_defer); answers are queued and written with sendmsg(), in
- * request order. Keep-alive and pipelining are supported; upgrades, trailers
- * and response streaming are not. Every response carries Content-Type,
+ * http_response_defer); answers are queued and written (through libim's
+ * im_stream: a plain socket or TLS) in request order. Keep-alive and
+ * pipelining are supported; upgrades, trailers and response streaming are
+ * not. Every response carries Content-Type,
  * Content-Length (except 204 and 304) and Connection. Failures the server
  * detects itself are answered with a JSON body {"error":"..."} and the
  * connection is closed after it:

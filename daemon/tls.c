@@ -57,6 +57,8 @@ static int parse_plain(const char *list, bool plain[L_N]) {
 
 int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
                  unsigned handshake_ms) {
+  bool check[L_N] = {false};
+  if (parse_plain(plain, check) < 0) return -1; /* a typo is an error even with TLS off */
   if (!cert && !key) return 0;
   if (!cert || !key) {
     fprintf(stderr, "imd: TLS needs both --tls-cert and --tls-key\n");

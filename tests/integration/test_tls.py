@@ -452,7 +452,8 @@ class TlsChoices(unittest.TestCase):
                                'cannot load key'),
                               (['--tls-cert', other_crt, '--tls-key', key], 'does not match'),
                               (['--tls-cert', crt, '--tls-key', key, '--tls-plain', 'ftp'],
-                               "'ftp' is not")):
+                               "'ftp' is not"),
+                              (['--tls-plain', 'ws,htp'], "'htp' is not")):
                 rc, out, err = run_cli(*common, *args)
                 self.assertEqual(rc, 2, (args, out, err))
                 self.assertIn(why, err)
