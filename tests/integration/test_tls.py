@@ -409,6 +409,26 @@ class TlsChoices(unittest.TestCase):
         finally:
             shutil.rmtree(d, ignore_errors=True)
 
+    def test_plain_ipv6_listeners(self):
+        """[::1]:0 works on every listener without TLS too (one address parser)."""
+        srv = Imd('--ws', '[::1]:0', '--tcp', '[::1]:0', '--http', '[::1]:0', listen=False)
+        try:
+            for kind in (b'ws', b'tcp', b'http'):
+                self.assertRegex(srv.out, kind + rb' listening on \[::1\]:0 port \d+\n')
+            r = subprocess.run(['curl', '-sS', '--max-time', str(T), '-H',
+                                'Authorization: Bearer ' + API_KEY,
+                                'http://[::1]:%d/metrics' % srv.http],
+                               capture_output=True, timeout=2 * T)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            self.assertIn(b'imd_connections', r.stdout)
+            for kind in ('ws', 'tcp'):
+                with socket.create_connection(('::1', getattr(srv, kind)), timeout=T):
+                    pass
+        finally:
+            rc, log = srv.stop()
+            srv.remove_data()
+            assert_clean_exit(rc, log)
+
     def test_shutdown_drops_pending_handshakes(self):
         """SIGTERM does not wait for handshakes that have not finished: it
         has no channel to say goodbye on them."""
