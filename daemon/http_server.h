@@ -2,9 +2,10 @@
  *
  * Requests are parsed with llhttp and handed, complete and in arrival order,
  * to one handler, which answers at once or defers its answer (see
- * http_response_defer); answers are queued and written with sendmsg(), in
- * request order. Keep-alive and pipelining are supported; upgrades, trailers
- * and response streaming are not. Every response carries Content-Type,
+ * http_response_defer); answers are queued and written (through libim's
+ * im_stream: a plain socket or TLS) in request order. Keep-alive and
+ * pipelining are supported; upgrades, trailers and response streaming are
+ * not. Every response carries Content-Type,
  * Content-Length (except 204 and 304) and Connection. Failures the server
  * detects itself are answered with a JSON body {"error":"..."} and the
  * connection is closed after it:
@@ -21,6 +22,7 @@
 #define IMD_HTTP_SERVER_H
 
 #include <stdbool.h>
+#include <libim/im_tls.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -171,6 +173,17 @@ typedef struct http_limits {
  * the bind or listen failed (errno is kept), or memory ran out. */
 http_server *http_server_new(struct event_base *base, const char *addr, const http_limits *lim,
                              http_handler h, void *user);
+
+/* As http_server_new, serving HTTPS when tls is not NULL (borrowed: it must
+ * outlive the server; im_tls_reload on it is fine at any time). Each
+ * connection's TLS handshake runs in the loop without blocking; one that
+ * fails or does not finish within im_tls_handshake_timeout() costs that
+ * connection only (no HTTP answer: there is no channel for one). Sockets,
+ * addresses and TLS come from libim's <libim/im_net.h>, shared with the
+ * WebSocket and TCP listeners. */
+http_server *http_server_new_tls(struct event_base *base, const char *addr,
+                                 const http_limits *lim, im_tls *tls, http_handler h,
+                                 void *user);
 
 /* Returns the port the server listens on, or -1 if it cannot be read. */
 int http_server_port(const http_server *s);

@@ -70,6 +70,7 @@ typedef struct imd {
   bool draining;
   struct event *drain_ev, *usr1_ev, *trim_ev;
   imd_metrics m;
+  struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;
 
 /* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
@@ -134,6 +135,18 @@ void imd_api_handle(void *user, const http_request *req, http_response *resp);
 /* http_limits.admit (user = imd *): true when authorization carries the
  * API key, so only such requests get their bodies buffered. */
 bool imd_api_admit(void *user, const char *authorization);
+
+/* tls.c: --tls-cert/--tls-key/--tls-plain. Loads the certificate (with
+ * handshake_ms as the handshake timeout) and catches SIGHUP to reload it.
+ * cert and key both NULL: TLS stays off. plain is a comma-separated list of
+ * listeners ("ws", "tcp", "http") kept plain, or "none"/NULL. Returns 0, or
+ * -1 with a message on stderr. */
+int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
+                 unsigned handshake_ms);
+/* The TLS context for listener `name` ("ws", "tcp", "http"), or NULL when
+ * that listener is plain. */
+im_tls *imd_tls_for(const imd *d, const char *name);
+void imd_tls_free(imd *d);
 
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);

@@ -30,7 +30,8 @@ typedef struct option_def {
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
-       O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_N };
+       O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
+       O_TLS_PLAIN, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -81,6 +82,11 @@ static const option_def options[O_N] = {
                        "read the token secret from FILE (first line)"},
     [O_API_KEY_FILE] = {"--api-key-file", "IMD_API_KEY_FILE", "api_key_file",
                         "read the API key from FILE (first line, >= 16 bytes)"},
+    [O_TLS_CERT] = {"--tls-cert", "IMD_TLS_CERT", "tls_cert",
+                    "PEM certificate (chain): TLS on every listener [off]"},
+    [O_TLS_KEY] = {"--tls-key", "IMD_TLS_KEY", "tls_key", "PEM private key of --tls-cert"},
+    [O_TLS_PLAIN] = {"--tls-plain", "IMD_TLS_PLAIN", "tls_plain",
+                     "listeners kept plain with TLS on: ws,tcp,http [none]"},
 };
 
 static const char *defaults[O_N] = {
@@ -440,6 +446,9 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
+  if (imd_tls_init(&d, vals[O_TLS_CERT], vals[O_TLS_KEY], vals[O_TLS_PLAIN],
+                   icfg.auth_timeout_ms) < 0)
+    return 2;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
@@ -447,22 +456,26 @@ int main(int argc, char **argv) {
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
   for (int i = 0; i < 2 && rc == 0; i++) {
     if (!enabled(addrs[i])) continue;
-    if (im_event_listen(d.ev, kinds[i], addrs[i]) < 0) {
+    im_tls *tls = imd_tls_for(&d, i ? "tcp" : "ws");
+    if (im_event_listen_tls(d.ev, kinds[i], addrs[i], tls) < 0) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", addrs[i], strerror(errno));
       rc = 1;
       break;
     }
     d.ports[i] = im_event_port(d.ev, n++);
-    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], d.ports[i]);
+    printf("imd: %s listening on %s port %d%s\n", i ? "tcp" : "ws", addrs[i], d.ports[i],
+           tls ? " (tls)" : "");
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
     http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit};
-    d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
+    d.http = http_server_new_tls(d.base, d.cfg.http_addr, &lim, imd_tls_for(&d, "http"),
+                                 imd_api_handle, &d);
     if (!d.http) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
       rc = 1;
     } else {
-      printf("imd: http listening on %s port %d\n", d.cfg.http_addr, http_server_port(d.http));
+      printf("imd: http listening on %s port %d%s\n", d.cfg.http_addr, http_server_port(d.http),
+             imd_tls_for(&d, "http") ? " (tls)" : "");
     }
   }
   /* the node (cluster link, drain) once the ports are known: they are
@@ -479,6 +492,7 @@ int main(int argc, char **argv) {
   imd_node_stop(&d);
   http_server_free(d.http);
   im_event_free(d.ev);
+  imd_tls_free(&d); /* after every listener that used it */
   im_server_free(d.srv);
   event_base_free(d.base);
   return rc;

@@ -43,7 +43,8 @@ enum conn_flag {
   CF_UPGRADE_AUTH = 1u << 3, /* pending auth came from the upgrade query */
   CF_REGISTERED = 1u << 5,   /* counted in stats.conns_authed / in a user */
   CF_HS_UNSENT = 1u << 6,    /* the 101 response may not have been fully written */
-  CF_SYNC_ON_OPEN = 1u << 7  /* the auth op carried since: call on_sync after on_open */
+  CF_SYNC_ON_OPEN = 1u << 7, /* the auth op carried since: call on_sync after on_open */
+  CF_SECURE = 1u << 8        /* the driver said the transport is TLS */
 };
 
 /* Headroom for a downstream message's envelope (id, from, to, ts, ...)

@@ -1451,6 +1451,17 @@ int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
   info->transport = (enum im_transport)c->transport;
   info->binary = c->binary;
   info->since_ms = c->since_ms;
+  info->secure = (c->flags & CF_SECURE) != 0;
+  return 0;
+}
+
+int im_conn_set_secure(im_server *s, im_conn_id id, int secure) {
+  im_conn *c = conn_lookup(s, id);
+  if (!c) return IM_ENOENT;
+  if (secure)
+    c->flags |= CF_SECURE;
+  else
+    c->flags &= (uint16_t)~CF_SECURE;
   return 0;
 }
 
