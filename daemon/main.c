@@ -438,6 +438,9 @@ int main(int argc, char **argv) {
   im_callbacks cb;
   imd_chat_callbacks(&cb);
   signal(SIGPIPE, SIG_IGN);
+  /* SIGHUP reloads the TLS certificate (tls.c catches it then); without TLS
+   * it must not end the daemon (logrotate and terminals send it) */
+  signal(SIGHUP, SIG_IGN);
   d.base = event_base_new();
   d.srv = d.base ? im_server_new(&icfg, &cb, &d) : NULL;
   d.ev = d.srv ? im_event_new(d.base, d.srv) : NULL;
