@@ -23,6 +23,12 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
   (void)srv;
   (void)c;
   imd *d = user;
+  if (imd_uid_banned(d, a->uid)) {
+    d->m.auth_banned++;
+    a->code = 403;
+    a->reason = "banned";
+    return IM_AUTH_DENY;
+  }
   int v = imd_token_verify(d->secret, d->secret_len, a->uid, a->device, a->token,
                            (int64_t)(imd_wall_ms() / 1000));
   if (v == IMD_TOKEN_OK) return IM_AUTH_ACCEPT;

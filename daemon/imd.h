@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "core/strmap.h"
 #include "http_server.h"
 #include "store.h"
 
@@ -45,7 +46,7 @@ typedef struct imd_metrics {
   uint64_t msg_errors;      /* upstream msgs refused (bad target, not a member) */
   uint64_t http_requests;
   uint64_t http_status[6];  /* by class: 1xx..5xx */
-  uint64_t auth_expired, auth_invalid;
+  uint64_t auth_expired, auth_invalid, auth_banned;
   uint64_t stored;          /* messages stored and pushed */
   uint64_t duplicates;      /* resends answered with the stored id */
   uint64_t batched;         /* messages the store answered for (stored + duplicates + failed) */
@@ -68,6 +69,7 @@ typedef struct imd {
   im_redis *redis;          /* the cluster link (node.c); NULL: single node */
   char node_name[160];
   bool draining;
+  strmap uid_bans;          /* bans.c */
   struct event *drain_ev, *usr1_ev, *trim_ev;
   imd_metrics m;
   struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
@@ -113,6 +115,17 @@ void imd_mark_delivered(imd *d, const char *uid, const char *device, uint64_t se
  * again (after a gap in cross-node notifications); the client drops what
  * it has by id. */
 void imd_repair(imd *d, im_conn_id c);
+
+/* bans.c: uid bans (address bans are libim's guard). Node-local. */
+#define IMD_UID_BANS_MAX 100000
+int imd_bans_init(imd *d, const char *list); /* --ban entries; 0 or -1 (message printed) */
+void imd_bans_free(imd *d);
+bool imd_uid_banned(imd *d, const char *uid);
+/* Ban uid for ttl_s seconds (0: until lifted) and close its sessions on
+ * every node. Returns 0, or -1 (bad uid, table full, no memory). */
+int imd_ban_uid(imd *d, const char *uid, uint32_t ttl_s);
+int imd_unban_uid(imd *d, const char *uid); /* 0, or -1 when not banned */
+void imd_uid_bans(imd *d, void (*fn)(const char *uid, uint64_t until_ms, void *arg), void *arg);
 
 /* node.c: this process as a node: the cluster link (libim's Redis module),
  * graceful drain, gateway lists, health. */

@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <libim/im_guard.h>
+
 #include "imd.h"
 #include "token.h"
 
@@ -31,7 +33,7 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
        O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
-       O_TLS_PLAIN, O_N };
+       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -85,6 +87,16 @@ static const option_def options[O_N] = {
     [O_TLS_CERT] = {"--tls-cert", "IMD_TLS_CERT", "tls_cert",
                     "PEM certificate (chain): TLS on every listener [off]"},
     [O_TLS_KEY] = {"--tls-key", "IMD_TLS_KEY", "tls_key", "PEM private key of --tls-cert"},
+    [O_CONN_RATE] = {"--conn-rate", "IMD_CONN_RATE", "conn_rate",
+                     "new connections/s per source IP, 0 = off [100]"},
+    [O_CONN_BURST] = {"--conn-burst", "IMD_CONN_BURST", "conn_burst",
+                      "burst of --conn-rate (and refusals before a ban) [1000]"},
+    [O_MAX_CONNS_IP] = {"--max-conns-per-ip", "IMD_MAX_CONNS_PER_IP", "max_conns_per_ip",
+                        "open connections per source IP, 0 = no cap [0]"},
+    [O_BAN_TIME] = {"--ban-time", "IMD_BAN_TIME", "ban_time",
+                    "first automatic ban, s (x6 per repeat, <= 1 h) [10]"},
+    [O_BAN] = {"--ban", "IMD_BAN", "ban",
+               "permanent bans: ADDR[/BITS],uid:NAME,...  [none]"},
     [O_TLS_PLAIN] = {"--tls-plain", "IMD_TLS_PLAIN", "tls_plain",
                      "listeners kept plain with TLS on: ws,tcp,http [none]"},
 };
@@ -95,7 +107,8 @@ static const char *defaults[O_N] = {
     [O_AUTH_TIMEOUT] = "10000", [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
     [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
-    [O_MAX_CONNS] = "auto",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_MAX_CONNS] = "auto",     [O_CONN_RATE] = "100",   [O_CONN_BURST] = "1000",
+    [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
     [O_DRAIN_RATE] = "1000",
 };
 
@@ -449,6 +462,18 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
+  im_guard_config guard;
+  im_guard_config_init(&guard);
+  if (parse_u32("conn-rate", vals[O_CONN_RATE], &guard.conn_rate) < 0 ||
+      parse_u32("conn-burst", vals[O_CONN_BURST], &guard.conn_burst) < 0 ||
+      parse_u32("max-conns-per-ip", vals[O_MAX_CONNS_IP], &guard.max_conns_per_source) < 0 ||
+      parse_u32("ban-time", vals[O_BAN_TIME], &guard.ban_first_s) < 0)
+    return 2;
+  if ((guard.conn_rate && !guard.conn_burst) || im_server_set_guard(d.srv, &guard) < 0) {
+    fprintf(stderr, "imd: conn-burst: at least 1 with a conn-rate\n");
+    return 2;
+  }
+  if (imd_bans_init(&d, vals[O_BAN]) < 0) return 2;
   if (imd_tls_init(&d, vals[O_TLS_CERT], vals[O_TLS_KEY], vals[O_TLS_PLAIN],
                    icfg.auth_timeout_ms) < 0)
     return 2;
@@ -496,6 +521,7 @@ int main(int argc, char **argv) {
   http_server_free(d.http);
   im_event_free(d.ev);
   imd_tls_free(&d); /* after every listener that used it */
+  imd_bans_free(&d);
   im_server_free(d.srv);
   event_base_free(d.base);
   return rc;

@@ -173,6 +173,7 @@ struct im_server {
   uint32_t id_counter;
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
+  struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   im_stats st;
 };
 
@@ -241,6 +242,13 @@ void route_room_open(im_server *s, const char *room);
 void route_room_close(im_server *s, const char *room);
 /* m itself when it has an id; else *copy with a fresh id written into id. */
 const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, char id[IM_ID_MAX]);
+
+/* guard.c: admission at accept (true: admit), its undo at release, and
+ * the sweep of idle sources (each tick) */
+bool guard_admit(im_server *s, const char *peer);
+void guard_release(im_server *s, const char *peer);
+void guard_tick(im_server *s);
+void guard_free(im_server *s);
 
 /* registry.c */
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);
