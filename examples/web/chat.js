@@ -167,13 +167,19 @@ function received(m) {
   if (!msg.mine && !S.receipted.includes(m.id)) {
     if (!pendingReceipts.has(m.from)) pendingReceipts.set(m.from, []);
     pendingReceipts.get(m.from).push(m.id);
-    if (client.state === 'open') flushReceipts();
+    if (client.state === 'open') scheduleReceipts();
   }
   save();
 }
 
 // Receipts go out once the sync is over, so a page that re-reads its whole
-// history learns first which ones it sent already.
+// history learns first which ones it sent already; live ones are batched
+// for a moment (a burst of messages gets one receipt per sender).
+let receiptTimer = null;
+function scheduleReceipts() {
+  if (!receiptTimer) receiptTimer = setTimeout(() => { receiptTimer = null; flushReceipts(); }, 100);
+}
+
 function flushReceipts() {
   for (const [to, ids] of pendingReceipts) {
     if (ids.length) {

@@ -80,6 +80,8 @@ export class ImClient {
     this.ids = new Set();   // recent ids (messages without seq), oldest first
     this.sync = null;       // {since, firstJump, msgs} while a sync runs
     this.jumpSeen = 0;
+    this.syncPages = 0;     // sync answers received (auth {since} and sync), for tests and logs
+    this.goaways = 0;       // goaway ops received
     this.timers = {};
     this.lastSent = 0;
     this.lastRecv = 0;
@@ -212,17 +214,18 @@ export class ImClient {
       this._setState(ST.STOPPED, `refused: ${reason}`);
       return;
     }
+    // n counts the attempts since a connection stayed up connectTimeoutMs
+    if (this.authedAt && Date.now() - this.authedAt >= this.connectTimeoutMs) this.attempt = 0;
+    // failed before auth_ok, or told to go: the next gateway of the list
+    if (!this.authedAt || this.goawayAt) this.urlIndex++;
     let delay;
-    if (this.goawayAt) {
-      delay = 0; // goaway: straight to the next gateway
-      this.urlIndex++;
-    } else {
-      if (this.authedAt && Date.now() - this.authedAt >= this.connectTimeoutMs) this.attempt = 0;
-      else if (!this.authedAt) this.urlIndex++; // failed before auth_ok: next gateway
+    if (this.goawayAt && this.attempt === 0) {
+      delay = 0; // goaway: straight on, no backoff ...
+    } else { // ... unless the last connections were short (one draining node: no hot loop)
       const ceil = Math.min(this.backoffCapMs, this.backoffBaseMs * 2 ** Math.min(this.attempt, 30));
       delay = Math.floor(Math.random() * (ceil + 1)); // full jitter
-      this.attempt++;
     }
+    this.attempt++;
     this._setState(ST.WAITING, { code, reason, delay });
     this._timer('reconnect', delay, () => this._connect());
   }
@@ -344,6 +347,7 @@ export class ImClient {
     const s = this.sync;
     if (!s) return;
     this.sync = null;
+    this.syncPages++;
     const last = typeof p.last === 'number' ? p.last : s.since;
     let resync = false;
     if (p.gap) { // retention removed what lies below: it will not come
@@ -407,6 +411,7 @@ export class ImClient {
   _goaway(p) {
     const ms = Math.min(Number(p.reconnect_ms ?? this.backoffBaseMs * Math.random()), 3600000);
     this.goawayAt = Date.now();
+    this.goaways++;
     const gen = this.gen;
     // messages may still arrive (and are ACKed) until then
     this._timer('goaway', ms, () => this._drop(gen, 'goaway', 1001));

@@ -198,6 +198,59 @@ try {
   await waitText(bob2, 'after the reload');
   check(JSON.stringify(await texts(bob2)) === JSON.stringify(expected), "bob's new device rebuilds the same history with auth {since: 0}");
 
+  // ---- a group, opened from the page; the receipt of a member gives ✓✓ ----
+  const apiKey = fs.readFileSync(path.join(data, 'api-key'), 'utf8').trim();
+  const api = async (method, p, body) => {
+    const r = await fetch(`http://127.0.0.1:${httpPort}${p}`, {
+      method, headers: { Authorization: `Bearer ${apiKey}`, 'Content-Type': 'application/json' },
+      body: JSON.stringify(body) });
+    if (r.status !== 200 && r.status !== 202) throw new Error(`${method} ${p}: ${r.status} ${await r.text()}`);
+    return r.json();
+  };
+  await api('PUT', '/v1/groups/team/members', { add: ['alice', 'bob'] });
+  await alice.fill('#newconv input', '#team');
+  await alice.press('#newconv input', 'Enter');
+  await say(alice, 'hello team');
+  await bob.click('#convs li[data-conv="g:team"]', { timeout: TIMEOUT });
+  await waitText(bob, 'hello team');
+  await waitStatus(alice, 'hello team', 'delivered');
+  check(JSON.stringify(await texts(bob)) === JSON.stringify(['hello team']), 'bob sees the group message in the group conversation');
+  await alice.click('#convs li[data-conv="u:bob"]');
+  await bob.click('#convs li[data-conv="u:alice"]');
+
+  // ---- many messages while bob's new device is away: auth {since} + sync pages ----
+  await bob2.context().close();
+  const BULK = 450; // more than two pages of imd's default sync limit (200)
+  for (let i = 1; i <= BULK; i++) {
+    await api('POST', '/v1/messages', { from: 'alice', to: 'bob', cid: `bulk-${i}`, data: { t: `bulk ${i}` } });
+    expected.push(`bulk ${i}`);
+  }
+  await waitText(bob, `bulk ${BULK}`);
+  check(JSON.stringify(await texts(bob)) === JSON.stringify(expected), `bob's live page got ${BULK} more, once each, in order`);
+  const bob3 = await open('bob', 'alice');
+  await waitState(bob3, 'open');
+  await waitText(bob3, `bulk ${BULK}`);
+  check(JSON.stringify(await texts(bob3)) === JSON.stringify(expected),
+        `a fresh device pages through ${expected.length} messages (sync_end.more) once each, in order`);
+  const pages = await bob3.evaluate(() => window.imchat.client.syncPages);
+  check(pages >= 3, `it took ${pages} sync answers (auth {since: 0}, then sync while more)`);
+
+  // ---- goaway: POST /v1/admin/drain; the pages move (here: to the restarted imd) ----
+  await bob3.context().close();
+  const drained = new Promise((resolve) => imd.once('exit', (code) => resolve(code)));
+  await api('POST', '/v1/admin/drain');
+  await Promise.all([alice.waitForFunction(() => window.imchat.client.goaways > 0, null, { timeout: TIMEOUT }),
+                     bob.waitForFunction(() => window.imchat.client.goaways > 0, null, { timeout: TIMEOUT })]);
+  check(true, 'both pages got goaway from the draining imd');
+  const code = await Promise.race([drained, new Promise((r) => setTimeout(() => r('timeout'), TIMEOUT))]);
+  check(code === 0, `the drained imd exited 0 once the pages had left (${code})`);
+  imd = await startImd();
+  await Promise.all([waitState(alice, 'open'), waitState(bob, 'open')]);
+  await say(alice, 'after the drain');
+  expected.push('after the drain');
+  await waitText(bob, 'after the drain');
+  check(JSON.stringify(await texts(bob)) === JSON.stringify(expected), 'after goaway and a new imd: still once each, in order');
+
   if (process.env.SCREENSHOT) {
     await alice.screenshot({ path: process.env.SCREENSHOT });
     console.log(`screenshot: ${process.env.SCREENSHOT}`);
