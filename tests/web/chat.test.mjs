@@ -8,7 +8,11 @@
 // page shows every message exactly once and in order (read from the DOM).
 // Then bob reloads (history from localStorage, no duplicate after the
 // reconnect) and a fresh device of bob's (empty storage) rebuilds the same
-// history from the server with auth {since: 0} and sync.
+// history from the server with auth {since: 0} and sync. Then a group
+// opened from the page, 450 messages pushed over the HTTP API that a fresh
+// device pages through (sync_end.more), and POST /v1/admin/drain: both
+// pages get goaway, the drained imd exits 0, and the pages move to a new imd
+// on the same ports. Any sanitizer report on imd's stderr fails the test.
 //
 // Environment: IMD (the imd binary), WEB_DIR (examples/web), CHROMIUM
 // (default /usr/bin/chromium), SCREENSHOT (optional: where to write a
@@ -37,7 +41,7 @@ try {
   const require = createRequire(path.join(here, 'package.json'));
   ({ chromium } = require('playwright-core'));
 } catch (e) {
-  skip(`playwright-core not installed (cd tests/web && npm install): ${e.message}`);
+  skip(`playwright-core not installed (cd tests/web && npm ci): ${e.message.split('\n')[0]}`);
 }
 const IMD = process.env.IMD;
 const WEB_DIR = process.env.WEB_DIR || path.join(here, '../../examples/web');
@@ -71,6 +75,7 @@ const data = path.join(tmp, 'data');
 const wsPort = await freePort();
 const httpPort = await freePort();
 let imd = null;
+let sanitizerReports = 0; // on any imd's stderr
 
 // Starts imd and resolves once its HTTP listener is up (its own log line).
 function startImd() {
@@ -86,7 +91,11 @@ function startImd() {
       if (out.includes('imd: at most')) { clearTimeout(timer); resolve(p); }
     };
     p.stdout.on('data', onData);
-    p.stderr.on('data', (b) => { out += b; process.stderr.write(b); });
+    p.stderr.on('data', (b) => {
+      out += b;
+      process.stderr.write(b);
+      if (/AddressSanitizer|LeakSanitizer|runtime error:/.test(String(b))) sanitizerReports++;
+    });
     p.on('exit', (code) => { clearTimeout(timer); if (!out.includes('imd: at most')) reject(new Error(`imd exited ${code}: ${out}`)); });
   });
 }
@@ -261,5 +270,6 @@ try {
 } finally {
   await cleanup();
 }
+check(sanitizerReports === 0, 'no sanitizer report on the stderr of any imd');
 console.log(failures ? `${failures} check(s) failed` : 'all checks passed');
 process.exit(failures ? 1 : 0);
