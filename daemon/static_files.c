@@ -160,27 +160,34 @@ void imd_static_serve(const char *dir, const http_request *req, http_response *r
     snprintf(joined, need, "%s/%s", root, rel);
     real = realpath(joined, NULL); /* follows every symlink: checked below */
   }
-  int fd = -1;
-  int status = 0;
+  int fd = -1, status = 0;
   const char *why = NULL;
   if (!joined) {
-    status = 503, why = "out of memory";
+    status = 503;
+    why = "out of memory";
   } else if (!real) {
-    status = 404, why = "no such file";
+    status = 404;
+    why = "no such file";
   } else if (!imd_static_inside(root, real)) {
-    status = 403, why = "outside the static directory";
+    status = 403; /* a symlink pointing out of the directory */
+    why = "outside the static directory";
   } else {
     /* O_NOFOLLOW: the canonical path has no link, so one there now was put
-     * in since realpath: refuse it rather than follow it */
+     * in since realpath: refuse it rather than follow it. O_NONBLOCK: a FIFO
+     * must not block the loop (it is refused below). */
     fd = open(real, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) status = errno == ENOENT ? 404 : 403, why = errno == ENOENT ? "no such file"
-                                                                            : "cannot open";
+    if (fd < 0) {
+      status = errno == ENOENT ? 404 : 403;
+      why = errno == ENOENT ? "no such file" : "cannot open";
+    }
   }
   struct stat st;
   if (fd >= 0 && (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode))) {
-    status = 404, why = "no such file"; /* a directory without a trailing '/' */
+    status = 404; /* a directory without its trailing '/', a FIFO, a device */
+    why = "no such file";
   } else if (fd >= 0 && (uint64_t)st.st_size > IMD_STATIC_MAX_FILE) {
-    status = 413, why = "file too large";
+    status = 413;
+    why = "file too large";
   }
   if (status) {
     fail(r, status, why);
@@ -190,7 +197,7 @@ void imd_static_serve(const char *dir, const http_request *req, http_response *r
              (unsigned long long)st.st_mtim.tv_sec * 1000000000ull +
                  (unsigned long long)st.st_mtim.tv_nsec);
     snprintf(r->headers, sizeof r->headers, "ETag: %s\r\nCache-Control: no-cache\r\n", etag);
-    r->content_type = imd_static_type(real);
+    r->content_type = imd_static_type(rel); /* the name asked for, not a link target's */
     if (req->if_none_match && etag_matches(req->if_none_match, etag)) {
       r->status = 304;
     } else if ((r->body = read_all(fd, (size_t)st.st_size)) != NULL) {

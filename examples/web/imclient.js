@@ -82,6 +82,8 @@ export class ImClient {
     this.jumpSeen = 0;
     this.syncPages = 0;     // sync answers received (auth {since} and sync), for tests and logs
     this.goaways = 0;       // goaway ops received
+    this.pongs = 0;         // pong ops received (answers to our heartbeat pings)
+    this.connections = 0;   // connections that reached auth_ok
     this.timers = {};
     this.lastSent = 0;
     this.lastRecv = 0;
@@ -259,7 +261,7 @@ export class ImClient {
       case 'sync_end': return this._syncEnd(p);
       case 'error': return this._error(p);
       case 'goaway': return this._goaway(p);
-      case 'pong': return undefined;
+      case 'pong': this.pongs++; return undefined;
       default: return undefined; // later versions may add ops
     }
   }
@@ -267,6 +269,7 @@ export class ImClient {
   _authOk(p) {
     clearTimeout(this.timers.connect);
     this.authedAt = Date.now();
+    this.connections++;
     this.hbMs = this.pingMs || Math.min(Number(p.hb || 30), 3600) * 1000;
     this.lastRecv = Date.now();
     this._setState(ST.SYNCING, p.conn);

@@ -63,6 +63,7 @@ class StaticCase(ImdCase):
         os.symlink(os.path.join(cls.tmp, 'private'), os.path.join(root, 'outdir'))
         os.symlink('../www2/x.txt', os.path.join(root, 'sibling.txt'))
         os.symlink('notes.txt', os.path.join(root, 'in.txt'))
+        os.symlink('sub/deep/x.js', os.path.join(root, 'alias.css'))
         os.mkfifo(os.path.join(root, 'pipe.txt'))
         with open(os.path.join(root, 'huge.bin'), 'wb') as f:
             f.truncate((16 << 20) + 1)
@@ -155,6 +156,8 @@ class StaticCase(ImdCase):
                 self.assert_json_error(r, r.status)
         r = self.get('/in.txt')                            # a link inside the root is served
         self.assertEqual((r.status, r.body), (200, FILES['notes.txt'][0]))
+        r = self.get('/alias.css')                         # typed by the name asked for
+        self.assertEqual((r.status, r.ctype, r.body), (200, 'text/css; charset=utf-8', b'1'))
 
     def test_not_regular_and_too_large(self):
         self.assert_json_error(self.get('/pipe.txt'), 404)

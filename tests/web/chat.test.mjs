@@ -82,7 +82,7 @@ function startImd() {
   return new Promise((resolve, reject) => {
     const p = spawn(IMD, ['--ws', `127.0.0.1:${wsPort}`, '--tcp', 'off',
                           '--http', `127.0.0.1:${httpPort}`, '--data', data,
-                          '--static', WEB_DIR, '--fsync', 'off'],
+                          '--static', WEB_DIR, '--fsync', 'off', '--heartbeat', '1'],
                     { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     const timer = setTimeout(() => reject(new Error(`imd did not start: ${out}`)), TIMEOUT);
@@ -154,6 +154,10 @@ try {
   check(!(await alice.isVisible('#login')) && await alice.isVisible('#messages'),
         'the chat is shown, the login form hidden');
   check(true, 'both pages logged in (state open), page and script served by imd --static');
+  // imd closes a connection idle for 2.5 x hb (2.5 s here): the pages' pings keep theirs
+  await alice.waitForFunction(() => window.imchat.client.pongs >= 4, null, { timeout: TIMEOUT });
+  check(await alice.evaluate(() => window.imchat.client.connections) === 1,
+        'heartbeat: 4 pings answered, over the idle timeout, on the first connection');
 
   const expected = [];
   for (let i = 1; i <= 3; i++) {
