@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "imd.h"
+#include "static_files.h"
 #include "proto/json_scan.h"
 #include <libim/im_guard.h>
 #include <libim/im_router.h>
@@ -638,7 +639,25 @@ static void get_gateways(imd *d, const http_request *req, http_response *r) {
   }
 }
 
+/* With --static, every path but the API's (/v1/..., /healthz, /metrics)
+ * is a file: no API key needed. */
+static bool static_path(const imd *d, const http_request *req) {
+  if (!d->cfg.static_dir) return false;
+  const char *p = req->path;
+  size_t n = req->path_len;
+  static const char *const api[] = {"/v1", "/healthz", "/metrics"};
+  for (size_t i = 0; i < sizeof api / sizeof api[0]; i++) {
+    size_t k = strlen(api[i]);
+    if (n >= k && !memcmp(p, api[i], k) && (n == k || p[k] == '/' || p[k] == '%')) return false;
+  }
+  return true;
+}
+
 static void route(imd *d, const http_request *req, http_response *r) {
+  if (static_path(d, req)) {
+    imd_static_serve(d->cfg.static_dir, req, r);
+    return;
+  }
   char buf[1024], *seg[PATH_MAX_SEGS];
   int n = split_path(req->path, req->path_len, buf, sizeof buf, seg);
   if (n < 0) {

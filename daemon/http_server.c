@@ -56,9 +56,10 @@
 #define GEN_MAX (((uint64_t)1 << GEN_BITS) - 1)
 #define NO_SLOT UINT32_MAX
 
-enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_COUNT };
+enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_INM, H_COUNT };
 
-static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect"};
+static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect",
+                                                "if-none-match"};
 
 /* One queued response (or interim 100 Continue): its head, then its body.
  * Or, with `waiting`, the place of a deferred answer: no head, no body. */
@@ -484,14 +485,31 @@ static bool out_push_raw(http_conn *c, const char *head, size_t len) {
 }
 
 static char *json_error(const char *msg, size_t *len);
+static bool is_tchar(unsigned char ch);
+
+/* Extra header lines are sent only when every one is "Name: value\r\n"
+ * with a token name and no other CR or LF (no header injection). */
+static bool extra_valid(const char *e) {
+  if (!e) return false;
+  while (*e) {
+    const char *colon = e;
+    while (is_tchar((unsigned char)*colon)) colon++;
+    if (colon == e || *colon != ':') return false;
+    const char *cr = strpbrk(colon, "\r\n");
+    if (!cr || cr[0] != '\r' || cr[1] != '\n') return false;
+    e = cr + 2;
+  }
+  return true;
+}
 
 /* Builds one response; body (malloc()ed or NULL) is owned from here on,
  * even on failure, which returns NULL (out of memory). A status outside
  * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
  * one with CR or LF, the default. */
-static out_seg *make_response(int status, const char *ctype, char *body, size_t body_len,
-                              bool head_only, bool keep_alive) {
+static out_seg *make_response(int status, const char *ctype, const char *extra, char *body,
+                              size_t body_len, bool head_only, bool keep_alive) {
   if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
+  if (!extra_valid(extra)) extra = "";
   if (status < 200 || status > 599) {
     free(body);
     status = 500;
@@ -505,7 +523,7 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
     body = NULL;
   }
   if (no_length) body_len = 0;
-  size_t cap = 200 + strlen(ctype);
+  size_t cap = 200 + strlen(ctype) + strlen(extra);
   out_seg *o = calloc(1, sizeof *o + cap);
   if (!o) {
     free(body);
@@ -514,13 +532,13 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
   const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
   int n;
   if (no_length)
-    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nConnection: %s\r\n\r\n",
-                 status, reason, ctype, conn);
+    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: %s\r\n\r\n",
+                 status, reason, ctype, extra, conn);
   else
     n = snprintf(o->head, cap,
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "Connection: %s\r\n\r\n",
-                 status, reason, ctype, body_len, conn);
+                 "%sConnection: %s\r\n\r\n",
+                 status, reason, ctype, body_len, extra, conn);
   if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
     free(body);
     free(o);
@@ -534,9 +552,9 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
 
 /* Queues one response (see make_response); running out of memory marks
  * the connection dead. */
-static void queue_response(http_conn *c, int status, const char *ctype, char *body,
-                           size_t body_len, bool head_only, bool keep_alive) {
-  out_seg *o = make_response(status, ctype, body, body_len, head_only, keep_alive);
+static void queue_response(http_conn *c, int status, const char *ctype, const char *extra,
+                           char *body, size_t body_len, bool head_only, bool keep_alive) {
+  out_seg *o = make_response(status, ctype, extra, body, body_len, head_only, keep_alive);
   if (o)
     out_push(c, o);
   else
@@ -572,7 +590,7 @@ static void conn_fail(http_conn *c, int status, const char *msg) {
     c->dead = true;
     return;
   }
-  queue_response(c, status, "application/json", body, len, false, false);
+  queue_response(c, status, "application/json", "", body, len, false, false);
   c->closing = true;
 }
 
@@ -727,7 +745,7 @@ static int on_header_field_complete(llhttp_t *p) {
   }
   c->hname_len = 0;
   if (c->cur_hdr == H_OTHER) return 0;
-  /* a second Authorization or Content-Type is ambiguous: which one counts? */
+  /* a second Authorization, Content-Type or If-None-Match is ambiguous: which counts? */
   if (c->hoff[c->cur_hdr] != ABSENT) return refuse(c, 400, "bad request: duplicate header");
   c->hoff[c->cur_hdr] = c->req_len;
   return 0;
@@ -872,6 +890,7 @@ static void dispatch(http_conn *c) {
   }
   if (c->hoff[H_AUTH] != ABSENT) rq.authorization = c->req + c->hoff[H_AUTH];
   if (c->hoff[H_CTYPE] != ABSENT) rq.content_type = c->req + c->hoff[H_CTYPE];
+  if (c->hoff[H_INM] != ABSENT) rq.if_none_match = c->req + c->hoff[H_INM];
   rq.body = c->req + c->body_off;
   rq.body_len = c->discard_body ? 0 : c->body_len;
   rq.peer = c->peer;
@@ -884,7 +903,8 @@ static void dispatch(http_conn *c) {
   if (b.ticket) /* its place is queued; resp does not count */
     free(rs->body);
   else
-    queue_response(c, rs->status, rs->content_type, rs->body, rs->body_len, b.head_only, keep);
+    queue_response(c, rs->status, rs->content_type, rs->headers, rs->body, rs->body_len,
+                   b.head_only, keep);
   if (!keep) c->closing = true;
   /* keep nothing of the request while the connection waits for the next */
   free(c->req);
@@ -1064,7 +1084,8 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
   http_conn *c = d->conn;
   out_seg *w = d->seg;
   slot_release(s, (uint32_t)idx);
-  out_seg *o = make_response(status, content_type, body, body_len, w->head_only, w->keep_alive);
+  out_seg *o = make_response(status, content_type, "", body, body_len, w->head_only,
+                             w->keep_alive);
   if (o) {
     out_replace(c, w, o);
   } else {

@@ -5,8 +5,9 @@
  * http_response_defer); answers are queued and written (through libim's
  * im_stream: a plain socket or TLS) in request order. Keep-alive and
  * pipelining are supported; upgrades, trailers and response streaming are
- * not. Every response carries Content-Type,
- * Content-Length (except 204 and 304) and Connection. Failures the server
+ * not. Every response carries Content-Type, Content-Length (except 204 and
+ * 304) and Connection, plus the handler's extra headers
+ * (http_response.headers). Failures the server
  * detects itself are answered with a JSON body {"error":"..."} and the
  * connection is closed after it:
  *   400 malformed request ("bad request: <llhttp's reason>"),
@@ -44,6 +45,7 @@ typedef struct http_request {
   const char *authorization; /* Authorization value, NUL-terminated, without
                                 surrounding whitespace; NULL if absent */
   const char *content_type;  /* likewise for Content-Type */
+  const char *if_none_match; /* likewise for If-None-Match */
   const char *body;          /* the whole (de-chunked) body followed by a
                                 NUL; "" when there is none, never NULL */
   size_t body_len;
@@ -63,6 +65,11 @@ typedef struct http_response {
                                passes to the server, which free()s it once
                                written (or on close) */
   size_t body_len;
+  char headers[256];        /* extra header lines written by the handler,
+                               each "Name: value\r\n" (ETag, say); "" for
+                               none. Sent only if every line has that form
+                               (a token name, no other CR or LF), else all
+                               are dropped. Not used by deferred answers */
 } http_response;
 
 /* Called once per complete request, in the order requests arrive on each

@@ -31,6 +31,7 @@ typedef struct imd_config {
   uint32_t lease_ttl_s;
   const char *advertise_ws, *advertise_tcp;
   uint32_t drain_rate;      /* connections closed per second while draining */
+  const char *static_dir;   /* --static: files served at / of the HTTP listener; NULL: off */
 } imd_config;
 
 #define IMD_UID_MAX 128         /* as libim: longer uids cannot log in */

@@ -33,7 +33,8 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
        O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
-       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME, O_N };
+       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME,
+       O_STATIC, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -99,6 +100,8 @@ static const option_def options[O_N] = {
                "permanent bans: ADDR[/BITS],uid:NAME,...  [none]"},
     [O_TLS_PLAIN] = {"--tls-plain", "IMD_TLS_PLAIN", "tls_plain",
                      "listeners kept plain with TLS on: ws,tcp,http [none]"},
+    [O_STATIC] = {"--static", "IMD_STATIC", "static",
+                  "serve the files of DIR at / of the HTTP listener [off]"},
 };
 
 static const char *defaults[O_N] = {
@@ -407,6 +410,12 @@ int main(int argc, char **argv) {
   d.cfg.redis_prefix = vals[O_REDIS_PREFIX];
   d.cfg.advertise_ws = vals[O_ADV_WS];
   d.cfg.advertise_tcp = vals[O_ADV_TCP];
+  d.cfg.static_dir = enabled(vals[O_STATIC]) ? vals[O_STATIC] : NULL;
+  struct stat static_st;
+  if (d.cfg.static_dir && (stat(d.cfg.static_dir, &static_st) < 0 || !S_ISDIR(static_st.st_mode))) {
+    fprintf(stderr, "imd: static: %s is not a directory\n", d.cfg.static_dir);
+    return 2;
+  }
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
