@@ -69,6 +69,7 @@ typedef struct imd {
   char node_name[160];
   bool draining;
   struct event *drain_ev, *usr1_ev, *trim_ev;
+  struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
 } imd;
 
