@@ -25,7 +25,8 @@
 #include "imd.h"
 
 #define BATCH_DELAY_MS 50      /* presence events wait this long to share a POST */
-#define BATCH_MAX 500          /* at most this many events per POST */
+#define BATCH_NOW 500          /* this many events waiting are sent without the delay */
+#define ASKS_PER_CONN 64       /* message asks one connection may have out; more: 429 */
 #define RETRY_FIRST_MS 100     /* presence retry backoff: doubled per attempt ... */
 #define RETRY_MAX_MS 10000     /* ... up to this */
 #define RETRY_ATTEMPTS 8       /* a batch is dropped after this many failed POSTs */
@@ -71,6 +72,7 @@ struct conn_q {
   strmap_node node;
   uint64_t key;             /* the connection id: the node's key bytes */
   ask *head, *tail;
+  size_t n;                 /* asks in the FIFO */
 };
 
 /* One connect ask. */
@@ -386,6 +388,7 @@ static void drain(imd_hooks *h, conn_q *q) {
   while (q->head && q->head->done) {
     ask *a = q->head;
     q->head = a->next;
+    q->n--;
     if (!q->head) q->tail = NULL;
     apply(h, a);
     free(a->data);
@@ -445,8 +448,14 @@ bool imd_hooks_message(imd *d, im_conn_id c, const im_msg *m, imd_route_fn route
   if (!h || !h->cfg.message || h->closing) return false;
   im_conn_info info;
   if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return false;
+  conn_q *q = fifo_of(h, c, false);
+  if (q && q->n >= ASKS_PER_CONN) { /* one client cannot take the whole queue */
+    d->m.msg_errors++;
+    im_reply_error(d->srv, c, 429, "too many messages waiting for the back end", m->cid);
+    return true;
+  }
   ask *a = ask_new(m);
-  conn_q *q = a ? fifo_of(h, c, true) : NULL;
+  q = a ? fifo_of(h, c, true) : NULL;
   if (!q) {
     free(a);
     d->m.msg_errors++;
@@ -459,6 +468,7 @@ bool imd_hooks_message(imd *d, im_conn_id c, const im_msg *m, imd_route_fn route
   if (q->tail) q->tail->next = a;
   else q->head = a;
   q->tail = a;
+  q->n++;
   sbuf b = {0};
   sb_event(&b, EV_MESSAGE, info.uid);
   sb_str(&b, "device", info.device);
@@ -604,7 +614,7 @@ static void on_flush(evutil_socket_t fd, short what, void *arg) {
 }
 
 static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
-  if (h->next_n + h->flight_n >= h->cfg.max_queue || h->next_n >= BATCH_MAX * 64) {
+  if (h->next_n + h->flight_n >= h->cfg.max_queue) {
     h->dropped++;
     return;
   }
@@ -624,7 +634,7 @@ static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
   h->next_n++;
   h->next_kind[ev]++;
   if (!h->in_flight && !h->flight_n && !event_pending(h->flush_ev, EV_TIMEOUT, NULL)) {
-    struct timeval tv = {0, h->next_n >= BATCH_MAX ? 0 : BATCH_DELAY_MS * 1000};
+    struct timeval tv = {0, h->next_n >= BATCH_NOW ? 0 : BATCH_DELAY_MS * 1000};
     event_add(h->flush_ev, &tv);
   }
 }

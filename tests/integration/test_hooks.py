@@ -42,6 +42,7 @@ class Backend:
         self.requests = asyncio.Queue()     # every Req, in arrival order
         self.events = asyncio.Queue()       # every event object, batches unpacked
         self.handler = None
+        self.framing = 'length'             # length | chunked | eof | drop (close after each)
         self.posts = 0
         self.bad_signatures = 0
         self.writers = set()
@@ -86,9 +87,19 @@ class Backend:
                     answer = json.dumps(answer)
                 if isinstance(answer, str):
                     answer = answer.encode()
-                w.write(b'HTTP/1.1 %d X\r\nContent-Type: application/json\r\n'
-                        b'Content-Length: %d\r\n\r\n' % (status, len(answer)) + answer)
+                head = b'HTTP/1.1 %d X\r\nContent-Type: application/json\r\n' % status
+                if self.framing == 'chunked':
+                    half = len(answer) // 2
+                    w.write(head + b'Transfer-Encoding: chunked\r\n\r\n' + b''.join(
+                        b'%x\r\n%s\r\n' % (len(p), p) for p in (answer[:half], answer[half:])
+                        if p) + b'0\r\n\r\n')
+                elif self.framing == 'eof':
+                    w.write(head + b'Connection: close\r\n\r\n' + answer)
+                else:
+                    w.write(head + b'Content-Length: %d\r\n\r\n' % len(answer) + answer)
                 await w.drain()
+                if self.framing in ('eof', 'drop'):
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             pass
         finally:
@@ -322,6 +333,30 @@ class TestMessageHook(HookCase):
                         m['imd_hook_requests_total{event="message",result="error"}'], 3)
                 finally:
                     await self.stop()
+
+    @scenario()
+    async def test_answer_framings(self):
+        """Chunked answers, answers ended by closing, and a back end that
+        drops every keep-alive connection after one answer (imd resends on a
+        fresh connection when a reused one dies before any answer byte)."""
+        a, b = await self.pair()
+
+        async def handler(req):
+            return 200, '{"data":"%s"}' % req.json['cid']
+        self.be.handler = handler
+        try:
+            n = 0
+            for framing in ('chunked', 'eof', 'drop', 'length'):
+                self.be.framing = framing
+                for i in range(4):
+                    cid = '%s-%d' % (framing, i)
+                    n += 1
+                    ack = await a.msg(cid, '0', to=b.uid)
+                    await b.expect('msg', id=ack['id'], seq=n, data='"%s"' % cid)
+            m = await self.metrics()
+            self.assertEqual(m['imd_hook_requests_total{event="message",result="replace"}'], n)
+        finally:
+            await self.stop()
 
     @scenario()
     async def test_rooms_are_not_asked(self):
