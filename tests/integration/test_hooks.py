@@ -22,7 +22,7 @@ import unittest
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (Client, Imd, api, assert_clean_exit, check, connect,  # noqa: E402
-                       parse_metrics, py_token, scenario, within)
+                       parse_metrics, py_token, scenario, upgrade_status, within)
 
 HOOK_SECRET = 'hook-signing-secret-for-tests'
 DATA = '{"n":12345678901234567890,"s":"h\u00e9llo","a":[1, 2 ,{"b":null}]}'
@@ -504,6 +504,10 @@ class TestConnectHook(HookCase):
             # the authenticated client works
             ack = await c.msg('x', '1', to=u)
             self.assertTrue(ack['id'])
+            # auth in the upgrade query: refused with HTTP 403, accepted with 101
+            q = '/ws?uid=%s&token=%%s&device=q&platform=ios' % u
+            self.assertEqual(await upgrade_status(self.srv.ws, q % 'wrong'), 403)
+            self.assertEqual(await upgrade_status(self.srv.ws, q % 'open-sesame'), 101)
         finally:
             await self.stop()
 
