@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "hooks.h"
 #include "imd.h"
 #include "token.h"
 
@@ -29,9 +30,12 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
     a->reason = "banned";
     return IM_AUTH_DENY;
   }
+  int hook = imd_hooks_connect_mode(d);
+  if (hook == IMD_HOOK_CONNECT_INSTEAD) return imd_hooks_auth(d, c, a);
   int v = imd_token_verify(d->secret, d->secret_len, a->uid, a->device, a->token,
                            (int64_t)(imd_wall_ms() / 1000));
-  if (v == IMD_TOKEN_OK) return IM_AUTH_ACCEPT;
+  if (v == IMD_TOKEN_OK)
+    return hook == IMD_HOOK_CONNECT_ALSO ? imd_hooks_auth(d, c, a) : IM_AUTH_ACCEPT;
   a->code = 401;
   if (v == IMD_TOKEN_EXPIRED) {
     d->m.auth_expired++;
@@ -47,12 +51,14 @@ static void on_open(im_server *srv, im_conn_id c, void *user) {
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0) imd_metrics_open(user, info.platform);
   imd_node_opened(user, c);
+  imd_hooks_opened(user, c);
 }
 
 static void on_close(im_server *srv, im_conn_id c, int code, void *user) {
   (void)code;
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0 && info.uid) imd_metrics_close(user, info.platform);
+  imd_hooks_closed(user, c);
 }
 
 static int refuse(imd *d, im_server *srv, im_conn_id c, const im_msg *m, int code,
@@ -146,34 +152,45 @@ static void group_members_known(void *arg, int status, const char *const *uids, 
   free(g);
 }
 
+/* Route a 1:1 or group msg of c (checked, and allowed by the message hook
+ * when there is one): stored, then acked once durable. */
+static int route_stored(imd *d, im_conn_id c, const im_msg *m) {
+  im_server *srv = d->srv;
+  im_conn_info info;
+  if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
+  if (m->to) {
+    d->m.msgs_1to1++;
+    /* the receiver's devices, then the sender's other devices (R7) */
+    const char *users[2] = {m->to, info.uid};
+    return store(d, srv, c, m, info.uid, info.device, users, strcmp(m->to, info.uid) ? 2 : 1);
+  }
+  /* membership is the store's: the message waits for it */
+  group_msg *g = group_msg_new(d, c, m, &info);
+  if (!g) return refuse(d, srv, c, m, 500, "out of memory");
+  if (d->store->ops->group_members(d->store, m->group, group_members_known, g) < 0) {
+    free(g);
+    return refuse(d, srv, c, m, 500, "store failed");
+  }
+  return IM_MSG_DEFER;
+}
+
 /* Route one upstream msg: 1:1 and group messages are stored and acked once
- * durable; room messages are ephemeral and acked once queued. */
+ * durable (after the back end's verdict with --hook-message on); room
+ * messages are ephemeral and acked once queued. */
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   imd *d = user;
   int targets = (m->to != NULL) + (m->group != NULL) + (m->room != NULL);
   if (targets != 1)
     return refuse(d, srv, c, m, 400, targets ? "give only one of to, group, room"
                                              : "missing to, group or room");
+  if (m->to && !*m->to) return refuse(d, srv, c, m, 400, "empty to");
+  if (m->to && strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
+  if (!m->room) {
+    if (imd_hooks_message(d, c, m, route_stored)) return IM_MSG_DEFER;
+    return route_stored(d, c, m);
+  }
   im_conn_info info;
   im_conn_get_info(srv, c, &info);
-  if (m->to) {
-    if (!*m->to) return refuse(d, srv, c, m, 400, "empty to");
-    if (strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
-    d->m.msgs_1to1++;
-    /* the receiver's devices, then the sender's other devices (R7) */
-    const char *users[2] = {m->to, info.uid};
-    return store(d, srv, c, m, info.uid, info.device, users, strcmp(m->to, info.uid) ? 2 : 1);
-  }
-  if (m->group) {
-    /* membership is the store's: the message waits for it */
-    group_msg *g = group_msg_new(d, c, m, &info);
-    if (!g) return refuse(d, srv, c, m, 500, "out of memory");
-    if (d->store->ops->group_members(d->store, m->group, group_members_known, g) < 0) {
-      free(g);
-      return refuse(d, srv, c, m, 500, "store failed");
-    }
-    return IM_MSG_DEFER;
-  }
   if (!im_room_member(srv, c, m->room)) return refuse(d, srv, c, m, 403, "join the room first");
   im_msg out = {.id = m->id, .from = info.uid, .room = m->room, .ts = imd_wall_ms(),
                 .data = m->data, .data_len = m->data_len};

@@ -72,6 +72,7 @@ typedef struct imd {
   bool draining;
   strmap uid_bans;          /* bans.c */
   struct event *drain_ev, *usr1_ev, *trim_ev;
+  struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
   struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;

@@ -19,6 +19,7 @@
 
 #include <libim/im_guard.h>
 
+#include "hooks.h"
 #include "imd.h"
 #include "token.h"
 
@@ -34,7 +35,8 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
        O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
        O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME,
-       O_STATIC, O_N };
+       O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
+       O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -102,6 +104,24 @@ static const option_def options[O_N] = {
                      "listeners kept plain with TLS on: ws,tcp,http [none]"},
     [O_STATIC] = {"--static", "IMD_STATIC", "static",
                   "serve the files of DIR at / of the HTTP listener [off]"},
+    [O_HOOK_URL] = {"--hook-url", "IMD_HOOK_URL", "hook_url",
+                    "http:// URL of the back end's hooks (docs/HOOKS.md) [off]"},
+    [O_HOOK_SECRET] = {"--hook-secret", "IMD_HOOK_SECRET", "hook_secret",
+                       "key of the X-Imd-Signature HMAC of hook bodies [unsigned]"},
+    [O_HOOK_CONNECT] = {"--hook-connect", "IMD_HOOK_CONNECT", "hook_connect",
+                        "off | instead (of tokens) | also (after tokens) [off]"},
+    [O_HOOK_MESSAGE] = {"--hook-message", "IMD_HOOK_MESSAGE", "hook_message",
+                        "on: the back end vets 1:1/group messages [off]"},
+    [O_HOOK_PRESENCE] = {"--hook-presence", "IMD_HOOK_PRESENCE", "hook_presence",
+                         "online/offline events to --hook-url [on]"},
+    [O_HOOK_TIMEOUT] = {"--hook-timeout", "IMD_HOOK_TIMEOUT", "hook_timeout",
+                        "ms a hook answer may take       [2000]"},
+    [O_HOOK_FAIL] = {"--hook-fail", "IMD_HOOK_FAIL", "hook_fail",
+                     "open | closed: a failed ask allows or refuses [closed]"},
+    [O_HOOK_CONNS] = {"--hook-connections", "IMD_HOOK_CONNECTIONS", "hook_connections",
+                      "HTTP connections to the back end [16]"},
+    [O_HOOK_QUEUE] = {"--hook-queue", "IMD_HOOK_QUEUE", "hook_queue",
+                      "hook requests waiting / events held [4096]"},
 };
 
 static const char *defaults[O_N] = {
@@ -113,6 +133,9 @@ static const char *defaults[O_N] = {
     [O_MAX_CONNS] = "auto",     [O_CONN_RATE] = "100",   [O_CONN_BURST] = "1000",
     [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
     [O_DRAIN_RATE] = "1000",
+    [O_HOOK_CONNECT] = "off",  [O_HOOK_MESSAGE] = "off", [O_HOOK_PRESENCE] = "on",
+    [O_HOOK_TIMEOUT] = "2000", [O_HOOK_FAIL] = "closed", [O_HOOK_CONNS] = "16",
+    [O_HOOK_QUEUE] = "4096",
 };
 
 static void usage(FILE *f) {
@@ -329,6 +352,58 @@ static int cmd_token(int argc, char **argv) {
 
 static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
 
+/* One of two words: 0 for `no`, 1 for `yes`, -1 (and a message) for neither. */
+static int parse_choice(const char *name, const char *v, const char *no, const char *yes) {
+  if (!strcmp(v, no)) return 0;
+  if (!strcmp(v, yes)) return 1;
+  fprintf(stderr, "imd: %s: '%s' or '%s', not '%s'\n", name, no, yes, v);
+  return -1;
+}
+
+/* The --hook-* options (docs/HOOKS.md). */
+static int parse_hooks(const char *vals[O_N], imd_hooks_config *h) {
+  memset(h, 0, sizeof *h);
+  h->url = enabled(vals[O_HOOK_URL]) ? vals[O_HOOK_URL] : NULL;
+  h->secret = vals[O_HOOK_SECRET] && *vals[O_HOOK_SECRET] ? vals[O_HOOK_SECRET] : NULL;
+  const char *cm = vals[O_HOOK_CONNECT];
+  h->connect = !strcmp(cm, "off")       ? IMD_HOOK_CONNECT_OFF
+               : !strcmp(cm, "instead") ? IMD_HOOK_CONNECT_INSTEAD
+               : !strcmp(cm, "also")    ? IMD_HOOK_CONNECT_ALSO
+                                        : -1;
+  if (h->connect < 0) {
+    fprintf(stderr, "imd: hook-connect: 'off', 'instead' or 'also', not '%s'\n", cm);
+    return -1;
+  }
+  int msg = parse_choice("hook-message", vals[O_HOOK_MESSAGE], "off", "on");
+  int pres = parse_choice("hook-presence", vals[O_HOOK_PRESENCE], "off", "on");
+  int open = parse_choice("hook-fail", vals[O_HOOK_FAIL], "closed", "open");
+  if (msg < 0 || pres < 0 || open < 0 ||
+      parse_u32("hook-timeout", vals[O_HOOK_TIMEOUT], &h->timeout_ms) < 0 ||
+      parse_u32("hook-connections", vals[O_HOOK_CONNS], &h->max_conns) < 0 ||
+      parse_u32("hook-queue", vals[O_HOOK_QUEUE], &h->max_queue) < 0)
+    return -1;
+  h->message = msg;
+  h->presence = pres;
+  h->fail_open = open;
+  if (h->timeout_ms < 1 || h->timeout_ms > 600000 || h->max_conns < 1 ||
+      h->max_conns > 1024 || h->max_queue < 1) {
+    fprintf(stderr, "imd: hook-timeout: 1 to 600000 ms, hook-connections: 1 to 1024, "
+                    "hook-queue: at least 1\n");
+    return -1;
+  }
+  if (!h->url && (h->connect || h->message)) {
+    fprintf(stderr, "imd: --hook-connect and --hook-message need --hook-url\n");
+    return -1;
+  }
+  if (h->url && strncmp(h->url, "http://", 7)) {
+    fprintf(stderr, "imd: hook-url: only http:// URLs are supported (https:// is not: put a "
+                    "local TLS proxy in front of the back end), not '%s'\n", h->url);
+    return -1;
+  }
+  if (!h->url) h->presence = false;
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "token")) return cmd_token(argc, argv);
   const char *vals[O_N] = {0};
@@ -416,6 +491,8 @@ int main(int argc, char **argv) {
     fprintf(stderr, "imd: static: %s is not a directory\n", d.cfg.static_dir);
     return 2;
   }
+  imd_hooks_config hooks;
+  if (parse_hooks(vals, &hooks) < 0) return 2;
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
@@ -517,7 +594,9 @@ int main(int argc, char **argv) {
   }
   /* the node (cluster link, drain) once the ports are known: they are
    * what it advertises */
-  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0)) rc = 1;
+  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0 ||
+                  imd_hooks_start(&d, &hooks) < 0))
+    rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
     printf("imd: at most %u connections (0: no limit), %u per user\n",
@@ -525,6 +604,7 @@ int main(int argc, char **argv) {
     fflush(stdout);
     event_base_dispatch(d.base);
   }
+  imd_hooks_stop(&d);    /* drops unanswered asks: their clients resend */
   imd_delivery_free(&d); /* completes what is outstanding */
   imd_node_stop(&d);
   http_server_free(d.http);

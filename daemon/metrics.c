@@ -6,6 +6,7 @@
 
 #include <libim/im_guard.h>
 
+#include "hooks.h"
 #include "imd.h"
 
 /* Platforms are client-chosen strings: up to IMD_MAX_PLATFORMS of them
@@ -176,6 +177,10 @@ char *imd_metrics_render(imd *d, size_t *len) {
   for (int i = 1; i <= 5; i++)
     sb_printf(&b, "imd_http_requests_total{code=\"%dxx\"} %llu\n", i,
               (unsigned long long)d->m.http_status[i]);
+  size_t hl;
+  char *hooks = imd_hooks_metrics(d, &hl);
+  if (hooks) sb_printf(&b, "%.*s", (int)hl, hooks);
+  free(hooks);
   *len = b.len;
   return b.p;
 }
