@@ -103,25 +103,16 @@ typedef struct group_msg {
   imd *d;
   im_conn_id c;
   im_msg m;
-  char *uid, *device;
+  const char *uid, *device;
   char buf[];
 } group_msg;
 
 static group_msg *group_msg_new(imd *d, im_conn_id c, const im_msg *m, const im_conn_info *info) {
-  const char *strs[] = {m->id, m->cid, m->group, info->uid, info->device};
-  size_t len = sizeof(group_msg) + m->data_len + 1;
-  for (size_t i = 0; i < 5; i++) len += (strs[i] ? strlen(strs[i]) : 0) + 1;
-  group_msg *g = malloc(len);
+  const char *strs[] = {m->id, m->cid, m->group, info->uid, info->device}, *out[5];
+  group_msg *g = malloc(sizeof(group_msg) + imd_strs_size(strs, 5) + m->data_len + 1);
   if (!g) return NULL;
   char *at = g->buf;
-  char *out[5];
-  for (size_t i = 0; i < 5; i++) {
-    out[i] = NULL;
-    if (!strs[i]) continue;
-    size_t n = strlen(strs[i]) + 1;
-    out[i] = memcpy(at, strs[i], n);
-    at += n;
-  }
+  imd_strs_copy(&at, strs, out, 5);
   memcpy(at, m->data, m->data_len);
   at[m->data_len] = '\0';
   g->d = d;

@@ -423,19 +423,11 @@ static void ask_answered(void *arg, int status, const char *body, size_t len, ui
 }
 
 static ask *ask_new(const im_msg *m) {
-  const char *strs[] = {m->id, m->cid, m->to, m->group};
-  size_t len = sizeof(ask) + m->data_len + 1;
-  for (size_t i = 0; i < 4; i++) len += (strs[i] ? strlen(strs[i]) : 0) + 1;
-  ask *a = calloc(1, len);
+  const char *strs[] = {m->id, m->cid, m->to, m->group}, *out[4];
+  ask *a = calloc(1, sizeof(ask) + imd_strs_size(strs, 4) + m->data_len + 1);
   if (!a) return NULL;
-  char *at = a->buf, *out[4];
-  for (size_t i = 0; i < 4; i++) {
-    out[i] = NULL;
-    if (!strs[i]) continue;
-    size_t n = strlen(strs[i]) + 1;
-    out[i] = memcpy(at, strs[i], n);
-    at += n;
-  }
+  char *at = a->buf;
+  imd_strs_copy(&at, strs, out, 4);
   memcpy(at, m->data, m->data_len);
   at[m->data_len] = '\0';
   a->m = (im_msg){.id = out[0], .cid = out[1], .to = out[2], .group = out[3], .data = at,

@@ -8,6 +8,7 @@
 #include <libim/im_redis.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "core/strmap.h"
 #include "http_server.h"
@@ -76,6 +77,24 @@ typedef struct imd {
   imd_metrics m;
   struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;
+
+/* Copy the n strings of in (NULL entries stay NULL) one after the other
+ * from *at, NUL-terminated, setting out[i]; *at moves past them. The
+ * caller sized the space with imd_strs_size(). */
+static inline size_t imd_strs_size(const char *const *in, size_t n) {
+  size_t len = 0;
+  for (size_t i = 0; i < n; i++) len += in[i] ? strlen(in[i]) + 1 : 0;
+  return len;
+}
+static inline void imd_strs_copy(char **at, const char *const *in, const char **out, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    out[i] = NULL;
+    if (!in[i]) continue;
+    size_t len = strlen(in[i]) + 1;
+    out[i] = memcpy(*at, in[i], len);
+    *at += len;
+  }
+}
 
 /* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
 void imd_chat_callbacks(im_callbacks *cb);

@@ -42,13 +42,7 @@ typedef struct rq {
   enum rq_kind kind;
   int status;
   void *arg;
-  union {
-    imd_append_cb append;
-    imd_sync_cb sync;
-    imd_state_cb state;
-    imd_members_cb members;
-    imd_done_cb done;
-  } cb;
+  imd_store_cb cb;
   /* append (borrowed until the callback) */
   const imd_store_msg *m;
   const char *const *uids;

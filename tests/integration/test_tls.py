@@ -26,6 +26,7 @@ import websockets
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, T, Imd, assert_clean_exit, decode_json, encode_json,  # noqa: E402
                        py_token, run_cli, scenario, within)
 from wire import check, decode_bin, encode_bin, tcp_frame, track  # noqa: E402
@@ -482,16 +483,9 @@ class TlsChoices(unittest.TestCase):
 
 
 def main():
-    argv = list(sys.argv)
-    if '--imd' in argv:
-        i = argv.index('--imd')
-        os.environ['IMD'] = argv[i + 1]
-        del argv[i:i + 2]
-    if not os.environ.get('IMD') or not os.access(os.environ['IMD'], os.X_OK):
-        sys.exit('IMD=%r is not an executable imd binary' % os.environ.get('IMD'))
     if not shutil.which('openssl') or not shutil.which('curl'):
         sys.exit('openssl and curl are needed')
-    unittest.main(argv=argv, verbosity=2)
+    imdclient_main()
 
 
 if __name__ == '__main__':
