@@ -15,7 +15,7 @@ from imdclient import (Imd, api, assert_clean_exit, check, connect, parse_metric
                        scenario, within)
 
 
-async def try_connect(port, src):
+async def try_connect(port, src, wait=0.3):
     """Open a TCP connection from src and see whether imd keeps it: a
     refused one is closed at once (EOF), an admitted one stays open."""
     try:
@@ -23,7 +23,7 @@ async def try_connect(port, src):
     except OSError:
         return False
     try:
-        await asyncio.wait_for(r.read(1), 0.05)
+        await asyncio.wait_for(r.read(1), wait)
         ok = False          # EOF (or bytes: not expected before auth)
     except asyncio.TimeoutError:
         ok = True           # still open: admitted
@@ -49,12 +49,12 @@ class Held:
             pass
 
 
-async def flood(port, src, seconds, batch=50):
+async def flood(port, src, seconds, batch=100):
     """Connection attempts from src, `batch` at a time: (admitted, refused)."""
     admitted = refused = 0
     t0 = time.monotonic()
     while time.monotonic() - t0 < seconds:
-        res = await asyncio.gather(*[try_connect(port, src) for _ in range(batch)])
+        res = await asyncio.gather(*[try_connect(port, src, 0.2) for _ in range(batch)])
         admitted += sum(res)
         refused += len(res) - sum(res)
     return admitted, refused
@@ -91,11 +91,14 @@ class TestFlood(unittest.TestCase):
         await bob.expect('msg', id=ack['id'])
         carol = await connect(srv, 'json', 'carol')
         await carol.close()
-        check(30 <= admitted <= 30 + 20 * 2 + 5, 'flooder admitted %d' % admitted)
+        # the burst and what the rate refilled; a refusal seen late counts as
+        # admitted here, so the exact figure is imd's (metrics, below)
+        check(admitted >= 30, 'flooder admitted %d' % admitted)
         check(refused >= 30, 'flooder refused %d' % refused)
         # it keeps flooding after the ban: the next ban is longer (x6)
         await wait_until(lambda: try_connect(srv.tcp, '127.0.0.2'), 5, 'first ban over')
-        while not any(x.get('ip') == '127.0.0.2/32' for x in await bans(srv)):
+        while not any(x.get('ip') == '127.0.0.2/32' and x['level'] > level1
+                      for x in await bans(srv)):
             await flood(srv.tcp, '127.0.0.2', 0.2)
         b = [x for x in await bans(srv) if x.get('ip') == '127.0.0.2/32']
         check(b[0]['level'] == level1 + 1, 'escalation: %r' % b)
