@@ -78,6 +78,10 @@ typedef struct out_seg {
 
 typedef struct http_conn http_conn;
 
+/* A request being read runs against its own deadlines, which bytes that
+ * trickle in do not push back (slowloris). */
+enum { PHASE_NONE, PHASE_HEADERS, PHASE_BODY };
+
 typedef struct conn_list {
   http_conn *head, *tail;
 } conn_list;
@@ -98,6 +102,7 @@ struct http_conn {
   bool kicked;       /* on srv's kick list */
   bool peer_eof;
   bool dead;         /* fatal (out of memory): drop without a response */
+  uint8_t phase;     /* a request coming in: PHASE_HEADERS, PHASE_BODY (own deadline) */
   bool in_body;      /* headers done: later header callbacks are trailers */
   bool discard_body; /* not admitted (http_limits.admit): body read, not kept */
   http_conn *kprev, *knext; /* on srv's kick list */
@@ -148,6 +153,7 @@ struct http_server {
   conn_list idle, linger;
   conn_list hs;   /* TLS handshakes in progress (handshake timeout) */
   conn_list busy; /* waiting for the application: no deadline */
+  conn_list hdr, body; /* a request's headers / body being read */
   http_conn *kick_head, *kick_tail;
   defer_slot *slots;
   uint32_t nslots, slots_cap, free_slot;
@@ -214,7 +220,7 @@ static void set_deadline(http_conn *c, conn_list *l, unsigned ms) {
 /* Bytes moved: the idle clock starts again, unless an answer is awaited
  * from the application, which stops it. */
 static void conn_touch(http_conn *c) {
-  if (c->lingering) return;
+  if (c->lingering || c->phase != PHASE_NONE) return;
   http_server *s = c->srv;
   if (!c->nwait) {
     set_deadline(c, &s->idle, s->lim.idle_timeout_ms);
@@ -232,9 +238,9 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg) {
   http_server *s = arg;
   s->timer_at = 0;
   uint64_t now = now_ms();
-  conn_list *lists[3] = {&s->idle, &s->linger, &s->hs};
+  conn_list *lists[5] = {&s->idle, &s->linger, &s->hs, &s->hdr, &s->body};
   uint64_t next = 0;
-  for (int i = 0; i < 3; i++) {
+  for (int i = 0; i < 5; i++) {
     while (lists[i]->head && lists[i]->head->deadline_ms <= now) conn_destroy(lists[i]->head);
     if (lists[i]->head && (!next || lists[i]->head->deadline_ms < next))
       next = lists[i]->head->deadline_ms;
@@ -693,6 +699,8 @@ static int on_message_begin(llhttp_t *p) {
   c->discard_body = false;
   c->err_status = 0;
   c->err_msg = NULL;
+  c->phase = PHASE_HEADERS;
+  set_deadline(c, &c->srv->hdr, c->srv->lim.header_timeout_ms);
   return 0;
 }
 
@@ -795,6 +803,8 @@ static int on_headers_complete(llhttp_t *p) {
     return refuse(c, 500, "out of memory");
   c->body_off = c->req_len;
   c->in_body = true;
+  c->phase = PHASE_BODY;
+  set_deadline(c, &c->srv->body, c->srv->lim.body_timeout_ms);
   return 0;
 }
 
@@ -819,6 +829,8 @@ static int on_message_complete(llhttp_t *p) {
   if (r) return r;
   /* an upgrade or CONNECT would switch protocols, which we do not */
   c->keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
+  c->phase = PHASE_NONE;
+  conn_touch(c); /* back to the idle (or busy) clock */
   return HPE_PAUSED;
 }
 
@@ -1161,6 +1173,8 @@ http_server *http_server_new_tls(struct event_base *base, const char *addr,
   if (!s->lim.max_body) s->lim.max_body = HTTP_DEFAULT_MAX_BODY;
   if (!s->lim.max_header) s->lim.max_header = HTTP_DEFAULT_MAX_HEADER;
   if (!s->lim.idle_timeout_ms) s->lim.idle_timeout_ms = HTTP_DEFAULT_IDLE_TIMEOUT_MS;
+  if (!s->lim.header_timeout_ms) s->lim.header_timeout_ms = HTTP_DEFAULT_HEADER_TIMEOUT_MS;
+  if (!s->lim.body_timeout_ms) s->lim.body_timeout_ms = HTTP_DEFAULT_BODY_TIMEOUT_MS;
   if (!s->lim.max_conns) s->lim.max_conns = HTTP_DEFAULT_MAX_CONNS;
   s->port = -1;
   if (!s->lim.max_deferred) s->lim.max_deferred = HTTP_DEFAULT_MAX_DEFERRED;
@@ -1187,6 +1201,8 @@ static void server_destroy(http_server *s) {
   while (s->linger.head) conn_destroy(s->linger.head);
   while (s->hs.head) conn_destroy(s->hs.head);
   while (s->busy.head) conn_destroy(s->busy.head);
+  while (s->hdr.head) conn_destroy(s->hdr.head);
+  while (s->body.head) conn_destroy(s->body.head);
   if (s->timer) event_free(s->timer);
   if (s->kick) event_free(s->kick);
   free(s->slots);

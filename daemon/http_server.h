@@ -147,6 +147,11 @@ typedef struct http_limits {
                                sent; default 16 KiB */
   unsigned idle_timeout_ms; /* a connection with no byte read or written for
                                this long is closed; default 60000 */
+  unsigned header_timeout_ms; /* a request's line and headers must be in this
+                               long after its first byte, however slowly
+                               bytes trickle in (slowloris); default 10000 */
+  unsigned body_timeout_ms; /* and its body this long after the headers;
+                               default 30000 */
   unsigned max_conns;       /* connections beyond this are accepted and closed
                                at once; default 10000 */
   unsigned max_deferred;    /* unanswered tickets per connection at which the
@@ -164,6 +169,8 @@ typedef struct http_limits {
 #define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)
 #define HTTP_DEFAULT_MAX_HEADER ((size_t)16 << 10)
 #define HTTP_DEFAULT_IDLE_TIMEOUT_MS 60000u
+#define HTTP_DEFAULT_HEADER_TIMEOUT_MS 10000u
+#define HTTP_DEFAULT_BODY_TIMEOUT_MS 30000u
 #define HTTP_DEFAULT_MAX_CONNS 10000u
 #define HTTP_DEFAULT_MAX_DEFERRED 64u
 

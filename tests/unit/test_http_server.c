@@ -16,6 +16,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <poll.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1230,6 +1231,51 @@ static void test_idle_timeout(void **state) {
   cli_close(&quiet);
 }
 
+/* Sends `prefix`, then one byte of `drip` every 50 ms, well inside the idle
+ * timeout, until the server closes; returns how long that took (ms). */
+static uint64_t trickle_until_closed(const char *prefix, const char *drip) {
+  client c = cli_open();
+  cli_sends(&c, prefix);
+  uint64_t t0 = mono_ms();
+  for (size_t i = 0; mono_ms() - t0 < 4000; i++) {
+    if (send(c.fd, drip + i % strlen(drip), 1, MSG_NOSIGNAL) < 0) break;
+    struct pollfd pf = {c.fd, POLLIN, 0};
+    if (poll(&pf, 1, 50) > 0) {
+      char b[512];
+      if (recv(c.fd, b, sizeof b, 0) <= 0) break;
+    }
+  }
+  uint64_t dt = mono_ms() - t0;
+  cli_close(&c);
+  return dt;
+}
+
+/* Slowloris: a request's headers and body have deadlines of their own that
+ * bytes trickling in do not push back; a connection between requests keeps
+ * only the idle timeout. */
+static void test_header_and_body_deadlines(void **state) {
+  (void)state;
+  http_limits lim = {.idle_timeout_ms = 60000, .header_timeout_ms = 400, .body_timeout_ms = 600};
+  start(&lim);
+  uint64_t dt = trickle_until_closed("GET / HTTP/1.1\r\n", "X-Slow: 1\r\n");
+  if (dt < 300 || dt > 2500) fail_msg("headers: closed after %llu ms", (unsigned long long)dt);
+  dt = trickle_until_closed("POST /echo HTTP/1.1\r\nContent-Length: 100000\r\n\r\n", "x");
+  if (dt < 500 || dt > 2500) fail_msg("body: closed after %llu ms", (unsigned long long)dt);
+  /* after a whole request, waiting for the next one is idle time, not a
+   * request's: the connection outlives the header deadline */
+  client c = cli_open();
+  cli_sends(&c, GET_ROOT);
+  response r = cli_read(&c);
+  resp_free(&r);
+  struct pollfd pf = {c.fd, POLLIN, 0};
+  assert_int_equal(poll(&pf, 1, 900), 0); /* no EOF */
+  cli_sends(&c, GET_ROOT);
+  r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  resp_free(&r);
+  cli_close(&c);
+}
+
 /* A slot freed by a close is reused; the close is noticed asynchronously,
  * so a few attempts may still be refused. */
 static bool try_request(void) {
@@ -1830,6 +1876,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_pipelined_large_responses, setup, teardown),
       cmocka_unit_test_setup_teardown(test_slow_reader_bounded, setup, teardown),
       cmocka_unit_test_setup_teardown(test_idle_timeout, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_header_and_body_deadlines, setup, teardown),
       cmocka_unit_test_setup_teardown(test_max_conns, setup, teardown),
       cmocka_unit_test_setup_teardown(test_free_from_handler, setup, teardown),
       cmocka_unit_test_setup_teardown(test_deferred_basic, setup, teardown),
