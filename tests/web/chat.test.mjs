@@ -49,6 +49,12 @@ if (!IMD) skip('IMD (path of the imd binary) not set');
 
 const TIMEOUT = 20000;
 let failures = 0;
+// On a failure, what the page showed next to what was expected (ends only).
+function shown(got, expected) {
+  return ` (got ${got.length}: ...${JSON.stringify(got.slice(-4))}; expected ${expected.length}: ` +
+         `...${JSON.stringify(expected.slice(-4))})`;
+}
+
 function check(cond, what) {
   if (cond) {
     console.log(`ok - ${what}`);
@@ -203,7 +209,9 @@ try {
   await say(alice, 'after the reload');
   expected.push('after the reload');
   await waitText(bob, 'after the reload');
-  check(JSON.stringify(await texts(bob)) === JSON.stringify(expected), 'bob after a reload: history kept, nothing twice');
+  const afterReload = await texts(bob);
+  check(JSON.stringify(afterReload) === JSON.stringify(expected),
+        'bob after a reload: history kept, nothing twice' + shown(afterReload, expected));
 
   // ---- a fresh device (no storage): the history comes from imd's sync ----
   const bob2 = await open('bob', 'alice');
@@ -239,7 +247,9 @@ try {
     expected.push(`bulk ${i}`);
   }
   await waitText(bob, `bulk ${BULK}`);
-  check(JSON.stringify(await texts(bob)) === JSON.stringify(expected), `bob's live page got ${BULK} more, once each, in order`);
+  const live = await texts(bob);
+  check(JSON.stringify(live) === JSON.stringify(expected),
+        `bob's live page got ${BULK} more, once each, in order` + shown(live, expected));
   const bob3 = await open('bob', 'alice');
   await waitState(bob3, 'open');
   await waitText(bob3, `bulk ${BULK}`);
