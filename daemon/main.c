@@ -148,6 +148,7 @@ static void usage(FILE *f) {
   for (int i = 0; i < O_N; i++)
     fprintf(f, "  %-20s %-22s %s\n", options[i].flag, options[i].env, options[i].help);
   fprintf(f, "  %-20s %-22s %s\n", "--help", "", "this text");
+  fprintf(f, "  %-20s %-22s %s\n", "--version", "", "the version, then exit");
   fprintf(f, "\nA listener set to \"off\" is not opened. See imd(8).\n");
 }
 
@@ -408,6 +409,10 @@ int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "token")) return cmd_token(argc, argv);
   const char *vals[O_N] = {0};
   for (int i = 1; i < argc; i++) {
+    if (!strcmp(argv[i], "--version")) {
+      printf("imd %s (libim)\n", IMD_VERSION);
+      return 0;
+    }
     if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) {
       usage(stdout);
       return 0;
