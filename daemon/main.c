@@ -34,7 +34,7 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
        O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
-       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME,
+       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME, O_PUSH_RATE,
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
        O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_N };
 
@@ -96,6 +96,8 @@ static const option_def options[O_N] = {
                       "burst of --conn-rate (and refusals before a ban) [1000]"},
     [O_MAX_CONNS_IP] = {"--max-conns-per-ip", "IMD_MAX_CONNS_PER_IP", "max_conns_per_ip",
                         "open connections per source IP, 0 = no cap [0]"},
+    [O_PUSH_RATE] = {"--push-rate", "IMD_PUSH_RATE", "push_rate",
+                     "room messages/s to one connection, 0 = no cap [200]"},
     [O_BAN_TIME] = {"--ban-time", "IMD_BAN_TIME", "ban_time",
                     "first automatic ban, s (x6 per repeat, <= 1 h) [10]"},
     [O_BAN] = {"--ban", "IMD_BAN", "ban",
@@ -131,7 +133,7 @@ static const char *defaults[O_N] = {
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
     [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
     [O_MAX_CONNS] = "auto",     [O_CONN_RATE] = "100",   [O_CONN_BURST] = "1000",
-    [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_PUSH_RATE] = "200",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
     [O_DRAIN_RATE] = "1000",
     [O_HOOK_CONNECT] = "off",  [O_HOOK_MESSAGE] = "off", [O_HOOK_PRESENCE] = "on",
     [O_HOOK_TIMEOUT] = "2000", [O_HOOK_FAIL] = "closed", [O_HOOK_CONNS] = "16",
@@ -454,7 +456,8 @@ int main(int argc, char **argv) {
       parse_u32("inbox-max", vals[O_INBOX_MAX], &store_opts.keep_count) < 0 ||
       parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0 ||
       parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0 ||
-      parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0)
+      parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0 ||
+      parse_u32("push-rate", vals[O_PUSH_RATE], &icfg.max_push_rate) < 0)
     return 2;
   if (icfg.max_message < 16 || icfg.max_message > IMD_MAX_MESSAGE_MAX) {
     fprintf(stderr, "imd: max-message: between 16 and %u bytes\n", IMD_MAX_MESSAGE_MAX);

@@ -148,6 +148,8 @@ char *imd_metrics_render(imd *d, size_t *len) {
                 "imd_connections_refused_total{reason=\"per_ip_cap\"} %llu\n",
             (unsigned long long)gs.refused_rate, (unsigned long long)gs.refused_banned,
             (unsigned long long)gs.refused_cap);
+  counter(&b, "imd_push_dropped_total",
+          "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
   gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
   counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);

@@ -131,6 +131,13 @@ typedef struct im_config {
   uint32_t max_conns_per_user; /* authenticated connections of one uid; the auth that would
                                 exceed it is refused (IMP error 429 and close 1008, or HTTP 403
                                 for upgrade-query auth). 0 = unlimited. 32 */
+  uint32_t max_push_rate;    /* messages per second queued to one connection by fan-outs that are
+                                not reliable (room messages), with a burst of max_push_burst:
+                                beyond it they are dropped for that connection (counted in
+                                im_stats.push_dropped), so one busy room cannot starve a slow
+                                phone. Reliable (stored) sends are not dropped: they wait in
+                                the in-flight window and max_output. 0 = no limit. 0 */
+  uint32_t max_push_burst;   /* bucket size of max_push_rate; 0 = 2 x the rate */
 } im_config;
 
 /* Fill cfg with the defaults above. */
@@ -430,6 +437,7 @@ typedef struct im_stats {
   uint64_t ack_timeouts;     /* connections closed (4408) after the last retransmit */
   uint64_t undelivered;      /* reliable messages reported to on_undelivered */
   uint64_t dups;             /* client retransmits (repeated cid) not delivered again */
+  uint64_t push_dropped;     /* room messages not queued to a connection over max_push_rate */
 } im_stats;
 
 IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);

@@ -70,6 +70,8 @@ typedef struct im_conn {
   uint16_t close_code;
   uint32_t utf8;           /* UTF-8 validator state across text fragments */
   uint32_t last_rx;        /* engine tick of the last read */
+  uint32_t push_tokens;    /* max_push_rate bucket, in thousandths of a message */
+  uint32_t push_at;        /* engine ms (low 32 bits) of its last refill */
   uint8_t *in;             /* partial frame carried between feeds (NULL when none) */
   uint32_t in_len, in_cap;
   uint8_t *msg;            /* fragmented message being assembled */

@@ -465,6 +465,8 @@ static int conn_open(im_server *s, im_conn *c, const char *uid, const char *devi
   c->flags |= CF_REGISTERED;
   s->st.conns_authed++;
   c->state = CS_OPEN;
+  c->push_at = (uint32_t)s->now_ms; /* a full bucket to start with */
+  c->push_tokens = (s->cfg.max_push_burst ? s->cfg.max_push_burst : 2 * s->cfg.max_push_rate) * 1000u;
   set_auth_timer_idle(s, c);
   route_conn_open(s, c);
   return 0;
@@ -1195,6 +1197,7 @@ typedef struct fanout {
   imp_packet pkt;
   im_buf *b[WIRE_N];
   bool reliable;
+  bool rated;               /* a fan-out to many (room): max_push_rate applies */
   char id[24];
 } fanout;
 
@@ -1225,8 +1228,31 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   return 0;
 }
 
+/* fanout_send: not queued on purpose (over max_push_rate); neither a
+ * delivery nor an error of the fan-out. */
+#define FANOUT_DROPPED 1
+
+/* The push-rate bucket of c (max_push_rate): true when one more
+ * non-reliable message may be queued now. */
+static bool push_allowed(im_server *s, im_conn *c) {
+  uint32_t rate = s->cfg.max_push_rate;
+  if (!rate) return true;
+  uint64_t burst = (uint64_t)(s->cfg.max_push_burst ? s->cfg.max_push_burst : 2 * rate) * 1000u;
+  uint32_t now = (uint32_t)s->now_ms, dt = now - c->push_at;
+  uint64_t tokens = c->push_tokens + (uint64_t)dt * rate;
+  c->push_tokens = (uint32_t)(tokens > burst ? burst : tokens);
+  c->push_at = now;
+  if (c->push_tokens < 1000u) return false;
+  c->push_tokens -= 1000u;
+  return true;
+}
+
 static int fanout_send(im_server *s, fanout *f, im_conn *c) {
   if (c->state != CS_OPEN) return c->state >= CS_CLOSING ? IM_ECLOSED : IM_ESTATE;
+  if (!f->reliable && f->rated && !push_allowed(s, c)) {
+    s->st.push_dropped++;
+    return FANOUT_DROPPED;
+  }
   enum wire_kind w = conn_wire(c);
   if (!f->b[w] && !(f->b[w] = frame_packet(s, w, &f->pkt))) return IM_ENOMEM;
   const imp_str *id = &f->pkt.str[IMP_K_ID];
@@ -1302,6 +1328,7 @@ int im_local_room_send(im_server *s, const char *room, const im_msg *m, im_conn_
   enter(s);
   fanout f;
   int rc = fanout_init(s, &f, m), n = 0;
+  f.rated = true;
   for (room_member *mb = r->members, *next; rc == 0 && mb; mb = next) {
     next = mb->r_next;
     if (mb->conn->id == except) continue;

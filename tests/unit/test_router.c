@@ -30,14 +30,16 @@ typedef struct node {
 static void want_write(im_server *s, im_conn_id c, void *ctx, void *u) { (void)s, (void)c, (void)ctx, (void)u; }
 static void io_close(im_server *s, im_conn_id c, void *ctx, void *u) { (void)s, (void)c, (void)ctx, (void)u; }
 
-static void node_init(node *n) {
+static void node_init_cfg(node *n, const im_config *cfg) {
   memset(n, 0, sizeof *n);
-  n->srv = im_server_new(NULL, NULL, n);
+  n->srv = im_server_new(cfg, NULL, n);
   assert_non_null(n->srv);
   im_io io = {want_write, io_close, n};
   im_server_set_io(n->srv, &io);
   im_server_tick(n->srv, 1000);
 }
+
+static void node_init(node *n) { node_init_cfg(n, NULL); }
 
 /* Send one binary IMP packet on a TCP connection. */
 static void send_pkt(im_server *s, im_conn_id c, const imp_packet *p) {
@@ -387,6 +389,48 @@ static void goaway_and_each_conn(void **st) {
   im_server_free(a.srv);
 }
 
+/* R27: room traffic to one connection is capped by max_push_rate (the
+ * excess dropped and counted); stored (reliable) sends are never dropped. */
+static void push_rate_caps_room_traffic(void **st) {
+  (void)st;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_push_rate = 10;
+  cfg.max_push_burst = 5;
+  node a;
+  node_init_cfg(&a, &cfg);
+  im_conn_id phone = login(&a, "slow", "phone"), pc = login(&a, "busy", "pc");
+  assert_int_equal(im_room_join(a.srv, phone, "r"), 0);
+  assert_int_equal(im_room_join(a.srv, pc, "r"), 0);
+  int reached = 0;
+  for (int i = 0; i < 20; i++) {
+    im_msg m = {.room = "r", .data = "1", .data_len = 1};
+    reached += im_room_send(a.srv, "r", &m, 0);
+  }
+  assert_int_equal(reached, 10); /* the burst of 5, on each of the two */
+  imp_packet got[32];
+  assert_int_equal(recv_pkts(a.srv, phone, got, 32), 5);
+  assert_int_equal(recv_pkts(a.srv, pc, got, 32), 5);
+  im_stats stats;
+  im_server_stats(a.srv, &stats);
+  assert_int_equal(stats.push_dropped, 30);
+  /* stored traffic goes through all the same */
+  for (int i = 0; i < 20; i++) {
+    im_msg m = {.data = "2", .data_len = 1, .seq = (uint64_t)i + 1, .flags = IM_SEND_RELIABLE};
+    assert_int_equal(im_send_user(a.srv, "slow", &m, 0), 1);
+  }
+  assert_int_equal(recv_pkts(a.srv, phone, got, 32), 20);
+  /* the bucket refills at the rate: 0.3 s = 3 more */
+  im_server_tick(a.srv, 1300);
+  reached = 0;
+  for (int i = 0; i < 10; i++) {
+    im_msg m = {.room = "r", .data = "3", .data_len = 1};
+    reached += im_room_send(a.srv, "r", &m, phone);
+  }
+  assert_int_equal(reached, 3);
+  im_server_free(a.srv);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(without_router_sends_are_local),
@@ -395,6 +439,7 @@ int main(void) {
       cmocka_unit_test(room_send_and_kick_cross_nodes),
       cmocka_unit_test(presence_local_and_deferred),
       cmocka_unit_test(goaway_and_each_conn),
+      cmocka_unit_test(push_rate_caps_room_traffic),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
