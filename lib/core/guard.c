@@ -14,6 +14,7 @@
 #define FORGIVE_MS (3600u * 1000u) /* offences forgotten after this long */
 #define IDLE_MS 60000u             /* a quiet source with a full bucket is dropped */
 #define SWEEP_BUCKETS 64           /* per tick */
+#define OFFENCE_WINDOW_MS 10000u   /* refusals are counted over this long */
 
 typedef struct source {
   strmap_node node;
@@ -21,8 +22,9 @@ typedef struct source {
   uint64_t last_ms;        /* last refill (engine ms) */
   uint64_t ban_until;      /* engine ms; 0 = not banned */
   uint64_t offence_ms;     /* last automatic ban */
+  uint64_t window_ms;      /* start of the refusal count */
   double tokens;
-  uint32_t refusals;       /* while over the rate, since the last admit */
+  uint32_t refusals;       /* over the rate, within the current window */
   uint32_t level;          /* automatic bans so far (decays) */
   uint32_t conns;
 } source;
@@ -205,8 +207,14 @@ static void refill(const im_guard *g, source *src, uint64_t now) {
   }
 }
 
-/* Over the rate once more: ban when it keeps at it. */
+/* Over the rate once more: ban a source refused conn_burst times within
+ * the window, even if it gets a connection in now and then (the rate
+ * refilling its bucket must not reset its record). */
 static void offend(im_guard *g, source *src, uint64_t now) {
+  if (now - src->window_ms > OFFENCE_WINDOW_MS) {
+    src->window_ms = now;
+    src->refusals = 0;
+  }
   if (++src->refusals < g->cfg.conn_burst) return;
   if (src->offence_ms && now - src->offence_ms > FORGIVE_MS) src->level = 0;
   uint64_t secs = g->cfg.ban_first_s ? g->cfg.ban_first_s : 10;
@@ -251,7 +259,6 @@ bool guard_admit(im_server *s, const char *peer) {
     }
     src->tokens -= 1.0;
   }
-  src->refusals = 0;
   src->conns++;
   return true;
 }
