@@ -19,7 +19,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (API_KEY, Client, Imd, api, assert_clean_exit, check, connect,  # noqa: E402
-                       py_token, scenario, within)
+                       py_token, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
 
 TTL = 2            # --lease-ttl of the nodes, seconds
@@ -120,7 +120,7 @@ class Resp:
 
 def node(redis, name, *extra):
     return Imd('--redis', redis.addr, '--node', name, '--lease-ttl', str(TTL),
-               '--ack-timeout', '1000', *extra)
+               '--ack-timeout', '1000', *NO_RATE_LIMITS, *extra)
 
 
 async def wait_for(pred, timeout, what):
