@@ -614,6 +614,51 @@ static void test_timeouts(void **st) {
   im_server_free(s);
 }
 
+/* on_room returning IM_ROOM_DEFER: nothing is sent; the cid is readable
+ * during the callback only; the application answers later itself. */
+static char deferred_cid[32];
+static int deferred_calls;
+
+static int on_room_defer(im_server *s, im_conn_id c, const char *room, int join, void *u) {
+  (void)c, (void)room, (void)u;
+  deferred_calls++;
+  const char *cid = im_op_cid(s);
+  snprintf(deferred_cid, sizeof deferred_cid, "%s", cid ? cid : "(none)");
+  return join ? IM_ROOM_DEFER : 0;
+}
+
+static void test_room_defer(void **st) {
+  (void)st;
+  fake f;
+  memset(&f, 0, sizeof f);
+  im_callbacks cb = {.on_auth = on_auth, .on_open = on_open, .on_room = on_room_defer,
+                     .on_close = on_close};
+  im_server *s = im_server_new(NULL, &cb, &f);
+  assert_non_null(s);
+  im_io io = {want_write, io_close, &f};
+  im_server_set_io(s, &io);
+  im_server_tick(s, 1000000);
+  uint8_t out[1024];
+  im_conn_id c = ws_open(s, &f, "a");
+  feed_text(s, c, "{\"op\":\"join\",\"room\":\"r\",\"cid\":\"j1\"}");
+  assert_int_equal(deferred_calls, 1);
+  assert_string_equal(deferred_cid, "j1");
+  assert_null(im_op_cid(s)); /* only during on_room */
+  assert_int_equal(drain(s, c, out, sizeof out), 0);
+  assert_int_equal(im_room_member(s, c, "r"), 0);
+  assert_int_equal(im_room_join(s, c, "r"), 0);
+  assert_int_equal(im_ack(s, c, deferred_cid, NULL, 0), 0);
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "{\"op\":\"ack\",\"cid\":\"j1\"}"));
+  feed_text(s, c, "{\"op\":\"join\",\"room\":\"q\"}");
+  assert_string_equal(deferred_cid, "(none)");
+  feed_text(s, c, "{\"op\":\"leave\",\"room\":\"r\",\"cid\":\"l\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "\"cid\":\"l\""));
+  assert_int_equal(im_room_member(s, c, "r"), 0);
+  im_server_free(s);
+}
+
 /* im_conn_set_expiry: closed with 4410 at the deadline (not at idle), and
  * a later call moves it; 0 removes it. */
 static void test_session_expiry(void **st) {
@@ -1131,6 +1176,7 @@ int main(void) {
       cmocka_unit_test(test_output_bound_sheds),
       cmocka_unit_test(test_timeouts),
     cmocka_unit_test(test_session_expiry),
+    cmocka_unit_test(test_room_defer),
     cmocka_unit_test(test_auth_refresh),
     cmocka_unit_test(test_msg_rate),
       cmocka_unit_test(test_reliable_retransmit_then_4408),
