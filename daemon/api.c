@@ -447,6 +447,10 @@ static void post_revoke(imd *d, const char *uid, http_response *r) {
     return;
   }
   d->m.revocations++;
+  /* the other nodes learn it through Redis within a second */
+  if (imd_revoke_publish(d, uid, at) < 0)
+    fprintf(stderr, "imd: revocation of a uid not written to Redis (down?): other nodes "
+                    "still accept its tokens\n");
   int closed = im_kick_user(d->srv, uid, IM_CLOSE_REVOKED, "revoked");
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "uid", uid);

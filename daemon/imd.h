@@ -162,6 +162,13 @@ int imd_revoke_add(imd_revocations *r, const char *uid, int64_t at_ms, uint32_t 
 bool imd_revoked(const imd_revocations *r, const char *uid, int64_t issued_ms, int64_t exp_s,
                  uint32_t max_ttl_s);
 
+/* In a cluster: write the revocation to Redis too (no-op without Redis);
+ * 0, or -1 when Redis is down (the local revocation stands). */
+int imd_revoke_publish(imd *d, const char *uid, int64_t at_ms);
+/* In a cluster: merge the revocations other nodes wrote (called every
+ * second; reads the whole set only when its version moved). */
+void imd_revoke_poll(imd *d);
+
 /* quota.c: msgs one sender may store for one receiver per minute. */
 typedef struct imd_quota imd_quota;
 imd_quota *imd_quota_new(uint32_t per_minute); /* NULL: no memory */

@@ -5,7 +5,11 @@
  * is forgotten once no token it refuses can still be valid (at + the
  * longest token lifetime), so the file stays small.
  *
- * Per node: in a cluster each node keeps its own file (see imd(8)). */
+ * In a cluster the revocation is also written to Redis (a hash PREFIX
+ * "revoked", uid -> at, raised only, and a version counter PREFIX
+ * "revoked:v"); every node polls the counter each second and merges the
+ * hash when it moved, so a revocation made through any node is refused by
+ * all of them within about a second. */
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -13,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include <hiredis/hiredis.h>
 
 #include "core/strmap.h"
 #include "imd.h"
@@ -26,6 +32,8 @@ typedef struct revoked_uid {
 struct imd_revocations {
   strmap map;
   char *path;
+  long long version;   /* of the Redis hash last merged (-1: none yet) */
+  bool polling;        /* a poll is out */
 };
 
 static revoked_uid *find(const imd_revocations *r, const char *uid) {
@@ -53,6 +61,7 @@ static int put(imd_revocations *r, const char *uid, int64_t at_ms) {
 
 imd_revocations *imd_revoke_open(const char *path, char *err, size_t errlen) {
   imd_revocations *r = calloc(1, sizeof *r);
+  if (r) r->version = -1;
   if (!r || strmap_init(&r->map, 64) < 0 || !(r->path = strdup(path))) {
     snprintf(err, errlen, "out of memory");
     imd_revoke_free(r);
@@ -167,4 +176,83 @@ bool imd_revoked(const imd_revocations *r, const char *uid, int64_t issued_ms, i
   /* a v1 token carries no issue time: it was issued no earlier than its
    * expiry minus the longest lifetime accepted */
   return exp_s * 1000 - (int64_t)max_ttl_s * 1000 <= e->at_ms;
+}
+
+/* ---- the cluster's copy, in Redis -------------------------------------------- */
+
+/* Raise KEYS[1][ARGV[1]] to ARGV[2] and bump the version KEYS[2]. */
+static const char lua_revoke[] =
+    "local v = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0') or 0\n"
+    "if tonumber(ARGV[2]) > v then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end\n"
+    "return redis.call('INCR', KEYS[2])\n";
+
+static void ignore_reply(void *arg, const redisReply *reply) {
+  (void)arg;
+  (void)reply;
+}
+
+static void revoke_keys(const imd *d, char *hash, char *ver, size_t cap) {
+  snprintf(hash, cap, "%srevoked", d->cfg.redis_prefix ? d->cfg.redis_prefix : "");
+  snprintf(ver, cap, "%srevoked:v", d->cfg.redis_prefix ? d->cfg.redis_prefix : "");
+}
+
+int imd_revoke_publish(imd *d, const char *uid, int64_t at_ms) {
+  if (!d->redis) return 0;
+  char hash[256], ver[256], at[24];
+  revoke_keys(d, hash, ver, sizeof hash);
+  snprintf(at, sizeof at, "%" PRId64, at_ms);
+  const char *argv[] = {"EVAL", lua_revoke, "2", hash, ver, uid, at};
+  size_t lens[7];
+  for (int i = 0; i < 7; i++) lens[i] = strlen(argv[i]);
+  return im_redis_command(d->redis, 7, argv, lens, ignore_reply, NULL) == 0 ? 0 : -1;
+}
+
+static void merged(void *arg, const redisReply *reply) {
+  imd *d = arg;
+  imd_revocations *r = d->revoked;
+  r->polling = false;
+  if (!reply || reply->type != REDIS_REPLY_ARRAY || reply->elements != 2) return;
+  const redisReply *v = reply->element[0], *all = reply->element[1];
+  if (all->type != REDIS_REPLY_ARRAY) return;
+  int64_t forget = (int64_t)imd_wall_ms() - (int64_t)d->cfg.max_token_ttl_s * 1000;
+  for (size_t i = 0; i + 1 < all->elements; i += 2) {
+    const redisReply *u = all->element[i], *at = all->element[i + 1];
+    if (u->type != REDIS_REPLY_STRING || at->type != REDIS_REPLY_STRING || !u->len ||
+        strlen(u->str) != u->len)
+      continue;
+    int64_t ms = strtoll(at->str, NULL, 10);
+    if (ms > forget && put(r, u->str, ms) < 0) return; /* no memory: try again next poll */
+  }
+  r->version = v->type == REDIS_REPLY_STRING ? strtoll(v->str, NULL, 10) : 0;
+}
+
+static void version_known(void *arg, const redisReply *reply) {
+  imd *d = arg;
+  imd_revocations *r = d->revoked;
+  long long v = reply && reply->type == REDIS_REPLY_STRING ? strtoll(reply->str, NULL, 10)
+              : reply && reply->type == REDIS_REPLY_NIL ? 0 : -2;
+  if (v == -2 || v == r->version) {
+    r->polling = false;
+    return;
+  }
+  /* one MULTI-free read of both: the version first, so a revocation made
+   * in between is merged now or on the next poll, never lost */
+  char hash[256], ver[256];
+  revoke_keys(d, hash, ver, sizeof hash);
+  const char *argv[] = {"EVAL",
+                        "return {redis.call('GET', KEYS[2]) or '0', redis.call('HGETALL', KEYS[1])}",
+                        "2", hash, ver};
+  size_t lens[5];
+  for (int i = 0; i < 5; i++) lens[i] = strlen(argv[i]);
+  if (im_redis_command(d->redis, 5, argv, lens, merged, d) != 0) r->polling = false;
+}
+
+void imd_revoke_poll(imd *d) {
+  imd_revocations *r = d->revoked;
+  if (!d->redis || !r || r->polling) return;
+  char hash[256], ver[256];
+  revoke_keys(d, hash, ver, sizeof hash);
+  const char *argv[] = {"GET", ver};
+  size_t lens[2] = {3, strlen(ver)};
+  r->polling = im_redis_command(d->redis, 2, argv, lens, version_known, d) == 0;
 }
