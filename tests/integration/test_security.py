@@ -297,6 +297,7 @@ class TestReceiverQuota(ImdCase):
 
     @scenario()
     async def test_one_sender_cannot_flood_an_inbox(self):
+        m0 = await metrics(self.srv)
         a = await self.client('json', 'a')
         bob = await self.client('bin', 'bob')
         codes = []
@@ -316,7 +317,28 @@ class TestReceiverQuota(ImdCase):
         r = await api(self.srv, 'GET', '/v1/users/%s/inbox' % bob.uid)
         self.assertEqual(r.json['last'], 6, r)
         m = await metrics(self.srv)
-        self.assertEqual(m['imd_rate_limited_total{limit="receiver_quota"}'], 3)
+        self.assertEqual(m['imd_rate_limited_total{limit="receiver_quota"}'] -
+                         m0['imd_rate_limited_total{limit="receiver_quota"}'], 3)
+
+    @scenario()
+    async def test_a_group_counts_as_one_receiver(self):
+        a = await self.client('json', 'a')
+        b = await self.client('tcp', 'b')
+        g = self.uid('g')
+        r = await api(self.srv, 'PUT', '/v1/groups/%s/members' % g, {'add': [a.uid, b.uid]})
+        self.assertEqual(r.status, 200, r)
+        answers = []
+        for i in range(6):
+            await a.send('msg', cid='g%d' % i, group=g, data='%d' % i)
+            while True:
+                m = await a.recv('the answer')
+                if m['op'] != 'msg':
+                    break
+            answers.append(m['op'] if m['op'] == 'ack' else (m['code'], m['reason']))
+        self.assertEqual(answers, ['ack'] * 5 + [(429, 'receiver quota exceeded')])
+        self.assertEqual(len(await drain_msgs(b)), 5)
+        # 1:1 to a member is another receiver: not counted with the group
+        await a.msg('direct', '1', to=b.uid)
 
 
 # =============================================================== rooms ===
