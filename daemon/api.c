@@ -8,7 +8,9 @@
 #include <string.h>
 
 #include "imd.h"
+#include "static_files.h"
 #include "proto/json_scan.h"
+#include <libim/im_guard.h>
 #include <libim/im_router.h>
 
 #define MAX_TARGETS 10000
@@ -529,6 +531,74 @@ static void put_members(imd *d, const char *gid, const http_request *req, http_r
   cJSON_Delete(b);
 }
 
+/* ---- bans ------------------------------------------------------------------------- */
+
+static void list_ip_ban(const im_ban *b, void *arg) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "ip", b->cidr);
+  cJSON_AddNumberToObject(o, "until", (double)b->until_ms);
+  cJSON_AddBoolToObject(o, "automatic", b->automatic);
+  if (b->automatic) cJSON_AddNumberToObject(o, "level", b->level);
+  cJSON_AddItemToArray(arg, o);
+}
+
+static void list_uid_ban(const char *uid, uint64_t until_ms, void *arg) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "uid", uid);
+  cJSON_AddNumberToObject(o, "until", (double)until_ms);
+  cJSON_AddItemToArray(arg, o);
+}
+
+/* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
+ * matching live sessions); DELETE the same body lifts. */
+static void bans(imd *d, const http_request *req, http_response *r) {
+  if (req->method == HTTP_GET) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON *arr = cJSON_AddArrayToObject(o, "bans");
+    im_guard_bans(d->srv, list_ip_ban, arr);
+    imd_uid_bans(d, list_uid_ban, arr);
+    reply_json(r, 200, o);
+    return;
+  }
+  cJSON *b = cJSON_ParseWithLength(req->body, req->body_len);
+  const cJSON *ip = cJSON_GetObjectItemCaseSensitive(b, "ip");
+  const cJSON *uid = cJSON_GetObjectItemCaseSensitive(b, "uid");
+  const cJSON *ttl = cJSON_GetObjectItemCaseSensitive(b, "ttl");
+  bool post = req->method == HTTP_POST;
+  const char *err = NULL;
+  if (!cJSON_IsObject(b) || (ip != NULL) + (uid != NULL) != 1)
+    err = "give one of ip, uid";
+  else if ((ip && !cJSON_IsString(ip)) || (uid && (!cJSON_IsString(uid) || !*uid->valuestring)))
+    err = "ip and uid must be non-empty strings";
+  else if (ttl && (!cJSON_IsNumber(ttl) || ttl->valuedouble < 0 || ttl->valuedouble > 31536000 ||
+                   ttl->valuedouble != (double)(uint32_t)ttl->valuedouble))
+    err = "ttl must be whole seconds, 0 to 31536000 (0: until lifted)";
+  uint32_t secs = ttl ? (uint32_t)ttl->valuedouble : 0;
+  int rc = 0, closed = 0;
+  if (!err && ip) {
+    rc = post ? im_guard_ban(d->srv, ip->valuestring, secs) : im_guard_unban(d->srv, ip->valuestring);
+    if (rc == IM_EINVAL) err = "ip must be an address or ADDR/BITS";
+    if (rc == 0 && post) closed = im_guard_kick(d->srv, ip->valuestring, IM_CLOSE_KICKED, "banned");
+  } else if (!err) {
+    rc = post ? imd_ban_uid(d, uid->valuestring, secs) : imd_unban_uid(d, uid->valuestring);
+  }
+  if (err) {
+    reply_error(r, 400, err);
+  } else if (rc == IM_ENOENT || (rc < 0 && !post)) {
+    reply_error(r, 404, "no such ban");
+  } else if (rc < 0) {
+    reply_error(r, rc == IM_ELIMIT ? 507 : 400, rc == IM_ELIMIT ? "ban list full" : "cannot ban");
+  } else {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, ip ? "ip" : "uid", ip ? ip->valuestring : uid->valuestring);
+    cJSON_AddBoolToObject(o, "banned", post);
+    if (post) cJSON_AddNumberToObject(o, "ttl", secs);
+    if (post && ip) cJSON_AddNumberToObject(o, "closed", closed);
+    reply_json(r, 200, o);
+  }
+  cJSON_Delete(b);
+}
+
 /* ---- gateways -------------------------------------------------------------------- */
 
 static void gateways_known(void *arg, int status, const im_gateway *gw, size_t n) {
@@ -595,7 +665,25 @@ static void get_gateways(imd *d, const http_request *req, http_response *r) {
   }
 }
 
+/* With --static, every path but the API's (/v1/..., /healthz, /metrics)
+ * is a file: no API key needed. */
+static bool static_path(const imd *d, const http_request *req) {
+  if (!d->cfg.static_dir) return false;
+  const char *p = req->path;
+  size_t n = req->path_len;
+  static const char *const api[] = {"/v1", "/healthz", "/metrics"};
+  for (size_t i = 0; i < sizeof api / sizeof api[0]; i++) {
+    size_t k = strlen(api[i]);
+    if (n >= k && !memcmp(p, api[i], k) && (n == k || p[k] == '/' || p[k] == '%')) return false;
+  }
+  return true;
+}
+
 static void route(imd *d, const http_request *req, http_response *r) {
+  if (static_path(d, req)) {
+    imd_static_serve(d->cfg.static_dir, req, r);
+    return;
+  }
   char buf[1024], *seg[PATH_MAX_SEGS];
   int n = split_path(req->path, req->path_len, buf, sizeof buf, seg);
   if (n < 0) {
@@ -651,6 +739,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
       post_revoke(d, seg[2], r);
       return;
     }
+  }
+  if (n == 2 && !strcmp(seg[1], "bans")) {
+    if (!get && !post && req->method != HTTP_DELETE) goto method;
+    bans(d, req, r);
+    return;
   }
   if (n == 2 && !strcmp(seg[1], "gateways")) {
     if (!get) goto method;

@@ -4,6 +4,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "hooks.h"
 #include "imd.h"
 #include "token.h"
 
@@ -37,6 +38,14 @@ static const char *token_policy(imd *d, const im_auth *a, const imd_token_claims
 
 static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
   imd *d = user;
+  if (imd_uid_banned(d, a->uid)) {
+    d->m.auth_banned++;
+    a->code = 403;
+    a->reason = "banned";
+    return IM_AUTH_DENY;
+  }
+  int hook = imd_hooks_connect_mode(d);
+  if (hook == IMD_HOOK_CONNECT_INSTEAD) return imd_hooks_auth(d, c, a);
   uint64_t now_ms = imd_wall_ms();
   imd_token_claims cl;
   int v = imd_token_check(d->secret, d->secret_len, a->uid, a->device, a->token,
@@ -45,7 +54,10 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
   if (v == IMD_TOKEN_OK && !why) {
     /* the session ends when its token does (4410), unless refreshed */
     im_conn_set_expiry(srv, c, (uint64_t)cl.expiry * 1000u - now_ms);
-    return IM_AUTH_ACCEPT;
+    /* a refresh only renews the token of a connection the connect hook
+     * already let in: it is not asked again */
+    return hook == IMD_HOOK_CONNECT_ALSO && !a->refresh ? imd_hooks_auth(d, c, a)
+                                                         : IM_AUTH_ACCEPT;
   }
   a->code = 401;
   if (why) {
@@ -64,12 +76,14 @@ static void on_open(im_server *srv, im_conn_id c, void *user) {
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0) imd_metrics_open(user, info.platform);
   imd_node_opened(user, c);
+  imd_hooks_opened(user, c);
 }
 
 static void on_close(im_server *srv, im_conn_id c, int code, void *user) {
   (void)code;
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0 && info.uid) imd_metrics_close(user, info.platform);
+  imd_hooks_closed(user, c);
 }
 
 static int refuse(imd *d, im_server *srv, im_conn_id c, const im_msg *m, int code,
@@ -114,25 +128,16 @@ typedef struct group_msg {
   imd *d;
   im_conn_id c;
   im_msg m;
-  char *uid, *device;
+  const char *uid, *device;
   char buf[];
 } group_msg;
 
 static group_msg *group_msg_new(imd *d, im_conn_id c, const im_msg *m, const im_conn_info *info) {
-  const char *strs[] = {m->id, m->cid, m->group, info->uid, info->device};
-  size_t len = sizeof(group_msg) + m->data_len + 1;
-  for (size_t i = 0; i < 5; i++) len += (strs[i] ? strlen(strs[i]) : 0) + 1;
-  group_msg *g = malloc(len);
+  const char *strs[] = {m->id, m->cid, m->group, info->uid, info->device}, *out[5];
+  group_msg *g = malloc(sizeof(group_msg) + imd_strs_size(strs, 5) + m->data_len + 1);
   if (!g) return NULL;
   char *at = g->buf;
-  char *out[5];
-  for (size_t i = 0; i < 5; i++) {
-    out[i] = NULL;
-    if (!strs[i]) continue;
-    size_t n = strlen(strs[i]) + 1;
-    out[i] = memcpy(at, strs[i], n);
-    at += n;
-  }
+  imd_strs_copy(&at, strs, out, 5);
   memcpy(at, m->data, m->data_len);
   at[m->data_len] = '\0';
   g->d = d;
@@ -171,38 +176,49 @@ static bool quota_ok(imd *d, const char *from, const char *to, bool group) {
   return false;
 }
 
+/* Route a 1:1 or group msg of c (checked, and allowed by the message hook
+ * when there is one): stored, then acked once durable. */
+static int route_stored(imd *d, im_conn_id c, const im_msg *m) {
+  im_server *srv = d->srv;
+  im_conn_info info;
+  if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
+  if (m->to) {
+    d->m.msgs_1to1++;
+    /* the receiver's devices, then the sender's other devices (R7) */
+    const char *users[2] = {m->to, info.uid};
+    return store(d, srv, c, m, info.uid, info.device, users, strcmp(m->to, info.uid) ? 2 : 1);
+  }
+  /* membership is the store's: the message waits for it */
+  group_msg *g = group_msg_new(d, c, m, &info);
+  if (!g) return refuse(d, srv, c, m, 500, "out of memory");
+  if (d->store->ops->group_members(d->store, m->group, group_members_known, g) < 0) {
+    free(g);
+    return refuse(d, srv, c, m, 500, "store failed");
+  }
+  return IM_MSG_DEFER;
+}
+
 /* Route one upstream msg: 1:1 and group messages are stored and acked once
- * durable; room messages are ephemeral and acked once queued. */
+ * durable (after the back end's verdict with --hook-message on); room
+ * messages are ephemeral and acked once queued. */
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   imd *d = user;
   int targets = (m->to != NULL) + (m->group != NULL) + (m->room != NULL);
   if (targets != 1)
     return refuse(d, srv, c, m, 400, targets ? "give only one of to, group, room"
                                              : "missing to, group or room");
+  if (m->to && !*m->to) return refuse(d, srv, c, m, 400, "empty to");
+  if (m->to && strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
+  if (!m->room) {
+    im_conn_info info;
+    if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
+    if (!quota_ok(d, info.uid, m->to ? m->to : m->group, m->group != NULL))
+      return refuse(d, srv, c, m, 429, "receiver quota exceeded");
+    if (imd_hooks_message(d, c, m, route_stored)) return IM_MSG_DEFER;
+    return route_stored(d, c, m);
+  }
   im_conn_info info;
   im_conn_get_info(srv, c, &info);
-  if (m->to) {
-    if (!*m->to) return refuse(d, srv, c, m, 400, "empty to");
-    if (strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
-    if (!quota_ok(d, info.uid, m->to, false))
-      return refuse(d, srv, c, m, 429, "receiver quota exceeded");
-    d->m.msgs_1to1++;
-    /* the receiver's devices, then the sender's other devices (R7) */
-    const char *users[2] = {m->to, info.uid};
-    return store(d, srv, c, m, info.uid, info.device, users, strcmp(m->to, info.uid) ? 2 : 1);
-  }
-  if (m->group) {
-    if (!quota_ok(d, info.uid, m->group, true))
-      return refuse(d, srv, c, m, 429, "receiver quota exceeded");
-    /* membership is the store's: the message waits for it */
-    group_msg *g = group_msg_new(d, c, m, &info);
-    if (!g) return refuse(d, srv, c, m, 500, "out of memory");
-    if (d->store->ops->group_members(d->store, m->group, group_members_known, g) < 0) {
-      free(g);
-      return refuse(d, srv, c, m, 500, "store failed");
-    }
-    return IM_MSG_DEFER;
-  }
   if (!im_room_member(srv, c, m->room)) return refuse(d, srv, c, m, 403, "join the room first");
   im_msg out = {.id = m->id, .from = info.uid, .room = m->room, .ts = imd_wall_ms(),
                 .data = m->data, .data_len = m->data_len};

@@ -1,5 +1,6 @@
 /* HTTP/1.1 for the business API: llhttp parses, one handler answers (now or
- * later), responses are queued per connection and written with sendmsg().
+ * later), responses are queued per connection and written through libim's
+ * im_stream (a plain socket or TLS: <libim/im_net.h>).
  *
  * Each complete request pauses the parser (on_message_complete returns
  * HPE_PAUSED), so the handler runs outside llhttp and pipelined requests are
@@ -18,11 +19,9 @@
 
 #include <errno.h>
 #include <event2/event.h>
-#include <event2/listener.h>
 #include <event2/util.h>
+#include <libim/im_net.h>
 #include <llhttp.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -30,7 +29,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -44,9 +42,6 @@
  * discarding) this long so that unread input does not turn our close into
  * a reset that could destroy the response in flight. */
 #define LINGER_MS 2000u
-/* While accept() fails for lack of descriptors or memory, stop listening for
- * this long instead of spinning on a listener that stays readable. */
-#define ACCEPT_PAUSE_MS 100
 /* Request line overhead (method, version, spaces, CRLF) and per-header
  * overhead (": ", CRLF) counted against max_header. */
 #define REQ_LINE_OVERHEAD 16
@@ -61,9 +56,10 @@
 #define GEN_MAX (((uint64_t)1 << GEN_BITS) - 1)
 #define NO_SLOT UINT32_MAX
 
-enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_COUNT };
+enum hdr_kind { H_OTHER = -1, H_AUTH, H_CTYPE, H_EXPECT, H_INM, H_COUNT };
 
-static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect"};
+static const char *const hdr_names[H_COUNT] = {"authorization", "content-type", "expect",
+                                                "if-none-match"};
 
 /* One queued response (or interim 100 Continue): its head, then its body.
  * Or, with `waiting`, the place of a deferred answer: no head, no body. */
@@ -88,11 +84,12 @@ typedef struct conn_list {
 
 struct http_conn {
   http_server *srv;
-  http_conn *prev, *next; /* on srv->idle or srv->linger, by deadline */
+  http_conn *prev, *next; /* on srv->idle, srv->linger or srv->hs, by deadline */
   conn_list *list;
   uint64_t deadline_ms;
-  int fd;
+  im_stream *st; /* the socket, plain or TLS (libim's transport seam) */
   short events; /* what conn_event() is armed for */
+  bool handshaking;  /* TLS handshake not done yet: nothing parsed */
   bool keep_alive;   /* of the message just completed */
   bool closing;      /* send what is queued, then close */
   bool lingering;    /* write side shut; draining input until EOF */
@@ -139,9 +136,9 @@ typedef struct defer_slot {
 
 struct http_server {
   struct event_base *base;
-  struct evconnlistener *listener;
+  im_listener *listener;
+  im_tls *tls; /* NULL: plain HTTP */
   struct event *timer;
-  struct event *accept_retry;
   struct event *kick; /* serves kick_head..kick_tail */
   http_limits lim;
   http_handler handler;
@@ -149,6 +146,7 @@ struct http_server {
   int port;
   unsigned nconns;
   conn_list idle, linger;
+  conn_list hs;   /* TLS handshakes in progress (handshake timeout) */
   conn_list busy; /* waiting for the application: no deadline */
   http_conn *kick_head, *kick_tail;
   defer_slot *slots;
@@ -234,9 +232,9 @@ static void timer_cb(evutil_socket_t fd, short what, void *arg) {
   http_server *s = arg;
   s->timer_at = 0;
   uint64_t now = now_ms();
-  conn_list *lists[2] = {&s->idle, &s->linger};
+  conn_list *lists[3] = {&s->idle, &s->linger, &s->hs};
   uint64_t next = 0;
-  for (int i = 0; i < 2; i++) {
+  for (int i = 0; i < 3; i++) {
     while (lists[i]->head && lists[i]->head->deadline_ms <= now) conn_destroy(lists[i]->head);
     if (lists[i]->head && (!next || lists[i]->head->deadline_ms < next))
       next = lists[i]->head->deadline_ms;
@@ -254,19 +252,26 @@ static void conn_set_events(http_conn *c, short want) {
   if (c->events) event_del(ev);
   c->events = 0;
   if (!want) return;
-  event_assign(ev, c->srv->base, c->fd, want | EV_PERSIST, conn_io_cb, c);
+  event_assign(ev, c->srv->base, im_stream_fd(c->st), want | EV_PERSIST, conn_io_cb, c);
   if (event_add(ev, NULL) == 0) c->events = want;
 }
 
 /* Reading stops while input is throttled and once the last request is
  * read; it resumes, to discard, while lingering. Writing is awaited only
- * after sendmsg() said EAGAIN, which is when sendable output stays queued
- * (not a deferred answer the application has yet to give). */
+ * after a write said IM_STREAM_AGAIN, which is when sendable output stays
+ * queued (not a deferred answer the application has yet to give). */
 static void conn_update_events(http_conn *c) {
   short want = 0;
+  if (c->handshaking) {
+    want = im_stream_wants(c->st) & IM_WANT_WRITE ? EV_WRITE : EV_READ;
+    conn_set_events(c, want);
+    return;
+  }
   if (c->lingering || (!c->closing && !c->throttled)) want |= EV_READ;
   if (c->out_head && !c->out_head->waiting) want |= EV_WRITE;
   conn_set_events(c, want);
+  /* TLS may hold decrypted input that no readiness event will announce */
+  if ((c->events & EV_READ) && im_stream_pending(c->st)) event_active(conn_event(c), EV_READ, 0);
 }
 
 /* ---- tickets and kicks ------------------------------------------------------ */
@@ -349,7 +354,7 @@ static void out_free_all(http_conn *c) {
 static void conn_destroy(http_conn *c) {
   http_server *s = c->srv;
   conn_set_events(c, 0);
-  close(c->fd);
+  im_stream_free(c->st);
   list_unlink(c);
   kick_unlink(c);
   out_free_all(c);
@@ -360,7 +365,7 @@ static void conn_destroy(http_conn *c) {
 }
 
 static void conn_start_linger(http_conn *c) {
-  shutdown(c->fd, SHUT_WR);
+  im_stream_shutdown(c->st); /* TLS close_notify, then FIN */
   c->lingering = true;
   unsigned ms = c->srv->lim.idle_timeout_ms < LINGER_MS ? c->srv->lim.idle_timeout_ms : LINGER_MS;
   set_deadline(c, &c->srv->linger, ms);
@@ -480,14 +485,31 @@ static bool out_push_raw(http_conn *c, const char *head, size_t len) {
 }
 
 static char *json_error(const char *msg, size_t *len);
+static bool is_tchar(unsigned char ch);
+
+/* Extra header lines are sent only when every one is "Name: value\r\n"
+ * with a token name and no other CR or LF (no header injection). */
+static bool extra_valid(const char *e) {
+  if (!e) return false;
+  while (*e) {
+    const char *colon = e;
+    while (is_tchar((unsigned char)*colon)) colon++;
+    if (colon == e || *colon != ':') return false;
+    const char *cr = strpbrk(colon, "\r\n");
+    if (!cr || cr[0] != '\r' || cr[1] != '\n') return false;
+    e = cr + 2;
+  }
+  return true;
+}
 
 /* Builds one response; body (malloc()ed or NULL) is owned from here on,
  * even on failure, which returns NULL (out of memory). A status outside
  * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
  * one with CR or LF, the default. */
-static out_seg *make_response(int status, const char *ctype, char *body, size_t body_len,
-                              bool head_only, bool keep_alive) {
+static out_seg *make_response(int status, const char *ctype, const char *extra, char *body,
+                              size_t body_len, bool head_only, bool keep_alive) {
   if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
+  if (!extra_valid(extra)) extra = "";
   if (status < 200 || status > 599) {
     free(body);
     status = 500;
@@ -501,7 +523,7 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
     body = NULL;
   }
   if (no_length) body_len = 0;
-  size_t cap = 200 + strlen(ctype);
+  size_t cap = 200 + strlen(ctype) + strlen(extra);
   out_seg *o = calloc(1, sizeof *o + cap);
   if (!o) {
     free(body);
@@ -510,13 +532,13 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
   const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
   int n;
   if (no_length)
-    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nConnection: %s\r\n\r\n",
-                 status, reason, ctype, conn);
+    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: %s\r\n\r\n",
+                 status, reason, ctype, extra, conn);
   else
     n = snprintf(o->head, cap,
                  "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "Connection: %s\r\n\r\n",
-                 status, reason, ctype, body_len, conn);
+                 "%sConnection: %s\r\n\r\n",
+                 status, reason, ctype, body_len, extra, conn);
   if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
     free(body);
     free(o);
@@ -530,9 +552,9 @@ static out_seg *make_response(int status, const char *ctype, char *body, size_t 
 
 /* Queues one response (see make_response); running out of memory marks
  * the connection dead. */
-static void queue_response(http_conn *c, int status, const char *ctype, char *body,
-                           size_t body_len, bool head_only, bool keep_alive) {
-  out_seg *o = make_response(status, ctype, body, body_len, head_only, keep_alive);
+static void queue_response(http_conn *c, int status, const char *ctype, const char *extra,
+                           char *body, size_t body_len, bool head_only, bool keep_alive) {
+  out_seg *o = make_response(status, ctype, extra, body, body_len, head_only, keep_alive);
   if (o)
     out_push(c, o);
   else
@@ -568,7 +590,7 @@ static void conn_fail(http_conn *c, int status, const char *msg) {
     c->dead = true;
     return;
   }
-  queue_response(c, status, "application/json", body, len, false, false);
+  queue_response(c, status, "application/json", "", body, len, false, false);
   c->closing = true;
 }
 
@@ -591,14 +613,8 @@ static bool conn_flush(http_conn *c) {
         iov[n++].iov_len = o->head_len + o->body_len - o->sent;
       }
     }
-    struct msghdr mh = {0};
-    mh.msg_iov = iov;
-    mh.msg_iovlen = (size_t)n;
-    ssize_t w = sendmsg(c->fd, &mh, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return errno == EAGAIN || errno == EWOULDBLOCK;
-    }
+    ssize_t w = im_stream_writev(c->st, iov, n);
+    if (w < 0) return w == IM_STREAM_AGAIN;
     conn_touch(c);
     size_t left = (size_t)w;
     c->out_bytes -= left;
@@ -729,7 +745,7 @@ static int on_header_field_complete(llhttp_t *p) {
   }
   c->hname_len = 0;
   if (c->cur_hdr == H_OTHER) return 0;
-  /* a second Authorization or Content-Type is ambiguous: which one counts? */
+  /* a second Authorization, Content-Type or If-None-Match is ambiguous: which counts? */
   if (c->hoff[c->cur_hdr] != ABSENT) return refuse(c, 400, "bad request: duplicate header");
   c->hoff[c->cur_hdr] = c->req_len;
   return 0;
@@ -874,6 +890,7 @@ static void dispatch(http_conn *c) {
   }
   if (c->hoff[H_AUTH] != ABSENT) rq.authorization = c->req + c->hoff[H_AUTH];
   if (c->hoff[H_CTYPE] != ABSENT) rq.content_type = c->req + c->hoff[H_CTYPE];
+  if (c->hoff[H_INM] != ABSENT) rq.if_none_match = c->req + c->hoff[H_INM];
   rq.body = c->req + c->body_off;
   rq.body_len = c->discard_body ? 0 : c->body_len;
   rq.peer = c->peer;
@@ -886,7 +903,8 @@ static void dispatch(http_conn *c) {
   if (b.ticket) /* its place is queued; resp does not count */
     free(rs->body);
   else
-    queue_response(c, rs->status, rs->content_type, rs->body, rs->body_len, b.head_only, keep);
+    queue_response(c, rs->status, rs->content_type, rs->headers, rs->body, rs->body_len,
+                   b.head_only, keep);
   if (!keep) c->closing = true;
   /* keep nothing of the request while the connection waits for the next */
   free(c->req);
@@ -981,13 +999,34 @@ static bool conn_run(http_conn *c) {
   return true;
 }
 
+/* One step of a TLS handshake; a failed one costs only this connection. */
+static void conn_handshake(http_conn *c) {
+  int r = im_stream_handshake(c->st);
+  if (r == IM_STREAM_AGAIN) {
+    conn_update_events(c);
+    return;
+  }
+  if (r < 0) {
+    conn_destroy(c);
+    return;
+  }
+  c->handshaking = false;
+  conn_touch(c); /* from the handshake deadline to the idle one */
+  conn_update_events(c);
+}
+
 static void conn_io(http_conn *c, short what) {
   http_server *s = c->srv;
+  if (c->handshaking) {
+    conn_handshake(c);
+    return;
+  }
   if ((what & EV_WRITE) && !conn_run(c)) return;
   if (!(what & EV_READ) || !(c->events & EV_READ)) return;
-  ssize_t n = recv(c->fd, s->rbuf, sizeof s->rbuf, 0);
+  ssize_t n = im_stream_read(c->st, s->rbuf, sizeof s->rbuf);
+  if (n == IM_STREAM_AGAIN) return;
   if (n < 0) {
-    if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) conn_destroy(c);
+    conn_destroy(c);
     return;
   }
   if (n == 0) {
@@ -1045,7 +1084,8 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
   http_conn *c = d->conn;
   out_seg *w = d->seg;
   slot_release(s, (uint32_t)idx);
-  out_seg *o = make_response(status, content_type, body, body_len, w->head_only, w->keep_alive);
+  out_seg *o = make_response(status, content_type, "", body, body_len, w->head_only,
+                             w->keep_alive);
   if (o) {
     out_replace(c, w, o);
   } else {
@@ -1062,117 +1102,59 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
 
 /* ---- listener ------------------------------------------------------------------ */
 
-static void format_peer(const struct sockaddr *sa, char *out, size_t cap) {
-  char host[INET6_ADDRSTRLEN] = "?";
-  if (sa->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-    evutil_inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    snprintf(out, cap, "%s:%u", host, (unsigned)ntohs(in->sin_port));
-  } else if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-    evutil_inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    snprintf(out, cap, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
-  } else {
-    snprintf(out, cap, "?");
-  }
-}
-
-static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
-                      void *arg) {
-  (void)l;
-  (void)salen;
+static void accept_cb(int fd, const char *peer, void *arg) {
   http_server *s = arg;
   if (s->nconns >= s->lim.max_conns) {
     close(fd);
     return;
   }
   http_conn *c = calloc(1, sizeof *c + event_get_struct_event_size());
-  if (!c) {
+  im_stream *st = c ? im_stream_new(fd, s->tls) : NULL;
+  if (!st) {
+    free(c);
     close(fd);
     return;
   }
-  /* a response is one sendmsg(); Nagle would only delay the next one */
-  int one = 1;
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   c->srv = s;
-  c->fd = fd;
-  format_peer(sa, c->peer, sizeof c->peer);
+  c->st = st;
+  snprintf(c->peer, sizeof c->peer, "%s", peer);
   llhttp_init(&c->parser, HTTP_REQUEST, &parser_settings);
   c->parser.data = c;
   s->nconns++;
-  conn_touch(c);
+  if (s->tls) {
+    c->handshaking = true;
+    set_deadline(c, &s->hs, im_tls_handshake_timeout(s->tls));
+  } else {
+    conn_touch(c);
+  }
   conn_update_events(c);
   if (!c->events) conn_destroy(c);
-}
-
-static void accept_retry_cb(evutil_socket_t fd, short what, void *arg) {
-  (void)fd;
-  (void)what;
-  http_server *s = arg;
-  if (!s->free_pending) evconnlistener_enable(s->listener);
-}
-
-static void accept_error_cb(struct evconnlistener *l, void *arg) {
-  http_server *s = arg;
-  int err = EVUTIL_SOCKET_ERROR();
-  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) return;
-  evconnlistener_disable(l);
-  struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
-  evtimer_add(s->accept_retry, &tv);
-}
-
-/* "IPV4:PORT" or "[IPV6]:PORT", numeric, port 0..65535. */
-static int parse_addr(const char *addr, struct sockaddr_storage *ss, int *len) {
-  const char *colon = strrchr(addr, ':');
-  if (!colon) return -1;
-  const char *h = addr, *hend = colon;
-  if (*h == '[') {
-    if (hend - h < 2 || hend[-1] != ']') return -1;
-    h++;
-    hend--;
-  }
-  char host[INET6_ADDRSTRLEN];
-  if ((size_t)(hend - h) >= sizeof host) return -1;
-  memcpy(host, h, (size_t)(hend - h));
-  host[hend - h] = '\0';
-  char *end;
-  errno = 0;
-  long port = strtol(colon + 1, &end, 10);
-  if (*end || end == colon + 1 || errno || port < 0 || port > 65535) return -1;
-  memset(ss, 0, sizeof *ss);
-  struct sockaddr_in *in = (struct sockaddr_in *)ss;
-  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
-  if (*addr != '[' && evutil_inet_pton(AF_INET, host, &in->sin_addr) == 1) {
-    in->sin_family = AF_INET;
-    in->sin_port = htons((uint16_t)port);
-    *len = (int)sizeof *in;
-  } else if (*addr == '[' && evutil_inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
-    in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons((uint16_t)port);
-    *len = (int)sizeof *in6;
-  } else {
-    return -1;
-  }
-  return 0;
 }
 
 /* ---- server ---------------------------------------------------------------------- */
 
 http_server *http_server_new(struct event_base *base, const char *addr, const http_limits *lim,
                              http_handler h, void *user) {
+  return http_server_new_tls(base, addr, lim, NULL, h, user);
+}
+
+http_server *http_server_new_tls(struct event_base *base, const char *addr,
+                                 const http_limits *lim, im_tls *tls, http_handler h,
+                                 void *user) {
   if (!base || !addr || !h) {
     errno = EINVAL;
     return NULL;
   }
   struct sockaddr_storage ss;
-  int sslen;
-  if (parse_addr(addr, &ss, &sslen) < 0) {
+  socklen_t sslen;
+  if (im_addr_parse(addr, &ss, &sslen) < 0) {
     errno = EINVAL;
     return NULL;
   }
   http_server *s = calloc(1, sizeof *s);
   if (!s) return NULL;
   s->base = base;
+  s->tls = tls;
   s->handler = h;
   s->user = user;
   if (lim) s->lim = *lim;
@@ -1184,19 +1166,11 @@ http_server *http_server_new(struct event_base *base, const char *addr, const ht
   if (!s->lim.max_deferred) s->lim.max_deferred = HTTP_DEFAULT_MAX_DEFERRED;
   s->free_slot = NO_SLOT;
   s->timer = evtimer_new(base, timer_cb, s);
-  s->accept_retry = evtimer_new(base, accept_retry_cb, s);
   s->kick = event_new(base, -1, 0, kick_cb, s);
-  if (!s->timer || !s->accept_retry || !s->kick) goto fail;
-  s->listener = evconnlistener_new_bind(
-      base, accept_cb, s, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC, 1024,
-      (struct sockaddr *)&ss, sslen);
+  if (!s->timer || !s->kick) goto fail;
+  s->listener = im_listener_new(base, addr, 1024, accept_cb, s);
   if (!s->listener) goto fail;
-  evconnlistener_set_error_cb(s->listener, accept_error_cb);
-  struct sockaddr_storage bound;
-  socklen_t bl = sizeof bound;
-  if (getsockname(evconnlistener_get_fd(s->listener), (struct sockaddr *)&bound, &bl) == 0)
-    s->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
-                                                : ((struct sockaddr_in *)&bound)->sin_port);
+  s->port = im_listener_port(s->listener);
   return s;
 fail:;
   int err = errno;
@@ -1208,12 +1182,12 @@ fail:;
 int http_server_port(const http_server *s) { return s ? s->port : -1; }
 
 static void server_destroy(http_server *s) {
-  if (s->listener) evconnlistener_free(s->listener);
+  im_listener_free(s->listener);
   while (s->idle.head) conn_destroy(s->idle.head);
   while (s->linger.head) conn_destroy(s->linger.head);
+  while (s->hs.head) conn_destroy(s->hs.head);
   while (s->busy.head) conn_destroy(s->busy.head);
   if (s->timer) event_free(s->timer);
-  if (s->accept_retry) event_free(s->accept_retry);
   if (s->kick) event_free(s->kick);
   free(s->slots);
   free(s);
@@ -1224,7 +1198,7 @@ void http_server_free(http_server *s) {
   if (s->depth) {
     /* inside the handler: the connection code above us still runs */
     s->free_pending = true;
-    evconnlistener_disable(s->listener);
+    im_listener_enable(s->listener, 0);
     return;
   }
   server_destroy(s);

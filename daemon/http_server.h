@@ -2,10 +2,12 @@
  *
  * Requests are parsed with llhttp and handed, complete and in arrival order,
  * to one handler, which answers at once or defers its answer (see
- * http_response_defer); answers are queued and written with sendmsg(), in
- * request order. Keep-alive and pipelining are supported; upgrades, trailers
- * and response streaming are not. Every response carries Content-Type,
- * Content-Length (except 204 and 304) and Connection. Failures the server
+ * http_response_defer); answers are queued and written (through libim's
+ * im_stream: a plain socket or TLS) in request order. Keep-alive and
+ * pipelining are supported; upgrades, trailers and response streaming are
+ * not. Every response carries Content-Type, Content-Length (except 204 and
+ * 304) and Connection, plus the handler's extra headers
+ * (http_response.headers). Failures the server
  * detects itself are answered with a JSON body {"error":"..."} and the
  * connection is closed after it:
  *   400 malformed request ("bad request: <llhttp's reason>"),
@@ -21,6 +23,7 @@
 #define IMD_HTTP_SERVER_H
 
 #include <stdbool.h>
+#include <libim/im_tls.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -42,6 +45,7 @@ typedef struct http_request {
   const char *authorization; /* Authorization value, NUL-terminated, without
                                 surrounding whitespace; NULL if absent */
   const char *content_type;  /* likewise for Content-Type */
+  const char *if_none_match; /* likewise for If-None-Match */
   const char *body;          /* the whole (de-chunked) body followed by a
                                 NUL; "" when there is none, never NULL */
   size_t body_len;
@@ -61,6 +65,11 @@ typedef struct http_response {
                                passes to the server, which free()s it once
                                written (or on close) */
   size_t body_len;
+  char headers[256];        /* extra header lines written by the handler,
+                               each "Name: value\r\n" (ETag, say); "" for
+                               none. Sent only if every line has that form
+                               (a token name, no other CR or LF), else all
+                               are dropped. Not used by deferred answers */
 } http_response;
 
 /* Called once per complete request, in the order requests arrive on each
@@ -171,6 +180,17 @@ typedef struct http_limits {
  * the bind or listen failed (errno is kept), or memory ran out. */
 http_server *http_server_new(struct event_base *base, const char *addr, const http_limits *lim,
                              http_handler h, void *user);
+
+/* As http_server_new, serving HTTPS when tls is not NULL (borrowed: it must
+ * outlive the server; im_tls_reload on it is fine at any time). Each
+ * connection's TLS handshake runs in the loop without blocking; one that
+ * fails or does not finish within im_tls_handshake_timeout() costs that
+ * connection only (no HTTP answer: there is no channel for one). Sockets,
+ * addresses and TLS come from libim's <libim/im_net.h>, shared with the
+ * WebSocket and TCP listeners. */
+http_server *http_server_new_tls(struct event_base *base, const char *addr,
+                                 const http_limits *lim, im_tls *tls, http_handler h,
+                                 void *user);
 
 /* Returns the port the server listens on, or -1 if it cannot be read. */
 int http_server_port(const http_server *s);

@@ -8,7 +8,9 @@
 #include <libim/im_redis.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <string.h>
 
+#include "core/strmap.h"
 #include "http_server.h"
 #include "store.h"
 
@@ -34,6 +36,7 @@ typedef struct imd_config {
   uint32_t rate_receiver;   /* msgs one sender may store for one receiver (or group) per
                                minute; 0 = no quota */
   bool rooms_members;       /* --rooms members: join only rooms that are groups one is in */
+  const char *static_dir;   /* --static: files served at / of the HTTP listener; NULL: off */
 } imd_config;
 
 #define IMD_UID_MAX 128         /* as libim: longer uids cannot log in */
@@ -49,7 +52,7 @@ typedef struct imd_metrics {
   uint64_t msg_errors;      /* upstream msgs refused (bad target, not a member) */
   uint64_t http_requests;
   uint64_t http_status[6];  /* by class: 1xx..5xx */
-  uint64_t auth_expired, auth_invalid;
+  uint64_t auth_expired, auth_invalid, auth_banned;
   uint64_t stored;          /* messages stored and pushed */
   uint64_t duplicates;      /* resends answered with the stored id */
   uint64_t batched;         /* messages the store answered for (stored + duplicates + failed) */
@@ -76,11 +79,32 @@ typedef struct imd {
   im_redis *redis;          /* the cluster link (node.c); NULL: single node */
   char node_name[160];
   bool draining;
+  strmap uid_bans;          /* bans.c */
   struct event *drain_ev, *usr1_ev, *trim_ev;
+  struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
   struct imd_revocations *revoked; /* revoke.c */
   struct imd_quota *quota;         /* quota.c; NULL: no per-receiver quota */
+  struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;
+
+/* Copy the n strings of in (NULL entries stay NULL) one after the other
+ * from *at, NUL-terminated, setting out[i]; *at moves past them. The
+ * caller sized the space with imd_strs_size(). */
+static inline size_t imd_strs_size(const char *const *in, size_t n) {
+  size_t len = 0;
+  for (size_t i = 0; i < n; i++) len += in[i] ? strlen(in[i]) + 1 : 0;
+  return len;
+}
+static inline void imd_strs_copy(char **at, const char *const *in, const char **out, size_t n) {
+  for (size_t i = 0; i < n; i++) {
+    out[i] = NULL;
+    if (!in[i]) continue;
+    size_t len = strlen(in[i]) + 1;
+    out[i] = memcpy(*at, in[i], len);
+    *at += len;
+  }
+}
 
 /* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
 void imd_chat_callbacks(im_callbacks *cb);
@@ -122,6 +146,17 @@ void imd_mark_delivered(imd *d, const char *uid, const char *device, uint64_t se
  * again (after a gap in cross-node notifications); the client drops what
  * it has by id. */
 void imd_repair(imd *d, im_conn_id c);
+
+/* bans.c: uid bans (address bans are libim's guard). Node-local. */
+#define IMD_UID_BANS_MAX 100000
+int imd_bans_init(imd *d, const char *list); /* --ban entries; 0 or -1 (message printed) */
+void imd_bans_free(imd *d);
+bool imd_uid_banned(imd *d, const char *uid);
+/* Ban uid for ttl_s seconds (0: until lifted) and close its sessions on
+ * every node. Returns 0, or -1 (bad uid, table full, no memory). */
+int imd_ban_uid(imd *d, const char *uid, uint32_t ttl_s);
+int imd_unban_uid(imd *d, const char *uid); /* 0, or -1 when not banned */
+void imd_uid_bans(imd *d, void (*fn)(const char *uid, uint64_t until_ms, void *arg), void *arg);
 
 /* node.c: this process as a node: the cluster link (libim's Redis module),
  * graceful drain, gateway lists, health. */
@@ -176,6 +211,17 @@ void imd_quota_free(imd_quota *q);
 /* Count one msg from `from` to `to` (a uid, or a group id with group set)
  * at now_ms; false (nothing counted) when the pair is over its quota. */
 bool imd_quota_take(imd_quota *q, const char *from, const char *to, bool group, uint64_t now_ms);
+/* tls.c: --tls-cert/--tls-key/--tls-plain. Loads the certificate (with
+ * handshake_ms as the handshake timeout) and catches SIGHUP to reload it.
+ * cert and key both NULL: TLS stays off. plain is a comma-separated list of
+ * listeners ("ws", "tcp", "http") kept plain, or "none"/NULL. Returns 0, or
+ * -1 with a message on stderr. */
+int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
+                 unsigned handshake_ms);
+/* The TLS context for listener `name` ("ws", "tcp", "http"), or NULL when
+ * that listener is plain. */
+im_tls *imd_tls_for(const imd *d, const char *name);
+void imd_tls_free(imd *d);
 
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);

@@ -17,6 +17,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <libim/im_guard.h>
+
+#include "hooks.h"
 #include "imd.h"
 #include "token.h"
 
@@ -30,8 +33,11 @@ typedef struct option_def {
 enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE, O_HEARTBEAT,
        O_AUTH_TIMEOUT, O_MAX_CONNS, O_ACK_TIMEOUT, O_ACK_RETRIES, O_INBOX_MAX, O_INBOX_DAYS,
        O_DURABLE, O_REDIS, O_NODE, O_REDIS_PREFIX, O_LEASE_TTL, O_ADV_WS, O_ADV_TCP, O_DRAIN_RATE,
-       O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_MAX_TOKEN_TTL, O_RATE_MSGS,
-       O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_N };
+       O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
+       O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME,
+       O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
+       O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
+       O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -82,6 +88,41 @@ static const option_def options[O_N] = {
                        "read the token secret from FILE (first line)"},
     [O_API_KEY_FILE] = {"--api-key-file", "IMD_API_KEY_FILE", "api_key_file",
                         "read the API key from FILE (first line, >= 16 bytes)"},
+    [O_TLS_CERT] = {"--tls-cert", "IMD_TLS_CERT", "tls_cert",
+                    "PEM certificate (chain): TLS on every listener [off]"},
+    [O_TLS_KEY] = {"--tls-key", "IMD_TLS_KEY", "tls_key", "PEM private key of --tls-cert"},
+    [O_CONN_RATE] = {"--conn-rate", "IMD_CONN_RATE", "conn_rate",
+                     "new connections/s per source IP, 0 = off [100]"},
+    [O_CONN_BURST] = {"--conn-burst", "IMD_CONN_BURST", "conn_burst",
+                      "burst of --conn-rate (and refusals before a ban) [1000]"},
+    [O_MAX_CONNS_IP] = {"--max-conns-per-ip", "IMD_MAX_CONNS_PER_IP", "max_conns_per_ip",
+                        "open connections per source IP, 0 = no cap [0]"},
+    [O_BAN_TIME] = {"--ban-time", "IMD_BAN_TIME", "ban_time",
+                    "first automatic ban, s (x6 per repeat, <= 1 h) [10]"},
+    [O_BAN] = {"--ban", "IMD_BAN", "ban",
+               "permanent bans: ADDR[/BITS],uid:NAME,...  [none]"},
+    [O_TLS_PLAIN] = {"--tls-plain", "IMD_TLS_PLAIN", "tls_plain",
+                     "listeners kept plain with TLS on: ws,tcp,http [none]"},
+    [O_STATIC] = {"--static", "IMD_STATIC", "static",
+                  "serve the files of DIR at / of the HTTP listener [off]"},
+    [O_HOOK_URL] = {"--hook-url", "IMD_HOOK_URL", "hook_url",
+                    "http:// URL of the back end's hooks (docs/HOOKS.md) [off]"},
+    [O_HOOK_SECRET] = {"--hook-secret", "IMD_HOOK_SECRET", "hook_secret",
+                       "key of the X-Imd-Signature HMAC of hook bodies [unsigned]"},
+    [O_HOOK_CONNECT] = {"--hook-connect", "IMD_HOOK_CONNECT", "hook_connect",
+                        "off | instead (of tokens) | also (after tokens) [off]"},
+    [O_HOOK_MESSAGE] = {"--hook-message", "IMD_HOOK_MESSAGE", "hook_message",
+                        "on: the back end vets 1:1/group messages [off]"},
+    [O_HOOK_PRESENCE] = {"--hook-presence", "IMD_HOOK_PRESENCE", "hook_presence",
+                         "online/offline events to --hook-url [on]"},
+    [O_HOOK_TIMEOUT] = {"--hook-timeout", "IMD_HOOK_TIMEOUT", "hook_timeout",
+                        "ms a hook answer may take       [2000]"},
+    [O_HOOK_FAIL] = {"--hook-fail", "IMD_HOOK_FAIL", "hook_fail",
+                     "open | closed: a failed ask allows or refuses [closed]"},
+    [O_HOOK_CONNS] = {"--hook-connections", "IMD_HOOK_CONNECTIONS", "hook_connections",
+                      "HTTP connections to the back end [16]"},
+    [O_HOOK_QUEUE] = {"--hook-queue", "IMD_HOOK_QUEUE", "hook_queue",
+                      "hook requests waiting / events held [4096]"},
     [O_MAX_TOKEN_TTL] = {"--max-token-ttl", "IMD_MAX_TOKEN_TTL", "max_token_ttl",
                          "refuse tokens expiring later than now + this, s [2592000]"},
     [O_RATE_MSGS] = {"--rate-msgs", "IMD_RATE_MSGS", "rate_msgs",
@@ -103,10 +144,14 @@ static const char *defaults[O_N] = {
     [O_AUTH_TIMEOUT] = "10000", [O_ACK_TIMEOUT] = "18000",
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
     [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
-    [O_MAX_CONNS] = "auto",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
-    [O_DRAIN_RATE] = "1000",   [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100",
-    [O_RATE_USER_MSGS] = "200", [O_RATE_STRIKES] = "200", [O_RATE_RECEIVER] = "600",
-    [O_ROOMS] = "open",
+    [O_MAX_CONNS] = "auto",     [O_CONN_RATE] = "100",   [O_CONN_BURST] = "1000",
+    [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_DRAIN_RATE] = "1000",
+    [O_HOOK_CONNECT] = "off",  [O_HOOK_MESSAGE] = "off", [O_HOOK_PRESENCE] = "on",
+    [O_HOOK_TIMEOUT] = "2000", [O_HOOK_FAIL] = "closed", [O_HOOK_CONNS] = "16",
+    [O_HOOK_QUEUE] = "4096",
+    [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
+    [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
 };
 
 /* Bounds of --max-token-ttl: a minute to ten years. */
@@ -335,6 +380,58 @@ static int cmd_token(int argc, char **argv) {
 
 static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
 
+/* One of two words: 0 for `no`, 1 for `yes`, -1 (and a message) for neither. */
+static int parse_choice(const char *name, const char *v, const char *no, const char *yes) {
+  if (!strcmp(v, no)) return 0;
+  if (!strcmp(v, yes)) return 1;
+  fprintf(stderr, "imd: %s: '%s' or '%s', not '%s'\n", name, no, yes, v);
+  return -1;
+}
+
+/* The --hook-* options (docs/HOOKS.md). */
+static int parse_hooks(const char *vals[O_N], imd_hooks_config *h) {
+  memset(h, 0, sizeof *h);
+  h->url = enabled(vals[O_HOOK_URL]) ? vals[O_HOOK_URL] : NULL;
+  h->secret = vals[O_HOOK_SECRET] && *vals[O_HOOK_SECRET] ? vals[O_HOOK_SECRET] : NULL;
+  const char *cm = vals[O_HOOK_CONNECT];
+  h->connect = !strcmp(cm, "off")       ? IMD_HOOK_CONNECT_OFF
+               : !strcmp(cm, "instead") ? IMD_HOOK_CONNECT_INSTEAD
+               : !strcmp(cm, "also")    ? IMD_HOOK_CONNECT_ALSO
+                                        : -1;
+  if (h->connect < 0) {
+    fprintf(stderr, "imd: hook-connect: 'off', 'instead' or 'also', not '%s'\n", cm);
+    return -1;
+  }
+  int msg = parse_choice("hook-message", vals[O_HOOK_MESSAGE], "off", "on");
+  int pres = parse_choice("hook-presence", vals[O_HOOK_PRESENCE], "off", "on");
+  int open = parse_choice("hook-fail", vals[O_HOOK_FAIL], "closed", "open");
+  if (msg < 0 || pres < 0 || open < 0 ||
+      parse_u32("hook-timeout", vals[O_HOOK_TIMEOUT], &h->timeout_ms) < 0 ||
+      parse_u32("hook-connections", vals[O_HOOK_CONNS], &h->max_conns) < 0 ||
+      parse_u32("hook-queue", vals[O_HOOK_QUEUE], &h->max_queue) < 0)
+    return -1;
+  h->message = msg;
+  h->presence = pres;
+  h->fail_open = open;
+  if (h->timeout_ms < 1 || h->timeout_ms > 600000 || h->max_conns < 1 ||
+      h->max_conns > 1024 || h->max_queue < 1) {
+    fprintf(stderr, "imd: hook-timeout: 1 to 600000 ms, hook-connections: 1 to 1024, "
+                    "hook-queue: at least 1\n");
+    return -1;
+  }
+  if (!h->url && (h->connect || h->message)) {
+    fprintf(stderr, "imd: --hook-connect and --hook-message need --hook-url\n");
+    return -1;
+  }
+  if (h->url && strncmp(h->url, "http://", 7)) {
+    fprintf(stderr, "imd: hook-url: only http:// URLs are supported (https:// is not: put a "
+                    "local TLS proxy in front of the back end), not '%s'\n", h->url);
+    return -1;
+  }
+  if (!h->url) h->presence = false;
+  return 0;
+}
+
 int main(int argc, char **argv) {
   if (argc > 1 && !strcmp(argv[1], "token")) return cmd_token(argc, argv);
   const char *vals[O_N] = {0};
@@ -435,6 +532,14 @@ int main(int argc, char **argv) {
   d.cfg.redis_prefix = vals[O_REDIS_PREFIX];
   d.cfg.advertise_ws = vals[O_ADV_WS];
   d.cfg.advertise_tcp = vals[O_ADV_TCP];
+  d.cfg.static_dir = enabled(vals[O_STATIC]) ? vals[O_STATIC] : NULL;
+  struct stat static_st;
+  if (d.cfg.static_dir && (stat(d.cfg.static_dir, &static_st) < 0 || !S_ISDIR(static_st.st_mode))) {
+    fprintf(stderr, "imd: static: %s is not a directory\n", d.cfg.static_dir);
+    return 2;
+  }
+  imd_hooks_config hooks;
+  if (parse_hooks(vals, &hooks) < 0) return 2;
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
@@ -491,6 +596,9 @@ int main(int argc, char **argv) {
   im_callbacks cb;
   imd_chat_callbacks(&cb);
   signal(SIGPIPE, SIG_IGN);
+  /* SIGHUP reloads the TLS certificate (tls.c catches it then); without TLS
+   * it must not end the daemon (logrotate and terminals send it) */
+  signal(SIGHUP, SIG_IGN);
   d.base = event_base_new();
   d.srv = d.base ? im_server_new(&icfg, &cb, &d) : NULL;
   d.ev = d.srv ? im_event_new(d.base, d.srv) : NULL;
@@ -499,6 +607,21 @@ int main(int argc, char **argv) {
     return 1;
   }
   d.start_wall_ms = imd_wall_ms();
+  im_guard_config guard;
+  im_guard_config_init(&guard);
+  if (parse_u32("conn-rate", vals[O_CONN_RATE], &guard.conn_rate) < 0 ||
+      parse_u32("conn-burst", vals[O_CONN_BURST], &guard.conn_burst) < 0 ||
+      parse_u32("max-conns-per-ip", vals[O_MAX_CONNS_IP], &guard.max_conns_per_source) < 0 ||
+      parse_u32("ban-time", vals[O_BAN_TIME], &guard.ban_first_s) < 0)
+    return 2;
+  if ((guard.conn_rate && !guard.conn_burst) || im_server_set_guard(d.srv, &guard) < 0) {
+    fprintf(stderr, "imd: conn-burst: at least 1 with a conn-rate\n");
+    return 2;
+  }
+  if (imd_bans_init(&d, vals[O_BAN]) < 0) return 2;
+  if (imd_tls_init(&d, vals[O_TLS_CERT], vals[O_TLS_KEY], vals[O_TLS_PLAIN],
+                   icfg.auth_timeout_ms) < 0)
+    return 2;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
   int rc = 0, n = 0;
@@ -506,27 +629,33 @@ int main(int argc, char **argv) {
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
   for (int i = 0; i < 2 && rc == 0; i++) {
     if (!enabled(addrs[i])) continue;
-    if (im_event_listen(d.ev, kinds[i], addrs[i]) < 0) {
+    im_tls *tls = imd_tls_for(&d, i ? "tcp" : "ws");
+    if (im_event_listen_tls(d.ev, kinds[i], addrs[i], tls) < 0) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", addrs[i], strerror(errno));
       rc = 1;
       break;
     }
     d.ports[i] = im_event_port(d.ev, n++);
-    printf("imd: %s listening on %s port %d\n", i ? "tcp" : "ws", addrs[i], d.ports[i]);
+    printf("imd: %s listening on %s port %d%s\n", i ? "tcp" : "ws", addrs[i], d.ports[i],
+           tls ? " (tls)" : "");
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
     http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit};
-    d.http = http_server_new(d.base, d.cfg.http_addr, &lim, imd_api_handle, &d);
+    d.http = http_server_new_tls(d.base, d.cfg.http_addr, &lim, imd_tls_for(&d, "http"),
+                                 imd_api_handle, &d);
     if (!d.http) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
       rc = 1;
     } else {
-      printf("imd: http listening on %s port %d\n", d.cfg.http_addr, http_server_port(d.http));
+      printf("imd: http listening on %s port %d%s\n", d.cfg.http_addr, http_server_port(d.http),
+             imd_tls_for(&d, "http") ? " (tls)" : "");
     }
   }
   /* the node (cluster link, drain) once the ports are known: they are
    * what it advertises */
-  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0)) rc = 1;
+  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0 ||
+                  imd_hooks_start(&d, &hooks) < 0))
+    rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
     printf("imd: at most %u connections (0: no limit), %u per user\n",
@@ -534,10 +663,13 @@ int main(int argc, char **argv) {
     fflush(stdout);
     event_base_dispatch(d.base);
   }
+  imd_hooks_stop(&d);    /* drops unanswered asks: their clients resend */
   imd_delivery_free(&d); /* completes what is outstanding */
   imd_node_stop(&d);
   http_server_free(d.http);
   im_event_free(d.ev);
+  imd_tls_free(&d); /* after every listener that used it */
+  imd_bans_free(&d);
   im_server_free(d.srv);
   event_base_free(d.base);
   imd_quota_free(d.quota);

@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <libim/im_guard.h>
+
+#include "hooks.h"
 #include "imd.h"
 
 /* Platforms are client-chosen strings: up to IMD_MAX_PLATFORMS of them
@@ -136,6 +139,17 @@ char *imd_metrics_render(imd *d, size_t *len) {
   counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", ss.commit_us);
   counter(&b, "imd_store_errors_total", "Store requests that failed", ss.errors);
   counter(&b, "imd_syncs_total", "Sync requests answered", d->m.syncs);
+  im_guard_stats gs;
+  im_guard_get_stats(d->srv, &gs);
+  sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"
+                "# TYPE imd_connections_refused_total counter\n"
+                "imd_connections_refused_total{reason=\"rate\"} %llu\n"
+                "imd_connections_refused_total{reason=\"banned\"} %llu\n"
+                "imd_connections_refused_total{reason=\"per_ip_cap\"} %llu\n",
+            (unsigned long long)gs.refused_rate, (unsigned long long)gs.refused_banned,
+            (unsigned long long)gs.refused_cap);
+  counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
+  gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
   counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);
   gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
   counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
@@ -174,6 +188,10 @@ char *imd_metrics_render(imd *d, size_t *len) {
   for (int i = 1; i <= 5; i++)
     sb_printf(&b, "imd_http_requests_total{code=\"%dxx\"} %llu\n", i,
               (unsigned long long)d->m.http_status[i]);
+  size_t hl;
+  char *hooks = imd_hooks_metrics(d, &hl);
+  if (hooks) sb_printf(&b, "%.*s", (int)hl, hooks);
+  free(hooks);
   *len = b.len;
   return b.p;
 }

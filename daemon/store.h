@@ -93,6 +93,16 @@ typedef void (*imd_state_cb)(void *arg, int status, uint64_t last, uint64_t trim
 typedef void (*imd_members_cb)(void *arg, int status, const char *const *uids, size_t n);
 typedef void (*imd_done_cb)(void *arg, int status);
 
+/* The callback of a request, whichever kind (for backends that queue
+ * requests of every kind together). */
+typedef union imd_store_cb {
+  imd_append_cb append;
+  imd_sync_cb sync;
+  imd_state_cb state;
+  imd_members_cb members;
+  imd_done_cb done;
+} imd_store_cb;
+
 typedef struct imd_store_stats {
   uint64_t commits;       /* durable writes (SQLite commits, Redis round trips) */
   uint64_t commit_us;     /* time they took */

@@ -234,13 +234,7 @@ typedef struct rq {
   enum script script;
   int status;              /* the result when there is no answer to read */
   void *arg;
-  union {
-    imd_append_cb append;
-    imd_sync_cb sync;
-    imd_state_cb state;
-    imd_members_cb members;
-    imd_done_cb done;
-  } cb;
+  imd_store_cb cb;
   int argc;
   const char **argv;
   size_t *argvlen;

@@ -15,14 +15,13 @@
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
-#include <event2/event.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/eventfd.h>
 #include <time.h>
-#include <unistd.h>
+
+#include <libim/im_async.h>
 
 #include "store.h"
 #include "store_sqlite.h"
@@ -43,13 +42,7 @@ typedef struct rq {
   enum rq_kind kind;
   int status;
   void *arg;
-  union {
-    imd_append_cb append;
-    imd_sync_cb sync;
-    imd_state_cb state;
-    imd_members_cb members;
-    imd_done_cb done;
-  } cb;
+  imd_store_cb cb;
   /* append (borrowed until the callback) */
   const imd_store_msg *m;
   const char *const *uids;
@@ -77,10 +70,8 @@ typedef struct thread_store {
   pthread_mutex_t lock;
   pthread_cond_t wake;
   rq *todo, *todo_tail;    /* queued by the loop */
-  rq *done, *done_tail;    /* finished by the thread */
+  im_async *done;          /* finished batches, back to the loop */
   bool stop, started;
-  int efd;
-  struct event *done_ev;
   uint32_t trim_interval_s;
   imd_store_stats st;
   char err[ERR_MAX];
@@ -175,24 +166,14 @@ static void complete(rq *r) {
   }
 }
 
-static void run_done(thread_store *t) {
-  pthread_mutex_lock(&t->lock);
-  rq *r = t->done;
-  t->done = t->done_tail = NULL;
-  pthread_mutex_unlock(&t->lock);
-  while (r) {
-    rq *next = r->next;
+/* A finished batch on the loop thread: its callbacks, in order. */
+static void batch_done(void *item, void *arg) {
+  (void)arg;
+  for (rq *r = item, *next; r; r = next) {
+    next = r->next;
     complete(r);
     rq_free(r);
-    r = next;
   }
-}
-
-static void on_done(evutil_socket_t fd, short what, void *arg) {
-  (void)what;
-  uint64_t v;
-  if (read(fd, &v, sizeof v) < 0 && errno != EAGAIN) perror("imd: store wake-up");
-  run_done(arg);
 }
 
 /* ---- the store thread --------------------------------------------------------- */
@@ -413,18 +394,12 @@ static void *thread_main(void *arg) {
       next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
     }
 
-    pthread_mutex_lock(&t->lock);
-    if (batch) {
-      rq *tail = batch;
-      while (tail->next) tail = tail->next;
-      if (t->done_tail)
-        t->done_tail->next = batch;
-      else
-        t->done = batch;
-      t->done_tail = tail;
-      uint64_t one = 1;
-      if (write(t->efd, &one, sizeof one) < 0) perror("imd: store wake-up");
+    if (batch && im_async_post(t->done, batch) < 0) {
+      /* cannot happen before close, which joins this thread first; a
+       * batch that cannot be handed back is still completed, here */
+      fprintf(stderr, "imd: store: cannot hand a batch back\n");
     }
+    pthread_mutex_lock(&t->lock);
     if (stop && !t->todo) break;
   }
   pthread_mutex_unlock(&t->lock);
@@ -520,10 +495,8 @@ static void t_close(imd_store *s) {
     pthread_cond_signal(&t->wake);
     pthread_mutex_unlock(&t->lock);
     pthread_join(t->thread, NULL);
-    run_done(t); /* what the thread finished last */
   }
-  if (t->done_ev) event_free(t->done_ev);
-  if (t->efd >= 0) close(t->efd);
+  im_async_free(t->done); /* completes what the thread finished last */
   sqlstore_close(t->db);
   pthread_mutex_destroy(&t->lock);
   pthread_cond_destroy(&t->wake);
@@ -587,7 +560,6 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
     return NULL;
   }
   t->base.ops = &thread_ops;
-  t->efd = -1;
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
   pthread_cond_init(&t->wake, NULL);
@@ -601,10 +573,8 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
   if (trimmed < 0) fprintf(stderr, "imd: retention trim failed: %s\n", sqlstore_error(t->db));
-  t->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  t->done_ev = t->efd >= 0 ? event_new(base, t->efd, EV_READ | EV_PERSIST, on_done, t) : NULL;
-  if (!t->done_ev || event_add(t->done_ev, NULL) < 0 ||
-      pthread_create(&t->thread, NULL, thread_main, t) != 0) {
+  t->done = im_async_new(base, batch_done, t);
+  if (!t->done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
     snprintf(err, errlen, "cannot start the store thread");
     t_close(&t->base);
     return NULL;

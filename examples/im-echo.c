@@ -2,6 +2,7 @@
  * token, acks every upstream msg and sends its data back to the sender.
  *
  *   im-echo --ws 127.0.0.1:8080 --tcp 127.0.0.1:8081
+ *   im-echo --ws 127.0.0.1:8443 --tls-cert cert.pem --tls-key key.pem   (wss://)
  */
 #include <event2/event.h>
 #include <libim/im_event.h>
@@ -28,6 +29,8 @@ static void usage(FILE *f) {
           "  --auth-timeout MS    handshake+auth deadline (default 10000)\n"
           "  --heartbeat S        heartbeat interval advertised (default 30)\n"
           "  --idle-timeout MS    close after this long without input (default 2.5 x heartbeat)\n"
+          "  --tls-cert FILE      PEM certificate: TLS on both listeners (with --tls-key)\n"
+          "  --tls-key FILE       PEM private key of --tls-cert\n"
           "At least one listener is required. SIGINT/SIGTERM close all connections with 1001.\n");
 }
 
@@ -42,7 +45,7 @@ static unsigned long num_arg(const char *flag, const char *v) {
 }
 
 int main(int argc, char **argv) {
-  const char *ws = NULL, *tcp = NULL;
+  const char *ws = NULL, *tcp = NULL, *cert = NULL, *key = NULL;
   im_config cfg;
   im_config_init(&cfg);
   for (int i = 1; i < argc; i++) {
@@ -54,6 +57,10 @@ int main(int argc, char **argv) {
       ws = v;
     } else if (!strcmp(a, "--tcp") && v) {
       tcp = v;
+    } else if (!strcmp(a, "--tls-cert") && v) {
+      cert = v;
+    } else if (!strcmp(a, "--tls-key") && v) {
+      key = v;
     } else if (!strcmp(a, "--max-message")) {
       cfg.max_message = (uint32_t)num_arg(a, v);
     } else if (!strcmp(a, "--max-output")) {
@@ -75,6 +82,16 @@ int main(int argc, char **argv) {
     usage(stderr);
     return 2;
   }
+  im_tls *tls = NULL;
+  if (cert || key) {
+    char err[256];
+    im_tls_opts to = {.cert_file = cert, .key_file = key,
+                      .handshake_timeout_ms = cfg.auth_timeout_ms};
+    if (!(tls = im_tls_new(&to, err, sizeof err))) {
+      fprintf(stderr, "im-echo: %s\n", err);
+      return 2;
+    }
+  }
   im_callbacks cb = {.on_message = on_message};
   im_server *srv = im_server_new(&cfg, &cb, NULL);
   struct event_base *base = event_base_new();
@@ -90,20 +107,22 @@ int main(int argc, char **argv) {
   int n = 0;
   for (int i = 0; i < 2; i++) {
     if (!addrs[i]) continue;
-    int rc = im_event_listen(ev, kinds[i], addrs[i]);
+    int rc = im_event_listen_tls(ev, kinds[i], addrs[i], tls);
     if (rc < 0) {
       fprintf(stderr, "im-echo: cannot listen on %s: %s\n", addrs[i], im_strerror(rc));
       im_event_free(ev);
+      im_tls_free(tls);
       im_server_free(srv);
       event_base_free(base);
       return 1;
     }
-    printf("im-echo: %s listening on %s port %d\n", i == 0 ? "ws" : "tcp", addrs[i],
-           im_event_port(ev, n++));
+    printf("im-echo: %s listening on %s port %d%s\n", i == 0 ? "ws" : "tcp", addrs[i],
+           im_event_port(ev, n++), tls ? " (tls)" : "");
   }
   fflush(stdout);
   event_base_dispatch(base);
   im_event_free(ev);
+  im_tls_free(tls); /* after the listeners that use it */
   im_server_free(srv);
   event_base_free(base);
   return 0;

@@ -50,6 +50,7 @@ static char dir[] = "/tmp/imd-fuzz-http-XXXXXX";
 static void fuzz_fini(void) {
   imd_delivery_free(&D);
   imd_node_stop(&D);
+  imd_bans_free(&D);
   http_server_free(D.http);
   im_server_free(D.srv);
   event_base_free(D.base);
@@ -83,6 +84,7 @@ static void fuzz_init(void) {
   D.start_wall_ms = imd_wall_ms();
   imd_store_opts so = {.keep_count = 50, .keep_age_s = 0, .no_fsync = true};
   FZ_CHECK(imd_node_start(&D) == 0);
+  FZ_CHECK(imd_bans_init(&D, NULL) == 0);
   FZ_CHECK(imd_delivery_init(&D, &so) == 0);
   http_limits lim = {.max_body = (size_t)cfg.max_message * 4 + 4096, .max_header = 4096,
                      .admit = imd_api_admit};

@@ -436,10 +436,16 @@ typedef struct im_conn_info {
   enum im_transport transport;
   int binary;                  /* speaks binary IMP */
   uint64_t since_ms;           /* engine time of accept */
+  int secure;                  /* 1: the transport is TLS (wss://, TLS over TCP), as the driver
+                                  said with im_conn_set_secure */
 } im_conn_info;
 
 /* Fill info; pointers stay valid until c closes. Returns 0 or IM_ENOENT. */
 IM_EXTERN int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info);
+/* Drivers: record whether c's transport is encrypted (TLS), reported in
+ * im_conn_info.secure. im_event calls it for its TLS listeners right after
+ * im_server_accept. Returns 0 or IM_ENOENT. */
+IM_EXTERN int im_conn_set_secure(im_server *srv, im_conn_id c, int secure);
 /* Per-connection user pointer (NULL initially). */
 IM_EXTERN int im_conn_set_data(im_server *srv, im_conn_id c, void *data);
 IM_EXTERN void *im_conn_get_data(const im_server *srv, im_conn_id c);

@@ -4,6 +4,7 @@
 #define LIBIM_IM_EVENT_H
 
 #include <libim/im.h>
+#include <libim/im_tls.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -22,6 +23,17 @@ IM_EXTERN im_event *im_event_new(struct event_base *base, im_server *srv);
  * failed; errno is kept), IM_EINVAL (bad transport, or 8 listeners
  * already). */
 IM_EXTERN int im_event_listen(im_event *ev, enum im_transport t, const char *addr);
+
+/* As im_event_listen, with TLS when tls is not NULL: wss:// for
+ * IM_TRANSPORT_WS, TLS around the length-prefixed frames for
+ * IM_TRANSPORT_TCP. The handshake runs in the loop without blocking; a
+ * connection whose handshake fails or does not finish within
+ * im_tls_handshake_timeout() is closed (on_close with 1006), others are not
+ * affected. im_conn_info.secure is 1 for its connections. tls is borrowed:
+ * it must outlive ev (im_tls_reload on it is fine at any time). Returns as
+ * im_event_listen. */
+IM_EXTERN int im_event_listen_tls(im_event *ev, enum im_transport t, const char *addr,
+                                  im_tls *tls);
 
 /* The port of the n-th listener (0-based, in listen order), or -1. */
 IM_EXTERN int im_event_port(const im_event *ev, int n);

@@ -44,7 +44,8 @@ enum conn_flag {
   CF_REGISTERED = 1u << 5,   /* counted in stats.conns_authed / in a user */
   CF_HS_UNSENT = 1u << 6,    /* the 101 response may not have been fully written */
   CF_SYNC_ON_OPEN = 1u << 7, /* the auth op carried since: call on_sync after on_open */
-  CF_REFRESH_PENDING = 1u << 8 /* a refresh auth (on an open connection) awaits im_auth_complete */
+  CF_SECURE = 1u << 8,       /* the driver said the transport is TLS */
+  CF_REFRESH_PENDING = 1u << 9 /* a refresh auth (on an open connection) awaits im_auth_complete */
 };
 
 /* Headroom for a downstream message's envelope (id, from, to, ts, ...)
@@ -179,6 +180,7 @@ struct im_server {
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
   const char *op_cid;      /* cid of the join/leave op during on_room (im_op_cid) */
+  struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   im_stats st;
 };
 
@@ -247,6 +249,13 @@ void route_room_open(im_server *s, const char *room);
 void route_room_close(im_server *s, const char *room);
 /* m itself when it has an id; else *copy with a fresh id written into id. */
 const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, char id[IM_ID_MAX]);
+
+/* guard.c: admission at accept (true: admit), its undo at release, and
+ * the sweep of idle sources (each tick) */
+bool guard_admit(im_server *s, const char *peer);
+void guard_release(im_server *s, const char *peer);
+void guard_tick(im_server *s);
+void guard_free(im_server *s);
 
 /* registry.c */
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);

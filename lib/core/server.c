@@ -127,6 +127,7 @@ void im_server_free(im_server *s) {
   im_dealloc(s, s->slots);
   im_dealloc(s, s->gens);
   im_dealloc(s, s->free_slots);
+  guard_free(s);
   strmap_free(&s->users);
   strmap_free(&s->rooms);
   tw_free(&s->wheel);
@@ -185,6 +186,7 @@ static void conn_free(im_server *s, im_conn *c) {
     s->free_slots[s->nfree++] = slot;
   }
   tw_cancel(&s->wheel, &c->timer);
+  guard_release(s, c->peer);
   rel_free(s, c);
   reg_room_leave_all(s, c);
   reg_user_del(s, c);
@@ -393,16 +395,20 @@ void im_new_id(im_server *s, char out[IM_ID_MAX]) { next_id(s, out); }
 im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer, void *io_ctx) {
   if (t != IM_TRANSPORT_WS && t != IM_TRANSPORT_TCP) return 0;
   if (s->cfg.max_connections && s->st.conns >= s->cfg.max_connections) return 0;
+  if (!guard_admit(s, peer)) return 0;
   im_conn *c = im_zalloc(s, sizeof(*c));
-  if (!c) return 0;
-  if (t == IM_TRANSPORT_WS && !(c->hs = ws_hs_new(s->cfg.ws_path))) {
+  if (c && t == IM_TRANSPORT_WS && !(c->hs = ws_hs_new(s->cfg.ws_path))) {
     im_dealloc(s, c);
-    return 0;
+    c = NULL;
   }
   uint32_t slot;
-  if (slot_alloc(s, &slot) < 0) {
+  if (c && slot_alloc(s, &slot) < 0) {
     if (c->hs) ws_hs_free(c->hs);
     im_dealloc(s, c);
+    c = NULL;
+  }
+  if (!c) {
+    guard_release(s, peer);
     return 0;
   }
   c->id = ((uint64_t)++s->gens[slot] << 32) | (slot + 1);
@@ -1312,6 +1318,7 @@ void im_server_tick(im_server *s, uint64_t now_ms) {
   s->now_ms = t;
   tw_advance(&s->wheel, now_tick(s), on_timer, s);
   tw_advance(&s->ack_wheel, now_tick(s), rel_on_timer, s);
+  guard_tick(s);
   leave(s);
 }
 
@@ -1585,6 +1592,17 @@ int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
   info->transport = (enum im_transport)c->transport;
   info->binary = c->binary;
   info->since_ms = c->since_ms;
+  info->secure = (c->flags & CF_SECURE) != 0;
+  return 0;
+}
+
+int im_conn_set_secure(im_server *s, im_conn_id id, int secure) {
+  im_conn *c = conn_lookup(s, id);
+  if (!c) return IM_ENOENT;
+  if (secure)
+    c->flags |= CF_SECURE;
+  else
+    c->flags &= (uint16_t)~CF_SECURE;
   return 0;
 }
 

@@ -1,21 +1,20 @@
-/* The libevent driver: accepts sockets, reads into one shared buffer, feeds
- * the engine, and flushes every connection's queued frames with one
- * sendmsg() per connection per loop iteration. */
-#include <errno.h>
+/* The libevent driver: accepts sockets (im_listener), reads into one shared
+ * buffer, feeds the engine, and flushes every connection's queued frames
+ * with one im_stream_writev() per connection per loop iteration. The
+ * im_stream under each connection is a plain socket or a TLS session; a TLS
+ * connection is handed to the engine at accept (so max_connections and the
+ * auth timeout count it) but reads nothing until its handshake is done,
+ * which must happen within the context's handshake timeout. */
 #include <event2/event.h>
-#include <event2/listener.h>
 #include <event2/util.h>
 #include <libim/im_event.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
+#include <libim/im_net.h>
 #include <signal.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
 #include <time.h>
-#include <unistd.h>
 
 #define MAX_LISTENERS 8
 #define READ_BUF (64 * 1024)
@@ -29,18 +28,24 @@ struct ev_conn {
   ev_conn *flush_next;   /* pending-output list */
   ev_conn *grave_next;   /* closed, freed once off every list */
   ev_conn *all_prev, *all_next; /* every open connection, for im_event_free */
+  im_stream *st;
+  struct listener *ls;          /* that accepted it */
+  ev_conn *hs_prev, *hs_next;   /* on its listener's handshake list, by deadline */
+  uint64_t hs_deadline;
   uint8_t in_flush : 1;
   uint8_t closed : 1;
   uint8_t writing : 1;   /* EV_WRITE is armed */
+  uint8_t handshaking : 1;
   /* the struct event follows, event_get_struct_event_size() bytes */
   _Alignas(max_align_t) unsigned char ev[];
 };
 
 typedef struct listener {
   im_event *owner;
-  struct evconnlistener *l;
+  im_listener *l;
   enum im_transport t;
-  int port;
+  im_tls *tls;               /* NULL: plain */
+  ev_conn *hs_head, *hs_tail; /* TLS handshakes in progress, oldest first */
 } listener;
 
 struct im_event {
@@ -81,15 +86,29 @@ static void all_unlink(im_event *e, ev_conn *ec) {
   ec->all_prev = ec->all_next = NULL;
 }
 
+static void hs_unlink(ev_conn *ec, struct listener *ls) {
+  if (!ec->handshaking) return;
+  if (ec->hs_prev)
+    ec->hs_prev->hs_next = ec->hs_next;
+  else
+    ls->hs_head = ec->hs_next;
+  if (ec->hs_next)
+    ec->hs_next->hs_prev = ec->hs_prev;
+  else
+    ls->hs_tail = ec->hs_prev;
+  ec->hs_prev = ec->hs_next = NULL;
+  ec->handshaking = 0;
+}
+
 /* Closed: stop events, close the socket, and park the memory until the
  * flush callback can free it (we may be inside this connection's callback). */
 static void conn_bury(ev_conn *ec) {
   if (ec->closed) return;
   im_event *e = ec->owner;
-  struct event *ev = conn_event(ec);
-  int fd = event_get_fd(ev);
-  event_del(ev);
-  evutil_closesocket(fd);
+  event_del(conn_event(ec));
+  if (ec->handshaking) hs_unlink(ec, ec->ls);
+  im_stream_free(ec->st);
+  ec->st = NULL;
   ec->closed = 1;
   all_unlink(e, ec);
   ec->grave_next = e->grave;
@@ -120,16 +139,12 @@ static bool write_out(ev_conn *ec) {
       arm(ec, false);
       return n == 0;
     }
-    struct msghdr mh = {0};
-    mh.msg_iov = iov;
-    mh.msg_iovlen = (size_t)n;
-    ssize_t w = sendmsg(event_get_fd(conn_event(ec)), &mh, MSG_NOSIGNAL);
+    ssize_t w = im_stream_writev(ec->st, iov, n);
     if (w < 0) {
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        arm(ec, true);
+      if (w == IM_STREAM_AGAIN) {
+        arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
         return true;
       }
-      if (errno == EINTR) continue;
       im_conn_id id = ec->id;
       conn_bury(ec);
       im_server_hangup(e->srv, id);
@@ -140,20 +155,56 @@ static bool write_out(ev_conn *ec) {
   return false;
 }
 
-static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
-  ev_conn *ec = arg;
-  im_event *e = ec->owner;
-  if ((what & EV_WRITE) && !write_out(ec)) return;
-  if (!(what & EV_READ) || ec->closed) return;
-  ssize_t n = recv(fd, e->rbuf, sizeof e->rbuf, 0);
-  if (n > 0) {
-    im_server_feed(e->srv, ec->id, e->rbuf, (size_t)n);
-    return;
-  }
-  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) return;
+static void conn_fail(ev_conn *ec) {
   im_conn_id id = ec->id;
   conn_bury(ec);
-  im_server_hangup(e->srv, id);
+  im_server_hangup(ec->owner->srv, id);
+}
+
+/* Reads until the socket is drained for now; a TLS stream may hold
+ * decrypted bytes that no readiness event will announce. */
+static void read_in(ev_conn *ec) {
+  im_event *e = ec->owner;
+  while (!ec->closed) {
+    ssize_t n = im_stream_read(ec->st, e->rbuf, sizeof e->rbuf);
+    if (n == IM_STREAM_AGAIN) return;
+    if (n <= 0) {
+      conn_fail(ec);
+      return;
+    }
+    im_server_feed(e->srv, ec->id, e->rbuf, (size_t)n);
+    if (ec->closed || !im_stream_pending(ec->st)) return;
+  }
+}
+
+/* One step of a TLS handshake; once done, what arrived with it is read
+ * and output the engine queued meanwhile is written. */
+static void handshake_step(ev_conn *ec) {
+  int r = im_stream_handshake(ec->st);
+  if (r == IM_STREAM_AGAIN) {
+    arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
+    return;
+  }
+  if (r < 0) {
+    conn_fail(ec);
+    return;
+  }
+  hs_unlink(ec, ec->ls);
+  arm(ec, false);
+  if (!write_out(ec)) return;
+  read_in(ec);
+}
+
+static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  ev_conn *ec = arg;
+  if (ec->handshaking) {
+    handshake_step(ec);
+    return;
+  }
+  if ((what & EV_WRITE) && !write_out(ec)) return;
+  if (!(what & EV_READ) || ec->closed) return;
+  read_in(ec);
 }
 
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
@@ -193,7 +244,8 @@ static void io_want_write(im_server *srv, im_conn_id c, void *io_ctx, void *io_u
   (void)c;
   ev_conn *ec = io_ctx;
   im_event *e = io_user;
-  if (ec->in_flush || ec->closed || ec->writing) return;
+  /* a handshaking connection writes once the handshake is done */
+  if (ec->in_flush || ec->closed || ec->writing || ec->handshaking) return;
   ec->in_flush = 1;
   ec->flush_next = NULL;
   if (e->flush_tail)
@@ -209,56 +261,47 @@ static void io_close(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) 
   (void)c;
   (void)io_user;
   ev_conn *ec = io_ctx;
-  /* a graceful close: tell the peer we are done before the descriptor goes */
-  shutdown(event_get_fd(conn_event(ec)), SHUT_WR);
+  /* a graceful close: tell the peer we are done before the descriptor goes
+   * (a TLS close_notify, then FIN) */
+  if (!ec->handshaking) im_stream_shutdown(ec->st);
   conn_bury(ec);
 }
 
 /* ---- listeners -------------------------------------------------------------- */
 
-static void format_peer(const struct sockaddr *sa, char *out, size_t cap) {
-  char host[64] = "?";
-  int port = 0;
-  if (sa->sa_family == AF_INET) {
-    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-    evutil_inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    port = ntohs(in->sin_port);
-    snprintf(out, cap, "%s:%d", host, port);
-  } else if (sa->sa_family == AF_INET6) {
-    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
-    evutil_inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    port = ntohs(in6->sin6_port);
-    snprintf(out, cap, "[%s]:%d", host, port);
-  } else {
-    snprintf(out, cap, "unix");
-  }
-}
-
-static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct sockaddr *sa, int salen,
-                      void *arg) {
-  (void)l;
-  (void)salen;
+static void accept_cb(int fd, const char *peer, void *arg) {
   listener *ls = arg;
   im_event *e = ls->owner;
   if (e->shutting_down) {
     evutil_closesocket(fd);
     return;
   }
-  int one = 1; /* small IMP frames must not wait for Nagle */
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   ev_conn *ec = calloc(1, sizeof(*ec) + event_get_struct_event_size());
-  if (!ec) {
-    evutil_closesocket(fd);
-    return;
-  }
-  char peer[64];
-  format_peer(sa, peer, sizeof peer);
-  ec->owner = e;
-  ec->id = im_server_accept(e->srv, ls->t, peer, ec);
-  if (!ec->id) {
+  im_stream *st = ec ? im_stream_new(fd, ls->tls) : NULL;
+  if (!st) {
     free(ec);
     evutil_closesocket(fd);
     return;
+  }
+  ec->owner = e;
+  ec->ls = ls;
+  ec->st = st;
+  ec->id = im_server_accept(e->srv, ls->t, peer, ec);
+  if (!ec->id) {
+    im_stream_free(st);
+    free(ec);
+    return;
+  }
+  if (ls->tls) {
+    im_conn_set_secure(e->srv, ec->id, 1);
+    ec->handshaking = 1;
+    ec->hs_deadline = mono_ms() + im_tls_handshake_timeout(ls->tls);
+    ec->hs_prev = ls->hs_tail;
+    if (ls->hs_tail)
+      ls->hs_tail->hs_next = ec;
+    else
+      ls->hs_head = ec;
+    ls->hs_tail = ec;
   }
   event_assign(conn_event(ec), e->base, fd, EV_READ | EV_PERSIST, conn_io_cb, ec);
   event_add(conn_event(ec), NULL);
@@ -267,24 +310,17 @@ static void accept_cb(struct evconnlistener *l, evutil_socket_t fd, struct socka
   e->all = ec;
 }
 
-static void accept_error_cb(struct evconnlistener *l, void *arg) {
-  (void)l;
-  (void)arg;
-  /* EMFILE and friends: the listener retries on its next readiness */
-  int err = EVUTIL_SOCKET_ERROR();
-  static uint64_t last;
-  uint64_t now = mono_ms();
-  if (now - last > 1000) {
-    fprintf(stderr, "libim: accept: %s\n", evutil_socket_error_to_string(err));
-    last = now;
-  }
-}
-
 static void tick_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   im_event *e = arg;
-  im_server_tick(e->srv, mono_ms());
+  uint64_t now = mono_ms();
+  /* handshakes over time cost their connection; each list is in deadline
+   * order (one timeout per listener) */
+  for (int i = 0; i < e->nls; i++)
+    while (e->ls[i].hs_head && e->ls[i].hs_head->hs_deadline <= now)
+      conn_fail(e->ls[i].hs_head);
+  im_server_tick(e->srv, now);
 }
 
 im_event *im_event_new(struct event_base *base, im_server *srv) {
@@ -307,65 +343,26 @@ im_event *im_event_new(struct event_base *base, im_server *srv) {
   return e;
 }
 
-/* "HOST:PORT" or "[V6]:PORT", numeric only; port 0 lets the kernel pick
- * (which evutil_parse_sockaddr_port refuses). */
-static int parse_addr(const char *addr, struct sockaddr_storage *ss, int *len) {
-  char host[64];
-  const char *colon = addr ? strrchr(addr, ':') : NULL;
-  if (!colon || (size_t)(colon - addr) >= sizeof host) return -1;
-  const char *h = addr, *hend = colon;
-  if (*h == '[') {
-    if (hend[-1] != ']') return -1;
-    h++;
-    hend--;
-  }
-  memcpy(host, h, (size_t)(hend - h));
-  host[hend - h] = '\0';
-  char *end;
-  long port = strtol(colon + 1, &end, 10);
-  if (*end || end == colon + 1 || port < 0 || port > 65535) return -1;
-  memset(ss, 0, sizeof *ss);
-  struct sockaddr_in *in = (struct sockaddr_in *)ss;
-  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
-  if (evutil_inet_pton(AF_INET, host, &in->sin_addr) == 1) {
-    in->sin_family = AF_INET;
-    in->sin_port = htons((uint16_t)port);
-    *len = sizeof *in;
-  } else if (evutil_inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
-    in6->sin6_family = AF_INET6;
-    in6->sin6_port = htons((uint16_t)port);
-    *len = sizeof *in6;
-  } else {
-    return -1;
-  }
-  return 0;
-}
-
-int im_event_listen(im_event *e, enum im_transport t, const char *addr) {
+int im_event_listen_tls(im_event *e, enum im_transport t, const char *addr, im_tls *tls) {
   if (e->nls == MAX_LISTENERS || (t != IM_TRANSPORT_WS && t != IM_TRANSPORT_TCP)) return IM_EINVAL;
-  struct sockaddr_storage ss;
-  int len;
-  if (parse_addr(addr, &ss, &len) < 0) return IM_EADDR;
   listener *ls = &e->ls[e->nls];
+  memset(ls, 0, sizeof *ls);
   ls->owner = e;
   ls->t = t;
-  ls->l = evconnlistener_new_bind(e->base, accept_cb, ls,
-                                  LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE | LEV_OPT_CLOSE_ON_EXEC,
-                                  4096, (struct sockaddr *)&ss, len);
+  ls->tls = tls;
+  ls->l = im_listener_new(e->base, addr, 4096, accept_cb, ls);
   if (!ls->l) return IM_EADDR;
-  evconnlistener_set_error_cb(ls->l, accept_error_cb);
-  struct sockaddr_storage bound;
-  socklen_t bl = sizeof bound;
-  ls->port = -1;
-  if (getsockname(evconnlistener_get_fd(ls->l), (struct sockaddr *)&bound, &bl) == 0)
-    ls->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
-                                                 : ((struct sockaddr_in *)&bound)->sin_port);
+  if (e->shutting_down) im_listener_enable(ls->l, 0);
   e->nls++;
   return 0;
 }
 
+int im_event_listen(im_event *e, enum im_transport t, const char *addr) {
+  return im_event_listen_tls(e, t, addr, NULL);
+}
+
 int im_event_port(const im_event *e, int n) {
-  return n >= 0 && n < e->nls ? e->ls[n].port : -1;
+  return n >= 0 && n < e->nls ? im_listener_port(e->ls[n].l) : -1;
 }
 
 static void grace_cb(evutil_socket_t fd, short what, void *arg) {
@@ -378,7 +375,11 @@ static void grace_cb(evutil_socket_t fd, short what, void *arg) {
 void im_event_shutdown(im_event *e, unsigned grace_ms) {
   if (e->shutting_down) return;
   e->shutting_down = true;
-  for (int i = 0; i < e->nls; i++) evconnlistener_disable(e->ls[i].l);
+  for (int i = 0; i < e->nls; i++) {
+    im_listener_enable(e->ls[i].l, 0);
+    /* no channel to say goodbye on before the TLS handshake: just drop */
+    while (e->ls[i].hs_head) conn_fail(e->ls[i].hs_head);
+  }
   im_server_close_all(e->srv, IM_CLOSE_GOING_AWAY, "server shutting down");
   if (!e->grace) e->grace = evtimer_new(e->base, grace_cb, e);
   if (e->grace) {
@@ -407,7 +408,7 @@ int im_event_handle_signals(im_event *e, unsigned grace_ms) {
 
 void im_event_free(im_event *e) {
   if (!e) return;
-  for (int i = 0; i < e->nls; i++) evconnlistener_free(e->ls[i].l);
+  for (int i = 0; i < e->nls; i++) im_listener_free(e->ls[i].l);
   for (int i = 0; i < 2; i++)
     if (e->sig[i]) event_free(e->sig[i]);
   if (e->grace) event_free(e->grace);
@@ -419,7 +420,7 @@ void im_event_free(im_event *e) {
     ev_conn *ec = e->all;
     e->all = ec->all_next;
     event_del(conn_event(ec));
-    evutil_closesocket(event_get_fd(conn_event(ec)));
+    im_stream_free(ec->st);
     im_server_hangup(e->srv, ec->id);
     free(ec);
   }

@@ -255,6 +255,33 @@ static void ignore_reply(redisAsyncContext *ac, void *rep, void *priv) {
   (void)priv;
 }
 
+/* Route values are '|'-separated: a platform or device (chosen by the
+ * client) has its '|' and '%' percent-encoded, and is decoded in place. */
+static void field_escape(char *out, size_t cap, const char *s) {
+  size_t o = 0;
+  for (; *s && o + 4 < cap; s++) {
+    if (*s == '|' || *s == '%')
+      o += (size_t)snprintf(out + o, cap - o, "%%%02X", (unsigned char)*s);
+    else
+      out[o++] = *s;
+  }
+  out[o] = '\0';
+}
+
+static void field_unescape(char *s) {
+  char *w = s;
+  for (; *s; s++) {
+    if (s[0] == '%' && s[1] && s[2]) {
+      char hex[3] = {s[1], s[2], 0};
+      *w++ = (char)strtol(hex, NULL, 16);
+      s += 2;
+    } else {
+      *w++ = *s;
+    }
+  }
+  *w = '\0';
+}
+
 static void conn_field(const im_redis *r, im_conn_id c, char out[KEY_MAX]) {
   snprintf(out, KEY_MAX, "%s/%" PRIx64, r->node, c);
 }
@@ -268,8 +295,11 @@ static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
   snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, r->epoch);
   key(r, kidx, "noderoutes:%s", reg);
   conn_field(r, c, field);
+  char platform[200], device[200];
+  field_escape(platform, sizeof platform, info.platform);
+  field_escape(device, sizeof device, info.device);
   snprintf(value, sizeof value, "%s|%" PRIu64 "|%s|%s|%s|%" PRIu64 "|%s", r->node, r->epoch,
-           info.platform, info.device, info.peer, im_server_wall_base(srv) + info.since_ms,
+           platform, device, info.peer, im_server_wall_base(srv) + info.since_ms,
            info.transport == IM_TRANSPORT_TCP ? "tcp" : "ws");
   fmt_u64(ep, r->epoch);
   const char *keys[] = {kroute, kidx};
@@ -712,12 +742,11 @@ static void on_routes(redisAsyncContext *ac, void *rep, void *priv) {
     const char *field = rp->element[2 * i]->str, *val = rp->element[2 * i + 1]->str;
     if (!field || !val) continue;
     snprintf(bufs[i], sizeof bufs[i], "%s", val);
-    char *parts[7] = {0}, *save = NULL, *s = bufs[i];
-    for (int k = 0; k < 7; k++) {
-      parts[k] = strsep(&s, "|");
-      (void)save;
-    }
+    char *parts[7] = {0}, *s = bufs[i];
+    for (int k = 0; k < 7; k++) parts[k] = strsep(&s, "|");
     if (!parts[6] || !strcmp(parts[0], r->node)) continue; /* ours are the local ones */
+    field_unescape(parts[2]);
+    field_unescape(parts[3]);
     const char *slash = strchr(field, '/');
     all[n++] = (im_route){.node = parts[0], .conn = slash ? slash + 1 : field, .platform = parts[2],
                           .device = parts[3], .peer = parts[4],

@@ -447,3 +447,18 @@ class RawWS:
         rest = await wire.read_to_eof(self.r, 'EOF after the close frame', ConnectionError)
         check(rest == b'', 'bytes after the close frame: %r' % rest[:80])
         return wire.close_code(payload)
+
+
+# --------------------------------------------------------------- running ---
+
+def main():
+    """Run the calling test module: IMD from the environment or --imd PATH."""
+    argv = list(sys.argv)
+    if '--imd' in argv:
+        i = argv.index('--imd')
+        os.environ['IMD'] = argv[i + 1]
+        del argv[i:i + 2]
+    if not os.environ.get('IMD') or not os.access(os.environ['IMD'], os.X_OK):
+        sys.exit('IMD=%r is not an executable imd binary' % os.environ.get('IMD'))
+    import unittest
+    unittest.main(module='__main__', argv=argv, verbosity=2)

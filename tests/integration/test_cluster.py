@@ -18,8 +18,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (API_KEY, Client, Imd, api, assert_clean_exit, check, connect,  # noqa: E402
-                       py_token, scenario, within, NO_RATE_LIMITS, cli_token)
+from imdclient import (Client, Imd, api, assert_clean_exit, check, cli_token,  # noqa: E402
+                       connect, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
 
 TTL = 2            # --lease-ttl of the nodes, seconds
@@ -170,6 +170,14 @@ class ClusterCase(unittest.TestCase):
     async def ready(self):
         await wait_for(lambda: all_up(self.nodes.values()), 10, 'every node leased')
 
+    async def _on(self, srv, uid, nodes):
+        """uid's connections are on exactly these nodes (as srv sees it)."""
+        return await presence_nodes(srv, uid) == nodes
+
+    async def _listed(self, srv, nodes):
+        r = await api(srv, 'GET', '/v1/gateways?uid=u')
+        return sorted(g['node'] for g in r.json['gateways']) == nodes
+
 
 class TestDelivery(ClusterCase):
     @scenario(90)
@@ -189,7 +197,7 @@ class TestDelivery(ClusterCase):
             await c.send('join', room='lobby', cid='j')
             await c.expect('ack', cid='j')
         # presence from any node sees all three connections and their nodes
-        await wait_for(lambda: self._bob_on(A, ['B', 'C']), 5, 'bob on B and C in presence')
+        await wait_for(lambda: self._on(A, 'bob', ['B', 'C']), 5, 'bob on B and C in presence')
         sent = []
         for i in range(20):
             ack = await alice.msg('d%d' % i, '{"n":%d}' % i, to='bob')
@@ -231,9 +239,6 @@ class TestDelivery(ClusterCase):
         check(await phone.c.closed() == 4403 and await pc.c.closed() == 4403, 'not kicked')
         figures('cluster_delivery', sent=len(sent), phone=phone.copies, pc=pc.copies)
 
-    async def _bob_on(self, srv, nodes):
-        return await presence_nodes(srv, 'bob') == nodes
-
     @scenario(60)
     async def test_gateways_least_loaded_first(self):
         A, B, C = (self.nodes[k] for k in 'ABC')
@@ -241,7 +246,13 @@ class TestDelivery(ClusterCase):
         r = await api(A, 'GET', '/v1/gateways?uid=u1', key=None)
         check(r.status == 401, 'gateways needs the API key: %r' % r)
         held = [await connect(B, 'json', 'x%d' % i) for i in range(2)]
-        held.append(await connect(C, 'json', 'y'))
+        held.append(await connect(C, 'json', 'y', device='pad|1%2', platform='ios|x'))
+        # presence on another node: every field as the client gave it
+        await wait_for(lambda: self._on(A, 'y', ['C']), 5, 'y on C')
+        r = await api(A, 'GET', '/v1/users/y/presence')
+        c = r.json['connections'][0]
+        check((c['node'], c['device'], c['platform'], c['transport']) ==
+              ('C', 'pad|1%2', 'ios|x', 'ws'), 'presence: %r' % r)
 
         async def loads():
             r = await api(A, 'GET', '/v1/gateways?uid=u1')
@@ -305,9 +316,6 @@ class TestNodeFaults(ClusterCase):
         self.nodes.pop('B').remove_data()
         figures('cluster_kill9', purge_s='%.2f' % took, delivered=len(phone.by_seq))
 
-    async def _on(self, srv, uid, nodes):
-        return await presence_nodes(srv, uid) == nodes
-
     @scenario(90)
     async def test_zombie_node_comes_back(self):
         """SIGSTOP C past its TTL (the others purge its routes), SIGCONT: it
@@ -362,8 +370,9 @@ class TestDrain(ClusterCase):
             await pc.c.send('ack', id=m['id'], seq=m['seq'])
         r = await api(C, 'POST', '/v1/admin/drain')
         check(r.status == 202 and r.json['draining'], 'drain: %r' % r)
+        # gone from the lists within a Redis round trip
+        await wait_for(lambda: self._listed(A, ['A', 'B']), 1, 'C out of the gateway list')
         r = await api(A, 'GET', '/v1/gateways?uid=bob')
-        check('C' not in [g['node'] for g in r.json['gateways']], 'C still listed: %r' % r)
         while goaway is None:
             m = await pc.c.recv('goaway')
             if m['op'] == 'goaway':
@@ -391,9 +400,6 @@ class TestDrain(ClusterCase):
         self.nodes.pop('C').remove_data()
         check('drained' in log, 'log: %s' % log)
         figures('cluster_drain', sent=500, delivered=len(pc.by_seq), copies=pc.copies)
-
-    async def _on(self, srv, uid, nodes):
-        return await presence_nodes(srv, uid) == nodes
 
 
 class TestRedisFaults(ClusterCase):
@@ -490,9 +496,6 @@ class TestRedisFaults(ClusterCase):
         m = await bob.c.expect('msg', id=last['id'])
         check(m['seq'] == 6, 'seq %r' % m.get('seq'))
         figures('cluster_repair', repaired=1)
-
-    async def _on(self, srv, uid, nodes):
-        return await presence_nodes(srv, uid) == nodes
 
 
 class TestRevocation(ClusterCase):

@@ -21,6 +21,7 @@ import urllib.parse
 sys.dont_write_bytecode = True          # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire  # noqa: E402
+from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, SECRET, T, Client, Imd, ImdCase, api,  # noqa: E402,F401
                        assert_clean_exit, connect, parse_metrics, run_cli, decode_bin, open_tcp, py_token, scenario, upgrade_status, within,
                        token_exp, token_iat)
@@ -550,16 +551,5 @@ class TestApiBodyWithoutKey(ImdCase):
         self.assertEqual(r.status, 200, r)
 
 
-def main():
-    argv = list(sys.argv)
-    if '--imd' in argv:
-        i = argv.index('--imd')
-        os.environ['IMD'] = argv[i + 1]
-        del argv[i:i + 2]
-    if not os.environ.get('IMD') or not os.access(os.environ['IMD'], os.X_OK):
-        sys.exit('IMD=%r is not an executable imd binary' % os.environ.get('IMD'))
-    unittest.main(argv=argv, verbosity=2)
-
-
 if __name__ == '__main__':
-    main()
+    imdclient_main()

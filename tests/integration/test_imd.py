@@ -25,6 +25,7 @@ import urllib.parse
 
 sys.dont_write_bytecode = True          # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, SANITIZER_RE, SECRET, T, Client, Imd, ImdCase, RawWS,  # noqa: E402
                        api, assert_clean_exit, cli_token, connect, forge, http_call,
                        parse_metrics, py_token, raw_http, request_bytes, run_cli, scenario,
@@ -837,16 +838,5 @@ class TestRobustness(ServerCase):
         await bob.expect('msg', id=ack['id'])
 
 
-def main():
-    argv = list(sys.argv)
-    if '--imd' in argv:
-        i = argv.index('--imd')
-        os.environ['IMD'] = argv[i + 1]
-        del argv[i:i + 2]
-    if not os.environ.get('IMD') or not os.access(os.environ['IMD'], os.X_OK):
-        sys.exit('IMD=%r is not an executable imd binary' % os.environ.get('IMD'))
-    unittest.main(argv=argv, verbosity=2)
-
-
 if __name__ == '__main__':
-    main()
+    imdclient_main()

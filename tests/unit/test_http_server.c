@@ -165,6 +165,8 @@ static bool defer_route(fixture *f, const http_request *rq, http_response *rs) {
  *   /status/N    status N, body "{}"
  *   /big?C       200, BIG_BODY bytes of the character C
  *   /noct        200, no body, no content type set
+ *   /hdrs?V      200, extra headers of variant V (ok, nocrlf, nocolon, bare-lf,
+ *                space-name, 304), body = the If-None-Match value or "-"
  *   /quit        frees the server from inside the handler
  *   deferring    see defer_route
  *   anything     200 {"ok":true}
@@ -211,6 +213,25 @@ static void handler(void *user, const http_request *rq, http_response *rs) {
     }
   } else if (path_is(rq, "/noct")) {
     rs->status = 200;
+  } else if (path_is(rq, "/hdrs")) {
+    static const char *const variants[][2] = {
+        {"ok", "ETag: \"1-2\"\r\nCache-Control: no-cache\r\n"},
+        {"304", "ETag: \"1-2\"\r\n"},
+        {"nocrlf", "ETag: \"1\"\r\nX-Evil: 1"},
+        {"nocolon", "ETag: \"1\"\r\nX-Evil\r\n"},
+        {"bare-lf", "ETag: \"1\"\nX-Evil: 1\r\n"},
+        {"space-name", "X Evil: 1\r\n"},
+    };
+    rs->status = 200;
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++)
+      if (rq->query_len == strlen(variants[i][0]) &&
+          !memcmp(rq->query, variants[i][0], rq->query_len)) {
+        snprintf(rs->headers, sizeof rs->headers, "%s", variants[i][1]);
+        if (i == 1) rs->status = 304;
+      }
+    const char *inm = rq->if_none_match ? rq->if_none_match : "-";
+    rs->body = dup_mem(inm, strlen(inm));
+    rs->body_len = strlen(inm);
   } else if (path_is(rq, "/quit")) {
     http_server_free(f->srv);
     f->srv = NULL;
@@ -418,6 +439,7 @@ typedef struct response {
   size_t length;
   char *body;
   size_t body_len;
+  char head[1024];  /* the status line and headers, cut to fit */
 } response;
 
 static client cli_open(void) {
@@ -509,6 +531,7 @@ static response cli_read_ex(client *c, bool head_only) {
   assert_non_null(sp);
   const char *eol = strstr(sp, "\r\n");
   copy_str(r.reason, sizeof r.reason, sp + 1, (size_t)(eol - sp - 1));
+  copy_str(r.head, sizeof r.head, head, hlen);
   header_value(head, "Content-Type", r.ctype, sizeof r.ctype);
   header_value(head, "Connection", r.connection, sizeof r.connection);
   char cl[32];
@@ -996,6 +1019,43 @@ static void test_expect_continue(void **state) {
   c = cli_open();
   cli_sends(&c, "POST /echo HTTP/1.1\r\nExpect: teapot\r\nContent-Length: 5\r\n\r\n");
   expect_json_error(&c, 417, "expectation failed");
+  cli_close(&c);
+}
+
+/* The handler's extra headers go out as given, only when well-formed; the
+ * request's If-None-Match reaches it. */
+static void test_extra_headers(void **state) {
+  (void)state;
+  start(NULL);
+  client c = cli_open();
+  cli_sends(&c, "GET /hdrs?ok HTTP/1.1\r\nIf-None-Match: W/\"a\", \"b\"\r\n\r\n");
+  response r = cli_read(&c);
+  assert_int_equal(r.status, 200);
+  assert_non_null(strstr(r.head, "\r\nETag: \"1-2\"\r\nCache-Control: no-cache\r\nConnection: "));
+  assert_int_equal(r.body_len, strlen("W/\"a\", \"b\""));
+  assert_memory_equal(r.body, "W/\"a\", \"b\"", r.body_len);
+  resp_free(&r);
+  cli_sends(&c, "GET /hdrs?304 HTTP/1.1\r\n\r\n");
+  r = cli_read(&c);
+  assert_int_equal(r.status, 304);
+  assert_false(r.has_length);
+  assert_non_null(strstr(r.head, "\r\nETag: \"1-2\"\r\n"));
+  assert_memory_equal(r.body, "", 0);
+  resp_free(&r);
+  static const char *const bad[] = {"nocrlf", "nocolon", "bare-lf", "space-name"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char req[128];
+    snprintf(req, sizeof req, "GET /hdrs?%s HTTP/1.1\r\n\r\n", bad[i]);
+    cli_sends(&c, req);
+    r = cli_read(&c);
+    assert_int_equal(r.status, 200);
+    if (strstr(r.head, "ETag") || strstr(r.head, "Evil")) fail_msg("%s sent: %s", bad[i], r.head);
+    assert_memory_equal(r.body, "-", 1); /* no If-None-Match: NULL */
+    resp_free(&r);
+  }
+  /* two If-None-Match are ambiguous, like two Authorization */
+  cli_sends(&c, "GET /hdrs HTTP/1.1\r\nIf-None-Match: \"a\"\r\nIf-None-Match: \"b\"\r\n\r\n");
+  expect_json_error(&c, 400, "bad request: duplicate header");
   cli_close(&c);
 }
 
@@ -1763,6 +1823,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_authorization, setup, teardown),
       cmocka_unit_test_setup_teardown(test_expect_continue, setup, teardown),
       cmocka_unit_test_setup_teardown(test_head, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_extra_headers, setup, teardown),
       cmocka_unit_test_setup_teardown(test_half_close, setup, teardown),
       cmocka_unit_test_setup_teardown(test_half_close_blocked, setup, teardown),
       cmocka_unit_test_setup_teardown(test_ipv6, setup, teardown),

@@ -1,0 +1,175 @@
+/* Addresses and listeners shared by libim's driver and embedders' servers
+ * (imd's HTTP API): one parser, so every listener takes the same
+ * "HOST:PORT" / "[V6]:PORT" syntax, and one accept path. */
+#include <errno.h>
+#include <event2/event.h>
+#include <event2/listener.h>
+#include <event2/util.h>
+#include <libim/im_net.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+/* While accept() fails for lack of descriptors or memory, stop listening for
+ * this long instead of spinning on a listener that stays readable. */
+#define ACCEPT_PAUSE_MS 100
+
+struct im_listener {
+  struct evconnlistener *l;
+  struct event *retry;
+  im_accept_fn fn;
+  void *arg;
+  int port;
+  bool enabled;   /* as the owner wants it */
+  uint64_t last_log_ms;
+};
+
+int im_addr_parse(const char *addr, struct sockaddr_storage *ss, socklen_t *len) {
+  const char *colon = addr ? strrchr(addr, ':') : NULL;
+  if (!colon) return IM_EADDR;
+  const char *h = addr, *hend = colon;
+  bool v6 = *h == '[';
+  if (v6) {
+    if (hend - h < 2 || hend[-1] != ']') return IM_EADDR;
+    h++;
+    hend--;
+  }
+  char host[INET6_ADDRSTRLEN];
+  if ((size_t)(hend - h) >= sizeof host) return IM_EADDR;
+  memcpy(host, h, (size_t)(hend - h));
+  host[hend - h] = '\0';
+  char *end;
+  errno = 0;
+  long port = strtol(colon + 1, &end, 10);
+  if (*end || end == colon + 1 || errno || port < 0 || port > 65535) return IM_EADDR;
+  memset(ss, 0, sizeof *ss);
+  struct sockaddr_in *in = (struct sockaddr_in *)ss;
+  struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+  if (!v6 && evutil_inet_pton(AF_INET, host, &in->sin_addr) == 1) {
+    in->sin_family = AF_INET;
+    in->sin_port = htons((uint16_t)port);
+    *len = (socklen_t)sizeof *in;
+  } else if (v6 && evutil_inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+    in6->sin6_family = AF_INET6;
+    in6->sin6_port = htons((uint16_t)port);
+    *len = (socklen_t)sizeof *in6;
+  } else {
+    return IM_EADDR;
+  }
+  return 0;
+}
+
+void im_addr_format(const struct sockaddr *sa, char *out, size_t cap) {
+  char host[INET6_ADDRSTRLEN] = "?";
+  if (sa->sa_family == AF_INET) {
+    const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
+    evutil_inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
+    snprintf(out, cap, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+  } else if (sa->sa_family == AF_INET6) {
+    const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    evutil_inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
+    snprintf(out, cap, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+  } else {
+    snprintf(out, cap, "?");
+  }
+}
+
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+static void accept_cb(struct evconnlistener *el, evutil_socket_t fd, struct sockaddr *sa,
+                      int salen, void *arg) {
+  (void)el;
+  (void)salen;
+  im_listener *l = arg;
+  int one = 1; /* small frames and responses must not wait for Nagle */
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  char peer[INET6_ADDRSTRLEN + 8];
+  im_addr_format(sa, peer, sizeof peer);
+  l->fn(fd, peer, l->arg);
+}
+
+static void retry_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  im_listener *l = arg;
+  if (l->enabled) evconnlistener_enable(l->l);
+}
+
+static void accept_error_cb(struct evconnlistener *el, void *arg) {
+  im_listener *l = arg;
+  int err = EVUTIL_SOCKET_ERROR();
+  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) return;
+  uint64_t now = mono_ms();
+  if (now - l->last_log_ms > 1000) {
+    fprintf(stderr, "libim: accept: %s (pausing the listener)\n",
+            evutil_socket_error_to_string(err));
+    l->last_log_ms = now;
+  }
+  evconnlistener_disable(el);
+  struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
+  evtimer_add(l->retry, &tv);
+}
+
+im_listener *im_listener_new(struct event_base *base, const char *addr, int backlog,
+                             im_accept_fn fn, void *arg) {
+  struct sockaddr_storage ss;
+  socklen_t len;
+  if (!base || !fn || im_addr_parse(addr, &ss, &len) < 0) {
+    errno = EINVAL;
+    return NULL;
+  }
+  im_listener *l = calloc(1, sizeof *l);
+  if (!l) return NULL;
+  l->fn = fn;
+  l->arg = arg;
+  l->enabled = true;
+  l->port = -1;
+  l->retry = evtimer_new(base, retry_cb, l);
+  if (l->retry)
+    l->l = evconnlistener_new_bind(base, accept_cb, l,
+                                   LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
+                                       LEV_OPT_CLOSE_ON_EXEC,
+                                   backlog, (struct sockaddr *)&ss, (int)len);
+  if (!l->l) {
+    int err = errno ? errno : ENOMEM;
+    im_listener_free(l);
+    errno = err;
+    return NULL;
+  }
+  evconnlistener_set_error_cb(l->l, accept_error_cb);
+  struct sockaddr_storage bound;
+  socklen_t bl = sizeof bound;
+  if (getsockname(evconnlistener_get_fd(l->l), (struct sockaddr *)&bound, &bl) == 0)
+    l->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
+                                                : ((struct sockaddr_in *)&bound)->sin_port);
+  return l;
+}
+
+int im_listener_port(const im_listener *l) { return l ? l->port : -1; }
+
+void im_listener_enable(im_listener *l, int on) {
+  l->enabled = on != 0;
+  if (on) {
+    evconnlistener_enable(l->l);
+  } else {
+    evconnlistener_disable(l->l);
+    evtimer_del(l->retry);
+  }
+}
+
+void im_listener_free(im_listener *l) {
+  if (!l) return;
+  if (l->l) evconnlistener_free(l->l);
+  if (l->retry) event_free(l->retry);
+  free(l);
+}

@@ -1,0 +1,32 @@
+/* The transport seam under every listener: an im_stream is a socket plus a
+ * table of functions. plain_funcs (stream.c) use recv/sendmsg; tls_funcs
+ * (tls.c) run an mbedTLS session over the same socket. The public calls of
+ * <libim/im_net.h> dispatch through the table, so the libevent driver and
+ * imd's HTTP server are written once for both. */
+#ifndef LIBIM_EVENT_STREAM_H
+#define LIBIM_EVENT_STREAM_H
+
+#include <libim/im_net.h>
+#include <stdint.h>
+
+typedef struct im_stream_funcs {
+  int (*handshake)(im_stream *s);
+  ssize_t (*read)(im_stream *s, void *buf, size_t cap);
+  ssize_t (*writev)(im_stream *s, const struct iovec *iov, int n);
+  size_t (*pending)(const im_stream *s);
+  void (*shutdown)(im_stream *s); /* before shutdown(SHUT_WR) */
+  void (*release)(im_stream *s);  /* frees the whole object; fd is closed by the caller */
+  const char *(*alpn)(const im_stream *s);
+} im_stream_funcs;
+
+struct im_stream {
+  const im_stream_funcs *f;
+  int fd;
+  uint8_t wants; /* IM_WANT_* of the last IM_STREAM_AGAIN */
+  uint8_t secure;
+};
+
+/* tls.c: a TLS stream over fd, or NULL when memory ran out. */
+im_stream *im__tls_stream_new(int fd, im_tls *tls);
+
+#endif
