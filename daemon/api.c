@@ -435,6 +435,32 @@ static void post_kick(imd *d, const char *uid, http_response *r) {
   reply_json(r, 200, o);
 }
 
+/* Revoke uid: its tokens issued until now are refused from now on (kept in
+ * DATA/revoked, so across restarts), and its connections on every node are
+ * closed with 4411. */
+static void post_revoke(imd *d, const char *uid, http_response *r) {
+  if (strlen(uid) > IMD_UID_MAX || strchr(uid, '\n')) {
+    reply_error(r, 400, "bad uid");
+    return;
+  }
+  int64_t at = (int64_t)imd_wall_ms();
+  if (imd_revoke_add(d->revoked, uid, at, d->cfg.max_token_ttl_s) < 0) {
+    reply_error(r, 500, "cannot record the revocation");
+    return;
+  }
+  d->m.revocations++;
+  /* the other nodes learn it through Redis within a second */
+  if (imd_revoke_publish(d, uid, at) < 0)
+    fprintf(stderr, "imd: revocation of a uid not written to Redis (down?): other nodes "
+                    "still accept its tokens\n");
+  int closed = im_kick_user(d->srv, uid, IM_CLOSE_REVOKED, "revoked");
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "uid", uid);
+  cJSON_AddNumberToObject(o, "revoked_at", (double)at);
+  cJSON_AddNumberToObject(o, "closed", closed < 0 ? 0 : (double)closed);
+  reply_json(r, 200, o);
+}
+
 /* ---- groups ---------------------------------------------------------------------- */
 
 static void members_known(void *arg, int status, const char *const *uids, size_t n) {
@@ -706,6 +732,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
     if (!strcmp(seg[3], "kick")) {
       if (!post) goto method;
       post_kick(d, seg[2], r);
+      return;
+    }
+    if (!strcmp(seg[3], "revoke")) {
+      if (!post) goto method;
+      post_revoke(d, seg[2], r);
       return;
     }
   }

@@ -20,9 +20,23 @@ uint64_t imd_mono_us(void) {
   return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
 }
 
+/* A genuine, unexpired token may still be refused: a lifetime over
+ * --max-token-ttl, or issued before its uid was revoked. Returns the
+ * reason, or NULL when it is fine. */
+static const char *token_policy(imd *d, const im_auth *a, const imd_token_claims *cl,
+                                int64_t now_s) {
+  if (cl->expiry - now_s > (int64_t)d->cfg.max_token_ttl_s) {
+    d->m.auth_too_long++;
+    return "token lifetime too long";
+  }
+  if (imd_revoked(d->revoked, a->uid, cl->issued_ms, cl->expiry, d->cfg.max_token_ttl_s)) {
+    d->m.auth_revoked++;
+    return "token revoked";
+  }
+  return NULL;
+}
+
 static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
-  (void)srv;
-  (void)c;
   imd *d = user;
   if (imd_uid_banned(d, a->uid)) {
     d->m.auth_banned++;
@@ -32,12 +46,23 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
   }
   int hook = imd_hooks_connect_mode(d);
   if (hook == IMD_HOOK_CONNECT_INSTEAD) return imd_hooks_auth(d, c, a);
-  int v = imd_token_verify(d->secret, d->secret_len, a->uid, a->device, a->token,
-                           (int64_t)(imd_wall_ms() / 1000));
-  if (v == IMD_TOKEN_OK)
-    return hook == IMD_HOOK_CONNECT_ALSO ? imd_hooks_auth(d, c, a) : IM_AUTH_ACCEPT;
+  uint64_t now_ms = imd_wall_ms();
+  imd_token_claims cl;
+  int v = imd_token_check(d->secret, d->secret_len, a->uid, a->device, a->token,
+                          (int64_t)(now_ms / 1000), &cl);
+  const char *why = v == IMD_TOKEN_OK ? token_policy(d, a, &cl, (int64_t)(now_ms / 1000)) : NULL;
+  if (v == IMD_TOKEN_OK && !why) {
+    /* the session ends when its token does (4410), unless refreshed */
+    im_conn_set_expiry(srv, c, (uint64_t)cl.expiry * 1000u - now_ms);
+    /* a refresh only renews the token of a connection the connect hook
+     * already let in: it is not asked again */
+    return hook == IMD_HOOK_CONNECT_ALSO && !a->refresh ? imd_hooks_auth(d, c, a)
+                                                         : IM_AUTH_ACCEPT;
+  }
   a->code = 401;
-  if (v == IMD_TOKEN_EXPIRED) {
+  if (why) {
+    a->reason = why;
+  } else if (v == IMD_TOKEN_EXPIRED) {
     d->m.auth_expired++;
     a->reason = "token expired";
   } else {
@@ -143,6 +168,14 @@ static void group_members_known(void *arg, int status, const char *const *uids, 
   free(g);
 }
 
+/* The per-receiver quota (quota.c): false when from has stored its
+ * share for `to` this minute. */
+static bool quota_ok(imd *d, const char *from, const char *to, bool group) {
+  if (!d->quota || imd_quota_take(d->quota, from, to, group, imd_wall_ms())) return true;
+  d->m.quota_refused++;
+  return false;
+}
+
 /* Route a 1:1 or group msg of c (checked, and allowed by the message hook
  * when there is one): stored, then acked once durable. */
 static int route_stored(imd *d, im_conn_id c, const im_msg *m) {
@@ -177,6 +210,10 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
   if (m->to && !*m->to) return refuse(d, srv, c, m, 400, "empty to");
   if (m->to && strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
   if (!m->room) {
+    im_conn_info info;
+    if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
+    if (!quota_ok(d, info.uid, m->to ? m->to : m->group, m->group != NULL))
+      return refuse(d, srv, c, m, 429, "receiver quota exceeded");
     if (imd_hooks_message(d, c, m, route_stored)) return IM_MSG_DEFER;
     return route_stored(d, c, m);
   }
@@ -200,6 +237,57 @@ static void on_ack(im_server *srv, im_conn_id c, const char *id, uint64_t seq, v
     imd_mark_delivered(user, info.uid, info.device, seq);
 }
 
+/* --rooms members: a join waits for the store's members of the group
+ * named like the room. */
+typedef struct room_join {
+  imd *d;
+  im_conn_id c;
+  char *cid;  /* NULL: the join had none */
+  char buf[]; /* room, then cid */
+} room_join;
+
+static void room_members_known(void *arg, int status, const char *const *uids, size_t n) {
+  room_join *j = arg;
+  imd *d = j->d;
+  im_conn_info info;
+  if (im_conn_get_info(d->srv, j->c, &info) == 0 && info.uid) {
+    bool member = false;
+    for (size_t i = 0; status == 0 && i < n && !member; i++) member = !strcmp(uids[i], info.uid);
+    int rc = member ? im_room_join(d->srv, j->c, j->buf) : 0;
+    if (status < 0) {
+      im_reply_error(d->srv, j->c, status == IMD_STORE_EDOWN ? 503 : 500,
+                     status == IMD_STORE_EDOWN ? "store unavailable" : "store failed", j->cid);
+    } else if (!member) {
+      d->m.rooms_refused++;
+      im_reply_error(d->srv, j->c, 403, "not a member of the group", j->cid);
+    } else if (rc < 0) {
+      im_reply_error(d->srv, j->c, rc == IM_ELIMIT ? 429 : 500,
+                     rc == IM_ELIMIT ? "too many rooms" : im_strerror(rc), j->cid);
+    } else if (j->cid) {
+      im_ack(d->srv, j->c, j->cid, NULL, 0);
+    }
+  }
+  free(j);
+}
+
+static int on_room(im_server *srv, im_conn_id c, const char *room, int join, void *user) {
+  imd *d = user;
+  if (!d->cfg.rooms_members || !join) return 0; /* leaving is always allowed */
+  const char *cid = im_op_cid(srv);
+  size_t rl = strlen(room) + 1, cl = cid ? strlen(cid) + 1 : 0;
+  room_join *j = malloc(sizeof *j + rl + cl);
+  if (!j) return 500;
+  j->d = d;
+  j->c = c;
+  memcpy(j->buf, room, rl);
+  j->cid = cid ? memcpy(j->buf + rl, cid, cl) : NULL;
+  if (d->store->ops->group_members(d->store, j->buf, room_members_known, j) < 0) {
+    free(j);
+    return 500;
+  }
+  return IM_ROOM_DEFER;
+}
+
 static void on_sync(im_server *srv, im_conn_id c, uint64_t since, uint32_t limit, void *user) {
   im_conn_info info;
   if (im_conn_get_info(srv, c, &info) == 0 && info.uid) imd_sync(user, c, info.uid, since, limit);
@@ -212,6 +300,7 @@ void imd_chat_callbacks(im_callbacks *cb) {
   cb->on_close = on_close;
   cb->on_message = on_message;
   cb->on_ack = on_ack;
+  cb->on_room = on_room;
   /* no on_undelivered: an unACKed push stays in the inbox for the next sync
    * (the library counts them; an offline-push hook would go there) */
   cb->on_sync = on_sync;

@@ -240,6 +240,7 @@ static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
   (void)what;
   imd *d = arg;
   imd_store_redis_tick(d->store, imd_wall_ms());
+  imd_revoke_poll(d); /* revocations made through other nodes */
 }
 
 void imd_delivery_reconnected(imd *d) {
@@ -257,6 +258,7 @@ int imd_delivery_init(imd *d, const imd_store_opts *o) {
       fprintf(stderr, "imd: cannot start the Redis store: %s\n", d->store ? "no memory" : err);
       return -1;
     }
+    imd_revoke_poll(d); /* the cluster's revocations, before the first tick if Redis is up */
     return 0;
   }
   snprintf(path, sizeof path, "%s/imd.db", d->cfg.data_dir);

@@ -32,6 +32,10 @@ typedef struct imd_config {
   uint32_t lease_ttl_s;
   const char *advertise_ws, *advertise_tcp;
   uint32_t drain_rate;      /* connections closed per second while draining */
+  uint32_t max_token_ttl_s; /* tokens expiring later than now + this are refused */
+  uint32_t rate_receiver;   /* msgs one sender may store for one receiver (or group) per
+                               minute; 0 = no quota */
+  bool rooms_members;       /* --rooms members: join only rooms that are groups one is in */
   const char *static_dir;   /* --static: files served at / of the HTTP listener; NULL: off */
 } imd_config;
 
@@ -54,6 +58,10 @@ typedef struct imd_metrics {
   uint64_t batched;         /* messages the store answered for (stored + duplicates + failed) */
   uint64_t store_errors;
   uint64_t syncs;
+  uint64_t auth_revoked, auth_too_long; /* tokens refused: revoked uid, lifetime over the max */
+  uint64_t quota_refused;   /* msgs refused over the per-receiver quota */
+  uint64_t revocations;     /* POST /v1/users/{uid}/revoke answered */
+  uint64_t rooms_refused;   /* joins refused by --rooms members */
 } imd_metrics;
 
 typedef struct imd {
@@ -75,6 +83,8 @@ typedef struct imd {
   struct event *drain_ev, *usr1_ev, *trim_ev;
   struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
+  struct imd_revocations *revoked; /* revoke.c */
+  struct imd_quota *quota;         /* quota.c; NULL: no per-receiver quota */
   struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
 } imd;
 
@@ -170,6 +180,37 @@ void imd_api_handle(void *user, const http_request *req, http_response *resp);
  * API key, so only such requests get their bodies buffered. */
 bool imd_api_admit(void *user, const char *authorization);
 
+/* revoke.c: revoked uids (refused tokens issued before a moment), in
+ * memory and in DATA/revoked. */
+typedef struct imd_revocations imd_revocations;
+/* Load path (missing: none yet). NULL with a reason in err. */
+imd_revocations *imd_revoke_open(const char *path, char *err, size_t errlen);
+void imd_revoke_free(imd_revocations *r);
+/* Refuse uid's tokens issued at or before at_ms (Unix ms) and persist it
+ * (the file is rewritten, fsynced and renamed into place). Entries whose
+ * tokens have all expired (older than max_ttl_s) are forgotten. Returns 0,
+ * or -1 with errno set (memory or the file; nothing changed). */
+int imd_revoke_add(imd_revocations *r, const char *uid, int64_t at_ms, uint32_t max_ttl_s);
+/* true when a genuine token of uid is revoked: v2 (issued_ms > 0) when
+ * issued at or before the revocation; v1 (issued_ms 0, issue time unknown)
+ * when it could have been: exp_s - max_ttl_s at or before it. */
+bool imd_revoked(const imd_revocations *r, const char *uid, int64_t issued_ms, int64_t exp_s,
+                 uint32_t max_ttl_s);
+
+/* In a cluster: write the revocation to Redis too (no-op without Redis);
+ * 0, or -1 when Redis is down (the local revocation stands). */
+int imd_revoke_publish(imd *d, const char *uid, int64_t at_ms);
+/* In a cluster: merge the revocations other nodes wrote (called every
+ * second; reads the whole set only when its version moved). */
+void imd_revoke_poll(imd *d);
+
+/* quota.c: msgs one sender may store for one receiver per minute. */
+typedef struct imd_quota imd_quota;
+imd_quota *imd_quota_new(uint32_t per_minute); /* NULL: no memory */
+void imd_quota_free(imd_quota *q);
+/* Count one msg from `from` to `to` (a uid, or a group id with group set)
+ * at now_ms; false (nothing counted) when the pair is over its quota. */
+bool imd_quota_take(imd_quota *q, const char *from, const char *to, bool group, uint64_t now_ms);
 /* tls.c: --tls-cert/--tls-key/--tls-plain. Loads the certificate (with
  * handshake_ms as the handshake timeout) and catches SIGHUP to reload it.
  * cert and key both NULL: TLS stays off. plain is a comma-separated list of

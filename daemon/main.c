@@ -36,7 +36,8 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_MAX_ROOMS, O_MAX_CONNS_USER, O_SECRET_FILE, O_API_KEY_FILE, O_TLS_CERT, O_TLS_KEY,
        O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME, O_PUSH_RATE,
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
-       O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_N };
+       O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
+       O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -124,6 +125,19 @@ static const option_def options[O_N] = {
                       "HTTP connections to the back end [16]"},
     [O_HOOK_QUEUE] = {"--hook-queue", "IMD_HOOK_QUEUE", "hook_queue",
                       "hook requests waiting / events held [4096]"},
+    [O_MAX_TOKEN_TTL] = {"--max-token-ttl", "IMD_MAX_TOKEN_TTL", "max_token_ttl",
+                         "refuse tokens expiring later than now + this, s [2592000]"},
+    [O_RATE_MSGS] = {"--rate-msgs", "IMD_RATE_MSGS", "rate_msgs",
+                     "msgs/s per connection (bursts 2x), 0 = no limit [100]"},
+    [O_RATE_USER_MSGS] = {"--rate-user-msgs", "IMD_RATE_USER_MSGS", "rate_user_msgs",
+                          "msgs/s per uid on this node (bursts 2x), 0 = none [200]"},
+    [O_RATE_STRIKES] = {"--rate-strikes", "IMD_RATE_STRIKES", "rate_strikes",
+                        "refusals in 10 s before closing (4290), 0 = never [200]"},
+    [O_RATE_RECEIVER] = {"--rate-receiver", "IMD_RATE_RECEIVER", "rate_receiver",
+                         "msgs per minute one sender may store for one receiver or group, "
+                         "0 = no quota [600]"},
+    [O_ROOMS] = {"--rooms", "IMD_ROOMS", "rooms",
+                 "open: any room; members: only rooms that are groups one is in [open]"},
 };
 
 static const char *defaults[O_N] = {
@@ -138,7 +152,13 @@ static const char *defaults[O_N] = {
     [O_HOOK_CONNECT] = "off",  [O_HOOK_MESSAGE] = "off", [O_HOOK_PRESENCE] = "on",
     [O_HOOK_TIMEOUT] = "2000", [O_HOOK_FAIL] = "closed", [O_HOOK_CONNS] = "16",
     [O_HOOK_QUEUE] = "4096",
+    [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
+    [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
 };
+
+/* Bounds of --max-token-ttl: a minute to ten years. */
+#define IMD_TOKEN_TTL_MIN 60u
+#define IMD_TOKEN_TTL_MAX 315360000u
 
 static void usage(FILE *f) {
   fprintf(f, "usage: imd [options]\n"
@@ -322,9 +342,16 @@ static int cmd_token(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/secret", data);
     if (read_line_file(path, from_file, sizeof from_file) == 0) secret = from_file;
   }
-  uint32_t ttl_s;
+  uint32_t ttl_s, max_ttl_s;
   if (!secret || !uid || parse_u32("--ttl", ttl, &ttl_s) < 0) {
     fprintf(stderr, "imd token: needs --secret, --secret-file FILE or --data DIR, and --uid\n");
+    return 2;
+  }
+  /* a token imd would refuse is no use: stay within the default lifetime */
+  if (parse_u32("max-token-ttl", defaults[O_MAX_TOKEN_TTL], &max_ttl_s) < 0 || ttl_s < 1 ||
+      ttl_s > max_ttl_s) {
+    fprintf(stderr, "imd token: --ttl: 1 to %u seconds (imd's default --max-token-ttl)\n",
+            max_ttl_s);
     return 2;
   }
   uint8_t key[256];
@@ -334,8 +361,9 @@ static int cmd_token(int argc, char **argv) {
     return 2;
   }
   char tok[IMD_TOKEN_MAX];
-  if (imd_token_mint(key, (size_t)kl, uid, device, (int64_t)(imd_wall_ms() / 1000) + ttl_s, tok,
-                     sizeof tok) < 0) {
+  uint64_t now_ms = imd_wall_ms();
+  if (imd_token_mint_v2(key, (size_t)kl, uid, device, (int64_t)now_ms,
+                        (int64_t)(now_ms / 1000) + ttl_s, tok, sizeof tok) < 0) {
     fprintf(stderr, "imd token: cannot mint a token for that uid/device\n");
     return 2;
   }
@@ -457,8 +485,27 @@ int main(int argc, char **argv) {
       parse_u32("inbox-days", vals[O_INBOX_DAYS], &inbox_days) < 0 ||
       parse_u32("max-rooms", vals[O_MAX_ROOMS], &icfg.max_rooms) < 0 ||
       parse_u32("max-conns-per-user", vals[O_MAX_CONNS_USER], &icfg.max_conns_per_user) < 0 ||
-      parse_u32("push-rate", vals[O_PUSH_RATE], &icfg.max_push_rate) < 0)
+      parse_u32("push-rate", vals[O_PUSH_RATE], &icfg.max_push_rate) < 0 ||
+      parse_u32("max-token-ttl", vals[O_MAX_TOKEN_TTL], &d.cfg.max_token_ttl_s) < 0 ||
+      parse_u32("rate-msgs", vals[O_RATE_MSGS], &icfg.max_msg_rate) < 0 ||
+      parse_u32("rate-user-msgs", vals[O_RATE_USER_MSGS], &icfg.max_user_msg_rate) < 0 ||
+      parse_u32("rate-strikes", vals[O_RATE_STRIKES], &icfg.max_rate_strikes) < 0 ||
+      parse_u32("rate-receiver", vals[O_RATE_RECEIVER], &d.cfg.rate_receiver) < 0)
     return 2;
+  if (d.cfg.max_token_ttl_s < IMD_TOKEN_TTL_MIN || d.cfg.max_token_ttl_s > IMD_TOKEN_TTL_MAX) {
+    fprintf(stderr, "imd: max-token-ttl: %u to %u seconds\n", IMD_TOKEN_TTL_MIN,
+            IMD_TOKEN_TTL_MAX);
+    return 2;
+  }
+  if (icfg.max_msg_rate > 1000000 || icfg.max_user_msg_rate > 1000000) {
+    fprintf(stderr, "imd: rate-msgs, rate-user-msgs: at most 1000000\n");
+    return 2;
+  }
+  if (strcmp(vals[O_ROOMS], "open") && strcmp(vals[O_ROOMS], "members")) {
+    fprintf(stderr, "imd: rooms: 'open' or 'members', not '%s'\n", vals[O_ROOMS]);
+    return 2;
+  }
+  d.cfg.rooms_members = !strcmp(vals[O_ROOMS], "members");
   if (icfg.max_message < 16 || icfg.max_message > IMD_MAX_MESSAGE_MAX) {
     fprintf(stderr, "imd: max-message: between 16 and %u bytes\n", IMD_MAX_MESSAGE_MAX);
     return 2;
@@ -542,6 +589,18 @@ int main(int argc, char **argv) {
   }
   snprintf(d.api_key, sizeof d.api_key, "%s", api_key);
 
+  char revoked_path[4096], err[512];
+  snprintf(revoked_path, sizeof revoked_path, "%s/revoked", d.cfg.data_dir);
+  if (!(d.revoked = imd_revoke_open(revoked_path, err, sizeof err))) {
+    fprintf(stderr, "imd: cannot read revocations: %s\n", err);
+    return 1;
+  }
+  if (d.cfg.rate_receiver && !(d.quota = imd_quota_new(d.cfg.rate_receiver))) {
+    fprintf(stderr, "imd: out of memory\n");
+    imd_revoke_free(d.revoked);
+    return 1;
+  }
+
   im_callbacks cb;
   imd_chat_callbacks(&cb);
   signal(SIGPIPE, SIG_IGN);
@@ -621,5 +680,7 @@ int main(int argc, char **argv) {
   imd_bans_free(&d);
   im_server_free(d.srv);
   event_base_free(d.base);
+  imd_quota_free(d.quota);
+  imd_revoke_free(d.revoked);
   return rc;
 }

@@ -161,6 +161,16 @@ char *imd_metrics_render(imd *d, size_t *len) {
           st.undelivered);
   counter(&b, "imd_client_retransmits_dropped_total",
           "Client resends of a cid dropped by the connection's window", st.dups);
+  sb_printf(&b, "# HELP imd_rate_limited_total Msgs refused with 429 by limit\n"
+                "# TYPE imd_rate_limited_total counter\n"
+                "imd_rate_limited_total{limit=\"rate\"} %llu\n"
+                "imd_rate_limited_total{limit=\"receiver_quota\"} %llu\n",
+            (unsigned long long)st.rate_limited, (unsigned long long)d->m.quota_refused);
+  counter(&b, "imd_rate_closed_total", "Connections closed (4290) for persistent excess",
+          st.rate_closed);
+  counter(&b, "imd_revocations_total", "Users revoked through the HTTP API", d->m.revocations);
+  counter(&b, "imd_room_joins_refused_total", "Joins refused by --rooms members",
+          d->m.rooms_refused);
   sb_printf(&b, "# HELP imd_errors_total Errors by kind\n# TYPE imd_errors_total counter\n");
   const struct {
     const char *kind;
@@ -168,6 +178,7 @@ char *imd_metrics_render(imd *d, size_t *len) {
   } errs[] = {
       {"protocol", st.proto_errors},   {"auth", st.auth_failures},
       {"auth_expired", d->m.auth_expired}, {"auth_invalid", d->m.auth_invalid},
+      {"auth_revoked", d->m.auth_revoked}, {"auth_lifetime", d->m.auth_too_long},
       {"timeout", st.timeouts},        {"shed", st.shed},
       {"message_refused", d->m.msg_errors}, {"store", d->m.store_errors},
   };

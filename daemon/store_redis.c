@@ -59,13 +59,20 @@
 /* ---- the scripts ---------------------------------------------------------- */
 
 /* Raises delivered marks, never lowers them: KEYS[k0 + j] gets field
- * ARGV[a0 + 2j] = seq ARGV[a0 + 2j + 1] for j < n. */
+ * ARGV[a0 + 2j] = seq ARGV[a0 + 2j + 1] for j < n. A seq is a whole
+ * number, cut to the user's last seq (a client cannot claim to have
+ * received what was never stored); anything else is ignored. */
 #define LUA_MARKS                                                               \
   "local function marks(k0, a0, n)\n"                                           \
   "  for j = 0, n - 1 do\n"                                                     \
-  "    local key, f, v = KEYS[k0 + j], ARGV[a0 + 2 * j], ARGV[a0 + 2 * j + 1]\n" \
-  "    if tonumber(v) > tonumber(redis.call('HGET', key, f) or '0') then\n"     \
-  "      redis.call('HSET', key, f, v)\n"                                       \
+  "    local key, f = KEYS[k0 + j], ARGV[a0 + 2 * j]\n"                         \
+  "    local v = tonumber(ARGV[a0 + 2 * j + 1])\n"                              \
+  "    if v and v >= 1 and v == math.floor(v) then\n"                          \
+  "      local last = tonumber(redis.call('HGET', key, 'last') or '0') or 0\n"  \
+  "      if v > last then v = last end\n"                                       \
+  "      if v > (tonumber(redis.call('HGET', key, f) or '0') or 0) then\n"      \
+  "        redis.call('HSET', key, f, string.format('%d', v))\n"                \
+  "      end\n"                                                                 \
   "    end\n"                                                                   \
   "  end\n"                                                                     \
   "end\n"

@@ -108,8 +108,13 @@ static const char *const stmt_sql[ST_COUNT] = {
     "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs)"
     " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
   [ST_INBOX_PUT] = "INSERT INTO inbox(uid, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
+  /* a client's ack cannot move its device past what was stored: the mark is
+   * cut to the user's last seq (as ST_LAST computes it) */
   [ST_MARK] =
-    "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
+    "INSERT INTO cursors(uid, device, delivered)"
+    " SELECT ?1, ?2, min(?3, max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
+    "                          coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)))"
+    " WHERE true"
     " ON CONFLICT(uid, device) DO UPDATE SET delivered = excluded.delivered"
     " WHERE excluded.delivered > cursors.delivered",
   [ST_SYNC] =

@@ -1,6 +1,10 @@
 /* Signed bearer tokens that a back end mints and imd verifies offline.
  *
- * A token is  "1." EXP "." SCOPE "." SIG  where EXP is the expiry in decimal
+ * A token is  "1." EXP "." SCOPE "." SIG  (v1) or
+ * "2." IAT "." EXP "." SCOPE "." SIG  (v2, which also carries its issue time
+ * IAT in Unix milliseconds, so that a revocation can tell older tokens from
+ * newer ones; its message is "imd-token-v2\n" uid "\n" DEV "\n" IAT "\n" EXP),
+ * where EXP is the expiry in decimal
  * Unix seconds, SCOPE is "d" (bound to one device) or "*" (any device of the
  * uid), and SIG is base64url without padding of
  *   HMAC-SHA256(secret, "imd-token-v1\n" uid "\n" DEV "\n" EXP)
@@ -37,7 +41,18 @@ enum {
   IMD_TOKEN_EINVAL = -3,  /* bad arguments to imd_token_mint */
 };
 
-/* Mints a token for uid, valid until expiry_unix (exclusive).
+/* Largest issue time a v2 token can carry (IAT, Unix milliseconds): at most
+ * 15 digits. */
+#define IMD_TOKEN_IAT_MAX INT64_C(999999999999999)
+
+/* What a genuine token says besides its signature. */
+typedef struct imd_token_claims {
+  int version;        /* 1 or 2 (0: not genuine) */
+  int64_t issued_ms;  /* v2: issue time, Unix ms; v1: 0 (unknown) */
+  int64_t expiry;     /* EXP, Unix seconds */
+} imd_token_claims;
+
+/* Mints a (v1) token for uid, valid until expiry_unix (exclusive).
  *
  * secret: secret_len >= IMD_SECRET_MIN bytes.
  * uid: non-empty, no '\n'.
@@ -56,7 +71,22 @@ int imd_token_mint(const uint8_t *secret, size_t secret_len, const char *uid,
                    const char *device, int64_t expiry_unix, char *out,
                    size_t cap);
 
-/* Verifies token for uid connecting as device at time now_unix.
+/* Mints a v2 token: as imd_token_mint, plus issued_ms (1 ..
+ * IMD_TOKEN_IAT_MAX, Unix milliseconds), the time imd compares with a
+ * revocation of the uid. Same return values (tokens are at most 76
+ * characters). */
+int imd_token_mint_v2(const uint8_t *secret, size_t secret_len,
+                      const char *uid, const char *device, int64_t issued_ms,
+                      int64_t expiry_unix, char *out, size_t cap);
+
+/* As imd_token_verify (same return values, v1 and v2 tokens alike), and for
+ * a genuine token (OK or EXPIRED) fills *claims (may be NULL) with its
+ * version, issue time and expiry; otherwise *claims is zeroed. */
+int imd_token_check(const uint8_t *secret, size_t secret_len, const char *uid,
+                    const char *device, const char *token, int64_t now_unix,
+                    imd_token_claims *claims);
+
+/* Verifies token (v1 or v2) for uid connecting as device at time now_unix.
  *
  * device: the device id the client authenticated with; NULL is taken as "".
  *   A device-bound token needs it non-empty and equal to the one it was

@@ -89,6 +89,12 @@ enum im_close_code {
   IM_CLOSE_KICKED = 4403,
   IM_CLOSE_AUTH_TIMEOUT = 4408, /* also: idle (no heartbeat) and ACK timeout */
   IM_CLOSE_ACK_TIMEOUT = 4408,  /* a reliable message stayed unACKed after the last retry */
+  IM_CLOSE_RATE = 4290,         /* the client kept sending over its message rate
+                                   (max_rate_strikes refusals within 10 s) */
+  IM_CLOSE_EXPIRED = 4410,      /* the session's deadline passed (im_conn_set_expiry):
+                                   its credentials expired */
+  IM_CLOSE_REVOKED = 4411,      /* not used by the engine: for applications that
+                                   revoke a user's credentials (imd) */
   IM_CLOSE_SHED = 4429          /* output bound exceeded (slow reader) */
 };
 
@@ -138,6 +144,14 @@ typedef struct im_config {
                                 phone. Reliable (stored) sends are not dropped: they wait in
                                 the in-flight window and max_output. 0 = no limit. 0 */
   uint32_t max_push_burst;   /* bucket size of max_push_rate; 0 = 2 x the rate */
+  uint32_t max_msg_rate;     /* upstream msg ops per second per connection, bursts of twice as
+                                many; one over it is refused with IMP error 429 "rate limit
+                                exceeded" (with its cid) and never reaches on_message.
+                                0 = unlimited (the default) */
+  uint32_t max_user_msg_rate; /* the same for all connections of one uid on this server
+                                together. 0 = unlimited (the default) */
+  uint32_t max_rate_strikes; /* a connection refused more than this many msgs within 10 s is
+                                closed with IM_CLOSE_RATE (4290). 0 = never closed. 0 */
 } im_config;
 
 /* Fill cfg with the defaults above. */
@@ -167,6 +181,12 @@ typedef struct im_auth {
    * memory the application keeps). */
   int code;
   const char *reason;
+  /* 1: an auth op on a connection that is already open (a credentials
+   * refresh); uid and device are the connection's (the engine refuses one
+   * for another uid or device with error 403 before on_auth). Whatever the
+   * verdict, the connection stays open as it was: ACCEPT answers auth_ok,
+   * DENY an error with code/reason. */
+  int refresh;
 } im_auth;
 
 /* A message, up- or downstream. Strings are NUL-terminated or NULL when
@@ -201,6 +221,11 @@ enum {
 
 /* Return values of on_auth. */
 enum { IM_AUTH_ACCEPT = 0, IM_AUTH_DENY = 1, IM_AUTH_PENDING = 2 };
+/* on_room may return this: the application answers itself, later: it
+ * calls im_room_join()/im_room_leave() and then im_ack() with the op's cid
+ * (im_op_cid(), copied during on_room) and no id, or im_reply_error() with
+ * that cid. */
+enum { IM_ROOM_DEFER = -1 };
 /* Return values of on_message. */
 enum { IM_MSG_ACK = 0, IM_MSG_DEFER = 1 };
 
@@ -217,8 +242,9 @@ typedef struct im_callbacks {
    * (e.g. after storing the message). NULL acks and drops. */
   int (*on_message)(im_server *srv, im_conn_id c, const im_msg *m, void *user);
   /* A client asked to join (join != 0) or leave a room. Return 0 to allow
-   * (the library updates membership and acks), or an error code (HTTP-like,
-   * e.g. 403) to refuse with an IMP error. NULL allows everything. */
+   * (the library updates membership and acks), an error code (HTTP-like,
+   * e.g. 403) to refuse with an IMP error, or IM_ROOM_DEFER to decide later
+   * (see there). NULL allows everything. */
   int (*on_room)(im_server *srv, im_conn_id c, const char *room, int join, void *user);
   /* The client ACKed a downstream message id. seq is the seq the message
    * was sent with when it was a reliable send still in flight on c, else
@@ -307,10 +333,25 @@ IM_EXTERN void im_server_tick(im_server *srv, uint64_t now_ms);
 /* Finish an IM_AUTH_PENDING authentication. accept != 0 registers and
  * opens c; otherwise c gets error `code` (e.g. 401) with `reason` and is
  * closed with 4401 (or HTTP 403 when authenticating through the upgrade
- * request). Returns 0, IM_ENOENT (c is gone: the auth is void) or
- * IM_ESTATE (no auth pending on c). */
+ * request). For a pending refresh (im_auth.refresh) c stays open either
+ * way: accept answers auth_ok, a refusal error `code` / `reason`.
+ * Returns 0, IM_ENOENT (c is gone: the auth is void) or IM_ESTATE (no auth
+ * pending on c). */
 IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int code,
                                const char *reason);
+
+/* Close c with IM_CLOSE_EXPIRED (4410, reason "session expired") once
+ * after_ms milliseconds of engine time have passed (rounded up to the next
+ * tick); after_ms 0 removes the deadline. A later call replaces the
+ * deadline (e.g. after a refresh). Costs no timer of its own: the deadline
+ * rides on the connection's idle timer, O(1). May be called from on_auth
+ * (before the connection opens) or any time after. Returns 0, IM_ENOENT or
+ * IM_ECLOSED (c is closing). */
+IM_EXTERN int im_conn_set_expiry(im_server *srv, im_conn_id c, uint64_t after_ms);
+
+/* During on_room: the cid of the join/leave op (NUL-terminated, valid
+ * until on_room returns), or NULL when it has none. NULL elsewhere. */
+IM_EXTERN const char *im_op_cid(const im_server *srv);
 
 /* Longest message id, with its NUL. */
 #define IM_ID_MAX 24
@@ -438,6 +479,8 @@ typedef struct im_stats {
   uint64_t undelivered;      /* reliable messages reported to on_undelivered */
   uint64_t dups;             /* client retransmits (repeated cid) not delivered again */
   uint64_t push_dropped;     /* room messages not queued to a connection over max_push_rate */
+  uint64_t rate_limited;     /* msg ops refused (429) over max_msg_rate / max_user_msg_rate */
+  uint64_t rate_closed;      /* connections closed (4290) after max_rate_strikes refusals */
 } im_stats;
 
 IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);

@@ -44,7 +44,8 @@ enum conn_flag {
   CF_REGISTERED = 1u << 5,   /* counted in stats.conns_authed / in a user */
   CF_HS_UNSENT = 1u << 6,    /* the 101 response may not have been fully written */
   CF_SYNC_ON_OPEN = 1u << 7, /* the auth op carried since: call on_sync after on_open */
-  CF_SECURE = 1u << 8        /* the driver said the transport is TLS */
+  CF_SECURE = 1u << 8,       /* the driver said the transport is TLS */
+  CF_REFRESH_PENDING = 1u << 9 /* a refresh auth (on an open connection) awaits im_auth_complete */
 };
 
 /* Headroom for a downstream message's envelope (id, from, to, ts, ...)
@@ -90,6 +91,10 @@ typedef struct im_conn {
   im_rel *rel;             /* reliable-delivery state, allocated on first use */
   char peer[56];   /* "[v6-mapped address]:port" fits */
   uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
+  uint64_t expire_tick;    /* im_conn_set_expiry deadline (engine tick), 0 = none */
+  uint64_t rate_tat;       /* max_msg_rate: GCRA theoretical arrival time, engine us */
+  uint64_t strike_ms;      /* start of the current 10 s strike window (engine ms) */
+  uint32_t strikes;        /* msgs refused in that window */
 } im_conn;
 
 /* A reliable downstream message on one connection (reliable.c). */
@@ -126,6 +131,7 @@ struct im_user {
   strmap_node node;
   im_conn *conns;
   uint32_t nconns;
+  uint64_t rate_tat;       /* max_user_msg_rate: GCRA theoretical arrival time, engine us */
   char uid[];
 };
 
@@ -175,6 +181,7 @@ struct im_server {
   uint32_t id_counter;
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
+  const char *op_cid;      /* cid of the join/leave op during on_room (im_op_cid) */
   struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   im_stats st;
 };

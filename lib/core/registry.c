@@ -19,6 +19,7 @@ int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len) {
     u->uid[len] = '\0';
     u->conns = NULL;
     u->nconns = 0;
+    u->rate_tat = 0;
     u->node.key = u->uid;
     u->node.klen = (uint32_t)len;
     strmap_put(&s->users, &u->node);

@@ -439,16 +439,41 @@ int im_server_hangup(im_server *s, im_conn_id id) {
 
 /* ---- authentication ------------------------------------------------------ */
 
+/* Schedule an open connection's timer at `due` (its idle deadline; 0 =
+ * none), or at its expiry deadline when that comes first. */
+static void open_timer_at(im_server *s, im_conn *c, uint64_t due) {
+  if (c->expire_tick && (!due || c->expire_tick < due)) due = c->expire_tick;
+  if (due)
+    tw_schedule(&s->wheel, &c->timer, due);
+  else
+    tw_cancel(&s->wheel, &c->timer); /* heartbeat 0 and idle_timeout 0: no idle check */
+}
+
 static void set_auth_timer_idle(im_server *s, im_conn *c) {
   if (s->idle_ticks == 0) {
-    tw_cancel(&s->wheel, &c->timer); /* heartbeat 0 and idle_timeout 0: no idle check */
+    open_timer_at(s, c, 0);
     return;
   }
   /* first idle deadline jittered by up to 1/8 so a mass reconnect does not
    * time out in lockstep (R8) */
   uint64_t jitter = s->idle_ticks >= 8 ? rng_next(s) % (s->idle_ticks / 8) : 0;
-  tw_schedule(&s->wheel, &c->timer, (uint64_t)c->last_rx + s->idle_ticks + jitter);
+  open_timer_at(s, c, (uint64_t)c->last_rx + s->idle_ticks + jitter);
 }
+
+int im_conn_set_expiry(im_server *s, im_conn_id id, uint64_t after_ms) {
+  im_conn *c = conn_live(s, id);
+  if (!c) return IM_ENOENT;
+  if (c->state >= CS_CLOSING) return IM_ECLOSED;
+  c->expire_tick = after_ms ? now_tick(s) + (ms_to_ticks(s, after_ms) ? ms_to_ticks(s, after_ms) : 1)
+                            : 0;
+  /* before the connection opens the timer is the auth timeout: the
+   * deadline is taken up when it opens (set_auth_timer_idle) */
+  if (c->state == CS_OPEN)
+    open_timer_at(s, c, s->idle_ticks ? (uint64_t)c->last_rx + s->idle_ticks : 0);
+  return 0;
+}
+
+const char *im_op_cid(const im_server *s) { return s->op_cid; }
 
 static int conn_open(im_server *s, im_conn *c, const char *uid, const char *device,
                      const char *platform) {
@@ -580,9 +605,26 @@ static bool auth_start(im_server *s, im_conn *c, im_auth *a) {
   return true;
 }
 
+/* The verdict on a refresh: the connection stays open either way. */
+static void refresh_finish(im_server *s, im_conn *c, bool ok, int code, const char *reason) {
+  c->flags &= (uint16_t)~CF_REFRESH_PENDING;
+  if (ok) {
+    send_auth_ok(s, c);
+    return;
+  }
+  s->st.auth_failures++;
+  send_error(s, c, code ? code : 401, reason && *reason ? reason : "authentication failed", NULL);
+}
+
 int im_auth_complete(im_server *s, im_conn_id id, int accept, int code, const char *reason) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
+  if (c->state == CS_OPEN && (c->flags & CF_REFRESH_PENDING)) {
+    enter(s);
+    refresh_finish(s, c, accept != 0, code, reason);
+    leave(s);
+    return 0;
+  }
   if (c->state != CS_AUTH_PENDING) return IM_ESTATE;
   enter(s);
   /* The credentials were parked in c->ident by auth_park. */
@@ -630,7 +672,47 @@ static const char *field(im_server *s, const imp_packet *p, unsigned key, size_t
   return d;
 }
 
+/* An auth op on an open connection: new credentials for the same uid and
+ * device (a token about to expire is replaced without reconnecting). */
+static void auth_refresh(im_server *s, im_conn *c, const imp_packet *p) {
+  const imp_str *cid = IMP_HAS(p, IMP_K_CID) ? &p->str[IMP_K_CID] : NULL;
+  if (c->flags & CF_REFRESH_PENDING) {
+    send_error(s, c, 409, "a refresh is already pending", cid);
+    return;
+  }
+  const char *uid = c->ident, *device = uid + strlen(uid) + 1;
+  size_t used = 0;
+  im_auth a = {0};
+  a.uid = field(s, p, IMP_K_UID, &used);
+  a.token = field(s, p, IMP_K_TOKEN, &used);
+  a.device = field(s, p, IMP_K_DEVICE, &used);
+  if (!a.uid) a.uid = uid;
+  if (!a.device) a.device = device;
+  if (!a.token) a.token = "";
+  if (strcmp(a.uid, uid) || strcmp(a.device, device)) {
+    s->st.auth_failures++;
+    send_error(s, c, 403, "a refresh cannot change uid or device", cid);
+    return;
+  }
+  a.platform = device + strlen(device) + 1;
+  a.peer = c->peer;
+  a.refresh = 1;
+  int v = s->cb.on_auth ? s->cb.on_auth(s, c->id, &a, s->user)
+                        : (auth_default(&a) ? IM_AUTH_ACCEPT : IM_AUTH_DENY);
+  if (c->state != CS_OPEN) return;
+  if (v == IM_AUTH_PENDING) {
+    c->flags |= CF_REFRESH_PENDING;
+    return;
+  }
+  refresh_finish(s, c, v == IM_AUTH_ACCEPT, a.code ? a.code : 401,
+                 a.reason ? a.reason : "authentication failed");
+}
+
 static void on_auth_op(im_server *s, im_conn *c, const imp_packet *p) {
+  if (c->state == CS_OPEN) {
+    auth_refresh(s, c, p);
+    return;
+  }
   if (c->state != CS_AUTH) {
     send_error(s, c, 409, "already authenticated", IMP_HAS(p, IMP_K_CID) ? &p->str[IMP_K_CID] : NULL);
     return;
@@ -673,6 +755,48 @@ static void dd_acked(dd_entry *dd, const char *id, uint64_t seq) {
   dd->state = DD_ACKED;
 }
 
+/* GCRA, one word per bucket: *tat is when the bucket would be empty
+ * (engine us). rate per second, bursts of 2 x rate. True (and *tat moved)
+ * when one more message fits. */
+static bool rate_fits(uint64_t tat, uint64_t now_us, uint32_t rate, uint64_t *next) {
+  uint64_t t = 1000000u / rate;
+  if (!t) t = 1;
+  uint64_t x = tat > now_us ? tat : now_us;
+  if (x - now_us > t * (2 * (uint64_t)rate - 1)) return false;
+  *next = x + t;
+  return true;
+}
+
+/* Charge one msg to c and its user; false when either is over its rate
+ * (then neither is charged). */
+static bool rate_admit(im_server *s, im_conn *c) {
+  uint64_t now_us = s->now_ms * 1000u, cn = c->rate_tat, un = c->user ? c->user->rate_tat : 0;
+  if (s->cfg.max_msg_rate && !rate_fits(c->rate_tat, now_us, s->cfg.max_msg_rate, &cn))
+    return false;
+  if (s->cfg.max_user_msg_rate && c->user &&
+      !rate_fits(c->user->rate_tat, now_us, s->cfg.max_user_msg_rate, &un))
+    return false;
+  c->rate_tat = cn;
+  if (c->user) c->user->rate_tat = un;
+  return true;
+}
+
+/* A msg over the rate: refused; persistent excess closes the connection. */
+static void rate_refuse(im_server *s, im_conn *c, const imp_str *cid) {
+  s->st.rate_limited++;
+  if (s->now_ms - c->strike_ms >= 10000 || !c->strikes) {
+    c->strike_ms = s->now_ms;
+    c->strikes = 0;
+  }
+  if (s->cfg.max_rate_strikes && ++c->strikes > s->cfg.max_rate_strikes) {
+    s->st.rate_closed++;
+    send_error(s, c, 429, "rate limit exceeded", cid);
+    conn_close(s, c, IM_CLOSE_RATE, "rate limit exceeded", false);
+    return;
+  }
+  send_error(s, c, 429, "rate limit exceeded", cid);
+}
+
 static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
   const imp_str *cid = IMP_HAS(p, IMP_K_CID) ? &p->str[IMP_K_CID] : NULL;
   if (!cid) {
@@ -689,6 +813,10 @@ static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
     /* a client retransmit: answer it like the original, deliver nothing */
     s->st.dups++;
     if (dd->state == DD_ACKED) send_ack(s, c, cid->p, cid->n, dd->id, dd->seq);
+    return;
+  }
+  if ((s->cfg.max_msg_rate || s->cfg.max_user_msg_rate) && !rate_admit(s, c)) {
+    rate_refuse(s, c, cid);
     return;
   }
   dd = dd_add(s, c, cid->p, cid->n);
@@ -721,8 +849,10 @@ static void on_room_op(im_server *s, im_conn *c, const imp_packet *p, int join) 
   }
   size_t used = 0;
   const char *room = field(s, p, IMP_K_ROOM, &used);
+  s->op_cid = field(s, p, IMP_K_CID, &used);
   int code = s->cb.on_room ? s->cb.on_room(s, c->id, room, join, s->user) : 0;
-  if (c->state != CS_OPEN) return;
+  s->op_cid = NULL;
+  if (c->state != CS_OPEN || code == IM_ROOM_DEFER) return;
   if (code) {
     send_error(s, c, code, join ? "join refused" : "leave refused", cid);
     return;
@@ -1156,9 +1286,13 @@ static void on_timer(tw_entry *e, void *arg) {
       }
       break;
     case CS_OPEN: {
-      uint64_t due = (uint64_t)c->last_rx + s->idle_ticks;
-      if (due > now_tick(s)) {
-        tw_schedule(&s->wheel, e, due);
+      if (c->expire_tick && c->expire_tick <= now_tick(s)) {
+        conn_close(s, c, IM_CLOSE_EXPIRED, "session expired", false);
+        break;
+      }
+      uint64_t due = s->idle_ticks ? (uint64_t)c->last_rx + s->idle_ticks : 0;
+      if (!due || due > now_tick(s)) {
+        open_timer_at(s, c, due);
       } else {
         s->st.timeouts++;
         conn_close(s, c, IM_CLOSE_AUTH_TIMEOUT, "idle timeout", false);

@@ -74,7 +74,7 @@ int rwire_put_kick_head(rbuf *b, int code, const char *reason) {
 }
 
 int rwire_put_bytes(rbuf *b, const void *p, size_t n) {
-  if (n == 0) return 0;
+  if (n == 0) return 0; /* p may be NULL (an empty buffer): memcpy must not see it */
   if (reserve(b, n) < 0) return -1;
   memcpy(b->p + b->len, p, n);
   b->len += n;

@@ -31,6 +31,12 @@ SANITIZER_RE = re.compile(r'AddressSanitizer|LeakSanitizer|ERROR: \w*Sanitizer|r
 PORT_RE = re.compile(rb'imd: (ws|tcp|http) listening on \S+ port (\d+)')
 
 
+# Flags that lift imd's message rate limits and per-receiver quota, for
+# tests that push bursts on purpose to exercise delivery, not policing
+# (test_ratelimit.py tests the limits themselves).
+NO_RATE_LIMITS = ('--rate-msgs', '0', '--rate-user-msgs', '0', '--rate-receiver', '0')
+
+
 def imd_path():
     path = os.environ.get('IMD')
     if not path:
@@ -111,14 +117,20 @@ class ImdCase(wire.ServerCase):
 
 # ------------------------------------------------------------------ tokens ---
 
-def py_token(uid, device='', exp=None, secret=SECRET):
-    """The token of docs/TOKENS.md, computed here (device '' = any device)."""
+def py_token(uid, device='', exp=None, secret=SECRET, iat=None):
+    """The token of docs/TOKENS.md, computed here (device '' = any device):
+    v1, or v2 when iat (issue time, Unix ms) is given."""
     exp = int(time.time()) + 3600 if exp is None else exp
     dev = device if device else '*'
-    msg = 'imd-token-v1\n%s\n%s\n%d' % (uid, dev, exp)
+    if iat is None:
+        msg = 'imd-token-v1\n%s\n%s\n%d' % (uid, dev, exp)
+    else:
+        msg = 'imd-token-v2\n%s\n%s\n%d\n%d' % (uid, dev, iat, exp)
     mac = hmac.new(secret.encode(), msg.encode(), hashlib.sha256).digest()
     sig = base64.urlsafe_b64encode(mac).rstrip(b'=').decode()
-    return '1.%d.%s.%s' % (exp, 'd' if device else '*', sig)
+    if iat is None:
+        return '1.%d.%s.%s' % (exp, 'd' if device else '*', sig)
+    return '2.%d.%d.%s.%s' % (iat, exp, 'd' if device else '*', sig)
 
 
 def cli_token(uid, device=None, ttl=None, secret=SECRET):
@@ -135,7 +147,12 @@ def cli_token(uid, device=None, ttl=None, secret=SECRET):
 
 
 def token_exp(token):
-    return int(token.split('.')[1])
+    return int(token.split('.')[-3])
+
+
+def token_iat(token):
+    """A v2 token's issue time (Unix ms); None for v1."""
+    return int(token.split('.')[1]) if token.startswith('2.') else None
 
 
 def forge(token):

@@ -18,8 +18,8 @@ import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (Imd, api, assert_clean_exit, check, connect, scenario,  # noqa: E402
-                       within)
+from imdclient import (Client, Imd, api, assert_clean_exit, check, cli_token,  # noqa: E402
+                       connect, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
 
 TTL = 2            # --lease-ttl of the nodes, seconds
@@ -120,7 +120,7 @@ class Resp:
 
 def node(redis, name, *extra):
     return Imd('--redis', redis.addr, '--node', name, '--lease-ttl', str(TTL),
-               '--ack-timeout', '1000', *extra)
+               '--ack-timeout', '1000', *NO_RATE_LIMITS, *extra)
 
 
 async def wait_for(pred, timeout, what):
@@ -496,6 +496,45 @@ class TestRedisFaults(ClusterCase):
         m = await bob.c.expect('msg', id=last['id'])
         check(m['seq'] == 6, 'seq %r' % m.get('seq'))
         figures('cluster_repair', repaired=1)
+
+
+class TestRevocation(ClusterCase):
+    NODES = ('A', 'B')
+
+    @scenario(60)
+    async def test_revoke_on_one_node_holds_on_all(self):
+        """POST /v1/users/alice/revoke on A: alice's connection on B closes
+        with 4411, B refuses her old token within about a second, a new
+        token works on B, and A restarted still refuses the old one."""
+        A, B = self.nodes['A'], self.nodes['B']
+        await self.ready()
+        old = cli_token('alice', 'pc')
+        pc = await connect(B, 'json', 'alice', 'pc', token=old)
+        r = await api(A, 'POST', '/v1/users/alice/revoke')
+        check(r.status == 200, 'revoke: %r' % r)
+        check(await pc.closed() == 4411, 'close code on B')
+
+        async def refused_on_b():
+            c = await Client.open(B.ws, 'json')
+            m = await c.auth('alice', old, 'pc')
+            await c.close()
+            return m['op'] == 'error' and m['reason'] == 'token revoked'
+        took = await wait_for(refused_on_b, 5, 'B refusing the revoked token')
+        check(took < 3, 'B took %.1f s' % took)
+        await connect(B, 'tcp', 'alice', 'pc', token=cli_token('alice', 'pc'))
+        # a node started afresh (empty data dir) learns it from Redis
+        rc, log = A.stop()
+        A.remove_data()
+        assert_clean_exit(rc, log)
+        self.nodes['A'] = A = node(self.redis, 'A')
+        await self.ready()
+
+        async def refused_on_a():
+            c = await Client.open(A.tcp, 'tcp')
+            m = await c.auth('alice', old, 'pc')
+            await c.close()
+            return m['op'] == 'error' and m['reason'] == 'token revoked'
+        await wait_for(refused_on_a, 5, 'the restarted A refusing the revoked token')
 
 
 if __name__ == '__main__':

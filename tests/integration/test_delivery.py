@@ -20,7 +20,7 @@ import websockets
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (Client, Imd, ImdCase, api, assert_clean_exit, check,  # noqa: E402
-                       connect, py_token, scenario, within)
+                       connect, py_token, scenario, within, NO_RATE_LIMITS)
 import wire  # noqa: E402
 
 PLATFORM = {'json': 'web', 'bin': 'android', 'tcp': 'desktop'}
@@ -120,7 +120,7 @@ def figures(name, **kw):
 
 
 class DeliveryCase(ImdCase):
-    server_args = ('--ack-timeout', '300', '--ack-retries', '2')
+    server_args = ('--ack-timeout', '300', '--ack-retries', '2', *NO_RATE_LIMITS)
 
 
 class TestSeqAndSync(DeliveryCase):
@@ -320,7 +320,7 @@ class TestFaults(unittest.TestCase):
         """2,000 messages to a receiver that drops every 3rd ACK and
         disconnects at random: after its final sync it has every message
         exactly once, in order, seq gap-free."""
-        srv = Imd('--ack-timeout', '200', '--ack-retries', '2')
+        srv = Imd('--ack-timeout', '200', '--ack-retries', '2', *NO_RATE_LIMITS)
         rnd = random.Random(20261121)
         N = 2000
         try:
@@ -391,7 +391,7 @@ class TestFaults(unittest.TestCase):
         """kill -9 while 1,000 messages are in flight; restart on the same data
         dir: every ACKed message is delivered, none twice."""
         N = 1000
-        srv = Imd()
+        srv = Imd(*NO_RATE_LIMITS)
         data_dir = srv.data
         try:
             a = await connect(srv, 'json', 'alice', device='phone')
@@ -416,7 +416,7 @@ class TestFaults(unittest.TestCase):
             self.assertLess(len(acked_before), N)
             self.assertFalse(srv.alive())
             srv.kill()
-            srv = Imd(data=data_dir)
+            srv = Imd(*NO_RATE_LIMITS, data=data_dir)
             srv.own_data = True
             r = await api(srv, 'GET', '/v1/users/bob/inbox')
             stored_at_kill = r.json['last']
@@ -450,7 +450,7 @@ class TestFaults(unittest.TestCase):
     @scenario(120)
     async def test_two_devices_one_offline(self):
         N = 500
-        srv = Imd()
+        srv = Imd(*NO_RATE_LIMITS)
         try:
             a = await connect(srv, 'json', 'alice')
             phone = Receiver(srv, 'bob', 'phone', 'json')

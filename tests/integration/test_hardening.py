@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire  # noqa: E402
 from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, SECRET, T, Client, Imd, ImdCase, api,  # noqa: E402,F401
-                       assert_clean_exit, connect, parse_metrics, run_cli, decode_bin, open_tcp, py_token, scenario, upgrade_status, within)
+                       assert_clean_exit, connect, parse_metrics, run_cli, decode_bin, open_tcp, py_token, scenario, upgrade_status, within,
+                       token_exp, token_iat)
 
 
 # ================================================================== rooms ===
@@ -473,8 +474,8 @@ class TestTokenCli(unittest.TestCase):
             for args in (('--data', d), ('--secret-file', path)):
                 rc, out, err = run_cli('token', *args, '--uid', 'u1', '--device', 'd1')
                 self.assertEqual(rc, 0, err)
-                exp = int(out.split('.')[1])
-                self.assertEqual(out.strip(), py_token('u1', 'd1', exp))
+                self.assertEqual(out.strip(), py_token('u1', 'd1', token_exp(out),
+                                                       iat=token_iat(out)))
             rc, out, err = run_cli('token', '--secret-file', os.path.join(d, 'no'), '--uid', 'u')
             self.assertEqual(rc, 2, (out, err))
         finally:

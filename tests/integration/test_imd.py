@@ -29,13 +29,14 @@ from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, SANITIZER_RE, SECRET, T, Client, Imd, ImdCase, RawWS,  # noqa: E402
                        api, assert_clean_exit, cli_token, connect, forge, http_call,
                        parse_metrics, py_token, raw_http, request_bytes, run_cli, scenario,
-                       token_exp, upgrade_status, within, ws_frame)
+                       token_exp, token_iat, upgrade_status, within, ws_frame)
 
 KINDS = ('json', 'query', 'bin', 'tcp')
 # data that must pass byte for byte: a big integer, raw UTF-8, escapes, spacing
 DATA = ('{"n":12345678901234567890,"f":-1.5e-300,"s":"h\u00e9llo \u4e2d\u6587 \U0001F600",'
         '"e":"\\u00e9\\n\\"q\\"","a":[true,false,null,{}], "sp" : [ 1 ,2 ]}')
-TOKEN_RE = re.compile(r'^1\.[1-9][0-9]{0,11}\.[d*]\.[A-Za-z0-9_-]{43}$')
+# `imd token` mints v2 tokens (with their issue time, for revocations)
+TOKEN_RE = re.compile(r'^2\.[1-9][0-9]{0,14}\.[1-9][0-9]{0,11}\.[d*]\.[A-Za-z0-9_-]{43}$')
 
 
 def now_ms():
@@ -129,9 +130,10 @@ class TestCLI(unittest.TestCase):
                 t0 = int(time.time())
                 tok = cli_token(uid, dev, ttl=600)
                 self.assertRegex(tok, TOKEN_RE)
-                self.assertLessEqual(len(tok), 60)
+                self.assertLessEqual(len(tok), 76)
+                self.assertTrue(t0 * 1000 <= token_iat(tok) <= time.time() * 1000, tok)
                 self.assertTrue(t0 + 600 <= token_exp(tok) <= int(time.time()) + 600, tok)
-                self.assertEqual(tok, py_token(uid, dev or '', token_exp(tok)))
+                self.assertEqual(tok, py_token(uid, dev or '', token_exp(tok), iat=token_iat(tok)))
         t0 = int(time.time())
         exp = token_exp(cli_token('u'))                          # default ttl: one day
         self.assertTrue(t0 + 86400 <= exp <= int(time.time()) + 86400, exp)
@@ -144,7 +146,7 @@ class TestCLI(unittest.TestCase):
             rc, out, err = self.imd('token', '--data', d, '--uid', 'u', '--device', 'pc')
             self.assertEqual(rc, 0, err)
             tok = out.strip()
-            self.assertEqual(tok, py_token('u', 'pc', token_exp(tok), secret))
+            self.assertEqual(tok, py_token('u', 'pc', token_exp(tok), secret, token_iat(tok)))
 
 
 class TestDataDirAndConfig(unittest.TestCase):
@@ -171,7 +173,8 @@ class TestDataDirAndConfig(unittest.TestCase):
         secret, key = files['secret'].strip(), files['api-key'].strip()
         rc, out, err = run_cli('token', '--data', srv.data, '--uid', 'gen', '--device', 'd1')
         self.assertEqual(rc, 0, err)
-        self.assertEqual(out.strip(), py_token('gen', 'd1', token_exp(out), secret))
+        self.assertEqual(out.strip(), py_token('gen', 'd1', token_exp(out), secret,
+                                                token_iat(out)))
         c = await connect(srv, 'json', 'gen', token=out.strip())
         self.assertEqual((await api(srv, 'GET', '/v1/users/gen/presence', key=key)).status, 200)
         self.assertEqual((await api(srv, 'GET', '/metrics')).status, 401)

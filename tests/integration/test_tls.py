@@ -28,7 +28,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import main as imdclient_main  # noqa: E402
 from imdclient import (API_KEY, T, Imd, assert_clean_exit, decode_json, encode_json,  # noqa: E402
-                       py_token, run_cli, scenario, within)
+                       py_token, run_cli, scenario, within, NO_RATE_LIMITS)
 from wire import check, decode_bin, encode_bin, tcp_frame, track  # noqa: E402
 
 HANDSHAKE_MS = 1500       # --auth-timeout: also the TLS handshake timeout
@@ -58,12 +58,14 @@ def client_ctx(cafile):
 
 
 class TlsImd(Imd):
-    """imd with TLS on every listener at [::1]:0."""
+    """imd with TLS on every listener at [::1]:0 (no message rate limits: the
+    chat rounds during the stalls go as fast as they are answered)."""
 
     def __init__(self, crt, key, *extra, **kw):
         super().__init__('--ws', '[::1]:0', '--tcp', '[::1]:0', '--http', '[::1]:0',
                          '--tls-cert', crt, '--tls-key', key,
-                         '--auth-timeout', str(HANDSHAKE_MS), *extra, listen=False, **kw)
+                         '--auth-timeout', str(HANDSHAKE_MS), *NO_RATE_LIMITS, *extra,
+                         listen=False, **kw)
 
     def wait_stdout(self, needle, timeout=T):
         """Read stdout until needle (bytes) shows up after what was read before."""

@@ -372,6 +372,169 @@ static void test_timeouts(void **st) {
   im_server_free(s);
 }
 
+/* on_room returning IM_ROOM_DEFER: nothing is sent; the cid is readable
+ * during the callback only; the application answers later itself. */
+static char deferred_cid[32];
+static int deferred_calls;
+
+static int on_room_defer(im_server *s, im_conn_id c, const char *room, int join, void *u) {
+  (void)c, (void)room, (void)u;
+  deferred_calls++;
+  const char *cid = im_op_cid(s);
+  snprintf(deferred_cid, sizeof deferred_cid, "%s", cid ? cid : "(none)");
+  return join ? IM_ROOM_DEFER : 0;
+}
+
+static void test_room_defer(void **st) {
+  (void)st;
+  fake f;
+  memset(&f, 0, sizeof f);
+  im_callbacks cb = {.on_auth = on_auth, .on_open = on_open, .on_room = on_room_defer,
+                     .on_close = on_close};
+  im_server *s = im_server_new(NULL, &cb, &f);
+  assert_non_null(s);
+  im_io io = {want_write, io_close, &f};
+  im_server_set_io(s, &io);
+  im_server_tick(s, 1000000);
+  uint8_t out[1024];
+  im_conn_id c = ws_open(s, &f, "a");
+  feed_text(s, c, "{\"op\":\"join\",\"room\":\"r\",\"cid\":\"j1\"}");
+  assert_int_equal(deferred_calls, 1);
+  assert_string_equal(deferred_cid, "j1");
+  assert_null(im_op_cid(s)); /* only during on_room */
+  assert_int_equal(drain(s, c, out, sizeof out), 0);
+  assert_int_equal(im_room_member(s, c, "r"), 0);
+  assert_int_equal(im_room_join(s, c, "r"), 0);
+  assert_int_equal(im_ack(s, c, deferred_cid, NULL, 0), 0);
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "{\"op\":\"ack\",\"cid\":\"j1\"}"));
+  feed_text(s, c, "{\"op\":\"join\",\"room\":\"q\"}");
+  assert_string_equal(deferred_cid, "(none)");
+  feed_text(s, c, "{\"op\":\"leave\",\"room\":\"r\",\"cid\":\"l\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "\"cid\":\"l\""));
+  assert_int_equal(im_room_member(s, c, "r"), 0);
+  im_server_free(s);
+}
+
+/* im_conn_set_expiry: closed with 4410 at the deadline (not at idle), and
+ * a later call moves it; 0 removes it. */
+static void test_session_expiry(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.heartbeat_s = 0;
+  cfg.idle_timeout_ms = 0; /* no idle timeout at all: the deadline alone */
+  im_server *s = new_server(&f, &cfg);
+  uint64_t t = 1000000;
+  uint8_t out[512];
+  im_conn_id a = ws_open(s, &f, "a"), b = ws_open(s, &f, "b"), c = ws_open(s, &f, "c");
+  assert_int_equal(im_conn_set_expiry(s, a, 1500), 0);
+  assert_int_equal(im_conn_set_expiry(s, b, 1500), 0);
+  assert_int_equal(im_conn_set_expiry(s, b, 4000), 0); /* moved later */
+  assert_int_equal(im_conn_set_expiry(s, c, 1000), 0);
+  assert_int_equal(im_conn_set_expiry(s, c, 0), 0);    /* removed */
+  im_server_tick(s, t + 1400);
+  assert_int_equal(drain(s, a, out, sizeof out), 0);
+  im_server_tick(s, t + 1600);
+  expect_closed_with(s, &f, a, IM_CLOSE_EXPIRED);
+  im_server_tick(s, t + 3900);
+  assert_int_equal(drain(s, b, out, sizeof out), 0);
+  im_server_tick(s, t + 4100);
+  expect_closed_with(s, &f, b, IM_CLOSE_EXPIRED);
+  im_server_tick(s, t + 50000);
+  assert_int_equal(drain(s, c, out, sizeof out), 0); /* no deadline: still open */
+  assert_int_equal(im_conn_set_expiry(s, 12345, 1), IM_ENOENT);
+  im_server_free(s);
+}
+
+/* An auth op on an open connection is a refresh: auth_ok or an error, the
+ * connection stays open either way; another uid is refused before on_auth. */
+static void test_auth_refresh(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint8_t out[1024];
+  im_conn_id c = ws_open(s, &f, "alice");
+  f.last_uid[0] = 0;
+  feed_text(s, c, "{\"op\":\"auth\",\"token\":\"t2\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "\"op\":\"auth_ok\""));
+  assert_string_equal(f.last_uid, "alice"); /* defaulted to the connection's */
+  assert_int_equal(f.opens, 1);              /* not opened again */
+  feed_text(s, c, "{\"op\":\"auth\",\"token\":\"bad\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "\"code\":401"));
+  assert_non_null(strstr((char *)out, "token rejected"));
+  f.last_uid[0] = 0;
+  feed_text(s, c, "{\"op\":\"auth\",\"uid\":\"bob\",\"token\":\"t\",\"cid\":\"r\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "\"code\":403"));
+  assert_non_null(strstr((char *)out, "\"cid\":\"r\""));
+  assert_string_equal(f.last_uid, ""); /* on_auth never saw it */
+  /* pending: answered by im_auth_complete, still open */
+  f.auth_mode = IM_AUTH_PENDING;
+  feed_text(s, c, "{\"op\":\"auth\",\"token\":\"t3\"}");
+  assert_int_equal(drain(s, c, out, sizeof out), 0);
+  feed_text(s, c, "{\"op\":\"auth\",\"token\":\"t4\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "already pending"));
+  assert_int_equal(im_auth_complete(s, c, 0, 401, "nope"), 0);
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "nope"));
+  assert_int_equal(im_auth_complete(s, c, 1, 0, NULL), IM_ESTATE);
+  feed_text(s, c, "{\"op\":\"ping\"}");
+  drain(s, c, out, sizeof out);
+  assert_non_null(strstr((char *)out, "pong"));
+  assert_int_equal(f.nclose_cb, 0);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.conns_authed, 1);
+  im_server_free(s);
+}
+
+/* max_msg_rate: a burst of 2 x rate, then 429 with the cid (on_message not
+ * called); refills with time; strikes close with 4290. */
+static void test_msg_rate(void **st) {
+  (void)st;
+  fake f;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_msg_rate = 5;
+  cfg.max_rate_strikes = 3;
+  im_server *s = new_server(&f, &cfg);
+  uint64_t t = 1000000;
+  static uint8_t out[8192];
+  im_conn_id c = ws_open(s, &f, "a");
+  char m[96];
+  for (int i = 0; i < 12; i++) {
+    snprintf(m, sizeof m, "{\"op\":\"msg\",\"cid\":\"c%d\",\"data\":1}", i);
+    feed_text(s, c, m);
+    if (i == 10) {
+      /* 10 passed; the 11th was refused; a second later 5 more fit */
+      assert_int_equal(f.msgs, 10);
+      drain(s, c, out, sizeof out);
+      assert_non_null(strstr((char *)out, "\"cid\":\"c10\",\"code\":429"));
+      im_server_tick(s, t + 1000);
+    }
+  }
+  assert_int_equal(f.msgs, 11);
+  /* 4 more fit; then 3 more refusals make 4 strikes in 10 s: closed */
+  for (int i = 0; i < 7; i++) {
+    snprintf(m, sizeof m, "{\"op\":\"msg\",\"cid\":\"x%d\",\"data\":1}", i);
+    feed_text(s, c, m);
+    if (i == 3) drain(s, c, out, sizeof out);
+  }
+  assert_int_equal(f.msgs, 15);
+  im_stats stt;
+  im_server_stats(s, &stt);
+  assert_int_equal(stt.rate_limited, 4);
+  assert_int_equal(stt.rate_closed, 1);
+  expect_closed_with(s, &f, c, IM_CLOSE_RATE);
+  im_server_free(s);
+}
+
 /* ---- reliable delivery ---------------------------------------------------- */
 
 static im_msg reliable(const char *id, uint64_t seq) {
@@ -770,6 +933,10 @@ int main(void) {
       cmocka_unit_test(test_registry_and_fanout),
       cmocka_unit_test(test_output_bound_sheds),
       cmocka_unit_test(test_timeouts),
+    cmocka_unit_test(test_session_expiry),
+    cmocka_unit_test(test_room_defer),
+    cmocka_unit_test(test_auth_refresh),
+    cmocka_unit_test(test_msg_rate),
       cmocka_unit_test(test_reliable_retransmit_then_4408),
       cmocka_unit_test(test_reliable_ack_clears),
       cmocka_unit_test(test_reliable_window),

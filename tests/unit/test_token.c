@@ -75,6 +75,74 @@ static void forge(const char *version, const char *exp, const char *scope,
   assert_true(len > 0 && len < 256);
 }
 
+/* v2: the issue time is part of the token and of the signed message
+ * (Python hmac and openssl dgst -mac HMAC agree on these). */
+#define KAT_V2_DEVICE \
+  "2.1999999000123.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8"
+#define KAT_V2_ANY \
+  "2.1999999000123.2000000000.*.iJ8qp8_gbkfPdYgNLSVrRwCuYS6ozAwA1tU5BkFVP9c"
+
+static void test_v2_known_answer_and_claims(void **state)
+{
+  (void)state;
+  char tok[IMD_TOKEN_MAX];
+  imd_token_claims cl;
+  assert_int_equal(imd_token_mint_v2(secret, secret_len, "alice", "d1",
+                                     INT64_C(1999999000123), EXP, tok,
+                                     sizeof tok),
+                   (int)strlen(KAT_V2_DEVICE));
+  assert_string_equal(tok, KAT_V2_DEVICE);
+  assert_int_equal(imd_token_mint_v2(secret, secret_len, "alice", NULL,
+                                     INT64_C(1999999000123), EXP, tok,
+                                     sizeof tok),
+                   (int)strlen(KAT_V2_ANY));
+  assert_string_equal(tok, KAT_V2_ANY);
+  assert_int_equal(imd_token_check(secret, secret_len, "alice", "d1",
+                                   KAT_V2_DEVICE, NOW, &cl),
+                   IMD_TOKEN_OK);
+  assert_int_equal(cl.version, 2);
+  assert_true(cl.issued_ms == INT64_C(1999999000123));
+  assert_true(cl.expiry == EXP);
+  assert_int_equal(verify("alice", "phone", KAT_V2_ANY, NOW), IMD_TOKEN_OK);
+  assert_int_equal(verify("alice", "d1", KAT_V2_DEVICE, EXP), IMD_TOKEN_EXPIRED);
+  /* v1 tokens still verify; they report no issue time */
+  assert_int_equal(imd_token_check(secret, secret_len, "alice", "d1",
+                                   KAT_DEVICE, NOW, &cl),
+                   IMD_TOKEN_OK);
+  assert_int_equal(cl.version, 1);
+  assert_true(cl.issued_ms == 0 && cl.expiry == EXP);
+  /* the issue time is signed: changing it breaks the token, and a v2
+   * signature does not pass as v1 (other domain) */
+  assert_int_equal(verify("alice", "d1",
+      "2.1999999000124.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8",
+      NOW), IMD_TOKEN_INVALID);
+  assert_int_equal(verify("alice", "d1",
+      "1.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8", NOW),
+      IMD_TOKEN_INVALID);
+  /* strict IAT syntax: no leading zero, at most 15 digits, not absent */
+  assert_int_equal(verify("alice", "d1",
+      "2.01999999000123.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8",
+      NOW), IMD_TOKEN_INVALID);
+  assert_int_equal(verify("alice", "d1",
+      "2.1234567890123456.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8",
+      NOW), IMD_TOKEN_INVALID);
+  assert_int_equal(verify("alice", "d1",
+      "2.2000000000.d.s6n26BExNkvFIQO1IRQpJgEQ7NdI1TcXBR0dvgxewQ8", NOW),
+      IMD_TOKEN_INVALID);
+  /* a forged token fills no claims */
+  assert_int_equal(imd_token_check(secret, secret_len, "bob", "d1",
+                                   KAT_V2_DEVICE, NOW, &cl),
+                   IMD_TOKEN_INVALID);
+  assert_int_equal(cl.version, 0);
+  assert_int_equal(imd_token_mint_v2(secret, secret_len, "alice", "d1", 0, EXP,
+                                     tok, sizeof tok),
+                   IMD_TOKEN_EINVAL);
+  assert_int_equal(imd_token_mint_v2(secret, secret_len, "alice", "d1",
+                                     IMD_TOKEN_IAT_MAX + 1, EXP, tok,
+                                     sizeof tok),
+                   IMD_TOKEN_EINVAL);
+}
+
 static void test_known_answer(void **state)
 {
   (void)state;
@@ -532,6 +600,7 @@ int main(void)
 {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(test_known_answer),
+    cmocka_unit_test(test_v2_known_answer_and_claims),
     cmocka_unit_test(test_forge_helper_matches),
     cmocka_unit_test(test_roundtrip_device),
     cmocka_unit_test(test_roundtrip_any),
