@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "imd.h"
+#include "log.h"
 #include "static_files.h"
 #include "proto/json_scan.h"
 #include <libim/im_guard.h>
@@ -451,8 +452,8 @@ static void post_revoke(imd *d, const char *uid, http_response *r) {
   d->m.revocations++;
   /* the other nodes learn it through Redis within a second */
   if (imd_revoke_publish(d, uid, at) < 0)
-    fprintf(stderr, "imd: revocation of a uid not written to Redis (down?): other nodes "
-                    "still accept its tokens\n");
+    log_warn("revocation of %s not written to Redis (down?): other nodes still accept its tokens",
+             uid);
   int closed = im_kick_user(d->srv, uid, IM_CLOSE_REVOKED, "revoked");
   cJSON *o = cJSON_CreateObject();
   cJSON_AddStringToObject(o, "uid", uid);
@@ -774,9 +775,25 @@ method:
   reply_error(r, 405, "method not allowed");
 }
 
+/* Access log: every request at debug, one in ACCESS_SAMPLE at info (a hot
+ * path must not write a line per request). */
+#define ACCESS_SAMPLE 100
+
+static void access_log(imd *d, const http_request *req, int status) {
+  enum imd_log_level lv = d->m.http_requests % ACCESS_SAMPLE == 0 ? IMD_LOG_INFO : IMD_LOG_DEBUG;
+  if (!imd_log_on(lv)) return;
+  char path[256], code[8];
+  snprintf(path, sizeof path, "%.*s", (int)(req->path_len < 255 ? req->path_len : 255), req->path);
+  snprintf(code, sizeof code, "%d", status);
+  imd_log(lv, IMD_FIELDS("method", llhttp_method_name((llhttp_method_t)req->method), "path", path,
+                         "status", code, "peer", req->peer ? req->peer : ""),
+          "http request");
+}
+
 void imd_api_handle(void *user, const http_request *req, http_response *resp) {
   imd *d = user;
   route(d, req, resp);
+  access_log(d, req, resp->status); /* a deferred answer logs its status as 0 */
   d->m.http_requests++;
   count_status(d, resp->status); /* a deferred answer counts when it is given */
 }

@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "imd.h"
+#include "log.h"
 #include "store_redis.h"
 
 /* One message waiting for the store. The strings and arrays live in the
@@ -117,7 +118,7 @@ int imd_deliver(imd *d, const imd_store_msg *m, const char *const *uids, size_t 
   if (rc < 0) {
     free(p);
     d->m.store_errors++;
-    fprintf(stderr, "imd: store append failed: %s\n", d->store->ops->error(d->store));
+    log_warn("store append failed: %s", d->store->ops->error(d->store));
   }
   return rc;
 }

@@ -80,7 +80,7 @@ typedef struct imd {
   char node_name[160];
   bool draining;
   strmap uid_bans;          /* bans.c */
-  struct event *drain_ev, *usr1_ev, *trim_ev;
+  struct event *drain_ev, *usr1_ev, *hup_ev, *trim_ev;
   struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
   struct imd_revocations *revoked; /* revoke.c */

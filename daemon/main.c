@@ -21,6 +21,7 @@
 
 #include "hooks.h"
 #include "imd.h"
+#include "log.h"
 #include "token.h"
 
 typedef struct option_def {
@@ -37,7 +38,8 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_TLS_PLAIN, O_CONN_RATE, O_CONN_BURST, O_MAX_CONNS_IP, O_BAN, O_BAN_TIME, O_PUSH_RATE,
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
        O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
-       O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_N };
+       O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_LOG_LEVEL,
+       O_LOG_FILE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -138,6 +140,10 @@ static const option_def options[O_N] = {
                          "0 = no quota [600]"},
     [O_ROOMS] = {"--rooms", "IMD_ROOMS", "rooms",
                  "open: any room; members: only rooms that are groups one is in [open]"},
+    [O_LOG_LEVEL] = {"--log-level", "IMD_LOG_LEVEL", "log_level",
+                     "debug, info, warn or error      [info]"},
+    [O_LOG_FILE] = {"--log-file", "IMD_LOG_FILE", "log_file",
+                    "JSON lines to FILE (reopened on SIGHUP) [stderr]"},
 };
 
 static const char *defaults[O_N] = {
@@ -147,7 +153,7 @@ static const char *defaults[O_N] = {
     [O_ACK_RETRIES] = "3",      [O_INBOX_MAX] = "10000", [O_INBOX_DAYS] = "30",
     [O_DURABLE] = "on",        [O_MAX_ROOMS] = "64",     [O_MAX_CONNS_USER] = "32",
     [O_MAX_CONNS] = "auto",     [O_CONN_RATE] = "100",   [O_CONN_BURST] = "1000",
-    [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_PUSH_RATE] = "200",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
+    [O_LOG_LEVEL] = "info",     [O_MAX_CONNS_IP] = "0",     [O_BAN_TIME] = "10",     [O_PUSH_RATE] = "200",     [O_REDIS_PREFIX] = "im:", [O_LEASE_TTL] = "10",
     [O_DRAIN_RATE] = "1000",
     [O_HOOK_CONNECT] = "off",  [O_HOOK_MESSAGE] = "off", [O_HOOK_PRESENCE] = "on",
     [O_HOOK_TIMEOUT] = "2000", [O_HOOK_FAIL] = "closed", [O_HOOK_CONNS] = "16",
@@ -551,6 +557,8 @@ int main(int argc, char **argv) {
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
+  if (imd_log_open(vals[O_LOG_FILE], vals[O_LOG_LEVEL]) < 0) return 2;
+  atexit(imd_log_close);
   if (mkdir(d.cfg.data_dir, 0700) < 0 && errno != EEXIST) {
     fprintf(stderr, "imd: cannot create data dir %s: %s\n", d.cfg.data_dir, strerror(errno));
     return 1;

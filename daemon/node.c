@@ -12,6 +12,7 @@
 #include <libim/im_router.h>
 
 #include "imd.h"
+#include "log.h"
 
 #define DRAIN_TICK_MS 100
 #define GOAWAY_SPREAD_MS 2000  /* clients reconnect within this, spread out */
@@ -29,11 +30,12 @@ static void on_cluster_event(im_redis *r, enum im_redis_event ev, void *ud) {
   switch (ev) {
   case IM_REDIS_UP:
     imd_delivery_reconnected(d);
-    fprintf(stderr, "imd: cluster link up as node %s (epoch %llu)\n", d->node_name,
-            (unsigned long long)im_redis_epoch(d->redis));
+    char epoch[24];
+    snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)im_redis_epoch(d->redis));
+    imd_log(IMD_LOG_INFO, IMD_FIELDS("node", d->node_name, "epoch", epoch), "cluster link up");
     break;
   case IM_REDIS_DOWN:
-    fprintf(stderr, "imd: cluster link down; stored sends fail with 503 until it is back\n");
+    log_warn("cluster link down; stored sends fail with 503 until it is back");
     break;
   case IM_REDIS_RESYNC:
     /* notifications sent to this node may be lost: push every local
@@ -67,7 +69,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
   if (st.conns_authed == 0) {
     /* the rest (unauthenticated, closing) goes with the listeners */
     event_del(d->drain_ev);
-    fprintf(stderr, "imd: drained; exiting\n");
+    log_info("drained; exiting");
     if (d->ev) im_event_shutdown(d->ev, 3000);
     return;
   }
@@ -86,14 +88,23 @@ size_t imd_drain(imd *d) {
   im_server_stats(d->srv, &st);
   if (d->draining) return st.conns_authed;
   d->draining = true;
-  fprintf(stderr, "imd: draining %llu connections at %u/s\n", (unsigned long long)st.conns_authed,
-          d->cfg.drain_rate);
+  log_info("draining %llu connections at %u/s", (unsigned long long)st.conns_authed,
+           d->cfg.drain_rate);
   if (d->redis) im_redis_set_draining(d->redis, 1);
   im_server_each_conn(d->srv, send_goaway, d);
   /* the clients get a moment to leave by themselves before the closing starts */
   struct timeval tv = {0, DRAIN_TICK_MS * 1000};
   event_add(d->drain_ev, &tv);
   return st.conns_authed;
+}
+
+/* SIGHUP: logrotate moved the log (tls.c reloads the certificate on the
+ * same signal). */
+static void on_hup(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  (void)arg;
+  imd_log_reopen();
 }
 
 static void on_usr1(evutil_socket_t fd, short what, void *arg) {
@@ -161,7 +172,9 @@ int imd_node_start(imd *d) {
   }
   d->drain_ev = event_new(d->base, -1, EV_PERSIST, on_drain_tick, d);
   d->usr1_ev = evsignal_new(d->base, SIGUSR1, on_usr1, d);
-  if (!d->drain_ev || !d->usr1_ev || event_add(d->usr1_ev, NULL) < 0) {
+  d->hup_ev = evsignal_new(d->base, SIGHUP, on_hup, d);
+  if (!d->drain_ev || !d->usr1_ev || !d->hup_ev || event_add(d->usr1_ev, NULL) < 0 ||
+      event_add(d->hup_ev, NULL) < 0) {
     fprintf(stderr, "imd: out of memory\n");
     return -1;
   }
@@ -199,5 +212,6 @@ void imd_node_stop(imd *d) {
   d->redis = NULL;
   if (d->drain_ev) event_free(d->drain_ev);
   if (d->usr1_ev) event_free(d->usr1_ev);
-  d->drain_ev = d->usr1_ev = NULL;
+  if (d->hup_ev) event_free(d->hup_ev);
+  d->drain_ev = d->usr1_ev = d->hup_ev = NULL;
 }

@@ -23,6 +23,7 @@
 
 #include <libim/im_async.h>
 
+#include "log.h"
 #include "store.h"
 #include "store_sqlite.h"
 
@@ -273,7 +274,7 @@ static void commit_now(thread_store *t, rq *from, rq *upto) {
   clock_gettime(CLOCK_MONOTONIC, &b);
   (void)t0;
   if (rc < 0) {
-    fprintf(stderr, "imd: store commit failed: %s\n", sqlstore_error(t->db));
+    log_error("store commit failed: %s", sqlstore_error(t->db));
     set_err_locked(t);
     for (rq *r = from; r && r != upto; r = r->next)
       if ((r->kind == RQ_APPEND || r->kind == RQ_GROUP) && r->status >= 0) r->status = IMD_STORE_EIO;
@@ -385,7 +386,7 @@ static void *thread_main(void *arg) {
     if (now >= next_trim && !sqlstore_in_batch(t->db)) {
       long n = sqlstore_trim(t->db, wall_ms());
       if (n < 0) {
-        fprintf(stderr, "imd: retention trim failed: %s\n", sqlstore_error(t->db));
+        log_error("retention trim failed: %s", sqlstore_error(t->db));
         set_err_locked(t);
       }
       pthread_mutex_lock(&t->lock);
@@ -397,7 +398,7 @@ static void *thread_main(void *arg) {
     if (batch && im_async_post(t->done, batch) < 0) {
       /* cannot happen before close, which joins this thread first; a
        * batch that cannot be handed back is still completed, here */
-      fprintf(stderr, "imd: store: cannot hand a batch back\n");
+      log_error("store: cannot hand a batch back");
     }
     pthread_mutex_lock(&t->lock);
     if (stop && !t->todo) break;
@@ -545,7 +546,7 @@ static int import_groups(sql_store *db, const char *path, char *err, size_t errl
       snprintf(err, errlen, "cannot rename %s: %s", path, strerror(errno));
       rc = -1;
     } else {
-      fprintf(stderr, "imd: groups imported from %s (now %s)\n", path, moved);
+      log_info("groups imported from %s (now %s)", path, moved);
     }
   }
   return rc;
@@ -572,7 +573,7 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   /* retention at start, before the first request can read */
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
-  if (trimmed < 0) fprintf(stderr, "imd: retention trim failed: %s\n", sqlstore_error(t->db));
+  if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
   t->done = im_async_new(base, batch_done, t);
   if (!t->done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
     snprintf(err, errlen, "cannot start the store thread");

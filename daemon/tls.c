@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "imd.h"
+#include "log.h"
 
 enum { L_WS, L_TCP, L_HTTP, L_N };
 static const char *const names[L_N] = {"ws", "tcp", "http"};
@@ -29,7 +30,7 @@ static void hup_cb(evutil_socket_t sig, short what, void *arg) {
   im_tls *ctx[2] = {t->http, t->raw};
   for (int i = 0; i < 2; i++) {
     if (im_tls_reload(ctx[i], err, sizeof err) < 0) {
-      fprintf(stderr, "imd: SIGHUP: %s; keeping the old certificate\n", err);
+      log_error("SIGHUP: %s; keeping the old certificate", err);
       return;
     }
   }
