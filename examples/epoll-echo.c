@@ -5,6 +5,7 @@
  *
  *   epoll-echo 127.0.0.1:8080 [tcp-port]
  */
+#define _GNU_SOURCE /* accept4, clock_gettime: this example builds on its own too */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <libim/im.h>
