@@ -17,6 +17,13 @@ prefix=$dest$(sed -n 's/^prefix=//p' "$pc/libim.pc")
 libdir=$(PKG_CONFIG_PATH=$pc pkg-config --define-variable=prefix="$prefix" --variable=libdir libim)
 pcf() { PKG_CONFIG_PATH=$pc pkg-config --define-variable=prefix="$prefix" "$@"; }
 fail=0
+# libim.a shows only the public API: every global symbol it defines is im_*
+leaked=$(nm -g --defined-only "$libdir/libim.a" | awk '$2 ~ /[TDBRVW]/ && $3 !~ /^im_/ {print $3}')
+if [ -n "$leaked" ]; then
+  echo "not ok - libim.a exports internal symbols:"; echo "$leaked" | head; fail=1
+else
+  echo "ok - libim.a defines only im_* globals"
+fi
 build_one() { # NAME MODE EXTRA_LIBS...
   local name=$1 mode=$2 out="$dest/$1.$2" libs; shift 2
   if [ "$mode" = shared ]; then
