@@ -8,18 +8,6 @@
 #include "imd.h"
 #include "token.h"
 
-uint64_t imd_wall_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_REALTIME, &ts);
-  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-uint64_t imd_mono_us(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
-}
-
 /* A genuine, unexpired token may still be refused: a lifetime over
  * --max-token-ttl, or issued before its uid was revoked. Returns the
  * reason, or NULL when it is fine. */

@@ -9,6 +9,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/strmap.h"
 #include "http_server.h"
@@ -108,8 +109,17 @@ static inline void imd_strs_copy(char **at, const char *const *in, const char **
 
 /* chat.c: the libim callbacks (token auth, 1:1 / group / room routing). */
 void imd_chat_callbacks(im_callbacks *cb);
-uint64_t imd_wall_ms(void);
-uint64_t imd_mono_us(void);
+/* Clocks: wall-clock ms, monotonic µs. */
+static inline uint64_t imd_wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+static inline uint64_t imd_mono_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000u + (uint64_t)ts.tv_nsec / 1000u;
+}
 
 /* delivery.c: store, then deliver. */
 int imd_delivery_init(imd *d, const imd_store_opts *o); /* 0, or -1 with a message on stderr */

@@ -244,14 +244,6 @@ dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t 
  * off or memory ran out (the message is then processed undeduplicated). */
 dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n);
 
-/* router.c: tell the router about local changes (no-ops without one) */
-void route_conn_open(im_server *s, im_conn *c);
-void route_conn_close(im_server *s, im_conn *c);
-void route_room_open(im_server *s, const char *room);
-void route_room_close(im_server *s, const char *room);
-/* m itself when it has an id; else *copy with a fresh id written into id. */
-const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, char id[IM_ID_MAX]);
-
 /* guard.c: admission at accept (true: admit), its undo at release, and
  * the sweep of idle sources (each tick) */
 bool guard_admit(im_server *s, const char *peer);

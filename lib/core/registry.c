@@ -1,6 +1,8 @@
 /* The registries: uid -> live connections (R7) and room -> member
  * connections (R15). Both are intrusive: adding or removing a connection is
- * O(1) apart from the hash lookup of its uid or room. */
+ * O(1) apart from the hash lookup of its uid or room. A room's first
+ * member and its last leaving are told to the server's router (rooms are
+ * subscribed to while they have local members). */
 #include <string.h>
 
 #include "core/engine.h"
@@ -93,7 +95,7 @@ int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
   m->r_next = r->members;
   if (r->members) r->members->r_prev = m;
   r->members = m;
-  if (r->n++ == 0) route_room_open(s, r->name);
+  if (r->n++ == 0 && s->router.room_open) s->router.room_open(s, r->name, s->router.ud);
   m->c_next = c->rooms;
   c->rooms = m;
   return 0;
@@ -108,7 +110,7 @@ static void member_unlink(im_server *s, room_member *m) {
   if (m->r_next) m->r_next->r_prev = m->r_prev;
   im_dealloc(s, m);
   if (--r->n == 0) {
-    route_room_close(s, r->name);
+    if (s->router.room_close) s->router.room_close(s, r->name, s->router.ud);
     strmap_del(&s->rooms, &r->node);
     im_dealloc(s, r);
     s->st.rooms--;

@@ -7,28 +7,8 @@
 
 #include "core/engine.h"
 
-void route_conn_open(im_server *s, im_conn *c) {
-  if (s->router.conn_open) s->router.conn_open(s, c->id, s->router.ud);
-}
-
-void route_conn_close(im_server *s, im_conn *c) {
-  if (s->router.conn_close) s->router.conn_close(s, c->id, s->router.ud);
-}
-
-void route_room_open(im_server *s, const char *room) {
+static void route_room_open(im_server *s, const char *room) {
   if (s->router.room_open) s->router.room_open(s, room, s->router.ud);
-}
-
-void route_room_close(im_server *s, const char *room) {
-  if (s->router.room_close) s->router.room_close(s, room, s->router.ud);
-}
-
-const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy, char id[IM_ID_MAX]) {
-  if (m->id) return m;
-  im_new_id(s, id);
-  *copy = *m;
-  copy->id = id;
-  return copy;
 }
 
 static void announce_room(const char *room, size_t members, void *arg) {
@@ -42,7 +22,7 @@ size_t im_server_announce(im_server *s) {
   for (uint32_t i = 0; i < s->nslots; i++) {
     im_conn *c = s->slots[i];
     if (c && c->state == CS_OPEN && (c->flags & CF_REGISTERED)) {
-      route_conn_open(s, c);
+      if (s->router.conn_open) s->router.conn_open(s, c->id, s->router.ud);
       n++;
     }
   }

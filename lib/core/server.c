@@ -62,6 +62,29 @@ static uint64_t ms_to_ticks(const im_server *s, uint64_t ms) {
 
 uint64_t now_tick(const im_server *s) { return s->now_ms / s->cfg.tick_ms; }
 
+/* The router (im_router.h) hears of connections opening and closing; a
+ * routed send needs its id before it leaves (the remote copies carry the
+ * same one). */
+static void route_conn_open(im_server *s, im_conn *c) {
+  if (s->router.conn_open) s->router.conn_open(s, c->id, s->router.ud);
+}
+
+static void route_conn_close(im_server *s, im_conn *c) {
+  if (s->router.conn_close) s->router.conn_close(s, c->id, s->router.ud);
+}
+
+static void next_id(im_server *s, char out[24]);
+
+/* m itself when it has an id; else *copy with a fresh id written into id. */
+static const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy,
+                                       char id[IM_ID_MAX]) {
+  if (m->id) return m;
+  next_id(s, id);
+  *copy = *m;
+  copy->id = id;
+  return copy;
+}
+
 im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user) {
   im_config def;
   if (!cfg) {
