@@ -5,7 +5,9 @@
  *
  *   epoll-echo 127.0.0.1:8080 [tcp-port]
  */
+#ifndef _GNU_SOURCE
 #define _GNU_SOURCE /* accept4, clock_gettime: this example builds on its own too */
+#endif
 #include <arpa/inet.h>
 #include <errno.h>
 #include <libim/im.h>
