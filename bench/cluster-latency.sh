@@ -4,7 +4,7 @@
 # with the case's appendfsync), imd nodes A (and B) with --redis, then
 # `im-bench chat` with real tokens, RATE msgs/s in all from PAIRS senders on
 # node A to PAIRS receivers on node B (--recv-url), a 3 s warm-up, SECONDS
-# measured. Cases (CASES, space-separated, default all three):
+# measured. Cases (CASES, space-separated, default all four):
 #   cross-always    sender on A, receiver on B, appendfsync always
 #   cross-everysec  the same with appendfsync everysec
 #   single-always   sender and receiver on A alone (still the Redis store)
@@ -16,14 +16,15 @@
 # A and B over that window. Pinning (taskset): PIN_IMD (A and B), PIN_REDIS,
 # PIN_CLIENT; defaults 0, 1, 1. PERF_DIR=DIR also records `perf record -g` of
 # redis, A and B for PERF_S (default 5) seconds of each run's measured part,
-# into DIR/CASE-RUN.data (see `perf report -i`).
+# into DIR/CASE-RUN.data (see `perf report -i`). REDIS_ARGS: more
+# redis-server options (e.g. '--auto-aof-rewrite-percentage 0').
 #   bench/cluster-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS]
 # IMD=PATH runs that imd binary; im-bench comes from BUILD_DIR.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${1:?usage: bench/cluster-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS]}
 rate=${2:-5000}; secs=${3:-20}; pairs=${4:-100}; runs=${5:-1}
-cases=${CASES:-cross-always cross-everysec single-always}
+cases=${CASES:-cross-always cross-everysec single-always rooms-always}
 imd=${IMD:-$build/daemon/imd}
 pin_imd=${PIN_IMD:-0}; pin_redis=${PIN_REDIS:-1}; pin_client=${PIN_CLIENT:-1}
 warmup=3
@@ -86,8 +87,10 @@ run_one() { # CASE RUN
   rm -rf "$tmp/redis" "$tmp/A" "$tmp/B"
   mkdir -p "$tmp/redis"
   rport=$(free_port)
+  # shellcheck disable=SC2086 # REDIS_ARGS: options, split on purpose
   taskset -c "$pin_redis" redis-server --port "$rport" --bind 127.0.0.1 --save '' \
-    --appendonly yes --appendfsync "$fsync" --dir "$tmp/redis" --logfile "$tmp/redis/log" &
+    --appendonly yes --appendfsync "$fsync" --dir "$tmp/redis" --logfile "$tmp/redis/log" \
+    --latency-monitor-threshold 5 ${REDIS_ARGS:-} &
   pids=($!)
   for _ in $(seq 100); do redis-cli -p "$rport" PING 2>/dev/null | grep -q PONG && break; sleep 0.05; done
   start_node A
@@ -130,6 +133,11 @@ run_one() { # CASE RUN
     i=$((i + 1))
   done
   snapshot "$tmp/after"
+  # Redis's own stalls of 5 ms or more (event, last ms, max ms), if any
+  redis-cli -p "$rport" LATENCY LATEST | paste -sd' ' \
+    | awk -v c="$case" -v r="$run" 'NF {print "[" c " " r "] redis stalls >= 5 ms: " $0}'
+  redis-cli -p "$rport" SLOWLOG GET 3 | tr -d '\r' | paste -sd' ' | cut -c1-400 \
+    | awk -v c="$case" -v r="$run" 'NF {print "[" c " " r "] slowlog: " $0}'
   sed "s/^/[$case $run] /" "$bench_out"
   grep -v '^\[' "$tmp/err" | sed "s/^/[$case $run] stderr: /" >&2 || true
   # Commands per message. Inside the scripts: what the store's and the

@@ -48,7 +48,7 @@ for i in $(seq "$nodes"); do
     --redis "127.0.0.1:$rport" --node "n$i" --heartbeat 300 >"$tmp/n$i.out" 2>&1 &
   pids+=($!)
   ws=$(port_of "$tmp/n$i.out" ws); http=$(port_of "$tmp/n$i.out" http)
-  [ -n "$ws" ] && [ -n "$http" ] || { cat "$tmp/n$i.out" >&2; exit 1; }
+  if [ -z "$ws" ] || [ -z "$http" ]; then cat "$tmp/n$i.out" >&2; exit 1; fi
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$http/healthz" >/dev/null && break; sleep 0.1; done
   urls+=("ws://127.0.0.1:$ws/ws")
 done
