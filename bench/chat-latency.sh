@@ -35,7 +35,7 @@ run_one() { # TARGET RUN
     # the paced senders go past the default per-receiver quota (600/min per
     # pair): this measures delivery, not policing
     taskset -c 0 "$imd" --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off \
-      --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 >"$out" 2>&1 &
+      --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --conn-rate 0 >"$out" 2>&1 &
     auth=(--secret-file "$tmp/data/secret")
   else
     taskset -c 0 node "$here/peer-chat.js" 0 0 >"$out" 2>&1 &

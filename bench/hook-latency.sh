@@ -34,7 +34,7 @@ bport=$(port_of "$tmp/backend" backend)
 run_one() { # NAME IMD-ARGS...
   local name=$1; shift
   rm -rf "$tmp/data"
-  taskset -c 0 "$imd" --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http 127.0.0.1:0 \
+  taskset -c 0 "$imd" --conn-rate 0 --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http 127.0.0.1:0 \
     --api-key "$key" --fsync off "$@" >"$tmp/$name.srv" 2>&1 &
   local srv=$!
   pids+=($srv)

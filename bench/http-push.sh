@@ -74,7 +74,7 @@ run_one() { # TARGET RUN
   local target=$1 run=$2 out=$tmp/$1.srv ws http key auth=()
   if [ "$target" = imd ]; then
     rm -rf "$tmp/data"
-    taskset -c 0 "$imd" --data "$tmp/data" --ws 127.0.0.1:0 --tcp off \
+    taskset -c 0 "$imd" --conn-rate 0 --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off \
       --http 127.0.0.1:0 >"$out" 2>&1 &
   else
     taskset -c 0 node "$here/peer-chat.js" 0 0 peer-bench-key >"$out" 2>&1 &

@@ -70,6 +70,15 @@ enum { BOP_AUTH = 0x01, BOP_AUTH_OK = 0x02, BOP_MSG = 0x03, BOP_ACK = 0x04,
 enum { BKEY_UID = 0x01, BKEY_TOKEN = 0x02, BKEY_DEVICE = 0x03, BKEY_PLATFORM = 0x04,
        BKEY_CID = 0x07, BKEY_ID = 0x08, BKEY_DATA = 0x0f };
 
+/* Where connections go: --url (or --tcp), and for chat receivers --recv-url
+ * when given (e.g. another node of an imd cluster). */
+typedef struct endpoint {
+  char host[256], port[16], path[256];
+  struct sockaddr_storage addr;
+  socklen_t addr_len;
+} endpoint;
+enum { EP_MAIN, EP_RECV, EP_N };
+
 typedef struct conn {
   int fd;
   uint8_t state;
@@ -88,7 +97,7 @@ typedef struct conn {
 static struct {
   enum bench_mode mode;
   bool tcp, auth_frame, send_ack;
-  char host[256], port[16], path[256];
+  endpoint ep[EP_N]; /* EP_RECV: a copy of EP_MAIN unless --recv-url */
   int nconns, duration_s, hold_s, ping_s, window, payload;
   int pairs, rate, warmup_s, drain_s, idle_exit_s;
   long server_pid;
@@ -129,8 +138,6 @@ static struct {
 static struct {
   int epfd;
   conn *conns;
-  struct sockaddr_storage dst;
-  socklen_t dst_len;
   int started, in_setup, connected, authed, failed, dropped;
   long errors;
   char first_failure[160];
@@ -405,11 +412,18 @@ static void ws_send(conn *c, unsigned opcode, const void *payload, size_t len)
   conn_send(c, f, h + 4 + len);
 }
 
+/* Chat receivers use --recv-url; everything else --url. */
+static const endpoint *conn_endpoint(const conn *c)
+{
+  return &opt.ep[c->role == ROLE_RECEIVER ? EP_RECV : EP_MAIN];
+}
+
 static void ws_send_upgrade(conn *c)
 {
+  const endpoint *ep = conn_endpoint(c);
   uint64_t key[2] = { rng_next(), rng_next() };
   char key64[32], req[1024], uid[96], tok[TOKEN_MAX];
-  int n = snprintf(req, sizeof req, "GET %s", opt.path);
+  int n = snprintf(req, sizeof req, "GET %s", ep->path);
 
   /* Authenticating in the URL saves a round trip per connection. uids and
    * tokens need no percent-encoding (--uid-prefix is checked). */
@@ -417,14 +431,14 @@ static void ws_send_upgrade(conn *c)
     conn_uid(c, uid, sizeof uid);
     conn_token(uid, tok);
     n += snprintf(req + n, sizeof req - (size_t)n, "%cuid=%s&token=%s&device=d1&platform=bench",
-                  strchr(opt.path, '?') ? '&' : '?', uid, tok);
+                  strchr(ep->path, '?') ? '&' : '?', uid, tok);
   }
   base64((const unsigned char *)key, sizeof key, key64);
   n += snprintf(req + n, sizeof req - (size_t)n,
                 " HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
                 "Sec-WebSocket-Protocol: imp.json\r\n\r\n",
-                opt.host, opt.port, key64);
+                ep->host, ep->port, key64);
   conn_send(c, req, (size_t)n);
 }
 
@@ -1054,12 +1068,13 @@ static void conn_start(conn *c)
 {
   int one = 1;
   struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = c };
+  const endpoint *ep = conn_endpoint(c);
 
   B.started++;
   B.in_setup++;
   c->t_start = now_ns();
   c->state = ST_CONNECTING;
-  c->fd = socket(B.dst.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  c->fd = socket(ep->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (c->fd < 0) {
     conn_close(c, "socket", errno);
     return;
@@ -1077,7 +1092,7 @@ static void conn_start(conn *c)
       return;
     }
   }
-  if (connect(c->fd, (struct sockaddr *)&B.dst, B.dst_len) < 0 && errno != EINPROGRESS)
+  if (connect(c->fd, (const struct sockaddr *)&ep->addr, ep->addr_len) < 0 && errno != EINPROGRESS)
     conn_close(c, "connect", errno);
   else if (epoll_ctl(B.epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
     conn_close(c, "epoll_ctl", errno);
@@ -1090,8 +1105,8 @@ static void usage(FILE *f)
   fputs("usage:\n"
         "  im-bench hold --url ws://HOST:PORT/ws -n N [--src IP,IP,...] [--hold-seconds S]\n"
         "  im-bench echo --url ws://HOST:PORT/ws -c N [-d SECONDS] [--tcp HOST:PORT]\n"
-        "  im-bench chat --url ws://HOST:PORT/ws [--pairs P] [--rate R] [-d SECONDS]\n"
-        "                [--warmup S] [--secret-file F | --secret S]\n"
+        "  im-bench chat --url ws://HOST:PORT/ws [--recv-url ws://HOST:PORT/ws] [--pairs P]\n"
+        "                [--rate R] [-d SECONDS] [--warmup S] [--secret-file F | --secret S]\n"
         "  im-bench recv --url ws://HOST:PORT/ws [-n N] [--idle-exit S] [--secret-file F]\n"
         "\n"
         "hold: open N connections, authenticate, keep them idle with an {\"op\":\"ping\"}\n"
@@ -1115,6 +1130,8 @@ static void usage(FILE *f)
         "      --idle-exit S seconds after the last msg; prints a RESULT line.\n"
         "\n"
         "  --url URL         WebSocket endpoint (ws://IPV4-OR-NAME:PORT/PATH, imp.json)\n"
+        "  --recv-url URL    chat: receivers connect here, senders to --url (e.g. two\n"
+        "                    nodes of an imd cluster; default: --url)\n"
         "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
         "  -n, -c N          connections in this process (at most ~19,980)\n"
         "  --src IP[,IP...]  IPv4 source addresses used round-robin (more ports per target)\n"
@@ -1140,28 +1157,28 @@ static void usage(FILE *f)
         f);
 }
 
-/* HOST:PORT, or HOST with default_port, into opt.host / opt.port. */
-static void parse_hostport(const char *s, size_t len, const char *default_port)
+/* HOST:PORT, or HOST with default_port, into ep->host / ep->port. */
+static void parse_hostport(endpoint *ep, const char *s, size_t len, const char *default_port)
 {
   const char *colon = memrchr(s, ':', len);
   size_t hl = colon ? (size_t)(colon - s) : len;
   int pl = (int)(colon ? len - hl - 1 : strlen(default_port));
 
-  if (hl == 0 || hl >= sizeof opt.host || pl == 0 || pl >= (int)sizeof opt.port)
+  if (hl == 0 || hl >= sizeof ep->host || pl == 0 || pl >= (int)sizeof ep->port)
     die("bad address '%.*s' (HOST:PORT)", (int)len, s);
-  memcpy(opt.host, s, hl);
-  opt.host[hl] = '\0';
-  snprintf(opt.port, sizeof opt.port, "%.*s", pl, colon ? colon + 1 : default_port);
+  memcpy(ep->host, s, hl);
+  ep->host[hl] = '\0';
+  snprintf(ep->port, sizeof ep->port, "%.*s", pl, colon ? colon + 1 : default_port);
 }
 
-static void parse_url(const char *url)
+static void parse_url(endpoint *ep, const char *url)
 {
   const char *rest = url + 5, *slash;
   if (strncmp(url, "ws://", 5) != 0)
     die("only ws:// URLs are supported: '%s'", url);
   slash = strchr(rest, '/');
-  parse_hostport(rest, slash ? (size_t)(slash - rest) : strlen(rest), "80");
-  if (snprintf(opt.path, sizeof opt.path, "%s", slash ? slash : "/") >= (int)sizeof opt.path)
+  parse_hostport(ep, rest, slash ? (size_t)(slash - rest) : strlen(rest), "80");
+  if (snprintf(ep->path, sizeof ep->path, "%s", slash ? slash : "/") >= (int)sizeof ep->path)
     die("URL path too long");
 }
 
@@ -1194,10 +1211,11 @@ static void parse_args(int argc, char **argv)
     {"auth-frame", 0, NULL, 'A'}, {"help", 0, NULL, 'h'}, {"secret", 1, NULL, 'S'},
     {"secret-file", 1, NULL, 'F'}, {"pairs", 1, NULL, 'q'}, {"rate", 1, NULL, 'r'},
     {"warmup", 1, NULL, 'W'}, {"drain", 1, NULL, 'D'}, {"no-ack", 0, NULL, 'N'},
-    {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {NULL, 0, NULL, 0},
+    {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {"recv-url", 1, NULL, 'R'},
+    {NULL, 0, NULL, 0},
   };
   static const char *const modes[] = { "hold", "echo", "chat", "recv" };
-  const char *url = NULL, *tcp = NULL, *secret = NULL, *secret_file = NULL;
+  const char *url = NULL, *recv_url = NULL, *tcp = NULL, *secret = NULL, *secret_file = NULL;
   char secret_buf[sizeof opt.secret + 2];
   bool no_ack = false, have_prefix = false, have_conns = false;
   int ch;
@@ -1217,6 +1235,7 @@ static void parse_args(int argc, char **argv)
   while ((ch = getopt_long(argc - 1, argv + 1, "n:c:d:h", longopts, NULL)) != -1) {
     switch (ch) {
     case 'u': url = optarg; break;
+    case 'R': recv_url = optarg; break;
     case 't': tcp = optarg; break;
     case 's': parse_src(optarg); break;
     case 'n': case 'c':
@@ -1284,11 +1303,17 @@ static void parse_args(int argc, char **argv)
   if (opt.tcp && opt.mode >= MODE_CHAT)
     die("chat and recv speak WebSocket JSON only (--url)");
   if (tcp != NULL)
-    parse_hostport(tcp, strlen(tcp), "");
+    parse_hostport(&opt.ep[EP_MAIN], tcp, strlen(tcp), "");
   else if (url != NULL)
-    parse_url(url);
+    parse_url(&opt.ep[EP_MAIN], url);
   else
     die("--url or --tcp is required");
+  if (recv_url != NULL && opt.mode != MODE_CHAT)
+    die("--recv-url is for chat only");
+  if (recv_url != NULL)
+    parse_url(&opt.ep[EP_RECV], recv_url);
+  else
+    opt.ep[EP_RECV] = opt.ep[EP_MAIN];
 }
 
 static void on_signal(int sig)
@@ -1314,11 +1339,14 @@ static void setup(void)
     die("%d connections need more than the %d open files allowed per process; "
         "run several processes with at most %d each", opt.nconns, limit, limit - FD_RESERVE);
 
-  if ((rc = getaddrinfo(opt.host, opt.port, &hints, &ai)) != 0)
-    die("resolve %s:%s: %s", opt.host, opt.port, gai_strerror(rc));
-  memcpy(&B.dst, ai->ai_addr, ai->ai_addrlen);
-  B.dst_len = ai->ai_addrlen;
-  freeaddrinfo(ai);
+  for (int e = 0; e < EP_N; e++) {
+    endpoint *ep = &opt.ep[e];
+    if ((rc = getaddrinfo(ep->host, ep->port, &hints, &ai)) != 0)
+      die("resolve %s:%s: %s", ep->host, ep->port, gai_strerror(rc));
+    memcpy(&ep->addr, ai->ai_addr, ai->ai_addrlen);
+    ep->addr_len = ai->ai_addrlen;
+    freeaddrinfo(ai);
+  }
 
   memcpy(B.data_json, "{\"p\":\"", 6);
   for (int i = 0; i < opt.payload; i++)

@@ -55,8 +55,8 @@ enum im_redis_event {
 typedef struct im_redis_config {
   const char *host;          /* "127.0.0.1" */
   int port;                  /* 6379 */
-  const char *prefix;        /* key prefix. "im:" */
-  const char *node;          /* this node's unique name (required) */
+  const char *prefix;        /* key prefix, at most 64 bytes. "im:" */
+  const char *node;          /* this node's unique name (required; 1-128 bytes, no '|' or '/') */
   uint32_t lease_ttl_ms;     /* lease TTL. 10000 (renewed every third) */
   const char *advertise_ws;  /* "ws://HOST:PORT/ws" for gateway lists; NULL: none */
   const char *advertise_tcp; /* "HOST:PORT"; NULL: none */

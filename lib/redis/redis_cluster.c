@@ -19,6 +19,8 @@
 
 #define KEY_MAX 512
 #define IM_REDIS_NODE_MAX 128    /* bytes of a node name */
+#define PREFIX_MAX 64            /* bytes of the key prefix */
+#define ROUTE_KEY_MAX 256        /* prefix + "route:{" + a uid of up to 128 bytes + "}" */
 #define LOOKUP_MAX 256            /* uids per route lookup */
 #define PENDING_MAX_BYTES (64u << 20) /* forwarded bytes kept while Redis is away */
 #define XREAD_COUNT "512"
@@ -458,7 +460,8 @@ static outbox *box_for(im_redis *r, const char *node) {
 typedef struct lookup {
   im_redis *r;
   pending *list;
-  size_t nuids;
+  size_t nkeys;             /* distinct route keys asked for */
+  uint16_t key_of[LOOKUP_MAX]; /* per uid of the list, in order: its key's index */
 } lookup;
 
 static void xadd_boxes(im_redis *r);
@@ -477,7 +480,7 @@ static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
   lookup *lk = priv;
   im_redis *r = lk->r;
   redisReply *rp = rep;
-  if (r->freeing || !rp || rp->type != REDIS_REPLY_ARRAY || rp->elements != lk->nuids) {
+  if (r->freeing || !rp || rp->type != REDIS_REPLY_ARRAY || rp->elements != lk->nkeys) {
     if (!r->freeing && rp && rp->type == REDIS_REPLY_ERROR)
       fprintf(stderr, "libim: route lookup failed: %s\n", rp->str);
     if (!r->freeing && !rp) {
@@ -497,12 +500,12 @@ static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
     next = p->next;
     /* one record per node with the uids that node holds */
     for (size_t i = 0; i < p->n; i++) {
-      redisReply *nodes = rp->element[at + i];
+      redisReply *nodes = rp->element[lk->key_of[at + i]];
       for (size_t j = 0; nodes->type == REDIS_REPLY_ARRAY && j < nodes->elements; j++) {
         const char *node = nodes->element[j]->str;
         bool first = true; /* only from the first uid that lists this node */
         for (size_t i2 = 0; i2 < i && first; i2++) {
-          redisReply *prev = rp->element[at + i2];
+          redisReply *prev = rp->element[lk->key_of[at + i2]];
           for (size_t j2 = 0; prev->type == REDIS_REPLY_ARRAY && j2 < prev->elements; j2++)
             if (!strcmp(prev->element[j2]->str, node)) first = false;
         }
@@ -510,7 +513,7 @@ static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
         const char *sel[LOOKUP_MAX];
         size_t ns = 0;
         for (size_t i2 = i; i2 < p->n; i2++) {
-          redisReply *row = rp->element[at + i2];
+          redisReply *row = rp->element[lk->key_of[at + i2]];
           for (size_t j2 = 0; row->type == REDIS_REPLY_ARRAY && j2 < row->elements; j2++)
             if (!strcmp(row->element[j2]->str, node)) {
               sel[ns++] = p->uids[i2];
@@ -587,19 +590,30 @@ static void xadd_boxes(im_redis *r) {
 /* End of a loop pass: look up the nodes of every pending uid at once. */
 static void flush(im_redis *r) {
   while (r->pend && r->cmd.up && r->leased) {
-    char keys[LOOKUP_MAX][KEY_MAX / 4];
+    char keys[LOOKUP_MAX][ROUTE_KEY_MAX];
     const char *kp[LOOKUP_MAX];
-    size_t nk = 0;
+    size_t nk = 0, nu = 0;
+    lookup *lk = calloc(1, sizeof *lk);
+    if (!lk) return; /* kept for the next pass */
     pending *list = r->pend, *last = NULL;
-    for (pending *p = r->pend; p && nk + p->n <= LOOKUP_MAX; p = p->next) {
+    /* one key per distinct uid: a burst to one user asks for it once */
+    for (pending *p = r->pend; p && nu + p->n <= LOOKUP_MAX; p = p->next) {
       for (size_t i = 0; i < p->n; i++) {
-        snprintf(keys[nk], sizeof keys[nk], "%sroute:{%s}", r->prefix, p->uids[i]);
-        kp[nk] = keys[nk];
-        nk++;
+        char k[ROUTE_KEY_MAX];
+        snprintf(k, sizeof k, "%sroute:{%s}", r->prefix, p->uids[i]);
+        size_t j = 0;
+        while (j < nk && strcmp(keys[j], k)) j++;
+        if (j == nk) {
+          memcpy(keys[nk], k, sizeof k);
+          kp[nk] = keys[nk];
+          nk++;
+        }
+        lk->key_of[nu++] = (uint16_t)j;
       }
       last = p;
     }
     if (!last) { /* one send with more uids than a lookup takes: split it */
+      free(lk);
       pending *p = r->pend;
       r->pend = p->next;
       if (!r->pend) r->pend_tail = NULL;
@@ -622,13 +636,10 @@ static void flush(im_redis *r) {
     r->pend = last->next;
     if (!r->pend) r->pend_tail = NULL;
     last->next = NULL;
-    lookup *lk = calloc(1, sizeof *lk);
     const char *args[] = {r->node};
-    if (!lk) {
-      requeue(r, list);
-      return;
-    }
-    *lk = (lookup){r, list, nk};
+    lk->r = r;
+    lk->list = list;
+    lk->nkeys = nk;
     if (eval(r, on_nodes_known, lk, LUA_ROUTE_NODES, (int)nk, kp, 1, args) < 0) {
       requeue(r, list);
       free(lk);
@@ -922,6 +933,7 @@ void im_redis_config_init(im_redis_config *cfg) {
 
 im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_config *cfg) {
   if (!cfg || !cfg->node || !*cfg->node || strlen(cfg->node) > IM_REDIS_NODE_MAX ||
+      (cfg->prefix && strlen(cfg->prefix) > PREFIX_MAX) ||
       strchr(cfg->node, '|') || strchr(cfg->node, '/') ||
       cfg->lease_ttl_ms < 300)
     return NULL;

@@ -240,6 +240,20 @@ class TestDelivery(ClusterCase):
         figures('cluster_delivery', sent=len(sent), phone=phone.copies, pc=pc.copies)
 
     @scenario(60)
+    async def test_longest_uid_across_nodes(self):
+        """A uid of the full 128 bytes has its route found across nodes (the
+        route key is the prefix, the tag and the whole uid)."""
+        A, B = self.nodes['A'], self.nodes['B']
+        await self.ready()
+        long_uid = 'u' * 127 + 'z'
+        rx = await connect(B, 'tcp', long_uid)
+        await wait_for(lambda: self._on(A, long_uid, ['B']), 5, 'the long uid on B')
+        tx = await connect(A, 'json', 'sender')
+        ack = await tx.msg('l1', '"to the long one"', to=long_uid)
+        m = await rx.expect('msg', id=ack['id'])
+        check(m['data'] == '"to the long one"', 'data %r' % m)
+
+    @scenario(60)
     async def test_gateways_least_loaded_first(self):
         A, B, C = (self.nodes[k] for k in 'ABC')
         await self.ready()
