@@ -2,6 +2,7 @@
  * (imd's HTTP API): one parser, so every listener takes the same
  * "HOST:PORT" / "[V6]:PORT" syntax, and one accept path. */
 #include <errno.h>
+#include <fcntl.h>
 #include <event2/event.h>
 #include <event2/listener.h>
 #include <event2/util.h>
@@ -28,6 +29,7 @@ struct im_listener {
   int port;
   bool enabled;   /* as the owner wants it */
   uint64_t last_log_ms;
+  int spare;      /* a descriptor held in reserve for the fd limit (-1: none) */
 };
 
 int im_addr_parse(const char *addr, struct sockaddr_storage *ss, socklen_t *len) {
@@ -115,6 +117,16 @@ static void accept_error_cb(struct evconnlistener *el, void *arg) {
             evutil_socket_error_to_string(err));
     l->last_log_ms = now;
   }
+  /* out of descriptors: the reserve one makes room to take the client at
+   * the head of the backlog and close it at once (it sees a clean close and
+   * can try another node, instead of waiting in the backlog), then the
+   * listener rests instead of spinning on the same error */
+  if ((err == EMFILE || err == ENFILE) && l->spare >= 0) {
+    close(l->spare);
+    int fd = accept(evconnlistener_get_fd(el), NULL, NULL);
+    if (fd >= 0) close(fd);
+    l->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
+  }
   evconnlistener_disable(el);
   struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
   evtimer_add(l->retry, &tv);
@@ -134,6 +146,7 @@ im_listener *im_listener_new(struct event_base *base, const char *addr, int back
   l->arg = arg;
   l->enabled = true;
   l->port = -1;
+  l->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
   l->retry = evtimer_new(base, retry_cb, l);
   if (l->retry)
     l->l = evconnlistener_new_bind(base, accept_cb, l,
@@ -171,5 +184,6 @@ void im_listener_free(im_listener *l) {
   if (!l) return;
   if (l->l) evconnlistener_free(l->l);
   if (l->retry) event_free(l->retry);
+  if (l->spare >= 0) close(l->spare);
   free(l);
 }

@@ -7,6 +7,7 @@ Run: IMD=build/daemon/imd /usr/bin/python3 tests/integration/test_abuse.py
 import asyncio
 import os
 import sys
+import tempfile
 import time
 import unittest
 
@@ -165,6 +166,63 @@ class TestBans(unittest.TestCase):
         check(await try_connect(srv.tcp, '127.0.0.10'), 'still refused after the unban')
         r = await api(srv, 'DELETE', '/v1/bans', {'uid': 'nobody'})
         check(r.status == 404, 'unknown: %r' % r)
+        assert_clean_exit(*srv.stop())
+
+
+class TestFdLimit(unittest.TestCase):
+    """At the open-file limit the listener neither spins nor leaves clients
+    hanging: the reserve descriptor lets it close the newest at once, and
+    once descriptors are free again new clients get in."""
+
+    @scenario(60)
+    async def test_accept_at_the_fd_limit(self):
+        tmp = tempfile.mkdtemp(prefix='imd-fd-')
+        wrapper = os.path.join(tmp, 'imd')
+        with open(wrapper, 'w') as f:
+            f.write('#!/bin/sh\nulimit -n 64 || exit 97\nexec "%s" "$@"\n' % os.environ['IMD'])
+        os.chmod(wrapper, 0o755)
+        real = os.environ['IMD']
+        os.environ['IMD'] = wrapper
+        try:
+            srv = Imd('--max-connections', '0', '--conn-rate', '0')
+        finally:
+            os.environ['IMD'] = real
+        self.addCleanup(srv.remove_data)
+        self.addCleanup(lambda: srv.alive() and srv.kill())
+        held = []
+        for _ in range(60):  # past the limit
+            r, w = await asyncio.open_connection('127.0.0.1', srv.tcp)
+            held.append((r, w))
+        # the ones over the limit are closed at once, not left in the backlog
+        closed = 0
+        for r, _ in held[-10:]:
+            try:
+                data = await asyncio.wait_for(r.read(1), 2)
+                closed += data == b''
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+        check(closed >= 5, 'only %d of the last 10 were closed at the limit' % closed)
+        # and imd does not spin meanwhile
+        def cpu():
+            with open('/proc/%d/stat' % srv.proc.pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        c0 = cpu()
+        await asyncio.sleep(1.0)
+        used = cpu() - c0
+        check(used < 30, 'imd used %d ticks in 1 s at the fd limit' % used)
+        for _, w in held:
+            w.close()
+        # descriptors free again: a new client gets in and authenticates
+        t0 = time.monotonic()
+        while True:
+            try:
+                c = await connect(srv, 'tcp', 'after')
+                break
+            except Exception:
+                check(time.monotonic() - t0 < 10, 'no connection after the limit')
+                await asyncio.sleep(0.1)
+        await c.close()
         assert_clean_exit(*srv.stop())
 
 
