@@ -96,6 +96,23 @@ class Imd(wire.ServerProcess):
 assert_clean_exit = Imd.assert_clean_exit
 
 
+def imd_with_nofile(nofile, *extra, **kw):
+    """An Imd whose open-file limit is `nofile` (started through a small
+    wrapper that sets `ulimit -n`)."""
+    tmp = tempfile.mkdtemp(prefix='imd-it-wrap-')
+    wrapper = os.path.join(tmp, 'imd')
+    with open(wrapper, 'w') as f:
+        f.write('#!/bin/sh\nulimit -n %d || exit 97\nexec "%s" "$@"\n' % (nofile, imd_path()))
+    os.chmod(wrapper, 0o755)
+    real = os.environ['IMD']
+    os.environ['IMD'] = wrapper
+    try:
+        return Imd(*extra, **kw)  # started: the wrapper has exec'd imd
+    finally:
+        os.environ['IMD'] = real
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class ImdCase(wire.ServerCase):
     """One imd (with server_args) per TestCase class; each test checks it is
     still healthy, and the class ends with a clean SIGTERM exit."""

@@ -7,13 +7,12 @@ Run: IMD=build/daemon/imd /usr/bin/python3 tests/integration/test_abuse.py
 import asyncio
 import os
 import sys
-import tempfile
 import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (Imd, api, assert_clean_exit, check, connect, parse_metrics,  # noqa: E402
-                       scenario, within)
+from imdclient import (Imd, api, assert_clean_exit, check, connect, imd_with_nofile,  # noqa: E402
+                       parse_metrics, scenario, within)
 
 
 async def try_connect(port, src, wait=0.3):
@@ -176,17 +175,7 @@ class TestFdLimit(unittest.TestCase):
 
     @scenario(60)
     async def test_accept_at_the_fd_limit(self):
-        tmp = tempfile.mkdtemp(prefix='imd-fd-')
-        wrapper = os.path.join(tmp, 'imd')
-        with open(wrapper, 'w') as f:
-            f.write('#!/bin/sh\nulimit -n 64 || exit 97\nexec "%s" "$@"\n' % os.environ['IMD'])
-        os.chmod(wrapper, 0o755)
-        real = os.environ['IMD']
-        os.environ['IMD'] = wrapper
-        try:
-            srv = Imd('--max-connections', '0', '--conn-rate', '0')
-        finally:
-            os.environ['IMD'] = real
+        srv = imd_with_nofile(64, '--max-connections', '0', '--conn-rate', '0')
         self.addCleanup(srv.remove_data)
         self.addCleanup(lambda: srv.alive() and srv.kill())
         held = []

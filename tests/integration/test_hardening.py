@@ -22,7 +22,7 @@ sys.dont_write_bytecode = True          # no __pycache__ in the source tree
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire  # noqa: E402
 from imdclient import main as imdclient_main  # noqa: E402
-from imdclient import (API_KEY, SECRET, T, Client, Imd, ImdCase, api,  # noqa: E402,F401
+from imdclient import (API_KEY, SECRET, T, Client, Imd, ImdCase, api, imd_with_nofile,  # noqa: E402,F401
                        assert_clean_exit, connect, parse_metrics, run_cli, decode_bin, open_tcp, py_token, scenario, upgrade_status, within,
                        token_exp, token_iat)
 
@@ -139,17 +139,7 @@ class TestMaxConnectionsAuto(unittest.TestCase):
 
     @scenario()
     async def test_auto_from_rlimit(self):
-        tmp = tempfile.mkdtemp(prefix='imd-it-wrap-')
-        wrapper = os.path.join(tmp, 'imd')
-        with open(wrapper, 'w') as f:
-            f.write('#!/bin/sh\nulimit -n 300 || exit 97\nexec "%s" "$@"\n' % os.environ['IMD'])
-        os.chmod(wrapper, 0o755)
-        real = os.environ['IMD']
-        os.environ['IMD'] = wrapper
-        try:
-            srv = Imd()
-        finally:
-            os.environ['IMD'] = real
+        srv = imd_with_nofile(300)
         try:
             # printed with the port lines (one flush); wait for it if not
             out = srv.out
@@ -174,8 +164,6 @@ class TestMaxConnectionsAuto(unittest.TestCase):
         finally:
             rc, log = srv.stop()
             srv.remove_data()
-            os.unlink(wrapper)
-            os.rmdir(tmp)
         assert_clean_exit(rc, log)
 
 

@@ -28,8 +28,7 @@
 #include <libim/im_event.h>
 #include <libim/im_tls.h>
 
-static char dir[] = "/tmp/im-evtls-test-XXXXXX";
-static char cert[64], key[64];
+#include "tls_fixture.h"
 
 typedef struct seen {
   int opens, closes;
@@ -105,27 +104,6 @@ static void loop_until(struct event_base *base, const int *flag, int want) {
 
 /* IMP binary auth {uid:"u", token:"t"} in a TCP frame. */
 static const unsigned char auth_frame[] = {0, 0, 0, 7, 1, 1, 1, 'u', 2, 1, 't'};
-
-static int setup(void **st) {
-  (void)st;
-  if (!mkdtemp(dir)) return -1;
-  snprintf(cert, sizeof cert, "%s/c.pem", dir);
-  snprintf(key, sizeof key, "%s/k.pem", dir);
-  char cmd[512];
-  snprintf(cmd, sizeof cmd,
-           "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout %s "
-           "-out %s -days 1 -subj /CN=localhost >/dev/null 2>&1",
-           key, cert);
-  return system(cmd) == 0 ? 0 : -1;
-}
-
-static int teardown(void **st) {
-  (void)st;
-  unlink(cert);
-  unlink(key);
-  rmdir(dir);
-  return 0;
-}
 
 static void test_tls_listener(void **st) {
   (void)st;

@@ -22,8 +22,7 @@
 #include <libim/im_net.h>
 #include <libim/im_tls.h>
 
-static char dir[] = "/tmp/im-tls-test-XXXXXX";
-static char cert[64], key[64];
+#include "tls_fixture.h"
 
 typedef struct client {
   int fd;
@@ -97,27 +96,6 @@ static void handshake_both(im_stream *s, client *c) {
   }
   assert_int_equal(srv_rc, 0);
   assert_int_equal(cli_rc, 0);
-}
-
-static int setup(void **st) {
-  (void)st;
-  if (!mkdtemp(dir)) return -1;
-  snprintf(cert, sizeof cert, "%s/c.pem", dir);
-  snprintf(key, sizeof key, "%s/k.pem", dir);
-  char cmd[512];
-  snprintf(cmd, sizeof cmd,
-           "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout %s "
-           "-out %s -days 1 -subj /CN=localhost >/dev/null 2>&1",
-           key, cert);
-  return system(cmd) == 0 ? 0 : -1;
-}
-
-static int teardown(void **st) {
-  (void)st;
-  unlink(cert);
-  unlink(key);
-  rmdir(dir);
-  return 0;
 }
 
 static void test_partial_writes_and_pending_reads(void **st) {

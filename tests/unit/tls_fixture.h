@@ -1,0 +1,35 @@
+/* A throwaway ECDSA P-256 certificate for the TLS unit tests
+ * (test_event_tls.c, test_tls_stream.c): made by openssl in a temporary
+ * directory at setup, removed at teardown. */
+#ifndef TESTS_TLS_FIXTURE_H
+#define TESTS_TLS_FIXTURE_H
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static char dir[] = "/tmp/im-tls-test-XXXXXX";
+static char cert[64], key[64];
+
+static int setup(void **st) {
+  (void)st;
+  if (!mkdtemp(dir)) return -1;
+  snprintf(cert, sizeof cert, "%s/c.pem", dir);
+  snprintf(key, sizeof key, "%s/k.pem", dir);
+  char cmd[512];
+  snprintf(cmd, sizeof cmd,
+           "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout %s "
+           "-out %s -days 1 -subj /CN=localhost >/dev/null 2>&1",
+           key, cert);
+  return system(cmd) == 0 ? 0 : -1;
+}
+
+static int teardown(void **st) {
+  (void)st;
+  unlink(cert);
+  unlink(key);
+  rmdir(dir);
+  return 0;
+}
+
+#endif
