@@ -33,12 +33,6 @@ typedef struct pending {
   char **uids;
 } pending;
 
-/* Records for one node, flushed with one XADD per loop pass. */
-typedef struct outbox {
-  struct outbox *next;
-  rbuf buf;
-  char node[];
-} outbox;
 
 struct im_redis {
   struct event_base *base;
@@ -54,7 +48,6 @@ struct im_redis {
   struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
-  outbox *boxes;            /* waiting for XADD */
   uint64_t dropped;         /* forwards given up (memory bound) */
 };
 
@@ -444,30 +437,16 @@ static int h_kick_user(im_server *srv, const char *uid, int code, const char *re
   return enqueue(r, p, &uid, 1);
 }
 
-static outbox *box_for(im_redis *r, const char *node) {
-  for (outbox *b = r->boxes; b; b = b->next)
-    if (!strcmp(b->node, node)) return b;
-  size_t n = strlen(node) + 1;
-  outbox *b = calloc(1, sizeof *b + n);
-  if (!b) return NULL;
-  memcpy(b->node, node, n);
-  b->next = r->boxes;
-  r->boxes = b;
-  return b;
-}
 
-/* A batch being looked up: the pending sends it covers. */
-typedef struct lookup {
+/* The sends of one loop pass, handed to Redis as one script call. */
+typedef struct push {
   im_redis *r;
   pending *list;
-  size_t nkeys;             /* distinct route keys asked for */
-  uint16_t key_of[LOOKUP_MAX]; /* per uid of the list, in order: its key's index */
-} lookup;
-
-static void xadd_boxes(im_redis *r);
+} push;
 
 static void requeue(im_redis *r, pending *list) {
-  /* the lookup was lost with the link: try again when it is back */
+  /* the call was lost with the link: try again when it is back (at least
+   * once: a receiver drops what it has by id) */
   pending *tail = list;
   while (tail->next) tail = tail->next;
   tail->next = r->pend;
@@ -475,178 +454,142 @@ static void requeue(im_redis *r, pending *list) {
   if (!r->pend_tail) r->pend_tail = tail;
 }
 
-static void on_nodes_known(redisAsyncContext *ac, void *rep, void *priv) {
-  (void)ac;
-  lookup *lk = priv;
-  im_redis *r = lk->r;
-  redisReply *rp = rep;
-  if (r->freeing || !rp || rp->type != REDIS_REPLY_ARRAY || rp->elements != lk->nkeys) {
-    if (!r->freeing && rp && rp->type == REDIS_REPLY_ERROR)
-      fprintf(stderr, "libim: route lookup failed: %s\n", rp->str);
-    if (!r->freeing && !rp) {
-      requeue(r, lk->list);
-    } else {
-      for (pending *p = lk->list, *next; p; p = next) {
-        next = p->next;
-        r->pend_bytes -= p->head.len;
-        pending_free(p);
-      }
-    }
-    free(lk);
-    return;
-  }
-  size_t at = 0;
-  for (pending *p = lk->list, *next; p; p = next) {
+static void drop_list(im_redis *r, pending *list) {
+  for (pending *p = list, *next; p; p = next) {
     next = p->next;
-    /* one record per node with the uids that node holds */
-    for (size_t i = 0; i < p->n; i++) {
-      redisReply *nodes = rp->element[lk->key_of[at + i]];
-      for (size_t j = 0; nodes->type == REDIS_REPLY_ARRAY && j < nodes->elements; j++) {
-        const char *node = nodes->element[j]->str;
-        bool first = true; /* only from the first uid that lists this node */
-        for (size_t i2 = 0; i2 < i && first; i2++) {
-          redisReply *prev = rp->element[lk->key_of[at + i2]];
-          for (size_t j2 = 0; prev->type == REDIS_REPLY_ARRAY && j2 < prev->elements; j2++)
-            if (!strcmp(prev->element[j2]->str, node)) first = false;
-        }
-        if (!first) continue;
-        const char *sel[LOOKUP_MAX];
-        size_t ns = 0;
-        for (size_t i2 = i; i2 < p->n; i2++) {
-          redisReply *row = rp->element[lk->key_of[at + i2]];
-          for (size_t j2 = 0; row->type == REDIS_REPLY_ARRAY && j2 < row->elements; j2++)
-            if (!strcmp(row->element[j2]->str, node)) {
-              sel[ns++] = p->uids[i2];
-              break;
-            }
-        }
-        outbox *b = box_for(r, node);
-        if (!b || rwire_put_bytes(&b->buf, p->head.p, p->head.len) < 0 ||
-            rwire_put_uids(&b->buf, sel, ns) < 0)
-          r->dropped++;
-      }
-    }
-    at += p->n;
     r->pend_bytes -= p->head.len;
     pending_free(p);
   }
-  free(lk);
-  xadd_boxes(r);
 }
 
-/* One XADD in flight: its bytes are kept until Redis answered, so that a
- * connection lost meanwhile sends them again (at least once: receivers drop
- * what they have by id). */
-typedef struct xadd_req {
-  im_redis *r;
-  rbuf buf;
-  char node[];
-} xadd_req;
-
-static void on_xadd(redisAsyncContext *ac, void *rep, void *priv) {
+static void on_pushed(redisAsyncContext *ac, void *rep, void *priv) {
   (void)ac;
-  xadd_req *x = priv;
+  push *x = priv;
+  im_redis *r = x->r;
   redisReply *rp = rep;
-  if (!rp && !x->r->freeing) {
-    outbox *b = box_for(x->r, x->node);
-    /* the failed batch goes before anything queued since */
-    if (b && rwire_put_bytes(&x->buf, b->buf.p, b->buf.len) == 0) {
-      rbuf t = b->buf;
-      b->buf = x->buf;
-      x->buf = t;
-    } else {
-      x->r->dropped++;
+  if (!r->freeing && !rp) {
+    requeue(r, x->list);
+  } else {
+    if (rp && rp->type == REDIS_REPLY_ERROR) {
+      fprintf(stderr, "libim: cross-node send failed: %s\n", rp->str);
+      r->dropped++;
     }
-  } else if (rp && rp->type == REDIS_REPLY_ERROR) {
-    fprintf(stderr, "libim: XADD failed: %s\n", rp->str);
+    drop_list(r, x->list);
   }
-  rbuf_free(&x->buf);
   free(x);
 }
 
-static void xadd_boxes(im_redis *r) {
-  char maxlen[24];
-  fmt_u64(maxlen, r->cfg.stream_max);
-  for (outbox *b = r->boxes; b; b = b->next) {
-    if (!b->buf.len) continue;
-    size_t nl = strlen(b->node) + 1;
-    xadd_req *x = calloc(1, sizeof *x + nl);
-    if (!x) return; /* kept for the next pass */
-    x->r = r;
-    memcpy(x->node, b->node, nl);
-    char k[KEY_MAX];
-    key(r, k, "deliver:{%s}", b->node);
-    const char *argv[] = {"XADD", k, "MAXLEN", "~", maxlen, "*", "b", (const char *)b->buf.p};
-    size_t lens[] = {4, strlen(k), 6, 1, strlen(maxlen), 1, 1, b->buf.len};
-    if (rlink_cmd(&r->cmd, on_xadd, x, 8, argv, lens) < 0) {
-      free(x);
-      return; /* kept for the reconnect */
-    }
-    x->buf = b->buf; /* the bytes travel with the request; the box starts afresh */
-    memset(&b->buf, 0, sizeof b->buf);
+/* One EVAL of ROUTE_PUSH for the sends from `list` on: KEYS the distinct
+ * route keys, then the sends (head, n, key indexes, uids). Takes sends while
+ * their uids fit LOOKUP_MAX; returns the first send not taken. */
+static pending *push_some(im_redis *r, pending *list, int *rc) {
+  size_t nk = 0, nu = 0, nsend = 0;
+  pending *p = list;
+  for (; p && nu + p->n <= LOOKUP_MAX; p = p->next) {
+    nu += p->n;
+    nsend++;
   }
+  size_t max_args = 3 + LOOKUP_MAX + 4 + 2 * nsend + 2 * nu;
+  const char **argv = calloc(max_args, sizeof *argv);
+  size_t *lens = calloc(max_args, sizeof *lens);
+  char (*keys)[ROUTE_KEY_MAX] = calloc(LOOKUP_MAX, sizeof *keys);
+  char (*nums)[12] = calloc(2 + nsend + nu, sizeof *nums);
+  *rc = -1;
+  if (!argv || !lens || !keys || !nums || nsend == 0) goto out;
+  /* keys first: one per distinct uid */
+  uint16_t key_of[LOOKUP_MAX];
+  size_t u = 0;
+  for (pending *q = list; q != p; q = q->next)
+    for (size_t i = 0; i < q->n; i++, u++) {
+      char k[ROUTE_KEY_MAX];
+      snprintf(k, sizeof k, "%sroute:{%s}", r->prefix, q->uids[i]);
+      size_t j = 0;
+      while (j < nk && strcmp(keys[j], k)) j++;
+      if (j == nk) memcpy(keys[nk++], k, sizeof k);
+      key_of[u] = (uint16_t)j;
+    }
+  size_t k = 0, nn = 0;
+  char nkeys[16], maxlen[24], nrec[24];
+  snprintf(nkeys, sizeof nkeys, "%zu", nk);
+  fmt_u64(maxlen, r->cfg.stream_max);
+  fmt_u64(nrec, nsend);
+#define ARG(s, n) (argv[k] = (s), lens[k++] = (n))
+#define SARG(s) ARG((s), strlen(s))
+  SARG("EVAL");
+  SARG(LUA_ROUTE_PUSH);
+  SARG(nkeys);
+  for (size_t j = 0; j < nk; j++) SARG(keys[j]);
+  SARG(r->node);
+  SARG(r->prefix);
+  SARG(maxlen);
+  SARG(nrec);
+  u = 0;
+  for (pending *q = list; q != p; q = q->next) {
+    ARG((const char *)q->head.p, q->head.len);
+    snprintf(nums[nn], sizeof nums[nn], "%zu", q->n);
+    SARG(nums[nn]);
+    nn++;
+    for (size_t i = 0; i < q->n; i++) {
+      snprintf(nums[nn], sizeof nums[nn], "%u", (unsigned)key_of[u + i] + 1);
+      SARG(nums[nn]);
+      nn++;
+    }
+    for (size_t i = 0; i < q->n; i++) SARG(q->uids[i]);
+    u += q->n;
+  }
+#undef SARG
+#undef ARG
+  push *x = malloc(sizeof *x);
+  if (!x) goto out;
+  *x = (push){r, list};
+  if (rlink_cmd(&r->cmd, on_pushed, x, (int)k, argv, lens) < 0) {
+    free(x);
+    goto out;
+  }
+  *rc = 0;
+out:
+  free(argv);
+  free(lens);
+  free(keys);
+  free(nums);
+  return p;
 }
 
-/* End of a loop pass: look up the nodes of every pending uid at once. */
+/* End of a loop pass: the pass's cross-node sends go to Redis in one call
+ * (LOOKUP_MAX uids at a time), which finds their nodes and appends to those
+ * nodes' streams. */
 static void flush(im_redis *r) {
   while (r->pend && r->cmd.up && r->leased) {
-    char keys[LOOKUP_MAX][ROUTE_KEY_MAX];
-    const char *kp[LOOKUP_MAX];
-    size_t nk = 0, nu = 0;
-    lookup *lk = calloc(1, sizeof *lk);
-    if (!lk) return; /* kept for the next pass */
-    pending *list = r->pend, *last = NULL;
-    /* one key per distinct uid: a burst to one user asks for it once */
-    for (pending *p = r->pend; p && nu + p->n <= LOOKUP_MAX; p = p->next) {
-      for (size_t i = 0; i < p->n; i++) {
-        char k[ROUTE_KEY_MAX];
-        snprintf(k, sizeof k, "%sroute:{%s}", r->prefix, p->uids[i]);
-        size_t j = 0;
-        while (j < nk && strcmp(keys[j], k)) j++;
-        if (j == nk) {
-          memcpy(keys[nk], k, sizeof k);
-          kp[nk] = keys[nk];
-          nk++;
-        }
-        lk->key_of[nu++] = (uint16_t)j;
-      }
-      last = p;
-    }
-    if (!last) { /* one send with more uids than a lookup takes: split it */
-      free(lk);
-      pending *p = r->pend;
-      r->pend = p->next;
+    pending *list = r->pend;
+    if (list->n > LOOKUP_MAX) { /* one send with more uids than a call takes: split it */
+      r->pend = list->next;
       if (!r->pend) r->pend_tail = NULL;
-      for (size_t off = 0; off < p->n; off += LOOKUP_MAX) {
+      for (size_t off = 0; off < list->n; off += LOOKUP_MAX) {
         pending *q = calloc(1, sizeof *q);
-        size_t cnt = p->n - off < LOOKUP_MAX ? p->n - off : LOOKUP_MAX;
-        if (!q || rwire_put_bytes(&q->head, p->head.p, p->head.len) < 0) {
+        size_t cnt = list->n - off < LOOKUP_MAX ? list->n - off : LOOKUP_MAX;
+        if (!q || rwire_put_bytes(&q->head, list->head.p, list->head.len) < 0) {
           free(q);
           r->dropped++;
           continue;
         }
         r->pend_bytes += q->head.len;
-        enqueue(r, q, (const char *const *)p->uids + off, cnt);
+        enqueue(r, q, (const char *const *)list->uids + off, cnt);
         r->pend_bytes -= q->head.len;
       }
-      r->pend_bytes -= p->head.len;
-      pending_free(p);
+      r->pend_bytes -= list->head.len;
+      pending_free(list);
       continue;
     }
-    r->pend = last->next;
-    if (!r->pend) r->pend_tail = NULL;
+    int rc;
+    pending *rest = push_some(r, list, &rc);
+    if (rc < 0) return; /* kept for the next pass or the reconnect */
+    /* detach what was sent: it is the call's now */
+    pending *last = list;
+    while (last->next != rest) last = last->next;
     last->next = NULL;
-    const char *args[] = {r->node};
-    lk->r = r;
-    lk->list = list;
-    lk->nkeys = nk;
-    if (eval(r, on_nodes_known, lk, LUA_ROUTE_NODES, (int)nk, kp, 1, args) < 0) {
-      requeue(r, list);
-      free(lk);
-      return;
-    }
+    r->pend = rest;
+    if (!rest) r->pend_tail = NULL;
   }
-  xadd_boxes(r);
 }
 
 static void on_flush(evutil_socket_t fd, short what, void *arg) {
@@ -1014,12 +957,6 @@ void im_redis_free(im_redis *r) {
     pending *p = r->pend;
     r->pend = p->next;
     pending_free(p);
-  }
-  while (r->boxes) {
-    outbox *b = r->boxes;
-    r->boxes = b->next;
-    rbuf_free(&b->buf);
-    free(b);
   }
   free(r->host);
   free(r->prefix);

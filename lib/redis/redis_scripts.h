@@ -108,19 +108,49 @@
   "end\n"                                                                                   \
   "return dead\n"
 
-/* KEYS: route hashes. ARGV: this node's name. For each key, the other
- * nodes holding a connection of that uid. */
-#define LUA_ROUTE_NODES                                                                      \
-  "local out = {}\n"                                                                        \
-  "for i, k in ipairs(KEYS) do\n"                                                           \
-  "  local seen, arr = {}, {}\n"                                                            \
-  "  for _, v in ipairs(redis.call('HVALS', k)) do\n"                                       \
-  "    local n = string.match(v, '^([^|]*)|')\n"                                            \
-  "    if n and n ~= ARGV[1] and not seen[n] then seen[n] = true arr[#arr + 1] = n end\n"   \
-  "  end\n"                                                                                 \
-  "  out[i] = arr\n"                                                                        \
-  "end\n"                                                                                   \
-  "return out\n"
+/* KEYS: the route hashes of the uids of a loop pass's sends (distinct).
+ * ARGV: this node, prefix, stream MAXLEN, R, then per send: its record head
+ * (redis_wire.h), n, n key indexes (1-based), n uids. Finds the other nodes
+ * holding each uid and XADDs to each such node's delivery stream, in one
+ * entry, the send's record with the uids that node holds (records in send
+ * order). So a pass's cross-node sends cost one command, not a lookup and
+ * then XADDs. Returns the number of streams written. (Touches keys it is
+ * not given: for a single Redis, like the store.) */
+#define LUA_ROUTE_PUSH                                                                       \
+  "local nodes_of = {}\n"                                                                  \
+  "for i, k in ipairs(KEYS) do\n"                                                          \
+  "  local seen, arr = {}, {}\n"                                                           \
+  "  for _, v in ipairs(redis.call('HVALS', k)) do\n"                                      \
+  "    local n = string.match(v, '^([^|]*)|')\n"                                           \
+  "    if n and n ~= ARGV[1] and not seen[n] then seen[n] = true arr[#arr + 1] = n end\n"  \
+  "  end\n"                                                                                \
+  "  nodes_of[i] = arr\n"                                                                  \
+  "end\n"                                                                                  \
+  "local out, order, a = {}, {}, 5\n"                                                      \
+  "for r = 1, tonumber(ARGV[4]) do\n"                                                      \
+  "  local head, n = ARGV[a], tonumber(ARGV[a + 1])\n"                                     \
+  "  a = a + 2\n"                                                                          \
+  "  local per, pord = {}, {}\n"                                                           \
+  "  for i = 0, n - 1 do\n"                                                                \
+  "    local uid = ARGV[a + n + i]\n"                                                      \
+  "    for _, node in ipairs(nodes_of[tonumber(ARGV[a + i])]) do\n"                        \
+  "      if not per[node] then per[node] = {} pord[#pord + 1] = node end\n"                \
+  "      local l = per[node]\n"                                                            \
+  "      l[#l + 1] = struct.pack('<I4', #uid + 1) .. uid .. '\\0'\n"                      \
+  "    end\n"                                                                              \
+  "  end\n"                                                                                \
+  "  a = a + 2 * n\n"                                                                      \
+  "  for _, node in ipairs(pord) do\n"                                                     \
+  "    if not out[node] then out[node] = {} order[#order + 1] = node end\n"                \
+  "    local o = out[node]\n"                                                              \
+  "    o[#o + 1] = head .. struct.pack('<I4', #per[node]) .. table.concat(per[node])\n"    \
+  "  end\n"                                                                                \
+  "end\n"                                                                                  \
+  "for _, node in ipairs(order) do\n"                                                      \
+  "  redis.call('XADD', ARGV[2] .. 'deliver:{' .. node .. '}', 'MAXLEN', '~', ARGV[3], '*',"\
+  " 'b', table.concat(out[node]))\n"                                                       \
+  "end\n"                                                                                  \
+  "return #order\n"
 
 /* KEYS: the leases set. ARGV: prefix. Every live node as
  * [name, ws, tcp, conns, draining]. */

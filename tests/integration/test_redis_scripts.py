@@ -9,6 +9,7 @@ Run: /usr/bin/python3 tests/integration/test_redis_scripts.py
 import os
 import re
 import shutil
+import struct
 import sys
 import unittest
 
@@ -79,13 +80,31 @@ class TestRoutes(ScriptCase):
         self.assertEqual(self.r.pipeline(['SISMEMBER', self.IDX, 'bob'])[0], 0)
         self.assertEqual(self.eval('LUA_ROUTE_DEL', [self.K, self.IDX], ['A/1', 5, 'bob', 0]), 0)
 
-    def test_route_nodes_skips_self_and_repeats(self):
+    def test_route_push_one_entry_per_node(self):
+        """The sends of a pass reach each other node holding their uids in
+        one stream entry: each send's record with that node's uids only,
+        in send order; nothing for this node or for uids without routes."""
         self.r.pipeline(['HSET', 'im:route:{u1}', 'A/1', self.route('A', 1), 'B/1',
-                         self.route('B', 1), 'B/2', self.route('B', 1)],
-                        ['HSET', 'im:route:{u2}', 'A/9', self.route('A', 1)])
-        got = self.eval('LUA_ROUTE_NODES', ['im:route:{u1}', 'im:route:{u2}', 'im:route:{u3}'],
-                        ['A'])
-        self.assertEqual(got, [['B'], [], []])
+                         self.route('B', 1), 'B/2', self.route('B', 1), 'C/1',
+                         self.route('C', 1)],
+                        ['HSET', 'im:route:{u2}', 'A/9', self.route('A', 1), 'C/4',
+                         self.route('C', 1)])
+        keys = ['im:route:{u1}', 'im:route:{u2}', 'im:route:{u3}']
+        # send 1: head H1 to u1 and u2; send 2: head H2 to u3 and u1
+        args = ['A', 'im:', 1000, 2, 'H1', 2, 1, 2, 'u1', 'u2', 'H2', 2, 3, 1, 'u3', 'u1']
+        self.assertEqual(self.eval('LUA_ROUTE_PUSH', keys, args), 2)
+
+        def uids(*names):
+            out = struct.pack('<I', len(names))
+            for n in names:
+                out += struct.pack('<I', len(n) + 1) + n.encode() + b'\0'
+            return out
+        for node, want in (('B', b'H1' + uids('u1') + b'H2' + uids('u1')),
+                           ('C', b'H1' + uids('u1', 'u2') + b'H2' + uids('u1'))):
+            entries = self.r.pipeline(['XRANGE', 'im:deliver:{%s}' % node, '-', '+'])[0]
+            self.assertEqual(len(entries), 1, node)
+            self.assertEqual(entries[0][1][1].encode('latin-1'), want, node)
+        self.assertEqual(self.r.pipeline(['EXISTS', 'im:deliver:{A}'])[0], 0)
 
 
 class TestLeases(ScriptCase):
