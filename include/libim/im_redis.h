@@ -17,9 +17,10 @@
  *    the routes of a lapsed lease (exactly its epoch) within one renew
  *    interval after the lapse.
  *  - cross-node delivery: one Redis Stream per node,
- *    <prefix>deliver:{NODE}; messages for the users of a node are batched
- *    per event-loop pass into one XADD per node and fanned out locally by
- *    the receiving node with one encoding. Kicks travel the same way.
+ *    <prefix>deliver:{NODE}; the sends of an event-loop pass go to Redis as
+ *    one script call that finds the receivers' nodes and appends one entry
+ *    per node, fanned out locally by the receiving node with one encoding.
+ *    Kicks travel the same way.
  *  - rooms: a node subscribes to <prefix>room:{ROOM} while it has local
  *    members; one PUBLISH per room message.
  *  - presence from the routes, gateway assignment, drain flag.
