@@ -209,9 +209,8 @@ typedef struct group_push {
 } group_push;
 
 static group_push *group_push_new(imd *d, uint64_t ticket, const imd_store_msg *sm) {
-  size_t fl = strlen(sm->from) + 1, gl = strlen(sm->group) + 1;
-  size_t cl = sm->cid ? strlen(sm->cid) + 1 : 0;
-  group_push *g = malloc(sizeof *g + fl + gl + cl + sm->data_len + 1);
+  const char *strs[] = {sm->from, sm->group, sm->cid}, *out[3];
+  group_push *g = malloc(sizeof *g + imd_strs_size(strs, 3) + sm->data_len + 1);
   if (!g) return NULL;
   g->d = d;
   g->ticket = ticket;
@@ -219,14 +218,10 @@ static group_push *group_push_new(imd *d, uint64_t ticket, const imd_store_msg *
   snprintf(g->id, sizeof g->id, "%s", sm->id);
   g->sm.id = g->id;
   char *at = g->buf;
-  g->sm.from = memcpy(at, sm->from, fl);
-  at += fl;
-  g->sm.group = memcpy(at, sm->group, gl);
-  at += gl;
-  if (cl) {
-    g->sm.cid = memcpy(at, sm->cid, cl);
-    at += cl;
-  }
+  imd_strs_copy(&at, strs, out, 3);
+  g->sm.from = out[0];
+  g->sm.group = out[1];
+  g->sm.cid = out[2];
   memcpy(at, sm->data, sm->data_len);
   at[sm->data_len] = '\0';
   g->sm.data = at;

@@ -35,23 +35,10 @@ typedef struct parked {
   char id[IM_ID_MAX];
 } parked;
 
-static char *copy_into(char **at, const char *s, size_t n) {
-  if (!s) return NULL;
-  char *d = *at;
-  memcpy(d, s, n);
-  d[n] = '\0';
-  *at += n + 1;
-  return d;
-}
-
-static const char *copy_str(char **at, const char *s) { return copy_into(at, s, s ? strlen(s) : 0); }
-
 static parked *park_new(const imd_store_msg *m, const char *const *uids, size_t n) {
-  const char *strs[] = {m->from, m->device, m->cid, m->to, m->group};
-  size_t len = sizeof(parked) + n * (sizeof(char *) + sizeof(uint64_t)) + m->data_len + 1;
-  for (size_t i = 0; i < sizeof strs / sizeof strs[0]; i++)
-    if (strs[i]) len += strlen(strs[i]) + 1;
-  for (size_t i = 0; i < n; i++) len += strlen(uids[i]) + 1;
+  const char *strs[] = {m->from, m->device, m->cid, m->to, m->group}, *out[5];
+  size_t len = sizeof(parked) + n * (sizeof(char *) + sizeof(uint64_t)) +
+               imd_strs_size(uids, n) + imd_strs_size(strs, 5) + m->data_len + 1;
   parked *p = malloc(len);
   if (!p) return NULL;
   memset(p, 0, sizeof *p);
@@ -60,16 +47,18 @@ static parked *park_new(const imd_store_msg *m, const char *const *uids, size_t 
   char *at = (char *)(p->uids + n);
   p->n = n;
   p->sender = n;
-  for (size_t i = 0; i < n; i++) {
-    p->uids[i] = copy_str(&at, uids[i]);
+  imd_strs_copy(&at, uids, p->uids, n);
+  for (size_t i = 0; i < n; i++)
     if (m->from && !strcmp(uids[i], m->from)) p->sender = i;
-  }
-  p->m.from = copy_str(&at, m->from);
-  p->m.device = copy_str(&at, m->device);
-  p->m.cid = copy_str(&at, m->cid);
-  p->m.to = copy_str(&at, m->to);
-  p->m.group = copy_str(&at, m->group);
-  p->m.data = copy_into(&at, m->data, m->data_len);
+  imd_strs_copy(&at, strs, out, 5);
+  p->m.from = out[0];
+  p->m.device = out[1];
+  p->m.cid = out[2];
+  p->m.to = out[3];
+  p->m.group = out[4];
+  memcpy(at, m->data, m->data_len);
+  at[m->data_len] = '\0';
+  p->m.data = at;
   p->m.data_len = m->data_len;
   p->m.ts = m->ts;
   snprintf(p->id, sizeof p->id, "%s", m->id);

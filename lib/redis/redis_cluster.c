@@ -21,11 +21,11 @@
 #define IM_REDIS_NODE_MAX 128    /* bytes of a node name */
 #define PREFIX_MAX 64            /* bytes of the key prefix */
 #define ROUTE_KEY_MAX 256        /* prefix + "route:{" + a uid of up to 128 bytes + "}" */
-#define LOOKUP_MAX 256            /* uids per route lookup */
+#define LOOKUP_MAX 256            /* uids per ROUTE_PUSH call */
 #define PENDING_MAX_BYTES (64u << 20) /* forwarded bytes kept while Redis is away */
 #define XREAD_COUNT "512"
 
-/* A send (or kick) waiting for the route lookup of its uids. */
+/* A send (or kick) waiting for the end of the loop pass (ROUTE_PUSH). */
 typedef struct pending {
   struct pending *next;
   rbuf head;                /* the record without its uid list */
@@ -382,7 +382,7 @@ static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *
   return rc;
 }
 
-/* ---- cross-node delivery: route lookup, per-node batches, XADD ---------------------- */
+/* ---- cross-node delivery: one ROUTE_PUSH call per loop pass ------------------------- */
 
 static void flush_soon(im_redis *r) { event_active(r->flush_ev, EV_TIMEOUT, 0); }
 

@@ -52,18 +52,6 @@ static void on_close(im_server *srv, im_conn_id c, int code, void *user) {
   s->closes++;
 }
 
-static int c_send(void *ctx, const unsigned char *b, size_t n) {
-  ssize_t w = send(*(int *)ctx, b, n, MSG_NOSIGNAL);
-  if (w < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_WRITE : -1;
-  return (int)w;
-}
-
-static int c_recv(void *ctx, unsigned char *b, size_t n) {
-  ssize_t r = recv(*(int *)ctx, b, n, 0);
-  if (r < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_READ : -1;
-  return (int)r;
-}
-
 static int connect_to(int family, int port) {
   int fd = socket(family, SOCK_STREAM, 0);
   struct sockaddr_storage ss = {0};

@@ -32,18 +32,6 @@ typedef struct client {
   mbedtls_ctr_drbg_context drbg;
 } client;
 
-static int c_send(void *ctx, const unsigned char *b, size_t n) {
-  ssize_t w = send(*(int *)ctx, b, n, MSG_NOSIGNAL);
-  if (w < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_WRITE : -1;
-  return (int)w;
-}
-
-static int c_recv(void *ctx, unsigned char *b, size_t n) {
-  ssize_t r = recv(*(int *)ctx, b, n, 0);
-  if (r < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_READ : -1;
-  return (int)r;
-}
-
 static void client_init(client *c, int fd, const char *alpn) {
   static const char *protos[2];
   c->fd = fd;

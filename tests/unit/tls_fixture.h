@@ -1,10 +1,14 @@
-/* A throwaway ECDSA P-256 certificate for the TLS unit tests
- * (test_event_tls.c, test_tls_stream.c): made by openssl in a temporary
- * directory at setup, removed at teardown. */
+/* For the TLS unit tests (test_event_tls.c, test_tls_stream.c): a
+ * throwaway ECDSA P-256 certificate made by openssl in a temporary
+ * directory at setup and removed at teardown, and the socket callbacks of
+ * their mbedTLS test clients (ctx points at the fd). */
 #ifndef TESTS_TLS_FIXTURE_H
 #define TESTS_TLS_FIXTURE_H
 
+#include <errno.h>
+#include <mbedtls/ssl.h>
 #include <stdio.h>
+#include <sys/socket.h>
 #include <stdlib.h>
 #include <unistd.h>
 
@@ -30,6 +34,18 @@ static int teardown(void **st) {
   unlink(key);
   rmdir(dir);
   return 0;
+}
+
+static int c_send(void *ctx, const unsigned char *b, size_t n) {
+  ssize_t w = send(*(int *)ctx, b, n, MSG_NOSIGNAL);
+  if (w < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_WRITE : -1;
+  return (int)w;
+}
+
+static int c_recv(void *ctx, unsigned char *b, size_t n) {
+  ssize_t r = recv(*(int *)ctx, b, n, 0);
+  if (r < 0) return errno == EAGAIN ? MBEDTLS_ERR_SSL_WANT_READ : -1;
+  return (int)r;
 }
 
 #endif
