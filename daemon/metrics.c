@@ -148,6 +148,9 @@ char *imd_metrics_render(imd *d, size_t *len) {
                 "imd_connections_refused_total{reason=\"per_ip_cap\"} %llu\n",
             (unsigned long long)gs.refused_rate, (unsigned long long)gs.refused_banned,
             (unsigned long long)gs.refused_cap);
+  if (d->redis)
+    counter(&b, "imd_cluster_dropped_total",
+            "Cross-node sends and room publishes the cluster link gave up", im_redis_dropped(d->redis));
   counter(&b, "imd_push_dropped_total",
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);

@@ -84,6 +84,9 @@ IM_EXTERN int im_redis_up(const im_redis *r);
 /* The lease's epoch and node id (0 before the first lease). */
 IM_EXTERN uint64_t im_redis_epoch(const im_redis *r);
 IM_EXTERN const char *im_redis_node(const im_redis *r);
+/* Cross-node sends and room publishes given up (memory bound reached, Redis
+ * away for a room message, an error answer); a count since im_redis_new. */
+IM_EXTERN uint64_t im_redis_dropped(const im_redis *r);
 
 /* Mark the node draining (gone from gateway lists at once; written now
  * and with every renewal). Returns 0 or IM_ECLOSED (Redis down: the flag

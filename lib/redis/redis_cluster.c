@@ -969,6 +969,7 @@ void im_redis_free(im_redis *r) {
 int im_redis_up(const im_redis *r) { return r->cmd.up && r->leased; }
 uint64_t im_redis_epoch(const im_redis *r) { return r->epoch; }
 const char *im_redis_node(const im_redis *r) { return r->node; }
+uint64_t im_redis_dropped(const im_redis *r) { return r->dropped; }
 
 int im_redis_set_draining(im_redis *r, int draining) {
   r->draining = draining != 0;
