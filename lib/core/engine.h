@@ -212,37 +212,25 @@ im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt);
 /* Frame raw bytes as one WebSocket frame of the given opcode. */
 im_buf *frame_ws(im_server *s, uint8_t opcode, const void *payload, size_t len);
 
-/* server.c */
-im_conn *conn_lookup(const im_server *s, im_conn_id id);
-/* Queue b on c (a new reference), notify the driver, shed over the bound.
- * Returns 0, IM_ECLOSED, IM_EFULL (c was shed), IM_ENOMEM. */
-int conn_queue(im_server *s, im_conn *c, im_buf *b);
-/* Would len more bytes take c's queued and held output over max_output? */
-bool conn_over_bound(const im_server *s, const im_conn *c, size_t len);
-/* Start closing c (see server.c). */
-void conn_close(im_server *s, im_conn *c, int code, const char *reason, bool wait_peer);
-void conn_shed(im_server *s, im_conn *c);
-uint64_t now_tick(const im_server *s);
+/* Engine time in ticks, and a duration in whole ticks (rounded up). */
+static inline uint64_t now_tick(const im_server *s) { return s->now_ms / s->cfg.tick_ms; }
+static inline uint64_t ms_to_ticks(const im_server *s, uint64_t ms) {
+  return (ms + s->cfg.tick_ms - 1) / s->cfg.tick_ms;
+}
 
-/* reliable.c */
-/* Send b on c as reliable message id/seq: queued now when the window has
- * room, else held in order. Returns 0, IM_EFULL (c was shed), IM_ENOMEM,
- * IM_ECLOSED. */
-int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, uint64_t seq);
-/* The client ACKed id: forget it and send what waits. Returns true when it
- * was in flight, with its seq in *seq. */
-bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq);
-/* Retransmit timer (tw_advance callback on ack_wheel). */
-void rel_on_timer(tw_entry *e, void *arg);
-/* Report c's unACKed messages to on_undelivered (c is being released). */
-void rel_undelivered(im_server *s, im_conn *c);
-/* Stop timers and free everything reliable about c. */
-void rel_free(im_server *s, im_conn *c);
-/* The de-duplication slot of cid on c, or NULL. */
-dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t n);
-/* Remember cid as pending (evicting the oldest). NULL when the window is
- * off or memory ran out (the message is then processed undeduplicated). */
-dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n);
+/* Longest uid and room name a client may use (bytes). */
+#define UID_MAX 128u
+#define ROOM_MAX 128u
+
+/* server.c: every public entry point runs between srv_enter and srv_leave;
+ * connections closed inside are released (rel_undelivered, on_close, then
+ * freed) only when the outermost call returns, so no callback ever sees
+ * its connection's memory disappear under it. */
+void srv_enter(im_server *s);
+void srv_leave(im_server *s);
+/* Copy a packet string field into s->fields as a C string (valid until the
+ * next packet); NULL if absent. *used: bytes of s->fields taken so far. */
+const char *srv_field(im_server *s, const imp_packet *p, unsigned key, size_t *used);
 
 /* guard.c: admission at accept (true: admit), its undo at release, and
  * the sweep of idle sources (each tick) */
@@ -250,6 +238,16 @@ bool guard_admit(im_server *s, const char *peer);
 void guard_release(im_server *s, const char *peer);
 void guard_tick(im_server *s);
 void guard_free(im_server *s);
+/* An address range of im_guard_kick / im_guard_ban. */
+typedef struct guard_range {
+  uint8_t ip[16];
+  uint8_t bits;            /* prefix length over the 16-byte (v4-mapped) form */
+  uint64_t until;          /* engine ms; 0 = forever (blacklist entries) */
+} guard_range;
+/* Parse "addr" or "addr/bits" into r; false when it is not one. */
+bool guard_range_parse(const char *cidr, guard_range *r);
+/* Is the connection peer "addr:port" inside r? */
+bool guard_peer_in(const char *peer, const guard_range *r);
 
 /* registry.c */
 int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len);

@@ -1,6 +1,6 @@
 /* Reliable delivery on one connection: the in-flight window of unACKed
- * downstream messages with retransmission, and the window of upstream cids
- * that drops client retransmits.
+ * downstream messages with retransmission. It sends through the connection
+ * API (conn.h). The state also holds the upstream cid window (dedupe.c).
  *
  * In-flight entries are kept in the order they were (re)sent. Every entry
  * waits the same ack_timeout, so that order is also deadline order and one
@@ -8,9 +8,10 @@
  * in-order ACK, O(window) worst case for an ACK out of order. */
 #include <string.h>
 
-#include "core/engine.h"
+#include "core/conn.h"
+#include "core/reliable.h"
 
-static im_rel *rel_get(im_server *s, im_conn *c) {
+im_rel *rel_get(im_server *s, im_conn *c) {
   if (c->rel) return c->rel;
   im_rel *r = im_zalloc(s, sizeof(*r));
   if (!r) return NULL;
@@ -175,41 +176,4 @@ void rel_free(im_server *s, im_conn *c) {
   im_dealloc(s, r->dd);
   im_dealloc(s, r);
   c->rel = NULL;
-}
-
-/* ---- upstream de-duplication ------------------------------------------ */
-
-/* FNV-1a, 64 bits, never 0 (0 marks a free slot). A collision can only make
- * a connection drop its own message, and at 64 bits over a window of a few
- * dozen cids it is not a practical concern. */
-static uint64_t cid_hash(const char *p, size_t n) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (size_t i = 0; i < n; i++) {
-    h ^= (unsigned char)p[i];
-    h *= 0x100000001b3ULL;
-  }
-  return h ? h : 1;
-}
-
-dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t n) {
-  if (!c->rel || !c->rel->dd) return NULL;
-  uint64_t h = cid_hash(cid, n);
-  dd_entry *dd = c->rel->dd;
-  for (uint32_t i = 0; i < s->cfg.dedupe_window; i++)
-    if (dd[i].hash == h && dd[i].state != DD_FREE) return &dd[i];
-  return NULL;
-}
-
-dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n) {
-  if (s->cfg.dedupe_window == 0) return NULL;
-  im_rel *r = rel_get(s, c);
-  if (!r) return NULL;
-  if (!r->dd && !(r->dd = im_zalloc(s, s->cfg.dedupe_window * sizeof(dd_entry)))) return NULL;
-  dd_entry *e = &r->dd[r->dd_next];
-  r->dd_next = (r->dd_next + 1) % s->cfg.dedupe_window;
-  e->hash = cid_hash(cid, n);
-  e->state = DD_PENDING;
-  e->seq = 0;
-  e->id[0] = '\0';
-  return e;
 }
