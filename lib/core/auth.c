@@ -143,7 +143,7 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
   if ((c->flags & CF_SYNC_ON_OPEN) && c->state == CS_OPEN) {
     c->flags &= (uint16_t)~CF_SYNC_ON_OPEN;
     if (s->cb.on_sync)
-      s->cb.on_sync(s, c->id, c->sync_since, 0, s->user);
+      s->cb.on_sync(s, c->id, a->since, 0, s->user);
     else
       conn_send_error(s, c, 501, "sync not supported", NULL);
   }
@@ -201,6 +201,8 @@ int auth_complete(im_server *s, im_conn *c, int accept, int code, const char *re
   a.uid = c->ident;
   a.device = a.uid + strlen(a.uid) + 1;
   a.platform = a.device + strlen(a.device) + 1;
+  memcpy(&a.since, a.platform + strlen(a.platform) + 1, sizeof a.since);
+  a.has_since = (c->flags & CF_SYNC_ON_OPEN) != 0;
   a.token = "";
   a.peer = c->peer;
   char *parked = c->ident;
@@ -212,15 +214,17 @@ int auth_complete(im_server *s, im_conn *c, int accept, int code, const char *re
   return 0;
 }
 
-/* Keep a pending auth's uid/device/platform on the connection (the input
- * they came from is gone by the time im_auth_complete is called). */
+/* Keep a pending auth's uid/device/platform and since on the connection
+ * (the input they came from is gone by the time im_auth_complete is
+ * called). */
 int auth_park(im_server *s, im_conn *c, const im_auth *a) {
   size_t ul = strlen(a->uid) + 1, dl = strlen(a->device) + 1, pl = strlen(a->platform) + 1;
-  char *p = im_alloc(s, ul + dl + pl);
+  char *p = im_alloc(s, ul + dl + pl + sizeof a->since);
   if (!p) return IM_ENOMEM;
   memcpy(p, a->uid, ul);
   memcpy(p + ul, a->device, dl);
   memcpy(p + ul + dl, a->platform, pl);
+  memcpy(p + ul + dl + pl, &a->since, sizeof a->since);
   im_dealloc(s, c->ident);
   c->ident = p;
   return 0;
@@ -284,7 +288,7 @@ void auth_on_op(im_server *s, im_conn *c, const imp_packet *p) {
   a.peer = c->peer;
   if (IMP_HAS(p, IMP_K_SINCE)) {
     a.has_since = 1;
-    a.since = c->sync_since = p->num[IMP_K_SINCE];
+    a.since = p->num[IMP_K_SINCE];
     c->flags |= CF_SYNC_ON_OPEN;
   }
   if (!auth_start(s, c, &a) && auth_park(s, c, &a) < 0)

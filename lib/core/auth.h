@@ -13,7 +13,8 @@ void auth_send_upgrade(im_server *s, im_conn *c, const ws_hs_result *res);
 /* Run on_auth for credentials `a`; returns false when input must pause
  * (the verdict is pending: park the credentials with auth_park). */
 bool auth_start(im_server *s, im_conn *c, im_auth *a);
-/* Keep a pending auth's uid/device/platform on c. Returns 0 or IM_ENOMEM. */
+/* Keep a pending auth's uid/device/platform and since on c. Returns 0 or
+ * IM_ENOMEM. */
 int auth_park(im_server *s, im_conn *c, const im_auth *a);
 /* An auth op: the first authentication, or a refresh on an open connection. */
 void auth_on_op(im_server *s, im_conn *c, const imp_packet *p);

@@ -32,27 +32,32 @@ static bool rate_fits(uint64_t tat, uint64_t now_us, uint32_t rate, uint64_t *ne
 }
 
 /* Charge one msg to c and its user; false when either is over its rate
- * (then neither is charged). */
+ * (then neither is charged). Without memory for c's rate state the msg is
+ * let through uncharged. */
 static bool rate_admit(im_server *s, im_conn *c) {
-  uint64_t now_us = s->now_ms * 1000u, cn = c->rate_tat, un = c->user ? c->user->rate_tat : 0;
-  if (s->cfg.max_msg_rate && !rate_fits(c->rate_tat, now_us, s->cfg.max_msg_rate, &cn))
+  im_rel *r = rel_get(s, c);
+  if (!r) return true;
+  uint64_t now_us = s->now_ms * 1000u, cn = r->rate_tat, un = c->user ? c->user->rate_tat : 0;
+  if (s->cfg.max_msg_rate && !rate_fits(r->rate_tat, now_us, s->cfg.max_msg_rate, &cn))
     return false;
   if (s->cfg.max_user_msg_rate && c->user &&
       !rate_fits(c->user->rate_tat, now_us, s->cfg.max_user_msg_rate, &un))
     return false;
-  c->rate_tat = cn;
+  r->rate_tat = cn;
   if (c->user) c->user->rate_tat = un;
   return true;
 }
 
-/* A msg over the rate: refused; persistent excess closes the connection. */
+/* A msg over the rate (rate_admit gave c its im_rel): refused; persistent
+ * excess closes the connection. */
 static void rate_refuse(im_server *s, im_conn *c, const imp_str *cid) {
+  im_rel *r = c->rel;
   s->st.rate_limited++;
-  if (s->now_ms - c->strike_ms >= 10000 || !c->strikes) {
-    c->strike_ms = s->now_ms;
-    c->strikes = 0;
+  if (s->now_ms - r->strike_ms >= 10000 || !r->strikes) {
+    r->strike_ms = s->now_ms;
+    r->strikes = 0;
   }
-  if (s->cfg.max_rate_strikes && ++c->strikes > s->cfg.max_rate_strikes) {
+  if (s->cfg.max_rate_strikes && ++r->strikes > s->cfg.max_rate_strikes) {
     s->st.rate_closed++;
     conn_send_error(s, c, 429, "rate limit exceeded", cid);
     conn_close(s, c, IM_CLOSE_RATE, "rate limit exceeded", false);

@@ -5,6 +5,7 @@
 #include <libim/im.h>
 #include <libim/im_router.h>
 #include <stdbool.h>
+#include <sys/uio.h>
 
 #include "core/strmap.h"
 #include "core/timer_wheel.h"
@@ -20,11 +21,22 @@ typedef struct im_buf {
   uint8_t data[];
 } im_buf;
 
-/* One queued buffer on a connection's output. */
+/* Bytes a connection holds for a while (partial input, a fragmented
+ * message), allocated only while there are some. */
+typedef struct im_bytes {
+  uint32_t len, cap;
+  uint8_t data[];
+} im_bytes;
+static inline uint32_t bytes_len(const im_bytes *b) { return b ? b->len : 0; }
+
+/* A piece of a connection's output queue (buf.c): up to OUTQ_CHUNK queued
+ * buffers, b[head..tail), in one cache line. */
+#define OUTQ_CHUNK 6
 typedef struct outq_node {
   struct outq_node *next;
-  im_buf *buf;
-  uint32_t off;   /* bytes of buf already written */
+  uint32_t off;            /* bytes of b[head] already written */
+  uint8_t head, tail;
+  im_buf *b[OUTQ_CHUNK];
 } outq_node;
 
 enum conn_state {
@@ -59,43 +71,47 @@ typedef struct im_user im_user;
 typedef struct room_member room_member;
 typedef struct im_rel im_rel;
 
+/* A connection. The first 64 bytes are what a fan-out and the driver's
+ * flush touch per member (id, state, output queue, push-rate bucket, driver
+ * context, reliable state): one cache line per delivery. What an idle
+ * authenticated connection does not use lives elsewhere: rate limits,
+ * strikes and expiry in the lazily allocated im_rel, partial input in `in`
+ * and `msg` (NULL when none), the peer string sized to fit. */
 typedef struct im_conn {
   im_conn_id id;
+  outq_node *out_head, *out_tail;
   void *io_ctx;
-  void *data;
+  im_rel *rel;             /* reliable delivery, cid window, rates, expiry: on first use */
+  uint32_t out_bytes;
   uint8_t state;
   uint8_t transport;
   uint8_t binary;          /* replies in binary IMP */
   uint8_t frag_op;         /* opcode of the WebSocket message being assembled, 0 = none */
   uint16_t flags;
   uint16_t close_code;
-  uint32_t utf8;           /* UTF-8 validator state across text fragments */
-  uint32_t last_rx;        /* engine tick of the last read */
   uint32_t push_tokens;    /* max_push_rate bucket, in thousandths of a message */
   uint32_t push_at;        /* engine ms (low 32 bits) of its last refill */
-  uint8_t *in;             /* partial frame carried between feeds (NULL when none) */
-  uint32_t in_len, in_cap;
-  uint8_t *msg;            /* fragmented message being assembled */
-  uint32_t msg_len, msg_cap;
-  ws_handshake *hs;
-  outq_node *out_head, *out_tail;
-  uint32_t out_bytes;
+  uint32_t last_rx;        /* engine tick of the last read */
+  /* end of the first cache line */
+  uint32_t utf8;           /* UTF-8 validator state across text fragments */
+  uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
   tw_entry timer;
   im_user *user;
   struct im_conn *u_next, *u_prev;
   room_member *rooms;
-  char *ident;             /* "uid\0device\0platform\0": parked while auth is pending,
-                              then kept (valid in on_close too) */
+  void *data;
+  char *ident;             /* "uid\0device\0platform\0": parked while auth is pending
+                              (then followed by the since of the auth op), then kept
+                              (valid in on_close too) */
   uint64_t since_ms;
-  uint64_t sync_since;     /* since of the auth op (CF_SYNC_ON_OPEN) */
-  im_rel *rel;             /* reliable-delivery state, allocated on first use */
-  char peer[56];   /* "[v6-mapped address]:port" fits */
-  uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
-  uint64_t expire_tick;    /* im_conn_set_expiry deadline (engine tick), 0 = none */
-  uint64_t rate_tat;       /* max_msg_rate: GCRA theoretical arrival time, engine us */
-  uint64_t strike_ms;      /* start of the current 10 s strike window (engine ms) */
-  uint32_t strikes;        /* msgs refused in that window */
+  im_bytes *in;            /* partial frame carried between feeds (NULL when none) */
+  im_bytes *msg;           /* fragmented message being assembled (NULL when none) */
+  ws_handshake *hs;
+  char peer[];             /* "[v6-mapped address]:port", at most PEER_MAX - 1 bytes */
 } im_conn;
+
+/* Longest peer string kept (with its NUL). */
+#define PEER_MAX 56u
 
 /* A reliable downstream message on one connection (reliable.c). */
 typedef struct rel_entry {
@@ -116,6 +132,9 @@ typedef struct dd_entry {
   char id[IM_ID_MAX];      /* the ack's id */
 } dd_entry;
 
+/* The state of a connection that an idle one does not need, allocated on
+ * first use (rel_get): reliable delivery (reliable.c), the cid window
+ * (dedupe.c), its message rate and strikes (dispatch.c), its expiry. */
 struct im_rel {
   tw_entry timer;          /* on im_server.ack_wheel: due of `head` */
   im_conn *conn;
@@ -125,6 +144,10 @@ struct im_rel {
   uint64_t wait_bytes;
   dd_entry *dd;            /* dedupe_window entries, or NULL */
   uint32_t dd_next;        /* slot the next cid takes (oldest) */
+  uint32_t strikes;        /* msgs refused in the current strike window */
+  uint64_t strike_ms;      /* start of the current 10 s strike window (engine ms) */
+  uint64_t rate_tat;       /* max_msg_rate: GCRA theoretical arrival time, engine us */
+  uint64_t expire_tick;    /* im_conn_set_expiry deadline (engine tick), 0 = none */
 };
 
 struct im_user {
@@ -135,18 +158,28 @@ struct im_user {
   char uid[];
 };
 
+/* One member in a room's array: what a fan-out reads, side by side. */
+typedef struct room_slot {
+  im_conn *conn;
+  room_member *mb;               /* its membership record */
+} room_slot;
+
+/* A room: its members in an array (a fan-out walks it in order and can
+ * prefetch the connections ahead), in no particular order: a leave moves
+ * the last member into the hole. */
 typedef struct im_room {
   strmap_node node;
-  room_member *members;
-  uint32_t n;
+  room_slot *m;
+  uint32_t n, cap;
+  uint32_t walks;                /* fan-outs walking m (reg_room_walk_*) */
   char name[];
 } im_room;
 
+/* c's membership of a room, on c's list. */
 struct room_member {
   im_room *room;
-  im_conn *conn;
-  room_member *r_next, *r_prev;  /* in the room */
   room_member *c_next;           /* in the connection's list */
+  uint32_t at;                   /* index in room->m */
 };
 
 struct im_server {
@@ -170,8 +203,8 @@ struct im_server {
   bool started;
   uint32_t depth;          /* nesting of public entry points */
   im_conn *dead;           /* closed connections released when depth returns to 0 (via u_next) */
-  outq_node *node_pool;    /* free outq nodes */
-  uint32_t pool_len;
+  outq_node *node_pool;    /* free outq nodes (buf.c) */
+  struct node_slab *node_slabs; /* where they live */
   char *scratch;           /* JSON unescape space, max_message bytes */
   char *fields;            /* NUL-terminated copies of packet fields for callbacks */
   size_t fields_cap;
@@ -205,8 +238,15 @@ int outq_push(im_server *s, im_conn *c, im_buf *b);
  * keep_partial (its remaining bytes are needed to keep the stream framed). */
 void outq_clear(im_server *s, im_conn *c, bool keep_partial);
 void outq_pool_free(im_server *s);
+/* Fill up to max iovecs with c's queued output, in order; returns how many. */
+int outq_iov(const im_conn *c, struct iovec *iov, int max);
 /* Advance c's output by n written bytes; true when it is now empty. */
 bool outq_consume(im_server *s, im_conn *c, size_t n);
+/* Append n bytes to *bp, allocating it (first_cap bytes) or doubling it as
+ * needed, never beyond max_cap when that is not 0 (the caller has bounded
+ * the total). Returns false when memory ran out (*bp unchanged). */
+bool bytes_append(im_server *s, im_bytes **bp, const uint8_t *p, size_t n, size_t first_cap,
+                  size_t max_cap);
 /* Frame an encoded packet for a wire format into a new buffer (refs = 1). */
 im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt);
 /* Frame raw bytes as one WebSocket frame of the given opcode. */
@@ -260,5 +300,11 @@ int reg_room_join(im_server *s, im_conn *c, const char *room, size_t len);
 int reg_room_leave(im_server *s, im_conn *c, const char *room, size_t len);
 void reg_room_leave_all(im_server *s, im_conn *c);
 im_room *reg_room_find(const im_server *s, const char *room, size_t len);
+/* A fan-out walks r->m from index 0 while sending may remove members (a
+ * shed connection leaves its rooms: the last member moves into its slot;
+ * see fanout.c): between begin and end r stays allocated even when its
+ * last member leaves, and is released (router told) at end. */
+static inline void reg_room_walk_begin(im_room *r) { r->walks++; }
+void reg_room_walk_end(im_server *s, im_room *r);
 
 #endif

@@ -56,6 +56,9 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   return 0;
 }
 
+/* How many members ahead a room fan-out prefetches. */
+#define FANOUT_AHEAD 8
+
 /* fanout_send: not queued on purpose (over max_push_rate); neither a
  * delivery nor an error of the fan-out. */
 #define FANOUT_DROPPED 1
@@ -157,15 +160,27 @@ int im_local_room_send(im_server *s, const char *room, const im_msg *m, im_conn_
   fanout f;
   int rc = fanout_init(s, &f, m), n = 0;
   f.rated = true;
-  for (room_member *mb = r->members, *next; rc == 0 && mb; mb = next) {
-    next = mb->r_next;
-    if (mb->conn->id == except) continue;
-    int x = fanout_send(s, &f, mb->conn);
-    if (x == 0)
-      n++;
-    else if (x == IM_ETOOBIG || x == IM_ENOMEM)
-      rc = x;
+  reg_room_walk_begin(r);
+  for (uint32_t i = 0; rc == 0 && i < r->n;) {
+    /* the members' connections are apart in memory: ask for them early,
+     * then (once a connection is in) for the tail of its output queue */
+    if (i + FANOUT_AHEAD < r->n) __builtin_prefetch(r->m[i + FANOUT_AHEAD].conn);
+    if (i + FANOUT_AHEAD / 2 < r->n) {
+      const im_conn *p = r->m[i + FANOUT_AHEAD / 2].conn;
+      if (p->out_tail) __builtin_prefetch(p->out_tail, 1);
+    }
+    im_conn *c = r->m[i].conn;
+    if (c->id != except) {
+      int x = fanout_send(s, &f, c);
+      if (x == 0)
+        n++;
+      else if (x == IM_ETOOBIG || x == IM_ENOMEM)
+        rc = x;
+    }
+    /* a shed member left the room: the last one moved into its slot */
+    if (i < r->n && r->m[i].conn == c) i++;
   }
+  reg_room_walk_end(s, r);
   fanout_done(s, &f);
   srv_leave(s);
   return rc < 0 ? rc : n;

@@ -29,37 +29,31 @@ static size_t in_limit(const im_server *s) {
 }
 
 static bool in_append(im_server *s, im_conn *c, const uint8_t *p, size_t n) {
-  if (c->in_len + n > c->in_cap) {
-    size_t cap = c->in_cap ? c->in_cap : 256;
-    while (cap < c->in_len + n) cap *= 2;
-    uint8_t *m = im_realloc(s, c->in, cap);
-    if (!m) return false;
-    c->in = m;
-    c->in_cap = (uint32_t)cap;
-  }
-  memcpy(c->in + c->in_len, p, n);
-  c->in_len += (uint32_t)n;
-  return true;
+  return bytes_append(s, &c->in, p, n, 256, 0);
 }
 
 static void in_drop(im_server *s, im_conn *c, size_t consumed) {
-  if (consumed >= c->in_len) {
-    im_dealloc(s, c->in);
+  im_bytes *b = c->in;
+  if (consumed >= b->len) {
+    im_dealloc(s, b);
     c->in = NULL;
-    c->in_len = c->in_cap = 0;
     return;
   }
-  memmove(c->in, c->in + consumed, c->in_len - consumed);
-  c->in_len -= (uint32_t)consumed;
+  memmove(b->data, b->data + consumed, b->len - consumed);
+  b->len -= (uint32_t)consumed;
+}
+
+/* Process what c holds; it is dropped as consumed unless c was closed or
+ * its buffer replaced meanwhile. */
+static void process_held(im_server *s, im_conn *c) {
+  im_bytes *b = c->in;
+  size_t used = process(s, c, b->data, b->len);
+  if (c->state != CS_CLOSED && c->in == b) in_drop(s, c, used);
 }
 
 /* Re-run buffered input (after a pending auth resolved). */
 static void resume_input(im_server *s, im_conn *c) {
-  if (!c->in_len) return;
-  uint8_t *p = c->in;
-  size_t n = c->in_len;
-  size_t used = process(s, c, p, n);
-  if (c->state != CS_CLOSED && c->in == p) in_drop(s, c, used);
+  if (bytes_len(c->in)) process_held(s, c);
 }
 
 int im_server_feed(im_server *s, im_conn_id id, void *buf, size_t len) {
@@ -70,17 +64,15 @@ int im_server_feed(im_server *s, im_conn_id id, void *buf, size_t len) {
   srv_enter(s);
   s->st.bytes_in += len;
   c->last_rx = (uint32_t)now_tick(s);
-  if (c->in_len || c->state == CS_AUTH_PENDING) {
+  if (bytes_len(c->in) || c->state == CS_AUTH_PENDING) {
     /* While auth is pending, input is held unprocessed: bound it. Otherwise
      * the carried partial frame is already bounded by the frame checks. */
-    if (c->state == CS_AUTH_PENDING && c->in_len + len > in_limit(s)) {
+    if (c->state == CS_AUTH_PENDING && bytes_len(c->in) + len > in_limit(s)) {
       conn_proto_fail(s, c, IM_CLOSE_TOO_BIG, "input over limit");
     } else if (!in_append(s, c, buf, len)) {
       conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
     } else if (c->state != CS_AUTH_PENDING) {
-      uint8_t *p = c->in;
-      size_t used = process(s, c, p, c->in_len);
-      if (c->state != CS_CLOSED && c->in == p) in_drop(s, c, used);
+      process_held(s, c);
     }
   } else {
     size_t used = process(s, c, buf, len);

@@ -172,7 +172,9 @@ im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer,
   if (t != IM_TRANSPORT_WS && t != IM_TRANSPORT_TCP) return 0;
   if (s->cfg.max_connections && s->st.conns >= s->cfg.max_connections) return 0;
   if (!guard_admit(s, peer)) return 0;
-  im_conn *c = im_zalloc(s, sizeof(*c));
+  size_t pl = peer ? strlen(peer) : 0;
+  if (pl >= PEER_MAX) pl = PEER_MAX - 1;
+  im_conn *c = im_zalloc(s, sizeof(*c) + pl + 1);
   if (c && t == IM_TRANSPORT_WS && !(c->hs = ws_hs_new(s->cfg.ws_path))) {
     im_dealloc(s, c);
     c = NULL;
@@ -193,7 +195,7 @@ im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer,
   c->since_ms = s->now_ms;
   c->last_rx = (uint32_t)now_tick(s);
   c->utf8 = UTF8_ACCEPT;
-  if (peer) snprintf(c->peer, sizeof c->peer, "%s", peer);
+  if (pl) memcpy(c->peer, peer, pl); /* the NUL: zeroed */
   tw_entry_init(&c->timer);
   tw_schedule(&s->wheel, &c->timer, now_tick(s) + ms_to_ticks(s, s->cfg.auth_timeout_ms));
   s->st.conns++;
@@ -214,7 +216,10 @@ int im_conn_set_expiry(im_server *s, im_conn_id id, uint64_t after_ms) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state >= CS_CLOSING) return IM_ECLOSED;
-  c->expire_tick = after_ms ? now_tick(s) + (ms_to_ticks(s, after_ms) ? ms_to_ticks(s, after_ms) : 1)
+  if (!after_ms && !c->rel) return 0; /* no deadline to remove */
+  im_rel *r = rel_get(s, c);
+  if (!r) return IM_ENOMEM;
+  r->expire_tick = after_ms ? now_tick(s) + (ms_to_ticks(s, after_ms) ? ms_to_ticks(s, after_ms) : 1)
                             : 0;
   /* before the connection opens the timer is the auth timeout: the
    * deadline is taken up when it opens (set_auth_timer_idle) */
@@ -239,12 +244,7 @@ const char *srv_field(im_server *s, const imp_packet *p, unsigned key, size_t *u
 int im_conn_pending(im_server *s, im_conn_id id, struct iovec *iov, int iovmax) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
-  int k = 0;
-  for (outq_node *n = c->out_head; n && k < iovmax; n = n->next, k++) {
-    iov[k].iov_base = n->buf->data + n->off;
-    iov[k].iov_len = n->buf->len - n->off;
-  }
-  return k;
+  return outq_iov(c, iov, iovmax);
 }
 
 int im_conn_sent(im_server *s, im_conn_id id, size_t n) {
@@ -278,7 +278,7 @@ static void on_timer(tw_entry *e, void *arg) {
       }
       break;
     case CS_OPEN: {
-      if (c->expire_tick && c->expire_tick <= now_tick(s)) {
+      if (c->rel && c->rel->expire_tick && c->rel->expire_tick <= now_tick(s)) {
         conn_close(s, c, IM_CLOSE_EXPIRED, "session expired", false);
         break;
       }

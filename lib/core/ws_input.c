@@ -43,24 +43,12 @@ static void on_ws_close_frame(im_server *s, im_conn *c, const uint8_t *pl, size_
 /* Append a fragment to the message being assembled. */
 static bool msg_append(im_server *s, im_conn *c, const uint8_t *p, size_t n) {
   if (n == 0) return true; /* an empty fragment: nothing to keep, c->msg may be NULL */
-  if (c->msg_len + n > c->msg_cap) {
-    size_t cap = c->msg_cap ? c->msg_cap : 1024;
-    while (cap < c->msg_len + n) cap *= 2;
-    if (cap > s->cfg.max_message) cap = s->cfg.max_message;
-    uint8_t *m = im_realloc(s, c->msg, cap);
-    if (!m) return false;
-    c->msg = m;
-    c->msg_cap = (uint32_t)cap;
-  }
-  memcpy(c->msg + c->msg_len, p, n);
-  c->msg_len += (uint32_t)n;
-  return true;
+  return bytes_append(s, &c->msg, p, n, 1024, s->cfg.max_message);
 }
 
 static void msg_reset(im_server *s, im_conn *c) {
   im_dealloc(s, c->msg);
   c->msg = NULL;
-  c->msg_len = c->msg_cap = 0;
   c->frag_op = 0;
   c->utf8 = UTF8_ACCEPT;
 }
@@ -102,11 +90,10 @@ static void on_ws_frame(im_server *s, im_conn *c, const ws_frame_hdr *h, uint8_t
   if (h->fin) {
     /* the assembled buffer belongs to c until reset; detach it so a
      * callback that closes c cannot free it under the dispatcher */
-    uint8_t *m = c->msg;
-    uint32_t len = c->msg_len;
+    im_bytes *m = c->msg;
     c->msg = NULL;
     msg_reset(s, c);
-    dispatch_message(s, c, op == WS_OP_BINARY, m, len);
+    dispatch_message(s, c, op == WS_OP_BINARY, m ? m->data : pl, bytes_len(m));
     im_dealloc(s, m);
   }
 }
@@ -130,14 +117,14 @@ size_t ws_in_frames(im_server *s, im_conn *c, uint8_t *p, size_t n) {
         return n;
       }
       /* refuse a declared oversize length before buffering any of it */
-      if (h.len > s->cfg.max_message || c->msg_len + h.len > s->cfg.max_message) {
+      if (h.len > s->cfg.max_message || bytes_len(c->msg) + h.len > s->cfg.max_message) {
         conn_proto_fail(s, c, IM_CLOSE_TOO_BIG, "message too big");
         return n;
       }
       /* before authentication only a small message (the auth op) is
        * worth buffering: an anonymous peer gets no max_message buffer */
       uint32_t pre = conn_preauth_limit(s, c);
-      if (pre && (h.len > pre || c->msg_len + h.len > pre)) {
+      if (pre && (h.len > pre || bytes_len(c->msg) + h.len > pre)) {
         conn_proto_fail(s, c, IM_CLOSE_TOO_BIG, "message too big before authentication");
         return n;
       }

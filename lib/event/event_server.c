@@ -22,16 +22,25 @@
 
 typedef struct ev_conn ev_conn;
 
+/* 64 bytes before the struct event: an idle connection costs one
+ * 208-byte allocation here. A TLS handshake is never on the flush list nor
+ * (being unlinked first) the grave list, so its list links share their
+ * space. */
 struct ev_conn {
-  im_event *owner;
   im_conn_id id;
-  ev_conn *flush_next;   /* pending-output list */
-  ev_conn *grave_next;   /* closed, freed once off every list */
-  ev_conn *all_prev, *all_next; /* every open connection, for im_event_free */
+  struct listener *ls;          /* that accepted it (ls->owner: the im_event) */
   im_stream *st;
-  struct listener *ls;          /* that accepted it */
-  ev_conn *hs_prev, *hs_next;   /* on its listener's handshake list, by deadline */
-  uint64_t hs_deadline;
+  ev_conn *all_prev, *all_next; /* every open connection, for im_event_free */
+  union {
+    struct {
+      ev_conn *flush_next;      /* pending-output list */
+      ev_conn *grave_next;      /* closed, freed once off every list */
+    };
+    struct {
+      ev_conn *hs_prev, *hs_next; /* on its listener's handshake list, by deadline */
+    };
+  };
+  uint32_t hs_deadline;         /* mono_ms() (low 32 bits) at which the handshake fails */
   uint8_t in_flush : 1;
   uint8_t closed : 1;
   uint8_t writing : 1;   /* EV_WRITE is armed */
@@ -104,7 +113,7 @@ static void hs_unlink(ev_conn *ec, struct listener *ls) {
  * flush callback can free it (we may be inside this connection's callback). */
 static void conn_bury(ev_conn *ec) {
   if (ec->closed) return;
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   event_del(conn_event(ec));
   if (ec->handshaking) hs_unlink(ec, ec->ls);
   im_stream_free(ec->st);
@@ -123,7 +132,7 @@ static void arm(ev_conn *ec, bool writing) {
   struct event *ev = conn_event(ec);
   int fd = event_get_fd(ev);
   event_del(ev);
-  event_assign(ev, ec->owner->base, fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), conn_io_cb,
+  event_assign(ev, ec->ls->owner->base, fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), conn_io_cb,
                ec);
   event_add(ev, NULL);
   ec->writing = writing;
@@ -131,7 +140,7 @@ static void arm(ev_conn *ec, bool writing) {
 
 /* Write what the engine has queued; returns false if the connection died. */
 static bool write_out(ev_conn *ec) {
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   struct iovec iov[IOV_MAX_BATCH];
   while (!ec->closed) {
     int n = im_conn_pending(e->srv, ec->id, iov, IOV_MAX_BATCH);
@@ -158,13 +167,13 @@ static bool write_out(ev_conn *ec) {
 static void conn_fail(ev_conn *ec) {
   im_conn_id id = ec->id;
   conn_bury(ec);
-  im_server_hangup(ec->owner->srv, id);
+  im_server_hangup(ec->ls->owner->srv, id);
 }
 
 /* Reads until the socket is drained for now; a TLS stream may hold
  * decrypted bytes that no readiness event will announce. */
 static void read_in(ev_conn *ec) {
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   while (!ec->closed) {
     ssize_t n = im_stream_read(ec->st, e->rbuf, sizeof e->rbuf);
     if (n == IM_STREAM_AGAIN) return;
@@ -283,7 +292,6 @@ static void accept_cb(int fd, const char *peer, void *arg) {
     evutil_closesocket(fd);
     return;
   }
-  ec->owner = e;
   ec->ls = ls;
   ec->st = st;
   ec->id = im_server_accept(e->srv, ls->t, peer, ec);
@@ -295,7 +303,7 @@ static void accept_cb(int fd, const char *peer, void *arg) {
   if (ls->tls) {
     im_conn_set_secure(e->srv, ec->id, 1);
     ec->handshaking = 1;
-    ec->hs_deadline = mono_ms() + im_tls_handshake_timeout(ls->tls);
+    ec->hs_deadline = (uint32_t)(mono_ms() + im_tls_handshake_timeout(ls->tls));
     ec->hs_prev = ls->hs_tail;
     if (ls->hs_tail)
       ls->hs_tail->hs_next = ec;
@@ -318,7 +326,7 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
   /* handshakes over time cost their connection; each list is in deadline
    * order (one timeout per listener) */
   for (int i = 0; i < e->nls; i++)
-    while (e->ls[i].hs_head && e->ls[i].hs_head->hs_deadline <= now)
+    while (e->ls[i].hs_head && (int32_t)((uint32_t)now - e->ls[i].hs_head->hs_deadline) >= 0)
       conn_fail(e->ls[i].hs_head);
   im_server_tick(e->srv, now);
 }

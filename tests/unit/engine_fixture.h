@@ -258,5 +258,6 @@ static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
   assert_int_equal(close_code_of(&fr[k - 1]), code);
   assert_true(f->nclosed >= 1);
   assert_true(f->closed[f->nclosed - 1] == c);
+}
 
 #endif
