@@ -1,10 +1,13 @@
 /* room-fanout: room fan-out cost in the engine, through the public API
  * only, with the driver's write pattern (one writev per connection per loop
- * pass) and no network: each pass writes every pending connection's iovecs
- * to /dev/null with one writev() (a real system call per connection per
- * pass, as a driver makes, without the TCP stack) and reports them sent.
+ * pass). Each pass writes every pending connection's iovecs with one
+ * writev() and reports them sent: to /dev/null (a real system call per
+ * connection per pass, without the TCP stack), or with `tcp` to one
+ * loopback TCP connection per member, whose other ends a child process
+ * reads (so the kernel's TCP cost is in the numbers, as in a gateway).
  *
- *   room-fanout [MEMBERS] [MSGS] [PER_PASS]   (defaults 10000 200 16)
+ *   room-fanout [MEMBERS] [MSGS] [PER_PASS] [null|tcp]
+ *                                       (defaults 10000 200 16 null)
  *
  * Phases, for MEMBERS authenticated WebSocket connections (imp.json) in one
  * room:
@@ -18,8 +21,15 @@
  * It uses only <libim/im.h>, so one binary measures any build of the
  * library: LD_LIBRARY_PATH=/path/to/old/lib ./room-fanout gives "before".
  * Not installed. */
+#include <arpa/inet.h>
 #include <fcntl.h>
 #include <libim/im.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,11 +41,15 @@
 #define LAT_RUNS 200
 #define RUNS 5
 
+typedef struct pending {
+  im_conn_id id;
+  int fd;
+} pending;
+
 typedef struct bench {
   im_server *srv;
-  im_conn_id *pend;   /* connections with output: the driver's flush list */
+  pending *pend;      /* connections with output: the driver's flush list */
   size_t npend, cap;
-  int sink;
   uint64_t bytes;
 } bench;
 
@@ -47,9 +61,8 @@ static double now_s(void) {
 
 static void want_write(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) {
   (void)srv;
-  (void)io_ctx;
   bench *b = io_user;
-  if (b->npend < b->cap) b->pend[b->npend++] = c;
+  if (b->npend < b->cap) b->pend[b->npend++] = (pending){c, (int)(intptr_t)io_ctx};
 }
 
 static void io_close(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) {
@@ -66,12 +79,15 @@ static void flush(bench *b) {
     size_t n = b->npend;
     b->npend = 0;
     for (size_t i = 0; i < n; i++) {
-      im_conn_id c = b->pend[i];
+      im_conn_id c = b->pend[i].id;
       struct iovec iov[IOV_BATCH];
       int k;
       while ((k = im_conn_pending(b->srv, c, iov, IOV_BATCH)) > 0) {
-        ssize_t w = writev(b->sink, iov, k);
-        if (w <= 0) exit(1);
+        ssize_t w = writev(b->pend[i].fd, iov, k);
+        if (w <= 0) {
+          perror("writev");
+          exit(1);
+        }
         b->bytes += (uint64_t)w;
         im_conn_sent(b->srv, c, (size_t)w);
       }
@@ -108,24 +124,83 @@ static double run(bench *b, im_conn_id *conns, size_t members, size_t msgs, size
   return t;
 }
 
+/* The child: reads every connection to the end (the members' clients). */
+static void reader(int lfd, size_t members) {
+  int ep = epoll_create1(0);
+  size_t open_ = 0;
+  for (size_t i = 0; i < members; i++) {
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    socklen_t al = sizeof a;
+    getsockname(lfd, (struct sockaddr *)&a, &al);
+    if (fd < 0 || connect(fd, (struct sockaddr *)&a, sizeof a) < 0) _exit(1);
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+    open_++;
+  }
+  static char buf[65536];
+  struct epoll_event evs[256];
+  while (open_) {
+    int n = epoll_wait(ep, evs, 256, -1);
+    for (int i = 0; i < n; i++) {
+      ssize_t r = read(evs[i].data.fd, buf, sizeof buf);
+      if (r <= 0) {
+        close(evs[i].data.fd);
+        open_--;
+      }
+    }
+  }
+  _exit(0);
+}
+
+/* MEMBERS loopback TCP connections (server ends returned in fds), read to
+ * the end by a child process; returns its pid. */
+static pid_t tcp_members(size_t members, int *fds) {
+  int lfd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  if (lfd < 0 || bind(lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(lfd, 4096) < 0) exit(1);
+  pid_t pid = fork();
+  if (pid == 0) reader(lfd, members);
+  for (size_t i = 0; i < members; i++) {
+    fds[i] = accept(lfd, NULL, NULL);
+    if (fds[i] < 0) {
+      perror("accept");
+      exit(1);
+    }
+    int one = 1;
+    setsockopt(fds[i], IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  }
+  close(lfd);
+  return pid;
+}
+
 int main(int argc, char **argv) {
   size_t members = argc > 1 ? strtoul(argv[1], NULL, 10) : 10000;
   size_t msgs = argc > 2 ? strtoul(argv[2], NULL, 10) : 200;
   size_t per_pass = argc > 3 ? strtoul(argv[3], NULL, 10) : 16;
+  int tcp = argc > 4 && !strcmp(argv[4], "tcp");
   if (members < 10 || msgs == 0 || per_pass == 0) {
-    fprintf(stderr, "usage: room-fanout [MEMBERS >= 10] [MSGS] [PER_PASS]\n");
+    fprintf(stderr, "usage: room-fanout [MEMBERS >= 10] [MSGS] [PER_PASS] [null|tcp]\n");
     return 2;
   }
   bench b = {0};
   b.cap = members;
   b.pend = malloc(members * sizeof *b.pend);
   im_conn_id *conns = malloc(members * sizeof *conns);
-  b.sink = open("/dev/null", O_WRONLY);
+  int *fds = malloc(members * sizeof *fds);
+  if (!fds) return 1;
+  pid_t child = 0;
+  if (tcp) {
+    child = tcp_members(members, fds);
+  } else {
+    int sink = open("/dev/null", O_WRONLY);
+    for (size_t i = 0; i < members; i++) fds[i] = sink;
+  }
   im_config cfg;
   im_config_init(&cfg);
   cfg.max_conns_per_user = 0;
   b.srv = im_server_new(&cfg, NULL, NULL); /* defaults: any uid/token accepted */
-  if (!b.pend || !conns || b.sink < 0 || !b.srv) return 1;
+  if (!b.pend || !conns || fds[0] < 0 || !b.srv) return 1;
   im_io io = {want_write, io_close, &b};
   im_server_set_io(b.srv, &io);
   for (size_t i = 0; i < members; i++) {
@@ -135,7 +210,7 @@ int main(int argc, char **argv) {
                      "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                      "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: imp.json\r\n\r\n",
                      i);
-    conns[i] = im_server_accept(b.srv, IM_TRANSPORT_WS, "127.0.0.1:1", NULL);
+    conns[i] = im_server_accept(b.srv, IM_TRANSPORT_WS, "127.0.0.1:1", (void *)(intptr_t)fds[i]);
     if (!conns[i] || im_server_feed(b.srv, conns[i], req, (size_t)n) != 0) return 1;
   }
   flush(&b);
@@ -153,9 +228,9 @@ int main(int argc, char **argv) {
   for (int i = 0; i < RUNS; i++) tr[i] = run(&b, conns, members, msgs, per_pass, "r", &m);
   qsort(tr, RUNS, sizeof *tr, cmp_d);
   double d = (double)(msgs * members);
-  printf("members %zu, msgs %zu, %zu per pass: %.2fM deliveries/s (median of %d; %.2f-%.2fM), "
+  printf("%s: members %zu, msgs %zu, %zu per pass: %.2fM deliveries/s (median of %d; %.2f-%.2fM), "
          "%.1f ns per delivery\n",
-         members, msgs, per_pass, d / tr[RUNS / 2] / 1e6, RUNS, d / tr[RUNS - 1] / 1e6,
+         tcp ? "tcp" : "null", members, msgs, per_pass, d / tr[RUNS / 2] / 1e6, RUNS, d / tr[RUNS - 1] / 1e6,
          d / tr[0] / 1e6, tr[RUNS / 2] * 1e9 / d);
 
   double lat[LAT_RUNS];
@@ -181,7 +256,13 @@ int main(int argc, char **argv) {
   }
   for (size_t i = 0; i < members; i++) im_server_hangup(b.srv, conns[i]);
   im_server_free(b.srv);
-  close(b.sink);
+  if (tcp) {
+    for (size_t i = 0; i < members; i++) close(fds[i]);
+    waitpid(child, NULL, 0);
+  } else {
+    close(fds[0]);
+  }
+  free(fds);
   free(b.pend);
   free(conns);
   return 0;
