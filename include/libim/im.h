@@ -345,9 +345,8 @@ IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int cod
  * tick); after_ms 0 removes the deadline. A later call replaces the
  * deadline (e.g. after a refresh). Costs no timer of its own: the deadline
  * rides on the connection's idle timer, O(1). May be called from on_auth
- * (before the connection opens) or any time after. Returns 0, IM_ENOENT,
- * IM_ECLOSED (c is closing) or IM_ENOMEM (no memory for the deadline: none
- * is set). */
+ * (before the connection opens) or any time after. Returns 0, IM_ENOENT or
+ * IM_ECLOSED (c is closing). */
 IM_EXTERN int im_conn_set_expiry(im_server *srv, im_conn_id c, uint64_t after_ms);
 
 /* During on_room: the cid of the join/leave op (NUL-terminated, valid

@@ -164,6 +164,7 @@ bool bytes_append(im_server *s, im_bytes **bp, const uint8_t *p, size_t n, size_
     if (cap > UINT32_MAX) return false;
     im_bytes *m = im_realloc(s, b, sizeof *m + cap);
     if (!m) return false;
+    if (!b) m->aux = 0;
     m->len = (uint32_t)len;
     m->cap = (uint32_t)cap;
     *bp = b = m;

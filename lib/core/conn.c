@@ -196,8 +196,7 @@ void conn_proto_fail(im_server *s, im_conn *c, int code, const char *reason) {
 /* ---- timers ------------------------------------------------------------- */
 
 void conn_timer_at(im_server *s, im_conn *c, uint64_t due) {
-  uint64_t expire = c->rel ? c->rel->expire_tick : 0;
-  if (expire && (!due || expire < due)) due = expire;
+  if (c->expire_tick && (!due || c->expire_tick < due)) due = c->expire_tick;
   if (due)
     tw_schedule(&s->wheel, &c->timer, due);
   else

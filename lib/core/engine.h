@@ -25,6 +25,7 @@ typedef struct im_buf {
  * message), allocated only while there are some. */
 typedef struct im_bytes {
   uint32_t len, cap;
+  uint32_t aux;            /* msg: the UTF-8 validator state of the text so far */
   uint8_t data[];
 } im_bytes;
 static inline uint32_t bytes_len(const im_bytes *b) { return b ? b->len : 0; }
@@ -74,14 +75,15 @@ typedef struct im_rel im_rel;
 /* A connection. The first 64 bytes are what a fan-out and the driver's
  * flush touch per member (id, state, output queue, push-rate bucket, driver
  * context, reliable state): one cache line per delivery. What an idle
- * authenticated connection does not use lives elsewhere: rate limits,
- * strikes and expiry in the lazily allocated im_rel, partial input in `in`
- * and `msg` (NULL when none), the peer string sized to fit. */
+ * authenticated connection does not use lives elsewhere: rate limits and
+ * strikes in the lazily allocated im_rel, partial input in `in`
+ * and `msg` (NULL when none; a text message's UTF-8 state with it), the
+ * peer string sized to fit. */
 typedef struct im_conn {
   im_conn_id id;
   outq_node *out_head, *out_tail;
   void *io_ctx;
-  im_rel *rel;             /* reliable delivery, cid window, rates, expiry: on first use */
+  im_rel *rel;             /* reliable delivery, cid window, rates: on first use */
   uint32_t out_bytes;
   uint8_t state;
   uint8_t transport;
@@ -89,12 +91,13 @@ typedef struct im_conn {
   uint8_t frag_op;         /* opcode of the WebSocket message being assembled, 0 = none */
   uint16_t flags;
   uint16_t close_code;
-  uint32_t push_tokens;    /* max_push_rate bucket, in thousandths of a message */
+  union {
+    uint32_t push_tokens;  /* open: max_push_rate bucket, in thousandths of a message */
+    uint32_t hs_fed;       /* handshake: bytes of the upgrade request read (max_preauth_input) */
+  };
   uint32_t push_at;        /* engine ms (low 32 bits) of its last refill */
   uint32_t last_rx;        /* engine tick of the last read */
   /* end of the first cache line */
-  uint32_t utf8;           /* UTF-8 validator state across text fragments */
-  uint32_t hs_fed;         /* bytes of the upgrade request read (max_preauth_input) */
   tw_entry timer;
   im_user *user;
   struct im_conn *u_next, *u_prev;
@@ -104,6 +107,8 @@ typedef struct im_conn {
                               (then followed by the since of the auth op), then kept
                               (valid in on_close too) */
   uint64_t since_ms;
+  uint64_t expire_tick;    /* im_conn_set_expiry deadline (engine tick), 0 = none: kept
+                              here, as imd sets one on every connection */
   im_bytes *in;            /* partial frame carried between feeds (NULL when none) */
   im_bytes *msg;           /* fragmented message being assembled (NULL when none) */
   ws_handshake *hs;
@@ -134,7 +139,7 @@ typedef struct dd_entry {
 
 /* The state of a connection that an idle one does not need, allocated on
  * first use (rel_get): reliable delivery (reliable.c), the cid window
- * (dedupe.c), its message rate and strikes (dispatch.c), its expiry. */
+ * (dedupe.c), its message rate and strikes (dispatch.c). */
 struct im_rel {
   tw_entry timer;          /* on im_server.ack_wheel: due of `head` */
   im_conn *conn;
@@ -147,7 +152,6 @@ struct im_rel {
   uint32_t strikes;        /* msgs refused in the current strike window */
   uint64_t strike_ms;      /* start of the current 10 s strike window (engine ms) */
   uint64_t rate_tat;       /* max_msg_rate: GCRA theoretical arrival time, engine us */
-  uint64_t expire_tick;    /* im_conn_set_expiry deadline (engine tick), 0 = none */
 };
 
 struct im_user {

@@ -13,7 +13,6 @@
 
 #include "core/conn.h"
 #include "core/reliable.h"
-#include "proto/utf8.h"
 #include "proto/ws_handshake.h"
 
 static void *std_malloc(size_t n, void *ud) { (void)ud; return malloc(n); }
@@ -194,7 +193,6 @@ im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer,
   c->io_ctx = io_ctx;
   c->since_ms = s->now_ms;
   c->last_rx = (uint32_t)now_tick(s);
-  c->utf8 = UTF8_ACCEPT;
   if (pl) memcpy(c->peer, peer, pl); /* the NUL: zeroed */
   tw_entry_init(&c->timer);
   tw_schedule(&s->wheel, &c->timer, now_tick(s) + ms_to_ticks(s, s->cfg.auth_timeout_ms));
@@ -216,10 +214,7 @@ int im_conn_set_expiry(im_server *s, im_conn_id id, uint64_t after_ms) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state >= CS_CLOSING) return IM_ECLOSED;
-  if (!after_ms && !c->rel) return 0; /* no deadline to remove */
-  im_rel *r = rel_get(s, c);
-  if (!r) return IM_ENOMEM;
-  r->expire_tick = after_ms ? now_tick(s) + (ms_to_ticks(s, after_ms) ? ms_to_ticks(s, after_ms) : 1)
+  c->expire_tick = after_ms ? now_tick(s) + (ms_to_ticks(s, after_ms) ? ms_to_ticks(s, after_ms) : 1)
                             : 0;
   /* before the connection opens the timer is the auth timeout: the
    * deadline is taken up when it opens (set_auth_timer_idle) */
@@ -278,7 +273,7 @@ static void on_timer(tw_entry *e, void *arg) {
       }
       break;
     case CS_OPEN: {
-      if (c->rel && c->rel->expire_tick && c->rel->expire_tick <= now_tick(s)) {
+      if (c->expire_tick && c->expire_tick <= now_tick(s)) {
         conn_close(s, c, IM_CLOSE_EXPIRED, "session expired", false);
         break;
       }

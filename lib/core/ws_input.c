@@ -50,7 +50,6 @@ static void msg_reset(im_server *s, im_conn *c) {
   im_dealloc(s, c->msg);
   c->msg = NULL;
   c->frag_op = 0;
-  c->utf8 = UTF8_ACCEPT;
 }
 
 /* Handle one whole frame; payload already unmasked. */
@@ -70,15 +69,17 @@ static void on_ws_frame(im_server *s, im_conn *c, const ws_frame_hdr *h, uint8_t
   }
   if (c->state >= CS_CLOSING) return;
   uint8_t op = h->opcode == WS_OP_CONT ? c->frag_op : h->opcode;
+  /* a text message's UTF-8 state across fragments lives with the message
+   * being assembled (none yet, or none needed: the start state) */
+  uint32_t utf8 = UTF8_ACCEPT;
   if (op == WS_OP_TEXT) {
-    c->utf8 = utf8_validate(c->utf8, pl, n);
-    if (c->utf8 == UTF8_REJECT || (h->fin && c->utf8 != UTF8_ACCEPT)) {
+    utf8 = utf8_validate(c->msg ? c->msg->aux : UTF8_ACCEPT, pl, n);
+    if (utf8 == UTF8_REJECT || (h->fin && utf8 != UTF8_ACCEPT)) {
       conn_proto_fail(s, c, IM_CLOSE_BAD_DATA, "invalid UTF-8");
       return;
     }
   }
   if (h->fin && h->opcode != WS_OP_CONT) {
-    c->utf8 = UTF8_ACCEPT;
     dispatch_message(s, c, op == WS_OP_BINARY, pl, n);
     return;
   }
@@ -87,6 +88,7 @@ static void on_ws_frame(im_server *s, im_conn *c, const ws_frame_hdr *h, uint8_t
     conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
     return;
   }
+  if (c->msg) c->msg->aux = utf8;
   if (h->fin) {
     /* the assembled buffer belongs to c until reset; detach it so a
      * callback that closes c cannot free it under the dispatcher */

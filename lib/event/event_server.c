@@ -16,20 +16,21 @@
 #include <string.h>
 #include <time.h>
 
+#include "event/stream.h"
+
 #define MAX_LISTENERS 8
 #define READ_BUF (64 * 1024)
 #define IOV_MAX_BATCH 64
 
 typedef struct ev_conn ev_conn;
 
-/* 64 bytes before the struct event: an idle connection costs one
- * 208-byte allocation here. A TLS handshake is never on the flush list nor
- * (being unlinked first) the grave list, so its list links share their
- * space. */
+/* 72 bytes before the struct event, a plain connection's stream included:
+ * an idle connection costs one 208-byte allocation here. A TLS handshake is
+ * never on the flush list nor (being unlinked first) the grave list, so its
+ * list links share their space. */
 struct ev_conn {
   im_conn_id id;
   struct listener *ls;          /* that accepted it (ls->owner: the im_event) */
-  im_stream *st;
   ev_conn *all_prev, *all_next; /* every open connection, for im_event_free */
   union {
     struct {
@@ -45,8 +46,13 @@ struct ev_conn {
   uint8_t closed : 1;
   uint8_t writing : 1;   /* EV_WRITE is armed */
   uint8_t handshaking : 1;
-  /* the struct event follows, event_get_struct_event_size() bytes */
-  _Alignas(max_align_t) unsigned char ev[];
+  union {                       /* the stream (conn_stream): */
+    im_stream plain;            /* of a plain connection */
+    im_stream *tls;             /* of a TLS one (tls.c allocates it) */
+  };
+  /* the struct event follows, event_get_struct_event_size() bytes (it holds
+   * pointers and integers: pointer alignment is its alignment) */
+  _Alignas(void *) unsigned char ev[];
 };
 
 typedef struct listener {
@@ -75,6 +81,8 @@ struct im_event {
 };
 
 static struct event *conn_event(ev_conn *ec) { return (struct event *)ec->ev; }
+
+static im_stream *conn_stream(ev_conn *ec) { return ec->ls->tls ? ec->tls : &ec->plain; }
 
 static uint64_t mono_ms(void) {
   struct timespec ts;
@@ -116,8 +124,7 @@ static void conn_bury(ev_conn *ec) {
   im_event *e = ec->ls->owner;
   event_del(conn_event(ec));
   if (ec->handshaking) hs_unlink(ec, ec->ls);
-  im_stream_free(ec->st);
-  ec->st = NULL;
+  im_stream_free(conn_stream(ec));
   ec->closed = 1;
   all_unlink(e, ec);
   ec->grave_next = e->grave;
@@ -148,10 +155,10 @@ static bool write_out(ev_conn *ec) {
       arm(ec, false);
       return n == 0;
     }
-    ssize_t w = im_stream_writev(ec->st, iov, n);
+    ssize_t w = im_stream_writev(conn_stream(ec), iov, n);
     if (w < 0) {
       if (w == IM_STREAM_AGAIN) {
-        arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
+        arm(ec, (im_stream_wants(conn_stream(ec)) & IM_WANT_WRITE) != 0);
         return true;
       }
       im_conn_id id = ec->id;
@@ -175,23 +182,23 @@ static void conn_fail(ev_conn *ec) {
 static void read_in(ev_conn *ec) {
   im_event *e = ec->ls->owner;
   while (!ec->closed) {
-    ssize_t n = im_stream_read(ec->st, e->rbuf, sizeof e->rbuf);
+    ssize_t n = im_stream_read(conn_stream(ec), e->rbuf, sizeof e->rbuf);
     if (n == IM_STREAM_AGAIN) return;
     if (n <= 0) {
       conn_fail(ec);
       return;
     }
     im_server_feed(e->srv, ec->id, e->rbuf, (size_t)n);
-    if (ec->closed || !im_stream_pending(ec->st)) return;
+    if (ec->closed || !im_stream_pending(conn_stream(ec))) return;
   }
 }
 
 /* One step of a TLS handshake; once done, what arrived with it is read
  * and output the engine queued meanwhile is written. */
 static void handshake_step(ev_conn *ec) {
-  int r = im_stream_handshake(ec->st);
+  int r = im_stream_handshake(conn_stream(ec));
   if (r == IM_STREAM_AGAIN) {
-    arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
+    arm(ec, (im_stream_wants(conn_stream(ec)) & IM_WANT_WRITE) != 0);
     return;
   }
   if (r < 0) {
@@ -272,7 +279,7 @@ static void io_close(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) 
   ev_conn *ec = io_ctx;
   /* a graceful close: tell the peer we are done before the descriptor goes
    * (a TLS close_notify, then FIN) */
-  if (!ec->handshaking) im_stream_shutdown(ec->st);
+  if (!ec->handshaking) im_stream_shutdown(conn_stream(ec));
   conn_bury(ec);
 }
 
@@ -286,14 +293,17 @@ static void accept_cb(int fd, const char *peer, void *arg) {
     return;
   }
   ev_conn *ec = calloc(1, sizeof(*ec) + event_get_struct_event_size());
-  im_stream *st = ec ? im_stream_new(fd, ls->tls) : NULL;
+  im_stream *st = NULL;
+  if (ec && ls->tls)
+    st = ec->tls = im_stream_new(fd, ls->tls);
+  else if (ec)
+    st = im__stream_plain_init(&ec->plain, fd);
   if (!st) {
     free(ec);
     evutil_closesocket(fd);
     return;
   }
   ec->ls = ls;
-  ec->st = st;
   ec->id = im_server_accept(e->srv, ls->t, peer, ec);
   if (!ec->id) {
     im_stream_free(st);
@@ -428,7 +438,7 @@ void im_event_free(im_event *e) {
     ev_conn *ec = e->all;
     e->all = ec->all_next;
     event_del(conn_event(ec));
-    im_stream_free(ec->st);
+    im_stream_free(conn_stream(ec));
     im_server_hangup(e->srv, ec->id);
     free(ec);
   }

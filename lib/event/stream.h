@@ -26,6 +26,10 @@ struct im_stream {
   uint8_t secure;
 };
 
+/* A plain stream over fd in memory of the caller's (a driver's connection
+ * record): im_stream_free closes fd and frees nothing. Returns s. */
+im_stream *im__stream_plain_init(im_stream *s, int fd);
+
 /* tls.c: a TLS stream over fd, or NULL when memory ran out. */
 im_stream *im__tls_stream_new(int fd, im_tls *tls);
 
