@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ws_upgrade.h"
+
 #define IOV_BATCH 64
 #define LAT_RUNS 200
 #define RUNS 5
@@ -203,16 +205,8 @@ int main(int argc, char **argv) {
   if (!b.pend || !conns || fds[0] < 0 || !b.srv) return 1;
   im_io io = {want_write, io_close, &b};
   im_server_set_io(b.srv, &io);
-  for (size_t i = 0; i < members; i++) {
-    char req[256];
-    int n = snprintf(req, sizeof req,
-                     "GET /ws?uid=u%zu&token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: imp.json\r\n\r\n",
-                     i);
-    conns[i] = im_server_accept(b.srv, IM_TRANSPORT_WS, "127.0.0.1:1", (void *)(intptr_t)fds[i]);
-    if (!conns[i] || im_server_feed(b.srv, conns[i], req, (size_t)n) != 0) return 1;
-  }
+  for (size_t i = 0; i < members; i++)
+    if (!(conns[i] = bench_ws_open(b.srv, i, (void *)(intptr_t)fds[i]))) return 1;
   flush(&b);
   char data[] = "{\"text\":\"hello, room: a message of a typical chat size, some 100 bytes\"}";
   im_msg m = {0};
