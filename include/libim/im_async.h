@@ -37,6 +37,11 @@ IM_EXTERN im_async *im_async_new(struct event_base *base, im_async_fn fn, void *
  * pointer). Any thread. Returns 0 (fn will run), IM_ENOMEM, or IM_ECLOSED
  * once im_async_free() has begun (fn will not run). */
 IM_EXTERN int im_async_post(im_async *a, void *item);
+/* Run fn now for every item queued so far (instead of waiting for the
+ * wake-up), e.g. so that what another thread sent earlier goes out before
+ * a send this thread is about to make. Loop thread. Returns the number
+ * run. */
+IM_EXTERN size_t im_async_run(im_async *a);
 /* Items queued so far and loop wake-ups caused (for tests and metrics). */
 IM_EXTERN void im_async_counts(im_async *a, uint64_t *posted, uint64_t *wakeups);
 /* Run fn for what is still queued, then free. Loop thread; no post may

@@ -72,6 +72,14 @@ int im_server_set_node_id(im_server *s, uint16_t node_id) {
   return 0;
 }
 
+int im_server_set_id_shard(im_server *s, uint32_t shard, uint32_t shards) {
+  if (shards < 1 || shards > 4096 || shard >= shards) return IM_EINVAL;
+  s->id_shard = shard;
+  s->id_shards = shards;
+  s->id_counter = shard;
+  return 0;
+}
+
 int im_local_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   if (code != IM_CLOSE_NORMAL && code != IM_CLOSE_GOING_AWAY && (code < 3000 || code > 4999))
     return IM_EINVAL;
@@ -88,7 +96,7 @@ int im_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   int n = im_local_kick_user(s, uid, code, reason);
   if (n < 0 || !s->router.kick_user) return n;
   int rc = s->router.kick_user(s, uid, code, reason, s->router.ud);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 /* The local connections of uid as routes; hex ids are kept in idbuf. */

@@ -400,12 +400,14 @@ static void http_reject(im_server *s, im_conn *c, int status, const char *reason
  * the millisecond part never goes back, so ids grow and stay unique. */
 static void next_id(im_server *s, char out[24]) {
   uint64_t ms = s->id_wall0 + s->now_ms - 1700000000000ULL;
+  /* a shard (im_server_set_id_shard) takes every id_shards-th counter */
+  uint32_t step = s->id_shards ? s->id_shards : 1;
   if (ms > s->id_last_ms) {
     s->id_last_ms = ms;
-    s->id_counter = 0;
-  } else if (++s->id_counter == 4096) {
+    s->id_counter = s->id_shard;
+  } else if ((s->id_counter += step) >= 4096) {
     s->id_last_ms++;
-    s->id_counter = 0;
+    s->id_counter = s->id_shard;
   }
   uint64_t id = (s->id_last_ms << 22) | ((uint64_t)s->cfg.node_id << 12) | s->id_counter;
   snprintf(out, 24, "%" PRIu64, id);
