@@ -17,7 +17,9 @@
  * can show the same hex id).
  *
  * Each member also mints message ids from its own share of the id
- * counter (im_server_set_id_shard), so ids stay unique across workers.
+ * counter (im_server_set_id_shard), so ids stay unique across workers, and
+ * all share one id clock (im_server_set_id_clock), so an id minted after
+ * another one on any worker is greater.
  *
  * A group is one router per engine: an engine in a group cannot have
  * another router (such as im_redis) at the same time.
@@ -76,6 +78,17 @@ typedef struct im_group_counters {
 
 /* Counters of member (zeros for an index not joined). Any thread. */
 IM_EXTERN void im_group_stats(im_group *g, unsigned member, im_group_counters *st);
+
+/* Authenticated connections of uid on all members together, as the table
+ * has them now (a member's router hears of a connection before on_open
+ * and of its end before on_close, so in on_open this counts the opening
+ * one and in on_close no longer the closing one). Any thread. */
+IM_EXTERN size_t im_group_user_conns(im_group *g, const char *uid);
+
+/* Distinct uids with an authenticated connection and distinct rooms with
+ * a member, on all members together (a uid or room on two members counts
+ * once). NULL pointers are skipped. Any thread. */
+IM_EXTERN void im_group_totals(im_group *g, size_t *users, size_t *rooms);
 
 /* Members joined so far. Any thread. */
 IM_EXTERN unsigned im_group_size(im_group *g);

@@ -180,6 +180,7 @@ struct im_server {
   uint64_t id_last_ms;
   uint32_t id_counter;
   uint32_t id_shard, id_shards; /* im_server_set_id_shard: counters = shard mod shards */
+  uint64_t *id_clock;      /* im_server_set_id_clock: the highest id minted by the sharers */
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
   const char *op_cid;      /* cid of the join/leave op during on_room (im_op_cid) */

@@ -80,6 +80,8 @@ int im_server_set_id_shard(im_server *s, uint32_t shard, uint32_t shards) {
   return 0;
 }
 
+void im_server_set_id_clock(im_server *s, uint64_t *clock) { s->id_clock = clock; }
+
 int im_local_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   if (code != IM_CLOSE_NORMAL && code != IM_CLOSE_GOING_AWAY && (code < 3000 || code > 4999))
     return IM_EINVAL;

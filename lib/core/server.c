@@ -396,6 +396,28 @@ static void http_reject(im_server *s, im_conn *c, int status, const char *reason
 
 /* ---- message ids ------------------------------------------------------- */
 
+/* With a shared id clock (im_server_set_id_clock): an id above every id
+ * any server sharing it minted before, in this server's shard. */
+static uint64_t shared_clock_id(im_server *s, uint64_t id, uint32_t step) {
+  uint64_t seen = __atomic_load_n(s->id_clock, __ATOMIC_ACQUIRE);
+  while (id <= seen) {
+    uint64_t ms = seen >> 22, c = seen & 0xfff;
+    uint64_t next = c - c % step + s->id_shard;
+    if (next <= c) next += step;
+    if (next >= 4096) {
+      ms++;
+      next = s->id_shard;
+    }
+    s->id_last_ms = ms;
+    s->id_counter = (uint32_t)next;
+    id = (ms << 22) | ((uint64_t)s->cfg.node_id << 12) | next;
+  }
+  while (seen < id && !__atomic_compare_exchange_n(s->id_clock, &seen, id, true, __ATOMIC_ACQ_REL,
+                                                   __ATOMIC_ACQUIRE)) {
+  }
+  return id;
+}
+
 /* Snowflake-style: 41 bits of milliseconds, 10 of node, 12 of counter;
  * the millisecond part never goes back, so ids grow and stay unique. */
 static void next_id(im_server *s, char out[24]) {
@@ -410,6 +432,7 @@ static void next_id(im_server *s, char out[24]) {
     s->id_counter = s->id_shard;
   }
   uint64_t id = (s->id_last_ms << 22) | ((uint64_t)s->cfg.node_id << 12) | s->id_counter;
+  if (s->id_clock) id = shared_clock_id(s, id, step);
   snprintf(out, 24, "%" PRIu64, id);
 }
 
@@ -436,7 +459,10 @@ im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer,
     guard_release(s, peer);
     return 0;
   }
-  c->id = ((uint64_t)++s->gens[slot] << 32) | (slot + 1);
+  uint64_t gen = ++s->gens[slot];
+  if (s->id_shards > 1 && s->id_shards <= 64) /* the shard tags the id (im_server_set_id_shard) */
+    gen = (gen & 0x3ffffffu) | ((uint64_t)s->id_shard << 26);
+  c->id = (gen << 32) | (slot + 1);
   s->slots[slot] = c;
   c->transport = (uint8_t)t;
   c->binary = t == IM_TRANSPORT_TCP;
@@ -1474,7 +1500,7 @@ int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg
   enter(s);
   int rc = s->router.send_users(s, uids, nu, m, s->router.ud);
   leave(s);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 int im_send_user(im_server *s, const char *uid, const im_msg *m, im_conn_id except) {
@@ -1512,7 +1538,7 @@ int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id exc
   enter(s);
   int rc = s->router.room_send(s, room, m, s->router.ud);
   leave(s);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 int im_room_join(im_server *s, im_conn_id id, const char *room) {

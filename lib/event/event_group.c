@@ -95,6 +95,7 @@ struct im_group {
   pthread_mutex_t join_lock;
   atomic_uint joined;
   atomic_bool stopping;
+  uint64_t id_clock;        /* im_server_set_id_clock of every member */
   g_table users, rooms;
   g_member m[IM_GROUP_MAX];
 };
@@ -367,13 +368,20 @@ static int h_send_users(im_server *srv, const char *const *uids, size_t n, const
   im_group *g = me->g;
   uint64_t small[16], *masks = n <= 16 ? small : malloc(n * sizeof *masks), any = 0;
   if (!masks) return IM_ENOMEM;
+  uint32_t counts[IM_GROUP_MAX], total[IM_GROUP_MAX] = {0};
   pthread_rwlock_rdlock(&g->users.lock);
-  for (size_t i = 0; i < n; i++) any |= masks[i] = others(&g->users, uids[i], me->idx, NULL);
+  for (size_t i = 0; i < n; i++) {
+    any |= masks[i] = others(&g->users, uids[i], me->idx, counts);
+    for (unsigned t = 0; t < g->members; t++)
+      if (masks[i] & (1ull << t)) total[t] += counts[t];
+  }
   pthread_rwlock_unlock(&g->users.lock);
+  int queued = 0; /* connections the copies are for */
   for (unsigned t = 0; any; t++, any >>= 1)
-    if (any & 1) post(g, t, op_users(me->idx, t, uids, masks, n, m), true);
+    if ((any & 1) && post(g, t, op_users(me->idx, t, uids, masks, n, m), true))
+      queued += (int)total[t];
   if (masks != small) free(masks);
-  return 0;
+  return queued;
 }
 
 static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
@@ -508,6 +516,7 @@ int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
   atomic_store(&g->joined, i + 1);
   pthread_mutex_unlock(&g->join_lock);
   im_server_set_id_shard(srv, i, g->members);
+  im_server_set_id_clock(srv, &g->id_clock);
   im_router r = {.conn_open = h_conn_open, .conn_close = h_conn_close,
                  .room_open = h_room_open, .room_close = h_room_close,
                  .send_users = h_send_users, .room_send = h_room_send,
@@ -528,6 +537,26 @@ void im_group_stats(im_group *g, unsigned member, im_group_counters *st) {
   im_async_counts(me->q, &st->posted, &st->wakeups);
   st->applied = atomic_load(&me->applied);
   st->dropped = atomic_load(&me->dropped);
+}
+
+size_t im_group_user_conns(im_group *g, const char *uid) {
+  size_t n = 0;
+  pthread_rwlock_rdlock(&g->users.lock);
+  g_entry *e = (g_entry *)strmap_get(&g->users.map, uid, strlen(uid));
+  for (unsigned i = 0; e && i < g->members; i++) n += e->n[i];
+  pthread_rwlock_unlock(&g->users.lock);
+  return n;
+}
+
+void im_group_totals(im_group *g, size_t *users, size_t *rooms) {
+  g_table *t[2] = {&g->users, &g->rooms};
+  size_t *out[2] = {users, rooms};
+  for (int i = 0; i < 2; i++) {
+    if (!out[i]) continue;
+    pthread_rwlock_rdlock(&t[i]->lock);
+    *out[i] = t[i]->map.count;
+    pthread_rwlock_unlock(&t[i]->lock);
+  }
 }
 
 unsigned im_group_size(im_group *g) { return atomic_load(&g->joined); }

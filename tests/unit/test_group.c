@@ -398,6 +398,8 @@ static void mint(im_server *srv, void *arg) {
   for (int i = 0; i < IDS; i++) im_new_id(srv, m->ids[i]);
 }
 
+static void mint_one(im_server *srv, void *arg) { im_new_id(srv, ((minted *)arg)->ids[0]); }
+
 static void *mint_thread(void *arg) {
   void **a = arg;
   run_on(a[0], mint, a[1]);
@@ -422,6 +424,15 @@ static void ids_are_unique_across_workers(void **state) {
   }
   for (int i = 0; i < WORKERS; i++) pthread_join(th[i], NULL);
   assert_unique(ids, WORKERS * IDS);
+  /* an id minted after another one, on the other worker, is greater (the
+   * workers' tick clocks differ; the shared id clock orders them) */
+  static char one[IM_ID_MAX], two[IM_ID_MAX];
+  minted a = {&one}, b = {&two};
+  for (int i = 0; i < 50; i++) {
+    run_on(&w[i % 2], mint_one, &a);
+    run_on(&w[(i + 1) % 2], mint_one, &b);
+    assert_true(strtoull(two, NULL, 10) > strtoull(one, NULL, 10));
+  }
   /* the shard rule: 0 <= shard < shards <= 4096 */
   assert_int_equal(im_server_set_id_shard(w[0].srv, 2, 2), IM_EINVAL);
   assert_int_equal(im_server_set_id_shard(w[0].srv, 0, 4097), IM_EINVAL);
