@@ -17,7 +17,10 @@ static const char *token_policy(imd *d, const im_auth *a, const imd_token_claims
     d->m.auth_too_long++;
     return "token lifetime too long";
   }
-  if (imd_revoked(d->revoked, a->uid, cl->issued_ms, cl->expiry, d->cfg.max_token_ttl_s)) {
+  imd_shared_lock();
+  bool revoked = imd_revoked(d->revoked, a->uid, cl->issued_ms, cl->expiry, d->cfg.max_token_ttl_s);
+  imd_shared_unlock();
+  if (revoked) {
     d->m.auth_revoked++;
     return "token revoked";
   }
@@ -159,7 +162,11 @@ static void group_members_known(void *arg, int status, const char *const *uids, 
 /* The per-receiver quota (quota.c): false when from has stored its
  * share for `to` this minute. */
 static bool quota_ok(imd *d, const char *from, const char *to, bool group) {
-  if (!d->quota || imd_quota_take(d->quota, from, to, group, imd_wall_ms())) return true;
+  if (!d->quota) return true;
+  imd_shared_lock();
+  bool ok = imd_quota_take(d->quota, from, to, group, imd_wall_ms());
+  imd_shared_unlock();
+  if (ok) return true;
   d->m.quota_refused++;
   return false;
 }

@@ -76,6 +76,7 @@ static void on_appended(void *arg, int status, const uint64_t *seqs, const char 
     im_msg out = {.id = p->id, .from = p->m.from, .to = p->m.to, .group = p->m.group,
                   .ts = p->m.ts, .data = p->m.data, .data_len = p->m.data_len,
                   .flags = IM_SEND_RELIABLE};
+    imd_catch_up(d); /* what other workers pushed earlier goes out first */
     for (size_t i = 0; i < p->n; i++) {
       out.seq = p->seqs[i];
       int r = im_send_user(d->srv, p->uids[i], &out, p->except);

@@ -195,9 +195,29 @@ static void observe(imd_hooks *h, int status, uint64_t us) {
     if (us <= lat_bounds[i]) h->lat_buckets[i]++;
 }
 
-char *imd_hooks_metrics(imd *d, size_t *len) {
+_Static_assert(EV_N == 4 && R_N == 7 && LAT_N <= 16, "imd_hook_counts is sized for these");
+
+void imd_hooks_count(imd *d, imd_hook_counts *c) {
   imd_hooks *h = d->hooks;
-  if (!h) return NULL;
+  if (!h) return;
+  c->on = true;
+  for (int e = 0; e < EV_N; e++)
+    for (int r = 0; r < R_N; r++) c->req[e][r] += h->req[e][r];
+  c->lat_count += h->lat_count;
+  c->lat_sum_us += h->lat_sum_us;
+  for (size_t i = 0; i < LAT_N; i++) c->lat_buckets[i] += h->lat_buckets[i];
+  c->dropped += h->dropped;
+  c->pending += hook_client_pending(h->hc);
+}
+
+char *imd_hooks_metrics(imd *d, size_t *len) {
+  imd_hook_counts c = {0};
+  imd_hooks_count(d, &c);
+  return imd_hooks_metrics_of(&c, len);
+}
+
+char *imd_hooks_metrics_of(const imd_hook_counts *h, size_t *len) {
+  if (!h->on) return NULL;
   sbuf b = {0};
   sb_printf(&b, "# HELP imd_hook_requests_total Hook events sent to the back end by outcome\n"
                 "# TYPE imd_hook_requests_total counter\n");
@@ -219,8 +239,8 @@ char *imd_hooks_metrics(imd *d, size_t *len) {
                 "retries)\n# TYPE imd_hook_dropped_total counter\nimd_hook_dropped_total %llu\n",
             (unsigned long long)h->dropped);
   sb_printf(&b, "# HELP imd_hook_pending Hook requests queued or in flight\n"
-                "# TYPE imd_hook_pending gauge\nimd_hook_pending %zu\n",
-            hook_client_pending(h->hc));
+                "# TYPE imd_hook_pending gauge\nimd_hook_pending %llu\n",
+            (unsigned long long)h->pending);
   if (b.failed) {
     sb_reset(&b);
     return NULL;
@@ -635,7 +655,7 @@ void imd_hooks_opened(imd *d, im_conn_id c) {
   imd_hooks *h = d->hooks;
   im_conn_info info;
   if (!h || !h->cfg.presence || im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
-  if (im_user_conns(d->srv, info.uid, NULL, 0) == 1) presence(h, EV_ONLINE, &info);
+  if (imd_user_conns(d, info.uid) == 1) presence(h, EV_ONLINE, &info);
 }
 
 void imd_hooks_closed(imd *d, im_conn_id c) {
@@ -645,7 +665,7 @@ void imd_hooks_closed(imd *d, im_conn_id c) {
       !info.uid)
     return;
   /* c is already out of the registry: none left means it was the last */
-  if (im_user_conns(d->srv, info.uid, NULL, 0) == 0) presence(h, EV_OFFLINE, &info);
+  if (imd_user_conns(d, info.uid) == 0) presence(h, EV_OFFLINE, &info);
 }
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */

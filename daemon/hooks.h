@@ -61,4 +61,16 @@ void imd_hooks_closed(struct imd *d, im_conn_id c);
 /* The hooks' Prometheus text (malloc'd, *len bytes; NULL when off). */
 char *imd_hooks_metrics(struct imd *d, size_t *len);
 
+/* The hooks' counters, summed over worker threads (each has its own hook
+ * client): imd_hooks_count adds d's to sum (start from zeros), then
+ * imd_hooks_metrics_of renders them as imd_hooks_metrics does. */
+typedef struct imd_hook_counts {
+  bool on;
+  uint64_t req[4][7];       /* by event, by result */
+  uint64_t lat_count, lat_sum_us, lat_buckets[16];
+  uint64_t dropped, pending;
+} imd_hook_counts;
+void imd_hooks_count(struct imd *d, imd_hook_counts *sum);
+char *imd_hooks_metrics_of(const imd_hook_counts *c, size_t *len);
+
 #endif

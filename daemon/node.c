@@ -83,10 +83,13 @@ static void send_goaway(im_server *srv, im_conn_id c, void *arg) {
   im_conn_goaway(srv, c, (uint32_t)(random() % GOAWAY_SPREAD_MS), "node draining");
 }
 
+static void drain_here(imd *d, const char *s, uint32_t n);
+
 size_t imd_drain(imd *d) {
   im_stats st;
   im_server_stats(d->srv, &st);
   if (d->draining) return st.conns_authed;
+  imd_workers_broadcast(d, drain_here, NULL, 0); /* every worker drains its own */
   d->draining = true;
   log_info("draining %llu connections at %u/s", (unsigned long long)st.conns_authed,
            d->cfg.drain_rate);
@@ -96,6 +99,12 @@ size_t imd_drain(imd *d) {
   struct timeval tv = {0, DRAIN_TICK_MS * 1000};
   event_add(d->drain_ev, &tv);
   return st.conns_authed;
+}
+
+static void drain_here(imd *d, const char *s, uint32_t n) {
+  (void)s;
+  (void)n;
+  imd_drain(d);
 }
 
 /* SIGHUP: logrotate moved the log (tls.c reloads the certificate on the
@@ -205,6 +214,11 @@ int imd_node_start(imd *d) {
   }
   printf("imd: cluster node %s on redis %s\n", d->node_name, d->cfg.redis_addr);
   return 0;
+}
+
+int imd_node_worker(imd *w) {
+  w->drain_ev = event_new(w->base, -1, EV_PERSIST, on_drain_tick, w);
+  return w->drain_ev ? 0 : -1;
 }
 
 void imd_node_stop(imd *d) {

@@ -169,5 +169,9 @@ struct event_base;
 imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
                                   const imd_store_opts *o, uint32_t trim_interval_s,
                                   const char *groups_json, char *err, size_t errlen);
+/* Another handle on the store s started above, for another thread's loop:
+ * requests made through it complete (callbacks run) on base's loop. Close
+ * it (ops->close) after s itself. NULL: no memory or descriptors. */
+imd_store *imd_store_sqlite_view(imd_store *s, struct event_base *base);
 
 #endif
