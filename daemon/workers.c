@@ -281,7 +281,7 @@ int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
 static void shut_down(imd *w, const char *s, uint32_t n) {
   (void)s;
   (void)n;
-  if (!w->draining) im_event_shutdown(w->ev, 3000);
+  if (w->ev && !w->draining) im_event_shutdown(w->ev, 3000);
 }
 
 void imd_workers_stop(imd *d) {
@@ -298,6 +298,14 @@ void imd_workers_free(imd *d) {
     im_group_free(d->group);
     im_mailbox_free(d->mb);
     return;
+  }
+  /* the loops have stopped: run what is still queued in the mailboxes
+   * (calls that post to other mailboxes, answers to HTTP requests) while
+   * every worker's parts exist, until nothing is left */
+  for (size_t ran = 1; ran;) {
+    ran = 0;
+    for (unsigned i = 0; i < ws->n; i++)
+      if (ws->w[i]->mb) ran += im_async_run(im_mailbox_async(ws->w[i]->mb));
   }
   /* worker 0's store is closed: the views may close (their completions run) */
   for (unsigned i = 1; i < ws->n; i++) {
