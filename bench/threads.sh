@@ -40,6 +40,7 @@ connect_rate() { # THREADS RUN
     --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off >"$out" 2>&1 &
   srv=$!
   local ws; ws=$(port_of "$out" ws)
+  rm -f "$tmp/hold"
   t0=$(date +%s%N)
   taskset -c "$client_cpus" "$build/bench/im-bench" hold --url "ws://127.0.0.1:$ws/ws" \
     -n "$conns" --window 500 --secret-file "$tmp/data/secret" --hold-seconds 1 >"$tmp/hold" 2>&1 &

@@ -439,11 +439,69 @@ static void ids_are_unique_across_workers(void **state) {
   workers_stop(g, w);
 }
 
+/* ---- a stuck worker ---- */
+
+typedef struct gate {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  int held, open;
+} gate;
+
+/* Runs on worker 1: holds its loop until the gate opens. */
+static void hold_loop(im_server *srv, void *arg) {
+  (void)srv;
+  gate *g = arg;
+  pthread_mutex_lock(&g->lock);
+  g->held = 1;
+  pthread_cond_broadcast(&g->cond);
+  while (!g->open) pthread_cond_wait(&g->cond, &g->lock);
+  pthread_mutex_unlock(&g->lock);
+}
+
+static void send_many(im_server *srv, void *arg) {
+  (void)arg;
+  char data[16];
+  for (int i = 0; i < 100; i++) {
+    int n = snprintf(data, sizeof data, "%d", i);
+    im_msg m = {.from = "game", .data = data, .data_len = (size_t)n};
+    im_send_user(srv, "bob", &m, 0);
+  }
+}
+
+static void a_stuck_worker_costs_bounded_memory(void **state) {
+  (void)state;
+  im_group *g = im_group_new(WORKERS, 10); /* at most 10 operations wait per worker */
+  worker w[WORKERS];
+  workers_start(g, w);
+  client bob;
+  login(&bob, w[1].port, "bob", "b");
+  gate gt = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+  assert_int_equal(im_mailbox_call(w[1].mb, hold_loop, &gt), 0);
+  pthread_mutex_lock(&gt.lock);
+  while (!gt.held) pthread_cond_wait(&gt.cond, &gt.lock);
+  pthread_mutex_unlock(&gt.lock);
+  run_on(&w[0], send_many, NULL); /* 100 sends to bob while worker 1 is stuck */
+  im_group_counters st;
+  im_group_stats(g, 1, &st);
+  assert_int_equal(st.posted, 10);
+  assert_int_equal(st.dropped, 90);
+  assert_int_equal(st.applied, 0);
+  pthread_mutex_lock(&gt.lock);
+  gt.open = 1;
+  pthread_cond_broadcast(&gt.cond);
+  pthread_mutex_unlock(&gt.lock);
+  expect_msgs(&bob, 10, NULL); /* the first ten, in order */
+  expect_quiet(&bob);
+  close(bob.fd);
+  workers_stop(g, w);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(messages_cross_workers_once_in_order),
       cmocka_unit_test(presence_and_kick_see_every_worker),
       cmocka_unit_test(ids_are_unique_across_workers),
+      cmocka_unit_test(a_stuck_worker_costs_bounded_memory),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
