@@ -13,12 +13,13 @@
  * im_local_* calls in the order it was posted (so what one thread sends to
  * a connection arrives in send order). Kick counts and presence answers
  * cover every worker; presence lists another worker's connections with
- * node NULL, like the local ones (conn ids are per worker, so two workers
- * can show the same hex id).
+ * node NULL, like the local ones. A send's count (im_send_users) includes
+ * the connections on other workers the copies are for.
  *
  * Each member also mints message ids from its own share of the id
- * counter (im_server_set_id_shard), so ids stay unique across workers, and
- * all share one id clock (im_server_set_id_clock), so an id minted after
+ * counter (im_server_set_id_shard; connection ids carry the member index
+ * in their high bits, so no two members hand out the same one), and all
+ * share one id clock (im_server_set_id_clock), so an id minted after
  * another one on any worker is greater.
  *
  * A group is one router per engine: an engine in a group cannot have
@@ -27,8 +28,9 @@
  * Threads: im_group_new / im_group_free on any one thread while no member
  * loop runs; im_group_join on the member's loop thread or before that loop
  * starts; everything a router hook does runs on the thread of the engine
- * that called it; im_group_run and im_group_stats on the member's thread
- * (stats: any thread, the counters are atomic).
+ * that called it; im_group_run on the member's loop thread;
+ * im_group_stats, im_group_user_conns, im_group_totals and im_group_size
+ * on any thread.
  *
  * To send to a connection from a thread that runs no engine (a game
  * simulation thread), use that engine's im_mailbox (<libim/im_async.h>):
@@ -56,8 +58,11 @@ typedef struct im_group im_group;
 IM_EXTERN im_group *im_group_new(unsigned members, size_t max_queued);
 
 /* Join srv, whose loop runs on base, as the next member: installs the
- * group as srv's router (announcing its existing connections and rooms)
- * and gives srv its id shard (member index of `members`). Returns the
+ * group as srv's router (announcing its existing connections and rooms),
+ * gives srv its id shard (member index of `members`; join before srv
+ * accepts its first connection, so all its connection ids are tagged) and
+ * the group's id clock. base and srv are borrowed: they must outlive the
+ * group (im_group_free). Returns the
  * member index (0..members-1), IM_ELIMIT (the group is full), IM_ENOMEM
  * or IM_ESYS (no file descriptor for the queue). */
 IM_EXTERN int im_group_join(im_group *g, struct event_base *base, im_server *srv);
