@@ -129,16 +129,52 @@ void imd_node_opened(imd *d, im_conn_id c) {
 
 /* ---- gateways ---------------------------------------------------------------------- */
 
-int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg) {
-  if (d->redis) return im_redis_gateways(d->redis, uid, cb, arg);
-  /* a single node lists itself, unless it is draining */
+/* A single node lists itself with its conns, unless it is draining. */
+static void gateway_self(imd *d, uint64_t conns, imd_gateways_cb cb, void *arg) {
   char ws[300], tcp[300];
-  im_stats st;
-  im_server_stats(d->srv, &st);
   snprintf(ws, sizeof ws, "%s", d->cfg.advertise_ws ? d->cfg.advertise_ws : "");
   snprintf(tcp, sizeof tcp, "%s", d->cfg.advertise_tcp ? d->cfg.advertise_tcp : "");
-  im_gateway g = {d->node_name, ws, tcp, st.conns_authed};
+  im_gateway g = {d->node_name, ws, tcp, conns};
   cb(arg, 0, &g, d->draining ? 0 : 1);
+}
+
+static uint64_t authed(imd *d) {
+  im_stats st;
+  im_server_stats(d->srv, &st);
+  return st.conns_authed;
+}
+
+/* With worker threads the conns are every worker's (counted on each one's loop). */
+typedef struct gateways_req {
+  imd_gateways_cb cb;
+  void *arg;
+} gateways_req;
+
+static int authed_here(imd *w, void *arg) {
+  (void)arg;
+  return (int)authed(w);
+}
+
+static void authed_counted(imd *d, long sum, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the sum */
+  gateways_req *q = arg;
+  gateway_self(d, (uint64_t)sum, q->cb, q->arg);
+  free(q);
+}
+
+int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg) {
+  if (d->redis) return im_redis_gateways(d->redis, uid, cb, arg);
+  if (!d->workers) {
+    gateway_self(d, authed(d), cb, arg);
+    return 0;
+  }
+  gateways_req *q = malloc(sizeof *q);
+  if (!q) return -1;
+  *q = (gateways_req){cb, arg};
+  if (imd_workers_gather(d, authed_here, authed_counted, q) < 0) {
+    free(q);
+    return -1;
+  }
   return 0;
 }
 

@@ -67,6 +67,8 @@ class TestTwoWorkers(ImdCase):
         self.assertGreaterEqual(m['imd_worker_connections{worker="0"}'], 2, m)
         self.assertGreaterEqual(m['imd_worker_connections{worker="1"}'], 2, m)
         self.assertEqual(m['imd_users_online'], 3, m)   # bob counted once
+        r = await api(self.srv, 'GET', '/v1/gateways')
+        self.assertGreaterEqual(r.json['gateways'][0]['conns'], 4, r.json)   # both workers'
 
         # 1:1 from both workers to bob, whose devices are on both
         ids = []
