@@ -245,6 +245,9 @@ int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
  * that listener is plain. */
 im_tls *imd_tls_for(const imd *d, const char *name);
 void imd_tls_free(imd *d);
+/* Worker w (a copy of worker 0) gets TLS contexts of its own, loaded from
+ * the same files (worker 0's SIGHUP reloads every worker's). 0 or -1. */
+int imd_tls_worker(imd *w);
 
 /* workers.c: --threads. */
 /* Start workers 1..n-1 (n > 1) as copies of the ready worker 0 d, on the

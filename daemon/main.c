@@ -145,7 +145,8 @@ static const option_def options[O_N] = {
     [O_LOG_FILE] = {"--log-file", "IMD_LOG_FILE", "log_file",
                     "JSON lines to FILE (reopened on SIGHUP) [stderr]"},
     [O_THREADS] = {"--threads", "IMD_THREADS", "threads",
-                   "worker threads, each with its own listeners; auto: one per core [1]"},
+                   "worker threads, each with its own listeners; auto: one per core (1 with "
+                   "--redis) [1]"},
 };
 
 static const char *defaults[O_N] = {
@@ -581,8 +582,7 @@ int main(int argc, char **argv) {
   imd_hooks_config hooks;
   if (parse_hooks(vals, &hooks) < 0) return 2;
   unsigned threads;
-  if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : vals[O_TLS_CERT] ? "TLS" : NULL,
-                    &threads) < 0)
+  if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : NULL, &threads) < 0)
     return 2;
   /* the connection limit (the fd budget) is the process's: each worker gets its share */
   uint32_t max_conns = icfg.max_connections;

@@ -206,6 +206,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   w->store = NULL;
   w->mb = NULL;
   w->drain_ev = w->usr1_ev = w->hup_ev = w->trim_ev = NULL;
+  if (imd_tls_worker(w) < 0) return w;
   im_callbacks cb;
   imd_chat_callbacks(&cb);
   w->base = event_base_new();
@@ -221,7 +222,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   for (int k = 0; k < 2; k++) {
     if (d->ports[k] <= 0) continue;
     same_port(addr, sizeof addr, addrs[k], d->ports[k]);
-    if (im_event_listen(w->ev, kinds[k], addr) < 0) {
+    if (im_event_listen_tls(w->ev, kinds[k], addr, imd_tls_for(w, k ? "tcp" : "ws")) < 0) {
       fprintf(stderr, "imd: worker %u: cannot listen on %s\n", i, addr);
       return w;
     }
@@ -230,7 +231,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
     same_port(addr, sizeof addr, d->cfg.http_addr, http_server_port(d->http));
     http_limits lim = {.max_body = (size_t)im_server_config(d->srv)->max_message * 4 + 4096,
                        .admit = imd_api_admit, .reuseport = true};
-    w->http = http_server_new_tls(w->base, addr, &lim, NULL, imd_api_handle, w);
+    w->http = http_server_new_tls(w->base, addr, &lim, imd_tls_for(w, "http"), imd_api_handle, w);
     if (!w->http) {
       fprintf(stderr, "imd: worker %u: cannot listen on %s\n", i, addr);
       return w;
@@ -325,6 +326,7 @@ void imd_workers_free(imd *d) {
     w->mb = NULL;
     if (i == 0) continue; /* main.c frees the rest of worker 0 */
     im_event_free(w->ev);
+    imd_tls_free(w); /* after every listener that used it */
     im_server_free(w->srv);
     if (w->base) event_base_free(w->base);
     free(w);
