@@ -200,6 +200,10 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   memset(&w->m, 0, sizeof w->m);
   memset(&w->uid_bans, 0, sizeof w->uid_bans); /* d->main's are used */
   w->worker = i;
+  /* none of worker 0's own parts: a failure below must free only w's */
+  w->workers = NULL; /* set once w is complete */
+  w->base = NULL;
+  w->srv = NULL;
   w->ev = NULL;
   w->http = NULL;
   w->hooks = NULL;
@@ -214,7 +218,8 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   w->ev = w->srv ? im_event_new(w->base, w->srv) : NULL;
   if (!w->ev || im_server_set_guard(w->srv, guard) < 0) return w;
   ban_copy bc = {w, 0};
-  im_guard_bans(d->srv, copy_ban, &bc);
+  im_guard_bans(d->srv, copy_ban, &bc); /* --ban addresses */
+  if (bc.rc < 0) return w;
   im_event_set_reuseport(w->ev, 1);
   const char *addrs[2] = {d->cfg.ws_addr, d->cfg.tcp_addr};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
