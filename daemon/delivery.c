@@ -190,7 +190,7 @@ static void repair_from_mark(void *arg, int status, uint64_t last, uint64_t trim
                              const imd_device_mark *devs, size_t n) {
   (void)trimmed;
   repair_req *q = arg;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (status < 0 || im_conn_get_info(q->d->srv, q->c, &info) < 0 || !info.uid) {
     free(q);
     return;
@@ -205,7 +205,7 @@ static void repair_from_mark(void *arg, int status, uint64_t last, uint64_t trim
 }
 
 void imd_repair(imd *d, im_conn_id c) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
   size_t n = strlen(info.uid) + 1;
   repair_req *q = malloc(sizeof *q + n);

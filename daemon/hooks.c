@@ -353,7 +353,7 @@ static conn_q *fifo_of(imd_hooks *h, im_conn_id c, bool make) {
 static void apply(imd_hooks *h, ask *a) {
   imd *d = h->d;
   im_conn_id c = a->q->key;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (a->verdict == V_DROP || im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
   switch (a->verdict) {
   case V_ALLOW:
@@ -438,7 +438,7 @@ static ask *ask_new(const im_msg *m) {
 bool imd_hooks_message(imd *d, im_conn_id c, const im_msg *m, imd_route_fn route) {
   imd_hooks *h = d->hooks;
   if (!h || !h->cfg.message || h->closing) return false;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return false;
   conn_q *q = fifo_of(h, c, false);
   if (q && q->n >= ASKS_PER_CONN) { /* one client cannot take the whole queue */
@@ -633,14 +633,14 @@ static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
 
 void imd_hooks_opened(imd *d, im_conn_id c) {
   imd_hooks *h = d->hooks;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!h || !h->cfg.presence || im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
   if (im_user_conns(d->srv, info.uid, NULL, 0) == 1) presence(h, EV_ONLINE, &info);
 }
 
 void imd_hooks_closed(imd *d, im_conn_id c) {
   imd_hooks *h = d->hooks;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!h || !h->cfg.presence || h->closing || im_conn_get_info(d->srv, c, &info) < 0 ||
       !info.uid)
     return;

@@ -99,7 +99,7 @@ static void gauge(sbuf *b, const char *name, const char *help, uint64_t v) {
 }
 
 char *imd_metrics_render(imd *d, size_t *len) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   imd_store_stats ss;
   d->store->ops->stats(d->store, &ss);

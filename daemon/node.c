@@ -64,7 +64,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   imd *d = arg;
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (st.conns_authed == 0) {
     /* the rest (unauthenticated, closing) goes with the listeners */
@@ -84,7 +84,7 @@ static void send_goaway(im_server *srv, im_conn_id c, void *arg) {
 }
 
 size_t imd_drain(imd *d) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (d->draining) return st.conns_authed;
   d->draining = true;
@@ -124,7 +124,7 @@ int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg) {
   if (d->redis) return im_redis_gateways(d->redis, uid, cb, arg);
   /* a single node lists itself, unless it is draining */
   char ws[300], tcp[300];
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   snprintf(ws, sizeof ws, "%s", d->cfg.advertise_ws ? d->cfg.advertise_ws : "");
   snprintf(tcp, sizeof tcp, "%s", d->cfg.advertise_tcp ? d->cfg.advertise_tcp : "");

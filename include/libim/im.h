@@ -16,6 +16,14 @@
  * examples/epoll-echo.c drives the engine from a hand-written epoll loop.
  *
  * Conventions:
+ *  - im_config, im_callbacks, im_msg, im_conn_info and im_stats start with
+ *    `uint32_t struct_size`: sizeof the caller's struct, or 0 for the
+ *    layout of the library's own release. The library reads (or, for the
+ *    structs it fills, writes) only the first struct_size bytes, so a field
+ *    added in a later release never breaks a program built earlier: see
+ *    "ABI and versions" in docs/EMBEDDING.md. A program that should keep
+ *    running against newer libraries of its soname sets struct_size =
+ *    sizeof (IM_STRUCT_SIZE) or starts from im_config_init().
  *  - Functions returning int return 0 (or a count) on success and a negative
  *    IM_E* code on failure; im_strerror() names it.
  *  - Every pointer passed in is borrowed for the duration of the call only,
@@ -107,7 +115,13 @@ typedef struct im_allocator {
   void *ud;
 } im_allocator;
 
+/* struct_size of a public struct as this header lays it out: use it in an
+ * initializer, e.g. im_msg m = {IM_STRUCT_SIZE(im_msg), .to = "bob"}. */
+#define IM_STRUCT_SIZE(type) .struct_size = (uint32_t)sizeof(type)
+
 typedef struct im_config {
+  uint32_t struct_size;      /* sizeof(im_config) (set by im_config_init), or 0: this release's
+                                layout. Fields past struct_size get their defaults */
   uint32_t max_message;      /* largest message (WS message / TCP frame body) accepted, bytes. 65536 */
   uint32_t max_output;       /* per-connection queued output before the connection is shed, bytes. 1 MiB */
   uint32_t max_connections;  /* 0 = unlimited */
@@ -154,8 +168,14 @@ typedef struct im_config {
                                 closed with IM_CLOSE_RATE (4290). 0 = never closed. 0 */
 } im_config;
 
-/* Fill cfg with the defaults above. */
-IM_EXTERN void im_config_init(im_config *cfg);
+/* Fill the first `size` bytes of cfg with the defaults above and set
+ * cfg->struct_size = size (bytes beyond sizeof(im_config) of this release
+ * are left alone). Returns 0, or IM_EINVAL when size is smaller than the
+ * oldest layout the library knows (nothing is written). Use
+ * im_config_init(), which passes this header's sizeof. */
+IM_EXTERN int im_config_init_size(im_config *cfg, size_t size);
+/* Fill cfg with the defaults above, struct_size included. */
+static inline void im_config_init(im_config *cfg) { im_config_init_size(cfg, sizeof(*cfg)); }
 
 /* Longest device and platform accepted in an auth, bytes; a longer one is
  * refused (error 400 "device too long" / "platform too long", or HTTP 403
@@ -196,6 +216,8 @@ typedef struct im_auth {
  * assigned by the library; the application may keep or replace it when it
  * sends copies on. */
 typedef struct im_msg {
+  uint32_t struct_size;    /* sizeof(im_msg), or 0: this release's layout. Messages the library
+                              hands to callbacks carry the library's sizeof */
   const char *id;
   const char *cid;
   const char *from;
@@ -230,6 +252,8 @@ enum { IM_ROOM_DEFER = -1 };
 enum { IM_MSG_ACK = 0, IM_MSG_DEFER = 1 };
 
 typedef struct im_callbacks {
+  uint32_t struct_size;  /* sizeof(im_callbacks), or 0: this release's layout. Callbacks past
+                            struct_size are NULL */
   /* Decide an authentication. Return IM_AUTH_ACCEPT, IM_AUTH_DENY, or
    * IM_AUTH_PENDING and later call im_auth_complete(). NULL accepts any
    * non-empty uid and token. */
@@ -283,7 +307,8 @@ typedef struct im_io {
 
 /* Create an engine. cfg may be NULL (defaults); cb may be NULL; both are
  * copied. `user` is passed to every callback. Returns NULL on allocation
- * failure or invalid cfg. */
+ * failure or invalid cfg (a struct_size of cfg or cb below the oldest
+ * layout included). */
 IM_EXTERN im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user);
 /* Set the driver hooks (copied). Must be called before the first accept. */
 IM_EXTERN void im_server_set_io(im_server *srv, const im_io *io);
@@ -363,7 +388,8 @@ IM_EXTERN void im_new_id(im_server *srv, char out[IM_ID_MAX]);
 /* Send one message to a connection. m->id NULL: the library generates one.
  * Returns 0, IM_ENOENT, IM_ESTATE (c not authenticated), IM_ECLOSED,
  * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM,
- * IM_EINVAL (IM_SEND_RELIABLE with an id of IM_ID_MAX bytes or more). */
+ * IM_EINVAL (IM_SEND_RELIABLE with an id of IM_ID_MAX bytes or more, or
+ * m->struct_size below the oldest layout; the same for every send). */
 IM_EXTERN int im_send_conn(im_server *srv, im_conn_id c, const im_msg *m);
 
 /* Send to every connection of uid except `except` (0: none). The message is
@@ -438,6 +464,8 @@ IM_EXTERN size_t im_server_close_all(im_server *srv, int code, const char *reaso
 /* ---- introspection -------------------------------------------------------- */
 
 typedef struct im_conn_info {
+  uint32_t struct_size;        /* in: sizeof(im_conn_info), or 0: this release's layout; the
+                                  library fills no byte past it. out: the bytes it filled */
   const char *uid, *device, *platform; /* NULL before authentication; valid in on_close */
   const char *peer;
   enum im_transport transport;
@@ -447,7 +475,9 @@ typedef struct im_conn_info {
                                   said with im_conn_set_secure */
 } im_conn_info;
 
-/* Fill info; pointers stay valid until c closes. Returns 0 or IM_ENOENT. */
+/* Fill info (up to info->struct_size bytes: set it before the call); pointers
+ * stay valid until c closes. Returns 0, IM_ENOENT, or IM_EINVAL when
+ * struct_size is below the oldest layout (info is left alone). */
 IM_EXTERN int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info);
 /* Drivers: record whether c's transport is encrypted (TLS), reported in
  * im_conn_info.secure. im_event calls it for its TLS listeners right after
@@ -461,6 +491,8 @@ IM_EXTERN void *im_conn_get_data(const im_server *srv, im_conn_id c);
 IM_EXTERN size_t im_user_conns(const im_server *srv, const char *uid, im_conn_id *ids, size_t max);
 
 typedef struct im_stats {
+  uint32_t struct_size;      /* in: sizeof(im_stats), or 0: this release's layout; the library
+                                fills no byte past it. out: the bytes it filled */
   uint64_t conns;            /* open transport connections */
   uint64_t conns_authed;     /* of which authenticated */
   uint64_t users;            /* distinct uids online */
@@ -483,6 +515,8 @@ typedef struct im_stats {
   uint64_t rate_closed;      /* connections closed (4290) after max_rate_strikes refusals */
 } im_stats;
 
+/* Fill st with the counters (up to st->struct_size bytes: set it before the
+ * call). A struct_size below the oldest layout leaves st alone. */
 IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);
 
 #ifdef __cplusplus

@@ -99,7 +99,7 @@ static void lease_acquire(im_redis *r);
 static void stream_read(im_redis *r);
 
 static void lease_args(im_redis *r, char ttl[24], char conns[24], char ep[24]) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(r->srv, &st);
   fmt_u64(ttl, r->cfg.lease_ttl_ms);
   fmt_u64(conns, st.conns_authed);
@@ -283,7 +283,7 @@ static void conn_field(const im_redis *r, im_conn_id c, char out[KEY_MAX]) {
 
 static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!r->leased || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], value[1024], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);
@@ -304,7 +304,7 @@ static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
 
 static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!r->epoch || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);

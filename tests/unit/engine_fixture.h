@@ -249,7 +249,7 @@ static int close_code_of(const sframe *fr) {
 
 /* Expect exactly: [optional text frames] then a close frame with code; the
  * transport is then closed by the engine. Returns nothing. */
-static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
+static inline void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
   static uint8_t out[70000];
   size_t n = drain(s, c, out, sizeof out);
   sframe fr[8];
@@ -258,5 +258,6 @@ static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
   assert_int_equal(close_code_of(&fr[k - 1]), code);
   assert_true(f->nclosed >= 1);
   assert_true(f->closed[f->nclosed - 1] == c);
+}
 
 #endif
