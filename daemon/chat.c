@@ -220,6 +220,7 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
 /* A device ACKed a message: its delivered position moves up to that seq. */
 static void on_ack(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user) {
   (void)id;
+  imd_metrics_ack(user, im_ack_rtt_us(srv));
   im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (seq && im_conn_get_info(srv, c, &info) == 0 && info.uid)
     imd_mark_delivered(user, info.uid, info.device, seq);

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "core/strmap.h"
+#include "histogram.h"
 #include "hook_client.h"
 #include "imd.h"
 
@@ -97,7 +98,7 @@ struct imd_hooks {
   struct event *flush_ev;
   /* metrics */
   uint64_t req[EV_N][R_N];
-  uint64_t lat_count, lat_sum_us, lat_buckets[LAT_N];
+  imd_hist lat;
   uint64_t dropped;
 };
 
@@ -189,10 +190,7 @@ static int result_of(int status) {
 
 static void observe(imd_hooks *h, int status, uint64_t us) {
   if (status == HOOK_ECANCELED || status == HOOK_EFULL) return;
-  h->lat_count++;
-  h->lat_sum_us += us;
-  for (size_t i = 0; i < LAT_N; i++)
-    if (us <= lat_bounds[i]) h->lat_buckets[i]++;
+  imd_hist_observe(&h->lat, lat_bounds, LAT_N, us);
 }
 
 char *imd_hooks_metrics(imd *d, size_t *len) {
@@ -206,15 +204,10 @@ char *imd_hooks_metrics(imd *d, size_t *len) {
       if (h->req[e][r])
         sb_printf(&b, "imd_hook_requests_total{event=\"%s\",result=\"%s\"} %llu\n", ev_names[e],
                   res_names[r], (unsigned long long)h->req[e][r]);
-  sb_printf(&b, "# HELP imd_hook_latency_seconds Time from a hook POST to its answer\n"
-                "# TYPE imd_hook_latency_seconds histogram\n");
-  for (size_t i = 0; i < LAT_N; i++)
-    sb_printf(&b, "imd_hook_latency_seconds_bucket{le=\"%g\"} %llu\n", lat_bounds[i] / 1e6,
-              (unsigned long long)h->lat_buckets[i]);
-  sb_printf(&b, "imd_hook_latency_seconds_bucket{le=\"+Inf\"} %llu\n"
-                "imd_hook_latency_seconds_sum %.6f\nimd_hook_latency_seconds_count %llu\n",
-            (unsigned long long)h->lat_count, h->lat_sum_us / 1e6,
-            (unsigned long long)h->lat_count);
+  char lat[IMD_HIST_TEXT_MAX];
+  imd_hist_format(&h->lat, lat_bounds, LAT_N, "imd_hook_latency_seconds",
+                  "Time from a hook POST to its answer", lat, sizeof lat);
+  sb_printf(&b, "%s", lat);
   sb_printf(&b, "# HELP imd_hook_dropped_total Presence events dropped (queue full or out of "
                 "retries)\n# TYPE imd_hook_dropped_total counter\nimd_hook_dropped_total %llu\n",
             (unsigned long long)h->dropped);

@@ -52,6 +52,24 @@ void imd_metrics_close(imd *d, const char *platform) {
   }
 }
 
+/* ACK latency bounds, microseconds: LAN to a phone on a bad network, up to
+ * the retransmits of the default --ack-timeout (18 s, 3 retries). */
+static const uint64_t ack_bounds[] = {1000,    2500,    5000,    10000,   25000,
+                                      50000,   100000,  250000,  500000,  1000000,
+                                      2500000, 5000000, 10000000, 30000000, 60000000};
+#define ACK_N (sizeof ack_bounds / sizeof ack_bounds[0])
+
+static uint64_t engine_clock(void *ud) {
+  (void)ud;
+  return imd_mono_us();
+}
+
+void imd_metrics_start(imd *d) { im_server_set_clock(d->srv, engine_clock, NULL); }
+
+void imd_metrics_ack(imd *d, int64_t rtt_us) {
+  if (rtt_us >= 0) imd_hist_observe(&d->m.ack_latency, ack_bounds, ACK_N, (uint64_t)rtt_us);
+}
+
 typedef struct sbuf {
   char *p;
   size_t len, cap;
@@ -154,12 +172,18 @@ char *imd_metrics_render(imd *d, size_t *len) {
   counter(&b, "imd_push_dropped_total",
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
+  gauge(&b, "imd_uid_bans", "Uid bans in force (POST /v1/bans)", d->uid_bans.count);
   gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
   counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);
   gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
   counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
   counter(&b, "imd_ack_timeouts_total", "Connections closed (4408) after the last resend",
           st.ack_timeouts);
+  char hist[IMD_HIST_TEXT_MAX];
+  imd_hist_format(&d->m.ack_latency, ack_bounds, ACK_N, "imd_ack_latency_seconds",
+                  "Time from a reliable push being queued to a connection to its ACK", hist,
+                  sizeof hist);
+  sb_printf(&b, "%s", hist);
   counter(&b, "imd_undelivered_total", "Pushes whose connection closed before the ACK (kept for sync)",
           st.undelivered);
   counter(&b, "imd_client_retransmits_dropped_total",
@@ -182,6 +206,7 @@ char *imd_metrics_render(imd *d, size_t *len) {
       {"protocol", st.proto_errors},   {"auth", st.auth_failures},
       {"auth_expired", d->m.auth_expired}, {"auth_invalid", d->m.auth_invalid},
       {"auth_revoked", d->m.auth_revoked}, {"auth_lifetime", d->m.auth_too_long},
+      {"auth_banned", d->m.auth_banned},
       {"timeout", st.timeouts},        {"shed", st.shed},
       {"message_refused", d->m.msg_errors}, {"store", d->m.store_errors},
   };

@@ -273,7 +273,8 @@ typedef struct im_callbacks {
   /* The client ACKed a downstream message id. seq is the seq the message
    * was sent with when it was a reliable send still in flight on c, else
    * the seq the client put in its ack (0 when none). Called for every ack,
-   * tracked or not (a repeated ack is reported again). */
+   * tracked or not (a repeated ack is reported again). im_ack_rtt_us()
+   * tells how long a tracked one took. */
   void (*on_ack)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
   /* c is closing with reliable messages it never ACKed (sent or still
    * waiting for window space): called once per message, right before
@@ -373,6 +374,19 @@ IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int cod
  * (before the connection opens) or any time after. Returns 0, IM_ENOENT or
  * IM_ECLOSED (c is closing). */
 IM_EXTERN int im_conn_set_expiry(im_server *srv, im_conn_id c, uint64_t after_ms);
+
+/* During on_ack: microseconds from the im_send_* call that queued the
+ * acked reliable message on c to this ack (waits for window space and
+ * retransmits included), or -1 when the ack matched no reliable message in
+ * flight on c (an untracked id, a repeated ack). -1 outside on_ack. Measured
+ * with the clock of im_server_set_clock(), else in engine time (whole
+ * ticks of tick_ms). */
+IM_EXTERN int64_t im_ack_rtt_us(const im_server *srv);
+
+/* A monotonic clock in microseconds for measurements (im_ack_rtt_us); it is
+ * called once per reliable message queued and once per ACK of one. NULL:
+ * engine time. The engine's timeouts still run on im_server_tick(). */
+IM_EXTERN void im_server_set_clock(im_server *srv, uint64_t (*now_us)(void *ud), void *ud);
 
 /* During on_room: the cid of the join/leave op (NUL-terminated, valid
  * until on_room returns), or NULL when it has none. NULL elsewhere. */

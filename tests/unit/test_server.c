@@ -626,6 +626,41 @@ static void test_reliable_ack_clears(void **st) {
   im_server_free(s);
 }
 
+static uint64_t fake_clock(void *ud) { return *(uint64_t *)ud; }
+
+/* im_ack_rtt_us: from the send to the ack, by the application's clock or
+ * in engine time; -1 for an ack of nothing in flight and outside on_ack. */
+static void test_ack_rtt(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint64_t now_us = 5000000;
+  im_server_set_clock(s, fake_clock, &now_us);
+  im_conn_id c = ws_open(s, &f, "bob");
+  im_msg m1 = reliable("m1", 1), m2 = reliable("m2", 2);
+  im_send_conn(s, c, &m1);
+  now_us += 1500;
+  im_send_conn(s, c, &m2);
+  now_us += 250000;
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m2\"}");
+  now_us += 1000;
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m1\"}");
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m1\"}"); /* again: no longer in flight */
+  assert_int_equal(f.nacked, 3);
+  assert_int_equal(f.acked_rtt[0], 250000);
+  assert_int_equal(f.acked_rtt[1], 252500);
+  assert_int_equal(f.acked_rtt[2], -1);
+  assert_int_equal(im_ack_rtt_us(s), -1);
+  /* no clock: engine time, whole ticks */
+  im_server_set_clock(s, NULL, NULL);
+  im_msg m3 = reliable("m3", 3);
+  im_send_conn(s, c, &m3);
+  im_server_tick(s, 1000000 + 300);
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m3\"}");
+  assert_int_equal(f.acked_rtt[3], 300000);
+  im_server_free(s);
+}
+
 static void test_reliable_window(void **st) {
   (void)st;
   fake f;
@@ -938,6 +973,7 @@ int main(void) {
     cmocka_unit_test(test_msg_rate),
       cmocka_unit_test(test_reliable_retransmit_then_4408),
       cmocka_unit_test(test_reliable_ack_clears),
+      cmocka_unit_test(test_ack_rtt),
       cmocka_unit_test(test_reliable_window),
       cmocka_unit_test(test_dedupe_cid),
       cmocka_unit_test(test_sync_ops),
