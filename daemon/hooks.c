@@ -207,7 +207,7 @@ char *imd_hooks_metrics(imd *d, size_t *len) {
   char lat[IMD_HIST_TEXT_MAX];
   imd_hist_format(&h->lat, lat_bounds, LAT_N, "imd_hook_latency_seconds",
                   "Time from a hook POST to its answer", lat, sizeof lat);
-  sb_printf(&b, "%s", lat);
+  sb_add(&b, lat, strlen(lat)); /* sb_printf cuts at 512 bytes */
   sb_printf(&b, "# HELP imd_hook_dropped_total Presence events dropped (queue full or out of "
                 "retries)\n# TYPE imd_hook_dropped_total counter\nimd_hook_dropped_total %llu\n",
             (unsigned long long)h->dropped);
