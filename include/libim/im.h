@@ -168,11 +168,12 @@ typedef struct im_config {
                                 closed with IM_CLOSE_RATE (4290). 0 = never closed. 0 */
 } im_config;
 
-/* Fill the first `size` bytes of cfg with the defaults above and set
- * cfg->struct_size = size (bytes beyond sizeof(im_config) of this release
- * are left alone). Returns 0, or IM_EINVAL when size is smaller than the
- * oldest layout the library knows (nothing is written). Use
- * im_config_init(), which passes this header's sizeof. */
+/* Fill the first `size` bytes of cfg (a caller's im_config of that size)
+ * with the defaults above, zeros for fields of a newer release the library
+ * does not know, and set cfg->struct_size = size; no byte past size is
+ * written. Returns 0, or IM_EINVAL when size is smaller than the oldest
+ * layout the library knows (nothing is written). Use im_config_init(),
+ * which passes this header's sizeof. */
 IM_EXTERN int im_config_init_size(im_config *cfg, size_t size);
 /* Fill cfg with the defaults above, struct_size included. */
 static inline void im_config_init(im_config *cfg) { im_config_init_size(cfg, sizeof(*cfg)); }
