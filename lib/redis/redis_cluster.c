@@ -45,6 +45,7 @@ struct im_redis {
   uint64_t epoch;
   int node_id;
   char last_id[64];         /* last delivery-stream entry read */
+  char maxlen_arg[24];      /* im_redis_push_argv: cfg.stream_max as a string */
   struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
@@ -970,6 +971,30 @@ int im_redis_up(const im_redis *r) { return r->cmd.up && r->leased; }
 uint64_t im_redis_epoch(const im_redis *r) { return r->epoch; }
 const char *im_redis_node(const im_redis *r) { return r->node; }
 uint64_t im_redis_dropped(const im_redis *r) { return r->dropped; }
+
+const char *im_redis_push_lua(void) { return LUA_PUSH_FNS; }
+
+int im_redis_push_argv(im_redis *r, const char *argv[3]) {
+  if (!r || !argv) return IM_EINVAL;
+  if (!r->cmd.up || !r->leased) return IM_ECLOSED;
+  fmt_u64(r->maxlen_arg, r->cfg.stream_max);
+  argv[0] = r->node;
+  argv[1] = r->prefix;
+  argv[2] = r->maxlen_arg;
+  return 0;
+}
+
+int im_redis_encode_head(const im_msg *m, void **head, size_t *len) {
+  if (!m || !head || !len) return IM_EINVAL;
+  rbuf b = {0};
+  if (rwire_put_msg_head(&b, RWIRE_MSG, m) < 0) {
+    rbuf_free(&b);
+    return IM_ENOMEM;
+  }
+  *head = b.p;
+  *len = b.len;
+  return 0;
+}
 
 int im_redis_set_draining(im_redis *r, int draining) {
   r->draining = draining != 0;
