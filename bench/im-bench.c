@@ -1591,7 +1591,8 @@ static void room_child(uint32_t first, int n, int ctl_fd, int res_fd)
   _exit(0);
 }
 
-static void print_room(const room_result *sum, int procs)
+/* sub_cpu: CPU seconds of the subscriber processes, setup included. */
+static void print_room(const room_result *sum, int procs, double sub_cpu)
 {
   int64_t subs = sum->authed;
   int64_t expected = P.ok_measured * subs, expected_all = P.ok * subs;
@@ -1624,18 +1625,20 @@ static void print_room(const room_result *sum, int procs)
          q50, q90, q99, q999, qmax, (unsigned long long)sum->h.total);
   printf("publish lag us (due -> written): p50 %.1f  p99 %.1f  max %.1f\n", l50, l99,
          (double)hist_lag.max / 1e3);
+  printf("subscriber processes: %.2f s CPU in all, setup included", sub_cpu);
   if (srv_cpu >= 0)
-    printf("server CPU %.1f%% over the measured %.1f s\n", srv_cpu, wall);
+    printf("; server CPU %.1f%% over the measured %.1f s", srv_cpu, wall);
+  printf("\n");
   if (P.first_error[0] != '\0')
     printf("first publish error: %s\n", P.first_error);
   printf("RESULT mode=room peer=%s subs=%lld procs=%d rate=%d secs=%d published=%lld taken=%lld "
          "pub_errors=%lld server_count=%lld expected=%lld delivered=%lld lost=%lld dups=%lld "
          "deliveries_per_s=%.0f p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f "
-         "lag_p99_us=%.1f srv_cpu_pct=%.1f failed=%d dropped=%d\n",
+         "lag_p99_us=%.1f srv_cpu_pct=%.1f sub_cpu_s=%.2f failed=%d dropped=%d\n",
          peer, (long long)subs, procs, opt.rate, opt.duration_s, (long long)(C.k_end - C.k_warm),
          (long long)P.ok_measured, (long long)P.failed, (long long)P.count_measured,
          (long long)expected, (long long)sum->received, (long long)(expected - sum->received),
-         (long long)sum->dups, rate, q50, q90, q99, q999, qmax, l99, srv_cpu, B.failed,
+         (long long)sum->dups, rate, q50, q90, q99, q999, qmax, l99, srv_cpu, sub_cpu, B.failed,
          sum->dropped);
 }
 
@@ -1739,7 +1742,9 @@ static int room_main(void)
   }
   if (sum.t_first_recv == INT64_MAX)
     sum.t_first_recv = 0;
-  print_room(&sum, procs);
+  struct rusage ru;
+  getrusage(RUSAGE_CHILDREN, &ru);
+  print_room(&sum, procs, cpu_secs(&ru));
   return 0;
 }
 

@@ -129,7 +129,7 @@ run_one() { # TARGET RUN (SUBS in $subs)
 
 # shellcheck source=bench/compare-lib.sh
 . "$here/compare-lib.sh"
-keys="deliveries_per_s p50_us p99_us max_us lost delivered expected srv_cpu_pct"
+keys="deliveries_per_s p50_us p99_us max_us lost delivered expected srv_cpu_pct sub_cpu_s"
 table=$tmp/table
 for subs in ${sizes//,/ }; do
   : >"$tmp/results"
@@ -137,7 +137,7 @@ for subs in ${sizes//,/ }; do
   run_all
   for t in "${targets[@]}"; do
     line="MEDIAN subs=$subs target=$t"
-    for k in $keys; do line="$line $k=$(median "$t" "$k" 0)"; done
+    for k in $keys; do line="$line $k=$(median "$t" "$k" 2)"; done
     echo "$line" | tee -a "$table"
   done
 done
@@ -148,20 +148,20 @@ echo "medians of $runs run(s), $rate msgs/s, $secs s measured (ratio: imd / ncha
 val() { grep "^MEDIAN subs=$1 target=$2 " "$table" | grep -o " $3=[-0-9.]*" | cut -d= -f2; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (b > 0 && a != "-") printf "%.2f", a / b; else printf "-"}'; }
 if [ "${#targets[@]}" = 2 ]; then
-  echo "| subscribers | server | deliveries/s | p50 ms | p99 ms | delivered / expected | lost | server CPU % |"
-  echo "|---|---|---|---|---|---|---|---|"
+  echo "| subscribers | server | deliveries/s | p50 ms | p99 ms | delivered / expected | lost | server CPU % | subscribers' CPU s |"
+  echo "|---|---|---|---|---|---|---|---|---|"
   for subs in ${sizes//,/ }; do
     for t in imd peer; do
       name=$t; [ "$t" = peer ] && name=nchan
       echo "| $subs | $name | $(val "$subs" "$t" deliveries_per_s) | $(awk -v v="$(val "$subs" "$t" p50_us)" 'BEGIN {printf "%.2f", v / 1000}')" \
            "| $(awk -v v="$(val "$subs" "$t" p99_us)" 'BEGIN {printf "%.2f", v / 1000}')" \
            "| $(val "$subs" "$t" delivered) / $(val "$subs" "$t" expected) | $(val "$subs" "$t" lost)" \
-           "| $(val "$subs" "$t" srv_cpu_pct) |"
+           "| $(val "$subs" "$t" srv_cpu_pct) | $(val "$subs" "$t" sub_cpu_s) |"
     done
     echo "| $subs | imd / nchan | $(ratio "$(val "$subs" imd deliveries_per_s)" "$(val "$subs" peer deliveries_per_s)")" \
          "| $(ratio "$(val "$subs" imd p50_us)" "$(val "$subs" peer p50_us)")" \
          "| $(ratio "$(val "$subs" imd p99_us)" "$(val "$subs" peer p99_us)") | | |" \
-         "$(ratio "$(val "$subs" imd srv_cpu_pct)" "$(val "$subs" peer srv_cpu_pct)") |"
+         "$(ratio "$(val "$subs" imd srv_cpu_pct)" "$(val "$subs" peer srv_cpu_pct)") | |"
   done
 else
   cat "$table"
