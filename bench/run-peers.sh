@@ -36,18 +36,12 @@ if [ "$which" != imd ] && { [ ! -x "$nginx" ] || [ ! -f "$nchan_so" ]; }; then
   echo "  sudo DEBIAN_FRONTEND=noninteractive apt-get install -y nginx libnginx-mod-nchan" >&2
   exit 77
 fi
+# shellcheck source=bench/compare-lib.sh
+. "$here/compare-lib.sh"
 tmp=$(mktemp -d)
 srv=
-cleanup() {
-  if [ -n "$srv" ]; then kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true; fi
-  rm -rf "$tmp"
-}
 trap cleanup EXIT
 
-port_of() { # FILE KIND: the port of imd's "KIND listening ... port N" line
-  for _ in $(seq 100); do grep -q "$2 listening" "$1" && break; sleep 0.1; done
-  grep "$2 listening" "$1" | grep -o 'port [0-9]*' | awk '{print $2}'
-}
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -127,8 +121,6 @@ run_one() { # TARGET RUN (SUBS in $subs)
   kill "$srv"; wait "$srv" 2>/dev/null || true; srv=
 }
 
-# shellcheck source=bench/compare-lib.sh
-. "$here/compare-lib.sh"
 keys="deliveries_per_s p50_us p99_us max_us lost delivered expected srv_cpu_pct sub_cpu_s"
 table=$tmp/table
 for subs in ${sizes//,/ }; do

@@ -249,6 +249,19 @@ static fake *open_client(const char *const *urls, size_t n, void (*tune)(im_clie
   return f;
 }
 
+/* The connection drops and the next one comes up at `now`: upgrade, auth,
+ * auth_ok (conn id `conn`). What was sent before auth_ok is discarded. */
+static void reconnect(fake *f, uint64_t now, const char *conn) {
+  char pk[8][512], ok[96];
+  im_client_disconnected(f->cl);
+  im_client_tick(f->cl, now);
+  im_client_connected(f->cl);
+  accept_upgrade(f);
+  ws_packets(f, pk, 8);
+  snprintf(ok, sizeof ok, "{\"op\":\"auth_ok\",\"conn\":\"%s\",\"hb\":10}", conn);
+  feed_json(f, ok);
+}
+
 /* ---- tests ------------------------------------------------------------------ */
 
 static void test_handshake_accept_verified(void **state) {
@@ -423,12 +436,7 @@ static void test_outbox_resent_after_reconnect(void **state) {
   feed_json(f, ack);
   assert_int_equal(f->acks, 1);
   assert_string_equal(f->ack_cid[0], c1);
-  im_client_disconnected(f->cl);
-  im_client_tick(f->cl, 100000);
-  im_client_connected(f->cl);
-  accept_upgrade(f);
-  ws_packets(f, pk, 8);
-  feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c3\",\"hb\":10}");
+  reconnect(f, 100000, "c3");
   assert_int_equal(ws_packets(f, pk, 8), 2);
   assert_non_null(strstr(pk[0], c2));
   /* a 5xx keeps it for a later resend; a 4xx gives up on it */
@@ -475,12 +483,7 @@ static void test_rooms_joined_again_after_reconnect(void **state) {
   assert_string_equal(f->msg_data[0], "{\"t\":1}");
   ws_packets(f, pk, 8); /* its ack */
   /* the connection dies: both rooms are joined again on the next one */
-  im_client_disconnected(f->cl);
-  im_client_tick(f->cl, 100000);
-  im_client_connected(f->cl);
-  accept_upgrade(f);
-  ws_packets(f, pk, 8);
-  feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c2\",\"hb\":10}");
+  reconnect(f, 100000, "c2");
   assert_int_equal(ws_packets(f, pk, 8), 2);
   assert_string_equal(pk[0], "{\"op\":\"join\",\"room\":\"lobby\"}");
   assert_string_equal(pk[1], "{\"op\":\"join\",\"room\":\"news\"}");
@@ -488,12 +491,7 @@ static void test_rooms_joined_again_after_reconnect(void **state) {
   assert_int_equal(im_client_leave(f->cl, "lobby"), 0);
   expect_sent(f, "{\"op\":\"leave\",\"room\":\"lobby\"}");
   assert_int_equal(im_client_leave(f->cl, "lobby"), IM_ENOENT);
-  im_client_disconnected(f->cl);
-  im_client_tick(f->cl, 200000);
-  im_client_connected(f->cl);
-  accept_upgrade(f);
-  ws_packets(f, pk, 8);
-  feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c3\",\"hb\":10}");
+  reconnect(f, 200000, "c3");
   expect_sent(f, "{\"op\":\"join\",\"room\":\"news\"}");
   drop(f);
 }
