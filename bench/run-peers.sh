@@ -29,7 +29,9 @@ nchan_so=${NCHAN_MODULE:-/usr/lib/nginx/modules/ngx_nchan_module.so}
 per_proc=5000
 src=127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4
 pin_srv=(taskset -c 0); pin_cli=(taskset -c 1)
-if [ "$(nproc)" -lt 2 ]; then pin_srv=(); pin_cli=(); echo "run-peers: one CPU: nothing pinned"; fi
+if ! taskset -c 0,1 true 2>/dev/null; then
+  pin_srv=(); pin_cli=(); echo "run-peers: cores 0 and 1 are not both usable here: nothing pinned"
+fi
 
 if [ "$which" != imd ] && { [ ! -x "$nginx" ] || [ ! -f "$nchan_so" ]; }; then
   echo "run-peers: the peer needs nginx and its nchan module ($nginx, $nchan_so):" >&2
