@@ -1427,6 +1427,14 @@ static void finish(void)
   event_base_loopbreak(B.base);
 }
 
+static void end_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  finish();
+}
+
 static void on_settled(void)
 {
   int64_t t = now_ns();
@@ -1443,6 +1451,12 @@ static void on_settled(void)
   fflush(stdout);
   if (B.first_failure[0] != '\0')
     fprintf(stderr, "first failure: %s\n", B.first_failure);
+  if (opt.mode == MODE_ECHO || opt.mode == MODE_HOLD) { /* the phase ends on time, not at a tick */
+    struct event *end = evtimer_new(B.base, end_cb, NULL);
+    if (end == NULL)
+      die("out of memory");
+    arm_at(end, t + (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S);
+  }
   for (int i = 0; opt.mode == MODE_ECHO && i < opt.nconns; i++)
     if (B.conns[i].authed && !B.conns[i].done)
       echo_send(&B.conns[i]);
