@@ -1890,7 +1890,7 @@ static void usage(FILE *f)
         "      prints round trips/s, latency percentiles and a 'RESULT k=v ...' line.\n"
         "chat: P senders <prefix>s<i> and P receivers <prefix>r<i> (2P connections);\n"
         "      message k is due at k/R s after the start and goes from sender k%P to\n"
-        "      receiver k%P as {\"op\":\"msg\",\"cid\":\"<run base + k>\",\"to\":\"r<i>\",\"data\":\n"
+        "      receiver k%P as {\"op\":\"msg\",\"cid\":CID,\"to\":\"r<i>\",\"data\":\n"
         "      {\"t\":DUE_NS,\"s\":WRITE_NS,\"n\":k,\"p\":PAYLOAD}} (CLOCK_MONOTONIC ns; open\n"
         "      loop: latency counts from the due time, so stalls are not hidden).\n"
         "      --warmup S unmeasured, then -d D measured; then up\n"
@@ -1917,13 +1917,13 @@ static void usage(FILE *f)
         "  --recv-url URL    chat: receivers connect here, senders to --url (e.g. two\n"
         "                    nodes of an imd cluster; default: --url)\n"
         "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
-        "  -n, -c N          connections in this process (at most ~19,980)\n"
+        "  -n, -c N          connections in this process (at most ~19,980); room: in all\n"
         "  --src IP[,IP...]  source addresses used round-robin (more ports per target)\n"
         "  --window N        connection setups in flight at once (default 500)\n"
         "  --hold-seconds S  hold: time to hold after setup (default 30)\n"
         "  --ping-seconds S  hold: keepalive interval (default 20)\n"
-        "  -d SECONDS        echo, chat: measured duration (default 10)\n"
-        "  --payload BYTES   echo, chat: length of the data string (default 16)\n"
+        "  -d SECONDS        echo, chat, room: measured duration (default 10)\n"
+        "  --payload BYTES   echo, chat, room: length of the data string (default 16)\n"
         "  --ack, --auth-frame  accepted for old scripts: the client library always\n"
         "                    acks and always authenticates with an auth message\n"
         "  --uid-prefix P    uids are P<index> (default u<pid>-; chat: P s<i> / P r<i>,\n"
@@ -1932,9 +1932,10 @@ static void usage(FILE *f)
         "  --secret-file F   the same, the secret read from F (e.g. DATA/secret)\n"
         "                    (without either, the token is \"t\": im-echo and peers)\n"
         "  --pairs P         chat: sender/receiver pairs (default 100)\n"
-        "  --rate R          chat: messages/s from this process, all pairs (default 10000)\n"
-        "  --warmup S        chat: unmeasured seconds first (default 3)\n"
-        "  --drain S         chat: longest wait for outstanding messages (default 5)\n"
+        "  --rate R          chat: messages/s from this process, all pairs; room: messages\n"
+        "                    published per second (default 10000)\n"
+        "  --warmup S        chat, room: unmeasured seconds first (default 3)\n"
+        "  --drain S         chat, room: longest wait for outstanding messages (default 5)\n"
 
         "  --idle-exit S     recv: exit S seconds after the last msg (0: never)\n"
         "  --server-pid PID  chat, room: also report this process's CPU over the measured part\n"
@@ -2058,7 +2059,7 @@ static void parse_args(int argc, char **argv)
     case 't': tcp = optarg; break;
     case 's': parse_src(optarg); break;
     case 'n': case 'c':
-      opt.nconns = parse_int(optarg, 1, FD_CEILING, "connection count");
+      opt.nconns = parse_int(optarg, 1, 1000000, "connection count"); /* fd_limit() checks per process */
       have_conns = true;
       break;
     case 'w': opt.window = parse_int(optarg, 1, FD_CEILING, "window"); break;
