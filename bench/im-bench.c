@@ -800,11 +800,9 @@ static void echo_send(conn *c)
   size_t n = (size_t)opt.payload;
   char data[DATA_MAX + 16];
   conn_uid(c, uid, sizeof uid);
-  data[0] = '"';
-  memcpy(data + 1, B.fill, n);
-  data[n + 1] = '"';
+  int len = snprintf(data, sizeof data, "{\"p\":\"%.*s\"}", (int)n, B.fill);
   c->t_start = now_ns();
-  c->waiting = im_client_send(c->cl, IM_CLIENT_TO_USER, uid, data, n + 2, NULL) == 0;
+  c->waiting = im_client_send(c->cl, IM_CLIENT_TO_USER, uid, data, (size_t)len, NULL) == 0;
   if (!c->waiting)
     B.errors++;
 }
