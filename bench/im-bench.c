@@ -148,7 +148,7 @@ static struct {
 
 static struct {
   struct event_base *base;
-  struct event *tick;
+  struct event *tick, *end; /* every 100 ms; the end of the echo or hold phase */
   conn *conns;
   wsub *wsubs;
   int started, in_setup, connected, authed, failed, dropped;
@@ -1450,10 +1450,9 @@ static void on_settled(void)
   if (B.first_failure[0] != '\0')
     fprintf(stderr, "first failure: %s\n", B.first_failure);
   if (opt.mode == MODE_ECHO || opt.mode == MODE_HOLD) { /* the phase ends on time, not at a tick */
-    struct event *end = evtimer_new(B.base, end_cb, NULL);
-    if (end == NULL)
+    if ((B.end = evtimer_new(B.base, end_cb, NULL)) == NULL)
       die("out of memory");
-    arm_at(end, t + (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S);
+    arm_at(B.end, t + (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S);
   }
   for (int i = 0; opt.mode == MODE_ECHO && i < opt.nconns; i++)
     if (B.conns[i].authed && !B.conns[i].done)
