@@ -563,6 +563,7 @@ static void conn_start(conn *c)
   cfg.ping_bg_ms = cfg.ping_ms;
   cfg.max_message = DATA_MAX + 512;
   cfg.dedupe_window = 64;
+  cfg.no_room_acks = true; /* as nchan's subscribers: room messages are not acked */
   cfg.outbox_max = 65536;
   cfg.outbox_max_bytes = 64u << 20;
   B.started++;

@@ -150,6 +150,12 @@ typedef struct im_client_config {
    * system's (getrandom). Tests pass a deterministic one. */
   uint32_t (*rand)(void *rand_user);
   void *rand_user;
+  /* Do not ACK room messages (a msg with a room and no seq). imd sends
+   * rooms best-effort and never retransmits them, so an ACK only costs its
+   * server an upstream frame per member and message; leave it false
+   * (ACK everything) for a server that sends rooms reliably
+   * (IM_SEND_RELIABLE), which closes a connection that does not ACK. */
+  bool no_room_acks;
 } im_client_config;
 
 /* Fill cfg with the defaults above (no identity, no URLs). */

@@ -494,7 +494,7 @@ static void on_msg(im_client *cl, const imp_packet *p) {
   }
   if (seq)
     absorb_own(cl);
-  if (cl->gen == gen)
+  if (cl->gen == gen && (seq || !cl->cfg.no_room_acks || !IMP_HAS(p, IMP_K_ROOM)))
     send_ack(cl, id, seq);
 }
 

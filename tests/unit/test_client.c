@@ -453,6 +453,24 @@ static void test_outbox_resent_after_reconnect(void **state) {
   drop(f);
 }
 
+static void no_room_acks(im_client_config *cfg) { cfg->no_room_acks = true; }
+
+/* no_room_acks: a room message is shown (once) and not ACKed; stored
+ * messages still are. */
+static void test_room_messages_not_acked_when_asked(void **state) {
+  (void)state;
+  fake *f = open_client(WS1, 1, no_room_acks);
+  char pk[8][512];
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"r1\",\"room\":\"x\",\"data\":2}");
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"r1\",\"room\":\"x\",\"data\":2}");
+  assert_int_equal(f->msgs, 1);
+  assert_int_equal(ws_packets(f, pk, 8), 0);
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"m1\",\"from\":\"al\",\"seq\":1,\"data\":1}");
+  assert_int_equal(f->msgs, 2);
+  expect_sent(f, "{\"op\":\"ack\",\"id\":\"m1\",\"seq\":1}");
+  drop(f);
+}
+
 static void test_rooms_joined_again_after_reconnect(void **state) {
   (void)state;
   fake *f = mk(WS1, 1, NULL);
@@ -799,6 +817,7 @@ int main(void) {
       cmocka_unit_test(test_outbox_resent_after_reconnect),
       cmocka_unit_test(test_outbox_bounded),
       cmocka_unit_test(test_rooms_joined_again_after_reconnect),
+      cmocka_unit_test(test_room_messages_not_acked_when_asked),
       cmocka_unit_test(test_event_source_address),
       cmocka_unit_test(test_sync_paging),
       cmocka_unit_test(test_backoff_bounds),
