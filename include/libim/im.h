@@ -490,10 +490,16 @@ typedef struct im_conn_info {
                                   said with im_conn_set_secure */
 } im_conn_info;
 
-/* Fill info (up to info->struct_size bytes: set it before the call); pointers
- * stay valid until c closes. Returns 0, IM_ENOENT, or IM_EINVAL when
- * struct_size is below the oldest layout (info is left alone). */
-IM_EXTERN int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info);
+/* Fill info, which is `size` bytes long (the caller's sizeof: the library
+ * writes no further, and sets info->struct_size to what it wrote); pointers
+ * stay valid until c closes. Returns 0, IM_ENOENT, or IM_EINVAL when size is
+ * below the oldest layout or info is NULL (info is left alone). Call it
+ * through im_conn_get_info(), which passes sizeof for you. */
+IM_EXTERN int im_conn_get_info_size(const im_server *srv, im_conn_id c, im_conn_info *info,
+                                    size_t size);
+static inline int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info) {
+  return im_conn_get_info_size(srv, c, info, sizeof(*info));
+}
 /* Drivers: record whether c's transport is encrypted (TLS), reported in
  * im_conn_info.secure. im_event calls it for its TLS listeners right after
  * im_server_accept. Returns 0 or IM_ENOENT. */
@@ -530,9 +536,14 @@ typedef struct im_stats {
   uint64_t rate_closed;      /* connections closed (4290) after max_rate_strikes refusals */
 } im_stats;
 
-/* Fill st with the counters (up to st->struct_size bytes: set it before the
- * call). A struct_size below the oldest layout leaves st alone. */
-IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);
+/* Fill st, which is `size` bytes long (the caller's sizeof), with the
+ * counters; st->struct_size is set to what was written. A size below the
+ * oldest layout, or a NULL st, leaves st alone. Call it through
+ * im_server_stats(), which passes sizeof for you. */
+IM_EXTERN void im_server_stats_size(const im_server *srv, im_stats *st, size_t size);
+static inline void im_server_stats(const im_server *srv, im_stats *st) {
+  im_server_stats_size(srv, st, sizeof(*st));
+}
 
 #ifdef __cplusplus
 }

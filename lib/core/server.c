@@ -1639,9 +1639,11 @@ size_t im_server_close_all(im_server *s, int code, const char *reason) {
 
 /* ---- introspection ---------------------------------------------------------- */
 
-int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *out) {
+int im_conn_get_info_size(const im_server *s, im_conn_id id, im_conn_info *out, size_t size) {
+  if (!out || size < IM__CONN_INFO_SIZE_MIN || size > UINT32_MAX) return IM_EINVAL;
   im_conn *c = conn_lookup(s, id);
   if (!c) return IM_ENOENT;
+  out->struct_size = (uint32_t)size;
   im_conn_info full, *info = &full;
   memset(info, 0, sizeof(*info));
   if (c->flags & CF_REGISTERED) {
@@ -1688,6 +1690,8 @@ size_t im_user_conns(const im_server *s, const char *uid, im_conn_id *ids, size_
   return k;
 }
 
-void im_server_stats(const im_server *s, im_stats *st) {
+void im_server_stats_size(const im_server *s, im_stats *st, size_t size) {
+  if (!st || size < IM__STATS_SIZE_MIN || size > UINT32_MAX) return;
+  st->struct_size = (uint32_t)size;
   im__struct_out(st, IM__STATS_SIZE_MIN, &s->st, sizeof(s->st));
 }

@@ -214,8 +214,7 @@ static void test_stats_fill_within_size(void **st) {
   /* older: its 18 counters, not a byte more */
   memset(&g, GARBAGE, sizeof g);
   old_stats *old = (old_stats *)g.bytes;
-  old->struct_size = sizeof *old;
-  im_server_stats(s, (im_stats *)g.bytes);
+  im_server_stats_size(s, (im_stats *)g.bytes, sizeof *old);
   assert_int_equal(old->struct_size, sizeof *old);
   assert_int_equal(old->counters[0], 1); /* conns */
   assert_int_equal(old->counters[1], 1); /* conns_authed */
@@ -223,20 +222,18 @@ static void test_stats_fill_within_size(void **st) {
   /* newer: this release's counters; struct_size says how many bytes */
   memset(&g, GARBAGE, sizeof g);
   im_stats *now = (im_stats *)g.bytes;
-  now->struct_size = sizeof(im_stats) + 24;
-  im_server_stats(s, now);
+  im_server_stats_size(s, now, sizeof(im_stats) + 24);
   assert_int_equal(now->struct_size, sizeof(im_stats));
   assert_int_equal(now->users, 1);
   assert_int_equal(now->rate_closed, 0);
   assert_true(untouched(&g, sizeof(im_stats), sizeof g.bytes));
   /* too small: left alone */
   memset(&g, GARBAGE, sizeof g);
-  now->struct_size = IM__STATS_SIZE_MIN - 1;
-  im_server_stats(s, now);
-  assert_int_equal(now->struct_size, IM__STATS_SIZE_MIN - 1);
-  assert_true(untouched(&g, sizeof(uint32_t), sizeof g.bytes));
-  /* 0: this release's layout */
-  im_stats zero = {0};
+  im_server_stats_size(s, now, IM__STATS_SIZE_MIN - 1);
+  assert_true(untouched(&g, 0, sizeof g.bytes));
+  /* the inline wrapper: this release's sizeof, whatever struct_size held */
+  im_stats zero;
+  memset(&zero, GARBAGE, sizeof zero);
   im_server_stats(s, &zero);
   assert_int_equal(zero.struct_size, sizeof(im_stats));
   assert_int_equal(zero.conns, 1);
@@ -251,15 +248,19 @@ static void test_conn_info_fill_within_size(void **st) {
   guarded g;
   memset(&g, GARBAGE, sizeof g);
   im_conn_info *info = (im_conn_info *)g.bytes;
-  info->struct_size = sizeof(im_conn_info) + 8;
-  assert_int_equal(im_conn_get_info(s, c, info), 0);
+  assert_int_equal(im_conn_get_info_size(s, c, info, sizeof(im_conn_info) + 8), 0);
   assert_int_equal(info->struct_size, sizeof(im_conn_info));
   assert_string_equal(info->uid, "alice");
   assert_true(untouched(&g, sizeof(im_conn_info), sizeof g.bytes));
   memset(&g, GARBAGE, sizeof g);
-  info->struct_size = IM__CONN_INFO_SIZE_MIN - 1;
-  assert_int_equal(im_conn_get_info(s, c, info), IM_EINVAL);
-  assert_true(untouched(&g, sizeof(uint32_t), sizeof g.bytes));
+  assert_int_equal(im_conn_get_info_size(s, c, info, IM__CONN_INFO_SIZE_MIN - 1), IM_EINVAL);
+  assert_true(untouched(&g, 0, sizeof g.bytes));
+  /* the inline wrapper passes sizeof: garbage in struct_size does not matter */
+  im_conn_info plain;
+  memset(&plain, GARBAGE, sizeof plain);
+  assert_int_equal(im_conn_get_info(s, c, &plain), 0);
+  assert_int_equal(plain.struct_size, sizeof plain);
+  assert_string_equal(plain.uid, "alice");
   im_server_free(s);
 }
 
