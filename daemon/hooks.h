@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "histogram.h"
+
 struct imd;
 
 enum { IMD_HOOK_CONNECT_OFF = 0, IMD_HOOK_CONNECT_INSTEAD, IMD_HOOK_CONNECT_ALSO };
@@ -67,7 +69,7 @@ char *imd_hooks_metrics(struct imd *d, size_t *len);
 typedef struct imd_hook_counts {
   bool on;
   uint64_t req[4][7];       /* by event, by result */
-  uint64_t lat_count, lat_sum_us, lat_buckets[16];
+  imd_hist lat;              /* hook latency */
   uint64_t dropped, pending;
 } imd_hook_counts;
 void imd_hooks_count(struct imd *d, imd_hook_counts *sum);

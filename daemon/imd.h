@@ -15,6 +15,7 @@
 #include <time.h>
 
 #include "core/strmap.h"
+#include "histogram.h"
 #include "http_server.h"
 #include "store.h"
 
@@ -66,6 +67,7 @@ typedef struct imd_metrics {
   uint64_t quota_refused;   /* msgs refused over the per-receiver quota */
   uint64_t revocations;     /* POST /v1/users/{uid}/revoke answered */
   uint64_t rooms_refused;   /* joins refused by --rooms members */
+  imd_hist ack_latency;     /* reliable push queued -> the device's ACK (im_ack_rtt_us) */
 } imd_metrics;
 
 typedef struct imd {
@@ -290,6 +292,12 @@ static inline void imd_catch_up(imd *d) {
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);
 void imd_metrics_close(imd *d, const char *platform);
+/* Give the engine imd's monotonic clock, so ACK latencies are measured in
+ * microseconds rather than ticks. */
+void imd_metrics_start(imd *d);
+/* on_ack: count the ACK latency of a tracked reliable push (libim's
+ * im_ack_rtt_us; -1, an ack of nothing in flight, is not counted). */
+void imd_metrics_ack(imd *d, int64_t rtt_us);
 /* Prometheus text exposition; malloc'd, length in *len. */
 char *imd_metrics_render(imd *d, size_t *len);
 /* One worker's numbers, and their sum over workers. */

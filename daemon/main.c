@@ -651,6 +651,7 @@ int main(int argc, char **argv) {
   d.base = event_base_new();
   d.srv = d.base ? im_server_new(&icfg, &cb, &d) : NULL;
   d.ev = d.srv ? im_event_new(d.base, d.srv) : NULL;
+  if (d.srv) imd_metrics_start(&d);
   if (!d.ev) {
     fprintf(stderr, "imd: cannot start the engine (bad configuration or no memory)\n");
     return 1;

@@ -1,5 +1,6 @@
 /* Operator metrics in the Prometheus text format (R28). */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -58,6 +59,24 @@ void imd_metrics_close(imd *w, const char *platform) {
     d->m.other_platform_conns--;
   }
   imd_shared_unlock();
+}
+
+/* ACK latency bounds, microseconds: LAN to a phone on a bad network, up to
+ * the retransmits of the default --ack-timeout (18 s, 3 retries). */
+static const uint64_t ack_bounds[] = {1000,    2500,    5000,    10000,   25000,
+                                      50000,   100000,  250000,  500000,  1000000,
+                                      2500000, 5000000, 10000000, 30000000, 60000000};
+#define ACK_N (sizeof ack_bounds / sizeof ack_bounds[0])
+
+static uint64_t engine_clock(void *ud) {
+  (void)ud;
+  return imd_mono_us();
+}
+
+void imd_metrics_start(imd *d) { im_server_set_clock(d->srv, engine_clock, NULL); }
+
+void imd_metrics_ack(imd *d, int64_t rtt_us) {
+  if (rtt_us >= 0) imd_hist_observe(&d->m.ack_latency, ack_bounds, ACK_N, (uint64_t)rtt_us);
 }
 
 typedef struct sbuf {
@@ -125,9 +144,11 @@ void imd_metrics_tally(imd *d, imd_tally *t) {
 #define ADD(f) sum->f += t->f
 
 void imd_metrics_add(imd_tally *sum, const imd_tally *t) {
-  const uint64_t *a = (const uint64_t *)&t->st;
-  uint64_t *s = (uint64_t *)&sum->st; /* im_stats: uint64_t fields only */
-  for (size_t i = 0; i < sizeof t->st / sizeof *a; i++) s[i] += a[i];
+  /* im_stats: struct_size, then uint64_t counters only */
+  for (size_t off = offsetof(im_stats, conns); off + sizeof(uint64_t) <= sizeof t->st;
+       off += sizeof(uint64_t))
+    *(uint64_t *)((char *)&sum->st + off) += *(const uint64_t *)((const char *)&t->st + off);
+  imd_hist_add(&sum->m.ack_latency, &t->m.ack_latency);
   ADD(gs.refused_rate), ADD(gs.refused_banned), ADD(gs.refused_cap), ADD(gs.bans);
   ADD(gs.sources);
   ADD(m.other_platform_conns), ADD(m.msgs_1to1), ADD(m.msgs_group), ADD(m.msgs_room);
@@ -220,12 +241,21 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
   counter(&b, "imd_push_dropped_total",
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
+  imd_shared_lock(); /* the table is worker 0's (bans.c) */
+  uint64_t uid_bans = (d->main ? d->main : d)->uid_bans.count;
+  imd_shared_unlock();
+  gauge(&b, "imd_uid_bans", "Uid bans in force (POST /v1/bans)", uid_bans);
   gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
   counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);
   gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
   counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
   counter(&b, "imd_ack_timeouts_total", "Connections closed (4408) after the last resend",
           st.ack_timeouts);
+  char hist[IMD_HIST_TEXT_MAX];
+  imd_hist_format(&m->ack_latency, ack_bounds, ACK_N, "imd_ack_latency_seconds",
+                  "Time from a reliable push being queued to a connection to its ACK", hist,
+                  sizeof hist);
+  sb_printf(&b, "%s", hist);
   counter(&b, "imd_undelivered_total", "Pushes whose connection closed before the ACK (kept for sync)",
           st.undelivered);
   counter(&b, "imd_client_retransmits_dropped_total",
@@ -248,6 +278,7 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
       {"protocol", st.proto_errors},   {"auth", st.auth_failures},
       {"auth_expired", m->auth_expired}, {"auth_invalid", m->auth_invalid},
       {"auth_revoked", m->auth_revoked}, {"auth_lifetime", m->auth_too_long},
+      {"auth_banned", m->auth_banned},
       {"timeout", st.timeouts},        {"shed", st.shed},
       {"message_refused", m->msg_errors}, {"store", m->store_errors},
   };

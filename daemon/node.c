@@ -64,7 +64,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   imd *d = arg;
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (st.conns_authed == 0) {
     /* the rest (unauthenticated, closing) goes with the listeners */
@@ -86,7 +86,7 @@ static void send_goaway(im_server *srv, im_conn_id c, void *arg) {
 static void drain_here(imd *d, const char *s, uint32_t n);
 
 size_t imd_drain(imd *d) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (d->draining) return st.conns_authed;
   imd_workers_broadcast(d, drain_here, NULL, 0); /* every worker drains its own */
@@ -139,7 +139,7 @@ static void gateway_self(imd *d, uint64_t conns, imd_gateways_cb cb, void *arg) 
 }
 
 static uint64_t authed(imd *d) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   return st.conns_authed;
 }

@@ -36,7 +36,9 @@ enum imd_store_err {
   IMD_STORE_EINVAL = -2,  /* bad argument (empty uid, n == 0, ...) */
   IMD_STORE_EBATCH = -3,  /* (SQLite engine) not allowed while a batch is open */
   IMD_STORE_EDOWN = -4,   /* the backend is unreachable (Redis down): nothing was done */
-  IMD_STORE_DUP = 1       /* append: (from, device, cid) was stored before */
+  IMD_STORE_DUP = 1,      /* append: (from, device, cid) was stored before */
+  IMD_STORE_PUSHED = 2    /* append (Redis store with a push io, store_redis.h): stored, and
+                             the same script pushed it to the receivers' other nodes */
 };
 
 typedef struct imd_store_opts {
@@ -80,7 +82,8 @@ typedef struct imd_device_mark {
   uint64_t delivered;
 } imd_device_mark;
 
-/* status: IMD_STORE_OK (seqs[i] is the new seq of uids[i]), IMD_STORE_DUP
+/* status: IMD_STORE_OK (seqs[i] is the new seq of uids[i]), IMD_STORE_PUSHED
+ * (the same, and other nodes have it already: deliver locally only), IMD_STORE_DUP
  * (nothing written; id is the first append's id, seqs NULL), or a negative
  * code (nothing written; seqs and id NULL). */
 typedef void (*imd_append_cb)(void *arg, int status, const uint64_t *seqs, const char *id);

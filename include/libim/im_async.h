@@ -54,7 +54,8 @@ typedef struct im_mailbox im_mailbox;
 IM_EXTERN im_mailbox *im_mailbox_new(struct event_base *base, im_server *srv);
 /* Send m (copied now: every pointer is borrowed for the call) to every
  * connection of uid / to connection c / to a room, on the loop thread.
- * Any thread. Returns 0 (queued), IM_EINVAL (NULL uid/room), IM_ENOMEM,
+ * Any thread. Returns 0 (queued), IM_EINVAL (NULL uid/room/m, or m->struct_size
+ * below the oldest layout), IM_ENOMEM,
  * IM_ECLOSED (the mailbox is being freed). The send's own result (e.g.
  * IM_ENOENT for a connection that is gone) is not reported. */
 IM_EXTERN int im_mailbox_send_user(im_mailbox *mb, const char *uid, const im_msg *m);

@@ -104,6 +104,7 @@ typedef struct rel_entry {
   uint64_t seq;
   uint64_t due;            /* tick of the next retransmit (sent entries) */
   uint32_t tries;          /* times sent */
+  uint64_t queued_us;      /* im_send_* queued it (rel_stamp_us), for im_ack_rtt_us */
   char id[IM_ID_MAX];
 } rel_entry;
 
@@ -184,6 +185,9 @@ struct im_server {
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
   const char *op_cid;      /* cid of the join/leave op during on_room (im_op_cid) */
+  const int64_t *ack_rtt;  /* during on_ack: what im_ack_rtt_us answers; NULL elsewhere */
+  uint64_t (*clock_us)(void *ud); /* im_server_set_clock; NULL: engine time */
+  void *clock_ud;
   struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   im_stats st;
 };
@@ -232,8 +236,10 @@ uint64_t now_tick(const im_server *s);
  * IM_ECLOSED. */
 int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, uint64_t seq);
 /* The client ACKed id: forget it and send what waits. Returns true when it
- * was in flight, with its seq in *seq. */
-bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq);
+ * was in flight, with its seq in *seq and the microseconds since it was
+ * queued in *rtt_us. */
+bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq,
+             int64_t *rtt_us);
 /* Retransmit timer (tw_advance callback on ack_wheel). */
 void rel_on_timer(tw_entry *e, void *arg);
 /* Report c's unACKed messages to on_undelivered (c is being released). */

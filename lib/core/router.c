@@ -107,7 +107,7 @@ static size_t local_routes(const im_server *s, const char *uid, im_route *out, c
   im_user *u = reg_user_find(s, uid, strlen(uid));
   size_t k = 0;
   for (im_conn *c = u ? u->conns : NULL; c && k < max; c = c->u_next) {
-    im_conn_info info;
+    im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
     im_conn_get_info(s, c->id, &info);
     snprintf(idbuf[k], sizeof idbuf[k], "%" PRIx64, c->id);
     out[k] = (im_route){.node = NULL, .conn = idbuf[k], .device = info.device,

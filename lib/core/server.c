@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "core/abi.h"
 #include "core/engine.h"
 #include "proto/tcp_frame.h"
 #include "proto/utf8.h"
@@ -23,7 +24,8 @@ static void *std_calloc(size_t n, size_t m, void *ud) { (void)ud; return calloc(
 static void *std_realloc(void *p, size_t n, void *ud) { (void)ud; return realloc(p, n); }
 static void std_free(void *p, void *ud) { (void)ud; free(p); }
 
-void im_config_init(im_config *cfg) {
+int im_config_init_size(im_config *out, size_t size) {
+  im_config def, *cfg = &def;
   memset(cfg, 0, sizeof(*cfg));
   cfg->max_message = 64 * 1024;
   cfg->max_output = 1024 * 1024;
@@ -39,6 +41,7 @@ void im_config_init(im_config *cfg) {
   cfg->max_rooms = 64;
   cfg->max_preauth_input = 8192;
   cfg->max_conns_per_user = 32;
+  return im__config_out(out, size, cfg);
 }
 
 /* The preauth limit for a connection in its current state (0: none). */
@@ -78,28 +81,30 @@ static void next_id(im_server *s, char out[24]);
 /* m itself when it has an id; else *copy with a fresh id written into id. */
 static const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy,
                                        char id[IM_ID_MAX]) {
-  if (m->id) return m;
+  if (!(m = im__msg_in(m, copy)) || m->id) return m; /* NULL: struct_size too small */
   next_id(s, id);
-  *copy = *m;
+  if (m != copy) *copy = *m;
   copy->id = id;
   return copy;
 }
 
 im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user) {
   im_config def;
-  if (!cfg) {
-    im_config_init(&def);
-    cfg = &def;
-  }
-  if (cfg->tick_ms == 0 || cfg->max_message < 16 || cfg->node_id > 1023) return NULL;
+  im_callbacks cb_tmp;
+  im_config_init(&def);
+  cfg = cfg ? im__config_in(cfg, &def) : &def;
+  if (cb && !(cb = im__callbacks_in(cb, &cb_tmp))) return NULL;
+  if (!cfg || cfg->tick_ms == 0 || cfg->max_message < 16 || cfg->node_id > 1023) return NULL;
   const im_allocator *a = cfg->alloc;
   im_allocator al = {std_malloc, std_calloc, std_realloc, std_free, NULL};
   if (a && a->malloc && a->calloc && a->realloc && a->free) al = *a;
   im_server *s = al.calloc(1, sizeof(*s), al.ud);
   if (!s) return NULL;
   s->cfg = *cfg;
+  s->cfg.struct_size = sizeof(s->cfg);
   s->alloc = al;
   if (cb) s->cb = *cb;
+  s->cb.struct_size = sizeof(s->cb);
   s->user = user;
   if (cfg->ws_path) {
     size_t pl = strlen(cfg->ws_path) + 1;
@@ -874,7 +879,7 @@ static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
   size_t used = 0;
   char id[24];
   next_id(s, id);
-  im_msg m = {0};
+  im_msg m = {IM_STRUCT_SIZE(im_msg)};
   m.id = id;
   m.cid = field(s, p, IMP_K_CID, &used);
   m.to = field(s, p, IMP_K_TO, &used);
@@ -951,10 +956,13 @@ static void dispatch(im_server *s, im_conn *c, const imp_packet *p) {
       } else {
         const imp_str *id = &p->str[IMP_K_ID];
         uint64_t seq = IMP_HAS(p, IMP_K_SEQ) ? p->num[IMP_K_SEQ] : 0;
-        rel_ack(s, c, id->p, id->n, &seq);
+        int64_t rtt = -1;
+        rel_ack(s, c, id->p, id->n, &seq, &rtt);
         if (s->cb.on_ack) {
           size_t used = 0;
+          s->ack_rtt = &rtt; /* im_ack_rtt_us */
           s->cb.on_ack(s, c->id, field(s, p, IMP_K_ID, &used), seq, s->user);
+          s->ack_rtt = NULL;
         }
       }
       break;
@@ -1384,10 +1392,12 @@ typedef struct fanout {
   bool reliable;
   bool rated;               /* a fan-out to many (room): max_push_rate applies */
   char id[24];
+  im_msg msg;
 } fanout;
 
 static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   memset(f, 0, sizeof(*f));
+  if (!(m = im__msg_in(m, &f->msg))) return IM_EINVAL; /* f->msg: an older layout's copy */
   f->pkt.op = IMP_OP_MSG;
   const char *id = m->id;
   if (!id) {
@@ -1494,7 +1504,7 @@ int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg
   if (!s->router.send_users) return im_local_send_users(s, uids, nu, m, except);
   im_msg routed;
   char id[IM_ID_MAX];
-  m = route_msg_with_id(s, m, &routed, id);
+  if (!(m = route_msg_with_id(s, m, &routed, id))) return IM_EINVAL;
   int n = im_local_send_users(s, uids, nu, m, except);
   if (n < 0) return n;
   enter(s);
@@ -1532,7 +1542,7 @@ int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id exc
   if (!s->router.room_send) return im_local_room_send(s, room, m, except);
   im_msg routed;
   char id[IM_ID_MAX];
-  m = route_msg_with_id(s, m, &routed, id);
+  if (!(m = route_msg_with_id(s, m, &routed, id))) return IM_EINVAL;
   int n = im_local_room_send(s, room, m, except);
   if (n < 0) return n;
   enter(s);
@@ -1657,9 +1667,12 @@ size_t im_server_close_all(im_server *s, int code, const char *reason) {
 
 /* ---- introspection ---------------------------------------------------------- */
 
-int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
+int im_conn_get_info_size(const im_server *s, im_conn_id id, im_conn_info *out, size_t size) {
+  if (!out || size < IM__CONN_INFO_SIZE_MIN || size > UINT32_MAX) return IM_EINVAL;
   im_conn *c = conn_lookup(s, id);
   if (!c) return IM_ENOENT;
+  out->struct_size = (uint32_t)size;
+  im_conn_info full, *info = &full;
   memset(info, 0, sizeof(*info));
   if (c->flags & CF_REGISTERED) {
     info->uid = c->ident;
@@ -1671,7 +1684,7 @@ int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
   info->binary = c->binary;
   info->since_ms = c->since_ms;
   info->secure = (c->flags & CF_SECURE) != 0;
-  return 0;
+  return im__struct_out(out, IM__CONN_INFO_SIZE_MIN, info, sizeof(*info));
 }
 
 int im_conn_set_secure(im_server *s, im_conn_id id, int secure) {
@@ -1705,4 +1718,8 @@ size_t im_user_conns(const im_server *s, const char *uid, im_conn_id *ids, size_
   return k;
 }
 
-void im_server_stats(const im_server *s, im_stats *st) { *st = s->st; }
+void im_server_stats_size(const im_server *s, im_stats *st, size_t size) {
+  if (!st || size < IM__STATS_SIZE_MIN || size > UINT32_MAX) return;
+  st->struct_size = (uint32_t)size;
+  im__struct_out(st, IM__STATS_SIZE_MIN, &s->st, sizeof(s->st));
+}

@@ -16,6 +16,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "core/abi.h"
 #include "core/msg_copy.h"
 
 typedef struct async_node {
@@ -178,6 +179,8 @@ static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
 
 /* A copy of m (and of target/reason) in one allocation. */
 static mb_op *op_new(enum mb_kind kind, const char *target, const im_msg *m, const char *reason) {
+  im_msg tmp;
+  if (m) m = im__msg_in(m, &tmp); /* NULL-checked by the callers (mb_msg_ok) */
   size_t len = sizeof(mb_op) + slen(target) + slen(reason) + (m ? msgcopy_size(m) : 0);
   mb_op *op = calloc(1, len);
   if (!op) return NULL;
@@ -208,20 +211,26 @@ im_mailbox *im_mailbox_new(struct event_base *base, im_server *srv) {
   return mb;
 }
 
+/* m is there and not below the oldest layout (abi.h). */
+static bool mb_msg_ok(const im_msg *m) {
+  im_msg tmp;
+  return m && im__msg_in(m, &tmp);
+}
+
 int im_mailbox_send_user(im_mailbox *mb, const char *uid, const im_msg *m) {
-  if (!uid || !m) return IM_EINVAL;
+  if (!uid || !mb_msg_ok(m)) return IM_EINVAL;
   return submit(mb, op_new(MB_USER, uid, m, NULL));
 }
 
 int im_mailbox_send_conn(im_mailbox *mb, im_conn_id c, const im_msg *m) {
-  if (!m) return IM_EINVAL;
+  if (!mb_msg_ok(m)) return IM_EINVAL;
   mb_op *op = op_new(MB_CONN, NULL, m, NULL);
   if (op) op->conn = c;
   return submit(mb, op);
 }
 
 int im_mailbox_room_send(im_mailbox *mb, const char *room, const im_msg *m) {
-  if (!room || !m) return IM_EINVAL;
+  if (!room || !mb_msg_ok(m)) return IM_EINVAL;
   return submit(mb, op_new(MB_ROOM, room, m, NULL));
 }
 

@@ -232,7 +232,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     free(ec);
   }
   if (e->shutting_down) {
-    im_stats st;
+    im_stats st = {IM_STRUCT_SIZE(im_stats)};
     im_server_stats(e->srv, &st);
     if (st.conns == 0) event_base_loopexit(e->base, NULL);
   }
