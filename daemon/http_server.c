@@ -553,6 +553,22 @@ static bool extra_valid(const char *e) {
   return true;
 }
 
+/* Copies s to h; returns the end. */
+static char *mem_put(char *h, const char *s) {
+  size_t n = strlen(s);
+  memcpy(h, s, n);
+  return h + n;
+}
+
+/* v in decimal, NUL-terminated, in buf (at least 21 bytes). */
+static const char *fmt_uint(char buf[static 21], uint64_t v) {
+  char *p = buf + 20;
+  *p = '\0';
+  do *--p = (char)('0' + v % 10);
+  while (v /= 10);
+  return p;
+}
+
 /* Builds one response; body (malloc()ed or NULL) is owned from here on,
  * even on failure, which returns NULL (out of memory). A status outside
  * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
@@ -580,22 +596,24 @@ static out_seg *make_response(int status, const char *ctype, const char *extra, 
     free(body);
     return NULL;
   }
-  const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
-  int n;
-  if (no_length)
-    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: %s\r\n\r\n",
-                 status, reason, ctype, extra, conn);
-  else
-    n = snprintf(o->head, cap,
-                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "%sConnection: %s\r\n\r\n",
-                 status, reason, ctype, body_len, extra, conn);
-  if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
-    free(body);
-    free(o);
-    return NULL;
+  /* one response per request: built with copies, not snprintf */
+  char *h = o->head;
+  char num[24];
+  h = mem_put(h, "HTTP/1.1 ");
+  h = mem_put(h, fmt_uint(num, (unsigned)status));
+  *h++ = ' ';
+  h = mem_put(h, reason_phrase(status));
+  h = mem_put(h, "\r\nContent-Type: ");
+  h = mem_put(h, ctype);
+  if (!no_length) {
+    h = mem_put(h, "\r\nContent-Length: ");
+    h = mem_put(h, fmt_uint(num, body_len));
   }
-  o->head_len = (size_t)n;
+  h = mem_put(h, "\r\n");
+  h = mem_put(h, extra);
+  h = mem_put(h, keep_alive ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
+  size_t n = (size_t)(h - o->head);
+  o->head_len = n;
   o->body = body;
   o->body_len = body ? body_len : 0;
   return o;
