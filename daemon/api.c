@@ -192,23 +192,24 @@ static void pushed(imd *d, uint64_t ticket, const imd_delivery *res) {
     return;
   }
   bool dup = res->status == IMD_STORE_DUP;
-  size_t idn = strlen(res->id), cap = 6 * idn + 128;
-  char *b = malloc(cap);
+  char *b = malloc(6 * strlen(res->id) + 128);
   if (!b) {
     respond(d, ticket, 500, NULL);
     return;
   }
-  memcpy(b, "{\"id\":", 6);
-  size_t k = 6 + json_quote(b + 6, res->id);
-  int n = snprintf(b + k, cap - k, ",\"delivered\":%d,\"stored\":%zu%s}", res->reached,
-                   dup ? (size_t)0 : res->stored, dup ? ",\"duplicate\":true" : "");
-  if (n < 0 || (size_t)n >= cap - k) { /* cannot happen with cap above */
-    free(b);
-    respond(d, ticket, 500, NULL);
-    return;
-  }
+  char num[21];
+  size_t k = 0;
+#define PUT(s) (memcpy(b + k, (s), strlen(s)), k += strlen(s))
+  PUT("{\"id\":");
+  k += json_quote(b + k, res->id);
+  PUT(",\"delivered\":");
+  PUT(res->reached < 0 ? "0" : http_fmt_uint(num, (uint64_t)res->reached));
+  PUT(",\"stored\":");
+  PUT(http_fmt_uint(num, dup ? 0 : (uint64_t)res->stored));
+  PUT(dup ? ",\"duplicate\":true}" : "}");
+#undef PUT
   count_status(d, 200);
-  http_server_respond(d->http, ticket, 200, NULL, b, k + (size_t)n);
+  http_server_respond(d->http, ticket, 200, NULL, b, k);
 }
 
 static void push_stored(imd *d, uint64_t ticket, const imd_store_msg *sm, const char *const *uids,

@@ -560,8 +560,7 @@ static char *mem_put(char *h, const char *s) {
   return h + n;
 }
 
-/* v in decimal, NUL-terminated, in buf (at least 21 bytes). */
-static const char *fmt_uint(char buf[static 21], uint64_t v) {
+const char *http_fmt_uint(char buf[static 21], uint64_t v) {
   char *p = buf + 20;
   *p = '\0';
   do *--p = (char)('0' + v % 10);
@@ -600,14 +599,14 @@ static out_seg *make_response(int status, const char *ctype, const char *extra, 
   char *h = o->head;
   char num[24];
   h = mem_put(h, "HTTP/1.1 ");
-  h = mem_put(h, fmt_uint(num, (unsigned)status));
+  h = mem_put(h, http_fmt_uint(num, (unsigned)status));
   *h++ = ' ';
   h = mem_put(h, reason_phrase(status));
   h = mem_put(h, "\r\nContent-Type: ");
   h = mem_put(h, ctype);
   if (!no_length) {
     h = mem_put(h, "\r\nContent-Length: ");
-    h = mem_put(h, fmt_uint(num, body_len));
+    h = mem_put(h, http_fmt_uint(num, body_len));
   }
   h = mem_put(h, "\r\n");
   h = mem_put(h, extra);
@@ -1207,6 +1206,7 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg) {
   while (s->kick_head && !s->free_pending) {
     http_conn *c = s->kick_head;
     kick_unlink(c);
+    if (!c->nwait) conn_touch(c);
     conn_run(c);
   }
   s->depth--;
@@ -1236,7 +1236,7 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
     c->dead = true;
   }
   free(w);
-  if (--c->nwait == 0) conn_touch(c);
+  c->nwait--; /* the loop puts c back on the idle clock when none is left (kick_cb) */
   kick_add(c);
   return 0;
 }
