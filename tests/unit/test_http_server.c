@@ -726,6 +726,15 @@ static void test_pipelined(void **state) {
   cli_close(&c);
 }
 
+/* The next response on c is /echo's 200 with body want (599: the body the
+ * handler got had no NUL after it). */
+static void expect_echo(client *c, const char *want) {
+  response r = cli_read(c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, want);
+  resp_free(&r);
+}
+
 /* Requests that arrive in pieces on two connections while a third sends
  * whole ones: what each partial one read before the others ran (target,
  * headers, the start of its body) is still its own when it completes (the
@@ -744,28 +753,19 @@ static void test_interleaved_partial_requests(void **state) {
     cli_sends(&b,
               "POST /echo?b HTTP/1.1\r\nAuthorization: Bearer bbb\r\n"
               "Content-Type: text/b\r\nContent-Length: 3\r\n\r\nbee");
-    response r = cli_read(&b);
-    assert_int_equal(r.status, 200);
-    assert_string_equal(r.body, "bee");
-    resp_free(&r);
+    expect_echo(&b, "bee");
     seen s = snapshot();
     assert_string_equal(s.auth, "Bearer bbb");
     assert_string_equal(s.query, "b");
   }
   cli_sends(&h, "body");
-  response r = cli_read(&h);
-  assert_int_equal(r.status, 200); /* 599: the body had no NUL after it */
-  assert_string_equal(r.body, "body");
-  resp_free(&r);
+  expect_echo(&h, "body");
   seen s = snapshot();
   assert_string_equal(s.auth, "Bearer hhh");
   assert_true(s.ctype_null);
   assert_string_equal(s.query, "h");
   cli_sends(&a, "world");
-  r = cli_read(&a);
-  assert_int_equal(r.status, 200);
-  assert_string_equal(r.body, "helloworld");
-  resp_free(&r);
+  expect_echo(&a, "helloworld");
   s = snapshot();
   assert_string_equal(s.auth, "Bearer aaa");
   assert_string_equal(s.ctype, "text/a");
