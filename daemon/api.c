@@ -239,17 +239,68 @@ static void group_push_members(void *arg, int status, const char *const *uids, s
   free(g);
 }
 
+static cJSON *room_pushed_json(imd *d, const char *id, long n) {
+  d->m.msgs_http++;
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "id", id);
+  cJSON_AddNumberToObject(o, "delivered", (double)n);
+  return o;
+}
+
+/* With worker threads: every worker sends to its members of the room and
+ * the answer counts them all. The message is copied after the struct. */
+typedef struct room_push {
+  uint64_t ticket;
+  im_msg m;
+  char buf[];
+} room_push;
+
+static int room_send_here(imd *w, void *arg) {
+  room_push *p = arg;
+  return im_local_room_send(w->srv, p->m.room, &p->m, 0);
+}
+
+static void room_sent(imd *d, long n, int err, void *arg) {
+  room_push *p = arg;
+  if (err < 0)
+    respond_error(d, p->ticket, err == IM_ETOOBIG ? 413 : 500, im_strerror(err));
+  else
+    respond_json(d, p->ticket, 200, room_pushed_json(d, p->m.id, n));
+  free(p);
+}
+
+static void push_room_workers(imd *d, const im_msg *m, http_response *r) {
+  const char *strs[] = {m->id, m->from, m->room}, *out[3];
+  room_push *p = malloc(sizeof *p + imd_strs_size(strs, 3) + m->data_len + 1);
+  uint64_t ticket = p ? defer(r) : 0;
+  if (!ticket) {
+    if (!p) reply_error(r, 503, "out of memory");
+    free(p);
+    return;
+  }
+  p->ticket = ticket;
+  char *at = p->buf;
+  imd_strs_copy(&at, strs, out, 3);
+  memcpy(at, m->data, m->data_len);
+  p->m = (im_msg){.id = out[0], .from = out[1], .room = out[2], .ts = m->ts, .data = at,
+                  .data_len = m->data_len};
+  if (imd_workers_gather(d, room_send_here, room_sent, p) < 0) {
+    respond_error(d, ticket, 503, "out of memory");
+    free(p);
+  }
+}
+
 static void push_room(imd *d, const char *room, im_msg *m, http_response *r) {
+  if (d->workers) {
+    push_room_workers(d, m, r);
+    return;
+  }
   int n = im_room_send(d->srv, room, m, 0);
   if (n < 0) {
     reply_error(r, n == IM_ETOOBIG ? 413 : 500, im_strerror(n));
     return;
   }
-  d->m.msgs_http++;
-  cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "id", m->id);
-  cJSON_AddNumberToObject(o, "delivered", n);
-  reply_json(r, 200, o);
+  reply_json(r, 200, room_pushed_json(d, m->id, n));
 }
 
 static void post_message(imd *d, const http_request *req, http_response *r) {
@@ -440,7 +491,10 @@ static void post_revoke(imd *d, const char *uid, http_response *r) {
     return;
   }
   int64_t at = (int64_t)imd_wall_ms();
-  if (imd_revoke_add(d->revoked, uid, at, d->cfg.max_token_ttl_s) < 0) {
+  imd_shared_lock();
+  int added = imd_revoke_add(d->revoked, uid, at, d->cfg.max_token_ttl_s);
+  imd_shared_unlock();
+  if (added < 0) {
     reply_error(r, 500, "cannot record the revocation");
     return;
   }
@@ -547,6 +601,16 @@ static void list_uid_ban(const char *uid, uint64_t until_ms, void *arg) {
 
 /* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
  * matching live sessions); DELETE the same body lifts. */
+/* A ban or unban of an address made on another worker. */
+static void ban_ip_here(imd *w, const char *ip, uint32_t secs) {
+  if (im_guard_ban(w->srv, ip, secs) == 0) im_guard_kick(w->srv, ip, IM_CLOSE_KICKED, "banned");
+}
+
+static void unban_ip_here(imd *w, const char *ip, uint32_t secs) {
+  (void)secs;
+  im_guard_unban(w->srv, ip);
+}
+
 static void bans(imd *d, const http_request *req, http_response *r) {
   if (req->method == HTTP_GET) {
     cJSON *o = cJSON_CreateObject();
@@ -575,6 +639,8 @@ static void bans(imd *d, const http_request *req, http_response *r) {
     rc = post ? im_guard_ban(d->srv, ip->valuestring, secs) : im_guard_unban(d->srv, ip->valuestring);
     if (rc == IM_EINVAL) err = "ip must be an address or ADDR/BITS";
     if (rc == 0 && post) closed = im_guard_kick(d->srv, ip->valuestring, IM_CLOSE_KICKED, "banned");
+    if (rc == 0) /* the other workers' guards too ("closed" counts this one's) */
+      imd_workers_broadcast(d, post ? ban_ip_here : unban_ip_here, ip->valuestring, secs);
   } else if (!err) {
     rc = post ? imd_ban_uid(d, uid->valuestring, secs) : imd_unban_uid(d, uid->valuestring);
   }
@@ -703,6 +769,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
   }
   if (n == 1 && !strcmp(seg[0], "metrics")) {
     if (!get) goto method;
+    if (d->workers) { /* every worker adds its numbers on its own loop */
+      uint64_t ticket = defer(r);
+      if (ticket) imd_workers_metrics(d, ticket);
+      return;
+    }
     r->status = 200;
     r->content_type = "text/plain; version=0.0.4";
     r->body = imd_metrics_render(d, &r->body_len);

@@ -1182,7 +1182,8 @@ http_server *http_server_new_tls(struct event_base *base, const char *addr,
   s->timer = evtimer_new(base, timer_cb, s);
   s->kick = event_new(base, -1, 0, kick_cb, s);
   if (!s->timer || !s->kick) goto fail;
-  s->listener = im_listener_new(base, addr, 1024, accept_cb, s);
+  s->listener = s->lim.reuseport ? im_listener_new_shared(base, addr, 1024, accept_cb, s)
+                                 : im_listener_new(base, addr, 1024, accept_cb, s);
   if (!s->listener) goto fail;
   s->port = im_listener_port(s->listener);
   return s;

@@ -164,6 +164,9 @@ typedef struct http_limits {
    * client without credentials cannot make the server hold max_body bytes
    * per connection. NULL: every body is buffered. */
   bool (*admit)(void *user, const char *authorization);
+  /* true: listen with SO_REUSEPORT (im_listener_new_shared), so that one
+   * server per worker thread shares the port. */
+  bool reuseport;
 } http_limits;
 
 #define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)

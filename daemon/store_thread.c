@@ -40,6 +40,7 @@ typedef struct row {
 
 typedef struct rq {
   struct rq *next;
+  im_async *done;          /* the loop its callback runs on */
   enum rq_kind kind;
   int status;
   void *arg;
@@ -64,19 +65,29 @@ typedef struct rq {
   char key[];              /* uid or gid (and device for marks), NUL-separated */
 } rq;
 
-typedef struct thread_store {
-  imd_store base;          /* first: the contract's handle */
+typedef struct thread_store thread_store;
+
+/* A handle on the store (the contract's): the store it queues to and the
+ * loop its callbacks run on. The store's own is the first; a worker
+ * thread gets a view (imd_store_sqlite_view). */
+typedef struct store_handle {
+  imd_store base;          /* first */
+  thread_store *t;
+  im_async *done;          /* finished requests, back to this handle's loop */
+} store_handle;
+
+struct thread_store {
+  store_handle h;          /* first: the store's own handle */
   sql_store *db;
   pthread_t thread;
   pthread_mutex_t lock;
   pthread_cond_t wake;
   rq *todo, *todo_tail;    /* queued by the loop */
-  im_async *done;          /* finished batches, back to the loop */
   bool stop, started;
   uint32_t trim_interval_s;
   imd_store_stats st;
   char err[ERR_MAX];
-} thread_store;
+};
 
 static uint64_t mono_ms(void) {
   struct timespec ts;
@@ -105,7 +116,10 @@ static rq *rq_new(enum rq_kind kind, const char *k1, const char *k2, void *arg) 
 
 static const char *rq_key2(const rq *r) { return r->key + strlen(r->key) + 1; }
 
-static int submit(thread_store *t, rq *r) {
+static int submit(imd_store *s, rq *r) {
+  store_handle *h = (store_handle *)s;
+  thread_store *t = h->t;
+  r->done = h->done;
   pthread_mutex_lock(&t->lock);
   if (t->todo_tail)
     t->todo_tail->next = r;
@@ -346,6 +360,30 @@ static bool run_batch(thread_store *t, rq *batch) {
   return marks;
 }
 
+/* Hand a finished batch back: to each loop the requests it made, in order
+ * (one post, so one wake-up, per loop). */
+static void hand_back(rq *batch) {
+  while (batch) {
+    im_async *q = batch->done;
+    rq *mine = NULL, **tail = &mine, **rest = &batch;
+    for (rq *r = batch, *next; r; r = next) {
+      next = r->next;
+      if (r->done == q) {
+        *rest = next;
+        r->next = NULL;
+        *tail = r;
+        tail = &r->next;
+      } else {
+        rest = &r->next;
+      }
+    }
+    if (im_async_post(q, mine) < 0) {
+      /* cannot happen before close, which joins this thread first */
+      log_error("store: cannot hand a batch back");
+    }
+  }
+}
+
 static void *thread_main(void *arg) {
   thread_store *t = arg;
   uint64_t next_trim =
@@ -395,11 +433,7 @@ static void *thread_main(void *arg) {
       next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
     }
 
-    if (batch && im_async_post(t->done, batch) < 0) {
-      /* cannot happen before close, which joins this thread first; a
-       * batch that cannot be handed back is still completed, here */
-      log_error("store: cannot hand a batch back");
-    }
+    hand_back(batch);
     pthread_mutex_lock(&t->lock);
     if (stop && !t->todo) break;
   }
@@ -421,7 +455,7 @@ static int t_append(imd_store *s, const imd_store_msg *m, const char *const *uid
   r->m = m;
   r->uids = uids;
   r->n = n;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_mark(imd_store *s, const char *uid, const char *device, uint64_t seq) {
@@ -429,7 +463,7 @@ static int t_mark(imd_store *s, const char *uid, const char *device, uint64_t se
   rq *r = rq_new(RQ_MARK, uid, device, NULL);
   if (!r) return IMD_STORE_EIO;
   r->seq = seq;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit, size_t max_bytes,
@@ -441,7 +475,7 @@ static int t_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
   r->since = since;
   r->limit = limit;
   r->max_bytes = max_bytes;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_state(imd_store *s, const char *uid, imd_state_cb cb, void *arg) {
@@ -449,7 +483,7 @@ static int t_state(imd_store *s, const char *uid, imd_state_cb cb, void *arg) {
   rq *r = rq_new(RQ_STATE, uid, NULL, arg);
   if (!r) return IMD_STORE_EIO;
   r->cb.state = cb;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_members(imd_store *s, const char *gid, imd_members_cb cb, void *arg) {
@@ -457,7 +491,7 @@ static int t_members(imd_store *s, const char *gid, imd_members_cb cb, void *arg
   rq *r = rq_new(RQ_MEMBERS, gid, NULL, arg);
   if (!r) return IMD_STORE_EIO;
   r->cb.members = cb;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_group(imd_store *s, const char *gid, const char *const *add, size_t nadd,
@@ -476,20 +510,26 @@ static int t_group(imd_store *s, const char *gid, const char *const *add, size_t
     rq_free(r);
     return IMD_STORE_EIO;
   }
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static void t_stats(imd_store *s, imd_store_stats *st) {
-  thread_store *t = (thread_store *)s;
+  thread_store *t = ((store_handle *)s)->t;
   pthread_mutex_lock(&t->lock);
   *st = t->st;
   pthread_mutex_unlock(&t->lock);
 }
 
-static const char *t_error(imd_store *s) { return ((thread_store *)s)->err; }
+static const char *t_error(imd_store *s) { return ((store_handle *)s)->t->err; }
 
 static void t_close(imd_store *s) {
-  thread_store *t = (thread_store *)s;
+  store_handle *h = (store_handle *)s;
+  thread_store *t = h->t;
+  if (h != &t->h) { /* a view: after the store itself (no post can race) */
+    im_async_free(h->done); /* completes what the thread finished for it */
+    free(h);
+    return;
+  }
   if (t->started) {
     pthread_mutex_lock(&t->lock);
     t->stop = true;
@@ -497,7 +537,7 @@ static void t_close(imd_store *s) {
     pthread_mutex_unlock(&t->lock);
     pthread_join(t->thread, NULL);
   }
-  im_async_free(t->done); /* completes what the thread finished last */
+  im_async_free(t->h.done); /* completes what the thread finished last */
   sqlstore_close(t->db);
   pthread_mutex_destroy(&t->lock);
   pthread_cond_destroy(&t->wake);
@@ -560,26 +600,40 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
     snprintf(err, errlen, "out of memory");
     return NULL;
   }
-  t->base.ops = &thread_ops;
+  t->h.base.ops = &thread_ops;
+  t->h.t = t;
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
   pthread_cond_init(&t->wake, NULL);
   *err = '\0';
   t->db = sqlstore_open(path, o, err, errlen);
   if (!t->db || (groups_json && import_groups(t->db, groups_json, err, errlen) < 0)) {
-    t_close(&t->base);
+    t_close(&t->h.base);
     return NULL;
   }
   /* retention at start, before the first request can read */
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
   if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
-  t->done = im_async_new(base, batch_done, t);
-  if (!t->done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
+  t->h.done = im_async_new(base, batch_done, t);
+  if (!t->h.done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
     snprintf(err, errlen, "cannot start the store thread");
-    t_close(&t->base);
+    t_close(&t->h.base);
     return NULL;
   }
   t->started = true;
-  return &t->base;
+  return &t->h.base;
+}
+
+imd_store *imd_store_sqlite_view(imd_store *s, struct event_base *base) {
+  store_handle *h = calloc(1, sizeof *h);
+  if (!h) return NULL;
+  h->base.ops = &thread_ops;
+  h->t = ((store_handle *)s)->t;
+  h->done = im_async_new(base, batch_done, h->t);
+  if (!h->done) {
+    free(h);
+    return NULL;
+  }
+  return &h->base;
 }

@@ -53,7 +53,10 @@ static int slot_alloc(im_server *s, uint32_t *out) {
 int conn_attach(im_server *s, im_conn *c) {
   uint32_t slot;
   if (slot_alloc(s, &slot) < 0) return IM_ENOMEM;
-  c->id = ((uint64_t)++s->gens[slot] << 32) | (slot + 1);
+  uint64_t gen = ++s->gens[slot];
+  if (s->id_shards > 1 && s->id_shards <= 64) /* the shard tags the id (im_server_set_id_shard) */
+    gen = (gen & 0x3ffffffu) | ((uint64_t)s->id_shard << 26);
+  c->id = (gen << 32) | (slot + 1);
   s->slots[slot] = c;
   return 0;
 }

@@ -92,7 +92,7 @@ static void on_msg_op(im_server *s, im_conn *c, const imp_packet *p) {
   size_t used = 0;
   char id[24];
   im_new_id(s, id);
-  im_msg m = {0};
+  im_msg m = {IM_STRUCT_SIZE(im_msg)};
   m.id = id;
   m.cid = srv_field(s, p, IMP_K_CID, &used);
   m.to = srv_field(s, p, IMP_K_TO, &used);
@@ -171,10 +171,13 @@ static void dispatch(im_server *s, im_conn *c, const imp_packet *p) {
       } else {
         const imp_str *id = &p->str[IMP_K_ID];
         uint64_t seq = IMP_HAS(p, IMP_K_SEQ) ? p->num[IMP_K_SEQ] : 0;
-        rel_ack(s, c, id->p, id->n, &seq);
+        int64_t rtt = -1;
+        rel_ack(s, c, id->p, id->n, &seq, &rtt);
         if (s->cb.on_ack) {
           size_t used = 0;
+          s->ack_rtt = &rtt; /* im_ack_rtt_us */
           s->cb.on_ack(s, c->id, srv_field(s, p, IMP_K_ID, &used), seq, s->user);
+          s->ack_rtt = NULL;
         }
       }
       break;

@@ -125,6 +125,7 @@ typedef struct rel_entry {
   uint64_t seq;
   uint64_t due;            /* tick of the next retransmit (sent entries) */
   uint32_t tries;          /* times sent */
+  uint64_t queued_us;      /* im_send_* queued it (rel_stamp_us), for im_ack_rtt_us */
   char id[IM_ID_MAX];
 } rel_entry;
 
@@ -216,9 +217,14 @@ struct im_server {
   uint64_t id_wall0;       /* wall-clock ms at creation, base of message ids */
   uint64_t id_last_ms;
   uint32_t id_counter;
+  uint32_t id_shard, id_shards; /* im_server_set_id_shard: counters = shard mod shards */
+  uint64_t *id_clock;      /* im_server_set_id_clock: the highest id minted by the sharers */
   uint32_t idle_ticks;
   im_router router;        /* all NULL: a single island */
   const char *op_cid;      /* cid of the join/leave op during on_room (im_op_cid) */
+  const int64_t *ack_rtt;  /* during on_ack: what im_ack_rtt_us answers; NULL elsewhere */
+  uint64_t (*clock_us)(void *ud); /* im_server_set_clock; NULL: engine time */
+  void *clock_ud;
   struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   im_stats st;
 };

@@ -4,6 +4,7 @@
  * membership calls. */
 #include <string.h>
 
+#include "core/abi.h"
 #include "core/conn.h"
 #include "core/reliable.h"
 
@@ -11,9 +12,9 @@
 /* m itself when it has an id; else *copy with a fresh id written into id. */
 static const im_msg *route_msg_with_id(im_server *s, const im_msg *m, im_msg *copy,
                                        char id[IM_ID_MAX]) {
-  if (m->id) return m;
+  if (!(m = im__msg_in(m, copy)) || m->id) return m; /* NULL: struct_size too small */
   im_new_id(s, id);
-  *copy = *m;
+  if (m != copy) *copy = *m;
   copy->id = id;
   return copy;
 }
@@ -27,10 +28,12 @@ typedef struct fanout {
   bool reliable;
   bool rated;               /* a fan-out to many (room): max_push_rate applies */
   char id[24];
+  im_msg msg;
 } fanout;
 
 static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   memset(f, 0, sizeof(*f));
+  if (!(m = im__msg_in(m, &f->msg))) return IM_EINVAL; /* f->msg: an older layout's copy */
   f->pkt.op = IMP_OP_MSG;
   const char *id = m->id;
   if (!id) {
@@ -140,13 +143,13 @@ int im_send_users(im_server *s, const char *const *uids, size_t nu, const im_msg
   if (!s->router.send_users) return im_local_send_users(s, uids, nu, m, except);
   im_msg routed;
   char id[IM_ID_MAX];
-  m = route_msg_with_id(s, m, &routed, id);
+  if (!(m = route_msg_with_id(s, m, &routed, id))) return IM_EINVAL;
   int n = im_local_send_users(s, uids, nu, m, except);
   if (n < 0) return n;
   srv_enter(s);
   int rc = s->router.send_users(s, uids, nu, m, s->router.ud);
   srv_leave(s);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 int im_send_user(im_server *s, const char *uid, const im_msg *m, im_conn_id except) {
@@ -190,13 +193,13 @@ int im_room_send(im_server *s, const char *room, const im_msg *m, im_conn_id exc
   if (!s->router.room_send) return im_local_room_send(s, room, m, except);
   im_msg routed;
   char id[IM_ID_MAX];
-  m = route_msg_with_id(s, m, &routed, id);
+  if (!(m = route_msg_with_id(s, m, &routed, id))) return IM_EINVAL;
   int n = im_local_room_send(s, room, m, except);
   if (n < 0) return n;
   srv_enter(s);
   int rc = s->router.room_send(s, room, m, s->router.ud);
   srv_leave(s);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 int im_room_join(im_server *s, im_conn_id id, const char *room) {

@@ -21,6 +21,18 @@ im_rel *rel_get(im_server *s, im_conn *c) {
   return r;
 }
 
+/* Now for im_ack_rtt_us: the application's clock, else engine time. */
+static uint64_t rel_stamp_us(const im_server *s) {
+  return s->clock_us ? s->clock_us(s->clock_ud) : s->now_ms * 1000u;
+}
+
+void im_server_set_clock(im_server *s, uint64_t (*now_us)(void *ud), void *ud) {
+  s->clock_us = now_us;
+  s->clock_ud = ud;
+}
+
+int64_t im_ack_rtt_us(const im_server *s) { return s->ack_rtt ? *s->ack_rtt : -1; }
+
 static rel_entry *entry_new(im_server *s, im_buf *b, const char *id, size_t idlen, uint64_t seq) {
   if (idlen >= IM_ID_MAX) idlen = IM_ID_MAX - 1;
   rel_entry *e = im_alloc(s, sizeof(*e));
@@ -30,6 +42,7 @@ static rel_entry *entry_new(im_server *s, im_buf *b, const char *id, size_t idle
   e->seq = seq;
   e->due = 0;
   e->tries = 0;
+  e->queued_us = rel_stamp_us(s);
   memcpy(e->id, id, idlen);
   e->id[idlen] = '\0';
   return e;
@@ -90,7 +103,8 @@ int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, 
   return 0;
 }
 
-bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq) {
+bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq,
+             int64_t *rtt_us) {
   im_rel *r = c->rel;
   if (!r || idlen >= IM_ID_MAX) return false;
   rel_entry *prev = NULL, *e = r->head;
@@ -100,6 +114,8 @@ bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *s
   }
   if (!e) return false;
   *seq = e->seq;
+  uint64_t now = rel_stamp_us(s);
+  *rtt_us = now > e->queued_us ? (int64_t)(now - e->queued_us) : 0;
   if (prev)
     prev->next = e->next;
   else

@@ -12,8 +12,10 @@ im_rel *rel_get(im_server *s, im_conn *c);
  * IM_ECLOSED. */
 int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, uint64_t seq);
 /* The client ACKed id: forget it and send what waits. Returns true when it
- * was in flight, with its seq in *seq. */
-bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq);
+ * was in flight, with its seq in *seq and the microseconds since it was
+ * queued in *rtt_us. */
+bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq,
+             int64_t *rtt_us);
 /* Retransmit timer (tw_advance callback on ack_wheel). */
 void rel_on_timer(tw_entry *e, void *arg);
 /* Report c's unACKed messages to on_undelivered (c is being released). */

@@ -6,11 +6,13 @@
  * closing), auth.c, input.c with ws_input.c and tcp_input.c, dispatch.c,
  * fanout.c, reliable.c, dedupe.c, registry.c, guard.c. */
 #include <inttypes.h>
+#include <libim/im_guard.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include "core/abi.h"
 #include "core/conn.h"
 #include "core/reliable.h"
 #include "proto/ws_handshake.h"
@@ -20,7 +22,8 @@ static void *std_calloc(size_t n, size_t m, void *ud) { (void)ud; return calloc(
 static void *std_realloc(void *p, size_t n, void *ud) { (void)ud; return realloc(p, n); }
 static void std_free(void *p, void *ud) { (void)ud; free(p); }
 
-void im_config_init(im_config *cfg) {
+int im_config_init_size(im_config *out, size_t size) {
+  im_config def, *cfg = &def;
   memset(cfg, 0, sizeof(*cfg));
   cfg->max_message = 64 * 1024;
   cfg->max_output = 1024 * 1024;
@@ -36,24 +39,27 @@ void im_config_init(im_config *cfg) {
   cfg->max_rooms = 64;
   cfg->max_preauth_input = 8192;
   cfg->max_conns_per_user = 32;
+  return im__config_out(out, size, cfg);
 }
 
 
 im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user) {
   im_config def;
-  if (!cfg) {
-    im_config_init(&def);
-    cfg = &def;
-  }
-  if (cfg->tick_ms == 0 || cfg->max_message < 16 || cfg->node_id > 1023) return NULL;
+  im_callbacks cb_tmp;
+  im_config_init(&def);
+  cfg = cfg ? im__config_in(cfg, &def) : &def;
+  if (cb && !(cb = im__callbacks_in(cb, &cb_tmp))) return NULL;
+  if (!cfg || cfg->tick_ms == 0 || cfg->max_message < 16 || cfg->node_id > 1023) return NULL;
   const im_allocator *a = cfg->alloc;
   im_allocator al = {std_malloc, std_calloc, std_realloc, std_free, NULL};
   if (a && a->malloc && a->calloc && a->realloc && a->free) al = *a;
   im_server *s = al.calloc(1, sizeof(*s), al.ud);
   if (!s) return NULL;
   s->cfg = *cfg;
+  s->cfg.struct_size = sizeof(s->cfg);
   s->alloc = al;
   if (cb) s->cb = *cb;
+  s->cb.struct_size = sizeof(s->cb);
   s->user = user;
   if (cfg->ws_path) {
     size_t pl = strlen(cfg->ws_path) + 1;
@@ -150,18 +156,43 @@ void srv_leave(im_server *s) {
 
 /* ---- message ids ------------------------------------------------------- */
 
+/* With a shared id clock (im_server_set_id_clock): an id above every id
+ * any server sharing it minted before, in this server's shard. */
+static uint64_t shared_clock_id(im_server *s, uint64_t id, uint32_t step) {
+  uint64_t seen = __atomic_load_n(s->id_clock, __ATOMIC_ACQUIRE);
+  while (id <= seen) {
+    uint64_t ms = seen >> 22, c = seen & 0xfff;
+    uint64_t next = c - c % step + s->id_shard;
+    if (next <= c) next += step;
+    if (next >= 4096) {
+      ms++;
+      next = s->id_shard;
+    }
+    s->id_last_ms = ms;
+    s->id_counter = (uint32_t)next;
+    id = (ms << 22) | ((uint64_t)s->cfg.node_id << 12) | next;
+  }
+  while (seen < id && !__atomic_compare_exchange_n(s->id_clock, &seen, id, true, __ATOMIC_ACQ_REL,
+                                                   __ATOMIC_ACQUIRE)) {
+  }
+  return id;
+}
+
 /* Snowflake-style: 41 bits of milliseconds, 10 of node, 12 of counter;
  * the millisecond part never goes back, so ids grow and stay unique. */
 void im_new_id(im_server *s, char out[IM_ID_MAX]) {
   uint64_t ms = s->id_wall0 + s->now_ms - 1700000000000ULL;
+  /* a shard (im_server_set_id_shard) takes every id_shards-th counter */
+  uint32_t step = s->id_shards ? s->id_shards : 1;
   if (ms > s->id_last_ms) {
     s->id_last_ms = ms;
-    s->id_counter = 0;
-  } else if (++s->id_counter == 4096) {
+    s->id_counter = s->id_shard;
+  } else if ((s->id_counter += step) >= 4096) {
     s->id_last_ms++;
-    s->id_counter = 0;
+    s->id_counter = s->id_shard;
   }
   uint64_t id = (s->id_last_ms << 22) | ((uint64_t)s->cfg.node_id << 12) | s->id_counter;
+  if (s->id_clock) id = shared_clock_id(s, id, step);
   snprintf(out, IM_ID_MAX, "%" PRIu64, id);
 }
 
@@ -354,9 +385,12 @@ int im_guard_kick(im_server *s, const char *cidr, int code, const char *reason) 
 
 /* ---- introspection ---------------------------------------------------------- */
 
-int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
+int im_conn_get_info_size(const im_server *s, im_conn_id id, im_conn_info *out, size_t size) {
+  if (!out || size < IM__CONN_INFO_SIZE_MIN || size > UINT32_MAX) return IM_EINVAL;
   im_conn *c = conn_lookup(s, id);
   if (!c) return IM_ENOENT;
+  out->struct_size = (uint32_t)size;
+  im_conn_info full, *info = &full;
   memset(info, 0, sizeof(*info));
   if (c->flags & CF_REGISTERED) {
     info->uid = c->ident;
@@ -368,7 +402,7 @@ int im_conn_get_info(const im_server *s, im_conn_id id, im_conn_info *info) {
   info->binary = c->binary;
   info->since_ms = c->since_ms;
   info->secure = (c->flags & CF_SECURE) != 0;
-  return 0;
+  return im__struct_out(out, IM__CONN_INFO_SIZE_MIN, info, sizeof(*info));
 }
 
 int im_conn_set_secure(im_server *s, im_conn_id id, int secure) {
@@ -402,4 +436,8 @@ size_t im_user_conns(const im_server *s, const char *uid, im_conn_id *ids, size_
   return k;
 }
 
-void im_server_stats(const im_server *s, im_stats *st) { *st = s->st; }
+void im_server_stats_size(const im_server *s, im_stats *st, size_t size) {
+  if (!st || size < IM__STATS_SIZE_MIN || size > UINT32_MAX) return;
+  st->struct_size = (uint32_t)size;
+  im__struct_out(st, IM__STATS_SIZE_MIN, &s->st, sizeof(s->st));
+}

@@ -76,6 +76,7 @@ struct im_event {
   ev_conn *grave;
   ev_conn *all;
   bool shutting_down;
+  bool reuseport;           /* im_event_set_reuseport */
   unsigned signal_grace_ms;
   uint8_t rbuf[READ_BUF];
 };
@@ -247,7 +248,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     free(ec);
   }
   if (e->shutting_down) {
-    im_stats st;
+    im_stats st = {IM_STRUCT_SIZE(im_stats)};
     im_server_stats(e->srv, &st);
     if (st.conns == 0) event_base_loopexit(e->base, NULL);
   }
@@ -368,12 +369,15 @@ int im_event_listen_tls(im_event *e, enum im_transport t, const char *addr, im_t
   ls->owner = e;
   ls->t = t;
   ls->tls = tls;
-  ls->l = im_listener_new(e->base, addr, 4096, accept_cb, ls);
+  ls->l = e->reuseport ? im_listener_new_shared(e->base, addr, 4096, accept_cb, ls)
+                       : im_listener_new(e->base, addr, 4096, accept_cb, ls);
   if (!ls->l) return IM_EADDR;
   if (e->shutting_down) im_listener_enable(ls->l, 0);
   e->nls++;
   return 0;
 }
+
+void im_event_set_reuseport(im_event *e, int on) { e->reuseport = on != 0; }
 
 int im_event_listen(im_event *e, enum im_transport t, const char *addr) {
   return im_event_listen_tls(e, t, addr, NULL);

@@ -1,7 +1,7 @@
 /* The asynchronous store contract (store.h) over the SQLite engine on its
  * thread: callbacks on the loop in request order, reads after writes,
  * groups, marks that need no commit of their own, close with requests
- * outstanding. Driven by a real libevent loop. */
+ * outstanding, views for other loops. Driven by real libevent loops. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -221,6 +221,46 @@ static void close_completes_outstanding(void **state) {
   for (int k = 0; k < 20; k++) assert_int_equal(f->status[k], IMD_STORE_OK);
 }
 
+/* A view (a worker thread's handle): its requests complete on its own
+ * loop, in order, and never on the store's loop; seqs follow the order of
+ * the requests across both handles. */
+static int view_base_done(struct event_base *b, fx *f, int want) {
+  for (int i = 0; i < 500 && f->done < want; i++) {
+    struct timeval tv = {0, 10000};
+    event_base_loopexit(b, &tv);
+    event_base_dispatch(b);
+  }
+  return f->done;
+}
+
+static void a_view_completes_on_its_own_loop(void **state) {
+  fx *f = *state;
+  struct event_base *b2 = event_base_new();
+  imd_store *view = imd_store_sqlite_view(f->s, b2);
+  assert_non_null(view);
+  imd_store *main_store = f->s;
+  for (int k = 0; k < 10; k++) {
+    f->s = k % 2 ? view : main_store; /* odd requests through the view */
+    assert_int_equal(append(f, k, NULL), 0);
+  }
+  f->s = main_store;
+  wait_done(f, 5); /* the store's loop: only its own five */
+  for (int i = 0; i < 5; i++) assert_int_equal(f->order[i], 2 * i);
+  assert_int_equal(view_base_done(b2, f, 10), 10);
+  for (int i = 5; i < 10; i++) assert_int_equal(f->order[i], 2 * (i - 5) + 1);
+  for (int k = 0; k < 10; k++) assert_int_equal(f->seqs[k][0], (uint64_t)k + 1);
+  /* close: the store first (its thread stops), then the view completes
+   * what is left for it */
+  f->s = view;
+  assert_int_equal(append(f, 10, NULL), 0);
+  main_store->ops->close(main_store);
+  view->ops->close(view);
+  f->s = NULL;
+  assert_int_equal(f->done, 11);
+  assert_int_equal(f->status[10], IMD_STORE_OK);
+  event_base_free(b2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(callbacks_in_order_and_reads_after_writes, setup, teardown),
@@ -228,6 +268,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(marks_ride_along, setup, teardown),
       cmocka_unit_test_setup_teardown(groups, setup, teardown),
       cmocka_unit_test_setup_teardown(close_completes_outstanding, setup, teardown),
+      cmocka_unit_test_setup_teardown(a_view_completes_on_its_own_loop, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
