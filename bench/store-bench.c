@@ -5,13 +5,15 @@
  *   store-bench [-n messages] [-b appends per commit] [-u users]
  *               [-k keep_count] [-N] [-c] FILE
  *
- * -N: synchronous=NORMAL instead of FULL. -c: give every message a client
+ * Prints appends/s (wall clock, fsyncs included) and the CPU time (user +
+ * system) per append. -N: synchronous=NORMAL instead of FULL. -c: give every message a client
  * id (idempotency key). FILE must not exist; it and its -wal/-shm are
  * removed at the end. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -33,6 +35,16 @@ static double now_s(void)
 
   clock_gettime(CLOCK_MONOTONIC, &ts);
   return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* CPU seconds (user + system) this process has used so far. */
+static double cpu_s(void)
+{
+  struct rusage ru;
+
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+         (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
 }
 
 /* xorshift64: a fixed, cheap sequence of user pairs. */
@@ -122,7 +134,7 @@ int main(int argc, char **argv)
   imd_store_opts so = {0};
   sql_store *s;
   char err[256];
-  double secs, max_commit, t0;
+  double secs, max_commit, t0, cpu0;
   long trimmed;
 
   if (parse_args(argc, argv, &o) != 0) {
@@ -142,16 +154,18 @@ int main(int argc, char **argv)
     fprintf(stderr, "open: %s\n", err);
     return 1;
   }
+  cpu0 = cpu_s();
   secs = run_appends(s, &o, &max_commit);
+  cpu0 = cpu_s() - cpu0;
   if (secs < 0) {
     sqlstore_close(s);
     remove_store(o.path);
     return 1;
   }
   printf("synchronous=%s cid=%s users=%lu: %lu appends (2 inboxes each), commit every %lu: "
-         "%.0f appends/s, slowest commit %.1f ms\n",
+         "%.0f appends/s, %.2f us CPU/append, slowest commit %.1f ms\n",
          o.no_fsync ? "NORMAL" : "FULL", o.with_cid ? "yes" : "no", o.users, o.messages, o.batch,
-         (double)o.messages / secs, max_commit * 1e3);
+         (double)o.messages / secs, cpu0 * 1e6 / (double)o.messages, max_commit * 1e3);
   if (o.keep_count > 0) {
     t0 = now_s();
     trimmed = sqlstore_trim(s, 1700000000000 + o.messages);
