@@ -28,6 +28,7 @@
 #include <sqlite3.h>
 
 #include "core/strmap.h"
+#include "store_vfs.h"
 
 /* 2: group membership (grp_members); 3: users rows written lazily, meta
  * (the clean-close mark). Older files are upgraded on open. */
@@ -575,7 +576,9 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   if (o != NULL)
     s->opts = *o;
   set_err(s, 0, "no error");
-  if (sqlite3_open_v2(path, &s->db, flags, NULL) != SQLITE_OK) {
+  /* WAL writes coalesced per commit: only where each commit syncs */
+  if (sqlite3_open_v2(path, &s->db, flags, s->opts.no_fsync ? NULL : storevfs_name()) !=
+      SQLITE_OK) {
     report(err, errlen, "cannot open the store",
            s->db != NULL ? sqlite3_errmsg(s->db) : "out of memory");
     goto fail;
