@@ -265,6 +265,10 @@ struct sql_store {
   bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next
                            commit must fail so nothing in it is acknowledged */
+  sqlstore_wal_fn wal_fn; /* checkpoints elsewhere (NULL: in the commit) */
+  void *wal_ctx;
+  uint64_t frame_bytes;   /* a WAL frame: page + header */
+  bool ckpt_behind;       /* the last checkpoint here left frames uncopied */
   char err[ERR_MAX];
   char lost_err[ERR_MAX];
 };
@@ -538,7 +542,7 @@ static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
            " PRAGMA temp_store=MEMORY;"
            " PRAGMA wal_autocheckpoint=%d",
            no_fsync ? "NORMAL" : "FULL", CACHE_SIZE_KIB, WAL_LIMIT_BYTES,
-           WAL_CHECKPOINT_BYTES / page_size);
+           WAL_CHECKPOINT_BYTES / (page_size + 24));
   if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) {
     report(err, errlen, "cannot configure the store", sqlite3_errmsg(db));
     return -1;
@@ -984,6 +988,81 @@ int sqlstore_group_members(sql_store *s, const char *gid,
     rc = db_fail(s, "cannot read the group");
   sqlite3_reset(st);
   return rc;
+}
+
+/* ---- checkpoints ---- */
+
+struct sql_ckpt {
+  sqlite3 *db;
+};
+
+/* After each commit, with the WAL's size. Checkpointing here is allowed
+ * (SQLite's own autocheckpoint does it from the same hook). */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+  sql_store *s = arg;
+  int log = 0, copied = 0, rc;
+
+  if (frames > 0 && s->wal_fn(s->wal_ctx, (uint64_t)frames * s->frame_bytes, s->ckpt_behind)) {
+    rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, &log, &copied);
+    s->ckpt_behind = rc != SQLITE_OK || copied < log; /* busy: the other thread's pass */
+  }
+  return SQLITE_OK;
+}
+
+void sqlstore_set_wal_hook(sql_store *s, sqlstore_wal_fn fn, void *ctx)
+{
+  int page_size = pragma_int(s->db, "PRAGMA page_size");
+
+  s->wal_fn = fn;
+  s->wal_ctx = ctx;
+  s->frame_bytes = (uint64_t)(page_size > 0 ? page_size : PAGE_SIZE) + 24;
+  if (fn != NULL) {
+    sqlite3_wal_hook(s->db, wal_hook, s);
+  } else {
+    sqlite3_wal_autocheckpoint(s->db, (int)(WAL_CHECKPOINT_BYTES / s->frame_bytes));
+  }
+}
+
+sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
+{
+  bool no_fsync = o != NULL && o->no_fsync;
+  sql_ckpt *c = calloc(1, sizeof *c);
+
+  if (c == NULL) {
+    report(err, errlen, "out of memory", NULL);
+    return NULL;
+  }
+  if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                      no_fsync ? NULL : storevfs_name()) != SQLITE_OK ||
+      sqlite3_exec(c->db, no_fsync ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=FULL",
+                   NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot open the store for checkpoints",
+           c->db != NULL ? sqlite3_errmsg(c->db) : "out of memory");
+    sqlstore_ckpt_close(c);
+    return NULL;
+  }
+  /* this connection only checkpoints: no autocheckpoint of its own */
+  sqlite3_wal_autocheckpoint(c->db, 0);
+  return c;
+}
+
+int sqlstore_ckpt_run(sql_ckpt *c, char *err, size_t errlen)
+{
+  int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+
+  if (rc == SQLITE_OK || rc == SQLITE_BUSY) /* busy: another checkpoint runs */
+    return IMD_STORE_OK;
+  report(err, errlen, "checkpoint failed", sqlite3_errmsg(c->db));
+  return IMD_STORE_EIO;
+}
+
+void sqlstore_ckpt_close(sql_ckpt *c)
+{
+  if (c == NULL)
+    return;
+  sqlite3_close(c->db);
+  free(c);
 }
 
 /* ---- commit ---- */

@@ -76,6 +76,34 @@ int sqlstore_group_members(sql_store *s, const char *gid,
 int sqlstore_commit(sql_store *s);
 
 
+/* Checkpoints (copying the WAL back into the database file) on a thread of
+ * the caller's. By default the store checkpoints inside the commit that
+ * leaves 4 MiB in the WAL, which stalls that commit. After
+ * sqlstore_set_wal_hook(s, fn, ctx), fn(ctx, wal_bytes, behind) runs after
+ * each commit instead, on the store's thread, with the WAL's size; it
+ * returns true to have the store checkpoint right there (passive: it copies
+ * only what no one copied yet, and never waits). The WAL starts over from
+ * its beginning only at a write after a checkpoint that left nothing to
+ * copy, so fn returns true once a pass of the other thread finished: that
+ * catch-up copies only the commits made during the pass. behind: the last
+ * such checkpoint did not copy everything (the other thread's next pass
+ * held it off), so the catch-up is still due. fn NULL: back to the
+ * default. fn must not call into the store. */
+typedef bool (*sqlstore_wal_fn)(void *ctx, uint64_t wal_bytes, bool behind);
+void sqlstore_set_wal_hook(sql_store *s, sqlstore_wal_fn fn, void *ctx);
+
+/* A connection of its own to the store at path, for checkpoints only, to
+ * be used by one other thread. NULL with a reason in err. */
+typedef struct sql_ckpt sql_ckpt;
+sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *err,
+                             size_t errlen);
+/* One passive checkpoint: copies the committed frames not yet copied,
+ * without blocking the store's writes. Returns 0 (also when another
+ * checkpoint was running) or IMD_STORE_EIO with a reason in err. */
+int sqlstore_ckpt_run(sql_ckpt *c, char *err, size_t errlen);
+/* NULL is a no-op. */
+void sqlstore_ckpt_close(sql_ckpt *c);
+
 /* Called once per entry, in seq order. Return 0 to go on, non-zero to stop
  * (more is then set as if the limit had been reached). It must not call
  * into the store. */
