@@ -104,7 +104,8 @@ static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_
     uint64_t b = (a + 1 + next_rand(&rnd) % (o->users - 1)) % o->users;
     uint64_t seqs[2];
 
-    snprintf(id, sizeof id, "%lu", i + 1);
+    /* ids of imd's shape: snowflakes, same width, so they grow in text order too */
+    snprintf(id, sizeof id, "%lu", 100000000000000000ul + i);
     snprintf(cid, sizeof cid, "c%lu", i + 1);
     snprintf(from, sizeof from, "user%llu", (unsigned long long)a);
     snprintf(to, sizeof to, "user%llu", (unsigned long long)b);

@@ -20,6 +20,7 @@
  * comes from an in-memory cache loaded once from the database. */
 #include "store_sqlite.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -562,6 +563,16 @@ static int stmts_prepare(sql_store *s, char *err, size_t errlen)
   return 0;
 }
 
+static pthread_once_t sqlite_once = PTHREAD_ONCE_INIT;
+
+/* Before SQLite's first use in the process: no allocation statistics, which
+ * cost a global mutex per allocation (imd reads none of them). Too late if
+ * SQLite was already in use: then nothing changes. */
+static void sqlite_setup(void)
+{
+  sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
+}
+
 sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
 {
   sql_store *s;
@@ -580,6 +591,7 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   if (o != NULL)
     s->opts = *o;
   set_err(s, 0, "no error");
+  pthread_once(&sqlite_once, sqlite_setup);
   /* WAL writes coalesced per commit: only where each commit syncs */
   if (sqlite3_open_v2(path, &s->db, flags, s->opts.no_fsync ? NULL : storevfs_name()) !=
       SQLITE_OK) {
