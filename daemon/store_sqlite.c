@@ -1,6 +1,6 @@
 /* imd's message store on SQLite (the contract is in store.h).
  *
- * Tables (schema version 1, PRAGMA user_version):
+ * Tables (schema version 3, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
  *           inbox(mid).
@@ -10,14 +10,25 @@
  *   inbox   (uid, seq) -> mid: the per-user inboxes. The entries still held
  *           for a user are always exactly trimmed+1 .. last_seq; trimming
  *           only ever drops a prefix.
- *   users   uid -> last_seq, trimmed. last_seq is written once per batch per
- *           user touched (at commit), not per append.
+ *   users   uid -> last_seq, trimmed. last_seq is not written by commits:
+ *           a user's last seq is also that of its newest inbox entry. It is
+ *           written for the users a commit advanced at the next retention
+ *           pass (which reads it) and at close.
  *   cursors (uid, device) -> delivered.
+ *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
+ *           close (users rows exact), 0 while it is open. An open that finds
+ *           no clean close raises the users rows from the inboxes (one scan).
  *
- * Hot path: an append is one INSERT per table row it adds (idem, msgs, one
- * inbox row per receiver) inside a SAVEPOINT, so a failing append undoes
- * only itself and the batch around it survives. The next seq of each user
- * comes from an in-memory cache loaded once from the database. */
+ * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
+ * row per receiver) and nothing else; a batch is one transaction, one
+ * commit, one fsync. There is no savepoint per append: what can refuse an
+ * append (arguments, a uid listed twice, a duplicate key) is checked before
+ * its first write, and an append that SQLite fails halfway deletes the rows
+ * it wrote, so the batch around it survives. The next seq of each user comes
+ * from an in-memory counter loaded once from the database. Commits write
+ * their WAL frames in a few large writes (store_vfs.c, with fsync on) and
+ * leave the checkpoint to another thread where the caller provides one
+ * (sqlstore_set_wal_hook(); imd's store thread does). */
 #include "store_sqlite.h"
 
 #include <pthread.h>
@@ -42,10 +53,11 @@
 /* Appends insert at random places in idem and inbox (keyed by sender and
  * by receiver), so a commit writes about one whole page per row to the WAL.
  * Small pages cut those bytes (measured: under half the volume of 4 KiB
- * pages, and ~20% more appends/s). The checkpoint runs inside the commit
- * that crosses WAL_CHECKPOINT_BYTES, so that size trades throughput for the
- * longest commit: 32 MiB measured a little faster but stalled commits for
- * 50-80 ms against ~25 ms at 4 MiB (SQLite's default size in bytes). */
+ * pages, and ~20% more appends/s). Without a WAL hook the checkpoint runs
+ * inside the commit that crosses WAL_CHECKPOINT_BYTES, so that size trades
+ * throughput for the longest commit: 32 MiB measured a little faster but
+ * stalled commits for 50-80 ms against ~25 ms at 4 MiB (SQLite's default
+ * size in bytes). */
 #define PAGE_SIZE 1024           /* only takes effect when the file is created */
 #define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
 #define WAL_LIMIT_BYTES (64 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
@@ -94,9 +106,9 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_BEGIN] = "BEGIN IMMEDIATE",
   [ST_COMMIT] = "COMMIT",
   [ST_ROLLBACK] = "ROLLBACK",
-  [ST_SAVEPOINT] = "SAVEPOINT append",
-  [ST_RELEASE] = "RELEASE append",
-  [ST_UNDO] = "ROLLBACK TO append",
+  [ST_SAVEPOINT] = "SAVEPOINT group_change",
+  [ST_RELEASE] = "RELEASE group_change",
+  [ST_UNDO] = "ROLLBACK TO group_change",
   /* last = max(users.last_seq, newest inbox entry): the inbox term makes the
    * counter right even if a users row lagged behind its inbox. */
   [ST_USER_GET] =

@@ -30,9 +30,12 @@ typedef struct sql_store sql_store;
 
 
 /* Open (creating if needed) the store at `path` (a file name). WAL mode.
+ * A file of an older schema is upgraded; one that was not closed cleanly
+ * (a crash) has its per-user counters repaired from the inboxes first.
  * Returns the store, or NULL with a reason in err (errlen bytes, NUL-terminated). */
 sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen);
-/* Roll back an open batch and close. NULL is a no-op. */
+/* Roll back an open batch, write the users rows still due (see
+ * sqlstore_trim()) and mark the close clean, then close. NULL is a no-op. */
 void sqlstore_close(sql_store *s);
 /* Text of the last error (never NULL; valid until the next store call). */
 const char *sqlstore_error(const sql_store *s);
@@ -129,7 +132,9 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
  * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
  * clock stepped back, a younger entry before an expired one goes with it.
  * Runs in its own transaction, so its time grows with the entries dropped
- * (call it often rather than rarely). Returns the number of inbox entries
+ * (call it often rather than rarely); first it writes the last seq of every
+ * user that commits advanced since the last trim (users.last_seq, which the
+ * count limit reads; commits do not write it). Returns the number of inbox entries
  * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
 long sqlstore_trim(sql_store *s, uint64_t now_ms);
 
