@@ -1018,6 +1018,7 @@ int sqlstore_group_members(sql_store *s, const char *gid,
 
 struct sql_ckpt {
   sqlite3 *db;
+  uint64_t frame_bytes;
 };
 
 /* After each commit, with the WAL's size. Checkpointing here is allowed
@@ -1068,13 +1069,17 @@ sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *er
   }
   /* this connection only checkpoints: no autocheckpoint of its own */
   sqlite3_wal_autocheckpoint(c->db, 0);
+  int page_size = pragma_int(c->db, "PRAGMA page_size");
+  c->frame_bytes = (uint64_t)(page_size > 0 ? page_size : PAGE_SIZE) + 24;
   return c;
 }
 
-int sqlstore_ckpt_run(sql_ckpt *c, char *err, size_t errlen)
+int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen)
 {
-  int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, NULL, NULL);
+  int log = 0, copied = 0;
+  int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &copied);
 
+  *copied_bytes = copied > 0 ? (uint64_t)copied * c->frame_bytes : 0;
   if (rc == SQLITE_OK || rc == SQLITE_BUSY) /* busy: another checkpoint runs */
     return IMD_STORE_OK;
   report(err, errlen, "checkpoint failed", sqlite3_errmsg(c->db));

@@ -101,9 +101,10 @@ typedef struct sql_ckpt sql_ckpt;
 sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *err,
                              size_t errlen);
 /* One passive checkpoint: copies the committed frames not yet copied,
- * without blocking the store's writes. Returns 0 (also when another
- * checkpoint was running) or IMD_STORE_EIO with a reason in err. */
-int sqlstore_ckpt_run(sql_ckpt *c, char *err, size_t errlen);
+ * without blocking the store's writes. *copied_bytes gets how much of the
+ * WAL (from its start) is now in the database file. Returns 0 (also when
+ * another checkpoint was running) or IMD_STORE_EIO with a reason in err. */
+int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen);
 /* NULL is a no-op. */
 void sqlstore_ckpt_close(sql_ckpt *c);
 

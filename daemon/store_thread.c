@@ -40,6 +40,7 @@
 #define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
 #define CKPT_BYTES (8u << 20)        /* WAL written between two checkpoint passes */
 #define CKPT_LIMIT_BYTES (64u << 20) /* past this the store thread checkpoints itself */
+#define CKPT_TAIL_BYTES (512u << 10) /* the most the store thread copies to catch up */
 #define CKPT_NICE 10                 /* the checkpoint thread yields to the others */
 #define ERR_MAX 256
 
@@ -93,7 +94,11 @@ typedef struct thread_store {
   bool ckpt_started, ckpt_due, ckpt_stop;
   pthread_cond_t ckpt_wake;          /* under lock */
   atomic_bool ckpt_passed;           /* a pass finished since the last catch-up */
-  uint64_t ckpt_base;                /* WAL size at the last pass asked for (store thread) */
+  _Atomic uint64_t ckpt_copied;      /* WAL bytes in the database file after that pass */
+  /* the store thread's side (on_wal) */
+  uint64_t ckpt_base;                /* WAL size at the last pass asked for */
+  bool ckpt_asked;                   /* a pass was asked for and has not finished */
+  bool ckpt_catchup;                 /* after it, copy the tail here */
   imd_store_stats st;
   char err[ERR_MAX];
 } thread_store;
@@ -427,20 +432,42 @@ static void *thread_main(void *arg) {
 
 /* ---- checkpoints ------------------------------------------------------------- */
 
-/* After each commit, on the store thread (sqlstore_wal_fn). */
+/* Asks the checkpoint thread for a pass (store thread). */
+static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
+  t->ckpt_base = wal_bytes;
+  t->ckpt_asked = true;
+  pthread_mutex_lock(&t->lock);
+  t->ckpt_due = true;
+  pthread_cond_signal(&t->ckpt_wake);
+  pthread_mutex_unlock(&t->lock);
+}
+
+/* After each commit, on the store thread (sqlstore_wal_fn); true: the
+ * store checkpoints right here. The WAL only starts over at a write after a
+ * checkpoint that left nothing to copy, which under steady writes only this
+ * thread can do: after each pass it copies the tail committed meanwhile, if
+ * the tail is short; else one more pass first. It never competes with a
+ * running pass (its checkpoint would find it busy), unless the WAL is far
+ * past the limit. */
 static bool on_wal(void *arg, uint64_t wal_bytes, bool behind) {
   thread_store *t = arg;
-  /* catch up, so that the WAL can restart */
-  if (atomic_exchange(&t->ckpt_passed, false) || behind) return true;
-  if (wal_bytes < t->ckpt_base) t->ckpt_base = 0;           /* it did restart */
-  if (wal_bytes - t->ckpt_base >= CKPT_BYTES) {
-    t->ckpt_base = wal_bytes;
-    pthread_mutex_lock(&t->lock);
-    t->ckpt_due = true;
-    pthread_cond_signal(&t->ckpt_wake);
-    pthread_mutex_unlock(&t->lock);
+  if (t->ckpt_asked && atomic_exchange(&t->ckpt_passed, false)) t->ckpt_asked = false;
+  if (t->ckpt_asked) return wal_bytes >= 2 * (uint64_t)CKPT_LIMIT_BYTES;
+  if (t->ckpt_catchup || behind) {
+    if (wal_bytes <= atomic_load(&t->ckpt_copied) + CKPT_TAIL_BYTES ||
+        wal_bytes >= CKPT_LIMIT_BYTES) {
+      t->ckpt_catchup = false;
+      return true;
+    }
+    ckpt_ask(t, wal_bytes);
+    return false;
   }
-  return wal_bytes >= CKPT_LIMIT_BYTES;
+  if (wal_bytes < t->ckpt_base) t->ckpt_base = 0; /* it did restart */
+  if (wal_bytes - t->ckpt_base >= CKPT_BYTES) {
+    ckpt_ask(t, wal_bytes);
+    t->ckpt_catchup = true;
+  }
+  return false;
 }
 
 static void *ckpt_main(void *arg) {
@@ -454,7 +481,9 @@ static void *ckpt_main(void *arg) {
     if (t->ckpt_stop) break;
     t->ckpt_due = false;
     pthread_mutex_unlock(&t->lock);
-    if (sqlstore_ckpt_run(t->ckpt, err, sizeof err) < 0) log_error("store: %s", err);
+    uint64_t copied = 0;
+    if (sqlstore_ckpt_run(t->ckpt, &copied, err, sizeof err) < 0) log_error("store: %s", err);
+    atomic_store(&t->ckpt_copied, copied);
     atomic_store(&t->ckpt_passed, true);
     pthread_mutex_lock(&t->lock);
   }
@@ -654,6 +683,7 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   pthread_cond_init(&t->wake, NULL);
   pthread_cond_init(&t->ckpt_wake, NULL);
   atomic_init(&t->ckpt_passed, false);
+  atomic_init(&t->ckpt_copied, 0);
   *err = '\0';
   t->db = sqlstore_open(path, o, err, errlen);
   if (!t->db || (groups_json && import_groups(t->db, groups_json, err, errlen) < 0)) {

@@ -239,7 +239,7 @@ static void synced_any(void *arg, int status, const imd_stored *m, size_t n,
   (void)m;
   assert_int_equal(status, 0);
   assert_int_equal(n, 10);
-  assert_int_equal(info->last, 6000);
+  assert_int_equal(info->last, 10000);
   big_done = 1;
 }
 
@@ -251,10 +251,12 @@ static long long file_size(const char *path, const char *suffix) {
 }
 
 /* Checkpoints run on a thread of their own once per 8 MiB of WAL, not in
- * the commit that crosses 4 MiB: with fsync on, ~60 MiB of messages leave a
- * WAL that grew past 4 MiB (no commit checkpointed) yet was started over
- * (it stayed far below 60 MiB), and the database file holds the messages
- * before the store is closed. */
+ * the commit that crosses 4 MiB: with fsync on, ~100 MiB of messages leave
+ * a WAL that grew past 4 MiB (no commit checkpointed) yet was started over
+ * (it stayed well below 100 MiB; its bound, the 64 MiB past which the store
+ * thread copies the rest itself plus what one pass lets in, depends on the
+ * machine), and the database file holds the messages before the store is
+ * closed. */
 static void checkpoints_on_their_thread(void **state) {
   fx *f = *state;
   static char data[10240];
@@ -266,7 +268,7 @@ static void checkpoints_on_their_thread(void **state) {
   f->s = imd_store_sqlite_start(f->base, f->path, &o, 0, NULL, err, sizeof err);
   assert_non_null(f->s);
   memset(data, 'x', sizeof data);
-  for (int r = 0; r < 30; r++) {
+  for (int r = 0; r < 50; r++) {
     big_done = 0;
     for (int i = 0; i < 200; i++) {
       snprintf(ids[i], sizeof ids[i], "r%di%d", r, i);
@@ -281,12 +283,12 @@ static void checkpoints_on_their_thread(void **state) {
     }
     assert_int_equal(big_done, 200);
   }
-  assert_int_equal(big_ok, 6000);
+  assert_int_equal(big_ok, 10000);
   long long wal = file_size(f->path, "-wal"), db = file_size(f->path, "");
   assert_true(wal > (9LL << 19));
-  assert_true(wal < (40LL << 20));
+  assert_true(wal < (90LL << 20));
   assert_true(db > (40LL << 20));
-  assert_int_equal(imd_store_sync(f->s, "bob", 5990, 0, 0, synced_any, NULL), 0);
+  assert_int_equal(imd_store_sync(f->s, "bob", 9990, 0, 0, synced_any, NULL), 0);
   big_done = 0;
   for (int w = 0; w < 500 && !big_done; w++) {
     struct timeval tv = {0, 10000};
