@@ -509,15 +509,19 @@ static void ckpt_start(thread_store *t, const char *path, const imd_store_opts *
   sqlstore_set_wal_hook(t->db, on_wal, t);
 }
 
+/* Tells one of the store's threads to stop (*stop under the lock, its
+ * condition signalled) and waits for it. */
+static void thread_end(thread_store *t, bool *stop, pthread_cond_t *wake, pthread_t th) {
+  pthread_mutex_lock(&t->lock);
+  *stop = true;
+  pthread_cond_signal(wake);
+  pthread_mutex_unlock(&t->lock);
+  pthread_join(th, NULL);
+}
+
 static void ckpt_end(thread_store *t) {
-  if (t->ckpt_started) {
-    pthread_mutex_lock(&t->lock);
-    t->ckpt_stop = true;
-    pthread_cond_signal(&t->ckpt_wake);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->ckpt_thread, NULL);
-    t->ckpt_started = false;
-  }
+  if (t->ckpt_started) thread_end(t, &t->ckpt_stop, &t->ckpt_wake, t->ckpt_thread);
+  t->ckpt_started = false;
   sqlstore_ckpt_close(t->ckpt);
   t->ckpt = NULL;
 }
@@ -605,13 +609,7 @@ static const char *t_error(imd_store *s) { return ((thread_store *)s)->err; }
 
 static void t_close(imd_store *s) {
   thread_store *t = (thread_store *)s;
-  if (t->started) {
-    pthread_mutex_lock(&t->lock);
-    t->stop = true;
-    pthread_cond_signal(&t->wake);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->thread, NULL);
-  }
+  if (t->started) thread_end(t, &t->stop, &t->wake, t->thread);
   ckpt_end(t); /* before the store: its close is the last, and checkpoints the rest */
   im_async_free(t->done); /* completes what the thread finished last */
   sqlstore_close(t->db);
