@@ -3,10 +3,12 @@
  * group commit does; then one retention pass.
  *
  *   store-bench [-n messages] [-b appends per commit] [-u users]
- *               [-k keep_count] [-N] [-c] FILE
+ *               [-k keep_count] [-N] [-c] [-m] FILE
  *
  * Prints appends/s (wall clock, fsyncs included) and the CPU time (user +
- * system) per append. -N: synchronous=NORMAL instead of FULL. -c: give every message a client
+ * system) per append. -N: synchronous=NORMAL instead of FULL. -m: the
+ * receiver's device marks each message delivered right after it (as its
+ * ack does in imd), in the same batch. -c: give every message a client
  * id (idempotency key). FILE must not exist; it and its -wal/-shm are
  * removed at the end. */
 #include <stdint.h>
@@ -26,6 +28,7 @@ typedef struct bench_opts {
   uint32_t keep_count;
   int no_fsync;
   int with_cid;
+  int marks;
   const char *path;
 } bench_opts;
 
@@ -61,7 +64,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
   int c;
 
   *o = (bench_opts){.messages = 200000, .batch = 100, .users = 10000};
-  while ((c = getopt(argc, argv, "n:b:u:k:Nc")) != -1) {
+  while ((c = getopt(argc, argv, "n:b:u:k:Ncm")) != -1) {
     switch (c) {
     case 'n': o->messages = strtoul(optarg, NULL, 10); break;
     case 'b': o->batch = strtoul(optarg, NULL, 10); break;
@@ -69,6 +72,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
     case 'k': o->keep_count = (uint32_t)strtoul(optarg, NULL, 10); break;
     case 'N': o->no_fsync = 1; break;
     case 'c': o->with_cid = 1; break;
+    case 'm': o->marks = 1; break;
     default: return -1;
     }
   }
@@ -116,6 +120,10 @@ static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_
       fprintf(stderr, "append: %s\n", sqlstore_error(s));
       return -1;
     }
+    if (o->marks && sqlstore_mark_delivered(s, to, "phone", seqs[0]) != IMD_STORE_OK) {
+      fprintf(stderr, "mark: %s\n", sqlstore_error(s));
+      return -1;
+    }
     if ((i + 1) % o->batch == 0 || i + 1 == o->messages) {
       double c0 = now_s();
       if (sqlstore_commit(s) != IMD_STORE_OK) {
@@ -140,7 +148,7 @@ int main(int argc, char **argv)
 
   if (parse_args(argc, argv, &o) != 0) {
     fprintf(stderr,
-            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-N] [-c] FILE\n",
+            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-N] [-c] [-m] FILE\n",
             argv[0]);
     return 2;
   }
@@ -163,9 +171,10 @@ int main(int argc, char **argv)
     remove_store(o.path);
     return 1;
   }
-  printf("synchronous=%s cid=%s users=%lu: %lu appends (2 inboxes each), commit every %lu: "
+  printf("synchronous=%s cid=%s marks=%s users=%lu: %lu appends (2 inboxes each), commit every %lu: "
          "%.0f appends/s, %.2f us CPU/append, slowest commit %.1f ms\n",
-         o.no_fsync ? "NORMAL" : "FULL", o.with_cid ? "yes" : "no", o.users, o.messages, o.batch,
+         o.no_fsync ? "NORMAL" : "FULL", o.with_cid ? "yes" : "no", o.marks ? "yes" : "no", o.users,
+         o.messages, o.batch,
          (double)o.messages / secs, cpu0 * 1e6 / (double)o.messages, max_commit * 1e3);
   if (o.keep_count > 0) {
     t0 = now_s();

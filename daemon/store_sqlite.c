@@ -130,13 +130,9 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_MSG_DEL] = "DELETE FROM msgs WHERE mid = ?1",
   [ST_INBOX_PUT] = "INSERT INTO inbox(uid, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
   [ST_INBOX_DEL] = "DELETE FROM inbox WHERE uid = ?1 AND seq = ?2",
-  /* a client's ack cannot move its device past what was stored: the mark is
-   * cut to the user's last seq (as ST_LAST computes it) */
+  /* ?3 is already cut to the user's last seq (sqlstore_mark_delivered) */
   [ST_MARK] =
-    "INSERT INTO cursors(uid, device, delivered)"
-    " SELECT ?1, ?2, min(?3, max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
-    "                          coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)))"
-    " WHERE true"
+    "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
     " ON CONFLICT(uid, device) DO UPDATE SET delivered = excluded.delivered"
     " WHERE excluded.delivered > cursors.delivered",
   [ST_SYNC] =
@@ -901,17 +897,30 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
 int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq)
 {
   sqlite3_stmt *st;
+  user_ctr *u;
+  size_t len;
   int rc;
 
   if (s == NULL)
     return IMD_STORE_EINVAL;
-  if (uid == NULL || uid[0] == '\0' || device == NULL || seq > INT64_MAX)
+  len = uid != NULL ? strlen(uid) : 0;
+  if (len == 0 || len > UINT32_MAX || device == NULL || seq > INT64_MAX)
     return set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
   if (s->lost)
     return refuse_lost(s);
   rc = batch_begin(s);
   if (rc != IMD_STORE_OK)
     return rc;
+  /* A client's ack cannot move its device past what was stored: the mark
+   * is cut to the user's last seq, from the counter (the open batch's
+   * appends included: they commit or fail together with the mark). */
+  rc = user_get(s, uid, len, &u);
+  if (rc != IMD_STORE_OK) {
+    batch_check_lost(s);
+    return rc;
+  }
+  if (seq > u->last)
+    seq = u->last;
   st = s->st[ST_MARK];
   bind_text(st, 1, uid);
   bind_text(st, 2, device);

@@ -690,6 +690,26 @@ static void test_user_state_lists_devices(void **state)
   assert_int_equal(sqlstore_user_state(s, "bob", NULL, NULL, on_device, &d), IMD_STORE_OK);
   assert_int_equal(d.n, 3);
   assert_int_equal(d.seq[2], 6);
+
+  /* An ack past what was stored moves the device only to the user's last
+   * seq, the open batch's appends included; nobody's seq moves with it. */
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "tablet", 100), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "nobody", "tablet", 5), IMD_STORE_OK);
+  assert_int_equal(put(s, "m7", "bob", 1000), 7);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "watch", 100), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  memset(&d, 0, sizeof d);
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(last, 7);
+  assert_int_equal(d.n, 5);
+  assert_string_equal(d.name[3], "tablet");
+  assert_int_equal(d.seq[3], 6);
+  assert_string_equal(d.name[4], "watch");
+  assert_int_equal(d.seq[4], 7);
+  memset(&d, 0, sizeof d);
+  assert_int_equal(sqlstore_user_state(s, "nobody", &last, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(last, 0);
+  assert_int_equal(d.seq[0], 0);
 }
 
 static void test_trim_by_count(void **state)
