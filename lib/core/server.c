@@ -6,11 +6,12 @@
  * closing), auth.c, input.c with ws_input.c and tcp_input.c, dispatch.c,
  * fanout.c, reliable.c, dedupe.c, registry.c, guard.c. */
 #include <inttypes.h>
-#include <libim/im_guard.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#include <libim/im_guard.h>
 
 #include "core/abi.h"
 #include "core/conn.h"
