@@ -1,8 +1,21 @@
 # shellcheck shell=bash disable=SC2154  # which, runs, imd, tmp: set by the sourcing script
-# Sourced by chat-latency.sh and http-push.sh: runs that alternate which of
+# Sourced by chat-latency.sh, http-push.sh and run-peers.sh: runs that alternate which of
 # imd and the peer goes first, and medians over the RESULT lines they append
 # to $tmp/results. The sourcing script defines run_one TARGET RUN and sets
 # $which (both|imd|peer), $runs, $imd and $tmp.
+
+# port_of FILE KIND: the port of imd's "KIND listening ... port N" line in
+# FILE, waiting up to 10 s for it.
+port_of() {
+  for _ in $(seq 100); do grep -q "$2 listening" "$1" && break; sleep 0.1; done
+  grep "$2 listening" "$1" | grep -o 'port [0-9]*' | awk '{print $2}'
+}
+
+# cleanup: stops the server $srv (if any) and removes $tmp; for trap EXIT.
+cleanup() {
+  if [ -n "$srv" ]; then kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true; fi
+  rm -rf "$tmp"
+}
 
 # run_all: every run, both targets (or the one in $which); sets targets.
 run_all() {

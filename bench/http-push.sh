@@ -12,13 +12,16 @@
 # last lines are medians over the runs.
 #   bench/http-push.sh BUILD_DIR [SECONDS] [CONNS] [RUNS] [both|imd|peer]
 # IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
-# from a given commit); im-bench always comes from BUILD_DIR.
+# from a given commit); im-bench always comes from BUILD_DIR. IMD_ARGS adds
+# options to imd (e.g. "--threads 2"); SRV_CPUS / CLIENT_CPUS change the
+# pinning (default 0 / 1; bench/threads.sh gives imd two cores).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${1:?usage: bench/http-push.sh BUILD_DIR [SECONDS] [CONNS] [RUNS] [both|imd|peer]}
 secs=${2:-10}; conns=${3:-32}; runs=${4:-1}; which=${5:-both}
 wrk=${WRK:-wrk}
 imd=${IMD:-$build/daemon/imd}
+srv_cpus=${SRV_CPUS:-0}; client_cpus=${CLIENT_CPUS:-1}
 tmp=$(mktemp -d)
 srv=; rcv=
 cleanup() {
@@ -74,10 +77,11 @@ run_one() { # TARGET RUN
   local target=$1 run=$2 out=$tmp/$1.srv ws http key auth=()
   if [ "$target" = imd ]; then
     rm -rf "$tmp/data"
-    taskset -c 0 "$imd" --conn-rate 0 --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off \
-      --http 127.0.0.1:0 >"$out" 2>&1 &
+    # shellcheck disable=SC2086 # IMD_ARGS: words
+    taskset -c "$srv_cpus" "$imd" --conn-rate 0 --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off \
+      --http 127.0.0.1:0 ${IMD_ARGS:-} >"$out" 2>&1 &
   else
-    taskset -c 0 node "$here/peer-chat.js" 0 0 peer-bench-key >"$out" 2>&1 &
+    taskset -c "$srv_cpus" node "$here/peer-chat.js" 0 0 peer-bench-key >"$out" 2>&1 &
   fi
   srv=$!
   ws=$(port_of "$out" ws); http=$(port_of "$out" http)
@@ -88,14 +92,14 @@ run_one() { # TARGET RUN
     key=peer-bench-key
   fi
   write_lua "$key" "$tmp/push.lua"
-  taskset -c 1 "$build/bench/im-bench" recv --url "ws://127.0.0.1:$ws/ws" -n 1 --uid-prefix r \
+  taskset -c "$client_cpus" "$build/bench/im-bench" recv --url "ws://127.0.0.1:$ws/ws" -n 1 --uid-prefix r \
     "${auth[@]}" --idle-exit 3 --hold-seconds $((secs + 60)) >"$tmp/recv" 2>&1 &
   rcv=$!
   for _ in $(seq 100); do grep -q '^connected' "$tmp/recv" && break; sleep 0.1; done
   grep -q '^connected 1 authed 1' "$tmp/recv" || { cat "$tmp/recv" "$out" >&2; exit 1; }
   local t0 t1 c0 c1 w0 w1
   t0=$(date +%s%N); c0=$(ticks "$srv"); w0=$(cpu_self)
-  taskset -c 1 "$wrk" -t1 -c"$conns" -d"${secs}s" --latency -s "$tmp/push.lua" \
+  taskset -c "$client_cpus" "$wrk" -t1 -c"$conns" -d"${secs}s" --latency -s "$tmp/push.lua" \
     "http://127.0.0.1:$http/v1/messages" >"$tmp/wrk"
   t1=$(date +%s%N); c1=$(ticks "$srv"); w1=$(cpu_self)
   wait "$rcv" || true; rcv=

@@ -1,20 +1,24 @@
-/* im-bench: a load client for im-echo, imd and their peers. Plain C11 + POSIX +
- * epoll on one thread with no libim dependency: it speaks WebSocket/JSON and
- * the raw TCP binary framing itself, so it measures the server, not a shared
- * codec. Run several processes for more connections or more client CPU.
+/* im-bench: a load client for im-echo, imd and their peers, built on the
+ * libim client library (<libim/im_client.h> and its libevent driver
+ * <libim/im_client_event.h>): the bench's connections run the same client
+ * code as an application's, so what the client costs shows here too. One
+ * thread and one event base per process; run several processes for more
+ * connections or more client CPU (room mode forks its own).
  * Modes: hold (idle connections), echo (closed-loop round trips), chat (paced
- * 1:1 messages between sender/receiver pairs, open loop) and recv (receivers
- * that count and acknowledge what they are pushed). The only library is
- * mbedTLS's HMAC, for minting imd tokens (docs/TOKENS.md). */
+ * 1:1 messages between sender/receiver pairs, open loop), recv (receivers
+ * that count what they are pushed) and room (subscribers of one room and a
+ * paced HTTP publisher, against imd or the nchan peer: bench/run-peers.sh).
+ * Only nchan's subscribers, which speak no IMP, are plain WebSocket readers
+ * written here. mbedTLS's HMAC mints imd tokens (docs/TOKENS.md). */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* memmem, getopt_long, IP_BIND_ADDRESS_NO_PORT */
+#define _GNU_SOURCE /* memmem, memrchr, getopt_long, IP_BIND_ADDRESS_NO_PORT */
 #endif
+#include <arpa/inet.h>
 #include <errno.h>
 #include <getopt.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <arpa/inet.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -22,104 +26,112 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
-#include <sys/timerfd.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <event2/event.h>
+#include <libim/im_client.h>
+#include <libim/im_client_event.h>
 #include <mbedtls/md.h>
 
 #define FD_CEILING 20000       /* hard per-process open-file limit on the test hosts */
-#define FD_RESERVE 16          /* stdio, epoll, resolver */
+#define FD_RESERVE 16          /* stdio, event base, pipes */
 #define MAX_SRC 64
-#define RBUF_INIT 512
-#define RBUF_MAX (1u << 20)
-#define SCRATCH_MAX (1u << 18) /* largest frame built; --payload is capped well below */
 #define NS_PER_S INT64_C(1000000000)
-#define SETUP_TIMEOUT_NS (10 * NS_PER_S)
+#define SETUP_TIMEOUT_MS 10000
 #define TOKEN_MAX 128
 #define TOKEN_TTL_S 86400
+#define DATA_MAX 8192           /* a bench message's data; --payload is capped below */
 #define CHAT_MAX_MSGS INT64_C(200000000) /* warm-up + measured; bounds the bitmaps */
+#define ROOM_MAX_BITS (INT64_C(1) << 33) /* subscribers x messages per process: 1 GiB of bits */
+#define PROBE_TIMEOUT_NS (20 * NS_PER_S)
+#define PUB_CONNS_MAX 64
+#define HTTP_IN_MAX 16384
+#define WS_IN_MAX 65536
 
-enum conn_state {
-  ST_NEW,        /* not started */
-  ST_CONNECTING, /* TCP connect in flight */
-  ST_UPGRADING,  /* WebSocket upgrade sent, waiting for 101 */
-  ST_AUTHING,    /* waiting for auth_ok */
-  ST_READY,      /* authenticated and idle */
-  ST_WAITING,    /* echo: msg sent, waiting for the downstream msg */
-  ST_CLOSED,
-};
-
-enum bench_mode { MODE_HOLD, MODE_ECHO, MODE_CHAT, MODE_RECV };
+enum bench_mode { MODE_HOLD, MODE_ECHO, MODE_CHAT, MODE_RECV, MODE_ROOM };
+enum room_peer { PEER_IMD, PEER_NCHAN };
 
 /* chat: connections [0, pairs) send as <prefix>s<i>, [pairs, 2*pairs)
  * receive as <prefix>r<i>. Other modes: <prefix><index>. */
-enum conn_role { ROLE_PLAIN, ROLE_SENDER, ROLE_RECEIVER };
+enum conn_role { ROLE_PLAIN, ROLE_SENDER, ROLE_RECEIVER, ROLE_SUB };
 
-/* Server messages the bench reacts to, from either wire format. */
-enum msg_op { OP_OTHER, OP_AUTH_OK, OP_ACK, OP_MSG, OP_PONG, OP_ERROR };
-
-/* Binary IMP (raw TCP) op codes and field keys. */
-enum { BOP_AUTH = 0x01, BOP_AUTH_OK = 0x02, BOP_MSG = 0x03, BOP_ACK = 0x04,
-       BOP_PING = 0x07, BOP_PONG = 0x08, BOP_ERROR = 0x0b };
-enum { BKEY_UID = 0x01, BKEY_TOKEN = 0x02, BKEY_DEVICE = 0x03, BKEY_PLATFORM = 0x04,
-       BKEY_CID = 0x07, BKEY_ID = 0x08, BKEY_DATA = 0x0f };
-
-/* Where connections go: --url (or --tcp), and for chat receivers --recv-url
- * when given (e.g. another node of an imd cluster). */
+/* An HTTP or WebSocket address: --publish, and nchan's --url. */
 typedef struct endpoint {
   char host[256], port[16], path[256];
   struct sockaddr_storage addr;
   socklen_t addr_len;
 } endpoint;
-enum { EP_MAIN, EP_RECV, EP_N };
-
-typedef struct conn {
-  int fd;
-  uint8_t state;
-  uint8_t role;
-  bool authed;
-  bool out_armed;      /* EPOLLOUT registered */
-  uint32_t idx, seq;   /* connection number (uid suffix), next cid */
-  unsigned char *rbuf; /* unparsed input, grown on demand */
-  uint32_t rlen, rcap;
-  unsigned char *wbuf; /* bytes the socket did not take yet */
-  uint32_t wlen, wcap;
-  int64_t t_start;     /* setup start, then round-trip start */
-  int64_t next_ping;
-} conn;
 
 static struct {
   enum bench_mode mode;
-  bool tcp, auth_frame, send_ack;
-  endpoint ep[EP_N]; /* EP_RECV: a copy of EP_MAIN unless --recv-url */
+  enum room_peer peer;
+  char url[600], recv_url[600]; /* the client library's gateway URLs */
+  endpoint sub_ep, pub_ep;      /* room: nchan's subscriber URL, the publisher */
   int nconns, duration_s, hold_s, ping_s, window, payload;
-  int pairs, rate, warmup_s, drain_s, idle_exit_s;
+  int pairs, rate, warmup_s, drain_s, idle_exit_s, procs, pub_conns;
   long server_pid;
-  char uid_prefix[64];
+  char uid_prefix[64], room[129];
+  char api_key[256];
   unsigned char secret[256]; /* HMAC key for imd tokens: the secret's own bytes */
   size_t secret_len;         /* 0: send the placeholder token "t" */
-  struct sockaddr_in src[MAX_SRC];
+  char src[MAX_SRC][INET_ADDRSTRLEN];
   int nsrc;
+  FILE *dump;                /* chat: --dump FILE, one line per measured delivery */
 } opt = { .nconns = 100, .duration_s = 10, .hold_s = 30, .ping_s = 20,
           .window = 500, .payload = 16, .pairs = 100, .rate = 10000, .warmup_s = 3,
-          .drain_s = 5 };
+          .drain_s = 5, .pub_conns = 4, .room = "bench" };
+
+/* One IMP connection: a client of the library and its libevent driver. */
+typedef struct conn {
+  im_client *cl;
+  im_client_event *ev;
+  uint32_t idx;      /* connection number (uid suffix); room: subscriber number in this process */
+  uint8_t role;
+  bool connected;    /* the transport opened once */
+  bool authed;       /* reached open once */
+  bool done;         /* failed or dropped; stopped, not reconnected */
+  bool waiting;      /* echo: a round trip in flight */
+  int64_t t_start;   /* echo: round-trip start */
+  struct sent_ring *ring; /* chat senders: outstanding cid -> message number */
+} conn;
+
+/* chat senders: the cids of messages not yet acked, oldest first. Acks come
+ * nearly in order, so the lookup stops near the head. */
+typedef struct sent_entry {
+  char cid[IM_CLIENT_CID_MAX];
+  int64_t k;
+  bool acked;
+} sent_entry;
+typedef struct sent_ring {
+  sent_entry *v;
+  size_t cap, head, n;
+} sent_ring;
+
+/* A plain WebSocket subscriber (nchan). */
+typedef struct wsub {
+  int fd;
+  uint32_t idx;
+  bool upgraded, done;
+  struct event *ev;
+  unsigned char *in;
+  size_t len;
+} wsub;
 
 /* chat: message k is due at sched(k) = t_begin + k / rate and goes from
  * sender k % pairs to its receiver. Messages [0, k_warm) warm up; [k_warm,
  * k_end) are measured. Latency counts from the due time, not the time the
  * client got round to sending, so a stall anywhere is not hidden by the
- * sender waiting for it (no coordinated omission). */
+ * sender waiting for it (no coordinated omission). room: the same schedule
+ * for the publisher. */
 static struct {
-  int timerfd;
-  int64_t t_begin, k_next, k_warm, k_end, timer_armed_for;
-  int64_t cid_base; /* message k has cid cid_base + k: unique per run, as imd's
-                     * idempotency key (uid, device, cid) outlives connections */
+  struct event *timer;
+  int64_t t_begin, k_next, k_warm, k_end;
   int64_t sent_total, recv_total, acked_total; /* unique, warm-up included */
   int64_t sent, received, acked;                /* measured messages only */
   int64_t dups, ack_dups, foreign, unexpected, unsendable;
@@ -128,30 +140,32 @@ static struct {
   struct rusage ru0, ru1;
   int64_t cpu_t0, cpu_t1, srv_ticks0, srv_ticks1;
   char first_error[200];
-} C = { .timerfd = -1, .srv_ticks0 = -1, .srv_ticks1 = -1 };
+} C = { .srv_ticks0 = -1, .srv_ticks1 = -1 };
 
 /* recv: what the receivers got. */
 static struct {
-  int64_t received, acks_sent, t_last;
+  int64_t received, t_last;
 } R;
 
 static struct {
-  int epfd;
+  struct event_base *base;
+  struct event *tick, *end; /* every 100 ms; the end of the echo or hold phase */
   conn *conns;
+  wsub *wsubs;
   int started, in_setup, connected, authed, failed, dropped;
   long errors;
+  bool settled, finished;
+  bool publisher;  /* room: the parent process, which only publishes */
+  int64_t t0, phase_start, deadline, next_report;
   char first_failure[160];
-  uint64_t rng;
-  unsigned char scratch[SCRATCH_MAX];
-  unsigned char body[SCRATCH_MAX / 2];
-  char data_json[SCRATCH_MAX / 4];
-  size_t data_len;
+  char fill[DATA_MAX]; /* --payload bytes of filler */
 } B;
 
 static volatile sig_atomic_t stop_requested;
 
 /* Latency histogram: exact below 128 ns, then 128 linear sub-buckets per power
- * of two (under 0.8 % error); fixed size however long the run. */
+ * of two (under 0.8 % error); fixed size however long the run, and merged
+ * across processes by adding counts. */
 #define HIST_SUB_BITS 7
 #define HIST_SUB (1u << HIST_SUB_BITS)
 #define HIST_BUCKETS (HIST_SUB + (64 - HIST_SUB_BITS) * HIST_SUB)
@@ -159,10 +173,18 @@ typedef struct histogram {
   uint64_t counts[HIST_BUCKETS];
   uint64_t total, max;
 } histogram;
-static histogram hist;     /* echo round trips; chat one-way latency */
+static histogram hist;       /* echo round trips; chat one-way latency; room due -> delivered */
 static histogram hist_ack;   /* chat: due time -> the sender's ack */
-static histogram hist_lag;   /* chat: due time -> the client starts writing it (its own lateness) */
+static histogram hist_lag;   /* chat, room: due time -> the client starts writing it (its own lateness) */
 static histogram hist_write; /* chat: the client starts writing -> received */
+
+/* A member value of a JSON object: strings without their quotes (escapes
+ * left as they are), anything else as its raw text. */
+typedef struct span {
+  const char *p; /* NULL: absent */
+  size_t n;
+  bool str;
+} span;
 
 static int64_t now_ns(void)
 {
@@ -180,23 +202,6 @@ static void die(const char *fmt, ...)
   fputc('\n', stderr);
   va_end(ap);
   exit(2);
-}
-
-/* xorshift64*: WebSocket keys and masks need only defeat caching proxies,
- * not attackers. */
-static uint64_t rng_next(void)
-{
-  B.rng ^= B.rng >> 12;
-  B.rng ^= B.rng << 25;
-  B.rng ^= B.rng >> 27;
-  return B.rng * UINT64_C(2685821657736338717);
-}
-
-static void rng_seed(void)
-{
-  if (getrandom(&B.rng, sizeof B.rng, 0) != (ssize_t)sizeof B.rng)
-    B.rng = (uint64_t)now_ns() ^ ((uint64_t)getpid() << 32);
-  B.rng |= 1;
 }
 
 static void hist_record(histogram *h, uint64_t v)
@@ -286,17 +291,6 @@ static void token_selftest(void)
     die("token self-test failed: got '%s', want '%s'", tok, want);
 }
 
-/* The uid of connection c, see enum conn_role. */
-static void conn_uid(const conn *c, char *out, size_t cap)
-{
-  if (c->role == ROLE_SENDER)
-    snprintf(out, cap, "%ss%u", opt.uid_prefix, c->idx);
-  else if (c->role == ROLE_RECEIVER)
-    snprintf(out, cap, "%sr%u", opt.uid_prefix, c->idx - (uint32_t)opt.pairs);
-  else
-    snprintf(out, cap, "%s%u", opt.uid_prefix, c->idx);
-}
-
 /* A real token bound to device d1 when a secret was given, else "t" (im-echo
  * and the peers accept any token). */
 static void conn_token(const char *uid, char out[TOKEN_MAX])
@@ -308,287 +302,6 @@ static void conn_token(const char *uid, char out[TOKEN_MAX])
     die("cannot mint a token for '%s' (mbedTLS)", uid);
   }
 }
-
-static void conn_arm(conn *c, bool want_out)
-{
-  struct epoll_event ev = { .events = EPOLLIN | (want_out ? EPOLLOUT : 0), .data.ptr = c };
-  if (want_out != c->out_armed && epoll_ctl(B.epfd, EPOLL_CTL_MOD, c->fd, &ev) == 0)
-    c->out_armed = want_out;
-}
-
-static void conn_close(conn *c, const char *what, int err)
-{
-  if (c->state == ST_CLOSED)
-    return;
-  if (c->authed) {
-    B.dropped++;
-  } else {
-    B.failed++;
-    B.in_setup--;
-    if (B.first_failure[0] == '\0')
-      snprintf(B.first_failure, sizeof B.first_failure, "%s%s%s", what,
-               err ? ": " : "", err ? strerror(err) : "");
-  }
-  if (c->fd >= 0)
-    close(c->fd);
-  c->fd = -1;
-  c->state = ST_CLOSED;
-  free(c->rbuf);
-  free(c->wbuf);
-  c->rbuf = c->wbuf = NULL;
-}
-
-static void conn_flush(conn *c)
-{
-  while (c->wlen > 0) {
-    ssize_t n = send(c->fd, c->wbuf, c->wlen, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0) {
-      if (errno != EAGAIN && errno != EWOULDBLOCK)
-        conn_close(c, "send", errno);
-      break;
-    }
-    memmove(c->wbuf, c->wbuf + n, c->wlen - (size_t)n);
-    c->wlen -= (uint32_t)n;
-  }
-  if (c->state != ST_CLOSED)
-    conn_arm(c, c->wlen > 0);
-}
-
-/* Write now if nothing is queued; keep what the socket refuses for EPOLLOUT. */
-static void conn_send(conn *c, const void *data, size_t len)
-{
-  size_t off = 0;
-  if (c->state == ST_CLOSED)
-    return;
-  if (c->wlen == 0) {
-    ssize_t n = send(c->fd, data, len, MSG_NOSIGNAL);
-    if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-      conn_close(c, "send", errno);
-      return;
-    }
-    off = n > 0 ? (size_t)n : 0;
-    if (off == len)
-      return;
-  }
-  if (c->wlen + (len - off) > c->wcap) {
-    uint32_t cap = (uint32_t)(c->wlen + (len - off)) * 2;
-    unsigned char *p = realloc(c->wbuf, cap);
-    if (p == NULL)
-      die("out of memory");
-    c->wbuf = p;
-    c->wcap = cap;
-  }
-  memcpy(c->wbuf + c->wlen, (const unsigned char *)data + off, len - off);
-  c->wlen += (uint32_t)(len - off);
-  conn_arm(c, true);
-}
-
-/* One unfragmented client frame: always masked, as RFC 6455 requires of clients. */
-static void ws_send(conn *c, unsigned opcode, const void *payload, size_t len)
-{
-  unsigned char *f = B.scratch;
-  size_t h = 2;
-  uint32_t mask = (uint32_t)rng_next();
-
-  f[0] = (unsigned char)(0x80 | opcode);
-  if (len < 126) {
-    f[1] = (unsigned char)(0x80 | len);
-  } else if (len <= 0xffff) {
-    f[1] = 0x80 | 126;
-    f[2] = (unsigned char)(len >> 8);
-    f[3] = (unsigned char)len;
-    h = 4;
-  } else {
-    f[1] = 0x80 | 127;
-    for (int i = 0; i < 8; i++)
-      f[2 + i] = (unsigned char)((uint64_t)len >> (56 - 8 * i));
-    h = 10;
-  }
-  memcpy(f + h, &mask, 4);
-  for (size_t i = 0; i < len; i++)
-    f[h + 4 + i] = ((const unsigned char *)payload)[i] ^ f[h + (i & 3)];
-  conn_send(c, f, h + 4 + len);
-}
-
-/* Chat receivers use --recv-url; everything else --url. */
-static const endpoint *conn_endpoint(const conn *c)
-{
-  return &opt.ep[c->role == ROLE_RECEIVER ? EP_RECV : EP_MAIN];
-}
-
-static void ws_send_upgrade(conn *c)
-{
-  const endpoint *ep = conn_endpoint(c);
-  uint64_t key[2] = { rng_next(), rng_next() };
-  char key64[32], req[1024], uid[96], tok[TOKEN_MAX];
-  int n = snprintf(req, sizeof req, "GET %s", ep->path);
-
-  /* Authenticating in the URL saves a round trip per connection. uids and
-   * tokens need no percent-encoding (--uid-prefix is checked). */
-  if (!opt.auth_frame) {
-    conn_uid(c, uid, sizeof uid);
-    conn_token(uid, tok);
-    n += snprintf(req + n, sizeof req - (size_t)n, "%cuid=%s&token=%s&device=d1&platform=bench",
-                  strchr(ep->path, '?') ? '&' : '?', uid, tok);
-  }
-  base64((const unsigned char *)key, sizeof key, key64);
-  n += snprintf(req + n, sizeof req - (size_t)n,
-                " HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                "Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n"
-                "Sec-WebSocket-Protocol: imp.json\r\n\r\n",
-                ep->host, ep->port, key64);
-  conn_send(c, req, (size_t)n);
-}
-
-/* The string value of "name" in a flat JSON object. Enough for the server's
- * replies: the echoed data is ours and carries no such keys. */
-static const char *json_str(const char *s, size_t len, const char *name, size_t *vlen)
-{
-  size_t nl = strlen(name);
-  const char *end = s + len;
-  for (const char *p = s; p + nl + 2 < end; p++) {
-    if (p[0] != '"' || memcmp(p + 1, name, nl) != 0 || p[nl + 1] != '"')
-      continue;
-    p += nl + 2;
-    while (p < end && (*p == ' ' || *p == ':' || *p == '\t'))
-      p++;
-    if (p >= end || *p != '"')
-      return NULL;
-    const char *v = ++p, *q = memchr(v, '"', (size_t)(end - v));
-    if (q == NULL)
-      return NULL;
-    *vlen = (size_t)(q - v);
-    return v;
-  }
-  return NULL;
-}
-
-static enum msg_op json_op(const char *s, size_t len)
-{
-  static const struct { const char *name; enum msg_op op; } ops[] = {
-    {"auth_ok", OP_AUTH_OK}, {"ack", OP_ACK}, {"msg", OP_MSG}, {"pong", OP_PONG}, {"error", OP_ERROR},
-  };
-  size_t n;
-  const char *v = json_str(s, len, "op", &n);
-  for (size_t i = 0; v != NULL && i < sizeof ops / sizeof ops[0]; i++)
-    if (strlen(ops[i].name) == n && memcmp(ops[i].name, v, n) == 0)
-      return ops[i].op;
-  return OP_OTHER;
-}
-
-/* Raw TCP frames are u32 BE length | u8 op | fields; a field is u8 key |
- * uvarint (LEB128) length | bytes. */
-static size_t put_field(unsigned char *p, unsigned key, const void *v, size_t len)
-{
-  size_t o = 0;
-  p[o++] = (unsigned char)key;
-  for (size_t l = len;; l >>= 7) {
-    p[o++] = (unsigned char)((l & 0x7f) | (l > 0x7f ? 0x80 : 0));
-    if (l <= 0x7f)
-      break;
-  }
-  memcpy(p + o, v, len);
-  return o + len;
-}
-
-static void tcp_send(conn *c, unsigned op, const unsigned char *fields, size_t len)
-{
-  unsigned char *f = B.scratch;
-  uint32_t flen = (uint32_t)(len + 1);
-  f[0] = (unsigned char)(flen >> 24);
-  f[1] = (unsigned char)(flen >> 16);
-  f[2] = (unsigned char)(flen >> 8);
-  f[3] = (unsigned char)flen;
-  f[4] = (unsigned char)op;
-  if (len > 0)
-    memcpy(f + 5, fields, len);
-  conn_send(c, f, len + 5);
-}
-
-/* Field `key` of a binary IMP payload; NULL if absent or malformed. */
-static const unsigned char *bin_field(const unsigned char *p, size_t len, unsigned key, size_t *vlen)
-{
-  size_t i = 0;
-  while (i < len) {
-    unsigned k = p[i++];
-    uint64_t l = 0;
-    for (unsigned shift = 0;; shift += 7) {
-      if (i >= len || shift > 28)
-        return NULL;
-      l |= (uint64_t)(p[i] & 0x7f) << shift;
-      if (!(p[i++] & 0x80))
-        break;
-    }
-    if (l > len - i)
-      return NULL;
-    if (k == key) {
-      *vlen = (size_t)l;
-      return p + i;
-    }
-    i += (size_t)l;
-  }
-  return NULL;
-}
-
-static void send_auth(conn *c)
-{
-  char uid[96], tok[TOKEN_MAX];
-  conn_uid(c, uid, sizeof uid);
-  conn_token(uid, tok);
-  if (opt.tcp) {
-    size_t n = put_field(B.body, BKEY_UID, uid, strlen(uid));
-    n += put_field(B.body + n, BKEY_TOKEN, tok, strlen(tok));
-    n += put_field(B.body + n, BKEY_DEVICE, "d1", 2);
-    n += put_field(B.body + n, BKEY_PLATFORM, "bench", 5);
-    tcp_send(c, BOP_AUTH, B.body, n);
-  } else {
-    int n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"auth\",\"uid\":\"%s\",\"token\":\"%s\","
-                     "\"device\":\"d1\",\"platform\":\"bench\"}", uid, tok);
-    ws_send(c, 1, B.body, (size_t)n);
-  }
-}
-
-static void send_msg(conn *c)
-{
-  char cid[16];
-  int cl = snprintf(cid, sizeof cid, "c%u", c->seq++);
-  if (opt.tcp) {
-    size_t n = put_field(B.body, BKEY_CID, cid, (size_t)cl);
-    n += put_field(B.body + n, BKEY_DATA, B.data_json, B.data_len);
-    tcp_send(c, BOP_MSG, B.body, n);
-  } else {
-    int n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"msg\",\"cid\":\"%s\",\"data\":%s}",
-                     cid, B.data_json);
-    ws_send(c, 1, B.body, (size_t)n);
-  }
-  c->state = ST_WAITING;
-  c->t_start = now_ns();
-}
-
-static void send_ack(conn *c, const void *id, size_t idlen)
-{
-  if (idlen > 256)
-    return;
-  if (opt.tcp) {
-    tcp_send(c, BOP_ACK, B.body, put_field(B.body, BKEY_ID, id, idlen));
-  } else {
-    int n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"ack\",\"id\":\"%.*s\"}", (int)idlen,
-                     (const char *)id);
-    ws_send(c, 1, B.body, (size_t)n);
-  }
-}
-
-/* ---- chat and recv ------------------------------------------------------ */
-
-/* A member value of a JSON object: strings without their quotes (escapes
- * left as they are), anything else as its raw text. */
-typedef struct span {
-  const char *p; /* NULL: absent */
-  size_t n;
-  bool str;
-} span;
 
 static const char *json_ws(const char *p, const char *end)
 {
@@ -673,11 +386,6 @@ static bool json_members(const char *s, size_t len, const char *const *names, sp
   }
 }
 
-static bool span_is(span v, const char *s)
-{
-  return v.p != NULL && v.n == strlen(s) && memcmp(v.p, s, v.n) == 0;
-}
-
 /* A decimal integer, quoted or not. */
 static bool span_i64(span v, int64_t *out)
 {
@@ -692,11 +400,6 @@ static bool span_i64(span v, int64_t *out)
   }
   *out = v.p[0] == '-' ? -x : x;
   return true;
-}
-
-static int64_t sched(int64_t k)
-{
-  return C.t_begin + k * NS_PER_S / opt.rate;
 }
 
 /* Returns the bit's old value. */
@@ -727,11 +430,31 @@ static int64_t proc_ticks(long pid)
   return (int64_t)(ut + st);
 }
 
-static void cpu_snapshot(struct rusage *ru, int64_t *t, int64_t *srv)
+static double cpu_secs(const struct rusage *ru)
 {
-  getrusage(RUSAGE_SELF, ru);
-  *t = now_ns();
-  *srv = opt.server_pid > 0 ? proc_ticks(opt.server_pid) : -1;
+  return (double)ru->ru_utime.tv_sec + (double)ru->ru_utime.tv_usec / 1e6 +
+         (double)ru->ru_stime.tv_sec + (double)ru->ru_stime.tv_usec / 1e6;
+}
+
+
+/* ---- IMP connections on the client library ---------------------------- */
+
+/* The uid of connection c, see enum conn_role. */
+static void conn_uid(const conn *c, char *out, size_t cap)
+{
+  if (c->role == ROLE_SENDER)
+    snprintf(out, cap, "%ss%u", opt.uid_prefix, c->idx);
+  else if (c->role == ROLE_RECEIVER)
+    snprintf(out, cap, "%sr%u", opt.uid_prefix, c->idx - (uint32_t)opt.pairs);
+  else
+    snprintf(out, cap, "%s%u", opt.uid_prefix, c->idx);
+}
+
+static void note_failure(const char *what, unsigned code, const char *reason)
+{
+  if (B.first_failure[0] == '\0')
+    snprintf(B.first_failure, sizeof B.first_failure, "%s %u%s%s", what, code,
+             *reason ? ": " : "", reason);
 }
 
 static void chat_error(const char *p, size_t n)
@@ -741,107 +464,218 @@ static void chat_error(const char *p, size_t n)
     snprintf(C.first_error, sizeof C.first_error, "%.*s", (int)(n < 180 ? n : 180), p);
 }
 
-/* {"op":"ack","id":ID} plus the message's seq when it has one. */
-static void send_ack_json(conn *c, span id, span seq)
-{
-  int n;
-  if (id.n > 200 || seq.n > 40)
-    return;
-  if (seq.p != NULL)
-    n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"ack\",\"id\":\"%.*s\",\"seq\":%s%.*s%s}",
-                 (int)id.n, id.p, seq.str ? "\"" : "", (int)seq.n, seq.p, seq.str ? "\"" : "");
-  else
-    n = snprintf((char *)B.body, sizeof B.body, "{\"op\":\"ack\",\"id\":\"%.*s\"}", (int)id.n, id.p);
-  ws_send(c, 1, B.body, (size_t)n);
-  R.acks_sent++;
-}
+static void setups_pump(void);
+static void on_open(conn *c);
+static void on_imp_message(conn *c, const im_client_msg *m);
+static void on_imp_ack(conn *c, const char *cid);
 
-/* A JSON message on an authenticated connection in chat or recv mode. */
-static void on_json_ready(conn *c, const char *p, size_t n)
+/* Each connection is counted once: open (authed), or failed before that,
+ * or dropped after. A failed or dropped one is stopped, not reconnected:
+ * the bench reports a drop rather than hiding it behind a reconnect. */
+static void cb_state(im_client *cl, enum im_client_state from, enum im_client_state to, void *user)
 {
-  static const char *const names[] = { "op", "id", "cid", "seq", "data" };
-  static const char *const data_names[] = { "t", "n", "s" };
-  enum { F_OP, F_ID, F_CID, F_SEQ, F_DATA, F_N };
-  span f[F_N], d[3];
-  int64_t t = now_ns(), ts, k, tw;
-
-  if (!json_members(p, n, names, f, F_N) || f[F_OP].p == NULL) {
-    chat_error(p, n);
+  conn *c = user;
+  if (from == IM_CLIENT_CONNECTING && to > IM_CLIENT_CONNECTING && !c->connected) {
+    c->connected = true;
+    B.connected++;
+  }
+  if (to == IM_CLIENT_OPEN && !c->authed && !c->done) {
+    c->authed = true;
+    B.authed++;
+    B.in_setup--;
+    on_open(c);
+    setups_pump();
     return;
   }
-  if (span_is(f[F_OP], "error")) {
-    chat_error(p, n);
-    return;
-  }
-  if (span_is(f[F_OP], "msg")) {
-    /* Every downstream msg with an id is acknowledged, whoever it is for. */
-    if (opt.send_ack && f[F_ID].p != NULL)
-      send_ack_json(c, f[F_ID], f[F_SEQ]);
-    if (opt.mode == MODE_RECV) {
-      R.received++;
-      R.t_last = t;
-      return;
+  if ((to == IM_CLIENT_WAITING || to == IM_CLIENT_STOPPED) && !c->done && !B.finished) {
+    c->done = true;
+    if (c->authed) {
+      B.dropped++;
+    } else {
+      B.failed++;
+      B.in_setup--;
+      note_failure("setup failed in state", (unsigned)from, im_client_state_name(from));
     }
-    if (c->role != ROLE_RECEIVER) {
-      C.unexpected++;
-      return;
-    }
-    if (f[F_DATA].p == NULL || f[F_DATA].str ||
-        !json_members(f[F_DATA].p, f[F_DATA].n, data_names, d, 3) || !span_i64(d[0], &ts) ||
-        !span_i64(d[1], &k) || k < 0 || k >= C.k_next) {
-      C.foreign++;
-      return;
-    }
-    if (bit_test_set(C.recv_seen, k)) {
-      C.dups += k >= C.k_warm;
-      return;
-    }
-    C.recv_total++;
-    if (k >= C.k_warm) {
-      C.received++;
-      hist_record(&hist, (uint64_t)(t > ts ? t - ts : 0));
-      if (span_i64(d[2], &tw))
-        hist_record(&hist_write, (uint64_t)(t > tw ? t - tw : 0));
-      if (C.t_first_recv == 0)
-        C.t_first_recv = t;
-      C.t_last_recv = t;
-    }
-    return;
-  }
-  if (span_is(f[F_OP], "ack") && c->role == ROLE_SENDER) {
-    if (!span_i64(f[F_CID], &k) || (k -= C.cid_base) < 0 || k >= C.k_next) {
-      C.foreign++;
-      return;
-    }
-    if (bit_test_set(C.ack_seen, k)) {
-      C.ack_dups += k >= C.k_warm;
-      return;
-    }
-    C.acked_total++;
-    if (k >= C.k_warm) {
-      C.acked++;
-      int64_t due = sched(k);
-      hist_record(&hist_ack, (uint64_t)(t > due ? t - due : 0));
-    }
+    if (to == IM_CLIENT_WAITING)
+      im_client_stop(cl);
+    setups_pump();
   }
 }
 
-/* Message k to receiver k % pairs: {"op":"msg","cid":"<cid_base + k>",
- * "to":"<prefix>r<i>","data":{"t":DUE_NS,"s":WRITE_NS,"n":k,"p":"<payload>"}}. */
+static void cb_message(im_client *cl, const im_client_msg *m, void *user)
+{
+  (void)cl;
+  on_imp_message(user, m);
+}
+
+static void cb_ack(im_client *cl, const char *cid, const char *id, uint64_t seq, void *user)
+{
+  (void)cl;
+  (void)id;
+  (void)seq;
+  on_imp_ack(user, cid);
+}
+
+static void cb_error(im_client *cl, unsigned code, const char *reason, const char *cid, void *user)
+{
+  (void)cl;
+  (void)cid;
+  conn *c = user;
+  char line[200];
+  int n = snprintf(line, sizeof line, "error %u %s", code, reason);
+  if (!c->authed)
+    note_failure("error", code, reason);
+  chat_error(line, n < 0 ? 0 : (size_t)n);
+}
+
+static void cb_close(im_client *cl, unsigned code, const char *reason, void *user)
+{
+  (void)cl;
+  conn *c = user;
+  if (!c->authed && !B.finished)
+    note_failure("closed", code, reason);
+}
+
+/* Create and start connection c. What a load client needs of each is small:
+ * messages of DATA_MAX bytes at most, a short window of ids, no sync (the
+ * servers start with empty inboxes; im-echo and the peers know no sync). */
+static void conn_start(conn *c)
+{
+  static const im_client_callbacks cb = {
+    .on_state = cb_state, .on_message = cb_message, .on_ack = cb_ack, .on_error = cb_error,
+    .on_close = cb_close,
+  };
+  char uid[96], tok[TOKEN_MAX];
+  const char *url = c->role == ROLE_RECEIVER && opt.recv_url[0] ? opt.recv_url : opt.url;
+  im_client_config cfg;
+
+  conn_uid(c, uid, sizeof uid);
+  conn_token(uid, tok);
+  im_client_config_init(&cfg);
+  cfg.uid = uid;
+  cfg.token = tok;
+  cfg.device = "d1";
+  cfg.platform = "bench";
+  cfg.urls = &url;
+  cfg.n_urls = 1;
+  cfg.no_sync = true;
+  cfg.connect_timeout_ms = SETUP_TIMEOUT_MS;
+  cfg.ping_ms = (unsigned)opt.ping_s * 1000u;
+  cfg.ping_bg_ms = cfg.ping_ms;
+  cfg.max_message = DATA_MAX + 512;
+  cfg.dedupe_window = 64;
+  cfg.no_room_acks = true; /* as nchan's subscribers: room messages are not acked */
+  cfg.outbox_max = 65536;
+  cfg.outbox_max_bytes = 64u << 20;
+  B.started++;
+  B.in_setup++;
+  c->cl = im_client_new(&cfg, &cb, c);
+  c->ev = c->cl ? im_client_event_new(B.base, c->cl) : NULL;
+  if (c->ev == NULL)
+    die("cannot create a client (bad --url '%s', or out of memory)", url);
+  if (opt.nsrc > 0 && im_client_event_set_source(c->ev, opt.src[c->idx % (uint32_t)opt.nsrc]) != 0)
+    die("bad --src address");
+  if (c->role == ROLE_SUB && im_client_join(c->cl, opt.room) != 0)
+    die("bad --room '%s'", opt.room);
+  im_client_event_start(c->ev);
+}
+
+/* ---- chat ------------------------------------------------------------------ */
+
+static int64_t sched(int64_t k)
+{
+  return C.t_begin + k * NS_PER_S / opt.rate;
+}
+
+static void ring_push(conn *c, const char *cid, int64_t k)
+{
+  sent_ring *r = c->ring;
+  if (r == NULL && (r = c->ring = calloc(1, sizeof *r)) == NULL)
+    die("out of memory");
+  if (r->n == r->cap) {
+    size_t cap = r->cap ? 2 * r->cap : 64;
+    sent_entry *v = malloc(cap * sizeof *v);
+    if (v == NULL)
+      die("out of memory");
+    for (size_t i = 0; i < r->n; i++)
+      v[i] = r->v[(r->head + i) % r->cap];
+    free(r->v);
+    r->v = v;
+    r->cap = cap;
+    r->head = 0;
+  }
+  sent_entry *e = &r->v[(r->head + r->n++) % r->cap];
+  snprintf(e->cid, sizeof e->cid, "%s", cid);
+  e->k = k;
+  e->acked = false;
+}
+
+/* The message number of an outstanding cid (marked acked), or -1. */
+static int64_t ring_take(conn *c, const char *cid)
+{
+  sent_ring *r = c->ring;
+  int64_t k = -1;
+  for (size_t i = 0; r != NULL && i < r->n; i++) {
+    sent_entry *e = &r->v[(r->head + i) % r->cap];
+    if (!e->acked && strcmp(e->cid, cid) == 0) {
+      e->acked = true;
+      k = e->k;
+      break;
+    }
+  }
+  while (r != NULL && r->n > 0 && r->v[r->head].acked) {
+    r->head = (r->head + 1) % r->cap;
+    r->n--;
+  }
+  return k;
+}
+
+/* Message k's data: {"t":DUE_NS,"s":WRITE_NS,"n":k,"p":"<payload>"}. */
+static int bench_data(char *out, size_t cap, int64_t due, int64_t t, int64_t k)
+{
+  return snprintf(out, cap, "{\"t\":%lld,\"s\":%lld,\"n\":%lld,\"p\":\"%.*s\"}", (long long)due,
+                  (long long)t, (long long)k, opt.payload, B.fill);
+}
+
+/* Parses a bench message's data: t (due), n (number) and s (write time,
+ * -1 when absent). */
+static bool parse_data(const char *p, size_t n, int64_t *t, int64_t *k, int64_t *s)
+{
+  static const char *const names[] = { "t", "n", "s" };
+  span d[3];
+  if (!json_members(p, n, names, d, 3) || !span_i64(d[0], t) || !span_i64(d[1], k))
+    return false;
+  if (!span_i64(d[2], s))
+    *s = -1;
+  return true;
+}
+
+static void cpu_snapshot(struct rusage *ru, int64_t *t, int64_t *srv)
+{
+  getrusage(RUSAGE_SELF, ru);
+  *t = now_ns();
+  *srv = opt.server_pid > 0 ? proc_ticks(opt.server_pid) : -1;
+}
+
+/* Message k to receiver k % pairs, as {"to":"<prefix>r<i>","data":DATA}. */
 static void chat_send(int64_t k)
 {
   int pair = (int)(k % opt.pairs);
   conn *c = &B.conns[pair];
   int64_t due = sched(k), t = now_ns();
-  if (c->state != ST_READY) {
+  char to[96], data[DATA_MAX + 128], cid[IM_CLIENT_CID_MAX];
+  if (im_client_state(c->cl) != IM_CLIENT_OPEN) {
     C.unsendable++;
     return;
   }
-  int n = snprintf((char *)B.body, sizeof B.body,
-                   "{\"op\":\"msg\",\"cid\":\"%lld\",\"to\":\"%sr%d\",\"data\":{\"t\":%lld,\"s\":%lld,"
-                   "\"n\":%lld,\"p\":\"%.*s\"}}", (long long)(C.cid_base + k), opt.uid_prefix, pair,
-                   (long long)due, (long long)t, (long long)k, opt.payload, B.data_json + 6);
-  ws_send(c, 1, B.body, (size_t)n);
+  snprintf(to, sizeof to, "%sr%d", opt.uid_prefix, pair);
+  int n = bench_data(data, sizeof data, due, t, k);
+  int rc = im_client_send(c->cl, IM_CLIENT_TO_USER, to, data, (size_t)n, cid);
+  if (rc != 0) {
+    C.unsendable++;
+    return;
+  }
+  ring_push(c, cid, k);
   C.sent_total++;
   if (k >= C.k_warm) {
     C.sent++;
@@ -850,6 +684,17 @@ static void chat_send(int64_t k)
       C.t_first_send = t;
     C.t_last_send = t;
   }
+}
+
+static void arm_at(struct event *ev, int64_t due)
+{
+  int64_t d = due - now_ns();
+  struct timeval tv = { 0, 0 };
+  if (d > 0) {
+    tv.tv_sec = d / NS_PER_S;
+    tv.tv_usec = (d % NS_PER_S) / 1000;
+  }
+  evtimer_add(ev, &tv);
 }
 
 /* Sends everything due (all at once if the client fell behind: open loop),
@@ -865,26 +710,33 @@ static void chat_pump(void)
     cpu_snapshot(&C.ru1, &C.cpu_t1, &C.srv_ticks1);
     C.t_sent_all = C.cpu_t1;
   }
-  if (C.k_next < C.k_end && sched(C.k_next) != C.timer_armed_for) {
-    int64_t due = sched(C.k_next);
-    struct itimerspec its = { .it_value = { .tv_sec = due / NS_PER_S, .tv_nsec = due % NS_PER_S } };
-    if (timerfd_settime(C.timerfd, TFD_TIMER_ABSTIME, &its, NULL) < 0)
-      die("timerfd_settime: %s", strerror(errno));
-    C.timer_armed_for = due;
-  }
+  if (C.k_next < C.k_end)
+    arm_at(C.timer, sched(C.k_next));
 }
 
-static void chat_begin(int64_t t)
+static void chat_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  chat_pump();
+}
+
+static void schedule_alloc(void)
 {
   C.k_warm = (int64_t)opt.warmup_s * opt.rate;
   C.k_end = C.k_warm + (int64_t)opt.duration_s * opt.rate;
   if (C.k_end > CHAT_MAX_MSGS)
     die("--rate x (--warmup + -d) is over %lld messages", (long long)CHAT_MAX_MSGS);
+}
+
+static void chat_begin(int64_t t)
+{
+  schedule_alloc();
   C.recv_seen = calloc((size_t)(C.k_end / 8 + 1), 1);
   C.ack_seen = calloc((size_t)(C.k_end / 8 + 1), 1);
   if (C.recv_seen == NULL || C.ack_seen == NULL)
     die("out of memory");
-  C.cid_base = (int64_t)(rng_next() % 100000000u) * INT64_C(1000000000);
   C.t_begin = t + NS_PER_S / 10;
   chat_pump();
 }
@@ -898,422 +750,770 @@ static bool chat_done(int64_t t)
          t - C.t_sent_all >= (int64_t)opt.drain_s * NS_PER_S;
 }
 
-static void on_message(conn *c, enum msg_op op, const void *id, size_t idlen, int64_t deadline)
+static void chat_received(const im_client_msg *m, int64_t t)
 {
-  if (op == OP_ERROR)
+  int64_t ts, k, tw;
+  if (!parse_data(m->data, m->data_len, &ts, &k, &tw) || k < 0 || k >= C.k_next) {
+    C.foreign++;
+    return;
+  }
+  if (bit_test_set(C.recv_seen, k)) {
+    C.dups += k >= C.k_warm;
+    return;
+  }
+  C.recv_total++;
+  if (k >= C.k_warm) {
+    C.received++;
+    hist_record(&hist, (uint64_t)(t > ts ? t - ts : 0));
+    if (tw >= 0)
+      hist_record(&hist_write, (uint64_t)(t > tw ? t - tw : 0));
+    if (opt.dump)
+      fprintf(opt.dump, "%lld %lld %lld\n", (long long)k, (long long)ts, (long long)(t - ts));
+    if (C.t_first_recv == 0)
+      C.t_first_recv = t;
+    C.t_last_recv = t;
+  }
+}
+
+static void on_imp_ack(conn *c, const char *cid)
+{
+  int64_t t = now_ns(), k;
+  if (opt.mode != MODE_CHAT || c->role != ROLE_SENDER)
+    return;
+  if ((k = ring_take(c, cid)) < 0) {
+    C.foreign++;
+    return;
+  }
+  if (bit_test_set(C.ack_seen, k)) {
+    C.ack_dups += k >= C.k_warm;
+    return;
+  }
+  C.acked_total++;
+  if (k >= C.k_warm) {
+    C.acked++;
+    int64_t due = sched(k);
+    hist_record(&hist_ack, (uint64_t)(t > due ? t - due : 0));
+  }
+}
+
+/* ---- echo --------------------------------------------------------------------- */
+
+static void echo_send(conn *c)
+{
+  char uid[96];
+  size_t n = (size_t)opt.payload;
+  char data[DATA_MAX + 16];
+  conn_uid(c, uid, sizeof uid);
+  int len = snprintf(data, sizeof data, "{\"p\":\"%.*s\"}", (int)n, B.fill);
+  c->t_start = now_ns();
+  c->waiting = im_client_send(c->cl, IM_CLIENT_TO_USER, uid, data, (size_t)len, NULL) == 0;
+  if (!c->waiting)
     B.errors++;
-  if (c->state == ST_AUTHING) {
-    if (op != OP_AUTH_OK) {
-      conn_close(c, "auth rejected", 0);
-      return;
-    }
-    c->authed = true;
-    c->state = ST_READY;
-    c->next_ping = now_ns() + opt.ping_s * NS_PER_S;
-    B.authed++;
+}
+
+
+/* ---- room: subscribers (each process) -------------------------------------- */
+
+/* What a room subscriber process tells the parent: first when its
+ * subscribers are settled, then its counts when the run is over. */
+typedef struct room_ready {
+  int32_t authed, failed;
+  char first_failure[160];
+} room_ready;
+typedef struct room_pub {
+  int64_t ok, ok_measured; /* messages the server took, all and measured */
+} room_pub;
+typedef struct room_result {
+  int64_t recv_total, received, dups, foreign, unexpected, t_first_recv, t_last_recv;
+  int32_t authed, dropped;
+  histogram h;
+} room_result;
+
+static struct {
+  uint32_t first;          /* global number of this process's first subscriber */
+  unsigned char *seen;     /* subscriber x message bits */
+  int ctl_fd, res_fd;      /* from and to the parent */
+  struct event *ctl_ev;
+  bool pub_done;
+  int64_t t_pub_done;
+  room_pub pub;
+} S = { .ctl_fd = -1, .res_fd = -1 };
+
+static void write_all(int fd, const void *p, size_t n)
+{
+  const char *c = p;
+  while (n > 0) {
+    ssize_t w = write(fd, c, n);
+    if (w < 0 && errno == EINTR)
+      continue;
+    if (w <= 0)
+      die("write to the %s: %s", S.res_fd == fd ? "parent" : "child", strerror(errno));
+    c += w;
+    n -= (size_t)w;
+  }
+}
+
+static bool read_all(int fd, void *p, size_t n)
+{
+  char *c = p;
+  while (n > 0) {
+    ssize_t r = read(fd, c, n);
+    if (r < 0 && errno == EINTR)
+      continue;
+    if (r <= 0)
+      return false;
+    c += r;
+    n -= (size_t)r;
+  }
+  return true;
+}
+
+/* A room message to subscriber sub of this process. Probes (n < 0) only
+ * prove the subscription and are not counted. */
+static void room_deliver(uint32_t sub, const char *p, size_t n)
+{
+  int64_t t = now_ns(), ts, k, s;
+  if (!parse_data(p, n, &ts, &k, &s) || k >= C.k_end) {
+    C.foreign++;
+    return;
+  }
+  if (k < 0)
+    return;
+  if (bit_test_set(S.seen, (int64_t)sub * C.k_end + k)) {
+    C.dups++;
+    return;
+  }
+  C.recv_total++;
+  if (k >= C.k_warm) {
+    C.received++;
+    hist_record(&hist, (uint64_t)(t > ts ? t - ts : 0));
+    if (C.t_first_recv == 0)
+      C.t_first_recv = t;
+    C.t_last_recv = t;
+  }
+}
+
+static void ctl_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)what;
+  (void)arg;
+  if (!read_all(fd, &S.pub, sizeof S.pub))
+    stop_requested = 1; /* the parent is gone */
+  S.pub_done = true;
+  S.t_pub_done = now_ns();
+  event_del(S.ctl_ev);
+}
+
+static bool room_child_done(int64_t t)
+{
+  return S.pub_done && (C.recv_total >= S.pub.ok * B.authed ||
+                        t - S.t_pub_done >= (int64_t)opt.drain_s * NS_PER_S);
+}
+
+/* ---- room: nchan's plain WebSocket subscribers ------------------------------ */
+
+static void wsub_close(wsub *w, const char *why, int err)
+{
+  if (w->done)
+    return;
+  w->done = true;
+  if (w->upgraded) {
+    B.dropped++;
+  } else {
+    B.failed++;
     B.in_setup--;
-    return;
+    if (B.first_failure[0] == '\0')
+      snprintf(B.first_failure, sizeof B.first_failure, "%s%s%s", why, err ? ": " : "",
+               err ? strerror(err) : "");
   }
-  /* The ack carries no payload; the round trip ends with the echoed msg. */
-  if (op != OP_MSG || c->state != ST_WAITING)
-    return;
-  int64_t t = now_ns();
-  hist_record(&hist, (uint64_t)(t - c->t_start));
-  if (opt.send_ack && id != NULL)
-    send_ack(c, id, idlen);
-  c->state = ST_READY;
-  if (t < deadline && !stop_requested)
-    send_msg(c);
+  event_free(w->ev);
+  w->ev = NULL;
+  close(w->fd);
+  free(w->in);
+  w->in = NULL;
+  setups_pump();
 }
 
-/* Length of the complete TCP frame at p, 0 if incomplete, -1 if invalid. */
-static long tcp_frame(conn *c, unsigned char *p, size_t avail, int64_t deadline)
+/* A masked client frame (pong or close), written at once: a few bytes. */
+static void wsub_send(wsub *w, unsigned opcode, const unsigned char *p, size_t n)
 {
-  static const enum msg_op ops[256] = {
-    [BOP_AUTH_OK] = OP_AUTH_OK, [BOP_MSG] = OP_MSG, [BOP_ACK] = OP_ACK,
-    [BOP_PONG] = OP_PONG, [BOP_ERROR] = OP_ERROR,
-  };
-  if (avail < 4)
-    return 0;
-  uint32_t flen = (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-  if (flen == 0 || flen > RBUF_MAX - 4)
-    return -1;
-  if (avail < 4 + (size_t)flen)
-    return 0;
-  size_t idlen = 0;
-  const unsigned char *id = bin_field(p + 5, flen - 1, BKEY_ID, &idlen);
-  on_message(c, ops[p[4]], id, idlen, deadline);
-  return 4 + (long)flen;
+  unsigned char f[6 + 125];
+  uint32_t mask = (uint32_t)random();
+  if (n > 125)
+    n = 125;
+  f[0] = (unsigned char)(0x80 | opcode);
+  f[1] = (unsigned char)(0x80 | n);
+  memcpy(f + 2, &mask, 4);
+  for (size_t i = 0; i < n; i++)
+    f[6 + i] = p[i] ^ f[2 + (i & 3)];
+  if (send(w->fd, f, 6 + n, MSG_NOSIGNAL) < 0 && errno != EAGAIN)
+    wsub_close(w, "send", errno);
 }
 
-/* Length of the complete WebSocket frame at p, 0 if incomplete, -1 if invalid.
- * Servers do not mask, but unmasking costs nothing and tolerates one that does. */
-static long ws_frame(conn *c, unsigned char *p, size_t avail, int64_t deadline)
-{
-  unsigned opcode = p[0] & 0x0f;
-  uint64_t plen = avail >= 2 ? p[1] & 0x7f : 0;
-  size_t h = plen == 126 ? 4 : plen == 127 ? 10 : 2;
-
-  if (avail < 2 || avail < h)
-    return 0;
-  if (h > 2)
-    plen = 0;
-  for (size_t i = 2; i < h; i++)
-    plen = plen << 8 | p[i];
-  h += p[1] & 0x80 ? 4 : 0;
-  if (plen > RBUF_MAX - h || !(p[0] & 0x80) || opcode == 0 || opcode == 8)
-    return -1; /* oversized, fragmented (unused by im-echo), or close */
-  if (avail < h + plen)
-    return 0;
-  unsigned char *pl = p + h;
-  for (size_t i = 0; (p[1] & 0x80) && i < plen; i++)
-    pl[i] ^= p[h - 4 + (i & 3)];
-  if (opcode == 9) {
-    ws_send(c, 10, pl, (size_t)plen);
-  } else if ((opcode == 1 || opcode == 2) && opt.mode >= MODE_CHAT && c->state == ST_READY) {
-    on_json_ready(c, (const char *)pl, (size_t)plen);
-  } else if (opcode == 1 || opcode == 2) {
-    size_t idlen = 0;
-    const char *id = json_str((const char *)pl, (size_t)plen, "id", &idlen);
-    on_message(c, json_op((const char *)pl, (size_t)plen), id, idlen, deadline);
-  }
-  return (long)(h + plen);
-}
-
-/* Consumes every complete unit in rbuf: the HTTP 101 response, then frames. */
-static void process_input(conn *c, int64_t deadline)
+/* Consumes the 101 and then every complete frame in w->in. */
+static void wsub_input(wsub *w)
 {
   size_t off = 0;
-
-  if (c->state == ST_UPGRADING) {
-    const unsigned char *end = memmem(c->rbuf, c->rlen, "\r\n\r\n", 4);
-    if (end == NULL) {
-      if (c->rlen >= 8192)
-        conn_close(c, "oversized upgrade response", 0);
+  if (!w->upgraded) {
+    const unsigned char *e = memmem(w->in, w->len, "\r\n\r\n", 4);
+    if (e == NULL) {
+      if (w->len > 8192)
+        wsub_close(w, "oversized upgrade response", 0);
       return;
     }
-    if (memcmp(c->rbuf, "HTTP/1.", 7) != 0 || memcmp(c->rbuf + 8, " 101 ", 5) != 0) {
-      conn_close(c, "upgrade refused (status not 101)", 0);
+    if (w->len < 13 || memcmp(w->in, "HTTP/1.", 7) != 0 || memcmp(w->in + 8, " 101 ", 5) != 0) {
+      wsub_close(w, "upgrade refused (status not 101)", 0);
       return;
     }
-    off = (size_t)(end - c->rbuf) + 4;
-    c->state = ST_AUTHING;
-    if (opt.auth_frame)
-      send_auth(c);
+    off = (size_t)(e - w->in) + 4;
+    w->upgraded = true;
+    event_add(w->ev, NULL); /* no setup timeout any more */
+    B.authed++;
+    B.in_setup--;
+    setups_pump();
   }
-  while (c->state != ST_CLOSED && off < c->rlen) {
-    long n = (opt.tcp ? tcp_frame : ws_frame)(c, c->rbuf + off, c->rlen - off, deadline);
-    if (n < 0)
-      conn_close(c, opt.tcp ? "bad tcp frame" : "ws frame: close, fragmented or oversized", 0);
-    if (n <= 0)
+  while (!w->done && w->len - off >= 2) {
+    unsigned char *p = w->in + off;
+    size_t avail = w->len - off, h = 2;
+    uint64_t n = p[1] & 0x7f;
+    if (n == 126)
+      h = 4;
+    else if (n == 127)
+      h = 10;
+    if (avail < h)
       break;
-    off += (size_t)n;
+    if (h > 2)
+      n = 0;
+    for (size_t i = 2; i < h; i++)
+      n = n << 8 | p[i];
+    if ((p[1] & 0x80) || !(p[0] & 0x80) || n > WS_IN_MAX) {
+      wsub_close(w, "ws frame: masked, fragmented or oversized", 0);
+      return;
+    }
+    if (avail < h + n)
+      break;
+    unsigned op = p[0] & 0x0f;
+    if (op == 1 || op == 2)
+      room_deliver(w->idx, (const char *)p + h, (size_t)n);
+    else if (op == 9)
+      wsub_send(w, 10, p + h, (size_t)n);
+    else if (op == 8)
+      wsub_close(w, "closed by server", 0);
+    off += h + (size_t)n;
   }
-  if (c->state != ST_CLOSED && off > 0) {
-    memmove(c->rbuf, c->rbuf + off, c->rlen - off);
-    c->rlen -= (uint32_t)off;
+  if (!w->done && off > 0) {
+    memmove(w->in, w->in + off, w->len - off);
+    w->len -= off;
   }
 }
 
-static void on_readable(conn *c, int64_t deadline)
+static void wsub_cb(evutil_socket_t fd, short what, void *arg)
 {
-  for (;;) {
-    if (c->rlen == c->rcap) {
-      uint32_t cap = c->rcap ? c->rcap * 2 : RBUF_INIT;
-      unsigned char *p = cap <= RBUF_MAX ? realloc(c->rbuf, cap) : NULL;
-      if (p == NULL) {
-        conn_close(c, "input buffer overflow", 0);
-        return;
-      }
-      c->rbuf = p;
-      c->rcap = cap;
+  wsub *w = arg;
+  if (what & EV_TIMEOUT) {
+    wsub_close(w, "setup timed out", 0);
+    return;
+  }
+  if (what & EV_WRITE) { /* the connect finished: send the upgrade */
+    int err = 0;
+    socklen_t len = sizeof err;
+    char req[1024], key64[32];
+    uint64_t key[2] = { (uint64_t)random() << 31 ^ (uint64_t)random(), (uint64_t)random() };
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0) {
+      wsub_close(w, "connect", err ? err : errno);
+      return;
     }
-    ssize_t n = recv(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen, 0);
+    B.connected++;
+    base64((const unsigned char *)key, sizeof key, key64);
+    int n = snprintf(req, sizeof req,
+                     "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\n"
+                     "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"
+                     "Sec-WebSocket-Version: 13\r\n\r\n",
+                     opt.sub_ep.path, opt.sub_ep.host, opt.sub_ep.port, key64);
+    if (send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
+      wsub_close(w, "send", errno);
+      return;
+    }
+    event_del(w->ev);
+    event_assign(w->ev, B.base, fd, EV_READ | EV_PERSIST, wsub_cb, w);
+    struct timeval tv = { SETUP_TIMEOUT_MS / 1000, 0 };
+    event_add(w->ev, &tv);
+    return;
+  }
+  for (;;) {
+    unsigned char buf[16384];
+    ssize_t n = recv(fd, buf, sizeof buf, 0);
     if (n < 0 && errno == EINTR)
       continue;
     if (n <= 0) {
       if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK))
-        conn_close(c, n == 0 ? "closed by server" : "recv", n == 0 ? 0 : errno);
+        wsub_close(w, n == 0 ? "closed by server" : "recv", n == 0 ? 0 : errno);
       return;
     }
-    c->rlen += (uint32_t)n;
-    bool filled = c->rlen == c->rcap;
-    process_input(c, deadline);
-    /* A short read drained the socket; level-triggered epoll covers the rest. */
-    if (c->state == ST_CLOSED || !filled)
+    unsigned char *in = realloc(w->in, w->len + (size_t)n);
+    if (in == NULL)
+      die("out of memory");
+    w->in = in;
+    memcpy(w->in + w->len, buf, (size_t)n);
+    w->len += (size_t)n;
+    wsub_input(w);
+    if (w->done || (size_t)n < sizeof buf)
       return;
   }
 }
 
-static void on_connected(conn *c)
-{
-  int err = 0;
-  socklen_t len = sizeof err;
-  if (getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0)
-    err = errno;
-  if (err != 0) {
-    conn_close(c, "connect", err);
-    return;
-  }
-  B.connected++;
-  c->state = opt.tcp ? ST_AUTHING : ST_UPGRADING;
-  conn_arm(c, false);
-  if (opt.tcp)
-    send_auth(c);
-  else
-    ws_send_upgrade(c);
-}
-
-static void conn_start(conn *c)
+/* A non-blocking socket connecting to ep from source address number src
+ * (-1: none); -1 with errno on failure. */
+static int connect_to(const endpoint *ep, int src)
 {
   int one = 1;
-  struct epoll_event ev = { .events = EPOLLIN | EPOLLOUT, .data.ptr = c };
-  const endpoint *ep = conn_endpoint(c);
+  int fd = socket(ep->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0)
+    return -1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  if (src >= 0) {
+    struct sockaddr_in sa = { .sin_family = AF_INET };
+    inet_pton(AF_INET, opt.src[src], &sa.sin_addr);
+#ifdef IP_BIND_ADDRESS_NO_PORT
+    setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+#endif
+    if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) {
+      int e = errno;
+      close(fd);
+      errno = e;
+      return -1;
+    }
+  }
+  if (connect(fd, (const struct sockaddr *)&ep->addr, ep->addr_len) < 0 && errno != EINPROGRESS) {
+    int e = errno;
+    close(fd);
+    errno = e;
+    return -1;
+  }
+  return fd;
+}
 
+static void wsub_start(wsub *w)
+{
   B.started++;
   B.in_setup++;
-  c->t_start = now_ns();
-  c->state = ST_CONNECTING;
-  c->fd = socket(ep->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  if (c->fd < 0) {
-    conn_close(c, "socket", errno);
+  w->fd = connect_to(&opt.sub_ep, opt.nsrc ? (int)((S.first + w->idx) % (uint32_t)opt.nsrc) : -1);
+  if (w->fd < 0) {
+    w->done = true;
+    B.failed++;
+    B.in_setup--;
+    if (B.first_failure[0] == '\0')
+      snprintf(B.first_failure, sizeof B.first_failure, "connect: %s", strerror(errno));
     return;
   }
-  setsockopt(c->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-  if (opt.nsrc > 0) {
-    int s = (int)(c->idx % (uint32_t)opt.nsrc);
-#ifdef IP_BIND_ADDRESS_NO_PORT
-    /* Defer the port choice to connect() so ports are unique per 4-tuple,
-     * not per source address: that is what lifts the ~28k ceiling. */
-    setsockopt(c->fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
-#endif
-    if (bind(c->fd, (struct sockaddr *)&opt.src[s], sizeof opt.src[s]) < 0) {
-      conn_close(c, "bind", errno);
+  w->ev = event_new(B.base, w->fd, EV_WRITE, wsub_cb, w);
+  struct timeval tv = { SETUP_TIMEOUT_MS / 1000, 0 };
+  if (w->ev == NULL || event_add(w->ev, &tv) < 0)
+    die("out of memory");
+}
+
+/* ---- room: the paced HTTP publisher (the parent process) -------------------- */
+
+/* One keep-alive HTTP/1.1 connection with at most one request in flight. */
+typedef struct pubconn {
+  int fd;
+  bool busy;
+  int64_t k; /* the message in flight; -1: a probe */
+  struct event *ev;
+  char in[HTTP_IN_MAX];
+  size_t len;
+  char out[DATA_MAX + 1024];
+  size_t out_len, out_off;
+} pubconn;
+
+static struct {
+  pubconn pc[PUB_CONNS_MAX];
+  int64_t ok, ok_measured, failed, count_measured; /* count: the server's own delivery count */
+  int64_t last_count, need;    /* probing: the last count seen, and the subscribers to see */
+  bool probing;
+  int64_t probe_start;
+  struct event *probe_timer;
+  char first_error[200];
+} P;
+
+static void pub_pump(void);
+static void pub_cb(evutil_socket_t fd, short what, void *arg);
+
+static void pub_arm(pubconn *pc, bool writing)
+{
+  event_del(pc->ev);
+  event_assign(pc->ev, B.base, pc->fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), pub_cb,
+               pc);
+  event_add(pc->ev, NULL);
+}
+
+static void pub_flush(pubconn *pc)
+{
+  while (pc->out_off < pc->out_len) {
+    ssize_t n = send(pc->fd, pc->out + pc->out_off, pc->out_len - pc->out_off, MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOTCONN)) {
+      pub_arm(pc, true); /* full, or still connecting */
       return;
     }
+    if (n < 0)
+      die("publisher: send: %s", strerror(errno));
+    pc->out_off += (size_t)n;
   }
-  if (connect(c->fd, (const struct sockaddr *)&ep->addr, ep->addr_len) < 0 && errno != EINPROGRESS)
-    conn_close(c, "connect", errno);
-  else if (epoll_ctl(B.epfd, EPOLL_CTL_ADD, c->fd, &ev) < 0)
-    conn_close(c, "epoll_ctl", errno);
-  else
-    c->out_armed = true;
+  pub_arm(pc, false);
 }
 
-static void usage(FILE *f)
+/* POST message k (due at `due`; k < 0: a probe) on pc. imd: its room push,
+ * {"from":"bench","room":ROOM,"data":DATA} to /v1/messages with the API key
+ * (docs/HTTP_API.md); nchan: DATA itself to the publisher location. */
+static void pub_send(pubconn *pc, int64_t k, int64_t due)
 {
-  fputs("usage:\n"
-        "  im-bench hold --url ws://HOST:PORT/ws -n N [--src IP,IP,...] [--hold-seconds S]\n"
-        "  im-bench echo --url ws://HOST:PORT/ws -c N [-d SECONDS] [--tcp HOST:PORT]\n"
-        "  im-bench chat --url ws://HOST:PORT/ws [--recv-url ws://HOST:PORT/ws] [--pairs P]\n"
-        "                [--rate R] [-d SECONDS] [--warmup S] [--secret-file F | --secret S]\n"
-        "  im-bench recv --url ws://HOST:PORT/ws [-n N] [--idle-exit S] [--secret-file F]\n"
-        "\n"
-        "hold: open N connections, authenticate, keep them idle with an {\"op\":\"ping\"}\n"
-        "      every --ping-seconds, print 'connected N authed N failed N' once all are\n"
-        "      settled, then hold them S seconds (default 30) or until SIGTERM/SIGINT.\n"
-        "echo: N connections each sending msg and waiting for its echo, in a closed\n"
-        "      loop for D seconds (default 10) counted once all are authenticated;\n"
-        "      prints round trips/s, latency percentiles and a 'RESULT k=v ...' line.\n"
-        "chat: P senders <prefix>s<i> and P receivers <prefix>r<i> (2P connections);\n"
-        "      message k is due at k/R s after the start and goes from sender k%P to\n"
-        "      receiver k%P as {\"op\":\"msg\",\"cid\":\"<run base + k>\",\"to\":\"r<i>\",\"data\":\n"
-        "      {\"t\":DUE_NS,\"s\":WRITE_NS,\"n\":k,\"p\":PAYLOAD}} (CLOCK_MONOTONIC ns; open\n"
-        "      loop: latency counts from the due time, so stalls are not hidden).\n"
-        "      --warmup S unmeasured, then -d D measured; then up\n"
-        "      to --drain S for stragglers. Receivers ack every downstream msg that has\n"
-        "      an id ({\"op\":\"ack\",\"id\":..,\"seq\":..}, seq when the msg has one).\n"
-        "      Prints one-way latency (due -> received), ack latency (due -> the\n"
-        "      sender's ack), the client's own send lag, CPU, and a RESULT line.\n"
-        "recv: N receivers <prefix><i> (default prefix r) that count and ack every\n"
-        "      msg pushed to them; exits after --hold-seconds, on SIGTERM/SIGINT, or\n"
-        "      --idle-exit S seconds after the last msg; prints a RESULT line.\n"
-        "\n"
-        "  --url URL         WebSocket endpoint (ws://IPV4-OR-NAME:PORT/PATH, imp.json)\n"
-        "  --recv-url URL    chat: receivers connect here, senders to --url (e.g. two\n"
-        "                    nodes of an imd cluster; default: --url)\n"
-        "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
-        "  -n, -c N          connections in this process (at most ~19,980)\n"
-        "  --src IP[,IP...]  IPv4 source addresses used round-robin (more ports per target)\n"
-        "  --window N        connection setups in flight at once (default 500)\n"
-        "  --hold-seconds S  hold: time to hold after setup (default 30)\n"
-        "  --ping-seconds S  hold: keepalive interval (default 20)\n"
-        "  -d SECONDS        echo, chat: measured duration (default 10)\n"
-        "  --payload BYTES   echo, chat: length of the data string (default 16)\n"
-        "  --ack             echo: acknowledge each downstream msg\n"
-        "  --auth-frame      WebSocket: authenticate with an auth message, not the URL\n"
-        "  --uid-prefix P    uids are P<index> (default u<pid>-; chat: P s<i> / P r<i>,\n"
-        "                    default empty; recv: default r); [A-Za-z0-9._-]\n"
-        "  --secret S        mint real imd tokens (docs/TOKENS.md) with this secret\n"
-        "  --secret-file F   the same, the secret read from F (e.g. DATA/secret)\n"
-        "                    (without either, the token is \"t\": im-echo and peers)\n"
-        "  --pairs P         chat: sender/receiver pairs (default 100)\n"
-        "  --rate R          chat: messages/s from this process, all pairs (default 10000)\n"
-        "  --warmup S        chat: unmeasured seconds first (default 3)\n"
-        "  --drain S         chat: longest wait for outstanding messages (default 5)\n"
-        "  --no-ack          chat, recv: do not ack downstream messages\n"
-        "  --idle-exit S     recv: exit S seconds after the last msg (0: never)\n"
-        "  --server-pid PID  chat: also report this process's CPU over the measured part\n",
-        f);
+  char data[DATA_MAX + 128], body[DATA_MAX + 512], auth[300] = "";
+  int64_t t = now_ns();
+  int dn = bench_data(data, sizeof data, due, t, k), bn;
+  if (opt.peer == PEER_IMD) {
+    bn = snprintf(body, sizeof body, "{\"from\":\"bench\",\"room\":\"%s\",\"data\":%.*s}", opt.room,
+                  dn, data);
+    snprintf(auth, sizeof auth, "Authorization: Bearer %s\r\n", opt.api_key);
+  } else {
+    bn = snprintf(body, sizeof body, "%.*s", dn, data);
+  }
+  pc->out_len = (size_t)snprintf(pc->out, sizeof pc->out,
+                                 "POST %s HTTP/1.1\r\nHost: %s:%s\r\n%sAccept: application/json\r\n"
+                                 "Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s",
+                                 opt.pub_ep.path, opt.pub_ep.host, opt.pub_ep.port, auth, bn, body);
+  pc->out_off = 0;
+  pc->busy = true;
+  pc->k = k;
+  if (k >= C.k_warm)
+    hist_record(&hist_lag, (uint64_t)(t > due ? t - due : 0));
+  pub_flush(pc);
 }
 
-/* HOST:PORT, or HOST with default_port, into ep->host / ep->port. */
-static void parse_hostport(endpoint *ep, const char *s, size_t len, const char *default_port)
+/* The integer after "name": in a JSON body, -1 if absent. */
+static int64_t body_count(const char *body, size_t n, const char *name)
 {
-  const char *colon = memrchr(s, ':', len);
-  size_t hl = colon ? (size_t)(colon - s) : len;
-  int pl = (int)(colon ? len - hl - 1 : strlen(default_port));
-
-  if (hl == 0 || hl >= sizeof ep->host || pl == 0 || pl >= (int)sizeof ep->port)
-    die("bad address '%.*s' (HOST:PORT)", (int)len, s);
-  memcpy(ep->host, s, hl);
-  ep->host[hl] = '\0';
-  snprintf(ep->port, sizeof ep->port, "%.*s", pl, colon ? colon + 1 : default_port);
+  char key[40];
+  snprintf(key, sizeof key, "\"%s\"", name);
+  const char *p = memmem(body, n, key, strlen(key));
+  if (p == NULL)
+    return -1;
+  p += strlen(key);
+  while (p < body + n && (*p == ':' || *p == ' '))
+    p++;
+  return p < body + n && *p >= '0' && *p <= '9' ? strtoll(p, NULL, 10) : -1;
 }
 
-static void parse_url(endpoint *ep, const char *url)
+/* One answer: imd says {"id":..,"delivered":N}, nchan (Accept: json)
+ * {"messages":..,"subscribers":N,...}. */
+static void pub_answer(pubconn *pc, int status, const char *body, size_t n)
 {
-  const char *rest = url + 5, *slash;
-  if (strncmp(url, "ws://", 5) != 0)
-    die("only ws:// URLs are supported: '%s'", url);
-  slash = strchr(rest, '/');
-  parse_hostport(ep, rest, slash ? (size_t)(slash - rest) : strlen(rest), "80");
-  if (snprintf(ep->path, sizeof ep->path, "%s", slash ? slash : "/") >= (int)sizeof ep->path)
-    die("URL path too long");
-}
-
-static void parse_src(char *list)
-{
-  for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-    if (opt.nsrc == MAX_SRC)
-      die("too many --src addresses (max %d)", MAX_SRC);
-    opt.src[opt.nsrc].sin_family = AF_INET;
-    if (inet_pton(AF_INET, tok, &opt.src[opt.nsrc++].sin_addr) != 1)
-      die("bad --src address '%s' (IPv4)", tok);
+  int64_t count = body_count(body, n, opt.peer == PEER_IMD ? "delivered" : "subscribers");
+  pc->busy = false;
+  if (pc->k < 0) {
+    P.last_count = count;
+    return;
+  }
+  if (status >= 200 && status < 300) {
+    P.ok++;
+    if (pc->k >= C.k_warm) {
+      P.ok_measured++;
+      P.count_measured += count > 0 ? count : 0;
+    }
+  } else {
+    P.failed++;
+    if (P.first_error[0] == '\0')
+      snprintf(P.first_error, sizeof P.first_error, "HTTP %d: %.*s", status,
+               (int)(n < 150 ? n : 150), body);
   }
 }
 
-static int parse_int(const char *s, int lo, int hi, const char *what)
+/* Takes every complete answer in pc->in; false when one is malformed. */
+static bool pub_parse(pubconn *pc)
 {
-  char *end;
-  long v = strtol(s, &end, 10);
-  if (*s == '\0' || *end != '\0' || v < lo || v > hi)
-    die("bad %s '%s' (%d..%d)", what, s, lo, hi);
-  return (int)v;
+  for (;;) {
+    const char *end = memmem(pc->in, pc->len, "\r\n\r\n", 4);
+    if (end == NULL)
+      return pc->len < sizeof pc->in;
+    size_t head = (size_t)(end - pc->in) + 4, body_len;
+    const char *body = pc->in + head;
+    int status = pc->len > 12 && memcmp(pc->in, "HTTP/1.", 7) == 0 ? atoi(pc->in + 9) : 0;
+    char saved = pc->in[head - 1];
+    pc->in[head - 1] = '\0'; /* strcasestr over the head only */
+    const char *cl = strcasestr(pc->in, "\ncontent-length:");
+    bool chunked = strcasestr(pc->in, "\ntransfer-encoding: chunked") != NULL;
+    pc->in[head - 1] = saved;
+    if (status == 0)
+      return false;
+    size_t total;
+    if (chunked) { /* small answers: one chunk, then the last */
+      const char *last = memmem(body, pc->len - head, "\r\n0\r\n\r\n", 7);
+      if (last == NULL)
+        return pc->len < sizeof pc->in;
+      const char *data = memmem(body, (size_t)(last - body), "\r\n", 2);
+      body = data ? data + 2 : last;
+      body_len = (size_t)(last - body);
+      total = (size_t)(last + 7 - pc->in);
+    } else {
+      body_len = cl ? (size_t)strtoul(cl + 16, NULL, 10) : 0;
+      if (pc->len - head < body_len)
+        return pc->len < sizeof pc->in;
+      total = head + body_len;
+    }
+    pub_answer(pc, status, body, body_len);
+    memmove(pc->in, pc->in + total, pc->len - total);
+    pc->len -= total;
+  }
 }
 
-static void parse_args(int argc, char **argv)
+static void pub_cb(evutil_socket_t fd, short what, void *arg)
 {
-  static const struct option longopts[] = {
-    {"url", 1, NULL, 'u'}, {"tcp", 1, NULL, 't'}, {"src", 1, NULL, 's'},
-    {"window", 1, NULL, 'w'}, {"hold-seconds", 1, NULL, 'H'}, {"ping-seconds", 1, NULL, 'P'},
-    {"payload", 1, NULL, 'p'}, {"uid-prefix", 1, NULL, 'U'}, {"ack", 0, NULL, 'a'},
-    {"auth-frame", 0, NULL, 'A'}, {"help", 0, NULL, 'h'}, {"secret", 1, NULL, 'S'},
-    {"secret-file", 1, NULL, 'F'}, {"pairs", 1, NULL, 'q'}, {"rate", 1, NULL, 'r'},
-    {"warmup", 1, NULL, 'W'}, {"drain", 1, NULL, 'D'}, {"no-ack", 0, NULL, 'N'},
-    {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {"recv-url", 1, NULL, 'R'},
-    {NULL, 0, NULL, 0},
-  };
-  static const char *const modes[] = { "hold", "echo", "chat", "recv" };
-  const char *url = NULL, *recv_url = NULL, *tcp = NULL, *secret = NULL, *secret_file = NULL;
-  char secret_buf[sizeof opt.secret + 2];
-  bool no_ack = false, have_prefix = false, have_conns = false;
-  int ch;
+  pubconn *pc = arg;
+  if (what & EV_WRITE)
+    pub_flush(pc);
+  if (!(what & EV_READ))
+    return;
+  ssize_t n = recv(fd, pc->in + pc->len, sizeof pc->in - pc->len, 0);
+  if (n < 0 && (errno == EAGAIN || errno == EINTR))
+    return;
+  if (n <= 0)
+    die("publisher: the server closed the connection%s%s", n < 0 ? ": " : "",
+        n < 0 ? strerror(errno) : "");
+  pc->len += (size_t)n;
+  if (!pub_parse(pc))
+    die("publisher: bad HTTP answer: %.*s", (int)(pc->len < 200 ? pc->len : 200), pc->in);
+  if (!P.probing)
+    pub_pump();
+}
 
-  if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
-    usage(argc < 2 ? stderr : stdout);
-    exit(argc < 2 ? 2 : 0);
+static pubconn *pub_idle(void)
+{
+  for (int i = 0; i < opt.pub_conns; i++)
+    if (!P.pc[i].busy)
+      return &P.pc[i];
+  return NULL;
+}
+
+static bool pub_all_idle(void)
+{
+  for (int i = 0; i < opt.pub_conns; i++)
+    if (P.pc[i].busy)
+      return false;
+  return true;
+}
+
+/* Sends what is due on idle connections (late if none was idle: the
+ * latency counts from the due time), then waits for the next due time. */
+static void pub_pump(void)
+{
+  pubconn *pc;
+  while (C.k_next < C.k_end && sched(C.k_next) <= now_ns() && (pc = pub_idle()) != NULL) {
+    if (C.k_next == C.k_warm)
+      cpu_snapshot(&C.ru0, &C.cpu_t0, &C.srv_ticks0);
+    pub_send(pc, C.k_next, sched(C.k_next));
+    C.k_next++;
   }
-  opt.mode = (enum bench_mode)-1;
-  for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
-    if (strcmp(argv[1], modes[i]) == 0)
-      opt.mode = (enum bench_mode)i;
-  if ((int)opt.mode < 0)
-    die("unknown mode '%s' (hold, echo, chat or recv; --help for usage)", argv[1]);
+  if (C.k_next == C.k_end && C.t_sent_all == 0) {
+    cpu_snapshot(&C.ru1, &C.cpu_t1, &C.srv_ticks1);
+    C.t_sent_all = C.cpu_t1;
+  }
+  if (C.k_next < C.k_end && pub_idle() != NULL)
+    arm_at(C.timer, sched(C.k_next));
+}
 
-  /* The mode word plays argv[0] for getopt. */
-  while ((ch = getopt_long(argc - 1, argv + 1, "n:c:d:h", longopts, NULL)) != -1) {
-    switch (ch) {
-    case 'u': url = optarg; break;
-    case 'R': recv_url = optarg; break;
-    case 't': tcp = optarg; break;
-    case 's': parse_src(optarg); break;
-    case 'n': case 'c':
-      opt.nconns = parse_int(optarg, 1, FD_CEILING, "connection count");
-      have_conns = true;
+static void pub_timer_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  pub_pump();
+}
+
+/* Before the run: probes until the server counts every subscriber in the
+ * room (imd's join and nchan's subscription are asynchronous to the
+ * connection being open), every 20 ms. */
+static void probe_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  int64_t t = now_ns();
+  struct timeval tv = { 0, 20000 };
+  if (P.last_count >= P.need) {
+    P.probing = false;
+    C.t_begin = t + NS_PER_S / 10;
+    pub_pump();
+    return;
+  }
+  if (t - P.probe_start > PROBE_TIMEOUT_NS)
+    die("the server counted %lld of %lld subscribers after %lld s", (long long)P.last_count,
+        (long long)P.need, (long long)(PROBE_TIMEOUT_NS / NS_PER_S));
+  if (P.pc[0].busy == false)
+    pub_send(&P.pc[0], -1, t);
+  evtimer_add(P.probe_timer, &tv);
+}
+
+static void pub_connect(void)
+{
+  for (int i = 0; i < opt.pub_conns; i++) {
+    pubconn *pc = &P.pc[i];
+    pc->fd = connect_to(&opt.pub_ep, -1);
+    if (pc->fd < 0)
+      die("publisher: connect to %s:%s: %s", opt.pub_ep.host, opt.pub_ep.port, strerror(errno));
+    pc->ev = event_new(B.base, pc->fd, EV_READ | EV_PERSIST, pub_cb, pc);
+    if (pc->ev == NULL || event_add(pc->ev, NULL) < 0)
+      die("out of memory");
+  }
+}
+
+/* ---- settling, the clock, the end --------------------------------------------- */
+
+static void on_settled(void);
+
+static void setups_pump(void)
+{
+  while (B.started < opt.nconns && B.in_setup < opt.window && !B.finished) {
+    if (opt.mode == MODE_ROOM && opt.peer == PEER_NCHAN)
+      wsub_start(&B.wsubs[B.started]);
+    else
+      conn_start(&B.conns[B.started]);
+  }
+  if (!B.settled && B.started == opt.nconns && B.in_setup == 0)
+    on_settled();
+}
+
+static void on_open(conn *c)
+{
+  if (B.settled && opt.mode == MODE_ECHO)
+    echo_send(c);
+}
+
+static void on_imp_message(conn *c, const im_client_msg *m)
+{
+  int64_t t = now_ns();
+  switch (opt.mode) {
+  case MODE_ECHO:
+    /* the ack carries no payload; the round trip ends with the echoed msg */
+    if (!c->waiting)
+      return;
+    hist_record(&hist, (uint64_t)(t - c->t_start));
+    c->waiting = false;
+    if (t < B.deadline && !stop_requested)
+      echo_send(c);
+    return;
+  case MODE_RECV:
+    R.received++;
+    R.t_last = t;
+    return;
+  case MODE_CHAT:
+    if (c->role != ROLE_RECEIVER)
+      C.unexpected++;
+    else
+      chat_received(m, t);
+    return;
+  case MODE_ROOM:
+    if (strcmp(m->room, opt.room) != 0)
+      C.unexpected++;
+    else
+      room_deliver(c->idx, m->data, m->data_len);
+    return;
+  case MODE_HOLD:
+    return;
+  }
+}
+
+static void finish(void)
+{
+  B.finished = true;
+  event_base_loopbreak(B.base);
+}
+
+static void end_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  finish();
+}
+
+static void on_settled(void)
+{
+  int64_t t = now_ns();
+  B.settled = true;
+  B.phase_start = t;
+  B.deadline = t + opt.duration_s * NS_PER_S;
+  if (opt.mode == MODE_ROOM) { /* a subscriber process: tell the parent */
+    room_ready r = { .authed = B.authed, .failed = B.failed };
+    snprintf(r.first_failure, sizeof r.first_failure, "%s", B.first_failure);
+    write_all(S.res_fd, &r, sizeof r);
+    return;
+  }
+  printf("connected %d authed %d failed %d\n", B.connected, B.authed, B.failed);
+  fflush(stdout);
+  if (B.first_failure[0] != '\0')
+    fprintf(stderr, "first failure: %s\n", B.first_failure);
+  if (opt.mode == MODE_ECHO || opt.mode == MODE_HOLD) { /* the phase ends on time, not at a tick */
+    if ((B.end = evtimer_new(B.base, end_cb, NULL)) == NULL)
+      die("out of memory");
+    arm_at(B.end, t + (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S);
+  }
+  for (int i = 0; opt.mode == MODE_ECHO && i < opt.nconns; i++)
+    if (B.conns[i].authed && !B.conns[i].done)
+      echo_send(&B.conns[i]);
+  if (opt.mode == MODE_CHAT) {
+    if (B.authed != opt.nconns)
+      die("chat needs every connection authenticated (%d of %d; first failure: %s)", B.authed,
+          opt.nconns, B.first_failure);
+    chat_begin(t);
+  }
+}
+
+/* Every 100 ms: the end of the phase, and progress once a second. */
+static void tick_cb(evutil_socket_t fd, short what, void *arg)
+{
+  (void)fd;
+  (void)what;
+  (void)arg;
+  int64_t t = now_ns();
+  if (stop_requested) {
+    finish();
+    return;
+  }
+  if (B.publisher)
+    return;
+  setups_pump();
+  if (B.settled) {
+    switch (opt.mode) {
+    case MODE_CHAT:
+      if (chat_done(t))
+        finish();
       break;
-    case 'w': opt.window = parse_int(optarg, 1, FD_CEILING, "window"); break;
-    case 'H': opt.hold_s = parse_int(optarg, 0, 7 * 86400, "hold seconds"); break;
-    case 'P': opt.ping_s = parse_int(optarg, 1, 86400, "ping seconds"); break;
-    case 'd': opt.duration_s = parse_int(optarg, 1, 86400, "duration"); break;
-    case 'p': opt.payload = parse_int(optarg, 0, (int)sizeof B.data_json - 16, "payload"); break;
-    case 'U':
-      if (strlen(optarg) > 40 || strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-                                                 "0123456789._-") != strlen(optarg))
-        die("bad --uid-prefix '%s' (at most 40 of [A-Za-z0-9._-])", optarg);
-      snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "%s", optarg);
-      have_prefix = true;
+    case MODE_RECV:
+      if ((opt.idle_exit_s > 0 && R.received > 0 &&
+           t - R.t_last >= (int64_t)opt.idle_exit_s * NS_PER_S) ||
+          t - B.phase_start >= opt.hold_s * NS_PER_S)
+        finish();
       break;
-    case 'a': opt.send_ack = true; break;
-    case 'S': secret = optarg; break;
-    case 'F': secret_file = optarg; break;
-    case 'q': opt.pairs = parse_int(optarg, 1, (FD_CEILING - FD_RESERVE) / 2, "pairs"); break;
-    case 'r': opt.rate = parse_int(optarg, 1, 10000000, "rate"); break;
-    case 'W': opt.warmup_s = parse_int(optarg, 0, 3600, "warm-up seconds"); break;
-    case 'D': opt.drain_s = parse_int(optarg, 0, 3600, "drain seconds"); break;
-    case 'N': no_ack = true; break;
-    case 'I': opt.idle_exit_s = parse_int(optarg, 0, 86400, "idle-exit seconds"); break;
-    case 'x': opt.server_pid = parse_int(optarg, 1, 0x7fffffff, "server pid"); break;
-    case 'A': opt.auth_frame = true; break;
-    case 'h': usage(stdout); exit(0);
-    default: die("bad option (--help for usage)");
+    case MODE_ROOM:
+      if (room_child_done(t))
+        finish();
+      break;
+    default:
+      if (t - B.phase_start >= (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S)
+        finish();
     }
   }
-  if (optind < argc - 1)
-    die("unexpected argument '%s'", argv[optind + 1]);
-  if (!have_prefix && opt.mode == MODE_RECV)
-    strcpy(opt.uid_prefix, "r");
-  else if (!have_prefix && opt.mode != MODE_CHAT)
-    snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "u%ld-", (long)getpid());
-  if (opt.mode == MODE_CHAT)
-    opt.nconns = 2 * opt.pairs; /* senders first, then receivers */
-  else if (opt.mode == MODE_RECV && !have_conns)
-    opt.nconns = 1;
-  if (opt.mode >= MODE_CHAT)
-    opt.send_ack = !no_ack;
-  if (secret_file != NULL) {
-    FILE *f = fopen(secret_file, "r");
-    if (f == NULL || fgets(secret_buf, sizeof secret_buf, f) == NULL)
-      die("cannot read the secret from %s", secret_file);
-    fclose(f);
-    /* as imd reads DATA/secret: surrounding blanks and the line end dropped */
-    size_t n = strlen(secret_buf);
-    while (n > 0 && strchr(" \t\r\n", secret_buf[n - 1]) != NULL)
-      secret_buf[--n] = '\0';
-    secret = secret_buf + strspn(secret_buf, " \t");
-  }
-  if (secret != NULL) {
-    opt.secret_len = strlen(secret);
-    if (opt.secret_len < 16 || opt.secret_len > sizeof opt.secret)
-      die("the secret must be 16 to %zu bytes", sizeof opt.secret);
-    memcpy(opt.secret, secret, opt.secret_len);
-    token_selftest();
-  }
-  opt.tcp = tcp != NULL; /* --tcp selects the transport even next to --url */
-  if (opt.tcp && opt.mode >= MODE_CHAT)
-    die("chat and recv speak WebSocket JSON only (--url)");
-  if (tcp != NULL)
-    parse_hostport(&opt.ep[EP_MAIN], tcp, strlen(tcp), "");
-  else if (url != NULL)
-    parse_url(&opt.ep[EP_MAIN], url);
-  else
-    die("--url or --tcp is required");
-  if (recv_url != NULL && opt.mode != MODE_CHAT)
-    die("--recv-url is for chat only");
-  if (recv_url != NULL)
-    parse_url(&opt.ep[EP_RECV], recv_url);
-  else
-    opt.ep[EP_RECV] = opt.ep[EP_MAIN];
+  if (t < B.next_report || B.finished)
+    return;
+  B.next_report = t + NS_PER_S;
+  if (!B.settled)
+    fprintf(stderr, "[%5.1fs] started %d connected %d authed %d failed %d\n",
+            (double)(t - B.t0) / 1e9, B.started, B.connected, B.authed, B.failed);
+  else if (opt.mode == MODE_CHAT && (t - B.phase_start) / NS_PER_S % 5 == 0)
+    fprintf(stderr, "[%5.1fs] sent %lld received %lld acked %lld errors %ld\n",
+            (double)(t - B.t0) / 1e9, (long long)C.sent_total, (long long)C.recv_total,
+            (long long)C.acked_total, B.errors);
 }
 
 static void on_signal(int sig)
@@ -1322,85 +1522,248 @@ static void on_signal(int sig)
   stop_requested = 1;
 }
 
-static void setup(void)
+/* The event base (precise timers: the send schedule must not round to
+ * milliseconds) and the 100 ms tick. */
+static void base_init(void)
+{
+  struct event_config *cfg = event_config_new();
+  struct timeval tv = { 0, 100000 };
+  if (cfg == NULL)
+    die("out of memory");
+  event_config_set_flag(cfg, EVENT_BASE_FLAG_PRECISE_TIMER);
+  B.base = event_base_new_with_config(cfg);
+  event_config_free(cfg);
+  if (B.base == NULL)
+    die("cannot create an event base");
+  B.tick = event_new(B.base, -1, EV_PERSIST, tick_cb, NULL);
+  C.timer = evtimer_new(B.base, opt.mode == MODE_ROOM ? pub_timer_cb : chat_timer_cb, NULL);
+  if (B.tick == NULL || C.timer == NULL || event_add(B.tick, &tv) < 0)
+    die("out of memory");
+  B.t0 = now_ns();
+  /* the default 50 us timer slack would make every paced send that much late */
+  prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
+}
+
+/* The open-file limit, raised to the hard limit; dies if n connections do
+ * not fit. */
+static void fd_limit(int n)
 {
   struct rlimit rl = { .rlim_cur = FD_CEILING, .rlim_max = FD_CEILING };
-  struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai;
-  struct sigaction sa = { .sa_handler = on_signal };
-  int rc, limit;
-
   if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
     rl.rlim_cur = rl.rlim_max;
     setrlimit(RLIMIT_NOFILE, &rl);
     getrlimit(RLIMIT_NOFILE, &rl);
   }
-  limit = rl.rlim_cur < FD_CEILING ? (int)rl.rlim_cur : FD_CEILING;
-  if (opt.nconns > limit - FD_RESERVE)
+  int limit = rl.rlim_cur < FD_CEILING ? (int)rl.rlim_cur : FD_CEILING;
+  if (n > limit - FD_RESERVE)
     die("%d connections need more than the %d open files allowed per process; "
-        "run several processes with at most %d each", opt.nconns, limit, limit - FD_RESERVE);
-
-  for (int e = 0; e < EP_N; e++) {
-    endpoint *ep = &opt.ep[e];
-    if ((rc = getaddrinfo(ep->host, ep->port, &hints, &ai)) != 0)
-      die("resolve %s:%s: %s", ep->host, ep->port, gai_strerror(rc));
-    memcpy(&ep->addr, ai->ai_addr, ai->ai_addrlen);
-    ep->addr_len = ai->ai_addrlen;
-    freeaddrinfo(ai);
-  }
-
-  memcpy(B.data_json, "{\"p\":\"", 6);
-  for (int i = 0; i < opt.payload; i++)
-    B.data_json[6 + i] = (char)('a' + i % 26);
-  memcpy(B.data_json + 6 + opt.payload, "\"}", 3);
-  B.data_len = 6 + (size_t)opt.payload + 2;
-
-  if ((B.conns = calloc((size_t)opt.nconns, sizeof *B.conns)) == NULL)
-    die("out of memory");
-  for (int i = 0; i < opt.nconns; i++) {
-    B.conns[i].fd = -1;
-    B.conns[i].idx = (uint32_t)i;
-    B.conns[i].role = opt.mode != MODE_CHAT ? ROLE_PLAIN : i < opt.pairs ? ROLE_SENDER : ROLE_RECEIVER;
-  }
-  if ((B.epfd = epoll_create1(EPOLL_CLOEXEC)) < 0)
-    die("epoll_create1: %s", strerror(errno));
-  if (opt.mode == MODE_CHAT) {
-    /* The send schedule runs on an absolute timerfd; the default 50 us timer
-     * slack would make every send that much late. */
-    struct epoll_event ev = { .events = EPOLLIN, .data.ptr = &C };
-    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);
-    C.timerfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-    if (C.timerfd < 0 || epoll_ctl(B.epfd, EPOLL_CTL_ADD, C.timerfd, &ev) < 0)
-      die("timerfd: %s", strerror(errno));
-  }
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGTERM, &sa, NULL);
-  sigaction(SIGINT, &sa, NULL);
-  signal(SIGPIPE, SIG_IGN);
+        "run several processes (room: --procs) with at most %d each", n, limit,
+        limit - FD_RESERVE);
 }
 
-/* Once a second: time out stuck setups and send the keepalives that are due. */
-static void housekeeping(int64_t t)
+/* ---- room: the processes ------------------------------------------------------ */
+
+/* A subscriber process: subscribers [first, first + n) of the room. */
+static void room_child(uint32_t first, int n, int ctl_fd, int res_fd)
 {
-  for (int i = 0; i < opt.nconns; i++) {
-    conn *c = &B.conns[i];
-    if (c->state >= ST_CONNECTING && c->state <= ST_AUTHING && t - c->t_start > SETUP_TIMEOUT_NS) {
-      conn_close(c, "setup timed out", 0);
-    } else if (opt.mode != MODE_ECHO && c->state == ST_READY && t >= c->next_ping) {
-      /* An application ping, which surely counts as activity for the idle timer. */
-      if (opt.tcp)
-        tcp_send(c, BOP_PING, NULL, 0);
-      else
-        ws_send(c, 1, "{\"op\":\"ping\"}", 13);
-      c->next_ping = t + opt.ping_s * NS_PER_S;
+  S.first = first;
+  S.ctl_fd = ctl_fd;
+  S.res_fd = res_fd;
+  opt.nconns = n;
+  fd_limit(n);
+  if ((uint64_t)n * (uint64_t)C.k_end > (uint64_t)ROOM_MAX_BITS)
+    die("%d subscribers x %lld messages per process: use more --procs or fewer messages", n,
+        (long long)C.k_end);
+  S.seen = calloc((size_t)((int64_t)n * C.k_end / 8 + 1), 1);
+  if (opt.peer == PEER_NCHAN)
+    B.wsubs = calloc((size_t)n, sizeof *B.wsubs);
+  else
+    B.conns = calloc((size_t)n, sizeof *B.conns);
+  if (S.seen == NULL || (B.wsubs == NULL && B.conns == NULL))
+    die("out of memory");
+  for (int i = 0; i < n; i++) {
+    if (opt.peer == PEER_NCHAN) {
+      B.wsubs[i].idx = (uint32_t)i;
+      B.wsubs[i].fd = -1;
+    } else {
+      B.conns[i].idx = (uint32_t)i;
+      B.conns[i].role = ROLE_SUB;
     }
   }
+  base_init();
+  S.ctl_ev = event_new(B.base, ctl_fd, EV_READ | EV_PERSIST, ctl_cb, NULL);
+  if (S.ctl_ev == NULL || event_add(S.ctl_ev, NULL) < 0)
+    die("out of memory");
+  setups_pump();
+  event_base_dispatch(B.base);
+  room_result r = {
+    .recv_total = C.recv_total, .received = C.received, .dups = C.dups, .foreign = C.foreign,
+    .unexpected = C.unexpected, .t_first_recv = C.t_first_recv, .t_last_recv = C.t_last_recv,
+    .authed = B.authed, .dropped = B.dropped,
+  };
+  r.h = hist;
+  write_all(res_fd, &r, sizeof r);
+  _exit(0);
 }
 
-static double cpu_secs(const struct rusage *ru)
+/* sub_cpu: CPU seconds of the subscriber processes, setup included. */
+static void print_room(const room_result *sum, int procs, double sub_cpu)
 {
-  return (double)ru->ru_utime.tv_sec + (double)ru->ru_utime.tv_usec / 1e6 +
-         (double)ru->ru_stime.tv_sec + (double)ru->ru_stime.tv_usec / 1e6;
+  int64_t subs = sum->authed;
+  int64_t expected = P.ok_measured * subs, expected_all = P.ok * subs;
+  int64_t unanswered;
+  double span_s = (double)(sum->t_last_recv - sum->t_first_recv) / 1e9;
+  double rate = sum->received > 1 && span_s > 0 ? (double)sum->received / span_s : 0;
+  double wall = (double)(C.cpu_t1 - C.cpu_t0) / 1e9;
+  double srv_cpu = -1;
+  if (C.srv_ticks0 >= 0 && C.srv_ticks1 >= 0 && wall > 0)
+    srv_cpu = 100 * (double)(C.srv_ticks1 - C.srv_ticks0) / (double)sysconf(_SC_CLK_TCK) / wall;
+  double q50 = (double)hist_quantile(&sum->h, 0.50) / 1e3, q90 = (double)hist_quantile(&sum->h, 0.90) / 1e3;
+  double q99 = (double)hist_quantile(&sum->h, 0.99) / 1e3, q999 = (double)hist_quantile(&sum->h, 0.999) / 1e3;
+  double qmax = (double)sum->h.max / 1e3;
+  double l50 = (double)hist_quantile(&hist_lag, 0.50) / 1e3, l99 = (double)hist_quantile(&hist_lag, 0.99) / 1e3;
+  const char *peer = opt.peer == PEER_IMD ? "imd" : "nchan";
+
+  unanswered = (C.k_end - C.k_warm) - P.ok_measured - P.failed;
+  printf("room: %s, %lld subscribers in %d processes, %d msgs/s published, %d s warm-up + %d s "
+         "measured\n", peer, (long long)subs, procs, opt.rate, opt.warmup_s, opt.duration_s);
+  printf("published %lld measured messages, taken %lld (HTTP errors %lld, not taken or "
+         "unanswered %lld); the server counted %lld deliveries\n", (long long)(C.k_end - C.k_warm),
+         (long long)P.ok_measured, (long long)P.failed, (long long)unanswered,
+         (long long)P.count_measured);
+  printf("delivered %lld of %lld expected (lost %lld; all messages: %lld of %lld), dups %lld, "
+         "unparsable %lld, other rooms %lld: %.0f deliveries/s\n", (long long)sum->received,
+         (long long)expected, (long long)(expected - sum->received), (long long)sum->recv_total,
+         (long long)expected_all, (long long)sum->dups, (long long)sum->foreign,
+         (long long)sum->unexpected, rate);
+  printf("latency us (due -> delivered): p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  max %.1f  (n=%llu)\n",
+         q50, q90, q99, q999, qmax, (unsigned long long)sum->h.total);
+  printf("publish lag us (due -> written): p50 %.1f  p99 %.1f  max %.1f\n", l50, l99,
+         (double)hist_lag.max / 1e3);
+  printf("subscriber processes: %.2f s CPU in all, setup included", sub_cpu);
+  if (srv_cpu >= 0)
+    printf("; server CPU %.1f%% over the measured %.1f s", srv_cpu, wall);
+  printf("\n");
+  if (P.first_error[0] != '\0')
+    printf("first publish error: %s\n", P.first_error);
+  printf("RESULT mode=room peer=%s subs=%lld procs=%d rate=%d secs=%d published=%lld taken=%lld "
+         "pub_errors=%lld server_count=%lld expected=%lld delivered=%lld lost=%lld dups=%lld "
+         "deliveries_per_s=%.0f p50_us=%.1f p90_us=%.1f p99_us=%.1f p999_us=%.1f max_us=%.1f "
+         "lag_p99_us=%.1f srv_cpu_pct=%.1f sub_cpu_s=%.2f failed=%d dropped=%d\n",
+         peer, (long long)subs, procs, opt.rate, opt.duration_s, (long long)(C.k_end - C.k_warm),
+         (long long)P.ok_measured, (long long)P.failed, (long long)P.count_measured,
+         (long long)expected, (long long)sum->received, (long long)(expected - sum->received),
+         (long long)sum->dups, rate, q50, q90, q99, q999, qmax, l99, srv_cpu, sub_cpu, B.failed,
+         sum->dropped);
 }
+
+/* The parent: forks the subscriber processes, waits until every subscriber
+ * is in, publishes, tells each process how many messages the server took,
+ * and adds up what they counted. */
+static int room_main(void)
+{
+  int procs = opt.procs > 0 ? opt.procs : (opt.nconns + 9999) / 10000;
+  int ctl[PUB_CONNS_MAX], res[PUB_CONNS_MAX];
+  pid_t pids[PUB_CONNS_MAX];
+  if (procs > opt.nconns)
+    procs = opt.nconns;
+  if (procs > PUB_CONNS_MAX)
+    die("at most %d processes", PUB_CONNS_MAX);
+  schedule_alloc();
+  fflush(stdout);
+  for (int i = 0, first = 0; i < procs; i++) {
+    int n = opt.nconns / procs + (i < opt.nconns % procs), c[2], r[2];
+    if (pipe(c) < 0 || pipe(r) < 0)
+      die("pipe: %s", strerror(errno));
+    pid_t pid = fork();
+    if (pid < 0)
+      die("fork: %s", strerror(errno));
+    if (pid == 0) {
+      close(c[1]);
+      close(r[0]);
+      for (int j = 0; j < i; j++) {
+        close(ctl[j]);
+        close(res[j]);
+      }
+      srandom((unsigned)getpid());
+      room_child((uint32_t)first, n, c[0], r[1]);
+    }
+    close(c[0]);
+    close(r[1]);
+    ctl[i] = c[1];
+    res[i] = r[0];
+    pids[i] = pid;
+    first += n;
+  }
+  int authed = 0;
+  for (int i = 0; i < procs; i++) {
+    room_ready r;
+    if (!read_all(res[i], &r, sizeof r))
+      die("subscriber process %d died during setup", i);
+    authed += r.authed;
+    B.failed += r.failed;
+    if (B.first_failure[0] == '\0' && r.first_failure[0] != '\0')
+      snprintf(B.first_failure, sizeof B.first_failure, "%s", r.first_failure);
+  }
+  printf("connected %d authed %d failed %d\n", authed + B.failed, authed, B.failed);
+  fflush(stdout);
+  if (authed != opt.nconns) {
+    for (int i = 0; i < procs; i++)
+      kill(pids[i], SIGTERM);
+    die("room needs every subscriber in (%d of %d; first failure: %s)", authed, opt.nconns,
+        B.first_failure);
+  }
+  B.publisher = true;
+  base_init();
+  pub_connect();
+  P.probing = true;
+  P.need = authed;
+  P.last_count = -1;
+  P.probe_start = now_ns();
+  P.probe_timer = evtimer_new(B.base, probe_cb, NULL);
+  struct timeval tv = { 0, 20000 };
+  evtimer_add(P.probe_timer, &tv);
+  /* publish, then wait for the last answers (at most --drain s) */
+  while (!stop_requested) {
+    event_base_loop(B.base, EVLOOP_ONCE);
+    if (C.t_sent_all != 0 && (pub_all_idle() || now_ns() - C.t_sent_all >= opt.drain_s * NS_PER_S))
+      break;
+  }
+  room_pub pub = { .ok = P.ok, .ok_measured = P.ok_measured };
+  room_result sum = { .t_first_recv = INT64_MAX };
+  for (int i = 0; i < procs; i++)
+    write_all(ctl[i], &pub, sizeof pub);
+  static room_result r;
+  for (int i = 0; i < procs; i++) {
+    if (!read_all(res[i], &r, sizeof r))
+      die("subscriber process %d died", i);
+    sum.recv_total += r.recv_total;
+    sum.received += r.received;
+    sum.dups += r.dups;
+    sum.foreign += r.foreign;
+    sum.unexpected += r.unexpected;
+    sum.authed += r.authed;
+    sum.dropped += r.dropped;
+    if (r.t_first_recv != 0 && r.t_first_recv < sum.t_first_recv)
+      sum.t_first_recv = r.t_first_recv;
+    if (r.t_last_recv > sum.t_last_recv)
+      sum.t_last_recv = r.t_last_recv;
+    for (uint32_t b = 0; b < HIST_BUCKETS; b++)
+      sum.h.counts[b] += r.h.counts[b];
+    sum.h.total += r.h.total;
+    if (r.h.max > sum.h.max)
+      sum.h.max = r.h.max;
+    waitpid(pids[i], NULL, 0);
+  }
+  if (sum.t_first_recv == INT64_MAX)
+    sum.t_first_recv = 0;
+  struct rusage ru;
+  getrusage(RUSAGE_CHILDREN, &ru);
+  print_room(&sum, procs, cpu_secs(&ru));
+  return 0;
+}
+
+/* ---- output --------------------------------------------------------------- */
 
 static void print_chat(int open_now)
 {
@@ -1428,7 +1791,7 @@ static void print_chat(int open_now)
     q[h][4] = (double)hs[h]->max / 1e3;
   }
   printf("chat: %d pairs, %d msgs/s scheduled, %d s warm-up + %d s measured, acks %s\n", opt.pairs,
-         opt.rate, opt.warmup_s, opt.duration_s, opt.send_ack ? "on" : "off");
+         opt.rate, opt.warmup_s, opt.duration_s, "on");
   printf("measured: sent %lld (%.0f/s), received %lld (%.0f/s), acked %lld, lost %lld, "
          "unacked %lld, dups %lld, errors %ld\n", (long long)C.sent, sent_rate,
          (long long)C.received, recv_rate, (long long)C.acked, (long long)(C.sent - C.received),
@@ -1465,21 +1828,24 @@ static void print_results(int64_t phase_ns)
   int open_now = 0;
 
   for (int i = 0; i < opt.nconns; i++)
-    open_now += B.conns[i].state == ST_READY || B.conns[i].state == ST_WAITING;
+    open_now += B.conns[i].cl != NULL && im_client_state(B.conns[i].cl) == IM_CLIENT_OPEN;
   if (opt.mode == MODE_CHAT) {
     print_chat(open_now);
+    if (opt.dump && fclose(opt.dump) != 0)
+      fprintf(stderr, "im-bench: --dump: %s\n", strerror(errno));
+    opt.dump = NULL;
     return;
   }
   if (opt.mode == MODE_RECV) {
     struct rusage ru;
     getrusage(RUSAGE_SELF, &ru);
     printf("received %lld msgs on %d connections, acks sent %lld, errors %ld, CPU %.2f s\n",
-           (long long)R.received, open_now, (long long)R.acks_sent, B.errors, cpu_secs(&ru));
+           (long long)R.received, open_now, (long long)R.received, B.errors, cpu_secs(&ru));
     if (C.first_error[0] != '\0')
       printf("first error: %s\n", C.first_error);
     printf("RESULT mode=recv conns=%d authed=%d failed=%d dropped=%d open=%d received=%lld "
            "acks=%lld errors=%ld secs=%.1f cpu_s=%.2f\n", opt.nconns, B.authed, B.failed, B.dropped,
-           open_now, (long long)R.received, (long long)R.acks_sent, B.errors, secs, cpu_secs(&ru));
+           open_now, (long long)R.received, (long long)R.received, B.errors, secs, cpu_secs(&ru));
     return;
   }
   if (opt.mode == MODE_HOLD) {
@@ -1492,7 +1858,7 @@ static void print_results(int64_t phase_ns)
   double p50 = (double)hist_quantile(&hist, 0.50) / 1e3, p90 = (double)hist_quantile(&hist, 0.90) / 1e3;
   double p99 = (double)hist_quantile(&hist, 0.99) / 1e3, p999 = (double)hist_quantile(&hist, 0.999) / 1e3;
   double max = (double)hist.max / 1e3;
-  const char *transport = opt.tcp ? "tcp" : "ws";
+  const char *transport = strncmp(opt.url, "tcp://", 6) == 0 ? "tcp" : "ws";
 
   printf("round trips %llu in %.2f s: %.0f rt/s over %d connections (%s)\n",
          (unsigned long long)hist.total, secs, rtps, open_now, transport);
@@ -1503,86 +1869,329 @@ static void print_results(int64_t phase_ns)
          B.failed, B.dropped, B.errors);
 }
 
-int main(int argc, char **argv)
+static void usage(FILE *f)
 {
-  static struct epoll_event evs[1024];
-  int64_t t0 = now_ns(), next_tick = t0, phase_start = 0, deadline = 0;
-  bool settled = false;
+  fputs("usage:\n"
+        "  im-bench hold --url ws://HOST:PORT/ws -n N [--src IP,IP,...] [--hold-seconds S]\n"
+        "  im-bench echo --url ws://HOST:PORT/ws -c N [-d SECONDS] [--tcp HOST:PORT]\n"
+        "  im-bench chat --url ws://HOST:PORT/ws [--recv-url ws://HOST:PORT/ws] [--pairs P]\n"
+        "                [--rate R] [-d SECONDS] [--warmup S] [--secret-file F | --secret S]\n"
+        "  im-bench recv --url ws://HOST:PORT/ws [-n N] [--idle-exit S] [--secret-file F]\n"
+        "  im-bench room --url ws://HOST:PORT/ws --publish http://HOST:PORT/v1/messages\n"
+        "                --api-key-file F [--secret-file F] -n N [--procs P] [--rate R] [-d S]\n"
+        "  im-bench room --peer nchan --url ws://HOST:PORT/sub/ROOM\n"
+        "                --publish http://HOST:PORT/pub/ROOM -n N [--procs P] [--rate R] [-d S]\n"
+        "\n"
+        "Every IMP connection is a client of the libim client library (auth message,\n"
+        "an ack for every message delivered, pings every --ping-seconds); one that\n"
+        "fails or drops is counted and not reconnected.\n"
+        "\n"
+        "hold: open N connections, authenticate, keep them idle (pings every\n"
+        "      --ping-seconds), print 'connected N authed N failed N' once all are\n"
+        "      settled, then hold them S seconds (default 30) or until SIGTERM/SIGINT.\n"
+        "echo: N connections each sending msg and waiting for its echo, in a closed\n"
+        "      loop for D seconds (default 10) counted once all are authenticated;\n"
+        "      prints round trips/s, latency percentiles and a 'RESULT k=v ...' line.\n"
+        "chat: P senders <prefix>s<i> and P receivers <prefix>r<i> (2P connections);\n"
+        "      message k is due at k/R s after the start and goes from sender k%P to\n"
+        "      receiver k%P as {\"op\":\"msg\",\"cid\":CID,\"to\":\"r<i>\",\"data\":\n"
+        "      {\"t\":DUE_NS,\"s\":WRITE_NS,\"n\":k,\"p\":PAYLOAD}} (CLOCK_MONOTONIC ns; open\n"
+        "      loop: latency counts from the due time, so stalls are not hidden).\n"
+        "      --warmup S unmeasured, then -d D measured; then up\n"
+        "      to --drain S for stragglers. Receivers ack every message (the library).\n"
+        "      Prints one-way latency (due -> received), ack latency (due -> the\n"
+        "      sender's ack), the client's own send lag, CPU, and a RESULT line.\n"
+        "recv: N receivers <prefix><i> (default prefix r) that count and ack every\n"
+        "      msg pushed to them; exits after --hold-seconds, on SIGTERM/SIGINT, or\n"
+        "      --idle-exit S seconds after the last msg; prints a RESULT line.\n"
+        "room: N subscribers of --room (default bench) in P processes (default: one per\n"
+        "      10,000), each at most ~19,980; imd: IMP clients <prefix><i> that join\n"
+        "      the room; nchan: plain WebSocket subscribers of --url. Once all are in\n"
+        "      (probe messages until the server's own count, imd's \"delivered\" or\n"
+        "      nchan's \"subscribers\", reaches N), one process publishes message k\n"
+        "      at k/R s over --pub-conns keep-alive HTTP connections: imd: POST\n"
+        "      {\"from\":\"bench\",\"room\":ROOM,\"data\":DATA} with the API key;\n"
+        "      nchan: POST DATA; DATA = {\"t\":DUE_NS,\"s\":WRITE_NS,\"n\":k,\"p\":..}.\n"
+        "      Each subscriber counts each message once; expected = messages the\n"
+        "      server took (2xx) x subscribers, so a lost delivery shows as lost.\n"
+        "      Prints deliveries/s, latency (due -> delivered) and a RESULT line.\n"
+        "\n"
+        "  --url URL         WebSocket endpoint (ws://HOST:PORT/PATH, imp.json), or\n"
+        "                    tcp://HOST:PORT (raw TCP, binary IMP)\n"
+        "  --recv-url URL    chat: receivers connect here, senders to --url (e.g. two\n"
+        "                    nodes of an imd cluster; default: --url)\n"
+        "  --dump FILE       chat: a line per measured delivery: message number, due\n"
+        "                    time (ns, CLOCK_MONOTONIC), latency (ns); to find when\n"
+        "                    the slow ones happened\n"
+        "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
+        "  -n, -c N          connections in this process (at most ~19,980); room: in all\n"
+        "  --src IP[,IP...]  source addresses used round-robin (more ports per target)\n"
+        "  --window N        connection setups in flight at once (default 500)\n"
+        "  --hold-seconds S  hold: time to hold after setup (default 30)\n"
+        "  --ping-seconds S  hold: keepalive interval (default 20)\n"
+        "  -d SECONDS        echo, chat, room: measured duration (default 10)\n"
+        "  --payload BYTES   echo, chat, room: length of the data string (default 16)\n"
+        "  --ack, --auth-frame  accepted for old scripts: the client library always\n"
+        "                    acks and always authenticates with an auth message\n"
+        "  --uid-prefix P    uids are P<index> (default u<pid>-; chat: P s<i> / P r<i>,\n"
+        "                    default empty; recv: default r); [A-Za-z0-9._-]\n"
+        "  --secret S        mint real imd tokens (docs/TOKENS.md) with this secret\n"
+        "  --secret-file F   the same, the secret read from F (e.g. DATA/secret)\n"
+        "                    (without either, the token is \"t\": im-echo and peers)\n"
+        "  --pairs P         chat: sender/receiver pairs (default 100)\n"
+        "  --rate R          chat: messages/s from this process, all pairs; room: messages\n"
+        "                    published per second (default 10000)\n"
+        "  --warmup S        chat, room: unmeasured seconds first (default 3)\n"
+        "  --drain S         chat, room: longest wait for outstanding messages (default 5)\n"
 
-  parse_args(argc, argv);
-  rng_seed();
-  setup();
+        "  --idle-exit S     recv: exit S seconds after the last msg (0: never)\n"
+        "  --server-pid PID  chat, room: also report this process's CPU over the measured part\n"
+        "  --peer imd|nchan  room: the server (default imd)\n"
+        "  --publish URL     room: the publisher's http://HOST:PORT/PATH\n"
+        "  --api-key K, --api-key-file F  room, imd: the HTTP API key (DATA/api-key)\n"
+        "  --room NAME       room: the room (default bench)\n"
+        "  --procs P         room: subscriber processes\n"
+        "  --pub-conns C     room: publisher connections (default 4)\n",
+        f);
+}
 
-  while (!stop_requested) {
-    int64_t t = now_ns();
+/* HOST:PORT, or HOST with default_port, into ep->host / ep->port. */
+static void parse_hostport(endpoint *ep, const char *s, size_t len, const char *default_port)
+{
+  const char *colon = memrchr(s, ':', len);
+  size_t hl = colon ? (size_t)(colon - s) : len;
+  int pl = (int)(colon ? len - hl - 1 : strlen(default_port));
 
-    /* Setups run in a sliding window so a slow accept queue is not flooded. */
-    while (B.started < opt.nconns && B.in_setup < opt.window)
-      conn_start(&B.conns[B.started]);
-    if (!settled && B.started == opt.nconns && B.in_setup == 0) {
-      settled = true;
-      phase_start = t;
-      printf("connected %d authed %d failed %d\n", B.connected, B.authed, B.failed);
-      fflush(stdout);
-      if (B.first_failure[0] != '\0')
-        fprintf(stderr, "first failure: %s\n", B.first_failure);
-      deadline = t + opt.duration_s * NS_PER_S;
-      for (int i = 0; opt.mode == MODE_ECHO && i < opt.nconns; i++)
-        if (B.conns[i].state == ST_READY)
-          send_msg(&B.conns[i]);
-      if (opt.mode == MODE_CHAT) {
-        if (B.authed != opt.nconns)
-          die("chat needs every connection authenticated (%d of %d; first failure: %s)",
-              B.authed, opt.nconns, B.first_failure);
-        chat_begin(t);
-      }
-    }
-    if (settled && opt.mode == MODE_CHAT) {
-      chat_pump();
-      if (chat_done(now_ns()))
-        break;
-    } else if (settled && opt.mode == MODE_RECV && opt.idle_exit_s > 0 && R.received > 0 &&
-               t - R.t_last >= (int64_t)opt.idle_exit_s * NS_PER_S) {
+  if (hl == 0 || hl >= sizeof ep->host || pl == 0 || pl >= (int)sizeof ep->port)
+    die("bad address '%.*s' (HOST:PORT)", (int)len, s);
+  memcpy(ep->host, s, hl);
+  ep->host[hl] = '\0';
+  snprintf(ep->port, sizeof ep->port, "%.*s", pl, colon ? colon + 1 : default_port);
+}
+
+/* ws://HOST:PORT/PATH or http://HOST:PORT/PATH into ep, resolved (IPv4). */
+static void parse_url(endpoint *ep, const char *url)
+{
+  struct addrinfo hints = { .ai_family = AF_INET, .ai_socktype = SOCK_STREAM }, *ai;
+  size_t skip = strncmp(url, "ws://", 5) == 0 ? 5 : strncmp(url, "http://", 7) == 0 ? 7 : 0;
+  const char *rest = url + skip, *slash;
+  int rc;
+  if (skip == 0)
+    die("expected a ws:// or http:// URL: '%s'", url);
+  slash = strchr(rest, '/');
+  parse_hostport(ep, rest, slash ? (size_t)(slash - rest) : strlen(rest), "80");
+  if (snprintf(ep->path, sizeof ep->path, "%s", slash ? slash : "/") >= (int)sizeof ep->path)
+    die("URL path too long");
+  if ((rc = getaddrinfo(ep->host, ep->port, &hints, &ai)) != 0)
+    die("resolve %s:%s: %s", ep->host, ep->port, gai_strerror(rc));
+  memcpy(&ep->addr, ai->ai_addr, ai->ai_addrlen);
+  ep->addr_len = ai->ai_addrlen;
+  freeaddrinfo(ai);
+}
+
+static void parse_src(char *list)
+{
+  for (char *save = NULL, *tok = strtok_r(list, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+    struct in_addr a;
+    if (opt.nsrc == MAX_SRC)
+      die("too many --src addresses (max %d)", MAX_SRC);
+    if (inet_pton(AF_INET, tok, &a) != 1)
+      die("bad --src address '%s' (IPv4)", tok);
+    snprintf(opt.src[opt.nsrc++], sizeof opt.src[0], "%s", tok);
+  }
+}
+
+/* The first line of file f, blanks and the line end dropped (as imd reads
+ * DATA/secret and DATA/api-key). */
+static void read_line(const char *f, char *out, size_t cap)
+{
+  FILE *fp = fopen(f, "r");
+  if (fp == NULL || fgets(out, (int)cap, fp) == NULL)
+    die("cannot read %s", f);
+  fclose(fp);
+  size_t n = strlen(out);
+  while (n > 0 && strchr(" \t\r\n", out[n - 1]) != NULL)
+    out[--n] = '\0';
+  size_t lead = strspn(out, " \t");
+  memmove(out, out + lead, n - lead + 1);
+}
+
+static int parse_int(const char *s, int lo, int hi, const char *what)
+{
+  char *end;
+  long v = strtol(s, &end, 10);
+  if (*s == '\0' || *end != '\0' || v < lo || v > hi)
+    die("bad %s '%s' (%d..%d)", what, s, lo, hi);
+  return (int)v;
+}
+
+static void parse_args(int argc, char **argv)
+{
+  static const struct option longopts[] = {
+    {"url", 1, NULL, 'u'}, {"tcp", 1, NULL, 't'}, {"src", 1, NULL, 's'},
+    {"window", 1, NULL, 'w'}, {"hold-seconds", 1, NULL, 'H'}, {"ping-seconds", 1, NULL, 'P'},
+    {"payload", 1, NULL, 'p'}, {"uid-prefix", 1, NULL, 'U'}, {"ack", 0, NULL, 'a'},
+    {"auth-frame", 0, NULL, 'A'}, {"help", 0, NULL, 'h'}, {"secret", 1, NULL, 'S'},
+    {"secret-file", 1, NULL, 'F'}, {"pairs", 1, NULL, 'q'}, {"rate", 1, NULL, 'r'},
+    {"warmup", 1, NULL, 'W'}, {"drain", 1, NULL, 'D'}, {"no-ack", 0, NULL, 'N'},
+    {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {"recv-url", 1, NULL, 'R'},
+    {"peer", 1, NULL, 'e'}, {"publish", 1, NULL, 'b'}, {"api-key", 1, NULL, 'k'},
+    {"api-key-file", 1, NULL, 'K'}, {"room", 1, NULL, 'o'}, {"procs", 1, NULL, 'j'},
+    {"pub-conns", 1, NULL, 'C'}, {"dump", 1, NULL, 'Y'},
+    {NULL, 0, NULL, 0},
+  };
+  static const char *const modes[] = { "hold", "echo", "chat", "recv", "room" };
+  const char *url = NULL, *recv_url = NULL, *tcp = NULL, *secret = NULL, *secret_file = NULL;
+  const char *publish = NULL;
+  char secret_buf[sizeof opt.secret + 2];
+  bool have_prefix = false, have_conns = false;
+  int ch;
+
+  if (argc < 2 || strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+    usage(argc < 2 ? stderr : stdout);
+    exit(argc < 2 ? 2 : 0);
+  }
+  opt.mode = (enum bench_mode)-1;
+  for (size_t i = 0; i < sizeof modes / sizeof modes[0]; i++)
+    if (strcmp(argv[1], modes[i]) == 0)
+      opt.mode = (enum bench_mode)i;
+  if ((int)opt.mode < 0)
+    die("unknown mode '%s' (hold, echo, chat, recv or room; --help for usage)", argv[1]);
+
+  /* The mode word plays argv[0] for getopt. */
+  while ((ch = getopt_long(argc - 1, argv + 1, "n:c:d:h", longopts, NULL)) != -1) {
+    switch (ch) {
+    case 'u': url = optarg; break;
+    case 'R': recv_url = optarg; break;
+    case 'Y':
+      if (!(opt.dump = fopen(optarg, "w")))
+        die("--dump %s: %s", optarg, strerror(errno));
       break;
-    } else if (settled && opt.mode != MODE_CHAT &&
-               t - phase_start >= (opt.mode == MODE_ECHO ? opt.duration_s : opt.hold_s) * NS_PER_S) {
+    case 't': tcp = optarg; break;
+    case 's': parse_src(optarg); break;
+    case 'n': case 'c':
+      opt.nconns = parse_int(optarg, 1, 1000000, "connection count"); /* fd_limit() checks per process */
+      have_conns = true;
       break;
-    }
-    if (t >= next_tick) {
-      housekeeping(t);
-      if (!settled)
-        fprintf(stderr, "[%5.1fs] started %d connected %d authed %d failed %d\n",
-                (double)(t - t0) / 1e9, B.started, B.connected, B.authed, B.failed);
-      else if (opt.mode == MODE_CHAT && (t - phase_start) / NS_PER_S % 5 == 0)
-        fprintf(stderr, "[%5.1fs] sent %lld received %lld acked %lld errors %ld\n",
-                (double)(t - t0) / 1e9, (long long)C.sent_total, (long long)C.recv_total,
-                (long long)C.acked_total, B.errors);
-      next_tick = t + NS_PER_S;
-    }
-
-    int n = epoll_wait(B.epfd, evs, (int)(sizeof evs / sizeof evs[0]), 100);
-    if (n < 0 && errno != EINTR)
-      die("epoll_wait: %s", strerror(errno));
-    for (int i = 0; i < n; i++) {
-      conn *c = evs[i].data.ptr;
-      if (evs[i].data.ptr == (void *)&C) {
-        uint64_t expirations;
-        if (read(C.timerfd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
-          die("timerfd read: %s", strerror(errno));
-        continue;
-      }
-      if (c->state == ST_CONNECTING) {
-        on_connected(c);
-        continue;
-      }
-      if (c->state != ST_CLOSED && (evs[i].events & EPOLLOUT))
-        conn_flush(c);
-      if (c->state != ST_CLOSED && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP)))
-        on_readable(c, settled && opt.mode == MODE_ECHO ? deadline : 0);
+    case 'w': opt.window = parse_int(optarg, 1, FD_CEILING, "window"); break;
+    case 'H': opt.hold_s = parse_int(optarg, 0, 7 * 86400, "hold seconds"); break;
+    case 'P': opt.ping_s = parse_int(optarg, 1, 86400, "ping seconds"); break;
+    case 'd': opt.duration_s = parse_int(optarg, 1, 86400, "duration"); break;
+    case 'p': opt.payload = parse_int(optarg, 0, DATA_MAX - 128, "payload"); break;
+    case 'U':
+      if (strlen(optarg) > 40 || strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+                                                 "0123456789._-") != strlen(optarg))
+        die("bad --uid-prefix '%s' (at most 40 of [A-Za-z0-9._-])", optarg);
+      snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "%s", optarg);
+      have_prefix = true;
+      break;
+    case 'a': break; /* always */
+    case 'S': secret = optarg; break;
+    case 'F': secret_file = optarg; break;
+    case 'q': opt.pairs = parse_int(optarg, 1, (FD_CEILING - FD_RESERVE) / 2, "pairs"); break;
+    case 'r': opt.rate = parse_int(optarg, 1, 10000000, "rate"); break;
+    case 'W': opt.warmup_s = parse_int(optarg, 0, 3600, "warm-up seconds"); break;
+    case 'D': opt.drain_s = parse_int(optarg, 0, 3600, "drain seconds"); break;
+    case 'N': die("--no-ack is gone: the client library acknowledges every message"); break;
+    case 'I': opt.idle_exit_s = parse_int(optarg, 0, 86400, "idle-exit seconds"); break;
+    case 'x': opt.server_pid = parse_int(optarg, 1, 0x7fffffff, "server pid"); break;
+    case 'A': break; /* always */
+    case 'e':
+      if (strcmp(optarg, "imd") != 0 && strcmp(optarg, "nchan") != 0)
+        die("bad --peer '%s' (imd or nchan)", optarg);
+      opt.peer = strcmp(optarg, "imd") == 0 ? PEER_IMD : PEER_NCHAN;
+      break;
+    case 'b': publish = optarg; break;
+    case 'k': snprintf(opt.api_key, sizeof opt.api_key, "%s", optarg); break;
+    case 'K': read_line(optarg, opt.api_key, sizeof opt.api_key); break;
+    case 'o':
+      if (strlen(optarg) == 0 || strlen(optarg) > 128 ||
+          strspn(optarg, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") !=
+              strlen(optarg))
+        die("bad --room '%s' (1 to 128 of [A-Za-z0-9._-])", optarg);
+      snprintf(opt.room, sizeof opt.room, "%s", optarg);
+      break;
+    case 'j': opt.procs = parse_int(optarg, 1, PUB_CONNS_MAX, "processes"); break;
+    case 'C': opt.pub_conns = parse_int(optarg, 1, PUB_CONNS_MAX, "publisher connections"); break;
+    case 'h': usage(stdout); exit(0);
+    default: die("bad option (--help for usage)");
     }
   }
-  if (!settled)
+  if (optind < argc - 1)
+    die("unexpected argument '%s'", argv[optind + 1]);
+  if (!have_prefix && opt.mode == MODE_RECV)
+    strcpy(opt.uid_prefix, "r");
+  else if (!have_prefix && opt.mode != MODE_CHAT)
+    snprintf(opt.uid_prefix, sizeof opt.uid_prefix, "u%ld-", (long)getpid());
+  if (opt.mode == MODE_CHAT)
+    opt.nconns = 2 * opt.pairs; /* senders first, then receivers */
+  else if (opt.mode == MODE_RECV && !have_conns)
+    opt.nconns = 1;
+  if (secret_file != NULL) {
+    read_line(secret_file, secret_buf, sizeof secret_buf);
+    secret = secret_buf;
+  }
+  if (secret != NULL) {
+    opt.secret_len = strlen(secret);
+    if (opt.secret_len < 16 || opt.secret_len > sizeof opt.secret)
+      die("the secret must be 16 to %zu bytes", sizeof opt.secret);
+    memcpy(opt.secret, secret, opt.secret_len);
+    token_selftest();
+  }
+  /* --tcp selects the transport even next to --url */
+  if (tcp != NULL && opt.mode >= MODE_CHAT)
+    die("chat, recv and room speak WebSocket JSON only (--url)");
+  if (tcp != NULL)
+    snprintf(opt.url, sizeof opt.url, "tcp://%s", tcp);
+  else if (url != NULL)
+    snprintf(opt.url, sizeof opt.url, "%s", url);
+  else
+    die("--url or --tcp is required");
+  if (recv_url != NULL && opt.mode != MODE_CHAT)
+    die("--recv-url is for chat only");
+  if (recv_url != NULL)
+    snprintf(opt.recv_url, sizeof opt.recv_url, "%s", recv_url);
+  if (opt.mode == MODE_ROOM) {
+    if (publish == NULL)
+      die("room needs --publish URL");
+    parse_url(&opt.pub_ep, publish);
+    if (opt.peer == PEER_NCHAN)
+      parse_url(&opt.sub_ep, opt.url);
+    else if (opt.api_key[0] == '\0')
+      die("room with imd needs --api-key or --api-key-file");
+  } else if (publish != NULL || opt.peer == PEER_NCHAN) {
+    die("--publish and --peer are for room only");
+  }
+}
+
+int main(int argc, char **argv)
+{
+  struct sigaction sa = { .sa_handler = on_signal };
+
+  parse_args(argc, argv);
+  for (int i = 0; i < opt.payload; i++)
+    B.fill[i] = (char)('a' + i % 26);
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, NULL);
+  sigaction(SIGINT, &sa, NULL);
+  signal(SIGPIPE, SIG_IGN);
+  srandom((unsigned)getpid() ^ (unsigned)now_ns());
+  if (opt.mode == MODE_ROOM)
+    return room_main();
+
+  fd_limit(opt.nconns);
+  if ((B.conns = calloc((size_t)opt.nconns, sizeof *B.conns)) == NULL)
+    die("out of memory");
+  for (int i = 0; i < opt.nconns; i++) {
+    B.conns[i].idx = (uint32_t)i;
+    B.conns[i].role = opt.mode != MODE_CHAT ? ROLE_PLAIN : i < opt.pairs ? ROLE_SENDER : ROLE_RECEIVER;
+  }
+  base_init();
+  setups_pump();
+  event_base_dispatch(B.base);
+  B.finished = true;
+  if (!B.settled)
     printf("connected %d authed %d failed %d\n", B.connected, B.authed, B.failed);
-  print_results(settled ? now_ns() - phase_start : 0);
+  print_results(B.settled ? now_ns() - B.phase_start : 0);
   return 0;
 }

@@ -162,7 +162,7 @@ int main(int argc, char **argv) {
   b.base = event_base_new();
   b.ac = redisAsyncConnect("127.0.0.1", port);
   if (!b.base || !b.ac || b.ac->err || redisLibeventAttach(b.ac, b.base) != REDIS_OK) return 1;
-  imd_redis_io io = {io_command, &b};
+  imd_redis_io io = {.command = io_command, .ctx = &b};
   char err[256];
   b.s = imd_store_redis_new(&io, prefix, &o, err, sizeof err);
   if (!b.s) {

@@ -16,6 +16,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "ws_upgrade.h"
+
 /* The former hash (lib/core/strmap.c before SipHash): constants and the
  * inversion below solve for names it maps to 0. */
 #define OLD_MUL1 UINT64_C(0x9e3779b97f4a7c15)
@@ -82,16 +84,8 @@ int main(int argc, char **argv) {
   double t0 = now_s();
   craft(names, rooms);
   double t1 = now_s();
-  for (size_t i = 0; i < nconns; i++) {
-    char req[256];
-    int n = snprintf(req, sizeof req,
-                     "GET /ws?uid=u%zu&token=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-                     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-                     "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: imp.json\r\n\r\n",
-                     i);
-    conns[i] = im_server_accept(srv, IM_TRANSPORT_WS, "127.0.0.1:1", NULL);
-    if (!conns[i] || im_server_feed(srv, conns[i], req, (size_t)n) != 0) return 1;
-  }
+  for (size_t i = 0; i < nconns; i++)
+    if (!(conns[i] = bench_ws_open(srv, i, NULL))) return 1;
   double t2 = now_s();
   for (size_t i = 0; i < rooms; i++)
     if (im_room_join(srv, conns[i / PER_CONN], names[i]) != 0) {

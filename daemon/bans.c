@@ -11,7 +11,8 @@
  * its own bans match: new entries are applied and the matching live
  * sessions closed (4403 "banned"), entries gone from the hash are lifted.
  * The automatic bans of the rate limit, the rate limit itself and the
- * --ban entries stay node-local. */
+ * --ban entries stay node-local. A node with --redis runs one worker
+ * thread (main.c), so the merge applies bans to that worker's engine. */
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
 #include <libim/im_guard.h>
@@ -31,60 +32,71 @@ typedef struct uid_ban {
   char uid[];
 } uid_ban;
 
-static uid_ban *uid_find(imd *d, const char *uid) {
-  return (uid_ban *)strmap_get(&d->uid_bans, uid, strlen(uid));
+/* The table: the main thread's, under the shared lock (workers.c). */
+static strmap *table(imd *d) { return &(d->main ? d->main : d)->uid_bans; }
+
+static uid_ban *uid_find(strmap *m, const char *uid) {
+  return m->buckets ? (uid_ban *)strmap_get(m, uid, strlen(uid)) : NULL;
 }
 
 bool imd_uid_banned(imd *d, const char *uid) {
-  uid_ban *b = d->uid_bans.buckets ? uid_find(d, uid) : NULL;
-  if (!b) return false;
-  if (b->until_ms && b->until_ms <= imd_wall_ms()) {
-    strmap_del(&d->uid_bans, &b->node);
+  strmap *m = table(d);
+  imd_shared_lock();
+  uid_ban *b = uid_find(m, uid);
+  if (b && b->until_ms && b->until_ms <= imd_wall_ms()) {
+    strmap_del(m, &b->node);
     free(b);
-    return false;
+    b = NULL;
   }
-  return true;
+  imd_shared_unlock();
+  return b != NULL;
 }
 
 /* Ban uid until until_ms (0: until lifted) on this node; no session closed. */
 static int uid_ban_until(imd *d, const char *uid, uint64_t until_ms) {
   size_t n = strlen(uid);
   if (n == 0 || n > IMD_UID_MAX) return -1;
-  uid_ban *b = uid_find(d, uid);
-  if (!b) {
-    if (d->uid_bans.count >= IMD_UID_BANS_MAX || !(b = malloc(sizeof *b + n + 1))) return -1;
+  strmap *m = table(d);
+  imd_shared_lock();
+  uid_ban *b = uid_find(m, uid);
+  if (!b && m->count < IMD_UID_BANS_MAX && (b = malloc(sizeof *b + n + 1))) {
     memcpy(b->uid, uid, n + 1);
     b->node.key = b->uid;
     b->node.klen = (uint32_t)n;
-    strmap_put(&d->uid_bans, &b->node);
+    strmap_put(m, &b->node);
   }
-  b->until_ms = until_ms;
-  return 0;
+  if (b) b->until_ms = until_ms;
+  imd_shared_unlock();
+  return b ? 0 : -1;
 }
 
 int imd_ban_uid(imd *d, const char *uid, uint32_t ttl_s) {
   if (uid_ban_until(d, uid, ttl_s ? imd_wall_ms() + (uint64_t)ttl_s * 1000u : 0) < 0) return -1;
-  /* live sessions end now, on every node */
+  /* live sessions end now, on every worker and node */
   im_kick_user(d->srv, uid, IM_CLOSE_KICKED, "banned");
   return 0;
 }
 
 int imd_unban_uid(imd *d, const char *uid) {
-  uid_ban *b = uid_find(d, uid);
-  if (!b) return -1;
-  strmap_del(&d->uid_bans, &b->node);
+  strmap *m = table(d);
+  imd_shared_lock();
+  uid_ban *b = uid_find(m, uid);
+  if (b) strmap_del(m, &b->node);
+  imd_shared_unlock();
   free(b);
-  return 0;
+  return b ? 0 : -1;
 }
 
 void imd_uid_bans(imd *d, void (*fn)(const char *uid, uint64_t until_ms, void *arg), void *arg) {
-  strmap *m = &d->uid_bans;
+  strmap *m = table(d);
+  imd_shared_lock();
   uint64_t now = imd_wall_ms();
   for (uint32_t k = 0; m->buckets && k <= m->mask; k++)
     for (strmap_node *n = m->buckets[k]; n; n = n->next) {
       uid_ban *b = (uid_ban *)n;
       if (!b->until_ms || b->until_ms > now) fn(b->uid, b->until_ms, arg);
     }
+  imd_shared_unlock();
 }
 
 /* "--ban 10.0.0.0/8,uid:mallory,::1": permanent entries. */

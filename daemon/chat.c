@@ -17,7 +17,10 @@ static const char *token_policy(imd *d, const im_auth *a, const imd_token_claims
     d->m.auth_too_long++;
     return "token lifetime too long";
   }
-  if (imd_revoked(d->revoked, a->uid, cl->issued_ms, cl->expiry, d->cfg.max_token_ttl_s)) {
+  imd_shared_lock();
+  bool revoked = imd_revoked(d->revoked, a->uid, cl->issued_ms, cl->expiry, d->cfg.max_token_ttl_s);
+  imd_shared_unlock();
+  if (revoked) {
     d->m.auth_revoked++;
     return "token revoked";
   }
@@ -61,7 +64,7 @@ static int on_auth(im_server *srv, im_conn_id c, im_auth *a, void *user) {
 }
 
 static void on_open(im_server *srv, im_conn_id c, void *user) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(srv, c, &info) == 0) imd_metrics_open(user, info.platform);
   imd_node_opened(user, c);
   imd_hooks_opened(user, c);
@@ -69,7 +72,7 @@ static void on_open(im_server *srv, im_conn_id c, void *user) {
 
 static void on_close(im_server *srv, im_conn_id c, int code, void *user) {
   (void)code;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(srv, c, &info) == 0 && info.uid) imd_metrics_close(user, info.platform);
   imd_hooks_closed(user, c);
 }
@@ -84,7 +87,7 @@ static int refuse(imd *d, im_server *srv, im_conn_id c, const im_msg *m, int cod
 /* The store answered for a client's message: ack it (with the sender's own
  * seq) or tell the client it failed, so that it resends. */
 static void acked(imd *d, uint64_t conn, const imd_delivery *res) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, conn, &info) < 0) return; /* the sender left; it resends */
   if (res->status >= 0) {
     im_ack(d->srv, conn, res->cid, res->id, res->sender_seq);
@@ -159,7 +162,11 @@ static void group_members_known(void *arg, int status, const char *const *uids, 
 /* The per-receiver quota (quota.c): false when from has stored its
  * share for `to` this minute. */
 static bool quota_ok(imd *d, const char *from, const char *to, bool group) {
-  if (!d->quota || imd_quota_take(d->quota, from, to, group, imd_wall_ms())) return true;
+  if (!d->quota) return true;
+  imd_shared_lock();
+  bool ok = imd_quota_take(d->quota, from, to, group, imd_wall_ms());
+  imd_shared_unlock();
+  if (ok) return true;
   d->m.quota_refused++;
   return false;
 }
@@ -168,7 +175,7 @@ static bool quota_ok(imd *d, const char *from, const char *to, bool group) {
  * when there is one): stored, then acked once durable. */
 static int route_stored(imd *d, im_conn_id c, const im_msg *m) {
   im_server *srv = d->srv;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
   if (m->to) {
     d->m.msgs_1to1++;
@@ -198,14 +205,14 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
   if (m->to && !*m->to) return refuse(d, srv, c, m, 400, "empty to");
   if (m->to && strlen(m->to) > IMD_UID_MAX) return refuse(d, srv, c, m, 400, "to too long");
   if (!m->room) {
-    im_conn_info info;
+    im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
     if (im_conn_get_info(srv, c, &info) < 0 || !info.uid) return IM_MSG_DEFER;
     if (!quota_ok(d, info.uid, m->to ? m->to : m->group, m->group != NULL))
       return refuse(d, srv, c, m, 429, "receiver quota exceeded");
     if (imd_hooks_message(d, c, m, route_stored)) return IM_MSG_DEFER;
     return route_stored(d, c, m);
   }
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   im_conn_get_info(srv, c, &info);
   if (!im_room_member(srv, c, m->room)) return refuse(d, srv, c, m, 403, "join the room first");
   im_msg out = {.id = m->id, .from = info.uid, .room = m->room, .ts = imd_wall_ms(),
@@ -220,7 +227,8 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
 /* A device ACKed a message: its delivered position moves up to that seq. */
 static void on_ack(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user) {
   (void)id;
-  im_conn_info info;
+  imd_metrics_ack(user, im_ack_rtt_us(srv));
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (seq && im_conn_get_info(srv, c, &info) == 0 && info.uid)
     imd_mark_delivered(user, info.uid, info.device, seq);
 }
@@ -237,7 +245,7 @@ typedef struct room_join {
 static void room_members_known(void *arg, int status, const char *const *uids, size_t n) {
   room_join *j = arg;
   imd *d = j->d;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, j->c, &info) == 0 && info.uid) {
     bool member = false;
     for (size_t i = 0; status == 0 && i < n && !member; i++) member = !strcmp(uids[i], info.uid);
@@ -277,7 +285,7 @@ static int on_room(im_server *srv, im_conn_id c, const char *room, int join, voi
 }
 
 static void on_sync(im_server *srv, im_conn_id c, uint64_t since, uint32_t limit, void *user) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(srv, c, &info) == 0 && info.uid) imd_sync(user, c, info.uid, since, limit);
 }
 

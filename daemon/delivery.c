@@ -16,6 +16,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <libim/im_router.h>
+
 #include "imd.h"
 #include "log.h"
 #include "store_redis.h"
@@ -66,19 +68,29 @@ static parked *park_new(const imd_store_msg *m, const char *const *uids, size_t 
   return p;
 }
 
-/* The store answered for p: push it (when new and durable), then report. */
+/* A stored message as it is pushed to connections (seq: the receiver's). */
+static im_msg push_msg(const imd_store_msg *m) {
+  return (im_msg){.id = m->id, .from = m->from, .to = m->to, .group = m->group, .ts = m->ts,
+                  .data = m->data, .data_len = m->data_len, .flags = IM_SEND_RELIABLE};
+}
+
+/* The store answered for p: push it (when new and durable), then report.
+ * IMD_STORE_PUSHED: the store's script pushed it to the other nodes
+ * already, so only this node's connections are left. */
 static void on_appended(void *arg, int status, const uint64_t *seqs, const char *id) {
   parked *p = arg;
   imd *d = p->d;
-  imd_delivery res = {.status = status, .id = p->id, .cid = p->m.cid};
-  if (status == IMD_STORE_OK) {
+  imd_delivery res = {.status = status == IMD_STORE_PUSHED ? IMD_STORE_OK : status,
+                      .id = p->id, .cid = p->m.cid};
+  if (status == IMD_STORE_OK || status == IMD_STORE_PUSHED) {
     memcpy(p->seqs, seqs, p->n * sizeof *seqs);
-    im_msg out = {.id = p->id, .from = p->m.from, .to = p->m.to, .group = p->m.group,
-                  .ts = p->m.ts, .data = p->m.data, .data_len = p->m.data_len,
-                  .flags = IM_SEND_RELIABLE};
+    im_msg out = push_msg(&p->m);
+    imd_catch_up(d); /* what other workers pushed earlier goes out first */
     for (size_t i = 0; i < p->n; i++) {
       out.seq = p->seqs[i];
-      int r = im_send_user(d->srv, p->uids[i], &out, p->except);
+      int r = status == IMD_STORE_PUSHED
+                  ? im_local_send_users(d->srv, &p->uids[i], 1, &out, p->except)
+                  : im_send_user(d->srv, p->uids[i], &out, p->except);
       if (r > 0) res.reached += r;
     }
     res.stored = p->n;
@@ -190,7 +202,7 @@ static void repair_from_mark(void *arg, int status, uint64_t last, uint64_t trim
                              const imd_device_mark *devs, size_t n) {
   (void)trimmed;
   repair_req *q = arg;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (status < 0 || im_conn_get_info(q->d->srv, q->c, &info) < 0 || !info.uid) {
     free(q);
     return;
@@ -205,7 +217,7 @@ static void repair_from_mark(void *arg, int status, uint64_t last, uint64_t trim
 }
 
 void imd_repair(imd *d, im_conn_id c) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
   size_t n = strlen(info.uid) + 1;
   repair_req *q = malloc(sizeof *q + n);
@@ -225,6 +237,22 @@ static int redis_command(void *ctx, int argc, const char **argv, const size_t *a
   return im_redis_command(ctx, argc, argv, argvlen, fn, arg) == 0 ? 0 : -1;
 }
 
+/* The arguments of the store script's push (im_redis.h): this node, the
+ * prefix, the streams' MAXLEN, and m encoded as pushed. */
+static int redis_push_args(void *ctx, const imd_store_msg *m, const char *args[4],
+                           size_t lens[4], void **owned) {
+  im_msg out = push_msg(m);
+  void *head;
+  size_t len;
+  if (im_redis_push_argv(ctx, args) != 0 || im_redis_encode_head(&out, &head, &len) != 0)
+    return -1;
+  for (int i = 0; i < 3; i++) lens[i] = strlen(args[i]);
+  args[3] = head;
+  lens[3] = len;
+  *owned = head;
+  return 0;
+}
+
 static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
@@ -241,7 +269,7 @@ void imd_delivery_reconnected(imd *d) {
 int imd_delivery_init(imd *d, const imd_store_opts *o) {
   char path[4096], groups[4096], err[512];
   if (d->redis) {
-    imd_redis_io io = {redis_command, d->redis};
+    imd_redis_io io = {redis_command, d->redis, im_redis_push_lua(), redis_push_args};
     d->store = imd_store_redis_new(&io, d->cfg.redis_prefix, o, err, sizeof err);
     d->trim_ev = d->store ? event_new(d->base, -1, EV_PERSIST, on_store_tick, d) : NULL;
     struct timeval every = {1, 0};

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "core/strmap.h"
+#include "histogram.h"
 #include "hook_client.h"
 #include "imd.h"
 
@@ -97,7 +98,7 @@ struct imd_hooks {
   struct event *flush_ev;
   /* metrics */
   uint64_t req[EV_N][R_N];
-  uint64_t lat_count, lat_sum_us, lat_buckets[LAT_N];
+  imd_hist lat;
   uint64_t dropped;
 };
 
@@ -189,15 +190,30 @@ static int result_of(int status) {
 
 static void observe(imd_hooks *h, int status, uint64_t us) {
   if (status == HOOK_ECANCELED || status == HOOK_EFULL) return;
-  h->lat_count++;
-  h->lat_sum_us += us;
-  for (size_t i = 0; i < LAT_N; i++)
-    if (us <= lat_bounds[i]) h->lat_buckets[i]++;
+  imd_hist_observe(&h->lat, lat_bounds, LAT_N, us);
+}
+
+_Static_assert(EV_N == 4 && R_N == 7, "imd_hook_counts is sized for these");
+
+void imd_hooks_count(imd *d, imd_hook_counts *c) {
+  imd_hooks *h = d->hooks;
+  if (!h) return;
+  c->on = true;
+  for (int e = 0; e < EV_N; e++)
+    for (int r = 0; r < R_N; r++) c->req[e][r] += h->req[e][r];
+  imd_hist_add(&c->lat, &h->lat);
+  c->dropped += h->dropped;
+  c->pending += hook_client_pending(h->hc);
 }
 
 char *imd_hooks_metrics(imd *d, size_t *len) {
-  imd_hooks *h = d->hooks;
-  if (!h) return NULL;
+  imd_hook_counts c = {0};
+  imd_hooks_count(d, &c);
+  return imd_hooks_metrics_of(&c, len);
+}
+
+char *imd_hooks_metrics_of(const imd_hook_counts *h, size_t *len) {
+  if (!h->on) return NULL;
   sbuf b = {0};
   sb_printf(&b, "# HELP imd_hook_requests_total Hook events sent to the back end by outcome\n"
                 "# TYPE imd_hook_requests_total counter\n");
@@ -206,21 +222,16 @@ char *imd_hooks_metrics(imd *d, size_t *len) {
       if (h->req[e][r])
         sb_printf(&b, "imd_hook_requests_total{event=\"%s\",result=\"%s\"} %llu\n", ev_names[e],
                   res_names[r], (unsigned long long)h->req[e][r]);
-  sb_printf(&b, "# HELP imd_hook_latency_seconds Time from a hook POST to its answer\n"
-                "# TYPE imd_hook_latency_seconds histogram\n");
-  for (size_t i = 0; i < LAT_N; i++)
-    sb_printf(&b, "imd_hook_latency_seconds_bucket{le=\"%g\"} %llu\n", lat_bounds[i] / 1e6,
-              (unsigned long long)h->lat_buckets[i]);
-  sb_printf(&b, "imd_hook_latency_seconds_bucket{le=\"+Inf\"} %llu\n"
-                "imd_hook_latency_seconds_sum %.6f\nimd_hook_latency_seconds_count %llu\n",
-            (unsigned long long)h->lat_count, h->lat_sum_us / 1e6,
-            (unsigned long long)h->lat_count);
+  char lat[IMD_HIST_TEXT_MAX];
+  imd_hist_format(&h->lat, lat_bounds, LAT_N, "imd_hook_latency_seconds",
+                  "Time from a hook POST to its answer", lat, sizeof lat);
+  sb_add(&b, lat, strlen(lat)); /* sb_printf cuts at 512 bytes */
   sb_printf(&b, "# HELP imd_hook_dropped_total Presence events dropped (queue full or out of "
                 "retries)\n# TYPE imd_hook_dropped_total counter\nimd_hook_dropped_total %llu\n",
             (unsigned long long)h->dropped);
   sb_printf(&b, "# HELP imd_hook_pending Hook requests queued or in flight\n"
-                "# TYPE imd_hook_pending gauge\nimd_hook_pending %zu\n",
-            hook_client_pending(h->hc));
+                "# TYPE imd_hook_pending gauge\nimd_hook_pending %llu\n",
+            (unsigned long long)h->pending);
   if (b.failed) {
     sb_reset(&b);
     return NULL;
@@ -353,7 +364,7 @@ static conn_q *fifo_of(imd_hooks *h, im_conn_id c, bool make) {
 static void apply(imd_hooks *h, ask *a) {
   imd *d = h->d;
   im_conn_id c = a->q->key;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (a->verdict == V_DROP || im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
   switch (a->verdict) {
   case V_ALLOW:
@@ -438,7 +449,7 @@ static ask *ask_new(const im_msg *m) {
 bool imd_hooks_message(imd *d, im_conn_id c, const im_msg *m, imd_route_fn route) {
   imd_hooks *h = d->hooks;
   if (!h || !h->cfg.message || h->closing) return false;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return false;
   conn_q *q = fifo_of(h, c, false);
   if (q && q->n >= ASKS_PER_CONN) { /* one client cannot take the whole queue */
@@ -633,19 +644,19 @@ static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
 
 void imd_hooks_opened(imd *d, im_conn_id c) {
   imd_hooks *h = d->hooks;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!h || !h->cfg.presence || im_conn_get_info(d->srv, c, &info) < 0 || !info.uid) return;
-  if (im_user_conns(d->srv, info.uid, NULL, 0) == 1) presence(h, EV_ONLINE, &info);
+  if (imd_user_conns(d, info.uid) == 1) presence(h, EV_ONLINE, &info);
 }
 
 void imd_hooks_closed(imd *d, im_conn_id c) {
   imd_hooks *h = d->hooks;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!h || !h->cfg.presence || h->closing || im_conn_get_info(d->srv, c, &info) < 0 ||
       !info.uid)
     return;
   /* c is already out of the registry: none left means it was the last */
-  if (im_user_conns(d->srv, info.uid, NULL, 0) == 0) presence(h, EV_OFFLINE, &info);
+  if (imd_user_conns(d, info.uid) == 0) presence(h, EV_OFFLINE, &info);
 }
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */

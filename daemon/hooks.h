@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "histogram.h"
+
 struct imd;
 
 enum { IMD_HOOK_CONNECT_OFF = 0, IMD_HOOK_CONNECT_INSTEAD, IMD_HOOK_CONNECT_ALSO };
@@ -60,5 +62,17 @@ void imd_hooks_closed(struct imd *d, im_conn_id c);
 
 /* The hooks' Prometheus text (malloc'd, *len bytes; NULL when off). */
 char *imd_hooks_metrics(struct imd *d, size_t *len);
+
+/* The hooks' counters, summed over worker threads (each has its own hook
+ * client): imd_hooks_count adds d's to sum (start from zeros), then
+ * imd_hooks_metrics_of renders them as imd_hooks_metrics does. */
+typedef struct imd_hook_counts {
+  bool on;
+  uint64_t req[4][7];       /* by event, by result */
+  imd_hist lat;              /* hook latency */
+  uint64_t dropped, pending;
+} imd_hook_counts;
+void imd_hooks_count(struct imd *d, imd_hook_counts *sum);
+char *imd_hooks_metrics_of(const imd_hook_counts *c, size_t *len);
 
 #endif

@@ -164,6 +164,9 @@ typedef struct http_limits {
    * client without credentials cannot make the server hold max_body bytes
    * per connection. NULL: every body is buffered. */
   bool (*admit)(void *user, const char *authorization);
+  /* true: listen with SO_REUSEPORT (im_listener_new_shared), so that one
+   * server per worker thread shares the port. */
+  bool reuseport;
 } http_limits;
 
 #define HTTP_DEFAULT_MAX_BODY ((size_t)1 << 20)
@@ -209,5 +212,10 @@ int http_server_port(const http_server *s);
  * returns -1 meanwhile. Afterwards s is gone: do not pass it to
  * http_server_respond() (drop the tickets). */
 void http_server_free(http_server *s);
+
+/* v in decimal, NUL-terminated, written at the end of buf (21 bytes hold
+ * any uint64_t); returns where it starts in buf. For answers built without
+ * printf on hot paths. */
+const char *http_fmt_uint(char buf[static 21], uint64_t v);
 
 #endif

@@ -4,7 +4,10 @@
 #define IMD_IMD_H
 
 #include <libim/im.h>
+#include <libim/im_async.h>
 #include <libim/im_event.h>
+#include <libim/im_group.h>
+#include <libim/im_guard.h>
 #include <libim/im_redis.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -12,6 +15,7 @@
 #include <time.h>
 
 #include "core/strmap.h"
+#include "histogram.h"
 #include "http_server.h"
 #include "store.h"
 
@@ -63,6 +67,7 @@ typedef struct imd_metrics {
   uint64_t quota_refused;   /* msgs refused over the per-receiver quota */
   uint64_t revocations;     /* POST /v1/users/{uid}/revoke answered */
   uint64_t rooms_refused;   /* joins refused by --rooms members */
+  imd_hist ack_latency;     /* reliable push queued -> the device's ACK (im_ack_rtt_us) */
 } imd_metrics;
 
 typedef struct imd {
@@ -91,6 +96,14 @@ typedef struct imd {
   struct imd_revocations *revoked; /* revoke.c */
   struct imd_quota *quota;         /* quota.c; NULL: no per-receiver quota */
   struct imd_tls *tls;      /* tls.c: NULL when TLS is off */
+  /* --threads (workers.c): each worker thread has an imd of its own (its
+   * loop, engine, listeners, HTTP server, hooks, metrics, store view); the
+   * rest is shared, through the main thread's */
+  struct imd *main;         /* worker 0's imd (the uid bans live there) */
+  unsigned worker;          /* this worker's index; 0: the main thread's */
+  struct imd_workers *workers; /* NULL: one thread */
+  im_group *group;          /* the workers' router; NULL: one thread */
+  im_mailbox *mb;           /* calls onto this worker's loop; NULL: one thread */
 } imd;
 
 /* Copy the n strings of in (NULL entries stay NULL) one after the other
@@ -195,6 +208,8 @@ void imd_bans_reconnected(imd *d);
  * graceful drain, gateway lists, health. */
 int imd_node_start(imd *d);   /* 0, or -1 with a message on stderr */
 void imd_node_stop(imd *d);
+/* The node's part of worker w > 0 (its drain timer). 0, or -1: no memory. */
+int imd_node_worker(imd *w);
 /* Start draining (idempotent): leave gateway lists, goaway to every client,
  * close them at cfg.drain_rate per second, exit 0 when none is left.
  * Returns the connections to drain. */
@@ -255,11 +270,72 @@ int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
  * that listener is plain. */
 im_tls *imd_tls_for(const imd *d, const char *name);
 void imd_tls_free(imd *d);
+/* Worker w (a copy of worker 0) gets TLS contexts of its own, loaded from
+ * the same files (worker 0's SIGHUP reloads every worker's). 0 or -1. */
+int imd_tls_worker(imd *w);
+
+/* workers.c: --threads. */
+/* Start workers 1..n-1 (n > 1) as copies of the ready worker 0 d, on the
+ * ports d listens on, and join all in one im_group. Returns 0, or -1 with
+ * a message on stderr. */
+struct imd_hooks_config;
+int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
+                      const struct imd_hooks_config *hooks);
+/* After worker 0's loop ended: end the others' loops (a graceful shutdown,
+ * unless they are draining) and wait for their threads. */
+void imd_workers_stop(imd *d);
+/* After worker 0's store is closed: free the other workers and the group. */
+void imd_workers_free(imd *d);
+/* Run fn(w, s, n) on every other worker's loop (s copied; NULL is passed
+ * as ""). */
+void imd_workers_broadcast(imd *d, void (*fn)(imd *w, const char *s, uint32_t n), const char *s,
+                           uint32_t n);
+/* Run fn(w, arg) on every worker's loop (d's too), then, on d's loop,
+ * done(d, sum, err, arg): the sum of fn's non-negative returns and the
+ * first negative one (0: none). arg must live until done. Returns 0, or
+ * -1 (no memory: nothing runs). */
+int imd_workers_gather(imd *d, int (*fn)(imd *w, void *arg),
+                       void (*done)(imd *d, long sum, int err, void *arg), void *arg);
+/* The lock over what the workers share: uid bans, revocations, quota. */
+void imd_shared_lock(void);
+void imd_shared_unlock(void);
+/* Answer ticket (a deferred GET /metrics on d) with every worker's sums. */
+void imd_workers_metrics(imd *d, uint64_t ticket);
+
+/* Authenticated connections of uid on every worker of this process. */
+static inline size_t imd_user_conns(imd *d, const char *uid) {
+  return d->group ? im_group_user_conns(d->group, uid) : im_user_conns(d->srv, uid, NULL, 0);
+}
+/* Apply what the other workers sent here before a send of this worker, so
+ * that their earlier sends go out first. */
+static inline void imd_catch_up(imd *d) {
+  if (d->group) im_group_run(d->group, d->worker);
+}
 
 /* metrics.c */
 void imd_metrics_open(imd *d, const char *platform);
 void imd_metrics_close(imd *d, const char *platform);
+/* Give the engine imd's monotonic clock, so ACK latencies are measured in
+ * microseconds rather than ticks. */
+void imd_metrics_start(imd *d);
+/* on_ack: count the ACK latency of a tracked reliable push (libim's
+ * im_ack_rtt_us; -1, an ack of nothing in flight, is not counted). */
+void imd_metrics_ack(imd *d, int64_t rtt_us);
 /* Prometheus text exposition; malloc'd, length in *len. */
 char *imd_metrics_render(imd *d, size_t *len);
+/* One worker's numbers, and their sum over workers. */
+typedef struct imd_tally {
+  im_stats st;
+  im_guard_stats gs;
+  imd_metrics m;
+  unsigned workers;                 /* summed so far */
+  uint64_t worker_conns[64];        /* authenticated connections per worker */
+} imd_tally;
+void imd_metrics_tally(imd *d, imd_tally *t);      /* zeroes t, then d's numbers */
+void imd_metrics_add(imd_tally *sum, const imd_tally *t);
+/* hooks: the hooks' counters summed over workers (NULL: d's own). */
+struct imd_hook_counts;
+char *imd_metrics_render_tally(imd *d, const imd_tally *t, const struct imd_hook_counts *hooks,
+                               size_t *len);
 
 #endif

@@ -39,7 +39,7 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
        O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
        O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_LOG_LEVEL,
-       O_LOG_FILE, O_N };
+       O_LOG_FILE, O_THREADS, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -144,6 +144,9 @@ static const option_def options[O_N] = {
                      "debug, info, warn or error      [info]"},
     [O_LOG_FILE] = {"--log-file", "IMD_LOG_FILE", "log_file",
                     "JSON lines to FILE (reopened on SIGHUP) [stderr]"},
+    [O_THREADS] = {"--threads", "IMD_THREADS", "threads",
+                   "worker threads, each with its own listeners; auto: one per core (1 with "
+                   "--redis) [1]"},
 };
 
 static const char *defaults[O_N] = {
@@ -160,6 +163,7 @@ static const char *defaults[O_N] = {
     [O_HOOK_QUEUE] = "4096",
     [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
     [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
+    [O_THREADS] = "1",
 };
 
 /* Bounds of --max-token-ttl: a minute to ten years. */
@@ -389,6 +393,28 @@ static int cmd_token(int argc, char **argv) {
 
 static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
 
+/* --threads: auto is the number of online cores, or 1 when single_why (a
+ * feature that runs on one thread only for now) is set; more than 1 with
+ * it is refused. */
+static int parse_threads(const char *v, const char *single_why, unsigned *out) {
+  uint32_t n;
+  if (!strcmp(v, "auto")) {
+    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    n = single_why || cores < 1 ? 1 : cores > IM_GROUP_MAX ? IM_GROUP_MAX : (uint32_t)cores;
+  } else if (parse_u32("threads", v, &n) < 0) {
+    return -1;
+  } else if (n < 1 || n > IM_GROUP_MAX) {
+    fprintf(stderr, "imd: threads: 1 to %d, or auto\n", IM_GROUP_MAX);
+    return -1;
+  } else if (n > 1 && single_why) {
+    fprintf(stderr, "imd: threads: %s runs on one thread for now: give --threads 1 or leave it out\n",
+            single_why);
+    return -1;
+  }
+  *out = n;
+  return 0;
+}
+
 /* One of two words: 0 for `no`, 1 for `yes`, -1 (and a message) for neither. */
 static int parse_choice(const char *name, const char *v, const char *no, const char *yes) {
   if (!strcmp(v, no)) return 0;
@@ -473,6 +499,7 @@ int main(int argc, char **argv) {
     if (!vals[k]) vals[k] = defaults[k];
 
   static imd d;
+  d.main = &d;
   d.cfg.ws_addr = vals[O_WS];
   d.cfg.tcp_addr = vals[O_TCP];
   d.cfg.http_addr = vals[O_HTTP];
@@ -554,6 +581,12 @@ int main(int argc, char **argv) {
   }
   imd_hooks_config hooks;
   if (parse_hooks(vals, &hooks) < 0) return 2;
+  unsigned threads;
+  if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : NULL, &threads) < 0)
+    return 2;
+  /* the connection limit (the fd budget) is the process's: each worker gets its share */
+  uint32_t max_conns = icfg.max_connections;
+  if (threads > 1 && max_conns) icfg.max_connections = (max_conns + threads - 1) / threads;
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
@@ -618,6 +651,7 @@ int main(int argc, char **argv) {
   d.base = event_base_new();
   d.srv = d.base ? im_server_new(&icfg, &cb, &d) : NULL;
   d.ev = d.srv ? im_event_new(d.base, d.srv) : NULL;
+  if (d.srv) imd_metrics_start(&d);
   if (!d.ev) {
     fprintf(stderr, "imd: cannot start the engine (bad configuration or no memory)\n");
     return 1;
@@ -640,6 +674,7 @@ int main(int argc, char **argv) {
     return 2;
   /* signals first: a supervisor may stop us as soon as it sees the ports */
   im_event_handle_signals(d.ev, 3000);
+  im_event_set_reuseport(d.ev, threads > 1); /* the other workers listen on the same ports */
   int rc = 0, n = 0;
   const char *addrs[2] = {d.cfg.ws_addr, d.cfg.tcp_addr};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
@@ -656,7 +691,8 @@ int main(int argc, char **argv) {
            tls ? " (tls)" : "");
   }
   if (rc == 0 && enabled(d.cfg.http_addr)) {
-    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit};
+    http_limits lim = {.max_body = (size_t)icfg.max_message * 4 + 4096, .admit = imd_api_admit,
+                       .reuseport = threads > 1};
     d.http = http_server_new_tls(d.base, d.cfg.http_addr, &lim, imd_tls_for(&d, "http"),
                                  imd_api_handle, &d);
     if (!d.http) {
@@ -670,17 +706,20 @@ int main(int argc, char **argv) {
   /* the node (cluster link, drain) once the ports are known: they are
    * what it advertises */
   if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0 ||
-                  imd_hooks_start(&d, &hooks) < 0))
+                  imd_hooks_start(&d, &hooks) < 0 ||
+                  (threads > 1 && imd_workers_start(&d, threads, &guard, &hooks) < 0)))
     rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
-    printf("imd: at most %u connections (0: no limit), %u per user\n",
-           icfg.max_connections, icfg.max_conns_per_user);
+    printf("imd: at most %u connections (0: no limit), %u per user\n", max_conns,
+           icfg.max_conns_per_user);
     fflush(stdout);
     event_base_dispatch(d.base);
   }
+  imd_workers_stop(&d);  /* the other workers' loops end too */
   imd_hooks_stop(&d);    /* drops unanswered asks: their clients resend */
   imd_delivery_free(&d); /* completes what is outstanding */
+  imd_workers_free(&d);  /* after the store: the workers' views of it */
   imd_node_stop(&d);
   http_server_free(d.http);
   im_event_free(d.ev);

@@ -1,5 +1,6 @@
 /* Operator metrics in the Prometheus text format (R28). */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,15 +35,22 @@ static int platform_slot(imd *d, const char *platform, bool add) {
   return free_slot;
 }
 
-void imd_metrics_open(imd *d, const char *platform) {
+/* The platform series are one table for all worker threads: the main
+ * thread's, under the shared lock. */
+void imd_metrics_open(imd *w, const char *platform) {
+  imd *d = w->main ? w->main : w;
+  imd_shared_lock();
   int i = platform_slot(d, platform, true);
   if (i >= 0)
     d->m.platform_conns[i]++;
   else
     d->m.other_platform_conns++;
+  imd_shared_unlock();
 }
 
-void imd_metrics_close(imd *d, const char *platform) {
+void imd_metrics_close(imd *w, const char *platform) {
+  imd *d = w->main ? w->main : w;
+  imd_shared_lock();
   int i = platform_slot(d, platform, false);
   if (i >= 0 && d->m.platform_conns[i]) {
     d->m.platform_conns[i]--;
@@ -50,6 +58,25 @@ void imd_metrics_close(imd *d, const char *platform) {
     /* opened while every slot was taken */
     d->m.other_platform_conns--;
   }
+  imd_shared_unlock();
+}
+
+/* ACK latency bounds, microseconds: LAN to a phone on a bad network, up to
+ * the retransmits of the default --ack-timeout (18 s, 3 retries). */
+static const uint64_t ack_bounds[] = {1000,    2500,    5000,    10000,   25000,
+                                      50000,   100000,  250000,  500000,  1000000,
+                                      2500000, 5000000, 10000000, 30000000, 60000000};
+#define ACK_N (sizeof ack_bounds / sizeof ack_bounds[0])
+
+static uint64_t engine_clock(void *ud) {
+  (void)ud;
+  return imd_mono_us();
+}
+
+void imd_metrics_start(imd *d) { im_server_set_clock(d->srv, engine_clock, NULL); }
+
+void imd_metrics_ack(imd *d, int64_t rtt_us) {
+  if (rtt_us >= 0) imd_hist_observe(&d->m.ack_latency, ack_bounds, ACK_N, (uint64_t)rtt_us);
 }
 
 typedef struct sbuf {
@@ -98,9 +125,70 @@ static void gauge(sbuf *b, const char *name, const char *help, uint64_t v) {
             (unsigned long long)v);
 }
 
+void imd_metrics_tally(imd *d, imd_tally *t) {
+  memset(t, 0, sizeof *t);
+  im_server_stats(d->srv, &t->st);
+  im_guard_get_stats(d->srv, &t->gs);
+  imd_shared_lock(); /* the platform series (worker 0's) */
+  t->m = d->m;
+  imd_shared_unlock();
+  if (d->main && d->main != d) { /* another worker's: counted with worker 0's */
+    memset(t->m.platform, 0, sizeof t->m.platform);
+    memset(t->m.platform_conns, 0, sizeof t->m.platform_conns);
+    t->m.other_platform_conns = 0;
+  }
+  t->workers = 1;
+  t->worker_conns[d->worker % 64] = t->st.conns_authed;
+}
+
+#define ADD(f) sum->f += t->f
+
+void imd_metrics_add(imd_tally *sum, const imd_tally *t) {
+  /* im_stats: struct_size, then uint64_t counters only */
+  for (size_t off = offsetof(im_stats, conns); off + sizeof(uint64_t) <= sizeof t->st;
+       off += sizeof(uint64_t))
+    *(uint64_t *)((char *)&sum->st + off) += *(const uint64_t *)((const char *)&t->st + off);
+  imd_hist_add(&sum->m.ack_latency, &t->m.ack_latency);
+  ADD(gs.refused_rate), ADD(gs.refused_banned), ADD(gs.refused_cap), ADD(gs.bans);
+  ADD(gs.sources);
+  ADD(m.other_platform_conns), ADD(m.msgs_1to1), ADD(m.msgs_group), ADD(m.msgs_room);
+  ADD(m.msgs_http), ADD(m.msg_errors), ADD(m.http_requests), ADD(m.auth_expired);
+  ADD(m.auth_invalid), ADD(m.auth_banned), ADD(m.stored), ADD(m.duplicates), ADD(m.batched);
+  ADD(m.store_errors), ADD(m.syncs), ADD(m.auth_revoked), ADD(m.auth_too_long);
+  ADD(m.quota_refused), ADD(m.revocations), ADD(m.rooms_refused);
+  for (int i = 0; i < 6; i++) ADD(m.http_status[i]);
+  for (int i = 0; i < 64; i++) ADD(worker_conns[i]);
+  sum->workers += t->workers;
+  /* platforms by name: a name no slot of sum has takes a free one, or
+   * counts as other */
+  for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {
+    if (!t->m.platform[i][0]) continue;
+    int k = -1, free_slot = -1;
+    for (int j = 0; j < IMD_MAX_PLATFORMS && k < 0; j++) {
+      if (!strcmp(sum->m.platform[j], t->m.platform[i])) k = j;
+      if (!sum->m.platform[j][0] && free_slot < 0) free_slot = j;
+    }
+    if (k < 0 && free_slot >= 0) {
+      k = free_slot;
+      memcpy(sum->m.platform[k], t->m.platform[i], sizeof sum->m.platform[k]);
+    }
+    if (k >= 0)
+      sum->m.platform_conns[k] += t->m.platform_conns[i];
+    else
+      sum->m.other_platform_conns += t->m.platform_conns[i];
+  }
+}
+
 char *imd_metrics_render(imd *d, size_t *len) {
-  im_stats st;
-  im_server_stats(d->srv, &st);
+  imd_tally t;
+  imd_metrics_tally(d, &t);
+  return imd_metrics_render_tally(d, &t, NULL, len);
+}
+
+char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts *hc,
+                               size_t *len) {
+  const im_stats st = t->st;
+  const imd_metrics *m = &t->m;
   imd_store_stats ss;
   d->store->ops->stats(d->store, &ss);
   sbuf b = {0};
@@ -108,13 +196,13 @@ char *imd_metrics_render(imd *d, size_t *len) {
   sb_printf(&b, "# HELP imd_connections_by_platform Authenticated connections by platform\n"
                 "# TYPE imd_connections_by_platform gauge\n");
   for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {
-    if (!d->m.platform[i][0]) continue;
+    if (!m->platform[i][0]) continue;
     sb_printf(&b, "imd_connections_by_platform{platform=\"");
-    sb_label(&b, d->m.platform[i]);
-    sb_printf(&b, "\"} %llu\n", (unsigned long long)d->m.platform_conns[i]);
+    sb_label(&b, m->platform[i]);
+    sb_printf(&b, "\"} %llu\n", (unsigned long long)m->platform_conns[i]);
   }
   sb_printf(&b, "imd_connections_by_platform{platform=\"other\"} %llu\n",
-            (unsigned long long)d->m.other_platform_conns);
+            (unsigned long long)m->other_platform_conns);
   gauge(&b, "imd_users_online", "Distinct users with at least one connection", st.users);
   gauge(&b, "imd_rooms", "Rooms with at least one member", st.rooms);
   gauge(&b, "imd_output_queued_bytes", "Bytes queued for slow readers", st.out_queued);
@@ -124,23 +212,22 @@ char *imd_metrics_render(imd *d, size_t *len) {
                 "imd_messages_in_total{kind=\"group\"} %llu\n"
                 "imd_messages_in_total{kind=\"room\"} %llu\n"
                 "imd_messages_in_total{kind=\"http\"} %llu\n",
-            (unsigned long long)d->m.msgs_1to1, (unsigned long long)d->m.msgs_group,
-            (unsigned long long)d->m.msgs_room, (unsigned long long)d->m.msgs_http);
+            (unsigned long long)m->msgs_1to1, (unsigned long long)m->msgs_group,
+            (unsigned long long)m->msgs_room, (unsigned long long)m->msgs_http);
   counter(&b, "imd_messages_out_total", "Downstream messages queued to connections", st.msgs_out);
   counter(&b, "imd_bytes_in_total", "Bytes read from clients", st.bytes_in);
   counter(&b, "imd_bytes_out_total", "Bytes queued to clients", st.bytes_out);
-  counter(&b, "imd_messages_stored_total", "Messages stored in receivers' inboxes", d->m.stored);
+  counter(&b, "imd_messages_stored_total", "Messages stored in receivers' inboxes", m->stored);
   counter(&b, "imd_messages_duplicate_total",
-          "Resent messages answered with their stored id, not delivered again", d->m.duplicates);
+          "Resent messages answered with their stored id, not delivered again", m->duplicates);
   counter(&b, "imd_store_commits_total", "Durable store writes (SQLite group commits, one fsync each)",
           ss.commits);
   counter(&b, "imd_store_commit_messages_total", "Messages the store answered for",
-          d->m.batched);
+          m->batched);
   counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", ss.commit_us);
   counter(&b, "imd_store_errors_total", "Store requests that failed", ss.errors);
-  counter(&b, "imd_syncs_total", "Sync requests answered", d->m.syncs);
-  im_guard_stats gs;
-  im_guard_get_stats(d->srv, &gs);
+  counter(&b, "imd_syncs_total", "Sync requests answered", m->syncs);
+  const im_guard_stats gs = t->gs;
   sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"
                 "# TYPE imd_connections_refused_total counter\n"
                 "imd_connections_refused_total{reason=\"rate\"} %llu\n"
@@ -154,12 +241,21 @@ char *imd_metrics_render(imd *d, size_t *len) {
   counter(&b, "imd_push_dropped_total",
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
+  imd_shared_lock(); /* the table is worker 0's (bans.c) */
+  uint64_t uid_bans = (d->main ? d->main : d)->uid_bans.count;
+  imd_shared_unlock();
+  gauge(&b, "imd_uid_bans", "Uid bans in force (POST /v1/bans)", uid_bans);
   gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
   counter(&b, "imd_inbox_trimmed_total", "Inbox entries removed by retention", ss.trimmed);
   gauge(&b, "imd_inflight", "Pushed messages not yet ACKed by their connection", st.inflight);
   counter(&b, "imd_retransmits_total", "Pushes resent after the ACK timeout", st.retransmits);
   counter(&b, "imd_ack_timeouts_total", "Connections closed (4408) after the last resend",
           st.ack_timeouts);
+  char hist[IMD_HIST_TEXT_MAX];
+  imd_hist_format(&m->ack_latency, ack_bounds, ACK_N, "imd_ack_latency_seconds",
+                  "Time from a reliable push being queued to a connection to its ACK", hist,
+                  sizeof hist);
+  sb_printf(&b, "%s", hist);
   counter(&b, "imd_undelivered_total", "Pushes whose connection closed before the ACK (kept for sync)",
           st.undelivered);
   counter(&b, "imd_client_retransmits_dropped_total",
@@ -168,22 +264,23 @@ char *imd_metrics_render(imd *d, size_t *len) {
                 "# TYPE imd_rate_limited_total counter\n"
                 "imd_rate_limited_total{limit=\"rate\"} %llu\n"
                 "imd_rate_limited_total{limit=\"receiver_quota\"} %llu\n",
-            (unsigned long long)st.rate_limited, (unsigned long long)d->m.quota_refused);
+            (unsigned long long)st.rate_limited, (unsigned long long)m->quota_refused);
   counter(&b, "imd_rate_closed_total", "Connections closed (4290) for persistent excess",
           st.rate_closed);
-  counter(&b, "imd_revocations_total", "Users revoked through the HTTP API", d->m.revocations);
+  counter(&b, "imd_revocations_total", "Users revoked through the HTTP API", m->revocations);
   counter(&b, "imd_room_joins_refused_total", "Joins refused by --rooms members",
-          d->m.rooms_refused);
+          m->rooms_refused);
   sb_printf(&b, "# HELP imd_errors_total Errors by kind\n# TYPE imd_errors_total counter\n");
   const struct {
     const char *kind;
     uint64_t v;
   } errs[] = {
       {"protocol", st.proto_errors},   {"auth", st.auth_failures},
-      {"auth_expired", d->m.auth_expired}, {"auth_invalid", d->m.auth_invalid},
-      {"auth_revoked", d->m.auth_revoked}, {"auth_lifetime", d->m.auth_too_long},
+      {"auth_expired", m->auth_expired}, {"auth_invalid", m->auth_invalid},
+      {"auth_revoked", m->auth_revoked}, {"auth_lifetime", m->auth_too_long},
+      {"auth_banned", m->auth_banned},
       {"timeout", st.timeouts},        {"shed", st.shed},
-      {"message_refused", d->m.msg_errors}, {"store", d->m.store_errors},
+      {"message_refused", m->msg_errors}, {"store", m->store_errors},
   };
   for (size_t i = 0; i < sizeof errs / sizeof errs[0]; i++)
     sb_printf(&b, "imd_errors_total{kind=\"%s\"} %llu\n", errs[i].kind,
@@ -192,9 +289,16 @@ char *imd_metrics_render(imd *d, size_t *len) {
                 "# TYPE imd_http_requests_total counter\n");
   for (int i = 1; i <= 5; i++)
     sb_printf(&b, "imd_http_requests_total{code=\"%dxx\"} %llu\n", i,
-              (unsigned long long)d->m.http_status[i]);
+              (unsigned long long)m->http_status[i]);
+  if (t->workers > 1) {
+    sb_printf(&b, "# HELP imd_worker_connections Authenticated connections by worker thread\n"
+                  "# TYPE imd_worker_connections gauge\n");
+    for (unsigned i = 0; i < t->workers && i < 64; i++)
+      sb_printf(&b, "imd_worker_connections{worker=\"%u\"} %llu\n", i,
+                (unsigned long long)t->worker_conns[i]);
+  }
   size_t hl;
-  char *hooks = imd_hooks_metrics(d, &hl);
+  char *hooks = hc ? imd_hooks_metrics_of(hc, &hl) : imd_hooks_metrics(d, &hl);
   if (hooks) sb_printf(&b, "%.*s", (int)hl, hooks);
   free(hooks);
   *len = b.len;

@@ -65,7 +65,7 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   imd *d = arg;
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (st.conns_authed == 0) {
     /* the rest (unauthenticated, closing) goes with the listeners */
@@ -84,10 +84,13 @@ static void send_goaway(im_server *srv, im_conn_id c, void *arg) {
   im_conn_goaway(srv, c, (uint32_t)(random() % GOAWAY_SPREAD_MS), "node draining");
 }
 
+static void drain_here(imd *d, const char *s, uint32_t n);
+
 size_t imd_drain(imd *d) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(d->srv, &st);
   if (d->draining) return st.conns_authed;
+  imd_workers_broadcast(d, drain_here, NULL, 0); /* every worker drains its own */
   d->draining = true;
   log_info("draining %llu connections at %u/s", (unsigned long long)st.conns_authed,
            d->cfg.drain_rate);
@@ -97,6 +100,12 @@ size_t imd_drain(imd *d) {
   struct timeval tv = {0, DRAIN_TICK_MS * 1000};
   event_add(d->drain_ev, &tv);
   return st.conns_authed;
+}
+
+static void drain_here(imd *d, const char *s, uint32_t n) {
+  (void)s;
+  (void)n;
+  imd_drain(d);
 }
 
 /* SIGHUP: logrotate moved the log (tls.c reloads the certificate on the
@@ -121,16 +130,52 @@ void imd_node_opened(imd *d, im_conn_id c) {
 
 /* ---- gateways ---------------------------------------------------------------------- */
 
-int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg) {
-  if (d->redis) return im_redis_gateways(d->redis, uid, cb, arg);
-  /* a single node lists itself, unless it is draining */
+/* A single node lists itself with its conns, unless it is draining. */
+static void gateway_self(imd *d, uint64_t conns, imd_gateways_cb cb, void *arg) {
   char ws[300], tcp[300];
-  im_stats st;
-  im_server_stats(d->srv, &st);
   snprintf(ws, sizeof ws, "%s", d->cfg.advertise_ws ? d->cfg.advertise_ws : "");
   snprintf(tcp, sizeof tcp, "%s", d->cfg.advertise_tcp ? d->cfg.advertise_tcp : "");
-  im_gateway g = {d->node_name, ws, tcp, st.conns_authed};
+  im_gateway g = {d->node_name, ws, tcp, conns};
   cb(arg, 0, &g, d->draining ? 0 : 1);
+}
+
+static uint64_t authed(imd *d) {
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
+  im_server_stats(d->srv, &st);
+  return st.conns_authed;
+}
+
+/* With worker threads the conns are every worker's (counted on each one's loop). */
+typedef struct gateways_req {
+  imd_gateways_cb cb;
+  void *arg;
+} gateways_req;
+
+static int authed_here(imd *w, void *arg) {
+  (void)arg;
+  return (int)authed(w);
+}
+
+static void authed_counted(imd *d, long sum, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the sum */
+  gateways_req *q = arg;
+  gateway_self(d, (uint64_t)sum, q->cb, q->arg);
+  free(q);
+}
+
+int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg) {
+  if (d->redis) return im_redis_gateways(d->redis, uid, cb, arg);
+  if (!d->workers) {
+    gateway_self(d, authed(d), cb, arg);
+    return 0;
+  }
+  gateways_req *q = malloc(sizeof *q);
+  if (!q) return -1;
+  *q = (gateways_req){cb, arg};
+  if (imd_workers_gather(d, authed_here, authed_counted, q) < 0) {
+    free(q);
+    return -1;
+  }
   return 0;
 }
 
@@ -206,6 +251,11 @@ int imd_node_start(imd *d) {
   }
   printf("imd: cluster node %s on redis %s\n", d->node_name, d->cfg.redis_addr);
   return 0;
+}
+
+int imd_node_worker(imd *w) {
+  w->drain_ev = event_new(w->base, -1, EV_PERSIST, on_drain_tick, w);
+  return w->drain_ev ? 0 : -1;
 }
 
 void imd_node_stop(imd *d) {

@@ -36,7 +36,9 @@ enum imd_store_err {
   IMD_STORE_EINVAL = -2,  /* bad argument (empty uid, n == 0, ...) */
   IMD_STORE_EBATCH = -3,  /* (SQLite engine) not allowed while a batch is open */
   IMD_STORE_EDOWN = -4,   /* the backend is unreachable (Redis down): nothing was done */
-  IMD_STORE_DUP = 1       /* append: (from, device, cid) was stored before */
+  IMD_STORE_DUP = 1,      /* append: (from, device, cid) was stored before */
+  IMD_STORE_PUSHED = 2    /* append (Redis store with a push io, store_redis.h): stored, and
+                             the same script pushed it to the receivers' other nodes */
 };
 
 typedef struct imd_store_opts {
@@ -80,7 +82,8 @@ typedef struct imd_device_mark {
   uint64_t delivered;
 } imd_device_mark;
 
-/* status: IMD_STORE_OK (seqs[i] is the new seq of uids[i]), IMD_STORE_DUP
+/* status: IMD_STORE_OK (seqs[i] is the new seq of uids[i]), IMD_STORE_PUSHED
+ * (the same, and other nodes have it already: deliver locally only), IMD_STORE_DUP
  * (nothing written; id is the first append's id, seqs NULL), or a negative
  * code (nothing written; seqs and id NULL). */
 typedef void (*imd_append_cb)(void *arg, int status, const uint64_t *seqs, const char *id);
@@ -169,5 +172,9 @@ struct event_base;
 imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
                                   const imd_store_opts *o, uint32_t trim_interval_s,
                                   const char *groups_json, char *err, size_t errlen);
+/* Another handle on the store s started above, for another thread's loop:
+ * requests made through it complete (callbacks run) on base's loop. Close
+ * it (ops->close) after s itself. NULL: no memory or descriptors. */
+imd_store *imd_store_sqlite_view(imd_store *s, struct event_base *base);
 
 #endif

@@ -85,42 +85,55 @@
  * Returns {0, entries dropped, seq...} or {1, id of the first append}. The
  * idempotency key is read first and written last: a failing command in
  * between (only possible if the keys were tampered with) leaves no claimed
- * cid without its message. */
-static const char lua_append[] =
-  "#!lua\n" LUA_MARKS
-  "local nrecv, keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n"
-  "local aged, hascid, nf = ARGV[4] == '1', ARGV[5] == '1', tonumber(ARGV[9])\n"
-  "local k = hascid and 3 or 2\n"
-  "marks(k + 2 * nrecv, 10 + nf + (aged and nrecv or 0), tonumber(ARGV[6]))\n"
-  "if hascid then\n"
-  "  local first = redis.call('GET', KEYS[2])\n"
-  "  if first then return {1, first} end\n"
-  "end\n"
-  "local fields = {}\n"
-  "for i = 1, nf do fields[i] = ARGV[9 + i] end\n"
-  "local out, dropped = {0, 0}, 0\n"
-  "for i = 0, nrecv - 1 do\n"
-  "  local inbox, user = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]\n"
-  "  local seq = redis.call('HINCRBY', user, 'last', 1)\n"
-  "  local id = string.format('%d-1', seq)\n"
-  "  local trimmed = keep > 0 and tonumber(redis.call('HGET', user, 'trimmed') or '0') or 0\n"
-  "  if keep > 0 and seq - trimmed > keep then\n"
-  "    local cut = seq - keep\n"
-  "    redis.call('XADD', inbox, 'MINID', string.format('%d-0', cut + 1), id, unpack(fields))\n"
-  "    redis.call('HSET', user, 'trimmed', string.format('%d', cut))\n"
-  "    dropped = dropped + cut - trimmed\n"
-  "  else\n"
-  "    redis.call('XADD', inbox, id, unpack(fields))\n"
-  "  end\n"
-  "  if aged then redis.call('ZADD', KEYS[1], 'NX', ARGV[7], ARGV[10 + nf + i]) end\n"
-  "  out[i + 3] = seq\n"
-  "end\n"
-  "if hascid then\n"
-  "  if ttl > 0 then redis.call('SET', KEYS[2], ARGV[8], 'PX', ttl)\n"
-  "  else redis.call('SET', KEYS[2], ARGV[8]) end\n"
-  "end\n"
+ * cid without its message.
+ * With a push io (store_redis.h) the script is the push variant: ARGV has,
+ * after the marks, self, prefix, maxlen, the record head and the receivers'
+ * uids, and once stored the message goes to the receivers' other nodes
+ * (im_push, from libim's im_redis_push_lua() in front of the script). */
+#define LUA_APPEND_BODY \
+  "local nrecv, keep, ttl = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])\n" \
+  "local aged, hascid, nf = ARGV[4] == '1', ARGV[5] == '1', tonumber(ARGV[9])\n" \
+  "local k = hascid and 3 or 2\n" \
+  "marks(k + 2 * nrecv, 10 + nf + (aged and nrecv or 0), tonumber(ARGV[6]))\n" \
+  "if hascid then\n" \
+  "  local first = redis.call('GET', KEYS[2])\n" \
+  "  if first then return {1, first} end\n" \
+  "end\n" \
+  "local fields = {}\n" \
+  "for i = 1, nf do fields[i] = ARGV[9 + i] end\n" \
+  "local out, dropped = {0, 0}, 0\n" \
+  "for i = 0, nrecv - 1 do\n" \
+  "  local inbox, user = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]\n" \
+  "  local seq = redis.call('HINCRBY', user, 'last', 1)\n" \
+  "  local id = string.format('%d-1', seq)\n" \
+  "  local trimmed = keep > 0 and tonumber(redis.call('HGET', user, 'trimmed') or '0') or 0\n" \
+  "  if keep > 0 and seq - trimmed > keep then\n" \
+  "    local cut = seq - keep\n" \
+  "    redis.call('XADD', inbox, 'MINID', string.format('%d-0', cut + 1), id, unpack(fields))\n" \
+  "    redis.call('HSET', user, 'trimmed', string.format('%d', cut))\n" \
+  "    dropped = dropped + cut - trimmed\n" \
+  "  else\n" \
+  "    redis.call('XADD', inbox, id, unpack(fields))\n" \
+  "  end\n" \
+  "  if aged then redis.call('ZADD', KEYS[1], 'NX', ARGV[7], ARGV[10 + nf + i]) end\n" \
+  "  out[i + 3] = seq\n" \
+  "end\n" \
+  "if hascid then\n" \
+  "  if ttl > 0 then redis.call('SET', KEYS[2], ARGV[8], 'PX', ttl)\n" \
+  "  else redis.call('SET', KEYS[2], ARGV[8]) end\n" \
+  "end\n" \
   "out[2] = dropped\n"
-  "return out\n";
+
+static const char lua_append[] = "#!lua\n" LUA_MARKS LUA_APPEND_BODY "return out\n";
+
+/* The push variant's part after LUA_APPEND_BODY; its source is built at
+ * run time (push_script()). */
+#define LUA_APPEND_PUSH_TAIL                                                          \
+  "local pa = 10 + nf + (aged and nrecv or 0) + 2 * tonumber(ARGV[6])\n"              \
+  "local uids, seqs = {}, {}\n"                                                       \
+  "for i = 1, nrecv do uids[i] = ARGV[pa + 3 + i] seqs[i] = out[i + 2] end\n"         \
+  "im_push(ARGV[pa], ARGV[pa + 1], ARGV[pa + 2], ARGV[pa + 3], uids, seqs)\n"         \
+  "return out\n"
 
 /* Marks alone: KEYS user keys, ARGV field, seq per key. */
 static const char lua_marks[] =
@@ -242,6 +255,7 @@ typedef struct rq {
   redisReply *saved;       /* its answer, copied while an earlier request is out */
   uint64_t sent_us;
   size_t n;                /* append: receivers */
+  bool pushed;             /* append: the script pushes to other nodes too */
   uint64_t since;          /* sync */
 } rq;
 
@@ -259,6 +273,8 @@ struct redis_store {
   imd_redis_io io;
   imd_store_opts o;
   char *prefix;
+  const char *src[SC_COUNT]; /* script_src, but the append's is push_src with a push io */
+  char *push_src;
   char sha[SC_COUNT][41];
   rq *head, *tail;         /* outstanding requests, in request order */
   int first_out;           /* first attempts in flight */
@@ -563,7 +579,7 @@ static int done_append(redis_store *s, rq *r, const redisReply *a) {
     seqs[i] = (uint64_t)a->element[i + 2]->integer;
   }
   s->st.trimmed += (uint64_t)a->element[1]->integer;
-  r->cb.append(r->arg, IMD_STORE_OK, seqs, NULL);
+  r->cb.append(r->arg, r->pushed ? IMD_STORE_PUSHED : IMD_STORE_OK, seqs, NULL);
   free(seqs);
   return 0;
 }
@@ -711,8 +727,8 @@ static void script_loaded(void *arg, const redisReply *reply) {
 
 static int load_scripts(redis_store *s) {
   for (int i = 0; i < SC_COUNT; i++) {
-    const char *argv[3] = {"SCRIPT", "LOAD", script_src[i]};
-    size_t len[3] = {6, 4, strlen(script_src[i])};
+    const char *argv[3] = {"SCRIPT", "LOAD", s->src[i]};
+    size_t len[3] = {6, 4, strlen(s->src[i])};
     if (s->io.command(s->io.ctx, 3, argv, len, script_loaded, NULL) < 0)
       return set_err(s, IMD_STORE_EDOWN, "redis is unreachable");
   }
@@ -755,9 +771,9 @@ static void on_reply(void *arg, const redisReply *reply) {
     /* the script cache is empty (restart, SCRIPT FLUSH): send the text */
     s->stalled = true;
     r->argv[0] = "EVAL";
-    r->argv[1] = script_src[r->script];
+    r->argv[1] = s->src[r->script];
     r->argvlen[0] = 4;
-    r->argvlen[1] = strlen(script_src[r->script]);
+    r->argvlen[1] = strlen(s->src[r->script]);
     if (rq_send(s, r) == 0) {
       r->state = RQ_RETRY;
     } else {
@@ -976,10 +992,24 @@ static int r_append(imd_store *base, const imd_store_msg *m, const char *const *
     ab_end(&b);
   }
   marks_args(s, &b, nmarks);
+  /* the push variant pushes only when given its arguments: without them
+   * (no lease right now) it stores and the caller routes */
+  const char *pargs[4];
+  size_t plens[4];
+  void *owned = NULL;
+  bool push = s->io.push_args && s->io.push_args(s->io.ctx, m, pargs, plens, &owned) == 0;
+  for (int i = 0; push && i < 4; i++) {
+    ab_begin(&b);
+    ab_put(&b, pargs[i], plens[i]);
+    ab_end(&b);
+  }
+  for (size_t i = 0; push && i < n; i++) ab_ref(&b, uids[i], strlen(uids[i]));
+  free(owned);
   rq *r = rq_new(s, RQ_APPEND, SC_APPEND, &b, arg);
   if (!r) return IMD_STORE_EIO;
   r->cb.append = cb;
   r->n = n;
+  r->pushed = push;
   rc = submit(s, r);
   if (rc == IMD_STORE_OK) marks_drop(s, nmarks);
   return rc;
@@ -1068,6 +1098,7 @@ static void store_free(redis_store *s) {
   }
   strmap_free(&s->marks);
   free(s->prefix);
+  free(s->push_src);
   free(s);
 }
 
@@ -1152,9 +1183,24 @@ imd_store *imd_store_redis_new(const imd_redis_io *io, const char *prefix,
   s->base.ops = &redis_ops;
   s->io = *io;
   if (o) s->o = *o;
+  memcpy(s->src, script_src, sizeof s->src);
+  if (io->push_lua && io->push_args) {
+    static const char head[] = "#!lua\n", tail[] = LUA_MARKS LUA_APPEND_BODY LUA_APPEND_PUSH_TAIL;
+    size_t n = strlen(head) + strlen(io->push_lua) + strlen(tail) + 1;
+    if (!(s->push_src = malloc(n))) {
+      snprintf(err, errlen, "out of memory");
+      store_free(s);
+      return NULL;
+    }
+    snprintf(s->push_src, n, "%s%s%s", head, io->push_lua, tail);
+    s->src[SC_APPEND] = s->push_src;
+  } else {
+    s->io.push_lua = NULL;
+    s->io.push_args = NULL;
+  }
   for (int i = 0; i < SC_COUNT; i++) {
     unsigned char d[20];
-    if (mbedtls_sha1_ret((const unsigned char *)script_src[i], strlen(script_src[i]), d) != 0) {
+    if (mbedtls_sha1_ret((const unsigned char *)s->src[i], strlen(s->src[i]), d) != 0) {
       snprintf(err, errlen, "cannot hash the scripts");
       store_free(s);
       return NULL;

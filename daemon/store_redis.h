@@ -47,6 +47,17 @@ typedef struct imd_redis_io {
   int (*command)(void *ctx, int argc, const char **argv, const size_t *argvlen,
                  imd_redis_reply_fn fn, void *arg);
   void *ctx;
+  /* Optional (both or neither): appends also push the message to the
+   * receivers' other nodes in the same script (libim's
+   * im_redis_push_lua(); <libim/im_redis.h>), one round trip instead of
+   * two. push_lua is the Lua source put in front of the append script
+   * (static storage). push_args fills args[0..4) (self, prefix, maxlen,
+   * head) for m, borrowed until *done(owned) is called (right after the
+   * command is built); returns 0, or -1 when pushing is not possible now:
+   * the append goes without it and completes with IMD_STORE_OK. */
+  const char *push_lua;
+  int (*push_args)(void *ctx, const imd_store_msg *m, const char *args[4], size_t lens[4],
+                   void **owned);
 } imd_redis_io;
 
 /* A store on io (copied; io->ctx must outlive the store and the replies to

@@ -12,14 +12,24 @@
  * commits what precedes it first). Delivered marks alone never force a
  * commit: they ride along with the next write, or are committed after
  * MARK_DELAY_MS at the latest; reads of the inbox do not wait for them.
+ *
+ * Checkpoints (copying the WAL back into the database file) run on a third
+ * thread with a connection of its own, at a lower priority, once per
+ * CKPT_BYTES of WAL, so that no commit waits for one; the store thread only
+ * catches up on the commits made during a pass (so that the WAL can start
+ * over), or checkpoints itself if the WAL ever grows past CKPT_LIMIT_BYTES.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <libim/im_async.h>
 
@@ -28,6 +38,10 @@
 #include "store_sqlite.h"
 
 #define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
+#define CKPT_BYTES (8u << 20)        /* WAL written between two checkpoint passes */
+#define CKPT_LIMIT_BYTES (64u << 20) /* past this the store thread checkpoints itself */
+#define CKPT_TAIL_BYTES (512u << 10) /* the most the store thread copies to catch up */
+#define CKPT_NICE 10                 /* the checkpoint thread yields to the others */
 #define ERR_MAX 256
 
 enum rq_kind { RQ_APPEND, RQ_MARK, RQ_SYNC, RQ_STATE, RQ_MEMBERS, RQ_GROUP };
@@ -40,6 +54,7 @@ typedef struct row {
 
 typedef struct rq {
   struct rq *next;
+  im_async *done;          /* the loop its callback runs on */
   enum rq_kind kind;
   int status;
   void *arg;
@@ -64,19 +79,40 @@ typedef struct rq {
   char key[];              /* uid or gid (and device for marks), NUL-separated */
 } rq;
 
-typedef struct thread_store {
-  imd_store base;          /* first: the contract's handle */
+typedef struct thread_store thread_store;
+
+/* A handle on the store (the contract's): the store it queues to and the
+ * loop its callbacks run on. The store's own is the first; a worker
+ * thread gets a view (imd_store_sqlite_view). */
+typedef struct store_handle {
+  imd_store base;          /* first */
+  thread_store *t;
+  im_async *done;          /* finished requests, back to this handle's loop */
+} store_handle;
+
+struct thread_store {
+  store_handle h;          /* first: the store's own handle */
   sql_store *db;
   pthread_t thread;
   pthread_mutex_t lock;
   pthread_cond_t wake;
   rq *todo, *todo_tail;    /* queued by the loop */
-  im_async *done;          /* finished batches, back to the loop */
   bool stop, started;
   uint32_t trim_interval_s;
+  /* checkpoints */
+  sql_ckpt *ckpt;
+  pthread_t ckpt_thread;
+  bool ckpt_started, ckpt_due, ckpt_stop;
+  pthread_cond_t ckpt_wake;          /* under lock */
+  atomic_bool ckpt_passed;           /* a pass finished since the last catch-up */
+  _Atomic uint64_t ckpt_copied;      /* WAL bytes in the database file after that pass */
+  /* the store thread's side (on_wal) */
+  uint64_t ckpt_base;                /* WAL size at the last pass asked for */
+  bool ckpt_asked;                   /* a pass was asked for and has not finished */
+  bool ckpt_catchup;                 /* after it, copy the tail here */
   imd_store_stats st;
   char err[ERR_MAX];
-} thread_store;
+};
 
 static uint64_t mono_ms(void) {
   struct timespec ts;
@@ -105,7 +141,10 @@ static rq *rq_new(enum rq_kind kind, const char *k1, const char *k2, void *arg) 
 
 static const char *rq_key2(const rq *r) { return r->key + strlen(r->key) + 1; }
 
-static int submit(thread_store *t, rq *r) {
+static int submit(imd_store *s, rq *r) {
+  store_handle *h = (store_handle *)s;
+  thread_store *t = h->t;
+  r->done = h->done;
   pthread_mutex_lock(&t->lock);
   if (t->todo_tail)
     t->todo_tail->next = r;
@@ -267,12 +306,10 @@ static void set_err_locked(thread_store *t) {
 
 /* Commit the open batch; the writes since the last commit learn its fate. */
 static void commit_now(thread_store *t, rq *from, rq *upto) {
-  uint64_t t0 = mono_ms();
   struct timespec a, b;
   clock_gettime(CLOCK_MONOTONIC, &a);
   int rc = sqlstore_commit(t->db);
   clock_gettime(CLOCK_MONOTONIC, &b);
-  (void)t0;
   if (rc < 0) {
     log_error("store commit failed: %s", sqlstore_error(t->db));
     set_err_locked(t);
@@ -346,6 +383,30 @@ static bool run_batch(thread_store *t, rq *batch) {
   return marks;
 }
 
+/* Hand a finished batch back: to each loop the requests it made, in order
+ * (one post, so one wake-up, per loop). */
+static void hand_back(rq *batch) {
+  while (batch) {
+    im_async *q = batch->done;
+    rq *mine = NULL, **tail = &mine, **rest = &batch;
+    for (rq *r = batch, *next; r; r = next) {
+      next = r->next;
+      if (r->done == q) {
+        *rest = next;
+        r->next = NULL;
+        *tail = r;
+        tail = &r->next;
+      } else {
+        rest = &r->next;
+      }
+    }
+    if (im_async_post(q, mine) < 0) {
+      /* cannot happen before close, which joins this thread first */
+      log_error("store: cannot hand a batch back");
+    }
+  }
+}
+
 static void *thread_main(void *arg) {
   thread_store *t = arg;
   uint64_t next_trim =
@@ -395,16 +456,108 @@ static void *thread_main(void *arg) {
       next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
     }
 
-    if (batch && im_async_post(t->done, batch) < 0) {
-      /* cannot happen before close, which joins this thread first; a
-       * batch that cannot be handed back is still completed, here */
-      log_error("store: cannot hand a batch back");
-    }
+    hand_back(batch);
     pthread_mutex_lock(&t->lock);
     if (stop && !t->todo) break;
   }
   pthread_mutex_unlock(&t->lock);
   return NULL;
+}
+
+/* ---- checkpoints ------------------------------------------------------------- */
+
+/* Asks the checkpoint thread for a pass (store thread). */
+static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
+  t->ckpt_base = wal_bytes;
+  t->ckpt_asked = true;
+  pthread_mutex_lock(&t->lock);
+  t->ckpt_due = true;
+  pthread_cond_signal(&t->ckpt_wake);
+  pthread_mutex_unlock(&t->lock);
+}
+
+/* After each commit, on the store thread (sqlstore_wal_fn); true: the
+ * store checkpoints right here. The WAL only starts over at a write after a
+ * checkpoint that left nothing to copy, which under steady writes only this
+ * thread can do: after each pass it copies the tail committed meanwhile, if
+ * the tail is short; else one more pass first. It never competes with a
+ * running pass (its checkpoint would find it busy), unless the WAL is far
+ * past the limit. */
+static bool on_wal(void *arg, uint64_t wal_bytes, bool behind) {
+  thread_store *t = arg;
+  if (t->ckpt_asked && atomic_exchange(&t->ckpt_passed, false)) t->ckpt_asked = false;
+  if (t->ckpt_asked) return wal_bytes >= 2 * (uint64_t)CKPT_LIMIT_BYTES;
+  if (t->ckpt_catchup || behind) {
+    if (wal_bytes <= atomic_load(&t->ckpt_copied) + CKPT_TAIL_BYTES ||
+        wal_bytes >= CKPT_LIMIT_BYTES) {
+      t->ckpt_catchup = false;
+      return true;
+    }
+    ckpt_ask(t, wal_bytes);
+    return false;
+  }
+  if (wal_bytes < t->ckpt_base) t->ckpt_base = 0; /* it did restart */
+  if (wal_bytes - t->ckpt_base >= CKPT_BYTES) {
+    ckpt_ask(t, wal_bytes);
+    t->ckpt_catchup = true;
+  }
+  return false;
+}
+
+static void *ckpt_main(void *arg) {
+  thread_store *t = arg;
+  char err[ERR_MAX];
+  /* Linux: a thread's nice value is its own */
+  setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), CKPT_NICE);
+  pthread_mutex_lock(&t->lock);
+  for (;;) {
+    while (!t->ckpt_due && !t->ckpt_stop) pthread_cond_wait(&t->ckpt_wake, &t->lock);
+    if (t->ckpt_stop) break;
+    t->ckpt_due = false;
+    pthread_mutex_unlock(&t->lock);
+    uint64_t copied = 0;
+    if (sqlstore_ckpt_run(t->ckpt, &copied, err, sizeof err) < 0) log_error("store: %s", err);
+    atomic_store(&t->ckpt_copied, copied);
+    atomic_store(&t->ckpt_passed, true);
+    pthread_mutex_lock(&t->lock);
+  }
+  pthread_mutex_unlock(&t->lock);
+  return NULL;
+}
+
+/* The checkpoint thread; without it the store checkpoints in its commits. */
+static void ckpt_start(thread_store *t, const char *path, const imd_store_opts *o) {
+  char err[ERR_MAX];
+  t->ckpt = sqlstore_ckpt_open(path, o, err, sizeof err);
+  if (!t->ckpt) {
+    log_error("store: checkpoints stay in the commits: %s", err);
+    return;
+  }
+  if (pthread_create(&t->ckpt_thread, NULL, ckpt_main, t) != 0) {
+    log_error("store: checkpoints stay in the commits: cannot start their thread");
+    sqlstore_ckpt_close(t->ckpt);
+    t->ckpt = NULL;
+    return;
+  }
+  t->ckpt_started = true;
+  sqlstore_set_wal_hook(t->db, on_wal, t);
+}
+
+/* Tells one of the store's threads to stop (*stop under the lock, its
+ * condition signalled) and waits for it. */
+static void thread_end(thread_store *t, bool *stop, pthread_cond_t *wake, pthread_t th) {
+  pthread_mutex_lock(&t->lock);
+  *stop = true;
+  pthread_cond_signal(wake);
+  pthread_mutex_unlock(&t->lock);
+  pthread_join(th, NULL);
+}
+
+static void ckpt_end(thread_store *t) {
+  if (t->ckpt_started) thread_end(t, &t->ckpt_stop, &t->ckpt_wake, t->ckpt_thread);
+  t->ckpt_started = false;
+  sqlstore_ckpt_close(t->ckpt);
+  t->ckpt = NULL;
 }
 
 /* ---- the ops ------------------------------------------------------------------ */
@@ -421,7 +574,7 @@ static int t_append(imd_store *s, const imd_store_msg *m, const char *const *uid
   r->m = m;
   r->uids = uids;
   r->n = n;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_mark(imd_store *s, const char *uid, const char *device, uint64_t seq) {
@@ -429,7 +582,7 @@ static int t_mark(imd_store *s, const char *uid, const char *device, uint64_t se
   rq *r = rq_new(RQ_MARK, uid, device, NULL);
   if (!r) return IMD_STORE_EIO;
   r->seq = seq;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit, size_t max_bytes,
@@ -441,7 +594,7 @@ static int t_sync(imd_store *s, const char *uid, uint64_t since, uint32_t limit,
   r->since = since;
   r->limit = limit;
   r->max_bytes = max_bytes;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_state(imd_store *s, const char *uid, imd_state_cb cb, void *arg) {
@@ -449,7 +602,7 @@ static int t_state(imd_store *s, const char *uid, imd_state_cb cb, void *arg) {
   rq *r = rq_new(RQ_STATE, uid, NULL, arg);
   if (!r) return IMD_STORE_EIO;
   r->cb.state = cb;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_members(imd_store *s, const char *gid, imd_members_cb cb, void *arg) {
@@ -457,7 +610,7 @@ static int t_members(imd_store *s, const char *gid, imd_members_cb cb, void *arg
   rq *r = rq_new(RQ_MEMBERS, gid, NULL, arg);
   if (!r) return IMD_STORE_EIO;
   r->cb.members = cb;
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static int t_group(imd_store *s, const char *gid, const char *const *add, size_t nadd,
@@ -476,31 +629,33 @@ static int t_group(imd_store *s, const char *gid, const char *const *add, size_t
     rq_free(r);
     return IMD_STORE_EIO;
   }
-  return submit((thread_store *)s, r);
+  return submit(s, r);
 }
 
 static void t_stats(imd_store *s, imd_store_stats *st) {
-  thread_store *t = (thread_store *)s;
+  thread_store *t = ((store_handle *)s)->t;
   pthread_mutex_lock(&t->lock);
   *st = t->st;
   pthread_mutex_unlock(&t->lock);
 }
 
-static const char *t_error(imd_store *s) { return ((thread_store *)s)->err; }
+static const char *t_error(imd_store *s) { return ((store_handle *)s)->t->err; }
 
 static void t_close(imd_store *s) {
-  thread_store *t = (thread_store *)s;
-  if (t->started) {
-    pthread_mutex_lock(&t->lock);
-    t->stop = true;
-    pthread_cond_signal(&t->wake);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->thread, NULL);
+  store_handle *h = (store_handle *)s;
+  thread_store *t = h->t;
+  if (h != &t->h) { /* a view: after the store itself (no post can race) */
+    im_async_free(h->done); /* completes what the thread finished for it */
+    free(h);
+    return;
   }
-  im_async_free(t->done); /* completes what the thread finished last */
+  if (t->started) thread_end(t, &t->stop, &t->wake, t->thread);
+  ckpt_end(t); /* before the store: its close is the last, and checkpoints the rest */
+  im_async_free(t->h.done); /* completes what the thread finished last */
   sqlstore_close(t->db);
   pthread_mutex_destroy(&t->lock);
   pthread_cond_destroy(&t->wake);
+  pthread_cond_destroy(&t->ckpt_wake);
   free(t);
 }
 
@@ -560,26 +715,44 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
     snprintf(err, errlen, "out of memory");
     return NULL;
   }
-  t->base.ops = &thread_ops;
+  t->h.base.ops = &thread_ops;
+  t->h.t = t;
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
   pthread_cond_init(&t->wake, NULL);
+  pthread_cond_init(&t->ckpt_wake, NULL);
+  atomic_init(&t->ckpt_passed, false);
+  atomic_init(&t->ckpt_copied, 0);
   *err = '\0';
   t->db = sqlstore_open(path, o, err, errlen);
   if (!t->db || (groups_json && import_groups(t->db, groups_json, err, errlen) < 0)) {
-    t_close(&t->base);
+    t_close(&t->h.base);
     return NULL;
   }
   /* retention at start, before the first request can read */
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
   if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
-  t->done = im_async_new(base, batch_done, t);
-  if (!t->done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
+  ckpt_start(t, path, o);
+  t->h.done = im_async_new(base, batch_done, t);
+  if (!t->h.done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
     snprintf(err, errlen, "cannot start the store thread");
-    t_close(&t->base);
+    t_close(&t->h.base);
     return NULL;
   }
   t->started = true;
-  return &t->base;
+  return &t->h.base;
+}
+
+imd_store *imd_store_sqlite_view(imd_store *s, struct event_base *base) {
+  store_handle *h = calloc(1, sizeof *h);
+  if (!h) return NULL;
+  h->base.ops = &thread_ops;
+  h->t = ((store_handle *)s)->t;
+  h->done = im_async_new(base, batch_done, h->t);
+  if (!h->done) {
+    free(h);
+    return NULL;
+  }
+  return &h->base;
 }

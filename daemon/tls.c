@@ -19,23 +19,62 @@ typedef struct imd_tls {
   im_tls *http;     /* ws and http */
   im_tls *raw;      /* tcp */
   bool plain[L_N];
-  struct event *hup;
+  struct event *hup; /* worker 0's only */
+  imd *d;
+  const char *cert, *key; /* the option values (they live until exit) */
+  unsigned handshake_ms;
 } imd_tls;
 
-static void hup_cb(evutil_socket_t sig, short what, void *arg) {
-  (void)sig;
-  (void)what;
-  imd_tls *t = arg;
+static int reload(imd_tls *t) {
   char err[256];
   im_tls *ctx[2] = {t->http, t->raw};
   for (int i = 0; i < 2; i++) {
     if (im_tls_reload(ctx[i], err, sizeof err) < 0) {
       log_error("SIGHUP: %s; keeping the old certificate", err);
-      return;
+      return -1;
     }
   }
+  return 0;
+}
+
+static void reloaded(const imd_tls *t) {
   printf("imd: SIGHUP: TLS certificate reloaded (generation %u)\n", im_tls_generation(t->http));
   fflush(stdout);
+}
+
+/* With worker threads every worker reloads its own contexts (an im_tls is
+ * used by one thread); the line is printed once all have. */
+static int reload_here(imd *w, void *arg) {
+  (void)arg;
+  return reload(w->tls);
+}
+
+static void reload_done(imd *d, long sum, int err, void *arg) {
+  (void)sum;
+  (void)arg;
+  if (!err) reloaded(d->tls);
+}
+
+static void hup_cb(evutil_socket_t sig, short what, void *arg) {
+  (void)sig;
+  (void)what;
+  imd_tls *t = arg;
+  if (t->d->workers) {
+    if (imd_workers_gather(t->d, reload_here, reload_done, NULL) < 0)
+      log_error("SIGHUP: out of memory; keeping the old certificate");
+    return;
+  }
+  if (reload(t) == 0) reloaded(t);
+}
+
+/* The two contexts from t's files. */
+static int contexts(imd_tls *t, char *err, size_t errlen) {
+  im_tls_opts o = {.cert_file = t->cert, .key_file = t->key, .alpn = "http/1.1",
+                   .handshake_timeout_ms = t->handshake_ms};
+  t->http = im_tls_new(&o, err, errlen);
+  o.alpn = NULL;
+  t->raw = t->http ? im_tls_new(&o, err, errlen) : NULL;
+  return t->raw ? 0 : -1;
 }
 
 static int parse_plain(const char *list, bool plain[L_N]) {
@@ -70,18 +109,35 @@ int imd_tls_init(imd *d, const char *cert, const char *key, const char *plain,
   d->tls = t;
   if (parse_plain(plain, t->plain) < 0) return -1;
   char err[256];
-  im_tls_opts o = {.cert_file = cert, .key_file = key, .alpn = "http/1.1",
-                   .handshake_timeout_ms = handshake_ms};
-  t->http = im_tls_new(&o, err, sizeof err);
-  o.alpn = NULL;
-  t->raw = t->http ? im_tls_new(&o, err, sizeof err) : NULL;
-  if (!t->raw) {
+  t->d = d;
+  t->cert = cert;
+  t->key = key;
+  t->handshake_ms = handshake_ms;
+  if (contexts(t, err, sizeof err) < 0) {
     fprintf(stderr, "imd: TLS: %s\n", err);
     return -1;
   }
   t->hup = evsignal_new(d->base, SIGHUP, hup_cb, t);
   if (!t->hup || event_add(t->hup, NULL) < 0) {
     fprintf(stderr, "imd: cannot catch SIGHUP\n");
+    return -1;
+  }
+  return 0;
+}
+
+int imd_tls_worker(imd *w) {
+  const imd_tls *t0 = w->tls; /* worker 0's, copied with the rest */
+  w->tls = NULL;
+  if (!t0) return 0;
+  imd_tls *t = calloc(1, sizeof *t);
+  if (!t) return -1;
+  *t = *t0;
+  t->hup = NULL;
+  t->d = w;
+  w->tls = t;
+  char err[256];
+  if (contexts(t, err, sizeof err) < 0) {
+    fprintf(stderr, "imd: worker %u: TLS: %s\n", w->worker, err);
     return -1;
   }
   return 0;

@@ -88,7 +88,7 @@ static void flush(im_server *srv, sock *s) {
 static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user) {
   (void)user;
   im_ack(srv, c, m->cid, m->id, 0);
-  im_msg echo = {.id = m->id, .data = m->data, .data_len = m->data_len};
+  im_msg echo = {IM_STRUCT_SIZE(im_msg), .id = m->id, .data = m->data, .data_len = m->data_len};
   im_send_conn(srv, c, &echo);
   return IM_MSG_DEFER;
 }
@@ -131,7 +131,7 @@ int main(int argc, char **argv) {
   signal(SIGINT, on_signal);
   signal(SIGPIPE, SIG_IGN);
   ep = epoll_create1(0);
-  im_callbacks cb = {.on_message = on_message};
+  im_callbacks cb = {IM_STRUCT_SIZE(im_callbacks), .on_message = on_message};
   im_server *srv = im_server_new(NULL, &cb, NULL);
   im_io io = {want_write, io_close, NULL};
   im_server_set_io(srv, &io);

@@ -14,7 +14,7 @@ static int on_message(im_server *srv, im_conn_id c, const im_msg *m, void *user)
   (void)user;
   /* ack first so the client sees ack -> echo, then the copy */
   im_ack(srv, c, m->cid, m->id, 0);
-  im_msg echo = {.id = m->id, .data = m->data, .data_len = m->data_len};
+  im_msg echo = {IM_STRUCT_SIZE(im_msg), .id = m->id, .data = m->data, .data_len = m->data_len};
   im_send_conn(srv, c, &echo);
   return IM_MSG_DEFER;
 }
@@ -92,7 +92,7 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
-  im_callbacks cb = {.on_message = on_message};
+  im_callbacks cb = {IM_STRUCT_SIZE(im_callbacks), .on_message = on_message};
   im_server *srv = im_server_new(&cfg, &cb, NULL);
   struct event_base *base = event_base_new();
   im_event *ev = srv && base ? im_event_new(base, srv) : NULL;

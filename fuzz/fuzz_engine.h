@@ -229,7 +229,7 @@ static void fz_on_open(im_server *srv, im_conn_id c, void *user) {
   fz_engine *e = user;
   FZ_CHECK(c == e->id);
   e->opens++;
-  im_conn_info ci;
+  im_conn_info ci = {IM_STRUCT_SIZE(im_conn_info)};
   FZ_CHECK(im_conn_get_info(srv, c, &ci) == 0);
   FZ_CHECK(ci.uid && ci.device && ci.platform && ci.peer);
   FZ_CHECK(im_user_conns(srv, ci.uid, NULL, 0) == 1);
@@ -259,7 +259,7 @@ static int fz_on_message(im_server *srv, im_conn_id c, const im_msg *m, void *us
     FZ_CHECK(fz_send_rc_ok(rc));
     if (rc != 0) break;
   }
-  im_conn_info ci;
+  im_conn_info ci = {IM_STRUCT_SIZE(im_conn_info)};
   switch (m->cid[0]) {
     case 'D': /* defer, then ack from inside the callback */
       FZ_CHECK(fz_send_rc_ok(im_ack(srv, c, m->cid, m->id, m->seq)));
@@ -344,7 +344,7 @@ static void fz_on_close(im_server *srv, im_conn_id c, int code, void *user) {
   FZ_CHECK(c == e->id);
   FZ_CHECK(code >= 1000 && code <= 4999);
   /* the connection's identity stays readable in on_close */
-  im_conn_info ci;
+  im_conn_info ci = {IM_STRUCT_SIZE(im_conn_info)};
   FZ_CHECK(im_conn_get_info(srv, c, &ci) == 0 && ci.peer);
   if (e->opens) FZ_CHECK(ci.uid && ci.device && ci.platform && strlen(ci.uid) > 0);
   e->on_closes++;
@@ -467,7 +467,7 @@ static void fz_engine_run(enum im_transport transport, const char *ws_path, cons
   FZ_CHECK(im_conn_close(e.srv, e.id, 1000, "") == IM_ENOENT);
   FZ_CHECK(e.on_closes == 1);
 
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(e.srv, &st);
   FZ_CHECK(st.conns == 0 && st.conns_authed == 0 && st.users == 0 && st.rooms == 0);
   FZ_CHECK(st.out_queued == 0);

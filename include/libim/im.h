@@ -16,6 +16,14 @@
  * examples/epoll-echo.c drives the engine from a hand-written epoll loop.
  *
  * Conventions:
+ *  - im_config, im_callbacks, im_msg, im_conn_info and im_stats start with
+ *    `uint32_t struct_size`: sizeof the caller's struct, or 0 for the
+ *    layout of the library's own release. The library reads (or, for the
+ *    structs it fills, writes) only the first struct_size bytes, so a field
+ *    added in a later release never breaks a program built earlier: see
+ *    "ABI and versions" in docs/EMBEDDING.md. A program that should keep
+ *    running against newer libraries of its soname sets struct_size =
+ *    sizeof (IM_STRUCT_SIZE) or starts from im_config_init().
  *  - Functions returning int return 0 (or a count) on success and a negative
  *    IM_E* code on failure; im_strerror() names it.
  *  - Every pointer passed in is borrowed for the duration of the call only,
@@ -107,7 +115,13 @@ typedef struct im_allocator {
   void *ud;
 } im_allocator;
 
+/* struct_size of a public struct as this header lays it out: use it in an
+ * initializer, e.g. im_msg m = {IM_STRUCT_SIZE(im_msg), .to = "bob"}. */
+#define IM_STRUCT_SIZE(type) .struct_size = (uint32_t)sizeof(type)
+
 typedef struct im_config {
+  uint32_t struct_size;      /* sizeof(im_config) (set by im_config_init), or 0: this release's
+                                layout. Fields past struct_size get their defaults */
   uint32_t max_message;      /* largest message (WS message / TCP frame body) accepted, bytes. 65536 */
   uint32_t max_output;       /* per-connection queued output before the connection is shed, bytes. 1 MiB */
   uint32_t max_connections;  /* 0 = unlimited */
@@ -154,8 +168,15 @@ typedef struct im_config {
                                 closed with IM_CLOSE_RATE (4290). 0 = never closed. 0 */
 } im_config;
 
-/* Fill cfg with the defaults above. */
-IM_EXTERN void im_config_init(im_config *cfg);
+/* Fill the first `size` bytes of cfg (a caller's im_config of that size)
+ * with the defaults above, zeros for fields of a newer release the library
+ * does not know, and set cfg->struct_size = size; no byte past size is
+ * written. Returns 0, or IM_EINVAL when size is smaller than the oldest
+ * layout the library knows (nothing is written). Use im_config_init(),
+ * which passes this header's sizeof. */
+IM_EXTERN int im_config_init_size(im_config *cfg, size_t size);
+/* Fill cfg with the defaults above, struct_size included. */
+static inline void im_config_init(im_config *cfg) { im_config_init_size(cfg, sizeof(*cfg)); }
 
 /* Longest device and platform accepted in an auth, bytes; a longer one is
  * refused (error 400 "device too long" / "platform too long", or HTTP 403
@@ -196,6 +217,8 @@ typedef struct im_auth {
  * assigned by the library; the application may keep or replace it when it
  * sends copies on. */
 typedef struct im_msg {
+  uint32_t struct_size;    /* sizeof(im_msg), or 0: this release's layout. Messages the library
+                              hands to callbacks carry the library's sizeof */
   const char *id;
   const char *cid;
   const char *from;
@@ -230,6 +253,8 @@ enum { IM_ROOM_DEFER = -1 };
 enum { IM_MSG_ACK = 0, IM_MSG_DEFER = 1 };
 
 typedef struct im_callbacks {
+  uint32_t struct_size;  /* sizeof(im_callbacks), or 0: this release's layout. Callbacks past
+                            struct_size are NULL */
   /* Decide an authentication. Return IM_AUTH_ACCEPT, IM_AUTH_DENY, or
    * IM_AUTH_PENDING and later call im_auth_complete(). NULL accepts any
    * non-empty uid and token. */
@@ -249,7 +274,8 @@ typedef struct im_callbacks {
   /* The client ACKed a downstream message id. seq is the seq the message
    * was sent with when it was a reliable send still in flight on c, else
    * the seq the client put in its ack (0 when none). Called for every ack,
-   * tracked or not (a repeated ack is reported again). */
+   * tracked or not (a repeated ack is reported again). im_ack_rtt_us()
+   * tells how long a tracked one took. */
   void (*on_ack)(im_server *srv, im_conn_id c, const char *id, uint64_t seq, void *user);
   /* c is closing with reliable messages it never ACKed (sent or still
    * waiting for window space): called once per message, right before
@@ -283,7 +309,8 @@ typedef struct im_io {
 
 /* Create an engine. cfg may be NULL (defaults); cb may be NULL; both are
  * copied. `user` is passed to every callback. Returns NULL on allocation
- * failure or invalid cfg. */
+ * failure or invalid cfg (a struct_size of cfg or cb below the oldest
+ * layout included). */
 IM_EXTERN im_server *im_server_new(const im_config *cfg, const im_callbacks *cb, void *user);
 /* Set the driver hooks (copied). Must be called before the first accept. */
 IM_EXTERN void im_server_set_io(im_server *srv, const im_io *io);
@@ -349,6 +376,19 @@ IM_EXTERN int im_auth_complete(im_server *srv, im_conn_id c, int accept, int cod
  * IM_ECLOSED (c is closing). */
 IM_EXTERN int im_conn_set_expiry(im_server *srv, im_conn_id c, uint64_t after_ms);
 
+/* During on_ack: microseconds from the im_send_* call that queued the
+ * acked reliable message on c to this ack (waits for window space and
+ * retransmits included), or -1 when the ack matched no reliable message in
+ * flight on c (an untracked id, a repeated ack). -1 outside on_ack. Measured
+ * with the clock of im_server_set_clock(), else in engine time (whole
+ * ticks of tick_ms). */
+IM_EXTERN int64_t im_ack_rtt_us(const im_server *srv);
+
+/* A monotonic clock in microseconds for measurements (im_ack_rtt_us); it is
+ * called once per reliable message queued and once per ACK of one. NULL:
+ * engine time. The engine's timeouts still run on im_server_tick(). */
+IM_EXTERN void im_server_set_clock(im_server *srv, uint64_t (*now_us)(void *ud), void *ud);
+
 /* During on_room: the cid of the join/leave op (NUL-terminated, valid
  * until on_room returns), or NULL when it has none. NULL elsewhere. */
 IM_EXTERN const char *im_op_cid(const im_server *srv);
@@ -363,7 +403,8 @@ IM_EXTERN void im_new_id(im_server *srv, char out[IM_ID_MAX]);
 /* Send one message to a connection. m->id NULL: the library generates one.
  * Returns 0, IM_ENOENT, IM_ESTATE (c not authenticated), IM_ECLOSED,
  * IM_ETOOBIG, IM_EFULL (c exceeded max_output and is being shed), IM_ENOMEM,
- * IM_EINVAL (IM_SEND_RELIABLE with an id of IM_ID_MAX bytes or more). */
+ * IM_EINVAL (IM_SEND_RELIABLE with an id of IM_ID_MAX bytes or more, or
+ * m->struct_size below the oldest layout; the same for every send). */
 IM_EXTERN int im_send_conn(im_server *srv, im_conn_id c, const im_msg *m);
 
 /* Send to every connection of uid except `except` (0: none). The message is
@@ -438,6 +479,8 @@ IM_EXTERN size_t im_server_close_all(im_server *srv, int code, const char *reaso
 /* ---- introspection -------------------------------------------------------- */
 
 typedef struct im_conn_info {
+  uint32_t struct_size;        /* in: sizeof(im_conn_info), or 0: this release's layout; the
+                                  library fills no byte past it. out: the bytes it filled */
   const char *uid, *device, *platform; /* NULL before authentication; valid in on_close */
   const char *peer;
   enum im_transport transport;
@@ -447,8 +490,16 @@ typedef struct im_conn_info {
                                   said with im_conn_set_secure */
 } im_conn_info;
 
-/* Fill info; pointers stay valid until c closes. Returns 0 or IM_ENOENT. */
-IM_EXTERN int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info);
+/* Fill info, which is `size` bytes long (the caller's sizeof: the library
+ * writes no further, and sets info->struct_size to what it wrote); pointers
+ * stay valid until c closes. Returns 0, IM_ENOENT, or IM_EINVAL when size is
+ * below the oldest layout or info is NULL (info is left alone). Call it
+ * through im_conn_get_info(), which passes sizeof for you. */
+IM_EXTERN int im_conn_get_info_size(const im_server *srv, im_conn_id c, im_conn_info *info,
+                                    size_t size);
+static inline int im_conn_get_info(const im_server *srv, im_conn_id c, im_conn_info *info) {
+  return im_conn_get_info_size(srv, c, info, sizeof(*info));
+}
 /* Drivers: record whether c's transport is encrypted (TLS), reported in
  * im_conn_info.secure. im_event calls it for its TLS listeners right after
  * im_server_accept. Returns 0 or IM_ENOENT. */
@@ -461,6 +512,8 @@ IM_EXTERN void *im_conn_get_data(const im_server *srv, im_conn_id c);
 IM_EXTERN size_t im_user_conns(const im_server *srv, const char *uid, im_conn_id *ids, size_t max);
 
 typedef struct im_stats {
+  uint32_t struct_size;      /* in: sizeof(im_stats), or 0: this release's layout; the library
+                                fills no byte past it. out: the bytes it filled */
   uint64_t conns;            /* open transport connections */
   uint64_t conns_authed;     /* of which authenticated */
   uint64_t users;            /* distinct uids online */
@@ -483,7 +536,14 @@ typedef struct im_stats {
   uint64_t rate_closed;      /* connections closed (4290) after max_rate_strikes refusals */
 } im_stats;
 
-IM_EXTERN void im_server_stats(const im_server *srv, im_stats *st);
+/* Fill st, which is `size` bytes long (the caller's sizeof), with the
+ * counters; st->struct_size is set to what was written. A size below the
+ * oldest layout, or a NULL st, leaves st alone. Call it through
+ * im_server_stats(), which passes sizeof for you. */
+IM_EXTERN void im_server_stats_size(const im_server *srv, im_stats *st, size_t size);
+static inline void im_server_stats(const im_server *srv, im_stats *st) {
+  im_server_stats_size(srv, st, sizeof(*st));
+}
 
 #ifdef __cplusplus
 }

@@ -37,6 +37,11 @@ IM_EXTERN im_async *im_async_new(struct event_base *base, im_async_fn fn, void *
  * pointer). Any thread. Returns 0 (fn will run), IM_ENOMEM, or IM_ECLOSED
  * once im_async_free() has begun (fn will not run). */
 IM_EXTERN int im_async_post(im_async *a, void *item);
+/* Run fn now for every item queued so far (instead of waiting for the
+ * wake-up), e.g. so that what another thread sent earlier goes out before
+ * a send this thread is about to make. Loop thread. Returns the number
+ * run. */
+IM_EXTERN size_t im_async_run(im_async *a);
 /* Items queued so far and loop wake-ups caused (for tests and metrics). */
 IM_EXTERN void im_async_counts(im_async *a, uint64_t *posted, uint64_t *wakeups);
 /* Run fn for what is still queued, then free. Loop thread; no post may
@@ -49,7 +54,8 @@ typedef struct im_mailbox im_mailbox;
 IM_EXTERN im_mailbox *im_mailbox_new(struct event_base *base, im_server *srv);
 /* Send m (copied now: every pointer is borrowed for the call) to every
  * connection of uid / to connection c / to a room, on the loop thread.
- * Any thread. Returns 0 (queued), IM_EINVAL (NULL uid/room), IM_ENOMEM,
+ * Any thread. Returns 0 (queued), IM_EINVAL (NULL uid/room/m, or m->struct_size
+ * below the oldest layout), IM_ENOMEM,
  * IM_ECLOSED (the mailbox is being freed). The send's own result (e.g.
  * IM_ENOENT for a connection that is gone) is not reported. */
 IM_EXTERN int im_mailbox_send_user(im_mailbox *mb, const char *uid, const im_msg *m);

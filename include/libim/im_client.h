@@ -150,6 +150,12 @@ typedef struct im_client_config {
    * system's (getrandom). Tests pass a deterministic one. */
   uint32_t (*rand)(void *rand_user);
   void *rand_user;
+  /* Do not ACK room messages (a msg with a room and no seq). imd sends
+   * rooms best-effort and never retransmits them, so an ACK only costs its
+   * server an upstream frame per member and message; leave it false
+   * (ACK everything) for a server that sends rooms reliably
+   * (IM_SEND_RELIABLE), which closes a connection that does not ACK. */
+  bool no_room_acks;
 } im_client_config;
 
 /* Fill cfg with the defaults above (no identity, no URLs). */
@@ -190,6 +196,21 @@ IM_EXTERN int im_client_set_token(im_client *cl, const char *token);
  * bytes), IM_ENOMEM. */
 IM_EXTERN int im_client_send(im_client *cl, enum im_client_target kind, const char *target,
                              const char *data, size_t data_len, char cid_out[IM_CLIENT_CID_MAX]);
+
+/* Join room (the name is copied): a join op is sent now when authenticated,
+ * and again after every later auth_ok (rooms belong to a connection, so a
+ * reconnect re-joins them) until im_client_leave(). Room messages then
+ * arrive through on_message with m->room set. The server refuses with an
+ * error op without cid, seen by on_error: 429 "too many rooms", 403 "join
+ * refused" or "not a member of the group", 400 "missing or bad room"; the
+ * room stays on the client's list (leave it to stop the retries). Returns
+ * 0 (also when already joined), IM_EINVAL (room NULL, empty or over 128
+ * bytes) or IM_ENOMEM. */
+IM_EXTERN int im_client_join(im_client *cl, const char *room);
+
+/* Leave room: it is dropped from the list and a leave op is sent when
+ * authenticated. Returns 0, or IM_ENOENT when room was not joined. */
+IM_EXTERN int im_client_leave(im_client *cl, const char *room);
 
 /* Background mode: ping every ping_bg_ms instead of ping_ms. */
 IM_EXTERN void im_client_set_background(im_client *cl, int on);

@@ -25,6 +25,16 @@ IM_EXTERN im_client_event *im_client_event_new(struct event_base *base, im_clien
  * Returns what im_client_start returns (0 or IM_ESTATE). */
 IM_EXTERN int im_client_event_start(im_client_event *ev);
 
+/* Connect from this local address from the next connect on: ip is a
+ * numeric IPv4 or IPv6 address (copied), the port is left to the kernel
+ * (IP_BIND_ADDRESS_NO_PORT, so ports are unique per destination, not per
+ * source). Only gateways of the same address family are then reached.
+ * Spreading many clients over several local addresses (127.0.0.x) opens
+ * more connections to one server than one address has ports. NULL: no
+ * binding (the default). Returns 0, or IM_EADDR when ip is not a numeric
+ * address (the binding is then cleared). */
+IM_EXTERN int im_client_event_set_source(im_client_event *ev, const char *ip);
+
 /* Close the socket and any gateway fetch, and free the driver (not the
  * client, not the base). Call im_client_stop() first for a clean close. */
 IM_EXTERN void im_client_event_free(im_client_event *ev);

@@ -35,6 +35,11 @@ IM_EXTERN int im_event_listen(im_event *ev, enum im_transport t, const char *add
 IM_EXTERN int im_event_listen_tls(im_event *ev, enum im_transport t, const char *addr,
                                   im_tls *tls);
 
+/* on != 0: the listeners made after this call share their port with
+ * other listeners on the same address (SO_REUSEPORT, im_listener_new_shared):
+ * one im_event per worker thread, all on the same port. Default off. */
+IM_EXTERN void im_event_set_reuseport(im_event *ev, int on);
+
 /* The port of the n-th listener (0-based, in listen order), or -1. */
 IM_EXTERN int im_event_port(const im_event *ev, int n);
 

@@ -54,6 +54,12 @@ typedef void (*im_accept_fn)(int fd, const char *peer, void *arg);
  * set: EINVAL (addr does not parse), the bind/listen error, or ENOMEM. */
 IM_EXTERN im_listener *im_listener_new(struct event_base *base, const char *addr, int backlog,
                                        im_accept_fn fn, void *arg);
+/* As im_listener_new, with SO_REUSEPORT: listeners of the same user bound
+ * to the same address share the port and the kernel spreads new
+ * connections over them (one per worker thread, <libim/im_group.h>).
+ * Every listener sharing a port must be made with this call. */
+IM_EXTERN im_listener *im_listener_new_shared(struct event_base *base, const char *addr,
+                                              int backlog, im_accept_fn fn, void *arg);
 /* The bound port, or -1. */
 IM_EXTERN int im_listener_port(const im_listener *l);
 /* Stop (on = 0) or resume (on != 0) accepting. */

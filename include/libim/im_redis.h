@@ -104,6 +104,41 @@ typedef void (*im_redis_reply_cb)(void *arg, const struct redisReply *reply);
 IM_EXTERN int im_redis_command(im_redis *r, int argc, const char **argv, const size_t *argvlen,
                                im_redis_reply_cb cb, void *arg);
 
+/* ---- pushing from the application's own script --------------------------------
+ * An application that keeps its messages in the same Redis (imd's Redis
+ * store) can have the script that stores a message also push it to the
+ * receivers' other nodes: one round trip and one AOF fsync per message
+ * instead of the store's call and then the router's. The script is the
+ * application's; libim gives it the Lua functions and their arguments:
+ *   1. Put im_redis_push_lua() in front of the script's source. It defines
+ *      local functions im_nodes(key, self) and
+ *      im_push(self, prefix, maxlen, head, uids, seqs).
+ *   2. Per message, pass the script im_redis_push_argv()'s three strings
+ *      (self, prefix, maxlen) and im_redis_encode_head()'s head, and call
+ *      im_push(self, prefix, maxlen, head, uids, seqs) after storing, with
+ *      uids the receivers (Lua strings) and seqs the seq each one got (Lua
+ *      numbers below 2^53; each receiver's copy carries its own).
+ *   3. Once the script answered, deliver to this node's connections only:
+ *      im_local_send_users() with the same message and seq per receiver. Do
+ *      not also call im_send_users(): the other nodes have it already.
+ * Records pushed this way are read and applied by the receiving nodes as
+ * the router's own (reliable when m's flags say so, repaired the same way
+ * after a lost notification: docs/CLUSTER.md). */
+
+/* The Lua source defining im_nodes() and im_push() (static storage). */
+IM_EXTERN const char *im_redis_push_lua(void);
+/* The three arguments im_push() takes before head: this node's name, the
+ * key prefix and the delivery streams' MAXLEN, as strings valid until the
+ * next call or im_redis_free. Returns 0, or IM_ECLOSED when the node holds
+ * no lease or the connection is down right now (send the ordinary way:
+ * im_send_users after storing). */
+IM_EXTERN int im_redis_push_argv(im_redis *r, const char *argv[3]);
+/* Encode m as the record head im_push() takes: *head (malloc'd, the
+ * caller frees it) of *len bytes; m->seq is a placeholder the script
+ * overwrites per receiver. Returns 0, IM_EINVAL (NULL argument) or
+ * IM_ENOMEM. */
+IM_EXTERN int im_redis_encode_head(const im_msg *m, void **head, size_t *len);
+
 /* One live, not draining node, as gateway assignment lists it. */
 typedef struct im_gateway {
   const char *node;

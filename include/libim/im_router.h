@@ -54,13 +54,19 @@ typedef struct im_router {
   void (*room_open)(im_server *srv, const char *room, void *ud);
   void (*room_close)(im_server *srv, const char *room, void *ud);
   /* After im_send_users() served the local connections: reach the users'
-   * connections elsewhere (m->id is always set). Returns 0 or a negative
-   * IM_E* code, which im_send_users() returns in turn. */
+   * connections elsewhere (m->id is always set). Returns the number of
+   * connections elsewhere it is queued for when it knows (added to
+   * im_send_users' count; 0 when it cannot tell, as im_redis), or a
+   * negative IM_E* code, which im_send_users() returns in turn. */
   int (*send_users)(im_server *srv, const char *const *uids, size_t n, const im_msg *m, void *ud);
   /* After im_room_send() served the local members: reach the other
-   * members (m->id is always set). Returns 0 or a negative IM_E* code. */
+   * members (m->id is always set). Returns the number of other members
+   * when it knows (added to im_room_send's count), 0 when it cannot tell,
+   * or a negative IM_E* code. */
   int (*room_send)(im_server *srv, const char *room, const im_msg *m, void *ud);
-  /* After im_kick_user() closed the local connections: close the others. */
+  /* After im_kick_user() closed the local connections: close the others.
+   * Returns how many it is closing when it knows now (added to
+   * im_kick_user's count; 0 when it cannot tell), or a negative IM_E*. */
   int (*kick_user)(im_server *srv, const char *uid, int code, const char *reason, void *ud);
   /* im_presence(): find uid's connections elsewhere and call
    * cb(srv, uid, routes, n, status, arg) once with the local ones
@@ -84,7 +90,9 @@ IM_EXTERN size_t im_server_announce(im_server *srv);
 
 /* Close every connection of uid, here and (through the router) elsewhere,
  * with code/reason (as im_conn_close). Returns the number of local
- * connections closed (>= 0), or IM_EINVAL (code), or the router's error. */
+ * connections closed plus the router's count of the others it is closing
+ * (>= 0; the Redis router cannot tell and adds 0, the thread group adds
+ * them), or IM_EINVAL (code), or the router's error. */
 IM_EXTERN int im_kick_user(im_server *srv, const char *uid, int code, const char *reason);
 
 /* Every connection of uid, local and (through the router) remote: cb is
@@ -115,6 +123,27 @@ IM_EXTERN void im_server_rooms(const im_server *srv,
  * takes it from its lease so that two live nodes never mint the same id).
  * Returns 0 or IM_EINVAL. */
 IM_EXTERN int im_server_set_node_id(im_server *srv, uint16_t node_id);
+
+/* Let this server mint only ids whose counter part (12 bits: 4096 per ms)
+ * is shard modulo shards, so that engines sharing a node id (the workers
+ * of one process, <libim/im_group.h>) never mint the same id; each one then
+ * mints 4096/shards ids per ms before borrowing the next ms (ids still
+ * grow). With 2 to 64 shards the shard also tags the server's connection
+ * ids (6 high bits), so that the members of a group never hand out the
+ * same connection id (a slot's generation then wraps after 2^26 reuses).
+ * Call it before the first accept. shard < shards <= 4096. Returns 0 or
+ * IM_EINVAL. Default: 0 of 1. */
+IM_EXTERN int im_server_set_id_shard(im_server *srv, uint32_t shard, uint32_t shards);
+
+/* Share an id clock with the other servers of this process (the members
+ * of a group, which im_group_join sets up): clock holds the highest id any
+ * of them minted (start it at 0; it must outlive them; it is read and
+ * written with atomic operations from their threads). Then an id minted
+ * after another one by any of them — an HTTP push answered on one thread,
+ * the next one handled on another — is greater, although each server's
+ * clock is its own last tick; uniqueness needs distinct shards
+ * (im_server_set_id_shard). NULL stops sharing. */
+IM_EXTERN void im_server_set_id_clock(im_server *srv, uint64_t *clock);
 
 /* The server's wall-clock base: a connection's im_conn_info.since_ms plus
  * this is the wall-clock ms it was accepted. */

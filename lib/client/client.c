@@ -72,6 +72,8 @@ struct im_client {
   uint64_t sync_since, jump_seen, page_first_jump;
 
   outbox ob;
+  char **rooms;               /* joined (im_client_join), joined again after every auth_ok */
+  size_t n_rooms, cap_rooms;
   uint64_t cid_counter;
   char cid_prefix[17];
 
@@ -280,6 +282,18 @@ static void send_entry(im_client *cl, ob_entry *e) {
     e->sent = true;
 }
 
+static void send_room_op(im_client *cl, enum imp_op op, const char *room) {
+  imp_packet p = {.op = op};
+  imp_set_str(&p, IMP_K_ROOM, room, strlen(room));
+  send_packet(cl, &p);
+}
+
+static void rejoin_rooms(im_client *cl) {
+  unsigned gen = cl->gen;
+  for (size_t i = 0; i < cl->n_rooms && cl->gen == gen; i++)
+    send_room_op(cl, IMP_OP_JOIN, cl->rooms[i]);
+}
+
 static void flush_outbox(im_client *cl) {
   unsigned gen = cl->gen;
   for (ob_entry *e = cl->ob.head; e && cl->gen == gen; e = e->next)
@@ -480,7 +494,7 @@ static void on_msg(im_client *cl, const imp_packet *p) {
   }
   if (seq)
     absorb_own(cl);
-  if (cl->gen == gen)
+  if (cl->gen == gen && (seq || !cl->cfg.no_room_acks || !IMP_HAS(p, IMP_K_ROOM)))
     send_ack(cl, id, seq);
 }
 
@@ -582,6 +596,9 @@ static void on_auth_ok(im_client *cl, const imp_packet *p) {
     return;
   if (cl->cb.on_auth_ok)
     cl->cb.on_auth_ok(cl, cstr(cl, p, IMP_K_CONN), cl->hb_s, cl->user);
+  if (cl->gen != gen)
+    return;
+  rejoin_rooms(cl);
   if (cl->gen != gen)
     return;
   ob_reset_sent(&cl->ob);
@@ -1050,6 +1067,9 @@ void im_client_free(im_client *cl) {
   gw_list_clear(&cl->fetched);
   idw_free(&cl->ids);
   ob_clear(&cl->ob);
+  for (size_t i = 0; i < cl->n_rooms; i++)
+    free(cl->rooms[i]);
+  free(cl->rooms);
   free(cl->in);
   free(cl->out);
   free(cl->frag);
@@ -1118,6 +1138,47 @@ int im_client_send(im_client *cl, enum im_client_target kind, const char *target
     memcpy(cid_out, cid, sizeof cid);
   if (authed(cl))
     send_entry(cl, e);
+  return 0;
+}
+
+static size_t room_index(const im_client *cl, const char *room) {
+  size_t i = 0;
+  while (i < cl->n_rooms && strcmp(cl->rooms[i], room) != 0)
+    i++;
+  return i;
+}
+
+int im_client_join(im_client *cl, const char *room) {
+  size_t n = room ? strlen(room) : 0;
+  if (n == 0 || n > TARGET_MAX)
+    return IM_EINVAL;
+  if (room_index(cl, room) < cl->n_rooms)
+    return 0;
+  if (cl->n_rooms == cl->cap_rooms) {
+    size_t cap = cl->cap_rooms ? 2 * cl->cap_rooms : 4;
+    char **v = realloc(cl->rooms, cap * sizeof *v);
+    if (!v)
+      return IM_ENOMEM;
+    cl->rooms = v;
+    cl->cap_rooms = cap;
+  }
+  char *copy = dup_str(room);
+  if (!copy)
+    return IM_ENOMEM;
+  cl->rooms[cl->n_rooms++] = copy;
+  if (authed(cl))
+    send_room_op(cl, IMP_OP_JOIN, room);
+  return 0;
+}
+
+int im_client_leave(im_client *cl, const char *room) {
+  size_t i = room ? room_index(cl, room) : cl->n_rooms;
+  if (i == cl->n_rooms)
+    return IM_ENOENT;
+  if (authed(cl))
+    send_room_op(cl, IMP_OP_LEAVE, room);
+  free(cl->rooms[i]);
+  cl->rooms[i] = cl->rooms[--cl->n_rooms];
   return 0;
 }
 

@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <libim/im_client_event.h>
+#include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -19,6 +20,10 @@
 #include "proto/http_resp.h"
 
 #define READ_BUF (64 * 1024)
+
+/* One read buffer per thread, not per client: im_client_feed() copies what
+ * it keeps, so thousands of idle clients cost no 64 KiB each. */
+static _Thread_local uint8_t read_buf[READ_BUF];
 #define FETCH_MAX (64 * 1024)
 
 struct im_client_event {
@@ -38,7 +43,8 @@ struct im_client_event {
   char *fbuf;
   size_t flen;
   int fstatus; /* result handed over by fdone: HTTP status, 0 = failed */
-  uint8_t rbuf[READ_BUF];
+  struct sockaddr_storage src; /* im_client_event_set_source; ss_family 0: none */
+  socklen_t src_len;
 };
 
 uint64_t im_client_event_now(void) {
@@ -78,11 +84,28 @@ static void sock_close(im_client_event *e) {
   e->connecting = e->writing = false;
 }
 
-/* Non-blocking connect to host:port; returns the socket or -1. */
-static int open_socket(const char *host, uint16_t port, bool *in_progress) {
+/* Bind fd to e's source address, if e has one, before its connect. */
+static bool bind_source(const im_client_event *e, int fd) {
+  if (!e || e->src_len == 0)
+    return true;
+#ifdef IP_BIND_ADDRESS_NO_PORT
+  /* The port is then chosen at connect(), unique per destination rather
+   * than per source address. */
+  int one = 1;
+  setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
+#endif
+  return bind(fd, (const struct sockaddr *)&e->src, e->src_len) == 0;
+}
+
+/* Non-blocking connect to host:port, from e's source address (the gateway
+ * connection; NULL for the gateway-list fetch, which may go anywhere);
+ * returns the socket or -1. */
+static int open_socket(const im_client_event *e, const char *host, uint16_t port,
+                       bool *in_progress) {
   struct addrinfo hints = {0}, *res = NULL;
   hints.ai_socktype = SOCK_STREAM;
   hints.ai_flags = AI_NUMERICSERV;
+  hints.ai_family = e && e->src_len ? e->src.ss_family : AF_UNSPEC;
   char ps[8];
   snprintf(ps, sizeof ps, "%u", (unsigned)port);
   if (getaddrinfo(host, ps, &hints, &res) != 0 || !res)
@@ -94,7 +117,10 @@ static int open_socket(const char *host, uint16_t port, bool *in_progress) {
       continue;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
+    if (!bind_source(e, fd)) {
+      close(fd);
+      fd = -1;
+    } else if (connect(fd, ai->ai_addr, ai->ai_addrlen) == 0) {
       *in_progress = false;
     } else if (errno == EINPROGRESS) {
       *in_progress = true;
@@ -166,9 +192,9 @@ static void io_cb(evutil_socket_t fd, short what, void *arg) {
     return;
   }
   if ((what & EV_READ) && e->fd >= 0) {
-    ssize_t n = recv(fd, e->rbuf, sizeof e->rbuf, 0);
+    ssize_t n = recv(fd, read_buf, sizeof read_buf, 0);
     if (n > 0) {
-      im_client_feed(e->cl, e->rbuf, (size_t)n);
+      im_client_feed(e->cl, read_buf, (size_t)n);
     } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
       sock_close(e);
       im_client_disconnected(e->cl);
@@ -201,7 +227,7 @@ static int hook_connect(im_client *cl, const im_client_addr *a, void *user) {
   im_client_event *e = user;
   sock_close(e);
   bool in_progress = false;
-  int fd = open_socket(a->host, a->port, &in_progress);
+  int fd = open_socket(e, a->host, a->port, &in_progress);
   if (fd < 0)
     return -1;
   e->fd = fd;
@@ -353,7 +379,7 @@ static void hook_fetch(im_client *cl, const char *url, const char *api_key, void
   e->fbuf = malloc(FETCH_MAX);
   bool in_progress;
   if (e->freq && e->fbuf)
-    e->ffd = open_socket(a.a.host, a.a.port, &in_progress);
+    e->ffd = open_socket(NULL, a.a.host, a.a.port, &in_progress);
   free(a.mem);
   if (e->ffd < 0) {
     fetch_finish(e, 0);
@@ -395,6 +421,27 @@ int im_client_event_start(im_client_event *e) {
   int rc = im_client_start(e->cl, im_client_event_now());
   settle(e);
   return rc;
+}
+
+int im_client_event_set_source(im_client_event *e, const char *ip) {
+  if (!ip) {
+    e->src_len = 0;
+    return 0;
+  }
+  struct sockaddr_in *v4 = (struct sockaddr_in *)&e->src;
+  struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&e->src;
+  memset(&e->src, 0, sizeof e->src);
+  if (inet_pton(AF_INET, ip, &v4->sin_addr) == 1) {
+    v4->sin_family = AF_INET;
+    e->src_len = sizeof *v4;
+  } else if (inet_pton(AF_INET6, ip, &v6->sin6_addr) == 1) {
+    v6->sin6_family = AF_INET6;
+    e->src_len = sizeof *v6;
+  } else {
+    e->src_len = 0;
+    return IM_EADDR;
+  }
+  return 0;
 }
 
 void im_client_event_free(im_client_event *e) {

@@ -29,11 +29,7 @@ typedef struct source {
   uint32_t conns;
 } source;
 
-typedef struct range {
-  uint8_t ip[16];
-  uint8_t bits;            /* prefix length over the 16-byte (v4-mapped) form */
-  uint64_t until;          /* engine ms; 0 = forever */
-} range;
+typedef guard_range range;
 
 typedef struct im_guard {
   bool on;
@@ -108,6 +104,16 @@ static bool in_range(const uint8_t ip[16], const range *r) {
   if (!rest) return true;
   uint8_t mask = (uint8_t)(0xff00u >> rest);
   return (ip[full] & mask) == (r->ip[full] & mask);
+}
+
+bool guard_range_parse(const char *cidr, guard_range *r) {
+  r->until = 0;
+  return parse_cidr(cidr, r->ip, &r->bits);
+}
+
+bool guard_peer_in(const char *peer, const guard_range *r) {
+  uint8_t ip[16];
+  return peer_ip(peer, ip) && in_range(ip, r);
 }
 
 static void format_range(const uint8_t ip[16], unsigned bits, char *out, size_t cap) {
@@ -329,22 +335,6 @@ int im_guard_unban(im_server *s, const char *cidr) {
     return 0;
   }
   return IM_ENOENT;
-}
-
-int im_guard_kick(im_server *s, const char *cidr, int code, const char *reason) {
-  uint8_t ip[16], cip[16], bits;
-  if (!cidr || !parse_cidr(cidr, ip, &bits)) return IM_EINVAL;
-  range r;
-  memcpy(r.ip, ip, 16);
-  r.bits = bits;
-  int n = 0;
-  for (uint32_t i = 0; i < s->nslots; i++) {
-    im_conn *c = s->slots[i];
-    if (c && c->state < CS_CLOSING && peer_ip(c->peer, cip) && in_range(cip, &r) &&
-        im_conn_close(s, c->id, code, reason) == 0)
-      n++;
-  }
-  return n;
 }
 
 int im_guard_canon(const char *cidr, char *out, size_t cap) {

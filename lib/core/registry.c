@@ -1,6 +1,7 @@
 /* The registries: uid -> live connections (R7) and room -> member
- * connections (R15). Both are intrusive: adding or removing a connection is
- * O(1) apart from the hash lookup of its uid or room. A room's first
+ * connections (R15). Adding or removing a connection is O(1) apart from
+ * the hash lookup of its uid or room (a room's members are an array with
+ * swap-removal; it grows by doubling). A room's first
  * member and its last leaving are told to the server's router (rooms are
  * subscribed to while they have local members). */
 #include <string.h>
@@ -58,6 +59,16 @@ im_room *reg_room_find(const im_server *s, const char *room, size_t len) {
   return n ? (im_room *)n : NULL;
 }
 
+/* Room records are freed when the last member leaves, unless a fan-out is
+ * walking the room (it is freed when the walk ends). */
+static void room_free(im_server *s, im_room *r) {
+  if (s->router.room_close) s->router.room_close(s, r->name, s->router.ud);
+  strmap_del(&s->rooms, &r->node);
+  im_dealloc(s, r->m);
+  im_dealloc(s, r);
+  s->st.rooms--;
+}
+
 int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
   im_room *r = reg_room_find(s, name, len);
   if (r || s->cfg.max_rooms) {
@@ -68,34 +79,43 @@ int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
       if (m->room == r) return 0;
     if (s->cfg.max_rooms && in >= s->cfg.max_rooms) return IM_ELIMIT;
   }
+  bool fresh = !r;
   if (!r) {
-    r = im_alloc(s, sizeof(*r) + len + 1);
+    r = im_zalloc(s, sizeof(*r) + len + 1);
     if (!r) return IM_ENOMEM;
     memcpy(r->name, name, len);
     r->name[len] = '\0';
-    r->members = NULL;
-    r->n = 0;
     r->node.key = r->name;
     r->node.klen = (uint32_t)len;
     strmap_put(&s->rooms, &r->node);
     s->st.rooms++;
   }
   room_member *m = im_alloc(s, sizeof(*m));
+  if (m && r->n == r->cap) {
+    uint32_t cap = r->cap ? r->cap * 2 : 4;
+    room_slot *a = im_realloc(s, r->m, (size_t)cap * sizeof *a);
+    if (a) {
+      r->m = a;
+      r->cap = cap;
+    } else {
+      im_dealloc(s, m);
+      m = NULL;
+    }
+  }
   if (!m) {
-    if (r->n == 0) {
+    if (fresh) {
       strmap_del(&s->rooms, &r->node);
+      im_dealloc(s, r->m);
       im_dealloc(s, r);
       s->st.rooms--;
     }
     return IM_ENOMEM;
   }
   m->room = r;
-  m->conn = c;
-  m->r_prev = NULL;
-  m->r_next = r->members;
-  if (r->members) r->members->r_prev = m;
-  r->members = m;
-  if (r->n++ == 0 && s->router.room_open) s->router.room_open(s, r->name, s->router.ud);
+  m->at = r->n;
+  r->m[r->n] = (room_slot){c, m};
+  if (r->n++ == 0 && !(r->walks && !fresh) && s->router.room_open)
+    s->router.room_open(s, r->name, s->router.ud);
   m->c_next = c->rooms;
   c->rooms = m;
   return 0;
@@ -103,20 +123,18 @@ int reg_room_join(im_server *s, im_conn *c, const char *name, size_t len) {
 
 static void member_unlink(im_server *s, room_member *m) {
   im_room *r = m->room;
-  if (m->r_prev)
-    m->r_prev->r_next = m->r_next;
-  else
-    r->members = m->r_next;
-  if (m->r_next) m->r_next->r_prev = m->r_prev;
-  im_dealloc(s, m);
-  if (--r->n == 0) {
-    if (s->router.room_close) s->router.room_close(s, r->name, s->router.ud);
-    strmap_del(&s->rooms, &r->node);
-    im_dealloc(s, r);
-    s->st.rooms--;
+  uint32_t last = --r->n;
+  if (m->at != last) {
+    r->m[m->at] = r->m[last];
+    r->m[m->at].mb->at = m->at;
   }
+  im_dealloc(s, m);
+  if (r->n == 0 && !r->walks) room_free(s, r);
 }
 
+void reg_room_walk_end(im_server *s, im_room *r) {
+  if (--r->walks == 0 && r->n == 0) room_free(s, r);
+}
 int reg_room_leave(im_server *s, im_conn *c, const char *name, size_t len) {
   im_room *r = reg_room_find(s, name, len);
   if (!r) return 0;

@@ -1,6 +1,6 @@
 /* Reliable delivery on one connection: the in-flight window of unACKed
- * downstream messages with retransmission, and the window of upstream cids
- * that drops client retransmits.
+ * downstream messages with retransmission. It sends through the connection
+ * API (conn.h). The state also holds the upstream cid window (dedupe.c).
  *
  * In-flight entries are kept in the order they were (re)sent. Every entry
  * waits the same ack_timeout, so that order is also deadline order and one
@@ -8,9 +8,10 @@
  * in-order ACK, O(window) worst case for an ACK out of order. */
 #include <string.h>
 
-#include "core/engine.h"
+#include "core/conn.h"
+#include "core/reliable.h"
 
-static im_rel *rel_get(im_server *s, im_conn *c) {
+im_rel *rel_get(im_server *s, im_conn *c) {
   if (c->rel) return c->rel;
   im_rel *r = im_zalloc(s, sizeof(*r));
   if (!r) return NULL;
@@ -19,6 +20,18 @@ static im_rel *rel_get(im_server *s, im_conn *c) {
   c->rel = r;
   return r;
 }
+
+/* Now for im_ack_rtt_us: the application's clock, else engine time. */
+static uint64_t rel_stamp_us(const im_server *s) {
+  return s->clock_us ? s->clock_us(s->clock_ud) : s->now_ms * 1000u;
+}
+
+void im_server_set_clock(im_server *s, uint64_t (*now_us)(void *ud), void *ud) {
+  s->clock_us = now_us;
+  s->clock_ud = ud;
+}
+
+int64_t im_ack_rtt_us(const im_server *s) { return s->ack_rtt ? *s->ack_rtt : -1; }
 
 static rel_entry *entry_new(im_server *s, im_buf *b, const char *id, size_t idlen, uint64_t seq) {
   if (idlen >= IM_ID_MAX) idlen = IM_ID_MAX - 1;
@@ -29,6 +42,7 @@ static rel_entry *entry_new(im_server *s, im_buf *b, const char *id, size_t idle
   e->seq = seq;
   e->due = 0;
   e->tries = 0;
+  e->queued_us = rel_stamp_us(s);
   memcpy(e->id, id, idlen);
   e->id[idlen] = '\0';
   return e;
@@ -89,7 +103,8 @@ int rel_send(im_server *s, im_conn *c, im_buf *b, const char *id, size_t idlen, 
   return 0;
 }
 
-bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq) {
+bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *seq,
+             int64_t *rtt_us) {
   im_rel *r = c->rel;
   if (!r || idlen >= IM_ID_MAX) return false;
   rel_entry *prev = NULL, *e = r->head;
@@ -99,6 +114,8 @@ bool rel_ack(im_server *s, im_conn *c, const char *id, size_t idlen, uint64_t *s
   }
   if (!e) return false;
   *seq = e->seq;
+  uint64_t now = rel_stamp_us(s);
+  *rtt_us = now > e->queued_us ? (int64_t)(now - e->queued_us) : 0;
   if (prev)
     prev->next = e->next;
   else
@@ -175,41 +192,4 @@ void rel_free(im_server *s, im_conn *c) {
   im_dealloc(s, r->dd);
   im_dealloc(s, r);
   c->rel = NULL;
-}
-
-/* ---- upstream de-duplication ------------------------------------------ */
-
-/* FNV-1a, 64 bits, never 0 (0 marks a free slot). A collision can only make
- * a connection drop its own message, and at 64 bits over a window of a few
- * dozen cids it is not a practical concern. */
-static uint64_t cid_hash(const char *p, size_t n) {
-  uint64_t h = 0xcbf29ce484222325ULL;
-  for (size_t i = 0; i < n; i++) {
-    h ^= (unsigned char)p[i];
-    h *= 0x100000001b3ULL;
-  }
-  return h ? h : 1;
-}
-
-dd_entry *dd_find(const im_server *s, const im_conn *c, const char *cid, size_t n) {
-  if (!c->rel || !c->rel->dd) return NULL;
-  uint64_t h = cid_hash(cid, n);
-  dd_entry *dd = c->rel->dd;
-  for (uint32_t i = 0; i < s->cfg.dedupe_window; i++)
-    if (dd[i].hash == h && dd[i].state != DD_FREE) return &dd[i];
-  return NULL;
-}
-
-dd_entry *dd_add(im_server *s, im_conn *c, const char *cid, size_t n) {
-  if (s->cfg.dedupe_window == 0) return NULL;
-  im_rel *r = rel_get(s, c);
-  if (!r) return NULL;
-  if (!r->dd && !(r->dd = im_zalloc(s, s->cfg.dedupe_window * sizeof(dd_entry)))) return NULL;
-  dd_entry *e = &r->dd[r->dd_next];
-  r->dd_next = (r->dd_next + 1) % s->cfg.dedupe_window;
-  e->hash = cid_hash(cid, n);
-  e->state = DD_PENDING;
-  e->seq = 0;
-  e->id[0] = '\0';
-  return e;
 }

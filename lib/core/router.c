@@ -72,6 +72,16 @@ int im_server_set_node_id(im_server *s, uint16_t node_id) {
   return 0;
 }
 
+int im_server_set_id_shard(im_server *s, uint32_t shard, uint32_t shards) {
+  if (shards < 1 || shards > 4096 || shard >= shards) return IM_EINVAL;
+  s->id_shard = shard;
+  s->id_shards = shards;
+  s->id_counter = shard;
+  return 0;
+}
+
+void im_server_set_id_clock(im_server *s, uint64_t *clock) { s->id_clock = clock; }
+
 int im_local_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   if (code != IM_CLOSE_NORMAL && code != IM_CLOSE_GOING_AWAY && (code < 3000 || code > 4999))
     return IM_EINVAL;
@@ -88,7 +98,7 @@ int im_kick_user(im_server *s, const char *uid, int code, const char *reason) {
   int n = im_local_kick_user(s, uid, code, reason);
   if (n < 0 || !s->router.kick_user) return n;
   int rc = s->router.kick_user(s, uid, code, reason, s->router.ud);
-  return rc < 0 ? rc : n;
+  return rc < 0 ? rc : n + rc;
 }
 
 /* The local connections of uid as routes; hex ids are kept in idbuf. */
@@ -97,7 +107,7 @@ static size_t local_routes(const im_server *s, const char *uid, im_route *out, c
   im_user *u = reg_user_find(s, uid, strlen(uid));
   size_t k = 0;
   for (im_conn *c = u ? u->conns : NULL; c && k < max; c = c->u_next) {
-    im_conn_info info;
+    im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
     im_conn_get_info(s, c->id, &info);
     snprintf(idbuf[k], sizeof idbuf[k], "%" PRIx64, c->id);
     out[k] = (im_route){.node = NULL, .conn = idbuf[k], .device = info.device,

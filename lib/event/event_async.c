@@ -16,6 +16,9 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "core/abi.h"
+#include "core/msg_copy.h"
+
 typedef struct async_node {
   struct async_node *next;
   void *item;
@@ -33,18 +36,23 @@ struct im_async {
   uint64_t posted, wakeups;
 };
 
-static void drain(im_async *a) {
+/* Run fn for what is queued now. woken: the eventfd was just read, so the
+ * next post must write it again. */
+static size_t drain(im_async *a, bool woken) {
   pthread_mutex_lock(&a->lock);
   async_node *n = a->head;
   a->head = a->tail = NULL;
-  a->signalled = false;
+  if (woken) a->signalled = false;
   pthread_mutex_unlock(&a->lock);
+  size_t k = 0;
   while (n) {
     async_node *next = n->next;
     a->fn(n->item, a->arg);
     free(n);
     n = next;
+    k++;
   }
+  return k;
 }
 
 static void on_wake(evutil_socket_t fd, short what, void *arg) {
@@ -52,7 +60,7 @@ static void on_wake(evutil_socket_t fd, short what, void *arg) {
   uint64_t v;
   while (read(fd, &v, sizeof v) < 0 && errno == EINTR) {
   }
-  drain(arg);
+  drain(arg, true);
 }
 
 im_async *im_async_new(struct event_base *base, im_async_fn fn, void *arg) {
@@ -101,6 +109,8 @@ int im_async_post(im_async *a, void *item) {
   return 0;
 }
 
+size_t im_async_run(im_async *a) { return drain(a, false); }
+
 void im_async_counts(im_async *a, uint64_t *posted, uint64_t *wakeups) {
   pthread_mutex_lock(&a->lock);
   if (posted) *posted = a->posted;
@@ -113,7 +123,7 @@ void im_async_free(im_async *a) {
   pthread_mutex_lock(&a->lock);
   a->closing = true;
   pthread_mutex_unlock(&a->lock);
-  drain(a);
+  drain(a, false);
   if (a->ev) event_free(a->ev);
   if (a->efd >= 0) close(a->efd);
   pthread_mutex_destroy(&a->lock);
@@ -167,38 +177,18 @@ static void mb_run(void *item, void *arg) {
 
 static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
 
-static const char *put(char **at, const char *s) {
-  if (!s) return NULL;
-  size_t n = strlen(s) + 1;
-  char *d = memcpy(*at, s, n);
-  *at += n;
-  return d;
-}
-
 /* A copy of m (and of target/reason) in one allocation. */
 static mb_op *op_new(enum mb_kind kind, const char *target, const im_msg *m, const char *reason) {
-  size_t len = sizeof(mb_op) + slen(target) + slen(reason);
-  if (m)
-    len += slen(m->id) + slen(m->cid) + slen(m->from) + slen(m->to) + slen(m->group) +
-           slen(m->room) + m->data_len + 1;
+  im_msg tmp;
+  if (m) m = im__msg_in(m, &tmp); /* NULL-checked by the callers (mb_msg_ok) */
+  size_t len = sizeof(mb_op) + slen(target) + slen(reason) + (m ? msgcopy_size(m) : 0);
   mb_op *op = calloc(1, len);
   if (!op) return NULL;
   op->kind = kind;
   char *at = op->buf;
-  op->target = put(&at, target);
-  op->reason = put(&at, reason);
-  if (m) {
-    op->m = *m;
-    op->m.id = put(&at, m->id);
-    op->m.cid = put(&at, m->cid);
-    op->m.from = put(&at, m->from);
-    op->m.to = put(&at, m->to);
-    op->m.group = put(&at, m->group);
-    op->m.room = put(&at, m->room);
-    if (m->data) memcpy(at, m->data, m->data_len);
-    at[m->data_len] = '\0';
-    op->m.data = m->data ? at : NULL;
-  }
+  op->target = msgcopy_str(&at, target);
+  op->reason = msgcopy_str(&at, reason);
+  if (m) msgcopy_put(&op->m, &at, m);
   return op;
 }
 
@@ -221,20 +211,26 @@ im_mailbox *im_mailbox_new(struct event_base *base, im_server *srv) {
   return mb;
 }
 
+/* m is there and not below the oldest layout (abi.h). */
+static bool mb_msg_ok(const im_msg *m) {
+  im_msg tmp;
+  return m && im__msg_in(m, &tmp);
+}
+
 int im_mailbox_send_user(im_mailbox *mb, const char *uid, const im_msg *m) {
-  if (!uid || !m) return IM_EINVAL;
+  if (!uid || !mb_msg_ok(m)) return IM_EINVAL;
   return submit(mb, op_new(MB_USER, uid, m, NULL));
 }
 
 int im_mailbox_send_conn(im_mailbox *mb, im_conn_id c, const im_msg *m) {
-  if (!m) return IM_EINVAL;
+  if (!mb_msg_ok(m)) return IM_EINVAL;
   mb_op *op = op_new(MB_CONN, NULL, m, NULL);
   if (op) op->conn = c;
   return submit(mb, op);
 }
 
 int im_mailbox_room_send(im_mailbox *mb, const char *room, const im_msg *m) {
-  if (!room || !m) return IM_EINVAL;
+  if (!room || !mb_msg_ok(m)) return IM_EINVAL;
   return submit(mb, op_new(MB_ROOM, room, m, NULL));
 }
 

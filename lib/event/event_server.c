@@ -16,28 +16,43 @@
 #include <string.h>
 #include <time.h>
 
+#include "event/stream.h"
+
 #define MAX_LISTENERS 8
 #define READ_BUF (64 * 1024)
 #define IOV_MAX_BATCH 64
 
 typedef struct ev_conn ev_conn;
 
+/* 72 bytes before the struct event, a plain connection's stream included:
+ * an idle connection costs one 208-byte allocation here. A TLS handshake is
+ * never on the flush list nor (being unlinked first) the grave list, so its
+ * list links share their space. */
 struct ev_conn {
-  im_event *owner;
   im_conn_id id;
-  ev_conn *flush_next;   /* pending-output list */
-  ev_conn *grave_next;   /* closed, freed once off every list */
+  struct listener *ls;          /* that accepted it (ls->owner: the im_event) */
   ev_conn *all_prev, *all_next; /* every open connection, for im_event_free */
-  im_stream *st;
-  struct listener *ls;          /* that accepted it */
-  ev_conn *hs_prev, *hs_next;   /* on its listener's handshake list, by deadline */
-  uint64_t hs_deadline;
+  union {
+    struct {
+      ev_conn *flush_next;      /* pending-output list */
+      ev_conn *grave_next;      /* closed, freed once off every list */
+    };
+    struct {
+      ev_conn *hs_prev, *hs_next; /* on its listener's handshake list, by deadline */
+    };
+  };
+  uint32_t hs_deadline;         /* mono_ms() (low 32 bits) at which the handshake fails */
   uint8_t in_flush : 1;
   uint8_t closed : 1;
   uint8_t writing : 1;   /* EV_WRITE is armed */
   uint8_t handshaking : 1;
-  /* the struct event follows, event_get_struct_event_size() bytes */
-  _Alignas(max_align_t) unsigned char ev[];
+  union {                       /* the stream (conn_stream): */
+    im_stream plain;            /* of a plain connection */
+    im_stream *tls;             /* of a TLS one (tls.c allocates it) */
+  };
+  /* the struct event follows, event_get_struct_event_size() bytes (it holds
+   * pointers and integers: pointer alignment is its alignment) */
+  _Alignas(void *) unsigned char ev[];
 };
 
 typedef struct listener {
@@ -61,11 +76,14 @@ struct im_event {
   ev_conn *grave;
   ev_conn *all;
   bool shutting_down;
+  bool reuseport;           /* im_event_set_reuseport */
   unsigned signal_grace_ms;
   uint8_t rbuf[READ_BUF];
 };
 
 static struct event *conn_event(ev_conn *ec) { return (struct event *)ec->ev; }
+
+static im_stream *conn_stream(ev_conn *ec) { return ec->ls->tls ? ec->tls : &ec->plain; }
 
 static uint64_t mono_ms(void) {
   struct timespec ts;
@@ -104,11 +122,10 @@ static void hs_unlink(ev_conn *ec, struct listener *ls) {
  * flush callback can free it (we may be inside this connection's callback). */
 static void conn_bury(ev_conn *ec) {
   if (ec->closed) return;
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   event_del(conn_event(ec));
   if (ec->handshaking) hs_unlink(ec, ec->ls);
-  im_stream_free(ec->st);
-  ec->st = NULL;
+  im_stream_free(conn_stream(ec));
   ec->closed = 1;
   all_unlink(e, ec);
   ec->grave_next = e->grave;
@@ -123,7 +140,7 @@ static void arm(ev_conn *ec, bool writing) {
   struct event *ev = conn_event(ec);
   int fd = event_get_fd(ev);
   event_del(ev);
-  event_assign(ev, ec->owner->base, fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), conn_io_cb,
+  event_assign(ev, ec->ls->owner->base, fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), conn_io_cb,
                ec);
   event_add(ev, NULL);
   ec->writing = writing;
@@ -131,7 +148,7 @@ static void arm(ev_conn *ec, bool writing) {
 
 /* Write what the engine has queued; returns false if the connection died. */
 static bool write_out(ev_conn *ec) {
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   struct iovec iov[IOV_MAX_BATCH];
   while (!ec->closed) {
     int n = im_conn_pending(e->srv, ec->id, iov, IOV_MAX_BATCH);
@@ -139,10 +156,10 @@ static bool write_out(ev_conn *ec) {
       arm(ec, false);
       return n == 0;
     }
-    ssize_t w = im_stream_writev(ec->st, iov, n);
+    ssize_t w = im_stream_writev(conn_stream(ec), iov, n);
     if (w < 0) {
       if (w == IM_STREAM_AGAIN) {
-        arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
+        arm(ec, (im_stream_wants(conn_stream(ec)) & IM_WANT_WRITE) != 0);
         return true;
       }
       im_conn_id id = ec->id;
@@ -158,31 +175,31 @@ static bool write_out(ev_conn *ec) {
 static void conn_fail(ev_conn *ec) {
   im_conn_id id = ec->id;
   conn_bury(ec);
-  im_server_hangup(ec->owner->srv, id);
+  im_server_hangup(ec->ls->owner->srv, id);
 }
 
 /* Reads until the socket is drained for now; a TLS stream may hold
  * decrypted bytes that no readiness event will announce. */
 static void read_in(ev_conn *ec) {
-  im_event *e = ec->owner;
+  im_event *e = ec->ls->owner;
   while (!ec->closed) {
-    ssize_t n = im_stream_read(ec->st, e->rbuf, sizeof e->rbuf);
+    ssize_t n = im_stream_read(conn_stream(ec), e->rbuf, sizeof e->rbuf);
     if (n == IM_STREAM_AGAIN) return;
     if (n <= 0) {
       conn_fail(ec);
       return;
     }
     im_server_feed(e->srv, ec->id, e->rbuf, (size_t)n);
-    if (ec->closed || !im_stream_pending(ec->st)) return;
+    if (ec->closed || !im_stream_pending(conn_stream(ec))) return;
   }
 }
 
 /* One step of a TLS handshake; once done, what arrived with it is read
  * and output the engine queued meanwhile is written. */
 static void handshake_step(ev_conn *ec) {
-  int r = im_stream_handshake(ec->st);
+  int r = im_stream_handshake(conn_stream(ec));
   if (r == IM_STREAM_AGAIN) {
-    arm(ec, (im_stream_wants(ec->st) & IM_WANT_WRITE) != 0);
+    arm(ec, (im_stream_wants(conn_stream(ec)) & IM_WANT_WRITE) != 0);
     return;
   }
   if (r < 0) {
@@ -231,7 +248,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     free(ec);
   }
   if (e->shutting_down) {
-    im_stats st;
+    im_stats st = {IM_STRUCT_SIZE(im_stats)};
     im_server_stats(e->srv, &st);
     if (st.conns == 0) event_base_loopexit(e->base, NULL);
   }
@@ -263,7 +280,7 @@ static void io_close(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) 
   ev_conn *ec = io_ctx;
   /* a graceful close: tell the peer we are done before the descriptor goes
    * (a TLS close_notify, then FIN) */
-  if (!ec->handshaking) im_stream_shutdown(ec->st);
+  if (!ec->handshaking) im_stream_shutdown(conn_stream(ec));
   conn_bury(ec);
 }
 
@@ -277,15 +294,17 @@ static void accept_cb(int fd, const char *peer, void *arg) {
     return;
   }
   ev_conn *ec = calloc(1, sizeof(*ec) + event_get_struct_event_size());
-  im_stream *st = ec ? im_stream_new(fd, ls->tls) : NULL;
+  im_stream *st = NULL;
+  if (ec && ls->tls)
+    st = ec->tls = im_stream_new(fd, ls->tls);
+  else if (ec)
+    st = im__stream_plain_init(&ec->plain, fd);
   if (!st) {
     free(ec);
     evutil_closesocket(fd);
     return;
   }
-  ec->owner = e;
   ec->ls = ls;
-  ec->st = st;
   ec->id = im_server_accept(e->srv, ls->t, peer, ec);
   if (!ec->id) {
     im_stream_free(st);
@@ -295,7 +314,7 @@ static void accept_cb(int fd, const char *peer, void *arg) {
   if (ls->tls) {
     im_conn_set_secure(e->srv, ec->id, 1);
     ec->handshaking = 1;
-    ec->hs_deadline = mono_ms() + im_tls_handshake_timeout(ls->tls);
+    ec->hs_deadline = (uint32_t)(mono_ms() + im_tls_handshake_timeout(ls->tls));
     ec->hs_prev = ls->hs_tail;
     if (ls->hs_tail)
       ls->hs_tail->hs_next = ec;
@@ -318,7 +337,7 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
   /* handshakes over time cost their connection; each list is in deadline
    * order (one timeout per listener) */
   for (int i = 0; i < e->nls; i++)
-    while (e->ls[i].hs_head && e->ls[i].hs_head->hs_deadline <= now)
+    while (e->ls[i].hs_head && (int32_t)((uint32_t)now - e->ls[i].hs_head->hs_deadline) >= 0)
       conn_fail(e->ls[i].hs_head);
   im_server_tick(e->srv, now);
 }
@@ -350,12 +369,15 @@ int im_event_listen_tls(im_event *e, enum im_transport t, const char *addr, im_t
   ls->owner = e;
   ls->t = t;
   ls->tls = tls;
-  ls->l = im_listener_new(e->base, addr, 4096, accept_cb, ls);
+  ls->l = e->reuseport ? im_listener_new_shared(e->base, addr, 4096, accept_cb, ls)
+                       : im_listener_new(e->base, addr, 4096, accept_cb, ls);
   if (!ls->l) return IM_EADDR;
   if (e->shutting_down) im_listener_enable(ls->l, 0);
   e->nls++;
   return 0;
 }
+
+void im_event_set_reuseport(im_event *e, int on) { e->reuseport = on != 0; }
 
 int im_event_listen(im_event *e, enum im_transport t, const char *addr) {
   return im_event_listen_tls(e, t, addr, NULL);
@@ -420,7 +442,7 @@ void im_event_free(im_event *e) {
     ev_conn *ec = e->all;
     e->all = ec->all_next;
     event_del(conn_event(ec));
-    im_stream_free(ec->st);
+    im_stream_free(conn_stream(ec));
     im_server_hangup(e->srv, ec->id);
     free(ec);
   }

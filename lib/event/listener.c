@@ -132,8 +132,8 @@ static void accept_error_cb(struct evconnlistener *el, void *arg) {
   evtimer_add(l->retry, &tv);
 }
 
-im_listener *im_listener_new(struct event_base *base, const char *addr, int backlog,
-                             im_accept_fn fn, void *arg) {
+static im_listener *listener_new(struct event_base *base, const char *addr, int backlog,
+                                 unsigned flags, im_accept_fn fn, void *arg) {
   struct sockaddr_storage ss;
   socklen_t len;
   if (!base || !fn || im_addr_parse(addr, &ss, &len) < 0) {
@@ -151,7 +151,7 @@ im_listener *im_listener_new(struct event_base *base, const char *addr, int back
   if (l->retry)
     l->l = evconnlistener_new_bind(base, accept_cb, l,
                                    LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
-                                       LEV_OPT_CLOSE_ON_EXEC,
+                                       LEV_OPT_CLOSE_ON_EXEC | flags,
                                    backlog, (struct sockaddr *)&ss, (int)len);
   if (!l->l) {
     int err = errno ? errno : ENOMEM;
@@ -166,6 +166,16 @@ im_listener *im_listener_new(struct event_base *base, const char *addr, int back
     l->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
   return l;
+}
+
+im_listener *im_listener_new(struct event_base *base, const char *addr, int backlog,
+                             im_accept_fn fn, void *arg) {
+  return listener_new(base, addr, backlog, 0, fn, arg);
+}
+
+im_listener *im_listener_new_shared(struct event_base *base, const char *addr, int backlog,
+                                    im_accept_fn fn, void *arg) {
+  return listener_new(base, addr, backlog, LEV_OPT_REUSEABLE_PORT, fn, arg);
 }
 
 int im_listener_port(const im_listener *l) { return l ? l->port : -1; }

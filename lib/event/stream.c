@@ -49,6 +49,7 @@ static size_t plain_pending(const im_stream *s) {
 static void plain_shutdown(im_stream *s) { (void)s; }
 
 static void plain_release(im_stream *s) { free(s); }
+static void plain_keep(im_stream *s) { (void)s; } /* its memory is its owner's */
 
 static const char *plain_alpn(const im_stream *s) {
   (void)s;
@@ -58,6 +59,15 @@ static const char *plain_alpn(const im_stream *s) {
 static const im_stream_funcs plain_funcs = {plain_handshake, plain_read,     plain_writev,
                                             plain_pending,   plain_shutdown, plain_release,
                                             plain_alpn};
+
+static const im_stream_funcs plain_inside_funcs = {plain_handshake, plain_read,     plain_writev,
+                                                   plain_pending,   plain_shutdown, plain_keep,
+                                                   plain_alpn};
+
+im_stream *im__stream_plain_init(im_stream *s, int fd) {
+  *s = (im_stream){.f = &plain_inside_funcs, .fd = fd};
+  return s;
+}
 
 im_stream *im_stream_new(int fd, im_tls *tls) {
   if (tls) return im__tls_stream_new(fd, tls);

@@ -26,7 +26,18 @@ struct im_stream {
   uint8_t secure;
 };
 
+/* A plain stream over fd in memory of the caller's (a driver's connection
+ * record): im_stream_free closes fd and frees nothing. Returns s. */
+im_stream *im__stream_plain_init(im_stream *s, int fd);
+
 /* tls.c: a TLS stream over fd, or NULL when memory ran out. */
 im_stream *im__tls_stream_new(int fd, im_tls *tls);
+/* tls.c: if s is a TLS session between records (handshake done, nothing
+ * buffered either way), give the pages of its record buffers back to the
+ * kernel; the session goes on as before. Returns the bytes given back (0:
+ * not between records, or nothing to give). The read path calls it itself
+ * when the socket runs dry, at most once a second per session; exposed for
+ * the tests. s must be a TLS stream. */
+size_t im__tls_rest(im_stream *s);
 
 #endif

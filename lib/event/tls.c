@@ -12,15 +12,27 @@
 #include <mbedtls/net_sockets.h>
 #include <mbedtls/pk.h>
 #include <mbedtls/ssl.h>
+#include <mbedtls/ssl_internal.h>
 #include <mbedtls/ssl_ticket.h>
+#include <mbedtls/version.h>
 #include <mbedtls/x509_crt.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "event/stream.h"
+
+/* Resting idle sessions (tls_rest) reads the record-buffer fields of
+ * mbedtls_ssl_context, which are public in 2.x and private from 3.0 on
+ * (where MBEDTLS_SSL_VARIABLE_BUFFER_LENGTH does the job instead). */
+#if MBEDTLS_VERSION_NUMBER >= 0x03000000
+#error "lib/event/tls.c is written for mbedTLS 2.x"
+#endif
 
 #define DEFAULT_HANDSHAKE_MS 10000u
 /* Largest application record: writes are gathered into one record up to
@@ -31,6 +43,10 @@
  * (a reload starts over) and mbedTLS rotates it every TICKET_LIFETIME_S,
  * which is also how long a ticket is accepted. */
 #define TICKET_LIFETIME_S 21600
+/* An idle session gives its record buffers' pages back at most this often
+ * (seconds): a busy connection pays one madvise and a few page faults per
+ * interval, an idle one holds one page of each buffer. */
+#define REST_INTERVAL_S 1
 
 /* ECDHE only (forward secrecy), AEAD only. */
 static const int ciphersuites[] = {
@@ -68,6 +84,7 @@ typedef struct tls_stream {
   size_t wpending; /* length of a write that returned WANT_*, to repeat */
   bool set_up;     /* mbedtls_ssl_setup done: the record buffers exist */
   bool hs_done;
+  uint32_t rested_s; /* coarse monotonic second of the last rest; 0: never */
   mbedtls_ssl_context ssl;
 } tls_stream;
 
@@ -269,6 +286,56 @@ static int tls_handshake(im_stream *s) {
   return st == IM_STREAM_AGAIN ? st : IM_EPROTO;
 }
 
+/* ---- resting idle sessions --------------------------------------------------- */
+
+/* mbedTLS 2.28 (as Debian builds it) keeps a ~16.7 KiB input and output
+ * record buffer per session for the session's whole life. Between records
+ * their bytes are dead: everything mbedTLS needs from them (the record
+ * counters and headers) sits before in_msg / out_msg, in the first bytes.
+ * So an idle session hands the whole pages after those back to the kernel
+ * (MADV_DONTNEED: the next touch gets a zero page). The pages lie inside
+ * the buffers' own heap blocks, which stay allocated; nothing else lives
+ * in a page wholly inside a block. */
+static size_t page_size(void) {
+  static size_t pg;
+  if (!pg) {
+    long v = sysconf(_SC_PAGESIZE);
+    pg = v > 0 ? (size_t)v : 4096;
+  }
+  return pg;
+}
+
+static size_t give_back(unsigned char *from, unsigned char *end) {
+  size_t pg = page_size();
+  uintptr_t a = ((uintptr_t)from + pg - 1) & ~(uintptr_t)(pg - 1);
+  uintptr_t b = (uintptr_t)end & ~(uintptr_t)(pg - 1);
+  if (b <= a || madvise((void *)a, b - a, MADV_DONTNEED) != 0) return 0;
+  return b - a;
+}
+
+size_t im__tls_rest(im_stream *s) {
+  tls_stream *t = (tls_stream *)s;
+  mbedtls_ssl_context *ssl = &t->ssl;
+  /* only between records: nothing read ahead or half-read, nothing
+   * encrypted and unsent, no handshake message being assembled */
+  if (!t->hs_done || t->wpending || ssl->in_left || ssl->out_left || ssl->in_hslen ||
+      ssl->keep_current_message || mbedtls_ssl_get_bytes_avail(ssl) || !ssl->in_buf ||
+      !ssl->out_buf)
+    return 0;
+  return give_back(ssl->in_msg, ssl->in_buf + MBEDTLS_SSL_IN_BUFFER_LEN) +
+         give_back(ssl->out_msg, ssl->out_buf + MBEDTLS_SSL_OUT_BUFFER_LEN);
+}
+
+/* The socket has nothing more to read: rest the session if it has not
+ * rested within REST_INTERVAL_S. */
+static void maybe_rest(tls_stream *t) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  uint32_t now = (uint32_t)ts.tv_sec + 1; /* never 0 */
+  if (t->rested_s && now - t->rested_s < REST_INTERVAL_S) return;
+  if (im__tls_rest(&t->base)) t->rested_s = now;
+}
+
 static ssize_t tls_read(im_stream *s, void *buf, size_t cap) {
   tls_stream *t = (tls_stream *)s;
   if (!t->hs_done) {
@@ -282,6 +349,7 @@ static ssize_t tls_read(im_stream *s, void *buf, size_t cap) {
       got += (size_t)rc;
       continue;
     }
+    if (rc == MBEDTLS_ERR_SSL_WANT_READ) maybe_rest(t); /* the socket ran dry */
     if (got) break; /* report what we have; the rest comes on the next call */
     if (rc == 0 || rc == MBEDTLS_ERR_SSL_PEER_CLOSE_NOTIFY || rc == MBEDTLS_ERR_SSL_CONN_EOF)
       return 0;

@@ -45,6 +45,7 @@ struct im_redis {
   uint64_t epoch;
   int node_id;
   char last_id[64];         /* last delivery-stream entry read */
+  char maxlen_arg[24];      /* im_redis_push_argv: cfg.stream_max as a string */
   struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
@@ -99,7 +100,7 @@ static void lease_acquire(im_redis *r);
 static void stream_read(im_redis *r);
 
 static void lease_args(im_redis *r, char ttl[24], char conns[24], char ep[24]) {
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(r->srv, &st);
   fmt_u64(ttl, r->cfg.lease_ttl_ms);
   fmt_u64(conns, st.conns_authed);
@@ -283,7 +284,7 @@ static void conn_field(const im_redis *r, im_conn_id c, char out[KEY_MAX]) {
 
 static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!r->leased || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], value[1024], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);
@@ -304,7 +305,7 @@ static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
 
 static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   if (!r->epoch || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);
@@ -970,6 +971,30 @@ int im_redis_up(const im_redis *r) { return r->cmd.up && r->leased; }
 uint64_t im_redis_epoch(const im_redis *r) { return r->epoch; }
 const char *im_redis_node(const im_redis *r) { return r->node; }
 uint64_t im_redis_dropped(const im_redis *r) { return r->dropped; }
+
+const char *im_redis_push_lua(void) { return LUA_PUSH_FNS; }
+
+int im_redis_push_argv(im_redis *r, const char *argv[3]) {
+  if (!r || !argv) return IM_EINVAL;
+  if (!r->cmd.up || !r->leased) return IM_ECLOSED;
+  fmt_u64(r->maxlen_arg, r->cfg.stream_max);
+  argv[0] = r->node;
+  argv[1] = r->prefix;
+  argv[2] = r->maxlen_arg;
+  return 0;
+}
+
+int im_redis_encode_head(const im_msg *m, void **head, size_t *len) {
+  if (!m || !head || !len) return IM_EINVAL;
+  rbuf b = {0};
+  if (rwire_put_msg_head(&b, RWIRE_MSG, m) < 0) {
+    rbuf_free(&b);
+    return IM_ENOMEM;
+  }
+  *head = b.p;
+  *len = b.len;
+  return 0;
+}
 
 int im_redis_set_draining(im_redis *r, int draining) {
   r->draining = draining != 0;

@@ -108,6 +108,44 @@
   "end\n"                                                                                   \
   "return dead\n"
 
+/* Lua functions shared by ROUTE_PUSH and by an application's own scripts
+ * (im_redis_push_lua()):
+ *   im_nodes(key, self): the nodes other than self that hold a route in
+ *     the route hash key, each once.
+ *   im_push(self, prefix, maxlen, head, uids, seqs): for a message whose
+ *     record head (redis_wire.h) is head, appends to each other node that
+ *     holds one of uids, in one stream entry per node, a record per uid it
+ *     holds, carrying that uid's seq (patched into the head at byte 6).
+ *     Returns the number of streams written. */
+#define LUA_PUSH_FNS                                                                         \
+  "local function im_nodes(key, self)\n"                                                   \
+  "  local seen, arr = {}, {}\n"                                                           \
+  "  for _, v in ipairs(redis.call('HVALS', key)) do\n"                                    \
+  "    local n = string.match(v, '^([^|]*)|')\n"                                           \
+  "    if n and n ~= self and not seen[n] then seen[n] = true arr[#arr + 1] = n end\n"     \
+  "  end\n"                                                                                \
+  "  return arr\n"                                                                         \
+  "end\n"                                                                                  \
+  "local function im_push(self, prefix, maxlen, head, uids, seqs)\n"                       \
+  "  local out, order = {}, {}\n"                                                          \
+  "  local a, b = string.sub(head, 1, 5), string.sub(head, 14)\n"                          \
+  "  for i, uid in ipairs(uids) do\n"                                                      \
+  "    local rec\n"                                                                        \
+  "    for _, node in ipairs(im_nodes(prefix .. 'route:{' .. uid .. '}', self)) do\n"     \
+  "      rec = rec or (a .. struct.pack('<I8', seqs[i]) .. b .. struct.pack('<I4', 1) .."  \
+  " struct.pack('<I4', #uid + 1) .. uid .. '\\0')\n"                                      \
+  "      if not out[node] then out[node] = {} order[#order + 1] = node end\n"              \
+  "      local o = out[node]\n"                                                            \
+  "      o[#o + 1] = rec\n"                                                                \
+  "    end\n"                                                                              \
+  "  end\n"                                                                                \
+  "  for _, node in ipairs(order) do\n"                                                    \
+  "    redis.call('XADD', prefix .. 'deliver:{' .. node .. '}', 'MAXLEN', '~', maxlen, '*',"\
+  " 'b', table.concat(out[node]))\n"                                                       \
+  "  end\n"                                                                                \
+  "  return #order\n"                                                                      \
+  "end\n"
+
 /* KEYS: the route hashes of the uids of a loop pass's sends (distinct).
  * ARGV: this node, prefix, stream MAXLEN, R, then per send: its record head
  * (redis_wire.h), n, n key indexes (1-based), n uids. Finds the other nodes
@@ -117,15 +155,9 @@
  * then XADDs. Returns the number of streams written. (Touches keys it is
  * not given: for a single Redis, like the store.) */
 #define LUA_ROUTE_PUSH                                                                       \
+  LUA_PUSH_FNS                                                                             \
   "local nodes_of = {}\n"                                                                  \
-  "for i, k in ipairs(KEYS) do\n"                                                          \
-  "  local seen, arr = {}, {}\n"                                                           \
-  "  for _, v in ipairs(redis.call('HVALS', k)) do\n"                                      \
-  "    local n = string.match(v, '^([^|]*)|')\n"                                           \
-  "    if n and n ~= ARGV[1] and not seen[n] then seen[n] = true arr[#arr + 1] = n end\n"  \
-  "  end\n"                                                                                \
-  "  nodes_of[i] = arr\n"                                                                  \
-  "end\n"                                                                                  \
+  "for i, k in ipairs(KEYS) do nodes_of[i] = im_nodes(k, ARGV[1]) end\n"                   \
   "local out, order, a = {}, {}, 5\n"                                                      \
   "for r = 1, tonumber(ARGV[4]) do\n"                                                      \
   "  local head, n = ARGV[a], tonumber(ARGV[a + 1])\n"                                     \

@@ -48,6 +48,13 @@ for mode in shared static; do
   build_one epoll-echo "$mode"
   build_one im-chat "$mode" $(pkg-config --libs libcjson)
 done
+# the installed imd starts with the installed libim (its soname)
+bindir=$(dirname "$(find "$dest" -type f -name imd | head -1)")
+if LD_LIBRARY_PATH=$libdir "$bindir/imd" --version 2>&1 | grep -q "^imd $(pcf --modversion libim) "; then
+  echo "ok - installed imd runs"
+else
+  echo "not ok - installed imd"; LD_LIBRARY_PATH=$libdir "$bindir/imd" --version; fail=1
+fi
 # the headers stand alone: each compiles on its own
 for h in "$prefix"/include/libim/*.h; do
   if echo "#include <libim/$(basename "$h")>" | "$cc" -std=c11 -Wall -Werror -fsyntax-only \

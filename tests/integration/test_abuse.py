@@ -156,6 +156,9 @@ class TestBans(unittest.TestCase):
                   for x in listed), 'list: %r' % listed)
         check(any(x.get('uid') == 'bob' and x['until'] == 0 for x in listed), 'list: %r' % listed)
         check(any(x.get('uid') == 'eve' for x in listed), 'config ban not listed')
+        m = parse_metrics((await api(srv, 'GET', '/metrics')).body.decode())
+        check(m['imd_uid_bans'] == 2, 'eve and bob: %r' % m['imd_uid_bans'])
+        check(m['imd_errors_total{kind="auth_banned"}'] == 2, 'eve and bob refused: %r' % m)
         # lifted
         r = await api(srv, 'DELETE', '/v1/bans', {'uid': 'bob'})
         check(r.status == 200, 'unban: %r' % r)

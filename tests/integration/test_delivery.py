@@ -20,7 +20,7 @@ import websockets
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (Client, Imd, ImdCase, api, assert_clean_exit, check,  # noqa: E402
-                       connect, py_token, scenario, within, NO_RATE_LIMITS)
+                       connect, parse_metrics, py_token, scenario, within, NO_RATE_LIMITS)
 import wire  # noqa: E402
 
 PLATFORM = {'json': 'web', 'bin': 'android', 'tcp': 'desktop'}
@@ -276,6 +276,46 @@ class TestRetransmit(DeliveryCase):
         await b.send('ack', id=m['id'], seq=m['seq'])
         await asyncio.sleep(1.0)    # three ack timeouts: a resend would have come by now
         await b.barrier('no resend of an ACKed message')
+
+
+class TestAckLatencyMetric(DeliveryCase):
+    @scenario()
+    async def test_ack_latency_histogram(self):
+        """imd_ack_latency_seconds counts each ACK of a reliable push once, in
+        cumulative buckets, and not an ack of nothing in flight."""
+        async def histogram():
+            r = await api(self.srv, 'GET', '/metrics')
+            self.assertEqual(r.status, 200)
+            text = r.body.decode()
+            self.assertIn('# TYPE imd_ack_latency_seconds histogram', text)
+            m = parse_metrics(text)
+            buckets = [(float(k.split('"')[1]), v) for k, v in m.items()
+                       if k.startswith('imd_ack_latency_seconds_bucket{le=')]
+            buckets.sort()
+            return (m['imd_ack_latency_seconds_count'], m['imd_ack_latency_seconds_sum'],
+                    buckets)
+
+        count0, sum0, _ = await histogram()
+        a = await connect(self.srv, 'json', self.uid('alice'))
+        b = await connect(self.srv, 'tcp', self.uid('bob'))
+        for i in range(3):
+            ack = await a.msg('l%d' % i, '%d' % i, to=b.uid)
+            m = await b.expect('msg', id=ack['id'])
+            await b.send('ack', id=m['id'], seq=m['seq'])
+        await b.send('ack', id='not-in-flight', seq=99)
+        await b.barrier('the pong after the acks')   # imd has read every ack
+        count, total, buckets = await histogram()
+        self.assertEqual(count - count0, 3)
+        self.assertGreater(total, sum0)
+        self.assertLess(total - sum0, 3 * 0.3)       # each under --ack-timeout (no resend)
+        bounds = [le for le, _ in buckets]
+        self.assertEqual(bounds[-1], float('inf'))
+        self.assertEqual(bounds, sorted(set(bounds)))
+        counts = [v for _, v in buckets]
+        self.assertEqual(counts, sorted(counts), 'buckets are cumulative')
+        self.assertEqual(counts[-1], count)
+        under_1s = dict(buckets)[1.0]
+        self.assertEqual(under_1s, count)            # all three came within a second
 
 
 class TestRetention(unittest.TestCase):

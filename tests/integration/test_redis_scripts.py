@@ -24,8 +24,15 @@ def load_scripts():
     text = open(HEADER).read()
     scripts = {}
     for m in re.finditer(r'#define (LUA_\w+)\s*\\\n(.*?)\n\n', text + '\n\n', re.S):
-        parts = re.findall(r'"((?:[^"\\]|\\.)*)"', m.group(2))
-        scripts[m.group(1)] = bytes(''.join(parts), 'utf-8').decode('unicode_escape')
+        src = ''
+        for line in m.group(2).split('\n'):
+            ref = re.fullmatch(r'\s*(LUA_\w+)\s*\\?\s*', line)
+            if ref:  # another script's macro pasted in
+                src += scripts[ref.group(1)]
+                continue
+            parts = re.findall(r'"((?:[^"\\]|\\.)*)"', line)
+            src += bytes(''.join(parts), 'utf-8').decode('unicode_escape')
+        scripts[m.group(1)] = src
     return scripts
 
 
@@ -101,6 +108,40 @@ class TestRoutes(ScriptCase):
             return out
         for node, want in (('B', b'H1' + uids('u1') + b'H2' + uids('u1')),
                            ('C', b'H1' + uids('u1', 'u2') + b'H2' + uids('u1'))):
+            entries = self.r.pipeline(['XRANGE', 'im:deliver:{%s}' % node, '-', '+'])[0]
+            self.assertEqual(len(entries), 1, node)
+            self.assertEqual(entries[0][1][1].encode('latin-1'), want, node)
+        self.assertEqual(self.r.pipeline(['EXISTS', 'im:deliver:{A}'])[0], 0)
+
+
+    def test_push_patches_each_receivers_seq(self):
+        """im_push (the functions an application's store script gets from
+        im_redis_push_lua()): each other node holding a receiver gets one
+        entry with a record per receiver it holds, carrying that
+        receiver's seq (one over 2^32; every byte of it below 0x80, as
+        the session decodes bulk strings as UTF-8); this node and
+        receivers without routes get nothing."""
+        self.r.pipeline(['HSET', 'im:route:{bob}', 'A/1', self.route('A', 1), 'B/1',
+                         self.route('B', 1), 'C/2', self.route('C', 1)],
+                        ['HSET', 'im:route:{al}', 'A/2', self.route('A', 1), 'C/1',
+                         self.route('C', 1)])
+        def s(v):
+            return struct.pack('<I', len(v) + 1) + v + b'\0' if v else struct.pack('<I', 0)
+        data = b'{"x":1}'
+        head = (b'M' + struct.pack('<IQQ', 1, 0, 4328719365) + s(b'42') + s(b'al') +
+                s(b'bob') + s(None) + s(None) + struct.pack('<I', len(data)) + data + b'\0')
+        script = S['LUA_PUSH_FNS'] + (
+            'return im_push(ARGV[1], ARGV[2], ARGV[3], ARGV[4], {ARGV[5], ARGV[6], ARGV[7]},'
+            ' {tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])})')
+        n = self.r.pipeline(['EVAL', script, '0', 'A', 'im:', '1000', head, 'bob', 'al',
+                             'nobody', '7', '1099511627783', '1'])[0]
+        self.assertEqual(n, 2)
+
+        def rec(seq, uid):
+            return (head[:5] + struct.pack('<Q', seq) + head[13:] + struct.pack('<I', 1) +
+                    s(uid))
+        for node, want in (('B', rec(7, b'bob')),
+                           ('C', rec(7, b'bob') + rec(1099511627783, b'al'))):
             entries = self.r.pipeline(['XRANGE', 'im:deliver:{%s}' % node, '-', '+'])[0]
             self.assertEqual(len(entries), 1, node)
             self.assertEqual(entries[0][1][1].encode('latin-1'), want, node)

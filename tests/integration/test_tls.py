@@ -303,6 +303,7 @@ class TlsListeners(unittest.TestCase):
 
 class TlsReload(unittest.TestCase):
     """SIGHUP: a new certificate for new connections; old ones stay up."""
+    SERVER_ARGS = ()
 
     def test_sighup_reload(self):
         d = tempfile.mkdtemp(prefix='imd-tls-')
@@ -310,7 +311,7 @@ class TlsReload(unittest.TestCase):
             crt, key = make_cert(d, 'live')
             first = der_of(crt)
             ctx = client_ctx(crt)
-            srv = TlsImd(crt, key)
+            srv = TlsImd(crt, key, *self.SERVER_ARGS)
             try:
                 self.reload_scenario(srv, d, crt, key, first, ctx)
             finally:
@@ -350,17 +351,23 @@ class TlsReload(unittest.TestCase):
             # the old connection is alive and still speaks over its session
             await chat_round(a, b, 'old-to-new')
             await chat_round(b, a, 'new-to-old')
-            # the other listeners serve the new certificate too
-            raw = await asyncio.to_thread(peer_cert_raw, srv.http)
-            self.assertEqual(raw, second)
-            raw = await asyncio.to_thread(peer_cert_raw, srv.tcp)
-            self.assertEqual(raw, second)
+            # the other listeners serve the new certificate too (on every
+            # worker, with --threads: new connections land on either)
+            for port in (srv.ws, srv.http, srv.tcp) * 4:
+                raw = await asyncio.to_thread(peer_cert_raw, port)
+                self.assertEqual(raw, second)
             await a.ws.close()
             await b.ws.close()
             await b0.ws.close()
 
         from wire import run
         run(main(), 90)
+
+
+class TlsReloadThreads(TlsReload):
+    """The same with two worker threads: each has TLS contexts of its own,
+    and SIGHUP reloads every worker's before it says so."""
+    SERVER_ARGS = ('--threads', '2')
 
 
 def wait_stderr(srv, needle, timeout=T):

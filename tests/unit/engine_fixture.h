@@ -33,6 +33,7 @@ typedef struct fake {
   int defer;              /* on_message returns IM_MSG_DEFER without acking */
   char acked[8][24];      /* on_ack ids and seqs */
   uint64_t acked_seq[8];
+  int64_t acked_rtt[8];   /* im_ack_rtt_us during on_ack */
   int nacked;
   char undelivered[8][24];
   uint64_t undelivered_seq[8];
@@ -82,9 +83,10 @@ static int on_message(im_server *s, im_conn_id c, const im_msg *m, void *u) {
 }
 
 static void on_ack(im_server *s, im_conn_id c, const char *id, uint64_t seq, void *u) {
-  (void)s, (void)c;
+  (void)c;
   fake *f = u;
   snprintf(f->acked[f->nacked % 8], 24, "%s", id);
+  f->acked_rtt[f->nacked % 8] = im_ack_rtt_us(s);
   f->acked_seq[f->nacked++ % 8] = seq;
 }
 
@@ -249,7 +251,7 @@ static int close_code_of(const sframe *fr) {
 
 /* Expect exactly: [optional text frames] then a close frame with code; the
  * transport is then closed by the engine. Returns nothing. */
-static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
+static inline void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
   static uint8_t out[70000];
   size_t n = drain(s, c, out, sizeof out);
   sframe fr[8];
@@ -258,5 +260,6 @@ static void expect_closed_with(im_server *s, fake *f, im_conn_id c, int code) {
   assert_int_equal(close_code_of(&fr[k - 1]), code);
   assert_true(f->nclosed >= 1);
   assert_true(f->closed[f->nclosed - 1] == c);
+}
 
 #endif

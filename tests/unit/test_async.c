@@ -218,7 +218,7 @@ static void mailbox_sends_from_another_thread(void **state) {
   /* close from another thread too */
   assert_int_equal(im_mailbox_close(mb, bob, IM_CLOSE_KICKED, "bye"), 0);
   im_mailbox_free(mb); /* delivers the close */
-  im_stats st;
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(srv, &st);
   assert_int_equal(im_conn_close(srv, bob, 1000, ""), IM_ECLOSED);
   assert_int_equal(im_mailbox_send_user(NULL, NULL, NULL), IM_EINVAL);

@@ -1,14 +1,22 @@
 /* The client core (lib/client) driven by hand with byte arrays: a fake
- * driver records the hooks, the "server" is the test writing frames. */
+ * driver records the hooks, the "server" is the test writing frames. One
+ * test runs the libevent driver (lib/client/client_event.c) against a real
+ * listening socket. */
 #include <stdarg.h>
 #include <stddef.h>
 #include <setjmp.h>
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <arpa/inet.h>
+#include <event2/event.h>
+#include <libim/im_client_event.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "client/client.h"
 #include "proto/ws_frame.h"
@@ -241,6 +249,19 @@ static fake *open_client(const char *const *urls, size_t n, void (*tune)(im_clie
   return f;
 }
 
+/* The connection drops and the next one comes up at `now`: upgrade, auth,
+ * auth_ok (conn id `conn`). What was sent before auth_ok is discarded. */
+static void reconnect(fake *f, uint64_t now, const char *conn) {
+  char pk[8][512], ok[96];
+  im_client_disconnected(f->cl);
+  im_client_tick(f->cl, now);
+  im_client_connected(f->cl);
+  accept_upgrade(f);
+  ws_packets(f, pk, 8);
+  snprintf(ok, sizeof ok, "{\"op\":\"auth_ok\",\"conn\":\"%s\",\"hb\":10}", conn);
+  feed_json(f, ok);
+}
+
 /* ---- tests ------------------------------------------------------------------ */
 
 static void test_handshake_accept_verified(void **state) {
@@ -415,12 +436,7 @@ static void test_outbox_resent_after_reconnect(void **state) {
   feed_json(f, ack);
   assert_int_equal(f->acks, 1);
   assert_string_equal(f->ack_cid[0], c1);
-  im_client_disconnected(f->cl);
-  im_client_tick(f->cl, 100000);
-  im_client_connected(f->cl);
-  accept_upgrade(f);
-  ws_packets(f, pk, 8);
-  feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c3\",\"hb\":10}");
+  reconnect(f, 100000, "c3");
   assert_int_equal(ws_packets(f, pk, 8), 2);
   assert_non_null(strstr(pk[0], c2));
   /* a 5xx keeps it for a later resend; a 4xx gives up on it */
@@ -434,6 +450,112 @@ static void test_outbox_resent_after_reconnect(void **state) {
   snprintf(ack, sizeof ack, "{\"op\":\"error\",\"code\":403,\"reason\":\"no\",\"cid\":\"%s\"}", c2);
   feed_json(f, ack);
   assert_int_equal(im_client_outbox_count(f->cl), 1);
+  drop(f);
+}
+
+static void no_room_acks(im_client_config *cfg) { cfg->no_room_acks = true; }
+
+/* no_room_acks: a room message is shown (once) and not ACKed; stored
+ * messages still are. */
+static void test_room_messages_not_acked_when_asked(void **state) {
+  (void)state;
+  fake *f = open_client(WS1, 1, no_room_acks);
+  char pk[8][512];
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"r1\",\"room\":\"x\",\"data\":2}");
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"r1\",\"room\":\"x\",\"data\":2}");
+  assert_int_equal(f->msgs, 1);
+  assert_int_equal(ws_packets(f, pk, 8), 0);
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"m1\",\"from\":\"al\",\"seq\":1,\"data\":1}");
+  assert_int_equal(f->msgs, 2);
+  expect_sent(f, "{\"op\":\"ack\",\"id\":\"m1\",\"seq\":1}");
+  drop(f);
+}
+
+static void test_rooms_joined_again_after_reconnect(void **state) {
+  (void)state;
+  fake *f = mk(WS1, 1, NULL);
+  char pk[8][512];
+  /* joined before the connection is up: sent after auth_ok */
+  assert_int_equal(im_client_join(f->cl, "lobby"), 0);
+  assert_int_equal(im_client_join(f->cl, ""), IM_EINVAL);
+  assert_int_equal(im_client_join(f->cl, NULL), IM_EINVAL);
+  char long_room[130];
+  memset(long_room, 'r', 129);
+  long_room[129] = '\0';
+  assert_int_equal(im_client_join(f->cl, long_room), IM_EINVAL);
+  assert_int_equal(im_client_start(f->cl, 1000), 0);
+  im_client_connected(f->cl);
+  accept_upgrade(f);
+  assert_int_equal(ws_packets(f, pk, 8), 1); /* auth only */
+  feed_json(f, "{\"op\":\"auth_ok\",\"conn\":\"c1\",\"hb\":10}");
+  expect_sent(f, "{\"op\":\"join\",\"room\":\"lobby\"}");
+  feed_json(f, "{\"op\":\"sync_end\",\"last\":0,\"more\":false}");
+  /* joined while open: sent at once; a second join of the same room is not */
+  assert_int_equal(im_client_join(f->cl, "news"), 0);
+  expect_sent(f, "{\"op\":\"join\",\"room\":\"news\"}");
+  assert_int_equal(im_client_join(f->cl, "news"), 0);
+  assert_int_equal(ws_packets(f, pk, 8), 0);
+  /* a room message arrives with its room */
+  feed_json(f, "{\"op\":\"msg\",\"id\":\"r1\",\"room\":\"news\",\"data\":{\"t\":1}}");
+  assert_int_equal(f->msgs, 1);
+  assert_string_equal(f->msg_data[0], "{\"t\":1}");
+  ws_packets(f, pk, 8); /* its ack */
+  /* the connection dies: both rooms are joined again on the next one */
+  reconnect(f, 100000, "c2");
+  assert_int_equal(ws_packets(f, pk, 8), 2);
+  assert_string_equal(pk[0], "{\"op\":\"join\",\"room\":\"lobby\"}");
+  assert_string_equal(pk[1], "{\"op\":\"join\",\"room\":\"news\"}");
+  /* a room left is not joined again */
+  assert_int_equal(im_client_leave(f->cl, "lobby"), 0);
+  expect_sent(f, "{\"op\":\"leave\",\"room\":\"lobby\"}");
+  assert_int_equal(im_client_leave(f->cl, "lobby"), IM_ENOENT);
+  reconnect(f, 200000, "c3");
+  expect_sent(f, "{\"op\":\"join\",\"room\":\"news\"}");
+  drop(f);
+}
+
+/* The libevent driver with a source address: the server sees the
+ * connection come from it. A real listening socket on 127.0.0.1. */
+static void test_event_source_address(void **state) {
+  (void)state;
+  int lfd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = {.sin_family = AF_INET};
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t alen = sizeof a;
+  assert_int_equal(bind(lfd, (struct sockaddr *)&a, sizeof a), 0);
+  assert_int_equal(listen(lfd, 4), 0);
+  assert_int_equal(getsockname(lfd, (struct sockaddr *)&a, &alen), 0);
+  char url[64];
+  snprintf(url, sizeof url, "ws://127.0.0.1:%u/ws", (unsigned)ntohs(a.sin_port));
+  const char *urls[] = {url};
+  fake *f = mk(urls, 1, NULL);
+  struct event_base *base = event_base_new();
+  im_client_event *ev = im_client_event_new(base, f->cl);
+  assert_non_null(ev);
+  assert_int_equal(im_client_event_set_source(ev, "not-an-address"), IM_EADDR);
+  assert_int_equal(im_client_event_set_source(ev, "127.0.0.2"), 0);
+  assert_int_equal(im_client_event_start(ev), 0);
+  /* the connect is non-blocking: run the loop until the client has sent
+   * its upgrade request, then accept */
+  for (int i = 0; i < 100 && im_client_state(f->cl) != IM_CLIENT_HANDSHAKE; i++)
+    event_base_loop(base, EVLOOP_ONCE | EVLOOP_NONBLOCK);
+  assert_int_equal(im_client_state(f->cl), IM_CLIENT_HANDSHAKE);
+  struct sockaddr_in peer;
+  socklen_t plen = sizeof peer;
+  int cfd = accept(lfd, (struct sockaddr *)&peer, &plen);
+  assert_true(cfd >= 0);
+  char ip[INET_ADDRSTRLEN];
+  inet_ntop(AF_INET, &peer.sin_addr, ip, sizeof ip);
+  assert_string_equal(ip, "127.0.0.2");
+  char req[512];
+  ssize_t n = recv(cfd, req, sizeof req - 1, 0);
+  assert_true(n > 4);
+  assert_memory_equal(req, "GET /ws", 7);
+  close(cfd);
+  close(lfd);
+  im_client_stop(f->cl);
+  im_client_event_free(ev);
+  event_base_free(base);
   drop(f);
 }
 
@@ -694,6 +816,9 @@ int main(void) {
       cmocka_unit_test(test_ack_and_dedupe),
       cmocka_unit_test(test_outbox_resent_after_reconnect),
       cmocka_unit_test(test_outbox_bounded),
+      cmocka_unit_test(test_rooms_joined_again_after_reconnect),
+      cmocka_unit_test(test_room_messages_not_acked_when_asked),
+      cmocka_unit_test(test_event_source_address),
       cmocka_unit_test(test_sync_paging),
       cmocka_unit_test(test_backoff_bounds),
       cmocka_unit_test(test_backoff_after_flapping),

@@ -38,7 +38,7 @@ typedef struct seen {
 
 static void on_open(im_server *srv, im_conn_id c, void *user) {
   seen *s = user;
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   assert_int_equal(im_conn_get_info(srv, c, &info), 0);
   if (s->opens < 4) s->secure[s->opens] = info.secure;
   s->opens++;

@@ -15,7 +15,6 @@
 #include <libim/im.h>
 
 #include "engine_fixture.h"
-}
 
 /* ---- tests ----------------------------------------------------------------- */
 
@@ -59,7 +58,7 @@ static void test_max_rooms(void **st) {
   /* joining a room it is already in is not a new room */
   assert_int_equal(im_room_join(s, c, "r1"), 0);
   assert_int_equal(f.nclosed, 0);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.rooms, 3);
   /* leaving makes room again */
@@ -191,7 +190,7 @@ static void test_max_conns_per_user(void **st) {
   /* the two open ones are untouched */
   im_conn_id ids[4];
   assert_int_equal(im_user_conns(s, "alice", ids, 4), 2);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.conns_authed, 3);
   assert_int_equal(stt.auth_failures, 2);
@@ -236,7 +235,7 @@ static void registry_keeps_one(int first, int second) {
   assert_int_equal(parse_frames(out, n, fr, 4), 1);
   assert_int_equal(im_send_conn(s, c[first], &m), IM_ENOENT);
   assert_int_equal(im_send_conn(s, c[second], &m), IM_ENOENT);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.users, 2);
   assert_int_equal(stt.conns_authed, 2);

@@ -108,13 +108,13 @@ static void expect_nothing(node *n, im_conn_id c) {
 /* ---- the test router: forward to the peer node's local halves ------------- */
 
 static void r_conn_open(im_server *s, im_conn_id c, void *ud) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   assert_int_equal(im_conn_get_info(s, c, &info), 0);
   assert_non_null(info.uid);
   ((node *)ud)->conn_opens++;
 }
 static void r_conn_close(im_server *s, im_conn_id c, void *ud) {
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   assert_int_equal(im_conn_get_info(s, c, &info), 0);
   assert_non_null(info.uid);
   ((node *)ud)->conn_closes++;
@@ -309,7 +309,7 @@ static void room_send_and_kick_cross_nodes(void **st) {
   assert_int_equal(im_kick_user(a.srv, "x", IM_CLOSE_KICKED, "kicked"), 1);
   assert_int_equal(a.kicks, 1);
   im_conn_id ids[4];
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   assert_int_equal(im_user_conns(b.srv, "x", ids, 4), 1);
   assert_int_equal(im_conn_close(b.srv, ids[0], 1000, ""), IM_ECLOSED); /* already closing */
   assert_int_equal(im_conn_get_info(b.srv, ids[0], &info), 0);
@@ -411,7 +411,7 @@ static void push_rate_caps_room_traffic(void **st) {
   imp_packet got[32];
   assert_int_equal(recv_pkts(a.srv, phone, got, 32), 5);
   assert_int_equal(recv_pkts(a.srv, pc, got, 32), 5);
-  im_stats stats;
+  im_stats stats = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(a.srv, &stats);
   assert_int_equal(stats.push_dropped, 30);
   /* stored traffic goes through all the same */

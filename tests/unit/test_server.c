@@ -13,7 +13,6 @@
 #include <libim/im.h>
 
 #include "engine_fixture.h"
-}
 
 /* ---- tests ----------------------------------------------------------------- */
 
@@ -33,7 +32,7 @@ static void test_echo_roundtrip(void **st) {
   assert_non_null(memmem(fr[0].pl, fr[0].len, "\"op\":\"msg\"", 10));
   assert_non_null(memmem(fr[0].pl, fr[0].len, "\"data\":{\"t\":\"hi\"}", 17));
   assert_non_null(memmem(fr[1].pl, fr[1].len, "\"op\":\"ack\",\"cid\":\"c1\",\"id\":\"", 27));
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.conns, 1);
   assert_int_equal(stt.conns_authed, 1);
@@ -112,7 +111,7 @@ static void test_query_auth(void **st) {
   assert_non_null(strstr((char *)out, "HTTP/1.1 101"));
   assert_non_null(memmem(out, n, "auth_ok", 7));
   assert_string_equal(f.last_uid, "bob");
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   assert_int_equal(im_conn_get_info(s, c, &info), 0);
   assert_string_equal(info.uid, "bob");
   assert_string_equal(info.device, "phone");
@@ -213,7 +212,7 @@ static void test_protocol_violations(void **st) {
     assert_int_equal(feed_text(s, other, "{\"op\":\"ping\"}"), 0);
     uint8_t out[256];
     assert_true(drain(s, other, out, sizeof out) > 0);
-    im_stats stt;
+    im_stats stt = {IM_STRUCT_SIZE(im_stats)};
     im_server_stats(s, &stt);
     assert_int_equal(stt.conns, 1);
     assert_int_equal(stt.proto_errors, 1);
@@ -304,7 +303,7 @@ static void test_registry_and_fanout(void **st) {
   assert_int_equal(im_send_conn(s, a1, &m), IM_ENOENT);
   im_server_hangup(s, a2);
   assert_int_equal(im_user_conns(s, "alice", ids, 4), 0);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.users, 1);
   im_server_free(s);
@@ -330,7 +329,7 @@ static void test_output_bound_sheds(void **st) {
   assert_true(sent >= 3 && sent <= 4);
   assert_int_equal(im_send_conn(s, slow, &m), IM_ECLOSED);
   assert_int_equal(im_send_conn(s, fast, &m), 0);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.shed, 1);
   /* queued data was dropped in favour of the close frame */
@@ -365,7 +364,7 @@ static void test_timeouts(void **st) {
     drain(s, live, out, sizeof out);
   }
   expect_closed_with(s, &f, quiet, 4408);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.timeouts, 2);
   assert_int_equal(stt.conns, 1);
@@ -488,7 +487,7 @@ static void test_auth_refresh(void **st) {
   drain(s, c, out, sizeof out);
   assert_non_null(strstr((char *)out, "pong"));
   assert_int_equal(f.nclose_cb, 0);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.conns_authed, 1);
   im_server_free(s);
@@ -527,7 +526,7 @@ static void test_msg_rate(void **st) {
     if (i == 3) drain(s, c, out, sizeof out);
   }
   assert_int_equal(f.msgs, 15);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.rate_limited, 4);
   assert_int_equal(stt.rate_closed, 1);
@@ -568,7 +567,7 @@ static void test_reliable_retransmit_then_4408(void **st) {
   im_msg m = reliable("m1", 5);
   assert_int_equal(im_send_conn(s, c, &m), 0);
   assert_int_equal(frames_with_id(s, c, "m1"), 1);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.inflight, 1);
   im_server_tick(s, t + 900);
@@ -617,13 +616,48 @@ static void test_reliable_ack_clears(void **st) {
   assert_int_equal(f.acked_seq[2], 3);
   for (uint64_t dt = 0; dt <= 10000; dt += 500) im_server_tick(s, 1000000 + dt);
   assert_int_equal(frames_with_id(s, c, "m1") + frames_with_id(s, c, "m2"), 0);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.inflight, 0);
   assert_int_equal(stt.retransmits, 0);
   im_conn_close(s, c, 1000, "bye");
   feed_frame(s, c, 0x8, 1, "\x03\xe8", 2);
   assert_int_equal(f.nundelivered, 0);
+  im_server_free(s);
+}
+
+static uint64_t fake_clock(void *ud) { return *(uint64_t *)ud; }
+
+/* im_ack_rtt_us: from the send to the ack, by the application's clock or
+ * in engine time; -1 for an ack of nothing in flight and outside on_ack. */
+static void test_ack_rtt(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  uint64_t now_us = 5000000;
+  im_server_set_clock(s, fake_clock, &now_us);
+  im_conn_id c = ws_open(s, &f, "bob");
+  im_msg m1 = reliable("m1", 1), m2 = reliable("m2", 2);
+  im_send_conn(s, c, &m1);
+  now_us += 1500;
+  im_send_conn(s, c, &m2);
+  now_us += 250000;
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m2\"}");
+  now_us += 1000;
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m1\"}");
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m1\"}"); /* again: no longer in flight */
+  assert_int_equal(f.nacked, 3);
+  assert_int_equal(f.acked_rtt[0], 250000);
+  assert_int_equal(f.acked_rtt[1], 252500);
+  assert_int_equal(f.acked_rtt[2], -1);
+  assert_int_equal(im_ack_rtt_us(s), -1);
+  /* no clock: engine time, whole ticks */
+  im_server_set_clock(s, NULL, NULL);
+  im_msg m3 = reliable("m3", 3);
+  im_send_conn(s, c, &m3);
+  im_server_tick(s, 1000000 + 300);
+  feed_text(s, c, "{\"op\":\"ack\",\"id\":\"m3\"}");
+  assert_int_equal(f.acked_rtt[3], 300000);
   im_server_free(s);
 }
 
@@ -646,7 +680,7 @@ static void test_reliable_window(void **st) {
   assert_int_equal(parse_frames(out, n, fr, 8), 2); /* a, b; c and d wait */
   feed_text(s, c, "{\"op\":\"ack\",\"id\":\"a\"}");
   assert_int_equal(frames_with_id(s, c, "c"), 1);  /* the window slides in order */
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.inflight, 3);
   im_server_hangup(s, c);
@@ -705,7 +739,7 @@ static void test_dedupe_cid(void **st) {
   im_reply_error(s, c, 500, "store failed", "e1");
   feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"e1\",\"data\":1}");
   assert_int_equal(f.msgs, 7);
-  im_stats stt;
+  im_stats stt = {IM_STRUCT_SIZE(im_stats)};
   im_server_stats(s, &stt);
   assert_int_equal(stt.dups, 3);
   im_server_free(s);
@@ -799,7 +833,7 @@ static void test_handshake_errors(void **st) {
   c = ws_accept(s, NULL, "Sec-WebSocket-Protocol: imp.bin\r\n");
   size_t n = drain(s, c, out, sizeof out);
   assert_non_null(memmem(out, n, "Sec-WebSocket-Protocol: imp.bin", 31));
-  im_conn_info info;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
   im_conn_get_info(s, c, &info);
   assert_int_equal(info.binary, 1);
   assert_int_equal(f.nclosed, 2);
@@ -939,6 +973,7 @@ int main(void) {
     cmocka_unit_test(test_msg_rate),
       cmocka_unit_test(test_reliable_retransmit_then_4408),
       cmocka_unit_test(test_reliable_ack_clears),
+      cmocka_unit_test(test_ack_rtt),
       cmocka_unit_test(test_reliable_window),
       cmocka_unit_test(test_dedupe_cid),
       cmocka_unit_test(test_sync_ops),

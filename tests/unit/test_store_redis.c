@@ -259,7 +259,7 @@ static void io_drop(fx *f) {
   if (ac) redisAsyncFree(ac);
 }
 
-static const imd_redis_io test_io = {io_command, NULL};
+static const imd_redis_io test_io = {.command = io_command};
 
 static imd_store *store_open(fx *f) {
   imd_redis_io io = test_io;

@@ -22,6 +22,7 @@
 #include <libim/im_net.h>
 #include <libim/im_tls.h>
 
+#include "event/stream.h"
 #include "tls_fixture.h"
 
 typedef struct client {
@@ -220,11 +221,102 @@ static void test_reload_keeps_old_sessions(void **st) {
   client_free(&c);
 }
 
+/* Sends len bytes one way and reads them back on the other side. */
+static void server_to_client(im_stream *s, client *c, const unsigned char *out, size_t len) {
+  static unsigned char in[70000];
+  size_t off = 0, got = 0;
+  for (long iter = 0; got < len; iter++) {
+    assert_true(iter < 100000);
+    if (off < len) {
+      struct iovec iov = {(void *)(out + off), len - off};
+      ssize_t w = im_stream_writev(s, &iov, 1);
+      if (w > 0) off += (size_t)w;
+      else assert_int_equal(w, IM_STREAM_AGAIN);
+    }
+    int r = mbedtls_ssl_read(&c->ssl, in + got, len - got);
+    if (r > 0) got += (size_t)r;
+    else assert_int_equal(r, MBEDTLS_ERR_SSL_WANT_READ);
+  }
+  assert_memory_equal(in, out, len);
+}
+
+static void client_to_server(im_stream *s, client *c, const unsigned char *out, size_t len,
+                             size_t chunk) {
+  static unsigned char in[70000];
+  size_t off = 0, got = 0;
+  for (long iter = 0; got < len; iter++) {
+    assert_true(iter < 100000);
+    if (off < len) {
+      int w = mbedtls_ssl_write(&c->ssl, out + off, len - off);
+      if (w > 0) off += (size_t)w;
+      else assert_int_equal(w, MBEDTLS_ERR_SSL_WANT_WRITE);
+    }
+    ssize_t n = im_stream_read(s, in + got, len - got < chunk ? len - got : chunk);
+    if (n > 0) got += (size_t)n;
+    else assert_int_equal(n, IM_STREAM_AGAIN);
+  }
+  assert_memory_equal(in, out, len);
+}
+
+/* An idle session gives its record buffers' pages back (im__tls_rest) and
+ * goes on exactly as before: records of every size both ways, many rests
+ * in between. It refuses while decrypted bytes wait in the stream. */
+static void test_idle_session_rests(void **st) {
+  (void)st;
+  im_tls_opts o = {.cert_file = cert, .key_file = key};
+  im_tls *tls = im_tls_new(&o, NULL, 0);
+  assert_non_null(tls);
+  int sv[2];
+  small_pair(sv);
+  im_stream *s = im_stream_new(sv[0], tls);
+  assert_int_equal(im__tls_rest(s), 0); /* no session yet */
+  client c;
+  client_init(&c, sv[1], NULL);
+  handshake_both(s, &c);
+  static unsigned char data[65536 + 16]; /* sizes[k] bytes from data + k */
+  for (size_t i = 0; i < sizeof data; i++) data[i] = (unsigned char)(i * 13 + i / 509);
+  static const size_t sizes[] = {1, 100, 4095, 4096, 4097, 16384, 16385, 65536};
+  size_t min_back = 2 * (size_t)(16384 / sysconf(_SC_PAGESIZE) - 1) * (size_t)sysconf(_SC_PAGESIZE);
+  for (size_t k = 0; k < sizeof sizes / sizeof sizes[0]; k++) {
+    server_to_client(s, &c, data + k, sizes[k]);
+    client_to_server(s, &c, data + 2 * k, sizes[k], 70000);
+    /* between records: at least all but one page of each 16 KiB buffer */
+    assert_true(im__tls_rest(s) >= min_back);
+  }
+  /* a record read halfway: its rest is in the input buffer, no rest */
+  int w;
+  do w = mbedtls_ssl_write(&c.ssl, data, 3000);
+  while (w == MBEDTLS_ERR_SSL_WANT_WRITE);
+  assert_int_equal(w, 3000);
+  unsigned char part[1000];
+  ssize_t n;
+  do n = im_stream_read(s, part, sizeof part);
+  while (n == IM_STREAM_AGAIN);
+  assert_int_equal(n, (ssize_t)sizeof part);
+  assert_true(im_stream_pending(s) > 0);
+  assert_int_equal(im__tls_rest(s), 0);
+  assert_memory_equal(part, data, sizeof part);
+  static unsigned char rest[2000];
+  size_t have = 0;
+  while (have < sizeof rest) {
+    n = im_stream_read(s, rest + have, sizeof rest - have);
+    assert_true(n > 0);
+    have += (size_t)n;
+  }
+  assert_memory_equal(rest, data + 1000, sizeof rest);
+  assert_true(im__tls_rest(s) > 0);
+  server_to_client(s, &c, data, 20000);
+  im_stream_free(s);
+  client_free(&c);
+  im_tls_free(tls);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_partial_writes_and_pending_reads),
       cmocka_unit_test(test_garbage_and_eof),
       cmocka_unit_test(test_reload_keeps_old_sessions),
+      cmocka_unit_test(test_idle_session_rests),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

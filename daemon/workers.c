@@ -1,0 +1,341 @@
+/* --threads N: worker threads.
+ *
+ * Worker 0 is the main thread's imd, set up by main.c as with one thread.
+ * Workers 1..N-1 are copies of it, each with its own event loop, libim
+ * engine, WebSocket/TCP listeners and HTTP server on the same ports
+ * (SO_REUSEPORT: the kernel spreads new connections), hooks client,
+ * metrics and a view of the one SQLite store whose completions come back
+ * to the worker's own loop. They share (read-only) the configuration,
+ * secret and API key, and (under one lock) the uid bans, revocations and
+ * per-receiver quota. The engines are joined in a libim thread group
+ * (im_group.h): sends, kicks and presence reach every worker through it. A
+ * worker's mailbox runs calls on its loop (IP bans, drain, metrics). */
+#include <event2/event.h>
+#include <libim/im_router.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "hooks.h"
+#include "imd.h"
+#include "log.h"
+
+typedef struct imd_workers {
+  unsigned n;
+  imd *w[IM_GROUP_MAX];     /* w[0]: the main thread's */
+  pthread_t th[IM_GROUP_MAX];
+  bool started[IM_GROUP_MAX];
+} imd_workers;
+
+static pthread_mutex_t shared_lock = PTHREAD_MUTEX_INITIALIZER;
+
+void imd_shared_lock(void) { pthread_mutex_lock(&shared_lock); }
+void imd_shared_unlock(void) { pthread_mutex_unlock(&shared_lock); }
+
+/* ---- calls onto another worker's loop ------------------------------------------------ */
+
+typedef struct call {
+  void (*fn)(imd *w, const char *s, uint32_t n);
+  uint32_t n;
+  char s[];
+} call;
+
+static void run_call(im_server *srv, void *arg) {
+  call *c = arg;
+  c->fn(im_server_user(srv), c->s, c->n);
+  free(c);
+}
+
+void imd_workers_broadcast(imd *d, void (*fn)(imd *w, const char *s, uint32_t n), const char *s,
+                           uint32_t n) {
+  if (!d->workers) return;
+  size_t len = s ? strlen(s) + 1 : 1;
+  for (unsigned i = 0; i < d->workers->n; i++) {
+    imd *w = d->workers->w[i];
+    if (w == d || !w->mb) continue;
+    call *c = malloc(sizeof *c + len);
+    if (!c) continue;
+    c->fn = fn;
+    c->n = n;
+    memcpy(c->s, s ? s : "", len);
+    if (im_mailbox_call(w->mb, run_call, c) < 0) free(c);
+  }
+}
+
+/* ---- gathering from every worker ----------------------------------------------------- */
+
+typedef struct gather {
+  imd *origin;
+  int (*fn)(imd *w, void *arg);
+  void (*done)(imd *d, long sum, int err, void *arg);
+  void *arg;
+  pthread_mutex_t lock;
+  unsigned left;
+  long sum;
+  int err;
+} gather;
+
+static void gather_done(im_server *srv, void *p) {
+  (void)srv;
+  gather *g = p;
+  g->done(g->origin, g->sum, g->err, g->arg);
+  pthread_mutex_destroy(&g->lock);
+  free(g);
+}
+
+/* One worker's result is in (r < 0: its error); the last hands the sum to
+ * the origin's loop. */
+static void gather_add(gather *g, int r) {
+  pthread_mutex_lock(&g->lock);
+  if (r < 0 && !g->err) g->err = r;
+  if (r > 0) g->sum += r;
+  bool last = --g->left == 0;
+  pthread_mutex_unlock(&g->lock);
+  if (last && im_mailbox_call(g->origin->mb, gather_done, g) < 0)
+    log_error("workers: cannot hand a result back");
+}
+
+static void gather_one(im_server *srv, void *p) {
+  gather *g = p;
+  gather_add(g, g->fn(im_server_user(srv), g->arg));
+}
+
+int imd_workers_gather(imd *d, int (*fn)(imd *w, void *arg),
+                       void (*done)(imd *d, long sum, int err, void *arg), void *arg) {
+  gather *g = calloc(1, sizeof *g);
+  if (!g) return -1;
+  *g = (gather){.origin = d, .fn = fn, .done = done, .arg = arg, .left = d->workers->n};
+  pthread_mutex_init(&g->lock, NULL);
+  for (unsigned i = 0; i < d->workers->n; i++)
+    if (im_mailbox_call(d->workers->w[i]->mb, gather_one, g) < 0)
+      gather_add(g, IM_ENOMEM); /* that worker is missing */
+  return 0;
+}
+
+/* ---- metrics: every worker adds its numbers on its own loop --------------------------------- */
+
+typedef struct metrics_req {
+  uint64_t ticket;
+  pthread_mutex_t lock;
+  imd_tally sum;
+  imd_hook_counts hooks;
+} metrics_req;
+
+static int tally_add(imd *w, void *arg) {
+  metrics_req *q = arg;
+  imd_tally t;
+  imd_metrics_tally(w, &t);
+  pthread_mutex_lock(&q->lock);
+  imd_metrics_add(&q->sum, &t);
+  imd_hooks_count(w, &q->hooks);
+  pthread_mutex_unlock(&q->lock);
+  return 0;
+}
+
+static void metrics_done(imd *d, long sum, int err, void *arg) {
+  (void)sum;
+  (void)err; /* a worker that could not be asked is missing from the sums */
+  metrics_req *q = arg;
+  size_t users, rooms; /* distinct over workers: a user or room on two counts once */
+  im_group_totals(d->group, &users, &rooms);
+  q->sum.st.users = users;
+  q->sum.st.rooms = rooms;
+  size_t len;
+  char *body = imd_metrics_render_tally(d, &q->sum, &q->hooks, &len);
+  http_server_respond(d->http, q->ticket, body ? 200 : 500, "text/plain; version=0.0.4", body,
+                      body ? len : 0);
+  pthread_mutex_destroy(&q->lock);
+  free(q);
+}
+
+void imd_workers_metrics(imd *d, uint64_t ticket) {
+  metrics_req *q = calloc(1, sizeof *q);
+  if (q) {
+    q->ticket = ticket;
+    pthread_mutex_init(&q->lock, NULL);
+  }
+  if (!q || imd_workers_gather(d, tally_add, metrics_done, q) < 0) {
+    if (q) pthread_mutex_destroy(&q->lock);
+    free(q);
+    http_server_respond(d->http, ticket, 503, NULL, NULL, 0);
+  }
+}
+
+/* ---- lifecycle ---------------------------------------------------------------------- */
+
+static void *worker_main(void *arg) {
+  imd *w = arg;
+  event_base_dispatch(w->base);
+  return NULL;
+}
+
+/* "HOST:PORT" of addr with the port worker 0 got (port 0 picks one). */
+static void same_port(char *out, size_t cap, const char *addr, int port) {
+  const char *colon = strrchr(addr, ':');
+  snprintf(out, cap, "%.*s:%d", (int)(colon ? colon - addr : 0), addr, port);
+}
+
+typedef struct ban_copy {
+  imd *w;
+  int rc;
+} ban_copy;
+
+static void copy_ban(const im_ban *b, void *arg) {
+  ban_copy *c = arg;
+  if (b->automatic) return;
+  uint64_t now = imd_wall_ms();
+  uint32_t secs = b->until_ms ? (uint32_t)((b->until_ms - now + 999) / 1000) : 0;
+  if (b->until_ms && b->until_ms <= now) return;
+  if (im_guard_ban(c->w->srv, b->cidr, secs) < 0) c->rc = -1;
+}
+
+/* Worker i: a copy of d with a loop, engine, listeners, HTTP server, hooks
+ * and store view of its own. */
+static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
+                       const imd_hooks_config *hooks) {
+  imd *w = malloc(sizeof *w);
+  if (!w) return NULL;
+  *w = *d;
+  memset(&w->m, 0, sizeof w->m);
+  memset(&w->uid_bans, 0, sizeof w->uid_bans); /* d->main's are used */
+  w->worker = i;
+  /* none of worker 0's own parts: a failure below must free only w's */
+  w->workers = NULL; /* set once w is complete */
+  w->base = NULL;
+  w->srv = NULL;
+  w->ev = NULL;
+  w->http = NULL;
+  w->hooks = NULL;
+  w->store = NULL;
+  w->mb = NULL;
+  w->drain_ev = w->usr1_ev = w->hup_ev = w->trim_ev = NULL;
+  if (imd_tls_worker(w) < 0) return w;
+  im_callbacks cb;
+  imd_chat_callbacks(&cb);
+  w->base = event_base_new();
+  w->srv = w->base ? im_server_new(im_server_config(d->srv), &cb, w) : NULL;
+  w->ev = w->srv ? im_event_new(w->base, w->srv) : NULL;
+  if (!w->ev || im_server_set_guard(w->srv, guard) < 0) return w;
+  ban_copy bc = {w, 0};
+  im_guard_bans(d->srv, copy_ban, &bc); /* --ban addresses */
+  if (bc.rc < 0) return w;
+  im_event_set_reuseport(w->ev, 1);
+  const char *addrs[2] = {d->cfg.ws_addr, d->cfg.tcp_addr};
+  const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
+  char addr[300];
+  for (int k = 0; k < 2; k++) {
+    if (d->ports[k] <= 0) continue;
+    same_port(addr, sizeof addr, addrs[k], d->ports[k]);
+    if (im_event_listen_tls(w->ev, kinds[k], addr, imd_tls_for(w, k ? "tcp" : "ws")) < 0) {
+      fprintf(stderr, "imd: worker %u: cannot listen on %s\n", i, addr);
+      return w;
+    }
+  }
+  if (d->http) {
+    same_port(addr, sizeof addr, d->cfg.http_addr, http_server_port(d->http));
+    http_limits lim = {.max_body = (size_t)im_server_config(d->srv)->max_message * 4 + 4096,
+                       .admit = imd_api_admit, .reuseport = true};
+    w->http = http_server_new_tls(w->base, addr, &lim, imd_tls_for(w, "http"), imd_api_handle, w);
+    if (!w->http) {
+      fprintf(stderr, "imd: worker %u: cannot listen on %s\n", i, addr);
+      return w;
+    }
+  }
+  w->store = imd_store_sqlite_view(d->store, w->base);
+  w->mb = im_mailbox_new(w->base, w->srv);
+  if (w->store && w->mb && imd_node_worker(w) == 0 && imd_hooks_start(w, hooks) == 0)
+    w->workers = d->workers; /* complete */
+  return w;
+}
+
+int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
+                      const imd_hooks_config *hooks) {
+  imd_workers *ws = calloc(1, sizeof *ws);
+  d->group = im_group_new(n, 0);
+  d->mb = im_mailbox_new(d->base, d->srv);
+  if (!ws || !d->group || !d->mb || im_group_join(d->group, d->base, d->srv) != 0) {
+    fprintf(stderr, "imd: cannot start %u workers: out of memory\n", n);
+    free(ws);
+    return -1;
+  }
+  d->workers = ws;
+  ws->n = 1;
+  ws->w[0] = d;
+  for (unsigned i = 1; i < n; i++) {
+    imd *w = worker_new(d, i, guard, hooks);
+    if (!w) {
+      fprintf(stderr, "imd: cannot start worker %u: out of memory\n", i);
+      return -1;
+    }
+    ws->w[ws->n++] = w;
+    if (w->workers != ws) {
+      fprintf(stderr, "imd: cannot start worker %u\n", i);
+      return -1;
+    }
+    if (im_group_join(d->group, w->base, w->srv) != (int)i ||
+        pthread_create(&ws->th[i], NULL, worker_main, w) != 0) {
+      fprintf(stderr, "imd: cannot start worker %u: out of resources\n", i);
+      return -1;
+    }
+    ws->started[i] = true;
+  }
+  printf("imd: %u worker threads\n", n);
+  return 0;
+}
+
+static void shut_down(imd *w, const char *s, uint32_t n) {
+  (void)s;
+  (void)n;
+  if (w->ev && !w->draining) im_event_shutdown(w->ev, 3000);
+}
+
+void imd_workers_stop(imd *d) {
+  imd_workers *ws = d->workers;
+  if (!ws) return;
+  imd_workers_broadcast(d, shut_down, NULL, 0);
+  for (unsigned i = 1; i < ws->n; i++)
+    if (ws->started[i]) pthread_join(ws->th[i], NULL);
+}
+
+void imd_workers_free(imd *d) {
+  imd_workers *ws = d->workers;
+  if (!ws) {
+    im_group_free(d->group);
+    im_mailbox_free(d->mb);
+    return;
+  }
+  /* the loops have stopped: run what is still queued in the mailboxes
+   * (calls that post to other mailboxes, answers to HTTP requests) while
+   * every worker's parts exist, until nothing is left */
+  for (size_t ran = 1; ran;) {
+    ran = 0;
+    for (unsigned i = 0; i < ws->n; i++)
+      if (ws->w[i]->mb) ran += im_async_run(im_mailbox_async(ws->w[i]->mb));
+  }
+  /* worker 0's store is closed: the views may close (their completions run) */
+  for (unsigned i = 1; i < ws->n; i++) {
+    imd *w = ws->w[i];
+    imd_hooks_stop(w);
+    if (w->store) w->store->ops->close(w->store);
+    http_server_free(w->http);
+    imd_node_stop(w);
+  }
+  for (unsigned i = 0; i < ws->n; i++)
+    if (ws->w[i]->srv) im_server_set_router(ws->w[i]->srv, NULL);
+  im_group_free(d->group);
+  d->group = NULL;
+  for (unsigned i = 0; i < ws->n; i++) {
+    imd *w = ws->w[i];
+    im_mailbox_free(w->mb);
+    w->mb = NULL;
+    if (i == 0) continue; /* main.c frees the rest of worker 0 */
+    im_event_free(w->ev);
+    imd_tls_free(w); /* after every listener that used it */
+    im_server_free(w->srv);
+    if (w->base) event_base_free(w->base);
+    free(w);
+  }
+  d->workers = NULL;
+  free(ws);
+}

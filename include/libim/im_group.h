@@ -1,0 +1,112 @@
+/* libim thread group: N engines of one process, each on its own thread and
+ * event loop, acting as one server.
+ *
+ * A multi-threaded program runs one im_server (with its own event_base,
+ * im_event listeners on SO_REUSEPORT, connections and timers) per worker
+ * thread and joins them in an im_group. The group is an im_router
+ * (<libim/im_router.h>): it keeps a process-wide table of which worker
+ * holds connections of which uid and members of which room (a keyed hash
+ * under a read-write lock), and forwards im_send_users / im_room_send /
+ * im_kick_user / im_presence to only the workers that hold receivers,
+ * through each worker's im_async queue (<libim/im_async.h>): a copy per
+ * receiving worker, one loop wake-up per batch, applied there with the
+ * im_local_* calls in the order it was posted (so what one thread sends to
+ * a connection arrives in send order). Kick counts and presence answers
+ * cover every worker; presence lists another worker's connections with
+ * node NULL, like the local ones. A send's count (im_send_users) includes
+ * the connections on other workers the copies are for.
+ *
+ * Each member also mints message ids from its own share of the id
+ * counter (im_server_set_id_shard; connection ids carry the member index
+ * in their high bits, so no two members hand out the same one), and all
+ * share one id clock (im_server_set_id_clock), so an id minted after
+ * another one on any worker is greater.
+ *
+ * A group is one router per engine: an engine in a group cannot have
+ * another router (such as im_redis) at the same time.
+ *
+ * Threads: im_group_new / im_group_free on any one thread while no member
+ * loop runs; im_group_join on the member's loop thread or before that loop
+ * starts; everything a router hook does runs on the thread of the engine
+ * that called it; im_group_run on the member's loop thread;
+ * im_group_stats, im_group_user_conns, im_group_totals and im_group_size
+ * on any thread.
+ *
+ * To send to a connection from a thread that runs no engine (a game
+ * simulation thread), use that engine's im_mailbox (<libim/im_async.h>):
+ * a mailbox send to a uid goes through the group like any other send.
+ */
+#ifndef LIBIM_IM_GROUP_H
+#define LIBIM_IM_GROUP_H
+
+#include <libim/im.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+struct event_base;
+typedef struct im_group im_group;
+
+/* The most members a group can have. */
+#define IM_GROUP_MAX 64
+
+/* A group of `members` engines (1..IM_GROUP_MAX). max_queued bounds the
+ * operations queued for one member and not yet applied (0: 1,000,000); an
+ * operation over it is dropped for that member and counted (a stuck
+ * worker cannot exhaust memory). Returns NULL (bad count, no memory). */
+IM_EXTERN im_group *im_group_new(unsigned members, size_t max_queued);
+
+/* Join srv, whose loop runs on base, as the next member: installs the
+ * group as srv's router (announcing its existing connections and rooms),
+ * gives srv its id shard (member index of `members`; join before srv
+ * accepts its first connection, so all its connection ids are tagged) and
+ * the group's id clock. base and srv are borrowed: they must outlive the
+ * group (im_group_free). Returns the
+ * member index (0..members-1), IM_ELIMIT (the group is full), IM_ENOMEM
+ * or IM_ESYS (no file descriptor for the queue). */
+IM_EXTERN int im_group_join(im_group *g, struct event_base *base, im_server *srv);
+
+/* Apply now what other members queued for member (instead of waiting for
+ * its loop's wake-up). A program that needs causal order across workers
+ * calls it before a send that must follow one another worker made earlier
+ * (e.g. an HTTP push answered on worker 1, then the next push arriving on
+ * worker 2). Member's loop thread. Returns the operations applied. */
+IM_EXTERN size_t im_group_run(im_group *g, unsigned member);
+
+typedef struct im_group_counters {
+  uint64_t posted;   /* operations queued for this member by the others */
+  uint64_t wakeups;  /* loop wake-ups those caused (<= posted: batches) */
+  uint64_t applied;  /* operations applied on this member */
+  uint64_t dropped;  /* operations for this member dropped over max_queued or for memory */
+} im_group_counters;
+
+/* Counters of member (zeros for an index not joined). Any thread. */
+IM_EXTERN void im_group_stats(im_group *g, unsigned member, im_group_counters *st);
+
+/* Authenticated connections of uid on all members together, as the table
+ * has them now (a member's router hears of a connection before on_open
+ * and of its end before on_close, so in on_open this counts the opening
+ * one and in on_close no longer the closing one). Any thread. */
+IM_EXTERN size_t im_group_user_conns(im_group *g, const char *uid);
+
+/* Distinct uids with an authenticated connection and distinct rooms with
+ * a member, on all members together (a uid or room on two members counts
+ * once). NULL pointers are skipped. Any thread. */
+IM_EXTERN void im_group_totals(im_group *g, size_t *users, size_t *rooms);
+
+/* Members joined so far. Any thread. */
+IM_EXTERN unsigned im_group_size(im_group *g);
+
+/* Free the group: what is still queued is dropped (not applied). Call it
+ * after every member loop has stopped, while their event_bases and
+ * servers still exist (it frees events of those bases; it does not touch
+ * the servers, whose router it does not remove: free them next, or call
+ * im_server_set_router(srv, NULL) first to keep using them). NULL is a
+ * no-op. */
+IM_EXTERN void im_group_free(im_group *g);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

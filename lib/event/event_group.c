@@ -1,0 +1,575 @@
+/* Engines on several threads joined as one server (include/libim/im_group.h).
+ *
+ * Two process-wide tables, each a keyed hash under a read-write lock: uid
+ * -> how many authenticated connections each member holds, room -> which
+ * members have local members. Senders take the read lock to learn which
+ * members hold receivers; opens and closes take the write lock. A routed
+ * operation is copied once per receiving member into one allocation and
+ * posted to that member's im_async queue (one wake-up per batch); the
+ * member applies it with the im_local_* calls. Presence asks every member
+ * holding the uid and answers once all replied. */
+#include <libim/im_async.h>
+#include <libim/im_group.h>
+#include <libim/im_router.h>
+
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/msg_copy.h"
+#include "core/strmap.h"
+
+/* What one presence answer of a member lists at most (as im_presence). */
+#define ROUTES_MAX 256
+#define QUEUED_DEFAULT 1000000
+
+/* ---- the tables ------------------------------------------------------------------ */
+
+/* A uid or room: n[i] connections (uids) or 1 (rooms) on member i. The key
+ * follows n[]. */
+typedef struct g_entry {
+  strmap_node node;
+  uint64_t mask;            /* bit i: n[i] > 0 */
+  uint32_t n[];
+} g_entry;
+
+typedef struct g_table {
+  pthread_rwlock_t lock;
+  strmap map;
+} g_table;
+
+/* ---- operations between members ---------------------------------------------------- */
+
+enum g_kind { G_USERS, G_ROOM, G_KICK, G_ASK, G_REPLY };
+
+typedef struct g_pending g_pending;
+
+/* One routed operation; strings, uid pointers and routes live in buf. */
+typedef struct g_op {
+  enum g_kind kind;
+  unsigned from;            /* the member that posted it */
+  int code;
+  const char *key;          /* room (G_ROOM), uid (G_KICK, G_ASK) */
+  const char *reason;       /* G_KICK */
+  g_pending *pend;          /* G_ASK, G_REPLY */
+  size_t n;                 /* uids (G_USERS) or routes (G_REPLY) */
+  const char **uids;
+  im_route *routes;
+  im_msg m;
+  alignas(max_align_t) char buf[];
+} g_op;
+
+/* A presence question waiting for the other members' answers (owned by
+ * the asking member's thread; its list is freed with the group). */
+struct g_pending {
+  g_pending *next, *prev;
+  im_server *srv;
+  im_presence_cb cb;
+  void *arg;
+  unsigned waiting;         /* answers still to come */
+  int status;
+  g_op **blocks;            /* the answers (the first: the local routes) */
+  size_t nblocks;
+  char uid[];
+};
+
+typedef struct g_member {
+  struct im_group *g;
+  unsigned idx;
+  im_server *srv;
+  im_async *q;
+  atomic_size_t queued;
+  atomic_uint_fast64_t applied, dropped;
+  g_pending *pending;       /* presence questions of this member */
+} g_member;
+
+struct im_group {
+  unsigned members;
+  size_t max_queued;
+  pthread_mutex_t join_lock;
+  atomic_uint joined;
+  atomic_bool stopping;
+  uint64_t id_clock;        /* im_server_set_id_clock of every member */
+  g_table users, rooms;
+  g_member m[IM_GROUP_MAX];
+};
+
+static int table_init(g_table *t) {
+  if (strmap_init(&t->map, 1024) < 0) return -1;
+  pthread_rwlock_init(&t->lock, NULL);
+  return 0;
+}
+
+static void table_free(g_table *t) {
+  strmap *m = &t->map;
+  for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
+    for (strmap_node *n = m->buckets[b], *next; n; n = next) {
+      next = n->next;
+      free(n);
+    }
+  strmap_free(m);
+  pthread_rwlock_destroy(&t->lock);
+}
+
+/* Count one more (add) or one fewer of key on member i. false: no memory. */
+static bool table_count(im_group *g, g_table *t, const char *key, unsigned i, bool add) {
+  size_t len = strlen(key);
+  bool ok = true;
+  pthread_rwlock_wrlock(&t->lock);
+  g_entry *e = (g_entry *)strmap_get(&t->map, key, len);
+  if (!e && add) {
+    size_t counts = sizeof(uint32_t) * g->members;
+    e = calloc(1, sizeof *e + counts + len + 1);
+    if (e) {
+      char *k = (char *)e->n + counts;
+      memcpy(k, key, len + 1);
+      e->node.key = k;
+      e->node.klen = (uint32_t)len;
+      strmap_put(&t->map, &e->node);
+    }
+  }
+  if (!e) {
+    ok = !add;
+  } else if (add) {
+    e->n[i]++;
+    e->mask |= 1ull << i;
+  } else if (e->n[i] > 0 && --e->n[i] == 0) {
+    e->mask &= ~(1ull << i);
+    if (!e->mask) {
+      strmap_del(&t->map, &e->node);
+      free(e);
+    }
+  }
+  pthread_rwlock_unlock(&t->lock);
+  return ok;
+}
+
+/* The other members holding key (caller holds the read lock); counts
+ * (when not NULL) gets their counts. */
+static uint64_t others(const g_table *t, const char *key, unsigned me, uint32_t *counts) {
+  g_entry *e = (g_entry *)strmap_get(&t->map, key, strlen(key));
+  uint64_t mask = e ? e->mask & ~(1ull << me) : 0;
+  for (unsigned i = 0; counts && i < 64; i++)
+    if (mask & (1ull << i)) counts[i] = e->n[i];
+  return mask;
+}
+
+/* ---- posting and applying -------------------------------------------------------- */
+
+static size_t slen(const char *s) { return s ? strlen(s) + 1 : 0; }
+
+static g_op *op_new(enum g_kind kind, unsigned from, size_t extra) {
+  g_op *op = calloc(1, sizeof *op + extra);
+  if (op) {
+    op->kind = kind;
+    op->from = from;
+  }
+  return op;
+}
+
+/* Queue op for member t; counts it dropped (and frees it) when t's queue
+ * is over its bound (bounded: false for presence answers, which a question
+ * bounds) or memory ran out. Returns true when queued. */
+static bool post(im_group *g, unsigned t, g_op *op, bool bounded) {
+  g_member *dst = &g->m[t];
+  if (!op) {
+    atomic_fetch_add(&dst->dropped, 1);
+    return false;
+  }
+  if (atomic_fetch_add(&dst->queued, 1) >= g->max_queued && bounded) {
+    atomic_fetch_sub(&dst->queued, 1);
+    atomic_fetch_add(&dst->dropped, 1);
+    free(op);
+    return false;
+  }
+  if (im_async_post(dst->q, op) < 0) {
+    atomic_fetch_sub(&dst->queued, 1);
+    atomic_fetch_add(&dst->dropped, 1);
+    free(op);
+    return false;
+  }
+  return true;
+}
+
+/* A G_REPLY op carrying copies of n routes (strings included). */
+static g_op *op_routes(unsigned from, g_pending *p, const im_route *r, size_t n) {
+  size_t extra = n * sizeof(im_route);
+  for (size_t i = 0; i < n; i++)
+    extra += slen(r[i].node) + slen(r[i].conn) + slen(r[i].device) + slen(r[i].platform) +
+             slen(r[i].peer);
+  g_op *op = op_new(G_REPLY, from, extra);
+  if (!op) return NULL;
+  op->pend = p;
+  op->n = n;
+  op->routes = (im_route *)op->buf;
+  char *at = op->buf + n * sizeof(im_route);
+  for (size_t i = 0; i < n; i++) {
+    op->routes[i] = r[i];
+    op->routes[i].node = msgcopy_str(&at, r[i].node);
+    op->routes[i].conn = msgcopy_str(&at, r[i].conn);
+    op->routes[i].device = msgcopy_str(&at, r[i].device);
+    op->routes[i].platform = msgcopy_str(&at, r[i].platform);
+    op->routes[i].peer = msgcopy_str(&at, r[i].peer);
+  }
+  return op;
+}
+
+static void pending_free(g_member *me, g_pending *p) {
+  if (p->prev)
+    p->prev->next = p->next;
+  else
+    me->pending = p->next;
+  if (p->next) p->next->prev = p->prev;
+  for (size_t i = 0; i < p->nblocks; i++) free(p->blocks[i]);
+  free(p->blocks);
+  free(p);
+}
+
+/* Every answer is in: call back with all routes (the local ones first). */
+static void pending_finish(g_member *me, g_pending *p) {
+  size_t total = 0;
+  for (size_t i = 0; i < p->nblocks; i++) total += p->blocks[i]->n;
+  im_route *all = malloc((total ? total : 1) * sizeof *all);
+  if (!all) {
+    total = p->blocks[0]->n;
+    p->status = IM_ENOMEM;
+  }
+  im_route *routes = all ? all : p->blocks[0]->routes;
+  if (all)
+    for (size_t i = 0, k = 0; i < p->nblocks; i++) {
+      memcpy(all + k, p->blocks[i]->routes, p->blocks[i]->n * sizeof *all);
+      k += p->blocks[i]->n;
+    }
+  p->cb(p->srv, p->uid, routes, total, p->status, p->arg);
+  free(all);
+  pending_free(me, p);
+}
+
+/* The connections of uid on this member, as routes (conn ids in ids). */
+static size_t member_routes(im_server *srv, const char *uid, im_route *out, char (*ids)[24]) {
+  im_conn_id conns[ROUTES_MAX];
+  size_t n = im_user_conns(srv, uid, conns, ROUTES_MAX), k = 0;
+  if (n > ROUTES_MAX) n = ROUTES_MAX;
+  for (size_t i = 0; i < n; i++) {
+    im_conn_info info;
+    if (im_conn_get_info(srv, conns[i], &info) < 0) continue;
+    snprintf(ids[k], sizeof ids[k], "%" PRIx64, conns[i]);
+    out[k] = (im_route){.node = NULL, .conn = ids[k], .device = info.device,
+                        .platform = info.platform, .peer = info.peer,
+                        .transport = info.transport,
+                        .since_ms = im_server_wall_base(srv) + info.since_ms};
+    k++;
+  }
+  return k;
+}
+
+static void answer(g_member *me, const g_op *ask) {
+  im_route routes[ROUTES_MAX];
+  char ids[ROUTES_MAX][24];
+  size_t n = member_routes(me->srv, ask->key, routes, ids);
+  post(me->g, ask->from, op_routes(me->idx, ask->pend, routes, n), false);
+}
+
+/* An answer arrived on the asking member. */
+static void take_answer(g_member *me, g_op *op) {
+  g_pending *p = op->pend;
+  p->blocks[p->nblocks++] = op;
+  if (--p->waiting == 0) pending_finish(me, p);
+}
+
+/* Runs on the member's loop thread for each operation posted to it. */
+static void apply(void *item, void *arg) {
+  g_op *op = item;
+  g_member *me = arg;
+  atomic_fetch_sub(&me->queued, 1);
+  if (atomic_load(&me->g->stopping)) {
+    free(op);
+    return;
+  }
+  atomic_fetch_add(&me->applied, 1);
+  switch (op->kind) {
+  case G_USERS:
+    im_local_send_users(me->srv, op->uids, op->n, &op->m, 0);
+    break;
+  case G_ROOM:
+    im_local_room_send(me->srv, op->key, &op->m, 0);
+    break;
+  case G_KICK:
+    im_local_kick_user(me->srv, op->key, op->code, op->reason);
+    break;
+  case G_ASK:
+    answer(me, op);
+    break;
+  case G_REPLY:
+    take_answer(me, op);
+    return; /* kept by the question until it is answered */
+  }
+  free(op);
+}
+
+/* ---- the router hooks (on the calling member's thread) ------------------------------- */
+
+static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
+  g_member *me = ud;
+  im_conn_info info;
+  if (im_conn_get_info(srv, c, &info) == 0 && info.uid &&
+      !table_count(me->g, &me->g->users, info.uid, me->idx, true))
+    atomic_fetch_add(&me->dropped, 1); /* not reachable from the others */
+}
+
+static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
+  g_member *me = ud;
+  im_conn_info info;
+  if (im_conn_get_info(srv, c, &info) == 0 && info.uid)
+    table_count(me->g, &me->g->users, info.uid, me->idx, false);
+}
+
+static void h_room_open(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  g_member *me = ud;
+  if (!table_count(me->g, &me->g->rooms, room, me->idx, true)) atomic_fetch_add(&me->dropped, 1);
+}
+
+static void h_room_close(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  g_member *me = ud;
+  table_count(me->g, &me->g->rooms, room, me->idx, false);
+}
+
+/* A G_USERS op for member t with the uids whose mask has t, and m. */
+static g_op *op_users(unsigned from, unsigned t, const char *const *uids, const uint64_t *masks,
+                      size_t n, const im_msg *m) {
+  size_t k = 0, extra = msgcopy_size(m);
+  for (size_t i = 0; i < n; i++)
+    if (masks[i] & (1ull << t)) {
+      k++;
+      extra += sizeof(char *) + strlen(uids[i]) + 1;
+    }
+  g_op *op = op_new(G_USERS, from, extra);
+  if (!op) return NULL;
+  op->uids = (const char **)op->buf;
+  char *at = op->buf + k * sizeof(char *);
+  for (size_t i = 0; i < n; i++)
+    if (masks[i] & (1ull << t)) op->uids[op->n++] = msgcopy_str(&at, uids[i]);
+  msgcopy_put(&op->m, &at, m);
+  return op;
+}
+
+static int h_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
+                        void *ud) {
+  (void)srv;
+  g_member *me = ud;
+  im_group *g = me->g;
+  uint64_t small[16], *masks = n <= 16 ? small : malloc(n * sizeof *masks), any = 0;
+  if (!masks) return IM_ENOMEM;
+  uint32_t counts[IM_GROUP_MAX], total[IM_GROUP_MAX] = {0};
+  pthread_rwlock_rdlock(&g->users.lock);
+  for (size_t i = 0; i < n; i++) {
+    any |= masks[i] = others(&g->users, uids[i], me->idx, counts);
+    for (unsigned t = 0; t < g->members; t++)
+      if (masks[i] & (1ull << t)) total[t] += counts[t];
+  }
+  pthread_rwlock_unlock(&g->users.lock);
+  int queued = 0; /* connections the copies are for */
+  for (unsigned t = 0; any; t++, any >>= 1)
+    if ((any & 1) && post(g, t, op_users(me->idx, t, uids, masks, n, m), true))
+      queued += (int)total[t];
+  if (masks != small) free(masks);
+  return queued;
+}
+
+static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
+  (void)srv;
+  g_member *me = ud;
+  im_group *g = me->g;
+  pthread_rwlock_rdlock(&g->rooms.lock);
+  uint64_t any = others(&g->rooms, room, me->idx, NULL);
+  pthread_rwlock_unlock(&g->rooms.lock);
+  for (unsigned t = 0; any; t++, any >>= 1) {
+    if (!(any & 1)) continue;
+    g_op *op = op_new(G_ROOM, me->idx, slen(room) + msgcopy_size(m));
+    if (op) {
+      char *at = op->buf;
+      op->key = msgcopy_str(&at, room);
+      msgcopy_put(&op->m, &at, m);
+    }
+    post(g, t, op, true);
+  }
+  return 0;
+}
+
+/* A G_KICK or G_ASK op naming uid. */
+static g_op *op_uid(enum g_kind kind, unsigned from, const char *uid, const char *reason) {
+  g_op *op = op_new(kind, from, slen(uid) + slen(reason));
+  if (op) {
+    char *at = op->buf;
+    op->key = msgcopy_str(&at, uid);
+    op->reason = msgcopy_str(&at, reason);
+  }
+  return op;
+}
+
+static int h_kick_user(im_server *srv, const char *uid, int code, const char *reason, void *ud) {
+  (void)srv;
+  g_member *me = ud;
+  im_group *g = me->g;
+  uint32_t counts[IM_GROUP_MAX] = {0};
+  pthread_rwlock_rdlock(&g->users.lock);
+  uint64_t any = others(&g->users, uid, me->idx, counts);
+  pthread_rwlock_unlock(&g->users.lock);
+  int closing = 0;
+  for (unsigned t = 0; any; t++, any >>= 1) {
+    if (!(any & 1)) continue;
+    g_op *op = op_uid(G_KICK, me->idx, uid, reason ? reason : "");
+    if (op) op->code = code;
+    if (post(g, t, op, true)) closing += (int)counts[t];
+  }
+  return closing;
+}
+
+static int h_presence(im_server *srv, const char *uid, const im_route *local, size_t n_local,
+                      im_presence_cb cb, void *arg, void *ud) {
+  g_member *me = ud;
+  im_group *g = me->g;
+  pthread_rwlock_rdlock(&g->users.lock);
+  uint64_t any = others(&g->users, uid, me->idx, NULL);
+  pthread_rwlock_unlock(&g->users.lock);
+  if (!any) {
+    cb(srv, uid, local, n_local, 0, arg);
+    return 0;
+  }
+  size_t len = strlen(uid) + 1;
+  g_pending *p = calloc(1, sizeof *p + len);
+  g_op *mine = op_routes(me->idx, p, local, n_local);
+  if (p) p->blocks = calloc((size_t)__builtin_popcountll(any) + 1, sizeof *p->blocks);
+  if (!p || !mine || !p->blocks) {
+    if (p) free(p->blocks);
+    free(p);
+    free(mine);
+    return IM_ENOMEM;
+  }
+  memcpy(p->uid, uid, len);
+  p->srv = srv;
+  p->cb = cb;
+  p->arg = arg;
+  p->blocks[p->nblocks++] = mine;
+  p->next = me->pending;
+  if (me->pending) me->pending->prev = p;
+  me->pending = p;
+  p->waiting = 1; /* held until every question is posted */
+  for (unsigned t = 0; any; t++, any >>= 1) {
+    if (!(any & 1)) continue;
+    g_op *op = op_uid(G_ASK, me->idx, uid, NULL);
+    if (op) op->pend = p;
+    if (post(g, t, op, true))
+      p->waiting++;
+    else
+      p->status = IM_ENOMEM; /* that member's connections are missing */
+  }
+  if (--p->waiting == 0) pending_finish(me, p);
+  return 0;
+}
+
+/* ---- the group ------------------------------------------------------------------- */
+
+im_group *im_group_new(unsigned members, size_t max_queued) {
+  if (members < 1 || members > IM_GROUP_MAX) return NULL;
+  im_group *g = calloc(1, sizeof *g);
+  if (!g) return NULL;
+  g->members = members;
+  g->max_queued = max_queued ? max_queued : QUEUED_DEFAULT;
+  if (table_init(&g->users) < 0) {
+    free(g);
+    return NULL;
+  }
+  if (table_init(&g->rooms) < 0) {
+    table_free(&g->users);
+    free(g);
+    return NULL;
+  }
+  pthread_mutex_init(&g->join_lock, NULL);
+  return g;
+}
+
+int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
+  pthread_mutex_lock(&g->join_lock);
+  unsigned i = atomic_load(&g->joined);
+  if (i >= g->members) {
+    pthread_mutex_unlock(&g->join_lock);
+    return IM_ELIMIT;
+  }
+  g_member *me = &g->m[i];
+  me->g = g;
+  me->idx = i;
+  me->srv = srv;
+  me->q = im_async_new(base, apply, me);
+  if (!me->q) {
+    pthread_mutex_unlock(&g->join_lock);
+    return IM_ESYS;
+  }
+  atomic_store(&g->joined, i + 1);
+  pthread_mutex_unlock(&g->join_lock);
+  im_server_set_id_shard(srv, i, g->members);
+  im_server_set_id_clock(srv, &g->id_clock);
+  im_router r = {.conn_open = h_conn_open, .conn_close = h_conn_close,
+                 .room_open = h_room_open, .room_close = h_room_close,
+                 .send_users = h_send_users, .room_send = h_room_send,
+                 .kick_user = h_kick_user, .presence = h_presence, .ud = me};
+  im_server_set_router(srv, &r);
+  return (int)i;
+}
+
+size_t im_group_run(im_group *g, unsigned member) {
+  if (member >= atomic_load(&g->joined)) return 0;
+  return im_async_run(g->m[member].q);
+}
+
+void im_group_stats(im_group *g, unsigned member, im_group_counters *st) {
+  memset(st, 0, sizeof *st);
+  if (member >= atomic_load(&g->joined)) return;
+  g_member *me = &g->m[member];
+  im_async_counts(me->q, &st->posted, &st->wakeups);
+  st->applied = atomic_load(&me->applied);
+  st->dropped = atomic_load(&me->dropped);
+}
+
+size_t im_group_user_conns(im_group *g, const char *uid) {
+  size_t n = 0;
+  pthread_rwlock_rdlock(&g->users.lock);
+  g_entry *e = (g_entry *)strmap_get(&g->users.map, uid, strlen(uid));
+  for (unsigned i = 0; e && i < g->members; i++) n += e->n[i];
+  pthread_rwlock_unlock(&g->users.lock);
+  return n;
+}
+
+void im_group_totals(im_group *g, size_t *users, size_t *rooms) {
+  g_table *t[2] = {&g->users, &g->rooms};
+  size_t *out[2] = {users, rooms};
+  for (int i = 0; i < 2; i++) {
+    if (!out[i]) continue;
+    pthread_rwlock_rdlock(&t[i]->lock);
+    *out[i] = t[i]->map.count;
+    pthread_rwlock_unlock(&t[i]->lock);
+  }
+}
+
+unsigned im_group_size(im_group *g) { return atomic_load(&g->joined); }
+
+void im_group_free(im_group *g) {
+  if (!g) return;
+  atomic_store(&g->stopping, true);
+  unsigned n = atomic_load(&g->joined);
+  for (unsigned i = 0; i < n; i++) im_async_free(g->m[i].q); /* drops what is queued */
+  for (unsigned i = 0; i < n; i++)
+    while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
+  table_free(&g->users);
+  table_free(&g->rooms);
+  pthread_mutex_destroy(&g->join_lock);
+  free(g);
+}
