@@ -708,8 +708,89 @@ static void list_uid_ban(const char *uid, uint64_t until_ms, void *arg) {
   cJSON_AddItemToArray(arg, o);
 }
 
+static cJSON *ban_list(imd *d) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON *arr = cJSON_AddArrayToObject(o, "bans");
+  im_guard_bans(d->srv, list_ip_ban, arr);
+  imd_uid_bans(d, list_uid_ban, arr);
+  return o;
+}
+
+static cJSON *ban_result(const char *name, bool ip, bool post, uint32_t secs, int closed) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, ip ? "ip" : "uid", name);
+  cJSON_AddBoolToObject(o, "banned", post);
+  if (post) cJSON_AddNumberToObject(o, "ttl", secs);
+  if (post && ip) cJSON_AddNumberToObject(o, "closed", closed);
+  return o;
+}
+
+/* In a cluster: a ban or lift waits for Redis before it is answered. */
+typedef struct ban_answer {
+  uint64_t ticket;
+  bool ip, post, had; /* had: a lift found the ban on this node */
+  uint32_t secs;
+  int closed;
+  char name[];
+} ban_answer;
+
+static void bans_listed(imd *d, void *arg, int status) {
+  (void)status; /* Redis away: this node's list, which is the cluster's as last merged */
+  respond_json(d, *(uint64_t *)arg, 200, ban_list(d));
+  free(arg);
+}
+
+static void ban_shared(imd *d, void *arg, int status) {
+  ban_answer *a = arg;
+  if (status == IMD_BANS_EDOWN)
+    respond_error(d, a->ticket, 503, "cluster unreachable: the change may not reach every node");
+  else if (status == IMD_BANS_EFULL)
+    respond_error(d, a->ticket, 507, "ban list full");
+  else if (!a->post && status == IMD_BANS_ENOENT && !a->had)
+    respond_error(d, a->ticket, 404, "no such ban");
+  else
+    respond_json(d, a->ticket, 200, ban_result(a->name, a->ip, a->post, a->secs, a->closed));
+  free(a);
+}
+
+/* With --redis: GET reads the cluster's bans first; POST/DELETE are
+ * written to Redis (every node applies them within about a second) and
+ * answered when Redis confirmed. Returns false when not in a cluster. */
+static bool bans_clustered(imd *d, http_response *r, const char *uid, const char *cidr,
+                           const char *name, bool post, uint32_t secs, int local_rc, int closed) {
+  if (!d->redis) return false;
+  if (!uid && !cidr) { /* GET */
+    uint64_t *t = malloc(sizeof *t);
+    if (!t) {
+      reply_json(r, 200, ban_list(d));
+    } else if (!(*t = defer(r))) {
+      free(t);
+    } else if (imd_bans_refresh(d, bans_listed, t) < 0) {
+      bans_listed(d, t, IMD_BANS_EDOWN);
+    }
+    return true;
+  }
+  size_t n = strlen(name) + 1;
+  ban_answer *a = malloc(sizeof *a + n);
+  if (!a) {
+    reply_error(r, 503, "out of memory");
+    return true;
+  }
+  *a = (ban_answer){0, cidr != NULL, post, local_rc == 0, secs, closed};
+  memcpy(a->name, name, n);
+  if (!(a->ticket = defer(r))) {
+    free(a);
+    return true;
+  }
+  uint64_t until = post && secs ? imd_wall_ms() + (uint64_t)secs * 1000u : 0;
+  if (imd_bans_share(d, uid, cidr, until, !post, ban_shared, a) < 0)
+    ban_shared(d, a, IMD_BANS_EDOWN);
+  return true;
+}
+
 /* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
- * matching live sessions); DELETE the same body lifts. */
+ * matching live sessions); DELETE the same body lifts. In a cluster, on
+ * every node (bans_clustered). */
 /* A ban or unban of an address made on another worker. */
 static void ban_ip_here(imd *w, const char *ip, uint32_t secs) {
   if (im_guard_ban(w->srv, ip, secs) == 0) im_guard_kick(w->srv, ip, IM_CLOSE_KICKED, "banned");
@@ -722,11 +803,7 @@ static void unban_ip_here(imd *w, const char *ip, uint32_t secs) {
 
 static void bans(imd *d, const http_request *req, http_response *r) {
   if (req->method == HTTP_GET) {
-    cJSON *o = cJSON_CreateObject();
-    cJSON *arr = cJSON_AddArrayToObject(o, "bans");
-    im_guard_bans(d->srv, list_ip_ban, arr);
-    imd_uid_bans(d, list_uid_ban, arr);
-    reply_json(r, 200, o);
+    if (!bans_clustered(d, r, NULL, NULL, NULL, false, 0, 0, 0)) reply_json(r, 200, ban_list(d));
     return;
   }
   cJSON *b = cJSON_ParseWithLength(req->body, req->body_len);
@@ -735,6 +812,7 @@ static void bans(imd *d, const http_request *req, http_response *r) {
   const cJSON *ttl = cJSON_GetObjectItemCaseSensitive(b, "ttl");
   bool post = req->method == HTTP_POST;
   const char *err = NULL;
+  char cidr[64];
   if (!cJSON_IsObject(b) || (ip != NULL) + (uid != NULL) != 1)
     err = "give one of ip, uid";
   else if ((ip && !cJSON_IsString(ip)) || (uid && (!cJSON_IsString(uid) || !*uid->valuestring)))
@@ -742,30 +820,32 @@ static void bans(imd *d, const http_request *req, http_response *r) {
   else if (ttl && (!cJSON_IsNumber(ttl) || ttl->valuedouble < 0 || ttl->valuedouble > 31536000 ||
                    ttl->valuedouble != (double)(uint32_t)ttl->valuedouble))
     err = "ttl must be whole seconds, 0 to 31536000 (0: until lifted)";
+  else if (ip && im_guard_canon(ip->valuestring, cidr, sizeof cidr) < 0)
+    err = "ip must be an address or ADDR/BITS";
+  else if (uid && strlen(uid->valuestring) > IMD_UID_MAX)
+    err = "cannot ban";
   uint32_t secs = ttl ? (uint32_t)ttl->valuedouble : 0;
   int rc = 0, closed = 0;
   if (!err && ip) {
-    rc = post ? im_guard_ban(d->srv, ip->valuestring, secs) : im_guard_unban(d->srv, ip->valuestring);
-    if (rc == IM_EINVAL) err = "ip must be an address or ADDR/BITS";
-    if (rc == 0 && post) closed = im_guard_kick(d->srv, ip->valuestring, IM_CLOSE_KICKED, "banned");
+    rc = post ? im_guard_ban(d->srv, cidr, secs) : im_guard_unban(d->srv, cidr);
+    if (rc == 0 && post) closed = im_guard_kick(d->srv, cidr, IM_CLOSE_KICKED, "banned");
     if (rc == 0) /* the other workers' guards too ("closed" counts this one's) */
-      imd_workers_broadcast(d, post ? ban_ip_here : unban_ip_here, ip->valuestring, secs);
+      imd_workers_broadcast(d, post ? ban_ip_here : unban_ip_here, cidr, secs);
   } else if (!err) {
     rc = post ? imd_ban_uid(d, uid->valuestring, secs) : imd_unban_uid(d, uid->valuestring);
   }
+  const char *name = ip ? ip->valuestring : uid ? uid->valuestring : "";
   if (err) {
     reply_error(r, 400, err);
-  } else if (rc == IM_ENOENT || (rc < 0 && !post)) {
-    reply_error(r, 404, "no such ban");
-  } else if (rc < 0) {
+  } else if (post && rc < 0) {
     reply_error(r, rc == IM_ELIMIT ? 507 : 400, rc == IM_ELIMIT ? "ban list full" : "cannot ban");
+  } else if (bans_clustered(d, r, ip ? NULL : name, ip ? cidr : NULL, name, post, secs, rc,
+                            closed)) {
+    /* answered when Redis has it */
+  } else if (rc < 0) {
+    reply_error(r, 404, "no such ban");
   } else {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, ip ? "ip" : "uid", ip ? ip->valuestring : uid->valuestring);
-    cJSON_AddBoolToObject(o, "banned", post);
-    if (post) cJSON_AddNumberToObject(o, "ttl", secs);
-    if (post && ip) cJSON_AddNumberToObject(o, "closed", closed);
-    reply_json(r, 200, o);
+    reply_json(r, 200, ban_result(name, ip != NULL, post, secs, closed));
   }
   cJSON_Delete(b);
 }

@@ -259,6 +259,7 @@ static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
   imd *d = arg;
   imd_store_redis_tick(d->store, imd_wall_ms());
   imd_revoke_poll(d); /* revocations made through other nodes */
+  imd_bans_poll(d);   /* and bans */
 }
 
 void imd_delivery_reconnected(imd *d) {

@@ -86,6 +86,10 @@ typedef struct imd {
   char node_name[160];
   bool draining;
   strmap uid_bans;          /* bans.c */
+  strmap shared_bans;       /* bans.c: the cluster's bans as applied here (--redis) */
+  long long shared_version; /* bans.c: of the Redis hash last merged (-1: none) */
+  uint64_t shared_gen;      /* bans.c: bans this node shared (reads sent before are stale) */
+  bool shared_polling;      /* bans.c: a poll is out */
   struct event *drain_ev, *usr1_ev, *hup_ev, *trim_ev;
   struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
@@ -170,7 +174,8 @@ void imd_mark_delivered(imd *d, const char *uid, const char *device, uint64_t se
  * it has by id. */
 void imd_repair(imd *d, im_conn_id c);
 
-/* bans.c: uid bans (address bans are libim's guard). Node-local. */
+/* bans.c: uid bans (address bans are libim's guard). Node-local, except
+ * that with --redis the API's bans are shared through Redis (below). */
 #define IMD_UID_BANS_MAX 100000
 int imd_bans_init(imd *d, const char *list); /* --ban entries; 0 or -1 (message printed) */
 void imd_bans_free(imd *d);
@@ -180,6 +185,24 @@ bool imd_uid_banned(imd *d, const char *uid);
 int imd_ban_uid(imd *d, const char *uid, uint32_t ttl_s);
 int imd_unban_uid(imd *d, const char *uid); /* 0, or -1 when not banned */
 void imd_uid_bans(imd *d, void (*fn)(const char *uid, uint64_t until_ms, void *arg), void *arg);
+/* The cluster's bans (--redis). Outcomes passed to imd_bans_done: */
+enum { IMD_BANS_ENOENT = -1, IMD_BANS_EDOWN = -2, IMD_BANS_EFULL = -3 };
+typedef void (*imd_bans_done)(imd *d, void *arg, int status);
+/* Write a ban of uid or of cidr (canonical, im_guard_canon; exactly one
+ * non-NULL) until until_ms (0: until lifted), or lift it, in Redis; the
+ * caller applied it on this node already. cb(status) later: 0 (for a
+ * lift: there was such a ban), IMD_BANS_ENOENT (lift: none),
+ * IMD_BANS_EFULL, IMD_BANS_EDOWN (Redis failed). Returns 0, or -1 (no
+ * Redis configured or reachable, no memory: cb is not called). */
+int imd_bans_share(imd *d, const char *uid, const char *cidr, uint64_t until_ms, bool lifted,
+                   imd_bans_done cb, void *arg);
+/* Read the cluster's bans and apply them here now; cb(0 or IMD_BANS_EDOWN).
+ * Returns 0, or -1 (cb is not called). */
+int imd_bans_refresh(imd *d, imd_bans_done cb, void *arg);
+/* Each second: merge the cluster's bans when their version moved. */
+void imd_bans_poll(imd *d);
+/* The cluster link is (back) up: read all the bans again. */
+void imd_bans_reconnected(imd *d);
 
 /* node.c: this process as a node: the cluster link (libim's Redis module),
  * graceful drain, gateway lists, health. */

@@ -30,6 +30,7 @@ static void on_cluster_event(im_redis *r, enum im_redis_event ev, void *ud) {
   switch (ev) {
   case IM_REDIS_UP:
     imd_delivery_reconnected(d);
+    imd_bans_reconnected(d);
     char epoch[24];
     snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)im_redis_epoch(d->redis));
     imd_log(IMD_LOG_INFO, IMD_FIELDS("node", d->node_name, "epoch", epoch), "cluster link up");

@@ -54,6 +54,12 @@ IM_EXTERN int im_guard_unban(im_server *srv, const char *cidr);
  * (as im_conn_close: 1000, 1001 or 3000-4999).
  * Returns the number closed or IM_EINVAL. */
 IM_EXTERN int im_guard_kick(im_server *srv, const char *cidr, int code, const char *reason);
+/* The canonical spelling of an address or range, as im_guard_bans lists
+ * it ("10.1.2.3" -> "10.1.2.3/32", "10.1.2.3/8" -> "10.0.0.0/8",
+ * "2001:DB8::1/32" -> "2001:db8::/32"), written to out (NUL-terminated;
+ * 64 bytes are always enough). Returns 0, or IM_EINVAL (not an address or
+ * range, or cap too small; out is then empty when cap > 0). */
+IM_EXTERN int im_guard_canon(const char *cidr, char *out, size_t cap);
 
 typedef struct im_ban {
   const char *cidr;          /* "1.2.3.4/32", ... (valid during the callback) */

@@ -337,6 +337,18 @@ int im_guard_unban(im_server *s, const char *cidr) {
   return IM_ENOENT;
 }
 
+int im_guard_canon(const char *cidr, char *out, size_t cap) {
+  uint8_t ip[16], bits;
+  char text[INET6_ADDRSTRLEN + 8];
+  if (cap) *out = '\0';
+  if (!cidr || !parse_cidr(cidr, ip, &bits)) return IM_EINVAL;
+  format_range(ip, bits, text, sizeof text);
+  size_t n = strlen(text);
+  if (n >= cap) return IM_EINVAL;
+  memcpy(out, text, n + 1);
+  return 0;
+}
+
 size_t im_guard_bans(im_server *s, void (*fn)(const im_ban *b, void *arg), void *arg) {
   im_guard *g = s->guard;
   if (!g) return 0;

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (Client, Imd, api, assert_clean_exit, check, cli_token,  # noqa: E402
                        connect, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
+from test_abuse import Held, try_connect  # noqa: E402
 
 TTL = 2            # --lease-ttl of the nodes, seconds
 RENEW = TTL / 3
@@ -549,6 +550,103 @@ class TestRevocation(ClusterCase):
             await c.close()
             return m['op'] == 'error' and m['reason'] == 'token revoked'
         await wait_for(refused_on_a, 5, 'the restarted A refusing the revoked token')
+
+
+async def admitted(srv, uid, kind='json'):
+    """Whether uid can log in on srv now (closed again at once)."""
+    c = await Client.open(srv.tcp if kind == 'tcp' else srv.ws, kind)
+    m = await c.auth(uid, cli_token(uid, 'd1'), 'd1')
+    await c.close()
+    if m['op'] == 'error':
+        check(m['reason'] == 'banned', 'refused for another reason: %r' % m)
+    return m['op'] == 'auth_ok'
+
+
+async def listed(srv):
+    r = await api(srv, 'GET', '/v1/bans')
+    check(r.status == 200, 'bans: %r' % r)
+    return r.json['bans']
+
+
+class TestClusterBans(ClusterCase):
+    NODES = ('A', 'B')
+
+    async def until(self, what, timeout, pred):
+        took = await wait_for(pred, timeout, what)
+        check(took < 3, '%s took %.1f s' % (what, took))
+
+    @scenario(90)
+    async def test_ban_on_one_node_holds_on_all(self):
+        """A ban made through A's API refuses the uid and the address on B
+        and closes their live sessions there (4403); GET on B lists it at
+        once; a lift through B admits them on A again; a TTL ends the ban
+        on both; a node started afresh loads the bans from Redis."""
+        A, B = self.nodes['A'], self.nodes['B']
+        await self.ready()
+        alice = await connect(B, 'json', 'alice')
+        held = await Held.open(B.tcp, '127.0.0.9')
+        r = await api(A, 'POST', '/v1/bans', {'uid': 'alice', 'ttl': 0})
+        check(r.status == 200 and r.json['banned'], 'uid ban: %r' % r)
+        r = await api(A, 'POST', '/v1/bans', {'ip': '127.0.0.9/30', 'ttl': 60})
+        check(r.status == 200 and r.json['banned'], 'ip ban: %r' % r)
+        got = await listed(B)   # read from Redis, not what B merged so far
+        check(any(x.get('uid') == 'alice' and x['until'] == 0 for x in got), 'B lists %r' % got)
+        check(any(x.get('ip') == '127.0.0.8/30' and x['until'] > 0 and not x['automatic']
+                  for x in got), 'B lists %r' % got)
+        check(await alice.closed() == 4403, 'alice on B not closed with 4403')
+        await held.closed()
+
+        async def refused_on_b():
+            return not await admitted(B, 'alice', 'tcp') and \
+                not await try_connect(B.tcp, '127.0.0.10')
+        await self.until('B refusing alice and 127.0.0.10', 5, refused_on_b)
+        check(await try_connect(B.tcp, '127.0.0.12'), '127.0.0.12 is outside the /30')
+
+        # lifted through B: A admits again
+        for body in ({'uid': 'alice'}, {'ip': '127.0.0.10/30'}):
+            r = await api(B, 'DELETE', '/v1/bans', body)
+            check(r.status == 200 and not r.json['banned'], 'unban %r: %r' % (body, r))
+        r = await api(B, 'DELETE', '/v1/bans', {'uid': 'nobody'})
+        check(r.status == 404, 'unknown ban: %r' % r)
+
+        async def admitted_on_a():
+            return await admitted(A, 'alice') and await try_connect(A.tcp, '127.0.0.10')
+        await self.until('A admitting alice and 127.0.0.10 again', 5, admitted_on_a)
+        check(not [x for x in await listed(A) if not x.get('automatic')], 'A still lists bans')
+
+        # a TTL ends the ban on every node, and the Redis key with it
+        for body in ({'uid': 'carol', 'ttl': 2}, {'ip': '127.0.0.20', 'ttl': 2}):
+            r = await api(A, 'POST', '/v1/bans', body)
+            check(r.status == 200, 'ban %r: %r' % (body, r))
+
+        async def refused_on_both():
+            for n in (A, B):
+                if await admitted(n, 'carol') or await try_connect(n.tcp, '127.0.0.20'):
+                    return False
+            return True
+        await self.until('carol and 127.0.0.20 refused on A and B', 5, refused_on_both)
+
+        async def expired_on_both():
+            for n in (A, B):
+                if not await admitted(n, 'carol') or not await try_connect(n.tcp, '127.0.0.20'):
+                    return False
+            return True
+        await wait_for(expired_on_both, 6, 'the 2 s bans over on A and B')
+
+        async def hash_gone():
+            return self.redis.cli('EXISTS', 'im:{bans}') == '0'
+        await wait_for(hash_gone, 3, 'the Redis hash expired with its last ban')
+
+        # a node that starts afresh loads the cluster's bans
+        r = await api(A, 'POST', '/v1/bans', {'uid': 'dave'})
+        check(r.status == 200, 'ban dave: %r' % r)
+        self.stop_node('B')
+        self.nodes['B'] = B = node(self.redis, 'B')
+        await self.ready()
+
+        async def dave_refused():
+            return not await admitted(B, 'dave')
+        await self.until('the restarted B refusing dave', 5, dave_refused)
 
 
 if __name__ == '__main__':

@@ -191,11 +191,32 @@ static void memory_is_bounded(void **st) {
   im_server_free(s);
 }
 
+/* One spelling per range, as the ban list shows it: what a cluster keys
+ * its shared bans by. */
+static void canonical_ranges(void **st) {
+  (void)st;
+  char out[64];
+  assert_int_equal(im_guard_canon("10.1.2.3", out, sizeof out), 0);
+  assert_string_equal(out, "10.1.2.3/32");
+  assert_int_equal(im_guard_canon("10.1.2.3/8", out, sizeof out), 0);
+  assert_string_equal(out, "10.0.0.0/8");
+  assert_int_equal(im_guard_canon("2001:DB8::1/32", out, sizeof out), 0);
+  assert_string_equal(out, "2001:db8::/32");
+  assert_int_equal(im_guard_canon("::1", out, sizeof out), 0);
+  assert_string_equal(out, "::1/128");
+  assert_int_equal(im_guard_canon("10.0.0.0/33", out, sizeof out), IM_EINVAL);
+  assert_string_equal(out, "");
+  assert_int_equal(im_guard_canon("bob", out, sizeof out), IM_EINVAL);
+  assert_int_equal(im_guard_canon("10.1.2.3", out, 11), IM_EINVAL); /* "10.1.2.3/32" needs 12 */
+  assert_string_equal(out, "");
+  assert_int_equal(im_guard_canon("10.1.2.3", out, 12), 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(rate_limit_per_source), cmocka_unit_test(escalating_bans),
       cmocka_unit_test(cap_per_source),        cmocka_unit_test(blacklist_ranges),
-      cmocka_unit_test(memory_is_bounded),
+      cmocka_unit_test(memory_is_bounded),     cmocka_unit_test(canonical_ranges),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
