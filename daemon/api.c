@@ -599,17 +599,54 @@ static void list_uid_ban(const char *uid, uint64_t until_ms, void *arg) {
   cJSON_AddItemToArray(arg, o);
 }
 
-/* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
- * matching live sessions); DELETE the same body lifts. */
-/* A ban or unban of an address made on another worker. */
-static void ban_ip_here(imd *w, const char *ip, uint32_t secs) {
-  if (im_guard_ban(w->srv, ip, secs) == 0) im_guard_kick(w->srv, ip, IM_CLOSE_KICKED, "banned");
+static cJSON *banned_json(const char *key, const char *val, bool post, uint32_t secs, long closed) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, key, val);
+  cJSON_AddBoolToObject(o, "banned", post);
+  if (post) cJSON_AddNumberToObject(o, "ttl", secs);
+  if (closed >= 0) cJSON_AddNumberToObject(o, "closed", (double)closed);
+  return o;
 }
 
-static void unban_ip_here(imd *w, const char *ip, uint32_t secs) {
-  (void)secs;
-  im_guard_unban(w->srv, ip);
+/* An address ban with worker threads: the guard is the workers' one
+ * (im_shared), each worker closes its own connections from the address,
+ * and "closed" is the sum. */
+typedef struct ip_kick {
+  uint64_t ticket;
+  uint32_t secs;
+  char ip[];
+} ip_kick;
+
+static int kick_ip_here(imd *w, void *arg) {
+  return im_guard_kick(w->srv, ((ip_kick *)arg)->ip, IM_CLOSE_KICKED, "banned");
 }
+
+static void ip_kicked(imd *d, long n, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the count */
+  ip_kick *k = arg;
+  respond_json(d, k->ticket, 200, banned_json("ip", k->ip, true, k->secs, n));
+  free(k);
+}
+
+static void kick_ip_workers(imd *d, const char *ip, uint32_t secs, http_response *r) {
+  size_t len = strlen(ip) + 1;
+  ip_kick *k = malloc(sizeof *k + len);
+  uint64_t ticket = k ? defer(r) : 0;
+  if (!ticket) {
+    if (!k) reply_error(r, 503, "out of memory");
+    free(k);
+    return;
+  }
+  *k = (ip_kick){.ticket = ticket, .secs = secs};
+  memcpy(k->ip, ip, len);
+  if (imd_workers_gather(d, kick_ip_here, ip_kicked, k) < 0) {
+    respond_error(d, ticket, 503, "out of memory");
+    free(k);
+  }
+}
+
+/* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
+ * matching live sessions); DELETE the same body lifts. */
 
 static void bans(imd *d, const http_request *req, http_response *r) {
   if (req->method == HTTP_GET) {
@@ -635,12 +672,15 @@ static void bans(imd *d, const http_request *req, http_response *r) {
     err = "ttl must be whole seconds, 0 to 31536000 (0: until lifted)";
   uint32_t secs = ttl ? (uint32_t)ttl->valuedouble : 0;
   int rc = 0, closed = 0;
-  if (!err && ip) {
+  if (!err && ip) { /* with workers, one guard for all of them (im_shared) */
     rc = post ? im_guard_ban(d->srv, ip->valuestring, secs) : im_guard_unban(d->srv, ip->valuestring);
     if (rc == IM_EINVAL) err = "ip must be an address or ADDR/BITS";
+    if (rc == 0 && post && d->workers) {
+      kick_ip_workers(d, ip->valuestring, secs, r);
+      cJSON_Delete(b);
+      return;
+    }
     if (rc == 0 && post) closed = im_guard_kick(d->srv, ip->valuestring, IM_CLOSE_KICKED, "banned");
-    if (rc == 0) /* the other workers' guards too ("closed" counts this one's) */
-      imd_workers_broadcast(d, post ? ban_ip_here : unban_ip_here, ip->valuestring, secs);
   } else if (!err) {
     rc = post ? imd_ban_uid(d, uid->valuestring, secs) : imd_unban_uid(d, uid->valuestring);
   }
@@ -651,14 +691,46 @@ static void bans(imd *d, const http_request *req, http_response *r) {
   } else if (rc < 0) {
     reply_error(r, rc == IM_ELIMIT ? 507 : 400, rc == IM_ELIMIT ? "ban list full" : "cannot ban");
   } else {
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, ip ? "ip" : "uid", ip ? ip->valuestring : uid->valuestring);
-    cJSON_AddBoolToObject(o, "banned", post);
-    if (post) cJSON_AddNumberToObject(o, "ttl", secs);
-    if (post && ip) cJSON_AddNumberToObject(o, "closed", closed);
-    reply_json(r, 200, o);
+    reply_json(r, 200, banned_json(ip ? "ip" : "uid", ip ? ip->valuestring : uid->valuestring, post,
+                                   secs, post && ip ? closed : -1));
   }
   cJSON_Delete(b);
+}
+
+/* ---- drain ----------------------------------------------------------------------- */
+
+static cJSON *draining_json(long conns) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddBoolToObject(o, "draining", 1);
+  cJSON_AddNumberToObject(o, "connections", (double)conns);
+  return o;
+}
+
+/* With worker threads every worker drains and counts its own connections;
+ * "connections" is the sum. */
+static int drain_here(imd *w, void *arg) {
+  (void)arg;
+  return (int)imd_drain(w);
+}
+
+static void drained(imd *d, long n, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the count */
+  uint64_t *ticket = arg;
+  respond_json(d, *ticket, 202, draining_json(n));
+  free(ticket);
+}
+
+static void drain_workers(imd *d, http_response *r) {
+  uint64_t *ticket = malloc(sizeof *ticket);
+  if (!ticket || !(*ticket = defer(r))) {
+    if (!ticket) reply_error(r, 503, "out of memory");
+    free(ticket);
+    return;
+  }
+  if (imd_workers_gather(d, drain_here, drained, ticket) < 0) {
+    respond_error(d, *ticket, 503, "out of memory");
+    free(ticket);
+  }
 }
 
 /* ---- gateways -------------------------------------------------------------------- */
@@ -819,10 +891,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
   }
   if (n == 3 && !strcmp(seg[1], "admin") && !strcmp(seg[2], "drain")) {
     if (!post) goto method;
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddBoolToObject(o, "draining", 1);
-    cJSON_AddNumberToObject(o, "connections", (double)imd_drain(d));
-    reply_json(r, 202, o);
+    if (d->workers) {
+      drain_workers(d, r);
+      return;
+    }
+    reply_json(r, 202, draining_json((long)imd_drain(d)));
     return;
   }
   if (n == 4 && !strcmp(seg[1], "groups") && *seg[2] && !strcmp(seg[3], "members")) {

@@ -584,9 +584,8 @@ int main(int argc, char **argv) {
   unsigned threads;
   if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : NULL, &threads) < 0)
     return 2;
-  /* the connection limit (the fd budget) is the process's: each worker gets its share */
-  uint32_t max_conns = icfg.max_connections;
-  if (threads > 1 && max_conns) icfg.max_connections = (max_conns + threads - 1) / threads;
+  /* the connection limit (the fd budget) is the process's: the workers count
+   * it together (im_shared, as every engine limit) */
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
@@ -711,7 +710,7 @@ int main(int argc, char **argv) {
     rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
-    printf("imd: at most %u connections (0: no limit), %u per user\n", max_conns,
+    printf("imd: at most %u connections (0: no limit), %u per user\n", icfg.max_connections,
            icfg.max_conns_per_user);
     fflush(stdout);
     event_base_dispatch(d.base);
