@@ -202,6 +202,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   w->base = event_base_new();
   w->srv = w->base ? im_server_new(im_server_config(d->srv), &cb, w) : NULL;
   w->ev = w->srv ? im_event_new(w->base, w->srv) : NULL;
+  if (w->srv) imd_metrics_start(w); /* ACK round trips on the same clock as worker 0's */
   /* the guard and its --ban addresses are worker 0's: the group's (im_shared) */
   if (!w->ev || im_server_set_guard(w->srv, guard) < 0) return w;
   im_event_set_reuseport(w->ev, 1);
