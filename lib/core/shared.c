@@ -167,7 +167,7 @@ bool shared_user_charge(shared_user *e, uint64_t now_us, uint32_t rate) {
 
 int im_server_set_shared(im_server *s, im_shared *sh) {
   if (s->shared == sh) return 0;
-  if (s->st.conns) return IM_ESTATE;
+  if (s->st.conns || s->dead) return IM_ESTATE;
   if (sh)
     guard_share(s, sh);
   else

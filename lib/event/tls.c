@@ -138,13 +138,6 @@ static tls_tickets *tickets_new(int *rc) {
   return k;
 }
 
-static void conf_tickets(tls_conf *c, tls_tickets *k) {
-  tickets_unref(c->tk);
-  c->tk = k;
-  mbedtls_ssl_conf_session_tickets_cb(&c->conf, mbedtls_ssl_ticket_write, mbedtls_ssl_ticket_parse,
-                                      &k->ticket);
-}
-
 static void conf_unref(tls_conf *c) {
   if (!c || --c->refs) return;
   mbedtls_ssl_config_free(&c->conf);
@@ -178,8 +171,8 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
   mbedtls_entropy_init(&c->entropy);
   mbedtls_ctr_drbg_init(&c->drbg);
   int rc = 0;
-  tls_tickets *tk = t->shared_tk ? tickets_ref(t->shared_tk) : tickets_new(&rc);
-  if (!tk) {
+  c->tk = t->shared_tk ? tickets_ref(t->shared_tk) : tickets_new(&rc);
+  if (!c->tk) {
     set_err(err, errlen, "cannot set up TLS", NULL, rc);
     goto fail;
   }
@@ -202,11 +195,11 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
                                         MBEDTLS_SSL_TRANSPORT_STREAM,
                                         MBEDTLS_SSL_PRESET_DEFAULT)) != 0 ||
       (rc = mbedtls_ssl_conf_own_cert(&c->conf, &c->crt, &c->key)) != 0) {
-    tickets_unref(tk);
     set_err(err, errlen, "cannot set up TLS", NULL, rc);
     goto fail;
   }
-  conf_tickets(c, tk);
+  mbedtls_ssl_conf_session_tickets_cb(&c->conf, mbedtls_ssl_ticket_write, mbedtls_ssl_ticket_parse,
+                                      &c->tk->ticket);
   mbedtls_ssl_conf_rng(&c->conf, mbedtls_ctr_drbg_random, &c->drbg);
   mbedtls_ssl_conf_min_version(&c->conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
   mbedtls_ssl_conf_ciphersuites(&c->conf, ciphersuites);
@@ -276,7 +269,10 @@ void im_tls_share_tickets(im_tls *t, im_tls *from) {
   if (t == from) return;
   tickets_unref(t->shared_tk);
   t->shared_tk = tickets_ref(from->shared_tk);
-  conf_tickets(t->cur, tickets_ref(from->shared_tk));
+  tickets_unref(t->cur->tk); /* no connection uses it yet */
+  t->cur->tk = tickets_ref(from->shared_tk);
+  mbedtls_ssl_conf_session_tickets_cb(&t->cur->conf, mbedtls_ssl_ticket_write,
+                                      mbedtls_ssl_ticket_parse, &t->cur->tk->ticket);
 }
 
 unsigned im_tls_handshake_timeout(const im_tls *t) { return t->handshake_ms; }
