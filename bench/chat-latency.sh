@@ -8,7 +8,9 @@
 # order of the two servers; the last lines are medians over the runs.
 #   bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]
 # IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
-# from a given commit); im-bench always comes from BUILD_DIR.
+# from a given commit); im-bench always comes from BUILD_DIR. DUMP_DIR=DIR
+# keeps each run's per-message latencies (im-bench --dump) as
+# DIR/TARGET-RUN.txt.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${1:?usage: bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]}
@@ -29,7 +31,8 @@ port_of() {
 }
 
 run_one() { # TARGET RUN
-  local target=$1 run=$2 out=$tmp/$1.srv port auth=()
+  local target=$1 run=$2 out=$tmp/$1.srv port auth=() dump=()
+  [ -n "${DUMP_DIR:-}" ] && dump=(--dump "$DUMP_DIR/$target-$run.txt")
   if [ "$target" = imd ]; then
     rm -rf "$tmp/data"
     # the paced senders go past the default per-receiver quota (600/min per
@@ -44,7 +47,7 @@ run_one() { # TARGET RUN
   port=$(port_of "$out" ws)
   if [ -z "$port" ]; then cat "$out" >&2; exit 1; fi
   taskset -c 1 "$build/bench/im-bench" chat --url "ws://127.0.0.1:$port/ws" --pairs "$pairs" \
-    --rate "$rate" -d "$secs" "${auth[@]}" --server-pid "$srv" 2>"$tmp/err" \
+    --rate "$rate" -d "$secs" "${auth[@]}" "${dump[@]}" --server-pid "$srv" 2>"$tmp/err" \
     | tee -a "$tmp/results" | sed "s/^/[$target $run] /" || { cat "$tmp/err" >&2; exit 1; }
   grep -v '^\[' "$tmp/err" | sed "s/^/[$target $run] stderr: /" >&2 || true
   kill "$srv"; wait "$srv" 2>/dev/null || true; srv=

@@ -17,7 +17,9 @@
 # PIN_CLIENT; defaults 0, 1, 1. PERF_DIR=DIR also records `perf record -g` of
 # redis, A and B for PERF_S (default 5) seconds of each run's measured part,
 # into DIR/CASE-RUN.data (see `perf report -i`). REDIS_ARGS: more
-# redis-server options (e.g. '--auto-aof-rewrite-percentage 0').
+# redis-server options (e.g. '--auto-aof-rewrite-percentage 0'). DUMP_DIR=DIR
+# keeps each chat run's per-message latencies (im-bench --dump) as
+# DIR/CASE-RUN.txt.
 #   bench/cluster-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS]
 # IMD=PATH runs that imd binary; im-bench comes from BUILD_DIR.
 set -euo pipefail
@@ -83,7 +85,8 @@ start_node() {
 }
 
 run_one() { # CASE RUN
-  local case=$1 run=$2 fsync=${1#*-} bench_out=$tmp/bench.out bench_pid
+  local case=$1 run=$2 fsync=${1#*-} bench_out=$tmp/bench.out bench_pid dump=()
+  [ -n "${DUMP_DIR:-}" ] && dump=(--dump "$DUMP_DIR/$case-$run.txt")
   rm -rf "$tmp/redis" "$tmp/A" "$tmp/B"
   mkdir -p "$tmp/redis"
   rport=$(free_port)
@@ -108,7 +111,7 @@ run_one() { # CASE RUN
   else
     taskset -c "$pin_client" "$build/bench/im-bench" chat --url "$url_a" --recv-url "$url_b" \
       --pairs "$pairs" --rate "$rate" -d "$secs" --warmup "$warmup" --secret-file "$tmp/secret" \
-      --server-pid "${pids[1]}" >"$bench_out" 2>"$tmp/err" &
+      --server-pid "${pids[1]}" "${dump[@]}" >"$bench_out" 2>"$tmp/err" &
   fi
   bench_pid=$!
   for _ in $(seq 600); do grep -q '^connected' "$bench_out" && break; sleep 0.05; done

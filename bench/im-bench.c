@@ -82,6 +82,7 @@ static struct {
   size_t secret_len;         /* 0: send the placeholder token "t" */
   char src[MAX_SRC][INET_ADDRSTRLEN];
   int nsrc;
+  FILE *dump;                /* chat: --dump FILE, one line per measured delivery */
 } opt = { .nconns = 100, .duration_s = 10, .hold_s = 30, .ping_s = 20,
           .window = 500, .payload = 16, .pairs = 100, .rate = 10000, .warmup_s = 3,
           .drain_s = 5, .pub_conns = 4, .room = "bench" };
@@ -766,6 +767,8 @@ static void chat_received(const im_client_msg *m, int64_t t)
     hist_record(&hist, (uint64_t)(t > ts ? t - ts : 0));
     if (tw >= 0)
       hist_record(&hist_write, (uint64_t)(t > tw ? t - tw : 0));
+    if (opt.dump)
+      fprintf(opt.dump, "%lld %lld %lld\n", (long long)k, (long long)ts, (long long)(t - ts));
     if (C.t_first_recv == 0)
       C.t_first_recv = t;
     C.t_last_recv = t;
@@ -1828,6 +1831,9 @@ static void print_results(int64_t phase_ns)
     open_now += B.conns[i].cl != NULL && im_client_state(B.conns[i].cl) == IM_CLIENT_OPEN;
   if (opt.mode == MODE_CHAT) {
     print_chat(open_now);
+    if (opt.dump && fclose(opt.dump) != 0)
+      fprintf(stderr, "im-bench: --dump: %s\n", strerror(errno));
+    opt.dump = NULL;
     return;
   }
   if (opt.mode == MODE_RECV) {
@@ -1914,6 +1920,9 @@ static void usage(FILE *f)
         "                    tcp://HOST:PORT (raw TCP, binary IMP)\n"
         "  --recv-url URL    chat: receivers connect here, senders to --url (e.g. two\n"
         "                    nodes of an imd cluster; default: --url)\n"
+        "  --dump FILE       chat: a line per measured delivery: message number, due\n"
+        "                    time (ns, CLOCK_MONOTONIC), latency (ns); to find when\n"
+        "                    the slow ones happened\n"
         "  --tcp HOST:PORT   raw TCP binary framing instead of WebSocket\n"
         "  -n, -c N          connections in this process (at most ~19,980); room: in all\n"
         "  --src IP[,IP...]  source addresses used round-robin (more ports per target)\n"
@@ -2028,7 +2037,7 @@ static void parse_args(int argc, char **argv)
     {"idle-exit", 1, NULL, 'I'}, {"server-pid", 1, NULL, 'x'}, {"recv-url", 1, NULL, 'R'},
     {"peer", 1, NULL, 'e'}, {"publish", 1, NULL, 'b'}, {"api-key", 1, NULL, 'k'},
     {"api-key-file", 1, NULL, 'K'}, {"room", 1, NULL, 'o'}, {"procs", 1, NULL, 'j'},
-    {"pub-conns", 1, NULL, 'C'},
+    {"pub-conns", 1, NULL, 'C'}, {"dump", 1, NULL, 'Y'},
     {NULL, 0, NULL, 0},
   };
   static const char *const modes[] = { "hold", "echo", "chat", "recv", "room" };
@@ -2054,6 +2063,10 @@ static void parse_args(int argc, char **argv)
     switch (ch) {
     case 'u': url = optarg; break;
     case 'R': recv_url = optarg; break;
+    case 'Y':
+      if (!(opt.dump = fopen(optarg, "w")))
+        die("--dump %s: %s", optarg, strerror(errno));
+      break;
     case 't': tcp = optarg; break;
     case 's': parse_src(optarg); break;
     case 'n': case 'c':

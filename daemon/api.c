@@ -3,6 +3,7 @@
 #include <cjson/cJSON.h>
 #include <inttypes.h>
 #include <llhttp.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,23 +91,6 @@ static int split_path(const char *p, size_t n, char *buf, size_t cap, char **seg
   return k;
 }
 
-/* The raw JSON text of body member `name`, so data passes byte for byte
- * (cJSON would round big integers through double). */
-static bool raw_member(const char *body, size_t len, const char *name, json_tok *out) {
-  json_obj_iter it;
-  json_tok k, v;
-  size_t nl = strlen(name);
-  if (json_scan_obj_open(&it, body, len) < 0) return false;
-  bool found = false;
-  int r;
-  while ((r = json_scan_obj_next(&it, &k, &v)) == 1)
-    if (k.n == nl + 2 && memcmp(k.p + 1, name, nl) == 0) {
-      *out = v;
-      found = true; /* last one wins, as in the IMP decoder */
-    }
-  return r == 0 && found;
-}
-
 /* Collect string members of a JSON array (or a single string) into v. */
 static int string_list(const cJSON *j, const char **v, size_t max) {
   if (cJSON_IsString(j)) {
@@ -176,18 +160,56 @@ static uint64_t defer(http_response *r) {
 
 /* ---- messages ------------------------------------------------------------------ */
 
-/* A stored push was answered by the store: answer its request. */
+/* s as a JSON string (quotes included) at out, which has room for 6 bytes
+ * per byte of s plus 2; returns the bytes written. */
+static size_t json_quote(char *out, const char *s) {
+  static const char hex[] = "0123456789abcdef";
+  char *o = out;
+  *o++ = '"';
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    if (*p == '"' || *p == '\\') {
+      *o++ = '\\';
+      *o++ = (char)*p;
+    } else if (*p < 0x20) {
+      memcpy(o, "\\u00", 4);
+      o[4] = hex[*p >> 4];
+      o[5] = hex[*p & 15];
+      o += 6;
+    } else {
+      *o++ = (char)*p;
+    }
+  }
+  *o++ = '"';
+  return (size_t)(o - out);
+}
+
+/* A stored push was answered by the store: answer its request with
+ * {"id","delivered","stored"[,"duplicate":true]}, written directly (no
+ * tree, no floating-point formatting: this runs once per push). */
 static void pushed(imd *d, uint64_t ticket, const imd_delivery *res) {
   if (res->status < 0) {
     respond_store_error(d, ticket, res->status, "store failed");
     return;
   }
-  cJSON *o = cJSON_CreateObject();
-  cJSON_AddStringToObject(o, "id", res->id);
-  cJSON_AddNumberToObject(o, "delivered", res->reached);
-  cJSON_AddNumberToObject(o, "stored", res->status == IMD_STORE_DUP ? 0 : (double)res->stored);
-  if (res->status == IMD_STORE_DUP) cJSON_AddBoolToObject(o, "duplicate", 1);
-  respond_json(d, ticket, 200, o);
+  bool dup = res->status == IMD_STORE_DUP;
+  char *b = malloc(6 * strlen(res->id) + 128);
+  if (!b) {
+    respond(d, ticket, 500, NULL);
+    return;
+  }
+  char num[21];
+  size_t k = 0;
+#define PUT(s) (memcpy(b + k, (s), strlen(s)), k += strlen(s))
+  PUT("{\"id\":");
+  k += json_quote(b + k, res->id);
+  PUT(",\"delivered\":");
+  PUT(res->reached < 0 ? "0" : http_fmt_uint(num, (uint64_t)res->reached));
+  PUT(",\"stored\":");
+  PUT(http_fmt_uint(num, dup ? 0 : (uint64_t)res->stored));
+  PUT(dup ? ",\"duplicate\":true}" : "}");
+#undef PUT
+  count_status(d, 200);
+  http_server_respond(d->http, ticket, 200, NULL, b, k);
 }
 
 static void push_stored(imd *d, uint64_t ticket, const imd_store_msg *sm, const char *const *uids,
@@ -303,66 +325,152 @@ static void push_room(imd *d, const char *room, im_msg *m, http_response *r) {
   reply_json(r, 200, room_pushed_json(d, m->id, n));
 }
 
+/* The members of a push body that count, read in one pass of the JSON
+ * scanner (no tree, no allocation; the last of a repeated member wins, as in
+ * IMP). Strings are unescaped into scratch, NUL-terminated: as every string
+ * has two quotes in the body, body_len + 1 bytes of scratch always do. A
+ * member that is not a string (or holds \u0000) is kept as its token only. */
+typedef struct push_body {
+  json_tok data, to, from, group, room, cid; /* kind JSON_NONE: absent */
+  const char *from_s, *group_s, *room_s, *cid_s; /* NULL: absent or not a string */
+  char *at; /* the unused rest of scratch */
+} push_body;
+
+/* The unescaped text of string token t, appended to *at; NULL when t is not
+ * a string or holds a NUL. */
+static const char *scan_str(const json_tok *t, char **at) {
+  if (t->kind != JSON_STRING || (t->flags & JSON_F_NUL)) return NULL;
+  char *s = *at;
+  size_t n = json_scan_unescape(t->p + 1, t->n - 2, s, t->n - 2);
+  if (n == SIZE_MAX) return NULL; /* never: unescaping does not grow */
+  s[n] = '\0';
+  *at = s + n + 1;
+  return s;
+}
+
+/* Returns false when the body is not one JSON object. */
+static bool push_body_scan(const char *body, size_t len, char *scratch, push_body *pb) {
+  static const struct {
+    const char *name;
+    size_t off;
+  } keys[] = {{"data", offsetof(push_body, data)}, {"to", offsetof(push_body, to)},
+              {"from", offsetof(push_body, from)}, {"group", offsetof(push_body, group)},
+              {"room", offsetof(push_body, room)}, {"cid", offsetof(push_body, cid)}};
+  json_obj_iter it;
+  json_tok k, v;
+  int r;
+  memset(pb, 0, sizeof *pb);
+  if (json_scan_obj_open(&it, body, len) < 0) return false;
+  while ((r = json_scan_obj_next(&it, &k, &v)) == 1)
+    for (size_t i = 0; i < sizeof keys / sizeof *keys; i++)
+      if (k.n == strlen(keys[i].name) + 2 && memcmp(k.p + 1, keys[i].name, k.n - 2) == 0)
+        *(json_tok *)((char *)pb + keys[i].off) = v;
+  if (r < 0) return false;
+  char *at = scratch;
+  pb->from_s = scan_str(&pb->from, &at);
+  pb->group_s = scan_str(&pb->group, &at);
+  pb->room_s = scan_str(&pb->room, &at);
+  pb->cid_s = scan_str(&pb->cid, &at);
+  pb->at = at;
+  return true;
+}
+
+/* The uids of `to` (one non-empty string, or a non-empty array of them, at
+ * most MAX_TARGETS) into *v, unescaped into *at: one is put in one[0], more
+ * in a malloc()ed array the caller frees. Returns the count, -1 when `to` is
+ * not that, -2 when out of memory. */
+static int to_uids(const json_tok *to, char **at, const char **one, const char ***v) {
+  if (to->kind == JSON_STRING) {
+    one[0] = scan_str(to, at);
+    *v = one;
+    return one[0] && *one[0] ? 1 : -1;
+  }
+  if (to->kind != JSON_ARRAY) return -1;
+  /* the scanner checked the array already: count, then collect */
+  const char *end = to->p + to->n, *p;
+  json_tok e;
+  size_t n = 0;
+  for (p = json_scan_ws(to->p + 1, end); *p != ']'; p = json_scan_ws(p + 1, end)) {
+    p = json_scan_ws(json_scan_value(p, end, &e), end);
+    if (++n > MAX_TARGETS) return -1;
+    if (*p == ']') break;
+  }
+  if (n == 0) return -1;
+  const char **list = malloc(n * sizeof *list);
+  if (!list) return -2;
+  *v = list;
+  n = 0;
+  for (p = json_scan_ws(to->p + 1, end); *p != ']'; p = json_scan_ws(p + 1, end)) {
+    p = json_scan_ws(json_scan_value(p, end, &e), end);
+    const char *u = scan_str(&e, at);
+    if (!u || !*u) return -1;
+    list[n++] = u;
+    if (*p == ']') break;
+  }
+  return (int)n;
+}
+
 static void post_message(imd *d, const http_request *req, http_response *r) {
-  cJSON *b = cJSON_ParseWithLength(req->body, req->body_len);
-  if (!cJSON_IsObject(b)) {
-    cJSON_Delete(b);
-    reply_error(r, 400, "body must be a JSON object");
+  char stack[1024];
+  char *scratch = req->body_len < sizeof stack ? stack : malloc(req->body_len + 1);
+  push_body b;
+  if (!scratch) {
+    reply_error(r, 503, "out of memory");
     return;
   }
-  json_tok data = {0};
-  const cJSON *from = cJSON_GetObjectItemCaseSensitive(b, "from");
-  const cJSON *to = cJSON_GetObjectItemCaseSensitive(b, "to");
-  const cJSON *group = cJSON_GetObjectItemCaseSensitive(b, "group");
-  const cJSON *room = cJSON_GetObjectItemCaseSensitive(b, "room");
-  const cJSON *cid = cJSON_GetObjectItemCaseSensitive(b, "cid");
-  int targets = (to != NULL) + (group != NULL) + (room != NULL);
+  const char **uids = NULL, *one[1];
+  int nk = 0;
+  if (!push_body_scan(req->body, req->body_len, scratch, &b)) {
+    reply_error(r, 400, "body must be a JSON object");
+    goto out;
+  }
+  bool to = b.to.kind, group = b.group.kind, room = b.room.kind, cid = b.cid.kind;
+  int targets = to + group + room;
   const char *err = NULL;
-  if (!raw_member(req->body, req->body_len, "data", &data))
+  if (!b.data.kind)
     err = "missing data";
-  else if (from && !cJSON_IsString(from))
+  else if (b.from.kind && !b.from_s)
     err = "from must be a string";
   else if (targets != 1)
     err = "give exactly one of to, group, room";
-  else if ((group && !cJSON_IsString(group)) || (room && !cJSON_IsString(room)))
+  else if ((group && !b.group_s) || (room && !b.room_s))
     err = "group and room must be strings";
-  else if (cid && (!cJSON_IsString(cid) || !*cid->valuestring))
+  else if (cid && (!b.cid_s || !*b.cid_s))
     err = "cid must be a non-empty string";
   else if (room && cid)
     err = "room messages are not stored: no cid";
   if (err) {
-    cJSON_Delete(b);
     reply_error(r, 400, err);
-    return;
+    goto out;
   }
-  if (data.n > im_server_config(d->srv)->max_message) {
-    cJSON_Delete(b);
+  if (b.data.n > im_server_config(d->srv)->max_message) {
     reply_error(r, 413, "data over the message size limit");
-    return;
+    goto out;
   }
   char id[IM_ID_MAX];
   im_new_id(d->srv, id);
-  const char *sender = from ? from->valuestring : "system";
+  const char *sender = b.from_s ? b.from_s : "system";
   if (room) {
-    im_msg m = {.id = id, .from = sender, .room = room->valuestring, .ts = imd_wall_ms(),
-                .data = data.p, .data_len = data.n};
-    push_room(d, room->valuestring, &m, r);
-    cJSON_Delete(b);
-    return;
+    im_msg m = {.id = id, .from = sender, .room = b.room_s, .ts = imd_wall_ms(),
+                .data = b.data.p, .data_len = b.data.n};
+    push_room(d, b.room_s, &m, r);
+    goto out;
   }
   /* stored: answered once the store has it (deferred), like a client's ack */
   imd_store_msg sm = {.id = id, .from = sender, .device = "", .ts = imd_wall_ms(),
-                      .cid = cid ? cid->valuestring : NULL, .data = data.p, .data_len = data.n};
-  const char **uids = NULL;
+                      .cid = b.cid_s, .data = b.data.p, .data_len = b.data.n};
   size_t k = 0;
   if (to) {
-    uids = malloc(MAX_TARGETS * sizeof(*uids));
-    int nk = uids ? string_list(to, uids, MAX_TARGETS) : -1;
+    nk = to_uids(&b.to, &b.at, one, &uids);
+    if (nk == -2) {
+      reply_error(r, 503, "out of memory");
+      goto out;
+    }
     k = nk > 0 ? unique_strings(uids, (size_t)nk) : 0;
     if (k == 1) sm.to = uids[0];
     if (nk <= 0) err = "to must be a non-empty uid or array of uids";
   } else {
-    sm.group = group->valuestring;
+    sm.group = b.group_s;
   }
   uint64_t ticket = 0;
   if (err) {
@@ -376,8 +484,9 @@ static void post_message(imd *d, const http_request *req, http_response *r) {
       respond_error(d, ticket, 500, "store failed");
     }
   }
-  free((void *)uids);
-  cJSON_Delete(b);
+out:
+  if (uids != one) free((void *)uids);
+  if (scratch != stack) free(scratch);
 }
 
 /* ---- users ---------------------------------------------------------------------- */

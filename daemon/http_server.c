@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #define READ_CHUNK (64 * 1024)
+#define SCRATCH_KEEP (64 * 1024)
 #define IOV_BATCH 64
 /* Past this much unsent output, stop parsing further pipelined requests
  * until the client has read it all: a client that never reads cannot make
@@ -118,6 +119,11 @@ struct http_conn {
   size_t url_len;
   size_t hoff[H_COUNT]; /* where each kept header's value starts, or ABSENT */
   size_t body_off, body_len;
+  bool req_shared;      /* req is the server's scratch (srv->scratch), lent
+                           while the request arrives within one read */
+  const char *body_at;  /* the body, left in the input buffer where it
+                           arrived whole (not copied to req); NULL: in req */
+  uint64_t body_decl;   /* Content-Length of the request being read */
   size_t head_bytes;
   int cur_hdr;
   unsigned hname_len; /* HNAME_MAX + 1: too long to be one we keep */
@@ -160,7 +166,16 @@ struct http_server {
   uint64_t timer_at; /* when `timer` fires; 0 when not armed */
   unsigned depth;    /* > 0 while inside a connection callback */
   bool free_pending; /* http_server_free() was called from the handler */
-  char rbuf[READ_CHUNK];
+  uint64_t now;      /* now_ms() when the current callback began (depth > 0) */
+  /* A request that starts and ends within one read is gathered here rather
+   * than in an allocation of its connection's own; kept between requests
+   * while no larger than SCRATCH_KEEP. */
+  char *scratch;
+  size_t scratch_cap;
+  bool scratch_lent;
+  /* one byte more than is ever read into it: the NUL after a body left in
+   * place (see dispatch) */
+  char rbuf[READ_CHUNK + 1];
 };
 
 static struct event *conn_event(http_conn *c) { return (struct event *)c->ev; }
@@ -201,9 +216,19 @@ static void list_append(conn_list *l, http_conn *c) {
   c->list = l;
 }
 
+/* The clock read once per callback: a request's deadlines are set several
+ * times while it is read and answered, and milliseconds do not move much
+ * within one pass. */
+static uint64_t srv_now(const http_server *s) { return s->depth ? s->now : now_ms(); }
+
+/* Marks the start of a callback into the server. */
+static void srv_enter(http_server *s) {
+  if (s->depth++ == 0) s->now = now_ms();
+}
+
 static void timer_want(http_server *s, uint64_t at) {
   if (s->timer_at && s->timer_at <= at) return;
-  uint64_t now = now_ms();
+  uint64_t now = srv_now(s);
   /* at least 1 ms, so a coarse event-loop clock cannot make it spin */
   uint64_t wait = at > now ? at - now : 1;
   struct timeval tv = {(time_t)(wait / 1000), (suseconds_t)(wait % 1000) * 1000};
@@ -212,7 +237,7 @@ static void timer_want(http_server *s, uint64_t at) {
 
 static void set_deadline(http_conn *c, conn_list *l, unsigned ms) {
   list_unlink(c);
-  c->deadline_ms = now_ms() + ms;
+  c->deadline_ms = srv_now(c->srv) + ms;
   list_append(l, c);
   timer_want(c->srv, c->deadline_ms);
 }
@@ -357,6 +382,26 @@ static void out_free_all(http_conn *c) {
   c->nwait = 0;
 }
 
+/* Lets go of the request's buffer: gives the scratch back to the server,
+ * or frees the connection's own. */
+static void req_drop(http_conn *c) {
+  http_server *s = c->srv;
+  if (c->req_shared) {
+    s->scratch_lent = false;
+    if (s->scratch_cap > SCRATCH_KEEP) {
+      free(s->scratch);
+      s->scratch = NULL;
+      s->scratch_cap = 0;
+    }
+  } else {
+    free(c->req);
+  }
+  c->req = NULL;
+  c->req_len = c->req_cap = 0;
+  c->req_shared = false;
+  c->body_at = NULL;
+}
+
 static void conn_destroy(http_conn *c) {
   http_server *s = c->srv;
   conn_set_events(c, 0);
@@ -364,7 +409,7 @@ static void conn_destroy(http_conn *c) {
   list_unlink(c);
   kick_unlink(c);
   out_free_all(c);
-  free(c->req);
+  req_drop(c);
   free(c->in);
   s->nconns--;
   free(c);
@@ -508,6 +553,21 @@ static bool extra_valid(const char *e) {
   return true;
 }
 
+/* Copies s to h; returns the end. */
+static char *mem_put(char *h, const char *s) {
+  size_t n = strlen(s);
+  memcpy(h, s, n);
+  return h + n;
+}
+
+const char *http_fmt_uint(char buf[static 21], uint64_t v) {
+  char *p = buf + 20;
+  *p = '\0';
+  do *--p = (char)('0' + v % 10);
+  while (v /= 10);
+  return p;
+}
+
 /* Builds one response; body (malloc()ed or NULL) is owned from here on,
  * even on failure, which returns NULL (out of memory). A status outside
  * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
@@ -535,22 +595,24 @@ static out_seg *make_response(int status, const char *ctype, const char *extra, 
     free(body);
     return NULL;
   }
-  const char *reason = reason_phrase(status), *conn = keep_alive ? "keep-alive" : "close";
-  int n;
-  if (no_length)
-    n = snprintf(o->head, cap, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sConnection: %s\r\n\r\n",
-                 status, reason, ctype, extra, conn);
-  else
-    n = snprintf(o->head, cap,
-                 "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
-                 "%sConnection: %s\r\n\r\n",
-                 status, reason, ctype, body_len, extra, conn);
-  if (n < 0 || (size_t)n >= cap) { /* cannot happen with the sizes above */
-    free(body);
-    free(o);
-    return NULL;
+  /* one response per request: built with copies, not snprintf */
+  char *h = o->head;
+  char num[24];
+  h = mem_put(h, "HTTP/1.1 ");
+  h = mem_put(h, http_fmt_uint(num, (unsigned)status));
+  *h++ = ' ';
+  h = mem_put(h, reason_phrase(status));
+  h = mem_put(h, "\r\nContent-Type: ");
+  h = mem_put(h, ctype);
+  if (!no_length) {
+    h = mem_put(h, "\r\nContent-Length: ");
+    h = mem_put(h, http_fmt_uint(num, body_len));
   }
-  o->head_len = (size_t)n;
+  h = mem_put(h, "\r\n");
+  h = mem_put(h, extra);
+  h = mem_put(h, keep_alive ? "Connection: keep-alive\r\n\r\n" : "Connection: close\r\n\r\n");
+  size_t n = (size_t)(h - o->head);
+  o->head_len = n;
   o->body = body;
   o->body_len = body ? body_len : 0;
   return o;
@@ -662,6 +724,10 @@ static int req_reserve(http_conn *c, size_t more) {
   if (!p) return -1;
   c->req = p;
   c->req_cap = cap;
+  if (c->req_shared) {
+    c->srv->scratch = p;
+    c->srv->scratch_cap = cap;
+  }
   return 0;
 }
 
@@ -687,7 +753,15 @@ static int head_add(http_conn *c, size_t n) {
 
 static int on_message_begin(llhttp_t *p) {
   http_conn *c = p->data;
+  http_server *s = c->srv;
+  if (!c->req && !s->scratch_lent) { /* given back, or copied, before the input goes */
+    c->req = s->scratch;
+    c->req_cap = s->scratch_cap;
+    c->req_shared = s->scratch_lent = true;
+  }
   c->req_len = 0;
+  c->body_at = NULL;
+  c->body_decl = 0;
   c->url_len = 0;
   for (int i = 0; i < H_COUNT; i++) c->hoff[i] = ABSENT;
   c->body_off = 0;
@@ -797,10 +871,7 @@ static int on_headers_complete(llhttp_t *p) {
   if (has_body && lim->admit)
     c->discard_body = !lim->admit(c->srv->user,
                                   c->hoff[H_AUTH] != ABSENT ? c->req + c->hoff[H_AUTH] : NULL);
-  /* a declared length can be allocated once; chunked grows as it comes */
-  if (!c->discard_body && !(p->flags & F_CHUNKED) && p->content_length > 0 &&
-      req_reserve(c, (size_t)p->content_length + 1) < 0)
-    return refuse(c, 500, "out of memory");
+  if (!(p->flags & F_CHUNKED)) c->body_decl = p->content_length;
   c->body_off = c->req_len;
   c->in_body = true;
   c->phase = PHASE_BODY;
@@ -819,13 +890,26 @@ static int on_chunk_header(llhttp_t *p) {
 static int on_body(llhttp_t *p, const char *at, size_t n) {
   http_conn *c = p->data;
   if (n > c->srv->lim.max_body - c->body_len) return refuse(c, 413, "request body too large");
+  if (c->discard_body) {
+    c->body_len += n;
+    return 0;
+  }
+  if (!c->body_len && n == c->body_decl) {
+    /* arrived whole: it stays where it is (see dispatch) */
+    c->body_at = at;
+    c->body_len = n;
+    return 0;
+  }
+  /* a declared length is allocated once; chunked grows as it comes */
+  if (!c->body_len && c->body_decl && req_reserve(c, (size_t)c->body_decl + 1) < 0)
+    return refuse(c, 500, "out of memory");
   c->body_len += n;
-  return c->discard_body ? 0 : req_put(c, at, n);
+  return req_put(c, at, n);
 }
 
 static int on_message_complete(llhttp_t *p) {
   http_conn *c = p->data;
-  int r = req_nul(c);
+  int r = c->body_at ? 0 : req_nul(c);
   if (r) return r;
   /* an upgrade or CONNECT would switch protocols, which we do not */
   c->keep_alive = llhttp_should_keep_alive(p) && !p->upgrade;
@@ -906,9 +990,20 @@ static void dispatch(http_conn *c) {
   rq.body = c->req + c->body_off;
   rq.body_len = c->discard_body ? 0 : c->body_len;
   rq.peer = c->peer;
+  /* A body left in the input buffer gets its NUL in the byte after it
+   * (the next request's first, or the spare byte every input buffer has),
+   * put back before the parser reads on. */
+  char *nul = NULL, saved = 0;
+  if (c->body_at) {
+    nul = (char *)c->body_at + c->body_len;
+    saved = *nul;
+    *nul = '\0';
+    rq.body = c->body_at;
+  }
 
   resp_box b = {.conn = c, .head_only = rq.method == HTTP_HEAD};
   s->handler(s->user, &rq, &b.pub);
+  if (nul) *nul = saved;
 
   bool keep = c->keep_alive && !s->free_pending;
   const http_response *rs = &b.pub;
@@ -919,15 +1014,14 @@ static void dispatch(http_conn *c) {
                    b.head_only, keep);
   if (!keep) c->closing = true;
   /* keep nothing of the request while the connection waits for the next */
-  free(c->req);
-  c->req = NULL;
-  c->req_len = c->req_cap = 0;
+  req_drop(c);
 }
 
-/* Keeps the unparsed rest of the input until output drains. */
+/* Keeps the unparsed rest of the input until output drains (with the spare
+ * byte at the end that every input buffer has: see dispatch). */
 static void stash_input(http_conn *c, const char *data, size_t len) {
   if (!len) return;
-  c->in = malloc(len);
+  c->in = malloc(len + 1);
   if (!c->in) {
     c->dead = true;
     return;
@@ -942,9 +1036,43 @@ static bool conn_can_parse(const http_conn *c) {
   return c->out_bytes <= OUT_HIGH && c->nwait < c->srv->lim.max_deferred;
 }
 
+/* Before the input buffer is reused: a request still coming takes its own
+ * copy of what it has (out of the scratch, the body out of the input). */
+static void req_keep(http_conn *c) {
+  http_server *s = c->srv;
+  const char *body = c->body_at;
+  if (c->closing || c->dead || c->phase == PHASE_NONE) {
+    req_drop(c); /* nothing more of it is parsed (or it is done) */
+    return;
+  }
+  c->body_at = NULL;
+  if (c->req_shared) {
+    size_t cap = c->req_len + (body ? c->body_len : 0) + 1;
+    char *own = malloc(cap);
+    if (!own) {
+      c->dead = true;
+      return;
+    }
+    if (c->req_len) memcpy(own, c->req, c->req_len);
+    s->scratch_lent = c->req_shared = false;
+    c->req = own;
+    c->req_cap = cap;
+  }
+  if (body && req_put(c, body, c->body_len)) c->dead = true;
+}
+
+static bool conn_feed_(http_conn *c, const char *data, size_t len);
+
 /* Parses input and answers each complete request in turn. Returns false
- * only when the handler asked for the server to be freed. */
+ * only when the handler asked for the server to be freed. data has a spare
+ * writable byte after len (see dispatch). */
 static bool conn_feed(http_conn *c, const char *data, size_t len) {
+  bool go_on = conn_feed_(c, data, len);
+  if (go_on && (c->req_shared || c->body_at)) req_keep(c);
+  return go_on;
+}
+
+static bool conn_feed_(http_conn *c, const char *data, size_t len) {
   while (len && !c->closing && !c->dead) {
     if (!conn_can_parse(c)) {
       c->throttled = true;
@@ -1035,7 +1163,7 @@ static void conn_io(http_conn *c, short what) {
   }
   if ((what & EV_WRITE) && !conn_run(c)) return;
   if (!(what & EV_READ) || !(c->events & EV_READ)) return;
-  ssize_t n = im_stream_read(c->st, s->rbuf, sizeof s->rbuf);
+  ssize_t n = im_stream_read(c->st, s->rbuf, READ_CHUNK);
   if (n == IM_STREAM_AGAIN) return;
   if (n < 0) {
     conn_destroy(c);
@@ -1063,7 +1191,7 @@ static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   http_conn *c = arg;
   http_server *s = c->srv;
-  s->depth++;
+  srv_enter(s);
   conn_io(c, what);
   s->depth--;
   if (s->free_pending && s->depth == 0) server_destroy(s);
@@ -1074,10 +1202,11 @@ static void kick_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   http_server *s = arg;
-  s->depth++;
+  srv_enter(s);
   while (s->kick_head && !s->free_pending) {
     http_conn *c = s->kick_head;
     kick_unlink(c);
+    if (!c->nwait) conn_touch(c);
     conn_run(c);
   }
   s->depth--;
@@ -1107,7 +1236,7 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
     c->dead = true;
   }
   free(w);
-  if (--c->nwait == 0) conn_touch(c);
+  c->nwait--; /* the loop puts c back on the idle clock when none is left (kick_cb) */
   kick_add(c);
   return 0;
 }
@@ -1207,6 +1336,7 @@ static void server_destroy(http_server *s) {
   if (s->timer) event_free(s->timer);
   if (s->kick) event_free(s->kick);
   free(s->slots);
+  free(s->scratch);
   free(s);
 }
 

@@ -213,4 +213,9 @@ int http_server_port(const http_server *s);
  * http_server_respond() (drop the tickets). */
 void http_server_free(http_server *s);
 
+/* v in decimal, NUL-terminated, written at the end of buf (21 bytes hold
+ * any uint64_t); returns where it starts in buf. For answers built without
+ * printf on hot paths. */
+const char *http_fmt_uint(char buf[static 21], uint64_t v);
+
 #endif

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,22 +61,57 @@ void imd_log_close(void) {
   path_copy = NULL;
 }
 
+/* One log line, built in memory and written with one fwrite(): stderr is
+ * unbuffered, and writing it piece by piece cost a write(2) per byte. It
+ * starts on the stack and moves to the heap only when it outgrows that. */
+typedef struct line {
+  char *p;
+  size_t n, cap;
+  bool full; /* out of memory: the rest is dropped */
+  char stack[2048];
+} line;
+
+static void put(line *l, const char *s, size_t n) {
+  if (l->full) return;
+  if (l->cap - l->n < n) {
+    size_t cap = l->cap * 2 > l->n + n ? l->cap * 2 : l->n + n;
+    char *p = l->p == l->stack ? malloc(cap) : realloc(l->p, cap);
+    if (!p) {
+      l->full = true;
+      return;
+    }
+    if (l->p == l->stack) memcpy(p, l->stack, l->n);
+    l->p = p;
+    l->cap = cap;
+  }
+  memcpy(l->p + l->n, s, n);
+  l->n += n;
+}
+
+static void puts_(line *l, const char *s) { put(l, s, strlen(s)); }
+
 /* s as the body of a JSON string. */
-static void put_json(FILE *f, const char *s) {
+static void put_json(line *l, const char *s) {
+  static const char hex[] = "0123456789abcdef";
   for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
-    if (*p == '"' || *p == '\\')
-      fprintf(f, "\\%c", *p);
-    else if (*p < 0x20)
-      fprintf(f, "\\u%04x", *p);
-    else
-      fputc(*p, f);
+    const unsigned char *run = p;
+    while (*p && *p != '"' && *p != '\\' && *p >= 0x20) p++;
+    put(l, (const char *)run, (size_t)(p - run));
+    if (!*p) break;
+    if (*p == '"' || *p == '\\') {
+      char e[2] = {'\\', (char)*p};
+      put(l, e, 2);
+    } else {
+      char e[6] = {'\\', 'u', '0', '0', hex[*p >> 4], hex[*p & 15]};
+      put(l, e, 6);
+    }
   }
 }
 
-void imd_log_(enum imd_log_level level, const char *file, int line, const char *const *fields,
+void imd_log_(enum imd_log_level level, const char *file, int line_no, const char *const *fields,
               const char *fmt, ...) {
   FILE *f = out ? out : stderr;
-  char msg[1024], ts[40];
+  char msg[1024], head[160];
   va_list ap;
   va_start(ap, fmt);
   vsnprintf(msg, sizeof msg, fmt, ap);
@@ -84,20 +120,27 @@ void imd_log_(enum imd_log_level level, const char *file, int line, const char *
   gettimeofday(&tv, NULL);
   struct tm tm;
   gmtime_r(&tv.tv_sec, &tm);
+  char ts[40];
   strftime(ts, sizeof ts, "%Y-%m-%dT%H:%M:%S", &tm);
   const char *base = strrchr(file, '/');
-  flockfile(f);
-  fprintf(f, "{\"ts\":\"%s.%03ldZ\",\"level\":\"%s\",\"src\":\"%s:%d\",\"msg\":\"", ts,
-          (long)(tv.tv_usec / 1000), names[level], base ? base + 1 : file, line);
-  put_json(f, msg);
-  fputc('"', f);
+  line l = {.cap = sizeof l.stack};
+  l.p = l.stack;
+  int hn = snprintf(head, sizeof head, "{\"ts\":\"%s.%03ldZ\",\"level\":\"%s\",\"src\":\"", ts,
+                    (long)(tv.tv_usec / 1000), names[level]);
+  put(&l, head, hn > 0 && (size_t)hn < sizeof head ? (size_t)hn : 0);
+  put_json(&l, base ? base + 1 : file);
+  hn = snprintf(head, sizeof head, ":%d\",\"msg\":\"", line_no);
+  put(&l, head, hn > 0 && (size_t)hn < sizeof head ? (size_t)hn : 0);
+  put_json(&l, msg);
+  puts_(&l, "\"");
   for (int i = 0; fields && fields[i] && fields[i + 1]; i += 2) {
-    fputs(",\"", f);
-    put_json(f, fields[i]);
-    fputs("\":\"", f);
-    put_json(f, fields[i + 1]);
-    fputc('"', f);
+    puts_(&l, ",\"");
+    put_json(&l, fields[i]);
+    puts_(&l, "\":\"");
+    put_json(&l, fields[i + 1]);
+    puts_(&l, "\"");
   }
-  fputs("}\n", f);
-  funlockfile(f);
+  puts_(&l, "}\n");
+  if (!l.full) fwrite(l.p, 1, l.n, f);
+  if (l.p != l.stack) free(l.p);
 }

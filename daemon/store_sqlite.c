@@ -1,6 +1,6 @@
 /* imd's message store on SQLite (the contract is in store.h).
  *
- * Tables (schema version 1, PRAGMA user_version):
+ * Tables (schema version 3, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
  *           inbox(mid).
@@ -10,16 +10,28 @@
  *   inbox   (uid, seq) -> mid: the per-user inboxes. The entries still held
  *           for a user are always exactly trimmed+1 .. last_seq; trimming
  *           only ever drops a prefix.
- *   users   uid -> last_seq, trimmed. last_seq is written once per batch per
- *           user touched (at commit), not per append.
+ *   users   uid -> last_seq, trimmed. last_seq is not written by commits:
+ *           a user's last seq is also that of its newest inbox entry. It is
+ *           written for the users a commit advanced at the next retention
+ *           pass (which reads it) and at close.
  *   cursors (uid, device) -> delivered.
+ *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
+ *           close (users rows exact), 0 while it is open. An open that finds
+ *           no clean close raises the users rows from the inboxes (one scan).
  *
- * Hot path: an append is one INSERT per table row it adds (idem, msgs, one
- * inbox row per receiver) inside a SAVEPOINT, so a failing append undoes
- * only itself and the batch around it survives. The next seq of each user
- * comes from an in-memory cache loaded once from the database. */
+ * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
+ * row per receiver) and nothing else; a batch is one transaction, one
+ * commit, one fsync. There is no savepoint per append: what can refuse an
+ * append (arguments, a uid listed twice, a duplicate key) is checked before
+ * its first write, and an append that SQLite fails halfway deletes the rows
+ * it wrote, so the batch around it survives. The next seq of each user comes
+ * from an in-memory counter loaded once from the database. Commits write
+ * their WAL frames in a few large writes (store_vfs.c, with fsync on) and
+ * leave the checkpoint to another thread where the caller provides one
+ * (sqlstore_set_wal_hook(); imd's store thread does). */
 #include "store_sqlite.h"
 
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -28,8 +40,11 @@
 #include <sqlite3.h>
 
 #include "core/strmap.h"
+#include "store_vfs.h"
 
-#define SCHEMA_VERSION 2      /* 2: group membership (grp_members) */
+/* 2: group membership (grp_members); 3: users rows written lazily, meta
+ * (the clean-close mark). Older files are upgraded on open. */
+#define SCHEMA_VERSION 3
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
@@ -38,10 +53,11 @@
 /* Appends insert at random places in idem and inbox (keyed by sender and
  * by receiver), so a commit writes about one whole page per row to the WAL.
  * Small pages cut those bytes (measured: under half the volume of 4 KiB
- * pages, and ~20% more appends/s). The checkpoint runs inside the commit
- * that crosses WAL_CHECKPOINT_BYTES, so that size trades throughput for the
- * longest commit: 32 MiB measured a little faster but stalled commits for
- * 50-80 ms against ~25 ms at 4 MiB (SQLite's default size in bytes). */
+ * pages, and ~20% more appends/s). Without a WAL hook the checkpoint runs
+ * inside the commit that crosses WAL_CHECKPOINT_BYTES, so that size trades
+ * throughput for the longest commit: 32 MiB measured a little faster but
+ * stalled commits for 50-80 ms against ~25 ms at 4 MiB (SQLite's default
+ * size in bytes). */
 #define PAGE_SIZE 1024           /* only takes effect when the file is created */
 #define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
 #define WAL_LIMIT_BYTES (64 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
@@ -60,8 +76,11 @@ enum stmt_id {
   ST_USER_PUT,
   ST_IDEM_PUT,
   ST_IDEM_GET,
+  ST_IDEM_DEL,
   ST_MSG_PUT,
+  ST_MSG_DEL,
   ST_INBOX_PUT,
+  ST_INBOX_DEL,
   ST_MARK,
   ST_SYNC,
   ST_CURSORS,
@@ -87,9 +106,9 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_BEGIN] = "BEGIN IMMEDIATE",
   [ST_COMMIT] = "COMMIT",
   [ST_ROLLBACK] = "ROLLBACK",
-  [ST_SAVEPOINT] = "SAVEPOINT append",
-  [ST_RELEASE] = "RELEASE append",
-  [ST_UNDO] = "ROLLBACK TO append",
+  [ST_SAVEPOINT] = "SAVEPOINT group_change",
+  [ST_RELEASE] = "RELEASE group_change",
+  [ST_UNDO] = "ROLLBACK TO group_change",
   /* last = max(users.last_seq, newest inbox entry): the inbox term makes the
    * counter right even if a users row lagged behind its inbox. */
   [ST_USER_GET] =
@@ -98,23 +117,22 @@ static const char *const stmt_sql[ST_COUNT] = {
     "       coalesce((SELECT trimmed FROM users WHERE uid = ?1), 0)",
   [ST_USER_PUT] =
     "INSERT INTO users(uid, last_seq, trimmed) VALUES(?1, ?2, 0)"
-    " ON CONFLICT(uid) DO UPDATE SET last_seq = excluded.last_seq",
+    " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
   /* Insert first, look up only on conflict: a new key costs one index probe. */
   [ST_IDEM_PUT] =
     "INSERT INTO idem(sender, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
     " ON CONFLICT DO NOTHING",
   [ST_IDEM_GET] = "SELECT id FROM idem WHERE sender = ?1 AND device = ?2 AND cid = ?3",
+  [ST_IDEM_DEL] = "DELETE FROM idem WHERE sender = ?1 AND device = ?2 AND cid = ?3",
   [ST_MSG_PUT] =
     "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs)"
     " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+  [ST_MSG_DEL] = "DELETE FROM msgs WHERE mid = ?1",
   [ST_INBOX_PUT] = "INSERT INTO inbox(uid, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
-  /* a client's ack cannot move its device past what was stored: the mark is
-   * cut to the user's last seq (as ST_LAST computes it) */
+  [ST_INBOX_DEL] = "DELETE FROM inbox WHERE uid = ?1 AND seq = ?2",
+  /* ?3 is already cut to the user's last seq (sqlstore_mark_delivered) */
   [ST_MARK] =
-    "INSERT INTO cursors(uid, device, delivered)"
-    " SELECT ?1, ?2, min(?3, max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
-    "                          coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)))"
-    " WHERE true"
+    "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
     " ON CONFLICT(uid, device) DO UPDATE SET delivered = excluded.delivered"
     " WHERE excluded.delivered > cursors.delivered",
   [ST_SYNC] =
@@ -204,7 +222,18 @@ static const char schema_sql[] =
   "CREATE TABLE IF NOT EXISTS grp_members("
   "  gid TEXT NOT NULL,"
   "  uid TEXT NOT NULL,"
-  "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;";
+  "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;"
+  "CREATE TABLE IF NOT EXISTS meta("
+  "  k TEXT PRIMARY KEY,"
+  "  v INTEGER NOT NULL) WITHOUT ROWID;";
+
+/* users rows are written lazily (at retention and at close), so after a
+ * crash they may lag behind their inboxes or be missing: raise them from the
+ * inboxes, one scan, when the store was not closed cleanly. */
+static const char users_fix_sql[] =
+  "INSERT INTO users(uid, last_seq, trimmed) SELECT uid, max(seq), 0 FROM inbox"
+  " WHERE true GROUP BY uid"
+  " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)";
 
 /* Per-connection scratch tables of sqlstore_trim(); empty between trims. */
 static const char temp_sql[] =
@@ -214,15 +243,20 @@ static const char temp_sql[] =
   " mid INTEGER NOT NULL);"
   "CREATE TEMP TABLE IF NOT EXISTS trim_refs(mid INTEGER PRIMARY KEY, n INTEGER NOT NULL);";
 
-/* One user's seq counter. last includes the open batch's appends. */
+/* One user's seq counter. last includes the open batch's appends; durable
+ * is what the last commit made durable; the users row gets durable only at
+ * the next flush (users_flush()). */
 typedef struct user_ctr {
   strmap_node node;
   struct user_ctr *dirty_next; /* on s->dirty: last changed in this batch */
+  struct user_ctr *flush_next; /* on s->unflushed: durable is ahead of its users row */
   struct user_ctr *touch_next; /* on the list of the append in progress */
   uint64_t last;
+  uint64_t durable;
   uint64_t next;               /* seq the append in progress gives it */
   uint64_t stamp;              /* append that touched it last: spots a uid listed twice */
   bool dirty;
+  bool unflushed;
   char uid[];
 } user_ctr;
 
@@ -233,15 +267,22 @@ struct sql_store {
   sqlite3_stmt *st[ST_COUNT];
   imd_store_opts opts;
   strmap users;         /* uid -> user_ctr */
-  user_ctr *dirty;      /* counters to write to users at commit */
+  user_ctr *dirty;      /* counters the open batch advanced */
+  user_ctr *unflushed;  /* counters to write to users at the next flush */
   uint64_t stamp;       /* counts appends, for user_ctr.stamp */
   bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
   bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next
                            commit must fail so nothing in it is acknowledged */
+  sqlstore_wal_fn wal_fn; /* checkpoints elsewhere (NULL: in the commit) */
+  void *wal_ctx;
+  uint64_t frame_bytes;   /* a WAL frame: page + header */
+  bool ckpt_behind;       /* the last checkpoint here left frames uncopied */
   char err[ERR_MAX];
   char lost_err[ERR_MAX];
 };
+
+static int users_flush_alone(sql_store *s);
 
 /* ---- errors ---- */
 
@@ -317,6 +358,17 @@ static void cache_drop(sql_store *s)
   }
   s->users.count = 0;
   s->dirty = NULL;
+  s->unflushed = NULL;
+}
+
+/* The open batch is gone: its counters go back to what is durable. */
+static void seqs_forget(sql_store *s)
+{
+  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
+    u->last = u->durable;
+    u->dirty = false;
+  }
+  s->dirty = NULL;
 }
 
 /* A user's (last, trimmed) as the database has them now, batch included. */
@@ -360,7 +412,7 @@ static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
   memcpy(u->uid, uid, len + 1);
   u->node.key = u->uid;
   u->node.klen = (uint32_t)len;
-  u->last = last;
+  u->last = u->durable = last;
   strmap_put(&s->users, &u->node); /* a failed grow leaves it inserted, just slower */
   *out = u;
   return IMD_STORE_OK;
@@ -388,12 +440,12 @@ static void batch_check_lost(sql_store *s)
     s->batch = false;
     s->lost = true;
     memcpy(s->lost_err, s->err, sizeof s->err);
-    cache_drop(s);
+    seqs_forget(s);
   }
 }
 
-/* Ends the batch after a failure: roll back what is left of it and forget
- * the counters, which reload from the committed state. */
+/* Ends the batch after a failure: roll back what is left of it and take
+ * the counters back to the committed state. */
 static void batch_abort(sql_store *s)
 {
   if (!sqlite3_get_autocommit(s->db)) {
@@ -402,7 +454,7 @@ static void batch_abort(sql_store *s)
   }
   s->batch = false;
   s->writes = false;
-  cache_drop(s);
+  seqs_forget(s);
 }
 
 static int refuse_lost(sql_store *s)
@@ -453,6 +505,10 @@ static int schema_setup(sqlite3 *db, char *err, size_t errlen)
     return -1;
   }
   if (sqlite3_exec(db, schema_sql, NULL, NULL, NULL) != SQLITE_OK ||
+      (pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1 &&
+       sqlite3_exec(db, users_fix_sql, NULL, NULL, NULL) != SQLITE_OK) ||
+      sqlite3_exec(db, "INSERT OR REPLACE INTO meta(k, v) VALUES('clean', 0)", NULL, NULL, NULL) !=
+          SQLITE_OK ||
       sqlite3_exec(db, "PRAGMA user_version = " STR(SCHEMA_VERSION), NULL, NULL, NULL) !=
           SQLITE_OK ||
       sqlite3_exec(db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
@@ -495,7 +551,7 @@ static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
            " PRAGMA temp_store=MEMORY;"
            " PRAGMA wal_autocheckpoint=%d",
            no_fsync ? "NORMAL" : "FULL", CACHE_SIZE_KIB, WAL_LIMIT_BYTES,
-           WAL_CHECKPOINT_BYTES / page_size);
+           WAL_CHECKPOINT_BYTES / (page_size + 24));
   if (sqlite3_exec(db, sql, NULL, NULL, NULL) != SQLITE_OK) {
     report(err, errlen, "cannot configure the store", sqlite3_errmsg(db));
     return -1;
@@ -513,6 +569,16 @@ static int stmts_prepare(sql_store *s, char *err, size_t errlen)
     }
   }
   return 0;
+}
+
+static pthread_once_t sqlite_once = PTHREAD_ONCE_INIT;
+
+/* Before SQLite's first use in the process: no allocation statistics, which
+ * cost a global mutex per allocation (imd reads none of them). Too late if
+ * SQLite was already in use: then nothing changes. */
+static void sqlite_setup(void)
+{
+  sqlite3_config(SQLITE_CONFIG_MEMSTATUS, 0);
 }
 
 sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
@@ -533,7 +599,10 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   if (o != NULL)
     s->opts = *o;
   set_err(s, 0, "no error");
-  if (sqlite3_open_v2(path, &s->db, flags, NULL) != SQLITE_OK) {
+  pthread_once(&sqlite_once, sqlite_setup);
+  /* WAL writes coalesced per commit: only where each commit syncs */
+  if (sqlite3_open_v2(path, &s->db, flags, s->opts.no_fsync ? NULL : storevfs_name()) !=
+      SQLITE_OK) {
     report(err, errlen, "cannot open the store",
            s->db != NULL ? sqlite3_errmsg(s->db) : "out of memory");
     goto fail;
@@ -560,6 +629,10 @@ void sqlstore_close(sql_store *s)
     return;
   if (s->db != NULL && !sqlite3_get_autocommit(s->db))
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
+  seqs_forget(s);
+  /* A clean close: the users rows are exact, the next open trusts them. */
+  if (s->st[ST_COUNT - 1] != NULL && users_flush_alone(s) == IMD_STORE_OK)
+    sqlite3_exec(s->db, "INSERT OR REPLACE INTO meta(k, v) VALUES('clean', 1)", NULL, NULL, NULL);
   for (int i = 0; i < ST_COUNT; i++)
     sqlite3_finalize(s->st[i]);
   sqlite3_close(s->db);
@@ -692,28 +765,6 @@ static int inbox_insert(sql_store *s, const char *uid, uint64_t seq, sqlite3_int
   return run(s, ST_INBOX_PUT, "cannot store the inbox entry");
 }
 
-/* The writes of one append; the caller holds the savepoint around them. */
-static int append_rows(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
-                       uint64_t *seqs, char *dup_id, user_ctr **touched)
-{
-  const char *device = m->device != NULL ? m->device : "";
-  sqlite3_int64 mid;
-  int rc;
-
-  rc = seqs_pick(s, uids, n, seqs, touched);
-  if (rc != IMD_STORE_OK)
-    return rc;
-  if (m->cid != NULL) {
-    rc = idem_claim(s, m, device, dup_id);
-    if (rc != IMD_STORE_OK)
-      return rc;
-  }
-  rc = msg_insert(s, m, device, n, &mid);
-  for (size_t i = 0; rc == IMD_STORE_OK && i < n; i++)
-    rc = inbox_insert(s, uids[i], seqs[i], mid, m->ts);
-  return rc;
-}
-
 /* The append's rows are in: hand its seqs out for good. */
 static void seqs_take(sql_store *s, user_ctr *touched)
 {
@@ -727,29 +778,89 @@ static void seqs_take(sql_store *s, user_ctr *touched)
   }
 }
 
-/* Undoes a failed append alone. The counters were not advanced yet, so
- * only the database needs undoing. */
-static void append_undo(sql_store *s)
+/* The rows a failed append wrote before it failed. */
+typedef struct append_done {
+  bool idem;
+  bool msg;
+  sqlite3_int64 mid;
+  size_t inbox;            /* inbox rows, in uids order */
+} append_done;
+
+static int undo_key(sql_store *s, const imd_store_msg *m, const char *device)
 {
+  sqlite3_stmt *st = s->st[ST_IDEM_DEL];
+
+  bind_text(st, 1, m->from);
+  bind_text(st, 2, device);
+  bind_text(st, 3, m->cid);
+  return run(s, ST_IDEM_DEL, "cannot undo the append");
+}
+
+/* Takes back what a failed append wrote. There is no savepoint around an
+ * append (it would copy every page the append touches a second time): the
+ * rare failure pays instead. The counters were not advanced yet. If SQLite
+ * lost the whole batch, or the undo fails too, the batch is over and the
+ * next commit reports it. The append's own error stays in s->err. */
+static void append_undo(sql_store *s, const imd_store_msg *m, const char *device,
+                        const char *const *uids, const uint64_t *seqs, const append_done *d)
+{
+  char why[ERR_MAX];
+  int rc = IMD_STORE_OK;
+
   batch_check_lost(s);
   if (!s->batch)
     return;
-  if (sqlite3_step(s->st[ST_UNDO]) != SQLITE_DONE) {
-    sqlite3_reset(s->st[ST_UNDO]);
-    batch_abort(s); /* cannot happen in practice; never leave half an append */
+  memcpy(why, s->err, sizeof why);
+  for (size_t i = 0; rc == IMD_STORE_OK && i < d->inbox; i++) {
+    sqlite3_stmt *st = s->st[ST_INBOX_DEL];
+    bind_text(st, 1, uids[i]);
+    bind_u64(st, 2, seqs[i]);
+    rc = run(s, ST_INBOX_DEL, "cannot undo the append");
+  }
+  if (rc == IMD_STORE_OK && d->msg) {
+    sqlite3_bind_int64(s->st[ST_MSG_DEL], 1, d->mid);
+    rc = run(s, ST_MSG_DEL, "cannot undo the append");
+  }
+  if (rc == IMD_STORE_OK && d->idem)
+    rc = undo_key(s, m, device);
+  if (rc != IMD_STORE_OK) {
+    batch_abort(s); /* never leave half an append in a batch that commits */
     s->lost = true;
     memcpy(s->lost_err, s->err, sizeof s->err);
-    return;
   }
-  sqlite3_reset(s->st[ST_UNDO]);
-  sqlite3_step(s->st[ST_RELEASE]);
-  sqlite3_reset(s->st[ST_RELEASE]);
+  memcpy(s->err, why, sizeof why);
+}
+
+/* The writes of one append: the key (claimed first, so that a duplicate
+ * writes nothing), the message, one inbox row per receiver. */
+static int append_rows(sql_store *s, const imd_store_msg *m, const char *device,
+                       const char *const *uids, size_t n, const uint64_t *seqs, char *dup_id,
+                       append_done *d)
+{
+  int rc = IMD_STORE_OK;
+
+  if (m->cid != NULL) {
+    rc = idem_claim(s, m, device, dup_id);
+    d->idem = rc == IMD_STORE_OK;
+  }
+  if (rc == IMD_STORE_OK) {
+    rc = msg_insert(s, m, device, n, &d->mid);
+    d->msg = rc == IMD_STORE_OK;
+  }
+  while (rc == IMD_STORE_OK && d->inbox < n) {
+    rc = inbox_insert(s, uids[d->inbox], seqs[d->inbox], d->mid, m->ts);
+    if (rc == IMD_STORE_OK)
+      d->inbox++;
+  }
+  return rc;
 }
 
 int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
                      uint64_t *seqs, char *dup_id)
 {
   user_ctr *touched = NULL;
+  append_done done = {0};
+  const char *device;
   int rc;
 
   if (s == NULL)
@@ -764,23 +875,20 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
   rc = batch_begin(s);
   if (rc != IMD_STORE_OK)
     return rc;
-  if (run(s, ST_SAVEPOINT, "cannot begin the append") != IMD_STORE_OK) {
-    batch_check_lost(s);
-    return IMD_STORE_EIO;
+  device = m->device != NULL ? m->device : "";
+  /* Everything that can refuse the append without SQLite's help is checked
+   * before the first write. */
+  rc = seqs_pick(s, uids, n, seqs, &touched);
+  if (rc == IMD_STORE_OK)
+    rc = append_rows(s, m, device, uids, n, seqs, dup_id, &done);
+  if (rc == IMD_STORE_OK) {
+    s->writes = true;
+    seqs_take(s, touched);
+  } else if (rc == IMD_STORE_DUP) {
+    memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
+  } else if (rc == IMD_STORE_EIO) {
+    append_undo(s, m, device, uids, seqs, &done);
   }
-  rc = append_rows(s, m, uids, n, seqs, dup_id, &touched);
-  if (rc == IMD_STORE_OK || rc == IMD_STORE_DUP) {
-    if (run(s, ST_RELEASE, "cannot end the append") == IMD_STORE_OK) {
-      s->writes = true;
-      if (rc == IMD_STORE_OK)
-        seqs_take(s, touched);
-      else
-        memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
-      return rc;
-    }
-    rc = IMD_STORE_EIO;
-  }
-  append_undo(s);
   return rc;
 }
 
@@ -789,17 +897,30 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
 int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq)
 {
   sqlite3_stmt *st;
+  user_ctr *u;
+  size_t len;
   int rc;
 
   if (s == NULL)
     return IMD_STORE_EINVAL;
-  if (uid == NULL || uid[0] == '\0' || device == NULL || seq > INT64_MAX)
+  len = uid != NULL ? strlen(uid) : 0;
+  if (len == 0 || len > UINT32_MAX || device == NULL || seq > INT64_MAX)
     return set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
   if (s->lost)
     return refuse_lost(s);
   rc = batch_begin(s);
   if (rc != IMD_STORE_OK)
     return rc;
+  /* A client's ack cannot move its device past what was stored: the mark
+   * is cut to the user's last seq, from the counter (the open batch's
+   * appends included: they commit or fail together with the mark). */
+  rc = user_get(s, uid, len, &u);
+  if (rc != IMD_STORE_OK) {
+    batch_check_lost(s);
+    return rc;
+  }
+  if (seq > u->last)
+    seq = u->last;
   st = s->st[ST_MARK];
   bind_text(st, 1, uid);
   bind_text(st, 2, device);
@@ -811,6 +932,25 @@ int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, u
 }
 
 /* ---- groups ---- */
+
+/* Undoes a failed group change alone (group changes are rare: they keep
+ * their savepoint). */
+static void group_undo(sql_store *s)
+{
+  batch_check_lost(s);
+  if (!s->batch)
+    return;
+  if (sqlite3_step(s->st[ST_UNDO]) != SQLITE_DONE) {
+    sqlite3_reset(s->st[ST_UNDO]);
+    batch_abort(s); /* cannot happen in practice; never leave half a change */
+    s->lost = true;
+    memcpy(s->lost_err, s->err, sizeof s->err);
+    return;
+  }
+  sqlite3_reset(s->st[ST_UNDO]);
+  sqlite3_step(s->st[ST_RELEASE]);
+  sqlite3_reset(s->st[ST_RELEASE]);
+}
 
 static int group_rows(sql_store *s, enum stmt_id id, const char *gid, const char *const *uids,
                       size_t n)
@@ -855,7 +995,7 @@ int sqlstore_group_update(sql_store *s, const char *gid, const char *const *add,
   }
   if (rc == IMD_STORE_OK)
     rc = IMD_STORE_EIO;
-  append_undo(s);
+  group_undo(s);
   return rc;
 }
 
@@ -883,27 +1023,143 @@ int sqlstore_group_members(sql_store *s, const char *gid,
   return rc;
 }
 
+/* ---- checkpoints ---- */
+
+struct sql_ckpt {
+  sqlite3 *db;
+  uint64_t frame_bytes;
+};
+
+/* After each commit, with the WAL's size. Checkpointing here is allowed
+ * (SQLite's own autocheckpoint does it from the same hook). */
+static int wal_hook(void *arg, sqlite3 *db, const char *name, int frames)
+{
+  sql_store *s = arg;
+  int log = 0, copied = 0, rc;
+
+  if (frames > 0 && s->wal_fn(s->wal_ctx, (uint64_t)frames * s->frame_bytes, s->ckpt_behind)) {
+    rc = sqlite3_wal_checkpoint_v2(db, name, SQLITE_CHECKPOINT_PASSIVE, &log, &copied);
+    s->ckpt_behind = rc != SQLITE_OK || copied < log; /* busy: the other thread's pass */
+  }
+  return SQLITE_OK;
+}
+
+void sqlstore_set_wal_hook(sql_store *s, sqlstore_wal_fn fn, void *ctx)
+{
+  int page_size = pragma_int(s->db, "PRAGMA page_size");
+
+  s->wal_fn = fn;
+  s->wal_ctx = ctx;
+  s->frame_bytes = (uint64_t)(page_size > 0 ? page_size : PAGE_SIZE) + 24;
+  if (fn != NULL) {
+    sqlite3_wal_hook(s->db, wal_hook, s);
+  } else {
+    sqlite3_wal_autocheckpoint(s->db, (int)(WAL_CHECKPOINT_BYTES / s->frame_bytes));
+  }
+}
+
+sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *err, size_t errlen)
+{
+  bool no_fsync = o != NULL && o->no_fsync;
+  sql_ckpt *c = calloc(1, sizeof *c);
+
+  if (c == NULL) {
+    report(err, errlen, "out of memory", NULL);
+    return NULL;
+  }
+  if (sqlite3_open_v2(path, &c->db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX,
+                      no_fsync ? NULL : storevfs_name()) != SQLITE_OK ||
+      sqlite3_exec(c->db, no_fsync ? "PRAGMA synchronous=NORMAL" : "PRAGMA synchronous=FULL",
+                   NULL, NULL, NULL) != SQLITE_OK) {
+    report(err, errlen, "cannot open the store for checkpoints",
+           c->db != NULL ? sqlite3_errmsg(c->db) : "out of memory");
+    sqlstore_ckpt_close(c);
+    return NULL;
+  }
+  /* this connection only checkpoints: no autocheckpoint of its own */
+  sqlite3_wal_autocheckpoint(c->db, 0);
+  int page_size = pragma_int(c->db, "PRAGMA page_size");
+  c->frame_bytes = (uint64_t)(page_size > 0 ? page_size : PAGE_SIZE) + 24;
+  return c;
+}
+
+int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen)
+{
+  int log = 0, copied = 0;
+  int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &copied);
+
+  *copied_bytes = copied > 0 ? (uint64_t)copied * c->frame_bytes : 0;
+  if (rc == SQLITE_OK || rc == SQLITE_BUSY) /* busy: another checkpoint runs */
+    return IMD_STORE_OK;
+  report(err, errlen, "checkpoint failed", sqlite3_errmsg(c->db));
+  return IMD_STORE_EIO;
+}
+
+void sqlstore_ckpt_close(sql_ckpt *c)
+{
+  if (c == NULL)
+    return;
+  sqlite3_close(c->db);
+  free(c);
+}
+
 /* ---- commit ---- */
 
-/* Writes each touched user's counter once per batch rather than once per
- * append; retention reads last_seq from here. */
+/* Writes the durable counters that are ahead of their users rows, inside
+ * the caller's transaction. Commits do not write users rows: a user's last
+ * seq is also its newest inbox entry's, which the commit made durable.
+ * Retention reads last_seq, so it flushes first; so does close. */
 static int users_flush(sql_store *s)
 {
   sqlite3_stmt *st = s->st[ST_USER_PUT];
 
-  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
+  for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
     bind_text(st, 1, u->uid);
-    bind_u64(st, 2, u->last);
+    bind_u64(st, 2, u->durable);
     if (run(s, ST_USER_PUT, "cannot store the user's seq") != IMD_STORE_OK)
       return IMD_STORE_EIO;
   }
   return IMD_STORE_OK;
 }
 
-static void dirty_clear(sql_store *s)
+/* The transaction holding users_flush() committed. */
+static void users_flushed(sql_store *s)
 {
-  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next)
+  for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next)
+    u->unflushed = false;
+  s->unflushed = NULL;
+}
+
+/* A users flush in a transaction of its own (no batch open). */
+static int users_flush_alone(sql_store *s)
+{
+  if (s->unflushed == NULL)
+    return IMD_STORE_OK;
+  if (run(s, ST_BEGIN, "cannot begin the flush") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  if (users_flush(s) != IMD_STORE_OK || run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
+    if (!sqlite3_get_autocommit(s->db)) {
+      sqlite3_step(s->st[ST_ROLLBACK]);
+      sqlite3_reset(s->st[ST_ROLLBACK]);
+    }
+    return IMD_STORE_EIO;
+  }
+  users_flushed(s);
+  return IMD_STORE_OK;
+}
+
+/* The batch committed: its counters are durable. */
+static void seqs_commit(sql_store *s)
+{
+  for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
     u->dirty = false;
+    u->durable = u->last;
+    if (!u->unflushed) {
+      u->unflushed = true;
+      u->flush_next = s->unflushed;
+      s->unflushed = u;
+    }
+  }
   s->dirty = NULL;
 }
 
@@ -918,16 +1174,17 @@ int sqlstore_commit(sql_store *s)
   }
   if (!s->batch)
     return IMD_STORE_OK;
-  if (users_flush(s) != IMD_STORE_OK || run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
+  if (run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
     batch_abort(s);
     return IMD_STORE_EIO;
   }
   s->batch = false;
   s->writes = false;
-  dirty_clear(s);
-  /* The counters are a cache of the database: dropping them is always
-   * correct, and keeps memory bounded when many users come and go. */
-  if (s->users.count > CACHE_MAX)
+  seqs_commit(s);
+  /* The counters are a cache of the database: once their users rows are
+   * written, dropping them is always correct, and keeps memory bounded
+   * when many users come and go. */
+  if (s->users.count > CACHE_MAX && users_flush_alone(s) == IMD_STORE_OK)
     cache_drop(s);
   return IMD_STORE_OK;
 }
@@ -1106,9 +1363,11 @@ long sqlstore_trim(sql_store *s, uint64_t now_ms)
     return 0;
   if (run(s, ST_BEGIN, "cannot begin the trim") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  dropped = trim_steps(s, age_cutoff(s, now_ms));
+  dropped = users_flush(s) == IMD_STORE_OK ? trim_steps(s, age_cutoff(s, now_ms)) : IMD_STORE_EIO;
   if (dropped >= 0 && run(s, ST_COMMIT, "cannot commit the trim") != IMD_STORE_OK)
     dropped = IMD_STORE_EIO;
+  if (dropped >= 0)
+    users_flushed(s);
   if (dropped < 0 && !sqlite3_get_autocommit(s->db)) {
     sqlite3_step(s->st[ST_ROLLBACK]);
     sqlite3_reset(s->st[ST_ROLLBACK]);

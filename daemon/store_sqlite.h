@@ -30,9 +30,12 @@ typedef struct sql_store sql_store;
 
 
 /* Open (creating if needed) the store at `path` (a file name). WAL mode.
+ * A file of an older schema is upgraded; one that was not closed cleanly
+ * (a crash) has its per-user counters repaired from the inboxes first.
  * Returns the store, or NULL with a reason in err (errlen bytes, NUL-terminated). */
 sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen);
-/* Roll back an open batch and close. NULL is a no-op. */
+/* Roll back an open batch, write the users rows still due (see
+ * sqlstore_trim()) and mark the close clean, then close. NULL is a no-op. */
 void sqlstore_close(sql_store *s);
 /* Text of the last error (never NULL; valid until the next store call). */
 const char *sqlstore_error(const sql_store *s);
@@ -76,6 +79,35 @@ int sqlstore_group_members(sql_store *s, const char *gid,
 int sqlstore_commit(sql_store *s);
 
 
+/* Checkpoints (copying the WAL back into the database file) on a thread of
+ * the caller's. By default the store checkpoints inside the commit that
+ * leaves 4 MiB in the WAL, which stalls that commit. After
+ * sqlstore_set_wal_hook(s, fn, ctx), fn(ctx, wal_bytes, behind) runs after
+ * each commit instead, on the store's thread, with the WAL's size; it
+ * returns true to have the store checkpoint right there (passive: it copies
+ * only what no one copied yet, and never waits). The WAL starts over from
+ * its beginning only at a write after a checkpoint that left nothing to
+ * copy, so fn returns true once a pass of the other thread finished: that
+ * catch-up copies only the commits made during the pass. behind: the last
+ * such checkpoint did not copy everything (the other thread's next pass
+ * held it off), so the catch-up is still due. fn NULL: back to the
+ * default. fn must not call into the store. */
+typedef bool (*sqlstore_wal_fn)(void *ctx, uint64_t wal_bytes, bool behind);
+void sqlstore_set_wal_hook(sql_store *s, sqlstore_wal_fn fn, void *ctx);
+
+/* A connection of its own to the store at path, for checkpoints only, to
+ * be used by one other thread. NULL with a reason in err. */
+typedef struct sql_ckpt sql_ckpt;
+sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *err,
+                             size_t errlen);
+/* One passive checkpoint: copies the committed frames not yet copied,
+ * without blocking the store's writes. *copied_bytes gets how much of the
+ * WAL (from its start) is now in the database file. Returns 0 (also when
+ * another checkpoint was running) or IMD_STORE_EIO with a reason in err. */
+int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen);
+/* NULL is a no-op. */
+void sqlstore_ckpt_close(sql_ckpt *c);
+
 /* Called once per entry, in seq order. Return 0 to go on, non-zero to stop
  * (more is then set as if the limit had been reached). It must not call
  * into the store. */
@@ -101,7 +133,9 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
  * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
  * clock stepped back, a younger entry before an expired one goes with it.
  * Runs in its own transaction, so its time grows with the entries dropped
- * (call it often rather than rarely). Returns the number of inbox entries
+ * (call it often rather than rarely); first it writes the last seq of every
+ * user that commits advanced since the last trim (users.last_seq, which the
+ * count limit reads; commits do not write it). Returns the number of inbox entries
  * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
 long sqlstore_trim(sql_store *s, uint64_t now_ms);
 

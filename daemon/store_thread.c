@@ -12,14 +12,24 @@
  * commits what precedes it first). Delivered marks alone never force a
  * commit: they ride along with the next write, or are committed after
  * MARK_DELAY_MS at the latest; reads of the inbox do not wait for them.
+ *
+ * Checkpoints (copying the WAL back into the database file) run on a third
+ * thread with a connection of its own, at a lower priority, once per
+ * CKPT_BYTES of WAL, so that no commit waits for one; the store thread only
+ * catches up on the commits made during a pass (so that the WAL can start
+ * over), or checkpoints itself if the WAL ever grows past CKPT_LIMIT_BYTES.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <libim/im_async.h>
 
@@ -28,6 +38,10 @@
 #include "store_sqlite.h"
 
 #define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
+#define CKPT_BYTES (8u << 20)        /* WAL written between two checkpoint passes */
+#define CKPT_LIMIT_BYTES (64u << 20) /* past this the store thread checkpoints itself */
+#define CKPT_TAIL_BYTES (512u << 10) /* the most the store thread copies to catch up */
+#define CKPT_NICE 10                 /* the checkpoint thread yields to the others */
 #define ERR_MAX 256
 
 enum rq_kind { RQ_APPEND, RQ_MARK, RQ_SYNC, RQ_STATE, RQ_MEMBERS, RQ_GROUP };
@@ -85,6 +99,17 @@ struct thread_store {
   rq *todo, *todo_tail;    /* queued by the loop */
   bool stop, started;
   uint32_t trim_interval_s;
+  /* checkpoints */
+  sql_ckpt *ckpt;
+  pthread_t ckpt_thread;
+  bool ckpt_started, ckpt_due, ckpt_stop;
+  pthread_cond_t ckpt_wake;          /* under lock */
+  atomic_bool ckpt_passed;           /* a pass finished since the last catch-up */
+  _Atomic uint64_t ckpt_copied;      /* WAL bytes in the database file after that pass */
+  /* the store thread's side (on_wal) */
+  uint64_t ckpt_base;                /* WAL size at the last pass asked for */
+  bool ckpt_asked;                   /* a pass was asked for and has not finished */
+  bool ckpt_catchup;                 /* after it, copy the tail here */
   imd_store_stats st;
   char err[ERR_MAX];
 };
@@ -281,12 +306,10 @@ static void set_err_locked(thread_store *t) {
 
 /* Commit the open batch; the writes since the last commit learn its fate. */
 static void commit_now(thread_store *t, rq *from, rq *upto) {
-  uint64_t t0 = mono_ms();
   struct timespec a, b;
   clock_gettime(CLOCK_MONOTONIC, &a);
   int rc = sqlstore_commit(t->db);
   clock_gettime(CLOCK_MONOTONIC, &b);
-  (void)t0;
   if (rc < 0) {
     log_error("store commit failed: %s", sqlstore_error(t->db));
     set_err_locked(t);
@@ -441,6 +464,102 @@ static void *thread_main(void *arg) {
   return NULL;
 }
 
+/* ---- checkpoints ------------------------------------------------------------- */
+
+/* Asks the checkpoint thread for a pass (store thread). */
+static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
+  t->ckpt_base = wal_bytes;
+  t->ckpt_asked = true;
+  pthread_mutex_lock(&t->lock);
+  t->ckpt_due = true;
+  pthread_cond_signal(&t->ckpt_wake);
+  pthread_mutex_unlock(&t->lock);
+}
+
+/* After each commit, on the store thread (sqlstore_wal_fn); true: the
+ * store checkpoints right here. The WAL only starts over at a write after a
+ * checkpoint that left nothing to copy, which under steady writes only this
+ * thread can do: after each pass it copies the tail committed meanwhile, if
+ * the tail is short; else one more pass first. It never competes with a
+ * running pass (its checkpoint would find it busy), unless the WAL is far
+ * past the limit. */
+static bool on_wal(void *arg, uint64_t wal_bytes, bool behind) {
+  thread_store *t = arg;
+  if (t->ckpt_asked && atomic_exchange(&t->ckpt_passed, false)) t->ckpt_asked = false;
+  if (t->ckpt_asked) return wal_bytes >= 2 * (uint64_t)CKPT_LIMIT_BYTES;
+  if (t->ckpt_catchup || behind) {
+    if (wal_bytes <= atomic_load(&t->ckpt_copied) + CKPT_TAIL_BYTES ||
+        wal_bytes >= CKPT_LIMIT_BYTES) {
+      t->ckpt_catchup = false;
+      return true;
+    }
+    ckpt_ask(t, wal_bytes);
+    return false;
+  }
+  if (wal_bytes < t->ckpt_base) t->ckpt_base = 0; /* it did restart */
+  if (wal_bytes - t->ckpt_base >= CKPT_BYTES) {
+    ckpt_ask(t, wal_bytes);
+    t->ckpt_catchup = true;
+  }
+  return false;
+}
+
+static void *ckpt_main(void *arg) {
+  thread_store *t = arg;
+  char err[ERR_MAX];
+  /* Linux: a thread's nice value is its own */
+  setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), CKPT_NICE);
+  pthread_mutex_lock(&t->lock);
+  for (;;) {
+    while (!t->ckpt_due && !t->ckpt_stop) pthread_cond_wait(&t->ckpt_wake, &t->lock);
+    if (t->ckpt_stop) break;
+    t->ckpt_due = false;
+    pthread_mutex_unlock(&t->lock);
+    uint64_t copied = 0;
+    if (sqlstore_ckpt_run(t->ckpt, &copied, err, sizeof err) < 0) log_error("store: %s", err);
+    atomic_store(&t->ckpt_copied, copied);
+    atomic_store(&t->ckpt_passed, true);
+    pthread_mutex_lock(&t->lock);
+  }
+  pthread_mutex_unlock(&t->lock);
+  return NULL;
+}
+
+/* The checkpoint thread; without it the store checkpoints in its commits. */
+static void ckpt_start(thread_store *t, const char *path, const imd_store_opts *o) {
+  char err[ERR_MAX];
+  t->ckpt = sqlstore_ckpt_open(path, o, err, sizeof err);
+  if (!t->ckpt) {
+    log_error("store: checkpoints stay in the commits: %s", err);
+    return;
+  }
+  if (pthread_create(&t->ckpt_thread, NULL, ckpt_main, t) != 0) {
+    log_error("store: checkpoints stay in the commits: cannot start their thread");
+    sqlstore_ckpt_close(t->ckpt);
+    t->ckpt = NULL;
+    return;
+  }
+  t->ckpt_started = true;
+  sqlstore_set_wal_hook(t->db, on_wal, t);
+}
+
+/* Tells one of the store's threads to stop (*stop under the lock, its
+ * condition signalled) and waits for it. */
+static void thread_end(thread_store *t, bool *stop, pthread_cond_t *wake, pthread_t th) {
+  pthread_mutex_lock(&t->lock);
+  *stop = true;
+  pthread_cond_signal(wake);
+  pthread_mutex_unlock(&t->lock);
+  pthread_join(th, NULL);
+}
+
+static void ckpt_end(thread_store *t) {
+  if (t->ckpt_started) thread_end(t, &t->ckpt_stop, &t->ckpt_wake, t->ckpt_thread);
+  t->ckpt_started = false;
+  sqlstore_ckpt_close(t->ckpt);
+  t->ckpt = NULL;
+}
+
 /* ---- the ops ------------------------------------------------------------------ */
 
 static int t_append(imd_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
@@ -530,17 +649,13 @@ static void t_close(imd_store *s) {
     free(h);
     return;
   }
-  if (t->started) {
-    pthread_mutex_lock(&t->lock);
-    t->stop = true;
-    pthread_cond_signal(&t->wake);
-    pthread_mutex_unlock(&t->lock);
-    pthread_join(t->thread, NULL);
-  }
+  if (t->started) thread_end(t, &t->stop, &t->wake, t->thread);
+  ckpt_end(t); /* before the store: its close is the last, and checkpoints the rest */
   im_async_free(t->h.done); /* completes what the thread finished last */
   sqlstore_close(t->db);
   pthread_mutex_destroy(&t->lock);
   pthread_cond_destroy(&t->wake);
+  pthread_cond_destroy(&t->ckpt_wake);
   free(t);
 }
 
@@ -605,6 +720,9 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
   pthread_cond_init(&t->wake, NULL);
+  pthread_cond_init(&t->ckpt_wake, NULL);
+  atomic_init(&t->ckpt_passed, false);
+  atomic_init(&t->ckpt_copied, 0);
   *err = '\0';
   t->db = sqlstore_open(path, o, err, errlen);
   if (!t->db || (groups_json && import_groups(t->db, groups_json, err, errlen) < 0)) {
@@ -615,6 +733,7 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
   if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
+  ckpt_start(t, path, o);
   t->h.done = im_async_new(base, batch_done, t);
   if (!t->h.done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
     snprintf(err, errlen, "cannot start the store thread");

@@ -231,31 +231,31 @@ int im_ack(im_server *s, im_conn_id id, const char *cid, const char *msg_id, uin
   return rc;
 }
 
-int im_sync_end(im_server *s, im_conn_id id, uint64_t last, int more, int gap) {
+/* Send p on the open connection id, as a public entry point: returns like
+ * conn_send_packet, or IM_ENOENT / IM_ECLOSED. */
+static int send_open(im_server *s, im_conn_id id, const imp_packet *p) {
   im_conn *c = conn_live(s, id);
   if (!c) return IM_ENOENT;
   if (c->state != CS_OPEN) return IM_ECLOSED;
   srv_enter(s);
-  imp_packet p = {.op = IMP_OP_SYNC_END};
-  imp_set_num(&p, IMP_K_LAST, last);
-  imp_set_num(&p, IMP_K_MORE, more != 0);
-  if (gap) imp_set_num(&p, IMP_K_GAP, 1);
-  int rc = conn_send_packet(s, c, &p);
+  int rc = conn_send_packet(s, c, p);
   srv_leave(s);
   return rc;
 }
 
+int im_sync_end(im_server *s, im_conn_id id, uint64_t last, int more, int gap) {
+  imp_packet p = {.op = IMP_OP_SYNC_END};
+  imp_set_num(&p, IMP_K_LAST, last);
+  imp_set_num(&p, IMP_K_MORE, more != 0);
+  if (gap) imp_set_num(&p, IMP_K_GAP, 1);
+  return send_open(s, id, &p);
+}
+
 int im_conn_goaway(im_server *s, im_conn_id id, uint32_t reconnect_ms, const char *reason) {
-  im_conn *c = conn_live(s, id);
-  if (!c) return IM_ENOENT;
-  if (c->state != CS_OPEN) return IM_ECLOSED;
-  srv_enter(s);
   imp_packet p = {.op = IMP_OP_GOAWAY};
   imp_set_num(&p, IMP_K_RECONNECT_MS, reconnect_ms);
   if (reason && *reason) imp_set_str(&p, IMP_K_REASON, reason, strlen(reason));
-  int rc = conn_send_packet(s, c, &p);
-  srv_leave(s);
-  return rc;
+  return send_open(s, id, &p);
 }
 
 int im_reply_error(im_server *s, im_conn_id id, int code, const char *reason, const char *cid) {

@@ -557,6 +557,27 @@ class TestHttpPush(ServerCase):
         for x in (u1, u2, v, w):
             await x.barrier()
 
+    @scenario()
+    async def test_push_body_escapes_and_repeats(self):
+        """The body is read by the scanner, not a tree: escaped uids and senders
+        arrive unescaped, a repeated member counts once (the last), a to list
+        with a uid twice reaches it once, and the answer is exact JSON."""
+        u = await self.client('json', 'esc')
+        esc = ''.join('\\u%04x' % ord(ch) for ch in u.uid)      # the uid, all \u escapes
+        body = '{"from":"bil\\"l\\\\ing\\u00e9","to":"nobody","to":"%s","data":%s}' % (esc, DATA)
+        r = await api(self.srv, 'POST', '/v1/messages', body)
+        self.assertEqual((r.status, r.json['delivered'], r.json['stored']), (200, 1, 1), r)
+        self.assertEqual(set(r.json), {'id', 'delivered', 'stored'})
+        await u.expect('msg', id=r.json['id'], data=DATA, **{'from': 'bil"l\\ing\u00e9'})
+        body = '{"to":["%s", "%s"],"data":%s}' % (esc, u.uid, DATA)
+        r = await api(self.srv, 'POST', '/v1/messages', body)
+        self.assertEqual((r.status, r.json['delivered']), (200, 1), r)
+        await u.expect('msg', id=r.json['id'], data=DATA)
+        await u.barrier()
+        for bad in ('{"to":"a\\u0000b","data":1}', '{"to":["a","b\\u0000"],"data":1}',
+                    '{"from":"x\\u0000","to":"a","data":1}'):
+            r = await api(self.srv, 'POST', '/v1/messages', bad)
+            self.assertEqual(r.status, 400, (bad, r))
 
 # ======================================================== presence and kick ===
 

@@ -726,6 +726,57 @@ static void test_pipelined(void **state) {
   cli_close(&c);
 }
 
+/* The next response on c is /echo's 200 with body want (599: the body the
+ * handler got had no NUL after it). */
+static void expect_echo(client *c, const char *want) {
+  response r = cli_read(c);
+  assert_int_equal(r.status, 200);
+  assert_string_equal(r.body, want);
+  resp_free(&r);
+}
+
+/* Requests that arrive in pieces on two connections while a third sends
+ * whole ones: what each partial one read before the others ran (target,
+ * headers, the start of its body) is still its own when it completes (the
+ * server gathers a request that arrives whole in one shared buffer, and a
+ * body that arrives whole stays in the input). */
+static void test_interleaved_partial_requests(void **state) {
+  (void)state;
+  start(NULL);
+  client a = cli_open(), h = cli_open(), b = cli_open();
+  /* a: head and half its body; h: its head only */
+  cli_sends(&a,
+            "POST /echo?a HTTP/1.1\r\nAuthorization: Bearer aaa\r\n"
+            "Content-Type: text/a\r\nContent-Length: 10\r\n\r\nhello");
+  cli_sends(&h, "POST /echo?h HTTP/1.1\r\nAuthorization: Bearer hhh\r\nContent-Length: 4\r\n\r\n");
+  for (int i = 0; i < 2; i++) { /* b: whole requests, answered in between */
+    cli_sends(&b,
+              "POST /echo?b HTTP/1.1\r\nAuthorization: Bearer bbb\r\n"
+              "Content-Type: text/b\r\nContent-Length: 3\r\n\r\nbee");
+    expect_echo(&b, "bee");
+    seen s = snapshot();
+    assert_string_equal(s.auth, "Bearer bbb");
+    assert_string_equal(s.query, "b");
+  }
+  cli_sends(&h, "body");
+  expect_echo(&h, "body");
+  seen s = snapshot();
+  assert_string_equal(s.auth, "Bearer hhh");
+  assert_true(s.ctype_null);
+  assert_string_equal(s.query, "h");
+  cli_sends(&a, "world");
+  expect_echo(&a, "helloworld");
+  s = snapshot();
+  assert_string_equal(s.auth, "Bearer aaa");
+  assert_string_equal(s.ctype, "text/a");
+  assert_string_equal(s.path, "/echo");
+  assert_string_equal(s.query, "a");
+  assert_int_equal(s.requests, 4);
+  cli_close(&a);
+  cli_close(&h);
+  cli_close(&b);
+}
+
 static void test_byte_by_byte(void **state) {
   (void)state;
   start(NULL);
@@ -1857,6 +1908,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(test_status_handling, setup, teardown),
       cmocka_unit_test_setup_teardown(test_post_body, setup, teardown),
       cmocka_unit_test_setup_teardown(test_pipelined, setup, teardown),
+      cmocka_unit_test_setup_teardown(test_interleaved_partial_requests, setup, teardown),
       cmocka_unit_test_setup_teardown(test_byte_by_byte, setup, teardown),
       cmocka_unit_test_setup_teardown(test_chunked, setup, teardown),
       cmocka_unit_test_setup_teardown(test_keepalive_100, setup, teardown),

@@ -273,7 +273,7 @@ static void test_idle_session_rests(void **st) {
   client c;
   client_init(&c, sv[1], NULL);
   handshake_both(s, &c);
-  static unsigned char data[65536 + 16]; /* sizes[k] bytes from data + k and data + 2k */
+  static unsigned char data[65536 + 16]; /* sizes[k] bytes from data + k */
   for (size_t i = 0; i < sizeof data; i++) data[i] = (unsigned char)(i * 13 + i / 509);
   static const size_t sizes[] = {1, 100, 4095, 4096, 4097, 16384, 16385, 65536};
   size_t min_back = 2 * (size_t)(16384 / sysconf(_SC_PAGESIZE) - 1) * (size_t)sysconf(_SC_PAGESIZE);
