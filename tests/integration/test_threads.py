@@ -196,6 +196,22 @@ class TestConnsPerIpAcrossWorkers(ImdCase):
         self.assertEqual(m['imd_connections_refused_total{reason="per_ip_cap"}'], 4, m)
 
 
+class TestConnRateAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--conn-rate', '1', '--conn-burst', '10', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_one_bucket_per_source(self):
+        # 20 connections from one source, hashed over both workers: one
+        # bucket of 10 (each worker's own would admit about 20)
+        t0 = time.monotonic()
+        admitted = [await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.7', 0)))
+                    for _ in range(20)]
+        secs = time.monotonic() - t0
+        self.assertGreaterEqual(sum(admitted), 10)
+        self.assertLessEqual(sum(admitted), 10 + secs * 1 + 1)
+        self.assertTrue(await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.8', 0))))
+
+
 class TestMaxConnectionsAcrossWorkers(ImdCase):
     server_args = ('--threads', '2', '--max-connections', '16', *NO_RATE_LIMITS)
 
