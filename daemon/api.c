@@ -788,19 +788,46 @@ static bool bans_clustered(imd *d, http_response *r, const char *uid, const char
   return true;
 }
 
+/* An address ban with worker threads: the guard is the workers' one
+ * (im_shared), each worker closes its own connections from the address,
+ * and "closed" is the sum. */
+typedef struct ip_kick {
+  uint64_t ticket;
+  uint32_t secs;
+  char ip[];
+} ip_kick;
+
+static int kick_ip_here(imd *w, void *arg) {
+  return im_guard_kick(w->srv, ((ip_kick *)arg)->ip, IM_CLOSE_KICKED, "banned");
+}
+
+static void ip_kicked(imd *d, long n, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the count */
+  ip_kick *k = arg;
+  respond_json(d, k->ticket, 200, ban_result(k->ip, true, true, k->secs, (int)n));
+  free(k);
+}
+
+static void kick_ip_workers(imd *d, const char *ip, uint32_t secs, http_response *r) {
+  size_t len = strlen(ip) + 1;
+  ip_kick *k = malloc(sizeof *k + len);
+  uint64_t ticket = k ? defer(r) : 0;
+  if (!ticket) {
+    if (!k) reply_error(r, 503, "out of memory");
+    free(k);
+    return;
+  }
+  *k = (ip_kick){.ticket = ticket, .secs = secs};
+  memcpy(k->ip, ip, len);
+  if (imd_workers_gather(d, kick_ip_here, ip_kicked, k) < 0) {
+    respond_error(d, ticket, 503, "out of memory");
+    free(k);
+  }
+}
+
 /* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
  * matching live sessions); DELETE the same body lifts. In a cluster, on
  * every node (bans_clustered). */
-/* A ban or unban of an address made on another worker. */
-static void ban_ip_here(imd *w, const char *ip, uint32_t secs) {
-  if (im_guard_ban(w->srv, ip, secs) == 0) im_guard_kick(w->srv, ip, IM_CLOSE_KICKED, "banned");
-}
-
-static void unban_ip_here(imd *w, const char *ip, uint32_t secs) {
-  (void)secs;
-  im_guard_unban(w->srv, ip);
-}
-
 static void bans(imd *d, const http_request *req, http_response *r) {
   if (req->method == HTTP_GET) {
     if (!bans_clustered(d, r, NULL, NULL, NULL, false, 0, 0, 0)) reply_json(r, 200, ban_list(d));
@@ -826,11 +853,14 @@ static void bans(imd *d, const http_request *req, http_response *r) {
     err = "cannot ban";
   uint32_t secs = ttl ? (uint32_t)ttl->valuedouble : 0;
   int rc = 0, closed = 0;
-  if (!err && ip) {
+  if (!err && ip) { /* with workers, one guard for all of them (im_shared) */
     rc = post ? im_guard_ban(d->srv, cidr, secs) : im_guard_unban(d->srv, cidr);
+    if (rc == 0 && post && d->workers) { /* (workers: never with --redis) */
+      kick_ip_workers(d, cidr, secs, r);
+      cJSON_Delete(b);
+      return;
+    }
     if (rc == 0 && post) closed = im_guard_kick(d->srv, cidr, IM_CLOSE_KICKED, "banned");
-    if (rc == 0) /* the other workers' guards too ("closed" counts this one's) */
-      imd_workers_broadcast(d, post ? ban_ip_here : unban_ip_here, cidr, secs);
   } else if (!err) {
     rc = post ? imd_ban_uid(d, uid->valuestring, secs) : imd_unban_uid(d, uid->valuestring);
   }
@@ -848,6 +878,42 @@ static void bans(imd *d, const http_request *req, http_response *r) {
     reply_json(r, 200, ban_result(name, ip != NULL, post, secs, closed));
   }
   cJSON_Delete(b);
+}
+
+/* ---- drain ----------------------------------------------------------------------- */
+
+static cJSON *draining_json(long conns) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddBoolToObject(o, "draining", 1);
+  cJSON_AddNumberToObject(o, "connections", (double)conns);
+  return o;
+}
+
+/* With worker threads every worker drains and counts its own connections;
+ * "connections" is the sum. */
+static int drain_here(imd *w, void *arg) {
+  (void)arg;
+  return (int)imd_drain(w);
+}
+
+static void drained(imd *d, long n, int err, void *arg) {
+  (void)err; /* a worker that could not be asked is missing from the count */
+  uint64_t *ticket = arg;
+  respond_json(d, *ticket, 202, draining_json(n));
+  free(ticket);
+}
+
+static void drain_workers(imd *d, http_response *r) {
+  uint64_t *ticket = malloc(sizeof *ticket);
+  if (!ticket || !(*ticket = defer(r))) {
+    if (!ticket) reply_error(r, 503, "out of memory");
+    free(ticket);
+    return;
+  }
+  if (imd_workers_gather(d, drain_here, drained, ticket) < 0) {
+    respond_error(d, *ticket, 503, "out of memory");
+    free(ticket);
+  }
 }
 
 /* ---- gateways -------------------------------------------------------------------- */
@@ -1008,10 +1074,11 @@ static void route(imd *d, const http_request *req, http_response *r) {
   }
   if (n == 3 && !strcmp(seg[1], "admin") && !strcmp(seg[2], "drain")) {
     if (!post) goto method;
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddBoolToObject(o, "draining", 1);
-    cJSON_AddNumberToObject(o, "connections", (double)imd_drain(d));
-    reply_json(r, 202, o);
+    if (d->workers) {
+      drain_workers(d, r);
+      return;
+    }
+    reply_json(r, 202, draining_json((long)imd_drain(d)));
     return;
   }
   if (n == 4 && !strcmp(seg[1], "groups") && *seg[2] && !strcmp(seg[3], "members")) {

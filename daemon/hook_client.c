@@ -16,6 +16,7 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,7 @@
 
 #define HOST_MAX 256
 #define PATH_MAX_LEN 1024
+#define BUDGET_CLIENTS 64
 
 typedef struct hconn hconn;
 
@@ -66,7 +68,133 @@ struct hook_client {
   uint32_t nconns;
   struct event *kick;
   bool closing;
+  bool starving;            /* budget: requests wait and no connection is left (its lock) */
 };
+
+/* ---- the budget shared by several clients ----------------------------------------- */
+
+struct hook_budget {
+  pthread_mutex_t lock;
+  uint32_t max_conns, max_queue;
+  uint32_t conns, queued, starving;
+  long events;
+  hook_client *c[BUDGET_CLIENTS];
+};
+
+hook_budget *hook_budget_new(uint32_t max_conns, uint32_t max_queue) {
+  hook_budget *b = calloc(1, sizeof *b);
+  if (!b) return NULL;
+  pthread_mutex_init(&b->lock, NULL);
+  b->max_conns = max_conns ? max_conns : 1;
+  b->max_queue = max_queue;
+  return b;
+}
+
+void hook_budget_free(hook_budget *b) {
+  if (!b) return;
+  pthread_mutex_destroy(&b->lock);
+  free(b);
+}
+
+bool hook_budget_hold(hook_budget *b, long n) {
+  pthread_mutex_lock(&b->lock);
+  bool ok = n < 0 || b->events + n <= (long)b->max_queue;
+  if (ok) b->events += n;
+  pthread_mutex_unlock(&b->lock);
+  return ok;
+}
+
+/* Wake every starving client (lock held), e.g. to take a connection
+ * just closed: the first to get there takes it. */
+static void wake_starving(hook_budget *b, const hook_client *except) {
+  for (unsigned i = 0; i < BUDGET_CLIENTS && b->starving; i++) {
+    hook_client *o = b->c[i];
+    if (!o || o == except || !o->starving) continue;
+    o->starving = false;
+    b->starving--;
+    o->o.wake(o->o.wake_ud);
+  }
+}
+
+/* One more connection for hc, if the budget has one; else hc starves and
+ * the clients with idle connections are asked to close them. */
+static bool budget_conn_take(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return hc->nconns < hc->o.max_conns;
+  pthread_mutex_lock(&b->lock);
+  bool ok = b->conns < b->max_conns;
+  if (ok) {
+    b->conns++;
+  } else if (!hc->starving) {
+    hc->starving = true;
+    b->starving++;
+    for (unsigned i = 0; i < BUDGET_CLIENTS; i++)
+      if (b->c[i] && b->c[i] != hc) b->c[i]->o.wake(b->c[i]->o.wake_ud);
+  }
+  pthread_mutex_unlock(&b->lock);
+  return ok;
+}
+
+static void budget_conn_put(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return;
+  pthread_mutex_lock(&b->lock);
+  b->conns--;
+  wake_starving(b, NULL);
+  pthread_mutex_unlock(&b->lock);
+}
+
+/* Another client needs a connection: hc's idle ones go (with nothing
+ * queued here, which would take them at once). */
+static bool budget_wanted(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b || hc->q_head) return false;
+  pthread_mutex_lock(&b->lock);
+  bool wanted = b->starving > 0;
+  pthread_mutex_unlock(&b->lock);
+  return wanted;
+}
+
+/* Room in the queue for one more request: reserved when true. */
+static bool budget_queue_take(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return hc->queued < hc->o.max_queue;
+  pthread_mutex_lock(&b->lock);
+  bool ok = b->queued < b->max_queue;
+  if (ok) b->queued++;
+  pthread_mutex_unlock(&b->lock);
+  return ok;
+}
+
+static void budget_queue_add(hook_client *hc, int n) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return;
+  pthread_mutex_lock(&b->lock);
+  b->queued = (uint32_t)((int)b->queued + n);
+  pthread_mutex_unlock(&b->lock);
+}
+
+static bool budget_join(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return true;
+  pthread_mutex_lock(&b->lock);
+  unsigned i = 0;
+  while (i < BUDGET_CLIENTS && b->c[i]) i++;
+  if (i < BUDGET_CLIENTS) b->c[i] = hc;
+  pthread_mutex_unlock(&b->lock);
+  return i < BUDGET_CLIENTS;
+}
+
+static void budget_leave(hook_client *hc) {
+  hook_budget *b = hc->o.budget;
+  if (!b) return;
+  pthread_mutex_lock(&b->lock);
+  for (unsigned i = 0; i < BUDGET_CLIENTS; i++)
+    if (b->c[i] == hc) b->c[i] = NULL;
+  if (hc->starving) b->starving--;
+  hc->starving = false;
+  pthread_mutex_unlock(&b->lock);
+}
 
 static uint64_t mono_us(void) {
   struct timespec ts;
@@ -89,7 +217,9 @@ const char *hook_strerror(int status) {
 
 /* ---- the queue ------------------------------------------------------------------ */
 
-static void q_push(hook_client *hc, hreq *r, bool front) {
+/* reserved: its room in a budget's queue is taken already (a new post). */
+static void q_push(hook_client *hc, hreq *r, bool front, bool reserved) {
+  if (!reserved) budget_queue_add(hc, 1);
   r->prev = r->next = NULL;
   if (!hc->q_head) {
     hc->q_head = hc->q_tail = r;
@@ -112,6 +242,7 @@ static void q_unlink(hook_client *hc, hreq *r) {
   else hc->q_tail = r->prev;
   r->prev = r->next = NULL;
   hc->queued--;
+  budget_queue_add(hc, -1);
 }
 
 /* The request's outcome (it is on no connection and in no queue). */
@@ -134,6 +265,7 @@ static void conn_free(hconn *k) {
   else hc->conns = k->next;
   if (k->next) k->next->prev = k->prev;
   hc->nconns--;
+  budget_conn_put(hc);
   if (k->req) k->req->conn = NULL;
   bufferevent_free(k->bev);
   event_free(k->idle_timer);
@@ -152,7 +284,7 @@ static void conn_fail(hconn *k, int status) {
   if (r) {
     if (stale && !r->retried) {
       r->retried = true;
-      q_push(hc, r, true);
+      q_push(hc, r, true, false);
     } else {
       finish(r, status, NULL, 0);
     }
@@ -170,7 +302,7 @@ static void conn_answered(hconn *k, bool reusable) {
   int status = k->too_big ? HOOK_EPROTO : k->parser.status_code;
   if (!k->body) k->body = calloc(1, 1);
   if (!k->body && status >= 0) status = HOOK_EPROTO;
-  if (reusable && status >= 0) {
+  if (reusable && status >= 0 && !budget_wanted(hc)) {
     k->reused = true;
     struct timeval tv = {hc->o.idle_ms / 1000, (hc->o.idle_ms % 1000) * 1000};
     event_add(k->idle_timer, &tv);
@@ -314,9 +446,12 @@ static void dispatch(hook_client *hc) {
     hconn *k = hc->conns;
     while (k && k->req) k = k->next;
     if (!k) {
-      if (hc->nconns >= hc->o.max_conns) return;
+      if (!budget_conn_take(hc)) return;
       k = conn_open(hc);
-      if (!k) return; /* no memory: the requests wait (their deadlines still run) */
+      if (!k) { /* no memory: the requests wait (their deadlines still run) */
+        budget_conn_put(hc);
+        return;
+      }
     }
     hreq *r = hc->q_head;
     q_unlink(hc, r);
@@ -332,8 +467,16 @@ static void dispatch(hook_client *hc) {
 static void kick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
-  dispatch(arg);
+  hook_client *hc = arg;
+  dispatch(hc);
+  if (budget_wanted(hc)) /* another client needs the idle connections more */
+    for (hconn *k = hc->conns, *next; k; k = next) {
+      next = k->next;
+      if (!k->req) conn_free(k);
+    }
 }
+
+void hook_client_kick(hook_client *hc) { event_active(hc->kick, EV_TIMEOUT, 1); }
 
 static void req_timeout(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
@@ -353,7 +496,7 @@ static void req_timeout(evutil_socket_t fd, short what, void *arg) {
 
 int hook_client_post(hook_client *hc, const char *headers, const char *body, size_t len,
                      uint32_t timeout_ms, hook_done_fn done, void *arg) {
-  if (hc->closing || hc->queued >= hc->o.max_queue) return HOOK_EFULL;
+  if (hc->closing || !budget_queue_take(hc)) return HOOK_EFULL;
   char head[HOST_MAX + PATH_MAX_LEN + 160];
   int hl = snprintf(head, sizeof head,
                     "POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
@@ -361,11 +504,13 @@ int hook_client_post(hook_client *hc, const char *headers, const char *body, siz
                     hc->path, hc->host, len);
   size_t xl = headers ? strlen(headers) : 0;
   hreq *r = malloc(sizeof *r + (size_t)hl + xl + 2 + len);
-  if (!r) return HOOK_ENOMEM;
-  memset(r, 0, sizeof *r);
-  r->timer = evtimer_new(hc->base, req_timeout, r);
-  if (!r->timer) {
+  if (r) {
+    memset(r, 0, sizeof *r);
+    r->timer = evtimer_new(hc->base, req_timeout, r);
+  }
+  if (!r || !r->timer) {
     free(r);
+    budget_queue_add(hc, -1); /* the room reserved */
     return HOOK_ENOMEM;
   }
   memcpy(r->bytes, head, (size_t)hl);
@@ -379,7 +524,7 @@ int hook_client_post(hook_client *hc, const char *headers, const char *body, siz
   r->t0_us = mono_us();
   struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
   event_add(r->timer, &tv);
-  q_push(hc, r, false);
+  q_push(hc, r, false, true);
   hc->pending++;
   event_active(hc->kick, EV_TIMEOUT, 1);
   return 0;
@@ -470,8 +615,10 @@ hook_client *hook_client_new(struct event_base *base, const char *url,
   hc->o = *o;
   if (!hc->o.max_conns) hc->o.max_conns = 1;
   hc->kick = event_new(base, -1, 0, kick, hc);
-  if (!hc->kick) {
-    snprintf(err, errlen, "out of memory");
+  if (!hc->kick || !budget_join(hc)) {
+    snprintf(err, errlen, hc->kick ? "more than %d clients on one budget" : "out of memory",
+             BUDGET_CLIENTS);
+    if (hc->kick) event_free(hc->kick);
     free(hc);
     return NULL;
   }
@@ -481,6 +628,7 @@ hook_client *hook_client_new(struct event_base *base, const char *url,
 void hook_client_free(hook_client *hc) {
   if (!hc) return;
   hc->closing = true;
+  budget_leave(hc); /* no one wakes it any more; its connections still go back */
   while (hc->conns) {
     hconn *k = hc->conns;
     hreq *r = k->req;

@@ -11,6 +11,7 @@
 #ifndef IMD_HOOK_CLIENT_H
 #define IMD_HOOK_CLIENT_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -18,11 +19,34 @@ struct event_base;
 
 typedef struct hook_client hook_client;
 
+/* A budget shared by the clients of several loops (threads), e.g. one per
+ * worker thread of a process: max_conns connections open and max_queue
+ * requests waiting, counted over all of them together, and max_events
+ * presence events held (hook_budget_hold). A client with requests waiting
+ * and no connection left in the budget asks the others to close their idle
+ * ones (through their wake function) and is woken when one is closed, so
+ * keep-alive connections follow the load. The lock inside is taken when a
+ * request is queued or leaves the queue and when a connection opens or
+ * closes. */
+typedef struct hook_budget hook_budget;
+/* NULL when out of memory. */
+hook_budget *hook_budget_new(uint32_t max_conns, uint32_t max_queue);
+/* After every client that used it is freed. NULL is a no-op. */
+void hook_budget_free(hook_budget *b);
+/* Hold n more (n > 0) presence events if the held ones stay within
+ * max_queue (true), or let n go (n < 0). */
+bool hook_budget_hold(hook_budget *b, long n);
+
 typedef struct hook_client_opts {
-  uint32_t max_conns;    /* connections open at once (>= 1) */
-  uint32_t max_queue;    /* requests waiting for a connection; over it: HOOK_EFULL */
+  uint32_t max_conns;    /* connections open at once (>= 1); with a budget: the budget's */
+  uint32_t max_queue;    /* requests waiting for a connection; over it: HOOK_EFULL; ditto */
   size_t max_response;   /* largest answer body; over it: HOOK_EPROTO */
   uint32_t idle_ms;      /* an idle keep-alive connection is closed after this long */
+  hook_budget *budget;   /* shared with clients on other loops, or NULL: the bounds are this one's */
+  /* With a budget: run hook_client_kick(this client) on its own loop soon
+   * (called from any thread; e.g. through a mailbox). */
+  void (*wake)(void *ud);
+  void *wake_ud;
 } hook_client_opts;
 
 /* Outcomes below 0 passed to hook_done_fn (status >= 100 is an HTTP status). */
@@ -56,6 +80,10 @@ hook_client *hook_client_new(struct event_base *base, const char *url,
  * then. */
 int hook_client_post(hook_client *hc, const char *headers, const char *body, size_t len,
                      uint32_t timeout_ms, hook_done_fn done, void *arg);
+
+/* Another client of the budget closed a connection or needs one: look
+ * again (hc's loop thread). */
+void hook_client_kick(hook_client *hc);
 
 /* Requests queued or in flight right now. */
 size_t hook_client_pending(const hook_client *hc);

@@ -559,6 +559,17 @@ int imd_hooks_auth(imd *d, im_conn_id c, im_auth *a) {
 
 static void flush(imd_hooks *h);
 
+/* Presence events held (collected or in flight): at most max_queue, over
+ * every worker's hooks when they share a budget. */
+static bool held_take(imd_hooks *h) {
+  if (h->cfg.budget) return hook_budget_hold(h->cfg.budget, 1);
+  return h->next_n + h->flight_n < h->cfg.max_queue;
+}
+
+static void held_release(imd_hooks *h, size_t n) {
+  if (h->cfg.budget && n) hook_budget_hold(h->cfg.budget, -(long)n);
+}
+
 static void batch_answered(void *arg, int status, const char *body, size_t len, uint64_t us) {
   (void)body;
   (void)len;
@@ -571,6 +582,7 @@ static void batch_answered(void *arg, int status, const char *body, size_t len, 
   h->in_flight = false;
   if (ok || ++h->attempt >= RETRY_ATTEMPTS) {
     if (!ok) h->dropped += h->flight_n;
+    held_release(h, h->flight_n);
     sb_reset(&h->flight);
     h->flight_n = 0;
     memset(h->flight_kind, 0, sizeof h->flight_kind);
@@ -617,7 +629,7 @@ static void on_flush(evutil_socket_t fd, short what, void *arg) {
 }
 
 static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
-  if (h->next_n + h->flight_n >= h->cfg.max_queue) {
+  if (!held_take(h)) {
     h->dropped++;
     return;
   }
@@ -629,6 +641,7 @@ static void presence(imd_hooks *h, int ev, const im_conn_info *info) {
   sb_add(b, "}", 1);
   if (b->failed) { /* out of memory: what was collected is lost */
     h->dropped += h->next_n + 1;
+    held_release(h, h->next_n + 1);
     sb_reset(b);
     h->next_n = 0;
     memset(h->next_kind, 0, sizeof h->next_kind);
@@ -661,6 +674,19 @@ void imd_hooks_closed(imd *d, im_conn_id c) {
 
 /* ---- lifecycle ----------------------------------------------------------------------------- */
 
+/* Another worker's hooks client closed a connection of the budget or
+ * needs one: d's looks again, on d's loop. */
+static void wake_here(im_server *srv, void *arg) {
+  (void)arg;
+  imd *d = im_server_user(srv);
+  if (d->hooks) hook_client_kick(d->hooks->hc);
+}
+
+static void wake(void *ud) {
+  imd *d = ud;
+  if (d->mb) im_mailbox_call(d->mb, wake_here, NULL);
+}
+
 int imd_hooks_start(imd *d, const imd_hooks_config *cfg) {
   if (!cfg->url) return 0;
   imd_hooks *h = calloc(1, sizeof *h);
@@ -674,7 +700,7 @@ int imd_hooks_start(imd *d, const imd_hooks_config *cfg) {
   /* an answer may carry a replacement of up to max_message bytes, escaped */
   hook_client_opts o = {.max_conns = cfg->max_conns, .max_queue = cfg->max_queue,
                         .max_response = (size_t)im_server_config(d->srv)->max_message * 2 + 4096,
-                        .idle_ms = 30000};
+                        .idle_ms = 30000, .budget = cfg->budget, .wake = wake, .wake_ud = d};
   char err[256];
   h->hc = hook_client_new(d->base, cfg->url, &o, err, sizeof err);
   h->flush_ev = evtimer_new(d->base, on_flush, h);
@@ -701,6 +727,7 @@ void imd_hooks_stop(imd *d) {
   if (!h) return;
   h->closing = true;
   hook_client_free(h->hc); /* every ask is answered ECANCELED: dropped */
+  held_release(h, h->next_n + h->flight_n);
   event_free(h->flush_ev);
   sb_reset(&h->next);
   sb_reset(&h->flight);

@@ -30,6 +30,9 @@ typedef struct imd_hooks_config {
   uint32_t timeout_ms;      /* per request, queueing included */
   uint32_t max_conns;       /* HTTP connections to the back end */
   uint32_t max_queue;       /* asks waiting for a connection; presence events held */
+  /* worker threads: max_conns and max_queue counted over every worker's
+   * hooks (hook_client.h), or NULL (one thread) */
+  struct hook_budget *budget;
 } imd_hooks_config;
 
 /* Start the hooks on d (d->hooks); a NULL cfg->url leaves them off.

@@ -19,6 +19,7 @@
 
 #include <libim/im_guard.h>
 
+#include "hook_client.h"
 #include "hooks.h"
 #include "imd.h"
 #include "log.h"
@@ -146,7 +147,7 @@ static const option_def options[O_N] = {
                     "JSON lines to FILE (reopened on SIGHUP) [stderr]"},
     [O_THREADS] = {"--threads", "IMD_THREADS", "threads",
                    "worker threads, each with its own listeners; auto: one per core (1 with "
-                   "--redis) [1]"},
+                   "--redis) [auto]"},
 };
 
 static const char *defaults[O_N] = {
@@ -163,7 +164,7 @@ static const char *defaults[O_N] = {
     [O_HOOK_QUEUE] = "4096",
     [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
     [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
-    [O_THREADS] = "1",
+    [O_THREADS] = "auto",
 };
 
 /* Bounds of --max-token-ttl: a minute to ten years. */
@@ -584,9 +585,13 @@ int main(int argc, char **argv) {
   unsigned threads;
   if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : NULL, &threads) < 0)
     return 2;
-  /* the connection limit (the fd budget) is the process's: each worker gets its share */
-  uint32_t max_conns = icfg.max_connections;
-  if (threads > 1 && max_conns) icfg.max_connections = (max_conns + threads - 1) / threads;
+  /* the connection limit (the fd budget) is the process's: the workers count
+   * it together (im_shared, as every engine limit); so are the hooks' back
+   * end connections and queue (a budget of their clients) */
+  if (threads > 1 && hooks.url && !(hooks.budget = hook_budget_new(hooks.max_conns, hooks.max_queue))) {
+    fprintf(stderr, "imd: out of memory\n");
+    return 1;
+  }
   /* everything imd creates (the data dir, secret, api-key, groups.json,
    * the store) is for its own user only */
   umask(077);
@@ -711,7 +716,7 @@ int main(int argc, char **argv) {
     rc = 1;
   if (rc == 0) {
     printf("imd: data in %s\n", d.cfg.data_dir);
-    printf("imd: at most %u connections (0: no limit), %u per user\n", max_conns,
+    printf("imd: at most %u connections (0: no limit), %u per user\n", icfg.max_connections,
            icfg.max_conns_per_user);
     fflush(stdout);
     event_base_dispatch(d.base);
@@ -729,5 +734,6 @@ int main(int argc, char **argv) {
   event_base_free(d.base);
   imd_quota_free(d.quota);
   imd_revoke_free(d.revoked);
+  hook_budget_free(hooks.budget); /* after every worker's hooks */
   return rc;
 }

@@ -128,7 +128,7 @@ static void gauge(sbuf *b, const char *name, const char *help, uint64_t v) {
 void imd_metrics_tally(imd *d, imd_tally *t) {
   memset(t, 0, sizeof *t);
   im_server_stats(d->srv, &t->st);
-  im_guard_get_stats(d->srv, &t->gs);
+  if (d->worker == 0) im_guard_get_stats(d->srv, &t->gs); /* the workers share one guard */
   imd_shared_lock(); /* the platform series (worker 0's) */
   t->m = d->m;
   imd_shared_unlock();

@@ -140,6 +140,9 @@ int imd_tls_worker(imd *w) {
     fprintf(stderr, "imd: worker %u: TLS: %s\n", w->worker, err);
     return -1;
   }
+  /* a client resumes its session on whichever worker it lands */
+  im_tls_share_tickets(t->http, t0->http);
+  im_tls_share_tickets(t->raw, t0->raw);
   return 0;
 }
 

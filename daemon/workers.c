@@ -176,20 +176,6 @@ static void same_port(char *out, size_t cap, const char *addr, int port) {
   snprintf(out, cap, "%.*s:%d", (int)(colon ? colon - addr : 0), addr, port);
 }
 
-typedef struct ban_copy {
-  imd *w;
-  int rc;
-} ban_copy;
-
-static void copy_ban(const im_ban *b, void *arg) {
-  ban_copy *c = arg;
-  if (b->automatic) return;
-  uint64_t now = imd_wall_ms();
-  uint32_t secs = b->until_ms ? (uint32_t)((b->until_ms - now + 999) / 1000) : 0;
-  if (b->until_ms && b->until_ms <= now) return;
-  if (im_guard_ban(c->w->srv, b->cidr, secs) < 0) c->rc = -1;
-}
-
 /* Worker i: a copy of d with a loop, engine, listeners, HTTP server, hooks
  * and store view of its own. */
 static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
@@ -216,10 +202,9 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   w->base = event_base_new();
   w->srv = w->base ? im_server_new(im_server_config(d->srv), &cb, w) : NULL;
   w->ev = w->srv ? im_event_new(w->base, w->srv) : NULL;
+  if (w->srv) imd_metrics_start(w); /* ACK round trips on the same clock as worker 0's */
+  /* the guard and its --ban addresses are worker 0's: the group's (im_shared) */
   if (!w->ev || im_server_set_guard(w->srv, guard) < 0) return w;
-  ban_copy bc = {w, 0};
-  im_guard_bans(d->srv, copy_ban, &bc); /* --ban addresses */
-  if (bc.rc < 0) return w;
   im_event_set_reuseport(w->ev, 1);
   const char *addrs[2] = {d->cfg.ws_addr, d->cfg.tcp_addr};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};

@@ -22,6 +22,13 @@
  * share one id clock (im_server_set_id_clock), so an id minted after
  * another one on any worker is greater.
  *
+ * The members share their limits (<libim/im_shared.h>): the group's
+ * im_shared holds one guard (per-source rate, bans, max_conns_per_source,
+ * the blacklist), one count of open connections against max_connections,
+ * and one record per uid for max_conns_per_user and max_user_msg_rate, so
+ * each limit holds for the process whichever member a connection lands on
+ * (give every member the same im_config and guard configuration).
+ *
  * A group is one router per engine: an engine in a group cannot have
  * another router (such as im_redis) at the same time.
  *
@@ -57,13 +64,15 @@ typedef struct im_group im_group;
  * worker cannot exhaust memory). Returns NULL (bad count, no memory). */
 IM_EXTERN im_group *im_group_new(unsigned members, size_t max_queued);
 
-/* Join srv, whose loop runs on base, as the next member: installs the
- * group as srv's router (announcing its existing connections and rooms),
- * gives srv its id shard (member index of `members`; join before srv
- * accepts its first connection, so all its connection ids are tagged) and
- * the group's id clock. base and srv are borrowed: they must outlive the
- * group (im_group_free). Returns the
- * member index (0..members-1), IM_ELIMIT (the group is full), IM_ENOMEM
+/* Join srv, whose loop runs on base, as the next member: attaches srv to
+ * the group's im_shared (im_server_set_shared: srv's guard configuration
+ * and blacklist are merged into the shared guard), installs the group as
+ * srv's router, gives srv its id shard (member index of `members`) and the
+ * group's id clock. Join before srv accepts its first connection (so its
+ * connection ids are tagged and every connection is counted by the shared
+ * limits). base and srv are borrowed: they must outlive the group
+ * (im_group_free). Returns the member index (0..members-1), IM_ELIMIT
+ * (the group is full), IM_ESTATE (srv has connections already), IM_ENOMEM
  * or IM_ESYS (no file descriptor for the queue). */
 IM_EXTERN int im_group_join(im_group *g, struct event_base *base, im_server *srv);
 

@@ -13,6 +13,11 @@
  * six times longer at each repeat (10 s, 1 min, 6 min, ... up to
  * `ban_max_s`); its record of offences is forgotten after an hour of good
  * behaviour. Everyone else keeps connecting at full speed meanwhile.
+ *
+ * Engines attached to one im_shared (<libim/im_shared.h>; the members of an
+ * im_group are) use one guard: the calls below on any of them act on it
+ * (a mutex inside makes that safe from their threads), except
+ * im_guard_kick, which closes the calling engine's connections only.
  */
 #ifndef LIBIM_IM_GUARD_H
 #define LIBIM_IM_GUARD_H
@@ -67,7 +72,9 @@ typedef struct im_ban {
   int automatic;             /* 1: issued by the rate limit; 0: im_guard_ban */
   uint32_t level;            /* automatic: how many times this source was banned */
 } im_ban;
-/* fn(ban, arg) for every active ban and blacklist entry. Returns the count. */
+/* fn(ban, arg) for every active ban and blacklist entry. Returns the count.
+ * fn runs under the guard's lock: it must not call the im_guard functions
+ * of this server (or of one sharing its guard). */
 IM_EXTERN size_t im_guard_bans(im_server *srv, void (*fn)(const im_ban *b, void *arg), void *arg);
 
 typedef struct im_guard_stats {

@@ -10,7 +10,11 @@
  * open: connections already established keep the settings they were made
  * with (each holds a reference on them), new handshakes get the new ones.
  *
- * Not thread-safe: use an im_tls from one thread (the event loop's).
+ * Not thread-safe: use an im_tls from one thread (the event loop's). A
+ * server with one event loop per thread gives each loop an im_tls of its
+ * own and makes them share their session ticket key
+ * (im_tls_share_tickets), so a client resumes its session whichever
+ * thread its next connection lands on.
  */
 #ifndef LIBIM_IM_TLS_H
 #define LIBIM_IM_TLS_H
@@ -44,6 +48,15 @@ IM_EXTERN im_tls *im_tls_new(const im_tls_opts *opts, char *err, size_t errlen);
  * touched. Returns 0, or IM_EINVAL with a reason in err (as im_tls_new);
  * the old certificate then stays in use. */
 IM_EXTERN int im_tls_reload(im_tls *tls, char *err, size_t errlen);
+
+/* From now on tls issues and accepts the session tickets of `from` (one
+ * ticket key for both, used behind mbedTLS's own lock, so tls and from may
+ * be used on different threads; the key is kept across im_tls_reload of
+ * either, and mbedTLS still rotates it every 6 hours). Call it before tls
+ * serves its first connection, on the thread that created tls while
+ * `from` is not in use elsewhere (at startup). Any number of contexts may
+ * share one from. */
+IM_EXTERN void im_tls_share_tickets(im_tls *tls, im_tls *from);
 
 /* The handshake timeout in force (ms). */
 IM_EXTERN unsigned im_tls_handshake_timeout(const im_tls *tls);

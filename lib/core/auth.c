@@ -1,12 +1,14 @@
 /* Authentication: the auth op (or the upgrade request's credentials) runs
  * on_auth; a pending verdict holds input until im_auth_complete; an auth op
- * on an open connection refreshes its token; max_conns_per_user. */
+ * on an open connection refreshes its token; max_conns_per_user (process-wide
+ * with an im_shared). */
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
 
 #include "core/auth.h"
 #include "core/conn.h"
+#include "core/shared.h"
 
 static uint64_t rng_next(im_server *s) {
   /* xorshift64*: jitter only, not security */
@@ -48,8 +50,10 @@ static void set_auth_timer_idle(im_server *s, im_conn *c) {
 }
 
 
+/* Register c under its uid; sh: its count in the process-wide record
+ * (im_shared), or NULL. */
 static int conn_open(im_server *s, im_conn *c, const char *uid, const char *device,
-                     const char *platform) {
+                     const char *platform, shared_user *sh) {
   size_t ul = strlen(uid), dl = strlen(device), pl = strlen(platform);
   char *ident = im_alloc(s, ul + dl + pl + 3);
   if (!ident) return IM_ENOMEM;
@@ -60,6 +64,7 @@ static int conn_open(im_server *s, im_conn *c, const char *uid, const char *devi
   c->ident = ident;
   int rc = reg_user_add(s, c, uid, ul);
   if (rc < 0) return rc;
+  if (sh) c->user->sh = sh;
   c->flags |= CF_REGISTERED;
   s->st.conns_authed++;
   c->state = CS_OPEN;
@@ -99,6 +104,19 @@ static void auth_deny(im_server *s, im_conn *c, int code, const char *reason) {
 
 
 
+/* max_conns_per_user: the newest connection is the one refused (those
+ * already open keep working, and a client stuck in a reconnect loop cannot
+ * push them out). With an im_shared the uid's connections on every
+ * attached engine count, and this one is counted now in *sh. Returns 0,
+ * IM_ELIMIT or IM_ENOMEM. */
+static int user_admit(im_server *s, const char *uid, shared_user **sh) {
+  *sh = NULL;
+  if (s->shared)
+    return shared_user_take(s->shared, uid, strlen(uid), s->cfg.max_conns_per_user, sh);
+  im_user *u = s->cfg.max_conns_per_user ? reg_user_find(s, uid, strlen(uid)) : NULL;
+  return u && u->nconns >= s->cfg.max_conns_per_user ? IM_ELIMIT : 0;
+}
+
 /* The verdict is in (from on_auth or im_auth_complete). `a` holds the
  * credentials that were checked. */
 static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int code,
@@ -108,20 +126,21 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
     auth_deny(s, c, code, reason);
     return;
   }
-  if (s->cfg.max_conns_per_user) {
-    /* the newest connection is the one refused: those already open keep
-     * working, and a client stuck in a reconnect loop cannot push them out */
-    im_user *u = reg_user_find(s, a->uid, strlen(a->uid));
-    if (u && u->nconns >= s->cfg.max_conns_per_user) {
-      s->st.auth_failures++;
-      if (upgrade) {
-        auth_http_reject(s, c, 403, "too many connections for this user");
-      } else {
-        conn_send_error(s, c, 429, "too many connections for this user", NULL);
-        conn_close(s, c, IM_CLOSE_POLICY, "too many connections for this user", false);
-      }
-      return;
+  shared_user *sh;
+  int admit = user_admit(s, a->uid, &sh);
+  if (admit == IM_ENOMEM) {
+    conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
+    return;
+  }
+  if (admit == IM_ELIMIT) {
+    s->st.auth_failures++;
+    if (upgrade) {
+      auth_http_reject(s, c, 403, "too many connections for this user");
+    } else {
+      conn_send_error(s, c, 429, "too many connections for this user", NULL);
+      conn_close(s, c, IM_CLOSE_POLICY, "too many connections for this user", false);
     }
+    return;
   }
   if (upgrade) {
     /* the finished handshake repeats its verdict (accept key, protocol) */
@@ -130,7 +149,8 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
     auth_send_upgrade(s, c, &res);
     c->flags &= (uint16_t)~CF_UPGRADE_AUTH;
   }
-  if (conn_open(s, c, a->uid, a->device, a->platform) < 0) {
+  if (conn_open(s, c, a->uid, a->device, a->platform, sh) < 0) {
+    if (sh) shared_user_put(s->shared, sh);
     conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
     return;
   }

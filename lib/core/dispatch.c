@@ -9,6 +9,7 @@
 #include "core/dedupe.h"
 #include "core/dispatch.h"
 #include "core/reliable.h"
+#include "core/shared.h"
 
 static int send_ack(im_server *s, im_conn *c, const char *cid, size_t cidlen, const char *id,
                     uint64_t seq) {
@@ -19,18 +20,6 @@ static int send_ack(im_server *s, im_conn *c, const char *cid, size_t cidlen, co
   return conn_send_packet(s, c, &a);
 }
 
-/* GCRA, one word per bucket: *tat is when the bucket would be empty
- * (engine us). rate per second, bursts of 2 x rate. True (and *tat moved)
- * when one more message fits. */
-static bool rate_fits(uint64_t tat, uint64_t now_us, uint32_t rate, uint64_t *next) {
-  uint64_t t = 1000000u / rate;
-  if (!t) t = 1;
-  uint64_t x = tat > now_us ? tat : now_us;
-  if (x - now_us > t * (2 * (uint64_t)rate - 1)) return false;
-  *next = x + t;
-  return true;
-}
-
 /* Charge one msg to c and its user; false when either is over its rate
  * (then neither is charged). Without memory for c's rate state the msg is
  * let through uncharged. */
@@ -38,11 +27,15 @@ static bool rate_admit(im_server *s, im_conn *c) {
   im_rel *r = rel_get(s, c);
   if (!r) return true;
   uint64_t now_us = s->now_ms * 1000u, cn = r->rate_tat, un = c->user ? c->user->rate_tat : 0;
-  if (s->cfg.max_msg_rate && !rate_fits(r->rate_tat, now_us, s->cfg.max_msg_rate, &cn))
+  if (s->cfg.max_msg_rate && !gcra_fits(r->rate_tat, now_us, s->cfg.max_msg_rate, &cn))
     return false;
-  if (s->cfg.max_user_msg_rate && c->user &&
-      !rate_fits(c->user->rate_tat, now_us, s->cfg.max_user_msg_rate, &un))
+  if (s->cfg.max_user_msg_rate && c->user && c->user->sh) { /* the uid's bucket of all engines */
+    if (!shared_user_charge(c->user->sh, (s->t0 + s->now_ms) * 1000u, s->cfg.max_user_msg_rate))
+      return false;
+  } else if (s->cfg.max_user_msg_rate && c->user &&
+             !gcra_fits(c->user->rate_tat, now_us, s->cfg.max_user_msg_rate, &un)) {
     return false;
+  }
   r->rate_tat = cn;
   if (c->user) c->user->rate_tat = un;
   return true;

@@ -160,6 +160,7 @@ struct im_user {
   im_conn *conns;
   uint32_t nconns;
   uint64_t rate_tat;       /* max_user_msg_rate: GCRA theoretical arrival time, engine us */
+  struct shared_user *sh;  /* im_server_set_shared: the uid's process-wide record, else NULL */
   char uid[];
 };
 
@@ -226,6 +227,7 @@ struct im_server {
   uint64_t (*clock_us)(void *ud); /* im_server_set_clock; NULL: engine time */
   void *clock_ud;
   struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
+  struct im_shared *shared; /* shared.c: limits shared with other engines, or NULL */
   im_stats st;
 };
 
@@ -288,6 +290,12 @@ bool guard_admit(im_server *s, const char *peer);
 void guard_release(im_server *s, const char *peer);
 void guard_tick(im_server *s);
 void guard_free(im_server *s);
+/* shared.c attaches s to sh: s's guard is merged into sh's and dropped, and
+ * s uses sh's from now on. guard_new_shared makes an im_shared's guard (C
+ * library memory; NULL when out of it), guard_destroy frees it. */
+void guard_share(im_server *s, struct im_shared *sh);
+struct im_guard *guard_new_shared(void);
+void guard_destroy(struct im_guard *g);
 /* An address range of im_guard_kick / im_guard_ban. */
 typedef struct guard_range {
   uint8_t ip[16];

@@ -1,14 +1,26 @@
 /* The guard at the door (include/libim/im_guard.h): per-source token
  * buckets, escalating automatic bans, a per-source connection cap and a
  * blacklist of ranges. Sources live in a keyed hash map (SipHash strmap),
- * bounded by max_sources, and idle ones are swept a few buckets per tick. */
+ * bounded by max_sources, and idle ones are swept a few buckets per tick.
+ *
+ * An engine's guard is its own, or the one of the im_shared it is attached
+ * to (include/libim/im_shared.h), used by several engines on several
+ * threads: every guard has a mutex, taken by each call (uncontended for an
+ * engine's own), and its own allocator (the C library's for a shared one).
+ * A shared guard counts time on the driver's clock (engine ms + t0), which
+ * all engines of a process share; an own guard on engine ms. The guard
+ * also counts the open connections of all engines sharing it against
+ * max_connections (guard_admit / guard_release are where a connection
+ * starts and ends). */
 #include <arpa/inet.h>
 #include <libim/im_guard.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "core/engine.h"
+#include "core/shared.h"
 
 #define BLACKLIST_MAX 1024
 #define FORGIVE_MS (3600u * 1000u) /* offences forgotten after this long */
@@ -32,6 +44,8 @@ typedef struct source {
 typedef guard_range range;
 
 typedef struct im_guard {
+  pthread_mutex_t lock;
+  im_allocator alloc;
   bool on;
   im_guard_config cfg;
   strmap sources;
@@ -130,45 +144,101 @@ static void format_range(const uint8_t ip[16], unsigned bits, char *out, size_t 
 
 /* ---- setup ------------------------------------------------------------------------ */
 
-static im_guard *guard_get(im_server *s) {
-  if (!s->guard) {
-    s->guard = im_zalloc(s, sizeof *s->guard);
-    if (s->guard && strmap_init(&s->guard->sources, 256) < 0) {
-      im_dealloc(s, s->guard);
-      s->guard = NULL;
-    }
+static void *g_alloc(im_guard *g, size_t n) { return g->alloc.calloc(1, n, g->alloc.ud); }
+static void g_free(im_guard *g, void *p) { g->alloc.free(p, g->alloc.ud); }
+
+static im_guard *guard_new(const im_allocator *a) {
+  im_guard *g = a->calloc(1, sizeof *g, a->ud);
+  if (!g) return NULL;
+  g->alloc = *a;
+  if (strmap_init(&g->sources, 256) < 0) {
+    a->free(g, a->ud);
+    return NULL;
   }
+  pthread_mutex_init(&g->lock, NULL);
+  return g;
+}
+
+static void *libc_malloc(size_t n, void *ud) { (void)ud; return malloc(n); }
+static void *libc_calloc(size_t n, size_t k, void *ud) { (void)ud; return calloc(n, k); }
+static void *libc_realloc(void *p, size_t n, void *ud) { (void)ud; return realloc(p, n); }
+static void libc_free(void *p, void *ud) { (void)ud; free(p); }
+
+im_guard *guard_new_shared(void) {
+  static const im_allocator libc = {libc_malloc, libc_calloc, libc_realloc, libc_free, NULL};
+  return guard_new(&libc);
+}
+
+static im_guard *guard_get(im_server *s) {
+  if (!s->guard) s->guard = guard_new(&s->alloc);
   return s->guard;
+}
+
+/* The guard's clock (see the top). */
+static uint64_t guard_now(const im_server *s) { return s->shared ? s->t0 + s->now_ms : s->now_ms; }
+/* Wall-clock ms of a guard time. */
+static uint64_t guard_wall(const im_server *s, uint64_t t) {
+  uint64_t base = s->shared ? s->t0 : 0;
+  return s->id_wall0 + (t > base ? t - base : 0);
+}
+
+static void guard_configure(im_guard *gd, const im_guard_config *g) {
+  gd->on = g != NULL;
+  if (g) gd->cfg = *g;
+  if (gd->on && !gd->cfg.max_sources) gd->cfg.max_sources = 65536;
 }
 
 int im_server_set_guard(im_server *s, const im_guard_config *g) {
   if (g && g->conn_rate && !g->conn_burst) return IM_EINVAL;
   im_guard *gd = guard_get(s);
   if (!gd) return IM_ENOMEM;
-  gd->on = g != NULL;
-  if (g) gd->cfg = *g;
-  if (gd->on && !gd->cfg.max_sources) gd->cfg.max_sources = 65536;
+  pthread_mutex_lock(&gd->lock);
+  guard_configure(gd, g);
+  pthread_mutex_unlock(&gd->lock);
   return 0;
 }
 
-static void source_drop(im_server *s, source *src) {
-  strmap_del(&s->guard->sources, &src->node);
-  im_dealloc(s, src);
-  s->guard->st.sources--;
+static void source_drop(im_guard *g, source *src) {
+  strmap_del(&g->sources, &src->node);
+  g_free(g, src);
+  g->st.sources--;
 }
 
-void guard_free(im_server *s) {
-  im_guard *g = s->guard;
+void guard_destroy(im_guard *g) {
   if (!g) return;
   strmap *m = &g->sources;
   for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
     for (strmap_node *n = m->buckets[b], *next; n; n = next) {
       next = n->next;
-      im_dealloc(s, n);
+      g_free(g, n);
     }
   strmap_free(m);
-  im_dealloc(s, g);
+  pthread_mutex_destroy(&g->lock);
+  g_free(g, g);
+}
+
+void guard_free(im_server *s) {
+  if (!s->shared) guard_destroy(s->guard); /* a shared one is the im_shared's */
   s->guard = NULL;
+}
+
+static int blacklist_add(im_guard *g, const uint8_t ip[16], uint8_t bits, uint64_t until);
+
+void guard_share(im_server *s, im_shared *sh) {
+  im_guard *sg = shared_guard(sh);
+  im_guard *own = s->shared ? NULL : s->guard;
+  if (own) {
+    pthread_mutex_lock(&sg->lock);
+    if (!sg->on && own->on) guard_configure(sg, &own->cfg);
+    for (uint32_t i = 0; i < own->nblack; i++) {
+      const range *r = &own->blacklist[i];
+      if (r->until && r->until <= s->now_ms) continue;
+      (void)blacklist_add(sg, r->ip, r->bits, r->until ? r->until + s->t0 : 0);
+    }
+    pthread_mutex_unlock(&sg->lock);
+    guard_destroy(own);
+  }
+  s->guard = sg;
 }
 
 /* ---- admission ---------------------------------------------------------------------- */
@@ -190,10 +260,9 @@ static source *source_find(im_guard *g, const uint8_t ip[16]) {
   return (source *)strmap_get(&g->sources, (const char *)ip, 16);
 }
 
-static source *source_add(im_server *s, const uint8_t ip[16], uint64_t now) {
-  im_guard *g = s->guard;
+static source *source_add(im_guard *g, const uint8_t ip[16], uint64_t now) {
   if (g->st.sources >= g->cfg.max_sources) return NULL;
-  source *src = im_zalloc(s, sizeof *src);
+  source *src = g_alloc(g, sizeof *src);
   if (!src) return NULL;
   memcpy(src->ip, ip, 16);
   src->node.key = (const char *)src->ip;
@@ -233,18 +302,14 @@ static void offend(im_guard *g, source *src, uint64_t now) {
   g->st.bans++;
 }
 
-bool guard_admit(im_server *s, const char *peer) {
-  im_guard *g = s->guard;
-  uint8_t ip[16];
-  if (!g || !peer_ip(peer, ip)) return true;
-  uint64_t now = s->now_ms;
+static bool admit(im_guard *g, const uint8_t ip[16], uint64_t now) {
   if (g->nblack && blacklisted(g, ip, now)) {
     g->st.refused_banned++;
     return false;
   }
   if (!g->on) return true;
   source *src = source_find(g, ip);
-  if (!src && !(src = source_add(s, ip, now))) return true; /* full: untracked */
+  if (!src && !(src = source_add(g, ip, now))) return true; /* full: untracked */
   if (src->ban_until) {
     if (now < src->ban_until) {
       g->st.refused_banned++;
@@ -269,19 +334,35 @@ bool guard_admit(im_server *s, const char *peer) {
   return true;
 }
 
+bool guard_admit(im_server *s, const char *peer) {
+  if (s->shared && !shared_conn_take(s->shared, s->cfg.max_connections)) return false;
+  im_guard *g = s->guard;
+  uint8_t ip[16];
+  if (!g || !peer_ip(peer, ip)) return true;
+  pthread_mutex_lock(&g->lock);
+  bool ok = admit(g, ip, guard_now(s));
+  pthread_mutex_unlock(&g->lock);
+  if (!ok && s->shared) shared_conn_put(s->shared);
+  return ok;
+}
+
 void guard_release(im_server *s, const char *peer) {
+  if (s->shared) shared_conn_put(s->shared);
   im_guard *g = s->guard;
   uint8_t ip[16];
   if (!g || !peer_ip(peer, ip)) return;
+  pthread_mutex_lock(&g->lock);
   source *src = source_find(g, ip);
   if (src && src->conns) src->conns--;
+  pthread_mutex_unlock(&g->lock);
 }
 
 /* Drop sources that are idle, unbanned, connection-free and forgiven. */
 void guard_tick(im_server *s) {
   im_guard *g = s->guard;
-  if (!g || !g->sources.buckets) return;
-  uint64_t now = s->now_ms;
+  if (!g) return;
+  pthread_mutex_lock(&g->lock);
+  uint64_t now = guard_now(s);
   strmap *m = &g->sources;
   for (int k = 0; k < SWEEP_BUCKETS; k++) {
     uint32_t b = g->sweep_at++ & m->mask;
@@ -292,19 +373,16 @@ void guard_tick(im_server *s) {
       bool quiet = now - src->last_ms >= IDLE_MS || src->tokens >= g->cfg.conn_burst;
       if (!src->conns && src->ban_until <= now && quiet &&
           (!src->offence_ms || now - src->offence_ms > FORGIVE_MS))
-        source_drop(s, src);
+        source_drop(g, src);
     }
   }
+  pthread_mutex_unlock(&g->lock);
 }
 
 /* ---- the blacklist ---------------------------------------------------------------------- */
 
-int im_guard_ban(im_server *s, const char *cidr, uint32_t ttl_s) {
-  uint8_t ip[16], bits;
-  if (!cidr || !parse_cidr(cidr, ip, &bits)) return IM_EINVAL;
-  im_guard *g = guard_get(s);
-  if (!g) return IM_ENOMEM;
-  uint64_t until = ttl_s ? s->now_ms + (uint64_t)ttl_s * 1000u : 0;
+/* Add or renew a blacklist entry; the caller holds g's lock. */
+static int blacklist_add(im_guard *g, const uint8_t ip[16], uint8_t bits, uint64_t until) {
   for (uint32_t i = 0; i < g->nblack; i++)
     if (g->blacklist[i].bits == bits && !memcmp(g->blacklist[i].ip, ip, 16)) {
       g->blacklist[i].until = until;
@@ -318,18 +396,25 @@ int im_guard_ban(im_server *s, const char *cidr, uint32_t ttl_s) {
   return 0;
 }
 
-int im_guard_unban(im_server *s, const char *cidr) {
+int im_guard_ban(im_server *s, const char *cidr, uint32_t ttl_s) {
   uint8_t ip[16], bits;
-  im_guard *g = s->guard;
   if (!cidr || !parse_cidr(cidr, ip, &bits)) return IM_EINVAL;
-  if (!g) return IM_ENOENT;
+  im_guard *g = guard_get(s);
+  if (!g) return IM_ENOMEM;
+  pthread_mutex_lock(&g->lock);
+  int rc = blacklist_add(g, ip, bits, ttl_s ? guard_now(s) + (uint64_t)ttl_s * 1000u : 0);
+  pthread_mutex_unlock(&g->lock);
+  return rc;
+}
+
+static int unban(im_guard *g, const uint8_t ip[16], uint8_t bits, uint64_t now) {
   for (uint32_t i = 0; i < g->nblack; i++)
     if (g->blacklist[i].bits == bits && !memcmp(g->blacklist[i].ip, ip, 16)) {
       g->blacklist[i] = g->blacklist[--g->nblack];
       return 0;
     }
   source *src = bits == 128 ? source_find(g, ip) : NULL;
-  if (src && src->ban_until > s->now_ms) {
+  if (src && src->ban_until > now) {
     src->ban_until = 0;
     src->refusals = 0;
     return 0;
@@ -349,17 +434,30 @@ int im_guard_canon(const char *cidr, char *out, size_t cap) {
   return 0;
 }
 
+int im_guard_unban(im_server *s, const char *cidr) {
+  uint8_t ip[16], bits;
+  im_guard *g = s->guard;
+  if (!cidr || !parse_cidr(cidr, ip, &bits)) return IM_EINVAL;
+  if (!g) return IM_ENOENT;
+  pthread_mutex_lock(&g->lock);
+  int rc = unban(g, ip, bits, guard_now(s));
+  pthread_mutex_unlock(&g->lock);
+  return rc;
+}
+
 size_t im_guard_bans(im_server *s, void (*fn)(const im_ban *b, void *arg), void *arg) {
   im_guard *g = s->guard;
   if (!g) return 0;
-  uint64_t now = s->now_ms, wall = s->id_wall0;
+  uint64_t now = guard_now(s);
   char text[INET6_ADDRSTRLEN + 8];
   size_t n = 0;
+  /* fn runs under the lock: it must not call the guard (documented) */
+  pthread_mutex_lock(&g->lock);
   for (uint32_t i = 0; i < g->nblack; i++) {
     range *r = &g->blacklist[i];
     if (r->until && r->until <= now) continue;
     format_range(r->ip, r->bits, text, sizeof text);
-    im_ban b = {text, r->until ? wall + r->until : 0, 0, 0};
+    im_ban b = {text, r->until ? guard_wall(s, r->until) : 0, 0, 0};
     fn(&b, arg);
     n++;
   }
@@ -369,16 +467,19 @@ size_t im_guard_bans(im_server *s, void (*fn)(const im_ban *b, void *arg), void 
       source *src = (source *)nd;
       if (src->ban_until <= now) continue;
       format_range(src->ip, 128, text, sizeof text);
-      im_ban b = {text, wall + src->ban_until, 1, src->level};
+      im_ban b = {text, guard_wall(s, src->ban_until), 1, src->level};
       fn(&b, arg);
       n++;
     }
+  pthread_mutex_unlock(&g->lock);
   return n;
 }
 
 void im_guard_get_stats(const im_server *s, im_guard_stats *st) {
-  if (s->guard)
-    *st = s->guard->st;
-  else
-    memset(st, 0, sizeof *st);
+  im_guard *g = s->guard;
+  memset(st, 0, sizeof *st);
+  if (!g) return;
+  pthread_mutex_lock(&g->lock);
+  *st = g->st;
+  pthread_mutex_unlock(&g->lock);
 }

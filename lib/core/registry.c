@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/engine.h"
+#include "core/shared.h"
 
 im_user *reg_user_find(const im_server *s, const char *uid, size_t len) {
   strmap_node *n = strmap_get(&s->users, uid, len);
@@ -23,6 +24,7 @@ int reg_user_add(im_server *s, im_conn *c, const char *uid, size_t len) {
     u->conns = NULL;
     u->nconns = 0;
     u->rate_tat = 0;
+    u->sh = NULL;
     u->node.key = u->uid;
     u->node.klen = (uint32_t)len;
     strmap_put(&s->users, &u->node);
@@ -47,6 +49,7 @@ void reg_user_del(im_server *s, im_conn *c) {
   if (c->u_next) c->u_next->u_prev = c->u_prev;
   c->u_next = c->u_prev = NULL;
   c->user = NULL;
+  if (u->sh) shared_user_put(s->shared, u->sh);
   if (--u->nconns == 0) {
     strmap_del(&s->users, &u->node);
     im_dealloc(s, u);

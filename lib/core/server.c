@@ -16,6 +16,7 @@
 #include "core/abi.h"
 #include "core/conn.h"
 #include "core/reliable.h"
+#include "core/shared.h"
 #include "proto/ws_handshake.h"
 
 static void *std_malloc(size_t n, void *ud) { (void)ud; return malloc(n); }
@@ -125,6 +126,7 @@ void im_server_free(im_server *s) {
   im_dealloc(s, s->gens);
   im_dealloc(s, s->free_slots);
   guard_free(s);
+  im_shared_release(s->shared);
   strmap_free(&s->users);
   strmap_free(&s->rooms);
   tw_free(&s->wheel);

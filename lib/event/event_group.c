@@ -11,6 +11,7 @@
 #include <libim/im_async.h>
 #include <libim/im_group.h>
 #include <libim/im_router.h>
+#include <libim/im_shared.h>
 
 #include <inttypes.h>
 #include <pthread.h>
@@ -96,6 +97,7 @@ struct im_group {
   atomic_uint joined;
   atomic_bool stopping;
   uint64_t id_clock;        /* im_server_set_id_clock of every member */
+  im_shared *shared;        /* im_server_set_shared of every member: process-wide limits */
   g_table users, rooms;
   g_member m[IM_GROUP_MAX];
 };
@@ -484,12 +486,14 @@ im_group *im_group_new(unsigned members, size_t max_queued) {
   if (!g) return NULL;
   g->members = members;
   g->max_queued = max_queued ? max_queued : QUEUED_DEFAULT;
-  if (table_init(&g->users) < 0) {
+  if (!(g->shared = im_shared_new()) || table_init(&g->users) < 0) {
+    im_shared_release(g->shared);
     free(g);
     return NULL;
   }
   if (table_init(&g->rooms) < 0) {
     table_free(&g->users);
+    im_shared_release(g->shared);
     free(g);
     return NULL;
   }
@@ -504,12 +508,18 @@ int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
     pthread_mutex_unlock(&g->join_lock);
     return IM_ELIMIT;
   }
+  int rc = im_server_set_shared(srv, g->shared);
+  if (rc < 0) {
+    pthread_mutex_unlock(&g->join_lock);
+    return rc;
+  }
   g_member *me = &g->m[i];
   me->g = g;
   me->idx = i;
   me->srv = srv;
   me->q = im_async_new(base, apply, me);
   if (!me->q) {
+    im_server_set_shared(srv, NULL);
     pthread_mutex_unlock(&g->join_lock);
     return IM_ESYS;
   }
@@ -570,6 +580,7 @@ void im_group_free(im_group *g) {
     while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
   table_free(&g->users);
   table_free(&g->rooms);
+  im_shared_release(g->shared); /* the members keep theirs while they live */
   pthread_mutex_destroy(&g->join_lock);
   free(g);
 }

@@ -4,16 +4,17 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <event2/event.h>
-#include <event2/listener.h>
 #include <event2/util.h>
 #include <libim/im_net.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -22,7 +23,8 @@
 #define ACCEPT_PAUSE_MS 100
 
 struct im_listener {
-  struct evconnlistener *l;
+  int fd;         /* the listening socket */
+  struct event *ev;
   struct event *retry;
   im_accept_fn fn;
   void *arg;
@@ -88,11 +90,17 @@ static uint64_t mono_ms(void) {
   return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
 }
 
-static void accept_cb(struct evconnlistener *el, evutil_socket_t fd, struct sockaddr *sa,
-                      int salen, void *arg) {
-  (void)el;
-  (void)salen;
-  im_listener *l = arg;
+/* Accepting is under a process-wide lock, shared (read) by every
+ * listener's accepts and taken alone (write) for the fd-limit dance below:
+ * with listeners on several threads, another thread's accept must not take
+ * the descriptor the dance frees for a moment (the dancer would lose its
+ * reserve for good and leave its backlog waiting). */
+static pthread_rwlock_t accept_lock = PTHREAD_RWLOCK_INITIALIZER;
+
+/* Accepted connections handed over per wake-up at most (fairness). */
+#define ACCEPTS_PER_WAKE 64
+
+static void take(im_listener *l, int fd, const struct sockaddr *sa) {
   int one = 1; /* small frames and responses must not wait for Nagle */
   setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   char peer[INET6_ADDRSTRLEN + 8];
@@ -104,36 +112,56 @@ static void retry_cb(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   im_listener *l = arg;
-  if (l->enabled) evconnlistener_enable(l->l);
+  if (l->enabled) event_add(l->ev, NULL);
 }
 
-static void accept_error_cb(struct evconnlistener *el, void *arg) {
-  im_listener *l = arg;
-  int err = EVUTIL_SOCKET_ERROR();
-  if (err != EMFILE && err != ENFILE && err != ENOBUFS && err != ENOMEM) return;
+/* accept() failed for lack of descriptors or memory: out of descriptors,
+ * the reserve one makes room to take the client at the head of the backlog
+ * and close it at once (it sees a clean close and can try another node,
+ * instead of waiting in the backlog); then the listener rests instead of
+ * spinning on the same error. */
+static void accept_failed(im_listener *l, int err) {
   uint64_t now = mono_ms();
   if (now - l->last_log_ms > 1000) {
-    fprintf(stderr, "libim: accept: %s (pausing the listener)\n",
-            evutil_socket_error_to_string(err));
+    fprintf(stderr, "libim: accept: %s (pausing the listener)\n", evutil_socket_error_to_string(err));
     l->last_log_ms = now;
   }
-  /* out of descriptors: the reserve one makes room to take the client at
-   * the head of the backlog and close it at once (it sees a clean close and
-   * can try another node, instead of waiting in the backlog), then the
-   * listener rests instead of spinning on the same error */
   if ((err == EMFILE || err == ENFILE) && l->spare >= 0) {
+    pthread_rwlock_wrlock(&accept_lock);
     close(l->spare);
-    int fd = accept(evconnlistener_get_fd(el), NULL, NULL);
+    int fd = accept(l->fd, NULL, NULL);
     if (fd >= 0) close(fd);
     l->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    pthread_rwlock_unlock(&accept_lock);
   }
-  evconnlistener_disable(el);
+  event_del(l->ev);
   struct timeval tv = {0, ACCEPT_PAUSE_MS * 1000};
   evtimer_add(l->retry, &tv);
 }
 
+static void readable_cb(evutil_socket_t lfd, short what, void *arg) {
+  (void)what;
+  im_listener *l = arg;
+  for (int i = 0; i < ACCEPTS_PER_WAKE; i++) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    pthread_rwlock_rdlock(&accept_lock);
+    int fd = accept4(lfd, (struct sockaddr *)&ss, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    int err = fd < 0 ? errno : 0;
+    pthread_rwlock_unlock(&accept_lock);
+    if (fd >= 0) {
+      take(l, fd, (struct sockaddr *)&ss);
+      if (!l->enabled) return; /* fn turned it off */
+      continue;
+    }
+    if (err == EINTR || err == ECONNABORTED || err == EPROTO) continue;
+    if (err == EMFILE || err == ENFILE || err == ENOBUFS || err == ENOMEM) accept_failed(l, err);
+    return; /* EAGAIN: the backlog is empty */
+  }
+}
+
 static im_listener *listener_new(struct event_base *base, const char *addr, int backlog,
-                                 unsigned flags, im_accept_fn fn, void *arg) {
+                                 bool reuseport, im_accept_fn fn, void *arg) {
   struct sockaddr_storage ss;
   socklen_t len;
   if (!base || !fn || im_addr_parse(addr, &ss, &len) < 0) {
@@ -147,22 +175,23 @@ static im_listener *listener_new(struct event_base *base, const char *addr, int 
   l->enabled = true;
   l->port = -1;
   l->spare = open("/dev/null", O_RDONLY | O_CLOEXEC);
-  l->retry = evtimer_new(base, retry_cb, l);
-  if (l->retry)
-    l->l = evconnlistener_new_bind(base, accept_cb, l,
-                                   LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE |
-                                       LEV_OPT_CLOSE_ON_EXEC | flags,
-                                   backlog, (struct sockaddr *)&ss, (int)len);
-  if (!l->l) {
-    int err = errno ? errno : ENOMEM;
+  l->fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  int one = 1, err = 0;
+  if (l->fd < 0 || setsockopt(l->fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+      (reuseport && setsockopt(l->fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) ||
+      bind(l->fd, (struct sockaddr *)&ss, len) < 0 || listen(l->fd, backlog) < 0)
+    err = errno;
+  l->retry = err ? NULL : evtimer_new(base, retry_cb, l);
+  l->ev = l->retry ? event_new(base, l->fd, EV_READ | EV_PERSIST, readable_cb, l) : NULL;
+  if (!l->ev || event_add(l->ev, NULL) < 0) {
+    err = err ? err : ENOMEM;
     im_listener_free(l);
     errno = err;
     return NULL;
   }
-  evconnlistener_set_error_cb(l->l, accept_error_cb);
   struct sockaddr_storage bound;
   socklen_t bl = sizeof bound;
-  if (getsockname(evconnlistener_get_fd(l->l), (struct sockaddr *)&bound, &bl) == 0)
+  if (getsockname(l->fd, (struct sockaddr *)&bound, &bl) == 0)
     l->port = ntohs(bound.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&bound)->sin6_port
                                                 : ((struct sockaddr_in *)&bound)->sin_port);
   return l;
@@ -170,12 +199,12 @@ static im_listener *listener_new(struct event_base *base, const char *addr, int 
 
 im_listener *im_listener_new(struct event_base *base, const char *addr, int backlog,
                              im_accept_fn fn, void *arg) {
-  return listener_new(base, addr, backlog, 0, fn, arg);
+  return listener_new(base, addr, backlog, false, fn, arg);
 }
 
 im_listener *im_listener_new_shared(struct event_base *base, const char *addr, int backlog,
                                     im_accept_fn fn, void *arg) {
-  return listener_new(base, addr, backlog, LEV_OPT_REUSEABLE_PORT, fn, arg);
+  return listener_new(base, addr, backlog, true, fn, arg);
 }
 
 int im_listener_port(const im_listener *l) { return l ? l->port : -1; }
@@ -183,17 +212,18 @@ int im_listener_port(const im_listener *l) { return l ? l->port : -1; }
 void im_listener_enable(im_listener *l, int on) {
   l->enabled = on != 0;
   if (on) {
-    evconnlistener_enable(l->l);
+    event_add(l->ev, NULL);
   } else {
-    evconnlistener_disable(l->l);
+    event_del(l->ev);
     evtimer_del(l->retry);
   }
 }
 
 void im_listener_free(im_listener *l) {
   if (!l) return;
-  if (l->l) evconnlistener_free(l->l);
+  if (l->ev) event_free(l->ev);
   if (l->retry) event_free(l->retry);
+  if (l->fd >= 0) close(l->fd);
   if (l->spare >= 0) close(l->spare);
   free(l);
 }

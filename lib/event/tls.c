@@ -16,6 +16,7 @@
 #include <mbedtls/ssl_ticket.h>
 #include <mbedtls/version.h>
 #include <mbedtls/x509_crt.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,8 +41,11 @@
 #define RECORD_MAX 16384
 /* Session tickets (RFC 5077) let a client that reconnects skip the key
  * exchange and the signature. Their key is random per loaded certificate
- * (a reload starts over) and mbedTLS rotates it every TICKET_LIFETIME_S,
- * which is also how long a ticket is accepted. */
+ * (a reload starts over), or one for every context that shares it
+ * (im_tls_share_tickets: kept across reloads), and mbedTLS rotates it
+ * every TICKET_LIFETIME_S, which is also how long a ticket is accepted.
+ * A shared one is used by several threads: mbedTLS locks the ticket
+ * context and its random generator (MBEDTLS_THREADING_C). */
 #define TICKET_LIFETIME_S 21600
 /* An idle session gives its record buffers' pages back at most this often
  * (seconds): a busy connection pays one madvise and a few page faults per
@@ -59,20 +63,29 @@ static const int ciphersuites[] = {
     0,
 };
 
+/* The ticket key with the random generator that makes it. */
+typedef struct tls_tickets {
+  atomic_uint refs;
+  mbedtls_entropy_context entropy;
+  mbedtls_ctr_drbg_context drbg;
+  mbedtls_ssl_ticket_context ticket;
+} tls_tickets;
+
 typedef struct tls_conf {
   unsigned refs;
+  tls_tickets *tk;
   mbedtls_ssl_config conf;
   mbedtls_x509_crt crt;
   mbedtls_pk_context key;
   mbedtls_entropy_context entropy;
   mbedtls_ctr_drbg_context drbg;
-  mbedtls_ssl_ticket_context ticket;
   const char *alpn_list[2];
   char alpn[];
 } tls_conf;
 
 struct im_tls {
   tls_conf *cur;
+  tls_tickets *shared_tk;  /* im_tls_share_tickets: every conf's, or NULL: one per conf */
   char *cert_file, *key_file, *alpn;
   unsigned handshake_ms;
   unsigned generation;
@@ -90,10 +103,45 @@ typedef struct tls_stream {
 
 /* ---- contexts ---------------------------------------------------------------- */
 
+static void tickets_unref(tls_tickets *k) {
+  if (!k || atomic_fetch_sub(&k->refs, 1) != 1) return;
+  mbedtls_ssl_ticket_free(&k->ticket);
+  mbedtls_ctr_drbg_free(&k->drbg);
+  mbedtls_entropy_free(&k->entropy);
+  free(k);
+}
+
+static tls_tickets *tickets_ref(tls_tickets *k) {
+  atomic_fetch_add(&k->refs, 1);
+  return k;
+}
+
+/* A new random ticket key; NULL with the mbedTLS code in *rc. */
+static tls_tickets *tickets_new(int *rc) {
+  tls_tickets *k = calloc(1, sizeof *k);
+  if (!k) {
+    *rc = MBEDTLS_ERR_SSL_ALLOC_FAILED;
+    return NULL;
+  }
+  atomic_init(&k->refs, 1);
+  mbedtls_entropy_init(&k->entropy);
+  mbedtls_ctr_drbg_init(&k->drbg);
+  mbedtls_ssl_ticket_init(&k->ticket);
+  static const unsigned char pers[] = "libim-tls-tickets";
+  if ((*rc = mbedtls_ctr_drbg_seed(&k->drbg, mbedtls_entropy_func, &k->entropy, pers,
+                                   sizeof pers - 1)) != 0 ||
+      (*rc = mbedtls_ssl_ticket_setup(&k->ticket, mbedtls_ctr_drbg_random, &k->drbg,
+                                      MBEDTLS_CIPHER_AES_256_GCM, TICKET_LIFETIME_S)) != 0) {
+    tickets_unref(k);
+    return NULL;
+  }
+  return k;
+}
+
 static void conf_unref(tls_conf *c) {
   if (!c || --c->refs) return;
   mbedtls_ssl_config_free(&c->conf);
-  mbedtls_ssl_ticket_free(&c->ticket);
+  tickets_unref(c->tk);
   mbedtls_x509_crt_free(&c->crt);
   mbedtls_pk_free(&c->key);
   mbedtls_ctr_drbg_free(&c->drbg);
@@ -122,8 +170,12 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
   mbedtls_pk_init(&c->key);
   mbedtls_entropy_init(&c->entropy);
   mbedtls_ctr_drbg_init(&c->drbg);
-  mbedtls_ssl_ticket_init(&c->ticket);
-  int rc;
+  int rc = 0;
+  c->tk = t->shared_tk ? tickets_ref(t->shared_tk) : tickets_new(&rc);
+  if (!c->tk) {
+    set_err(err, errlen, "cannot set up TLS", NULL, rc);
+    goto fail;
+  }
   if ((rc = mbedtls_x509_crt_parse_file(&c->crt, t->cert_file)) != 0) {
     set_err(err, errlen, "cannot load certificate", t->cert_file, rc);
     goto fail;
@@ -142,19 +194,17 @@ static tls_conf *conf_load(const im_tls *t, char *err, size_t errlen) {
       (rc = mbedtls_ssl_config_defaults(&c->conf, MBEDTLS_SSL_IS_SERVER,
                                         MBEDTLS_SSL_TRANSPORT_STREAM,
                                         MBEDTLS_SSL_PRESET_DEFAULT)) != 0 ||
-      (rc = mbedtls_ssl_conf_own_cert(&c->conf, &c->crt, &c->key)) != 0 ||
-      (rc = mbedtls_ssl_ticket_setup(&c->ticket, mbedtls_ctr_drbg_random, &c->drbg,
-                                     MBEDTLS_CIPHER_AES_256_GCM, TICKET_LIFETIME_S)) != 0) {
+      (rc = mbedtls_ssl_conf_own_cert(&c->conf, &c->crt, &c->key)) != 0) {
     set_err(err, errlen, "cannot set up TLS", NULL, rc);
     goto fail;
   }
+  mbedtls_ssl_conf_session_tickets_cb(&c->conf, mbedtls_ssl_ticket_write, mbedtls_ssl_ticket_parse,
+                                      &c->tk->ticket);
   mbedtls_ssl_conf_rng(&c->conf, mbedtls_ctr_drbg_random, &c->drbg);
   mbedtls_ssl_conf_min_version(&c->conf, MBEDTLS_SSL_MAJOR_VERSION_3, MBEDTLS_SSL_MINOR_VERSION_3);
   mbedtls_ssl_conf_ciphersuites(&c->conf, ciphersuites);
   mbedtls_ssl_conf_renegotiation(&c->conf, MBEDTLS_SSL_RENEGOTIATION_DISABLED);
   mbedtls_ssl_conf_authmode(&c->conf, MBEDTLS_SSL_VERIFY_NONE);
-  mbedtls_ssl_conf_session_tickets_cb(&c->conf, mbedtls_ssl_ticket_write, mbedtls_ssl_ticket_parse,
-                                      &c->ticket);
   if (alen) {
     memcpy(c->alpn, t->alpn, alen);
     c->alpn_list[0] = c->alpn;
@@ -214,6 +264,17 @@ int im_tls_reload(im_tls *t, char *err, size_t errlen) {
   return 0;
 }
 
+void im_tls_share_tickets(im_tls *t, im_tls *from) {
+  if (!from->shared_tk) from->shared_tk = tickets_ref(from->cur->tk); /* kept across reloads */
+  if (t == from) return;
+  tickets_unref(t->shared_tk);
+  t->shared_tk = tickets_ref(from->shared_tk);
+  tickets_unref(t->cur->tk); /* no connection uses it yet */
+  t->cur->tk = tickets_ref(from->shared_tk);
+  mbedtls_ssl_conf_session_tickets_cb(&t->cur->conf, mbedtls_ssl_ticket_write,
+                                      mbedtls_ssl_ticket_parse, &t->cur->tk->ticket);
+}
+
 unsigned im_tls_handshake_timeout(const im_tls *t) { return t->handshake_ms; }
 
 unsigned im_tls_generation(const im_tls *t) { return t->generation; }
@@ -221,6 +282,7 @@ unsigned im_tls_generation(const im_tls *t) { return t->generation; }
 void im_tls_free(im_tls *t) {
   if (!t) return;
   conf_unref(t->cur);
+  tickets_unref(t->shared_tk);
   free(t->cert_file);
   free(t->key_file);
   free(t->alpn);

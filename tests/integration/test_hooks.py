@@ -152,6 +152,16 @@ class HookCase(unittest.TestCase):
         self.assertEqual(r.status, 200, r)
         return r.json['last']
 
+    def hold_answers(self):
+        """The back end answers 200 {} once the returned event is set."""
+        gate = asyncio.Event()
+
+        async def handler(req):
+            await gate.wait()
+            return 200, {}
+        self.be.handler = handler
+        return gate
+
     async def metrics(self):
         r = await api(self.srv, 'GET', '/metrics')
         self.assertEqual(r.status, 200, r)
@@ -375,6 +385,16 @@ class TestMessageHook(HookCase):
             await self.stop()
 
 
+async def answers(c, n):
+    """The next n answers on c by cid: (op, code, reason). An ack waits for
+    the store, an error does not: either may come first."""
+    got = {}
+    for _ in range(n):
+        m = await c.recv('the answers')
+        got[m.get('cid')] = (m['op'], m.get('code'), m.get('reason'))
+    return got
+
+
 class TestBounds(HookCase):
     @scenario()
     async def test_queue_full(self):
@@ -382,12 +402,7 @@ class TestBounds(HookCase):
         that fails at once (fail closed: 503) and a presence event over it
         is dropped and counted."""
         await self.start('--hook-message', 'on', '--hook-connections', '1', '--hook-queue', '1')
-        gate = asyncio.Event()
-
-        async def handler(req):
-            await gate.wait()
-            return 200, {}
-        self.be.handler = handler
+        gate = self.hold_answers()
         try:
             a = await connect(self.srv, 'json', self.uid('a'))
             e = await self.be.event('online of a (held by the back end)')
@@ -400,15 +415,47 @@ class TestBounds(HookCase):
             self.assertEqual(m['imd_hook_dropped_total'], 1)
             self.assertEqual(m['imd_hook_requests_total{event="message",result="full"}'], 1)
             gate.set()
-            # (an ack waits for the store, an error does not: either may come first)
-            got = {}
-            for _ in range(2):
-                m = await a.recv('the answers')
-                got[m.get('cid')] = (m['op'], m.get('code'), m.get('reason'))
-            self.assertEqual(got, {'queued': ('ack', None, None),
-                                   'over': ('error', 503, 'message hook unavailable')})
+            self.assertEqual(await answers(a, 2), {'queued': ('ack', None, None),
+                                                   'over': ('error', 503, 'message hook unavailable')})
             await b.expect('msg', data='1')
             await b.barrier('only the first message')
+        finally:
+            gate.set()
+            await self.stop()
+
+
+class TestBoundsAcrossWorkers(HookCase):
+    @scenario()
+    async def test_one_budget_for_every_worker(self):
+        """With two workers, --hook-connections 1 --hook-queue 1 are the
+        process's: a request of the other worker waits (that worker may not
+        open a second connection), one more on either is refused, and the
+        one connection moves to the worker that needs it."""
+        from test_threads import on_worker
+        await self.start('--threads', '2', '--hook-message', 'on', '--hook-presence', 'off',
+                         '--hook-connections', '1', '--hook-queue', '1')
+        gate = self.hold_answers()
+        try:
+            a = await on_worker(self.srv, 'json', self.uid('a'), 0, 'd')
+            c = await on_worker(self.srv, 'json', self.uid('c'), 1, 'd')
+            b = await connect(self.srv, 'bin', self.uid('b'))
+            await a.send('msg', cid='first', to=b.uid, data='1')
+            self.assertEqual((await self.be.event('the first ask, held'))['cid'], 'first')
+            await c.send('msg', cid='waits', to=b.uid, data='2')   # worker 1: queued
+            await c.barrier('the ask of worker 1 queued')
+            await a.send('msg', cid='over', to=b.uid, data='3')    # over the queue of both
+            await a.barrier('its answer waits behind the first (one order per connection)')
+            m = await self.metrics()
+            self.assertEqual(m['imd_hook_requests_total{event="message",result="full"}'], 1)
+            self.assertEqual(m['imd_hook_pending'], 2)
+            gate.set()
+            self.assertEqual(await answers(a, 2), {'first': ('ack', None, None),
+                                                   'over': ('error', 503, 'message hook unavailable')})
+            self.assertEqual((await self.be.event('the ask of worker 1'))['cid'], 'waits')
+            await c.expect('ack', cid='waits')
+            await b.expect('msg', data='1')
+            await b.expect('msg', data='2')
+            await b.barrier('only those two')
         finally:
             gate.set()
             await self.stop()

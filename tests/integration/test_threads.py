@@ -11,11 +11,14 @@ gets every message exactly once, in order, ids unique. Presence, kick and
 import asyncio
 import os
 import sys
+import time
 import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (ImdCase, api, check, connect, parse_metrics, run_cli,  # noqa: E402
-                       scenario, NO_RATE_LIMITS, SECRET)
+import wire  # noqa: E402
+from imdclient import (Client, ImdCase, api, check, connect, open_tcp,  # noqa: E402
+                       parse_metrics, py_token, run_cli, scenario, NO_RATE_LIMITS, SECRET)
+from test_security import flood  # noqa: E402
 
 N = 20
 
@@ -139,6 +142,167 @@ class TestTwoWorkers(ImdCase):
         await carol.barrier()
         r = await api(self.srv, 'GET', '/v1/users/%s/presence' % U('bob'))
         self.assertEqual(r.json['count'], 0, r.json)
+
+
+# ============================== limits hold for the process, not per worker ===
+
+async def presence_count(srv, uid, n):
+    """Wait until the server lists n connections of uid (a closed one is
+    gone from every count at the same moment, on its worker)."""
+    for _ in range(200):
+        r = await api(srv, 'GET', '/v1/users/%s/presence' % uid)
+        if r.json['count'] == n:
+            return
+    raise AssertionError('%s never had %d connections' % (uid, n))
+
+
+async def accepted(r, w):
+    """Is a plain TCP connection taken by the engine? (a ping is answered,
+    or the connection is closed at once)"""
+    w.write(wire.tcp_frame(bytes([7])))
+    try:
+        return wire.decode_bin(await wire.read_tcp_frame(r))['op'] == 'pong'
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return False
+
+
+async def fill_both_workers(case, n):
+    """n authenticated connections (distinct uids) from 127.0.0.1; they are
+    spread over both workers (the kernel hashes each connection: all n on
+    one worker has odds of 2**(1-n))."""
+    conns = [await connect(case.srv, 'tcp', case.uid('u%d' % i)) for i in range(n)]
+    case.assertEqual({worker_of(c) for c in conns}, {0, 1})
+    return conns
+
+
+async def refused_four_times(case, src='127.0.0.1'):
+    for _ in range(4):   # whichever worker each lands on
+        case.assertFalse(await accepted(*await open_tcp(case.srv.tcp, local_addr=(src, 0))))
+
+
+class TestConnsPerIpAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--max-conns-per-ip', '16', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_cap_counts_both_workers(self):
+        conns = await fill_both_workers(self, 16)
+        await refused_four_times(self)
+        # another source is not affected; one closing makes room again
+        self.assertTrue(await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.5', 0))))
+        await conns[0].close()
+        await presence_count(self.srv, conns[0].uid, 0)
+        await connect(self.srv, 'json', self.uid('again'))
+        m = parse_metrics((await api(self.srv, 'GET', '/metrics')).body.decode())
+        self.assertEqual(m['imd_connections_refused_total{reason="per_ip_cap"}'], 4, m)
+
+
+class TestConnRateAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--conn-rate', '1', '--conn-burst', '10', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_one_bucket_per_source(self):
+        # 20 connections from one source, hashed over both workers: one
+        # bucket of 10 (each worker's own would admit about 20)
+        t0 = time.monotonic()
+        admitted = [await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.7', 0)))
+                    for _ in range(20)]
+        secs = time.monotonic() - t0
+        self.assertGreaterEqual(sum(admitted), 10)
+        self.assertLessEqual(sum(admitted), 10 + secs * 1 + 1)
+        self.assertTrue(await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.8', 0))))
+
+
+class TestMaxConnectionsAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--max-connections', '16', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_limit_is_the_process_total(self):
+        conns = await fill_both_workers(self, 16)
+        await refused_four_times(self, '127.0.0.6')   # from any source
+        await conns[0].close()
+        await presence_count(self.srv, conns[0].uid, 0)
+        await connect(self.srv, 'json', self.uid('again'))
+
+
+class TestConnsPerUserAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--max-conns-per-user', '2', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_newest_refused_whichever_worker(self):
+        a = self.uid('a')
+        a0 = await connect(self.srv, 'json', a, device='d0')
+        while True:   # a second device of a on the other worker
+            a1 = await connect(self.srv, 'tcp', a, device='d1')
+            if worker_of(a1) != worker_of(a0):
+                break
+            await a1.close()
+            await presence_count(self.srv, a, 1)
+        for i in range(4):   # a third is refused, whichever worker it lands on
+            c = await Client.open(self.srv.tcp, 'tcp')
+            m = await c.auth(a, py_token(a, 'd3'), 'd3')
+            self.assertEqual((m['op'], m.get('code'), m.get('reason')),
+                             ('error', 429, 'too many connections for this user'), m['_raw'])
+        b = await connect(self.srv, 'json', self.uid('b'))   # another uid is not affected
+        ack = await b.msg('m1', '1', to=a)
+        for c in (a0, a1):
+            await c.expect('msg', id=ack['id'])
+        await a0.close()   # one leaves: a new one fits, on either worker
+        await presence_count(self.srv, a, 1)
+        await connect(self.srv, 'bin', a, device='d3')
+
+
+class TestUserRateAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', '--rate-msgs', '10', '--rate-user-msgs', '12',
+                   '--rate-strikes', '1000', '--rate-receiver', '0')
+
+    @scenario()
+    async def test_one_bucket_per_uid(self):
+        # each connection stays inside its own burst of 20 (and each
+        # worker's share of the uid's burst of 24 would too); together
+        # they exceed the uid's 24
+        a = self.uid('a')
+        c0 = await on_worker(self.srv, 'json', a, 0, 'd0')
+        c1 = await on_worker(self.srv, 'tcp', a, 1, 'd1')
+        t0 = time.monotonic()
+        (a0, r0), (a1, r1) = await asyncio.gather(flood(c0, 20, self.uid('x'), 'p'),
+                                                  flood(c1, 20, self.uid('x'), 'q'))
+        secs = time.monotonic() - t0
+        self.assertLessEqual(len(a0) + len(a1), 24 + 12 * secs + 1)
+        self.assertGreaterEqual(len(r0) + len(r1), 1)
+
+
+class TestAdminAcrossWorkers(ImdCase):
+    server_args = ('--threads', '2', *NO_RATE_LIMITS)
+
+    @scenario()
+    async def test_ban_closes_and_counts_every_worker(self):
+        conns = []
+        for _ in range(16):   # plain connections from 127.0.0.3, taken by the engines
+            r, w = await open_tcp(self.srv.tcp, local_addr=('127.0.0.3', 0))
+            self.assertTrue(await accepted(r, w))
+            conns.append(r)
+        keep = await connect(self.srv, 'json', self.uid('keep'))
+        r = await api(self.srv, 'POST', '/v1/bans', {'ip': '127.0.0.3'})
+        self.assertEqual((r.status, r.json['closed']), (200, 16), r)
+        for rd in conns:
+            await wire.read_to_eof(rd)
+        await refused_four_times(self, '127.0.0.3')
+        await keep.barrier()
+        r = await api(self.srv, 'GET', '/v1/bans')
+        self.assertEqual([b['ip'] for b in r.json['bans'] if 'ip' in b], ['127.0.0.3/32'], r)
+        r = await api(self.srv, 'DELETE', '/v1/bans', {'ip': '127.0.0.3'})
+        self.assertEqual(r.status, 200, r)
+        self.assertTrue(await accepted(*await open_tcp(self.srv.tcp, local_addr=('127.0.0.3', 0))))
+
+    @scenario()
+    async def test_drain_counts_every_worker(self):
+        b0 = await on_worker(self.srv, 'json', self.uid('b'), 0, 'd0')
+        b1 = await on_worker(self.srv, 'tcp', self.uid('c'), 1, 'd1')
+        r = await api(self.srv, 'POST', '/v1/admin/drain')
+        self.assertEqual((r.status, r.json['draining'], r.json['connections']), (202, True, 2), r)
+        for c in (b0, b1):
+            m = await c.expect('goaway', 'every worker drains')
+            check(m['op'] == 'goaway', m)
 
 
 class TestThreadsOptions(unittest.TestCase):

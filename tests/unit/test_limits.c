@@ -13,6 +13,8 @@
 #include <string.h>
 
 #include <libim/im.h>
+#include <libim/im_guard.h>
+#include <libim/im_shared.h>
 
 #include "engine_fixture.h"
 
@@ -258,12 +260,72 @@ static void test_registry_newest_then_middle(void **st) {
   registry_keeps_one(2, 0);
 }
 
+/* Two engines attached to one im_shared (as the members of an im_group
+ * are): max_connections, max_conns_per_user, max_user_msg_rate and the
+ * guard count both together. */
+static void test_shared_between_engines(void **st) {
+  (void)st;
+  fake f1, f2;
+  im_config cfg;
+  im_config_init(&cfg);
+  cfg.max_conns_per_user = 2;
+  cfg.max_connections = 4;
+  cfg.max_user_msg_rate = 5; /* a burst of 10 */
+  im_server *s1 = new_server(&f1, &cfg), *s2 = new_server(&f2, &cfg);
+  im_shared *sh = im_shared_new();
+  assert_non_null(sh);
+  assert_int_equal(im_server_set_shared(s1, sh), 0);
+  assert_int_equal(im_server_set_shared(s2, sh), 0);
+  im_conn_id a1 = ws_open(s1, &f1, "alice"), a2 = ws_open(s2, &f2, "alice");
+  assert_int_equal(im_shared_user_conns(sh, "alice"), 2);
+  assert_int_equal(im_shared_conns(sh), 2);
+  /* a third alice on either engine: refused */
+  static uint8_t out[4096];
+  im_conn_id a3 = ws_accept(s1, NULL, NULL);
+  drain(s1, a3, out, sizeof out);
+  feed_text(s1, a3, "{\"op\":\"auth\",\"uid\":\"alice\",\"token\":\"t\"}");
+  assert_int_equal(errors_with(s1, a3, 429, "too many connections for this user"), 1);
+  assert_int_equal(im_shared_user_conns(sh, "alice"), 2);
+  /* max_connections: 4 in all (a3 is closed) */
+  ws_open(s2, &f2, "bob");
+  ws_open(s1, &f1, "carol");
+  assert_int_equal(im_shared_conns(sh), 4);
+  assert_int_equal(im_server_accept(s2, IM_TRANSPORT_TCP, "10.0.0.9:1", NULL), 0);
+  assert_int_equal(im_server_accept(s1, IM_TRANSPORT_TCP, "10.0.0.9:1", NULL), 0);
+  /* one uid's msgs on both engines draw on one bucket of 10 */
+  char op[96];
+  for (int i = 0; i < 16; i++) {
+    snprintf(op, sizeof op, "{\"op\":\"msg\",\"cid\":\"m%d\",\"to\":\"bob\",\"data\":1}", i);
+    feed_text(i % 2 ? s2 : s1, i % 2 ? a2 : a1, op);
+  }
+  assert_int_equal(f1.msgs + f2.msgs, 10);
+  /* an attached engine with connections cannot change its im_shared */
+  assert_int_equal(im_server_set_shared(s1, NULL), IM_ESTATE);
+  /* one alice goes: a new one fits on the other engine */
+  im_server_hangup(s2, a2);
+  assert_int_equal(im_shared_user_conns(sh, "alice"), 1);
+  ws_open(s1, &f1, "alice");
+  /* a ban through one engine refuses on the other */
+  im_server_hangup(s1, a1);
+  assert_int_equal(im_guard_ban(s1, "10.1.0.0/16", 0), 0);
+  assert_int_equal(im_server_accept(s2, IM_TRANSPORT_TCP, "10.1.2.3:4", NULL), 0);
+  assert_true(im_server_accept(s2, IM_TRANSPORT_TCP, "10.2.2.3:4", NULL) != 0);
+  im_guard_stats gs;
+  im_guard_get_stats(s2, &gs);
+  assert_int_equal(gs.refused_banned, 1);
+  im_shared_release(sh); /* the servers keep it until they are freed */
+  im_server_free(s1);
+  assert_int_equal(im_shared_conns(sh), 3 - 1); /* s2's: bob and the 10.2.2.3 one */
+  im_server_free(s2);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_max_rooms),
       cmocka_unit_test(test_preauth_input_limit),
       cmocka_unit_test(test_max_conns_per_user),
       cmocka_unit_test(test_registry_newest_then_middle),
+      cmocka_unit_test(test_shared_between_engines),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
