@@ -2,6 +2,7 @@
 #include "log.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -9,6 +10,7 @@
 #include <string.h>
 #include <sys/time.h>
 #include <time.h>
+#include <unistd.h>
 
 static FILE *out;               /* NULL: stderr */
 static char *path_copy;
@@ -40,16 +42,24 @@ int imd_log_open(const char *path, const char *level) {
   return 0;
 }
 
+/* The FILE stays the same one: the new file's descriptor is put under it
+ * with dup2(), which is atomic, so worker threads writing a line meanwhile
+ * (each line is one fwrite, which holds the FILE's lock) land whole in the
+ * old file or the new one, and none writes through a closed FILE. */
 int imd_log_reopen(void) {
   if (!out || !path_copy) return 0;
-  FILE *f = fopen(path_copy, "a");
-  if (!f) {
+  int fd = open(path_copy, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0640);
+  if (fd < 0) {
     log_error("cannot reopen the log %s: %s", path_copy, strerror(errno));
     return -1;
   }
-  setvbuf(f, NULL, _IOLBF, 0);
-  fclose(out);
-  out = f;
+  fflush(out);
+  int rc = dup2(fd, fileno(out));
+  close(fd);
+  if (rc < 0) {
+    log_error("cannot reopen the log %s: %s", path_copy, strerror(errno));
+    return -1;
+  }
   log_info("log reopened");
   return 0;
 }
