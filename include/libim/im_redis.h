@@ -128,8 +128,8 @@ IM_EXTERN int im_redis_command(im_redis *r, int argc, const char **argv, const s
 /* The Lua source defining im_nodes() and im_push() (static storage). */
 IM_EXTERN const char *im_redis_push_lua(void);
 /* The three arguments im_push() takes before head: this node's name, the
- * key prefix and the delivery streams' MAXLEN, as strings valid until the
- * next call or im_redis_free. Returns 0, or IM_ECLOSED when the node holds
+ * key prefix and the delivery streams' MAXLEN, as strings valid until
+ * im_redis_free. Returns 0, or IM_ECLOSED when the node holds
  * no lease or the connection is down right now (send the ordinary way:
  * im_send_users after storing). */
 IM_EXTERN int im_redis_push_argv(im_redis *r, const char *argv[3]);

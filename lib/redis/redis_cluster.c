@@ -45,7 +45,7 @@ struct im_redis {
   uint64_t epoch;
   int node_id;
   char last_id[64];         /* last delivery-stream entry read */
-  char maxlen_arg[24];      /* im_redis_push_argv: cfg.stream_max as a string */
+  char maxlen_arg[24];      /* cfg.stream_max as a string (ROUTE_PUSH, im_redis_push_argv) */
   struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
@@ -510,9 +510,8 @@ static pending *push_some(im_redis *r, pending *list, int *rc) {
       key_of[u] = (uint16_t)j;
     }
   size_t k = 0, nn = 0;
-  char nkeys[16], maxlen[24], nrec[24];
+  char nkeys[16], nrec[24];
   snprintf(nkeys, sizeof nkeys, "%zu", nk);
-  fmt_u64(maxlen, r->cfg.stream_max);
   fmt_u64(nrec, nsend);
 #define ARG(s, n) (argv[k] = (s), lens[k++] = (n))
 #define SARG(s) ARG((s), strlen(s))
@@ -522,7 +521,7 @@ static pending *push_some(im_redis *r, pending *list, int *rc) {
   for (size_t j = 0; j < nk; j++) SARG(keys[j]);
   SARG(r->node);
   SARG(r->prefix);
-  SARG(maxlen);
+  SARG(r->maxlen_arg);
   SARG(nrec);
   u = 0;
   for (pending *q = list; q != p; q = q->next) {
@@ -893,6 +892,7 @@ im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_c
   r->adv_ws = dup_or_null(cfg->advertise_ws);
   r->adv_tcp = dup_or_null(cfg->advertise_tcp);
   if (!r->cfg.stream_max) r->cfg.stream_max = 100000;
+  fmt_u64(r->maxlen_arg, r->cfg.stream_max);
   r->renew_ev = event_new(base, -1, EV_PERSIST, on_renew_timer, r);
   r->flush_ev = event_new(base, -1, 0, on_flush, r);
   r->xread_retry_ev = evtimer_new(base, on_xread_retry, r);
@@ -977,7 +977,6 @@ const char *im_redis_push_lua(void) { return LUA_PUSH_FNS; }
 int im_redis_push_argv(im_redis *r, const char *argv[3]) {
   if (!r || !argv) return IM_EINVAL;
   if (!r->cmd.up || !r->leased) return IM_ECLOSED;
-  fmt_u64(r->maxlen_arg, r->cfg.stream_max);
   argv[0] = r->node;
   argv[1] = r->prefix;
   argv[2] = r->maxlen_arg;
