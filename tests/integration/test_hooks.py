@@ -147,6 +147,17 @@ class HookCase(unittest.TestCase):
     def uid(self, name):
         return '%s.%s' % (self._testMethodName[5:], name)
 
+    def hang_backend(self):
+        """The back end holds every request unanswered until the returned
+        event is set."""
+        never = asyncio.Event()
+
+        async def handler(req):
+            await never.wait()
+            return 200, {}
+        self.be.handler = handler
+        return never
+
     async def inbox_last(self, uid):
         r = await api(self.srv, 'GET', '/v1/users/%s/inbox' % uid)
         self.assertEqual(r.status, 200, r)
@@ -282,12 +293,7 @@ class TestMessageHook(HookCase):
     @scenario()
     async def test_timeout_fail_closed(self):
         a, b = await self.pair('--hook-timeout', '300', '--hook-fail', 'closed')
-        never = asyncio.Event()
-
-        async def handler(req):
-            await never.wait()
-            return 200, {}
-        self.be.handler = handler
+        never = self.hang_backend()
         try:
             await a.send('msg', cid='t1', to=b.uid, data='1')
             await a.expect('error', code=503, reason='message hook timed out', cid='t1')
@@ -303,12 +309,7 @@ class TestMessageHook(HookCase):
     @scenario()
     async def test_timeout_fail_open(self):
         a, b = await self.pair('--hook-timeout', '300', '--hook-fail', 'open')
-        never = asyncio.Event()
-
-        async def handler(req):
-            await never.wait()
-            return 200, {}
-        self.be.handler = handler
+        never = self.hang_backend()
         try:
             await a.send('msg', cid='t1', to=b.uid, data='"kept"')
             ack = await a.expect('ack', cid='t1')
