@@ -1,6 +1,14 @@
 /* The libevent driver: accepts sockets (im_listener), reads into one shared
  * buffer, feeds the engine, and flushes every connection's queued frames
- * with one im_stream_writev() per connection per loop iteration. The
+ * with one im_stream_writev() per connection per loop iteration.
+ *
+ * Connections are not libevent events: they sit in an epoll set of the
+ * driver's own, and that set's descriptor is the one event libevent
+ * watches for them. An idle connection so costs neither a struct event
+ * (128 bytes) nor a slot in libevent's descriptor map, only its record
+ * here; readiness is level-triggered as libevent's, and one callback takes
+ * at most POLL_BATCH ready connections, so timers and other events still
+ * run between batches. The
  * im_stream under each connection is a plain socket or a TLS session; a TLS
  * connection is handed to the engine at accept (so max_connections and the
  * auth timeout count it) but reads nothing until its handshake is done,
@@ -14,18 +22,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "event/stream.h"
 
 #define MAX_LISTENERS 8
 #define READ_BUF (64 * 1024)
 #define IOV_MAX_BATCH 64
+#define POLL_BATCH 256
 
 typedef struct ev_conn ev_conn;
 
-/* 72 bytes before the struct event, a plain connection's stream included:
- * an idle connection costs one 208-byte allocation here. A TLS handshake is
+/* 72 bytes, a plain connection's stream included: an idle connection costs
+ * one 80-byte allocation here. A TLS handshake is
  * never on the flush list nor (being unlinked first) the grave list, so its
  * list links share their space. */
 struct ev_conn {
@@ -44,15 +55,12 @@ struct ev_conn {
   uint32_t hs_deadline;         /* mono_ms() (low 32 bits) at which the handshake fails */
   uint8_t in_flush : 1;
   uint8_t closed : 1;
-  uint8_t writing : 1;   /* EV_WRITE is armed */
+  uint8_t writing : 1;   /* EPOLLOUT is armed */
   uint8_t handshaking : 1;
   union {                       /* the stream (conn_stream): */
     im_stream plain;            /* of a plain connection */
     im_stream *tls;             /* of a TLS one (tls.c allocates it) */
   };
-  /* the struct event follows, event_get_struct_event_size() bytes (it holds
-   * pointers and integers: pointer alignment is its alignment) */
-  _Alignas(void *) unsigned char ev[];
 };
 
 typedef struct listener {
@@ -68,6 +76,8 @@ struct im_event {
   im_server *srv;
   listener ls[MAX_LISTENERS];
   int nls;
+  int epfd;                 /* the connections' epoll set */
+  struct event *poll;       /* its readiness */
   struct event *tick;
   struct event *flush;
   struct event *sig[2];
@@ -81,9 +91,20 @@ struct im_event {
   uint8_t rbuf[READ_BUF];
 };
 
-static struct event *conn_event(ev_conn *ec) { return (struct event *)ec->ev; }
-
 static im_stream *conn_stream(ev_conn *ec) { return ec->ls->tls ? ec->tls : &ec->plain; }
+
+/* Adds a connection's socket to the set, or changes what it waits for. */
+static int conn_watch(ev_conn *ec, int op, bool writing) {
+  struct epoll_event ev = {.events = EPOLLIN | (writing ? EPOLLOUT : 0), .data.ptr = ec};
+  return epoll_ctl(ec->ls->owner->epfd, op, conn_stream(ec)->fd, &ev);
+}
+
+/* Before its descriptor is closed (a closed descriptor leaves the set by
+ * itself only when no duplicate of it is open). */
+static void conn_unwatch(ev_conn *ec) {
+  struct epoll_event ev = {0};
+  epoll_ctl(ec->ls->owner->epfd, EPOLL_CTL_DEL, conn_stream(ec)->fd, &ev);
+}
 
 static uint64_t mono_ms(void) {
   struct timespec ts;
@@ -123,7 +144,7 @@ static void hs_unlink(ev_conn *ec, struct listener *ls) {
 static void conn_bury(ev_conn *ec) {
   if (ec->closed) return;
   im_event *e = ec->ls->owner;
-  event_del(conn_event(ec));
+  conn_unwatch(ec);
   if (ec->handshaking) hs_unlink(ec, ec->ls);
   im_stream_free(conn_stream(ec));
   ec->closed = 1;
@@ -133,17 +154,11 @@ static void conn_bury(ev_conn *ec) {
   schedule_flush(e);
 }
 
-static void conn_io_cb(evutil_socket_t fd, short what, void *arg);
-
 static void arm(ev_conn *ec, bool writing) {
   if (ec->writing == writing || ec->closed) return;
-  struct event *ev = conn_event(ec);
-  int fd = event_get_fd(ev);
-  event_del(ev);
-  event_assign(ev, ec->ls->owner->base, fd, EV_READ | EV_PERSIST | (writing ? EV_WRITE : 0), conn_io_cb,
-               ec);
-  event_add(ev, NULL);
-  ec->writing = writing;
+  /* cannot fail for a descriptor in the set but for ENOMEM, which leaves
+   * it as it was: EPOLLIN still reports the peer's close */
+  if (conn_watch(ec, EPOLL_CTL_MOD, writing) == 0) ec->writing = writing;
 }
 
 /* Write what the engine has queued; returns false if the connection died. */
@@ -212,16 +227,32 @@ static void handshake_step(ev_conn *ec) {
   read_in(ec);
 }
 
-static void conn_io_cb(evutil_socket_t fd, short what, void *arg) {
-  (void)fd;
-  ev_conn *ec = arg;
+static void conn_io(ev_conn *ec, uint32_t what) {
   if (ec->handshaking) {
     handshake_step(ec);
     return;
   }
-  if ((what & EV_WRITE) && !write_out(ec)) return;
-  if (!(what & EV_READ) || ec->closed) return;
+  if ((what & EPOLLOUT) && !write_out(ec)) return;
+  if (!(what & EPOLLIN) || ec->closed) return;
   read_in(ec);
+}
+
+/* The set has ready connections. Records of connections closed meanwhile
+ * are freed only by flush_cb, so every pointer returned stays valid here. */
+static void poll_cb(evutil_socket_t fd, short what, void *arg) {
+  (void)fd;
+  (void)what;
+  im_event *e = arg;
+  struct epoll_event evs[POLL_BATCH];
+  int n = epoll_wait(e->epfd, evs, POLL_BATCH, 0);
+  for (int i = 0; i < n; i++) {
+    ev_conn *ec = evs[i].data.ptr;
+    uint32_t f = evs[i].events;
+    if (ec->closed) continue;
+    /* an error or hang-up is for the read to find (and a write, if armed) */
+    if (f & (EPOLLERR | EPOLLHUP)) f |= EPOLLIN | (ec->writing ? EPOLLOUT : 0);
+    conn_io(ec, f);
+  }
 }
 
 static void flush_cb(evutil_socket_t fd, short what, void *arg) {
@@ -293,7 +324,7 @@ static void accept_cb(int fd, const char *peer, void *arg) {
     evutil_closesocket(fd);
     return;
   }
-  ev_conn *ec = calloc(1, sizeof(*ec) + event_get_struct_event_size());
+  ev_conn *ec = calloc(1, sizeof(*ec));
   im_stream *st = NULL;
   if (ec && ls->tls)
     st = ec->tls = im_stream_new(fd, ls->tls);
@@ -322,11 +353,10 @@ static void accept_cb(int fd, const char *peer, void *arg) {
       ls->hs_head = ec;
     ls->hs_tail = ec;
   }
-  event_assign(conn_event(ec), e->base, fd, EV_READ | EV_PERSIST, conn_io_cb, ec);
-  event_add(conn_event(ec), NULL);
   ec->all_next = e->all;
   if (e->all) e->all->all_prev = ec;
   e->all = ec;
+  if (conn_watch(ec, EPOLL_CTL_ADD, false) < 0) conn_fail(ec); /* no memory for its entry */
 }
 
 static void tick_cb(evutil_socket_t fd, short what, void *arg) {
@@ -347,9 +377,15 @@ im_event *im_event_new(struct event_base *base, im_server *srv) {
   if (!e) return NULL;
   e->base = base;
   e->srv = srv;
+  e->epfd = epoll_create1(EPOLL_CLOEXEC);
+  if (e->epfd < 0) {
+    free(e);
+    return NULL;
+  }
+  e->poll = event_new(base, e->epfd, EV_READ | EV_PERSIST, poll_cb, e);
   e->flush = event_new(base, -1, 0, flush_cb, e);
   e->tick = event_new(base, -1, EV_PERSIST, tick_cb, e);
-  if (!e->flush || !e->tick) {
+  if (!e->poll || event_add(e->poll, NULL) < 0 || !e->flush || !e->tick) {
     im_event_free(e);
     return NULL;
   }
@@ -441,7 +477,7 @@ void im_event_free(im_event *e) {
   while (e->all) {
     ev_conn *ec = e->all;
     e->all = ec->all_next;
-    event_del(conn_event(ec));
+    conn_unwatch(ec);
     im_stream_free(conn_stream(ec));
     im_server_hangup(e->srv, ec->id);
     free(ec);
@@ -452,5 +488,7 @@ void im_event_free(im_event *e) {
     free(ec);
   }
   if (e->flush) event_free(e->flush);
+  if (e->poll) event_free(e->poll);
+  close(e->epfd);
   free(e);
 }
