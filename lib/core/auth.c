@@ -112,7 +112,8 @@ static void auth_deny(im_server *s, im_conn *c, int code, const char *reason) {
 static int user_admit(im_server *s, const char *uid, shared_user **sh) {
   *sh = NULL;
   if (s->shared)
-    return shared_user_take(s->shared, uid, strlen(uid), s->cfg.max_conns_per_user, sh);
+    return shared_user_take(s->shared, uid, strlen(uid), s->cfg.max_conns_per_user,
+                            s->shared_slot, sh);
   im_user *u = s->cfg.max_conns_per_user ? reg_user_find(s, uid, strlen(uid)) : NULL;
   return u && u->nconns >= s->cfg.max_conns_per_user ? IM_ELIMIT : 0;
 }
@@ -150,7 +151,7 @@ static void auth_finish(im_server *s, im_conn *c, const im_auth *a, bool ok, int
     c->flags &= (uint16_t)~CF_UPGRADE_AUTH;
   }
   if (conn_open(s, c, a->uid, a->device, a->platform, sh) < 0) {
-    if (sh) shared_user_put(s->shared, sh);
+    if (sh) shared_user_put(s->shared, sh, s->shared_slot);
     conn_close(s, c, IM_CLOSE_INTERNAL, "out of memory", false);
     return;
   }

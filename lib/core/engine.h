@@ -228,6 +228,7 @@ struct im_server {
   void *clock_ud;
   struct im_guard *guard;  /* guard.c: NULL until configured or a ban is set */
   struct im_shared *shared; /* shared.c: limits shared with other engines, or NULL */
+  unsigned shared_slot;      /* shared.c: where this engine counts in the users' records */
   im_stats st;
 };
 

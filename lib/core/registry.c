@@ -49,7 +49,7 @@ void reg_user_del(im_server *s, im_conn *c) {
   if (c->u_next) c->u_next->u_prev = c->u_prev;
   c->u_next = c->u_prev = NULL;
   c->user = NULL;
-  if (u->sh) shared_user_put(s->shared, u->sh);
+  if (u->sh) shared_user_put(s->shared, u->sh, s->shared_slot);
   if (--u->nconns == 0) {
     strmap_del(&s->users, &u->node);
     im_dealloc(s, u);

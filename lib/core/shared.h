@@ -17,9 +17,29 @@ void shared_conn_put(im_shared *sh);
 /* One more authenticated connection of uid (len bytes): *out is its
  * record, valid while the connection is counted. Returns 0, IM_ELIMIT
  * (max, when not 0, are open already) or IM_ENOMEM. */
-int shared_user_take(im_shared *sh, const char *uid, size_t len, uint32_t max, shared_user **out);
+#define SHARED_SLOTS_MAX 64
+
+/* An im_shared whose user records count connections in `slots` slots (1 to
+ * SHARED_SLOTS_MAX; im_shared_new() makes one), NULL when out of memory. */
+im_shared *shared_new_slots(unsigned slots);
+
+/* srv (attached to an im_shared with more than `slot` slots, no connection
+ * yet) counts its users' connections in that slot. 0, IM_EINVAL or
+ * IM_ESTATE. */
+int shared_set_slot(im_server *s, unsigned slot);
+
+/* Count one more connection of uid in `slot`, unless max (0: no limit)
+ * are open already. 0 with *out the uid's record, IM_ELIMIT or IM_ENOMEM. */
+int shared_user_take(im_shared *sh, const char *uid, size_t len, uint32_t max, unsigned slot,
+                     shared_user **out);
 /* That connection is gone (the record is freed with the uid's last). */
-void shared_user_put(im_shared *sh, shared_user *e);
+/* One fewer in `slot`; the record is freed with the uid's last connection. */
+void shared_user_put(im_shared *sh, shared_user *e, unsigned slot);
+
+/* The slots other than `except` that hold connections of uid, as a bit
+ * mask; counts (when not NULL) gets each such slot's count. */
+uint64_t shared_user_spread(im_shared *sh, const char *uid, size_t len, unsigned except,
+                            uint32_t *counts);
 
 /* GCRA at rate msgs/s (bursts of up to twice the rate) with theoretical
  * arrival time tat: does one more msg at now_us fit? When it does, *next
@@ -31,6 +51,9 @@ bool gcra_fits(uint64_t tat, uint64_t now_us, uint32_t rate, uint64_t *next);
 bool shared_user_charge(shared_user *e, uint64_t now_us, uint32_t rate);
 
 /* The shared guard (guard.c makes it: guard_new_shared). */
+/* The uids with a counted connection. */
+size_t shared_users(im_shared *sh);
+
 struct im_guard *shared_guard(im_shared *sh);
 
 /* A reference for an attached engine. */

@@ -1,9 +1,12 @@
 /* Engines on several threads joined as one server (include/libim/im_group.h).
  *
- * Two process-wide tables, each a keyed hash under a read-write lock: uid
- * -> how many authenticated connections each member holds, room -> which
- * members have local members. Senders take the read lock to learn which
- * members hold receivers; opens and closes take the write lock. A routed
+ * Which members hold a uid's authenticated connections, and how many, is
+ * in the group's im_shared: each member counts its connections in its own
+ * slot of the uid's record there (core/shared.c), so the process keeps one
+ * entry per online user. Rooms have a table here, a keyed hash under a
+ * read-write lock: room -> which members have local members. Senders look
+ * up which members hold receivers; opens and closes of rooms take the
+ * write lock. A routed
  * operation is copied once per receiving member into one allocation and
  * posted to that member's im_async queue (one wake-up per batch); the
  * member applies it with the im_local_* calls. Presence asks every member
@@ -24,6 +27,7 @@
 #include <string.h>
 
 #include "core/msg_copy.h"
+#include "core/shared.h"
 #include "core/strmap.h"
 
 /* What one presence answer of a member lists at most (as im_presence). */
@@ -32,8 +36,7 @@
 
 /* ---- the tables ------------------------------------------------------------------ */
 
-/* A uid or room: n[i] connections (uids) or 1 (rooms) on member i. The key
- * follows n[]. */
+/* A room: n[i] is 1 while member i has local members. The key follows n[]. */
 typedef struct g_entry {
   strmap_node node;
   uint64_t mask;            /* bit i: n[i] > 0 */
@@ -97,8 +100,9 @@ struct im_group {
   atomic_uint joined;
   atomic_bool stopping;
   uint64_t id_clock;        /* im_server_set_id_clock of every member */
-  im_shared *shared;        /* im_server_set_shared of every member: process-wide limits */
-  g_table users, rooms;
+  im_shared *shared;        /* im_server_set_shared of every member: process-wide limits,
+                             * and who holds each uid (a slot per member) */
+  g_table rooms;
   g_member m[IM_GROUP_MAX];
 };
 
@@ -152,14 +156,16 @@ static bool table_count(im_group *g, g_table *t, const char *key, unsigned i, bo
   return ok;
 }
 
-/* The other members holding key (caller holds the read lock); counts
- * (when not NULL) gets their counts. */
-static uint64_t others(const g_table *t, const char *key, unsigned me, uint32_t *counts) {
+/* The other members holding key (caller holds the read lock). */
+static uint64_t others(const g_table *t, const char *key, unsigned me) {
   g_entry *e = (g_entry *)strmap_get(&t->map, key, strlen(key));
-  uint64_t mask = e ? e->mask & ~(1ull << me) : 0;
-  for (unsigned i = 0; counts && i < 64; i++)
-    if (mask & (1ull << i)) counts[i] = e->n[i];
-  return mask;
+  return e ? e->mask & ~(1ull << me) : 0;
+}
+
+/* The other members holding connections of uid; counts (when not NULL)
+ * gets how many each holds. */
+static uint64_t user_others(im_group *g, const char *uid, unsigned me, uint32_t *counts) {
+  return shared_user_spread(g->shared, uid, strlen(uid), me, counts);
 }
 
 /* ---- posting and applying -------------------------------------------------------- */
@@ -317,21 +323,6 @@ static void apply(void *item, void *arg) {
 
 /* ---- the router hooks (on the calling member's thread) ------------------------------- */
 
-static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
-  g_member *me = ud;
-  im_conn_info info;
-  if (im_conn_get_info(srv, c, &info) == 0 && info.uid &&
-      !table_count(me->g, &me->g->users, info.uid, me->idx, true))
-    atomic_fetch_add(&me->dropped, 1); /* not reachable from the others */
-}
-
-static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
-  g_member *me = ud;
-  im_conn_info info;
-  if (im_conn_get_info(srv, c, &info) == 0 && info.uid)
-    table_count(me->g, &me->g->users, info.uid, me->idx, false);
-}
-
 static void h_room_open(im_server *srv, const char *room, void *ud) {
   (void)srv;
   g_member *me = ud;
@@ -371,13 +362,11 @@ static int h_send_users(im_server *srv, const char *const *uids, size_t n, const
   uint64_t small[16], *masks = n <= 16 ? small : malloc(n * sizeof *masks), any = 0;
   if (!masks) return IM_ENOMEM;
   uint32_t counts[IM_GROUP_MAX], total[IM_GROUP_MAX] = {0};
-  pthread_rwlock_rdlock(&g->users.lock);
   for (size_t i = 0; i < n; i++) {
-    any |= masks[i] = others(&g->users, uids[i], me->idx, counts);
+    any |= masks[i] = user_others(g, uids[i], me->idx, counts);
     for (unsigned t = 0; t < g->members; t++)
       if (masks[i] & (1ull << t)) total[t] += counts[t];
   }
-  pthread_rwlock_unlock(&g->users.lock);
   int queued = 0; /* connections the copies are for */
   for (unsigned t = 0; any; t++, any >>= 1)
     if ((any & 1) && post(g, t, op_users(me->idx, t, uids, masks, n, m), true))
@@ -391,7 +380,7 @@ static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *
   g_member *me = ud;
   im_group *g = me->g;
   pthread_rwlock_rdlock(&g->rooms.lock);
-  uint64_t any = others(&g->rooms, room, me->idx, NULL);
+  uint64_t any = others(&g->rooms, room, me->idx);
   pthread_rwlock_unlock(&g->rooms.lock);
   for (unsigned t = 0; any; t++, any >>= 1) {
     if (!(any & 1)) continue;
@@ -422,9 +411,7 @@ static int h_kick_user(im_server *srv, const char *uid, int code, const char *re
   g_member *me = ud;
   im_group *g = me->g;
   uint32_t counts[IM_GROUP_MAX] = {0};
-  pthread_rwlock_rdlock(&g->users.lock);
-  uint64_t any = others(&g->users, uid, me->idx, counts);
-  pthread_rwlock_unlock(&g->users.lock);
+  uint64_t any = user_others(g, uid, me->idx, counts);
   int closing = 0;
   for (unsigned t = 0; any; t++, any >>= 1) {
     if (!(any & 1)) continue;
@@ -439,9 +426,7 @@ static int h_presence(im_server *srv, const char *uid, const im_route *local, si
                       im_presence_cb cb, void *arg, void *ud) {
   g_member *me = ud;
   im_group *g = me->g;
-  pthread_rwlock_rdlock(&g->users.lock);
-  uint64_t any = others(&g->users, uid, me->idx, NULL);
-  pthread_rwlock_unlock(&g->users.lock);
+  uint64_t any = user_others(g, uid, me->idx, NULL);
   if (!any) {
     cb(srv, uid, local, n_local, 0, arg);
     return 0;
@@ -486,13 +471,7 @@ im_group *im_group_new(unsigned members, size_t max_queued) {
   if (!g) return NULL;
   g->members = members;
   g->max_queued = max_queued ? max_queued : QUEUED_DEFAULT;
-  if (!(g->shared = im_shared_new()) || table_init(&g->users) < 0) {
-    im_shared_release(g->shared);
-    free(g);
-    return NULL;
-  }
-  if (table_init(&g->rooms) < 0) {
-    table_free(&g->users);
+  if (!(g->shared = shared_new_slots(members)) || table_init(&g->rooms) < 0) {
     im_shared_release(g->shared);
     free(g);
     return NULL;
@@ -509,6 +488,7 @@ int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
     return IM_ELIMIT;
   }
   int rc = im_server_set_shared(srv, g->shared);
+  if (rc == 0 && (rc = shared_set_slot(srv, i)) < 0) im_server_set_shared(srv, NULL);
   if (rc < 0) {
     pthread_mutex_unlock(&g->join_lock);
     return rc;
@@ -527,8 +507,7 @@ int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
   pthread_mutex_unlock(&g->join_lock);
   im_server_set_id_shard(srv, i, g->members);
   im_server_set_id_clock(srv, &g->id_clock);
-  im_router r = {.conn_open = h_conn_open, .conn_close = h_conn_close,
-                 .room_open = h_room_open, .room_close = h_room_close,
+  im_router r = {.room_open = h_room_open, .room_close = h_room_close,
                  .send_users = h_send_users, .room_send = h_room_send,
                  .kick_user = h_kick_user, .presence = h_presence, .ud = me};
   im_server_set_router(srv, &r);
@@ -550,22 +529,15 @@ void im_group_stats(im_group *g, unsigned member, im_group_counters *st) {
 }
 
 size_t im_group_user_conns(im_group *g, const char *uid) {
-  size_t n = 0;
-  pthread_rwlock_rdlock(&g->users.lock);
-  g_entry *e = (g_entry *)strmap_get(&g->users.map, uid, strlen(uid));
-  for (unsigned i = 0; e && i < g->members; i++) n += e->n[i];
-  pthread_rwlock_unlock(&g->users.lock);
-  return n;
+  return im_shared_user_conns(g->shared, uid);
 }
 
 void im_group_totals(im_group *g, size_t *users, size_t *rooms) {
-  g_table *t[2] = {&g->users, &g->rooms};
-  size_t *out[2] = {users, rooms};
-  for (int i = 0; i < 2; i++) {
-    if (!out[i]) continue;
-    pthread_rwlock_rdlock(&t[i]->lock);
-    *out[i] = t[i]->map.count;
-    pthread_rwlock_unlock(&t[i]->lock);
+  if (users) *users = shared_users(g->shared);
+  if (rooms) {
+    pthread_rwlock_rdlock(&g->rooms.lock);
+    *rooms = g->rooms.map.count;
+    pthread_rwlock_unlock(&g->rooms.lock);
   }
 }
 
@@ -578,7 +550,6 @@ void im_group_free(im_group *g) {
   for (unsigned i = 0; i < n; i++) im_async_free(g->m[i].q); /* drops what is queued */
   for (unsigned i = 0; i < n; i++)
     while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
-  table_free(&g->users);
   table_free(&g->rooms);
   im_shared_release(g->shared); /* the members keep theirs while they live */
   pthread_mutex_destroy(&g->join_lock);
