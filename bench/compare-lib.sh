@@ -13,7 +13,7 @@ port_of() {
 
 # cleanup: stops the server $srv (if any) and removes $tmp; for trap EXIT.
 cleanup() {
-  if [ -n "$srv" ]; then kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true; fi
+  if [ -n "${srv:-}" ]; then kill "$srv" 2>/dev/null || true; wait "$srv" 2>/dev/null || true; fi
   rm -rf "$tmp"
 }
 

@@ -12,7 +12,8 @@
 # last lines are medians over the runs.
 #   bench/http-push.sh BUILD_DIR [SECONDS] [CONNS] [RUNS] [both|imd|peer]
 # IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
-# from a given commit); im-bench always comes from BUILD_DIR. IMD_ARGS adds
+# from a given commit); im-bench always comes from BUILD_DIR. WRK_THREADS (default
+# 1) sets wrk's threads. IMD_ARGS adds
 # options to imd (e.g. "--threads 2"); SRV_CPUS / CLIENT_CPUS change the
 # pinning (default 0 / 1; bench/threads.sh gives imd two cores).
 set -euo pipefail
@@ -99,7 +100,7 @@ run_one() { # TARGET RUN
   grep -q '^connected 1 authed 1' "$tmp/recv" || { cat "$tmp/recv" "$out" >&2; exit 1; }
   local t0 t1 c0 c1 w0 w1
   t0=$(date +%s%N); c0=$(ticks "$srv"); w0=$(cpu_self)
-  taskset -c "$client_cpus" "$wrk" -t1 -c"$conns" -d"${secs}s" --latency -s "$tmp/push.lua" \
+  taskset -c "$client_cpus" "$wrk" -t"${WRK_THREADS:-1}" -c"$conns" -d"${secs}s" --latency -s "$tmp/push.lua" \
     "http://127.0.0.1:$http/v1/messages" >"$tmp/wrk"
   t1=$(date +%s%N); c1=$(ticks "$srv"); w1=$(cpu_self)
   wait "$rcv" || true; rcv=

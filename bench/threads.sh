@@ -5,7 +5,9 @@
 # server's cores and the numbers say little):
 #  - connect+auth: `im-bench hold` opens CONNS WebSocket connections (window
 #    500) that authenticate with real tokens; rate = authed / time until all
-#    are settled (start of im-bench to its "connected" line);
+#    are settled (start of im-bench to its "connected" line); HOLD_PROCS
+#    (default 1) im-bench processes share them, each from its own pair of
+#    127.0.0.x source addresses, and the rate is until the last is settled;
 #  - HTTP push: bench/http-push.sh with IMD_ARGS=--threads T: wrk POSTs stored
 #    1:1 messages to one online receiver, which counts and acks them (rps is
 #    stored and delivered, checked against the receiver's count).
@@ -18,6 +20,7 @@ conns=${2:-10000}; secs=${3:-10}; runs=${4:-3}
 imd=${IMD:-$build/daemon/imd}
 cores=$(nproc)
 srv_cpus=${SRV_CPUS:-0,1}
+procs=${HOLD_PROCS:-1}
 if [ "$cores" -gt 2 ]; then client_cpus=${CLIENT_CPUS:-2-$((cores - 1))}; else client_cpus=${CLIENT_CPUS:-0-1}; fi
 tmp=$(mktemp -d)
 srv=
@@ -34,27 +37,34 @@ port_of() { # FILE KIND
 }
 
 connect_rate() { # THREADS RUN
-  local t=$1 out=$tmp/imd.out t0 t1 line authed
+  local t=$1 out=$tmp/imd.out t0 t1 authed=0 pids=() i n
   rm -rf "$tmp/data"
   taskset -c "$srv_cpus" "$imd" --threads "$t" --conn-rate 0 --max-connections 0 \
-    --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off >"$out" 2>&1 &
+    --max-conns-per-ip 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off >"$out" 2>&1 &
   srv=$!
   local ws; ws=$(port_of "$out" ws)
-  rm -f "$tmp/hold"
+  rm -f "$tmp"/hold.*
   t0=$(date +%s%N)
-  taskset -c "$client_cpus" "$build/bench/im-bench" hold --url "ws://127.0.0.1:$ws/ws" \
-    -n "$conns" --window 500 --secret-file "$tmp/data/secret" --hold-seconds 1 >"$tmp/hold" 2>&1 &
-  local hb=$!
-  until grep -q '^connected' "$tmp/hold"; do
-    kill -0 "$hb" 2>/dev/null || { cat "$tmp/hold" >&2; exit 1; }
-    sleep 0.005
+  for i in $(seq "$procs"); do
+    n=$(( conns / procs + (i <= conns % procs ? 1 : 0) ))
+    taskset -c "$client_cpus" "$build/bench/im-bench" hold --url "ws://127.0.0.1:$ws/ws" \
+      -n "$n" --window 500 --secret-file "$tmp/data/secret" --hold-seconds 1 \
+      --uid-prefix "p${i}u" --src "127.0.0.$((2 * i)),127.0.0.$((2 * i + 1))" >"$tmp/hold.$i" 2>&1 &
+    pids+=($!)
+  done
+  for i in $(seq "$procs"); do
+    until grep -q '^connected' "$tmp/hold.$i"; do
+      kill -0 "${pids[$((i - 1))]}" 2>/dev/null || { cat "$tmp/hold.$i" >&2; exit 1; }
+      sleep 0.005
+    done
   done
   t1=$(date +%s%N)
-  wait "$hb" || true
+  wait "${pids[@]}" || true
   kill "$srv"; wait "$srv" 2>/dev/null || true; srv=
-  line=$(grep '^connected' "$tmp/hold")
-  authed=$(echo "$line" | awk '{print $4}')
-  echo "RESULT test=connect threads=$t run=$2 conns=$conns authed=$authed" \
+  for i in $(seq "$procs"); do
+    authed=$(( authed + $(grep '^connected' "$tmp/hold.$i" | awk '{print $4}') ))
+  done
+  echo "RESULT test=connect threads=$t run=$2 conns=$conns procs=$procs authed=$authed" \
        "secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.3f", (b - a) / 1e9}')" \
        "per_s=$(awk -v n="$authed" -v a="$t0" -v b="$t1" 'BEGIN {printf "%.0f", n / ((b - a) / 1e9)}')" \
     | tee -a "$tmp/results"
