@@ -49,7 +49,15 @@
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
 #define BUSY_TIMEOUT_MS 5000     /* another process (sqlite3 shell, backup) holding the lock */
-#define CACHE_SIZE_KIB 16384     /* page cache: the hot inbox pages of many users */
+/* The page cache. Small on purpose: when a B-tree split reorders its new
+ * pages, SQLite (3.40) parks one under the pending-byte page's number (page
+ * 1,048,577 with 1 KiB pages), and the commit that follows then walks every
+ * page in the cache to drop those past the end of the file. With random
+ * inserts into idem and inbox most commits split somewhere, so that walk
+ * grows with the cache: 35% of the store's CPU at 16 MiB against 7% at
+ * 2 MiB (bench/store-bench -u 20000, perf), and pages missing from a small
+ * cache are one pread from the kernel's page cache. */
+#define CACHE_SIZE_KIB 2048
 /* Appends insert at random places in idem and inbox (keyed by sender and
  * by receiver), so a commit writes about one whole page per row to the WAL.
  * Small pages cut those bytes (measured: under half the volume of 4 KiB
