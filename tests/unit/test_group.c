@@ -1,7 +1,8 @@
 /* The thread group (im_group.h): two engines, each on its own thread with
  * its own event loop and listener, joined as one server. Real TCP clients
  * (binary IMP) on both workers exchange 1:1 and room messages; presence and
- * kick see both workers; ids stay unique; wake-ups come per batch. */
+ * kick see both workers; ids stay unique; wake-ups come per batch; a
+ * worker that wakes to hundreds of readable connections serves them all. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -355,6 +356,11 @@ static void presence_and_kick_see_every_worker(void **state) {
   login(&bob1, w[0].port, "bob", "phone");
   login(&bob2, w[1].port, "bob", "laptop");
   login(&bob3, w[1].port, "bob", "tablet");
+  /* one record for bob in the process, counting the three on both workers */
+  size_t users = 0;
+  assert_int_equal(im_group_user_conns(g, "bob"), 3);
+  im_group_totals(g, &users, NULL);
+  assert_int_equal(users, 1);
 
   asked a = {.done = {NULL, NULL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0}};
   assert_int_equal(im_mailbox_call(w[0].mb, ask_presence, &a), 0);
@@ -381,6 +387,9 @@ static void presence_and_kick_see_every_worker(void **state) {
   assert_int_equal(im_mailbox_call(w[0].mb, ask_presence, &a), 0);
   on_loop_wait(&a.done, 1);
   assert_int_equal(a.n, 0);
+  assert_int_equal(im_group_user_conns(g, "bob"), 0);
+  im_group_totals(g, &users, NULL);
+  assert_int_equal(users, 1); /* probe */
   close(probe.fd);
   workers_stop(g, w);
 }
@@ -447,7 +456,7 @@ typedef struct gate {
   int held, open;
 } gate;
 
-/* Runs on worker 1: holds its loop until the gate opens. */
+/* Runs on a worker: holds its loop until the gate opens. */
 static void hold_loop(im_server *srv, void *arg) {
   (void)srv;
   gate *g = arg;
@@ -456,6 +465,21 @@ static void hold_loop(im_server *srv, void *arg) {
   pthread_cond_broadcast(&g->cond);
   while (!g->open) pthread_cond_wait(&g->cond, &g->lock);
   pthread_mutex_unlock(&g->lock);
+}
+
+/* Stops w's loop (hold_loop on it) and returns once it is held. */
+static void gate_hold(worker *w, gate *gt) {
+  assert_int_equal(im_mailbox_call(w->mb, hold_loop, gt), 0);
+  pthread_mutex_lock(&gt->lock);
+  while (!gt->held) pthread_cond_wait(&gt->cond, &gt->lock);
+  pthread_mutex_unlock(&gt->lock);
+}
+
+static void gate_open(gate *gt) {
+  pthread_mutex_lock(&gt->lock);
+  gt->open = 1;
+  pthread_cond_broadcast(&gt->cond);
+  pthread_mutex_unlock(&gt->lock);
 }
 
 static void send_many(im_server *srv, void *arg) {
@@ -476,23 +500,67 @@ static void a_stuck_worker_costs_bounded_memory(void **state) {
   client bob;
   login(&bob, w[1].port, "bob", "b");
   gate gt = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
-  assert_int_equal(im_mailbox_call(w[1].mb, hold_loop, &gt), 0);
-  pthread_mutex_lock(&gt.lock);
-  while (!gt.held) pthread_cond_wait(&gt.cond, &gt.lock);
-  pthread_mutex_unlock(&gt.lock);
+  gate_hold(&w[1], &gt);
   run_on(&w[0], send_many, NULL); /* 100 sends to bob while worker 1 is stuck */
   im_group_counters st;
   im_group_stats(g, 1, &st);
   assert_int_equal(st.posted, 10);
   assert_int_equal(st.dropped, 90);
   assert_int_equal(st.applied, 0);
-  pthread_mutex_lock(&gt.lock);
-  gt.open = 1;
-  pthread_cond_broadcast(&gt.cond);
-  pthread_mutex_unlock(&gt.lock);
+  gate_open(&gt);
   expect_msgs(&bob, 10, NULL); /* the first ten, in order */
   expect_quiet(&bob);
   close(bob.fd);
+  workers_stop(g, w);
+}
+
+/* ---- many connections ready at once ---- */
+
+#define SENDERS 600 /* over the driver's 256 ready connections per poll */
+
+/* Every sender writes while worker 0's loop is held, so it wakes to
+ * hundreds of readable connections at once (more than one poll takes):
+ * each message arrives once, each sender gets its ack. */
+static void many_connections_ready_at_once(void **state) {
+  (void)state;
+  im_group *g = im_group_new(WORKERS, 0);
+  worker w[WORKERS];
+  workers_start(g, w);
+  client *s = calloc(SENDERS, sizeof *s), r;
+  assert_non_null(s);
+  login(&r, w[1].port, "r", "d");
+  for (int i = 0; i < SENDERS; i++) {
+    char uid[16];
+    snprintf(uid, sizeof uid, "s%d", i);
+    login(&s[i], w[0].port, uid, "d");
+  }
+  gate gt = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0};
+  gate_hold(&w[0], &gt);
+  for (int i = 0; i < SENDERS; i++) send_msg(&s[i], "r", NULL, i);
+  gate_open(&gt);
+  static bool seen[SENDERS];
+  for (int got = 0; got < SENDERS;) {
+    imp_packet p;
+    assert_int_equal(recv_pkt(&r, &p), 0);
+    if (p.op != IMP_OP_MSG) continue;
+    char data[16];
+    assert_true(p.str[IMP_K_DATA].n < sizeof data);
+    memcpy(data, p.str[IMP_K_DATA].p, p.str[IMP_K_DATA].n);
+    data[p.str[IMP_K_DATA].n] = '\0';
+    int i = atoi(data);
+    assert_true(i >= 0 && i < SENDERS);
+    assert_false(seen[i]);
+    seen[i] = true;
+    got++;
+  }
+  for (int i = 0; i < SENDERS; i++) {
+    imp_packet p;
+    expect_op(&s[i], IMP_OP_ACK, &p);
+    close(s[i].fd);
+  }
+  expect_quiet(&r);
+  close(r.fd);
+  free(s);
   workers_stop(g, w);
 }
 
@@ -502,6 +570,7 @@ int main(void) {
       cmocka_unit_test(presence_and_kick_see_every_worker),
       cmocka_unit_test(ids_are_unique_across_workers),
       cmocka_unit_test(a_stuck_worker_costs_bounded_memory),
+      cmocka_unit_test(many_connections_ready_at_once),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
