@@ -122,15 +122,10 @@ static size_t unique_strings(const char **v, size_t n) {
 
 /* ---- deferred answers ---------------------------------------------------------- */
 
-static void count_status(imd *d, int status) {
-  if (status >= 100 && status < 600) d->m.http_status[status / 100]++;
-}
-
 /* Answer a deferred request (body: malloc'd JSON or NULL for a 500;
- * ownership passes) and count its status. */
+ * ownership passes; imd_api_done counts and logs it). */
 static void respond(imd *d, uint64_t ticket, int status, char *body) {
   if (!body) status = 500;
-  count_status(d, status);
   http_server_respond(d->http, ticket, status, NULL, body, body ? strlen(body) : 0);
 }
 
@@ -208,7 +203,6 @@ static void pushed(imd *d, uint64_t ticket, const imd_delivery *res) {
   PUT(http_fmt_uint(num, dup ? 0 : (uint64_t)res->stored));
   PUT(dup ? ",\"duplicate\":true}" : "}");
 #undef PUT
-  count_status(d, 200);
   http_server_respond(d->http, ticket, 200, NULL, b, k);
 }
 
@@ -1097,25 +1091,24 @@ method:
   reply_error(r, 405, "method not allowed");
 }
 
+void imd_api_handle(void *user, const http_request *req, http_response *resp) {
+  route(user, req, resp);
+}
+
 /* Access log: every request at debug, one in ACCESS_SAMPLE at info (a hot
  * path must not write a line per request). */
 #define ACCESS_SAMPLE 100
 
-static void access_log(imd *d, const http_request *req, int status) {
+void imd_api_done(void *user, const http_done *r) {
+  imd *d = user;
   enum imd_log_level lv = d->m.http_requests % ACCESS_SAMPLE == 0 ? IMD_LOG_INFO : IMD_LOG_DEBUG;
+  d->m.http_requests++;
+  if (r->status >= 100 && r->status < 600) d->m.http_status[r->status / 100]++;
   if (!imd_log_on(lv)) return;
   char path[256], code[8];
-  snprintf(path, sizeof path, "%.*s", (int)(req->path_len < 255 ? req->path_len : 255), req->path);
-  snprintf(code, sizeof code, "%d", status);
-  imd_log(lv, IMD_FIELDS("method", llhttp_method_name((llhttp_method_t)req->method), "path", path,
-                         "status", code, "peer", req->peer ? req->peer : ""),
+  snprintf(path, sizeof path, "%.*s", (int)(r->path_len < 255 ? r->path_len : 255), r->path);
+  snprintf(code, sizeof code, "%d", r->status);
+  imd_log(lv, IMD_FIELDS("method", llhttp_method_name((llhttp_method_t)r->method), "path", path,
+                         "status", code, "peer", r->peer ? r->peer : ""),
           "http request");
-}
-
-void imd_api_handle(void *user, const http_request *req, http_response *resp) {
-  imd *d = user;
-  route(d, req, resp);
-  access_log(d, req, resp->status); /* a deferred answer logs its status as 0 */
-  d->m.http_requests++;
-  count_status(d, resp->status); /* a deferred answer counts when it is given */
 }

@@ -143,6 +143,10 @@ typedef struct defer_slot {
   out_seg *seg; /* the waiting segment */
   http_conn *conn;
   uint32_t next_free;
+  /* for http_done when it is answered */
+  int method;
+  uint8_t path_len;
+  char path[HTTP_DONE_PATH_MAX];
 } defer_slot;
 
 struct http_server {
@@ -153,6 +157,7 @@ struct http_server {
   struct event *kick; /* serves kick_head..kick_tail */
   http_limits lim;
   http_handler handler;
+  http_done_fn done;
   void *user;
   int port;
   unsigned nconns;
@@ -938,6 +943,7 @@ static const llhttp_settings_t parser_settings = {
  * the connection through it. */
 typedef struct resp_box {
   http_response pub; /* first: a pointer to it is a pointer to the box */
+  const http_request *req;
   http_conn *conn;
   bool head_only;
   uint64_t ticket;
@@ -960,13 +966,24 @@ uint64_t http_response_defer(http_response *resp) {
   o->head_only = b->head_only;
   o->keep_alive = c->keep_alive;
   o->slot = idx;
-  s->slots[idx].seg = o;
-  s->slots[idx].conn = c;
+  defer_slot *d = &s->slots[idx];
+  d->seg = o;
+  d->conn = c;
+  d->method = b->req->method;
+  d->path_len = (uint8_t)(b->req->path_len < sizeof d->path ? b->req->path_len : sizeof d->path);
+  memcpy(d->path, b->req->path, d->path_len);
   out_push(c, o);
   c->nwait++;
   conn_touch(c); /* onto the busy list: no idle deadline while waiting */
   b->ticket = (s->slots[idx].gen << SLOT_BITS) | idx;
   return b->ticket;
+}
+
+/* http_done for one answered request (status as make_response sends it). */
+static void report_done(http_server *s, int method, const char *path, size_t path_len,
+                        const char *peer, int status) {
+  http_done d = {method, path, path_len, peer, status < 200 || status > 599 ? 500 : status};
+  s->done(s->user, &d);
 }
 
 static void dispatch(http_conn *c) {
@@ -1001,17 +1018,20 @@ static void dispatch(http_conn *c) {
     rq.body = c->body_at;
   }
 
-  resp_box b = {.conn = c, .head_only = rq.method == HTTP_HEAD};
+  resp_box b = {.req = &rq, .conn = c, .head_only = rq.method == HTTP_HEAD};
   s->handler(s->user, &rq, &b.pub);
   if (nul) *nul = saved;
 
   bool keep = c->keep_alive && !s->free_pending;
   const http_response *rs = &b.pub;
-  if (b.ticket) /* its place is queued; resp does not count */
+  if (b.ticket) { /* its place is queued; resp does not count */
     free(rs->body);
-  else
+  } else {
     queue_response(c, rs->status, rs->content_type, rs->headers, rs->body, rs->body_len,
                    b.head_only, keep);
+    if (s->done && !s->free_pending)
+      report_done(s, rq.method, rq.path, rq.path_len, c->peer, rs->status);
+  }
   if (!keep) c->closing = true;
   /* keep nothing of the request while the connection waits for the next */
   req_drop(c);
@@ -1224,6 +1244,7 @@ int http_server_respond(http_server *s, uint64_t ticket, int status, const char 
   defer_slot *d = &s->slots[idx];
   http_conn *c = d->conn;
   out_seg *w = d->seg;
+  if (s->done) report_done(s, d->method, d->path, d->path_len, c->peer, status);
   slot_release(s, (uint32_t)idx);
   out_seg *o = make_response(status, content_type, "", body, body_len, w->head_only,
                              w->keep_alive);
@@ -1317,6 +1338,8 @@ fail:;
   errno = err;
   return NULL;
 }
+
+void http_server_set_done(http_server *s, http_done_fn fn) { s->done = fn; }
 
 int http_server_port(const http_server *s) { return s ? s->port : -1; }
 

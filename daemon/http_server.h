@@ -202,6 +202,33 @@ http_server *http_server_new_tls(struct event_base *base, const char *addr,
                                  const http_limits *lim, im_tls *tls, http_handler h,
                                  void *user);
 
+/* ---- answered requests ----
+ *
+ * What the server reports once a request the handler saw has its answer:
+ * right after the handler returns, or when http_server_respond() gives a
+ * deferred one (a ticket voided by a failed connection is not reported).
+ * method and path are as in http_request, the path of a deferred request cut
+ * to its first HTTP_DONE_PATH_MAX bytes; peer is the client's address;
+ * status is the one queued (500 for a status outside 200..599). Pointers are
+ * valid during the call only. Failures the server answers itself (400, 413,
+ * 417, 431) are not reported. imd counts statuses and writes its access log
+ * here, so a deferred answer is logged with the status it got. */
+#define HTTP_DONE_PATH_MAX 128
+
+typedef struct http_done {
+  int method;
+  const char *path; /* not NUL-terminated */
+  size_t path_len;
+  const char *peer;
+  int status;
+} http_done;
+
+typedef void (*http_done_fn)(void *user, const http_done *d);
+
+/* Sets the function (NULL: none) called, with the handler's user, for each
+ * answered request. */
+void http_server_set_done(http_server *s, http_done_fn fn);
+
 /* Returns the port the server listens on, or -1 if it cannot be read. */
 int http_server_port(const http_server *s);
 

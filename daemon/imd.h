@@ -224,6 +224,9 @@ int imd_gateways(imd *d, const char *uid, imd_gateways_cb cb, void *arg);
 
 /* api.c: the HTTP API handler (http_handler, user = imd *). */
 void imd_api_handle(void *user, const http_request *req, http_response *resp);
+/* http_done_fn (user = imd *): counts the answered request by status class
+ * and writes the access log line, with the status given (deferred ones too). */
+void imd_api_done(void *user, const http_done *r);
 /* http_limits.admit (user = imd *): true when authorization carries the
  * API key, so only such requests get their bodies buffered. */
 bool imd_api_admit(void *user, const char *authorization);

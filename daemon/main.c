@@ -704,6 +704,7 @@ int main(int argc, char **argv) {
       fprintf(stderr, "imd: cannot listen on %s: %s\n", d.cfg.http_addr, strerror(errno));
       rc = 1;
     } else {
+      http_server_set_done(d.http, imd_api_done);
       printf("imd: http listening on %s port %d%s\n", d.cfg.http_addr, http_server_port(d.http),
              imd_tls_for(&d, "http") ? " (tls)" : "");
     }

@@ -226,6 +226,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
       fprintf(stderr, "imd: worker %u: cannot listen on %s\n", i, addr);
       return w;
     }
+    http_server_set_done(w->http, imd_api_done);
   }
   w->store = imd_store_sqlite_view(d->store, w->base);
   w->mb = im_mailbox_new(w->base, w->srv);

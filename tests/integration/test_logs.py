@@ -48,8 +48,18 @@ class TestLog(unittest.TestCase):
             check(x['level'] in ('debug', 'info', 'warn', 'error'), 'level %r' % x)
             check(re.match(r'^[a-z_]+\.c:\d+$', x['src']), 'src %r' % x)
         acc = [x for x in lines(log) if x['msg'] == 'http request'][-1]
+        # presence is answered later (deferred): logged with the status it got
         check((acc['method'], acc['path'], acc['status']) ==
-              ('GET', '/v1/users/bob/presence', '0'), 'access line %r' % acc)
+              ('GET', '/v1/users/bob/presence', '200'), 'access line %r' % acc)
+        # a stored push (answered after the commit) and a refused one
+        r = await api(srv, 'POST', '/v1/messages', {'to': 'bob', 'data': {'n': 1}})
+        check(r.status == 200, 'push: %r' % r)
+        r = await api(srv, 'POST', '/v1/messages', {'data': {'n': 1}})
+        check(r.status == 400, 'push without receivers: %r' % r)
+        await wait_for_line(log, lambda x: x.get('status') == '400', 'the refused push')
+        pushes = [(x['method'], x['status']) for x in lines(log)
+                  if x['msg'] == 'http request' and x['path'] == '/v1/messages']
+        check(pushes == [('POST', '200'), ('POST', '400')], 'push lines %r' % pushes)
         # logrotate: move the file away, SIGHUP, imd writes to a new one
         os.rename(log, log + '.1')
         srv.proc.send_signal(signal.SIGHUP)
