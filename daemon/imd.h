@@ -36,7 +36,7 @@ typedef struct imd_config {
   const char *redis_prefix;
   uint32_t lease_ttl_s;
   const char *advertise_ws, *advertise_tcp;
-  uint32_t drain_rate;      /* connections closed per second while draining */
+  uint32_t drain_rate;      /* connections closed per second while draining (the process's) */
   uint32_t max_token_ttl_s; /* tokens expiring later than now + this are refused */
   uint32_t rate_receiver;   /* msgs one sender may store for one receiver (or group) per
                                minute; 0 = no quota */
@@ -85,6 +85,7 @@ typedef struct imd {
   im_redis *redis;          /* the cluster link (node.c); NULL: single node */
   char node_name[160];
   bool draining;
+  uint64_t drain_credit;    /* node.c: closes owed, in thousandths (a share of --drain-rate) */
   strmap uid_bans;          /* bans.c */
   strmap shared_bans;       /* bans.c: the cluster's bans as applied here (--redis) */
   long long shared_version; /* bans.c: of the Redis hash last merged (-1: none) */

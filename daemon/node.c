@@ -74,9 +74,14 @@ static void on_drain_tick(evutil_socket_t fd, short what, void *arg) {
     if (d->ev) im_event_shutdown(d->ev, 3000);
     return;
   }
-  uint32_t per_tick = d->cfg.drain_rate * DRAIN_TICK_MS / 1000;
-  drain_pass p = {d, per_tick ? per_tick : 1};
-  im_server_each_conn(d->srv, close_some, &p);
+  /* --drain-rate is the process's: each of n workers closes its share,
+   * in thousandths of a connection carried from tick to tick (so a rate
+   * under one per tick and worker is kept too) */
+  unsigned n = d->group ? im_group_size(d->group) : 1;
+  d->drain_credit += (uint64_t)d->cfg.drain_rate * DRAIN_TICK_MS / (n ? n : 1);
+  drain_pass p = {d, (uint32_t)(d->drain_credit / 1000)};
+  d->drain_credit %= 1000;
+  if (p.budget) im_server_each_conn(d->srv, close_some, &p);
 }
 
 static void send_goaway(im_server *srv, im_conn_id c, void *arg) {
