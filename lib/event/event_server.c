@@ -8,21 +8,32 @@
  * (128 bytes) nor a slot in libevent's descriptor map, only its record
  * here; readiness is level-triggered as libevent's, and one callback takes
  * at most POLL_BATCH ready connections, so timers and other events still
- * run between batches. The
+ * run between batches.
+ *
+ * A connection the engine closed lingers: its last frames and a FIN went
+ * out, and the socket stays open, read and discarded, until the peer closes
+ * too or LINGER_MS pass. Closing a socket with unread input makes the kernel
+ * answer with a reset, which discards output the peer has not read yet: a
+ * client still sending when its connection is closed (a flood, a rate
+ * close) would lose the close frame or error op that says why. At most
+ * LINGER_MAX connections of a driver linger; past that they close at once. The
  * im_stream under each connection is a plain socket or a TLS session; a TLS
  * connection is handed to the engine at accept (so max_connections and the
  * auth timeout count it) but reads nothing until its handshake is done,
  * which must happen within the context's handshake timeout. */
+#include <errno.h>
 #include <event2/event.h>
 #include <event2/util.h>
 #include <libim/im_event.h>
 #include <libim/im_net.h>
 #include <signal.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -32,6 +43,8 @@
 #define READ_BUF (64 * 1024)
 #define IOV_MAX_BATCH 64
 #define POLL_BATCH 256
+#define LINGER_MS 2000
+#define LINGER_MAX 64
 
 typedef struct ev_conn ev_conn;
 
@@ -63,6 +76,17 @@ struct ev_conn {
   };
 };
 
+/* A closed connection's socket being read dry (its ev_conn is gone). In the
+ * epoll set its pointer carries LINGER_TAG, which an ev_conn's (malloc()ed,
+ * so aligned) never does. */
+typedef struct lingering {
+  struct lingering *prev, *next; /* the driver's list, oldest first */
+  int fd;
+  uint32_t deadline;             /* mono_ms() (low 32 bits) */
+} lingering;
+
+#define LINGER_TAG ((uintptr_t)1)
+
 typedef struct listener {
   im_event *owner;
   im_listener *l;
@@ -85,6 +109,8 @@ struct im_event {
   ev_conn *flush_head, *flush_tail;
   ev_conn *grave;
   ev_conn *all;
+  lingering *lg_head, *lg_tail;
+  unsigned nlinger;
   bool shutting_down;
   bool reuseport;           /* im_event_set_reuseport */
   unsigned signal_grace_ms;
@@ -139,20 +165,77 @@ static void hs_unlink(ev_conn *ec, struct listener *ls) {
   ec->handshaking = 0;
 }
 
-/* Closed: stop events, close the socket, and park the memory until the
- * flush callback can free it (we may be inside this connection's callback). */
-static void conn_bury(ev_conn *ec) {
+static void linger_end(im_event *e, lingering *l) {
+  if (l->prev)
+    l->prev->next = l->next;
+  else
+    e->lg_head = l->next;
+  if (l->next)
+    l->next->prev = l->prev;
+  else
+    e->lg_tail = l->prev;
+  close(l->fd); /* leaves the set with it */
+  e->nlinger--;
+  free(l);
+}
+
+/* The stream is freed; its socket (output shut down) lingers, unless too
+ * many do or memory ran out: then it is closed now. */
+static void linger_start(im_event *e, ev_conn *ec) {
+  lingering *l = e->nlinger < LINGER_MAX ? calloc(1, sizeof *l) : NULL;
+  int fd = conn_stream(ec)->fd;
+  struct epoll_event ev = {.events = EPOLLIN, .data.ptr = (void *)((uintptr_t)l | LINGER_TAG)};
+  if (!l || epoll_ctl(e->epfd, EPOLL_CTL_MOD, fd, &ev) < 0) {
+    free(l);
+    conn_unwatch(ec);
+    im_stream_free(conn_stream(ec));
+    return;
+  }
+  l->fd = im__stream_detach(conn_stream(ec));
+  l->deadline = (uint32_t)(mono_ms() + LINGER_MS);
+  l->prev = e->lg_tail;
+  if (e->lg_tail)
+    e->lg_tail->next = l;
+  else
+    e->lg_head = l;
+  e->lg_tail = l;
+  e->nlinger++;
+}
+
+/* Input after the close: read and dropped until the peer's FIN (or an
+ * error) ends the linger; a few buffers per readiness, so a peer that keeps
+ * sending cannot hold the loop (the deadline ends it). */
+static void linger_read(im_event *e, lingering *l) {
+  for (int i = 0; i < 4; i++) {
+    ssize_t n = recv(l->fd, e->rbuf, sizeof e->rbuf, 0);
+    if (n > 0 || (n < 0 && errno == EINTR)) continue;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+    linger_end(e, l);
+    return;
+  }
+}
+
+/* Closed: stop events, close the socket (or let it linger), and park the
+ * memory until the flush callback can free it (we may be inside this
+ * connection's callback). */
+static void conn_bury_as(ev_conn *ec, bool linger) {
   if (ec->closed) return;
   im_event *e = ec->ls->owner;
-  conn_unwatch(ec);
   if (ec->handshaking) hs_unlink(ec, ec->ls);
-  im_stream_free(conn_stream(ec));
+  if (linger) {
+    linger_start(e, ec);
+  } else {
+    conn_unwatch(ec);
+    im_stream_free(conn_stream(ec));
+  }
   ec->closed = 1;
   all_unlink(e, ec);
   ec->grave_next = e->grave;
   e->grave = ec;
   schedule_flush(e);
 }
+
+static void conn_bury(ev_conn *ec) { conn_bury_as(ec, false); }
 
 static void arm(ev_conn *ec, bool writing) {
   if (ec->writing == writing || ec->closed) return;
@@ -246,6 +329,10 @@ static void poll_cb(evutil_socket_t fd, short what, void *arg) {
   struct epoll_event evs[POLL_BATCH];
   int n = epoll_wait(e->epfd, evs, POLL_BATCH, 0);
   for (int i = 0; i < n; i++) {
+    if ((uintptr_t)evs[i].data.ptr & LINGER_TAG) {
+      linger_read(e, (lingering *)((uintptr_t)evs[i].data.ptr & ~LINGER_TAG));
+      continue;
+    }
     ev_conn *ec = evs[i].data.ptr;
     uint32_t f = evs[i].events;
     if (ec->closed) continue;
@@ -309,10 +396,14 @@ static void io_close(im_server *srv, im_conn_id c, void *io_ctx, void *io_user) 
   (void)c;
   (void)io_user;
   ev_conn *ec = io_ctx;
-  /* a graceful close: tell the peer we are done before the descriptor goes
-   * (a TLS close_notify, then FIN) */
-  if (!ec->handshaking) im_stream_shutdown(conn_stream(ec));
-  conn_bury(ec);
+  /* a graceful close: tell the peer we are done (a TLS close_notify, then
+   * FIN) and read what it still sends until it closes too */
+  if (ec->handshaking) {
+    conn_bury(ec);
+    return;
+  }
+  im_stream_shutdown(conn_stream(ec));
+  conn_bury_as(ec, true);
 }
 
 /* ---- listeners -------------------------------------------------------------- */
@@ -369,6 +460,8 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
   for (int i = 0; i < e->nls; i++)
     while (e->ls[i].hs_head && (int32_t)((uint32_t)now - e->ls[i].hs_head->hs_deadline) >= 0)
       conn_fail(e->ls[i].hs_head);
+  while (e->lg_head && (int32_t)((uint32_t)now - e->lg_head->deadline) >= 0)
+    linger_end(e, e->lg_head);
   im_server_tick(e->srv, now);
 }
 
@@ -487,6 +580,7 @@ void im_event_free(im_event *e) {
     e->grave = ec->grave_next;
     free(ec);
   }
+  while (e->lg_head) linger_end(e, e->lg_head);
   if (e->flush) event_free(e->flush);
   if (e->poll) event_free(e->poll);
   close(e->epfd);

@@ -102,6 +102,12 @@ void im_stream_free(im_stream *s) {
   close(fd);
 }
 
+int im__stream_detach(im_stream *s) {
+  int fd = s->fd;
+  s->f->release(s);
+  return fd;
+}
+
 int im_stream_fd(const im_stream *s) { return s->fd; }
 
 int im_stream_secure(const im_stream *s) { return s->secure; }

@@ -30,6 +30,11 @@ struct im_stream {
  * record): im_stream_free closes fd and frees nothing. Returns s. */
 im_stream *im__stream_plain_init(im_stream *s, int fd);
 
+/* Frees s as im_stream_free() does but leaves its descriptor open, and
+ * returns it (for a lingering close: the driver reads the socket dry after
+ * the stream is gone). */
+int im__stream_detach(im_stream *s);
+
 /* tls.c: a TLS stream over fd, or NULL when memory ran out. */
 im_stream *im__tls_stream_new(int fd, im_tls *tls);
 /* tls.c: if s is a TLS session between records (handshake done, nothing
