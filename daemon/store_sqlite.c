@@ -68,7 +68,7 @@
  * size in bytes). */
 #define PAGE_SIZE 1024           /* only takes effect when the file is created */
 #define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
-#define WAL_LIMIT_BYTES (64 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
+#define WAL_LIMIT_BYTES (128 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
 #define CACHE_BUCKETS 1024
 #define CACHE_MAX (1u << 18)     /* counters kept across commits; beyond that start afresh */
 #define ERR_MAX 256
