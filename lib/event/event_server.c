@@ -33,6 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -62,7 +63,7 @@ struct ev_conn {
       ev_conn *grave_next;      /* closed, freed once off every list */
     };
     struct {
-      ev_conn *hs_prev, *hs_next; /* on its listener's handshake list, by deadline */
+      TAILQ_ENTRY(ev_conn) hs;  /* on its listener's handshake list, by deadline */
     };
   };
   uint32_t hs_deadline;         /* mono_ms() (low 32 bits) at which the handshake fails */
@@ -80,7 +81,7 @@ struct ev_conn {
  * epoll set its pointer carries LINGER_TAG, which an ev_conn's (malloc()ed,
  * so aligned) never does. */
 typedef struct lingering {
-  struct lingering *prev, *next; /* the driver's list, oldest first */
+  TAILQ_ENTRY(lingering) link;   /* the driver's list, oldest first */
   int fd;
   uint32_t deadline;             /* mono_ms() (low 32 bits) */
 } lingering;
@@ -92,7 +93,7 @@ typedef struct listener {
   im_listener *l;
   enum im_transport t;
   im_tls *tls;               /* NULL: plain */
-  ev_conn *hs_head, *hs_tail; /* TLS handshakes in progress, oldest first */
+  TAILQ_HEAD(, ev_conn) hs;  /* TLS handshakes in progress, oldest first */
 } listener;
 
 struct im_event {
@@ -109,7 +110,7 @@ struct im_event {
   ev_conn *flush_head, *flush_tail;
   ev_conn *grave;
   ev_conn *all;
-  lingering *lg_head, *lg_tail;
+  TAILQ_HEAD(, lingering) lingering;
   unsigned nlinger;
   bool shutting_down;
   bool reuseport;           /* im_event_set_reuseport */
@@ -153,27 +154,12 @@ static void all_unlink(im_event *e, ev_conn *ec) {
 
 static void hs_unlink(ev_conn *ec, struct listener *ls) {
   if (!ec->handshaking) return;
-  if (ec->hs_prev)
-    ec->hs_prev->hs_next = ec->hs_next;
-  else
-    ls->hs_head = ec->hs_next;
-  if (ec->hs_next)
-    ec->hs_next->hs_prev = ec->hs_prev;
-  else
-    ls->hs_tail = ec->hs_prev;
-  ec->hs_prev = ec->hs_next = NULL;
+  TAILQ_REMOVE(&ls->hs, ec, hs);
   ec->handshaking = 0;
 }
 
 static void linger_end(im_event *e, lingering *l) {
-  if (l->prev)
-    l->prev->next = l->next;
-  else
-    e->lg_head = l->next;
-  if (l->next)
-    l->next->prev = l->prev;
-  else
-    e->lg_tail = l->prev;
+  TAILQ_REMOVE(&e->lingering, l, link);
   close(l->fd); /* leaves the set with it */
   e->nlinger--;
   free(l);
@@ -193,12 +179,7 @@ static void linger_start(im_event *e, ev_conn *ec) {
   }
   l->fd = im__stream_detach(conn_stream(ec));
   l->deadline = (uint32_t)(mono_ms() + LINGER_MS);
-  l->prev = e->lg_tail;
-  if (e->lg_tail)
-    e->lg_tail->next = l;
-  else
-    e->lg_head = l;
-  e->lg_tail = l;
+  TAILQ_INSERT_TAIL(&e->lingering, l, link);
   e->nlinger++;
 }
 
@@ -437,12 +418,7 @@ static void accept_cb(int fd, const char *peer, void *arg) {
     im_conn_set_secure(e->srv, ec->id, 1);
     ec->handshaking = 1;
     ec->hs_deadline = (uint32_t)(mono_ms() + im_tls_handshake_timeout(ls->tls));
-    ec->hs_prev = ls->hs_tail;
-    if (ls->hs_tail)
-      ls->hs_tail->hs_next = ec;
-    else
-      ls->hs_head = ec;
-    ls->hs_tail = ec;
+    TAILQ_INSERT_TAIL(&ls->hs, ec, hs);
   }
   ec->all_next = e->all;
   if (e->all) e->all->all_prev = ec;
@@ -458,16 +434,19 @@ static void tick_cb(evutil_socket_t fd, short what, void *arg) {
   /* handshakes over time cost their connection; each list is in deadline
    * order (one timeout per listener) */
   for (int i = 0; i < e->nls; i++)
-    while (e->ls[i].hs_head && (int32_t)((uint32_t)now - e->ls[i].hs_head->hs_deadline) >= 0)
-      conn_fail(e->ls[i].hs_head);
-  while (e->lg_head && (int32_t)((uint32_t)now - e->lg_head->deadline) >= 0)
-    linger_end(e, e->lg_head);
+    for (ev_conn *ec; (ec = TAILQ_FIRST(&e->ls[i].hs)) &&
+                      (int32_t)((uint32_t)now - ec->hs_deadline) >= 0;)
+      conn_fail(ec);
+  for (lingering *l; (l = TAILQ_FIRST(&e->lingering)) &&
+                     (int32_t)((uint32_t)now - l->deadline) >= 0;)
+    linger_end(e, l);
   im_server_tick(e->srv, now);
 }
 
 im_event *im_event_new(struct event_base *base, im_server *srv) {
   im_event *e = calloc(1, sizeof(*e));
   if (!e) return NULL;
+  TAILQ_INIT(&e->lingering);
   e->base = base;
   e->srv = srv;
   e->epfd = epoll_create1(EPOLL_CLOEXEC);
@@ -495,6 +474,7 @@ int im_event_listen_tls(im_event *e, enum im_transport t, const char *addr, im_t
   if (e->nls == MAX_LISTENERS || (t != IM_TRANSPORT_WS && t != IM_TRANSPORT_TCP)) return IM_EINVAL;
   listener *ls = &e->ls[e->nls];
   memset(ls, 0, sizeof *ls);
+  TAILQ_INIT(&ls->hs);
   ls->owner = e;
   ls->t = t;
   ls->tls = tls;
@@ -529,7 +509,7 @@ void im_event_shutdown(im_event *e, unsigned grace_ms) {
   for (int i = 0; i < e->nls; i++) {
     im_listener_enable(e->ls[i].l, 0);
     /* no channel to say goodbye on before the TLS handshake: just drop */
-    while (e->ls[i].hs_head) conn_fail(e->ls[i].hs_head);
+    while (!TAILQ_EMPTY(&e->ls[i].hs)) conn_fail(TAILQ_FIRST(&e->ls[i].hs));
   }
   im_server_close_all(e->srv, IM_CLOSE_GOING_AWAY, "server shutting down");
   if (!e->grace) e->grace = evtimer_new(e->base, grace_cb, e);
@@ -580,7 +560,7 @@ void im_event_free(im_event *e) {
     e->grave = ec->grave_next;
     free(ec);
   }
-  while (e->lg_head) linger_end(e, e->lg_head);
+  while (!TAILQ_EMPTY(&e->lingering)) linger_end(e, TAILQ_FIRST(&e->lingering));
   if (e->flush) event_free(e->flush);
   if (e->poll) event_free(e->poll);
   close(e->epfd);
