@@ -93,8 +93,8 @@ typedef struct im_group_counters {
 /* Counters of member (zeros for an index not joined). Any thread. */
 IM_EXTERN void im_group_stats(im_group *g, unsigned member, im_group_counters *st);
 
-/* Authenticated connections of uid on all members together, as the table
- * has them now (a member's router hears of a connection before on_open
+/* Authenticated connections of uid on all members together, as the uid's
+ * record in the group's im_shared has them now (a member's router hears of a connection before on_open
  * and of its end before on_close, so in on_open this counts the opening
  * one and in on_close no longer the closing one). Any thread. */
 IM_EXTERN size_t im_group_user_conns(im_group *g, const char *uid);
