@@ -94,9 +94,10 @@ typedef struct im_group_counters {
 IM_EXTERN void im_group_stats(im_group *g, unsigned member, im_group_counters *st);
 
 /* Authenticated connections of uid on all members together, as the uid's
- * record in the group's im_shared has them now (a member's router hears of a connection before on_open
- * and of its end before on_close, so in on_open this counts the opening
- * one and in on_close no longer the closing one). Any thread. */
+ * record in the group's im_shared has them now (a connection is counted
+ * there before on_open and no longer before on_close, so in on_open this
+ * counts the opening one and in on_close no longer the closing one). Any
+ * thread. */
 IM_EXTERN size_t im_group_user_conns(im_group *g, const char *uid);
 
 /* Distinct uids with an authenticated connection and distinct rooms with
