@@ -16,8 +16,9 @@
  * answer with a reset, which discards output the peer has not read yet: a
  * client still sending when its connection is closed (a flood, a rate
  * close) would lose the close frame or error op that says why. At most
- * LINGER_MAX connections of a driver linger; past that they close at once. The
- * im_stream under each connection is a plain socket or a TLS session; a TLS
+ * LINGER_MAX connections of a driver linger; past that they close at once.
+ *
+ * The im_stream under each connection is a plain socket or a TLS session; a TLS
  * connection is handed to the engine at accept (so max_connections and the
  * auth timeout count it) but reads nothing until its handshake is done,
  * which must happen within the context's handshake timeout. */
@@ -165,22 +166,20 @@ static void linger_end(im_event *e, lingering *l) {
   free(l);
 }
 
-/* The stream is freed; its socket (output shut down) lingers, unless too
- * many do or memory ran out: then it is closed now. */
-static void linger_start(im_event *e, ev_conn *ec) {
+/* Frees the stream and lets its socket (output shut down) linger; false,
+ * with nothing done, when too many linger or memory ran out. */
+static bool linger_start(im_event *e, ev_conn *ec) {
   lingering *l = e->nlinger < LINGER_MAX ? calloc(1, sizeof *l) : NULL;
-  int fd = conn_stream(ec)->fd;
   struct epoll_event ev = {.events = EPOLLIN, .data.ptr = (void *)((uintptr_t)l | LINGER_TAG)};
-  if (!l || epoll_ctl(e->epfd, EPOLL_CTL_MOD, fd, &ev) < 0) {
+  if (!l || epoll_ctl(e->epfd, EPOLL_CTL_MOD, conn_stream(ec)->fd, &ev) < 0) {
     free(l);
-    conn_unwatch(ec);
-    im_stream_free(conn_stream(ec));
-    return;
+    return false;
   }
   l->fd = im__stream_detach(conn_stream(ec));
   l->deadline = (uint32_t)(mono_ms() + LINGER_MS);
   TAILQ_INSERT_TAIL(&e->lingering, l, link);
   e->nlinger++;
+  return true;
 }
 
 /* Input after the close: read and dropped until the peer's FIN (or an
@@ -203,9 +202,7 @@ static void conn_bury_as(ev_conn *ec, bool linger) {
   if (ec->closed) return;
   im_event *e = ec->ls->owner;
   if (ec->handshaking) hs_unlink(ec, ec->ls);
-  if (linger) {
-    linger_start(e, ec);
-  } else {
+  if (!linger || !linger_start(e, ec)) {
     conn_unwatch(ec);
     im_stream_free(conn_stream(ec));
   }

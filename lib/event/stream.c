@@ -95,17 +95,14 @@ void im_stream_shutdown(im_stream *s) {
   shutdown(s->fd, SHUT_WR);
 }
 
-void im_stream_free(im_stream *s) {
-  if (!s) return;
-  int fd = s->fd;
-  s->f->release(s);
-  close(fd);
-}
-
 int im__stream_detach(im_stream *s) {
   int fd = s->fd;
   s->f->release(s);
   return fd;
+}
+
+void im_stream_free(im_stream *s) {
+  if (s) close(im__stream_detach(s));
 }
 
 int im_stream_fd(const im_stream *s) { return s->fd; }
