@@ -573,6 +573,9 @@ const char *http_fmt_uint(char buf[static 21], uint64_t v) {
   return p;
 }
 
+/* A status a handler may answer with; any other goes out as a 500. */
+static bool status_valid(int status) { return status >= 200 && status <= 599; }
+
 /* Builds one response; body (malloc()ed or NULL) is owned from here on,
  * even on failure, which returns NULL (out of memory). A status outside
  * 200..599 becomes a 500 {"error":"internal error"}; a NULL content type or
@@ -581,7 +584,7 @@ static out_seg *make_response(int status, const char *ctype, const char *extra, 
                               size_t body_len, bool head_only, bool keep_alive) {
   if (!ctype || strpbrk(ctype, "\r\n")) ctype = "application/json";
   if (!extra_valid(extra)) extra = "";
-  if (status < 200 || status > 599) {
+  if (!status_valid(status)) {
     free(body);
     status = 500;
     ctype = "application/json";
@@ -982,7 +985,7 @@ uint64_t http_response_defer(http_response *resp) {
 /* http_done for one answered request (status as make_response sends it). */
 static void report_done(http_server *s, int method, const char *path, size_t path_len,
                         const char *peer, int status) {
-  http_done d = {method, path, path_len, peer, status < 200 || status > 599 ? 500 : status};
+  http_done d = {method, path, path_len, peer, status_valid(status) ? status : 500};
   s->done(s->user, &d);
 }
 
