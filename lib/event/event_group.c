@@ -36,11 +36,11 @@
 
 /* ---- the tables ------------------------------------------------------------------ */
 
-/* A room: n[i] is 1 while member i has local members. The key follows n[]. */
+/* A room: which members have local members of it. The key follows. */
 typedef struct g_entry {
   strmap_node node;
-  uint64_t mask;            /* bit i: n[i] > 0 */
-  uint32_t n[];
+  uint64_t mask;            /* bit i: member i has */
+  char key[];
 } g_entry;
 
 typedef struct g_table {
@@ -123,19 +123,19 @@ static void table_free(g_table *t) {
   pthread_rwlock_destroy(&t->lock);
 }
 
-/* Count one more (add) or one fewer of key on member i. false: no memory. */
-static bool table_count(im_group *g, g_table *t, const char *key, unsigned i, bool add) {
+/* Member i has key now (add) or no longer. The engine pairs each room's
+ * open and close on a member, so one bit per member says it. false: no
+ * memory. */
+static bool table_mark(g_table *t, const char *key, unsigned i, bool add) {
   size_t len = strlen(key);
   bool ok = true;
   pthread_rwlock_wrlock(&t->lock);
   g_entry *e = (g_entry *)strmap_get(&t->map, key, len);
   if (!e && add) {
-    size_t counts = sizeof(uint32_t) * g->members;
-    e = calloc(1, sizeof *e + counts + len + 1);
+    e = calloc(1, sizeof *e + len + 1);
     if (e) {
-      char *k = (char *)e->n + counts;
-      memcpy(k, key, len + 1);
-      e->node.key = k;
+      memcpy(e->key, key, len + 1);
+      e->node.key = e->key;
       e->node.klen = (uint32_t)len;
       strmap_put(&t->map, &e->node);
     }
@@ -143,14 +143,10 @@ static bool table_count(im_group *g, g_table *t, const char *key, unsigned i, bo
   if (!e) {
     ok = !add;
   } else if (add) {
-    e->n[i]++;
     e->mask |= 1ull << i;
-  } else if (e->n[i] > 0 && --e->n[i] == 0) {
-    e->mask &= ~(1ull << i);
-    if (!e->mask) {
-      strmap_del(&t->map, &e->node);
-      free(e);
-    }
+  } else if ((e->mask &= ~(1ull << i)) == 0) {
+    strmap_del(&t->map, &e->node);
+    free(e);
   }
   pthread_rwlock_unlock(&t->lock);
   return ok;
@@ -326,13 +322,13 @@ static void apply(void *item, void *arg) {
 static void h_room_open(im_server *srv, const char *room, void *ud) {
   (void)srv;
   g_member *me = ud;
-  if (!table_count(me->g, &me->g->rooms, room, me->idx, true)) atomic_fetch_add(&me->dropped, 1);
+  if (!table_mark(&me->g->rooms, room, me->idx, true)) atomic_fetch_add(&me->dropped, 1);
 }
 
 static void h_room_close(im_server *srv, const char *room, void *ud) {
   (void)srv;
   g_member *me = ud;
-  table_count(me->g, &me->g->rooms, room, me->idx, false);
+  table_mark(&me->g->rooms, room, me->idx, false);
 }
 
 /* A G_USERS op for member t with the uids whose mask has t, and m. */
