@@ -14,9 +14,6 @@ typedef struct shared_user shared_user;
 bool shared_conn_take(im_shared *sh, uint32_t max);
 void shared_conn_put(im_shared *sh);
 
-/* One more authenticated connection of uid (len bytes): *out is its
- * record, valid while the connection is counted. Returns 0, IM_ELIMIT
- * (max, when not 0, are open already) or IM_ENOMEM. */
 #define SHARED_SLOTS_MAX 64
 
 /* An im_shared whose user records count connections in `slots` slots (1 to
@@ -28,12 +25,13 @@ im_shared *shared_new_slots(unsigned slots);
  * IM_ESTATE. */
 int shared_set_slot(im_server *s, unsigned slot);
 
-/* Count one more connection of uid in `slot`, unless max (0: no limit)
- * are open already. 0 with *out the uid's record, IM_ELIMIT or IM_ENOMEM. */
+/* One more authenticated connection of uid (len bytes), counted in `slot`,
+ * unless max (0: no limit) are open already in all slots: *out is its
+ * record, valid while the connection is counted. Returns 0, IM_ELIMIT or
+ * IM_ENOMEM. */
 int shared_user_take(im_shared *sh, const char *uid, size_t len, uint32_t max, unsigned slot,
                      shared_user **out);
-/* That connection is gone (the record is freed with the uid's last). */
-/* One fewer in `slot`; the record is freed with the uid's last connection. */
+/* That connection is gone: one fewer in `slot`; the record is freed with the uid's last connection. */
 void shared_user_put(im_shared *sh, shared_user *e, unsigned slot);
 
 /* The slots other than `except` that hold connections of uid, as a bit
@@ -50,10 +48,10 @@ bool gcra_fits(uint64_t tat, uint64_t now_us, uint32_t rate, uint64_t *next);
  * charged. */
 bool shared_user_charge(shared_user *e, uint64_t now_us, uint32_t rate);
 
-/* The shared guard (guard.c makes it: guard_new_shared). */
 /* The uids with a counted connection. */
 size_t shared_users(im_shared *sh);
 
+/* The shared guard (guard.c makes it: guard_new_shared). */
 struct im_guard *shared_guard(im_shared *sh);
 
 /* A reference for an attached engine. */
