@@ -1209,6 +1209,76 @@ static void test_wal_writes_full_sync(void **state)
   (void)g;
 }
 
+/* Random inserts into many inboxes split B-tree pages in most commits (and
+ * SQLite then parks pages under the pending-byte page: store_pcache.h), and
+ * a commit that fails after the file grew must drop the pages it added from
+ * the cache. Afterwards the file is intact and every inbox holds exactly
+ * what was committed, gap-free. */
+#define SPLIT_USERS 1500
+static void test_splits_and_failed_commit_keep_pages(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 0);
+  static unsigned held[SPLIT_USERS], pending[SPLIT_USERS];
+  char from[16], to[16], id[24], wal[128];
+  uint64_t seqs[2], x = 88172645463325252u;
+  struct rlimit old, lim;
+  struct stat wst;
+  got g = {0};
+
+  memset(held, 0, sizeof held);
+  snprintf(wal, sizeof wal, "%s-wal", f->path);
+  for (int b = 0; b < 40; b++) {
+    if (b == 25) /* the WAL starts afresh: batch 27's frames go past its end */
+      s = reopen(f, 0, 0);
+    memset(pending, 0, sizeof pending);
+    for (int i = 0; i < 150; i++) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      unsigned a = (unsigned)(x % SPLIT_USERS), r = (unsigned)((x >> 20) % SPLIT_USERS);
+      if (a == r)
+        r = (r + 1) % SPLIT_USERS;
+      snprintf(from, sizeof from, "user%u", a);
+      snprintf(to, sizeof to, "user%u", r);
+      snprintf(id, sizeof id, "m%d-%d", b, i);
+      assert_int_equal(send1(s, id, from, to, NULL, seqs, NULL), IMD_STORE_OK);
+      pending[a]++, pending[r]++;
+      assert_int_equal(seqs[0], held[r] + pending[r]);
+      assert_int_equal(seqs[1], held[a] + pending[a]);
+    }
+    if (b == 27) { /* this batch's commit cannot write its WAL frames */
+      assert_int_equal(stat(wal, &wst), 0); /* only grown since the reopen */
+      assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+      lim = old;
+      lim.rlim_cur = (rlim_t)wst.st_size;
+      signal(SIGXFSZ, SIG_IGN);
+      assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+      int rc = sqlstore_commit(s);
+      assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+      assert_int_equal(rc, IMD_STORE_EIO);
+      continue;
+    }
+    assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+    for (int u = 0; u < SPLIT_USERS; u++)
+      held[u] += pending[u];
+  }
+
+  sqlite3 *db = side_open(f);
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_string_equal((const char *)sqlite3_column_text(st, 0), "ok");
+  sqlite3_finalize(st);
+  sqlite3_close(db);
+  for (int u = 0; u < SPLIT_USERS; u++) {
+    snprintf(to, sizeof to, "user%d", u);
+    imd_sync_info info = sync_all(s, to, 0, 0, &g);
+    assert_int_equal(g.n, held[u]);
+    assert_int_equal(info.last, held[u]);
+    for (size_t k = 0; k < g.n; k++)
+      assert_int_equal(g.e[k].seq, k + 1);
+  }
+}
+
 static void test_groups(void **state)
 {
   fixture *f = *state;
@@ -1330,6 +1400,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_unclean_close_repairs_users, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v2, setup, teardown),
     cmocka_unit_test_setup_teardown(test_wal_writes_full_sync, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_splits_and_failed_commit_keep_pages, setup, teardown),
     cmocka_unit_test_setup_teardown(test_invalid_arguments, setup, teardown),
     cmocka_unit_test_setup_teardown(test_open_failures, setup, teardown),
   };
