@@ -12,7 +12,10 @@
 #                   messages from A to 10 members on A and 10 on B
 # Commands: INFO commandstats and the deliver streams' entries-added, read
 # once all connections are up and again after im-bench has exited, divided
-# by every message sent (warm-up included). Also the CPU share of redis,
+# by every message sent (warm-up included), and redis_us_per_msg: the time
+# Redis spent in those commands per message (commandstats usec of the commands
+# the nodes send; a script's usec includes its inner calls; each such command
+# is listed with its calls and mean time per call). Also the CPU share of redis,
 # A and B over that window. Pinning (taskset): PIN_IMD (A and B), PIN_REDIS,
 # PIN_CLIENT; defaults 0, 1, 1. PERF_DIR=DIR also records `perf record -g` of
 # redis, A and B for PERF_S (default 5) seconds of each run's measured part,
@@ -66,7 +69,7 @@ ticks() { awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$1/stat"; }
 # snapshot FILE: every command's calls, and the deliver streams' entries-added
 snapshot() {
   redis-cli -p "$rport" INFO commandstats | tr -d '\r' \
-    | sed -n 's/^cmdstat_\([^:]*\):calls=\([0-9]*\),.*/\1 \2/p' >"$1"
+    | sed -n 's/^cmdstat_\([^:]*\):calls=\([0-9]*\),usec=\([0-9]*\),.*/\1 \2 \3/p' >"$1"
   local n
   for n in A B; do
     echo "deliver:$n $(redis-cli -p "$rport" XINFO STREAM "im:deliver:{$n}" 2>/dev/null \
@@ -155,8 +158,8 @@ run_one() { # CASE RUN
   # cluster's Lua scripts call (every XADD now: the store's inbox appends and
   # the cluster's ROUTE_PUSH, which appends to the delivery streams).
   awk -v msgs="$msgs" -v tag="target=$case" -v cpu="$cpu" '
-    FNR == NR {a[$1] = $2; next}
-    {b[$1] = $2}
+    FNR == NR {a[$1] = $2; ua[$1] = $3; next}
+    {b[$1] = $2; ub[$1] = $3}
     END {
       split("get set hget hset hincrby hmget hgetall hvals hdel sadd srem smembers zadd zrem " \
             "zrangebyscore xrange xtrim pexpire del time", s, " ")
@@ -166,11 +169,13 @@ run_one() { # CASE RUN
         d = b[k] - a[k]
         if (d == 0) continue
         if (k == "xadd") { ins += d; all = all " xadd(script)=" d; continue }
-        if (k in inner) ins += d; else cli += d
-        all = all " " k "=" d
+        if (k in inner) { ins += d; all = all " " k "=" d; continue }
+        cli += d; us += ub[k] - ua[k]
+        all = all sprintf(" %s=%d(%.1fus)", k, d, (ub[k] - ua[k]) / d)
       }
-      printf "CMDS %s msgs=%d client_per_msg=%.3f script_per_msg=%.3f total_per_msg=%.3f%s\n",
-             tag, msgs, cli / msgs, ins / msgs, (cli + ins) / msgs, all
+      printf "CMDS %s msgs=%d client_per_msg=%.3f script_per_msg=%.3f total_per_msg=%.3f" \
+             " redis_us_per_msg=%.1f%s\n", tag, msgs, cli / msgs, ins / msgs, (cli + ins) / msgs,
+             us / msgs, all
       printf "CPU %s%s\n", tag, cpu
     }' "$tmp/before" "$tmp/after" | tee -a "$tmp/results" | sed "s/^/[$case $run] /"
   sed -n "s/^RESULT mode=chat /RESULT target=$case mode=chat /p" "$bench_out" >>"$tmp/results"
@@ -198,7 +203,7 @@ for c in $cases; do
   fi
   sed -i "s/^CMDS target=$c /RESULT target=$c cmds /; s/^CPU target=$c /RESULT target=$c cpu /" \
     "$tmp/results"
-  for k in client_per_msg script_per_msg total_per_msg; do line="$line $k=$(med "$c" "$k" 3)"; done
+  for k in client_per_msg script_per_msg total_per_msg redis_us_per_msg; do line="$line $k=$(med "$c" "$k" 3)"; done
   for k in cpu_redis cpu_A cpu_B; do line="$line $k=$(med "$c" "$k")"; done
   echo "$line"
 done
