@@ -936,7 +936,7 @@ static void test_persistence(void **state)
   assert_int_equal(sqlite3_step(st), SQLITE_ROW);
   assert_string_equal((const char *)sqlite3_column_text(st, 0), "wal");
   sqlite3_finalize(st);
-  assert_int_equal(side_count(db, "PRAGMA page_size"), 1024);
+  assert_int_equal(side_count(db, "PRAGMA page_size"), 512);
   assert_int_equal(side_count(db, "PRAGMA user_version"), 3);
   sqlite3_close(db);
 }
@@ -1130,6 +1130,7 @@ static void test_migration_from_v2(void **state)
 
   sql_store *s = reopen(f, 0, 0);
   assert_int_equal(side_count(db, "PRAGMA user_version"), 3);
+  assert_int_equal(side_count(db, "PRAGMA page_size"), 1024); /* an existing file keeps its pages */
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 1);
   assert_true(info.gap);
