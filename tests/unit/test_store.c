@@ -190,6 +190,17 @@ static long side_count(sqlite3 *db, const char *sql)
   return n;
 }
 
+/* Asserts that sql answers one row whose first column is the text want. */
+static void side_text(sqlite3 *db, const char *sql, const char *want)
+{
+  sqlite3_stmt *st = NULL;
+
+  assert_int_equal(sqlite3_prepare_v2(db, sql, -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_string_equal((const char *)sqlite3_column_text(st, 0), want);
+  sqlite3_finalize(st);
+}
+
 static void test_seqs_gap_free_per_user(void **state)
 {
   fixture *f = *state;
@@ -931,11 +942,7 @@ static void test_persistence(void **state)
 
   /* The file: WAL mode, small pages, schema version 3. */
   sqlite3 *db = side_open(f);
-  sqlite3_stmt *st = NULL;
-  assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA journal_mode", -1, &st, NULL), SQLITE_OK);
-  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
-  assert_string_equal((const char *)sqlite3_column_text(st, 0), "wal");
-  sqlite3_finalize(st);
+  side_text(db, "PRAGMA journal_mode", "wal");
   assert_int_equal(side_count(db, "PRAGMA page_size"), 512);
   assert_int_equal(side_count(db, "PRAGMA user_version"), 3);
   sqlite3_close(db);
@@ -1264,11 +1271,7 @@ static void test_splits_and_failed_commit_keep_pages(void **state)
   }
 
   sqlite3 *db = side_open(f);
-  sqlite3_stmt *st = NULL;
-  assert_int_equal(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &st, NULL), SQLITE_OK);
-  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
-  assert_string_equal((const char *)sqlite3_column_text(st, 0), "ok");
-  sqlite3_finalize(st);
+  side_text(db, "PRAGMA integrity_check", "ok");
   sqlite3_close(db);
   for (int u = 0; u < SPLIT_USERS; u++) {
     snprintf(to, sizeof to, "user%d", u);
