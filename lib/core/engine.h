@@ -291,10 +291,11 @@ bool guard_admit(im_server *s, const char *peer);
 void guard_release(im_server *s, const char *peer);
 void guard_tick(im_server *s);
 void guard_free(im_server *s);
-/* shared.c attaches s to sh: s's guard is merged into sh's and dropped, and
- * s uses sh's from now on. guard_new_shared makes an im_shared's guard (C
- * library memory; NULL when out of it), guard_destroy frees it. */
-void guard_share(im_server *s, struct im_shared *sh);
+/* shared.c attaches s to an im_shared whose guard is sg: s's guard is
+ * merged into sg and dropped, and s uses sg from now on. guard_new_shared
+ * makes an im_shared's guard (C library memory; NULL when out of it),
+ * guard_destroy frees it. */
+void guard_share(im_server *s, struct im_guard *sg);
 struct im_guard *guard_new_shared(void);
 void guard_destroy(struct im_guard *g);
 /* An address range of im_guard_kick / im_guard_ban. */

@@ -8,10 +8,9 @@
  * threads: every guard has a mutex, taken by each call (uncontended for an
  * engine's own), and its own allocator (the C library's for a shared one).
  * A shared guard counts time on the driver's clock (engine ms + t0), which
- * all engines of a process share; an own guard on engine ms. The guard
- * also counts the open connections of all engines sharing it against
- * max_connections (guard_admit / guard_release are where a connection
- * starts and ends). */
+ * all engines of a process share; an own guard on engine ms. (The count of
+ * a process's open connections against max_connections is the im_shared's,
+ * taken by the engine next to guard_admit / guard_release.) */
 #include <arpa/inet.h>
 #include <libim/im_guard.h>
 #include <pthread.h>
@@ -20,7 +19,6 @@
 #include <string.h>
 
 #include "core/engine.h"
-#include "core/shared.h"
 
 #define BLACKLIST_MAX 1024
 #define FORGIVE_MS (3600u * 1000u) /* offences forgotten after this long */
@@ -224,8 +222,7 @@ void guard_free(im_server *s) {
 
 static int blacklist_add(im_guard *g, const uint8_t ip[16], uint8_t bits, uint64_t until);
 
-void guard_share(im_server *s, im_shared *sh) {
-  im_guard *sg = shared_guard(sh);
+void guard_share(im_server *s, im_guard *sg) {
   im_guard *own = s->shared ? NULL : s->guard;
   if (own) {
     pthread_mutex_lock(&sg->lock);
@@ -335,19 +332,16 @@ static bool admit(im_guard *g, const uint8_t ip[16], uint64_t now) {
 }
 
 bool guard_admit(im_server *s, const char *peer) {
-  if (s->shared && !shared_conn_take(s->shared, s->cfg.max_connections)) return false;
   im_guard *g = s->guard;
   uint8_t ip[16];
   if (!g || !peer_ip(peer, ip)) return true;
   pthread_mutex_lock(&g->lock);
   bool ok = admit(g, ip, guard_now(s));
   pthread_mutex_unlock(&g->lock);
-  if (!ok && s->shared) shared_conn_put(s->shared);
   return ok;
 }
 
 void guard_release(im_server *s, const char *peer) {
-  if (s->shared) shared_conn_put(s->shared);
   im_guard *g = s->guard;
   uint8_t ip[16];
   if (!g || !peer_ip(peer, ip)) return;

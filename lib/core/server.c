@@ -98,10 +98,24 @@ void im_server_set_io(im_server *s, const im_io *io) { s->io = *io; }
 void *im_server_user(const im_server *s) { return s->user; }
 const im_config *im_server_config(const im_server *s) { return &s->cfg; }
 
+/* Admission at accept: the process-wide connection cap of an attached
+ * im_shared, then the guard; conn_unadmit undoes both. */
+static bool conn_admit(im_server *s, const char *peer) {
+  if (s->shared && !shared_conn_take(s->shared, s->cfg.max_connections)) return false;
+  if (guard_admit(s, peer)) return true;
+  if (s->shared) shared_conn_put(s->shared);
+  return false;
+}
+
+static void conn_unadmit(im_server *s, const char *peer) {
+  if (s->shared) shared_conn_put(s->shared);
+  guard_release(s, peer);
+}
+
 static void conn_free(im_server *s, im_conn *c) {
   conn_detach(s, c);
   tw_cancel(&s->wheel, &c->timer);
-  guard_release(s, c->peer);
+  conn_unadmit(s, c->peer);
   rel_free(s, c);
   reg_room_leave_all(s, c);
   reg_user_del(s, c);
@@ -204,7 +218,7 @@ void im_new_id(im_server *s, char out[IM_ID_MAX]) {
 im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer, void *io_ctx) {
   if (t != IM_TRANSPORT_WS && t != IM_TRANSPORT_TCP) return 0;
   if (s->cfg.max_connections && s->st.conns >= s->cfg.max_connections) return 0;
-  if (!guard_admit(s, peer)) return 0;
+  if (!conn_admit(s, peer)) return 0;
   size_t pl = peer ? strlen(peer) : 0;
   if (pl >= PEER_MAX) pl = PEER_MAX - 1;
   im_conn *c = im_zalloc(s, sizeof(*c) + pl + 1);
@@ -218,7 +232,7 @@ im_conn_id im_server_accept(im_server *s, enum im_transport t, const char *peer,
     c = NULL;
   }
   if (!c) {
-    guard_release(s, peer);
+    conn_unadmit(s, peer);
     return 0;
   }
   c->transport = (uint8_t)t;

@@ -84,7 +84,6 @@ void im_shared_release(im_shared *sh) {
   free(sh);
 }
 
-struct im_guard *shared_guard(im_shared *sh) { return sh->guard; }
 
 /* ---- connections ------------------------------------------------------------------ */
 
@@ -213,7 +212,7 @@ int im_server_set_shared(im_server *s, im_shared *sh) {
   if (s->shared == sh) return 0;
   if (s->st.conns || s->dead) return IM_ESTATE;
   if (sh)
-    guard_share(s, sh);
+    guard_share(s, sh->guard);
   else
     guard_free(s);
   if (s->shared) im_shared_release(s->shared);

@@ -51,9 +51,6 @@ bool shared_user_charge(shared_user *e, uint64_t now_us, uint32_t rate);
 /* The uids with a counted connection. */
 size_t shared_users(im_shared *sh);
 
-/* The shared guard (guard.c makes it: guard_new_shared). */
-struct im_guard *shared_guard(im_shared *sh);
-
 /* A reference for an attached engine. */
 void shared_ref(im_shared *sh);
 
