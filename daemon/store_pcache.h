@@ -3,11 +3,11 @@
  *
  * When a B-tree split reorders its new pages, SQLite swaps page numbers and
  * parks one page for a moment under the number of the pending-byte page
- * (page 2,097,153 with the store's 512-byte pages), which no data page
- * ever has. Its default page cache then remembers that number as the
- * highest key it holds, and the commit that follows truncates the cache to
- * the file's size: with the highest key far past the end, that truncation walks every
- * page in the cache. With random inserts into the inboxes most commits
+ * (page 1,048,577 with the store's 1 KiB pages), which no data page ever
+ * has. Its default page cache then remembers that number as the highest
+ * key it holds, and the commit that follows truncates the cache to the
+ * file's size: with the highest key far past the end, that truncation
+ * walks every page in the cache. With random inserts into the inboxes most commits
  * split somewhere, so the walk costs in proportion to the cache's size
  * (measured: 35 % of the store's CPU with a 16 MiB cache).
  *

@@ -60,15 +60,17 @@
 /* Appends insert at random places in idem and inbox (keyed by sender and
  * by receiver), so a commit writes about one whole page per row to the WAL.
  * Small pages cut those bytes: 1 KiB wrote under half the volume of 4 KiB
- * pages with ~20% more appends/s, and SQLite's smallest, 512 B, a third
- * less again than 1 KiB (bench/store-bench -u 20000: 6.2 against 9.4 KiB of
- * WAL per 1:1 append at 4 appends per commit, 4.6 against 6.7 at 32) for
- * the same CPU per append; less to checkpoint and to sync. Without a WAL hook the checkpoint runs
+ * pages with ~20% more appends/s. SQLite's smallest, 512 B, writes a third
+ * less again for small messages (bench/store-bench -u 20000: 6.2 against
+ * 9.4 KiB of WAL per 1:1 append) but twice the pages for a large one, and
+ * the checkpoint thread then fell behind a burst of 10 KiB messages
+ * (test_store_thread's checkpoints_on_their_thread, 2 of 5 runs): kept at
+ * 1 KiB. Without a WAL hook the checkpoint runs
  * inside the commit that crosses WAL_CHECKPOINT_BYTES, so that size trades
  * throughput for the longest commit: 32 MiB measured a little faster but
  * stalled commits for 50-80 ms against ~25 ms at 4 MiB (SQLite's default
  * size in bytes). */
-#define PAGE_SIZE 512            /* only takes effect when the file is created */
+#define PAGE_SIZE 1024           /* only takes effect when the file is created */
 #define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
 #define WAL_LIMIT_BYTES (128 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
 #define CACHE_BUCKETS 1024

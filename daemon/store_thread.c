@@ -40,9 +40,8 @@
 #define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
 /* Each pass ends with the store thread copying the tail and syncing the
  * database (CKPT_TAIL_BYTES at most): a few ms in which no commit is made.
- * A 1:1 message wrote about 8 KiB of WAL with 1 KiB pages (a whole page of
- * each tree it touches; 512 B pages now, about a third less), so at 8 MiB
- * that came every ~0.1 s at 10,000 msgs/s; 32 MiB
+ * A 1:1 message writes about 8 KiB of WAL (whole 1 KiB pages of each tree
+ * it touches), so at 8 MiB that came every ~0.1 s at 10,000 msgs/s; 32 MiB
  * makes it 4x rarer (chat-latency.sh, 2 alternating runs: p99 5.5 against
  * 6.4-7.0 ms at 5,000/s, 11.5-12.5 against 12.1-20.4 ms at 10,000/s). */
 #define CKPT_BYTES (32u << 20)        /* WAL written between two checkpoint passes */
