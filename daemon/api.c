@@ -1020,7 +1020,7 @@ static void route(imd *d, const http_request *req, http_response *r) {
     if (!get) goto method;
     if (d->workers) { /* every worker adds its numbers on its own loop */
       uint64_t ticket = defer(r);
-      if (ticket) imd_workers_metrics(d, ticket);
+      if (ticket) imd_metrics_respond(d, ticket);
       return;
     }
     r->status = 200;

@@ -290,6 +290,7 @@ int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
 void imd_workers_stop(imd *d);
 /* After worker 0's store is closed: free the other workers and the group. */
 void imd_workers_free(imd *d);
+/* worker_calls.c: calls across the workers. */
 /* Run fn(w, s, n) on every other worker's loop (s copied; NULL is passed
  * as ""). */
 void imd_workers_broadcast(imd *d, void (*fn)(imd *w, const char *s, uint32_t n), const char *s,
@@ -303,8 +304,6 @@ int imd_workers_gather(imd *d, int (*fn)(imd *w, void *arg),
 /* The lock over what the workers share: uid bans, revocations, quota. */
 void imd_shared_lock(void);
 void imd_shared_unlock(void);
-/* Answer ticket (a deferred GET /metrics on d) with every worker's sums. */
-void imd_workers_metrics(imd *d, uint64_t ticket);
 
 /* Authenticated connections of uid on every worker of this process. */
 static inline size_t imd_user_conns(imd *d, const char *uid) {
@@ -341,5 +340,8 @@ void imd_metrics_add(imd_tally *sum, const imd_tally *t);
 struct imd_hook_counts;
 char *imd_metrics_render_tally(imd *d, const imd_tally *t, const struct imd_hook_counts *hooks,
                                size_t *len);
+/* With workers: answer ticket (a deferred GET /metrics on d) with every
+ * worker's sums. */
+void imd_metrics_respond(imd *d, uint64_t ticket);
 
 #endif

@@ -1,4 +1,5 @@
 /* Operator metrics in the Prometheus text format (R28). */
+#include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <libim/im_guard.h>
 
 #include "hooks.h"
+#include "http_server.h"
 #include "imd.h"
 
 /* Platforms are client-chosen strings: up to IMD_MAX_PLATFORMS of them
@@ -303,4 +305,53 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
   free(hooks);
   *len = b.len;
   return b.p;
+}
+
+/* ---- GET /metrics with workers: every worker adds its numbers on its own loop ---------- */
+
+typedef struct metrics_req {
+  uint64_t ticket;
+  pthread_mutex_t lock;
+  imd_tally sum;
+  imd_hook_counts hooks;
+} metrics_req;
+
+static int tally_add(imd *w, void *arg) {
+  metrics_req *q = arg;
+  imd_tally t;
+  imd_metrics_tally(w, &t);
+  pthread_mutex_lock(&q->lock);
+  imd_metrics_add(&q->sum, &t);
+  imd_hooks_count(w, &q->hooks);
+  pthread_mutex_unlock(&q->lock);
+  return 0;
+}
+
+static void metrics_done(imd *d, long sum, int err, void *arg) {
+  (void)sum;
+  (void)err; /* a worker that could not be asked is missing from the sums */
+  metrics_req *q = arg;
+  size_t users, rooms; /* distinct over workers: a user or room on two counts once */
+  im_group_totals(d->group, &users, &rooms);
+  q->sum.st.users = users;
+  q->sum.st.rooms = rooms;
+  size_t len;
+  char *body = imd_metrics_render_tally(d, &q->sum, &q->hooks, &len);
+  http_server_respond(d->http, q->ticket, body ? 200 : 500, "text/plain; version=0.0.4", body,
+                      body ? len : 0);
+  pthread_mutex_destroy(&q->lock);
+  free(q);
+}
+
+void imd_metrics_respond(imd *d, uint64_t ticket) {
+  metrics_req *q = calloc(1, sizeof *q);
+  if (q) {
+    q->ticket = ticket;
+    pthread_mutex_init(&q->lock, NULL);
+  }
+  if (!q || imd_workers_gather(d, tally_add, metrics_done, q) < 0) {
+    if (q) pthread_mutex_destroy(&q->lock);
+    free(q);
+    http_server_respond(d->http, ticket, 503, NULL, NULL, 0);
+  }
 }
