@@ -32,7 +32,7 @@ typedef struct uid_ban {
   char uid[];
 } uid_ban;
 
-/* The table: the main thread's, under the shared lock (workers.c). */
+/* The table: the main thread's, under the shared lock (worker_calls.c). */
 static strmap *table(imd *d) { return &(d->main ? d->main : d)->uid_bans; }
 
 static uid_ban *uid_find(strmap *m, const char *uid) {
