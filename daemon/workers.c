@@ -9,7 +9,8 @@
  * secret and API key, and (under one lock) the uid bans, revocations and
  * per-receiver quota. The engines are joined in a libim thread group
  * (im_group.h): sends, kicks and presence reach every worker through it. A
- * worker's mailbox runs calls on its loop (IP bans, drain, metrics). */
+ * worker's mailbox runs calls on its loop (IP bans, drain, metrics;
+ * worker_calls.c). */
 #include <event2/event.h>
 #include <libim/im_router.h>
 #include <pthread.h>
