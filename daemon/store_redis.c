@@ -7,7 +7,9 @@
  *                   i id, f from, d device, c cid, t to, g group, s ts, b data
  *                   (c, t, g only when set).
  *   P user:{uid}    Hash: last (highest seq), trimmed (highest seq dropped),
- *                   d:<device> (delivered position).
+ *                   d:<device> (delivered position), q (1: the user was put
+ *                   on trimq once; it stays there while its inbox holds
+ *                   entries).
  *   P idem:{sender}:<device>:<cid>  String: the first append's id; PX the
  *                   retention age, no expiry without an age limit.
  *   P group:{gid}   Set of member uids (an empty group is no key).
@@ -82,6 +84,10 @@
  * 3 idem ttl ms (0: none), 4 trim queue on, 5 has cid, 6 marks, 7 ts, 8 id,
  * 9 nf, 10.. nf XADD field/value arguments, then a trim-queue member per
  * receiver (if ARGV[4] == '1'), then field, seq per mark.
+ * A receiver goes onto the trim queue only when it is not known to be
+ * there: never queued (no q field) or its inbox was empty (the trim step
+ * drops a user from the queue only then), so a steady stream costs no
+ * ZADD.
  * Returns {0, entries dropped, seq...} or {1, id of the first append}. The
  * idempotency key is read first and written last: a failing command in
  * between (only possible if the keys were tampered with) leaves no claimed
@@ -106,7 +112,11 @@
   "  local inbox, user = KEYS[k + 2 * i], KEYS[k + 2 * i + 1]\n" \
   "  local seq = redis.call('HINCRBY', user, 'last', 1)\n" \
   "  local id = string.format('%d-1', seq)\n" \
-  "  local trimmed = keep > 0 and tonumber(redis.call('HGET', user, 'trimmed') or '0') or 0\n" \
+  "  local trimmed, queued = 0, true\n" \
+  "  if keep > 0 or aged then\n" \
+  "    local h = redis.call('HMGET', user, 'trimmed', 'q')\n" \
+  "    trimmed, queued = tonumber(h[1] or '0') or 0, h[2] ~= false\n" \
+  "  end\n" \
   "  if keep > 0 and seq - trimmed > keep then\n" \
   "    local cut = seq - keep\n" \
   "    redis.call('XADD', inbox, 'MINID', string.format('%d-0', cut + 1), id, unpack(fields))\n" \
@@ -115,7 +125,10 @@
   "  else\n" \
   "    redis.call('XADD', inbox, id, unpack(fields))\n" \
   "  end\n" \
-  "  if aged then redis.call('ZADD', KEYS[1], 'NX', ARGV[7], ARGV[10 + nf + i]) end\n" \
+  "  if aged and (not queued or seq - 1 <= trimmed) then\n" \
+  "    redis.call('ZADD', KEYS[1], 'NX', ARGV[7], ARGV[10 + nf + i])\n" \
+  "    if not queued then redis.call('HSET', user, 'q', '1') end\n" \
+  "  end\n" \
   "  out[i + 3] = seq\n" \
   "end\n" \
   "if hascid then\n" \

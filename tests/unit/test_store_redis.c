@@ -820,6 +820,46 @@ static void trim_by_age(void **state) {
   assert_int_equal(info.trimmed, 8);
   assert_int_equal(f->ngot, 0);
   assert_int_equal(side_int(f, "ZCARD %s", "t:trimq"), 0);
+  /* an emptied inbox left the queue: the next append queues the user again,
+   * and the appends after it leave the queue alone */
+  assert_int_equal(append(f, 10, NULL, "carol", NULL, t0 + 500000), 0);
+  wait_done(f, f->done + 1);
+  r = side(f, "ZSCORE t:trimq carol");
+  assert_int_equal(r->type, REDIS_REPLY_STRING);
+  assert_int_equal(strtoull(r->str, NULL, 10), t0 + 500000);
+  freeReplyObject(r);
+  freeReplyObject(side(f, "CONFIG RESETSTAT"));
+  assert_int_equal(append(f, 11, NULL, "carol", NULL, t0 + 600000), 0);
+  wait_done(f, f->done + 1);
+  assert_int_equal(cmd_calls(f, "zadd"), 0);
+  assert_int_equal(imd_store_redis_trim(f->s, t0 + 600000 + 60000 + 1), 0);
+  info = sync_wait(f, "carol", 0, 0, 0);
+  assert_int_equal(info.trimmed, 4);
+  assert_int_equal(side_int(f, "ZCARD %s", "t:trimq"), 0);
+}
+
+/* An age limit set on a store that ran without one: users whose inboxes
+ * already hold entries join the queue at their next append. */
+static void age_limit_set_later(void **state) {
+  NEED_REDIS();
+  fx *f = *state;
+  const uint64_t t0 = 1700000000000;
+  reopen(f, 0, 0);
+  assert_int_equal(append(f, 0, NULL, "dave", NULL, t0), 0);
+  wait_done(f, 1);
+  assert_int_equal(side_int(f, "EXISTS %s", "t:trimq"), 0);
+  reopen(f, 0, 60);
+  assert_int_equal(append(f, 1, NULL, "dave", NULL, t0 + 1000), 0);
+  wait_done(f, f->done + 1);
+  redisReply *r = side(f, "ZSCORE t:trimq dave");
+  assert_int_equal(r->type, REDIS_REPLY_STRING);
+  assert_int_equal(strtoull(r->str, NULL, 10), t0 + 1000);
+  freeReplyObject(r);
+  assert_int_equal(imd_store_redis_trim(f->s, t0 + 1000 + 60000 + 1), 0);
+  imd_sync_info info = sync_wait(f, "dave", 0, 0, 0);
+  assert_int_equal(info.trimmed, 2);
+  assert_int_equal(f->ngot, 0);
+  assert_int_equal(side_int(f, "ZCARD %s", "t:trimq"), 0);
 }
 
 static void data_round_trip(void **state) {
@@ -1198,9 +1238,12 @@ static void commands_per_message(void **state) {
   long info_calls = cmd_calls(f, "info");
   assert_int_equal(cmd_calls(f, "evalsha"), 100);
   assert_int_equal(cmd_calls(f, "eval"), 0);
-  /* inside the script: GET idem, 2x (HINCRBY, HGET trimmed, XADD, ZADD), SET, + marks */
+  /* inside the script: GET idem, 2x (HINCRBY, HMGET trimmed q, XADD), SET, + marks;
+   * each user goes onto the trim queue once (ZADD, HSET q), not per message */
   assert_int_equal(cmd_calls(f, "xadd"), 200);
   assert_int_equal(cmd_calls(f, "hincrby"), 200);
+  assert_int_equal(cmd_calls(f, "hmget"), 200);
+  assert_int_equal(cmd_calls(f, "zadd"), 2);
   printf("client commands per message: 1 (EVALSHA); commands run by Redis per message: %.2f\n",
          (double)(calls - info_calls - 100) / 100.0);
 }
@@ -1254,6 +1297,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(sync_paging_budget_and_ahead, setup, teardown),
       cmocka_unit_test_setup_teardown(trim_by_count, setup, teardown),
       cmocka_unit_test_setup_teardown(trim_by_age, setup, teardown),
+      cmocka_unit_test_setup_teardown(age_limit_set_later, setup, teardown),
       cmocka_unit_test_setup_teardown(data_round_trip, setup, teardown),
       cmocka_unit_test_setup_teardown(marks_never_lower_and_are_coalesced, setup, teardown),
       cmocka_unit_test_setup_teardown(marks_are_bounded, setup, teardown),
