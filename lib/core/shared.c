@@ -84,7 +84,6 @@ void im_shared_release(im_shared *sh) {
   free(sh);
 }
 
-
 /* ---- connections ------------------------------------------------------------------ */
 
 bool shared_conn_take(im_shared *sh, uint32_t max) {
