@@ -65,11 +65,11 @@
  * 9.4 KiB of WAL per 1:1 append) but twice the pages for a large one, and
  * the checkpoint thread then fell behind a burst of 10 KiB messages
  * (test_store_thread's checkpoints_on_their_thread, 2 of 5 runs): kept at
- * 1 KiB. Without a WAL hook the checkpoint runs
- * inside the commit that crosses WAL_CHECKPOINT_BYTES, so that size trades
- * throughput for the longest commit: 32 MiB measured a little faster but
- * stalled commits for 50-80 ms against ~25 ms at 4 MiB (SQLite's default
- * size in bytes). */
+ * 1 KiB.
+ * Without a WAL hook the checkpoint runs inside the commit that crosses
+ * WAL_CHECKPOINT_BYTES, so that size trades throughput for the longest
+ * commit: 32 MiB measured a little faster but stalled commits for 50-80 ms
+ * against ~25 ms at 4 MiB (SQLite's default size in bytes). */
 #define PAGE_SIZE 1024           /* only takes effect when the file is created */
 #define WAL_CHECKPOINT_BYTES (4 * 1024 * 1024)
 #define WAL_LIMIT_BYTES (128 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
