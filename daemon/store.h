@@ -46,6 +46,10 @@ typedef struct imd_store_opts {
   uint32_t keep_age_s;    /* entries older than this are trimmed; 0 = no age limit */
   bool no_fsync;          /* true: PRAGMA synchronous=NORMAL (survives a process
                              crash, not a power cut); default FULL */
+  uint64_t wal_max_bytes; /* SQLite: the WAL's bound. Checkpoint passes start
+                             every quarter of it; a commit that finds the WAL
+                             past it waits for the running pass and copies the
+                             rest itself. 0 = 128 MiB */
 } imd_store_opts;
 
 /* One message, as appended and as read back. Strings are NUL-terminated. */

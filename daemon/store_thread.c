@@ -14,10 +14,12 @@
  * MARK_DELAY_MS at the latest; reads of the inbox do not wait for them.
  *
  * Checkpoints (copying the WAL back into the database file) run on a third
- * thread with a connection of its own, at a lower priority, once per
- * CKPT_BYTES of WAL, so that no commit waits for one; the store thread only
- * catches up on the commits made during a pass (so that the WAL can start
- * over), or checkpoints itself if the WAL ever grows past CKPT_LIMIT_BYTES.
+ * thread with a connection of its own, at a lower priority, once per quarter
+ * of the WAL's bound (imd_store_opts.wal_max_bytes), so that no commit waits
+ * for one; the store thread only catches up on the commits made during a pass
+ * (so that the WAL can start over). The bound holds however fast the writes
+ * come: a commit that leaves the WAL past it waits for the running pass (the
+ * writers slow down to what the disk copies) and then copies the rest itself.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -41,11 +43,11 @@
 /* Each pass ends with the store thread copying the tail and syncing the
  * database (CKPT_TAIL_BYTES at most): a few ms in which no commit is made.
  * A 1:1 message writes about 8 KiB of WAL (whole 1 KiB pages of each tree
- * it touches), so at 8 MiB that came every ~0.1 s at 10,000 msgs/s; 32 MiB
- * makes it 4x rarer (chat-latency.sh, 2 alternating runs: p99 5.5 against
- * 6.4-7.0 ms at 5,000/s, 11.5-12.5 against 12.1-20.4 ms at 10,000/s). */
-#define CKPT_BYTES (32u << 20)        /* WAL written between two checkpoint passes */
-#define CKPT_LIMIT_BYTES (128u << 20) /* past this the store thread checkpoints itself */
+ * it touches), so a pass per 8 MiB came every ~0.1 s at 10,000 msgs/s; one
+ * per 32 MiB (the default bound's quarter) makes it 4x rarer (chat-latency.sh,
+ * 2 alternating runs: p99 5.5 against 6.4-7.0 ms at 5,000/s, 11.5-12.5
+ * against 12.1-20.4 ms at 10,000/s). */
+#define CKPT_LIMIT_BYTES (128u << 20) /* the WAL's bound by default; a pass per quarter */
 #define CKPT_TAIL_BYTES (512u << 10) /* the most the store thread copies to catch up */
 #define CKPT_NICE 10                 /* the checkpoint thread yields to the others */
 #define ERR_MAX 256
@@ -108,8 +110,11 @@ struct thread_store {
   /* checkpoints */
   sql_ckpt *ckpt;
   pthread_t ckpt_thread;
-  bool ckpt_started, ckpt_due, ckpt_stop;
+  bool ckpt_started, ckpt_due, ckpt_running, ckpt_stop;
   pthread_cond_t ckpt_wake;          /* under lock */
+  pthread_cond_t ckpt_done;          /* under lock: a pass ended */
+  uint64_t ckpt_limit;               /* the WAL's bound */
+  uint64_t ckpt_every;               /* WAL written between two passes */
   atomic_bool ckpt_passed;           /* a pass finished since the last catch-up */
   _Atomic uint64_t ckpt_copied;      /* WAL bytes in the database file after that pass */
   /* the store thread's side (on_wal) */
@@ -482,20 +487,34 @@ static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
   pthread_mutex_unlock(&t->lock);
 }
 
+/* Waits until the checkpoint thread has no pass to run (store thread). */
+static void ckpt_wait(thread_store *t) {
+  pthread_mutex_lock(&t->lock);
+  while ((t->ckpt_due || t->ckpt_running) && !t->ckpt_stop)
+    pthread_cond_wait(&t->ckpt_done, &t->lock);
+  pthread_mutex_unlock(&t->lock);
+}
+
 /* After each commit, on the store thread (sqlstore_wal_fn); true: the
  * store checkpoints right here. The WAL only starts over at a write after a
  * checkpoint that left nothing to copy, which under steady writes only this
  * thread can do: after each pass it copies the tail committed meanwhile, if
  * the tail is short; else one more pass first. It never competes with a
- * running pass (its checkpoint would find it busy), unless the WAL is far
- * past the limit. */
+ * running pass (its checkpoint would find it busy): past the bound it waits
+ * for the pass to end, then copies the rest. */
 static bool on_wal(void *arg, uint64_t wal_bytes, bool behind) {
   thread_store *t = arg;
   if (t->ckpt_asked && atomic_exchange(&t->ckpt_passed, false)) t->ckpt_asked = false;
-  if (t->ckpt_asked) return wal_bytes >= 2 * (uint64_t)CKPT_LIMIT_BYTES;
+  if (t->ckpt_asked) {
+    if (wal_bytes < t->ckpt_limit) return false;
+    ckpt_wait(t);
+    atomic_store(&t->ckpt_passed, false);
+    t->ckpt_asked = t->ckpt_catchup = false;
+    return true;
+  }
   if (t->ckpt_catchup || behind) {
     if (wal_bytes <= atomic_load(&t->ckpt_copied) + CKPT_TAIL_BYTES ||
-        wal_bytes >= CKPT_LIMIT_BYTES) {
+        wal_bytes >= t->ckpt_limit) {
       t->ckpt_catchup = false;
       return true;
     }
@@ -503,7 +522,7 @@ static bool on_wal(void *arg, uint64_t wal_bytes, bool behind) {
     return false;
   }
   if (wal_bytes < t->ckpt_base) t->ckpt_base = 0; /* it did restart */
-  if (wal_bytes - t->ckpt_base >= CKPT_BYTES) {
+  if (wal_bytes - t->ckpt_base >= t->ckpt_every) {
     ckpt_ask(t, wal_bytes);
     t->ckpt_catchup = true;
   }
@@ -520,13 +539,18 @@ static void *ckpt_main(void *arg) {
     while (!t->ckpt_due && !t->ckpt_stop) pthread_cond_wait(&t->ckpt_wake, &t->lock);
     if (t->ckpt_stop) break;
     t->ckpt_due = false;
+    t->ckpt_running = true;
     pthread_mutex_unlock(&t->lock);
     uint64_t copied = 0;
     if (sqlstore_ckpt_run(t->ckpt, &copied, err, sizeof err) < 0) log_error("store: %s", err);
     atomic_store(&t->ckpt_copied, copied);
     atomic_store(&t->ckpt_passed, true);
     pthread_mutex_lock(&t->lock);
+    t->ckpt_running = false;
+    pthread_cond_broadcast(&t->ckpt_done);
   }
+  t->ckpt_running = false;
+  pthread_cond_broadcast(&t->ckpt_done);
   pthread_mutex_unlock(&t->lock);
   return NULL;
 }
@@ -662,6 +686,7 @@ static void t_close(imd_store *s) {
   pthread_mutex_destroy(&t->lock);
   pthread_cond_destroy(&t->wake);
   pthread_cond_destroy(&t->ckpt_wake);
+  pthread_cond_destroy(&t->ckpt_done);
   free(t);
 }
 
@@ -727,6 +752,9 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   pthread_mutex_init(&t->lock, NULL);
   pthread_cond_init(&t->wake, NULL);
   pthread_cond_init(&t->ckpt_wake, NULL);
+  pthread_cond_init(&t->ckpt_done, NULL);
+  t->ckpt_limit = o && o->wal_max_bytes ? o->wal_max_bytes : CKPT_LIMIT_BYTES;
+  t->ckpt_every = t->ckpt_limit / 4;
   atomic_init(&t->ckpt_passed, false);
   atomic_init(&t->ckpt_copied, 0);
   *err = '\0';
