@@ -50,6 +50,9 @@ typedef struct imd_store_opts {
                              every quarter of it; a commit that finds the WAL
                              past it waits for the running pass and copies the
                              rest itself. 0 = 128 MiB */
+  uint32_t commit_delay_us; /* SQLite: a commit that follows the last one by
+                             less than this waits out the rest, so that one
+                             commit takes more requests; 0 = commit at once */
 } imd_store_opts;
 
 /* One message, as appended and as read back. Strings are NUL-terminated. */

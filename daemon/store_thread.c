@@ -40,6 +40,7 @@
 #include "store_sqlite.h"
 
 #define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
+#define GATHER_ENOUGH 64     /* a queue this long is committed without a delay */
 /* Each pass ends with the store thread copying the tail and syncing the
  * database (CKPT_TAIL_BYTES at most): a few ms in which no commit is made.
  * A 1:1 message writes about 8 KiB of WAL (whole 1 KiB pages of each tree
@@ -105,6 +106,7 @@ struct thread_store {
   pthread_mutex_t lock;
   pthread_cond_t wake;
   rq *todo, *todo_tail;    /* queued by the loop */
+  size_t todo_n;
   bool stop, started;
   uint32_t trim_interval_s;
   /* checkpoints */
@@ -122,6 +124,8 @@ struct thread_store {
   bool ckpt_asked;                   /* a pass was asked for and has not finished */
   bool ckpt_catchup;                 /* after it, copy the tail here */
   imd_store_stats st;
+  uint64_t gather_ns;                /* the commit delay (gather()) */
+  uint64_t commit_end_ns;            /* store thread: when the last commit ended */
   char err[ERR_MAX];
 };
 
@@ -162,7 +166,8 @@ static int submit(imd_store *s, rq *r) {
   else
     t->todo = r;
   t->todo_tail = r;
-  pthread_cond_signal(&t->wake);
+  /* the thread waits for a first request, or for enough (gather()) */
+  if (++t->todo_n == 1 || t->todo_n >= GATHER_ENOUGH) pthread_cond_signal(&t->wake);
   pthread_mutex_unlock(&t->lock);
   return IMD_STORE_OK;
 }
@@ -321,6 +326,7 @@ static void commit_now(thread_store *t, rq *from, rq *upto) {
   clock_gettime(CLOCK_MONOTONIC, &a);
   int rc = sqlstore_commit(t->db);
   clock_gettime(CLOCK_MONOTONIC, &b);
+  t->commit_end_ns = (uint64_t)b.tv_sec * 1000000000u + (uint64_t)b.tv_nsec;
   if (rc < 0) {
     log_error("store commit failed: %s", sqlstore_error(t->db));
     set_err_locked(t);
@@ -418,6 +424,29 @@ static void hand_back(rq *batch) {
   }
 }
 
+/* Group commit under load (under the lock, which it drops while it
+ * waits): when the last commit ended less than the commit delay ago, the
+ * requests are coming faster than commits; wait out the rest of the delay
+ * so that one commit (one fsync) takes what arrives meanwhile. A commit
+ * costs the store thread CPU of its own besides its rows (the WAL write, the
+ * fsync's journal and cache flush, the wake-ups): at 5,000 msgs/s without a
+ * delay there were 0.9 commits per message. After a quiet spell the first
+ * request goes at once, and a queue of GATHER_ENOUGH goes without waiting
+ * (submit() wakes the thread for the first request and from then on). */
+static void gather(thread_store *t) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+  uint64_t until = t->commit_end_ns + t->gather_ns;
+  if (!t->gather_ns || now >= until) return;
+  clock_gettime(CLOCK_REALTIME, &ts); /* the condition's clock */
+  uint64_t wall = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + (until - now);
+  ts.tv_sec = (time_t)(wall / 1000000000u);
+  ts.tv_nsec = (long)(wall % 1000000000u);
+  while (t->todo_n < GATHER_ENOUGH && !t->stop)
+    if (pthread_cond_timedwait(&t->wake, &t->lock, &ts) == ETIMEDOUT) break;
+}
+
 static void *thread_main(void *arg) {
   thread_store *t = arg;
   uint64_t next_trim =
@@ -439,8 +468,10 @@ static void *thread_main(void *arg) {
       }
       pthread_cond_timedwait(&t->wake, &t->lock, &ts);
     }
+    if (t->todo && !t->stop && t->todo_n < GATHER_ENOUGH) gather(t);
     rq *batch = t->todo;
     t->todo = t->todo_tail = NULL;
+    t->todo_n = 0;
     bool stop = t->stop;
     pthread_mutex_unlock(&t->lock);
 
@@ -755,6 +786,7 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   pthread_cond_init(&t->ckpt_done, NULL);
   t->ckpt_limit = o && o->wal_max_bytes ? o->wal_max_bytes : CKPT_LIMIT_BYTES;
   t->ckpt_every = t->ckpt_limit / 4;
+  t->gather_ns = o ? (uint64_t)o->commit_delay_us * 1000u : 0;
   atomic_init(&t->ckpt_passed, false);
   atomic_init(&t->ckpt_copied, 0);
   *err = '\0';

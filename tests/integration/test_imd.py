@@ -79,6 +79,9 @@ class TestCLI(unittest.TestCase):
             self.assertIn('usage: imd', err)
             for args, msg in ((['--data', d, '--ws'], 'needs a value'),
                               (['--data', d, '--max-message', 'lots'], 'not a number'),
+                              (['--data', d, '--commit-delay', '100001'],
+                               'commit-delay: at most 100000'),
+                              (['--data', d, '--commit-delay', 'soon'], 'not a number'),
                               (['--data', d, '--secret', 'short', '--ws', 'off', '--tcp', 'off',
                                 '--http', 'off'], 'at least 16'),
                               (['token', '--secret', SECRET, '--uid', 'u', '--bogus', 'x'],

@@ -22,11 +22,11 @@ typedef struct fx {
   char dir[64], path[96];
   struct event_base *base;
   imd_store *s;
-  int order[64];      /* completion order of tagged requests */
+  int order[128];     /* completion order of tagged requests */
   int done;
-  uint64_t seqs[64][2];
-  char ids[64][24];
-  int status[64];
+  uint64_t seqs[128][2];
+  char ids[128][24];
+  int status[128];
 } fx;
 
 static fx *F;
@@ -75,8 +75,8 @@ static void appended(void *arg, int status, const uint64_t *seqs, const char *id
   if (id) snprintf(F->ids[k], 24, "%s", id);
 }
 
-static imd_store_msg msgs[64];
-static char idbuf[64][24], cidbuf[64][24];
+static imd_store_msg msgs[128];
+static char idbuf[128][24], cidbuf[128][24];
 static const char *const pair[] = {"bob", "alice"};
 
 static int append(fx *f, int k, const char *cid) {
@@ -360,6 +360,52 @@ static void checkpoints_on_their_thread(void **state) {
   assert_int_equal(big_done, 1);
 }
 
+static uint64_t commits(fx *f) {
+  imd_store_stats st;
+  f->s->ops->stats(f->s, &st);
+  return st.commits;
+}
+
+/* Runs the loop for ms milliseconds. */
+static void run_for(fx *f, int ms) {
+  struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+  event_base_loopexit(f->base, &tv);
+  event_base_dispatch(f->base);
+}
+
+/* Group commit: with a commit delay, appends that come right after a commit
+ * wait for the rest of the delay and share one commit; one after a quiet
+ * spell, or a queue of 64, is committed at once. The delay (0.5 s) is long
+ * against the steps that must fit in it (a few ms). */
+static void commit_delay_gathers(void **state) {
+  fx *f = *state;
+  imd_store_opts o = {.no_fsync = true, .commit_delay_us = 500000};
+  char err[256];
+  f->s->ops->close(f->s);
+  f->s = imd_store_sqlite_start(f->base, f->path, &o, 0, NULL, err, sizeof err);
+  assert_non_null(f->s);
+  assert_int_equal(append(f, 0, NULL), 0);
+  wait_done(f, 1); /* nothing came before: at once */
+  uint64_t c0 = commits(f);
+  assert_int_equal(append(f, 1, NULL), 0);
+  run_for(f, 50);
+  assert_int_equal(f->done, 1); /* waits out the delay */
+  for (int k = 2; k < 10; k++) assert_int_equal(append(f, k, NULL), 0);
+  wait_done(f, 10);
+  assert_int_equal(commits(f), c0 + 1); /* one commit for the nine */
+  for (int k = 1; k < 10; k++) assert_int_equal(f->seqs[k][0], (uint64_t)k + 1);
+  /* 64 queued: no delay */
+  for (int k = 10; k < 74; k++) assert_int_equal(append(f, k, NULL), 0);
+  for (int i = 0; i < 25 && f->done < 74; i++) run_for(f, 10);
+  assert_int_equal(f->done, 74);
+  /* a quiet spell longer than the delay: the next goes at once */
+  run_for(f, 600);
+  assert_int_equal(append(f, 74, NULL), 0);
+  for (int i = 0; i < 25 && f->done < 75; i++) run_for(f, 10);
+  assert_int_equal(f->done, 75);
+  assert_int_equal(f->seqs[74][0], 75);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(callbacks_in_order_and_reads_after_writes, setup, teardown),
@@ -369,6 +415,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(close_completes_outstanding, setup, teardown),
       cmocka_unit_test_setup_teardown(a_view_completes_on_its_own_loop, setup, teardown),
       cmocka_unit_test_setup_teardown(checkpoints_on_their_thread, setup, teardown),
+      cmocka_unit_test_setup_teardown(commit_delay_gathers, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
