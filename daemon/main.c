@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <event2/event.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +41,7 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
        O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
        O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_LOG_LEVEL,
-       O_LOG_FILE, O_THREADS, O_N };
+       O_LOG_FILE, O_THREADS, O_COMMIT_DELAY, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -70,6 +71,8 @@ static const option_def options[O_N] = {
                       "days messages are kept, 0 = forever [30]"},
     [O_DURABLE] = {"--fsync", "IMD_FSYNC", "fsync",
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
+    [O_COMMIT_DELAY] = {"--commit-delay", "IMD_COMMIT_DELAY", "commit_delay",
+                        "us a store commit right after another waits for more [100]"},
     [O_REDIS] = {"--redis", "IMD_REDIS", "redis",
                  "HOST:PORT of Redis: run as a cluster node      [off]"},
     [O_NODE] = {"--node", "IMD_NODE", "node", "node name, unique in the cluster [HOSTNAME-WSPORT]"},
@@ -164,8 +167,11 @@ static const char *defaults[O_N] = {
     [O_HOOK_QUEUE] = "4096",
     [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
     [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
-    [O_THREADS] = "auto",
+    [O_THREADS] = "auto",      [O_COMMIT_DELAY] = "100",
 };
+
+/* Bound of --commit-delay (us): past it the delay is latency, not batching. */
+#define IMD_COMMIT_DELAY_MAX 100000u
 
 /* Bounds of --max-token-ttl: a minute to ten years. */
 #define IMD_TOKEN_TTL_MIN 60u
@@ -394,13 +400,21 @@ static int cmd_token(int argc, char **argv) {
 
 static bool enabled(const char *addr) { return addr && *addr && strcmp(addr, "off") != 0; }
 
-/* --threads: auto is the number of online cores, or 1 when single_why (a
+/* The cores this process may run on: its CPU affinity (taskset, a cpuset
+ * cgroup), else the online ones. */
+static long usable_cores(void) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0 && CPU_COUNT(&set) > 0) return CPU_COUNT(&set);
+  return sysconf(_SC_NPROCESSORS_ONLN);
+}
+
+/* --threads: auto is the number of usable cores, or 1 when single_why (a
  * feature that runs on one thread only for now) is set; more than 1 with
  * it is refused. */
 static int parse_threads(const char *v, const char *single_why, unsigned *out) {
   uint32_t n;
   if (!strcmp(v, "auto")) {
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
+    long cores = usable_cores();
     n = single_why || cores < 1 ? 1 : cores > IM_GROUP_MAX ? IM_GROUP_MAX : (uint32_t)cores;
   } else if (parse_u32("threads", v, &n) < 0) {
     return -1;
@@ -561,6 +575,11 @@ int main(int argc, char **argv) {
     return 2;
   }
   store_opts.no_fsync = !strcmp(vals[O_DURABLE], "off");
+  if (parse_u32("commit-delay", vals[O_COMMIT_DELAY], &store_opts.commit_delay_us) < 0) return 2;
+  if (store_opts.commit_delay_us > IMD_COMMIT_DELAY_MAX) {
+    fprintf(stderr, "imd: commit-delay: at most %u microseconds\n", IMD_COMMIT_DELAY_MAX);
+    return 2;
+  }
   if (parse_u32("lease-ttl", vals[O_LEASE_TTL], &d.cfg.lease_ttl_s) < 0 ||
       parse_u32("drain-rate", vals[O_DRAIN_RATE], &d.cfg.drain_rate) < 0)
     return 2;

@@ -16,8 +16,8 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import wire  # noqa: E402
-from imdclient import (Client, ImdCase, api, check, connect, open_tcp,  # noqa: E402
-                       parse_metrics, py_token, run_cli, scenario, NO_RATE_LIMITS, SECRET)
+from imdclient import (Client, Imd, ImdCase, api, assert_clean_exit, check, connect,  # noqa: E402
+                       open_tcp, parse_metrics, py_token, run_cli, scenario, NO_RATE_LIMITS, SECRET)
 from test_security import flood  # noqa: E402
 
 N = 20
@@ -341,6 +341,26 @@ class TestThreadsOptions(unittest.TestCase):
                                    '/nonexistent/imd-threads-test', *args)
             self.assertEqual(rc, 2, (args, out, err))
             self.assertIn(why, err, args)
+
+    def test_auto_is_one_per_usable_core(self):
+        """--threads auto (the default) counts the cores imd may run on: its
+        CPU affinity, as taskset or a cpuset sets it, not every online core."""
+        mine = os.sched_getaffinity(0)
+        for cpus in ({min(mine)}, mine):
+            os.sched_setaffinity(0, cpus)  # imd inherits it
+            try:
+                srv = Imd()
+            finally:
+                os.sched_setaffinity(0, mine)
+            try:
+                m = parse_metrics(asyncio.run(api(srv, 'GET', '/metrics')).body.decode())
+                # one line per worker when there are several, none for one
+                workers = [k for k in m if k.startswith('imd_worker_connections{')]
+                n = min(len(cpus), 64)
+                self.assertEqual(len(workers), n if n > 1 else 0, (cpus, workers))
+            finally:
+                assert_clean_exit(*srv.stop())
+                srv.remove_data()
 
 
 if __name__ == '__main__':
