@@ -9,7 +9,8 @@
 # order of the two servers; the last lines are medians over the runs.
 #   bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]
 # IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
-# from a given commit); im-bench always comes from BUILD_DIR. DUMP_DIR=DIR
+# from a given commit); im-bench always comes from BUILD_DIR. IMD_ARGS adds
+# options to imd's command line (e.g. "--commit-delay 0"). DUMP_DIR=DIR
 # keeps each run's per-message latencies (im-bench --dump) as
 # DIR/TARGET-RUN.txt. PROBE=1 runs bench/stall-probe over the measured part and
 # prints how often the machine itself kept a real-time thread off a CPU for
@@ -41,8 +42,9 @@ run_one() { # TARGET RUN
     rm -rf "$tmp/data"
     # the paced senders go past the default per-receiver quota (600/min per
     # pair): this measures delivery, not policing
+    # shellcheck disable=SC2086 # IMD_ARGS: options, split on purpose
     taskset -c "$pin_srv" "$imd" --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off \
-      --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --conn-rate 0 >"$out" 2>&1 &
+      --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --conn-rate 0 ${IMD_ARGS:-} >"$out" 2>&1 &
     auth=(--secret-file "$tmp/data/secret")
   else
     taskset -c "$pin_srv" node "$here/peer-chat.js" 0 0 >"$out" 2>&1 &

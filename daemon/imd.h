@@ -30,7 +30,7 @@ typedef struct imd_config {
   uint32_t max_message;     /* bytes, also the HTTP body limit's base */
   uint32_t heartbeat_s;
   uint32_t auth_timeout_ms;
-  uint32_t max_connections;
+  uint32_t max_connections; /* the process's limit (auto resolved); 0 = none */
   const char *redis_addr;   /* HOST:PORT, NULL: single node */
   const char *node;         /* NULL: HOSTNAME-WSPORT */
   const char *redis_prefix;

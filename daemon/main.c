@@ -570,6 +570,7 @@ int main(int argc, char **argv) {
     return 2;
   }
   store_opts.keep_age_s = inbox_days * 86400u;
+  d.cfg.max_connections = icfg.max_connections; /* for /metrics */
   if (strcmp(vals[O_DURABLE], "on") && strcmp(vals[O_DURABLE], "off")) {
     fprintf(stderr, "imd: fsync: 'on' or 'off', not '%s'\n", vals[O_DURABLE]);
     return 2;

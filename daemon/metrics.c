@@ -195,6 +195,8 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
   d->store->ops->stats(d->store, &ss);
   sbuf b = {0};
   gauge(&b, "imd_connections", "Open client connections (authenticated or not)", st.conns);
+  gauge(&b, "imd_connections_max", "The process's connection limit (--max-connections); 0 = none",
+        d->cfg.max_connections);
   sb_printf(&b, "# HELP imd_connections_by_platform Authenticated connections by platform\n"
                 "# TYPE imd_connections_by_platform gauge\n");
   for (int i = 0; i < IMD_MAX_PLATFORMS; i++) {

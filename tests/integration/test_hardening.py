@@ -150,6 +150,8 @@ class TestMaxConnectionsAuto(unittest.TestCase):
                 out += chunk
             out = out.decode()
             self.assertIn('at most 172 connections', out)   # 300 - 128 reserved
+            m = parse_metrics((await api(srv, 'GET', '/metrics')).body.decode())
+            self.assertEqual(m['imd_connections_max'], 172, m)   # what alerts compare with
             conns = []
             for i in range(172):
                 conns.append(await open_tcp(srv.tcp))

@@ -218,6 +218,9 @@ class TestMaxConnectionsAcrossWorkers(ImdCase):
     @scenario()
     async def test_limit_is_the_process_total(self):
         conns = await fill_both_workers(self, 16)
+        m = parse_metrics((await api(self.srv, 'GET', '/metrics')).body.decode())
+        self.assertEqual(m['imd_connections_max'], 16, m)     # the process's, not a worker's
+        self.assertEqual(m['imd_connections'], 16, m)
         await refused_four_times(self, '127.0.0.6')   # from any source
         await conns[0].close()
         await presence_count(self.srv, conns[0].uid, 0)
