@@ -230,6 +230,9 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
           m->batched);
   counter(&b, "imd_store_commit_microseconds_total", "Time spent committing", ss.commit_us);
   counter(&b, "imd_store_errors_total", "Store requests that failed", ss.errors);
+  counter(&b, "imd_store_wal_waits_total",
+          "Commits that waited for a checkpoint at the WAL's bound (disk slower than the messages)",
+          ss.wal_waits);
   counter(&b, "imd_syncs_total", "Sync requests answered", m->syncs);
   const im_guard_stats gs = t->gs;
   sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"

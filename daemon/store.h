@@ -118,6 +118,9 @@ typedef struct imd_store_stats {
   uint64_t commit_us;     /* time they took */
   uint64_t trimmed;       /* inbox entries removed by retention */
   uint64_t errors;        /* failed requests */
+  uint64_t wal_waits;     /* SQLite: commits that waited for a checkpoint pass at
+                             the WAL's bound (the disk copies more slowly than
+                             messages arrive) */
 } imd_store_stats;
 
 typedef struct imd_store imd_store;

@@ -299,6 +299,10 @@ class TestOnlineBackup(DeliveryCase):
         self.assertEqual(r.contiguous(), n)
         self.assertEqual({r.by_seq[q][0] for q in range(1, n + 1)},
                          {s.acks[c][0] for c in cids(n)})
+        # a few MiB of WAL, far under its bound: no commit waited for a checkpoint
+        m = parse_metrics((await api(self.srv, 'GET', '/metrics')).body.decode())
+        self.assertEqual(m['imd_store_wal_waits_total'], 0, m)
+        self.assertEqual(m['imd_store_errors_total'], 0, m)
 
 
 class TestRetransmit(DeliveryCase):
