@@ -520,10 +520,13 @@ static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
 
 /* Waits until the checkpoint thread has no pass to run (store thread). */
 static void ckpt_wait(thread_store *t) {
+  bool waited = false;
   pthread_mutex_lock(&t->lock);
-  t->st.wal_waits++;
-  while ((t->ckpt_due || t->ckpt_running) && !t->ckpt_stop)
+  while ((t->ckpt_due || t->ckpt_running) && !t->ckpt_stop) {
+    waited = true;
     pthread_cond_wait(&t->ckpt_done, &t->lock);
+  }
+  if (waited) t->st.wal_waits++;
   pthread_mutex_unlock(&t->lock);
 }
 
