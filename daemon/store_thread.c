@@ -439,10 +439,8 @@ static void gather(thread_store *t) {
   uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
   uint64_t until = t->commit_end_ns + t->gather_ns;
   if (!t->gather_ns || now >= until) return;
-  clock_gettime(CLOCK_REALTIME, &ts); /* the condition's clock */
-  uint64_t wall = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec + (until - now);
-  ts.tv_sec = (time_t)(wall / 1000000000u);
-  ts.tv_nsec = (long)(wall % 1000000000u);
+  ts.tv_sec = (time_t)(until / 1000000000u); /* the condition's clock */
+  ts.tv_nsec = (long)(until % 1000000000u);
   while (t->todo_n < GATHER_ENOUGH && !t->stop)
     if (pthread_cond_timedwait(&t->wake, &t->lock, &ts) == ETIMEDOUT) break;
 }
@@ -458,7 +456,7 @@ static void *thread_main(void *arg) {
       uint64_t now = mono_ms(), due = next_trim < marks_due ? next_trim : marks_due;
       if (due <= now) break;
       struct timespec ts;
-      clock_gettime(CLOCK_REALTIME, &ts);
+      clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition's clock */
       uint64_t wait = due - now > 3600000 ? 3600000 : due - now;
       ts.tv_sec += (time_t)(wait / 1000);
       ts.tv_nsec += (long)(wait % 1000) * 1000000L;
@@ -785,7 +783,13 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   t->h.t = t;
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
-  pthread_cond_init(&t->wake, NULL);
+  /* timed waits on the monotonic clock: a step of the wall clock must not
+   * stretch a commit delay or a mark's wait */
+  pthread_condattr_t ca;
+  pthread_condattr_init(&ca);
+  pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+  pthread_cond_init(&t->wake, &ca);
+  pthread_condattr_destroy(&ca);
   pthread_cond_init(&t->ckpt_wake, NULL);
   pthread_cond_init(&t->ckpt_done, NULL);
   t->ckpt_limit = o && o->wal_max_bytes ? o->wal_max_bytes : CKPT_LIMIT_BYTES;
