@@ -233,6 +233,9 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
   counter(&b, "imd_store_wal_waits_total",
           "Commits that waited for a checkpoint at the WAL's bound (disk slower than the messages)",
           ss.wal_waits);
+  counter(&b, "imd_store_checkpoints_cut_total",
+          "Of those waits, the ones cut short: the checkpoint was stopped and the commit copied the WAL",
+          ss.ckpt_cut);
   counter(&b, "imd_syncs_total", "Sync requests answered", m->syncs);
   const im_guard_stats gs = t->gs;
   sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"

@@ -121,6 +121,9 @@ typedef struct imd_store_stats {
   uint64_t wal_waits;     /* SQLite: commits that waited for a checkpoint pass at
                              the WAL's bound (the disk copies more slowly than
                              messages arrive) */
+  uint64_t ckpt_cut;      /* SQLite: of those, waits cut short: the pass, slowed by
+                             its low priority, was stopped and the commit copied
+                             the WAL itself */
 } imd_store_stats;
 
 typedef struct imd_store imd_store;

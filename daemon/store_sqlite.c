@@ -1103,10 +1103,17 @@ int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t err
   int rc = sqlite3_wal_checkpoint_v2(c->db, NULL, SQLITE_CHECKPOINT_PASSIVE, &log, &copied);
 
   *copied_bytes = copied > 0 ? (uint64_t)copied * c->frame_bytes : 0;
-  if (rc == SQLITE_OK || rc == SQLITE_BUSY) /* busy: another checkpoint runs */
+  /* busy: another checkpoint runs; interrupt: sqlstore_ckpt_interrupt() */
+  if (rc == SQLITE_OK || rc == SQLITE_BUSY || rc == SQLITE_INTERRUPT)
     return IMD_STORE_OK;
   report(err, errlen, "checkpoint failed", sqlite3_errmsg(c->db));
   return IMD_STORE_EIO;
+}
+
+void sqlstore_ckpt_interrupt(sql_ckpt *c)
+{
+  if (c != NULL)
+    sqlite3_interrupt(c->db);
 }
 
 void sqlstore_ckpt_close(sql_ckpt *c)

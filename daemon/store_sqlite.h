@@ -105,6 +105,10 @@ sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *er
  * WAL (from its start) is now in the database file. Returns 0 (also when
  * another checkpoint was running) or IMD_STORE_EIO with a reason in err. */
 int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen);
+/* From any thread: makes a running sqlstore_ckpt_run() stop soon (it
+ * returns 0 with *copied_bytes 0: the next checkpoint copies those frames
+ * again). A call while none runs may stop the next one at once instead. */
+void sqlstore_ckpt_interrupt(sql_ckpt *c);
 /* NULL is a no-op. */
 void sqlstore_ckpt_close(sql_ckpt *c);
 

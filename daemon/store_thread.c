@@ -19,7 +19,9 @@
  * for one; the store thread only catches up on the commits made during a pass
  * (so that the WAL can start over). The bound holds however fast the writes
  * come: a commit that leaves the WAL past it waits for the running pass (the
- * writers slow down to what the disk copies) and then copies the rest itself.
+ * writers slow down to what the disk copies) and then copies the rest itself;
+ * if the pass, at its low priority, has not ended within CKPT_WAIT_MS, it is
+ * stopped and the commit copies everything.
  */
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -51,6 +53,7 @@
 #define CKPT_LIMIT_BYTES (128u << 20) /* the WAL's bound by default; a pass per quarter */
 #define CKPT_TAIL_BYTES (512u << 10) /* the most the store thread copies to catch up */
 #define CKPT_NICE 10                 /* the checkpoint thread yields to the others */
+#define CKPT_WAIT_MS 100             /* the longest a commit at the WAL's bound waits for it */
 #define ERR_MAX 256
 
 enum rq_kind { RQ_APPEND, RQ_MARK, RQ_SYNC, RQ_STATE, RQ_MEMBERS, RQ_GROUP };
@@ -516,15 +519,33 @@ static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
   pthread_mutex_unlock(&t->lock);
 }
 
-/* Waits until the checkpoint thread has no pass to run (store thread). */
+/* Waits until the checkpoint thread has no pass to run (store thread, the
+ * WAL at its bound). The pass runs at the checkpoint thread's lower
+ * priority, which on a CPU kept busy by others can take seconds while every
+ * commit waits: after CKPT_WAIT_MS the pass is interrupted (or, not started
+ * yet, taken back) and the caller copies everything itself at its own
+ * priority. */
 static void ckpt_wait(thread_store *t) {
-  bool waited = false;
+  bool waited = false, cut = false;
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition's clock */
+  uint64_t until = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec +
+                   (uint64_t)CKPT_WAIT_MS * 1000000u;
+  ts.tv_sec = (time_t)(until / 1000000000u);
+  ts.tv_nsec = (long)(until % 1000000000u);
   pthread_mutex_lock(&t->lock);
   while ((t->ckpt_due || t->ckpt_running) && !t->ckpt_stop) {
     waited = true;
-    pthread_cond_wait(&t->ckpt_done, &t->lock);
+    if (cut) {
+      pthread_cond_wait(&t->ckpt_done, &t->lock);
+    } else if (pthread_cond_timedwait(&t->ckpt_done, &t->lock, &ts) == ETIMEDOUT) {
+      cut = true;
+      t->ckpt_due = false; /* not started: it never will be */
+      if (t->ckpt_running) sqlstore_ckpt_interrupt(t->ckpt);
+    }
   }
   if (waited) t->st.wal_waits++;
+  if (cut) t->st.ckpt_cut++;
   pthread_mutex_unlock(&t->lock);
 }
 
@@ -784,14 +805,14 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   t->trim_interval_s = trim_interval_s;
   pthread_mutex_init(&t->lock, NULL);
   /* timed waits on the monotonic clock: a step of the wall clock must not
-   * stretch a commit delay or a mark's wait */
+   * stretch a commit delay, a mark's wait or a wait at the WAL's bound */
   pthread_condattr_t ca;
   pthread_condattr_init(&ca);
   pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
   pthread_cond_init(&t->wake, &ca);
+  pthread_cond_init(&t->ckpt_done, &ca);
   pthread_condattr_destroy(&ca);
   pthread_cond_init(&t->ckpt_wake, NULL);
-  pthread_cond_init(&t->ckpt_done, NULL);
   t->ckpt_limit = o && o->wal_max_bytes ? o->wal_max_bytes : CKPT_LIMIT_BYTES;
   t->ckpt_every = t->ckpt_limit / 4;
   t->gather_ns = o ? (uint64_t)o->commit_delay_us * 1000u : 0;

@@ -302,6 +302,7 @@ class TestOnlineBackup(DeliveryCase):
         # a few MiB of WAL, far under its bound: no commit waited for a checkpoint
         m = parse_metrics((await api(self.srv, 'GET', '/metrics')).body.decode())
         self.assertEqual(m['imd_store_wal_waits_total'], 0, m)
+        self.assertEqual(m['imd_store_checkpoints_cut_total'], 0, m)
         self.assertEqual(m['imd_store_errors_total'], 0, m)
 
 

@@ -1216,6 +1216,44 @@ static void test_wal_writes_full_sync(void **state)
   (void)g;
 }
 
+static bool never_checkpoint(void *ctx, uint64_t wal_bytes, bool behind)
+{
+  (void)ctx;
+  (void)wal_bytes;
+  (void)behind;
+  return false;
+}
+
+/* The checkpoint connection: an interrupted pass copies nothing it records
+ * (and fails nothing); the next pass copies the whole WAL. */
+static void test_checkpoint_interrupt(void **state)
+{
+  fixture *f = *state;
+  imd_store_opts o = {.no_fsync = true};
+  char err[256] = "";
+  uint64_t copied = 1;
+  sql_store *s = reopen(f, 0, 0);
+
+  sqlstore_set_wal_hook(s, never_checkpoint, NULL);
+  for (int i = 1; i <= 200; i++) {
+    char id[24];
+    snprintf(id, sizeof id, "m%d", i);
+    assert_int_equal(put(s, id, "alice", 1000), (uint64_t)i);
+  }
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  sql_ckpt *c = sqlstore_ckpt_open(f->path, &o, err, sizeof err);
+  assert_non_null(c);
+  sqlstore_ckpt_interrupt(c);
+  assert_int_equal(sqlstore_ckpt_run(c, &copied, err, sizeof err), IMD_STORE_OK);
+  assert_int_equal(copied, 0);
+  assert_int_equal(sqlstore_ckpt_run(c, &copied, err, sizeof err), IMD_STORE_OK);
+  assert_true(copied > 0);
+  sqlstore_ckpt_close(c);
+  imd_sync_info info;
+  assert_int_equal(sqlstore_sync(s, "alice", 190, 0, NULL, NULL, &info), IMD_STORE_OK);
+  assert_int_equal(info.last, 200);
+}
+
 /* Random inserts into many inboxes split B-tree pages in most commits (and
  * SQLite then parks pages under the pending-byte page: store_pcache.h), and
  * a commit that fails after the file grew must drop the pages it added from
@@ -1403,6 +1441,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_unclean_close_repairs_users, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v2, setup, teardown),
     cmocka_unit_test_setup_teardown(test_wal_writes_full_sync, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_checkpoint_interrupt, setup, teardown),
     cmocka_unit_test_setup_teardown(test_splits_and_failed_commit_keep_pages, setup, teardown),
     cmocka_unit_test_setup_teardown(test_invalid_arguments, setup, teardown),
     cmocka_unit_test_setup_teardown(test_open_failures, setup, teardown),
