@@ -106,8 +106,8 @@ sql_ckpt *sqlstore_ckpt_open(const char *path, const imd_store_opts *o, char *er
  * another checkpoint was running) or IMD_STORE_EIO with a reason in err. */
 int sqlstore_ckpt_run(sql_ckpt *c, uint64_t *copied_bytes, char *err, size_t errlen);
 /* From any thread: makes a running sqlstore_ckpt_run() stop soon (it
- * returns 0 with *copied_bytes 0: the next checkpoint copies those frames
- * again). A call while none runs may stop the next one at once instead. */
+ * returns 0; what it copied is not recorded, so the next checkpoint copies
+ * it again). A call while none runs may stop the next one at once instead. */
 void sqlstore_ckpt_interrupt(sql_ckpt *c);
 /* NULL is a no-op. */
 void sqlstore_ckpt_close(sql_ckpt *c);
