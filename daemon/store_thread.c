@@ -109,7 +109,7 @@ struct thread_store {
   pthread_mutex_t lock;
   pthread_cond_t wake;
   rq *todo, *todo_tail;    /* queued by the loop */
-  size_t todo_n;
+  size_t todo_n;           /* requests in todo */
   bool stop, started;
   uint32_t trim_interval_s;
   /* checkpoints */
@@ -132,10 +132,19 @@ struct thread_store {
   char err[ERR_MAX];
 };
 
-static uint64_t mono_ms(void) {
+static uint64_t mono_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t mono_ms(void) { return mono_ns() / 1000000u; }
+
+/* A deadline on the monotonic clock, for the timed waits of the store's
+ * conditions (made with that clock: imd_store_sqlite_start). */
+static struct timespec mono_at(uint64_t ns) {
+  return (struct timespec){.tv_sec = (time_t)(ns / 1000000000u),
+                           .tv_nsec = (long)(ns % 1000000000u)};
 }
 
 static uint64_t wall_ms(void) {
@@ -325,11 +334,9 @@ static void set_err_locked(thread_store *t) {
 
 /* Commit the open batch; the writes since the last commit learn its fate. */
 static void commit_now(thread_store *t, rq *from, rq *upto) {
-  struct timespec a, b;
-  clock_gettime(CLOCK_MONOTONIC, &a);
+  uint64_t start = mono_ns();
   int rc = sqlstore_commit(t->db);
-  clock_gettime(CLOCK_MONOTONIC, &b);
-  t->commit_end_ns = (uint64_t)b.tv_sec * 1000000000u + (uint64_t)b.tv_nsec;
+  t->commit_end_ns = mono_ns();
   if (rc < 0) {
     log_error("store commit failed: %s", sqlstore_error(t->db));
     set_err_locked(t);
@@ -338,7 +345,7 @@ static void commit_now(thread_store *t, rq *from, rq *upto) {
   }
   pthread_mutex_lock(&t->lock);
   t->st.commits++;
-  t->st.commit_us += (uint64_t)((b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000);
+  t->st.commit_us += (t->commit_end_ns - start) / 1000u;
   pthread_mutex_unlock(&t->lock);
 }
 
@@ -437,13 +444,9 @@ static void hand_back(rq *batch) {
  * request goes at once, and a queue of GATHER_ENOUGH goes without waiting
  * (submit() wakes the thread for the first request and from then on). */
 static void gather(thread_store *t) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  uint64_t now = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
   uint64_t until = t->commit_end_ns + t->gather_ns;
-  if (!t->gather_ns || now >= until) return;
-  ts.tv_sec = (time_t)(until / 1000000000u); /* the condition's clock */
-  ts.tv_nsec = (long)(until % 1000000000u);
+  if (!t->gather_ns || mono_ns() >= until) return;
+  struct timespec ts = mono_at(until);
   while (t->todo_n < GATHER_ENOUGH && !t->stop)
     if (pthread_cond_timedwait(&t->wake, &t->lock, &ts) == ETIMEDOUT) break;
 }
@@ -458,15 +461,8 @@ static void *thread_main(void *arg) {
     while (!t->todo && !t->stop) {
       uint64_t now = mono_ms(), due = next_trim < marks_due ? next_trim : marks_due;
       if (due <= now) break;
-      struct timespec ts;
-      clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition's clock */
       uint64_t wait = due - now > 3600000 ? 3600000 : due - now;
-      ts.tv_sec += (time_t)(wait / 1000);
-      ts.tv_nsec += (long)(wait % 1000) * 1000000L;
-      if (ts.tv_nsec >= 1000000000L) {
-        ts.tv_sec++;
-        ts.tv_nsec -= 1000000000L;
-      }
+      struct timespec ts = mono_at(mono_ns() + wait * 1000000u);
       pthread_cond_timedwait(&t->wake, &t->lock, &ts);
     }
     if (t->todo && !t->stop && t->todo_n < GATHER_ENOUGH) gather(t);
@@ -527,12 +523,7 @@ static void ckpt_ask(thread_store *t, uint64_t wal_bytes) {
  * priority. */
 static void ckpt_wait(thread_store *t) {
   bool waited = false, cut = false;
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts); /* the condition's clock */
-  uint64_t until = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec +
-                   (uint64_t)CKPT_WAIT_MS * 1000000u;
-  ts.tv_sec = (time_t)(until / 1000000000u);
-  ts.tv_nsec = (long)(until % 1000000000u);
+  struct timespec ts = mono_at(mono_ns() + (uint64_t)CKPT_WAIT_MS * 1000000u);
   pthread_mutex_lock(&t->lock);
   while ((t->ckpt_due || t->ckpt_running) && !t->ckpt_stop) {
     waited = true;
@@ -603,8 +594,7 @@ static void *ckpt_main(void *arg) {
     t->ckpt_running = false;
     pthread_cond_broadcast(&t->ckpt_done);
   }
-  t->ckpt_running = false;
-  pthread_cond_broadcast(&t->ckpt_done);
+  pthread_cond_broadcast(&t->ckpt_done); /* stopped: a waiter sees ckpt_stop */
   pthread_mutex_unlock(&t->lock);
   return NULL;
 }
