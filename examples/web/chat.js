@@ -15,7 +15,8 @@ function params() {
 const defaultWs = () => `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.hostname || '127.0.0.1'}:8080/ws`;
 
 // ---- state kept across reloads ------------------------------------------
-// imchat:<uid> = {device, contiguous, outbox, messages, receipted, convs}
+// imchat:<uid> = {device, contiguous, outbox, messages, receipted, convs, held,
+//   lateRcpt}
 // A message: {key, id, cid, from, conv, text, ts, mine, status}
 //   status: 'sending' (in the outbox), 'stored' (acked by imd, or received),
 //   'delivered' (a receipt from the peer arrived).
@@ -29,16 +30,25 @@ let current = null;    // the open conversation: 'u:bob' or 'g:team'
 let saveTimer = null;
 const pendingReceipts = new Map(); // sender uid -> [ids] to acknowledge once synced
 
-function save() {
-  if (saveTimer) return;
-  saveTimer = setTimeout(() => {
-    saveTimer = null;
-    S.contiguous = client.contiguous;
-    S.outbox = client.pendingMessages();
-    if (S.messages.length > MAX_KEPT) S.messages.splice(0, S.messages.length - MAX_KEPT);
-    localStorage.setItem('imchat:' + S.uid, JSON.stringify(S));
-  }, 50);
+// Writes the state now; save() batches the writes of a burst (50 ms), and
+// leaving the page (reload, close, tab hidden) writes at once: a reload
+// inside the batch would otherwise start from a state older than what the
+// server has acknowledged.
+function saveNow() {
+  clearTimeout(saveTimer);
+  saveTimer = null;
+  if (!S || !client) return;
+  S.contiguous = client.contiguous;
+  S.outbox = client.pendingMessages();
+  if (S.messages.length > MAX_KEPT) S.messages.splice(0, S.messages.length - MAX_KEPT);
+  localStorage.setItem('imchat:' + S.uid, JSON.stringify(S));
 }
+
+function save() {
+  if (!saveTimer) saveTimer = setTimeout(saveNow, 50);
+}
+addEventListener('pagehide', saveNow);
+document.addEventListener('visibilitychange', () => { if (document.hidden) saveNow(); });
 
 function convOf(m, me) {
   if (m.group) return 'g:' + m.group;
@@ -153,6 +163,7 @@ function received(m) {
       for (const id of d.rcpt) {
         const mine = byId(id);
         if (mine && mine.mine && mine.status !== 'delivered') { mine.status = 'delivered'; showMessage(mine); }
+        else if (!mine && unackedOwn() && S.lateRcpt.length < MAX_KEPT) S.lateRcpt.push(id);
       }
     }
     save();
@@ -162,6 +173,11 @@ function received(m) {
   if (byId(m.id)) return; // our own, already shown from the outbox
   const msg = { key: m.id, id: m.id, from: m.from, conv: convOf(m, me), text: d.t, ts: m.ts,
                 mine: m.from === me, status: 'stored' };
+  if (msg.mine && unackedOwn()) { // it may be one of those: wait for their acks
+    S.held.push(msg);
+    save();
+    return;
+  }
   S.messages.push(msg);
   showMessage(msg);
   if (!msg.mine && !S.receipted.includes(m.id)) {
@@ -169,6 +185,33 @@ function received(m) {
     pendingReceipts.get(m.from).push(m.id);
     if (client.state === 'open') scheduleReceipts();
   }
+  save();
+}
+
+// A message of ours that the server stored but whose ack this page never
+// saw (the browser died first, or a reload came before the state was
+// written) is resent from the outbox with its cid, and imd answers with the
+// first id; but the sync after auth brings the stored copy before that ack,
+// and a downstream msg carries no cid. So our own messages that come while
+// an outbox message has no id yet are held (in the saved state) until the
+// outbox has its acks, then shown unless an ack gave one of them its id.
+// Receipts for ids unknown then are kept too (lateRcpt), for those acks.
+function unackedOwn() {
+  const pending = client.pendingMessages();
+  if (!pending.length) return false;
+  const cids = new Set(pending.map((e) => e.cid));
+  return S.messages.some((x) => x.mine && !x.id && cids.has(x.cid));
+}
+
+function releaseHeld() {
+  if (unackedOwn() || !(S.held.length || S.lateRcpt.length)) return;
+  for (const m of S.held.splice(0)) {
+    if (byId(m.id)) continue;
+    if (S.lateRcpt.includes(m.id)) m.status = 'delivered';
+    S.messages.push(m);
+    showMessage(m);
+  }
+  S.lateRcpt.length = 0;
   save();
 }
 
@@ -204,10 +247,14 @@ function sendText(text) {
 
 function acked({ cid, id }) {
   const m = S.messages.find((x) => x.cid === cid && x.mine);
-  if (!m) return;
-  m.id = id;
-  if (m.status === 'sending') m.status = 'stored';
-  showMessage(m);
+  if (m) {
+    m.id = id;
+    if (m.status === 'sending') m.status = 'stored';
+    const r = S.lateRcpt.indexOf(id); // its receipt came first (see unackedOwn)
+    if (r >= 0) { S.lateRcpt.splice(r, 1); m.status = 'delivered'; }
+    showMessage(m);
+  }
+  releaseHeld();
   save();
 }
 
@@ -221,6 +268,8 @@ function start(cfg) {
   S.convs ||= [];
   S.contiguous ||= 0;
   S.outbox ||= [];
+  S.held ||= [];
+  S.lateRcpt ||= [];
   $('#me').textContent = `${cfg.uid} (${S.device})`;
   $('#login').hidden = true;
   $('#chat').hidden = false;
@@ -233,6 +282,7 @@ function start(cfg) {
     if (!e.cid) return;
     const m = S.messages.find((x) => x.cid === e.cid && x.status === 'sending');
     if (m && e.code < 500) { m.status = 'failed'; m.text += ` (refused: ${e.reason})`; showMessage(m); }
+    releaseHeld();
   };
   client.onstate = (s, detail) => {
     const el = $('#state');

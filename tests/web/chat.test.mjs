@@ -6,6 +6,9 @@
 // alice has a message in her outbox, and restarted on the same data dir and
 // ports; both pages reconnect by themselves, the outbox is resent, and each
 // page shows every message exactly once and in order (read from the DOM).
+// alice's page is then rebuilt from the browser state saved while that
+// message was still unacknowledged (her browser died before it wrote the
+// ack): the message is resent and synced, and shown once.
 // Then bob reloads (history from localStorage, no duplicate after the
 // reconnect) and a fresh device of bob's (empty storage) rebuilds the same
 // history from the server with auth {since: 0} and sync. Then a group
@@ -129,8 +132,9 @@ try {
   const url = (uid, peer) => `http://127.0.0.1:${httpPort}/#` + new URLSearchParams({
     uid, token: token(uid), ws: `ws://127.0.0.1:${wsPort}/ws`, peer }).toString();
 
-  async function open(uid, peer) {
-    const ctx = await browser.newContext({ viewport: { width: 900, height: 560 } });
+  // storageState: a page restored from a saved browser state (playwright's)
+  async function open(uid, peer, storageState) {
+    const ctx = await browser.newContext({ viewport: { width: 900, height: 560 }, storageState });
     const page = await ctx.newPage();
     page.on('pageerror', (e) => { console.log(`page error (${uid}): ${e.message}`); failures++; });
     await page.goto(url(uid, peer));
@@ -154,7 +158,7 @@ try {
     await page.press('#compose input', 'Enter');
   }
 
-  const alice = await open('alice', 'bob');
+  let alice = await open('alice', 'bob');
   const bob = await open('bob', 'alice');
   await Promise.all([waitState(alice, 'open'), waitState(bob, 'open')]);
   check(!(await alice.isVisible('#login')) && await alice.isVisible('#messages'),
@@ -186,6 +190,10 @@ try {
   await say(alice, 'sent while imd was down');
   expected.push('sent while imd was down');
   check((await statusOf(alice, 'sent while imd was down'))[0] === 'sending', 'it waits in the outbox (sending tick)');
+  // what alice's browser has written by now: the message, unacknowledged, in the outbox
+  await alice.waitForFunction(() => (JSON.parse(localStorage.getItem('imchat:alice') || '{}').outbox || [])
+    .some((e) => e.data.t === 'sent while imd was down'), null, { timeout: TIMEOUT });
+  const beforeAck = await alice.context().storageState();
   imd = await startImd();
   await Promise.all([waitState(alice, 'open'), waitState(bob, 'open')]);
   check(true, 'both pages reconnected by themselves after the restart');
@@ -202,6 +210,18 @@ try {
   check(JSON.stringify(ta) === JSON.stringify(expected), 'alice: every message exactly once and in order after kill -9');
   check(JSON.stringify(tb) === JSON.stringify(expected), 'bob: every message exactly once and in order after kill -9');
   check((await statusOf(alice, 'hello bob 1'))[0] === 'delivered', 'ticks survive the restart');
+
+  // ---- alice's browser died before it wrote the ack: her page from the state saved then ----
+  // The outbox resends the message (same cid: imd answers with the stored id) while
+  // the sync brings the stored copy and bob's receipt first, without a cid.
+  await alice.context().close();
+  alice = await open('alice', 'bob', beforeAck);
+  await waitState(alice, 'open');
+  await waitStatus(alice, 'sent while imd was down', 'delivered');
+  const restored = await texts(alice);
+  check(JSON.stringify(restored) === JSON.stringify(expected),
+        'alice from a state saved before the ack: her resent message once, with its receipt' +
+        shown(restored, expected));
 
   // ---- reload: history from localStorage, no duplicates after the sync ----
   await bob.reload();
