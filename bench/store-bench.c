@@ -3,13 +3,15 @@
  * group commit does; then one retention pass.
  *
  *   store-bench [-n messages] [-b appends per commit] [-u users]
- *               [-k keep_count] [-N] [-c] [-m] FILE
+ *               [-k keep_count] [-a] [-N] [-c] [-m] FILE
  *
  * Prints appends/s (wall clock, fsyncs included) and the CPU time (user +
  * system) per append. -N: synchronous=NORMAL instead of FULL. -m: the
  * receiver's device marks each message delivered right after it (as its
- * ack does in imd), in the same batch. -c: give every message a client
- * id (idempotency key). FILE must not exist; it and its -wal/-shm are
+ * ack does in imd); the marks are written with the first commit after
+ * MARKS_EVERY_S and with the last, as imd's store thread does. -c: give every message a client
+ * id (idempotency key). -a: then one retention pass by age that removes
+ * the older half (the messages are 1 ms apart). FILE must not exist; it and its -wal/-shm are
  * removed at the end. */
 #include <stdint.h>
 #include <stdio.h>
@@ -26,6 +28,7 @@ typedef struct bench_opts {
   unsigned long batch;
   unsigned long users;
   uint32_t keep_count;
+  int age_half;
   int no_fsync;
   int with_cid;
   int marks;
@@ -64,12 +67,13 @@ static int parse_args(int argc, char **argv, bench_opts *o)
   int c;
 
   *o = (bench_opts){.messages = 200000, .batch = 100, .users = 10000};
-  while ((c = getopt(argc, argv, "n:b:u:k:Ncm")) != -1) {
+  while ((c = getopt(argc, argv, "n:b:u:k:aNcm")) != -1) {
     switch (c) {
     case 'n': o->messages = strtoul(optarg, NULL, 10); break;
     case 'b': o->batch = strtoul(optarg, NULL, 10); break;
     case 'u': o->users = strtoul(optarg, NULL, 10); break;
     case 'k': o->keep_count = (uint32_t)strtoul(optarg, NULL, 10); break;
+    case 'a': o->age_half = 1; break;
     case 'N': o->no_fsync = 1; break;
     case 'c': o->with_cid = 1; break;
     case 'm': o->marks = 1; break;
@@ -93,12 +97,14 @@ static void remove_store(const char *path)
   }
 }
 
+#define MARKS_EVERY_S 10.0 /* store_thread.c's MARK_DELAY_MS */
+
 /* Appends o->messages messages; returns the seconds taken or -1. */
 static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_s)
 {
   static const char data[] = "{\"text\":\"hello, this is a chat message of typical length\"}";
   uint64_t rnd = 0x9e3779b97f4a7c15u;
-  double t0 = now_s();
+  double t0 = now_s(), marks_at = t0 + MARKS_EVERY_S;
 
   *max_commit_s = 0;
   for (unsigned long i = 0; i < o->messages; i++) {
@@ -126,6 +132,12 @@ static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_
     }
     if ((i + 1) % o->batch == 0 || i + 1 == o->messages) {
       double c0 = now_s();
+      if ((c0 >= marks_at || i + 1 == o->messages) && sqlstore_marks_write(s) != IMD_STORE_OK) {
+        fprintf(stderr, "marks: %s\n", sqlstore_error(s));
+        return -1;
+      }
+      if (c0 >= marks_at)
+        marks_at = c0 + MARKS_EVERY_S;
       if (sqlstore_commit(s) != IMD_STORE_OK) {
         fprintf(stderr, "commit: %s\n", sqlstore_error(s));
         return -1;
@@ -148,7 +160,7 @@ int main(int argc, char **argv)
 
   if (parse_args(argc, argv, &o) != 0) {
     fprintf(stderr,
-            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-N] [-c] [-m] FILE\n",
+            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-a] [-N] [-c] [-m] FILE\n",
             argv[0]);
     return 2;
   }
@@ -158,6 +170,7 @@ int main(int argc, char **argv)
   }
   so.no_fsync = o.no_fsync != 0;
   so.keep_count = o.keep_count;
+  so.keep_age_s = o.age_half ? 1 : 0;
   s = sqlstore_open(o.path, &so, err, sizeof err);
   if (s == NULL) {
     fprintf(stderr, "open: %s\n", err);
@@ -181,6 +194,13 @@ int main(int argc, char **argv)
     trimmed = sqlstore_trim(s, 1700000000000 + o.messages);
     printf("trim to %u per user: %ld entries in %.0f ms\n", o.keep_count, trimmed,
            (now_s() - t0) * 1e3);
+  }
+  if (o.age_half) {
+    t0 = now_s();
+    cpu0 = cpu_s();
+    trimmed = sqlstore_trim(s, 1700000000000 + o.messages / 2 + 1000);
+    printf("trim by age, the older half: %ld entries in %.0f ms (%.0f ms CPU)\n", trimmed,
+           (now_s() - t0) * 1e3, (cpu_s() - cpu0) * 1e3);
   }
   sqlstore_close(s);
   remove_store(o.path);

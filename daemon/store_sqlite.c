@@ -1,26 +1,35 @@
 /* imd's message store on SQLite (the contract is in store.h).
  *
- * Tables (schema version 3, PRAGMA user_version):
+ * Tables (schema version 4, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
  *           inbox(mid).
  *   idem    (sender, device, cid) -> id, the idempotency keys. Kept apart
  *           from msgs because a key must outlive its message (store.h: keys
- *           live for keep_age_s, or forever).
+ *           live for keep_age_s, or forever). Expired keys go by a sweep
+ *           in key order, a stretch per retention pass.
  *   inbox   (uid, seq) -> mid: the per-user inboxes. The entries still held
  *           for a user are always exactly trimmed+1 .. last_seq; trimming
  *           only ever drops a prefix.
- *   users   uid -> last_seq, trimmed. last_seq is not written by commits:
- *           a user's last seq is also that of its newest inbox entry. It is
- *           written for the users a commit advanced at the next retention
- *           pass (which reads it) and at close.
- *   cursors (uid, device) -> delivered.
+ *   users   uid -> last_seq, trimmed, oldest. last_seq is not written by
+ *           commits: a user's last seq is also that of its newest inbox
+ *           entry. It is written for the users a commit advanced at the
+ *           next retention pass (which reads it) and at close. oldest is
+ *           the ts of the oldest entry held (NULL: none), indexed: the
+ *           queue of retention by age. An upsert keeps it unless it is
+ *           NULL; retention sets it for the users it trimmed. It may be
+ *           older than the entry (then a pass finds nothing to drop and
+ *           corrects it), never younger.
+ *   cursors (uid, device) -> delivered. Marks wait in memory, one per
+ *           (uid, device), until the caller has them written
+ *           (sqlstore_marks_write(); imd: every 10 s).
  *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
  *           close (users rows exact), 0 while it is open. An open that finds
- *           no clean close raises the users rows from the inboxes (one scan).
+ *           no clean close raises the users rows from the inboxes (one scan)
+ *           and sets their oldest (one probe per user).
  *
  * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
- * row per receiver) and nothing else; a batch is one transaction, one
+ * row per receiver) and nothing else, a delivered mark a hash lookup; a batch is one transaction, one
  * commit, one fsync. There is no savepoint per append: what can refuse an
  * append (arguments, a uid listed twice, a duplicate key) is checked before
  * its first write, and an append that SQLite fails halfway deletes the rows
@@ -44,8 +53,9 @@
 #include "store_vfs.h"
 
 /* 2: group membership (grp_members); 3: users rows written lazily, meta
- * (the clean-close mark). Older files are upgraded on open. */
-#define SCHEMA_VERSION 3
+ * (the clean-close mark); 4: users.oldest, no index on the ts of inbox and
+ * idem. Older files are upgraded on open. */
+#define SCHEMA_VERSION 4
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
@@ -76,6 +86,8 @@
 #define WAL_LIMIT_BYTES (128 * 1024 * 1024) /* truncate the WAL back to this after checkpoints */
 #define CACHE_BUCKETS 1024
 #define CACHE_MAX (1u << 18)     /* counters kept across commits; beyond that start afresh */
+#define MARKS_MAX (1u << 16)     /* pending delivered marks; one more writes them all first */
+#define SWEEP_MIN 4096           /* idempotency keys looked at per retention pass, at least */
 #define ERR_MAX 256
 
 enum stmt_id {
@@ -101,10 +113,12 @@ enum stmt_id {
   ST_TRIM_GONE,
   ST_TRIM_INBOX,
   ST_TRIM_USERS,
+  ST_TRIM_OLDEST,
   ST_TRIM_COUNT,
   ST_TRIM_MSGS,
   ST_TRIM_REFS,
-  ST_TRIM_IDEM,
+  ST_IDEM_SWEEP_END,
+  ST_IDEM_SWEEP,
   ST_TRIM_CLEAR_CUT,
   ST_TRIM_CLEAR_GONE,
   ST_TRIM_CLEAR_REFS,
@@ -128,9 +142,12 @@ static const char *const stmt_sql[ST_COUNT] = {
     "SELECT max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
     "           coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)),"
     "       coalesce((SELECT trimmed FROM users WHERE uid = ?1), 0)",
+  /* ?3: the ts of the user's first append since the last flush (NULL if
+   * none): its oldest entry's if the inbox was empty before it. */
   [ST_USER_PUT] =
-    "INSERT INTO users(uid, last_seq, trimmed) VALUES(?1, ?2, 0)"
-    " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
+    "INSERT INTO users(uid, last_seq, trimmed, oldest) VALUES(?1, ?2, 0, ?3)"
+    " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq),"
+    " oldest = coalesce(oldest, excluded.oldest)",
   /* Insert first, look up only on conflict: a new key costs one index probe. */
   [ST_IDEM_PUT] =
     "INSERT INTO idem(sender, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
@@ -155,16 +172,19 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_CURSORS] = "SELECT device, delivered FROM cursors WHERE uid = ?1 ORDER BY device",
   /* Retention, set-based. trim_cut gets each user's new trimmed mark: the
    * larger of the count cut (from users alone, no inbox scan) and the age
-   * cut (newest expired entry, found through inbox_ts, so the work is
-   * proportional to what expired; INDEXED BY because without statistics the
-   * planner prefers a full scan in uid order for the GROUP BY). Cutting at
-   * the newest expired entry
-   * keeps the dropped set a prefix even if the wall clock went backwards. */
+   * cut. The age cut looks only at the users whose oldest entry has
+   * expired (users_oldest), and walks each inbox from its start to the
+   * first entry that has not, so the work is proportional to what expired,
+   * without an index on the inboxes' ts (two index entries per 1:1
+   * message). An entry that a clock stepped back stamped older than the
+   * one before it goes when that one goes: what goes is always a prefix. */
   [ST_TRIM_CUT] =
     "INSERT INTO temp.trim_cut(uid, seq) SELECT uid, max(s) FROM ("
     "  SELECT uid, last_seq - ?1 AS s FROM users WHERE ?1 > 0 AND last_seq - trimmed > ?1"
     "  UNION ALL"
-    "  SELECT uid, max(seq) AS s FROM inbox INDEXED BY inbox_ts WHERE ts < ?2 GROUP BY uid"
+    "  SELECT u.uid, coalesce((SELECT i.seq - 1 FROM inbox AS i WHERE i.uid = u.uid"
+    "    AND i.seq > u.trimmed AND i.ts >= ?2 ORDER BY i.seq LIMIT 1), u.last_seq) AS s"
+    "  FROM users AS u INDEXED BY users_oldest WHERE u.oldest < ?2"
     ") GROUP BY uid",
   [ST_TRIM_GONE] =
     "INSERT INTO temp.trim_gone(uid, seq, mid)"
@@ -174,6 +194,10 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_TRIM_USERS] =
     "UPDATE users"
     " SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
+    " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
+  [ST_TRIM_OLDEST] =
+    "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid"
+    " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1)"
     " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
   /* Messages that lost all their references go at once; only the others
    * get their count lowered (most 1:1 messages lose both entries in the
@@ -186,7 +210,18 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_TRIM_REFS] =
     "UPDATE msgs SET refs = refs - (SELECT r.n FROM temp.trim_refs AS r WHERE r.mid = msgs.mid)"
     " WHERE mid IN (SELECT mid FROM temp.trim_refs)",
-  [ST_TRIM_IDEM] = "DELETE FROM idem WHERE ts < ?1",
+  /* The idempotency keys expire by a sweep in key order instead of an
+   * index on their ts (one more index entry per message): each trim looks
+   * at the next stretch of keys and drops the expired ones (sqlstore_trim()).
+   * SWEEP_END finds where a stretch of ?4 keys after (?1, ?2, ?3) ends; a
+   * BLOB as ?4 of SWEEP stands for the end of the table (a BLOB sorts after
+   * every TEXT). */
+  [ST_IDEM_SWEEP_END] =
+    "SELECT sender, device, cid FROM idem WHERE (sender, device, cid) > (?1, ?2, ?3)"
+    " ORDER BY sender, device, cid LIMIT 1 OFFSET ?4",
+  [ST_IDEM_SWEEP] =
+    "DELETE FROM idem WHERE (sender, device, cid) > (?1, ?2, ?3)"
+    " AND (sender, device, cid) <= (?4, ?5, ?6) AND ts < ?7",
   [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
   [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
   [ST_TRIM_CLEAR_REFS] = "DELETE FROM temp.trim_refs",
@@ -215,18 +250,17 @@ static const char schema_sql[] =
   "  id TEXT NOT NULL,"
   "  ts INTEGER NOT NULL,"
   "  PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
-  "CREATE INDEX IF NOT EXISTS idem_ts ON idem(ts);"
   "CREATE TABLE IF NOT EXISTS inbox("
   "  uid TEXT NOT NULL,"
   "  seq INTEGER NOT NULL,"
   "  mid INTEGER NOT NULL,"
   "  ts INTEGER NOT NULL,"
   "  PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
-  "CREATE INDEX IF NOT EXISTS inbox_ts ON inbox(ts);"
   "CREATE TABLE IF NOT EXISTS users("
   "  uid TEXT PRIMARY KEY,"
   "  last_seq INTEGER NOT NULL,"
-  "  trimmed INTEGER NOT NULL) WITHOUT ROWID;"
+  "  trimmed INTEGER NOT NULL,"
+  "  oldest INTEGER) WITHOUT ROWID;"
   "CREATE TABLE IF NOT EXISTS cursors("
   "  uid TEXT NOT NULL,"
   "  device TEXT NOT NULL,"
@@ -240,13 +274,27 @@ static const char schema_sql[] =
   "  k TEXT PRIMARY KEY,"
   "  v INTEGER NOT NULL) WITHOUT ROWID;";
 
+/* From schema 3: users.oldest, and no index on the ts of inbox and idem. */
+static const char upgrade_v4_sql[] =
+  "ALTER TABLE users ADD COLUMN oldest INTEGER;"
+  "DROP INDEX IF EXISTS inbox_ts;"
+  "DROP INDEX IF EXISTS idem_ts;";
+
+/* After the columns exist (a new file, or upgraded above). */
+static const char index_sql[] = "CREATE INDEX IF NOT EXISTS users_oldest ON users(oldest);";
+
 /* users rows are written lazily (at retention and at close), so after a
  * crash they may lag behind their inboxes or be missing: raise them from the
  * inboxes, one scan, when the store was not closed cleanly. */
 static const char users_fix_sql[] =
   "INSERT INTO users(uid, last_seq, trimmed) SELECT uid, max(seq), 0 FROM inbox"
   " WHERE true GROUP BY uid"
-  " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)";
+  " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);";
+
+/* users.oldest from the inboxes (after users_fix_sql, or an upgrade). */
+static const char oldest_fix_sql[] =
+  "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid"
+  " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1);";
 
 /* Per-connection scratch tables of sqlstore_trim(); empty between trims. */
 static const char temp_sql[] =
@@ -268,12 +316,25 @@ typedef struct user_ctr {
   uint64_t durable;
   uint64_t next;               /* seq the append in progress gives it */
   uint64_t stamp;              /* append that touched it last: spots a uid listed twice */
+  uint64_t first_ts;           /* ts of the first append since the users row was written */
+  bool has_first;
   bool dirty;
   bool unflushed;
   char uid[];
 } user_ctr;
 
 #define CTR_OF(np) ((user_ctr *)(void *)((char *)(np) - offsetof(user_ctr, node)))
+
+/* A delivered mark not written yet: the highest seq (uid, device) acked
+ * since the marks were last written (sqlstore_marks_write()). */
+typedef struct mark_pend {
+  strmap_node node;
+  struct mark_pend *next;      /* on s->marks_list */
+  uint64_t seq;
+  char key[];                  /* uid NUL device NUL */
+} mark_pend;
+
+#define MARK_OF(np) ((mark_pend *)(void *)((char *)(np) - offsetof(mark_pend, node)))
 
 struct sql_store {
   sqlite3 *db;
@@ -283,6 +344,10 @@ struct sql_store {
   user_ctr *dirty;      /* counters the open batch advanced */
   user_ctr *unflushed;  /* counters to write to users at the next flush */
   uint64_t stamp;       /* counts appends, for user_ctr.stamp */
+  strmap marks;         /* "uid\0device" -> mark_pend */
+  mark_pend *marks_list;
+  uint64_t idem_added;  /* keys added since the last sweep stretch */
+  char *sweep[3];       /* the key the sweep stopped at (NULL: the start) */
   bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
   bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next
@@ -296,6 +361,7 @@ struct sql_store {
 };
 
 static int users_flush_alone(sql_store *s);
+static void marks_drop(sql_store *s);
 
 /* ---- errors ---- */
 
@@ -468,6 +534,7 @@ static void batch_abort(sql_store *s)
   s->batch = false;
   s->writes = false;
   seqs_forget(s);
+  marks_drop(s); /* they may point at seqs handed out again */
 }
 
 static int refuse_lost(sql_store *s)
@@ -517,9 +584,22 @@ static int schema_setup(sqlite3 *db, char *err, size_t errlen)
     sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
     return -1;
   }
-  if (sqlite3_exec(db, schema_sql, NULL, NULL, NULL) != SQLITE_OK ||
-      (pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1 &&
-       sqlite3_exec(db, users_fix_sql, NULL, NULL, NULL) != SQLITE_OK) ||
+  /* the users rows after a crash, and users.oldest then and after an
+   * upgrade, come from the inboxes */
+  bool upgrade = version > 0 && version < 4;
+  bool fix = false;
+  int rc = sqlite3_exec(db, schema_sql, NULL, NULL, NULL);
+  if (rc == SQLITE_OK && upgrade)
+    rc = sqlite3_exec(db, upgrade_v4_sql, NULL, NULL, NULL);
+  if (rc == SQLITE_OK)
+    rc = sqlite3_exec(db, index_sql, NULL, NULL, NULL);
+  if (rc == SQLITE_OK && pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1) {
+    rc = sqlite3_exec(db, users_fix_sql, NULL, NULL, NULL);
+    fix = true;
+  }
+  if (rc == SQLITE_OK && (fix || upgrade))
+    rc = sqlite3_exec(db, oldest_fix_sql, NULL, NULL, NULL);
+  if (rc != SQLITE_OK ||
       sqlite3_exec(db, "INSERT OR REPLACE INTO meta(k, v) VALUES('clean', 0)", NULL, NULL, NULL) !=
           SQLITE_OK ||
       sqlite3_exec(db, "PRAGMA user_version = " STR(SCHEMA_VERSION), NULL, NULL, NULL) !=
@@ -606,7 +686,12 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
     return NULL;
   }
   s = calloc(1, sizeof *s);
-  if (s == NULL || strmap_init(&s->users, CACHE_BUCKETS) != 0) {
+  if (s == NULL || strmap_init(&s->users, CACHE_BUCKETS) != 0 ||
+      strmap_init(&s->marks, CACHE_BUCKETS) != 0) {
+    if (s != NULL) {
+      strmap_free(&s->users);
+      strmap_free(&s->marks);
+    }
     free(s);
     report(err, errlen, "out of memory", NULL);
     return NULL;
@@ -645,6 +730,11 @@ void sqlstore_close(sql_store *s)
   if (s->db != NULL && !sqlite3_get_autocommit(s->db))
     sqlite3_exec(s->db, "ROLLBACK", NULL, NULL, NULL);
   seqs_forget(s);
+  s->batch = s->writes = s->lost = false;
+  /* the pending delivered marks, in a transaction of their own */
+  if (s->st[ST_COUNT - 1] != NULL && s->marks_list != NULL && sqlstore_marks_write(s) == IMD_STORE_OK)
+    sqlstore_commit(s);
+  marks_drop(s);
   /* A clean close: the users rows are exact, the next open trusts them. */
   if (s->st[ST_COUNT - 1] != NULL && users_flush_alone(s) == IMD_STORE_OK)
     sqlite3_exec(s->db, "INSERT OR REPLACE INTO meta(k, v) VALUES('clean', 1)", NULL, NULL, NULL);
@@ -653,6 +743,9 @@ void sqlstore_close(sql_store *s)
   sqlite3_close(s->db);
   cache_drop(s);
   strmap_free(&s->users);
+  strmap_free(&s->marks);
+  for (int i = 0; i < 3; i++)
+    free(s->sweep[i]);
   free(s);
 }
 
@@ -696,8 +789,10 @@ static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, 
   bind_u64(st, 5, m->ts);
   if (run(s, ST_IDEM_PUT, "cannot store the idempotency key") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  if (sqlite3_changes(s->db) > 0)
+  if (sqlite3_changes(s->db) > 0) {
+    s->idem_added++;
     return IMD_STORE_OK;
+  }
 
   st = s->st[ST_IDEM_GET];
   bind_text(st, 1, m->from);
@@ -781,10 +876,14 @@ static int inbox_insert(sql_store *s, const char *uid, uint64_t seq, sqlite3_int
 }
 
 /* The append's rows are in: hand its seqs out for good. */
-static void seqs_take(sql_store *s, user_ctr *touched)
+static void seqs_take(sql_store *s, user_ctr *touched, uint64_t ts)
 {
   for (user_ctr *u = touched; u != NULL; u = u->touch_next) {
     u->last = u->next;
+    if (!u->has_first) {
+      u->has_first = true;
+      u->first_ts = ts;
+    }
     if (!u->dirty) {
       u->dirty = true;
       u->dirty_next = s->dirty;
@@ -898,7 +997,7 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
     rc = append_rows(s, m, device, uids, n, seqs, dup_id, &done);
   if (rc == IMD_STORE_OK) {
     s->writes = true;
-    seqs_take(s, touched);
+    seqs_take(s, touched, m->ts);
   } else if (rc == IMD_STORE_DUP) {
     memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
   } else if (rc == IMD_STORE_EIO) {
@@ -909,26 +1008,32 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
 
 /* ---- delivered marks ---- */
 
+/* Acks come once per message and device; one UPSERT each was a random
+ * B-tree write, and a WAL page, per message (7 of 44 us per append in
+ * bench/store-bench -c -m). So a mark only raises its (uid, device) entry
+ * in memory, and sqlstore_marks_write() writes each entry once, when the
+ * caller decides (imd's store thread: within MARK_DELAY_MS). */
 int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq)
 {
-  sqlite3_stmt *st;
   user_ctr *u;
-  size_t len;
+  mark_pend *p;
+  strmap_node *n;
+  size_t len, dlen, klen;
   int rc;
 
   if (s == NULL)
     return IMD_STORE_EINVAL;
   len = uid != NULL ? strlen(uid) : 0;
-  if (len == 0 || len > UINT32_MAX || device == NULL || seq > INT64_MAX)
+  dlen = device != NULL ? strlen(device) : 0;
+  if (len == 0 || len > UINT32_MAX / 4 || device == NULL || dlen > UINT32_MAX / 4 ||
+      seq > INT64_MAX)
     return set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
   if (s->lost)
     return refuse_lost(s);
-  rc = batch_begin(s);
-  if (rc != IMD_STORE_OK)
-    return rc;
   /* A client's ack cannot move its device past what was stored: the mark
    * is cut to the user's last seq, from the counter (the open batch's
-   * appends included: they commit or fail together with the mark). */
+   * appends included; an honest client acks only what it was sent, which
+   * was committed first). */
   rc = user_get(s, uid, len, &u);
   if (rc != IMD_STORE_OK) {
     batch_check_lost(s);
@@ -936,13 +1041,70 @@ int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, u
   }
   if (seq > u->last)
     seq = u->last;
+  klen = len + 1 + dlen;
+  char key[klen + 1];
+  memcpy(key, uid, len + 1);
+  memcpy(key + len + 1, device, dlen + 1);
+  n = strmap_get(&s->marks, key, klen);
+  if (n != NULL) {
+    p = MARK_OF(n);
+    if (seq > p->seq)
+      p->seq = seq;
+    return IMD_STORE_OK;
+  }
+  if (s->marks.count >= MARKS_MAX && (rc = sqlstore_marks_write(s)) != IMD_STORE_OK)
+    return rc;
+  p = malloc(sizeof *p + klen + 1);
+  if (p == NULL)
+    return set_err(s, IMD_STORE_EIO, "out of memory");
+  memcpy(p->key, key, klen + 1);
+  p->seq = seq;
+  p->node.key = p->key;
+  p->node.klen = (uint32_t)klen;
+  p->next = s->marks_list;
+  s->marks_list = p;
+  strmap_put(&s->marks, &p->node); /* a failed grow leaves it inserted, just slower */
+  return IMD_STORE_OK;
+}
+
+size_t sqlstore_marks_pending(const sql_store *s)
+{
+  return s != NULL ? s->marks.count : 0;
+}
+
+/* Forget the pending marks (written, or lost with a failed write). */
+static void marks_drop(sql_store *s)
+{
+  for (mark_pend *p = s->marks_list, *next; p != NULL; p = next) {
+    next = p->next;
+    strmap_del(&s->marks, &p->node);
+    free(p);
+  }
+  s->marks_list = NULL;
+}
+
+int sqlstore_marks_write(sql_store *s)
+{
+  sqlite3_stmt *st;
+  int rc = IMD_STORE_OK;
+
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (s->marks_list == NULL)
+    return IMD_STORE_OK;
+  if (s->lost)
+    return refuse_lost(s);
+  rc = batch_begin(s);
   st = s->st[ST_MARK];
-  bind_text(st, 1, uid);
-  bind_text(st, 2, device);
-  bind_u64(st, 3, seq);
-  rc = run(s, ST_MARK, "cannot store the delivered mark");
+  for (mark_pend *p = s->marks_list; p != NULL && rc == IMD_STORE_OK; p = p->next) {
+    bind_text(st, 1, p->key);
+    bind_text(st, 2, p->key + strlen(p->key) + 1);
+    bind_u64(st, 3, p->seq);
+    rc = run(s, ST_MARK, "cannot store the delivered marks");
+  }
   if (rc != IMD_STORE_OK)
     batch_check_lost(s); /* a single statement undoes itself otherwise */
+  marks_drop(s);        /* a mark that failed is lost: its device resyncs more */
   return rc;
 }
 
@@ -1138,6 +1300,10 @@ static int users_flush(sql_store *s)
   for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
     bind_text(st, 1, u->uid);
     bind_u64(st, 2, u->durable);
+    if (u->has_first)
+      bind_u64(st, 3, u->first_ts);
+    else
+      sqlite3_bind_null(st, 3);
     if (run(s, ST_USER_PUT, "cannot store the user's seq") != IMD_STORE_OK)
       return IMD_STORE_EIO;
   }
@@ -1147,8 +1313,10 @@ static int users_flush(sql_store *s)
 /* The transaction holding users_flush() committed. */
 static void users_flushed(sql_store *s)
 {
-  for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next)
+  for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
     u->unflushed = false;
+    u->has_first = false;
+  }
   s->unflushed = NULL;
 }
 
@@ -1192,6 +1360,7 @@ int sqlstore_commit(sql_store *s)
   if (s->lost) {
     s->lost = false;
     s->writes = false;
+    marks_drop(s);
     return refuse_lost(s);
   }
   if (!s->batch)
@@ -1310,6 +1479,10 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
     *trimmed = t;
   if (fn == NULL)
     return IMD_STORE_OK;
+  /* the pending marks into the open batch, which this read sees */
+  rc = sqlstore_marks_write(s);
+  if (rc != IMD_STORE_OK)
+    return rc;
   st = s->st[ST_CURSORS];
   bind_text(st, 1, uid);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
@@ -1328,6 +1501,57 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
 
 /* ---- retention ---- */
 
+/* One stretch of the sweep of expired idempotency keys, from the key after
+ * s->sweep: twice as many keys as were added since the last stretch (at
+ * least SWEEP_MIN), so the sweep goes round the table faster than keys come:
+ * a key lives keep_age_s and is gone within about as long again. A key
+ * order is the B-tree's own, so a stretch reads its pages in sequence. */
+static int idem_sweep(sql_store *s, sqlite3_int64 cutoff)
+{
+  sqlite3_stmt *end = s->st[ST_IDEM_SWEEP_END], *del = s->st[ST_IDEM_SWEEP];
+  uint64_t n = s->idem_added > SWEEP_MIN / 2 ? s->idem_added * 2 : SWEEP_MIN;
+  char *next[3] = {NULL, NULL, NULL};
+  int step, rc = IMD_STORE_OK;
+
+  for (int i = 0; i < 3; i++)
+    bind_text(end, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
+  sqlite3_bind_int64(end, 4, n > INT64_MAX ? INT64_MAX : (sqlite3_int64)n - 1);
+  step = sqlite3_step(end);
+  for (int i = 0; step == SQLITE_ROW && i < 3; i++) {
+    const char *v = column_str(end, i);
+    if (v == NULL || (next[i] = strdup(v)) == NULL)
+      rc = set_err(s, IMD_STORE_EIO, "out of memory");
+  }
+  if (step != SQLITE_ROW && step != SQLITE_DONE)
+    rc = db_fail(s, "cannot sweep the idempotency keys");
+  sqlite3_reset(end);
+  if (rc == IMD_STORE_OK) {
+    for (int i = 0; i < 3; i++)
+      bind_text(del, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
+    if (step == SQLITE_ROW) {
+      for (int i = 0; i < 3; i++)
+        bind_text(del, i + 4, next[i]);
+    } else { /* the rest of the table; the next stretch starts over */
+      sqlite3_bind_blob(del, 4, "\xff", 1, SQLITE_STATIC);
+      bind_text(del, 5, "");
+      bind_text(del, 6, "");
+    }
+    sqlite3_bind_int64(del, 7, cutoff);
+    rc = run(s, ST_IDEM_SWEEP, "cannot trim the idempotency keys");
+  }
+  if (rc == IMD_STORE_OK) {
+    s->idem_added = 0;
+    for (int i = 0; i < 3; i++) {
+      free(s->sweep[i]);
+      s->sweep[i] = next[i];
+      next[i] = NULL;
+    }
+  }
+  for (int i = 0; i < 3; i++)
+    free(next[i]);
+  return rc;
+}
+
 /* The steps of a trim, inside its transaction. Returns the inbox entries
  * dropped or IMD_STORE_EIO. */
 static long trim_steps(sql_store *s, sqlite3_int64 cutoff)
@@ -1343,15 +1567,13 @@ static long trim_steps(sql_store *s, sqlite3_int64 cutoff)
     return IMD_STORE_EIO;
   dropped = (long)sqlite3_changes(s->db);
   if (run(s, ST_TRIM_USERS, "cannot raise the trimmed marks") != IMD_STORE_OK ||
+      run(s, ST_TRIM_OLDEST, "cannot find the oldest entries") != IMD_STORE_OK ||
       run(s, ST_TRIM_COUNT, "cannot count the message references") != IMD_STORE_OK ||
       run(s, ST_TRIM_MSGS, "cannot drop unreferenced messages") != IMD_STORE_OK ||
       run(s, ST_TRIM_REFS, "cannot lower the message references") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  if (s->opts.keep_age_s > 0) {
-    sqlite3_bind_int64(s->st[ST_TRIM_IDEM], 1, cutoff);
-    if (run(s, ST_TRIM_IDEM, "cannot trim the idempotency keys") != IMD_STORE_OK)
-      return IMD_STORE_EIO;
-  }
+  if (s->opts.keep_age_s > 0 && idem_sweep(s, cutoff) != IMD_STORE_OK)
+    return IMD_STORE_EIO;
   /* Empty the scratch tables inside the transaction: they stay empty
    * whether it commits or rolls back. */
   if (run(s, ST_TRIM_CLEAR_CUT, "cannot clear the scratch tables") != IMD_STORE_OK ||

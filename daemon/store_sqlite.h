@@ -4,7 +4,7 @@
  * its store thread (store_thread.c), which gives the loop the asynchronous
  * contract of store.h. The value types and error codes are store.h's.
  *
- * Batches (group commit): sqlstore_append(), sqlstore_mark_delivered() and
+ * Batches (group commit): sqlstore_append(), sqlstore_marks_write() and
  * sqlstore_group_update() write into the current batch, begun on demand;
  * sqlstore_commit() makes the whole batch durable with one fsync. Nothing
  * appended is visible to sqlstore_sync() callers as "stored" before the
@@ -34,8 +34,9 @@ typedef struct sql_store sql_store;
  * (a crash) has its per-user counters repaired from the inboxes first.
  * Returns the store, or NULL with a reason in err (errlen bytes, NUL-terminated). */
 sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, size_t errlen);
-/* Roll back an open batch, write the users rows still due (see
- * sqlstore_trim()) and mark the close clean, then close. NULL is a no-op. */
+/* Roll back an open batch, write the pending delivered marks and the users
+ * rows still due (see sqlstore_trim()) and mark the close clean, then
+ * close. NULL is a no-op. */
 void sqlstore_close(sql_store *s);
 /* Text of the last error (never NULL; valid until the next store call). */
 const char *sqlstore_error(const sql_store *s);
@@ -54,13 +55,26 @@ const char *sqlstore_error(const sql_store *s);
 int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uids, size_t n,
                      uint64_t *seqs, char *dup_id);
 
-/* Raise the delivered position of (uid, device) to seq within the current
- * batch; never lowers it. Returns 0, IMD_STORE_EINVAL or IMD_STORE_EIO. */
+/* Raise the delivered position of (uid, device) to seq (cut to uid's last
+ * seq); never lowers it. The mark waits in memory, one entry per (uid,
+ * device) however many marks it gets, until sqlstore_marks_write() (called
+ * by sqlstore_user_state() and sqlstore_close() too, and by this function
+ * before it adds a 65,537th entry). Returns 0, IMD_STORE_EINVAL or
+ * IMD_STORE_EIO (out of memory; the database lost the open batch). */
 int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq);
 
-/* True when a batch is open (something was appended or marked since the
- * last commit), including a batch the database lost, until the commit that
- * reports it. */
+/* Write the pending delivered marks into the current batch (begun on
+ * demand; the next sqlstore_commit() makes them durable) and forget them,
+ * also when the write fails (a lost mark only makes a device resync more).
+ * Returns 0 or IMD_STORE_EIO (then, as for a failed append, the batch may
+ * be lost: sqlstore_commit() tells). */
+int sqlstore_marks_write(sql_store *s);
+/* How many (uid, device) marks wait for sqlstore_marks_write(). */
+size_t sqlstore_marks_pending(const sql_store *s);
+
+/* True when a batch is open (something was appended, or marks written,
+ * since the last commit), including a batch the database lost, until the
+ * commit that reports it. */
 bool sqlstore_in_batch(const sql_store *s);
 
 /* Add the uids of add, then remove those of rm, from group gid within the
@@ -124,8 +138,10 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
                    imd_store_each fn, void *ctx, imd_sync_info *info);
 
 /* The delivered position of each known device of uid: fn(ctx, device,
- * seq) per device, in device order. *last gets the user's highest seq and
- * *trimmed the highest trimmed seq. Returns 0, EBATCH, EINVAL or EIO. */
+ * seq) per device, in device order (with fn, the pending marks are written
+ * into the current batch first, and read from it). *last gets the user's
+ * highest seq and *trimmed the highest trimmed seq. Returns 0, EBATCH,
+ * EINVAL or EIO. */
 int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
                          void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx);
 

@@ -9,9 +9,11 @@
  *
  * Reads see everything queued before them: a read finds the writes before
  * it in its batch already committed (a read in the middle of a batch
- * commits what precedes it first). Delivered marks alone never force a
- * commit: they ride along with the next write, or are committed after
- * MARK_DELAY_MS at the latest; reads of the inbox do not wait for them.
+ * commits what precedes it first). Delivered marks wait in memory, one per
+ * (uid, device) however many acks come (store_sqlite.c), and are written
+ * once they have waited MARK_DELAY_MS: with the next write commit, or in a
+ * commit of their own; reads of the inbox do not wait for them, reads of
+ * the marks see them.
  *
  * Checkpoints (copying the WAL back into the database file) run on a third
  * thread with a connection of its own, at a lower priority, once per quarter
@@ -41,7 +43,12 @@
 #include "store.h"
 #include "store_sqlite.h"
 
-#define MARK_DELAY_MS 1000   /* longest a delivered mark waits for a commit */
+/* How long delivered marks gather before they are written. Most devices
+ * get far less than a message a second, so a short delay would save few
+ * writes; a crash loses at most this much of them, which makes those
+ * devices resync a little more (clients sync from their own position) and
+ * no message is lost. */
+#define MARK_DELAY_MS 10000
 #define GATHER_ENOUGH 64     /* a queue this long is committed without a delay */
 /* Each pass ends with the store thread copying the tail and syncing the
  * database (CKPT_TAIL_BYTES at most): a few ms in which no commit is made.
@@ -369,11 +376,15 @@ static void run_read(thread_store *t, rq *r) {
   if (r->status < 0) set_err_locked(t);
 }
 
-/* Run one batch in order. Returns true when only delivered marks are left
- * uncommitted. */
-static bool run_batch(thread_store *t, rq *batch) {
+static void write_marks(thread_store *t) {
+  if (sqlstore_marks_write(t->db) < 0) set_err_locked(t);
+}
+
+/* Run one batch in order; ride: the pending delivered marks are due, write
+ * them with the batch's last commit. */
+static void run_batch(thread_store *t, rq *batch, bool ride) {
   rq *since = batch;         /* first request not yet covered by a commit */
-  bool writes = false, marks = false;
+  bool writes = false;
   for (rq *r = batch; r; r = r->next) {
     switch (r->kind) {
     case RQ_APPEND:
@@ -389,7 +400,6 @@ static bool run_batch(thread_store *t, rq *batch) {
       break;
     case RQ_MARK:
       if (sqlstore_mark_delivered(t->db, r->key, rq_key2(r), r->seq) < 0) set_err_locked(t);
-      marks = true;
       break;
     default:
       /* a read sees every write queued before it: commit those first (marks
@@ -397,17 +407,16 @@ static bool run_batch(thread_store *t, rq *batch) {
       if (writes) {
         commit_now(t, since, r);
         since = r;
-        writes = marks = false;
+        writes = false;
       }
       run_read(t, r);
       break;
     }
   }
   if (writes) {
+    if (ride) write_marks(t);
     commit_now(t, since, NULL);
-    return false;
   }
-  return marks;
 }
 
 /* Hand a finished batch back: to each loop the requests it made, in order
@@ -472,7 +481,9 @@ static void *thread_main(void *arg) {
     bool stop = t->stop;
     pthread_mutex_unlock(&t->lock);
 
-    bool marks_left = batch ? run_batch(t, batch) : sqlstore_in_batch(t->db);
+    if (batch) run_batch(t, batch, mono_ms() >= marks_due);
+    /* marks in memory, or written by a read into a batch of their own */
+    bool marks_left = sqlstore_marks_pending(t->db) > 0 || sqlstore_in_batch(t->db);
     uint64_t now = mono_ms();
     if (!marks_left) {
       marks_due = UINT64_MAX;
@@ -480,6 +491,7 @@ static void *thread_main(void *arg) {
       marks_due = now + MARK_DELAY_MS;
     }
     if (marks_left && (now >= marks_due || stop || now >= next_trim)) {
+      write_marks(t);
       commit_now(t, NULL, NULL);
       marks_due = UINT64_MAX;
     }

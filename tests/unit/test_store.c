@@ -531,13 +531,19 @@ static void test_batch_lost_to_sqlite(void **state)
   assert_string_equal(g.e[1].id, "m5");
   assert_int_equal(info.last, 2);
 
-  /* The same through a delivered mark. */
+  /* The same through a delivered mark, which fails when it is written;
+   * the marks waiting with it are lost too (a device only resyncs more). */
   side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON cursors WHEN NEW.device = 'boom'"
                 " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
   assert_int_equal(put(s, "m6", "alice", 1000), 3);
-  assert_int_equal(sqlstore_mark_delivered(s, "alice", "boom", 1), IMD_STORE_EIO);
+  assert_int_equal(sqlstore_mark_delivered(s, "alice", "boom", 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "alice", "d2", 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_marks_pending(s), 2);
+  assert_int_equal(sqlstore_marks_write(s), IMD_STORE_EIO);
+  assert_int_equal(sqlstore_marks_pending(s), 0);
   assert_true(sqlstore_in_batch(s));
   assert_int_equal(sqlstore_commit(s), IMD_STORE_EIO);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM cursors"), 0);
   side_exec(db, "DROP TRIGGER boom");
   assert_int_equal(put(s, "m7", "alice", 1000), 3);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
@@ -617,6 +623,64 @@ static void test_sync_unknown_user(void **state)
   assert_int_equal(trimmed, 0);
 }
 
+typedef struct devices {
+  size_t n;
+  char name[8][16];
+  uint64_t seq[8];
+} devices;
+
+static void on_device(void *ctx, const char *device, uint64_t seq)
+{
+  devices *d = ctx;
+
+  assert_true(d->n < 8 && strlen(device) < 16);
+  strcpy(d->name[d->n], device);
+  d->seq[d->n++] = seq;
+}
+
+/* Acks for one device gather into one pending mark, written once; at
+ * 65,536 devices waiting, the next mark writes them all first. */
+static void test_marks_wait_in_memory(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 0);
+  sqlite3 *db = side_open(f);
+  char dev[16];
+
+  for (int i = 1; i <= 3; i++)
+    put(s, i == 1 ? "m1" : i == 2 ? "m2" : "m3", "bob", 1000);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  for (uint64_t q = 1; q <= 3; q++)
+    assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", q), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "phone", 2), IMD_STORE_OK);
+  assert_int_equal(sqlstore_marks_pending(s), 1);
+  assert_false(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM cursors"), 0);
+  assert_int_equal(sqlstore_marks_write(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_marks_pending(s), 0);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT delivered FROM cursors WHERE uid = 'bob'"), 3);
+  assert_int_equal(sqlstore_marks_write(s), IMD_STORE_OK); /* nothing pending: no batch */
+  assert_false(sqlstore_in_batch(s));
+
+  for (int i = 0; i < 65536; i++) {
+    snprintf(dev, sizeof dev, "d%d", i);
+    assert_int_equal(sqlstore_mark_delivered(s, "bob", dev, 1), IMD_STORE_OK);
+  }
+  assert_int_equal(sqlstore_marks_pending(s), 65536);
+  assert_false(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", "one-more", 2), IMD_STORE_OK);
+  assert_int_equal(sqlstore_marks_pending(s), 1);
+  assert_true(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM cursors"), 65537);
+  /* the last one is written by a clean close */
+  s = reopen(f, 0, 0);
+  assert_int_equal(side_count(db, "SELECT delivered FROM cursors WHERE device = 'one-more'"), 2);
+  sqlite3_close(db);
+}
+
 static void test_reads_refuse_open_batch(void **state)
 {
   fixture *f = *state;
@@ -635,31 +699,23 @@ static void test_reads_refuse_open_batch(void **state)
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_false(sqlstore_in_batch(s));
 
-  /* A delivered mark opens a batch too, but reads need not wait for it
-   * (marks alone never force a commit); the read sees the mark. */
+  /* A delivered mark waits in memory: no batch, reads run. A read of the
+   * marks writes them into a batch and sees them there; reads need not
+   * wait for that batch (marks alone never force a commit). */
   assert_int_equal(sqlstore_mark_delivered(s, "bob", "d1", 1), IMD_STORE_OK);
-  assert_true(sqlstore_in_batch(s));
+  assert_false(sqlstore_in_batch(s));
   got g = {0};
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(g.n, 1);
-  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, NULL, NULL), IMD_STORE_OK);
+  devices d = {0};
+  assert_int_equal(sqlstore_user_state(s, "bob", &last, NULL, on_device, &d), IMD_STORE_OK);
+  assert_int_equal(d.n, 1);
+  assert_int_equal(d.seq[0], 1);
+  assert_true(sqlstore_in_batch(s));
+  assert_int_equal(sqlstore_marks_pending(s), 0);
+  info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(sqlstore_trim(s, 1000), IMD_STORE_EBATCH);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
-}
-
-typedef struct devices {
-  size_t n;
-  char name[8][16];
-  uint64_t seq[8];
-} devices;
-
-static void on_device(void *ctx, const char *device, uint64_t seq)
-{
-  devices *d = ctx;
-
-  assert_true(d->n < 8 && strlen(device) < 16);
-  strcpy(d->name[d->n], device);
-  d->seq[d->n++] = seq;
 }
 
 static void test_user_state_lists_devices(void **state)
@@ -845,13 +901,18 @@ static void test_trim_by_age(void **state)
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
 
   /* A clock that stepped back: an older ts after a newer one. Trimming
-   * drops a prefix, so the young entry 6 goes with the expired entry 7. */
+   * drops a prefix: the expired entry 7 waits for the younger entry 6. */
   assert_int_equal(put(s, "b7", "bob", t0 + 200000), 6);
   assert_int_equal(put(s, "b8", "bob", t0 + 150000), 7);
   assert_int_equal(put(s, "b9", "bob", t0 + 300000), 8);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
-  /* Cutoff t0 + 150.001 s: bob's 4..7 and carol's 2 go. */
-  assert_int_equal(sqlstore_trim(s, t0 + 150000 + 60000 + 1), 5);
+  /* Cutoff t0 + 150.001 s: bob's 4 and 5 and carol's 2 go. */
+  assert_int_equal(sqlstore_trim(s, t0 + 150000 + 60000 + 1), 3);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 5);
+  assert_int_equal(g.n, 3);
+  /* Cutoff t0 + 200.001 s: bob's 6 and 7. */
+  assert_int_equal(sqlstore_trim(s, t0 + 200000 + 60000 + 1), 2);
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 7);
   assert_int_equal(g.n, 1);
@@ -867,6 +928,92 @@ static void test_trim_by_age(void **state)
 
   /* Too early for anything to have expired. */
   assert_int_equal(sqlstore_trim(s, 1000), 0);
+}
+
+/* Retention by age finds its users through users.oldest (the ts of the
+ * oldest entry held): set when an empty inbox gets an entry, moved by each
+ * trim, NULL when the inbox is empty, and rebuilt after a crash. */
+static void test_age_queue(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 60);
+  sqlite3 *db = side_open(f);
+  const long limit = 60000;
+
+  assert_int_equal(put(s, "b1", "bob", 1000), 1);
+  assert_int_equal(put(s, "b2", "bob", 2000), 2);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim(s, 999 + limit), 0);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 1000);
+  assert_int_equal(sqlstore_trim(s, 1500 + limit), 1);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 2000);
+  assert_int_equal(sqlstore_trim(s, 3000 + limit), 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE uid = 'bob'"
+                                  " AND oldest IS NULL AND trimmed = 2"), 1);
+  /* an emptied inbox gets an entry: queued again at the next pass */
+  assert_int_equal(put(s, "b3", "bob", 5000), 3);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim(s, 4000 + limit), 0);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 5000);
+  /* more entries keep the oldest */
+  assert_int_equal(put(s, "b4", "bob", 7000), 4);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim(s, 4000 + limit), 0);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 5000);
+
+  /* a crash that lost the queue: the next open rebuilds it */
+  sqlstore_close(s);
+  f->s = NULL;
+  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'clean'; UPDATE users SET oldest = NULL");
+  s = reopen(f, 0, 60);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 5000);
+  assert_int_equal(sqlstore_trim(s, 6000 + limit), 1);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 7000);
+  sqlite3_close(db);
+}
+
+/* Expired idempotency keys go by a sweep in key order: per pass, twice the
+ * keys added since the last one, at least 4096; it goes round and starts
+ * over. Keys not expired stay, and still refuse a repeat. */
+static void test_idem_sweep(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 60);
+  sqlite3 *db = side_open(f);
+  const char *bob[1] = {"bob"};
+  uint64_t seq;
+  char id[16], cid[16], dup[24];
+
+  for (int i = 0; i < 10000; i++) {
+    snprintf(id, sizeof id, "m%d", i);
+    snprintf(cid, sizeof cid, "k%05d", i);
+    imd_store_msg m = msg(id, "alice", cid, "bob", 200000);
+    assert_int_equal(sqlstore_append(s, &m, bob, 1, &seq, NULL), IMD_STORE_OK);
+  }
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  /* nothing expired: the pass looks at all 10,000 (2 x 10,000 asked) */
+  assert_int_equal(sqlstore_trim(s, 200000), 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 10000);
+  imd_store_msg again = msg("x", "alice", "k09999", "bob", 200001);
+  assert_int_equal(sqlstore_append(s, &again, bob, 1, &seq, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m9999");
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  /* all expired, no key added since: 4096 per pass, in key order */
+  sqlite3_int64 now = 200000 + 60000 + 1;
+  assert_true(sqlstore_trim(s, now) >= 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 10000 - 4096);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem WHERE cid < 'k04096'"), 0);
+  assert_true(sqlstore_trim(s, now) >= 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 10000 - 2 * 4096);
+  assert_true(sqlstore_trim(s, now) >= 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 0);
+  /* round again: a new key is swept too */
+  imd_store_msg late = msg("y", "alice", "k00000", "bob", 300000);
+  assert_int_equal(sqlstore_append(s, &late, bob, 1, &seq, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_true(sqlstore_trim(s, 300000 + 60000 + 1) >= 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 0);
+  sqlite3_close(db);
 }
 
 static void test_data_round_trip(void **state)
@@ -940,11 +1087,14 @@ static void test_persistence(void **state)
   assert_int_equal(d.n, 1);
   assert_int_equal(d.seq[0], 2);
 
-  /* The file: WAL mode, small pages, schema version 3. */
+  /* The file: WAL mode, small pages, schema version 4: no index on the
+   * ts of inbox and idem. */
   sqlite3 *db = side_open(f);
   side_text(db, "PRAGMA journal_mode", "wal");
   assert_int_equal(side_count(db, "PRAGMA page_size"), 1024);
-  assert_int_equal(side_count(db, "PRAGMA user_version"), 3);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 4);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema WHERE type = 'index'"
+                                  " AND name IN ('inbox_ts', 'idem_ts')"), 0);
   sqlite3_close(db);
 }
 
@@ -1136,7 +1286,12 @@ static void test_migration_from_v2(void **state)
     "INSERT INTO grp_members VALUES('g1', 'alice'), ('g1', 'bob');");
 
   sql_store *s = reopen(f, 0, 0);
-  assert_int_equal(side_count(db, "PRAGMA user_version"), 3);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 4);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema WHERE type = 'index'"
+                                  " AND name IN ('inbox_ts', 'idem_ts')"), 0);
+  /* users.oldest from the inboxes: bob's oldest held entry is 2 */
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 1001);
+  assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'alice'"), 1000);
   info = sync_all(s, "bob", 0, 0, &g);
   assert_int_equal(info.trimmed, 1);
   assert_true(info.gap);
@@ -1163,6 +1318,14 @@ static void test_migration_from_v2(void **state)
   assert_int_equal(g.n, 2);
   assert_string_equal(g.e[1].id, "m4");
   assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 2); /* m3, m4 */
+
+  /* retention by age on the old rows: the migrated oldest queues them */
+  s = reopen(f, 0, 60);
+  assert_int_equal(sqlstore_trim(s, 1001 + 60000), 0); /* alice's 3 (ts 1002) holds */
+  assert_int_equal(sqlstore_trim(s, 1002 + 60000 + 1), 4); /* 3 and 4 (ts 1000) each */
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 4);
+  assert_int_equal(g.n, 0);
   sqlite3_close(db);
 }
 
@@ -1408,7 +1571,7 @@ static void test_open_failures(void **state)
   sqlstore_close(f->s);
   f->s = NULL;
   db = side_open(f);
-  side_exec(db, "PRAGMA user_version = 4");
+  side_exec(db, "PRAGMA user_version = 5");
   sqlite3_close(db);
   err[0] = '\0';
   assert_null(sqlstore_open(f->path, NULL, err, sizeof err));
@@ -1430,9 +1593,12 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_sync_paging, setup, teardown),
     cmocka_unit_test_setup_teardown(test_sync_unknown_user, setup, teardown),
     cmocka_unit_test_setup_teardown(test_reads_refuse_open_batch, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_marks_wait_in_memory, setup, teardown),
     cmocka_unit_test_setup_teardown(test_user_state_lists_devices, setup, teardown),
     cmocka_unit_test_setup_teardown(test_trim_by_count, setup, teardown),
     cmocka_unit_test_setup_teardown(test_trim_by_age, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_age_queue, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_idem_sweep, setup, teardown),
     cmocka_unit_test_setup_teardown(test_data_round_trip, setup, teardown),
     cmocka_unit_test_setup_teardown(test_persistence, setup, teardown),
     cmocka_unit_test_setup_teardown(test_groups, setup, teardown),
