@@ -196,11 +196,27 @@ int main(int argc, char **argv)
            (now_s() - t0) * 1e3);
   }
   if (o.age_half) {
+    double longest, t1;
+    bool more = true;
+    int steps = 0;
+    long n;
+
     t0 = now_s();
     cpu0 = cpu_s();
-    trimmed = sqlstore_trim(s, 1700000000000 + o.messages / 2 + 1000);
-    printf("trim by age, the older half: %ld entries in %.0f ms (%.0f ms CPU)\n", trimmed,
-           (now_s() - t0) * 1e3, (cpu_s() - cpu0) * 1e3);
+    n = sqlstore_trim_start(s, 1700000000000 + o.messages / 2 + 1000);
+    longest = now_s() - t0;
+    for (trimmed = 0; n >= 0 && more; steps++) {
+      t1 = now_s();
+      n = sqlstore_trim_step(s, &more);
+      trimmed += n > 0 ? n : 0;
+      if (now_s() - t1 > longest)
+        longest = now_s() - t1;
+    }
+    if (n < 0)
+      fprintf(stderr, "trim: %s\n", sqlstore_error(s));
+    printf("trim by age, the older half: %ld entries in %.0f ms (%.0f ms CPU), start + %d steps,"
+           " the longest %.1f ms\n", trimmed, (now_s() - t0) * 1e3, (cpu_s() - cpu0) * 1e3, steps,
+           longest * 1e3);
   }
   sqlstore_close(s);
   remove_store(o.path);

@@ -145,18 +145,32 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
 int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed,
                          void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx);
 
-/* Apply retention at wall-clock time now_ms: per user, drop entries beyond
+/* Retention at wall-clock time now_ms: per user, drop entries beyond
  * keep_count (oldest first) and entries older than keep_age_s; raise each
  * user's trimmed mark to the highest seq dropped; drop messages no inbox
  * refers to any more, but keep their idempotency keys while they are younger
  * than keep_age_s (or forever without an age limit). What goes is always a
- * prefix of the inbox, so that seqs after trimmed stay gap-free: if the
- * clock stepped back, a younger entry before an expired one goes with it.
- * Runs in its own transaction, so its time grows with the entries dropped
- * (call it often rather than rarely); first it writes the last seq of every
- * user that commits advanced since the last trim (users.last_seq, which the
- * count limit reads; commits do not write it). Returns the number of inbox entries
- * dropped (>= 0), IMD_STORE_EBATCH or IMD_STORE_EIO. */
+ * prefix of the inbox, so that seqs after trimmed stay gap-free: an entry
+ * that a clock stepped back stamped older than the one before it goes when
+ * that one goes.
+ *
+ * A pass is sqlstore_trim_start(), then sqlstore_trim_step() until *more is
+ * false, each in a transaction of its own, with batches in between as the
+ * caller likes (no batch may be open during a call: IMD_STORE_EBATCH).
+ * start writes the last seq of every user that commits advanced since the
+ * last pass (users.last_seq, which the count limit reads; commits do not
+ * write it) and lists the users to trim and how far; its work grows with the
+ * number of users that have expired entries (and with all users when
+ * keep_count is set). Each step drops the entries of at most 1,024 of them,
+ * at most 64 each, and sweeps a stretch of idempotency keys, so that no step
+ * holds the database long (~0.3 s at most here). A start during a pass adds
+ * to its list. start returns the number of users listed (>= 0), step the
+ * number of inbox entries dropped (>= 0); both may return IMD_STORE_EBATCH
+ * or IMD_STORE_EIO. */
+long sqlstore_trim_start(sql_store *s, uint64_t now_ms);
+long sqlstore_trim_step(sql_store *s, bool *more);
+/* A whole pass (start, then steps until done); returns the inbox entries
+ * dropped, IMD_STORE_EBATCH or IMD_STORE_EIO. */
 long sqlstore_trim(sql_store *s, uint64_t now_ms);
 
 #endif

@@ -465,9 +465,10 @@ static void *thread_main(void *arg) {
   uint64_t next_trim =
       t->trim_interval_s ? mono_ms() + (uint64_t)t->trim_interval_s * 1000u : UINT64_MAX;
   uint64_t marks_due = UINT64_MAX;
+  bool trimming = false; /* a retention pass has steps left */
   pthread_mutex_lock(&t->lock);
   for (;;) {
-    while (!t->todo && !t->stop) {
+    while (!t->todo && !t->stop && !trimming) {
       uint64_t now = mono_ms(), due = next_trim < marks_due ? next_trim : marks_due;
       if (due <= now) break;
       uint64_t wait = due - now > 3600000 ? 3600000 : due - now;
@@ -495,19 +496,29 @@ static void *thread_main(void *arg) {
       commit_now(t, NULL, NULL);
       marks_due = UINT64_MAX;
     }
-    if (now >= next_trim && !sqlstore_in_batch(t->db)) {
-      long n = sqlstore_trim(t->db, wall_ms());
+    hand_back(batch);
+    /* retention: a pass every trim_interval_s, in bounded steps, one per
+     * turn of this loop, so batches are committed in between */
+    if (!stop && !sqlstore_in_batch(t->db) && (trimming || now >= next_trim)) {
+      long n;
+      if (now >= next_trim) {
+        n = sqlstore_trim_start(t->db, wall_ms());
+        trimming = n >= 0;
+        next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
+        if (n > 0) n = 0;
+      } else {
+        n = sqlstore_trim_step(t->db, &trimming);
+      }
       if (n < 0) {
         log_error("retention trim failed: %s", sqlstore_error(t->db));
         set_err_locked(t);
+        trimming = false;
       }
       pthread_mutex_lock(&t->lock);
       if (n > 0) t->st.trimmed += (uint64_t)n;
       pthread_mutex_unlock(&t->lock);
-      next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
     }
 
-    hand_back(batch);
     pthread_mutex_lock(&t->lock);
     if (stop && !t->todo) break;
   }

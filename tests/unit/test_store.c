@@ -998,21 +998,68 @@ static void test_idem_sweep(void **state)
   assert_int_equal(sqlstore_append(s, &again, bob, 1, &seq, dup), IMD_STORE_DUP);
   assert_string_equal(dup, "m9999");
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
-  /* all expired, no key added since: 4096 per pass, in key order */
+  /* all expired, no key added since: each pass sweeps 4096 keys on from
+   * where the last one stopped, and starts over after the last key */
   sqlite3_int64 now = 200000 + 60000 + 1;
-  assert_true(sqlstore_trim(s, now) >= 0);
-  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 10000 - 4096);
-  assert_int_equal(side_count(db, "SELECT count(*) FROM idem WHERE cid < 'k04096'"), 0);
-  assert_true(sqlstore_trim(s, now) >= 0);
-  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 10000 - 2 * 4096);
-  assert_true(sqlstore_trim(s, now) >= 0);
-  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 0);
+  long left = 10000;
+  for (int passes = 1; left > 0; passes++) {
+    assert_true(passes <= 4);
+    assert_true(sqlstore_trim(s, now) >= 0);
+    long n = side_count(db, "SELECT count(*) FROM idem");
+    assert_true(n < left && left - n <= 4096);
+    left = n;
+  }
   /* round again: a new key is swept too */
   imd_store_msg late = msg("y", "alice", "k00000", "bob", 300000);
   assert_int_equal(sqlstore_append(s, &late, bob, 1, &seq, NULL), IMD_STORE_OK);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_true(sqlstore_trim(s, 300000 + 60000 + 1) >= 0);
   assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 0);
+  sqlite3_close(db);
+}
+
+/* A pass in bounded steps: each drops the entries of at most 1,024 users,
+ * at most 64 each; batches go on between the steps. */
+static void test_trim_in_steps(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 1, 0);
+  sqlite3 *db = side_open(f);
+  char uid[16], id[24];
+  uint64_t seq;
+  bool more = false;
+
+  /* 1,030 users one over the limit, and zz 99 over */
+  for (int u = 0; u <= 1030; u++) {
+    if (u < 1030)
+      snprintf(uid, sizeof uid, "u%04d", u);
+    else
+      snprintf(uid, sizeof uid, "zz");
+    for (int i = 0; i < (u < 1030 ? 2 : 100); i++) {
+      snprintf(id, sizeof id, "%d-%d", u, i);
+      imd_store_msg m = msg(id, "system", NULL, uid, 1000);
+      const char *to[1] = {uid};
+      assert_int_equal(sqlstore_append(s, &m, to, 1, &seq, NULL), IMD_STORE_OK);
+    }
+  }
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim_start(s, 5000), 1031);
+  assert_int_equal(sqlstore_trim_step(s, &more), 1024); /* u0000..u1023 */
+  assert_true(more);
+  /* a batch between two steps; a step with it open is refused */
+  assert_int_equal(put(s, "late", "u0000", 1000), 3);
+  assert_int_equal(sqlstore_trim_step(s, &more), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_trim_step(s, &more), 6 + 64); /* u1024..u1029, zz's first 64 */
+  assert_true(more);
+  assert_int_equal(sqlstore_trim_step(s, &more), 35);
+  assert_false(more);
+  /* (u0000's row still says last 2: users rows are written at a pass's start) */
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE last_seq - trimmed = 1"), 1031);
+  assert_int_equal(side_count(db, "SELECT trimmed FROM users WHERE uid = 'zz'"), 99);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 1031 + 1);
+  /* the next pass finds u0000's one more */
+  assert_int_equal(sqlstore_trim(s, 5000), 1);
   sqlite3_close(db);
 }
 
@@ -1599,6 +1646,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_trim_by_age, setup, teardown),
     cmocka_unit_test_setup_teardown(test_age_queue, setup, teardown),
     cmocka_unit_test_setup_teardown(test_idem_sweep, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_trim_in_steps, setup, teardown),
     cmocka_unit_test_setup_teardown(test_data_round_trip, setup, teardown),
     cmocka_unit_test_setup_teardown(test_persistence, setup, teardown),
     cmocka_unit_test_setup_teardown(test_groups, setup, teardown),

@@ -181,6 +181,69 @@ static void marks_ride_along(void **state) {
   assert_int_equal(state_mark, 1);
 }
 
+static int bulk_done, bulk_failed;
+
+static void bulk_appended(void *arg, int status, const uint64_t *seqs, const char *id) {
+  (void)arg, (void)seqs, (void)id;
+  bulk_done++;
+  if (status != 0) bulk_failed++;
+}
+
+/* Retention runs on the store thread every trim_interval_s, in bounded
+ * steps (sqlstore_trim_step()) with batches committed in between: 300
+ * inboxes 50 over the count limit take two steps. */
+static void retention_runs_in_steps(void **state) {
+  fx *f = *state;
+  enum { USERS = 300, EACH = 60, KEEP = 10 };
+  static char uids[USERS][8], ids[USERS * EACH + 1][12];
+  static const char *to[USERS][1];
+  static imd_store_msg m[USERS * EACH + 1];
+  f->s->ops->close(f->s);
+  char err[256];
+  imd_store_opts o = {.no_fsync = true, .keep_count = KEEP};
+  f->s = imd_store_sqlite_start(f->base, f->path, &o, 1, NULL, err, sizeof err);
+  assert_non_null(f->s);
+  bulk_done = bulk_failed = 0;
+  for (int u = 0; u < USERS; u++) {
+    snprintf(uids[u], sizeof uids[u], "u%03d", u);
+    to[u][0] = uids[u];
+    for (int i = 0; i < EACH; i++) {
+      int k = u * EACH + i;
+      snprintf(ids[k], sizeof ids[k], "%d", k);
+      m[k] = (imd_store_msg){.id = ids[k], .from = "system", .device = "d", .to = uids[u],
+                             .ts = 1, .data = "1", .data_len = 1};
+      assert_int_equal(imd_store_append(f->s, &m[k], to[u], 1, bulk_appended, NULL), 0);
+    }
+  }
+  imd_store_stats st = {0};
+  for (int i = 0; i < 1000 && st.trimmed < USERS * (EACH - KEEP); i++) {
+    struct timeval tv = {0, 10000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+    f->s->ops->stats(f->s, &st);
+  }
+  assert_int_equal(bulk_done, USERS * EACH);
+  assert_int_equal(bulk_failed, 0);
+  assert_int_equal(st.trimmed, USERS * (EACH - KEEP));
+  /* and the store goes on */
+  int k = USERS * EACH;
+  snprintf(ids[k], sizeof ids[k], "%d", k);
+  m[k] = (imd_store_msg){.id = ids[k], .from = "system", .device = "d", .to = uids[0],
+                         .ts = 1, .data = "1", .data_len = 1};
+  assert_int_equal(imd_store_append(f->s, &m[k], to[0], 1, bulk_appended, NULL), 0);
+  for (int i = 0; i < 500 && bulk_done == USERS * EACH; i++) {
+    struct timeval tv = {0, 10000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+  }
+  assert_int_equal(bulk_done, USERS * EACH + 1);
+  assert_int_equal(imd_store_sync(f->s, "u000", 0, 0, 0, synced, (void *)(intptr_t)0), 0);
+  wait_done(f, 1);
+  /* (the next pass, a second later, may have trimmed the one more) */
+  assert_true(synced_info.trimmed == EACH - KEEP || synced_info.trimmed == EACH - KEEP + 1);
+  assert_int_equal(synced_info.last, EACH + 1);
+}
+
 static char members_seen[256];
 
 static void members_known(void *arg, int status, const char *const *uids, size_t n) {
@@ -417,6 +480,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(callbacks_in_order_and_reads_after_writes, setup, teardown),
       cmocka_unit_test_setup_teardown(duplicates_answer_the_first_id, setup, teardown),
       cmocka_unit_test_setup_teardown(marks_ride_along, setup, teardown),
+      cmocka_unit_test_setup_teardown(retention_runs_in_steps, setup, teardown),
       cmocka_unit_test_setup_teardown(groups, setup, teardown),
       cmocka_unit_test_setup_teardown(close_completes_outstanding, setup, teardown),
       cmocka_unit_test_setup_teardown(a_view_completes_on_its_own_loop, setup, teardown),
