@@ -213,7 +213,7 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_TRIM_DONE] =
     "DELETE FROM temp.trim_todo WHERE uid IN (SELECT c.uid FROM temp.trim_cut AS c"
     " CROSS JOIN temp.trim_todo AS t ON t.uid = c.uid WHERE c.seq >= t.seq)",
-  [ST_TRIM_LEFT] = "SELECT count(*) FROM temp.trim_todo",
+  [ST_TRIM_LEFT] = "SELECT EXISTS(SELECT 1 FROM temp.trim_todo)",
   [ST_TRIM_GONE] =
     "INSERT INTO temp.trim_gone(uid, seq, mid)"
     " SELECT i.uid, i.seq, i.mid FROM temp.trim_cut AS c CROSS JOIN inbox AS i"
@@ -1586,14 +1586,13 @@ static int idem_sweep(sql_store *s, uint64_t n, sqlite3_int64 cutoff)
 
 /* The steps of a trim, inside its transaction. Returns the inbox entries
  * dropped or IMD_STORE_EIO. */
-static long trim_steps(sql_store *s)
+static long trim_steps(sql_store *s, sqlite3_int64 users, sqlite3_int64 entries, uint64_t stretch)
 {
   sqlite3_stmt *st = s->st[ST_TRIM_CUT];
-  uint64_t stretch = s->sweep_left < SWEEP_STEP ? s->sweep_left : SWEEP_STEP;
   long dropped;
 
-  sqlite3_bind_int64(st, 1, TRIM_STEP_USERS);
-  sqlite3_bind_int64(st, 2, TRIM_STEP_ENTRIES);
+  sqlite3_bind_int64(st, 1, users);
+  sqlite3_bind_int64(st, 2, entries);
   if (run(s, ST_TRIM_CUT, "cannot find what to trim") != IMD_STORE_OK ||
       run(s, ST_TRIM_DONE, "cannot find what to trim") != IMD_STORE_OK ||
       run(s, ST_TRIM_GONE, "cannot collect the trimmed entries") != IMD_STORE_OK ||
@@ -1682,7 +1681,10 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
   return users;
 }
 
-long sqlstore_trim_step(sql_store *s, bool *more)
+/* A step of at most users users, entries entries of each, and a stretch
+ * of at most sweep_max idempotency keys. */
+static long trim_step_sized(sql_store *s, bool *more, sqlite3_int64 users, sqlite3_int64 entries,
+                            uint64_t sweep_max)
 {
   sqlite3_stmt *st = s != NULL ? s->st[ST_TRIM_LEFT] : NULL;
   uint64_t stretch;
@@ -1695,10 +1697,10 @@ long sqlstore_trim_step(sql_store *s, bool *more)
     return IMD_STORE_EINVAL;
   if ((rc = trim_check(s)) != IMD_STORE_OK)
     return rc;
-  stretch = s->sweep_left < SWEEP_STEP ? s->sweep_left : SWEEP_STEP;
+  stretch = s->sweep_left < sweep_max ? s->sweep_left : sweep_max;
   if (run(s, ST_BEGIN, "cannot begin the trim") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  dropped = trim_steps(s);
+  dropped = trim_steps(s, users, entries, stretch);
   if (dropped >= 0 && sqlite3_step(st) != SQLITE_ROW)
     dropped = db_fail(s, "cannot count what is left to trim");
   if (dropped >= 0 && more != NULL)
@@ -1714,6 +1716,11 @@ long sqlstore_trim_step(sql_store *s, bool *more)
   return dropped;
 }
 
+long sqlstore_trim_step(sql_store *s, bool *more)
+{
+  return trim_step_sized(s, more, TRIM_STEP_USERS, TRIM_STEP_ENTRIES, SWEEP_STEP);
+}
+
 long sqlstore_trim(sql_store *s, uint64_t now_ms)
 {
   long dropped = 0, n;
@@ -1724,8 +1731,10 @@ long sqlstore_trim(sql_store *s, uint64_t now_ms)
     return n;
   if (s->opts.keep_count == 0 && s->opts.keep_age_s == 0)
     return 0;
+  /* one step without bounds: nobody waits meanwhile, and fewer steps
+   * cost less in all (see TRIM_STEP_USERS) */
   while (more) {
-    n = sqlstore_trim_step(s, &more);
+    n = trim_step_sized(s, &more, INT64_MAX, INT64_MAX / 2, UINT64_MAX);
     if (n < 0)
       return n;
     dropped += n;

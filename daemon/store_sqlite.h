@@ -169,7 +169,8 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
  * or IMD_STORE_EIO. */
 long sqlstore_trim_start(sql_store *s, uint64_t now_ms);
 long sqlstore_trim_step(sql_store *s, bool *more);
-/* A whole pass (start, then steps until done); returns the inbox entries
+/* A whole pass in two transactions (start, then one step without bounds:
+ * for when nothing else waits, as at open); returns the inbox entries
  * dropped, IMD_STORE_EBATCH or IMD_STORE_EIO. */
 long sqlstore_trim(sql_store *s, uint64_t now_ms);
 
