@@ -160,7 +160,8 @@ int main(int argc, char **argv)
 
   if (parse_args(argc, argv, &o) != 0) {
     fprintf(stderr,
-            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-a] [-N] [-c] [-m] FILE\n",
+            "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-a] [-N] [-c] [-m]"
+            " FILE\n",
             argv[0]);
     return 2;
   }

@@ -29,12 +29,13 @@
  *           and sets their oldest (one probe per user).
  *
  * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
- * row per receiver) and nothing else, a delivered mark a hash lookup; a batch is one transaction, one
- * commit, one fsync. There is no savepoint per append: what can refuse an
- * append (arguments, a uid listed twice, a duplicate key) is checked before
- * its first write, and an append that SQLite fails halfway deletes the rows
- * it wrote, so the batch around it survives. The next seq of each user comes
- * from an in-memory counter loaded once from the database. Commits write
+ * row per receiver) and nothing else, a delivered mark a hash lookup; a
+ * batch is one transaction, one commit, one fsync. There is no savepoint
+ * per append: what can refuse an append (arguments, a uid listed twice, a
+ * duplicate key) is checked before its first write, and an append that
+ * SQLite fails halfway deletes the rows it wrote, so the batch around it
+ * survives. The next seq of each user comes from an in-memory counter
+ * loaded once from the database. Commits write
  * their WAL frames in a few large writes (store_vfs.c, with fsync on) and
  * leave the checkpoint to another thread where the caller provides one
  * (sqlstore_set_wal_hook(); imd's store thread does). */
@@ -239,8 +240,8 @@ static const char *const stmt_sql[ST_COUNT] = {
     "UPDATE msgs SET refs = refs - (SELECT r.n FROM temp.trim_refs AS r WHERE r.mid = msgs.mid)"
     " WHERE mid IN (SELECT mid FROM temp.trim_refs)",
   /* The idempotency keys expire by a sweep in key order instead of an
-   * index on their ts (one more index entry per message): each trim looks
-   * at the next stretch of keys and drops the expired ones (sqlstore_trim()).
+   * index on their ts (one more index entry per message): each retention
+   * pass looks at the next stretch of keys and drops the expired ones.
    * SWEEP_END finds where a stretch of ?4 keys after (?1, ?2, ?3) ends; a
    * BLOB as ?4 of SWEEP stands for the end of the table (a BLOB sorts after
    * every TEXT). */
@@ -765,7 +766,8 @@ void sqlstore_close(sql_store *s)
   seqs_forget(s);
   s->batch = s->writes = s->lost = false;
   /* the pending delivered marks, in a transaction of their own */
-  if (s->st[ST_COUNT - 1] != NULL && s->marks_list != NULL && sqlstore_marks_write(s) == IMD_STORE_OK)
+  if (s->st[ST_COUNT - 1] != NULL && s->marks_list != NULL &&
+      sqlstore_marks_write(s) == IMD_STORE_OK)
     sqlstore_commit(s);
   marks_drop(s);
   /* A clean close: the users rows are exact, the next open trusts them. */
