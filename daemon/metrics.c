@@ -236,6 +236,15 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
   counter(&b, "imd_store_checkpoints_cut_total",
           "Of those waits, the ones cut short: the checkpoint was stopped and the commit copied the WAL",
           ss.ckpt_cut);
+  counter(&b, "imd_store_retention_steps_total",
+          "Retention transactions (a pass's start, then bounded steps; commits wait meanwhile)",
+          ss.trim_steps);
+  counter(&b, "imd_store_retention_microseconds_total", "Time retention held the store",
+          ss.trim_us);
+  gauge(&b, "imd_store_retention_longest_microseconds",
+        "The longest retention transaction since start", ss.trim_max_us);
+  gauge(&b, "imd_store_marks_pending", "Delivered marks waiting in memory to be written",
+        ss.marks_pending);
   counter(&b, "imd_syncs_total", "Sync requests answered", m->syncs);
   const im_guard_stats gs = t->gs;
   sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"

@@ -496,10 +496,14 @@ static void *thread_main(void *arg) {
       commit_now(t, NULL, NULL);
       marks_due = UINT64_MAX;
     }
+    pthread_mutex_lock(&t->lock); /* before the callbacks run: they may read it */
+    t->st.marks_pending = sqlstore_marks_pending(t->db);
+    pthread_mutex_unlock(&t->lock);
     hand_back(batch);
     /* retention: a pass every trim_interval_s, in bounded steps, one per
      * turn of this loop, so batches are committed in between */
     if (!stop && !sqlstore_in_batch(t->db) && (trimming || now >= next_trim)) {
+      uint64_t t0 = mono_ns();
       long n;
       if (now >= next_trim) {
         n = sqlstore_trim_start(t->db, wall_ms());
@@ -514,8 +518,12 @@ static void *thread_main(void *arg) {
         set_err_locked(t);
         trimming = false;
       }
+      uint64_t us = (mono_ns() - t0) / 1000u;
       pthread_mutex_lock(&t->lock);
       if (n > 0) t->st.trimmed += (uint64_t)n;
+      t->st.trim_steps++;
+      t->st.trim_us += us;
+      if (us > t->st.trim_max_us) t->st.trim_max_us = us;
       pthread_mutex_unlock(&t->lock);
     }
 
@@ -838,8 +846,13 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
     return NULL;
   }
   /* retention at start, before the first request can read */
+  uint64_t t0 = mono_ns();
   long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
   if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
+  if (t->trim_interval_s) { /* the pass at start counts as one hold */
+    t->st.trim_steps++;
+    t->st.trim_us = t->st.trim_max_us = (mono_ns() - t0) / 1000u;
+  }
   if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
   ckpt_start(t, path, o);
   t->h.done = im_async_new(base, batch_done, t);

@@ -393,8 +393,16 @@ class TestRetention(unittest.TestCase):
             await bob.c.send('sync', since=end['last'])   # from 5: nothing missing, no gap
             end = await bob.drain_sync()
             self.assertNotIn('gap', end)
+            # bob's acks wait in memory as one mark, until a read of the marks
+            m = parse_metrics((await api(srv, 'GET', '/metrics')).body.decode())
+            self.assertEqual(m['imd_store_marks_pending'], 1, m)
+            self.assertGreaterEqual(m['imd_store_retention_steps_total'], 1, m)  # at start
+            self.assertEqual(m['imd_inbox_trimmed_total'], 4, m)  # bob's 2, alice's 2
             r = await api(srv, 'GET', '/v1/users/bob/inbox')
             self.assertEqual((r.json['last'], r.json['trimmed']), (5, 2), r)
+            self.assertEqual(r.json['devices'], [{'device': 'd1', 'delivered': 5}], r)
+            m = parse_metrics((await api(srv, 'GET', '/metrics')).body.decode())
+            self.assertEqual(m['imd_store_marks_pending'], 0, m)
             # the idempotency key of a trimmed message still answers a late resend
             a = await connect(srv, 'json', 'alice')
             again = await a.msg('k0', '0', to='bob')
