@@ -173,7 +173,7 @@ function received(m) {
   if (byId(m.id)) return; // our own, already shown from the outbox
   const msg = { key: m.id, id: m.id, from: m.from, conv: convOf(m, me), text: d.t, ts: m.ts,
                 mine: m.from === me, status: 'stored' };
-  if (msg.mine && unackedOwn()) { // it may be one of those: wait for their acks
+  if (msg.mine && S.held.length < MAX_KEPT && unackedOwn()) { // may be one of those: wait for their acks
     S.held.push(msg);
     save();
     return;
