@@ -1063,6 +1063,43 @@ static void test_trim_in_steps(void **state)
   sqlite3_close(db);
 }
 
+/* A step that fails rolls back alone: nothing of it is kept, the pass
+ * can go on once the cause is gone, and batches are not affected. */
+static void test_trim_step_fails(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 1, 0);
+  sqlite3 *db = side_open(f);
+  bool more = true;
+
+  for (int i = 0; i < 3; i++) {
+    char id[8];
+    snprintf(id, sizeof id, "b%d", i);
+    put(s, id, "bob", 1000);
+    snprintf(id, sizeof id, "c%d", i);
+    put(s, id, "carol", 1000);
+  }
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  side_exec(db, "CREATE TRIGGER boom BEFORE DELETE ON inbox WHEN OLD.uid = 'carol'"
+                " BEGIN SELECT RAISE(ABORT, 'boom'); END");
+  assert_int_equal(sqlstore_trim_start(s, 5000), 2);
+  assert_int_equal(sqlstore_trim_step(s, &more), IMD_STORE_EIO);
+  assert_false(more);
+  assert_non_null(strstr(sqlstore_error(s), "boom"));
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox"), 6); /* bob's went back too */
+  /* the store goes on */
+  assert_int_equal(put(s, "b3", "bob", 1000), 4);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  side_exec(db, "DROP TRIGGER boom");
+  /* the list survived the rollback: the pass goes on where it was */
+  assert_int_equal(sqlstore_trim_step(s, &more), 4); /* bob 1-2, carol 1-2 */
+  assert_false(more);
+  /* the next pass finds bob's one more */
+  assert_int_equal(sqlstore_trim(s, 5000), 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox"), 2);
+  sqlite3_close(db);
+}
+
 static void test_data_round_trip(void **state)
 {
   fixture *f = *state;
@@ -1647,6 +1684,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_age_queue, setup, teardown),
     cmocka_unit_test_setup_teardown(test_idem_sweep, setup, teardown),
     cmocka_unit_test_setup_teardown(test_trim_in_steps, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_trim_step_fails, setup, teardown),
     cmocka_unit_test_setup_teardown(test_data_round_trip, setup, teardown),
     cmocka_unit_test_setup_teardown(test_persistence, setup, teardown),
     cmocka_unit_test_setup_teardown(test_groups, setup, teardown),
