@@ -38,8 +38,10 @@
  * loaded once from the database. Commits write
  * their WAL frames in a few large writes (store_vfs.c, with fsync on) and
  * leave the checkpoint to another thread where the caller provides one
- * (sqlstore_set_wal_hook(); imd's store thread does). */
-#include "store_sqlite.h"
+ * (sqlstore_set_wal_hook(); imd's store thread does). Retention is in
+ * store_retention.c (its statements are here, with the schema); what the
+ * two files share is store_sqlite_int.h. */
+#include "store_sqlite_int.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -89,62 +91,6 @@
 #define CACHE_BUCKETS 1024
 #define CACHE_MAX (1u << 18)     /* counters kept across commits; beyond that start afresh */
 #define MARKS_MAX (1u << 16)     /* pending delivered marks; one more writes them all first */
-#define SWEEP_MIN 4096           /* idempotency keys looked at per retention pass, at least */
-/* A retention step (one transaction, during which no commit is made)
- * drops the entries of at most TRIM_STEP_USERS users, at most
- * TRIM_STEP_ENTRIES of each, and looks at SWEEP_STEP idempotency keys.
- * Smaller steps hold commits up for less time but cost more in all: a step
- * rewrites the pages of the messages it drops, which lie anywhere in the
- * pass's range, and the next step rewrites many of them again
- * (bench/store-bench -n 200000 -c -a: one transaction 1.5 s of CPU; steps of
- * 256 users 2.8 s, the longest 0.12 s; of 1,024 users 2.0-2.5 s, the
- * longest 0.24-0.29 s; of 4,096 1.6-1.7 s, the longest 0.6 s). */
-#define TRIM_STEP_USERS 1024
-#define TRIM_STEP_ENTRIES 64
-#define SWEEP_STEP 16384
-#define ERR_MAX 256
-
-enum stmt_id {
-  ST_BEGIN,
-  ST_COMMIT,
-  ST_ROLLBACK,
-  ST_SAVEPOINT,
-  ST_RELEASE,
-  ST_UNDO,
-  ST_USER_GET,
-  ST_USER_PUT,
-  ST_IDEM_PUT,
-  ST_IDEM_GET,
-  ST_IDEM_DEL,
-  ST_MSG_PUT,
-  ST_MSG_DEL,
-  ST_INBOX_PUT,
-  ST_INBOX_DEL,
-  ST_MARK,
-  ST_SYNC,
-  ST_CURSORS,
-  ST_TRIM_TODO,
-  ST_TRIM_CUT,
-  ST_TRIM_DONE,
-  ST_TRIM_LEFT,
-  ST_TRIM_GONE,
-  ST_TRIM_INBOX,
-  ST_TRIM_USERS,
-  ST_TRIM_OLDEST,
-  ST_TRIM_COUNT,
-  ST_TRIM_MSGS,
-  ST_TRIM_REFS,
-  ST_IDEM_SWEEP_END,
-  ST_IDEM_SWEEP,
-  ST_TRIM_CLEAR_TODO,
-  ST_TRIM_CLEAR_CUT,
-  ST_TRIM_CLEAR_GONE,
-  ST_TRIM_CLEAR_REFS,
-  ST_GROUP_ADD,
-  ST_GROUP_DEL,
-  ST_GROUP_GET,
-  ST_COUNT
-};
 
 /* Every statement the store runs. Only bound parameters carry caller data. */
 static const char *const stmt_sql[ST_COUNT] = {
@@ -337,70 +283,13 @@ static const char temp_sql[] =
   " mid INTEGER NOT NULL);"
   "CREATE TEMP TABLE IF NOT EXISTS trim_refs(mid INTEGER PRIMARY KEY, n INTEGER NOT NULL);";
 
-/* One user's seq counter. last includes the open batch's appends; durable
- * is what the last commit made durable; the users row gets durable only at
- * the next flush (users_flush()). */
-typedef struct user_ctr {
-  strmap_node node;
-  struct user_ctr *dirty_next; /* on s->dirty: last changed in this batch */
-  struct user_ctr *flush_next; /* on s->unflushed: durable is ahead of its users row */
-  struct user_ctr *touch_next; /* on the list of the append in progress */
-  uint64_t last;
-  uint64_t durable;
-  uint64_t next;               /* seq the append in progress gives it */
-  uint64_t stamp;              /* append that touched it last: spots a uid listed twice */
-  uint64_t first_ts;           /* ts of the first append since the users row was written */
-  bool has_first;
-  bool dirty;
-  bool unflushed;
-  char uid[];
-} user_ctr;
-
-#define CTR_OF(np) ((user_ctr *)(void *)((char *)(np) - offsetof(user_ctr, node)))
-
-/* A delivered mark not written yet: the highest seq (uid, device) acked
- * since the marks were last written (sqlstore_marks_write()). */
-typedef struct mark_pend {
-  strmap_node node;
-  struct mark_pend *next;      /* on s->marks_list */
-  uint64_t seq;
-  char key[];                  /* uid NUL device NUL */
-} mark_pend;
-
-#define MARK_OF(np) ((mark_pend *)(void *)((char *)(np) - offsetof(mark_pend, node)))
-
-struct sql_store {
-  sqlite3 *db;
-  sqlite3_stmt *st[ST_COUNT];
-  imd_store_opts opts;
-  strmap users;         /* uid -> user_ctr */
-  user_ctr *dirty;      /* counters the open batch advanced */
-  user_ctr *unflushed;  /* counters to write to users at the next flush */
-  uint64_t stamp;       /* counts appends, for user_ctr.stamp */
-  strmap marks;         /* "uid\0device" -> mark_pend */
-  mark_pend *marks_list;
-  uint64_t idem_added;  /* keys added since the last pass started */
-  uint64_t sweep_left;  /* keys the running pass has still to sweep */
-  sqlite3_int64 sweep_cutoff;
-  char *sweep[3];       /* the key the sweep stopped at (NULL: the start) */
-  bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
-  bool writes;          /* the batch holds appends or group changes (not only marks) */
-  bool lost;            /* SQLite rolled the batch back on its own: the next
-                           commit must fail so nothing in it is acknowledged */
-  sqlstore_wal_fn wal_fn; /* checkpoints elsewhere (NULL: in the commit) */
-  void *wal_ctx;
-  uint64_t frame_bytes;   /* a WAL frame: page + header */
-  bool ckpt_behind;       /* the last checkpoint here left frames uncopied */
-  char err[ERR_MAX];
-  char lost_err[ERR_MAX];
-};
 
 static int users_flush_alone(sql_store *s);
 static void marks_drop(sql_store *s);
 
 /* ---- errors ---- */
 
-static int set_err(sql_store *s, int rc, const char *what)
+int sqls_set_err(sql_store *s, int rc, const char *what)
 {
   snprintf(s->err, sizeof s->err, "%s", what);
   return rc;
@@ -408,7 +297,7 @@ static int set_err(sql_store *s, int rc, const char *what)
 
 /* Records SQLite's message at the point of failure: the rollback that
  * usually follows would replace it. */
-static int db_fail(sql_store *s, const char *what)
+int sqls_db_fail(sql_store *s, const char *what)
 {
   snprintf(s->err, sizeof s->err, "%s: %s", what, sqlite3_errmsg(s->db));
   return IMD_STORE_EIO;
@@ -417,13 +306,13 @@ static int db_fail(sql_store *s, const char *what)
 /* ---- statements ---- */
 
 /* Steps a statement that returns no rows and resets it for its next use. */
-static int run(sql_store *s, enum stmt_id id, const char *what)
+int sqls_run(sql_store *s, enum stmt_id id, const char *what)
 {
   sqlite3_stmt *st = s->st[id];
   int rc = sqlite3_step(st);
 
   if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-    db_fail(s, what);
+    sqls_db_fail(s, what);
     sqlite3_reset(st);
     return IMD_STORE_EIO;
   }
@@ -433,7 +322,7 @@ static int run(sql_store *s, enum stmt_id id, const char *what)
 
 /* Borrowed text: every pointer outlives the statement's step, and
  * SQLITE_STATIC spares a copy per column on the hot path. */
-static void bind_text(sqlite3_stmt *st, int i, const char *v)
+void sqls_bind_text(sqlite3_stmt *st, int i, const char *v)
 {
   if (v == NULL)
     sqlite3_bind_null(st, i);
@@ -441,7 +330,7 @@ static void bind_text(sqlite3_stmt *st, int i, const char *v)
     sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
 }
 
-static void bind_u64(sqlite3_stmt *st, int i, uint64_t v)
+void sqls_bind_u64(sqlite3_stmt *st, int i, uint64_t v)
 {
   sqlite3_bind_int64(st, i, (sqlite3_int64)v); /* callers keep v <= INT64_MAX */
 }
@@ -452,7 +341,7 @@ static uint64_t column_u64(sqlite3_stmt *st, int i)
   return v < 0 ? 0 : (uint64_t)v;
 }
 
-static const char *column_str(sqlite3_stmt *st, int i)
+const char *sqls_column_str(sqlite3_stmt *st, int i)
 {
   return (const char *)sqlite3_column_text(st, i);
 }
@@ -491,10 +380,10 @@ static int user_load(sql_store *s, const char *uid, uint64_t *last, uint64_t *tr
   sqlite3_stmt *st = s->st[ST_USER_GET];
   int rc;
 
-  bind_text(st, 1, uid);
+  sqls_bind_text(st, 1, uid);
   rc = sqlite3_step(st);
   if (rc != SQLITE_ROW) {
-    db_fail(s, "cannot read the user's seq");
+    sqls_db_fail(s, "cannot read the user's seq");
     sqlite3_reset(st);
     return IMD_STORE_EIO;
   }
@@ -522,7 +411,7 @@ static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
     return rc;
   u = calloc(1, sizeof *u + len + 1);
   if (u == NULL)
-    return set_err(s, IMD_STORE_EIO, "out of memory");
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
   memcpy(u->uid, uid, len + 1);
   u->node.key = u->uid;
   u->node.klen = (uint32_t)len;
@@ -538,7 +427,7 @@ static int batch_begin(sql_store *s)
 {
   if (s->batch)
     return IMD_STORE_OK;
-  if (run(s, ST_BEGIN, "cannot begin a batch") != IMD_STORE_OK)
+  if (sqls_run(s, ST_BEGIN, "cannot begin a batch") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   s->batch = true;
   return IMD_STORE_OK;
@@ -660,7 +549,7 @@ static int pragmas_setup(sqlite3 *db, bool no_fsync, char *err, size_t errlen)
   sqlite3_exec(db, sql, NULL, NULL, NULL); /* ignored by an existing file */
   if (sqlite3_prepare_v2(db, "PRAGMA journal_mode=WAL", -1, &st, NULL) == SQLITE_OK &&
       sqlite3_step(st) == SQLITE_ROW) {
-    const char *mode = column_str(st, 0);
+    const char *mode = sqls_column_str(st, 0);
     wal = mode != NULL && strcmp(mode, "wal") == 0;
   }
   sqlite3_finalize(st);
@@ -733,7 +622,7 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   }
   if (o != NULL)
     s->opts = *o;
-  set_err(s, 0, "no error");
+  sqls_set_err(s, 0, "no error");
   pthread_once(&sqlite_once, sqlite_setup);
   /* WAL writes coalesced per commit: only where each commit syncs */
   if (sqlite3_open_v2(path, &s->db, flags, s->opts.no_fsync ? NULL : storevfs_name()) !=
@@ -800,13 +689,13 @@ bool sqlstore_in_batch(const sql_store *s)
 static int check_msg(sql_store *s, const imd_store_msg *m)
 {
   if (m == NULL || m->id == NULL || m->id[0] == '\0' || m->from == NULL)
-    return set_err(s, IMD_STORE_EINVAL, "message without id or sender");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "message without id or sender");
   if (strlen(m->id) >= ID_MAX)
-    return set_err(s, IMD_STORE_EINVAL, "message id too long");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "message id too long");
   if (m->data == NULL && m->data_len > 0)
-    return set_err(s, IMD_STORE_EINVAL, "message data missing");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "message data missing");
   if (m->data_len > INT32_MAX || m->ts > INT64_MAX)
-    return set_err(s, IMD_STORE_EINVAL, "message data too large or ts out of range");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "message data too large or ts out of range");
   return IMD_STORE_OK;
 }
 
@@ -818,12 +707,12 @@ static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, 
   const char *id;
   int rc;
 
-  bind_text(st, 1, m->from);
-  bind_text(st, 2, device);
-  bind_text(st, 3, m->cid);
-  bind_text(st, 4, m->id);
-  bind_u64(st, 5, m->ts);
-  if (run(s, ST_IDEM_PUT, "cannot store the idempotency key") != IMD_STORE_OK)
+  sqls_bind_text(st, 1, m->from);
+  sqls_bind_text(st, 2, device);
+  sqls_bind_text(st, 3, m->cid);
+  sqls_bind_text(st, 4, m->id);
+  sqls_bind_u64(st, 5, m->ts);
+  if (sqls_run(s, ST_IDEM_PUT, "cannot store the idempotency key") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   if (sqlite3_changes(s->db) > 0) {
     s->idem_added++;
@@ -831,13 +720,13 @@ static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, 
   }
 
   st = s->st[ST_IDEM_GET];
-  bind_text(st, 1, m->from);
-  bind_text(st, 2, device);
-  bind_text(st, 3, m->cid);
+  sqls_bind_text(st, 1, m->from);
+  sqls_bind_text(st, 2, device);
+  sqls_bind_text(st, 3, m->cid);
   rc = sqlite3_step(st);
-  id = rc == SQLITE_ROW ? column_str(st, 0) : NULL;
+  id = rc == SQLITE_ROW ? sqls_column_str(st, 0) : NULL;
   if (id == NULL) {
-    db_fail(s, "cannot read the duplicate's id");
+    sqls_db_fail(s, "cannot read the duplicate's id");
     sqlite3_reset(st);
     return IMD_STORE_EIO;
   }
@@ -861,14 +750,14 @@ static int seqs_pick(sql_store *s, const char *const *uids, size_t n, uint64_t *
     int rc;
 
     if (len == 0 || len > UINT32_MAX)
-      return set_err(s, IMD_STORE_EINVAL, "empty receiver uid");
+      return sqls_set_err(s, IMD_STORE_EINVAL, "empty receiver uid");
     rc = user_get(s, uids[i], len, &u);
     if (rc != IMD_STORE_OK)
       return rc;
     if (u->stamp == stamp)
-      return set_err(s, IMD_STORE_EINVAL, "receiver uid listed twice");
+      return sqls_set_err(s, IMD_STORE_EINVAL, "receiver uid listed twice");
     if (u->last >= INT64_MAX)
-      return set_err(s, IMD_STORE_EIO, "seq overflow");
+      return sqls_set_err(s, IMD_STORE_EIO, "seq overflow");
     u->stamp = stamp;
     u->next = u->last + 1;
     u->touch_next = *touched;
@@ -883,17 +772,17 @@ static int msg_insert(sql_store *s, const imd_store_msg *m, const char *device, 
 {
   sqlite3_stmt *st = s->st[ST_MSG_PUT];
 
-  bind_text(st, 1, m->id);
-  bind_text(st, 2, m->from);
-  bind_text(st, 3, device);
-  bind_text(st, 4, m->cid);
-  bind_text(st, 5, m->to);
-  bind_text(st, 6, m->group);
-  bind_u64(st, 7, m->ts);
+  sqls_bind_text(st, 1, m->id);
+  sqls_bind_text(st, 2, m->from);
+  sqls_bind_text(st, 3, device);
+  sqls_bind_text(st, 4, m->cid);
+  sqls_bind_text(st, 5, m->to);
+  sqls_bind_text(st, 6, m->group);
+  sqls_bind_u64(st, 7, m->ts);
   /* Explicit length: the bytes go in and come back unchanged. */
   sqlite3_bind_text(st, 8, m->data_len > 0 ? m->data : "", (int)m->data_len, SQLITE_STATIC);
-  bind_u64(st, 9, refs);
-  if (run(s, ST_MSG_PUT, "cannot store the message") != IMD_STORE_OK)
+  sqls_bind_u64(st, 9, refs);
+  if (sqls_run(s, ST_MSG_PUT, "cannot store the message") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   *mid = sqlite3_last_insert_rowid(s->db);
   return IMD_STORE_OK;
@@ -904,11 +793,11 @@ static int inbox_insert(sql_store *s, const char *uid, uint64_t seq, sqlite3_int
 {
   sqlite3_stmt *st = s->st[ST_INBOX_PUT];
 
-  bind_text(st, 1, uid);
-  bind_u64(st, 2, seq);
+  sqls_bind_text(st, 1, uid);
+  sqls_bind_u64(st, 2, seq);
   sqlite3_bind_int64(st, 3, mid);
-  bind_u64(st, 4, ts);
-  return run(s, ST_INBOX_PUT, "cannot store the inbox entry");
+  sqls_bind_u64(st, 4, ts);
+  return sqls_run(s, ST_INBOX_PUT, "cannot store the inbox entry");
 }
 
 /* The append's rows are in: hand its seqs out for good. */
@@ -940,10 +829,10 @@ static int undo_key(sql_store *s, const imd_store_msg *m, const char *device)
 {
   sqlite3_stmt *st = s->st[ST_IDEM_DEL];
 
-  bind_text(st, 1, m->from);
-  bind_text(st, 2, device);
-  bind_text(st, 3, m->cid);
-  return run(s, ST_IDEM_DEL, "cannot undo the append");
+  sqls_bind_text(st, 1, m->from);
+  sqls_bind_text(st, 2, device);
+  sqls_bind_text(st, 3, m->cid);
+  return sqls_run(s, ST_IDEM_DEL, "cannot undo the append");
 }
 
 /* Takes back what a failed append wrote. There is no savepoint around an
@@ -963,13 +852,13 @@ static void append_undo(sql_store *s, const imd_store_msg *m, const char *device
   memcpy(why, s->err, sizeof why);
   for (size_t i = 0; rc == IMD_STORE_OK && i < d->inbox; i++) {
     sqlite3_stmt *st = s->st[ST_INBOX_DEL];
-    bind_text(st, 1, uids[i]);
-    bind_u64(st, 2, seqs[i]);
-    rc = run(s, ST_INBOX_DEL, "cannot undo the append");
+    sqls_bind_text(st, 1, uids[i]);
+    sqls_bind_u64(st, 2, seqs[i]);
+    rc = sqls_run(s, ST_INBOX_DEL, "cannot undo the append");
   }
   if (rc == IMD_STORE_OK && d->msg) {
     sqlite3_bind_int64(s->st[ST_MSG_DEL], 1, d->mid);
-    rc = run(s, ST_MSG_DEL, "cannot undo the append");
+    rc = sqls_run(s, ST_MSG_DEL, "cannot undo the append");
   }
   if (rc == IMD_STORE_OK && d->idem)
     rc = undo_key(s, m, device);
@@ -1016,7 +905,7 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
   if (s == NULL)
     return IMD_STORE_EINVAL;
   if (uids == NULL || n == 0 || seqs == NULL)
-    return set_err(s, IMD_STORE_EINVAL, "no receivers");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "no receivers");
   rc = check_msg(s, m);
   if (rc != IMD_STORE_OK)
     return rc;
@@ -1063,7 +952,7 @@ int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, u
   dlen = device != NULL ? strlen(device) : 0;
   if (len == 0 || len > UINT32_MAX / 4 || device == NULL || dlen > UINT32_MAX / 4 ||
       seq > INT64_MAX)
-    return set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "bad uid, device or seq");
   if (s->lost)
     return refuse_lost(s);
   /* A client's ack cannot move its device past what was stored: the mark
@@ -1092,7 +981,7 @@ int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, u
     return rc;
   p = malloc(sizeof *p + klen + 1);
   if (p == NULL)
-    return set_err(s, IMD_STORE_EIO, "out of memory");
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
   memcpy(p->key, key, klen + 1);
   p->seq = seq;
   p->node.key = p->key;
@@ -1133,10 +1022,10 @@ int sqlstore_marks_write(sql_store *s)
   rc = batch_begin(s);
   st = s->st[ST_MARK];
   for (mark_pend *p = s->marks_list; p != NULL && rc == IMD_STORE_OK; p = p->next) {
-    bind_text(st, 1, p->key);
-    bind_text(st, 2, p->key + strlen(p->key) + 1);
-    bind_u64(st, 3, p->seq);
-    rc = run(s, ST_MARK, "cannot store the delivered marks");
+    sqls_bind_text(st, 1, p->key);
+    sqls_bind_text(st, 2, p->key + strlen(p->key) + 1);
+    sqls_bind_u64(st, 3, p->seq);
+    rc = sqls_run(s, ST_MARK, "cannot store the delivered marks");
   }
   if (rc != IMD_STORE_OK)
     batch_check_lost(s); /* a single statement undoes itself otherwise */
@@ -1172,10 +1061,10 @@ static int group_rows(sql_store *s, enum stmt_id id, const char *gid, const char
 
   for (size_t i = 0; i < n; i++) {
     if (uids[i] == NULL || uids[i][0] == '\0')
-      return set_err(s, IMD_STORE_EINVAL, "empty member uid");
-    bind_text(st, 1, gid);
-    bind_text(st, 2, uids[i]);
-    if (run(s, id, "cannot change the group") != IMD_STORE_OK)
+      return sqls_set_err(s, IMD_STORE_EINVAL, "empty member uid");
+    sqls_bind_text(st, 1, gid);
+    sqls_bind_text(st, 2, uids[i]);
+    if (sqls_run(s, id, "cannot change the group") != IMD_STORE_OK)
       return IMD_STORE_EIO;
   }
   return IMD_STORE_OK;
@@ -1189,20 +1078,20 @@ int sqlstore_group_update(sql_store *s, const char *gid, const char *const *add,
   if (s == NULL)
     return IMD_STORE_EINVAL;
   if (gid == NULL || gid[0] == '\0')
-    return set_err(s, IMD_STORE_EINVAL, "empty gid");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "empty gid");
   if (s->lost)
     return refuse_lost(s);
   rc = batch_begin(s);
   if (rc != IMD_STORE_OK)
     return rc;
-  if (run(s, ST_SAVEPOINT, "cannot begin the group change") != IMD_STORE_OK) {
+  if (sqls_run(s, ST_SAVEPOINT, "cannot begin the group change") != IMD_STORE_OK) {
     batch_check_lost(s);
     return IMD_STORE_EIO;
   }
   rc = group_rows(s, ST_GROUP_ADD, gid, add, nadd);
   if (rc == IMD_STORE_OK)
     rc = group_rows(s, ST_GROUP_DEL, gid, rm, nrm);
-  if (rc == IMD_STORE_OK && run(s, ST_RELEASE, "cannot end the group change") == IMD_STORE_OK) {
+  if (rc == IMD_STORE_OK && sqls_run(s, ST_RELEASE, "cannot end the group change") == IMD_STORE_OK) {
     s->writes = true;
     return IMD_STORE_OK;
   }
@@ -1221,9 +1110,9 @@ int sqlstore_group_members(sql_store *s, const char *gid,
   if (s == NULL || gid == NULL)
     return IMD_STORE_EINVAL;
   st = s->st[ST_GROUP_GET];
-  bind_text(st, 1, gid);
+  sqls_bind_text(st, 1, gid);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-    const char *uid = column_str(st, 0);
+    const char *uid = sqls_column_str(st, 0);
     if (uid == NULL) {
       step = SQLITE_NOMEM;
       break;
@@ -1231,7 +1120,7 @@ int sqlstore_group_members(sql_store *s, const char *gid,
     fn(ctx, uid);
   }
   if (step != SQLITE_DONE)
-    rc = db_fail(s, "cannot read the group");
+    rc = sqls_db_fail(s, "cannot read the group");
   sqlite3_reset(st);
   return rc;
 }
@@ -1329,25 +1218,25 @@ void sqlstore_ckpt_close(sql_ckpt *c)
  * the caller's transaction. Commits do not write users rows: a user's last
  * seq is also its newest inbox entry's, which the commit made durable.
  * Retention reads last_seq, so it flushes first; so does close. */
-static int users_flush(sql_store *s)
+int sqls_users_flush(sql_store *s)
 {
   sqlite3_stmt *st = s->st[ST_USER_PUT];
 
   for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
-    bind_text(st, 1, u->uid);
-    bind_u64(st, 2, u->durable);
+    sqls_bind_text(st, 1, u->uid);
+    sqls_bind_u64(st, 2, u->durable);
     if (u->has_first)
-      bind_u64(st, 3, u->first_ts);
+      sqls_bind_u64(st, 3, u->first_ts);
     else
       sqlite3_bind_null(st, 3);
-    if (run(s, ST_USER_PUT, "cannot store the user's seq") != IMD_STORE_OK)
+    if (sqls_run(s, ST_USER_PUT, "cannot store the user's seq") != IMD_STORE_OK)
       return IMD_STORE_EIO;
   }
   return IMD_STORE_OK;
 }
 
-/* The transaction holding users_flush() committed. */
-static void users_flushed(sql_store *s)
+/* The transaction holding sqls_users_flush() committed. */
+void sqls_users_flushed(sql_store *s)
 {
   for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
     u->unflushed = false;
@@ -1361,16 +1250,16 @@ static int users_flush_alone(sql_store *s)
 {
   if (s->unflushed == NULL)
     return IMD_STORE_OK;
-  if (run(s, ST_BEGIN, "cannot begin the flush") != IMD_STORE_OK)
+  if (sqls_run(s, ST_BEGIN, "cannot begin the flush") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  if (users_flush(s) != IMD_STORE_OK || run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
+  if (sqls_users_flush(s) != IMD_STORE_OK || sqls_run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
     if (!sqlite3_get_autocommit(s->db)) {
       sqlite3_step(s->st[ST_ROLLBACK]);
       sqlite3_reset(s->st[ST_ROLLBACK]);
     }
     return IMD_STORE_EIO;
   }
-  users_flushed(s);
+  sqls_users_flushed(s);
   return IMD_STORE_OK;
 }
 
@@ -1401,7 +1290,7 @@ int sqlstore_commit(sql_store *s)
   }
   if (!s->batch)
     return IMD_STORE_OK;
-  if (run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
+  if (sqls_run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
     batch_abort(s);
     return IMD_STORE_EIO;
   }
@@ -1421,11 +1310,11 @@ int sqlstore_commit(sql_store *s)
 static int check_read(sql_store *s, const char *uid)
 {
   if (uid == NULL || uid[0] == '\0')
-    return set_err(s, IMD_STORE_EINVAL, "empty uid");
+    return sqls_set_err(s, IMD_STORE_EINVAL, "empty uid");
   /* delivered marks alone may stay uncommitted: reads see them, and no
    * message is visible before it is durable */
   if (s->writes || s->lost)
-    return set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
+    return sqls_set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
   return IMD_STORE_OK;
 }
 
@@ -1436,20 +1325,20 @@ static int sync_row(sql_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx
 {
   imd_store_msg m;
   uint64_t seq = column_u64(st, 0);
-  const char *data = column_str(st, 8);
+  const char *data = sqls_column_str(st, 8);
 
-  m.id = column_str(st, 1);
-  m.from = column_str(st, 2);
-  m.device = column_str(st, 3);
-  m.cid = column_str(st, 4);
-  m.to = column_str(st, 5);
-  m.group = column_str(st, 6);
+  m.id = sqls_column_str(st, 1);
+  m.from = sqls_column_str(st, 2);
+  m.device = sqls_column_str(st, 3);
+  m.cid = sqls_column_str(st, 4);
+  m.to = sqls_column_str(st, 5);
+  m.group = sqls_column_str(st, 6);
   m.ts = column_u64(st, 7);
   m.data = data != NULL ? data : "";
   m.data_len = (size_t)sqlite3_column_bytes(st, 8);
   /* NULL for a NOT NULL column means SQLite ran out of memory converting it. */
   if (m.id == NULL || m.from == NULL || m.device == NULL || (data == NULL && m.data_len > 0))
-    return set_err(s, IMD_STORE_EIO, "out of memory reading the inbox");
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory reading the inbox");
   *upto = seq;
   return fn != NULL && fn(ctx, seq, &m) != 0 ? 1 : 0;
 }
@@ -1474,8 +1363,8 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
   r.upto = since > r.trimmed ? since : r.trimmed;
 
   st = s->st[ST_SYNC];
-  bind_text(st, 1, uid);
-  bind_u64(st, 2, r.upto);
+  sqls_bind_text(st, 1, uid);
+  sqls_bind_u64(st, 2, r.upto);
   sqlite3_bind_int64(st, 3, limit > 0 ? (sqlite3_int64)limit : -1);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
     rc = sync_row(s, st, fn, ctx, &r.upto);
@@ -1483,7 +1372,7 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
       break;
   }
   if (rc == 0 && step != SQLITE_DONE)
-    rc = db_fail(s, "cannot read the inbox");
+    rc = sqls_db_fail(s, "cannot read the inbox");
   sqlite3_reset(st);
   if (rc < 0)
     return rc;
@@ -1520,9 +1409,9 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
   if (rc != IMD_STORE_OK)
     return rc;
   st = s->st[ST_CURSORS];
-  bind_text(st, 1, uid);
+  sqls_bind_text(st, 1, uid);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-    const char *device = column_str(st, 0);
+    const char *device = sqls_column_str(st, 0);
     if (device == NULL) {
       step = SQLITE_NOMEM;
       break;
@@ -1530,217 +1419,7 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
     fn(ctx, device, column_u64(st, 1));
   }
   if (step != SQLITE_DONE)
-    rc = db_fail(s, "cannot read the delivered marks");
+    rc = sqls_db_fail(s, "cannot read the delivered marks");
   sqlite3_reset(st);
   return rc;
-}
-
-/* ---- retention ---- */
-
-/* A stretch of n keys of the sweep of expired idempotency keys, from the
- * key after s->sweep, which then moves on (to the start after the last
- * key). A pass sweeps twice as many keys as were added since the last pass
- * (at least SWEEP_MIN), so the sweep goes round the table faster than keys
- * come: a key lives keep_age_s and is gone within about as long again.
- * Key order is the B-tree's own, so a stretch reads its pages in sequence. */
-static int idem_sweep(sql_store *s, uint64_t n, sqlite3_int64 cutoff)
-{
-  sqlite3_stmt *end = s->st[ST_IDEM_SWEEP_END], *del = s->st[ST_IDEM_SWEEP];
-  char *next[3] = {NULL, NULL, NULL};
-  int step, rc = IMD_STORE_OK;
-
-  for (int i = 0; i < 3; i++)
-    bind_text(end, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
-  sqlite3_bind_int64(end, 4, n > INT64_MAX ? INT64_MAX : (sqlite3_int64)n - 1);
-  step = sqlite3_step(end);
-  for (int i = 0; step == SQLITE_ROW && i < 3; i++) {
-    const char *v = column_str(end, i);
-    if (v == NULL || (next[i] = strdup(v)) == NULL)
-      rc = set_err(s, IMD_STORE_EIO, "out of memory");
-  }
-  if (step != SQLITE_ROW && step != SQLITE_DONE)
-    rc = db_fail(s, "cannot sweep the idempotency keys");
-  sqlite3_reset(end);
-  if (rc == IMD_STORE_OK) {
-    for (int i = 0; i < 3; i++)
-      bind_text(del, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
-    if (step == SQLITE_ROW) {
-      for (int i = 0; i < 3; i++)
-        bind_text(del, i + 4, next[i]);
-    } else { /* the rest of the table; the next stretch starts over */
-      sqlite3_bind_blob(del, 4, "\xff", 1, SQLITE_STATIC);
-      bind_text(del, 5, "");
-      bind_text(del, 6, "");
-    }
-    sqlite3_bind_int64(del, 7, cutoff);
-    rc = run(s, ST_IDEM_SWEEP, "cannot trim the idempotency keys");
-  }
-  if (rc == IMD_STORE_OK) {
-    for (int i = 0; i < 3; i++) {
-      free(s->sweep[i]);
-      s->sweep[i] = next[i];
-      next[i] = NULL;
-    }
-  }
-  for (int i = 0; i < 3; i++)
-    free(next[i]);
-  return rc;
-}
-
-/* The steps of a trim, inside its transaction. Returns the inbox entries
- * dropped or IMD_STORE_EIO. */
-static long trim_steps(sql_store *s, sqlite3_int64 users, sqlite3_int64 entries, uint64_t stretch)
-{
-  sqlite3_stmt *st = s->st[ST_TRIM_CUT];
-  long dropped;
-
-  sqlite3_bind_int64(st, 1, users);
-  sqlite3_bind_int64(st, 2, entries);
-  if (run(s, ST_TRIM_CUT, "cannot find what to trim") != IMD_STORE_OK ||
-      run(s, ST_TRIM_DONE, "cannot find what to trim") != IMD_STORE_OK ||
-      run(s, ST_TRIM_GONE, "cannot collect the trimmed entries") != IMD_STORE_OK ||
-      run(s, ST_TRIM_INBOX, "cannot trim the inboxes") != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  dropped = (long)sqlite3_changes(s->db);
-  if (run(s, ST_TRIM_USERS, "cannot raise the trimmed marks") != IMD_STORE_OK ||
-      run(s, ST_TRIM_OLDEST, "cannot find the oldest entries") != IMD_STORE_OK ||
-      run(s, ST_TRIM_COUNT, "cannot count the message references") != IMD_STORE_OK ||
-      run(s, ST_TRIM_MSGS, "cannot drop unreferenced messages") != IMD_STORE_OK ||
-      run(s, ST_TRIM_REFS, "cannot lower the message references") != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  if (stretch > 0 && idem_sweep(s, stretch, s->sweep_cutoff) != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  /* Empty the scratch tables inside the transaction: they stay empty
-   * whether it commits or rolls back. */
-  if (run(s, ST_TRIM_CLEAR_CUT, "cannot clear the scratch tables") != IMD_STORE_OK ||
-      run(s, ST_TRIM_CLEAR_GONE, "cannot clear the scratch tables") != IMD_STORE_OK ||
-      run(s, ST_TRIM_CLEAR_REFS, "cannot clear the scratch tables") != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  return dropped;
-}
-
-/* Entries with ts below this are past the age limit; below every ts when
- * there is no age limit or it reaches back before the epoch. */
-static sqlite3_int64 age_cutoff(const sql_store *s, uint64_t now_ms)
-{
-  uint64_t age_ms = (uint64_t)s->opts.keep_age_s * 1000;
-
-  if (s->opts.keep_age_s == 0 || now_ms <= age_ms)
-    return -1;
-  now_ms -= age_ms;
-  return now_ms > INT64_MAX ? INT64_MAX : (sqlite3_int64)now_ms;
-}
-
-/* Rolls back the transaction a trim call failed in. */
-static void trim_rollback(sql_store *s)
-{
-  if (!sqlite3_get_autocommit(s->db)) {
-    sqlite3_step(s->st[ST_ROLLBACK]);
-    sqlite3_reset(s->st[ST_ROLLBACK]);
-  }
-}
-
-static int trim_check(sql_store *s)
-{
-  if (s->batch || s->lost)
-    return set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
-  return IMD_STORE_OK;
-}
-
-long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
-{
-  sqlite3_int64 cutoff;
-  sqlite3_stmt *st;
-  long users = 0;
-  int rc;
-
-  if (s == NULL)
-    return IMD_STORE_EINVAL;
-  if ((rc = trim_check(s)) != IMD_STORE_OK)
-    return rc;
-  if (s->opts.keep_count == 0 && s->opts.keep_age_s == 0)
-    return 0;
-  cutoff = age_cutoff(s, now_ms);
-  st = s->st[ST_TRIM_TODO];
-  sqlite3_bind_int64(st, 1, (sqlite3_int64)s->opts.keep_count);
-  sqlite3_bind_int64(st, 2, cutoff);
-  rc = run(s, ST_BEGIN, "cannot begin the trim");
-  if (rc == IMD_STORE_OK)
-    rc = users_flush(s);
-  if (rc == IMD_STORE_OK && (rc = run(s, ST_TRIM_TODO, "cannot find what to trim")) == IMD_STORE_OK)
-    users = (long)sqlite3_changes(s->db);
-  if (rc == IMD_STORE_OK)
-    rc = run(s, ST_COMMIT, "cannot commit the trim");
-  if (rc != IMD_STORE_OK) {
-    trim_rollback(s);
-    return IMD_STORE_EIO;
-  }
-  users_flushed(s);
-  if (s->opts.keep_age_s > 0) {
-    s->sweep_left = s->idem_added > SWEEP_MIN / 2 ? s->idem_added * 2 : SWEEP_MIN;
-    s->sweep_cutoff = cutoff;
-    s->idem_added = 0;
-  }
-  return users;
-}
-
-/* A step of at most users users, entries entries of each, and a stretch
- * of at most sweep_max idempotency keys. */
-static long trim_step_sized(sql_store *s, bool *more, sqlite3_int64 users, sqlite3_int64 entries,
-                            uint64_t sweep_max)
-{
-  sqlite3_stmt *st = s != NULL ? s->st[ST_TRIM_LEFT] : NULL;
-  uint64_t stretch;
-  long dropped;
-  int rc;
-
-  if (more != NULL)
-    *more = false;
-  if (s == NULL)
-    return IMD_STORE_EINVAL;
-  if ((rc = trim_check(s)) != IMD_STORE_OK)
-    return rc;
-  stretch = s->sweep_left < sweep_max ? s->sweep_left : sweep_max;
-  if (run(s, ST_BEGIN, "cannot begin the trim") != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  dropped = trim_steps(s, users, entries, stretch);
-  if (dropped >= 0 && sqlite3_step(st) != SQLITE_ROW)
-    dropped = db_fail(s, "cannot count what is left to trim");
-  if (dropped >= 0 && more != NULL)
-    *more = sqlite3_column_int64(st, 0) > 0 || s->sweep_left > stretch;
-  sqlite3_reset(st);
-  if (dropped >= 0 && run(s, ST_COMMIT, "cannot commit the trim") != IMD_STORE_OK)
-    dropped = IMD_STORE_EIO;
-  if (dropped < 0) {
-    trim_rollback(s);
-    return IMD_STORE_EIO;
-  }
-  s->sweep_left -= stretch;
-  return dropped;
-}
-
-long sqlstore_trim_step(sql_store *s, bool *more)
-{
-  return trim_step_sized(s, more, TRIM_STEP_USERS, TRIM_STEP_ENTRIES, SWEEP_STEP);
-}
-
-long sqlstore_trim(sql_store *s, uint64_t now_ms)
-{
-  long dropped = 0, n;
-  bool more = true;
-
-  n = sqlstore_trim_start(s, now_ms);
-  if (n < 0)
-    return n;
-  if (s->opts.keep_count == 0 && s->opts.keep_age_s == 0)
-    return 0;
-  /* one step without bounds: nobody waits meanwhile, and fewer steps
-   * cost less in all (see TRIM_STEP_USERS) */
-  while (more) {
-    n = trim_step_sized(s, &more, INT64_MAX, INT64_MAX / 2, UINT64_MAX);
-    if (n < 0)
-      return n;
-    dropped += n;
-  }
-  return dropped;
 }
