@@ -294,6 +294,7 @@ function start(cfg) {
   window.imchat = { client, state: S }; // for the console and the tests
   if (cfg.peer) addConv(cfg.peer.startsWith('#') ? 'g:' + cfg.peer.slice(1) : 'u:' + cfg.peer, true);
   else if (S.convs.length) { current = S.convs[0]; renderConvs(); renderMessages(); }
+  releaseHeld(); // held by an earlier page whose outbox has no unacknowledged message left
   client.start();
 }
 
