@@ -53,6 +53,8 @@ typedef struct imd_store_opts {
   uint32_t commit_delay_us; /* SQLite: a commit that follows the last one by
                              less than this waits out the rest, so that one
                              commit takes more requests; 0 = commit at once */
+  uint32_t marks_delay_ms; /* SQLite: how long delivered marks gather in memory
+                             before they are written; 0 = 10 s */
 } imd_store_opts;
 
 /* One message, as appended and as read back. Strings are NUL-terminated. */

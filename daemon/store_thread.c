@@ -11,7 +11,8 @@
  * it in its batch already committed (a read in the middle of a batch
  * commits what precedes it first). Delivered marks wait in memory, one per
  * (uid, device) however many acks come (store_sqlite.c), and are written
- * once they have waited MARK_DELAY_MS: with the next write commit, or in a
+ * once they have waited MARK_DELAY_MS (imd_store_opts.marks_delay_ms): with
+ * the next write commit, or in a
  * commit of their own; reads of the inbox do not wait for them, reads of
  * the marks see them.
  *
@@ -119,6 +120,7 @@ struct thread_store {
   size_t todo_n;           /* requests in todo */
   bool stop, started;
   uint32_t trim_interval_s;
+  uint64_t marks_delay_ms;
   /* checkpoints */
   sql_ckpt *ckpt;
   pthread_t ckpt_thread;
@@ -489,7 +491,7 @@ static void *thread_main(void *arg) {
     if (!marks_left) {
       marks_due = UINT64_MAX;
     } else if (marks_due == UINT64_MAX) {
-      marks_due = now + MARK_DELAY_MS;
+      marks_due = now + t->marks_delay_ms;
     }
     if (marks_left && (now >= marks_due || stop || now >= next_trim)) {
       write_marks(t);
@@ -837,6 +839,7 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
   t->ckpt_limit = o && o->wal_max_bytes ? o->wal_max_bytes : CKPT_LIMIT_BYTES;
   t->ckpt_every = t->ckpt_limit / 4;
   t->gather_ns = o ? (uint64_t)o->commit_delay_us * 1000u : 0;
+  t->marks_delay_ms = o && o->marks_delay_ms ? o->marks_delay_ms : MARK_DELAY_MS;
   atomic_init(&t->ckpt_passed, false);
   atomic_init(&t->ckpt_copied, 0);
   *err = '\0';

@@ -16,6 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <sqlite3.h>
+
 #include "store.h"
 
 typedef struct fx {
@@ -242,6 +244,46 @@ static void retention_runs_in_steps(void **state) {
   /* (the next pass, a second later, may have trimmed the one more) */
   assert_true(synced_info.trimmed == EACH - KEEP || synced_info.trimmed == EACH - KEEP + 1);
   assert_int_equal(synced_info.last, EACH + 1);
+}
+
+/* With no read of the marks and no write to ride with, a mark is written
+ * in a commit of its own once it has waited marks_delay_ms. */
+static void marks_written_after_their_delay(void **state) {
+  fx *f = *state;
+  f->s->ops->close(f->s);
+  char err[256];
+  imd_store_opts o = {.no_fsync = true, .marks_delay_ms = 1000};
+  f->s = imd_store_sqlite_start(f->base, f->path, &o, 0, NULL, err, sizeof err);
+  assert_non_null(f->s);
+  assert_int_equal(append(f, 0, NULL), 0);
+  wait_done(f, 1);
+  assert_int_equal(imd_store_mark(f->s, "bob", "phone", 1), 0);
+  assert_int_equal(append(f, 1, NULL), 0); /* done: the mark was taken before it */
+  wait_done(f, 2);
+  sqlite3 *db = NULL;
+  assert_int_equal(sqlite3_open_v2(f->path, &db, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+  sqlite3_busy_timeout(db, 5000);
+  const char *q = "SELECT count(*) FROM cursors WHERE uid = 'bob' AND delivered = 1";
+  sqlite3_stmt *st = NULL;
+  assert_int_equal(sqlite3_prepare_v2(db, q, -1, &st, NULL), SQLITE_OK);
+  assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+  assert_int_equal(sqlite3_column_int(st, 0), 0); /* in memory */
+  sqlite3_reset(st);
+  imd_store_stats ss;
+  f->s->ops->stats(f->s, &ss);
+  assert_int_equal(ss.marks_pending, 1);
+  int n = 0;
+  for (int i = 0; i < 500 && n == 0; i++) {
+    struct timeval tv = {0, 10000};
+    event_base_loopexit(f->base, &tv);
+    event_base_dispatch(f->base);
+    assert_int_equal(sqlite3_step(st), SQLITE_ROW);
+    n = sqlite3_column_int(st, 0);
+    sqlite3_reset(st);
+  }
+  assert_int_equal(n, 1);
+  sqlite3_finalize(st);
+  sqlite3_close(db);
 }
 
 static char members_seen[256];
@@ -481,6 +523,7 @@ int main(void) {
       cmocka_unit_test_setup_teardown(duplicates_answer_the_first_id, setup, teardown),
       cmocka_unit_test_setup_teardown(marks_ride_along, setup, teardown),
       cmocka_unit_test_setup_teardown(retention_runs_in_steps, setup, teardown),
+      cmocka_unit_test_setup_teardown(marks_written_after_their_delay, setup, teardown),
       cmocka_unit_test_setup_teardown(groups, setup, teardown),
       cmocka_unit_test_setup_teardown(close_completes_outstanding, setup, teardown),
       cmocka_unit_test_setup_teardown(a_view_completes_on_its_own_loop, setup, teardown),
