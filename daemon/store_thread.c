@@ -493,7 +493,11 @@ static void *thread_main(void *arg) {
     } else if (marks_due == UINT64_MAX) {
       marks_due = now + t->marks_delay_ms;
     }
-    if (marks_left && (now >= marks_due || stop || now >= next_trim)) {
+    /* a batch of marks alone (a read of the marks wrote them) is committed
+     * for retention too, which needs no batch open (and this loop does not
+     * wait while a pass has steps left) */
+    bool retain = trimming || now >= next_trim;
+    if (marks_left && (now >= marks_due || stop || (retain && sqlstore_in_batch(t->db)))) {
       write_marks(t);
       commit_now(t, NULL, NULL);
       marks_due = UINT64_MAX;
@@ -504,7 +508,7 @@ static void *thread_main(void *arg) {
     hand_back(batch);
     /* retention: a pass every trim_interval_s, in bounded steps, one per
      * turn of this loop, so batches are committed in between */
-    if (!stop && !sqlstore_in_batch(t->db) && (trimming || now >= next_trim)) {
+    if (!stop && retain && !sqlstore_in_batch(t->db)) {
       uint64_t t0 = mono_ns();
       long n;
       if (now >= next_trim) {
