@@ -122,15 +122,6 @@ static sqlite3_int64 age_cutoff(const sql_store *s, uint64_t now_ms)
   return now_ms > INT64_MAX ? INT64_MAX : (sqlite3_int64)now_ms;
 }
 
-/* Rolls back the transaction a trim call failed in. */
-static void trim_rollback(sql_store *s)
-{
-  if (!sqlite3_get_autocommit(s->db)) {
-    sqlite3_step(s->st[ST_ROLLBACK]);
-    sqlite3_reset(s->st[ST_ROLLBACK]);
-  }
-}
-
 static int trim_check(sql_store *s)
 {
   if (s->batch || s->lost)
@@ -165,7 +156,7 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
   if (rc == IMD_STORE_OK)
     rc = sqls_run(s, ST_COMMIT, "cannot commit the trim");
   if (rc != IMD_STORE_OK) {
-    trim_rollback(s);
+    sqls_rollback(s);
     return IMD_STORE_EIO;
   }
   sqls_users_flushed(s);
@@ -205,7 +196,7 @@ static long trim_step_sized(sql_store *s, bool *more, sqlite3_int64 users, sqlit
   if (dropped >= 0 && sqls_run(s, ST_COMMIT, "cannot commit the trim") != IMD_STORE_OK)
     dropped = IMD_STORE_EIO;
   if (dropped < 0) {
-    trim_rollback(s);
+    sqls_rollback(s);
     return IMD_STORE_EIO;
   }
   s->sweep_left -= stretch;

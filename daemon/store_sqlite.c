@@ -305,6 +305,15 @@ int sqls_db_fail(sql_store *s, const char *what)
 
 /* ---- statements ---- */
 
+/* Rolls back the transaction a failure left open, if any. */
+void sqls_rollback(sql_store *s)
+{
+  if (!sqlite3_get_autocommit(s->db)) {
+    sqlite3_step(s->st[ST_ROLLBACK]);
+    sqlite3_reset(s->st[ST_ROLLBACK]);
+  }
+}
+
 /* Steps a statement that returns no rows and resets it for its next use. */
 int sqls_run(sql_store *s, enum stmt_id id, const char *what)
 {
@@ -451,10 +460,7 @@ static void batch_check_lost(sql_store *s)
  * the counters back to the committed state. */
 static void batch_abort(sql_store *s)
 {
-  if (!sqlite3_get_autocommit(s->db)) {
-    sqlite3_step(s->st[ST_ROLLBACK]);
-    sqlite3_reset(s->st[ST_ROLLBACK]);
-  }
+  sqls_rollback(s);
   s->batch = false;
   s->writes = false;
   seqs_forget(s);
@@ -1252,11 +1258,9 @@ static int users_flush_alone(sql_store *s)
     return IMD_STORE_OK;
   if (sqls_run(s, ST_BEGIN, "cannot begin the flush") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  if (sqls_users_flush(s) != IMD_STORE_OK || sqls_run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
-    if (!sqlite3_get_autocommit(s->db)) {
-      sqlite3_step(s->st[ST_ROLLBACK]);
-      sqlite3_reset(s->st[ST_ROLLBACK]);
-    }
+  if (sqls_users_flush(s) != IMD_STORE_OK ||
+      sqls_run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
+    sqls_rollback(s);
     return IMD_STORE_EIO;
   }
   sqls_users_flushed(s);

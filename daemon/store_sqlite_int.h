@@ -122,6 +122,8 @@ struct sql_store {
 int sqls_set_err(sql_store *s, int rc, const char *what);
 /* Sets the error text to what and SQLite's message; returns IMD_STORE_EIO. */
 int sqls_db_fail(sql_store *s, const char *what);
+/* Rolls back the transaction a failure left open, if any. */
+void sqls_rollback(sql_store *s);
 /* Steps statement id (no rows wanted) and resets it: IMD_STORE_OK or
  * IMD_STORE_EIO (the error text set). */
 int sqls_run(sql_store *s, enum stmt_id id, const char *what);
