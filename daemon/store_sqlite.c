@@ -92,6 +92,13 @@
 #define CACHE_MAX (1u << 18)     /* counters kept across commits; beyond that start afresh */
 #define MARKS_MAX (1u << 16)     /* pending delivered marks; one more writes them all first */
 
+/* Each users row's oldest from its inbox: the ts of the first entry after
+ * trimmed (NULL when there is none). For all rows at open, for those a
+ * retention step trimmed. */
+#define OLDEST_SQL                                                                 \
+  "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid" \
+  " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1)"
+
 /* Every statement the store runs. Only bound parameters carry caller data. */
 static const char *const stmt_sql[ST_COUNT] = {
   [ST_BEGIN] = "BEGIN IMMEDIATE",
@@ -171,10 +178,7 @@ static const char *const stmt_sql[ST_COUNT] = {
     "UPDATE users"
     " SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
     " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
-  [ST_TRIM_OLDEST] =
-    "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid"
-    " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1)"
-    " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
+  [ST_TRIM_OLDEST] = OLDEST_SQL " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
   /* Messages that lost all their references go at once; only the others
    * get their count lowered (most 1:1 messages lose both entries in the
    * same trim, and an update before the delete would be wasted). */
@@ -198,7 +202,6 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_IDEM_SWEEP] =
     "DELETE FROM idem WHERE (sender, device, cid) > (?1, ?2, ?3)"
     " AND (sender, device, cid) <= (?4, ?5, ?6) AND ts < ?7",
-  [ST_TRIM_CLEAR_TODO] = "DELETE FROM temp.trim_todo",
   [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
   [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
   [ST_TRIM_CLEAR_REFS] = "DELETE FROM temp.trim_refs",
@@ -269,11 +272,11 @@ static const char users_fix_sql[] =
   " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);";
 
 /* users.oldest from the inboxes (after users_fix_sql, or an upgrade). */
-static const char oldest_fix_sql[] =
-  "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid"
-  " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1);";
+static const char oldest_fix_sql[] = OLDEST_SQL ";";
 
-/* Per-connection scratch tables of sqlstore_trim(); empty between trims. */
+/* Per-connection scratch tables of retention: trim_todo is the running
+ * pass's list of users (store_retention.c); the others are empty between
+ * steps. */
 static const char temp_sql[] =
   "CREATE TEMP TABLE IF NOT EXISTS trim_todo(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
   " WITHOUT ROWID;"
