@@ -12,9 +12,8 @@
  * commits what precedes it first). Delivered marks wait in memory, one per
  * (uid, device) however many acks come (store_sqlite.c), and are written
  * once they have waited MARK_DELAY_MS (imd_store_opts.marks_delay_ms): with
- * the next write commit, or in a
- * commit of their own; reads of the inbox do not wait for them, reads of
- * the marks see them.
+ * the next write commit, or in a commit of their own; reads of the inbox do
+ * not wait for them, reads of the marks see them.
  *
  * Checkpoints (copying the WAL back into the database file) run on a third
  * thread with a connection of its own, at a lower priority, once per quarter
@@ -378,6 +377,18 @@ static void run_read(thread_store *t, rq *r) {
   if (r->status < 0) set_err_locked(t);
 }
 
+/* Counts one retention transaction (a pass's start or a step) that
+ * dropped `dropped` inbox entries and held the store since t0. */
+static void count_trim(thread_store *t, long dropped, uint64_t t0) {
+  uint64_t us = (mono_ns() - t0) / 1000u;
+  pthread_mutex_lock(&t->lock);
+  if (dropped > 0) t->st.trimmed += (uint64_t)dropped;
+  t->st.trim_steps++;
+  t->st.trim_us += us;
+  if (us > t->st.trim_max_us) t->st.trim_max_us = us;
+  pthread_mutex_unlock(&t->lock);
+}
+
 static void write_marks(thread_store *t) {
   if (sqlstore_marks_write(t->db) < 0) set_err_locked(t);
 }
@@ -510,27 +521,20 @@ static void *thread_main(void *arg) {
      * turn of this loop, so batches are committed in between */
     if (!stop && retain && !sqlstore_in_batch(t->db)) {
       uint64_t t0 = mono_ns();
-      long n;
+      long rc, dropped = 0; /* a start lists users and drops nothing */
       if (now >= next_trim) {
-        n = sqlstore_trim_start(t->db, wall_ms());
-        trimming = n >= 0;
+        rc = sqlstore_trim_start(t->db, wall_ms());
+        trimming = rc >= 0;
         next_trim = now + (uint64_t)t->trim_interval_s * 1000u;
-        if (n > 0) n = 0;
       } else {
-        n = sqlstore_trim_step(t->db, &trimming);
+        rc = dropped = sqlstore_trim_step(t->db, &trimming);
       }
-      if (n < 0) {
+      if (rc < 0) {
         log_error("retention trim failed: %s", sqlstore_error(t->db));
         set_err_locked(t);
         trimming = false;
       }
-      uint64_t us = (mono_ns() - t0) / 1000u;
-      pthread_mutex_lock(&t->lock);
-      if (n > 0) t->st.trimmed += (uint64_t)n;
-      t->st.trim_steps++;
-      t->st.trim_us += us;
-      if (us > t->st.trim_max_us) t->st.trim_max_us = us;
-      pthread_mutex_unlock(&t->lock);
+      count_trim(t, dropped, t0);
     }
 
     pthread_mutex_lock(&t->lock);
@@ -853,14 +857,12 @@ imd_store *imd_store_sqlite_start(struct event_base *base, const char *path,
     return NULL;
   }
   /* retention at start, before the first request can read */
-  uint64_t t0 = mono_ns();
-  long trimmed = t->trim_interval_s ? sqlstore_trim(t->db, wall_ms()) : 0;
-  if (trimmed > 0) t->st.trimmed += (uint64_t)trimmed;
   if (t->trim_interval_s) { /* the pass at start counts as one hold */
-    t->st.trim_steps++;
-    t->st.trim_us = t->st.trim_max_us = (mono_ns() - t0) / 1000u;
+    uint64_t t0 = mono_ns();
+    long trimmed = sqlstore_trim(t->db, wall_ms());
+    if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
+    count_trim(t, trimmed, t0);
   }
-  if (trimmed < 0) log_error("retention trim failed: %s", sqlstore_error(t->db));
   ckpt_start(t, path, o);
   t->h.done = im_async_new(base, batch_done, t);
   if (!t->h.done || pthread_create(&t->thread, NULL, thread_main, t) != 0) {
