@@ -9,9 +9,10 @@
  * system) per append. -N: synchronous=NORMAL instead of FULL. -m: the
  * receiver's device marks each message delivered right after it (as its
  * ack does in imd); the marks are written with the first commit after
- * MARKS_EVERY_S and with the last, as imd's store thread does. -c: give every message a client
- * id (idempotency key). -a: then one retention pass by age that removes
- * the older half (the messages are 1 ms apart). FILE must not exist; it and its -wal/-shm are
+ * MARKS_EVERY_S and with the last, as imd's store thread does. -c: give
+ * every message a client id (idempotency key). -a: then one retention pass
+ * by age that removes the older half (the messages are 1 ms apart), in
+ * bounded steps. FILE must not exist; it and its -wal/-shm are
  * removed at the end. */
 #include <stdint.h>
 #include <stdio.h>
