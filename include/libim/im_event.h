@@ -40,6 +40,29 @@ IM_EXTERN int im_event_listen_tls(im_event *ev, enum im_transport t, const char 
  * one im_event per worker thread, all on the same port. Default off. */
 IM_EXTERN void im_event_set_reuseport(im_event *ev, int on);
 
+/* The longest im_event_set_coalesce() delay, in microseconds. */
+#define IM_EVENT_COALESCE_MAX 1000u
+
+/* A latency budget that buys fewer wake-ups (default 0: off). When a
+ * wake-up of the loop found some connections readable but fewer than a full
+ * batch (256), the driver, once the output of that pass is written, sleeps
+ * usec microseconds before handing the loop back, so that the next wake-up
+ * reads the input of many connections at once: fewer wake-ups, context
+ * switches and system calls per message under load, and more requests in
+ * each of a store's group commits. The price: anything on this loop (input,
+ * timers, other events, im_async posts from other threads) may wait up to
+ * usec longer. A loop with nothing to read never sleeps. Suits a busy
+ * server whose latency goal is in milliseconds; leave it off where tens of
+ * microseconds matter. Any time, on the loop's thread. Returns 0, or
+ * IM_EINVAL (usec > IM_EVENT_COALESCE_MAX; the setting is unchanged). */
+IM_EXTERN int im_event_set_coalesce(im_event *ev, unsigned usec);
+
+/* Wake-ups that found connections ready to read, and the sleeps that
+ * im_event_set_coalesce() added, since im_event_new (for metrics: their
+ * ratio to messages shows how well input is batched). Either pointer may
+ * be NULL. Loop thread. */
+IM_EXTERN void im_event_counts(const im_event *ev, uint64_t *wakeups, uint64_t *naps);
+
 /* The port of the n-th listener (0-based, in listen order), or -1. */
 IM_EXTERN int im_event_port(const im_event *ev, int n);
 

@@ -115,6 +115,9 @@ struct im_event {
   unsigned nlinger;
   bool shutting_down;
   bool reuseport;           /* im_event_set_reuseport */
+  bool nap_due;             /* flush_cb naps once this pass's output is out */
+  unsigned coalesce_us;     /* im_event_set_coalesce */
+  uint64_t wakeups, naps;   /* im_event_counts */
   unsigned signal_grace_ms;
   uint8_t rbuf[READ_BUF];
 };
@@ -306,6 +309,13 @@ static void poll_cb(evutil_socket_t fd, short what, void *arg) {
   im_event *e = arg;
   struct epoll_event evs[POLL_BATCH];
   int n = epoll_wait(e->epfd, evs, POLL_BATCH, 0);
+  if (n > 0) e->wakeups++;
+  /* a wake-up for a few connections: once their output is out (flush_cb
+   * runs after this callback in the same pass), let more input gather */
+  if (e->coalesce_us && n > 0 && n < POLL_BATCH) {
+    e->nap_due = true;
+    schedule_flush(e);
+  }
   for (int i = 0; i < n; i++) {
     if ((uintptr_t)evs[i].data.ptr & LINGER_TAG) {
       linger_read(e, (lingering *)((uintptr_t)evs[i].data.ptr & ~LINGER_TAG));
@@ -317,6 +327,18 @@ static void poll_cb(evutil_socket_t fd, short what, void *arg) {
     /* an error or hang-up is for the read to find (and a write, if armed) */
     if (f & (EPOLLERR | EPOLLHUP)) f |= EPOLLIN | (ec->writing ? EPOLLOUT : 0);
     conn_io(ec, f);
+  }
+}
+
+/* im_event_set_coalesce: the thread sleeps, so everything on its loop
+ * (timers, other events, completions from other threads) may wait up to
+ * coalesce_us longer; input that arrives meanwhile is read in one wake-up. */
+static void nap(im_event *e) {
+  e->nap_due = false;
+  if (e->shutting_down || !e->coalesce_us) return;
+  struct timespec ts = {0, (long)e->coalesce_us * 1000};
+  e->naps++;
+  while (nanosleep(&ts, &ts) < 0 && errno == EINTR) {
   }
 }
 
@@ -348,6 +370,7 @@ static void flush_cb(evutil_socket_t fd, short what, void *arg) {
     im_server_stats(e->srv, &st);
     if (st.conns == 0) event_base_loopexit(e->base, NULL);
   }
+  if (e->nap_due) nap(e);
 }
 
 /* ---- engine hooks ------------------------------------------------------- */
@@ -484,6 +507,17 @@ int im_event_listen_tls(im_event *e, enum im_transport t, const char *addr, im_t
 }
 
 void im_event_set_reuseport(im_event *e, int on) { e->reuseport = on != 0; }
+
+int im_event_set_coalesce(im_event *e, unsigned usec) {
+  if (usec > IM_EVENT_COALESCE_MAX) return IM_EINVAL;
+  e->coalesce_us = usec;
+  return 0;
+}
+
+void im_event_counts(const im_event *e, uint64_t *wakeups, uint64_t *naps) {
+  if (wakeups) *wakeups = e->wakeups;
+  if (naps) *naps = e->naps;
+}
 
 int im_event_listen(im_event *e, enum im_transport t, const char *addr) {
   return im_event_listen_tls(e, t, addr, NULL);

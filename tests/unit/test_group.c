@@ -2,7 +2,9 @@
  * its own event loop and listener, joined as one server. Real TCP clients
  * (binary IMP) on both workers exchange 1:1 and room messages; presence and
  * kick see both workers; ids stay unique; wake-ups come per batch; a
- * worker that wakes to hundreds of readable connections serves them all. */
+ * worker that wakes to hundreds of readable connections serves them all;
+ * a loop with a coalescing budget waits once per wake-up, after its
+ * output went out. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -564,6 +566,67 @@ static void many_connections_ready_at_once(void **state) {
   workers_stop(g, w);
 }
 
+/* im_event_set_coalesce / im_event_counts, on the worker's own thread */
+typedef struct coalesce_call {
+  worker *w;
+  unsigned set;     /* UINT32_MAX: only read the counts */
+  int rc;
+  uint64_t wakeups, naps;
+} coalesce_call;
+
+static void coalesce_on_loop(im_server *srv, void *arg) {
+  (void)srv;
+  coalesce_call *q = arg;
+  if (q->set != UINT32_MAX) q->rc = im_event_set_coalesce(q->w->ev, q->set);
+  im_event_counts(q->w->ev, &q->wakeups, &q->naps);
+}
+
+static coalesce_call coalesce(worker *w, unsigned set) {
+  coalesce_call q = {w, set, 0, 0, 0};
+  run_on(w, coalesce_on_loop, &q);
+  return q;
+}
+
+/* Messages one at a time (each after the last one's ack): every one is
+ * delivered on both workers; worker 0, with a budget, waited once per
+ * wake-up that read input, and its acks came back all the same (the wait
+ * comes after a pass's output is written); worker 1, without, never. A
+ * budget over IM_EVENT_COALESCE_MAX is refused and changes nothing. */
+static void coalescing_waits_after_output(void **state) {
+  (void)state;
+  im_group *g = im_group_new(WORKERS, 0);
+  worker w[WORKERS];
+  workers_start(g, w);
+  assert_int_equal(coalesce(&w[0], 1000).rc, 0);
+  assert_int_equal(coalesce(&w[0], IM_EVENT_COALESCE_MAX + 1).rc, IM_EINVAL);
+  enum { ROUNDS = 20 };
+  coalesce_call before[WORKERS], after[WORKERS];
+  client s[WORKERS], r[WORKERS];
+  for (int k = 0; k < WORKERS; k++) {
+    char su[8], ru[8];
+    snprintf(su, sizeof su, "cs%d", k);
+    snprintf(ru, sizeof ru, "cr%d", k);
+    login(&s[k], w[k].port, su, "d");
+    login(&r[k], w[k].port, ru, "d");
+    before[k] = coalesce(&w[k], UINT32_MAX);
+    for (int i = 0; i < ROUNDS; i++) {
+      imp_packet p;
+      send_msg(&s[k], ru, NULL, i);
+      expect_op(&s[k], IMP_OP_ACK, &p);
+    }
+    expect_msgs(&r[k], ROUNDS, NULL);
+    after[k] = coalesce(&w[k], UINT32_MAX);
+    close(s[k].fd);
+    close(r[k].fd);
+  }
+  /* each message woke its loop (it was sent after the last ack) */
+  for (int k = 0; k < WORKERS; k++)
+    assert_true(after[k].wakeups - before[k].wakeups >= ROUNDS);
+  assert_int_equal(after[0].naps - before[0].naps, after[0].wakeups - before[0].wakeups);
+  assert_int_equal(after[1].naps, 0);
+  workers_stop(g, w);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(messages_cross_workers_once_in_order),
@@ -571,6 +634,7 @@ int main(void) {
       cmocka_unit_test(ids_are_unique_across_workers),
       cmocka_unit_test(a_stuck_worker_costs_bounded_memory),
       cmocka_unit_test(many_connections_ready_at_once),
+      cmocka_unit_test(coalescing_waits_after_output),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
