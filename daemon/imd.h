@@ -36,6 +36,7 @@ typedef struct imd_config {
   const char *redis_prefix;
   uint32_t lease_ttl_s;
   const char *advertise_ws, *advertise_tcp;
+  uint32_t coalesce_us;     /* --coalesce: im_event_set_coalesce() of every worker's loop */
   uint32_t drain_rate;      /* connections closed per second while draining (the process's) */
   uint32_t max_token_ttl_s; /* tokens expiring later than now + this are refused */
   uint32_t rate_receiver;   /* msgs one sender may store for one receiver (or group) per
@@ -332,6 +333,7 @@ typedef struct imd_tally {
   im_guard_stats gs;
   imd_metrics m;
   unsigned workers;                 /* summed so far */
+  uint64_t loop_wakeups, loop_naps; /* im_event_counts */
   uint64_t worker_conns[64];        /* authenticated connections per worker */
 } imd_tally;
 void imd_metrics_tally(imd *d, imd_tally *t);      /* zeroes t, then d's numbers */

@@ -41,7 +41,7 @@ enum { O_WS, O_TCP, O_HTTP, O_SECRET, O_API_KEY, O_DATA, O_CONFIG, O_MAX_MESSAGE
        O_STATIC, O_HOOK_URL, O_HOOK_SECRET, O_HOOK_CONNECT, O_HOOK_MESSAGE, O_HOOK_PRESENCE,
        O_HOOK_TIMEOUT, O_HOOK_FAIL, O_HOOK_CONNS, O_HOOK_QUEUE, O_MAX_TOKEN_TTL,
        O_RATE_MSGS, O_RATE_USER_MSGS, O_RATE_STRIKES, O_RATE_RECEIVER, O_ROOMS, O_LOG_LEVEL,
-       O_LOG_FILE, O_THREADS, O_COMMIT_DELAY, O_N };
+       O_LOG_FILE, O_THREADS, O_COMMIT_DELAY, O_COALESCE, O_N };
 
 static const option_def options[O_N] = {
     [O_WS] = {"--ws", "IMD_WS", "ws", "WebSocket listener (path /ws)   [127.0.0.1:8080]"},
@@ -73,6 +73,8 @@ static const option_def options[O_N] = {
                  "on: fsync every commit; off: survive crashes, not power loss [on]"},
     [O_COMMIT_DELAY] = {"--commit-delay", "IMD_COMMIT_DELAY", "commit_delay",
                         "us a store commit right after another waits for more [100]"},
+    [O_COALESCE] = {"--coalesce", "IMD_COALESCE", "coalesce",
+                    "us a loop waits after a wake-up for few connections, 0 = off [100]"},
     [O_REDIS] = {"--redis", "IMD_REDIS", "redis",
                  "HOST:PORT of Redis: run as a cluster node      [off]"},
     [O_NODE] = {"--node", "IMD_NODE", "node", "node name, unique in the cluster [HOSTNAME-WSPORT]"},
@@ -168,6 +170,7 @@ static const char *defaults[O_N] = {
     [O_MAX_TOKEN_TTL] = "2592000", [O_RATE_MSGS] = "100", [O_RATE_USER_MSGS] = "200",
     [O_RATE_STRIKES] = "200",  [O_RATE_RECEIVER] = "600", [O_ROOMS] = "open",
     [O_THREADS] = "auto",      [O_COMMIT_DELAY] = "100",
+    [O_COALESCE] = "100",
 };
 
 /* Bound of --commit-delay (us): past it the delay is latency, not batching. */
@@ -581,6 +584,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "imd: commit-delay: at most %u microseconds\n", IMD_COMMIT_DELAY_MAX);
     return 2;
   }
+  if (parse_u32("coalesce", vals[O_COALESCE], &d.cfg.coalesce_us) < 0) return 2;
+  if (d.cfg.coalesce_us > IM_EVENT_COALESCE_MAX) {
+    fprintf(stderr, "imd: coalesce: at most %u microseconds\n", IM_EVENT_COALESCE_MAX);
+    return 2;
+  }
   if (parse_u32("lease-ttl", vals[O_LEASE_TTL], &d.cfg.lease_ttl_s) < 0 ||
       parse_u32("drain-rate", vals[O_DRAIN_RATE], &d.cfg.drain_rate) < 0)
     return 2;
@@ -693,6 +701,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "imd: conn-burst: at least 1 with a conn-rate\n");
     return 2;
   }
+  im_event_set_coalesce(d.ev, d.cfg.coalesce_us); /* checked above */
   if (imd_bans_init(&d, vals[O_BAN]) < 0) return 2;
   if (imd_tls_init(&d, vals[O_TLS_CERT], vals[O_TLS_KEY], vals[O_TLS_PLAIN],
                    icfg.auth_timeout_ms) < 0)

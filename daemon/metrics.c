@@ -139,6 +139,7 @@ void imd_metrics_tally(imd *d, imd_tally *t) {
     memset(t->m.platform_conns, 0, sizeof t->m.platform_conns);
     t->m.other_platform_conns = 0;
   }
+  if (d->ev) im_event_counts(d->ev, &t->loop_wakeups, &t->loop_naps);
   t->workers = 1;
   t->worker_conns[d->worker % 64] = t->st.conns_authed;
 }
@@ -160,6 +161,7 @@ void imd_metrics_add(imd_tally *sum, const imd_tally *t) {
   ADD(m.quota_refused), ADD(m.revocations), ADD(m.rooms_refused);
   for (int i = 0; i < 6; i++) ADD(m.http_status[i]);
   for (int i = 0; i < 64; i++) ADD(worker_conns[i]);
+  ADD(loop_wakeups), ADD(loop_naps);
   sum->workers += t->workers;
   /* platforms by name: a name no slot of sum has takes a free one, or
    * counts as other */
@@ -245,6 +247,10 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
         "The longest retention transaction since start", ss.trim_max_us);
   gauge(&b, "imd_store_marks_pending", "Delivered marks waiting in memory to be written",
         ss.marks_pending);
+  counter(&b, "imd_loop_wakeups_total",
+          "Event loop wake-ups that found client connections to read", t->loop_wakeups);
+  counter(&b, "imd_loop_coalesce_waits_total", "Waits of --coalesce for more input",
+          t->loop_naps);
   counter(&b, "imd_syncs_total", "Sync requests answered", m->syncs);
   const im_guard_stats gs = t->gs;
   sb_printf(&b, "# HELP imd_connections_refused_total Connections refused at the door\n"

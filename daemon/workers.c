@@ -67,6 +67,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   /* the guard and its --ban addresses are worker 0's: the group's (im_shared) */
   if (!w->ev || im_server_set_guard(w->srv, guard) < 0) return w;
   im_event_set_reuseport(w->ev, 1);
+  im_event_set_coalesce(w->ev, d->cfg.coalesce_us); /* checked on worker 0's */
   const char *addrs[2] = {d->cfg.ws_addr, d->cfg.tcp_addr};
   const enum im_transport kinds[2] = {IM_TRANSPORT_WS, IM_TRANSPORT_TCP};
   char addr[300];

@@ -82,6 +82,8 @@ class TestCLI(unittest.TestCase):
                               (['--data', d, '--commit-delay', '100001'],
                                'commit-delay: at most 100000'),
                               (['--data', d, '--commit-delay', 'soon'], 'not a number'),
+                              (['--data', d, '--coalesce', '1001'],
+                               'coalesce: at most 1000'),
                               (['--data', d, '--secret', 'short', '--ws', 'off', '--tcp', 'off',
                                 '--http', 'off'], 'at least 16'),
                               (['token', '--secret', SECRET, '--uid', 'u', '--bogus', 'x'],

@@ -333,6 +333,55 @@ class TestDrainPaceAcrossWorkers(ImdCase):
         self.assertEqual(len(done), 20)
 
 
+async def loop_counts(srv):
+    m = parse_metrics((await api(srv, 'GET', '/metrics')).body.decode())
+    return m['imd_loop_wakeups_total'], m['imd_loop_coalesce_waits_total']
+
+
+async def one_at_a_time(case, n):
+    """n 1:1 messages from worker 0 to worker 1, each sent after the last
+    one's ack (so each wakes the loops): the loop counters before and after."""
+    U = case.uid
+    a = await on_worker(case.srv, 'json', U('a'), 0, 'd')
+    b = await on_worker(case.srv, 'json', U('b'), 1, 'd')
+    before = await loop_counts(case.srv)
+    for i in range(n):
+        await a.send('msg', cid='c%d' % i, to=U('b'), data=i)
+        m = await a.expect('ack', 'the ack of msg %d' % i)
+        case.assertEqual(m['cid'], 'c%d' % i)
+    await expect_msgs(b, [{'data': str(i)} for i in range(n)], '1:1')
+    after = await loop_counts(case.srv)
+    await a.close()
+    await b.close()
+    return before, after
+
+
+class TestCoalesce(ImdCase):
+    """--coalesce (default 100 us): a loop that woke up for a few
+    connections waits once after writing its output; every message still
+    arrives, every ack still comes."""
+    server_args = ('--threads', '2', *NO_RATE_LIMITS)
+
+    @scenario(timeout=60)
+    async def test_each_wakeup_waits_once(self):
+        (w0, c0), (w1, c1) = await one_at_a_time(self, N)
+        self.assertGreaterEqual(w1 - w0, N)
+        # the counters of a wake-up whose wait had not begun when /metrics
+        # asked may be one apart on each worker
+        self.assertGreaterEqual(c1 - c0, (w1 - w0) - 2)
+        self.assertLessEqual(c1, w1)
+
+
+class TestCoalesceOff(ImdCase):
+    server_args = ('--threads', '2', '--coalesce', '0', *NO_RATE_LIMITS)
+
+    @scenario(timeout=60)
+    async def test_no_waits(self):
+        (w0, c0), (w1, c1) = await one_at_a_time(self, N)
+        self.assertGreaterEqual(w1 - w0, N)
+        self.assertEqual(c1, 0)
+
+
 class TestThreadsOptions(unittest.TestCase):
     def test_bad_values_refused(self):
         for args, why in ((('--threads', '0'), 'threads: 1 to'),
