@@ -15,7 +15,12 @@
 # from a given commit); im-bench always comes from BUILD_DIR. WRK_THREADS (default
 # 1) sets wrk's threads. IMD_ARGS adds
 # options to imd (e.g. "--threads 2"); SRV_CPUS / CLIENT_CPUS change the
-# pinning (default 0 / 1; bench/threads.sh gives imd two cores).
+# pinning (default 0 / 1; bench/threads.sh gives imd two cores). RECEIVERS=N
+# (default 1) spreads the pushes over N online receivers r0..rN-1 (round robin
+# per wrk thread): one WebSocket connection that acks every message cannot
+# take more than some tens of thousands a second, and pushes it cannot take
+# yet are stored for its sync with "delivered":0, which the check counts as a
+# mismatch.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${1:?usage: bench/http-push.sh BUILD_DIR [SECONDS] [CONNS] [RUNS] [both|imd|peer]}
@@ -47,7 +52,13 @@ port_of() { # FILE KIND: the port of the "KIND listening ... port N" line
 write_lua() { # KEY FILE
   cat >"$2" <<LUA
 wrk.method = "POST"
-wrk.body = '{"from":"system","to":"r0","data":{"kind":"push","text":"abcdefghijklmnop"}}'
+local receivers = ${RECEIVERS:-1}
+local n = 0
+function request()
+  n = n + 1
+  return wrk.format(nil, nil, nil, '{"from":"system","to":"r' .. (n % receivers) ..
+    '","data":{"kind":"push","text":"abcdefghijklmnop"}}')
+end
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer $1"
 local threads = {}
@@ -93,11 +104,11 @@ run_one() { # TARGET RUN
     key=peer-bench-key
   fi
   write_lua "$key" "$tmp/push.lua"
-  taskset -c "$client_cpus" "$build/bench/im-bench" recv --url "ws://127.0.0.1:$ws/ws" -n 1 --uid-prefix r \
+  taskset -c "$client_cpus" "$build/bench/im-bench" recv --url "ws://127.0.0.1:$ws/ws" -n "${RECEIVERS:-1}" --uid-prefix r \
     "${auth[@]}" --idle-exit 3 --hold-seconds $((secs + 60)) >"$tmp/recv" 2>&1 &
   rcv=$!
   for _ in $(seq 100); do grep -q '^connected' "$tmp/recv" && break; sleep 0.1; done
-  grep -q '^connected 1 authed 1' "$tmp/recv" || { cat "$tmp/recv" "$out" >&2; exit 1; }
+  grep -q "^connected ${RECEIVERS:-1} authed ${RECEIVERS:-1}" "$tmp/recv" || { cat "$tmp/recv" "$out" >&2; exit 1; }
   local t0 t1 c0 c1 w0 w1
   t0=$(date +%s%N); c0=$(ticks "$srv"); w0=$(cpu_self)
   taskset -c "$client_cpus" "$wrk" -t"${WRK_THREADS:-1}" -c"$conns" -d"${secs}s" --latency -s "$tmp/push.lua" \
