@@ -32,6 +32,7 @@ struct im_listener {
   bool enabled;   /* as the owner wants it */
   uint64_t last_log_ms;
   int spare;      /* a descriptor held in reserve for the fd limit (-1: none) */
+  int8_t nodelay; /* accepted sockets inherit TCP_NODELAY: 1, do not: 0, not known yet: -1 */
 };
 
 int im_addr_parse(const char *addr, struct sockaddr_storage *ss, socklen_t *len) {
@@ -100,9 +101,18 @@ static pthread_rwlock_t accept_lock = PTHREAD_RWLOCK_INITIALIZER;
 /* Accepted connections handed over per wake-up at most (fairness). */
 #define ACCEPTS_PER_WAKE 64
 
+/* Small frames and responses must not wait for Nagle. The listening socket
+ * has TCP_NODELAY, which Linux copies to the sockets it accepts: the first
+ * one accepted says whether it did, and only where not is it set on each
+ * (a system call per connection). */
 static void take(im_listener *l, int fd, const struct sockaddr *sa) {
-  int one = 1; /* small frames and responses must not wait for Nagle */
-  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  int one = 1;
+  if (l->nodelay < 0) {
+    int on = 0;
+    socklen_t len = sizeof on;
+    l->nodelay = getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len) == 0 && on ? 1 : 0;
+  }
+  if (!l->nodelay) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
   char peer[INET6_ADDRSTRLEN + 8];
   im_addr_format(sa, peer, sizeof peer);
   l->fn(fd, peer, l->arg);
@@ -181,6 +191,7 @@ static im_listener *listener_new(struct event_base *base, const char *addr, int 
       (reuseport && setsockopt(l->fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0) ||
       bind(l->fd, (struct sockaddr *)&ss, len) < 0 || listen(l->fd, backlog) < 0)
     err = errno;
+  l->nodelay = !err && setsockopt(l->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) == 0 ? -1 : 0;
   l->retry = err ? NULL : evtimer_new(base, retry_cb, l);
   l->ev = l->retry ? event_new(base, l->fd, EV_READ | EV_PERSIST, readable_cb, l) : NULL;
   if (!l->ev || event_add(l->ev, NULL) < 0) {

@@ -8,7 +8,10 @@
 #include <stdint.h>
 #include <cmocka.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
+#include <event2/event.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -101,6 +104,45 @@ static void test_listener_bad_addr(void **st) {
   im_listener_free(NULL);
 }
 
+/* Every accepted socket has TCP_NODELAY, as im_accept_fn says: the first
+ * one (when the listener learns whether Linux copied it from the listening
+ * socket) and the ones after it. */
+typedef struct accepted {
+  struct event_base *base;
+  int n, nodelay;
+} accepted;
+
+static void on_accept(int fd, const char *peer, void *arg) {
+  accepted *a = arg;
+  int on = 0;
+  socklen_t len = sizeof on;
+  assert_int_equal(getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &len), 0);
+  assert_non_null(peer);
+  if (on) a->nodelay++;
+  close(fd);
+  if (++a->n == 3) event_base_loopbreak(a->base);
+}
+
+static void test_listener_nodelay(void **st) {
+  (void)st;
+  accepted a = {event_base_new(), 0, 0};
+  assert_non_null(a.base);
+  im_listener *l = im_listener_new(a.base, "127.0.0.1:0", 16, on_accept, &a);
+  assert_non_null(l);
+  struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)im_listener_port(l))};
+  sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  int c[3];
+  for (int i = 0; i < 3; i++) {
+    c[i] = socket(AF_INET, SOCK_STREAM, 0);
+    assert_int_equal(connect(c[i], (struct sockaddr *)&sa, sizeof sa), 0);
+  }
+  while (a.n < 3) assert_int_equal(event_base_loop(a.base, EVLOOP_ONCE), 0);
+  assert_int_equal(a.nodelay, 3);
+  for (int i = 0; i < 3; i++) close(c[i]);
+  im_listener_free(l);
+  event_base_free(a.base);
+}
+
 static void nop_want(im_server *s, im_conn_id c, void *ctx, void *u) {
   (void)s, (void)c, (void)ctx, (void)u;
 }
@@ -131,6 +173,7 @@ int main(void) {
       cmocka_unit_test(test_plain_stream),
       cmocka_unit_test(test_tls_context_errors),
       cmocka_unit_test(test_listener_bad_addr),
+      cmocka_unit_test(test_listener_nodelay),
       cmocka_unit_test(test_conn_secure_flag),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
