@@ -8,9 +8,8 @@
 #include <sys/random.h>
 #include <sys/types.h>
 
-#include <mbedtls/base64.h>
-#include <mbedtls/md.h>
 #include <mbedtls/platform_util.h>
+#include <mbedtls/sha256.h>
 
 #define SIG_RAW_LEN 32
 #define SIG_B64_LEN 43 /* ceil(32 * 4 / 3), no padding */
@@ -48,51 +47,162 @@ static int is_b64url(char c)
          (c >= '0' && c <= '9') || c == '-' || c == '_';
 }
 
-/* Streams the message through HMAC so uid and device need no joined copy of
- * unbounded size. Writes SIG_B64_LEN characters and a NUL to sig. */
-static int sign(const uint8_t *secret, size_t secret_len, const char *uid,
-                const char *dev, const char *iat, size_t iat_len,
-                const char *exp, size_t exp_len, char sig[SIG_B64_LEN + 1])
+/* HMAC-SHA256 (RFC 2104) keyed states: SHA-256 after the key block XOR
+ * ipad (inner) and XOR opad (outer). They depend on the secret only, so
+ * each thread keeps those of the last secret it used: a token then costs
+ * the blocks of its message and of the outer hash, not the two key blocks
+ * as well (and no allocation, which mbedtls_md_setup makes). A secret
+ * longer than KEY_CACHE_MAX is keyed anew each time. */
+#define HMAC_BLOCK 64
+#define KEY_CACHE_MAX 256
+
+typedef struct hmac_keyed {
+  mbedtls_sha256_context inner, outer;
+} hmac_keyed;
+
+typedef struct key_cache {
+  uint8_t key[KEY_CACHE_MAX];
+  size_t len; /* 0: empty */
+  hmac_keyed hk;
+} key_cache;
+
+static _Thread_local key_cache cache;
+
+static int hmac_key(const uint8_t *secret, size_t secret_len, hmac_keyed *hk)
 {
-  const mbedtls_md_info_t *info = mbedtls_md_info_from_type(MBEDTLS_MD_SHA256);
-  mbedtls_md_context_t ctx;
-  unsigned char mac[SIG_RAW_LEN];
-  unsigned char b64[SIG_B64_LEN + 2]; /* padded form plus NUL */
-  size_t b64_len = 0;
+  uint8_t k[HMAC_BLOCK] = {0}, pad[HMAC_BLOCK];
   int rc = -1;
 
-  if (info == NULL || mbedtls_md_get_size(info) != SIG_RAW_LEN)
-    return -1;
-  mbedtls_md_init(&ctx);
-  if (mbedtls_md_setup(&ctx, info, 1) != 0 ||
-      mbedtls_md_hmac_starts(&ctx, secret, secret_len) != 0 ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)(iat ? sign_domain2 : sign_domain),
-                             (iat ? sizeof sign_domain2 : sizeof sign_domain) - 1) != 0 ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)uid,
-                             strlen(uid)) != 0 ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)"\n", 1) != 0 ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)dev,
-                             strlen(dev)) != 0 ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)"\n", 1) != 0 ||
-      (iat && (mbedtls_md_hmac_update(&ctx, (const unsigned char *)iat, iat_len) != 0 ||
-               mbedtls_md_hmac_update(&ctx, (const unsigned char *)"\n", 1) != 0)) ||
-      mbedtls_md_hmac_update(&ctx, (const unsigned char *)exp, exp_len) != 0 ||
-      mbedtls_md_hmac_finish(&ctx, mac) != 0)
-    goto out;
-  if (mbedtls_base64_encode(b64, sizeof b64, &b64_len, mac, sizeof mac) != 0 ||
-      b64_len != SIG_B64_LEN + 1 || b64[SIG_B64_LEN] != '=')
-    goto out;
-  for (size_t i = 0; i < SIG_B64_LEN; i++) {
-    char c = (char)b64[i];
-    sig[i] = c == '+' ? '-' : c == '/' ? '_' : c;
+  if (secret_len > HMAC_BLOCK) {
+    if (mbedtls_sha256_ret(secret, secret_len, k, 0) != 0)
+      goto out;
+  } else {
+    memcpy(k, secret, secret_len);
   }
-  sig[SIG_B64_LEN] = '\0';
+  mbedtls_sha256_init(&hk->inner);
+  mbedtls_sha256_init(&hk->outer);
+  for (size_t i = 0; i < HMAC_BLOCK; i++)
+    pad[i] = k[i] ^ 0x36;
+  if (mbedtls_sha256_starts_ret(&hk->inner, 0) != 0 ||
+      mbedtls_sha256_update_ret(&hk->inner, pad, HMAC_BLOCK) != 0)
+    goto out;
+  for (size_t i = 0; i < HMAC_BLOCK; i++)
+    pad[i] = k[i] ^ 0x5c;
+  if (mbedtls_sha256_starts_ret(&hk->outer, 0) != 0 ||
+      mbedtls_sha256_update_ret(&hk->outer, pad, HMAC_BLOCK) != 0)
+    goto out;
   rc = 0;
 out:
-  mbedtls_md_free(&ctx);
-  mbedtls_platform_zeroize(mac, sizeof mac);
-  mbedtls_platform_zeroize(b64, sizeof b64);
+  mbedtls_platform_zeroize(k, sizeof k);
+  mbedtls_platform_zeroize(pad, sizeof pad);
   return rc;
+}
+
+/* The keyed states of secret: this thread's cached ones, or *spare. */
+static const hmac_keyed *keyed(const uint8_t *secret, size_t secret_len, hmac_keyed *spare)
+{
+  if (secret_len > KEY_CACHE_MAX)
+    return hmac_key(secret, secret_len, spare) == 0 ? spare : NULL;
+  if (cache.len == secret_len && memcmp(cache.key, secret, secret_len) == 0)
+    return &cache.hk;
+  cache.len = 0;
+  if (hmac_key(secret, secret_len, &cache.hk) != 0)
+    return NULL;
+  memcpy(cache.key, secret, secret_len);
+  cache.len = secret_len;
+  return &cache.hk;
+}
+
+static int hash_str(mbedtls_sha256_context *c, const char *p, size_t n)
+{
+  return mbedtls_sha256_update_ret(c, (const unsigned char *)p, n) != 0 ||
+         mbedtls_sha256_update_ret(c, (const unsigned char *)"\n", 1) != 0;
+}
+
+/* The MAC of a token: streams the message through HMAC so uid and device
+ * need no joined copy of unbounded size. */
+static int sign(const uint8_t *secret, size_t secret_len, const char *uid,
+                const char *dev, const char *iat, size_t iat_len,
+                const char *exp, size_t exp_len, uint8_t mac[SIG_RAW_LEN])
+{
+  hmac_keyed spare;
+  const hmac_keyed *hk = keyed(secret, secret_len, &spare);
+  mbedtls_sha256_context c;
+  uint8_t inner[SIG_RAW_LEN];
+  int rc = -1;
+
+  if (hk == NULL)
+    return -1;
+  mbedtls_sha256_init(&c);
+  mbedtls_sha256_clone(&c, &hk->inner);
+  if (mbedtls_sha256_update_ret(&c, (const unsigned char *)(iat ? sign_domain2 : sign_domain),
+                                (iat ? sizeof sign_domain2 : sizeof sign_domain) - 1) != 0 ||
+      hash_str(&c, uid, strlen(uid)) != 0 || hash_str(&c, dev, strlen(dev)) != 0 ||
+      (iat && hash_str(&c, iat, iat_len) != 0) ||
+      mbedtls_sha256_update_ret(&c, (const unsigned char *)exp, exp_len) != 0 ||
+      mbedtls_sha256_finish_ret(&c, inner) != 0)
+    goto out;
+  mbedtls_sha256_clone(&c, &hk->outer);
+  if (mbedtls_sha256_update_ret(&c, inner, sizeof inner) != 0 ||
+      mbedtls_sha256_finish_ret(&c, mac) != 0)
+    goto out;
+  rc = 0;
+out:
+  mbedtls_sha256_free(&c);
+  if (hk == &spare) {
+    mbedtls_sha256_free(&spare.inner);
+    mbedtls_sha256_free(&spare.outer);
+  }
+  mbedtls_platform_zeroize(inner, sizeof inner);
+  return rc;
+}
+
+static const char b64url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+/* 32 bytes as 43 base64url characters (no padding) and a NUL. */
+static void sig_encode(const uint8_t mac[SIG_RAW_LEN], char out[SIG_B64_LEN + 1])
+{
+  size_t o = 0;
+  for (size_t i = 0; i < SIG_RAW_LEN; i += 3) {
+    uint32_t v = (uint32_t)mac[i] << 16;
+    if (i + 1 < SIG_RAW_LEN)
+      v |= (uint32_t)mac[i + 1] << 8;
+    if (i + 2 < SIG_RAW_LEN)
+      v |= mac[i + 2];
+    for (int k = 0; k < 4 && o < SIG_B64_LEN; k++)
+      out[o++] = b64url[(v >> (18 - 6 * k)) & 63];
+  }
+  out[SIG_B64_LEN] = '\0';
+}
+
+static int b64url_value(char c)
+{
+  return c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26
+       : c >= '0' && c <= '9' ? c - '0' + 52 : c == '-' ? 62 : c == '_' ? 63 : -1;
+}
+
+/* The 32 bytes of a token's 43 base64url characters (parse() checked the
+ * alphabet). -1 when the last character's two spare bits are not zero: one
+ * MAC has exactly one spelling, so a token cannot be varied and stay
+ * valid. The signature is the client's, not secret: plain lookups. */
+static int sig_decode(const char *sig, uint8_t mac[SIG_RAW_LEN])
+{
+  size_t o = 0;
+  for (size_t i = 0; i < SIG_B64_LEN; i += 4) {
+    uint32_t v = 0;
+    size_t n = SIG_B64_LEN - i < 4 ? SIG_B64_LEN - i : 4;
+    for (size_t k = 0; k < 4; k++) {
+      int x = k < n ? b64url_value(sig[i + k]) : 0;
+      if (x < 0)
+        return -1;
+      v = v << 6 | (uint32_t)x;
+    }
+    for (int k = 0; k < 3 && o < SIG_RAW_LEN; k++)
+      mac[o++] = (uint8_t)(v >> (16 - 8 * k));
+    if (n < 4 && (v & 0xff) != 0) /* the last group: 3 characters, 16 bits */
+      return -1;
+  }
+  return 0;
 }
 
 /* Reads [1-9][0-9]{0,max-1} at *t into digits/len/value and moves *t past
@@ -156,11 +266,11 @@ static int parse(const char *t, token_fields *f)
 
 /* Always looks at all n bytes; the volatile accumulator keeps the compiler
  * from turning the loop into an early-exit memcmp. */
-static int equal_ct(const char *a, const char *b, size_t n)
+static int equal_ct(const uint8_t *a, const uint8_t *b, size_t n)
 {
-  volatile unsigned char diff = 0;
+  volatile uint8_t diff = 0;
   for (size_t i = 0; i < n; i++)
-    diff |= (unsigned char)((unsigned char)a[i] ^ (unsigned char)b[i]);
+    diff |= (uint8_t)(a[i] ^ b[i]);
   return diff == 0;
 }
 
@@ -171,6 +281,7 @@ static int mint(const uint8_t *secret, size_t secret_len, const char *uid,
 {
   char exp[EXP_DIGITS_MAX + 1], iat[IAT_DIGITS_MAX + 1];
   char sig[SIG_B64_LEN + 1];
+  uint8_t mac[SIG_RAW_LEN];
   char token[IMD_TOKEN_MAX];
   int exp_len, iat_len = 0, len, bound;
 
@@ -200,8 +311,10 @@ static int mint(const uint8_t *secret, size_t secret_len, const char *uid,
   bound = device[0] != '\0';
   if (sign(secret, secret_len, uid, bound ? device : "*",
            issued_ms > 0 ? iat : NULL, (size_t)iat_len, exp, (size_t)exp_len,
-           sig) != 0)
+           mac) != 0)
     return IMD_TOKEN_EINVAL;
+  sig_encode(mac, sig);
+  mbedtls_platform_zeroize(mac, sizeof mac);
   if (issued_ms > 0)
     len = snprintf(token, sizeof token, "2.%s.%s.%c.%s", iat, exp,
                    bound ? 'd' : '*', sig);
@@ -243,7 +356,7 @@ int imd_token_check(const uint8_t *secret, size_t secret_len, const char *uid,
                     imd_token_claims *claims)
 {
   token_fields f;
-  char expected[SIG_B64_LEN + 1];
+  uint8_t expected[SIG_RAW_LEN], given[SIG_RAW_LEN];
   const char *dev;
   int same;
 
@@ -267,10 +380,11 @@ int imd_token_check(const uint8_t *secret, size_t secret_len, const char *uid,
     dev = "*";
   }
 
-  if (sign(secret, secret_len, uid, dev, f.iat, f.iat_len, f.exp, f.exp_len,
+  if (sig_decode(f.sig, given) != 0 ||
+      sign(secret, secret_len, uid, dev, f.iat, f.iat_len, f.exp, f.exp_len,
            expected) != 0)
     return IMD_TOKEN_INVALID;
-  same = equal_ct(expected, f.sig, SIG_B64_LEN);
+  same = equal_ct(expected, given, SIG_RAW_LEN);
   mbedtls_platform_zeroize(expected, sizeof expected);
   if (!same)
     return IMD_TOKEN_INVALID;

@@ -40,8 +40,9 @@ static int verify(const char *uid, const char *device, const char *token,
 
 /* Signs arbitrary EXP text with mbedTLS directly, so that malformed tokens
  * carry a correct signature and only the parser can reject them. */
-static void forge(const char *version, const char *exp, const char *scope,
-                  const char *uid, const char *dev, char out[256])
+static void forge_with(const uint8_t *key, size_t key_len, const char *version,
+                       const char *exp, const char *scope, const char *uid,
+                       const char *dev, char out[256])
 {
   static const char alphabet[] =
       "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
@@ -52,7 +53,7 @@ static void forge(const char *version, const char *exp, const char *scope,
                      exp);
   assert_true(len > 0 && (size_t)len < sizeof msg);
   assert_int_equal(mbedtls_md_hmac(mbedtls_md_info_from_type(MBEDTLS_MD_SHA256),
-                                   secret, secret_len,
+                                   key, key_len,
                                    (const unsigned char *)msg, (size_t)len,
                                    mac),
                    0);
@@ -73,6 +74,12 @@ static void forge(const char *version, const char *exp, const char *scope,
   assert_int_equal(o, 43);
   len = snprintf(out, 256, "%s.%s.%s.%s", version, exp, scope, sig);
   assert_true(len > 0 && len < 256);
+}
+
+static void forge(const char *version, const char *exp, const char *scope,
+                  const char *uid, const char *dev, char out[256])
+{
+  forge_with(secret, secret_len, version, exp, scope, uid, dev, out);
 }
 
 /* v2: the issue time is part of the token and of the signed message
@@ -226,6 +233,41 @@ static void test_wrong_uid_device_secret(void **state)
   assert_int_equal(imd_token_verify(secret, secret_len - 1, "alice", "d1",
                                     KAT_DEVICE, NOW),
                    IMD_TOKEN_INVALID);
+}
+
+/* Secrets of every size class (the HMAC block is 64 bytes; a thread keeps
+ * the keyed state of secrets up to 256 bytes), checked against mbedTLS's
+ * own HMAC, alternating with the test secret: each verification uses the
+ * secret it is given, whichever one came before. */
+static void test_secret_sizes_and_changes(void **state)
+{
+  (void)state;
+  static const size_t lens[] = {16, 32, 63, 64, 65, 256, 257, 300}; /* 32: as SECRET */
+  uint8_t key[300];
+  for (size_t i = 0; i < sizeof key; i++)
+    key[i] = (uint8_t)('a' + i % 26);
+  for (size_t k = 0; k < sizeof lens / sizeof lens[0]; k++) {
+    char tok[256];
+    forge_with(key, lens[k], "1", "2000000000", "d", "alice", "d1", tok);
+    for (int round = 0; round < 2; round++) {
+      assert_int_equal(imd_token_verify(key, lens[k], "alice", "d1", tok, NOW), IMD_TOKEN_OK);
+      assert_int_equal(verify("alice", "d1", tok, NOW), IMD_TOKEN_INVALID);
+      assert_int_equal(verify("alice", "d1", KAT_DEVICE, NOW), IMD_TOKEN_OK);
+      assert_int_equal(imd_token_verify(key, lens[k], "alice", "d1", KAT_DEVICE, NOW),
+                       IMD_TOKEN_INVALID);
+    }
+    /* one byte more or less of the same bytes is another key */
+    assert_int_equal(imd_token_verify(key, lens[k] - 1, "alice", "d1", tok, NOW),
+                     IMD_TOKEN_INVALID);
+    if (lens[k] < sizeof key)
+      assert_int_equal(imd_token_verify(key, lens[k] + 1, "alice", "d1", tok, NOW),
+                       IMD_TOKEN_INVALID);
+    /* what imd mints with that secret is what mbedTLS signs */
+    char minted[IMD_TOKEN_MAX];
+    assert_true(imd_token_mint(key, lens[k], "alice", "d1", 2000000000, minted,
+                               sizeof minted) > 0);
+    assert_string_equal(minted, tok);
+  }
 }
 
 static void test_empty_device_against_bound(void **state)
@@ -606,6 +648,7 @@ int main(void)
     cmocka_unit_test(test_roundtrip_any),
     cmocka_unit_test(test_longest_token_fits),
     cmocka_unit_test(test_wrong_uid_device_secret),
+    cmocka_unit_test(test_secret_sizes_and_changes),
     cmocka_unit_test(test_empty_device_against_bound),
     cmocka_unit_test(test_scope_swap),
     cmocka_unit_test(test_tampered_exp),
