@@ -76,10 +76,16 @@ static int conn_open(im_server *s, im_conn *c, const char *uid, const char *devi
 }
 
 static void send_auth_ok(im_server *s, im_conn *c) {
-  char conn[24];
-  snprintf(conn, sizeof conn, "%" PRIx64, c->id);
+  static const char hex[] = "0123456789abcdef";
+  char conn[16]; /* c->id in hex, no leading zeros (as PRIx64) */
+  size_t n = sizeof conn;
+  uint64_t v = c->id;
+  do {
+    conn[--n] = hex[v & 15];
+    v >>= 4;
+  } while (v);
   imp_packet p = {.op = IMP_OP_AUTH_OK};
-  imp_set_str(&p, IMP_K_CONN, conn, strlen(conn));
+  imp_set_str(&p, IMP_K_CONN, conn + n, sizeof conn - n);
   imp_set_num(&p, IMP_K_HB, s->cfg.heartbeat_s);
   conn_send_packet(s, c, &p);
 }

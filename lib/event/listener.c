@@ -18,6 +18,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "proto/writer.h"
+
 /* While accept() fails for lack of descriptors or memory, stop listening for
  * this long instead of spinning on a listener that stays readable. */
 #define ACCEPT_PAUSE_MS 100
@@ -70,19 +72,29 @@ int im_addr_parse(const char *addr, struct sockaddr_storage *ss, socklen_t *len)
   return 0;
 }
 
+/* Runs for every accepted connection: IPv4 without printf. */
 void im_addr_format(const struct sockaddr *sa, char *out, size_t cap) {
-  char host[INET6_ADDRSTRLEN] = "?";
+  writer w = {out, cap, 0};
   if (sa->sa_family == AF_INET) {
     const struct sockaddr_in *in = (const struct sockaddr_in *)sa;
-    evutil_inet_ntop(AF_INET, &in->sin_addr, host, sizeof host);
-    snprintf(out, cap, "%s:%u", host, (unsigned)ntohs(in->sin_port));
+    const uint8_t *a = (const uint8_t *)&in->sin_addr;
+    for (int i = 0; i < 4; i++) {
+      put_uint(&w, a[i]);
+      put(&w, i < 3 ? "." : ":", 1);
+    }
+    put_uint(&w, ntohs(in->sin_port));
   } else if (sa->sa_family == AF_INET6) {
     const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)sa;
+    char host[INET6_ADDRSTRLEN] = "?";
     evutil_inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof host);
-    snprintf(out, cap, "[%s]:%u", host, (unsigned)ntohs(in6->sin6_port));
+    put(&w, "[", 1);
+    put_str(&w, host);
+    put(&w, "]:", 2);
+    put_uint(&w, ntohs(in6->sin6_port));
   } else {
-    snprintf(out, cap, "?");
+    put(&w, "?", 1);
   }
+  put_end(&w);
 }
 
 static uint64_t mono_ms(void) {

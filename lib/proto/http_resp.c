@@ -3,16 +3,17 @@
 
 #include <string.h>
 
-bool http_name_is(const char *s, size_t len, const char *lower) {
-  size_t i = 0;
-  for (; i < len && lower[i]; i++) {
+bool http_name_eq(const char *s, size_t len, const char *lower, size_t lower_len) {
+  if (len != lower_len)
+    return false;
+  for (size_t i = 0; i < len; i++) {
     char c = s[i];
     if (c >= 'A' && c <= 'Z')
       c = (char)(c - 'A' + 'a');
     if (c != lower[i])
       return false;
   }
-  return i == len && lower[i] == '\0';
+  return true;
 }
 
 static const char *find_blank_line(const char *p, size_t n) {

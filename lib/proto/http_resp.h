@@ -6,6 +6,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <string.h>
 
 typedef struct http_hdr {
   const char *name, *value; /* value without surrounding spaces/tabs */
@@ -24,8 +25,17 @@ long http_resp_head(const char *p, size_t n, size_t max, int *status);
  * without a colon are skipped. */
 bool http_resp_next_header(const char **cur, const char *p, size_t head_len, http_hdr *h);
 
+/* Case-insensitive compare of s[0..len) with a lower-case name of
+ * lower_len bytes (use http_name_is). */
+bool http_name_eq(const char *s, size_t len, const char *lower, size_t lower_len);
+
 /* Case-insensitive compare of s[0..len) with a lower-case NUL-terminated
- * name. */
-bool http_name_is(const char *s, size_t len, const char *lower);
+ * name. Inline so that the name's length is known where it is a literal
+ * and names of another length cost no loop (several headers share the
+ * 14 bytes of "sec-websocket-"). */
+static inline bool http_name_is(const char *s, size_t len, const char *lower) {
+  size_t n = strlen(lower);
+  return len == n && http_name_eq(s, len, lower, n);
+}
 
 #endif

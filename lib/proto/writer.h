@@ -1,5 +1,7 @@
-/* Output cursor with snprintf semantics for the IMP encoders: counts every
- * byte asked for, stores only what fits in cap. */
+/* Output cursor with snprintf semantics for the IMP encoders and the text
+ * made for every connection (the 101 response, the peer address): counts
+ * every byte asked for, stores only what fits in cap. No printf: these run
+ * per connection and message. */
 #ifndef IM_PROTO_WRITER_H
 #define IM_PROTO_WRITER_H
 
@@ -18,6 +20,26 @@ static inline void put(writer *w, const void *p, size_t n) {
     memcpy((char *)w->out + w->n, p, n < room ? n : room);
   }
   w->n += n;
+}
+
+static inline void put_str(writer *w, const char *s) { put(w, s, strlen(s)); }
+
+/* v in decimal. */
+static inline void put_uint(writer *w, unsigned v) {
+  char t[10];
+  size_t n = sizeof t;
+  do {
+    t[--n] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v);
+  put(w, t + n, sizeof t - n);
+}
+
+/* Ends what was put with a NUL where it fits (the last byte of cap when the
+ * output was cut, as snprintf). Returns the length asked for. */
+static inline size_t put_end(writer *w) {
+  if (w->cap > 0) ((char *)w->out)[w->n < w->cap ? w->n : w->cap - 1] = '\0';
+  return w->n;
 }
 
 #endif

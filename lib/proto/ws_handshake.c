@@ -2,11 +2,11 @@
  * keeps only the request target and the few header values the handshake
  * needs, then judges them once the headers are complete. */
 #include "proto/ws_handshake.h"
+#include "proto/writer.h"
 
 #include "proto/http_resp.h"
 
 #include <llhttp.h>
-#include <mbedtls/base64.h>
 #include <mbedtls/sha1.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -139,12 +139,34 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   return buf_append(hs, at, len);
 }
 
+static const char b64_alphabet[] =
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+static bool is_b64(char c) {
+  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' ||
+         c == '/';
+}
+
+/* n bytes as base64 with '=' padding and a NUL (4 * ceil(n / 3) + 1
+ * bytes of out). The key and the digest are public: plain lookups. */
+static void b64_encode(const uint8_t *in, size_t n, char *out) {
+  for (size_t i = 0; i < n; i += 3, out += 4) {
+    uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
+                 (i + 2 < n ? in[i + 2] : 0);
+    out[0] = b64_alphabet[v >> 18 & 63];
+    out[1] = b64_alphabet[v >> 12 & 63];
+    out[2] = i + 1 < n ? b64_alphabet[v >> 6 & 63] : '=';
+    out[3] = i + 2 < n ? b64_alphabet[v & 63] : '=';
+  }
+  *out = '\0';
+}
+
+/* The key must be the base64 of 16 bytes (RFC 6455 4.2.1): 22 characters
+ * of the alphabet and "==". */
 static void take_key(ws_handshake *hs, const char *v, size_t len) {
-  unsigned char nonce[18];
-  size_t olen = 0;
-  hs->key_ok = len == WS_KEY_B64_LEN &&
-               mbedtls_base64_decode(nonce, sizeof nonce, &olen, (const unsigned char *)v, len) == 0 &&
-               olen == 16 && ws_hs_accept_key(v, len, hs->res.accept) == 0;
+  bool ok = len == WS_KEY_B64_LEN && v[22] == '=' && v[23] == '=';
+  for (size_t i = 0; ok && i < 22; i++) ok = is_b64(v[i]);
+  hs->key_ok = ok && ws_hs_accept_key(v, len, hs->res.accept) == 0;
 }
 
 static void take_protocols(ws_handshake *hs, const char *v, const char *end) {
@@ -397,33 +419,31 @@ int ws_hs_feed(ws_handshake *hs, const uint8_t *p, size_t n, ws_hs_result *res) 
 int ws_hs_accept_key(const char *key, size_t key_len, char out[29]) {
   unsigned char input[WS_KEY_MAX + WS_GUID_LEN];
   unsigned char digest[20];
-  size_t olen;
   if (key_len > WS_KEY_MAX)
     return -1;
   memcpy(input, key, key_len);
   memcpy(input + key_len, WS_GUID, WS_GUID_LEN);
   if (mbedtls_sha1_ret(input, key_len + WS_GUID_LEN, digest) != 0)
     return -1;
-  if (mbedtls_base64_encode((unsigned char *)out, 29, &olen, digest, sizeof digest) != 0)
-    return -1;
+  b64_encode(digest, sizeof digest, out);
   return 0;
 }
 
 static size_t snprintf_len(int n) { return n < 0 ? 0 : (size_t)n; }
 
 size_t ws_hs_accept_response(const ws_hs_result *res, char *out, size_t cap) {
-  const char *proto = res->subproto == WS_SUB_BIN ? "imp.bin" : "imp.json";
-  bool echo = res->subproto_offered;
-  int n = snprintf(out, cap,
-                   "HTTP/1.1 101 Switching Protocols\r\n"
-                   "Upgrade: websocket\r\n"
-                   "Connection: Upgrade\r\n"
-                   "Sec-WebSocket-Accept: %s\r\n"
-                   "%s%s%s"
-                   "\r\n",
-                   res->accept, echo ? "Sec-WebSocket-Protocol: " : "", echo ? proto : "",
-                   echo ? "\r\n" : "");
-  return snprintf_len(n);
+  writer w = {out, cap, 0};
+  put_str(&w, "HTTP/1.1 101 Switching Protocols\r\n"
+              "Upgrade: websocket\r\n"
+              "Connection: Upgrade\r\n"
+              "Sec-WebSocket-Accept: ");
+  put_str(&w, res->accept);
+  if (res->subproto_offered) {
+    put_str(&w, "\r\nSec-WebSocket-Protocol: ");
+    put_str(&w, res->subproto == WS_SUB_BIN ? "imp.bin" : "imp.json");
+  }
+  put_str(&w, "\r\n\r\n");
+  return put_end(&w);
 }
 
 static const char *reason_phrase(int http_status) {
@@ -461,8 +481,8 @@ size_t ws_hs_error_response(int http_status, const char *reason, char *out, size
 /* ---- client side -------------------------------------------------------- */
 
 int ws_hs_client_key(const uint8_t nonce[16], char key[25]) {
-  size_t olen;
-  return mbedtls_base64_encode((unsigned char *)key, 25, &olen, nonce, 16) == 0 ? 0 : -1;
+  b64_encode(nonce, 16, key);
+  return 0;
 }
 
 size_t ws_hs_client_request(const char *host, const char *target, const char *key,
