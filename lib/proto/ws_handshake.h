@@ -52,7 +52,7 @@ void ws_hs_free(ws_handshake *hs);
  * reason are set. Once DONE or FAIL, later calls repeat it with consumed 0. */
 int ws_hs_feed(ws_handshake *hs, const uint8_t *p, size_t n, ws_hs_result *res);
 
-/* Compute Sec-WebSocket-Accept for a key (SHA-1 + base64 via mbedTLS).
+/* Compute Sec-WebSocket-Accept for a key (SHA-1 via mbedTLS, then base64).
  * `out` gets 28 chars + NUL. Returns 0, or -1 if key_len is over 64. */
 int ws_hs_accept_key(const char *key, size_t key_len, char out[29]);
 

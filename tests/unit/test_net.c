@@ -30,6 +30,16 @@ static void test_addr_parse(void **st) {
   assert_int_equal(ss.ss_family, AF_INET);
   im_addr_format((struct sockaddr *)&ss, out, sizeof out);
   assert_string_equal(out, "127.0.0.1:8080");
+  assert_int_equal(im_addr_parse("255.255.255.255:65535", &ss, &len), 0);
+  im_addr_format((struct sockaddr *)&ss, out, sizeof out);
+  assert_string_equal(out, "255.255.255.255:65535");
+  assert_int_equal(im_addr_parse("0.0.0.0:0", &ss, &len), 0);
+  im_addr_format((struct sockaddr *)&ss, out, sizeof out);
+  assert_string_equal(out, "0.0.0.0:0");
+  im_addr_format((struct sockaddr *)&ss, out, 4); /* cut as snprintf cuts */
+  assert_string_equal(out, "0.0");
+  im_addr_format((struct sockaddr *)&ss, out, 0); /* writes nothing */
+  assert_string_equal(out, "0.0");
   assert_int_equal(im_addr_parse("[::1]:0", &ss, &len), 0);
   assert_int_equal(ss.ss_family, AF_INET6);
   assert_int_equal(len, sizeof(struct sockaddr_in6));
