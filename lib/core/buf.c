@@ -184,8 +184,15 @@ im_buf *frame_ws(im_server *s, uint8_t opcode, const void *payload, size_t len) 
   return b;
 }
 
+/* A packet is encoded once into a stack buffer when it fits there (most
+ * do: acks, pushes of small messages), and only a larger one is encoded a
+ * second time, into its buffer, after a pass that measures it. */
+#define FRAME_STACK 1024
+
 im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt) {
-  size_t plen = w == WIRE_WS_TEXT ? imp_json_encode(pkt, NULL, 0) : imp_bin_encode(pkt, NULL, 0);
+  uint8_t tmp[FRAME_STACK];
+  size_t plen = w == WIRE_WS_TEXT ? imp_json_encode(pkt, (char *)tmp, sizeof tmp)
+                                  : imp_bin_encode(pkt, tmp, sizeof tmp);
   uint8_t hdr[10];
   size_t hl;
   if (w == WIRE_TCP) {
@@ -197,7 +204,9 @@ im_buf *frame_packet(im_server *s, enum wire_kind w, const imp_packet *pkt) {
   im_buf *b = buf_new(s, hl + plen);
   if (!b) return NULL;
   memcpy(b->data, hdr, hl);
-  if (w == WIRE_WS_TEXT)
+  if (plen <= sizeof tmp)
+    memcpy(b->data + hl, tmp, plen);
+  else if (w == WIRE_WS_TEXT)
     imp_json_encode(pkt, (char *)b->data + hl, plen);
   else
     imp_bin_encode(pkt, b->data + hl, plen);

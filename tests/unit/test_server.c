@@ -40,6 +40,33 @@ static void test_echo_roundtrip(void **st) {
   im_server_free(s);
 }
 
+/* A packet larger than the encoder's stack buffer (1 KiB) is framed whole:
+ * a 3,000-byte data echoed back arrives byte for byte, and so does a small
+ * one after it. */
+static void test_large_packet_framed_whole(void **st) {
+  (void)st;
+  fake f;
+  im_server *s = new_server(&f, NULL);
+  im_conn_id c = ws_open(s, &f, "alice");
+  static char in[3200], data[3003];
+  data[0] = '"';
+  for (int i = 1; i < 3001; i++) data[i] = (char)('a' + i % 26);
+  data[3001] = '"';
+  data[3002] = '\0';
+  snprintf(in, sizeof in, "{\"op\":\"msg\",\"cid\":\"c1\",\"data\":%s}", data);
+  feed_text(s, c, in);
+  feed_text(s, c, "{\"op\":\"msg\",\"cid\":\"c2\",\"data\":\"x\"}");
+  static uint8_t out[16384];
+  size_t n = drain(s, c, out, sizeof out);
+  sframe fr[8];
+  assert_int_equal(parse_frames(out, n, fr, 8), 4); /* echo, ack, echo, ack */
+  assert_true(fr[0].len > 3000);
+  assert_non_null(memmem(fr[0].pl, fr[0].len, data, strlen(data)));
+  assert_int_equal(((const char *)fr[0].pl)[fr[0].len - 1], '}');
+  assert_non_null(memmem(fr[2].pl, fr[2].len, "\"data\":\"x\"", 10));
+  im_server_free(s);
+}
+
 static void test_ping_pong_and_ws_ping(void **st) {
   (void)st;
   fake f;
@@ -955,6 +982,7 @@ static void test_allocation_failures(void **st) {
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(test_echo_roundtrip),
+      cmocka_unit_test(test_large_packet_framed_whole),
       cmocka_unit_test(test_ping_pong_and_ws_ping),
       cmocka_unit_test(test_auth_required_first),
       cmocka_unit_test(test_bad_token_closes_4401),
