@@ -52,9 +52,15 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
   if (m->data) imp_set_str(&f->pkt, IMP_K_DATA, m->data, m->data_len);
   /* data is bounded like upstream data; the envelope gets fixed headroom so
    * a maximal message can still be delivered. The JSON form is the longest
-   * encoding: if it fits, every form does. */
-  if (m->data_len > s->cfg.max_message ||
-      imp_json_encode(&f->pkt, NULL, 0) > (size_t)s->cfg.max_message + IM_ENVELOPE_MAX)
+   * encoding: if it fits, every form does. It is measured only when a cheap
+   * upper bound of it does not fit already (escaping makes a string at most
+   * six times longer; the op, keys, quotes and two numbers take under 256
+   * bytes): a measuring pass is a whole encoding. */
+  if (m->data_len > s->cfg.max_message) return IM_ETOOBIG;
+  size_t strs = 0;
+  for (unsigned k = IMP_K_ID; k <= IMP_K_ROOM; k++) strs += f->pkt.str[k].n;
+  size_t limit = (size_t)s->cfg.max_message + IM_ENVELOPE_MAX;
+  if (256 + 6 * strs + m->data_len > limit && imp_json_encode(&f->pkt, NULL, 0) > limit)
     return IM_ETOOBIG;
   return 0;
 }

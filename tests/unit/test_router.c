@@ -285,6 +285,23 @@ static void user_send_reaches_the_other_node_once(void **st) {
   int sends = a.sends;
   assert_int_equal(im_send_user(a.srv, "bob", &huge, 0), IM_ETOOBIG);
   assert_int_equal(a.sends, sends);
+  /* data of the largest size passes; with a sender name long enough (and
+   * escaped sixfold) to take the envelope past its headroom, it does not */
+  uint32_t max = im_server_config(a.srv)->max_message;
+  assert_true(max <= sizeof big);
+  static char from[1200];
+  for (size_t i = 0; i + 1 < sizeof from; i++) from[i] = (char)0x01; /* "\u0001" each */
+  im_msg edge = {.data = big, .data_len = max, .from = "system"};
+  assert_true(im_send_user(a.srv, "bob", &edge, 0) >= 0);
+  assert_int_equal(a.sends, sends + 1);
+  static char plain[800]; /* over the cheap bound, under the limit once measured */
+  memset(plain, 'f', sizeof plain - 1);
+  edge.from = plain;
+  assert_true(im_send_user(a.srv, "bob", &edge, 0) >= 0);
+  assert_int_equal(a.sends, sends + 2);
+  edge.from = from;
+  assert_int_equal(im_send_user(a.srv, "bob", &edge, 0), IM_ETOOBIG);
+  assert_int_equal(a.sends, sends + 2);
   nodes_free(&a, &b);
 }
 
