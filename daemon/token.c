@@ -52,7 +52,8 @@ static int is_b64url(char c)
  * each thread keeps those of the last secret it used: a token then costs
  * the blocks of its message and of the outer hash, not the two key blocks
  * as well (and no allocation, which mbedtls_md_setup makes). A secret
- * longer than KEY_CACHE_MAX is keyed anew each time. */
+ * longer than KEY_CACHE_MAX is keyed anew each time. The cache holds a copy
+ * of the secret, which the process holds anyway, to tell a changed one. */
 #define HMAC_BLOCK 64
 #define KEY_CACHE_MAX 256
 

@@ -58,7 +58,8 @@ static int fanout_init(im_server *s, fanout *f, const im_msg *m) {
    * bytes): a measuring pass is a whole encoding. */
   if (m->data_len > s->cfg.max_message) return IM_ETOOBIG;
   size_t strs = 0;
-  for (unsigned k = IMP_K_ID; k <= IMP_K_ROOM; k++) strs += f->pkt.str[k].n;
+  for (unsigned k = 1; k < IMP_K_MAX_; k++)
+    if (imp_key_kind(k) == 'S') strs += f->pkt.str[k].n;
   size_t limit = (size_t)s->cfg.max_message + IM_ENVELOPE_MAX;
   if (256 + 6 * strs + m->data_len > limit && imp_json_encode(&f->pkt, NULL, 0) > limit)
     return IM_ETOOBIG;
