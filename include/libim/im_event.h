@@ -53,7 +53,8 @@ IM_EXTERN void im_event_set_reuseport(im_event *ev, int on);
  * timers, other events, im_async posts from other threads) may wait up to
  * usec longer. A loop with nothing to read never sleeps. Suits a busy
  * server whose latency goal is in milliseconds; leave it off where tens of
- * microseconds matter. Any time, on the loop's thread. Returns 0, or
+ * microseconds matter. Any time, on the loop's thread (or before its loop
+ * runs). Returns 0, or
  * IM_EINVAL (usec > IM_EVENT_COALESCE_MAX; the setting is unchanged). */
 IM_EXTERN int im_event_set_coalesce(im_event *ev, unsigned usec);
 
