@@ -39,6 +39,8 @@
 #include <libim/im_client_event.h>
 #include <mbedtls/md.h>
 
+#include "proto/base64.h"
+
 #define FD_CEILING 20000       /* hard per-process open-file limit on the test hosts */
 #define FD_RESERVE 16          /* stdio, event base, pipes */
 #define MAX_SRC 64
@@ -238,30 +240,6 @@ static uint64_t hist_quantile(const histogram *h, double q)
   return h->max;
 }
 
-/* Standard base64 with padding, or (url) base64url without padding. */
-static void base64_enc(const unsigned char *in, size_t n, char *out, bool url)
-{
-  static const char tab[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-  static const char tab_url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-  const char *t = url ? tab_url : tab;
-  for (size_t i = 0; i < n; i += 3) {
-    uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
-                 (i + 2 < n ? in[i + 2] : 0);
-    *out++ = t[v >> 18];
-    *out++ = t[(v >> 12) & 63];
-    if (i + 1 < n || !url)
-      *out++ = i + 1 < n ? t[(v >> 6) & 63] : '=';
-    if (i + 2 < n || !url)
-      *out++ = i + 2 < n ? t[v & 63] : '=';
-  }
-  *out = '\0';
-}
-
-static void base64(const unsigned char *in, size_t n, char *out)
-{
-  base64_enc(in, n, out, false);
-}
-
 /* An imd token (docs/TOKENS.md): "1." EXP "." SCOPE "." base64url_nopad(
  * HMAC-SHA256(secret, "imd-token-v1\n" uid "\n" DEV "\n" EXP)); device ""
  * means any device (SCOPE and DEV "*"). Returns false if mbedTLS fails. */
@@ -276,7 +254,7 @@ static bool token_mint(const unsigned char *key, size_t keylen, const char *uid,
       mbedtls_md_hmac(md, key, keylen, (const unsigned char *)msg, (size_t)n, mac) != 0)
     return false;
   int o = snprintf(out, TOKEN_MAX, "1.%lld.%c.", exp, *device ? 'd' : '*');
-  base64_enc(mac, sizeof mac, out + o, true);
+  b64_encode(mac, sizeof mac, out + o, true);
   return true;
 }
 
@@ -1024,7 +1002,7 @@ static void wsub_cb(evutil_socket_t fd, short what, void *arg)
       return;
     }
     B.connected++;
-    base64((const unsigned char *)key, sizeof key, key64);
+    b64_encode((const unsigned char *)key, sizeof key, key64, false);
     int n = snprintf(req, sizeof req,
                      "GET %s HTTP/1.1\r\nHost: %s:%s\r\nUpgrade: websocket\r\n"
                      "Connection: Upgrade\r\nSec-WebSocket-Key: %s\r\n"

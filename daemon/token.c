@@ -11,6 +11,8 @@
 #include <mbedtls/platform_util.h>
 #include <mbedtls/sha256.h>
 
+#include "proto/base64.h"
+
 #define SIG_RAW_LEN 32
 #define SIG_B64_LEN 43 /* ceil(32 * 4 / 3), no padding */
 #define EXP_DIGITS_MAX 12
@@ -158,24 +160,6 @@ out:
   return rc;
 }
 
-static const char b64url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/* 32 bytes as 43 base64url characters (no padding) and a NUL. */
-static void sig_encode(const uint8_t mac[SIG_RAW_LEN], char out[SIG_B64_LEN + 1])
-{
-  size_t o = 0;
-  for (size_t i = 0; i < SIG_RAW_LEN; i += 3) {
-    uint32_t v = (uint32_t)mac[i] << 16;
-    if (i + 1 < SIG_RAW_LEN)
-      v |= (uint32_t)mac[i + 1] << 8;
-    if (i + 2 < SIG_RAW_LEN)
-      v |= mac[i + 2];
-    for (int k = 0; k < 4 && o < SIG_B64_LEN; k++)
-      out[o++] = b64url[(v >> (18 - 6 * k)) & 63];
-  }
-  out[SIG_B64_LEN] = '\0';
-}
-
 static int b64url_value(char c)
 {
   return c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26
@@ -314,7 +298,7 @@ static int mint(const uint8_t *secret, size_t secret_len, const char *uid,
            issued_ms > 0 ? iat : NULL, (size_t)iat_len, exp, (size_t)exp_len,
            mac) != 0)
     return IMD_TOKEN_EINVAL;
-  sig_encode(mac, sig);
+  b64_encode(mac, sizeof mac, sig, true);
   mbedtls_platform_zeroize(mac, sizeof mac);
   if (issued_ms > 0)
     len = snprintf(token, sizeof token, "2.%s.%s.%c.%s", iat, exp,

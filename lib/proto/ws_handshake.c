@@ -2,6 +2,7 @@
  * keeps only the request target and the few header values the handshake
  * needs, then judges them once the headers are complete. */
 #include "proto/ws_handshake.h"
+#include "proto/base64.h"
 #include "proto/writer.h"
 
 #include "proto/http_resp.h"
@@ -139,26 +140,9 @@ static int on_header_value(llhttp_t *p, const char *at, size_t len) {
   return buf_append(hs, at, len);
 }
 
-static const char b64_alphabet[] =
-    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 static bool is_b64(char c) {
   return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '+' ||
          c == '/';
-}
-
-/* n bytes as base64 with '=' padding and a NUL (4 * ceil(n / 3) + 1
- * bytes of out). The key and the digest are public: plain lookups. */
-static void b64_encode(const uint8_t *in, size_t n, char *out) {
-  for (size_t i = 0; i < n; i += 3, out += 4) {
-    uint32_t v = (uint32_t)in[i] << 16 | (i + 1 < n ? (uint32_t)in[i + 1] << 8 : 0) |
-                 (i + 2 < n ? in[i + 2] : 0);
-    out[0] = b64_alphabet[v >> 18 & 63];
-    out[1] = b64_alphabet[v >> 12 & 63];
-    out[2] = i + 1 < n ? b64_alphabet[v >> 6 & 63] : '=';
-    out[3] = i + 2 < n ? b64_alphabet[v & 63] : '=';
-  }
-  *out = '\0';
 }
 
 /* The key must be the base64 of 16 bytes (RFC 6455 4.2.1): 22 characters
@@ -425,7 +409,7 @@ int ws_hs_accept_key(const char *key, size_t key_len, char out[29]) {
   memcpy(input + key_len, WS_GUID, WS_GUID_LEN);
   if (mbedtls_sha1_ret(input, key_len + WS_GUID_LEN, digest) != 0)
     return -1;
-  b64_encode(digest, sizeof digest, out);
+  b64_encode(digest, sizeof digest, out, false);
   return 0;
 }
 
@@ -481,7 +465,7 @@ size_t ws_hs_error_response(int http_status, const char *reason, char *out, size
 /* ---- client side -------------------------------------------------------- */
 
 int ws_hs_client_key(const uint8_t nonce[16], char key[25]) {
-  b64_encode(nonce, 16, key);
+  b64_encode(nonce, 16, key, false);
   return 0;
 }
 

@@ -2,7 +2,7 @@
 # imd links libim through its public API only: it loads the shared libim
 # (NEEDED libim.so.N), every libim symbol it refers to is one that
 # libim.so exports (IM_EXTERN, im_*), and it carries none of libim's
-# objects itself but the string map and JSON scanner of lib/meson.build's
+# objects itself but the string map, JSON scanner and base64 of lib/meson.build's
 # im_util.
 #   imd_public_api.sh IMD LIBIM_SO LIBIM_INTERNAL_A LIBIM_UTIL_A
 set -euo pipefail

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "proto/base64.h"
 #include "proto/ws_handshake.h"
 
 #define KEY "dGhlIHNhbXBsZSBub25jZQ=="
@@ -287,6 +288,28 @@ static void test_subprotocol_choice(void **state) {
   check_subproto("Sec-WebSocket-Protocol: IMP.BIN, imp.binx\r\n", WS_SUB_JSON, false);
 }
 
+/* The base64 the handshake (and imd's tokens, and im-bench) use: RFC 4648's
+ * test vectors, padded and as base64url without padding. */
+static void test_base64(void **state) {
+  (void)state;
+  static const char *const in[] = {"", "f", "fo", "foo", "foob", "fooba", "foobar"};
+  static const char *const std[] = {"", "Zg==", "Zm8=", "Zm9v", "Zm9vYg==", "Zm9vYmE=", "Zm9vYmFy"};
+  static const char *const url[] = {"", "Zg", "Zm8", "Zm9v", "Zm9vYg", "Zm9vYmE", "Zm9vYmFy"};
+  char out[16];
+  for (size_t i = 0; i < sizeof in / sizeof in[0]; i++) {
+    size_t n = strlen(in[i]);
+    assert_int_equal(b64_encode((const uint8_t *)in[i], n, out, false), strlen(std[i]));
+    assert_string_equal(out, std[i]);
+    assert_int_equal(b64_encode((const uint8_t *)in[i], n, out, true), strlen(url[i]));
+    assert_string_equal(out, url[i]);
+  }
+  static const uint8_t high[] = {0xfb, 0xff, 0xbf};
+  b64_encode(high, sizeof high, out, false);
+  assert_string_equal(out, "+/+/");
+  b64_encode(high, sizeof high, out, true);
+  assert_string_equal(out, "-_-_");
+}
+
 static void test_accept_response(void **state) {
   (void)state;
   ws_hs_result res;
@@ -524,6 +547,7 @@ int main(void) {
       cmocka_unit_test(test_key_validation),
       cmocka_unit_test(test_version_must_be_13),
       cmocka_unit_test(test_subprotocol_choice),
+      cmocka_unit_test(test_base64),
       cmocka_unit_test(test_accept_response),
       cmocka_unit_test(test_error_response),
       cmocka_unit_test(test_query_parameters),
