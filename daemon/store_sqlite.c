@@ -942,6 +942,35 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
 
 /* ---- delivered marks ---- */
 
+/* Raises the pending mark of key (klen bytes, "uid NUL device") to seq,
+ * or adds it. */
+static int mark_raise(sql_store *s, const char *key, size_t klen, uint64_t seq)
+{
+  strmap_node *n = strmap_get(&s->marks, key, klen);
+  mark_pend *p;
+  int rc;
+
+  if (n != NULL) {
+    p = MARK_OF(n);
+    if (seq > p->seq)
+      p->seq = seq;
+    return IMD_STORE_OK;
+  }
+  if (s->marks.count >= MARKS_MAX && (rc = sqlstore_marks_write(s)) != IMD_STORE_OK)
+    return rc;
+  p = malloc(sizeof *p + klen + 1);
+  if (p == NULL)
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
+  memcpy(p->key, key, klen + 1);
+  p->seq = seq;
+  p->node.key = p->key;
+  p->node.klen = (uint32_t)klen;
+  p->next = s->marks_list;
+  s->marks_list = p;
+  strmap_put(&s->marks, &p->node); /* a failed grow leaves it inserted, just slower */
+  return IMD_STORE_OK;
+}
+
 /* Acks come once per message and device; one UPSERT each was a random
  * B-tree write, and a WAL page, per message (7 of 44 us per append in
  * bench/store-bench -c -m). So a mark only raises its (uid, device) entry
@@ -950,8 +979,6 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
 int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, uint64_t seq)
 {
   user_ctr *u;
-  mark_pend *p;
-  strmap_node *n;
   size_t len, dlen, klen;
   int rc;
 
@@ -976,29 +1003,19 @@ int sqlstore_mark_delivered(sql_store *s, const char *uid, const char *device, u
   if (seq > u->last)
     seq = u->last;
   klen = len + 1 + dlen;
-  char key[klen + 1];
+  /* the key "uid NUL device": imd's names fit the stack buffer; longer
+   * ones (the API takes any length) go to the heap, never into a stack
+   * array of their size */
+  char stack_key[256];
+  char *key = klen < sizeof stack_key ? stack_key : malloc(klen + 1);
+  if (key == NULL)
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
   memcpy(key, uid, len + 1);
   memcpy(key + len + 1, device, dlen + 1);
-  n = strmap_get(&s->marks, key, klen);
-  if (n != NULL) {
-    p = MARK_OF(n);
-    if (seq > p->seq)
-      p->seq = seq;
-    return IMD_STORE_OK;
-  }
-  if (s->marks.count >= MARKS_MAX && (rc = sqlstore_marks_write(s)) != IMD_STORE_OK)
-    return rc;
-  p = malloc(sizeof *p + klen + 1);
-  if (p == NULL)
-    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
-  memcpy(p->key, key, klen + 1);
-  p->seq = seq;
-  p->node.key = p->key;
-  p->node.klen = (uint32_t)klen;
-  p->next = s->marks_list;
-  s->marks_list = p;
-  strmap_put(&s->marks, &p->node); /* a failed grow leaves it inserted, just slower */
-  return IMD_STORE_OK;
+  rc = mark_raise(s, key, klen, seq);
+  if (key != stack_key)
+    free(key);
+  return rc;
 }
 
 size_t sqlstore_marks_pending(const sql_store *s)

@@ -681,6 +681,37 @@ static void test_marks_wait_in_memory(void **state)
   sqlite3_close(db);
 }
 
+/* Names longer than the mark's stack key (and one far longer than a
+ * thread's stack) are marked and written like short ones. */
+static void test_marks_of_long_names(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 0, 0);
+  sqlite3 *db = side_open(f);
+  enum { HUGE = 12 << 20 };
+  char *uid = malloc(HUGE + 1), dev[300];
+
+  assert_non_null(uid);
+  memset(uid, 'u', HUGE);
+  uid[HUGE] = '\0';
+  memset(dev, 'd', sizeof dev - 1);
+  dev[sizeof dev - 1] = '\0';
+  put(s, "m1", "bob", 1000);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", dev, 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, "bob", dev, 1), IMD_STORE_OK);
+  assert_int_equal(sqlstore_mark_delivered(s, uid, "phone", 5), IMD_STORE_OK);
+  assert_int_equal(sqlstore_marks_pending(s), 2);
+  assert_int_equal(sqlstore_marks_write(s), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT delivered FROM cursors WHERE length(device) = 299"), 1);
+  /* cut to that user's last seq: nothing stored for it */
+  assert_int_equal(side_count(db, "SELECT delivered FROM cursors WHERE length(uid) > 1000"), 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM cursors"), 2);
+  free(uid);
+  sqlite3_close(db);
+}
+
 static void test_reads_refuse_open_batch(void **state)
 {
   fixture *f = *state;
@@ -1678,6 +1709,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_sync_unknown_user, setup, teardown),
     cmocka_unit_test_setup_teardown(test_reads_refuse_open_batch, setup, teardown),
     cmocka_unit_test_setup_teardown(test_marks_wait_in_memory, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_marks_of_long_names, setup, teardown),
     cmocka_unit_test_setup_teardown(test_user_state_lists_devices, setup, teardown),
     cmocka_unit_test_setup_teardown(test_trim_by_count, setup, teardown),
     cmocka_unit_test_setup_teardown(test_trim_by_age, setup, teardown),
