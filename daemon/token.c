@@ -43,10 +43,11 @@ static int has_newline(const char *s)
   return strchr(s, '\n') != NULL;
 }
 
-static int is_b64url(char c)
+/* The value of a base64url character, or -1 for any other. */
+static int b64url_value(char c)
 {
-  return (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') ||
-         (c >= '0' && c <= '9') || c == '-' || c == '_';
+  return c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26
+       : c >= '0' && c <= '9' ? c - '0' + 52 : c == '-' ? 62 : c == '_' ? 63 : -1;
 }
 
 /* HMAC-SHA256 (RFC 2104) keyed states: SHA-256 after the key block XOR
@@ -160,12 +161,6 @@ out:
   return rc;
 }
 
-static int b64url_value(char c)
-{
-  return c >= 'A' && c <= 'Z' ? c - 'A' : c >= 'a' && c <= 'z' ? c - 'a' + 26
-       : c >= '0' && c <= '9' ? c - '0' + 52 : c == '-' ? 62 : c == '_' ? 63 : -1;
-}
-
 /* The 32 bytes of a token's 43 base64url characters (parse() checked the
  * alphabet). -1 when the last character's two spare bits are not zero: one
  * MAC has exactly one spelling, so a token cannot be varied and stay
@@ -244,7 +239,7 @@ static int parse(const char *t, token_fields *f)
   t++;
   f->sig = t;
   for (size_t i = 0; i < SIG_B64_LEN; i++)
-    if (!is_b64url(t[i])) /* also stops at the NUL */
+    if (b64url_value(t[i]) < 0) /* also stops at the NUL */
       return -1;
   return t[SIG_B64_LEN] == '\0' ? 0 : -1;
 }
