@@ -29,8 +29,12 @@
  * each limit holds for the process whichever member a connection lands on
  * (give every member the same im_config and guard configuration).
  *
- * A group is one router per engine: an engine in a group cannot have
- * another router (such as im_redis) at the same time.
+ * A group is the router of each member engine. A cluster module (the
+ * Redis one, <libim/im_redis.h>) comes after it: im_group_set_outer
+ * chains it behind the group for a member, so that what no member holds is
+ * handed on to other processes, and what arrives from them is applied to
+ * every member with im_group_local_*. The process is then one cluster node
+ * on N threads.
  *
  * Threads: im_group_new / im_group_free on any one thread while no member
  * loop runs; im_group_join on the member's loop thread or before that loop
@@ -47,6 +51,7 @@
 #define LIBIM_IM_GROUP_H
 
 #include <libim/im.h>
+#include <libim/im_router.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -107,6 +112,65 @@ IM_EXTERN void im_group_totals(im_group *g, size_t *users, size_t *rooms);
 
 /* Members joined so far. Any thread. */
 IM_EXTERN unsigned im_group_size(im_group *g);
+
+/* ---- chaining a cluster module after the group ---------------------------------- */
+
+/* The member index of srv, or IM_ENOENT when srv has not joined. Any
+ * thread. */
+IM_EXTERN int im_group_member(im_group *g, const im_server *srv);
+
+/* Install outer (copied; NULL removes it) as the router after the group
+ * for srv's member. The group calls its hooks on that member's thread,
+ * after its own part:
+ *  - conn_open / conn_close: for each of srv's authenticated connections
+ *    (im_conn_get_info works in them; im_server_announce(srv) tells them
+ *    again);
+ *  - send_users, room_send, kick_user: for the operations started on srv
+ *    (im_send_users, im_room_send, im_kick_user there), not for what the
+ *    group applies for other members nor for im_group_local_*; their
+ *    counts (or a negative code) are added to the group's;
+ *  - presence: once every member answered, with the whole process's
+ *    connections as `local` (node NULL); the outer router adds the rest
+ *    and calls back. When it fails, the callback gets the process's;
+ *  - room_open / room_close: only the outer router of one member has
+ *    them (the last one installed with either hook set): called on that
+ *    member's thread when the process gains its first member of a room and
+ *    when it has lost the last one, paired for each room (rooms that exist
+ *    already are not announced: install it before members join rooms).
+ * Call it on srv's loop thread, or before that loop runs. Returns 0,
+ * IM_ENOENT (srv is not a member) or IM_ENOMEM. */
+IM_EXTERN int im_group_set_outer(im_group *g, im_server *srv, const im_router *outer);
+
+/* What an outer router brought in from another process, applied to the
+ * whole group: like im_local_send_users / im_local_room_send /
+ * im_local_kick_user on srv (a member; srv's thread), and a copy to each
+ * other member holding receivers; never handed to an outer router. except
+ * is a connection of srv or 0. Returns what the local call returns plus the
+ * other members' connections the copies are for (as im_send_users counts
+ * them; 0 for a room), or a negative IM_E* code (IM_ENOENT: srv is not a
+ * member). */
+IM_EXTERN int im_group_local_send_users(im_group *g, im_server *srv, const char *const *uids,
+                                        size_t n, const im_msg *m, im_conn_id except);
+IM_EXTERN int im_group_local_room_send(im_group *g, im_server *srv, const char *room,
+                                       const im_msg *m, im_conn_id except);
+IM_EXTERN int im_group_local_kick_user(im_group *g, im_server *srv, const char *uid, int code,
+                                       const char *reason);
+
+/* Run fn(srv, arg) on member's loop thread (srv: that member's server),
+ * after what was queued for it before. Any thread. Returns 0 (fn will run,
+ * unless the group is freed first), IM_EINVAL (fn NULL), IM_ENOENT (no
+ * such member yet), IM_ECLOSED (the group is being freed) or IM_ENOMEM. */
+IM_EXTERN int im_group_call(im_group *g, unsigned member, void (*fn)(im_server *srv, void *arg),
+                            void *arg);
+
+/* fn(room, arg) for each room with a member on any member, under the
+ * room table's read lock (fn must not call the group nor block; a
+ * member's room join or leave waits meanwhile). Any thread. */
+IM_EXTERN void im_group_rooms(im_group *g, void (*fn)(const char *room, void *arg), void *arg);
+
+/* Open connections of all members together (accepted, not yet released),
+ * as the group's im_shared counts them. Any thread. */
+IM_EXTERN size_t im_group_conns(im_group *g);
 
 /* Free the group: what is still queued is dropped (not applied). Call it
  * after every member loop has stopped, while their event_bases and

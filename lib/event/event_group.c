@@ -10,7 +10,13 @@
  * operation is copied once per receiving member into one allocation and
  * posted to that member's im_async queue (one wake-up per batch); the
  * member applies it with the im_local_* calls. Presence asks every member
- * holding the uid and answers once all replied. */
+ * holding the uid and answers once all replied.
+ *
+ * A cluster module chained after the group (im_group_set_outer) gets, on
+ * each member's thread, what that member started (connections, sends,
+ * kicks, presence with every member's routes), and on one member the rooms
+ * as the process gains and loses them; what it brings in from elsewhere it
+ * hands back through im_group_local_* (never to itself again). */
 #include <libim/im_async.h>
 #include <libim/im_group.h>
 #include <libim/im_router.h>
@@ -50,7 +56,7 @@ typedef struct g_table {
 
 /* ---- operations between members ---------------------------------------------------- */
 
-enum g_kind { G_USERS, G_ROOM, G_KICK, G_ASK, G_REPLY };
+enum g_kind { G_USERS, G_ROOM, G_KICK, G_ASK, G_REPLY, G_CALL, G_ROOMCHK };
 
 typedef struct g_pending g_pending;
 
@@ -65,6 +71,8 @@ typedef struct g_op {
   size_t n;                 /* uids (G_USERS) or routes (G_REPLY) */
   const char **uids;
   im_route *routes;
+  void (*fn)(im_server *srv, void *arg); /* G_CALL */
+  void *arg;
   im_msg m;
   alignas(max_align_t) char buf[];
 } g_op;
@@ -91,6 +99,10 @@ typedef struct g_member {
   atomic_size_t queued;
   atomic_uint_fast64_t applied, dropped;
   g_pending *pending;       /* presence questions of this member */
+  im_router outer;          /* the router after the group for this member (im_group_set_outer) */
+  bool has_outer;
+  strmap outer_rooms;       /* rooms the outer room hooks were told of (the room member's
+                             * thread only; keys of g_entry) */
 } g_member;
 
 struct im_group {
@@ -103,6 +115,8 @@ struct im_group {
   im_shared *shared;        /* im_server_set_shared of every member: process-wide limits,
                              * and who holds each uid (a slot per member) */
   g_table rooms;
+  atomic_int room_member;   /* the member whose outer router takes the process's room
+                             * opens and closes; -1: none */
   g_member m[IM_GROUP_MAX];
 };
 
@@ -125,10 +139,12 @@ static void table_free(g_table *t) {
 
 /* Member i has key now (add) or no longer. The engine pairs each room's
  * open and close on a member, so one bit per member says it. false: no
- * memory. */
-static bool table_mark(g_table *t, const char *key, unsigned i, bool add) {
+ * memory. *changed: the process gained its first or lost its last member
+ * of key. */
+static bool table_mark(g_table *t, const char *key, unsigned i, bool add, bool *changed) {
   size_t len = strlen(key);
   bool ok = true;
+  *changed = false;
   pthread_rwlock_wrlock(&t->lock);
   g_entry *e = (g_entry *)strmap_get(&t->map, key, len);
   if (!e && add) {
@@ -143,8 +159,10 @@ static bool table_mark(g_table *t, const char *key, unsigned i, bool add) {
   if (!e) {
     ok = !add;
   } else if (add) {
+    *changed = e->mask == 0;
     e->mask |= 1ull << i;
-  } else if ((e->mask &= ~(1ull << i)) == 0) {
+  } else if (e->mask && (e->mask &= ~(1ull << i)) == 0) {
+    *changed = true;
     strmap_del(&t->map, &e->node);
     free(e);
   }
@@ -250,7 +268,11 @@ static void pending_finish(g_member *me, g_pending *p) {
       memcpy(all + k, p->blocks[i]->routes, p->blocks[i]->n * sizeof *all);
       k += p->blocks[i]->n;
     }
-  p->cb(p->srv, p->uid, routes, total, p->status, p->arg);
+  /* the process's routes, as the outer router's local ones: it adds the
+   * other nodes' (and calls back) */
+  if (!me->has_outer || !me->outer.presence ||
+      me->outer.presence(p->srv, p->uid, routes, total, p->cb, p->arg, me->outer.ud) < 0)
+    p->cb(p->srv, p->uid, routes, total, p->status, p->arg);
   free(all);
   pending_free(me, p);
 }
@@ -287,6 +309,62 @@ static void take_answer(g_member *me, g_op *op) {
   if (--p->waiting == 0) pending_finish(me, p);
 }
 
+/* On the room member's thread: tell its outer router whether the process
+ * has members of room now, against what it was told before (so checks that
+ * several members posted, in whatever order they arrive, leave it right:
+ * the last one sees the last change). */
+static void room_check(g_member *me, const char *room) {
+  im_group *g = me->g;
+  size_t len = strlen(room);
+  if (!me->has_outer || !me->outer_rooms.buckets) return; /* removed meanwhile */
+  pthread_rwlock_rdlock(&g->rooms.lock);
+  bool has = strmap_get(&g->rooms.map, room, len) != NULL;
+  pthread_rwlock_unlock(&g->rooms.lock);
+  g_entry *told = (g_entry *)strmap_get(&me->outer_rooms, room, len);
+  if (has == (told != NULL)) return;
+  if (has) {
+    told = calloc(1, sizeof *told + len + 1);
+    if (!told) {
+      atomic_fetch_add(&me->dropped, 1);
+      return;
+    }
+    memcpy(told->key, room, len + 1);
+    told->node.key = told->key;
+    told->node.klen = (uint32_t)len;
+    strmap_put(&me->outer_rooms, &told->node);
+    if (me->outer.room_open) me->outer.room_open(me->srv, room, me->outer.ud);
+  } else {
+    strmap_del(&me->outer_rooms, &told->node);
+    if (me->outer.room_close) me->outer.room_close(me->srv, room, me->outer.ud);
+    free(told);
+  }
+}
+
+static void outer_rooms_clear(g_member *me) {
+  strmap *m = &me->outer_rooms;
+  for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
+    for (strmap_node *n = m->buckets[b], *next; n; n = next) {
+      next = n->next;
+      free(n);
+    }
+  strmap_free(m);
+  memset(m, 0, sizeof *m);
+}
+
+static g_op *op_uid(enum g_kind kind, unsigned from, const char *uid, const char *reason);
+
+/* The process gained its first or lost its last member of room: the room
+ * member's outer router hears of it on its own thread. */
+static void room_changed(g_member *me, const char *room) {
+  im_group *g = me->g;
+  int rm = atomic_load(&g->room_member);
+  if (rm < 0) return;
+  if ((unsigned)rm == me->idx)
+    room_check(me, room);
+  else
+    post(g, (unsigned)rm, op_uid(G_ROOMCHK, me->idx, room, NULL), false);
+}
+
 /* Runs on the member's loop thread for each operation posted to it. */
 static void apply(void *item, void *arg) {
   g_op *op = item;
@@ -313,22 +391,44 @@ static void apply(void *item, void *arg) {
   case G_REPLY:
     take_answer(me, op);
     return; /* kept by the question until it is answered */
+  case G_CALL:
+    op->fn(me->srv, op->arg);
+    break;
+  case G_ROOMCHK:
+    room_check(me, op->key);
+    break;
   }
   free(op);
 }
 
 /* ---- the router hooks (on the calling member's thread) ------------------------------- */
 
+static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
+  g_member *me = ud;
+  if (me->has_outer && me->outer.conn_open) me->outer.conn_open(srv, c, me->outer.ud);
+}
+
+static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
+  g_member *me = ud;
+  if (me->has_outer && me->outer.conn_close) me->outer.conn_close(srv, c, me->outer.ud);
+}
+
 static void h_room_open(im_server *srv, const char *room, void *ud) {
   (void)srv;
   g_member *me = ud;
-  if (!table_mark(&me->g->rooms, room, me->idx, true)) atomic_fetch_add(&me->dropped, 1);
+  bool changed;
+  if (!table_mark(&me->g->rooms, room, me->idx, true, &changed))
+    atomic_fetch_add(&me->dropped, 1);
+  else if (changed)
+    room_changed(me, room);
 }
 
 static void h_room_close(im_server *srv, const char *room, void *ud) {
   (void)srv;
   g_member *me = ud;
-  table_mark(&me->g->rooms, room, me->idx, false);
+  bool changed;
+  table_mark(&me->g->rooms, room, me->idx, false, &changed);
+  if (changed) room_changed(me, room);
 }
 
 /* A G_USERS op for member t with the uids whose mask has t, and m. */
@@ -350,10 +450,9 @@ static g_op *op_users(unsigned from, unsigned t, const char *const *uids, const 
   return op;
 }
 
-static int h_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
-                        void *ud) {
-  (void)srv;
-  g_member *me = ud;
+/* The group's part of a send: a copy to each other member holding
+ * receivers. Returns the connections the copies are for. */
+static int group_send_users(g_member *me, const char *const *uids, size_t n, const im_msg *m) {
   im_group *g = me->g;
   uint64_t small[16], *masks = n <= 16 ? small : malloc(n * sizeof *masks), any = 0;
   if (!masks) return IM_ENOMEM;
@@ -371,9 +470,20 @@ static int h_send_users(im_server *srv, const char *const *uids, size_t n, const
   return queued;
 }
 
-static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
-  (void)srv;
+/* What the group could not reach goes to the outer router; its count (or
+ * error) joins the group's. */
+static int with_outer(int group, int outer) { return outer < 0 ? outer : group + outer; }
+
+static int h_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
+                        void *ud) {
   g_member *me = ud;
+  int queued = group_send_users(me, uids, n, m);
+  if (me->has_outer && me->outer.send_users)
+    return with_outer(queued, me->outer.send_users(srv, uids, n, m, me->outer.ud));
+  return queued;
+}
+
+static int group_room_send(g_member *me, const char *room, const im_msg *m) {
   im_group *g = me->g;
   pthread_rwlock_rdlock(&g->rooms.lock);
   uint64_t any = others(&g->rooms, room, me->idx);
@@ -391,6 +501,14 @@ static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *
   return 0;
 }
 
+static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
+  g_member *me = ud;
+  int rc = group_room_send(me, room, m);
+  if (me->has_outer && me->outer.room_send)
+    return with_outer(rc, me->outer.room_send(srv, room, m, me->outer.ud));
+  return rc;
+}
+
 /* A G_KICK or G_ASK op naming uid. */
 static g_op *op_uid(enum g_kind kind, unsigned from, const char *uid, const char *reason) {
   g_op *op = op_new(kind, from, slen(uid) + slen(reason));
@@ -402,9 +520,7 @@ static g_op *op_uid(enum g_kind kind, unsigned from, const char *uid, const char
   return op;
 }
 
-static int h_kick_user(im_server *srv, const char *uid, int code, const char *reason, void *ud) {
-  (void)srv;
-  g_member *me = ud;
+static int group_kick_user(g_member *me, const char *uid, int code, const char *reason) {
   im_group *g = me->g;
   uint32_t counts[IM_GROUP_MAX] = {0};
   uint64_t any = user_others(g, uid, me->idx, counts);
@@ -418,12 +534,22 @@ static int h_kick_user(im_server *srv, const char *uid, int code, const char *re
   return closing;
 }
 
+static int h_kick_user(im_server *srv, const char *uid, int code, const char *reason, void *ud) {
+  g_member *me = ud;
+  int closing = group_kick_user(me, uid, code, reason);
+  if (me->has_outer && me->outer.kick_user)
+    return with_outer(closing, me->outer.kick_user(srv, uid, code, reason, me->outer.ud));
+  return closing;
+}
+
 static int h_presence(im_server *srv, const char *uid, const im_route *local, size_t n_local,
                       im_presence_cb cb, void *arg, void *ud) {
   g_member *me = ud;
   im_group *g = me->g;
   uint64_t any = user_others(g, uid, me->idx, NULL);
   if (!any) {
+    if (me->has_outer && me->outer.presence)
+      return me->outer.presence(srv, uid, local, n_local, cb, arg, me->outer.ud);
     cb(srv, uid, local, n_local, 0, arg);
     return 0;
   }
@@ -467,6 +593,7 @@ im_group *im_group_new(unsigned members, size_t max_queued) {
   if (!g) return NULL;
   g->members = members;
   g->max_queued = max_queued ? max_queued : QUEUED_DEFAULT;
+  atomic_init(&g->room_member, -1);
   if (!(g->shared = shared_new_slots(members)) || table_init(&g->rooms) < 0) {
     im_shared_release(g->shared);
     free(g);
@@ -503,7 +630,8 @@ int im_group_join(im_group *g, struct event_base *base, im_server *srv) {
   pthread_mutex_unlock(&g->join_lock);
   im_server_set_id_shard(srv, i, g->members);
   im_server_set_id_clock(srv, &g->id_clock);
-  im_router r = {.room_open = h_room_open, .room_close = h_room_close,
+  im_router r = {.conn_open = h_conn_open, .conn_close = h_conn_close,
+                 .room_open = h_room_open, .room_close = h_room_close,
                  .send_users = h_send_users, .room_send = h_room_send,
                  .kick_user = h_kick_user, .presence = h_presence, .ud = me};
   im_server_set_router(srv, &r);
@@ -544,10 +672,87 @@ void im_group_free(im_group *g) {
   atomic_store(&g->stopping, true);
   unsigned n = atomic_load(&g->joined);
   for (unsigned i = 0; i < n; i++) im_async_free(g->m[i].q); /* drops what is queued */
-  for (unsigned i = 0; i < n; i++)
+  for (unsigned i = 0; i < n; i++) {
     while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
+    outer_rooms_clear(&g->m[i]);
+  }
   table_free(&g->rooms);
   im_shared_release(g->shared); /* the members keep theirs while they live */
   pthread_mutex_destroy(&g->join_lock);
   free(g);
 }
+
+/* ---- an outer router: the cluster after the group ----------------------------------- */
+
+int im_group_member(im_group *g, const im_server *srv) {
+  unsigned n = atomic_load(&g->joined);
+  for (unsigned i = 0; i < n; i++)
+    if (g->m[i].srv == srv) return (int)i;
+  return IM_ENOENT;
+}
+
+int im_group_set_outer(im_group *g, im_server *srv, const im_router *outer) {
+  int i = im_group_member(g, srv);
+  if (i < 0) return i;
+  g_member *me = &g->m[i];
+  if (!outer) {
+    me->has_outer = false;
+    memset(&me->outer, 0, sizeof me->outer);
+    int rm = i;
+    atomic_compare_exchange_strong(&g->room_member, &rm, -1);
+    outer_rooms_clear(me);
+    return 0;
+  }
+  if ((outer->room_open || outer->room_close) && !me->outer_rooms.buckets &&
+      strmap_init(&me->outer_rooms, 64) < 0)
+    return IM_ENOMEM;
+  me->outer = *outer;
+  me->has_outer = true;
+  if (outer->room_open || outer->room_close) atomic_store(&g->room_member, i);
+  return 0;
+}
+
+int im_group_call(im_group *g, unsigned member, void (*fn)(im_server *srv, void *arg), void *arg) {
+  if (!fn) return IM_EINVAL;
+  if (member >= atomic_load(&g->joined)) return IM_ENOENT;
+  if (atomic_load(&g->stopping)) return IM_ECLOSED;
+  g_op *op = op_new(G_CALL, member, 0);
+  if (!op) return IM_ENOMEM;
+  op->fn = fn;
+  op->arg = arg;
+  return post(g, member, op, false) ? 0 : IM_ENOMEM;
+}
+
+int im_group_local_send_users(im_group *g, im_server *srv, const char *const *uids, size_t n,
+                              const im_msg *m, im_conn_id except) {
+  int i = im_group_member(g, srv);
+  if (i < 0) return i;
+  int local = im_local_send_users(srv, uids, n, m, except);
+  return local < 0 ? local : local + group_send_users(&g->m[i], uids, n, m);
+}
+
+int im_group_local_room_send(im_group *g, im_server *srv, const char *room, const im_msg *m,
+                             im_conn_id except) {
+  int i = im_group_member(g, srv);
+  if (i < 0) return i;
+  int local = im_local_room_send(srv, room, m, except);
+  return local < 0 ? local : with_outer(local, group_room_send(&g->m[i], room, m));
+}
+
+int im_group_local_kick_user(im_group *g, im_server *srv, const char *uid, int code,
+                             const char *reason) {
+  int i = im_group_member(g, srv);
+  if (i < 0) return i;
+  int local = im_local_kick_user(srv, uid, code, reason);
+  return local < 0 ? local : local + group_kick_user(&g->m[i], uid, code, reason);
+}
+
+void im_group_rooms(im_group *g, void (*fn)(const char *room, void *arg), void *arg) {
+  pthread_rwlock_rdlock(&g->rooms.lock);
+  strmap *m = &g->rooms.map;
+  for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
+    for (strmap_node *n = m->buckets[b]; n; n = n->next) fn(((g_entry *)n)->key, arg);
+  pthread_rwlock_unlock(&g->rooms.lock);
+}
+
+size_t im_group_conns(im_group *g) { return im_shared_conns(g->shared); }

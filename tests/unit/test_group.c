@@ -396,6 +396,245 @@ static void presence_and_kick_see_every_worker(void **state) {
   workers_stop(g, w);
 }
 
+
+/* ---- an outer router after the group (a cluster module's place) ---- */
+
+/* What the outer routers saw; member 0's takes the rooms. Written on the
+ * members' threads, read by the test under the lock. */
+typedef struct outer_log {
+  pthread_mutex_t lock;
+  pthread_cond_t cond;
+  int opens[WORKERS], closes[WORKERS];  /* conn_open / conn_close per member */
+  int sends[WORKERS];                   /* send_users per member */
+  int kicks[WORKERS];
+  int room_opens, room_closes;          /* of "lobby" */
+  int room_wrong_thread;                /* room hooks not on member 0's thread */
+  pthread_t th0;
+} outer_log;
+
+typedef struct outer_ud {
+  outer_log *log;
+  int member;
+} outer_ud;
+
+static outer_ud outer_uds[WORKERS];
+
+static void log_bump(outer_ud *u, int *field) {
+  pthread_mutex_lock(&u->log->lock);
+  (*field)++;
+  pthread_cond_broadcast(&u->log->cond);
+  pthread_mutex_unlock(&u->log->lock);
+}
+
+static void o_conn_open(im_server *srv, im_conn_id c, void *ud) {
+  outer_ud *u = ud;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
+  assert_int_equal(im_conn_get_info(srv, c, &info), 0); /* the member's own connection */
+  log_bump(u, &u->log->opens[u->member]);
+}
+
+static void o_conn_close(im_server *srv, im_conn_id c, void *ud) {
+  outer_ud *u = ud;
+  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
+  assert_int_equal(im_conn_get_info(srv, c, &info), 0);
+  log_bump(u, &u->log->closes[u->member]);
+}
+
+static void o_room(outer_ud *u, const char *room, int *field) {
+  assert_string_equal(room, "lobby");
+  if (!pthread_equal(pthread_self(), u->log->th0)) u->log->room_wrong_thread++;
+  log_bump(u, field);
+}
+
+static void o_room_open(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  o_room(ud, room, &((outer_ud *)ud)->log->room_opens);
+}
+
+static void o_room_close(im_server *srv, const char *room, void *ud) {
+  (void)srv;
+  o_room(ud, room, &((outer_ud *)ud)->log->room_closes);
+}
+
+static int o_send_users(im_server *srv, const char *const *uids, size_t n, const im_msg *m,
+                        void *ud) {
+  (void)srv;
+  (void)uids;
+  (void)n;
+  (void)m;
+  outer_ud *u = ud;
+  log_bump(u, &u->log->sends[u->member]);
+  return 5; /* "five connections on other nodes" */
+}
+
+static int o_kick_user(im_server *srv, const char *uid, int code, const char *reason, void *ud) {
+  (void)srv;
+  (void)uid;
+  (void)code;
+  (void)reason;
+  outer_ud *u = ud;
+  log_bump(u, &u->log->kicks[u->member]);
+  return 1;
+}
+
+/* Adds one connection on node "far" to the process's. */
+static int o_presence(im_server *srv, const char *uid, const im_route *local, size_t n_local,
+                      im_presence_cb cb, void *arg, void *ud) {
+  (void)ud;
+  im_route all[8];
+  assert_true(n_local < 8);
+  memcpy(all, local, n_local * sizeof *all);
+  all[n_local] = (im_route){.node = "far", .conn = "1", .device = "watch", .platform = "",
+                            .peer = "10.0.0.1", .transport = IM_TRANSPORT_WS};
+  cb(srv, uid, all, n_local + 1, 0, arg);
+  return 0;
+}
+
+static void install_outer(im_server *srv, void *arg) {
+  im_group *g = arg;
+  int i = im_group_member(g, srv);
+  assert_true(i >= 0);
+  im_router r = {.conn_open = o_conn_open, .conn_close = o_conn_close,
+                 .send_users = o_send_users, .kick_user = o_kick_user,
+                 .presence = o_presence, .ud = &outer_uds[i]};
+  if (i == 0) {
+    r.room_open = o_room_open;
+    r.room_close = o_room_close;
+    outer_uds[0].log->th0 = pthread_self();
+  }
+  assert_int_equal(im_group_set_outer(g, srv, &r), 0);
+}
+
+/* Wait until *field (of the log) reaches want. */
+static void log_wait(outer_log *l, const int *field, int want) {
+  pthread_mutex_lock(&l->lock);
+  while (*field < want) pthread_cond_wait(&l->cond, &l->lock);
+  pthread_mutex_unlock(&l->lock);
+}
+
+static int log_read(outer_log *l, const int *field) {
+  pthread_mutex_lock(&l->lock);
+  int v = *field;
+  pthread_mutex_unlock(&l->lock);
+  return v;
+}
+
+typedef struct outer_calls {
+  im_group *g;
+  int sent;
+  asked a;
+} outer_calls;
+
+static void send_bob_inbound(im_server *srv, void *arg) {
+  outer_calls *o = arg;
+  im_msg m = {IM_STRUCT_SIZE(im_msg), .from = "far-user", .data = "0", .data_len = 1};
+  const char *uids[] = {"bob"};
+  o->sent = im_group_local_send_users(o->g, srv, uids, 1, &m, 0);
+}
+
+static void presence_far(im_server *srv, const char *uid, const im_route *routes, size_t n,
+                         int status, void *arg) {
+  asked *a = arg;
+  assert_string_equal(uid, "bob");
+  assert_int_equal(status, 0);
+  a->n = n;
+  for (size_t i = 0; i < n && i < 8; i++)
+    snprintf(a->devices[i], sizeof a->devices[i], "%s%s", routes[i].node ? "@" : "",
+             routes[i].device);
+  on_loop_run(srv, &a->done);
+}
+
+static void ask_presence_far(im_server *srv, void *arg) {
+  assert_int_equal(im_presence(srv, "bob", presence_far, arg), 0);
+}
+
+static void leave_room(client *c, const char *room) {
+  imp_packet p = {.op = IMP_OP_LEAVE};
+  imp_set_str(&p, IMP_K_ROOM, room, strlen(room));
+  imp_set_str(&p, IMP_K_CID, "l", 1);
+  send_pkt(c, &p);
+  expect_op(c, IMP_OP_ACK, &p);
+}
+
+static void outer_router_sees_the_process(void **state) {
+  (void)state;
+  outer_log log = {.lock = PTHREAD_MUTEX_INITIALIZER, .cond = PTHREAD_COND_INITIALIZER};
+  im_group *g = im_group_new(WORKERS, 0);
+  worker w[WORKERS];
+  workers_start(g, w);
+  for (int i = 0; i < WORKERS; i++) {
+    outer_uds[i] = (outer_ud){&log, i};
+    run_on(&w[i], install_outer, g);
+  }
+  client alice, bob0, bob1;
+  login(&alice, w[0].port, "alice", "a");
+  login(&bob0, w[0].port, "bob", "phone");
+  login(&bob1, w[1].port, "bob", "laptop");
+  /* each connection reaches the outer router of the member holding it */
+  assert_int_equal(log_read(&log, &log.opens[0]), 2);
+  assert_int_equal(log_read(&log, &log.opens[1]), 1);
+
+  /* a send started on worker 0 reaches bob on both workers and is handed
+   * to the outer router once, by worker 0 */
+  send_msg(&alice, "bob", NULL, 0);
+  expect_msgs(&bob0, 1, NULL);
+  expect_msgs(&bob1, 1, NULL);
+  assert_int_equal(log_read(&log, &log.sends[0]), 1);
+  assert_int_equal(log_read(&log, &log.sends[1]), 0);
+  /* what the outer router brings in reaches both workers, and never goes
+   * back out: 1 local + 1 on worker 1 */
+  outer_calls o = {.g = g};
+  run_on(&w[0], send_bob_inbound, &o);
+  assert_int_equal(o.sent, 2);
+  expect_msgs(&bob0, 1, NULL);
+  expect_msgs(&bob1, 1, NULL);
+  assert_int_equal(log_read(&log, &log.sends[0]), 1);
+
+  /* the process's rooms: one open when worker 1 gains the first member,
+   * none for worker 0's, one close after the last member of both left;
+   * always on member 0's thread */
+  join_room(&bob1, "lobby");
+  log_wait(&log, &log.room_opens, 1);
+  join_room(&alice, "lobby");
+  join_room(&bob0, "lobby");
+  leave_room(&bob1, "lobby");
+  leave_room(&alice, "lobby");
+  expect_quiet(&alice);
+  assert_int_equal(log_read(&log, &log.room_closes), 0);
+  leave_room(&bob0, "lobby");
+  log_wait(&log, &log.room_closes, 1);
+  join_room(&bob1, "lobby"); /* and again */
+  log_wait(&log, &log.room_opens, 2);
+  expect_quiet(&bob0);
+  expect_quiet(&bob1);
+  assert_int_equal(log_read(&log, &log.room_opens), 2);
+  assert_int_equal(log_read(&log, &log.room_closes), 1);
+  assert_int_equal(log.room_wrong_thread, 0);
+
+  /* presence from worker 1: the process's two, then the outer router's */
+  o.a = (asked){.done = {NULL, NULL, PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0}};
+  assert_int_equal(im_mailbox_call(w[1].mb, ask_presence_far, &o.a), 0);
+  on_loop_wait(&o.a.done, 1);
+  assert_int_equal(o.a.n, 3);
+  assert_string_equal(o.a.devices[0], "laptop");
+  assert_string_equal(o.a.devices[1], "phone");
+  assert_string_equal(o.a.devices[2], "@watch");
+
+  /* a kick from worker 1: both of bob's closed, the outer router's count
+   * added, its hook called by worker 1 alone */
+  asked k = {0};
+  run_on(&w[1], kick_bob, &k);
+  assert_int_equal(k.kicked, 3);
+  expect_closed(&bob0, IM_CLOSE_KICKED);
+  expect_closed(&bob1, IM_CLOSE_KICKED);
+  assert_int_equal(log_read(&log, &log.kicks[1]), 1);
+  assert_int_equal(log_read(&log, &log.kicks[0]), 0);
+  log_wait(&log, &log.closes[0], 1);
+  log_wait(&log, &log.closes[1], 1);
+  close(alice.fd);
+  workers_stop(g, w);
+}
+
 /* ---- message ids ---- */
 
 #define IDS 20000
@@ -631,6 +870,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(messages_cross_workers_once_in_order),
       cmocka_unit_test(presence_and_kick_see_every_worker),
+      cmocka_unit_test(outer_router_sees_the_process),
       cmocka_unit_test(ids_are_unique_across_workers),
       cmocka_unit_test(a_stuck_worker_costs_bounded_memory),
       cmocka_unit_test(many_connections_ready_at_once),
