@@ -27,7 +27,9 @@
  * docs/CLUSTER.md explains the design, the failure cases and the numbers.
  *
  * Every function runs on the loop thread of the server. Callbacks are never
- * called before the function that takes them returned.
+ * called before the function that takes them returned. A process whose
+ * engines form a thread group (<libim/im_group.h>) is one node: set
+ * cfg.group and give each other member a handle (im_redis_join).
  */
 #ifndef LIBIM_IM_REDIS_H
 #define LIBIM_IM_REDIS_H
@@ -64,6 +66,13 @@ typedef struct im_redis_config {
   uint32_t stream_max;       /* entries a delivery stream keeps. 100000 */
   void (*on_event)(im_redis *r, enum im_redis_event ev, void *ud);
   void *ud;
+  /* A thread group (<libim/im_group.h>) whose members are this node: the
+   * server given to im_redis_new is one member (its thread keeps the lease,
+   * the delivery stream and the room subscriptions), chained after the
+   * group with im_group_set_outer; each other member gets a handle from
+   * im_redis_join. What arrives from other nodes reaches every member. NULL:
+   * the server alone, installed as its router. */
+  struct im_group *group;
 } im_redis_config;
 
 /* Fill cfg with the defaults above (node NULL). */
@@ -79,6 +88,19 @@ IM_EXTERN im_redis *im_redis_new(struct event_base *base, im_server *srv,
  * node are deleted), close the connections and free. NULL is a no-op. */
 IM_EXTERN void im_redis_free(im_redis *r);
 
+/* The part of a thread group's other member srv (whose loop runs on base):
+ * a command connection of its own, on srv's thread, for srv's connections'
+ * routes, its cross-node sends and kicks, presence, gateway lists and
+ * im_redis_command; the lease (epoch, node id, up or not) is home's. home
+ * is the instance im_redis_new made with cfg.group set. Call it on srv's
+ * loop thread or before that loop runs, before srv accepts connections.
+ * The handle is used on srv's thread only; free every handle (on its
+ * thread, or once its loop stopped) before home. On a handle,
+ * im_redis_up/epoch/node/dropped report the node's (home's) lease and
+ * counts; im_redis_set_draining is home's only (IM_EINVAL). Returns NULL
+ * (home is not a group's, bad argument, no memory). */
+IM_EXTERN im_redis *im_redis_join(im_redis *home, struct event_base *base, im_server *srv);
+
 /* 1 while the command connection is up and the lease is held, else 0. */
 IM_EXTERN int im_redis_up(const im_redis *r);
 /* The lease's epoch and node id (0 before the first lease). */
@@ -89,8 +111,8 @@ IM_EXTERN const char *im_redis_node(const im_redis *r);
 IM_EXTERN uint64_t im_redis_dropped(const im_redis *r);
 
 /* Mark the node draining (gone from gateway lists at once; written now
- * and with every renewal). Returns 0 or IM_ECLOSED (Redis down: the flag
- * is written when it comes back). */
+ * and with every renewal). Returns 0, IM_ECLOSED (Redis down: the flag
+ * is written when it comes back) or IM_EINVAL (r is a member's handle). */
 IM_EXTERN int im_redis_set_draining(im_redis *r, int draining);
 
 /* Reply of a command: NULL when the connection failed before the answer

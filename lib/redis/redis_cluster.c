@@ -1,13 +1,23 @@
 /* libim's cluster module on Redis (include/libim/im_redis.h): node lease,
  * owned routes, cross-node delivery through per-node streams, room
  * channels, presence, kick and gateway lists, installed as the server's
- * router (include/libim/im_router.h). */
+ * router (include/libim/im_router.h).
+ *
+ * With a thread group (im_redis_config.group) the module is the group's
+ * outer router: the instance im_redis_new made (the home) holds the lease,
+ * reads the node's stream and keeps the room subscriptions, and applies
+ * what arrives to every member (im_group_local_*); each other member has a
+ * handle (im_redis_join) with a command connection of its own, on its own
+ * thread, for its connections' routes and its cross-node sends, which
+ * reads the lease (epoch, up or not) from the home's atomics. */
+#include <libim/im_group.h>
 #include <libim/im_redis.h>
 #include <libim/im_router.h>
 
 #include <event2/event.h>
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -37,20 +47,56 @@ typedef struct pending {
 struct im_redis {
   struct event_base *base;
   im_server *srv;
+  im_group *group;          /* NULL: the router of srv alone */
+  im_redis *home;           /* a member's handle (im_redis_join): the instance with the lease */
   im_redis_config cfg;      /* strings point at the copies below */
   char *host, *prefix, *node, *adv_ws, *adv_tcp;
-  rlink cmd, stream, sub;
-  bool leased, acquiring, freeing, draining;
+  rlink cmd, stream, sub;     /* a handle has cmd only */
+  atomic_bool leased;       /* read by the handles on their threads */
+  bool acquiring, freeing, draining;
   bool stream_was_up, stream_reading;
-  uint64_t epoch;
-  int node_id;
+  _Atomic uint64_t epoch;   /* read by the handles */
+  atomic_int node_id;
   char last_id[64];         /* last delivery-stream entry read */
   char maxlen_arg[24];      /* cfg.stream_max as a string (ROUTE_PUSH, im_redis_push_argv) */
   struct event *renew_ev, *flush_ev, *xread_retry_ev;
   pending *pend, *pend_tail;
   size_t pend_bytes;
-  uint64_t dropped;         /* forwards given up (memory bound) */
+  atomic_uint_fast64_t dropped; /* forwards given up; a handle counts on its home's */
 };
+
+/* The instance that holds the lease: r itself, or a handle's home. */
+static im_redis *home_of(const im_redis *r) { return r->home ? r->home : (im_redis *)r; }
+
+static void count_drop(im_redis *r) { atomic_fetch_add(&home_of(r)->dropped, 1); }
+
+/* ---- the whole process: the server alone, or every member of its group ----------- */
+
+static void member_announce(im_server *srv, void *arg) {
+  (void)arg;
+  im_server_announce(srv);
+}
+
+static void member_node_id(im_server *srv, void *arg) {
+  im_server_set_node_id(srv, (uint16_t)atomic_load(&((im_redis *)arg)->node_id));
+}
+
+/* fn on every member's thread (the others through their queues), or on
+ * srv alone. */
+static void each_member(im_redis *r, void (*fn)(im_server *srv, void *arg)) {
+  fn(r->srv, r);
+  if (!r->group) return;
+  int self = im_group_member(r->group, r->srv);
+  for (unsigned i = 0, n = im_group_size(r->group); i < n; i++)
+    if ((int)i != self) im_group_call(r->group, i, fn, r);
+}
+
+static uint64_t process_conns(im_redis *r) {
+  if (r->group) return im_group_conns(r->group);
+  im_stats st = {IM_STRUCT_SIZE(im_stats)};
+  im_server_stats(r->srv, &st);
+  return st.conns_authed;
+}
 
 /* ---- small helpers ---------------------------------------------------------- */
 
@@ -100,10 +146,8 @@ static void lease_acquire(im_redis *r);
 static void stream_read(im_redis *r);
 
 static void lease_args(im_redis *r, char ttl[24], char conns[24], char ep[24]) {
-  im_stats st = {IM_STRUCT_SIZE(im_stats)};
-  im_server_stats(r->srv, &st);
   fmt_u64(ttl, r->cfg.lease_ttl_ms);
-  fmt_u64(conns, st.conns_authed);
+  fmt_u64(conns, process_conns(r));
   fmt_u64(ep, r->epoch);
 }
 
@@ -123,7 +167,7 @@ static void on_stream_pos(redisAsyncContext *ac, void *rep, void *priv) {
       snprintf(r->last_id, sizeof r->last_id, "%s", rp->element[0]->element[0]->str);
   }
   r->leased = true;
-  im_server_announce(r->srv);
+  each_member(r, member_announce);
   stream_read(r);
   emit(r, IM_REDIS_UP);
 }
@@ -148,8 +192,8 @@ static void on_acquired(redisAsyncContext *ac, void *rep, void *priv) {
                                                                   : "no free node id");
     return; /* the renew timer tries again */
   }
-  r->node_id = (int)rp->integer;
-  im_server_set_node_id(r->srv, (uint16_t)r->node_id);
+  atomic_store(&r->node_id, (int)rp->integer);
+  each_member(r, member_node_id);
   leased(r);
 }
 
@@ -285,19 +329,20 @@ static void conn_field(const im_redis *r, im_conn_id c, char out[KEY_MAX]) {
 static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
   im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
-  if (!r->leased || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
+  uint64_t epoch = home_of(r)->epoch;
+  if (!home_of(r)->leased || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], value[1024], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);
-  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, r->epoch);
+  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, epoch);
   key(r, kidx, "noderoutes:%s", reg);
   conn_field(r, c, field);
   char platform[200], device[200];
   field_escape(platform, sizeof platform, info.platform);
   field_escape(device, sizeof device, info.device);
-  snprintf(value, sizeof value, "%s|%" PRIu64 "|%s|%s|%s|%" PRIu64 "|%s", r->node, r->epoch,
+  snprintf(value, sizeof value, "%s|%" PRIu64 "|%s|%s|%s|%" PRIu64 "|%s", r->node, epoch,
            platform, device, info.peer, im_server_wall_base(srv) + info.since_ms,
            info.transport == IM_TRANSPORT_TCP ? "tcp" : "ws");
-  fmt_u64(ep, r->epoch);
+  fmt_u64(ep, epoch);
   const char *keys[] = {kroute, kidx};
   const char *args[] = {field, value, ep, info.uid};
   eval(r, ignore_reply, NULL, LUA_ROUTE_PUT, 2, keys, 4, args);
@@ -306,18 +351,23 @@ static void h_conn_open(im_server *srv, im_conn_id c, void *ud) {
 static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
   im_redis *r = ud;
   im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
-  if (!r->epoch || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
+  uint64_t epoch = home_of(r)->epoch;
+  if (!epoch || im_conn_get_info(srv, c, &info) < 0 || !info.uid) return;
   char kroute[KEY_MAX], kidx[KEY_MAX], field[KEY_MAX], ep[24], reg[200];
   key(r, kroute, "route:{%s}", info.uid);
-  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, r->epoch);
+  snprintf(reg, sizeof reg, "%s|%" PRIu64, r->node, epoch);
   key(r, kidx, "noderoutes:%s", reg);
   conn_field(r, c, field);
-  fmt_u64(ep, r->epoch);
-  /* c is still registered: it is the last one when it is the only one */
-  const char *last = im_user_conns(srv, info.uid, NULL, 0) <= 1 ? "1" : "0";
+  fmt_u64(ep, epoch);
+  /* c is still registered: it is the last one when it is the only one
+   * (of the process: the script checks again, for members closing at
+   * once) */
+  size_t conns = r->group ? im_group_user_conns(r->group, info.uid)
+                          : im_user_conns(srv, info.uid, NULL, 0);
+  const char *last = conns <= 1 ? "1" : "0";
   const char *keys[] = {kroute, kidx};
-  const char *args[] = {field, ep, info.uid, last};
-  eval(r, ignore_reply, NULL, LUA_ROUTE_DEL, 2, keys, 4, args);
+  const char *args[] = {field, ep, info.uid, last, reg};
+  eval(r, ignore_reply, NULL, LUA_ROUTE_DEL, 2, keys, 5, args);
 }
 
 /* ---- rooms ---------------------------------------------------------------------- */
@@ -357,7 +407,12 @@ static void on_room_message(redisAsyncContext *ac, void *rep, void *priv) {
   const uint8_t *p = (const uint8_t *)payload->str + ol + 1, *end = (const uint8_t *)payload->str + payload->len;
   rwire_rec rec;
   while (rwire_next(&p, end, &rec) == 1)
-    if (rec.kind == RWIRE_ROOM && rec.m.room) im_local_room_send(r->srv, rec.m.room, &rec.m, 0);
+    if (rec.kind == RWIRE_ROOM && rec.m.room) {
+      if (r->group)
+        im_group_local_room_send(r->group, r->srv, rec.m.room, &rec.m, 0);
+      else
+        im_local_room_send(r->srv, rec.m.room, &rec.m, 0);
+    }
 }
 
 static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
@@ -377,7 +432,7 @@ static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *
     size_t lens[] = {7, strlen(ch), b.len};
     /* Redis away: the local members had it; the other nodes' miss it
      * (rooms are ephemeral) */
-    if (rlink_cmd(&r->cmd, ignore_reply, NULL, 3, argv, lens) < 0) r->dropped++;
+    if (rlink_cmd(&r->cmd, ignore_reply, NULL, 3, argv, lens) < 0) count_drop(r);
   }
   rbuf_free(&b);
   return rc;
@@ -400,7 +455,7 @@ static int enqueue(im_redis *r, pending *p, const char *const *uids, size_t n) {
   for (size_t i = 0; ok && i < n; i++) ok = (p->uids[p->n++] = strdup(uids[i])) != NULL;
   if (!ok || r->pend_bytes + p->head.len > PENDING_MAX_BYTES) {
     pending_free(p);
-    r->dropped++;
+    count_drop(r);
     return IM_ENOMEM;
   }
   r->pend_bytes += p->head.len;
@@ -473,7 +528,7 @@ static void on_pushed(redisAsyncContext *ac, void *rep, void *priv) {
   } else {
     if (rp && rp->type == REDIS_REPLY_ERROR) {
       fprintf(stderr, "libim: cross-node send failed: %s\n", rp->str);
-      r->dropped++;
+      count_drop(r);
     }
     drop_list(r, x->list);
   }
@@ -559,7 +614,7 @@ out:
  * (LOOKUP_MAX uids at a time), which finds their nodes and appends to those
  * nodes' streams. */
 static void flush(im_redis *r) {
-  while (r->pend && r->cmd.up && r->leased) {
+  while (r->pend && r->cmd.up && home_of(r)->leased) {
     pending *list = r->pend;
     if (list->n > LOOKUP_MAX) { /* one send with more uids than a call takes: split it */
       r->pend = list->next;
@@ -569,7 +624,7 @@ static void flush(im_redis *r) {
         size_t cnt = list->n - off < LOOKUP_MAX ? list->n - off : LOOKUP_MAX;
         if (!q || rwire_put_bytes(&q->head, list->head.p, list->head.len) < 0) {
           free(q);
-          r->dropped++;
+          count_drop(r);
           continue;
         }
         r->pend_bytes += q->head.len;
@@ -613,11 +668,18 @@ static void apply_entry(im_redis *r, const redisReply *fields) {
       for (uint32_t u = 0; u < rec.n; u++) {
         uids[k++] = rwire_uid(&at);
         if (k == LOOKUP_MAX || u + 1 == rec.n) {
-          if (rec.kind == RWIRE_MSG)
+          if (rec.kind == RWIRE_MSG && r->group)
+            im_group_local_send_users(r->group, r->srv, uids, k, &rec.m, 0);
+          else if (rec.kind == RWIRE_MSG)
             im_local_send_users(r->srv, uids, k, &rec.m, 0);
           else if (rec.kind == RWIRE_KICK)
-            for (size_t x = 0; x < k; x++)
-              im_local_kick_user(r->srv, uids[x], rec.code, rec.reason ? rec.reason : "");
+            for (size_t x = 0; x < k; x++) {
+              const char *why = rec.reason ? rec.reason : "";
+              if (r->group)
+                im_group_local_kick_user(r->group, r->srv, uids[x], rec.code, why);
+              else
+                im_local_kick_user(r->srv, uids[x], rec.code, why);
+            }
           k = 0;
         }
       }
@@ -838,9 +900,16 @@ static void subscribe_room(const char *room, size_t members, void *arg) {
   subscribe(arg, room, true);
 }
 
+static void subscribe_process_room(const char *room, void *arg) { subscribe(arg, room, true); }
+
 static void on_link(rlink *l, bool up, void *ud) {
   im_redis *r = ud;
   if (r->freeing) return;
+  if (r->home) { /* a member's handle: its routes again (the lease is the home's) */
+    if (up && home_of(r)->leased) im_server_announce(r->srv);
+    if (up) flush(r);
+    return;
+  }
   if (l == &r->cmd) {
     if (up) {
       lease_renew(r); /* keeps the lease when it survived, else takes a new one */
@@ -859,7 +928,10 @@ static void on_link(rlink *l, bool up, void *ud) {
       r->stream_reading = false;
     }
   } else if (l == &r->sub && up) {
-    im_server_rooms(r->srv, subscribe_room, r);
+    if (r->group)
+      im_group_rooms(r->group, subscribe_process_room, r);
+    else
+      im_server_rooms(r->srv, subscribe_room, r);
   }
 }
 
@@ -884,8 +956,9 @@ im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_c
   if (!r) return NULL;
   r->base = base;
   r->srv = srv;
+  r->group = cfg->group;
   r->cfg = *cfg;
-  r->node_id = -1;
+  atomic_init(&r->node_id, -1);
   r->host = dup_or_null(cfg->host ? cfg->host : "127.0.0.1");
   r->prefix = dup_or_null(cfg->prefix ? cfg->prefix : "im:");
   r->node = dup_or_null(cfg->node);
@@ -918,10 +991,50 @@ im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_c
                   .room_open = h_room_open, .room_close = h_room_close,
                   .send_users = h_send_users, .room_send = h_room_send,
                   .kick_user = h_kick_user, .presence = h_presence, .ud = r};
-  im_server_set_router(srv, &rt);
+  if (r->group ? im_group_set_outer(r->group, srv, &rt) < 0 : im_server_set_router(srv, &rt) < 0) {
+    r->freeing = true;
+    r->srv = NULL; /* nothing installed */
+    im_redis_free(r);
+    return NULL;
+  }
   rlink_start(&r->cmd);
   rlink_start(&r->stream);
   rlink_start(&r->sub);
+  return r;
+}
+
+im_redis *im_redis_join(im_redis *home, struct event_base *base, im_server *srv) {
+  if (!home || home->home || !home->group || !base || !srv) return NULL;
+  im_redis *r = calloc(1, sizeof *r);
+  if (!r) return NULL;
+  r->base = base;
+  r->srv = srv;
+  r->group = home->group;
+  r->home = home;
+  r->cfg = home->cfg;
+  r->cfg.on_event = NULL;
+  /* the home's strings: it outlives its handles */
+  r->host = home->host;
+  r->prefix = home->prefix;
+  r->node = home->node;
+  memcpy(r->maxlen_arg, home->maxlen_arg, sizeof r->maxlen_arg);
+  r->flush_ev = event_new(base, -1, 0, on_flush, r);
+  im_router rt = {.conn_open = h_conn_open, .conn_close = h_conn_close,
+                  .send_users = h_send_users, .room_send = h_room_send,
+                  .kick_user = h_kick_user, .presence = h_presence, .ud = r};
+  if (!r->flush_ev ||
+      rlink_init(&r->cmd, base, r->host, home->cfg.port, "commands", on_link, r) < 0 ||
+      im_group_set_outer(r->group, srv, &rt) < 0) {
+    if (r->flush_ev) event_free(r->flush_ev);
+    if (r->cmd.base) rlink_close(&r->cmd);
+    free(r);
+    return NULL;
+  }
+  if (home->cmd.client_name[0])
+    snprintf(r->cmd.client_name, sizeof r->cmd.client_name, "%.*s:%d",
+             (int)sizeof r->cmd.client_name - 8, home->cmd.client_name,
+             im_group_member(r->group, srv));
+  rlink_start(&r->cmd);
   return r;
 }
 
@@ -940,12 +1053,15 @@ static void release_lease(im_redis *r) {
 
 void im_redis_free(im_redis *r) {
   if (!r) return;
-  if (r->srv) im_server_set_router(r->srv, NULL);
+  if (r->srv && r->group)
+    im_group_set_outer(r->group, r->srv, NULL);
+  else if (r->srv)
+    im_server_set_router(r->srv, NULL);
   /* what is still queued goes out first (best effort), then the lease:
    * survivors purge our routes at once */
   if (!r->freeing) {
     flush(r);
-    release_lease(r);
+    if (!r->home) release_lease(r);
   }
   r->freeing = true;
   if (r->renew_ev) event_free(r->renew_ev);
@@ -959,6 +1075,10 @@ void im_redis_free(im_redis *r) {
     r->pend = p->next;
     pending_free(p);
   }
+  if (r->home) { /* the strings are the home's */
+    free(r);
+    return;
+  }
   free(r->host);
   free(r->prefix);
   free(r->node);
@@ -967,16 +1087,16 @@ void im_redis_free(im_redis *r) {
   free(r);
 }
 
-int im_redis_up(const im_redis *r) { return r->cmd.up && r->leased; }
-uint64_t im_redis_epoch(const im_redis *r) { return r->epoch; }
+int im_redis_up(const im_redis *r) { return r->cmd.up && home_of(r)->leased; }
+uint64_t im_redis_epoch(const im_redis *r) { return home_of(r)->epoch; }
 const char *im_redis_node(const im_redis *r) { return r->node; }
-uint64_t im_redis_dropped(const im_redis *r) { return r->dropped; }
+uint64_t im_redis_dropped(const im_redis *r) { return atomic_load(&home_of(r)->dropped); }
 
 const char *im_redis_push_lua(void) { return LUA_PUSH_FNS; }
 
 int im_redis_push_argv(im_redis *r, const char *argv[3]) {
   if (!r || !argv) return IM_EINVAL;
-  if (!r->cmd.up || !r->leased) return IM_ECLOSED;
+  if (!im_redis_up(r)) return IM_ECLOSED;
   argv[0] = r->node;
   argv[1] = r->prefix;
   argv[2] = r->maxlen_arg;
@@ -996,6 +1116,7 @@ int im_redis_encode_head(const im_msg *m, void **head, size_t *len) {
 }
 
 int im_redis_set_draining(im_redis *r, int draining) {
+  if (r->home) return IM_EINVAL;
   r->draining = draining != 0;
   if (!r->cmd.up || !r->epoch) return IM_ECLOSED;
   char k[KEY_MAX];
