@@ -264,20 +264,26 @@ static cJSON *room_pushed_json(imd *d, const char *id, long n) {
 }
 
 /* With worker threads: every worker sends to its members of the room and
- * the answer counts them all. The message is copied after the struct. */
+ * the answer counts them all. In a cluster the asking worker sends through
+ * the group and the other nodes (im_room_send) and the others count their
+ * members. The message is copied after the struct. */
 typedef struct room_push {
   uint64_t ticket;
+  imd *origin;
+  int sent;   /* cluster: the asking worker's im_room_send */
   im_msg m;
   char buf[];
 } room_push;
 
 static int room_send_here(imd *w, void *arg) {
   room_push *p = arg;
+  if (w->redis) return w == p->origin ? 0 : (int)im_room_size(w->srv, p->m.room);
   return im_local_room_send(w->srv, p->m.room, &p->m, 0);
 }
 
 static void room_sent(imd *d, long n, int err, void *arg) {
   room_push *p = arg;
+  n += p->sent;
   if (err < 0)
     respond_error(d, p->ticket, err == IM_ETOOBIG ? 413 : 500, im_strerror(err));
   else
@@ -295,11 +301,18 @@ static void push_room_workers(imd *d, const im_msg *m, http_response *r) {
     return;
   }
   p->ticket = ticket;
+  p->origin = d;
+  p->sent = 0;
   char *at = p->buf;
   imd_strs_copy(&at, strs, out, 3);
   memcpy(at, m->data, m->data_len);
   p->m = (im_msg){.id = out[0], .from = out[1], .room = out[2], .ts = m->ts, .data = at,
                   .data_len = m->data_len};
+  if (d->redis && (p->sent = im_room_send(d->srv, p->m.room, &p->m, 0)) < 0) {
+    respond_error(d, ticket, p->sent == IM_ETOOBIG ? 413 : 500, im_strerror(p->sent));
+    free(p);
+    return;
+  }
   if (imd_workers_gather(d, room_send_here, room_sent, p) < 0) {
     respond_error(d, ticket, 503, "out of memory");
     free(p);
@@ -747,6 +760,23 @@ static void ban_shared(imd *d, void *arg, int status) {
   free(a);
 }
 
+/* Write a ban or lift (done here already) to Redis and answer ticket once
+ * Redis has it. */
+static void share_ban(imd *d, uint64_t ticket, const char *uid, const char *cidr,
+                      const char *name, bool post, uint32_t secs, int local_rc, int closed) {
+  size_t n = strlen(name) + 1;
+  ban_answer *a = malloc(sizeof *a + n);
+  if (!a) {
+    respond_error(d, ticket, 503, "out of memory");
+    return;
+  }
+  *a = (ban_answer){ticket, cidr != NULL, post, local_rc == 0, secs, closed};
+  memcpy(a->name, name, n);
+  uint64_t until = post && secs ? imd_wall_ms() + (uint64_t)secs * 1000u : 0;
+  if (imd_bans_share(d, uid, cidr, until, !post, ban_shared, a) < 0)
+    ban_shared(d, a, IMD_BANS_EDOWN);
+}
+
 /* With --redis: GET reads the cluster's bans first; POST/DELETE are
  * written to Redis (every node applies them within about a second) and
  * answered when Redis confirmed. Returns false when not in a cluster. */
@@ -764,21 +794,8 @@ static bool bans_clustered(imd *d, http_response *r, const char *uid, const char
     }
     return true;
   }
-  size_t n = strlen(name) + 1;
-  ban_answer *a = malloc(sizeof *a + n);
-  if (!a) {
-    reply_error(r, 503, "out of memory");
-    return true;
-  }
-  *a = (ban_answer){0, cidr != NULL, post, local_rc == 0, secs, closed};
-  memcpy(a->name, name, n);
-  if (!(a->ticket = defer(r))) {
-    free(a);
-    return true;
-  }
-  uint64_t until = post && secs ? imd_wall_ms() + (uint64_t)secs * 1000u : 0;
-  if (imd_bans_share(d, uid, cidr, until, !post, ban_shared, a) < 0)
-    ban_shared(d, a, IMD_BANS_EDOWN);
+  uint64_t ticket = defer(r);
+  if (ticket) share_ban(d, ticket, uid, cidr, name, post, secs, local_rc, closed);
   return true;
 }
 
@@ -798,7 +815,10 @@ static int kick_ip_here(imd *w, void *arg) {
 static void ip_kicked(imd *d, long n, int err, void *arg) {
   (void)err; /* a worker that could not be asked is missing from the count */
   ip_kick *k = arg;
-  respond_json(d, k->ticket, 200, ban_result(k->ip, true, true, k->secs, (int)n));
+  if (d->redis) /* and the other nodes' */
+    share_ban(d, k->ticket, NULL, k->ip, k->ip, true, k->secs, 0, (int)n);
+  else
+    respond_json(d, k->ticket, 200, ban_result(k->ip, true, true, k->secs, (int)n));
   free(k);
 }
 
@@ -849,7 +869,7 @@ static void bans(imd *d, const http_request *req, http_response *r) {
   int rc = 0, closed = 0;
   if (!err && ip) { /* with workers, one guard for all of them (im_shared) */
     rc = post ? im_guard_ban(d->srv, cidr, secs) : im_guard_unban(d->srv, cidr);
-    if (rc == 0 && post && d->workers) { /* (workers: never with --redis) */
+    if (rc == 0 && post && d->workers) { /* in a cluster, shared once the workers closed theirs */
       kick_ip_workers(d, cidr, secs, r);
       cJSON_Delete(b);
       return;

@@ -11,12 +11,14 @@
  * its own bans match: new entries are applied and the matching live
  * sessions closed (4403 "banned"), entries gone from the hash are lifted.
  * The automatic bans of the rate limit, the rate limit itself and the
- * --ban entries stay node-local. A node with --redis runs one worker
- * thread (main.c), so the merge applies bans to that worker's engine. */
+ * --ban entries stay node-local. With worker threads the table of what
+ * was applied is worker 0's, under its own lock (any worker may share a
+ * ban, worker 0 polls), and a merge closes the sessions of every worker. */
 #include <hiredis/hiredis.h>
 #include <inttypes.h>
 #include <libim/im_guard.h>
 #include <libim/im_router.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -180,8 +182,14 @@ static void shared_keys(const imd *d, char *hash, char *ver, size_t cap) {
   snprintf(ver, cap, "%s{bans}:v", p);
 }
 
+/* The table of the cluster's bans as applied, its version and generation
+ * are worker 0's (every worker's with threads), under cluster_lock. */
+static pthread_mutex_t cluster_lock = PTHREAD_MUTEX_INITIALIZER;
+
+static imd *home(imd *d) { return d->main ? d->main : d; }
+
 static shared_ban *shared_find(imd *d, const char *key) {
-  return (shared_ban *)strmap_get(&d->shared_bans, key, strlen(key));
+  return (shared_ban *)strmap_get(&home(d)->shared_bans, key, strlen(key));
 }
 
 /* Remember key as applied until until_ms. */
@@ -193,7 +201,7 @@ static shared_ban *shared_put(imd *d, const char *key, uint64_t until_ms) {
     memcpy(e->key, key, n + 1);
     e->node.key = e->key;
     e->node.klen = (uint32_t)n;
-    strmap_put(&d->shared_bans, &e->node);
+    strmap_put(&home(d)->shared_bans, &e->node);
   }
   e->until_ms = until_ms;
   return e;
@@ -202,20 +210,30 @@ static shared_ban *shared_put(imd *d, const char *key, uint64_t until_ms) {
 static void shared_forget(imd *d, const char *key) {
   shared_ban *e = shared_find(d, key);
   if (!e) return;
-  strmap_del(&d->shared_bans, &e->node);
+  strmap_del(&home(d)->shared_bans, &e->node);
   free(e);
+}
+
+/* Close the sessions from an address on every worker. */
+static void kick_ip_here(imd *w, const char *cidr, uint32_t n) {
+  (void)n;
+  im_guard_kick(w->srv, cidr, IM_CLOSE_KICKED, "banned");
 }
 
 /* Apply a ban another node made: refuse and close here only (its node
  * closed the sessions it saw). */
 static void apply(imd *d, const char *key, uint64_t until_ms, uint64_t now) {
   if (!strncmp(key, "uid:", 4)) {
-    if (uid_ban_until(d, key + 4, until_ms) == 0)
+    if (uid_ban_until(d, key + 4, until_ms) < 0) return;
+    if (d->group) /* this process's workers, not the other nodes */
+      im_group_local_kick_user(d->group, d->srv, key + 4, IM_CLOSE_KICKED, "banned");
+    else
       im_local_kick_user(d->srv, key + 4, IM_CLOSE_KICKED, "banned");
   } else if (!strncmp(key, "ip:", 3)) {
     uint32_t ttl_s = until_ms ? (uint32_t)((until_ms - now + 999) / 1000) : 0;
-    if (im_guard_ban(d->srv, key + 3, ttl_s) == 0)
-      im_guard_kick(d->srv, key + 3, IM_CLOSE_KICKED, "banned");
+    if (im_guard_ban(d->srv, key + 3, ttl_s) < 0) return; /* the guard is every worker's */
+    kick_ip_here(d, key + 3, 0);
+    imd_workers_broadcast(d, kick_ip_here, key + 3, 0);
   }
 }
 
@@ -228,7 +246,7 @@ static void lift(imd *d, const char *key) {
 
 /* Make this node's shared bans those of the hash (field, value pairs). */
 static void merge(imd *d, const redisReply *all) {
-  strmap *m = &d->shared_bans;
+  strmap *m = &home(d)->shared_bans;
   uint64_t now = imd_wall_ms();
   for (uint32_t k = 0; m->buckets && k <= m->mask; k++)
     for (strmap_node *n = m->buckets[k]; n; n = n->next) ((shared_ban *)n)->seen = false;
@@ -270,18 +288,21 @@ static void read_done(void *arg, const redisReply *reply) {
   bans_call *c = arg;
   imd *d = c->d;
   int status = IMD_BANS_EDOWN;
-  if (!c->cb) d->shared_polling = false;
+  imd *h = home(d);
+  pthread_mutex_lock(&cluster_lock);
+  if (!c->cb) h->shared_polling = false;
   if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1 &&
       reply->element[0]->type == REDIS_REPLY_STRING) {
     status = 0;
     long long v = strtoll(reply->element[0]->str, NULL, 10);
-    if (c->gen != d->shared_gen)
-      d->shared_version = -1; /* this node changed a ban since: read again */
+    if (c->gen != h->shared_gen)
+      h->shared_version = -1; /* this node changed a ban since: read again */
     else if (reply->elements == 2 && reply->element[1]->type == REDIS_REPLY_ARRAY) {
       merge(d, reply->element[1]);
-      d->shared_version = v;
+      h->shared_version = v;
     }
   }
+  pthread_mutex_unlock(&cluster_lock);
   if (c->cb) c->cb(d, c->arg, status);
   free(c);
 }
@@ -289,10 +310,12 @@ static void read_done(void *arg, const redisReply *reply) {
 static int send_read(imd *d, imd_bans_done cb, void *arg, bool all) {
   bans_call *c = malloc(sizeof *c);
   if (!c) return -1;
-  *c = (bans_call){d, cb, arg, d->shared_gen, false};
   char hash[256], ver[256], have[24];
+  pthread_mutex_lock(&cluster_lock);
+  *c = (bans_call){d, cb, arg, home(d)->shared_gen, false};
+  snprintf(have, sizeof have, "%lld", all ? -1 : home(d)->shared_version);
+  pthread_mutex_unlock(&cluster_lock);
   shared_keys(d, hash, ver, sizeof hash);
-  snprintf(have, sizeof have, "%lld", all ? -1 : d->shared_version);
   const char *argv[] = {"EVAL", lua_read, "2", hash, ver, have};
   size_t lens[6];
   for (int i = 0; i < 6; i++) lens[i] = strlen(argv[i]);
@@ -303,13 +326,16 @@ static int send_read(imd *d, imd_bans_done cb, void *arg, bool all) {
   return 0;
 }
 
+/* Worker 0 polls (shared_polling is its alone). */
 void imd_bans_poll(imd *d) {
   if (!d->redis || d->shared_polling) return;
   d->shared_polling = send_read(d, NULL, NULL, false) == 0;
 }
 
 void imd_bans_reconnected(imd *d) {
+  pthread_mutex_lock(&cluster_lock);
   d->shared_version = -1; /* Redis may have restarted, bans lapsed meanwhile */
+  pthread_mutex_unlock(&cluster_lock);
   imd_bans_poll(d);
 }
 
@@ -324,7 +350,11 @@ static void share_done(void *arg, const redisReply *reply) {
   if (reply && reply->type == REDIS_REPLY_INTEGER)
     status = reply->integer < 0 ? IMD_BANS_EFULL : reply->integer ? 0 : IMD_BANS_ENOENT;
   /* a ban Redis did not take stays this node's own (no merge lifts it) */
-  if (c->ban && (status == IMD_BANS_EDOWN || status == IMD_BANS_EFULL)) shared_forget(d, c->key);
+  if (c->ban && (status == IMD_BANS_EDOWN || status == IMD_BANS_EFULL)) {
+    pthread_mutex_lock(&cluster_lock);
+    shared_forget(d, c->key);
+    pthread_mutex_unlock(&cluster_lock);
+  }
   c->cb(d, c->arg, status);
   free(c);
 }
@@ -352,10 +382,12 @@ int imd_bans_share(imd *d, const char *uid, const char *cidr, uint64_t until_ms,
   }
   /* this node applied it already: a merge must neither undo nor repeat it,
    * and a read sent before this write is out of date */
-  d->shared_gen++;
+  pthread_mutex_lock(&cluster_lock);
+  home(d)->shared_gen++;
   if (lifted)
     shared_forget(d, c->key);
   else
     shared_put(d, c->key, until_ms);
+  pthread_mutex_unlock(&cluster_lock);
   return 0;
 }

@@ -88,9 +88,10 @@ static void on_appended(void *arg, int status, const uint64_t *seqs, const char 
     imd_catch_up(d); /* what other workers pushed earlier goes out first */
     for (size_t i = 0; i < p->n; i++) {
       out.seq = p->seqs[i];
-      int r = status == IMD_STORE_PUSHED
-                  ? im_local_send_users(d->srv, &p->uids[i], 1, &out, p->except)
-                  : im_send_user(d->srv, p->uids[i], &out, p->except);
+      int r = status != IMD_STORE_PUSHED ? im_send_user(d->srv, p->uids[i], &out, p->except)
+              : d->group ? im_group_local_send_users(d->group, d->srv, &p->uids[i], 1, &out,
+                                                     p->except)
+                         : im_local_send_users(d->srv, &p->uids[i], 1, &out, p->except);
       if (r > 0) res.reached += r;
     }
     res.stored = p->n;
@@ -258,6 +259,7 @@ static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
   (void)what;
   imd *d = arg;
   imd_store_redis_tick(d->store, imd_wall_ms());
+  if (d->worker != 0) return; /* the process's tables: worker 0 polls for all */
   imd_revoke_poll(d); /* revocations made through other nodes */
   imd_bans_poll(d);   /* and bans */
 }
@@ -266,17 +268,33 @@ void imd_delivery_reconnected(imd *d) {
   if (d->redis && d->store) imd_store_redis_load_scripts(d->store);
 }
 
+/* A Redis store on d's cluster link (worker 0's, or a worker's handle: its
+ * own connection), ticked each second. */
+static int redis_store(imd *d, const imd_store_opts *o) {
+  char err[512];
+  imd_redis_io io = {redis_command, d->redis, im_redis_push_lua(), redis_push_args};
+  d->store = imd_store_redis_new(&io, d->cfg.redis_prefix, o, err, sizeof err);
+  d->trim_ev = d->store ? event_new(d->base, -1, EV_PERSIST, on_store_tick, d) : NULL;
+  struct timeval every = {1, 0};
+  if (!d->store || !d->trim_ev || event_add(d->trim_ev, &every) < 0) {
+    fprintf(stderr, "imd: cannot start the Redis store: %s\n", d->store ? "no memory" : err);
+    return -1;
+  }
+  return 0;
+}
+
+int imd_delivery_worker(imd *w, imd *d) {
+  if (w->redis) return redis_store(w, &d->store_opts);
+  w->store = imd_store_sqlite_view(d->store, w->base);
+  if (!w->store) fprintf(stderr, "imd: worker %u: out of memory\n", w->worker);
+  return w->store ? 0 : -1;
+}
+
 int imd_delivery_init(imd *d, const imd_store_opts *o) {
   char path[4096], groups[4096], err[512];
+  d->store_opts = *o;
   if (d->redis) {
-    imd_redis_io io = {redis_command, d->redis, im_redis_push_lua(), redis_push_args};
-    d->store = imd_store_redis_new(&io, d->cfg.redis_prefix, o, err, sizeof err);
-    d->trim_ev = d->store ? event_new(d->base, -1, EV_PERSIST, on_store_tick, d) : NULL;
-    struct timeval every = {1, 0};
-    if (!d->store || !d->trim_ev || event_add(d->trim_ev, &every) < 0) {
-      fprintf(stderr, "imd: cannot start the Redis store: %s\n", d->store ? "no memory" : err);
-      return -1;
-    }
+    if (redis_store(d, o) < 0) return -1;
     imd_revoke_poll(d); /* the cluster's revocations, before the first tick if Redis is up */
     return 0;
   }

@@ -92,6 +92,7 @@ typedef struct imd {
   long long shared_version; /* bans.c: of the Redis hash last merged (-1: none) */
   uint64_t shared_gen;      /* bans.c: bans this node shared (reads sent before are stale) */
   bool shared_polling;      /* bans.c: a poll is out */
+  imd_store_opts store_opts; /* delivery.c: worker 0's, for the workers' Redis stores */
   struct event *drain_ev, *usr1_ev, *hup_ev, *trim_ev;
   struct imd_hooks *hooks;  /* back-end hooks (hooks.h); NULL: none */
   imd_metrics m;
@@ -142,6 +143,9 @@ static inline uint64_t imd_mono_us(void) {
 
 /* delivery.c: store, then deliver. */
 int imd_delivery_init(imd *d, const imd_store_opts *o); /* 0, or -1 with a message on stderr */
+/* Worker w's store (its view of worker 0's SQLite store, or a Redis store
+ * of its own on its cluster handle). 0, or -1 with a message on stderr. */
+int imd_delivery_worker(imd *w, imd *d);
 void imd_delivery_free(imd *d);                          /* completes what is outstanding */
 /* The cluster link is back (Redis may have restarted): reload the store's scripts. */
 void imd_delivery_reconnected(imd *d);
@@ -210,8 +214,10 @@ void imd_bans_reconnected(imd *d);
  * graceful drain, gateway lists, health. */
 int imd_node_start(imd *d);   /* 0, or -1 with a message on stderr */
 void imd_node_stop(imd *d);
-/* The node's part of worker w > 0 (its drain timer). 0, or -1: no memory. */
-int imd_node_worker(imd *w);
+/* The node's part of worker w > 0, a copy of worker 0 d: its drain timer
+ * and, in a cluster, its handle on d's link (its own Redis connection).
+ * 0, or -1 with a message on stderr. */
+int imd_node_worker(imd *w, imd *d);
 /* Start draining (idempotent): leave gateway lists, goaway to every client,
  * close them at cfg.drain_rate per second, exit 0 when none is left.
  * Returns the connections to drain. */
@@ -280,9 +286,13 @@ void imd_tls_free(imd *d);
 int imd_tls_worker(imd *w);
 
 /* workers.c: --threads. */
+/* The thread group of n workers with worker 0 d as its first member
+ * (before the cluster link, which chains after it). 0, or -1 with a
+ * message on stderr. */
+int imd_workers_group(imd *d, unsigned n);
 /* Start workers 1..n-1 (n > 1) as copies of the ready worker 0 d, on the
- * ports d listens on, and join all in one im_group. Returns 0, or -1 with
- * a message on stderr. */
+ * ports d listens on, each joining d's group. Returns 0, or -1 with a
+ * message on stderr. */
 struct imd_hooks_config;
 int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
                       const struct imd_hooks_config *hooks);

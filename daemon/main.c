@@ -151,8 +151,7 @@ static const option_def options[O_N] = {
     [O_LOG_FILE] = {"--log-file", "IMD_LOG_FILE", "log_file",
                     "JSON lines to FILE (reopened on SIGHUP) [stderr]"},
     [O_THREADS] = {"--threads", "IMD_THREADS", "threads",
-                   "worker threads, each with its own listeners; auto: one per core (1 with "
-                   "--redis) [auto]"},
+                   "worker threads, each with its own listeners; auto: one per core [auto]"},
 };
 
 static const char *defaults[O_N] = {
@@ -411,22 +410,16 @@ static long usable_cores(void) {
   return sysconf(_SC_NPROCESSORS_ONLN);
 }
 
-/* --threads: auto is the number of usable cores, or 1 when single_why (a
- * feature that runs on one thread only for now) is set; more than 1 with
- * it is refused. */
-static int parse_threads(const char *v, const char *single_why, unsigned *out) {
+/* --threads: auto is the number of usable cores. */
+static int parse_threads(const char *v, unsigned *out) {
   uint32_t n;
   if (!strcmp(v, "auto")) {
     long cores = usable_cores();
-    n = single_why || cores < 1 ? 1 : cores > IM_GROUP_MAX ? IM_GROUP_MAX : (uint32_t)cores;
+    n = cores < 1 ? 1 : cores > IM_GROUP_MAX ? IM_GROUP_MAX : (uint32_t)cores;
   } else if (parse_u32("threads", v, &n) < 0) {
     return -1;
   } else if (n < 1 || n > IM_GROUP_MAX) {
     fprintf(stderr, "imd: threads: 1 to %d, or auto\n", IM_GROUP_MAX);
-    return -1;
-  } else if (n > 1 && single_why) {
-    fprintf(stderr, "imd: threads: %s runs on one thread for now: give --threads 1 or leave it out\n",
-            single_why);
     return -1;
   }
   *out = n;
@@ -611,7 +604,7 @@ int main(int argc, char **argv) {
   imd_hooks_config hooks;
   if (parse_hooks(vals, &hooks) < 0) return 2;
   unsigned threads;
-  if (parse_threads(vals[O_THREADS], d.cfg.redis_addr ? "--redis" : NULL, &threads) < 0)
+  if (parse_threads(vals[O_THREADS], &threads) < 0)
     return 2;
   /* the connection limit (the fd budget) is the process's: the workers count
    * it together (im_shared, as every engine limit); so are the hooks' back
@@ -739,8 +732,9 @@ int main(int argc, char **argv) {
     }
   }
   /* the node (cluster link, drain) once the ports are known: they are
-   * what it advertises */
-  if (rc == 0 && (imd_node_start(&d) < 0 || imd_delivery_init(&d, &store_opts) < 0 ||
+   * what it advertises; with workers, after the group it serves */
+  if (rc == 0 && ((threads > 1 && imd_workers_group(&d, threads) < 0) || imd_node_start(&d) < 0 ||
+                  imd_delivery_init(&d, &store_opts) < 0 ||
                   imd_hooks_start(&d, &hooks) < 0 ||
                   (threads > 1 && imd_workers_start(&d, threads, &guard, &hooks) < 0)))
     rc = 1;

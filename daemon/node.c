@@ -24,12 +24,29 @@ static void repair_one(im_server *srv, im_conn_id c, void *arg) {
   imd_repair(arg, c);
 }
 
+/* notifications sent to this node may be lost: push every connection
+ * (on each worker, by its own loop) what it has not ACKed (clients drop
+ * duplicates by id) */
+static void repair_here(imd *w, const char *s, uint32_t n) {
+  (void)s;
+  (void)n;
+  im_server_each_conn(w->srv, repair_one, w);
+}
+
+/* Redis may have restarted: each worker's store loads its scripts again */
+static void reconnected_here(imd *w, const char *s, uint32_t n) {
+  (void)s;
+  (void)n;
+  imd_delivery_reconnected(w);
+}
+
 static void on_cluster_event(im_redis *r, enum im_redis_event ev, void *ud) {
   (void)r;
   imd *d = ud;
   switch (ev) {
   case IM_REDIS_UP:
     imd_delivery_reconnected(d);
+    imd_workers_broadcast(d, reconnected_here, NULL, 0);
     imd_bans_reconnected(d);
     char epoch[24];
     snprintf(epoch, sizeof epoch, "%llu", (unsigned long long)im_redis_epoch(d->redis));
@@ -39,9 +56,8 @@ static void on_cluster_event(im_redis *r, enum im_redis_event ev, void *ud) {
     log_warn("cluster link down; stored sends fail with 503 until it is back");
     break;
   case IM_REDIS_RESYNC:
-    /* notifications sent to this node may be lost: push every local
-     * connection what it has not ACKed (clients drop duplicates by id) */
-    im_server_each_conn(d->srv, repair_one, d);
+    repair_here(d, NULL, 0);
+    imd_workers_broadcast(d, repair_here, NULL, 0);
     break;
   case IM_REDIS_LEASE_LOST:
     break;
@@ -99,7 +115,7 @@ size_t imd_drain(imd *d) {
   d->draining = true;
   log_info("draining %llu connections at %u/s", (unsigned long long)st.conns_authed,
            d->cfg.drain_rate);
-  if (d->redis) im_redis_set_draining(d->redis, 1);
+  if (d->redis && d->worker == 0) im_redis_set_draining(d->redis, 1); /* the lease's */
   im_server_each_conn(d->srv, send_goaway, d);
   /* the clients get a moment to leave by themselves before the closing starts */
   struct timeval tv = {0, DRAIN_TICK_MS * 1000};
@@ -249,6 +265,7 @@ int imd_node_start(imd *d) {
   rc.advertise_tcp = d->cfg.advertise_tcp;
   rc.on_event = on_cluster_event;
   rc.ud = d;
+  rc.group = d->group; /* NULL with one thread */
   d->redis = im_redis_new(d->base, d->srv, &rc);
   if (!d->redis) {
     fprintf(stderr, "imd: cannot start the cluster link (node name '%s')\n", d->node_name);
@@ -258,9 +275,17 @@ int imd_node_start(imd *d) {
   return 0;
 }
 
-int imd_node_worker(imd *w) {
+int imd_node_worker(imd *w, imd *d) {
   w->drain_ev = event_new(w->base, -1, EV_PERSIST, on_drain_tick, w);
-  return w->drain_ev ? 0 : -1;
+  if (!w->drain_ev) {
+    fprintf(stderr, "imd: worker %u: out of memory\n", w->worker);
+    return -1;
+  }
+  if (d->redis && !(w->redis = im_redis_join(d->redis, w->base, w->srv))) {
+    fprintf(stderr, "imd: worker %u: cannot join the cluster link\n", w->worker);
+    return -1;
+  }
+  return 0;
 }
 
 void imd_node_stop(imd *d) {

@@ -215,14 +215,19 @@ static void merged(void *arg, const redisReply *reply) {
   const redisReply *v = reply->element[0], *all = reply->element[1];
   if (all->type != REDIS_REPLY_ARRAY) return;
   int64_t forget = (int64_t)imd_wall_ms() - (int64_t)d->cfg.max_token_ttl_s * 1000;
+  imd_shared_lock(); /* the workers check tokens against the table */
   for (size_t i = 0; i + 1 < all->elements; i += 2) {
     const redisReply *u = all->element[i], *at = all->element[i + 1];
     if (u->type != REDIS_REPLY_STRING || at->type != REDIS_REPLY_STRING || !u->len ||
         strlen(u->str) != u->len)
       continue;
     int64_t ms = strtoll(at->str, NULL, 10);
-    if (ms > forget && put(r, u->str, ms) < 0) return; /* no memory: try again next poll */
+    if (ms > forget && put(r, u->str, ms) < 0) { /* no memory: try again next poll */
+      imd_shared_unlock();
+      return;
+    }
   }
+  imd_shared_unlock();
   r->version = v->type == REDIS_REPLY_STRING ? strtoll(v->str, NULL, 10) : 0;
 }
 

@@ -56,6 +56,7 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
   w->hooks = NULL;
   w->store = NULL;
   w->mb = NULL;
+  w->redis = NULL; /* its own handle (node.c), made below */
   w->drain_ev = w->usr1_ev = w->hup_ev = w->trim_ev = NULL;
   if (imd_tls_worker(w) < 0) return w;
   im_callbacks cb;
@@ -90,21 +91,34 @@ static imd *worker_new(imd *d, unsigned i, const im_guard_config *guard,
     }
     http_server_set_done(w->http, imd_api_done);
   }
-  w->store = imd_store_sqlite_view(d->store, w->base);
+  /* a member of the group before the cluster handle (it chains after the
+   * group) and the store (a Redis one runs on that handle) */
+  if (im_group_join(d->group, w->base, w->srv) != (int)i) {
+    fprintf(stderr, "imd: worker %u: cannot join the group\n", i);
+    return w;
+  }
   w->mb = im_mailbox_new(w->base, w->srv);
-  if (w->store && w->mb && imd_node_worker(w) == 0 && imd_hooks_start(w, hooks) == 0)
+  if (w->mb && imd_node_worker(w, d) == 0 && imd_delivery_worker(w, d) == 0 &&
+      imd_hooks_start(w, hooks) == 0)
     w->workers = d->workers; /* complete */
   return w;
+}
+
+int imd_workers_group(imd *d, unsigned n) {
+  d->group = im_group_new(n, 0);
+  d->mb = im_mailbox_new(d->base, d->srv);
+  if (!d->group || !d->mb || im_group_join(d->group, d->base, d->srv) != 0) {
+    fprintf(stderr, "imd: cannot start %u workers: out of memory\n", n);
+    return -1;
+  }
+  return 0;
 }
 
 int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
                       const imd_hooks_config *hooks) {
   imd_workers *ws = calloc(1, sizeof *ws);
-  d->group = im_group_new(n, 0);
-  d->mb = im_mailbox_new(d->base, d->srv);
-  if (!ws || !d->group || !d->mb || im_group_join(d->group, d->base, d->srv) != 0) {
+  if (!ws) {
     fprintf(stderr, "imd: cannot start %u workers: out of memory\n", n);
-    free(ws);
     return -1;
   }
   d->workers = ws;
@@ -121,8 +135,7 @@ int imd_workers_start(imd *d, unsigned n, const im_guard_config *guard,
       fprintf(stderr, "imd: cannot start worker %u\n", i);
       return -1;
     }
-    if (im_group_join(d->group, w->base, w->srv) != (int)i ||
-        pthread_create(&ws->th[i], NULL, worker_main, w) != 0) {
+    if (pthread_create(&ws->th[i], NULL, worker_main, w) != 0) {
       fprintf(stderr, "imd: cannot start worker %u: out of resources\n", i);
       return -1;
     }
@@ -149,6 +162,7 @@ void imd_workers_stop(imd *d) {
 void imd_workers_free(imd *d) {
   imd_workers *ws = d->workers;
   if (!ws) {
+    if (d->group) imd_node_stop(d); /* chained after the group */
     im_group_free(d->group);
     im_mailbox_free(d->mb);
     return;
@@ -165,10 +179,11 @@ void imd_workers_free(imd *d) {
   for (unsigned i = 1; i < ws->n; i++) {
     imd *w = ws->w[i];
     imd_hooks_stop(w);
-    if (w->store) w->store->ops->close(w->store);
+    imd_delivery_free(w);
     http_server_free(w->http);
-    imd_node_stop(w);
+    imd_node_stop(w); /* its cluster handle, before worker 0's link */
   }
+  imd_node_stop(d); /* the cluster link is chained after the group: before it goes */
   for (unsigned i = 0; i < ws->n; i++)
     if (ws->w[i]->srv) im_server_set_router(ws->w[i]->srv, NULL);
   im_group_free(d->group);

@@ -22,6 +22,7 @@ from imdclient import (Client, Imd, api, assert_clean_exit, check, cli_token,  #
                        connect, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
 from test_abuse import Held, try_connect  # noqa: E402
+from test_threads import expect_msgs, on_worker, worker_of  # noqa: E402
 
 TTL = 2            # --lease-ttl of the nodes, seconds
 RENEW = TTL / 3
@@ -150,13 +151,14 @@ async def all_up(nodes):
 
 class ClusterCase(unittest.TestCase):
     NODES = ('A', 'B', 'C')
+    EXTRA = ()   # more imd options for every node
 
     def setUp(self):
         self.redis = Redis()
         self.addCleanup(self.redis.stop)
         self.nodes = {}
         for name in self.NODES:
-            self.nodes[name] = node(self.redis, name)
+            self.nodes[name] = node(self.redis, name, *self.EXTRA)
             self.addCleanup(self.stop_node, name)
 
     def stop_node(self, name, expect_clean=True):
@@ -295,6 +297,139 @@ class TestDelivery(ClusterCase):
     async def _all_zero(self, srv):
         r = await api(srv, 'GET', '/v1/gateways?uid=u')
         return all(g['conns'] == 0 for g in r.json['gateways']) and len(r.json['gateways']) == 3
+
+
+class TestWorkerThreadsOfANode(ClusterCase):
+    """Nodes of two worker threads each act as one node: one lease, one
+    delivery stream, one subscription per room, routes per connection."""
+    NODES = ('A', 'B')
+    EXTRA = ('--threads', '2')
+
+    def numsub(self, channel):
+        out = self.redis.cli('PUBSUB', 'NUMSUB', channel).split()
+        return int(out[1])
+
+    def routes(self, uid):
+        out = self.redis.cli('HKEYS', 'im:route:{%s}' % uid).split()
+        return sorted(f.split('/')[0] for f in out)
+
+    @scenario(120)
+    async def test_both_workers_are_the_node(self):
+        """bob on both workers of A and on worker 1 of B, alice on B's
+        worker 0 and carol on A's worker 1: 1:1 messages, HTTP pushes at
+        either node and room messages reach each of bob's devices exactly
+        once and in order, whichever worker sent or holds them; presence
+        lists all three with A's two under A; A holds one subscription per
+        room while any of its workers has a member, none after the last;
+        a kick through B closes all three."""
+        A, B = self.nodes['A'], self.nodes['B']
+        await self.ready()
+        check(self.redis.cli('SCARD', 'im:leases') == '2', 'one lease per node, not per worker')
+        a0 = await on_worker(A, 'json', 'bob', 0, 'a0')
+        a1 = await on_worker(A, 'tcp', 'bob', 1, 'a1')
+        b1 = await on_worker(B, 'json', 'bob', 1, 'b1')
+        alice = await on_worker(B, 'json', 'alice', 0, 'laptop')
+        carol = await on_worker(A, 'json', 'carol', 1, 'pad')
+        bobs = (a0, a1, b1)
+        await wait_for(lambda: self._on(B, 'bob', ['(local)', 'A', 'A']), 5, 'bob on A twice')
+        check(self.routes('bob') == ['A', 'A', 'B'], 'routes: %r' % self.routes('bob'))
+        r = await api(A, 'GET', '/v1/users/bob/presence')
+        check(sorted(c.get('node', '(local)') for c in r.json['connections']) ==
+              ['(local)', '(local)', 'B'], 'presence on A: %r' % r.json)
+
+        # 1:1 from B's worker 0 and from A's worker 1 (the other worker of
+        # a0, the same as a1)
+        n = 10
+        for sender, tag in ((alice, 'a'), (carol, 'c')):
+            for i in range(n):
+                await sender.send('msg', cid='%s%d' % (tag, i), to='bob', data=i)
+            want = [{'from': sender.uid, 'data': str(i)} for i in range(n)]
+            got = [await expect_msgs(b, want, '1:1 from ' + tag) for b in bobs]
+            check(got[0] == got[1] == got[2], 'devices got different messages')
+        # HTTP pushes entered at A (either worker) and at B
+        for srv in (A, B, A, B):
+            r = await api(srv, 'POST', '/v1/messages', {'to': 'bob', 'data': 'h'})
+            check(r.status == 200, 'push: %r' % r)
+        for b in bobs:
+            await expect_msgs(b, [{'from': 'system', 'data': '"h"'}] * 4, 'HTTP pushes')
+
+        # a room with members on both workers of A and on B: one
+        # subscription for A, however many of its workers have members
+        for c in bobs + (alice, carol):
+            await c.send('join', room='lobby', cid='j')
+            while (await c.expect('ack', 'the join'))['cid'] != 'j':
+                pass
+        await wait_for(self._subs(2), 5, 'A and B subscribed to the room once each')
+        await alice.send('msg', cid='r1', room='lobby', data='"from B"')
+        await carol.send('msg', cid='r2', room='lobby', data='"from A"')
+        for i, c in enumerate(bobs):
+            got = sorted(m['data'] for m in [await c.expect('msg'), await c.expect('msg')])
+            check(got == ['"from A"', '"from B"'], 'room on bob\'s %d: %r' % (i, got))
+        for c, data in ((alice, '"from A"'), (carol, '"from B"')):
+            await expect_msgs(c, [{'data': data}], 'the other\'s room message')
+        # an HTTP room push at A: A's three members counted, B's reached too
+        r = await api(A, 'POST', '/v1/messages', {'room': 'lobby', 'data': 'hr'})
+        check(r.status == 200 and r.json['delivered'] == 3, 'room push: %r' % r)
+        for c in bobs + (alice, carol):
+            await expect_msgs(c, [{'data': '"hr"'}], 'the HTTP room push')
+        for c in bobs + (alice, carol):
+            await c.barrier('nothing twice')
+        # A's worker 1 leaves (a1 and carol): A keeps its subscription for a0
+        for c in (a1, carol):
+            await c.send('leave', room='lobby', cid='l')
+            while (await c.expect('ack', 'the leave'))['cid'] != 'l':
+                pass
+        await asyncio.sleep(0.3)
+        check(self.numsub('im:room:{lobby}') == 2, 'A unsubscribed while a0 is a member')
+        await alice.send('msg', cid='r3', room='lobby', data='"still"')
+        check((await a0.expect('msg'))['data'] == '"still"', 'a0 lost the room')
+        await a0.send('leave', room='lobby', cid='l')
+        while (await a0.expect('ack', 'the leave'))['cid'] != 'l':
+            pass
+        await wait_for(self._subs(1), 5, 'A unsubscribed after its last member left')
+
+        # a kick through B closes bob everywhere
+        r = await api(B, 'POST', '/v1/users/bob/kick')
+        check(r.status == 200, 'kick: %r' % r)
+        for i, b in enumerate(bobs):
+            check(await b.closed() == 4403, 'bob\'s %d not kicked' % i)
+        await wait_for(lambda: self._on(A, 'bob', []), 5, 'bob gone from presence')
+        check(self.routes('bob') == [], 'routes left: %r' % self.routes('bob'))
+        check(self.redis.cli('SISMEMBER', 'im:noderoutes:A|%s' %
+                             self.redis.cli('HGET', 'im:node:A', 'epoch'), 'bob') == '0',
+              'bob left in A\'s route index')
+
+    def _subs(self, n):
+        async def pred():
+            return self.numsub('im:room:{lobby}') == n
+        return pred
+
+    @scenario(90)
+    async def test_zombie_rewrites_every_workers_routes(self):
+        """SIGSTOP A past its TTL (B purges its routes), SIGCONT: A takes a
+        new epoch and both of its workers write their connections' routes
+        again; messages from B reach both."""
+        A, B = self.nodes['A'], self.nodes['B']
+        await self.ready()
+        a0 = await on_worker(A, 'json', 'bob', 0, 'a0')
+        a1 = await on_worker(A, 'json', 'bob', 1, 'a1')
+        await wait_for(lambda: self._on(B, 'bob', ['A', 'A']), 5, 'bob on A twice')
+        A.proc.send_signal(signal.SIGSTOP)
+        try:
+            await wait_for(lambda: self._on(B, 'bob', []), TTL + RENEW + 3, 'zombie purged')
+        finally:
+            A.proc.send_signal(signal.SIGCONT)
+        await wait_for(lambda: self._on(B, 'bob', ['A', 'A']), TTL + 1, 'both routes rewritten')
+        epoch = self.redis.cli('HGET', 'im:node:A', 'epoch')
+        values = self.redis.cli('HVALS', 'im:route:{bob}').split()
+        check(len(values) == 2 and all(v.startswith('A|%s|' % epoch) for v in values),
+              'routes %r not of the new epoch %s' % (values, epoch))
+        alice = await connect(B, 'json', 'alice')
+        ack = await alice.msg('z1', '"welcome back"', to='bob')
+        for c in (a0, a1):
+            m = await c.expect('msg', id=ack['id'])
+            check(m['data'] == '"welcome back"', 'data %r' % m['data'])
+        check({worker_of(a0), worker_of(a1)} == {0, 1}, 'not on both workers')
 
 
 class TestNodeFaults(ClusterCase):
