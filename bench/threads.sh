@@ -12,6 +12,8 @@
 #    1:1 messages to one online receiver, which counts and acks them (rps is
 #    stored and delivered, checked against the receiver's count).
 # RUNS rounds alternate the order of the two settings; MEDIAN lines last.
+# IMD_ARGS adds options to imd in both tests (e.g. "--redis HOST:PORT" to
+# measure a cluster node: its routes, store and sends on Redis).
 #   bench/threads.sh BUILD_DIR [CONNS] [SECONDS] [RUNS]
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,7 +42,8 @@ connect_rate() { # THREADS RUN
   local t=$1 out=$tmp/imd.out t0 t1 authed=0 pids=() i n
   rm -rf "$tmp/data"
   taskset -c "$srv_cpus" "$imd" --threads "$t" --conn-rate 0 --max-connections 0 \
-    --max-conns-per-ip 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off >"$out" 2>&1 &
+    --max-conns-per-ip 0 --data "$tmp/data" --ws 127.0.0.1:0 --tcp off --http off ${IMD_ARGS:-} \
+    >"$out" 2>&1 &
   srv=$!
   local ws; ws=$(port_of "$out" ws)
   rm -f "$tmp"/hold.*
@@ -72,7 +75,7 @@ connect_rate() { # THREADS RUN
 
 push_rate() { # THREADS RUN
   local line
-  line=$(IMD_ARGS="--threads $1" SRV_CPUS=$srv_cpus CLIENT_CPUS=$client_cpus IMD=$imd \
+  line=$(IMD_ARGS="--threads $1 ${IMD_ARGS:-}" SRV_CPUS=$srv_cpus CLIENT_CPUS=$client_cpus IMD=$imd \
     "$here/http-push.sh" "$build" "$secs" 64 1 imd | grep '^RESULT')
   echo "RESULT test=push threads=$1 run=$2 ${line#RESULT target=imd run=1 }" | tee -a "$tmp/results"
 }
