@@ -126,14 +126,19 @@ static int table_init(g_table *t) {
   return 0;
 }
 
-static void table_free(g_table *t) {
-  strmap *m = &t->map;
+/* Free a map of g_entry (malloc'd nodes) and its buckets; it reads as empty. */
+static void entries_free(strmap *m) {
   for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
     for (strmap_node *n = m->buckets[b], *next; n; n = next) {
       next = n->next;
       free(n);
     }
   strmap_free(m);
+  memset(m, 0, sizeof *m);
+}
+
+static void table_free(g_table *t) {
+  entries_free(&t->map);
   pthread_rwlock_destroy(&t->lock);
 }
 
@@ -338,17 +343,6 @@ static void room_check(g_member *me, const char *room) {
     if (me->outer.room_close) me->outer.room_close(me->srv, room, me->outer.ud);
     free(told);
   }
-}
-
-static void outer_rooms_clear(g_member *me) {
-  strmap *m = &me->outer_rooms;
-  for (uint32_t b = 0; m->buckets && b <= m->mask; b++)
-    for (strmap_node *n = m->buckets[b], *next; n; n = next) {
-      next = n->next;
-      free(n);
-    }
-  strmap_free(m);
-  memset(m, 0, sizeof *m);
 }
 
 static g_op *op_uid(enum g_kind kind, unsigned from, const char *uid, const char *reason);
@@ -674,7 +668,7 @@ void im_group_free(im_group *g) {
   for (unsigned i = 0; i < n; i++) im_async_free(g->m[i].q); /* drops what is queued */
   for (unsigned i = 0; i < n; i++) {
     while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
-    outer_rooms_clear(&g->m[i]);
+    entries_free(&g->m[i].outer_rooms);
   }
   table_free(&g->rooms);
   im_shared_release(g->shared); /* the members keep theirs while they live */
@@ -700,7 +694,7 @@ int im_group_set_outer(im_group *g, im_server *srv, const im_router *outer) {
     memset(&me->outer, 0, sizeof me->outer);
     int rm = i;
     atomic_compare_exchange_strong(&g->room_member, &rm, -1);
-    outer_rooms_clear(me);
+    entries_free(&me->outer_rooms);
     return 0;
   }
   if ((outer->room_open || outer->room_close) && !me->outer_rooms.buckets &&

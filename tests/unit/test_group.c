@@ -426,18 +426,19 @@ static void log_bump(outer_ud *u, int *field) {
   pthread_mutex_unlock(&u->log->lock);
 }
 
-static void o_conn_open(im_server *srv, im_conn_id c, void *ud) {
-  outer_ud *u = ud;
+/* A connection of the member's own (its info readable) opened or closed. */
+static void o_conn(im_server *srv, im_conn_id c, outer_ud *u, int *counts) {
   im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
-  assert_int_equal(im_conn_get_info(srv, c, &info), 0); /* the member's own connection */
-  log_bump(u, &u->log->opens[u->member]);
+  assert_int_equal(im_conn_get_info(srv, c, &info), 0);
+  log_bump(u, &counts[u->member]);
+}
+
+static void o_conn_open(im_server *srv, im_conn_id c, void *ud) {
+  o_conn(srv, c, ud, ((outer_ud *)ud)->log->opens);
 }
 
 static void o_conn_close(im_server *srv, im_conn_id c, void *ud) {
-  outer_ud *u = ud;
-  im_conn_info info = {IM_STRUCT_SIZE(im_conn_info)};
-  assert_int_equal(im_conn_get_info(srv, c, &info), 0);
-  log_bump(u, &u->log->closes[u->member]);
+  o_conn(srv, c, ud, ((outer_ud *)ud)->log->closes);
 }
 
 static void o_room(outer_ud *u, const char *room, int *field) {
