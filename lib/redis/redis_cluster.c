@@ -49,6 +49,7 @@ struct im_redis {
   im_server *srv;
   im_group *group;          /* NULL: the router of srv alone */
   im_redis *home;           /* a member's handle (im_redis_join): the instance with the lease */
+  im_redis *handles[IM_GROUP_MAX]; /* the home's: each member's handle (its own is NULL) */
   im_redis_config cfg;      /* strings point at the copies below */
   char *host, *prefix, *node, *adv_ws, *adv_tcp;
   rlink cmd, stream, sub;     /* a handle has cmd only */
@@ -72,9 +73,16 @@ static void count_drop(im_redis *r) { atomic_fetch_add(&home_of(r)->dropped, 1);
 
 /* ---- the whole process: the server alone, or every member of its group ----------- */
 
+static void flush_soon(im_redis *r);
+
+/* The lease is (again) ours: the member's routes are written again and
+ * the sends it held back go out. */
 static void member_announce(im_server *srv, void *arg) {
-  (void)arg;
+  im_redis *home = arg;
   im_server_announce(srv);
+  int i = home->group ? im_group_member(home->group, srv) : -1;
+  im_redis *r = i >= 0 && home->handles[i] ? home->handles[i] : home;
+  if (r->pend) flush_soon(r);
 }
 
 static void member_node_id(im_server *srv, void *arg) {
@@ -1030,6 +1038,7 @@ im_redis *im_redis_join(im_redis *home, struct event_base *base, im_server *srv)
     free(r);
     return NULL;
   }
+  home->handles[im_group_member(r->group, srv)] = r; /* a member: set_outer found it */
   if (home->cmd.client_name[0])
     snprintf(r->cmd.client_name, sizeof r->cmd.client_name, "%.*s:%d",
              (int)sizeof r->cmd.client_name - 8, home->cmd.client_name,
@@ -1076,6 +1085,8 @@ void im_redis_free(im_redis *r) {
     pending_free(p);
   }
   if (r->home) { /* the strings are the home's */
+    int i = im_group_member(r->group, r->srv);
+    if (i >= 0) r->home->handles[i] = NULL;
     free(r);
     return;
   }
