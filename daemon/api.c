@@ -839,6 +839,29 @@ static void kick_ip_workers(imd *d, const char *ip, uint32_t secs, http_response
   }
 }
 
+/* /healthz: 200 {"status":"ok"} unless draining or (in a cluster) the
+ * Redis link is down: 503 with "draining" or "degraded". */
+static cJSON *health_json(imd *d, bool clustered, bool up, int *status) {
+  cJSON *o = cJSON_CreateObject();
+  cJSON_AddStringToObject(o, "status", d->draining ? "draining" : up ? "ok" : "degraded");
+  if (clustered) cJSON_AddStringToObject(o, "redis", up ? "up" : "down");
+  *status = up && !d->draining ? 200 : 503;
+  return o;
+}
+
+static int redis_up_here(imd *w, void *arg) {
+  (void)arg;
+  return im_redis_up(w->redis) ? 1 : 0;
+}
+
+static void health_known(imd *d, long up, int err, void *arg) {
+  uint64_t *ticket = arg;
+  int status;
+  cJSON *o = health_json(d, true, err == 0 && up == (long)im_group_size(d->group), &status);
+  respond_json(d, *ticket, status, o);
+  free(ticket);
+}
+
 /* GET lists; POST {"ip":"10.0.0.0/8"|"uid":"bob","ttl":S} bans (and closes the
  * matching live sessions); DELETE the same body lifts. In a cluster, on
  * every node (bans_clustered). */
@@ -1024,12 +1047,19 @@ static void route(imd *d, const http_request *req, http_response *r) {
   bool get = req->method == HTTP_GET, post = req->method == HTTP_POST, put = req->method == HTTP_PUT;
   if (n == 1 && !strcmp(seg[0], "healthz")) {
     if (!get) goto method;
+    if (d->redis && d->workers) { /* up when every worker's connection is */
+      uint64_t *t = malloc(sizeof *t);
+      if (t && (*t = defer(r)) && imd_workers_gather(d, redis_up_here, health_known, t) == 0)
+        return;
+      if (t && *t) respond_error(d, *t, 503, "out of memory");
+      if (!t) reply_error(r, 503, "out of memory");
+      free(t);
+      return;
+    }
     const char *redis = imd_redis_state(d);
-    bool up = !redis || !strcmp(redis, "up");
-    cJSON *o = cJSON_CreateObject();
-    cJSON_AddStringToObject(o, "status", d->draining ? "draining" : up ? "ok" : "degraded");
-    if (redis) cJSON_AddStringToObject(o, "redis", redis);
-    reply_json(r, up && !d->draining ? 200 : 503, o);
+    int status;
+    cJSON *o = health_json(d, redis != NULL, !redis || !strcmp(redis, "up"), &status);
+    reply_json(r, status, o);
     return;
   }
   if (!authorized(d, req)) {
