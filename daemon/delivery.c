@@ -170,10 +170,12 @@ void imd_sync(imd *d, im_conn_id c, const char *uid, uint64_t since, uint32_t li
   /* a sync answer is cut at a byte budget well under the output bound, so
    * that no answer can shed the client that asked for it */
   size_t budget = im_server_config(d->srv)->max_output / 4;
-  if (!x || imd_store_sync(d->store, uid, since, limit, budget, on_synced, x) < 0) {
+  int rc = x ? imd_store_sync(d->store, uid, since, limit, budget, on_synced, x) : IMD_STORE_EIO;
+  if (rc < 0) {
     free(x);
     d->m.store_errors++;
-    im_reply_error(d->srv, c, 500, "sync failed", NULL);
+    im_reply_error(d->srv, c, rc == IMD_STORE_EDOWN ? 503 : 500,
+                   rc == IMD_STORE_EDOWN ? "store unavailable" : "sync failed", NULL);
   }
 }
 

@@ -581,6 +581,10 @@ class TestRedisFaults(ClusterCase):
             refused += 1
         r = await api(A, 'POST', '/v1/messages', {'to': 'bob', 'data': 1})
         check(r.status == 503 and r.json['error'] == 'store unavailable', 'push: %r' % r)
+        await alice.send('sync', since=0)   # a sync too: 503, the store is away
+        m = await alice.recv('the sync answer during the outage')
+        check(m['op'] == 'error' and m['code'] == 503 and m['reason'] == 'store unavailable',
+              'sync during the outage: %r' % m['_raw'][:200])
         self.redis.start()
         t0 = time.monotonic()
         await wait_for(lambda: all_up([A, B]), 15, 'nodes back')
