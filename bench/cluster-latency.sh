@@ -24,7 +24,8 @@
 # keeps each chat run's per-message latencies (im-bench --dump) as
 # DIR/CASE-RUN.txt.
 #   bench/cluster-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS]
-# IMD=PATH runs that imd binary; im-bench comes from BUILD_DIR.
+# IMD=PATH runs that imd binary; im-bench comes from BUILD_DIR. IMD_ARGS adds
+# options to both nodes (e.g. "--threads 2" with PIN_IMD=0,1).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 build=${1:?usage: bench/cluster-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS]}
@@ -82,7 +83,7 @@ start_node() {
   local out=$tmp/$1.out
   taskset -c "$pin_imd" "$imd" --conn-rate 0 --rate-msgs 0 --rate-user-msgs 0 --rate-receiver 0 --data "$tmp/$1" --ws 127.0.0.1:0 --tcp off --http 127.0.0.1:0 \
     --secret-file "$tmp/secret" --redis "127.0.0.1:$rport" --node "$1" --lease-ttl 10 \
-    >"$out" 2>&1 &
+    ${IMD_ARGS:-} >"$out" 2>&1 &
   pids+=($!)
   wsport=$(port_of "$out" ws)
   local http
