@@ -168,8 +168,8 @@ IM_EXTERN int im_group_call(im_group *g, unsigned member, void (*fn)(im_server *
  * member's room join or leave waits meanwhile). Any thread. */
 IM_EXTERN void im_group_rooms(im_group *g, void (*fn)(const char *room, void *arg), void *arg);
 
-/* Open connections of all members together (accepted, not yet released),
- * as the group's im_shared counts them. Any thread. */
+/* Authenticated connections of all members together (im_shared_authed of
+ * the group's im_shared). Any thread. */
 IM_EXTERN size_t im_group_conns(im_group *g);
 
 /* Free the group: what is still queued is dropped (not applied). Call it

@@ -65,6 +65,11 @@ IM_EXTERN void im_shared_release(im_shared *sh);
  * released). Any thread. */
 IM_EXTERN size_t im_shared_conns(const im_shared *sh);
 
+/* Authenticated connections of every attached engine together (counted
+ * when a connection takes its place in its uid's record, before on_open,
+ * until it leaves it, before on_close). Any thread. */
+IM_EXTERN size_t im_shared_authed(const im_shared *sh);
+
 /* Authenticated connections of uid on every attached engine together.
  * Any thread. */
 IM_EXTERN size_t im_shared_user_conns(im_shared *sh, const char *uid);

@@ -38,6 +38,7 @@ typedef struct stripe {
 struct im_shared {
   atomic_size_t refs;
   atomic_size_t conns;
+  atomic_size_t authed;     /* connections holding a uid record's count */
   unsigned slots;                /* of each shared_user's n[] */
   struct im_guard *guard;
   stripe s[STRIPES];
@@ -62,6 +63,7 @@ im_shared *shared_new_slots(unsigned slots) {
   for (unsigned i = 0; i < STRIPES; i++) pthread_mutex_init(&sh->s[i].lock, NULL);
   atomic_init(&sh->refs, 1);
   atomic_init(&sh->conns, 0);
+  atomic_init(&sh->authed, 0);
   sh->slots = slots;
   return sh;
 }
@@ -95,6 +97,10 @@ bool shared_conn_take(im_shared *sh, uint32_t max) {
 }
 
 void shared_conn_put(im_shared *sh) { atomic_fetch_sub(&sh->conns, 1); }
+
+size_t im_shared_authed(const im_shared *sh) {
+  return atomic_load(&((im_shared *)sh)->authed);
+}
 
 size_t im_shared_conns(const im_shared *sh) {
   return atomic_load(&((im_shared *)sh)->conns);
@@ -137,6 +143,7 @@ int shared_user_take(im_shared *sh, const char *uid, size_t len, uint32_t max, u
   if (rc == 0) {
     e->n[slot]++;
     *out = e;
+    atomic_fetch_add(&sh->authed, 1);
   }
   pthread_mutex_unlock(&st->lock);
   return rc;
@@ -145,7 +152,10 @@ int shared_user_take(im_shared *sh, const char *uid, size_t len, uint32_t max, u
 void shared_user_put(im_shared *sh, shared_user *e, unsigned slot) {
   stripe *st = stripe_of(sh, e->node.key, e->node.klen);
   pthread_mutex_lock(&st->lock);
-  if (e->n[slot] > 0) e->n[slot]--;
+  if (e->n[slot] > 0) {
+    e->n[slot]--;
+    atomic_fetch_sub(&sh->authed, 1);
+  }
   if (user_total(sh, e) == 0) {
     strmap_del(&st->users, &e->node);
     free(e);

@@ -749,4 +749,4 @@ void im_group_rooms(im_group *g, void (*fn)(const char *room, void *arg), void *
   pthread_rwlock_unlock(&g->rooms.lock);
 }
 
-size_t im_group_conns(im_group *g) { return im_shared_conns(g->shared); }
+size_t im_group_conns(im_group *g) { return im_shared_authed(g->shared); }

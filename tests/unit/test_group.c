@@ -574,6 +574,7 @@ static void outer_router_sees_the_process(void **state) {
   /* each connection reaches the outer router of the member holding it */
   assert_int_equal(log_read(&log, &log.opens[0]), 2);
   assert_int_equal(log_read(&log, &log.opens[1]), 1);
+  assert_int_equal(im_group_conns(g), 3); /* authenticated, on both */
 
   /* a send started on worker 0 reaches bob on both workers and is handed
    * to the outer router once, by worker 0 */

@@ -290,6 +290,7 @@ static void test_shared_between_engines(void **st) {
   ws_open(s2, &f2, "bob");
   ws_open(s1, &f1, "carol");
   assert_int_equal(im_shared_conns(sh), 4);
+  assert_int_equal(im_shared_authed(sh), 4); /* alice twice, bob, carol */
   assert_int_equal(im_server_accept(s2, IM_TRANSPORT_TCP, "10.0.0.9:1", NULL), 0);
   assert_int_equal(im_server_accept(s1, IM_TRANSPORT_TCP, "10.0.0.9:1", NULL), 0);
   /* one uid's msgs on both engines draw on one bucket of 10 */
@@ -304,6 +305,7 @@ static void test_shared_between_engines(void **st) {
   /* one alice goes: a new one fits on the other engine */
   im_server_hangup(s2, a2);
   assert_int_equal(im_shared_user_conns(sh, "alice"), 1);
+  assert_int_equal(im_shared_authed(sh), 3);
   ws_open(s1, &f1, "alice");
   /* a ban through one engine refuses on the other */
   im_server_hangup(s1, a1);
