@@ -174,10 +174,10 @@ IM_EXTERN size_t im_group_conns(im_group *g);
 
 /* Free the group: what is still queued is dropped (not applied). Call it
  * after every member loop has stopped, while their event_bases and
- * servers still exist (it frees events of those bases; it does not touch
- * the servers, whose router it does not remove: free them next, or call
- * im_server_set_router(srv, NULL) first to keep using them). NULL is a
- * no-op. */
+ * servers still exist (it frees events of those bases, and removes itself
+ * as the servers' router, so that connections closed afterwards, e.g. by
+ * im_event_free, reach no hook; an outer router is removed with it). The
+ * servers stay usable as single servers. NULL is a no-op. */
 IM_EXTERN void im_group_free(im_group *g);
 
 #ifdef __cplusplus

@@ -665,6 +665,9 @@ void im_group_free(im_group *g) {
   if (!g) return;
   atomic_store(&g->stopping, true);
   unsigned n = atomic_load(&g->joined);
+  /* the servers outlive the group: closing their connections later (an
+   * im_event_free) must not reach the group's hooks */
+  for (unsigned i = 0; i < n; i++) im_server_set_router(g->m[i].srv, NULL);
   for (unsigned i = 0; i < n; i++) im_async_free(g->m[i].q); /* drops what is queued */
   for (unsigned i = 0; i < n; i++) {
     while (g->m[i].pending) pending_free(&g->m[i], g->m[i].pending);
