@@ -265,8 +265,7 @@ int imd_node_start(imd *d) {
   rc.advertise_tcp = d->cfg.advertise_tcp;
   rc.on_event = on_cluster_event;
   rc.ud = d;
-  rc.group = d->group; /* NULL with one thread */
-  d->redis = im_redis_new(d->base, d->srv, &rc);
+  d->redis = im_redis_new_group(d->base, d->srv, d->group, &rc); /* group NULL: one thread */
   if (!d->redis) {
     fprintf(stderr, "imd: cannot start the cluster link (node name '%s')\n", d->node_name);
     return -1;

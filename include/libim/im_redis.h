@@ -28,8 +28,9 @@
  *
  * Every function runs on the loop thread of the server. Callbacks are never
  * called before the function that takes them returned. A process whose
- * engines form a thread group (<libim/im_group.h>) is one node: set
- * cfg.group and give each other member a handle (im_redis_join).
+ * engines form a thread group (<libim/im_group.h>) is one node: start it
+ * with im_redis_new_group and give each other member a handle
+ * (im_redis_join).
  */
 #ifndef LIBIM_IM_REDIS_H
 #define LIBIM_IM_REDIS_H
@@ -41,6 +42,7 @@ extern "C" {
 #endif
 
 struct event_base;
+struct im_group;
 struct redisReply;
 typedef struct im_redis im_redis;
 
@@ -66,13 +68,6 @@ typedef struct im_redis_config {
   uint32_t stream_max;       /* entries a delivery stream keeps. 100000 */
   void (*on_event)(im_redis *r, enum im_redis_event ev, void *ud);
   void *ud;
-  /* A thread group (<libim/im_group.h>) whose members are this node: the
-   * server given to im_redis_new is one member (its thread keeps the lease,
-   * the delivery stream and the room subscriptions), chained after the
-   * group with im_group_set_outer; each other member gets a handle from
-   * im_redis_join. What arrives from other nodes reaches every member. NULL:
-   * the server alone, installed as its router. */
-  struct im_group *group;
 } im_redis_config;
 
 /* Fill cfg with the defaults above (node NULL). */
@@ -88,11 +83,21 @@ IM_EXTERN im_redis *im_redis_new(struct event_base *base, im_server *srv,
  * node are deleted), close the connections and free. NULL is a no-op. */
 IM_EXTERN void im_redis_free(im_redis *r);
 
+/* The same for a thread group g (<libim/im_group.h>) whose members are
+ * this node: srv is one member (its thread keeps the lease, the delivery
+ * stream and the room subscriptions), and the module is chained after the
+ * group (im_group_set_outer) instead of being srv's router; each other
+ * member gets a handle from im_redis_join. What arrives from other nodes
+ * reaches every member (im_group_local_*). g NULL: im_redis_new. Returns
+ * NULL also when srv is not a member of g. */
+IM_EXTERN im_redis *im_redis_new_group(struct event_base *base, im_server *srv,
+                                       struct im_group *g, const im_redis_config *cfg);
+
 /* The part of a thread group's other member srv (whose loop runs on base):
  * a command connection of its own, on srv's thread, for srv's connections'
  * routes, its cross-node sends and kicks, presence, gateway lists and
  * im_redis_command; the lease (epoch, node id, up or not) is home's. home
- * is the instance im_redis_new made with cfg.group set. Call it on srv's
+ * is the instance im_redis_new_group made. Call it on srv's
  * loop thread or before that loop runs, before srv accepts connections.
  * The handle is used on srv's thread only; free every handle (on its
  * thread, or once its loop stopped) before home. On a handle,

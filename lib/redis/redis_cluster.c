@@ -3,7 +3,7 @@
  * channels, presence, kick and gateway lists, installed as the server's
  * router (include/libim/im_router.h).
  *
- * With a thread group (im_redis_config.group) the module is the group's
+ * With a thread group (im_redis_new_group) the module is the group's
  * outer router: the instance im_redis_new made (the home) holds the lease,
  * reads the node's stream and keeps the room subscriptions, and applies
  * what arrives to every member (im_group_local_*); each other member has a
@@ -955,6 +955,11 @@ void im_redis_config_init(im_redis_config *cfg) {
 }
 
 im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_config *cfg) {
+  return im_redis_new_group(base, srv, NULL, cfg);
+}
+
+im_redis *im_redis_new_group(struct event_base *base, im_server *srv, im_group *g,
+                             const im_redis_config *cfg) {
   if (!cfg || !cfg->node || !*cfg->node || strlen(cfg->node) > IM_REDIS_NODE_MAX ||
       (cfg->prefix && strlen(cfg->prefix) > PREFIX_MAX) ||
       strchr(cfg->node, '|') || strchr(cfg->node, '/') ||
@@ -964,7 +969,7 @@ im_redis *im_redis_new(struct event_base *base, im_server *srv, const im_redis_c
   if (!r) return NULL;
   r->base = base;
   r->srv = srv;
-  r->group = cfg->group;
+  r->group = g;
   r->cfg = *cfg;
   atomic_init(&r->node_id, -1);
   r->host = dup_or_null(cfg->host ? cfg->host : "127.0.0.1");
