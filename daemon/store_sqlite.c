@@ -3,7 +3,10 @@
  * Tables (schema version 4, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
- *           inbox(mid).
+ *           inbox(mid). No index on id: nothing reads a message by its id
+ *           (ids are unique by construction); files made before 2026-12-01
+ *           keep the UNIQUE index they have, which costs them one more
+ *           B-tree insert per message and changes nothing else.
  *   idem    (sender, device, cid) -> id, the idempotency keys. Kept apart
  *           from msgs because a key must outlive its message (store.h: keys
  *           live for keep_age_s, or forever). Expired keys go by a sweep
@@ -214,7 +217,7 @@ static const char *const stmt_sql[ST_COUNT] = {
 static const char schema_sql[] =
   "CREATE TABLE IF NOT EXISTS msgs("
   "  mid INTEGER PRIMARY KEY,"
-  "  id TEXT NOT NULL UNIQUE,"
+  "  id TEXT NOT NULL,"
   "  sender TEXT NOT NULL,"
   "  device TEXT NOT NULL,"
   "  cid TEXT,"

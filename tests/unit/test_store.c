@@ -241,6 +241,12 @@ static void test_seqs_gap_free_per_user(void **state)
   info = sync_all(s, "dave", 0, 0, &g);
   assert_int_equal(g.n, 1);
   assert_int_equal(info.last, 1);
+  /* a new file has no index on msgs (nothing reads a message by its id;
+   * files made before keep their UNIQUE one, test_migration_from_v2) */
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema WHERE type = 'index'"
+                                  " AND tbl_name = 'msgs'"), 0);
+  sqlite3_close(db);
 }
 
 static void test_append_to_many_users(void **state)
@@ -460,20 +466,24 @@ static void test_failed_append_keeps_batch(void **state)
 
   side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox WHEN NEW.uid = 'bad'"
                 " BEGIN SELECT RAISE(ABORT, 'bad inbox'); END");
+  side_exec(db, "CREATE TRIGGER no_msg BEFORE INSERT ON msgs WHEN NEW.id = 'refused'"
+                " BEGIN SELECT RAISE(ABORT, 'refused message'); END");
   assert_int_equal(put(s, "m1", "alice", 1000), 1);
   assert_int_equal(sqlstore_append(s, &m, uids, 2, seqs, dup), IMD_STORE_EIO);
   assert_non_null(strstr(sqlstore_error(s), "bad inbox"));
   assert_true(sqlstore_in_batch(s));
-  /* A reused message id breaks the UNIQUE constraint; also undone alone. */
+  /* The message row refused (after its key was claimed): also undone alone. */
   assert_int_equal(put(s, "m3", "alice", 1000), 2);
-  m.id = "m1";
+  m.id = "refused";
   assert_int_equal(sqlstore_append(s, &m, uids, 1, seqs, dup), IMD_STORE_EIO);
+  assert_non_null(strstr(sqlstore_error(s), "refused message"));
   /* Neither failure left its key or seq behind. */
   m.id = "m4";
   assert_int_equal(sqlstore_append(s, &m, uids, 1, seqs, dup), IMD_STORE_OK);
   assert_int_equal(seqs[0], 3);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   side_exec(db, "DROP TRIGGER no_bad");
+  side_exec(db, "DROP TRIGGER no_msg");
 
   got g = {0};
   imd_sync_info info = sync_all(s, "alice", 0, 0, &g);
