@@ -325,6 +325,10 @@ class TestWorkerThreadsOfANode(ClusterCase):
         A, B = self.nodes['A'], self.nodes['B']
         await self.ready()
         check(self.redis.cli('SCARD', 'im:leases') == '2', 'one lease per node, not per worker')
+        names = sorted(w[5:] for w in self.redis.cli('CLIENT', 'LIST').split() if
+                       w.startswith('name=im:A:'))
+        check(names == ['im:A:commands', 'im:A:commands:1', 'im:A:rooms', 'im:A:stream'],
+              'A\'s Redis connections: %r' % names)
         a0 = await on_worker(A, 'json', 'bob', 0, 'a0')
         a1 = await on_worker(A, 'tcp', 'bob', 1, 'a1')
         b1 = await on_worker(B, 'json', 'bob', 1, 'b1')
