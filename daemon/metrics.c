@@ -142,6 +142,7 @@ void imd_metrics_tally(imd *d, imd_tally *t) {
   if (d->ev) im_event_counts(d->ev, &t->loop_wakeups, &t->loop_naps);
   t->workers = 1;
   t->worker_conns[d->worker % 64] = t->st.conns_authed;
+  t->links_up = d->redis && im_redis_up(d->redis);
 }
 
 #define ADD(f) sum->f += t->f
@@ -161,7 +162,7 @@ void imd_metrics_add(imd_tally *sum, const imd_tally *t) {
   ADD(m.quota_refused), ADD(m.revocations), ADD(m.rooms_refused);
   for (int i = 0; i < 6; i++) ADD(m.http_status[i]);
   for (int i = 0; i < 64; i++) ADD(worker_conns[i]);
-  ADD(loop_wakeups), ADD(loop_naps);
+  ADD(loop_wakeups), ADD(loop_naps), ADD(links_up);
   sum->workers += t->workers;
   /* platforms by name: a name no slot of sum has takes a free one, or
    * counts as other */
@@ -260,9 +261,13 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
                 "imd_connections_refused_total{reason=\"per_ip_cap\"} %llu\n",
             (unsigned long long)gs.refused_rate, (unsigned long long)gs.refused_banned,
             (unsigned long long)gs.refused_cap);
-  if (d->redis)
+  if (d->redis) {
     counter(&b, "imd_cluster_dropped_total",
             "Cross-node sends and room publishes the cluster link gave up", im_redis_dropped(d->redis));
+    gauge(&b, "imd_cluster_links_up",
+          "Workers whose Redis connection is up under the node's lease (all of them when healthy)",
+          t->links_up);
+  }
   counter(&b, "imd_push_dropped_total",
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);

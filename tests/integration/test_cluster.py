@@ -19,7 +19,7 @@ import unittest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from imdclient import (Client, Imd, api, assert_clean_exit, check, cli_token,  # noqa: E402
-                       connect, scenario, within, NO_RATE_LIMITS)
+                       connect, parse_metrics, scenario, within, NO_RATE_LIMITS)
 from test_delivery import Receiver, Sender, cids, figures  # noqa: E402
 from test_abuse import Held, try_connect  # noqa: E402
 from test_threads import expect_msgs, on_worker, worker_of  # noqa: E402
@@ -329,6 +329,8 @@ class TestWorkerThreadsOfANode(ClusterCase):
                        w.startswith('name=im:A:'))
         check(names == ['im:A:commands', 'im:A:commands:1', 'im:A:rooms', 'im:A:stream'],
               'A\'s Redis connections: %r' % names)
+        m = parse_metrics((await api(A, 'GET', '/metrics')).body.decode())
+        check(m['imd_cluster_links_up'] == 2, 'links up: %r' % m.get('imd_cluster_links_up'))
         a0 = await on_worker(A, 'json', 'bob', 0, 'a0')
         a1 = await on_worker(A, 'tcp', 'bob', 1, 'a1')
         b1 = await on_worker(B, 'json', 'bob', 1, 'b1')
@@ -576,6 +578,8 @@ class TestRedisFaults(ClusterCase):
         await wait_for(lambda: self._health(A, 503), 5, 'healthz 503')
         r = await api(A, 'GET', '/healthz', key=None)
         check(r.json.get('redis') == 'down', 'healthz: %r' % r)
+        m = parse_metrics((await api(A, 'GET', '/metrics')).body.decode())
+        check(m['imd_cluster_links_up'] == 0, 'links up: %r' % m.get('imd_cluster_links_up'))
         refused = 0
         for i in range(5):
             await alice.send('msg', cid='out%d' % i, to='bob', data='1')
