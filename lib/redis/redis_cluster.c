@@ -367,15 +367,11 @@ static void h_conn_close(im_server *srv, im_conn_id c, void *ud) {
   key(r, kidx, "noderoutes:%s", reg);
   conn_field(r, c, field);
   fmt_u64(ep, epoch);
-  /* c is still registered: it is the last one when it is the only one
-   * (of the process: the script checks again, for members closing at
-   * once) */
-  size_t conns = r->group ? im_group_user_conns(r->group, info.uid)
-                          : im_user_conns(srv, info.uid, NULL, 0);
-  const char *last = conns <= 1 ? "1" : "0";
+  /* whether the uid leaves the node's route index is the script's to
+   * decide (this node's other routes of the uid are in the hash) */
   const char *keys[] = {kroute, kidx};
-  const char *args[] = {field, ep, info.uid, last, reg};
-  eval(r, ignore_reply, NULL, LUA_ROUTE_DEL, 2, keys, 5, args);
+  const char *args[] = {field, ep, info.uid, reg};
+  eval(r, ignore_reply, NULL, LUA_ROUTE_DEL, 2, keys, 4, args);
 }
 
 /* ---- rooms ---------------------------------------------------------------------- */

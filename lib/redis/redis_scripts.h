@@ -67,23 +67,22 @@
   "redis.call('SADD', KEYS[2], ARGV[4])\n"                                                  \
   "return 1\n"
 
-/* KEYS: route hash, the node's route index. ARGV: field, epoch, uid, last
- * (1: the node's last connection of that uid, as the node saw it), the
+/* KEYS: route hash, the node's route index. ARGV: field, epoch, uid, the
  * node's "NODE|EPOCH". Deletes only a route of exactly this epoch: 1 when
- * deleted, 0 when not ours (or gone). The uid leaves the route index when
- * no route of this node and epoch is left in the hash (checked here: the
- * threads of one node close connections at once). */
+ * deleted, 0 when not ours (or gone). The uid leaves the route index once
+ * no route of this node and epoch is left in the hash: decided here, in
+ * one atomic step, because the threads of one node close a uid's
+ * connections at once on connections of their own (each would see the
+ * other's still open), and a route written meanwhile adds the uid again. */
 #define LUA_ROUTE_DEL                                                                        \
   "local cur = redis.call('HGET', KEYS[1], ARGV[1])\n"                                      \
   "local mine = cur and string.match(cur, '^[^|]*|(%d+)|') == ARGV[2]\n"                   \
   "if mine then redis.call('HDEL', KEYS[1], ARGV[1]) end\n"                                 \
-  "if ARGV[4] == '1' then\n"                                                                \
-  "  local p, keep = ARGV[5] .. '|', false\n"                                               \
-  "  for _, v in ipairs(redis.call('HVALS', KEYS[1])) do\n"                                 \
-  "    if string.sub(v, 1, #p) == p then keep = true break end\n"                           \
-  "  end\n"                                                                                 \
-  "  if not keep then redis.call('SREM', KEYS[2], ARGV[3]) end\n"                           \
+  "local p = ARGV[4] .. '|'\n"                                                              \
+  "for _, v in ipairs(redis.call('HVALS', KEYS[1])) do\n"                                   \
+  "  if string.sub(v, 1, #p) == p then return mine and 1 or 0 end\n"                        \
   "end\n"                                                                                   \
+  "redis.call('SREM', KEYS[2], ARGV[3])\n"                                                  \
   "return mine and 1 or 0\n"
 
 /* KEYS: the leases set. ARGV: prefix, this node's "NODE|EPOCH".
