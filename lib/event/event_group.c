@@ -356,7 +356,7 @@ static void room_changed(g_member *me, const char *room) {
   if ((unsigned)rm == me->idx)
     room_check(me, room);
   else
-    post(g, (unsigned)rm, op_uid(G_ROOMCHK, me->idx, room, NULL), false);
+    post(g, (unsigned)rm, op_uid(G_ROOMCHK, me->idx, room, NULL), true); /* bounded: clients cause it */
 }
 
 /* Runs on the member's loop thread for each operation posted to it. */
