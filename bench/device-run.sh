@@ -32,6 +32,18 @@ PIN_IMD=0 PIN_REDIS=1 PIN_CLIENT=2 CASES=cross-always timeout 120 \
 log threads
 WRK_THREADS=4 HOLD_PROCS=8 SRV_CPUS=0,1 CLIENT_CPUS=2-15 timeout 200 \
   bench/threads.sh "$bundle" 40000 5 1 2>&1 | grep -E 'RESULT|MEDIAN' | tee "$o/threads.txt"
+log cluster-threads
+# a cluster node with one and two workers (imd on 0,1), its Redis on a core
+# of its own (2), the load on 3-15: the gain this 2-core machine cannot show
+rp=6391; rd=$(mktemp -d)
+taskset -c 2 redis-server --port "$rp" --bind 127.0.0.1 --save '' --appendonly yes \
+  --appendfsync always --dir "$rd" --daemonize yes >/dev/null &&
+  sleep 0.5 &&
+  IMD_ARGS="--redis 127.0.0.1:$rp" RECEIVERS=16 WRK_THREADS=4 HOLD_PROCS=8 SRV_CPUS=0,1 \
+    CLIENT_CPUS=3-15 timeout 300 bench/threads.sh "$bundle" 40000 5 1 2>&1 |
+  grep -E 'RESULT|MEDIAN' | tee "$o/cluster-threads.txt"
+redis-cli -p "$rp" shutdown nosave >/dev/null 2>&1
+rm -rf "$rd"
 log fanout
 timeout 120 "$bundle/bench/room-fanout" 10000 100 16 tcp 2>&1 | head -3 | tee "$o/fanout.txt"
 log done
