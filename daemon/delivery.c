@@ -63,7 +63,9 @@ static parked *park_new(const imd_store_msg *m, const char *const *uids, size_t 
   p->m.data = at;
   p->m.data_len = m->data_len;
   p->m.ts = m->ts;
-  snprintf(p->id, sizeof p->id, "%s", m->id);
+  size_t il = strnlen(m->id, sizeof p->id - 1); /* ids are at most 23 bytes (store.h) */
+  memcpy(p->id, m->id, il);
+  p->id[il] = '\0';
   p->m.id = p->id;
   return p;
 }

@@ -5,8 +5,6 @@
  * and the im_io hooks. The rest of the engine: conn.c (table, output,
  * closing), auth.c, input.c with ws_input.c and tcp_input.c, dispatch.c,
  * fanout.c, reliable.c, dedupe.c, registry.c, guard.c. */
-#include <inttypes.h>
-#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -17,6 +15,7 @@
 #include "core/conn.h"
 #include "core/reliable.h"
 #include "core/shared.h"
+#include "proto/writer.h"
 #include "proto/ws_handshake.h"
 
 static void *std_malloc(size_t n, void *ud) { (void)ud; return malloc(n); }
@@ -210,7 +209,9 @@ void im_new_id(im_server *s, char out[IM_ID_MAX]) {
   }
   uint64_t id = (s->id_last_ms << 22) | ((uint64_t)s->cfg.node_id << 12) | s->id_counter;
   if (s->id_clock) id = shared_clock_id(s, id, step);
-  snprintf(out, IM_ID_MAX, "%" PRIu64, id);
+  writer w = {out, IM_ID_MAX, 0}; /* at most 20 digits: no printf per message */
+  put_u64(&w, id);
+  put_end(&w);
 }
 
 /* ---- accept / hangup ----------------------------------------------------- */

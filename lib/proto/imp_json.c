@@ -161,16 +161,6 @@ static void put_json_string(writer *w, const char *s, size_t n) {
   put_c(w, '"');
 }
 
-static void put_u64(writer *w, uint64_t v) {
-  char d[20];
-  size_t i = sizeof d;
-  do {
-    d[--i] = (char)('0' + v % 10);
-    v /= 10;
-  } while (v != 0);
-  put(w, d + i, sizeof d - i);
-}
-
 size_t imp_json_encode(const imp_packet *pkt, char *out, size_t cap) {
   const char *opname = imp_op_name(pkt->op);
   if (opname == NULL)

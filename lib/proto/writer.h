@@ -6,6 +6,7 @@
 #define IM_PROTO_WRITER_H
 
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 typedef struct writer {
@@ -25,8 +26,8 @@ static inline void put(writer *w, const void *p, size_t n) {
 static inline void put_str(writer *w, const char *s) { put(w, s, strlen(s)); }
 
 /* v in decimal. */
-static inline void put_uint(writer *w, unsigned v) {
-  char t[10];
+static inline void put_u64(writer *w, uint64_t v) {
+  char t[20];
   size_t n = sizeof t;
   do {
     t[--n] = (char)('0' + v % 10);
@@ -34,6 +35,8 @@ static inline void put_uint(writer *w, unsigned v) {
   } while (v);
   put(w, t + n, sizeof t - n);
 }
+
+static inline void put_uint(writer *w, unsigned v) { put_u64(w, v); }
 
 /* Ends what was put with a NUL where it fits (the last byte of cap when the
  * output was cut, as snprintf). Returns the length asked for. */
