@@ -26,6 +26,7 @@
 #include <libim/im_async.h>
 #include <libim/im_event.h>
 #include <libim/im_group.h>
+#include <libim/im_redis.h>
 #include <libim/im_router.h>
 
 #include "proto/imp.h"
@@ -639,6 +640,58 @@ static void outer_router_sees_the_process(void **state) {
   close(alice.fd);
 }
 
+
+/* ---- the Redis module on a group: its API's contract (no Redis needed: it
+ * connects from the loop, which does not run here) ---- */
+
+static void redis_module_on_a_group(void **state) {
+  (void)state;
+  im_group *g = im_group_new(2, 0);
+  struct event_base *base[3];
+  im_server *srv[3];
+  for (int i = 0; i < 3; i++) {
+    base[i] = event_base_new();
+    srv[i] = im_server_new(NULL, NULL, NULL);
+    assert_non_null(srv[i]);
+  }
+  assert_int_equal(im_group_join(g, base[0], srv[0]), 0);
+  assert_int_equal(im_group_join(g, base[1], srv[1]), 1);
+  assert_int_equal(im_group_member(g, srv[1]), 1);
+  assert_int_equal(im_group_member(g, srv[2]), IM_ENOENT);
+  im_redis_config cfg;
+  im_redis_config_init(&cfg);
+  cfg.port = 1;
+  cfg.node = "n1";
+  /* srv[2] is no member: refused, and nothing is left installed */
+  assert_null(im_redis_new_group(base[2], srv[2], g, &cfg));
+  im_redis *home = im_redis_new_group(base[0], srv[0], g, &cfg);
+  assert_non_null(home);
+  assert_null(im_redis_join(NULL, base[1], srv[1]));
+  assert_null(im_redis_join(home, base[2], srv[2])); /* not a member */
+  im_redis *h = im_redis_join(home, base[1], srv[1]);
+  assert_non_null(h);
+  /* a handle reports the node's lease; draining is the home's */
+  assert_string_equal(im_redis_node(h), "n1");
+  assert_int_equal(im_redis_up(h), 0);
+  assert_int_equal(im_redis_epoch(h), 0);
+  assert_int_equal(im_redis_dropped(h), 0);
+  assert_int_equal(im_redis_set_draining(h, 1), IM_EINVAL);
+  assert_int_equal(im_redis_set_draining(home, 1), IM_ECLOSED); /* not connected yet */
+  /* a module of a single server has no group to join */
+  cfg.node = "n2";
+  im_redis *alone = im_redis_new(base[2], srv[2], &cfg);
+  assert_non_null(alone);
+  assert_null(im_redis_join(alone, base[1], srv[1]));
+  im_redis_free(alone);
+  im_redis_free(h);
+  im_redis_free(home);
+  im_group_free(g);
+  for (int i = 0; i < 3; i++) {
+    im_server_free(srv[i]);
+    event_base_free(base[i]);
+  }
+}
+
 /* ---- message ids ---- */
 
 #define IDS 20000
@@ -875,6 +928,7 @@ int main(void) {
       cmocka_unit_test(messages_cross_workers_once_in_order),
       cmocka_unit_test(presence_and_kick_see_every_worker),
       cmocka_unit_test(outer_router_sees_the_process),
+      cmocka_unit_test(redis_module_on_a_group),
       cmocka_unit_test(ids_are_unique_across_workers),
       cmocka_unit_test(a_stuck_worker_costs_bounded_memory),
       cmocka_unit_test(many_connections_ready_at_once),
