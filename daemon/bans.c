@@ -224,11 +224,8 @@ static void kick_ip_here(imd *w, const char *cidr, uint32_t n) {
  * closed the sessions it saw). */
 static void apply(imd *d, const char *key, uint64_t until_ms, uint64_t now) {
   if (!strncmp(key, "uid:", 4)) {
-    if (uid_ban_until(d, key + 4, until_ms) < 0) return;
-    if (d->group) /* this process's workers, not the other nodes */
+    if (uid_ban_until(d, key + 4, until_ms) == 0) /* this process's workers, not the other nodes */
       im_group_local_kick_user(d->group, d->srv, key + 4, IM_CLOSE_KICKED, "banned");
-    else
-      im_local_kick_user(d->srv, key + 4, IM_CLOSE_KICKED, "banned");
   } else if (!strncmp(key, "ip:", 3)) {
     uint32_t ttl_s = until_ms ? (uint32_t)((until_ms - now + 999) / 1000) : 0;
     if (im_guard_ban(d->srv, key + 3, ttl_s) < 0) return; /* the guard is every worker's */

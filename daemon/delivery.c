@@ -90,10 +90,9 @@ static void on_appended(void *arg, int status, const uint64_t *seqs, const char 
     imd_catch_up(d); /* what other workers pushed earlier goes out first */
     for (size_t i = 0; i < p->n; i++) {
       out.seq = p->seqs[i];
-      int r = status != IMD_STORE_PUSHED ? im_send_user(d->srv, p->uids[i], &out, p->except)
-              : d->group ? im_group_local_send_users(d->group, d->srv, &p->uids[i], 1, &out,
-                                                     p->except)
-                         : im_local_send_users(d->srv, &p->uids[i], 1, &out, p->except);
+      int r = status == IMD_STORE_PUSHED /* the other nodes have it: this process's workers */
+                  ? im_group_local_send_users(d->group, d->srv, &p->uids[i], 1, &out, p->except)
+                  : im_send_user(d->srv, p->uids[i], &out, p->except);
       if (r > 0) res.reached += r;
     }
     res.stored = p->n;

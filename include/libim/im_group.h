@@ -145,10 +145,11 @@ IM_EXTERN int im_group_set_outer(im_group *g, im_server *srv, const im_router *o
  * whole group: like im_local_send_users / im_local_room_send /
  * im_local_kick_user on srv (a member; srv's thread), and a copy to each
  * other member holding receivers; never handed to an outer router. except
- * is a connection of srv or 0. Returns what the local call returns plus the
- * other members' connections the copies are for (as im_send_users counts
- * them; 0 for a room), or a negative IM_E* code (IM_ENOENT: srv is not a
- * member). */
+ * is a connection of srv or 0. g NULL: srv alone (exactly the im_local_*
+ * call), so a module serving a group or a single server calls these either
+ * way. Returns what the local call returns plus the other members'
+ * connections the copies are for (as im_send_users counts them; 0 for a
+ * room), or a negative IM_E* code (IM_ENOENT: srv is not a member). */
 IM_EXTERN int im_group_local_send_users(im_group *g, im_server *srv, const char *const *uids,
                                         size_t n, const im_msg *m, im_conn_id except);
 IM_EXTERN int im_group_local_room_send(im_group *g, im_server *srv, const char *room,

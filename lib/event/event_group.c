@@ -720,28 +720,42 @@ int im_group_call(im_group *g, unsigned member, void (*fn)(im_server *srv, void 
   return post(g, member, op, false) ? 0 : IM_ENOMEM;
 }
 
+/* srv's member for the im_group_local_* calls: NULL when g is (srv alone),
+ * else IM_ENOENT in *rc when srv has not joined. */
+static g_member *local_member(im_group *g, const im_server *srv, int *rc) {
+  *rc = 0;
+  if (!g) return NULL;
+  int i = im_group_member(g, srv);
+  if (i < 0) *rc = i;
+  return i < 0 ? NULL : &g->m[i];
+}
+
 int im_group_local_send_users(im_group *g, im_server *srv, const char *const *uids, size_t n,
                               const im_msg *m, im_conn_id except) {
-  int i = im_group_member(g, srv);
-  if (i < 0) return i;
+  int rc;
+  g_member *me = local_member(g, srv, &rc);
+  if (rc < 0) return rc;
   int local = im_local_send_users(srv, uids, n, m, except);
-  return local < 0 ? local : local + group_send_users(&g->m[i], uids, n, m);
+  return local < 0 || !me ? local : local + group_send_users(me, uids, n, m);
 }
 
 int im_group_local_room_send(im_group *g, im_server *srv, const char *room, const im_msg *m,
                              im_conn_id except) {
-  int i = im_group_member(g, srv);
-  if (i < 0) return i;
+  int rc;
+  g_member *me = local_member(g, srv, &rc);
+  if (rc < 0) return rc;
   int local = im_local_room_send(srv, room, m, except);
-  return local < 0 ? local : with_outer(local, group_room_send(&g->m[i], room, m));
+  if (local >= 0 && me) group_room_send(me, room, m); /* counts no other member's */
+  return local;
 }
 
 int im_group_local_kick_user(im_group *g, im_server *srv, const char *uid, int code,
                              const char *reason) {
-  int i = im_group_member(g, srv);
-  if (i < 0) return i;
+  int rc;
+  g_member *me = local_member(g, srv, &rc);
+  if (rc < 0) return rc;
   int local = im_local_kick_user(srv, uid, code, reason);
-  return local < 0 ? local : local + group_kick_user(&g->m[i], uid, code, reason);
+  return local < 0 || !me ? local : local + group_kick_user(me, uid, code, reason);
 }
 
 void im_group_rooms(im_group *g, void (*fn)(const char *room, void *arg), void *arg) {

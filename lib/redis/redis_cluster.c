@@ -411,12 +411,8 @@ static void on_room_message(redisAsyncContext *ac, void *rep, void *priv) {
   const uint8_t *p = (const uint8_t *)payload->str + ol + 1, *end = (const uint8_t *)payload->str + payload->len;
   rwire_rec rec;
   while (rwire_next(&p, end, &rec) == 1)
-    if (rec.kind == RWIRE_ROOM && rec.m.room) {
-      if (r->group)
-        im_group_local_room_send(r->group, r->srv, rec.m.room, &rec.m, 0);
-      else
-        im_local_room_send(r->srv, rec.m.room, &rec.m, 0);
-    }
+    if (rec.kind == RWIRE_ROOM && rec.m.room)
+      im_group_local_room_send(r->group, r->srv, rec.m.room, &rec.m, 0);
 }
 
 static int h_room_send(im_server *srv, const char *room, const im_msg *m, void *ud) {
@@ -672,18 +668,12 @@ static void apply_entry(im_redis *r, const redisReply *fields) {
       for (uint32_t u = 0; u < rec.n; u++) {
         uids[k++] = rwire_uid(&at);
         if (k == LOOKUP_MAX || u + 1 == rec.n) {
-          if (rec.kind == RWIRE_MSG && r->group)
+          if (rec.kind == RWIRE_MSG)
             im_group_local_send_users(r->group, r->srv, uids, k, &rec.m, 0);
-          else if (rec.kind == RWIRE_MSG)
-            im_local_send_users(r->srv, uids, k, &rec.m, 0);
           else if (rec.kind == RWIRE_KICK)
-            for (size_t x = 0; x < k; x++) {
-              const char *why = rec.reason ? rec.reason : "";
-              if (r->group)
-                im_group_local_kick_user(r->group, r->srv, uids[x], rec.code, why);
-              else
-                im_local_kick_user(r->srv, uids[x], rec.code, why);
-            }
+            for (size_t x = 0; x < k; x++)
+              im_group_local_kick_user(r->group, r->srv, uids[x], rec.code,
+                                       rec.reason ? rec.reason : "");
           k = 0;
         }
       }

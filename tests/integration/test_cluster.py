@@ -299,6 +299,12 @@ class TestDelivery(ClusterCase):
         return all(g['conns'] == 0 for g in r.json['gateways']) and len(r.json['gateways']) == 3
 
 
+class TestDeliveryOneWorker(TestDelivery):
+    """The same with nodes of one worker each (the module as the server's own
+    router, no group)."""
+    EXTRA = ('--threads', '1')
+
+
 class TestWorkerThreadsOfANode(ClusterCase):
     """Nodes of two worker threads each act as one node: one lease, one
     delivery stream, one subscription per room, routes per connection."""

@@ -662,6 +662,12 @@ static void redis_module_on_a_group(void **state) {
   im_redis_config_init(&cfg);
   cfg.port = 1;
   cfg.node = "n1";
+  /* the local halves: srv alone without a group, refused for a non-member */
+  im_msg m = {IM_STRUCT_SIZE(im_msg), .id = "1", .data = "1", .data_len = 1};
+  const char *uids[] = {"nobody"};
+  assert_int_equal(im_group_local_send_users(NULL, srv[2], uids, 1, &m, 0), 0);
+  assert_int_equal(im_group_local_kick_user(NULL, srv[2], "nobody", 1, "bad code"), IM_EINVAL);
+  assert_int_equal(im_group_local_room_send(g, srv[2], "r", &m, 0), IM_ENOENT);
   /* srv[2] is no member: refused, and nothing is left installed */
   assert_null(im_redis_new_group(base[2], srv[2], g, &cfg));
   im_redis *home = im_redis_new_group(base[0], srv[0], g, &cfg);
