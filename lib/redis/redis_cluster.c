@@ -1029,11 +1029,11 @@ im_redis *im_redis_join(im_redis *home, struct event_base *base, im_server *srv)
     free(r);
     return NULL;
   }
-  home->handles[im_group_member(r->group, srv)] = r; /* a member: set_outer found it */
+  int member = im_group_member(r->group, srv); /* >= 0: set_outer found it */
+  home->handles[member] = r;
   if (home->cmd.client_name[0])
     snprintf(r->cmd.client_name, sizeof r->cmd.client_name, "%.*s:%d",
-             (int)sizeof r->cmd.client_name - 8, home->cmd.client_name,
-             im_group_member(r->group, srv));
+             (int)sizeof r->cmd.client_name - 8, home->cmd.client_name, member);
   rlink_start(&r->cmd);
   return r;
 }
