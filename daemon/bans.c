@@ -35,7 +35,7 @@ typedef struct uid_ban {
 } uid_ban;
 
 /* The table: the main thread's, under the shared lock (worker_calls.c). */
-static strmap *table(imd *d) { return &(d->main ? d->main : d)->uid_bans; }
+static strmap *table(imd *d) { return &imd_worker0(d)->uid_bans; }
 
 static uid_ban *uid_find(strmap *m, const char *uid) {
   return m->buckets ? (uid_ban *)strmap_get(m, uid, strlen(uid)) : NULL;
@@ -186,10 +186,8 @@ static void shared_keys(const imd *d, char *hash, char *ver, size_t cap) {
  * are worker 0's (every worker's with threads), under cluster_lock. */
 static pthread_mutex_t cluster_lock = PTHREAD_MUTEX_INITIALIZER;
 
-static imd *home(imd *d) { return d->main ? d->main : d; }
-
 static shared_ban *shared_find(imd *d, const char *key) {
-  return (shared_ban *)strmap_get(&home(d)->shared_bans, key, strlen(key));
+  return (shared_ban *)strmap_get(&imd_worker0(d)->shared_bans, key, strlen(key));
 }
 
 /* Remember key as applied until until_ms. */
@@ -201,7 +199,7 @@ static shared_ban *shared_put(imd *d, const char *key, uint64_t until_ms) {
     memcpy(e->key, key, n + 1);
     e->node.key = e->key;
     e->node.klen = (uint32_t)n;
-    strmap_put(&home(d)->shared_bans, &e->node);
+    strmap_put(&imd_worker0(d)->shared_bans, &e->node);
   }
   e->until_ms = until_ms;
   return e;
@@ -210,7 +208,7 @@ static shared_ban *shared_put(imd *d, const char *key, uint64_t until_ms) {
 static void shared_forget(imd *d, const char *key) {
   shared_ban *e = shared_find(d, key);
   if (!e) return;
-  strmap_del(&home(d)->shared_bans, &e->node);
+  strmap_del(&imd_worker0(d)->shared_bans, &e->node);
   free(e);
 }
 
@@ -243,7 +241,7 @@ static void lift(imd *d, const char *key) {
 
 /* Make this node's shared bans those of the hash (field, value pairs). */
 static void merge(imd *d, const redisReply *all) {
-  strmap *m = &home(d)->shared_bans;
+  strmap *m = &imd_worker0(d)->shared_bans;
   uint64_t now = imd_wall_ms();
   for (uint32_t k = 0; m->buckets && k <= m->mask; k++)
     for (strmap_node *n = m->buckets[k]; n; n = n->next) ((shared_ban *)n)->seen = false;
@@ -285,7 +283,7 @@ static void read_done(void *arg, const redisReply *reply) {
   bans_call *c = arg;
   imd *d = c->d;
   int status = IMD_BANS_EDOWN;
-  imd *h = home(d);
+  imd *h = imd_worker0(d);
   pthread_mutex_lock(&cluster_lock);
   if (!c->cb) h->shared_polling = false;
   if (reply && reply->type == REDIS_REPLY_ARRAY && reply->elements >= 1 &&
@@ -309,8 +307,8 @@ static int send_read(imd *d, imd_bans_done cb, void *arg, bool all) {
   if (!c) return -1;
   char hash[256], ver[256], have[24];
   pthread_mutex_lock(&cluster_lock);
-  *c = (bans_call){d, cb, arg, home(d)->shared_gen, false};
-  snprintf(have, sizeof have, "%lld", all ? -1 : home(d)->shared_version);
+  *c = (bans_call){d, cb, arg, imd_worker0(d)->shared_gen, false};
+  snprintf(have, sizeof have, "%lld", all ? -1 : imd_worker0(d)->shared_version);
   pthread_mutex_unlock(&cluster_lock);
   shared_keys(d, hash, ver, sizeof hash);
   const char *argv[] = {"EVAL", lua_read, "2", hash, ver, have};
@@ -380,7 +378,7 @@ int imd_bans_share(imd *d, const char *uid, const char *cidr, uint64_t until_ms,
   /* this node applied it already: a merge must neither undo nor repeat it,
    * and a read sent before this write is out of date */
   pthread_mutex_lock(&cluster_lock);
-  home(d)->shared_gen++;
+  imd_worker0(d)->shared_gen++;
   if (lifted)
     shared_forget(d, c->key);
   else

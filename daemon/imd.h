@@ -109,6 +109,9 @@ typedef struct imd {
   im_mailbox *mb;           /* calls onto this worker's loop; NULL: one thread */
 } imd;
 
+/* Worker 0's imd (d itself with one thread): where what the workers share lives. */
+static inline imd *imd_worker0(imd *d) { return d->main ? d->main : d; }
+
 /* Copy the n strings of in (NULL entries stay NULL) one after the other
  * from *at, NUL-terminated, setting out[i]; *at moves past them. The
  * caller sized the space with imd_strs_size(). */

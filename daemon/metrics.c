@@ -40,7 +40,7 @@ static int platform_slot(imd *d, const char *platform, bool add) {
 /* The platform series are one table for all worker threads: the main
  * thread's, under the shared lock. */
 void imd_metrics_open(imd *w, const char *platform) {
-  imd *d = w->main ? w->main : w;
+  imd *d = imd_worker0(w);
   imd_shared_lock();
   int i = platform_slot(d, platform, true);
   if (i >= 0)
@@ -51,7 +51,7 @@ void imd_metrics_open(imd *w, const char *platform) {
 }
 
 void imd_metrics_close(imd *w, const char *platform) {
-  imd *d = w->main ? w->main : w;
+  imd *d = imd_worker0(w);
   imd_shared_lock();
   int i = platform_slot(d, platform, false);
   if (i >= 0 && d->m.platform_conns[i]) {
@@ -272,7 +272,7 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
           "Room messages not sent to a connection over --push-rate", st.push_dropped);
   counter(&b, "imd_bans_total", "Automatic bans of sources that kept over their rate", gs.bans);
   imd_shared_lock(); /* the table is worker 0's (bans.c) */
-  uint64_t uid_bans = (d->main ? d->main : d)->uid_bans.count;
+  uint64_t uid_bans = imd_worker0(d)->uid_bans.count;
   imd_shared_unlock();
   gauge(&b, "imd_uid_bans", "Uid bans in force (POST /v1/bans)", uid_bans);
   gauge(&b, "imd_guard_sources", "Source addresses the rate limit tracks", gs.sources);
