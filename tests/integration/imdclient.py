@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,6 +95,17 @@ class Imd(wire.ServerProcess):
 
 
 assert_clean_exit = Imd.assert_clean_exit
+
+
+def freeze(proc):
+    """SIGSTOP proc (a child) and return once it has stopped. The signal is
+    only queued by kill(): a thread busy on another CPU, or in an
+    uninterruptible wait (fsync), goes on for a while, and a test that then
+    sends to the process must not find it still serving. The parent hears
+    of the stop (waitpid WUNTRACED) when every thread has stopped."""
+    proc.send_signal(signal.SIGSTOP)
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), status
 
 
 def imd_with_nofile(nofile, *extra, **kw):

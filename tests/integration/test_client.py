@@ -25,8 +25,8 @@ import unittest
 
 sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from imdclient import (API_KEY, Imd, assert_clean_exit, check, encode_bin, py_token,  # noqa: E402
-                       tcp_frame)
+from imdclient import (API_KEY, Imd, assert_clean_exit, check, encode_bin, freeze,  # noqa: E402
+                       py_token, tcp_frame)
 
 T = 30.0  # a reconnect after a restart may wait out a few backoff steps
 
@@ -153,7 +153,7 @@ class ClientTest(unittest.TestCase):
             bob.say(*B[5:55])
             alice.wait_count('* acked', 30, 'the 30th ack')
             # ... and more that imd certainly has not processed: it is stopped
-            srv.proc.send_signal(signal.SIGSTOP)
+            freeze(srv.proc)
             alice.say(*A[110:160])
             bob.say(*B[55:80])
             alice.wait_count('* queued', 160, 'alice queueing her burst')
