@@ -436,8 +436,8 @@ static void post_message(imd *d, const http_request *req, http_response *r) {
   const char *err = NULL;
   if (!b.data.kind)
     err = "missing data";
-  else if (b.from.kind && !b.from_s)
-    err = "from must be a string";
+  else if (b.from.kind && (!b.from_s || !*b.from_s))
+    err = "from must be a non-empty string";
   else if (targets != 1)
     err = "give exactly one of to, group, room";
   else if ((group && !b.group_s) || (room && !b.room_s))

@@ -688,8 +688,14 @@ class TestHttpApi(ServerCase):
 
     def test_empty_uid_400(self):
         """An empty uid is refused like the upstream `to` (400 "empty to") and
-        like an empty uid inside a `to` array."""
+        like an empty uid inside a `to` array; so is an empty sender, with or
+        without an idempotency key."""
         self.assert_error(self.call('POST', '/v1/messages', '{"to":"","data":1}'), 400)
+        for body in ('{"from":"","to":"a","data":1}', '{"from":"","to":"a","cid":"k","data":1}'):
+            with self.subTest(body=body):
+                r = self.call('POST', '/v1/messages', body)
+                self.assert_error(r, 400)
+                self.assertEqual(r.json['error'], 'from must be a non-empty string')
 
     def test_keep_alive(self):
         import http.client
