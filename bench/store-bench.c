@@ -3,14 +3,16 @@
  * group commit does; then one retention pass.
  *
  *   store-bench [-n messages] [-b appends per commit] [-u users]
- *               [-k keep_count] [-a] [-N] [-c] [-m] FILE
+ *               [-k keep_count] [-a] [-N] [-c] [-m] [-U] FILE
  *
  * Prints appends/s (wall clock, fsyncs included) and the CPU time (user +
  * system) per append. -N: synchronous=NORMAL instead of FULL. -m: the
  * receiver's device marks each message delivered right after it (as its
  * ack does in imd); the marks are written with the first commit after
  * MARKS_EVERY_S and with the last, as imd's store thread does. -c: give
- * every message a client id (idempotency key). -a: then one retention pass
+ * every message a client id (idempotency key). -U: uids shaped like UUIDs
+ * (36 characters, differing from the first byte) instead of "user123",
+ * as many applications' are. -a: then one retention pass
  * by age that removes the older half (the messages are 1 ms apart), in
  * bounded steps. FILE must not exist; it and its -wal/-shm are
  * removed at the end. */
@@ -33,6 +35,7 @@ typedef struct bench_opts {
   int no_fsync;
   int with_cid;
   int marks;
+  int uuid_uids;
   const char *path;
 } bench_opts;
 
@@ -68,7 +71,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
   int c;
 
   *o = (bench_opts){.messages = 200000, .batch = 100, .users = 10000};
-  while ((c = getopt(argc, argv, "n:b:u:k:aNcm")) != -1) {
+  while ((c = getopt(argc, argv, "n:b:u:k:aNcmU")) != -1) {
     switch (c) {
     case 'n': o->messages = strtoul(optarg, NULL, 10); break;
     case 'b': o->batch = strtoul(optarg, NULL, 10); break;
@@ -78,6 +81,7 @@ static int parse_args(int argc, char **argv, bench_opts *o)
     case 'N': o->no_fsync = 1; break;
     case 'c': o->with_cid = 1; break;
     case 'm': o->marks = 1; break;
+    case 'U': o->uuid_uids = 1; break;
     default: return -1;
     }
   }
@@ -100,6 +104,17 @@ static void remove_store(const char *path)
 
 #define MARKS_EVERY_S 10.0 /* store_thread.c's MARK_DELAY_MS */
 
+/* User n's uid: "user<n>", or with -U 36 characters shaped like a UUID
+ * whose first 8 differ between users. */
+static void uid_of(const bench_opts *o, uint64_t n, char *out, size_t cap)
+{
+  if (o->uuid_uids)
+    snprintf(out, cap, "%08llx-5c1d-4e2a-9b7f-%012llx",
+             (unsigned long long)((n * 2654435761u) & 0xffffffffu), (unsigned long long)n);
+  else
+    snprintf(out, cap, "user%llu", (unsigned long long)n);
+}
+
 /* Appends o->messages messages; returns the seconds taken or -1. */
 static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_s)
 {
@@ -109,7 +124,7 @@ static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_
 
   *max_commit_s = 0;
   for (unsigned long i = 0; i < o->messages; i++) {
-    char id[24], cid[24], from[32], to[32];
+    char id[24], cid[24], from[48], to[48];
     const char *uids[2] = {to, from};
     uint64_t a = next_rand(&rnd) % o->users;
     uint64_t b = (a + 1 + next_rand(&rnd) % (o->users - 1)) % o->users;
@@ -118,8 +133,8 @@ static double run_appends(sql_store *s, const bench_opts *o, double *max_commit_
     /* ids of imd's shape: snowflakes, same width, so they grow in text order too */
     snprintf(id, sizeof id, "%lu", 100000000000000000ul + i);
     snprintf(cid, sizeof cid, "c%lu", i + 1);
-    snprintf(from, sizeof from, "user%llu", (unsigned long long)a);
-    snprintf(to, sizeof to, "user%llu", (unsigned long long)b);
+    uid_of(o, a, from, sizeof from);
+    uid_of(o, b, to, sizeof to);
     imd_store_msg m = {.id = id, .from = from, .device = "phone",
                        .cid = o->with_cid ? cid : NULL, .to = to, .ts = 1700000000000 + i,
                        .data = data, .data_len = sizeof data - 1};
@@ -162,7 +177,7 @@ int main(int argc, char **argv)
   if (parse_args(argc, argv, &o) != 0) {
     fprintf(stderr,
             "usage: %s [-n messages] [-b batch] [-u users] [-k keep_count] [-a] [-N] [-c] [-m]"
-            " FILE\n",
+            " [-U] FILE\n",
             argv[0]);
     return 2;
   }
@@ -186,9 +201,10 @@ int main(int argc, char **argv)
     remove_store(o.path);
     return 1;
   }
-  printf("synchronous=%s cid=%s marks=%s users=%lu: %lu appends (2 inboxes each), commit every %lu: "
+  printf("synchronous=%s cid=%s marks=%s users=%lu%s: %lu appends (2 inboxes each), commit every %lu: "
          "%.0f appends/s, %.2f us CPU/append, slowest commit %.1f ms\n",
          o.no_fsync ? "NORMAL" : "FULL", o.with_cid ? "yes" : "no", o.marks ? "yes" : "no", o.users,
+         o.uuid_uids ? " (UUID-shaped)" : "",
          o.messages, o.batch,
          (double)o.messages / secs, cpu0 * 1e6 / (double)o.messages, max_commit * 1e3);
   if (o.keep_count > 0) {

@@ -33,18 +33,29 @@
  * (at least SWEEP_MIN), so the sweep goes round the table faster than keys
  * come: a key lives keep_age_s and is gone within about as long again.
  * Key order is the B-tree's own, so a stretch reads its pages in sequence. */
+/* Binds the key the sweep stopped at as ?1, ?2, ?3 of st: (0, '', '')
+ * before the first key (uks start at 1). */
+static void sweep_bind_from(const sql_store *s, sqlite3_stmt *st)
+{
+  sqlite3_bind_int64(st, 1, s->sweep_uk);
+  for (int i = 0; i < 2; i++)
+    sqls_bind_text(st, i + 2, s->sweep[i] != NULL ? s->sweep[i] : "");
+}
+
 static int idem_sweep(sql_store *s, uint64_t n, sqlite3_int64 cutoff)
 {
   sqlite3_stmt *end = s->st[ST_IDEM_SWEEP_END], *del = s->st[ST_IDEM_SWEEP];
-  char *next[3] = {NULL, NULL, NULL};
+  sqlite3_int64 next_uk = 0;
+  char *next[2] = {NULL, NULL};
   int step, rc = IMD_STORE_OK;
 
-  for (int i = 0; i < 3; i++)
-    sqls_bind_text(end, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
+  sweep_bind_from(s, end);
   sqlite3_bind_int64(end, 4, n > INT64_MAX ? INT64_MAX : (sqlite3_int64)n - 1);
   step = sqlite3_step(end);
-  for (int i = 0; step == SQLITE_ROW && i < 3; i++) {
-    const char *v = sqls_column_str(end, i);
+  if (step == SQLITE_ROW)
+    next_uk = sqlite3_column_int64(end, 0);
+  for (int i = 0; step == SQLITE_ROW && i < 2; i++) {
+    const char *v = sqls_column_str(end, i + 1);
     if (v == NULL || (next[i] = strdup(v)) == NULL)
       rc = sqls_set_err(s, IMD_STORE_EIO, "out of memory");
   }
@@ -52,11 +63,11 @@ static int idem_sweep(sql_store *s, uint64_t n, sqlite3_int64 cutoff)
     rc = sqls_db_fail(s, "cannot sweep the idempotency keys");
   sqlite3_reset(end);
   if (rc == IMD_STORE_OK) {
-    for (int i = 0; i < 3; i++)
-      sqls_bind_text(del, i + 1, s->sweep[i] != NULL ? s->sweep[i] : "");
+    sweep_bind_from(s, del);
     if (step == SQLITE_ROW) {
-      for (int i = 0; i < 3; i++)
-        sqls_bind_text(del, i + 4, next[i]);
+      sqlite3_bind_int64(del, 4, next_uk);
+      sqls_bind_text(del, 5, next[0]);
+      sqls_bind_text(del, 6, next[1]);
     } else { /* the rest of the table; the next stretch starts over */
       sqlite3_bind_blob(del, 4, "\xff", 1, SQLITE_STATIC);
       sqls_bind_text(del, 5, "");
@@ -66,13 +77,14 @@ static int idem_sweep(sql_store *s, uint64_t n, sqlite3_int64 cutoff)
     rc = sqls_run(s, ST_IDEM_SWEEP, "cannot trim the idempotency keys");
   }
   if (rc == IMD_STORE_OK) {
-    for (int i = 0; i < 3; i++) {
+    s->sweep_uk = next_uk;
+    for (int i = 0; i < 2; i++) {
       free(s->sweep[i]);
       s->sweep[i] = next[i];
       next[i] = NULL;
     }
   }
-  for (int i = 0; i < 3; i++)
+  for (int i = 0; i < 2; i++)
     free(next[i]);
   return rc;
 }

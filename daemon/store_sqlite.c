@@ -1,26 +1,36 @@
 /* imd's message store on SQLite (the contract is in store.h).
  *
- * Tables (schema version 4, PRAGMA user_version):
+ * Tables (schema version 5, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
  *           inbox(mid). No index on id: nothing reads a message by its id
  *           (ids are unique by construction); files made before 2026-12-01
  *           keep the UNIQUE index they have, which costs them one more
  *           B-tree insert per message and changes nothing else.
- *   idem    (sender, device, cid) -> id, the idempotency keys. Kept apart
+ *   idem    (uk, device, cid) -> id, the idempotency keys under their
+ *           sender's users row. Kept apart
  *           from msgs because a key must outlive its message (store.h: keys
  *           live for keep_age_s, or forever). Expired keys go by a sweep
  *           in key order, a stretch per retention pass.
- *   inbox   (uid, seq) -> mid: the per-user inboxes. The entries still held
+ *   inbox   (uk, seq) -> mid: the per-user inboxes. The entries still held
  *           for a user are always exactly trimmed+1 .. last_seq; trimming
  *           only ever drops a prefix.
- *   users   uid -> last_seq, trimmed, oldest. last_seq is not written by
- *           commits: a user's last seq is also that of its newest inbox
- *           entry. It is written for the users a commit advanced at the
- *           next retention pass (which reads it) and at close. oldest is
- *           the ts of the oldest entry held (NULL: none), indexed: the
- *           queue of retention by age. An upsert keeps it unless it is
- *           NULL; retention sets it for the users it trimmed. It may be
+ *   users   uk -> uid, last_seq, trimmed, oldest, and uid -> uk (unique).
+ *           uk is the integer the inbox entries and the keys are stored
+ *           under: a uid is any string up to imd's limit (a UUID is 36
+ *           bytes), and as the key of every inbox entry and key it made
+ *           each append compare and write it several times over
+ *           (bench/store-bench -U, 36-byte uids: 35-40 us of CPU and 22 KB
+ *           written per append keyed by uid, 25-30 us and 15 KB by uk, as
+ *           with short uids). A user's row is made with its
+ *           first inbox entry or key, in the same transaction.
+ *           last_seq is not written by commits: a user's last seq is also
+ *           that of its newest inbox entry. It is written for the users a
+ *           commit advanced at the next retention pass (which reads it)
+ *           and at close. oldest is the ts of the oldest entry held (NULL:
+ *           none), indexed: the queue of retention by age. That write
+ *           keeps it unless it is NULL; retention sets it for the users it
+ *           trimmed. It may be
  *           older than the entry (then a pass finds nothing to drop and
  *           corrects it), never younger.
  *   cursors (uid, device) -> delivered. Marks wait in memory, one per
@@ -28,11 +38,12 @@
  *           (sqlstore_marks_write(); imd: every 10 s).
  *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
  *           close (users rows exact), 0 while it is open. An open that finds
- *           no clean close raises the users rows from the inboxes (one scan)
- *           and sets their oldest (one probe per user).
+ *           no clean close raises the users rows' last_seq from the inboxes
+ *           and sets their oldest (a probe per user each).
  *
  * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
- * row per receiver) and nothing else, a delivered mark a hash lookup; a
+ * row per receiver, a users row for a user seen for the first time) and
+ * nothing else, a delivered mark a hash lookup; a
  * batch is one transaction, one commit, one fsync. There is no savepoint
  * per append: what can refuse an append (arguments, a uid listed twice, a
  * duplicate key) is checked before its first write, and an append that
@@ -60,8 +71,9 @@
 
 /* 2: group membership (grp_members); 3: users rows written lazily, meta
  * (the clean-close mark); 4: users.oldest, no index on the ts of inbox and
- * idem. Older files are upgraded on open. */
-#define SCHEMA_VERSION 4
+ * idem; 5: inbox and idem keyed by the users row's integer (uk), not the
+ * uid. Older files are upgraded on open. */
+#define SCHEMA_VERSION 5
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
@@ -99,7 +111,7 @@
  * trimmed (NULL when there is none). For all rows at open, for those a
  * retention step trimmed. */
 #define OLDEST_SQL                                                                 \
-  "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uid = users.uid" \
+  "UPDATE users SET oldest = (SELECT i.ts FROM inbox AS i WHERE i.uk = users.uk" \
   " AND i.seq > users.trimmed ORDER BY i.seq LIMIT 1)"
 
 /* Every statement the store runs. Only bound parameters carry caller data. */
@@ -110,30 +122,29 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_SAVEPOINT] = "SAVEPOINT group_change",
   [ST_RELEASE] = "RELEASE group_change",
   [ST_UNDO] = "ROLLBACK TO group_change",
-  /* last = max(users.last_seq, newest inbox entry): the inbox term makes the
-   * counter right even if a users row lagged behind its inbox. */
+  /* uk, last = max(users.last_seq, newest inbox entry), trimmed; no row
+   * when the user has none. The inbox term makes the counter right even if
+   * a users row lagged behind its inbox. */
   [ST_USER_GET] =
-    "SELECT max(coalesce((SELECT last_seq FROM users WHERE uid = ?1), 0),"
-    "           coalesce((SELECT max(seq) FROM inbox WHERE uid = ?1), 0)),"
-    "       coalesce((SELECT trimmed FROM users WHERE uid = ?1), 0)",
+    "SELECT uk, max(last_seq, coalesce((SELECT max(i.seq) FROM inbox AS i"
+    " WHERE i.uk = users.uk), 0)), trimmed FROM users WHERE uid = ?1",
+  [ST_USER_NEW] = "INSERT INTO users(uid, last_seq, trimmed) VALUES(?1, 0, 0)",
   /* ?3: the ts of the user's first append since the last flush (NULL if
    * none): its oldest entry's if the inbox was empty before it. */
   [ST_USER_PUT] =
-    "INSERT INTO users(uid, last_seq, trimmed, oldest) VALUES(?1, ?2, 0, ?3)"
-    " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq),"
-    " oldest = coalesce(oldest, excluded.oldest)",
+    "UPDATE users SET last_seq = max(last_seq, ?2), oldest = coalesce(oldest, ?3) WHERE uk = ?1",
   /* Insert first, look up only on conflict: a new key costs one index probe. */
   [ST_IDEM_PUT] =
-    "INSERT INTO idem(sender, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
+    "INSERT INTO idem(uk, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
     " ON CONFLICT DO NOTHING",
-  [ST_IDEM_GET] = "SELECT id FROM idem WHERE sender = ?1 AND device = ?2 AND cid = ?3",
-  [ST_IDEM_DEL] = "DELETE FROM idem WHERE sender = ?1 AND device = ?2 AND cid = ?3",
+  [ST_IDEM_GET] = "SELECT id FROM idem WHERE uk = ?1 AND device = ?2 AND cid = ?3",
+  [ST_IDEM_DEL] = "DELETE FROM idem WHERE uk = ?1 AND device = ?2 AND cid = ?3",
   [ST_MSG_PUT] =
     "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs)"
     " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
   [ST_MSG_DEL] = "DELETE FROM msgs WHERE mid = ?1",
-  [ST_INBOX_PUT] = "INSERT INTO inbox(uid, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
-  [ST_INBOX_DEL] = "DELETE FROM inbox WHERE uid = ?1 AND seq = ?2",
+  [ST_INBOX_PUT] = "INSERT INTO inbox(uk, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
+  [ST_INBOX_DEL] = "DELETE FROM inbox WHERE uk = ?1 AND seq = ?2",
   /* ?3 is already cut to the user's last seq (sqlstore_mark_delivered) */
   [ST_MARK] =
     "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
@@ -142,7 +153,7 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_SYNC] =
     "SELECT i.seq, m.id, m.sender, m.device, m.cid, m.to_uid, m.grp, m.ts, m.data"
     " FROM inbox AS i JOIN msgs AS m ON m.mid = i.mid"
-    " WHERE i.uid = ?1 AND i.seq > ?2 ORDER BY i.seq LIMIT ?3",
+    " WHERE i.uk = ?1 AND i.seq > ?2 ORDER BY i.seq LIMIT ?3",
   [ST_CURSORS] = "SELECT device, delivered FROM cursors WHERE uid = ?1 ORDER BY device",
   /* Retention, set-based. trim_cut gets each user's new trimmed mark: the
    * larger of the count cut (from users alone, no inbox scan) and the age
@@ -153,35 +164,35 @@ static const char *const stmt_sql[ST_COUNT] = {
    * message). An entry that a clock stepped back stamped older than the
    * one before it goes when that one goes: what goes is always a prefix. */
   [ST_TRIM_TODO] =
-    "INSERT INTO temp.trim_todo(uid, seq) SELECT uid, max(s) FROM ("
-    "  SELECT uid, last_seq - ?1 AS s FROM users WHERE ?1 > 0 AND last_seq - trimmed > ?1"
+    "INSERT INTO temp.trim_todo(uk, seq) SELECT uk, max(s) FROM ("
+    "  SELECT uk, last_seq - ?1 AS s FROM users WHERE ?1 > 0 AND last_seq - trimmed > ?1"
     "  UNION ALL"
-    "  SELECT u.uid, coalesce((SELECT i.seq - 1 FROM inbox AS i WHERE i.uid = u.uid"
+    "  SELECT u.uk, coalesce((SELECT i.seq - 1 FROM inbox AS i WHERE i.uk = u.uk"
     "    AND i.seq > u.trimmed AND i.ts >= ?2 ORDER BY i.seq LIMIT 1), u.last_seq) AS s"
     "  FROM users AS u INDEXED BY users_oldest WHERE u.oldest < ?2"
-    ") WHERE true GROUP BY uid ON CONFLICT(uid) DO UPDATE SET seq = max(seq, excluded.seq)",
+    ") WHERE true GROUP BY uk ON CONFLICT(uk) DO UPDATE SET seq = max(seq, excluded.seq)",
   /* A step takes the first ?1 users of the pass's list and drops at most ?2
    * entries of each (sqlstore_trim_step()); a user whose cut is reached
    * leaves the list. */
   [ST_TRIM_CUT] =
-    "INSERT INTO temp.trim_cut(uid, seq)"
-    " SELECT t.uid, min(t.seq, u.trimmed + ?2) FROM"
-    " (SELECT uid, seq FROM temp.trim_todo ORDER BY uid LIMIT ?1) AS t"
-    " CROSS JOIN users AS u ON u.uid = t.uid",
+    "INSERT INTO temp.trim_cut(uk, seq)"
+    " SELECT t.uk, min(t.seq, u.trimmed + ?2) FROM"
+    " (SELECT uk, seq FROM temp.trim_todo ORDER BY uk LIMIT ?1) AS t"
+    " CROSS JOIN users AS u ON u.uk = t.uk",
   [ST_TRIM_DONE] =
-    "DELETE FROM temp.trim_todo WHERE uid IN (SELECT c.uid FROM temp.trim_cut AS c"
-    " CROSS JOIN temp.trim_todo AS t ON t.uid = c.uid WHERE c.seq >= t.seq)",
+    "DELETE FROM temp.trim_todo WHERE uk IN (SELECT c.uk FROM temp.trim_cut AS c"
+    " CROSS JOIN temp.trim_todo AS t ON t.uk = c.uk WHERE c.seq >= t.seq)",
   [ST_TRIM_LEFT] = "SELECT EXISTS(SELECT 1 FROM temp.trim_todo)",
   [ST_TRIM_GONE] =
-    "INSERT INTO temp.trim_gone(uid, seq, mid)"
-    " SELECT i.uid, i.seq, i.mid FROM temp.trim_cut AS c CROSS JOIN inbox AS i"
-    " WHERE i.uid = c.uid AND i.seq <= c.seq",
-  [ST_TRIM_INBOX] = "DELETE FROM inbox WHERE (uid, seq) IN (SELECT uid, seq FROM temp.trim_gone)",
+    "INSERT INTO temp.trim_gone(uk, seq, mid)"
+    " SELECT i.uk, i.seq, i.mid FROM temp.trim_cut AS c CROSS JOIN inbox AS i"
+    " WHERE i.uk = c.uk AND i.seq <= c.seq",
+  [ST_TRIM_INBOX] = "DELETE FROM inbox WHERE (uk, seq) IN (SELECT uk, seq FROM temp.trim_gone)",
   [ST_TRIM_USERS] =
     "UPDATE users"
-    " SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uid = users.uid))"
-    " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
-  [ST_TRIM_OLDEST] = OLDEST_SQL " WHERE uid IN (SELECT uid FROM temp.trim_cut)",
+    " SET trimmed = max(trimmed, (SELECT c.seq FROM temp.trim_cut AS c WHERE c.uk = users.uk))"
+    " WHERE uk IN (SELECT uk FROM temp.trim_cut)",
+  [ST_TRIM_OLDEST] = OLDEST_SQL " WHERE uk IN (SELECT uk FROM temp.trim_cut)",
   /* Messages that lost all their references go at once; only the others
    * get their count lowered (most 1:1 messages lose both entries in the
    * same trim, and an update before the delete would be wasted). */
@@ -198,13 +209,13 @@ static const char *const stmt_sql[ST_COUNT] = {
    * pass looks at the next stretch of keys and drops the expired ones.
    * SWEEP_END finds where a stretch of ?4 keys after (?1, ?2, ?3) ends; a
    * BLOB as ?4 of SWEEP stands for the end of the table (a BLOB sorts after
-   * every TEXT). */
+   * every INTEGER). */
   [ST_IDEM_SWEEP_END] =
-    "SELECT sender, device, cid FROM idem WHERE (sender, device, cid) > (?1, ?2, ?3)"
-    " ORDER BY sender, device, cid LIMIT 1 OFFSET ?4",
+    "SELECT uk, device, cid FROM idem WHERE (uk, device, cid) > (?1, ?2, ?3)"
+    " ORDER BY uk, device, cid LIMIT 1 OFFSET ?4",
   [ST_IDEM_SWEEP] =
-    "DELETE FROM idem WHERE (sender, device, cid) > (?1, ?2, ?3)"
-    " AND (sender, device, cid) <= (?4, ?5, ?6) AND ts < ?7",
+    "DELETE FROM idem WHERE (uk, device, cid) > (?1, ?2, ?3)"
+    " AND (uk, device, cid) <= (?4, ?5, ?6) AND ts < ?7",
   [ST_TRIM_CLEAR_CUT] = "DELETE FROM temp.trim_cut",
   [ST_TRIM_CLEAR_GONE] = "DELETE FROM temp.trim_gone",
   [ST_TRIM_CLEAR_REFS] = "DELETE FROM temp.trim_refs",
@@ -212,6 +223,31 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_GROUP_DEL] = "DELETE FROM grp_members WHERE gid = ?1 AND uid = ?2",
   [ST_GROUP_GET] = "SELECT uid FROM grp_members WHERE gid = ?1 ORDER BY uid",
 };
+
+/* The tables schema 5 changed, under a name: the schema's, or the upgrade's
+ * new copy. */
+#define IDEM_TABLE(name)                  \
+  "CREATE TABLE IF NOT EXISTS " name "(" \
+  "  uk INTEGER NOT NULL,"                \
+  "  device TEXT NOT NULL,"               \
+  "  cid TEXT NOT NULL,"                  \
+  "  id TEXT NOT NULL,"                   \
+  "  ts INTEGER NOT NULL,"                \
+  "  PRIMARY KEY(uk, device, cid)) WITHOUT ROWID;"
+#define INBOX_TABLE(name)                 \
+  "CREATE TABLE IF NOT EXISTS " name "(" \
+  "  uk INTEGER NOT NULL,"                \
+  "  seq INTEGER NOT NULL,"               \
+  "  mid INTEGER NOT NULL,"               \
+  "  ts INTEGER NOT NULL,"                \
+  "  PRIMARY KEY(uk, seq)) WITHOUT ROWID;"
+#define USERS_TABLE(name)                 \
+  "CREATE TABLE IF NOT EXISTS " name "(" \
+  "  uk INTEGER PRIMARY KEY,"             \
+  "  uid TEXT NOT NULL UNIQUE,"           \
+  "  last_seq INTEGER NOT NULL,"          \
+  "  trimmed INTEGER NOT NULL,"           \
+  "  oldest INTEGER);"
 
 /* IF NOT EXISTS throughout so that opening an existing store is a no-op. */
 static const char schema_sql[] =
@@ -226,24 +262,9 @@ static const char schema_sql[] =
   "  ts INTEGER NOT NULL,"
   "  data TEXT NOT NULL,"
   "  refs INTEGER NOT NULL);"
-  "CREATE TABLE IF NOT EXISTS idem("
-  "  sender TEXT NOT NULL,"
-  "  device TEXT NOT NULL,"
-  "  cid TEXT NOT NULL,"
-  "  id TEXT NOT NULL,"
-  "  ts INTEGER NOT NULL,"
-  "  PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
-  "CREATE TABLE IF NOT EXISTS inbox("
-  "  uid TEXT NOT NULL,"
-  "  seq INTEGER NOT NULL,"
-  "  mid INTEGER NOT NULL,"
-  "  ts INTEGER NOT NULL,"
-  "  PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
-  "CREATE TABLE IF NOT EXISTS users("
-  "  uid TEXT PRIMARY KEY,"
-  "  last_seq INTEGER NOT NULL,"
-  "  trimmed INTEGER NOT NULL,"
-  "  oldest INTEGER) WITHOUT ROWID;"
+  IDEM_TABLE("idem")
+  INBOX_TABLE("inbox")
+  USERS_TABLE("users")
   "CREATE TABLE IF NOT EXISTS cursors("
   "  uid TEXT NOT NULL,"
   "  device TEXT NOT NULL,"
@@ -263,16 +284,41 @@ static const char upgrade_v4_sql[] =
   "DROP INDEX IF EXISTS inbox_ts;"
   "DROP INDEX IF EXISTS idem_ts;";
 
+/* From schema 4: inbox and idem under the users row's integer. Every uid
+ * an inbox entry or a key names gets a row (a crash may have left the
+ * users rows behind; users_fix_sql then raises their last_seq), and the
+ * rows are copied in key order, so each new B-tree is written once from
+ * start to end. Costs a pass over both tables, once. */
+static const char upgrade_v5_sql[] =
+  USERS_TABLE("users_v5")
+  "INSERT INTO users_v5(uid, last_seq, trimmed, oldest)"
+  " SELECT uid, max(last_seq), max(trimmed), min(oldest) FROM ("
+  "  SELECT uid, last_seq, trimmed, oldest FROM users"
+  "  UNION ALL SELECT DISTINCT uid, 0, 0, NULL FROM inbox"
+  "  UNION ALL SELECT DISTINCT sender, 0, 0, NULL FROM idem"
+  " ) WHERE true GROUP BY uid ORDER BY uid;"
+  INBOX_TABLE("inbox_v5")
+  "INSERT INTO inbox_v5(uk, seq, mid, ts) SELECT u.uk, i.seq, i.mid, i.ts"
+  " FROM inbox AS i CROSS JOIN users_v5 AS u ON u.uid = i.uid ORDER BY u.uk, i.seq;"
+  IDEM_TABLE("idem_v5")
+  "INSERT INTO idem_v5(uk, device, cid, id, ts) SELECT u.uk, k.device, k.cid, k.id, k.ts"
+  " FROM idem AS k CROSS JOIN users_v5 AS u ON u.uid = k.sender"
+  " ORDER BY u.uk, k.device, k.cid;"
+  "DROP TABLE users; DROP TABLE inbox; DROP TABLE idem;"
+  "ALTER TABLE users_v5 RENAME TO users;"
+  "ALTER TABLE inbox_v5 RENAME TO inbox;"
+  "ALTER TABLE idem_v5 RENAME TO idem;";
+
 /* After the columns exist (a new file, or upgraded above). */
 static const char index_sql[] = "CREATE INDEX IF NOT EXISTS users_oldest ON users(oldest);";
 
-/* users rows are written lazily (at retention and at close), so after a
- * crash they may lag behind their inboxes or be missing: raise them from the
- * inboxes, one scan, when the store was not closed cleanly. */
+/* users.last_seq is written lazily (at retention and at close), so after a
+ * crash it may lag behind the inboxes: raise it from them, one probe per
+ * user, when the store was not closed cleanly. (The rows themselves are
+ * made with the first entry, so none is missing.) */
 static const char users_fix_sql[] =
-  "INSERT INTO users(uid, last_seq, trimmed) SELECT uid, max(seq), 0 FROM inbox"
-  " WHERE true GROUP BY uid"
-  " ON CONFLICT(uid) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq);";
+  "UPDATE users SET last_seq = (SELECT max(i.seq) FROM inbox AS i WHERE i.uk = users.uk)"
+  " WHERE last_seq < coalesce((SELECT max(i.seq) FROM inbox AS i WHERE i.uk = users.uk), 0);";
 
 /* users.oldest from the inboxes (after users_fix_sql, or an upgrade). */
 static const char oldest_fix_sql[] = OLDEST_SQL ";";
@@ -281,11 +327,9 @@ static const char oldest_fix_sql[] = OLDEST_SQL ";";
  * pass's list of users (store_retention.c); the others are empty between
  * steps. */
 static const char temp_sql[] =
-  "CREATE TEMP TABLE IF NOT EXISTS trim_todo(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
-  " WITHOUT ROWID;"
-  "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uid TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
-  " WITHOUT ROWID;"
-  "CREATE TEMP TABLE IF NOT EXISTS trim_gone(uid TEXT NOT NULL, seq INTEGER NOT NULL,"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_todo(uk INTEGER PRIMARY KEY, seq INTEGER NOT NULL);"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_cut(uk INTEGER PRIMARY KEY, seq INTEGER NOT NULL);"
+  "CREATE TEMP TABLE IF NOT EXISTS trim_gone(uk INTEGER NOT NULL, seq INTEGER NOT NULL,"
   " mid INTEGER NOT NULL);"
   "CREATE TEMP TABLE IF NOT EXISTS trim_refs(mid INTEGER PRIMARY KEY, n INTEGER NOT NULL);";
 
@@ -377,9 +421,12 @@ static void cache_drop(sql_store *s)
   s->users.count = 0;
   s->dirty = NULL;
   s->unflushed = NULL;
+  s->fresh = NULL;
 }
 
-/* The open batch is gone: its counters go back to what is durable. */
+/* The open batch is gone: its counters go back to what is durable, and the
+ * users rows it made are gone with it (their users get new ones when they
+ * need them). */
 static void seqs_forget(sql_store *s)
 {
   for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
@@ -387,25 +434,47 @@ static void seqs_forget(sql_store *s)
     u->dirty = false;
   }
   s->dirty = NULL;
+  for (user_ctr *u = s->fresh; u != NULL; u = u->fresh_next)
+    u->uk = 0;
+  s->fresh = NULL;
 }
 
-/* A user's (last, trimmed) as the database has them now, batch included. */
-static int user_load(sql_store *s, const char *uid, uint64_t *last, uint64_t *trimmed)
+/* A user's uk (0: no row), last and trimmed as the database has them now,
+ * batch included. */
+static int user_load(sql_store *s, const char *uid, sqlite3_int64 *uk, uint64_t *last,
+                     uint64_t *trimmed)
 {
   sqlite3_stmt *st = s->st[ST_USER_GET];
   int rc;
 
   sqls_bind_text(st, 1, uid);
   rc = sqlite3_step(st);
-  if (rc != SQLITE_ROW) {
+  if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
     sqls_db_fail(s, "cannot read the user's seq");
     sqlite3_reset(st);
     return IMD_STORE_EIO;
   }
-  *last = column_u64(st, 0);
+  *uk = rc == SQLITE_ROW ? sqlite3_column_int64(st, 0) : 0;
+  *last = rc == SQLITE_ROW ? column_u64(st, 1) : 0;
   if (trimmed != NULL)
-    *trimmed = column_u64(st, 1);
+    *trimmed = rc == SQLITE_ROW ? column_u64(st, 2) : 0;
   sqlite3_reset(st);
+  return IMD_STORE_OK;
+}
+
+/* Gives u a users row, inside the open batch, if it has none yet. */
+static int user_row(sql_store *s, user_ctr *u)
+{
+  sqlite3_stmt *st = s->st[ST_USER_NEW];
+
+  if (u->uk != 0)
+    return IMD_STORE_OK;
+  sqls_bind_text(st, 1, u->uid);
+  if (sqls_run(s, ST_USER_NEW, "cannot store the user") != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  u->uk = sqlite3_last_insert_rowid(s->db);
+  u->fresh_next = s->fresh;
+  s->fresh = u;
   return IMD_STORE_OK;
 }
 
@@ -413,6 +482,7 @@ static int user_load(sql_store *s, const char *uid, uint64_t *last, uint64_t *tr
 static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
 {
   strmap_node *n = strmap_get(&s->users, uid, len);
+  sqlite3_int64 uk;
   user_ctr *u;
   uint64_t last;
   int rc;
@@ -421,7 +491,7 @@ static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
     *out = CTR_OF(n);
     return IMD_STORE_OK;
   }
-  rc = user_load(s, uid, &last, NULL);
+  rc = user_load(s, uid, &uk, &last, NULL);
   if (rc != IMD_STORE_OK)
     return rc;
   u = calloc(1, sizeof *u + len + 1);
@@ -430,6 +500,7 @@ static int user_get(sql_store *s, const char *uid, size_t len, user_ctr **out)
   memcpy(u->uid, uid, len + 1);
   u->node.key = u->uid;
   u->node.klen = (uint32_t)len;
+  u->uk = uk;
   u->last = u->durable = last;
   strmap_put(&s->users, &u->node); /* a failed grow leaves it inserted, just slower */
   *out = u;
@@ -522,14 +593,17 @@ static int schema_setup(sqlite3 *db, char *err, size_t errlen)
   }
   /* the users rows after a crash, and users.oldest then and after an
    * upgrade, come from the inboxes */
-  bool upgrade = version > 0 && version < 4;
+  bool upgrade = version > 0 && version < SCHEMA_VERSION;
   bool fix = false;
   int rc = sqlite3_exec(db, schema_sql, NULL, NULL, NULL);
-  if (rc == SQLITE_OK && upgrade)
+  if (rc == SQLITE_OK && upgrade && version < 4)
     rc = sqlite3_exec(db, upgrade_v4_sql, NULL, NULL, NULL);
+  if (rc == SQLITE_OK && upgrade && version < 5)
+    rc = sqlite3_exec(db, upgrade_v5_sql, NULL, NULL, NULL);
   if (rc == SQLITE_OK)
     rc = sqlite3_exec(db, index_sql, NULL, NULL, NULL);
-  if (rc == SQLITE_OK && pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1) {
+  if (rc == SQLITE_OK &&
+      (upgrade || pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1)) {
     rc = sqlite3_exec(db, users_fix_sql, NULL, NULL, NULL);
     fix = true;
   }
@@ -681,7 +755,7 @@ void sqlstore_close(sql_store *s)
   cache_drop(s);
   strmap_free(&s->users);
   strmap_free(&s->marks);
-  for (int i = 0; i < 3; i++)
+  for (int i = 0; i < 2; i++)
     free(s->sweep[i]);
   free(s);
 }
@@ -712,14 +786,16 @@ static int check_msg(sql_store *s, const imd_store_msg *m)
 }
 
 /* If (from, device, cid) is already stored, copies its id to dup_id and
- * returns IMD_STORE_DUP; otherwise records the key and returns 0. */
-static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, char *dup_id)
+ * returns IMD_STORE_DUP; otherwise records the key and returns 0. uk is
+ * the sender's users row. */
+static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, sqlite3_int64 uk,
+                      char *dup_id)
 {
   sqlite3_stmt *st = s->st[ST_IDEM_PUT];
   const char *id;
   int rc;
 
-  sqls_bind_text(st, 1, m->from);
+  sqlite3_bind_int64(st, 1, uk);
   sqls_bind_text(st, 2, device);
   sqls_bind_text(st, 3, m->cid);
   sqls_bind_text(st, 4, m->id);
@@ -732,7 +808,7 @@ static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, 
   }
 
   st = s->st[ST_IDEM_GET];
-  sqls_bind_text(st, 1, m->from);
+  sqlite3_bind_int64(st, 1, uk);
   sqls_bind_text(st, 2, device);
   sqls_bind_text(st, 3, m->cid);
   rc = sqlite3_step(st);
@@ -749,11 +825,12 @@ static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, 
 }
 
 /* Loads the counters of all receivers and picks their next seqs; touches
- * nothing in the database. */
+ * nothing in the database. *touched lists the counters in uids order. */
 static int seqs_pick(sql_store *s, const char *const *uids, size_t n, uint64_t *seqs,
                      user_ctr **touched)
 {
   uint64_t stamp = ++s->stamp;
+  user_ctr **tail = touched;
 
   *touched = NULL;
   for (size_t i = 0; i < n; i++) {
@@ -772,8 +849,9 @@ static int seqs_pick(sql_store *s, const char *const *uids, size_t n, uint64_t *
       return sqls_set_err(s, IMD_STORE_EIO, "seq overflow");
     u->stamp = stamp;
     u->next = u->last + 1;
-    u->touch_next = *touched;
-    *touched = u;
+    u->touch_next = NULL;
+    *tail = u;
+    tail = &u->touch_next;
     seqs[i] = u->next;
   }
   return IMD_STORE_OK;
@@ -800,12 +878,12 @@ static int msg_insert(sql_store *s, const imd_store_msg *m, const char *device, 
   return IMD_STORE_OK;
 }
 
-static int inbox_insert(sql_store *s, const char *uid, uint64_t seq, sqlite3_int64 mid,
+static int inbox_insert(sql_store *s, sqlite3_int64 uk, uint64_t seq, sqlite3_int64 mid,
                         uint64_t ts)
 {
   sqlite3_stmt *st = s->st[ST_INBOX_PUT];
 
-  sqls_bind_text(st, 1, uid);
+  sqlite3_bind_int64(st, 1, uk);
   sqls_bind_u64(st, 2, seq);
   sqlite3_bind_int64(st, 3, mid);
   sqls_bind_u64(st, 4, ts);
@@ -829,19 +907,21 @@ static void seqs_take(sql_store *s, user_ctr *touched, uint64_t ts)
   }
 }
 
-/* The rows a failed append wrote before it failed. */
+/* The rows a failed append wrote before it failed (users rows it made stay:
+ * a row without entries is a user that has none yet). */
 typedef struct append_done {
   bool idem;
   bool msg;
+  sqlite3_int64 sender;    /* the key's users row */
   sqlite3_int64 mid;
   size_t inbox;            /* inbox rows, in uids order */
 } append_done;
 
-static int undo_key(sql_store *s, const imd_store_msg *m, const char *device)
+static int undo_key(sql_store *s, const imd_store_msg *m, const char *device, sqlite3_int64 uk)
 {
   sqlite3_stmt *st = s->st[ST_IDEM_DEL];
 
-  sqls_bind_text(st, 1, m->from);
+  sqlite3_bind_int64(st, 1, uk);
   sqls_bind_text(st, 2, device);
   sqls_bind_text(st, 3, m->cid);
   return sqls_run(s, ST_IDEM_DEL, "cannot undo the append");
@@ -853,8 +933,9 @@ static int undo_key(sql_store *s, const imd_store_msg *m, const char *device)
  * lost the whole batch, or the undo fails too, the batch is over and the
  * next commit reports it. The append's own error stays in s->err. */
 static void append_undo(sql_store *s, const imd_store_msg *m, const char *device,
-                        const char *const *uids, const uint64_t *seqs, const append_done *d)
+                        const user_ctr *touched, const uint64_t *seqs, const append_done *d)
 {
+  const user_ctr *u = touched;
   char why[ERR_MAX];
   int rc = IMD_STORE_OK;
 
@@ -862,9 +943,9 @@ static void append_undo(sql_store *s, const imd_store_msg *m, const char *device
   if (!s->batch)
     return;
   memcpy(why, s->err, sizeof why);
-  for (size_t i = 0; rc == IMD_STORE_OK && i < d->inbox; i++) {
+  for (size_t i = 0; rc == IMD_STORE_OK && i < d->inbox; i++, u = u->touch_next) {
     sqlite3_stmt *st = s->st[ST_INBOX_DEL];
-    sqls_bind_text(st, 1, uids[i]);
+    sqlite3_bind_int64(st, 1, u->uk);
     sqls_bind_u64(st, 2, seqs[i]);
     rc = sqls_run(s, ST_INBOX_DEL, "cannot undo the append");
   }
@@ -873,7 +954,7 @@ static void append_undo(sql_store *s, const imd_store_msg *m, const char *device
     rc = sqls_run(s, ST_MSG_DEL, "cannot undo the append");
   }
   if (rc == IMD_STORE_OK && d->idem)
-    rc = undo_key(s, m, device);
+    rc = undo_key(s, m, device, d->sender);
   if (rc != IMD_STORE_OK) {
     batch_abort(s); /* never leave half an append in a batch that commits */
     s->lost = true;
@@ -882,24 +963,46 @@ static void append_undo(sql_store *s, const imd_store_msg *m, const char *device
   memcpy(s->err, why, sizeof why);
 }
 
+/* The key of an append, under its sender's users row (made now if the
+ * sender has none, in which case no key of it can exist yet). */
+static int append_key(sql_store *s, const imd_store_msg *m, const char *device, char *dup_id,
+                      append_done *d)
+{
+  size_t len = strlen(m->from);
+  user_ctr *sender;
+  int rc;
+
+  if (len == 0 || len > UINT32_MAX)
+    return sqls_set_err(s, IMD_STORE_EINVAL, "empty sender uid");
+  rc = user_get(s, m->from, len, &sender);
+  if (rc == IMD_STORE_OK)
+    rc = user_row(s, sender);
+  if (rc == IMD_STORE_OK)
+    rc = idem_claim(s, m, device, sender->uk, dup_id);
+  d->idem = rc == IMD_STORE_OK;
+  d->sender = d->idem ? sender->uk : 0;
+  return rc;
+}
+
 /* The writes of one append: the key (claimed first, so that a duplicate
- * writes nothing), the message, one inbox row per receiver. */
+ * writes nothing), the message, one inbox row per receiver (touched, in
+ * uids order), with the users rows of receivers that had none. */
 static int append_rows(sql_store *s, const imd_store_msg *m, const char *device,
-                       const char *const *uids, size_t n, const uint64_t *seqs, char *dup_id,
+                       user_ctr *touched, size_t n, const uint64_t *seqs, char *dup_id,
                        append_done *d)
 {
   int rc = IMD_STORE_OK;
 
-  if (m->cid != NULL) {
-    rc = idem_claim(s, m, device, dup_id);
-    d->idem = rc == IMD_STORE_OK;
-  }
+  if (m->cid != NULL)
+    rc = append_key(s, m, device, dup_id, d);
+  for (user_ctr *u = touched; rc == IMD_STORE_OK && u != NULL; u = u->touch_next)
+    rc = user_row(s, u);
   if (rc == IMD_STORE_OK) {
     rc = msg_insert(s, m, device, n, &d->mid);
     d->msg = rc == IMD_STORE_OK;
   }
-  while (rc == IMD_STORE_OK && d->inbox < n) {
-    rc = inbox_insert(s, uids[d->inbox], seqs[d->inbox], d->mid, m->ts);
+  for (user_ctr *u = touched; rc == IMD_STORE_OK && u != NULL; u = u->touch_next) {
+    rc = inbox_insert(s, u->uk, seqs[d->inbox], d->mid, m->ts);
     if (rc == IMD_STORE_OK)
       d->inbox++;
   }
@@ -931,14 +1034,14 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
    * before the first write. */
   rc = seqs_pick(s, uids, n, seqs, &touched);
   if (rc == IMD_STORE_OK)
-    rc = append_rows(s, m, device, uids, n, seqs, dup_id, &done);
+    rc = append_rows(s, m, device, touched, n, seqs, dup_id, &done);
   if (rc == IMD_STORE_OK) {
     s->writes = true;
     seqs_take(s, touched, m->ts);
   } else if (rc == IMD_STORE_DUP) {
     memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
   } else if (rc == IMD_STORE_EIO) {
-    append_undo(s, m, device, uids, seqs, &done);
+    append_undo(s, m, device, touched, seqs, &done);
   }
   return rc;
 }
@@ -1252,7 +1355,7 @@ int sqls_users_flush(sql_store *s)
   sqlite3_stmt *st = s->st[ST_USER_PUT];
 
   for (user_ctr *u = s->unflushed; u != NULL; u = u->flush_next) {
-    sqls_bind_text(st, 1, u->uid);
+    sqlite3_bind_int64(st, 1, u->uk); /* a committed append made its row */
     sqls_bind_u64(st, 2, u->durable);
     if (u->has_first)
       sqls_bind_u64(st, 3, u->first_ts);
@@ -1293,6 +1396,7 @@ static int users_flush_alone(sql_store *s)
 /* The batch committed: its counters are durable. */
 static void seqs_commit(sql_store *s)
 {
+  s->fresh = NULL; /* their rows are durable */
   for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
     u->dirty = false;
     u->durable = u->last;
@@ -1374,6 +1478,7 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
                    imd_store_each fn, void *ctx, imd_sync_info *info)
 {
   sqlite3_stmt *st;
+  sqlite3_int64 uk;
   imd_sync_info r = {0};
   int rc, step;
 
@@ -1381,7 +1486,7 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
     return IMD_STORE_EINVAL;
   rc = check_read(s, uid);
   if (rc == IMD_STORE_OK)
-    rc = user_load(s, uid, &r.last, &r.trimmed);
+    rc = user_load(s, uid, &uk, &r.last, &r.trimmed);
   if (rc != IMD_STORE_OK)
     return rc;
   if (since > INT64_MAX)
@@ -1390,7 +1495,7 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
   r.upto = since > r.trimmed ? since : r.trimmed;
 
   st = s->st[ST_SYNC];
-  sqls_bind_text(st, 1, uid);
+  sqlite3_bind_int64(st, 1, uk); /* 0: no row, no entries */
   sqls_bind_u64(st, 2, r.upto);
   sqlite3_bind_int64(st, 3, limit > 0 ? (sqlite3_int64)limit : -1);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
@@ -1415,6 +1520,7 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
                          void (*fn)(void *ctx, const char *device, uint64_t seq), void *ctx)
 {
   sqlite3_stmt *st;
+  sqlite3_int64 uk;
   uint64_t l, t;
   int rc, step;
 
@@ -1422,7 +1528,7 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
     return IMD_STORE_EINVAL;
   rc = check_read(s, uid);
   if (rc == IMD_STORE_OK)
-    rc = user_load(s, uid, &l, &t);
+    rc = user_load(s, uid, &uk, &l, &t);
   if (rc != IMD_STORE_OK)
     return rc;
   if (last != NULL)

@@ -24,6 +24,7 @@ enum stmt_id {
   ST_RELEASE,
   ST_UNDO,
   ST_USER_GET,
+  ST_USER_NEW,
   ST_USER_PUT,
   ST_IDEM_PUT,
   ST_IDEM_GET,
@@ -58,13 +59,18 @@ enum stmt_id {
 };
 
 /* One user's seq counter. last includes the open batch's appends; durable
- * is what the last commit made durable; the users row gets durable only at
- * the next flush (users_flush()). */
+ * is what the last commit made durable; the users row's last_seq gets
+ * durable only at the next flush (users_flush()). uk is the users row's
+ * key, which the user's inbox entries and keys are stored under: 0 while
+ * the user has no row (a row is made by the first append that needs one,
+ * inside its batch). */
 typedef struct user_ctr {
   strmap_node node;
   struct user_ctr *dirty_next; /* on s->dirty: last changed in this batch */
   struct user_ctr *flush_next; /* on s->unflushed: durable is ahead of its users row */
   struct user_ctr *touch_next; /* on the list of the append in progress */
+  struct user_ctr *fresh_next; /* on s->fresh: its users row was made in this batch */
+  sqlite3_int64 uk;
   uint64_t last;
   uint64_t durable;
   uint64_t next;               /* seq the append in progress gives it */
@@ -96,13 +102,15 @@ struct sql_store {
   strmap users;         /* uid -> user_ctr */
   user_ctr *dirty;      /* counters the open batch advanced */
   user_ctr *unflushed;  /* counters to write to users at the next flush */
+  user_ctr *fresh;      /* counters whose users row the open batch made */
   uint64_t stamp;       /* counts appends, for user_ctr.stamp */
   strmap marks;         /* "uid\0device" -> mark_pend */
   mark_pend *marks_list;
   uint64_t idem_added;  /* keys added since the last pass started */
   uint64_t sweep_left;  /* keys the running pass has still to sweep */
   sqlite3_int64 sweep_cutoff;
-  char *sweep[3];       /* the key the sweep stopped at (NULL: the start) */
+  sqlite3_int64 sweep_uk; /* the key the sweep stopped at (0 and NULLs: the start) */
+  char *sweep[2];       /* its device and cid */
   bool batch;           /* we issued BEGIN and no COMMIT/ROLLBACK yet */
   bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next

@@ -288,7 +288,8 @@ class TestOnlineBackup(DeliveryCase):
                 ids = {r[0] for r in db.execute('SELECT id FROM msgs')}
                 self.assertLessEqual(before, ids)
                 seqs = [r[0] for r in db.execute(
-                    'SELECT seq FROM inbox WHERE uid = ? ORDER BY seq', (bob,))]
+                    'SELECT i.seq FROM inbox AS i JOIN users AS u ON u.uk = i.uk'
+                    ' WHERE u.uid = ? ORDER BY i.seq', (bob,))]
                 self.assertGreaterEqual(len(seqs), 2000)
                 self.assertEqual(seqs, list(range(1, len(seqs) + 1)))
             finally:

@@ -464,7 +464,8 @@ static void test_failed_append_keeps_batch(void **state)
   char dup[24];
   sqlite3 *db = side_open(f);
 
-  side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox WHEN NEW.uid = 'bad'"
+  side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox"
+                " WHEN NEW.uk = (SELECT uk FROM users WHERE uid = 'bad')"
                 " BEGIN SELECT RAISE(ABORT, 'bad inbox'); END");
   side_exec(db, "CREATE TRIGGER no_msg BEFORE INSERT ON msgs WHEN NEW.id = 'refused'"
                 " BEGIN SELECT RAISE(ABORT, 'refused message'); END");
@@ -513,7 +514,8 @@ static void test_batch_lost_to_sqlite(void **state)
   sqlite3 *db = side_open(f);
   got g = {0};
 
-  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox WHEN NEW.uid = 'boom'"
+  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox"
+                " WHEN NEW.uk = (SELECT uk FROM users WHERE uid = 'boom')"
                 " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
   assert_int_equal(put(s, "m1", "alice", 1000), 1);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
@@ -533,13 +535,20 @@ static void test_batch_lost_to_sqlite(void **state)
   assert_false(sqlstore_in_batch(s));
   side_exec(db, "DROP TRIGGER boom");
 
-  /* m2's seq is handed out again. */
+  /* m2's seq is handed out again; boom's users row went with the batch
+   * that made it, and boom gets a new one */
   assert_int_equal(put(s, "m5", "alice", 1000), 2);
+  assert_int_equal(put(s, "b1", "boom", 1000), 1);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   info = sync_all(s, "alice", 0, 0, &g);
   assert_int_equal(g.n, 2);
   assert_string_equal(g.e[1].id, "m5");
   assert_int_equal(info.last, 2);
+  info = sync_all(s, "boom", 0, 0, &g);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "b1");
+  assert_int_equal(info.last, 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE uid = 'boom'"), 1);
 
   /* The same through a delivered mark, which fails when it is written;
    * the marks waiting with it are lost too (a device only resyncs more). */
@@ -1121,7 +1130,8 @@ static void test_trim_step_fails(void **state)
     put(s, id, "carol", 1000);
   }
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
-  side_exec(db, "CREATE TRIGGER boom BEFORE DELETE ON inbox WHEN OLD.uid = 'carol'"
+  side_exec(db, "CREATE TRIGGER boom BEFORE DELETE ON inbox"
+                " WHEN OLD.uk = (SELECT uk FROM users WHERE uid = 'carol')"
                 " BEGIN SELECT RAISE(ABORT, 'boom'); END");
   assert_int_equal(sqlstore_trim_start(s, 5000), 2);
   assert_int_equal(sqlstore_trim_step(s, &more), IMD_STORE_EIO);
@@ -1212,14 +1222,20 @@ static void test_persistence(void **state)
   assert_int_equal(d.n, 1);
   assert_int_equal(d.seq[0], 2);
 
-  /* The file: WAL mode, small pages, schema version 4: no index on the
-   * ts of inbox and idem. */
+  /* The file: WAL mode, small pages, schema version 5: no index on the
+   * ts of inbox and idem, both keyed by the users row's integer. */
   sqlite3 *db = side_open(f);
   side_text(db, "PRAGMA journal_mode", "wal");
   assert_int_equal(side_count(db, "PRAGMA page_size"), 1024);
-  assert_int_equal(side_count(db, "PRAGMA user_version"), 4);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 5);
   assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema WHERE type = 'index'"
                                   " AND name IN ('inbox_ts', 'idem_ts')"), 0);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM pragma_table_info('inbox')"
+                                  " WHERE name = 'uk' AND pk = 1 AND type = 'INTEGER'"), 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM pragma_table_info('idem')"
+                                  " WHERE name = 'uk' AND pk = 1 AND type = 'INTEGER'"), 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox AS i JOIN users AS u"
+                                  " ON u.uk = i.uk WHERE u.uid = 'bob'"), 3);
   sqlite3_close(db);
 }
 
@@ -1260,7 +1276,8 @@ static void test_seqs_gap_free_across_restart_and_failures(void **state)
   assert_int_equal(send1(s, "m1", "alice", "bob", "c1", seqs, NULL), IMD_STORE_OK);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   /* bob's row goes in before bad's fails: the undo takes it back */
-  side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox WHEN NEW.uid = 'bad'"
+  side_exec(db, "CREATE TRIGGER no_bad BEFORE INSERT ON inbox"
+                " WHEN NEW.uk = (SELECT uk FROM users WHERE uid = 'bad')"
                 " BEGIN SELECT RAISE(ABORT, 'bad inbox'); END");
   m.cid = "c2";
   assert_int_equal(sqlstore_append(s, &m, two, 2, seqs, NULL), IMD_STORE_EIO);
@@ -1270,7 +1287,8 @@ static void test_seqs_gap_free_across_restart_and_failures(void **state)
   assert_int_equal(seqs[0], 2);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   /* a batch SQLite lost: its seqs are handed out again */
-  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox WHEN NEW.uid = 'boom'"
+  side_exec(db, "CREATE TRIGGER boom BEFORE INSERT ON inbox"
+                " WHEN NEW.uk = (SELECT uk FROM users WHERE uid = 'boom')"
                 " BEGIN SELECT RAISE(ROLLBACK, 'boom'); END");
   assert_int_equal(send1(s, "m3", "alice", "bob", NULL, seqs, NULL), IMD_STORE_OK);
   assert_int_equal(send1(s, "m4", "alice", "boom", NULL, seqs, NULL), IMD_STORE_EIO);
@@ -1305,10 +1323,11 @@ static void test_seqs_gap_free_across_restart_and_failures(void **state)
   sqlite3_close(db);
 }
 
-/* The users rows (last_seq, which count retention reads) are written at
- * retention and at close, not per commit. After a crash they may lag or be
- * missing: the next open repairs them from the inboxes. A crash is
- * simulated by clearing the clean-close mark and the rows. */
+/* The users rows' last_seq (which count retention reads) is written at
+ * retention and at close, not per commit (a row itself is made with the
+ * user's first entry). After a crash it may lag: the next open repairs it
+ * from the inboxes. A crash is simulated by clearing the clean-close mark
+ * and the counts. */
 static void test_unclean_close_repairs_users(void **state)
 {
   fixture *f = *state;
@@ -1325,12 +1344,13 @@ static void test_unclean_close_repairs_users(void **state)
   }
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   db = side_open(f);
-  assert_int_equal(side_count(db, "SELECT count(*) FROM users"), 0); /* not per commit */
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users"), 2);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE last_seq > 0"), 0);
   sqlstore_close(s);
   f->s = NULL;
   assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE last_seq = 3"), 2);
   assert_int_equal(side_count(db, "SELECT v FROM meta WHERE k = 'clean'"), 1);
-  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'clean'; DELETE FROM users");
+  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'clean'; UPDATE users SET last_seq = 0");
 
   /* count retention finds the users again */
   s = reopen(f, 1, 0);
@@ -1411,7 +1431,7 @@ static void test_migration_from_v2(void **state)
     "INSERT INTO grp_members VALUES('g1', 'alice'), ('g1', 'bob');");
 
   sql_store *s = reopen(f, 0, 0);
-  assert_int_equal(side_count(db, "PRAGMA user_version"), 4);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 5);
   assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema WHERE type = 'index'"
                                   " AND name IN ('inbox_ts', 'idem_ts')"), 0);
   /* users.oldest from the inboxes: bob's oldest held entry is 2 */
@@ -1454,6 +1474,88 @@ static void test_migration_from_v2(void **state)
   sqlite3_close(db);
 }
 
+/* A store of schema 4 (inbox and idem keyed by the uid text) left by a
+ * crash: a users row behind its inbox, one missing, a key whose sender has
+ * no inbox. It opens as schema 5 with every entry, key, seq and trimmed
+ * mark under its user's new row. */
+static void test_migration_from_v4(void **state)
+{
+  fixture *f = *state;
+  sqlite3 *db = side_open(f);
+  uint64_t seqs[2];
+  char dup[24] = "";
+  imd_sync_info info;
+  got g = {0};
+
+  side_exec(db,
+    "PRAGMA page_size=1024; PRAGMA journal_mode=WAL;"
+    "CREATE TABLE msgs(mid INTEGER PRIMARY KEY, id TEXT NOT NULL, sender TEXT NOT NULL,"
+    "  device TEXT NOT NULL, cid TEXT, to_uid TEXT, grp TEXT, ts INTEGER NOT NULL,"
+    "  data TEXT NOT NULL, refs INTEGER NOT NULL);"
+    "CREATE TABLE idem(sender TEXT NOT NULL, device TEXT NOT NULL, cid TEXT NOT NULL,"
+    "  id TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
+    "CREATE TABLE inbox(uid TEXT NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,"
+    "  ts INTEGER NOT NULL, PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
+    "CREATE TABLE users(uid TEXT PRIMARY KEY, last_seq INTEGER NOT NULL,"
+    "  trimmed INTEGER NOT NULL, oldest INTEGER) WITHOUT ROWID;"
+    "CREATE TABLE cursors(uid TEXT NOT NULL, device TEXT NOT NULL, delivered INTEGER NOT NULL,"
+    "  PRIMARY KEY(uid, device)) WITHOUT ROWID;"
+    "CREATE TABLE grp_members(gid TEXT NOT NULL, uid TEXT NOT NULL,"
+    "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;"
+    "CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;"
+    "CREATE INDEX users_oldest ON users(oldest);"
+    "PRAGMA user_version = 4;"
+    "INSERT INTO meta VALUES('clean', 0);"
+    /* alice -> bob m1 (c1), m2; system -> carol m3 (k1). bob's row says 1
+     * and trimmed 1 (written before m2); alice's and carol's rows were
+     * never written. */
+    "INSERT INTO msgs VALUES(1, 'm1', 'alice', 'd1', 'c1', 'bob', NULL, 1000, '{}', 1);"
+    "INSERT INTO msgs VALUES(2, 'm2', 'alice', 'd1', NULL, 'bob', NULL, 1001, '{}', 2);"
+    "INSERT INTO msgs VALUES(3, 'm3', 'system', '', 'k1', 'carol', NULL, 1002, '{}', 1);"
+    "INSERT INTO idem VALUES('alice', 'd1', 'c1', 'm1', 1000), ('system', '', 'k1', 'm3', 1002);"
+    "INSERT INTO inbox VALUES('alice', 1, 1, 1000), ('alice', 2, 2, 1001),"
+    "  ('bob', 2, 2, 1001), ('carol', 1, 3, 1002);"
+    "INSERT INTO users VALUES('bob', 1, 1, 1001);");
+
+  sql_store *s = reopen(f, 0, 0);
+  assert_int_equal(side_count(db, "PRAGMA user_version"), 5);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users"), 4); /* system too */
+  assert_int_equal(side_count(db, "SELECT count(*) FROM inbox AS i JOIN users AS u"
+                                  " ON u.uk = i.uk WHERE u.uid = 'alice'"), 2);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM sqlite_schema"
+                                  " WHERE name IN ('users_v5', 'inbox_v5', 'idem_v5')"), 0);
+  info = sync_all(s, "bob", 0, 0, &g);
+  assert_int_equal(info.trimmed, 1);
+  assert_int_equal(info.last, 2);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "m2");
+  info = sync_all(s, "carol", 0, 0, &g);
+  assert_int_equal(info.last, 1);
+  assert_string_equal(g.e[0].id, "m3");
+  /* the keys, under their senders' rows */
+  assert_int_equal(send1(s, "m9", "alice", "bob", "c1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  imd_store_msg m = msg("m8", "system", "k1", "carol", 2000);
+  m.device = "";
+  assert_int_equal(sqlstore_append(s, &m, (const char *const[]){"carol"}, 1, seqs, dup),
+                   IMD_STORE_DUP);
+  assert_string_equal(dup, "m3");
+  /* the seqs go on from the inboxes, not the lagging rows */
+  m = msg("m4", "alice", "c4", "bob", 2000);
+  assert_int_equal(sqlstore_append(s, &m, (const char *const[]){"bob", "alice"}, 2, seqs, dup),
+                   IMD_STORE_OK);
+  assert_int_equal(seqs[0], 3);
+  assert_int_equal(seqs[1], 3);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  /* retention by age finds the migrated rows through users.oldest */
+  s = reopen(f, 0, 60);
+  assert_int_equal(sqlstore_trim(s, 1003 + 60000), 4); /* alice 1, 2; bob 2; carol 1 */
+  info = sync_all(s, "alice", 0, 0, &g);
+  assert_int_equal(info.trimmed, 2);
+  assert_int_equal(g.n, 1);
+  assert_string_equal(g.e[0].id, "m4");
+  sqlite3_close(db);
+}
 
 /* With synchronous=FULL the store coalesces its WAL writes (store_vfs.c):
  * every commit must still reach the file before another connection can
@@ -1487,7 +1589,8 @@ static void test_wal_writes_full_sync(void **state)
     }
     assert_int_equal(sqlstore_commit(f->s), IMD_STORE_OK);
     assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), (b + 1) * 100);
-    assert_int_equal(side_count(db, "SELECT max(seq) FROM inbox WHERE uid = 'bob'"),
+    assert_int_equal(side_count(db, "SELECT max(seq) FROM inbox AS i JOIN users AS u"
+                                       " ON u.uk = i.uk WHERE u.uid = 'bob'"),
                      (b + 1) * 100);
   }
   assert_int_equal(side_count(db, "SELECT count(*) FROM msgs WHERE length(data) = 2048"),
@@ -1696,7 +1799,7 @@ static void test_open_failures(void **state)
   sqlstore_close(f->s);
   f->s = NULL;
   db = side_open(f);
-  side_exec(db, "PRAGMA user_version = 5");
+  side_exec(db, "PRAGMA user_version = 6");
   sqlite3_close(db);
   err[0] = '\0';
   assert_null(sqlstore_open(f->path, NULL, err, sizeof err));
@@ -1734,6 +1837,7 @@ int main(void)
                                     teardown),
     cmocka_unit_test_setup_teardown(test_unclean_close_repairs_users, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v2, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_migration_from_v4, setup, teardown),
     cmocka_unit_test_setup_teardown(test_wal_writes_full_sync, setup, teardown),
     cmocka_unit_test_setup_teardown(test_checkpoint_interrupt, setup, teardown),
     cmocka_unit_test_setup_teardown(test_splits_and_failed_commit_keep_pages, setup, teardown),
