@@ -10,7 +10,9 @@
 #   bench/chat-latency.sh BUILD_DIR [RATE] [SECONDS] [PAIRS] [RUNS] [both|imd|peer]
 # IMD=PATH runs that imd binary instead of BUILD_DIR/daemon/imd (e.g. one built
 # from a given commit); im-bench always comes from BUILD_DIR. IMD_ARGS adds
-# options to imd's command line (e.g. "--commit-delay 0"). DUMP_DIR=DIR
+# options to imd's command line (e.g. "--commit-delay 0"), CLIENT_ARGS to
+# im-bench's (e.g. "--uid-prefix 3f2a9c1e-5c1d-4e2a-9b7f-" for uids as long
+# as UUIDs). DUMP_DIR=DIR
 # keeps each run's per-message latencies (im-bench --dump) as
 # DIR/TARGET-RUN.txt. PROBE=1 runs bench/stall-probe over the measured part and
 # prints how often the machine itself kept a real-time thread off a CPU for
@@ -58,7 +60,7 @@ run_one() { # TARGET RUN
     probe=$!
   fi
   taskset -c "$pin_cli" "$build/bench/im-bench" chat --url "ws://127.0.0.1:$port/ws" --pairs "$pairs" \
-    --rate "$rate" -d "$secs" "${auth[@]}" "${dump[@]}" --server-pid "$srv" 2>"$tmp/err" \
+    --rate "$rate" -d "$secs" "${auth[@]}" "${dump[@]}" ${CLIENT_ARGS:-} --server-pid "$srv" 2>"$tmp/err" \
     | tee -a "$tmp/results" | sed "s/^/[$target $run] /" || { cat "$tmp/err" >&2; exit 1; }
   if [ -n "$probe" ]; then
     wait "$probe" || true
