@@ -261,7 +261,8 @@ static void on_store_tick(evutil_socket_t fd, short what, void *arg) {
   (void)fd;
   (void)what;
   imd *d = arg;
-  imd_store_redis_tick(d->store, imd_wall_ms());
+  /* the retention is the store's, not the worker's: worker 0 runs it */
+  imd_store_redis_tick(d->store, imd_wall_ms(), d->worker == 0);
   if (d->worker != 0) return; /* the process's tables: worker 0 polls for all */
   imd_revoke_poll(d); /* revocations made through other nodes */
   imd_bans_poll(d);   /* and bans */

@@ -349,6 +349,7 @@ typedef struct imd_tally {
   uint64_t loop_wakeups, loop_naps; /* im_event_counts */
   uint64_t worker_conns[64];        /* authenticated connections per worker */
   uint64_t links_up;                /* workers whose cluster link is up (--redis) */
+  imd_store_stats ss;               /* the store's; each worker's own with --redis */
 } imd_tally;
 void imd_metrics_tally(imd *d, imd_tally *t);      /* zeroes t, then d's numbers */
 void imd_metrics_add(imd_tally *sum, const imd_tally *t);

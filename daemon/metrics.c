@@ -143,6 +143,8 @@ void imd_metrics_tally(imd *d, imd_tally *t) {
   t->workers = 1;
   t->worker_conns[d->worker % 64] = t->st.conns_authed;
   t->links_up = d->redis && im_redis_up(d->redis);
+  /* one SQLite store for all workers (counted once); a Redis store each */
+  if (d->store && (d->redis || d->worker == 0)) d->store->ops->stats(d->store, &t->ss);
 }
 
 #define ADD(f) sum->f += t->f
@@ -163,6 +165,9 @@ void imd_metrics_add(imd_tally *sum, const imd_tally *t) {
   for (int i = 0; i < 6; i++) ADD(m.http_status[i]);
   for (int i = 0; i < 64; i++) ADD(worker_conns[i]);
   ADD(loop_wakeups), ADD(loop_naps), ADD(links_up);
+  ADD(ss.commits), ADD(ss.commit_us), ADD(ss.trimmed), ADD(ss.errors), ADD(ss.wal_waits);
+  ADD(ss.ckpt_cut), ADD(ss.trim_steps), ADD(ss.trim_us), ADD(ss.marks_pending);
+  if (t->ss.trim_max_us > sum->ss.trim_max_us) sum->ss.trim_max_us = t->ss.trim_max_us;
   sum->workers += t->workers;
   /* platforms by name: a name no slot of sum has takes a free one, or
    * counts as other */
@@ -194,8 +199,7 @@ char *imd_metrics_render_tally(imd *d, const imd_tally *t, const imd_hook_counts
                                size_t *len) {
   const im_stats st = t->st;
   const imd_metrics *m = &t->m;
-  imd_store_stats ss;
-  d->store->ops->stats(d->store, &ss);
+  const imd_store_stats ss = t->ss;
   sbuf b = {0};
   gauge(&b, "imd_connections", "Open client connections (authenticated or not)", st.conns);
   gauge(&b, "imd_connections_max", "The process's connection limit (--max-connections); 0 = none",

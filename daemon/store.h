@@ -126,9 +126,11 @@ typedef struct imd_store_stats {
   uint64_t ckpt_cut;      /* SQLite: of those, waits cut short: the pass, slowed by
                              its low priority, was stopped and the commit copied
                              the WAL itself */
-  uint64_t trim_steps;    /* SQLite: retention transactions (a pass's start and steps) */
-  uint64_t trim_us;       /* SQLite: time they held the database (no commit meanwhile) */
-  uint64_t trim_max_us;   /* SQLite: the longest of them */
+  uint64_t trim_steps;    /* retention transactions (SQLite: a pass's start and steps;
+                             Redis: script calls) */
+  uint64_t trim_us;       /* time they held the database (SQLite: no commit meanwhile;
+                             Redis: the round trip) */
+  uint64_t trim_max_us;   /* the longest of them */
   uint64_t marks_pending; /* SQLite: delivered marks waiting in memory (a gauge) */
 } imd_store_stats;
 

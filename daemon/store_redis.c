@@ -697,8 +697,12 @@ static void complete(redis_store *s, rq *r, const redisReply *a) {
     case RQ_TRIM:
       if (a->type == REDIS_REPLY_ARRAY && a->elements == 2 && is_int(a->element[0]) &&
           is_int(a->element[1])) {
+        uint64_t took = mono_us() - r->sent_us;
         s->st.trimmed += (uint64_t)a->element[0]->integer;
         s->trim_more = a->element[1]->integer > 0;
+        s->st.trim_steps++;
+        s->st.trim_us += took;
+        if (took > s->st.trim_max_us) s->st.trim_max_us = took;
       } else {
         rc = -1;
       }
@@ -1170,12 +1174,12 @@ int imd_store_redis_trim(imd_store *base, uint64_t now_ms) {
   return rc;
 }
 
-void imd_store_redis_tick(imd_store *base, uint64_t now_ms) {
+void imd_store_redis_tick(imd_store *base, uint64_t now_ms, bool trim) {
   redis_store *s = (redis_store *)base;
   if (!s || s->closed) return;
   marks_flush(s);
   uint64_t mono = mono_us() / 1000u;
-  if (s->o.keep_age_s && !s->trim_out && (s->trim_more || mono >= s->next_trim_ms) &&
+  if (trim && s->o.keep_age_s && !s->trim_out && (s->trim_more || mono >= s->next_trim_ms) &&
       imd_store_redis_trim(base, now_ms) == IMD_STORE_OK)
     s->next_trim_ms = mono + TRIM_INTERVAL_MS;
 }

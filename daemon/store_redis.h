@@ -25,6 +25,7 @@
 #ifndef IMD_STORE_REDIS_H
 #define IMD_STORE_REDIS_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -86,10 +87,12 @@ int imd_store_redis_load_scripts(imd_store *s);
 
 /* Call about once a second with the wall clock (ms since the epoch):
  * sends the pending delivered marks (those that found no append to ride
- * along with), and with an age limit one retention step every 60 s (the
- * first at the first call; the next at once while the last step left
- * work). Does nothing for a NULL store. */
-void imd_store_redis_tick(imd_store *s, uint64_t now_ms);
+ * along with), and with trim and an age limit one retention step every
+ * 60 s (the first at the first call; the next at once while the last step
+ * left work). The retention is the whole store's, so one store per
+ * process is enough to pass trim (imd: worker 0's); the others' steps
+ * would only find less to do. Does nothing for a NULL store. */
+void imd_store_redis_tick(imd_store *s, uint64_t now_ms, bool trim);
 
 /* One bounded age-retention step at wall-clock now_ms: for at most 100
  * users whose oldest entry is older than keep_age_s, drop the expired

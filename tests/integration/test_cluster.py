@@ -358,6 +358,12 @@ class TestWorkerThreadsOfANode(ClusterCase):
             want = [{'from': sender.uid, 'data': str(i)} for i in range(n)]
             got = [await expect_msgs(b, want, '1:1 from ' + tag) for b in bobs]
             check(got[0] == got[1] == got[2], 'devices got different messages')
+        # carol's 10 went through worker 1's store: A's /metrics counts them
+        # whichever worker answers (each worker has a Redis store of its own)
+        for _ in range(8):
+            m = parse_metrics((await api(A, 'GET', '/metrics')).body.decode())
+            check(m['imd_store_commits_total'] >= n, 'store commits on A: %r' %
+                  m['imd_store_commits_total'])
         # HTTP pushes entered at A (either worker) and at B
         for srv in (A, B, A, B):
             r = await api(srv, 'POST', '/v1/messages', {'to': 'bob', 'data': 'h'})

@@ -814,10 +814,21 @@ static void trim_by_age(void **state) {
   assert_int_equal(r->type, REDIS_REPLY_STRING);
   assert_int_equal(strtoull(r->str, NULL, 10), t0 + 300000);
   freeReplyObject(r);
-  /* the tick runs a step at once, then waits 60 s */
-  imd_store_redis_tick(f->s, t0 + 400000);
+  /* a tick without trim (imd's workers but the first) runs no step ... */
+  uint64_t steps = st.trim_steps;
+  assert_true(steps > 0);
+  imd_store_redis_tick(f->s, t0 + 400000, false);
+  info = sync_wait(f, "bob", 0, 0, 0);
+  assert_int_equal(info.trimmed, 7);
+  f->s->ops->stats(f->s, &st);
+  assert_int_equal(st.trim_steps, steps);
+  /* ... the tick with it runs a step at once, then waits 60 s */
+  imd_store_redis_tick(f->s, t0 + 400000, true);
   info = sync_wait(f, "bob", 0, 0, 0);
   assert_int_equal(info.trimmed, 8);
+  f->s->ops->stats(f->s, &st);
+  assert_int_equal(st.trim_steps, steps + 1);
+  assert_true(st.trim_us > 0 && st.trim_max_us <= st.trim_us);
   assert_int_equal(f->ngot, 0);
   assert_int_equal(side_int(f, "ZCARD %s", "t:trimq"), 0);
   /* an emptied inbox left the queue: the next append queues the user again,
@@ -926,7 +937,7 @@ static void marks_never_lower_and_are_coalesced(void **state) {
    * higher ones count; a read sends the marks before it */
   assert_int_equal(imd_store_mark(f->s, "bob", "phone", 4), 0);
   assert_int_equal(imd_store_mark(f->s, "bob", "laptop", 1), 0);
-  imd_store_redis_tick(f->s, 1000);
+  imd_store_redis_tick(f->s, 1000, true);
   run_until(f, all_answered, 0);
   assert_int_equal(cmd_calls(f, "evalsha"), evalsha0 + 3); /* + the user_state */
   assert_int_equal(imd_store_mark(f->s, "bob", "laptop", 3), 0);
@@ -1035,7 +1046,7 @@ static void edown(void **state) {
   assert_non_null(strstr(s->ops->error(s), "unreachable"));
   f->down = false;
   long evalsha0 = cmd_calls(f, "evalsha");
-  imd_store_redis_tick(s, 1000); /* sends the mark */
+  imd_store_redis_tick(s, 1000, true); /* sends the mark */
   run_until(f, all_answered, 0);
   assert_int_equal(cmd_calls(f, "evalsha"), evalsha0 + 1);
   assert_int_equal(f->done, 0);
@@ -1285,7 +1296,7 @@ static void invalid_arguments(void **state) {
   assert_int_equal(f->seqs[0][0], 1);
   char err[64];
   assert_null(imd_store_redis_new(NULL, "t:", NULL, err, sizeof err));
-  imd_store_redis_tick(NULL, 0);
+  imd_store_redis_tick(NULL, 0, true);
 }
 
 int main(void) {
