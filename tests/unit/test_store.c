@@ -1384,6 +1384,23 @@ static void test_unclean_close_repairs_users(void **state)
   sqlite3_close(db);
 }
 
+/* The tables of schemas 2 to 4 that keyed by the uid's text, as those
+ * versions created them (msgs had a UNIQUE id until schema 4's new files). */
+#define OLD_IDEM_INBOX                                                                          \
+  "CREATE TABLE idem(sender TEXT NOT NULL, device TEXT NOT NULL, cid TEXT NOT NULL,"           \
+  "  id TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;" \
+  "CREATE TABLE inbox(uid TEXT NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,"          \
+  "  ts INTEGER NOT NULL, PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
+#define OLD_CURSORS_GROUPS                                                                      \
+  "CREATE TABLE cursors(uid TEXT NOT NULL, device TEXT NOT NULL, delivered INTEGER NOT NULL,"  \
+  "  PRIMARY KEY(uid, device)) WITHOUT ROWID;"                                                 \
+  "CREATE TABLE grp_members(gid TEXT NOT NULL, uid TEXT NOT NULL,"                             \
+  "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;"
+#define OLD_MSGS(unique)                                                                        \
+  "CREATE TABLE msgs(mid INTEGER PRIMARY KEY, id TEXT NOT NULL" unique ", sender TEXT NOT NULL," \
+  "  device TEXT NOT NULL, cid TEXT, to_uid TEXT, grp TEXT, ts INTEGER NOT NULL,"              \
+  "  data TEXT NOT NULL, refs INTEGER NOT NULL);"
+
 /* A store written by the previous schema (version 2, every imd before
  * this one: users rows per commit, no meta table) opens, keeps its data,
  * and goes on: seqs, trimmed marks, keys, marks and groups. The file is
@@ -1400,21 +1417,11 @@ static void test_migration_from_v2(void **state)
 
   side_exec(db,
     "PRAGMA page_size=1024; PRAGMA journal_mode=WAL;"
-    "CREATE TABLE msgs(mid INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, sender TEXT NOT NULL,"
-    "  device TEXT NOT NULL, cid TEXT, to_uid TEXT, grp TEXT, ts INTEGER NOT NULL,"
-    "  data TEXT NOT NULL, refs INTEGER NOT NULL);"
-    "CREATE TABLE idem(sender TEXT NOT NULL, device TEXT NOT NULL, cid TEXT NOT NULL,"
-    "  id TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
+    OLD_MSGS(" UNIQUE") OLD_IDEM_INBOX OLD_CURSORS_GROUPS
     "CREATE INDEX idem_ts ON idem(ts);"
-    "CREATE TABLE inbox(uid TEXT NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,"
-    "  ts INTEGER NOT NULL, PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
     "CREATE INDEX inbox_ts ON inbox(ts);"
     "CREATE TABLE users(uid TEXT PRIMARY KEY, last_seq INTEGER NOT NULL,"
     "  trimmed INTEGER NOT NULL) WITHOUT ROWID;"
-    "CREATE TABLE cursors(uid TEXT NOT NULL, device TEXT NOT NULL, delivered INTEGER NOT NULL,"
-    "  PRIMARY KEY(uid, device)) WITHOUT ROWID;"
-    "CREATE TABLE grp_members(gid TEXT NOT NULL, uid TEXT NOT NULL,"
-    "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;"
     "PRAGMA user_version = 2;"
     /* alice -> bob m1 (c1), m2, m3; bob's entry 1 trimmed by count; m1 kept for alice */
     "INSERT INTO msgs VALUES(1, 'm1', 'alice', 'd1', 'c1', 'bob', NULL, 1000,"
@@ -1489,19 +1496,9 @@ static void test_migration_from_v4(void **state)
 
   side_exec(db,
     "PRAGMA page_size=1024; PRAGMA journal_mode=WAL;"
-    "CREATE TABLE msgs(mid INTEGER PRIMARY KEY, id TEXT NOT NULL, sender TEXT NOT NULL,"
-    "  device TEXT NOT NULL, cid TEXT, to_uid TEXT, grp TEXT, ts INTEGER NOT NULL,"
-    "  data TEXT NOT NULL, refs INTEGER NOT NULL);"
-    "CREATE TABLE idem(sender TEXT NOT NULL, device TEXT NOT NULL, cid TEXT NOT NULL,"
-    "  id TEXT NOT NULL, ts INTEGER NOT NULL, PRIMARY KEY(sender, device, cid)) WITHOUT ROWID;"
-    "CREATE TABLE inbox(uid TEXT NOT NULL, seq INTEGER NOT NULL, mid INTEGER NOT NULL,"
-    "  ts INTEGER NOT NULL, PRIMARY KEY(uid, seq)) WITHOUT ROWID;"
+    OLD_MSGS("") OLD_IDEM_INBOX OLD_CURSORS_GROUPS
     "CREATE TABLE users(uid TEXT PRIMARY KEY, last_seq INTEGER NOT NULL,"
     "  trimmed INTEGER NOT NULL, oldest INTEGER) WITHOUT ROWID;"
-    "CREATE TABLE cursors(uid TEXT NOT NULL, device TEXT NOT NULL, delivered INTEGER NOT NULL,"
-    "  PRIMARY KEY(uid, device)) WITHOUT ROWID;"
-    "CREATE TABLE grp_members(gid TEXT NOT NULL, uid TEXT NOT NULL,"
-    "  PRIMARY KEY(gid, uid)) WITHOUT ROWID;"
     "CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;"
     "CREATE INDEX users_oldest ON users(oldest);"
     "PRAGMA user_version = 4;"
