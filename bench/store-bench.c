@@ -103,6 +103,7 @@ static void remove_store(const char *path)
 }
 
 #define MARKS_EVERY_S 10.0 /* store_thread.c's MARK_DELAY_MS */
+#define USERS_FLUSH_STEP 4096 /* store_thread.c's */
 
 /* User n's uid: "user<n>", or with -U 36 characters shaped like a UUID
  * whose first 8 differ between users. */
@@ -221,8 +222,18 @@ int main(int argc, char **argv)
 
     t0 = now_s();
     cpu0 = cpu_s();
+    longest = 0;
+    /* the users rows first, in steps, as imd's store thread writes them */
+    for (n = 0; n >= 0 && sqlstore_users_unflushed(s) > USERS_FLUSH_STEP; steps++) {
+      t1 = now_s();
+      n = sqlstore_users_flush_step(s, USERS_FLUSH_STEP);
+      if (now_s() - t1 > longest)
+        longest = now_s() - t1;
+    }
+    t1 = now_s();
     n = sqlstore_trim_start(s, 1700000000000 + o.messages / 2 + 1000);
-    longest = now_s() - t0;
+    if (now_s() - t1 > longest)
+      longest = now_s() - t1;
     for (trimmed = 0; n >= 0 && more; steps++) {
       t1 = now_s();
       n = sqlstore_trim_step(s, &more);
@@ -232,7 +243,7 @@ int main(int argc, char **argv)
     }
     if (n < 0)
       fprintf(stderr, "trim: %s\n", sqlstore_error(s));
-    printf("trim by age, the older half: %ld entries in %.0f ms (%.0f ms CPU), start + %d steps,"
+    printf("trim by age, the older half: %ld entries in %.0f ms (%.0f ms CPU), flush steps + start + %d steps,"
            " the longest %.1f ms\n", trimmed, (now_s() - t0) * 1e3, (cpu_s() - cpu0) * 1e3, steps,
            longest * 1e3);
   }

@@ -160,7 +160,7 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
   sqlite3_bind_int64(st, 2, cutoff);
   rc = sqls_run(s, ST_BEGIN, "cannot begin the trim");
   if (rc == IMD_STORE_OK)
-    rc = sqls_users_flush(s);
+    rc = sqls_users_flush(s, SIZE_MAX);
   if (rc == IMD_STORE_OK)
     rc = sqls_run(s, ST_TRIM_TODO, "cannot find what to trim");
   if (rc == IMD_STORE_OK)
@@ -171,7 +171,7 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
     sqls_rollback(s);
     return IMD_STORE_EIO;
   }
-  sqls_users_flushed(s);
+  sqls_users_flushed(s, SIZE_MAX);
   if (s->opts.keep_age_s > 0) {
     s->sweep_left = s->idem_added > SWEEP_MIN / 2 ? s->idem_added * 2 : SWEEP_MIN;
     s->sweep_cutoff = cutoff;

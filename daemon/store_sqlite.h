@@ -168,6 +168,19 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
  * number of inbox entries dropped (>= 0); both may return IMD_STORE_EBATCH
  * or IMD_STORE_EIO. */
 long sqlstore_trim_start(sql_store *s, uint64_t now_ms);
+/* The users rows start writes, ahead of it in steps: unflushed() counts
+ * them (the users whose counters commits advanced since their row was last
+ * written), flush_step() writes the first max in a transaction of its own
+ * (IMD_STORE_OK, IMD_STORE_EBATCH with a batch open, IMD_STORE_EIO). A
+ * caller that runs them until unflushed() is small keeps start short. */
+size_t sqlstore_users_unflushed(const sql_store *s);
+/* The per-user counters kept in memory across commits: how many there are
+ * now, and the most (default 262,144; each commit past it takes out up to
+ * 1,024 of the least recently used, writing nothing). For tests and
+ * benchmarks. */
+size_t sqlstore_users_cached(const sql_store *s);
+void sqlstore_set_cache_max(sql_store *s, size_t max);
+int sqlstore_users_flush_step(sql_store *s, size_t max);
 long sqlstore_trim_step(sql_store *s, bool *more);
 /* A whole pass in two transactions (start, then one step without bounds:
  * for when nothing else waits, as at open); returns the inbox entries

@@ -68,6 +68,7 @@ typedef struct user_ctr {
   strmap_node node;
   struct user_ctr *dirty_next; /* on s->dirty: last changed in this batch */
   struct user_ctr *flush_next; /* on s->unflushed: durable is ahead of its users row */
+  struct user_ctr *flush_prev;
   struct user_ctr *touch_next; /* on the list of the append in progress */
   struct user_ctr *fresh_next; /* on s->fresh: its users row was made in this batch */
   sqlite3_int64 uk;
@@ -79,6 +80,8 @@ typedef struct user_ctr {
   bool has_first;
   bool dirty;
   bool unflushed;
+  bool fresh;                  /* on s->fresh */
+  bool ref;                    /* used since the eviction hand last passed it */
   char uid[];
 } user_ctr;
 
@@ -93,6 +96,14 @@ typedef struct mark_pend {
   char key[];                  /* uid NUL device NUL */
 } mark_pend;
 
+/* The users row an evicted counter still owed (sqls_users_flush()). */
+typedef struct user_owed {
+  sqlite3_int64 uk;
+  uint64_t durable;
+  uint64_t first_ts;
+  bool has_first;
+} user_owed;
+
 #define MARK_OF(np) ((mark_pend *)(void *)((char *)(np) - offsetof(mark_pend, node)))
 
 struct sql_store {
@@ -103,6 +114,12 @@ struct sql_store {
   user_ctr *dirty;      /* counters the open batch advanced */
   user_ctr *unflushed;  /* counters to write to users at the next flush */
   user_ctr *fresh;      /* counters whose users row the open batch made */
+  size_t unflushed_n;   /* on s->unflushed */
+  user_owed *owed;      /* rows of counters evicted while unflushed */
+  size_t owed_n, owed_cap;
+  bool owed_sorted;     /* by uk, one per user (owed_prepare()) */
+  uint32_t evict_hand;  /* the bucket of s->users eviction looks at next */
+  size_t cache_max;     /* counters kept across commits */
   uint64_t stamp;       /* counts appends, for user_ctr.stamp */
   strmap marks;         /* "uid\0device" -> mark_pend */
   mark_pend *marks_list;
@@ -140,9 +157,10 @@ void sqls_bind_u64(sqlite3_stmt *st, int i, uint64_t v);
 /* Column i as text, valid until the statement steps again (NULL: NULL or
  * out of memory). */
 const char *sqls_column_str(sqlite3_stmt *st, int i);
-/* Writes the users rows the commits since the last flush advanced, inside
- * the caller's transaction; sqls_users_flushed() once it committed. */
-int sqls_users_flush(sql_store *s);
-void sqls_users_flushed(sql_store *s);
+/* Writes the users rows of the first max counters (SIZE_MAX: all) that
+ * commits advanced since their last flush, inside the caller's
+ * transaction; sqls_users_flushed() with the same max once it committed. */
+int sqls_users_flush(sql_store *s, size_t max);
+void sqls_users_flushed(sql_store *s, size_t max);
 
 #endif

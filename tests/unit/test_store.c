@@ -1554,6 +1554,53 @@ static void test_migration_from_v4(void **state)
   sqlite3_close(db);
 }
 
+/* More users than the counter cache holds: commits past the cap take the
+ * least recently used counters out without writing anything; their users
+ * rows are owed, written sorted by the flush steps (or retention's start,
+ * or close). Seqs go on from the inboxes, and retention by count and by
+ * age finds every user. */
+static void test_counter_cache_evicts(void **state)
+{
+  fixture *f = *state;
+  sql_store *s = reopen(f, 2, 60);
+  char id[16], uid[16];
+  imd_sync_info info;
+  got g = {0};
+
+  sqlstore_set_cache_max(s, 8);
+  for (int round = 1; round <= 3; round++) {
+    for (int i = 0; i < 40; i++) {
+      snprintf(id, sizeof id, "m%d.%d", round, i);
+      snprintf(uid, sizeof uid, "u%d", i);
+      assert_int_equal(put(s, id, uid, 1000 * (uint64_t)round), (uint64_t)round);
+      assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+      assert_true(sqlstore_users_cached(s) <= 9);
+    }
+  }
+  assert_true(sqlstore_users_unflushed(s) >= 40); /* owed rows, a user's several times */
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE last_seq > 0"), 0);
+  while (sqlstore_users_unflushed(s) > 0)
+    assert_int_equal(sqlstore_users_flush_step(s, 16), IMD_STORE_OK);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM users WHERE last_seq = 3"
+                                  " AND oldest = 1000"), 40);
+  /* a flush step with a batch open is refused */
+  assert_int_equal(put(s, "x", "u0", 4000), 4);
+  assert_int_equal(sqlstore_users_flush_step(s, 16), IMD_STORE_EBATCH);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  /* by age (ts 1000 < 61001 - 60000) one entry of each, then by count
+   * (2 kept) u0's second */
+  assert_int_equal(sqlstore_trim(s, 1000 + 60000 + 1), 41);
+  for (int i = 0; i < 40; i++) {
+    snprintf(uid, sizeof uid, "u%d", i);
+    info = sync_all(s, uid, 0, 0, &g);
+    assert_int_equal(info.last, i == 0 ? 4 : 3);
+    assert_int_equal(info.trimmed, i == 0 ? 2 : 1);
+    assert_int_equal(g.n, 2);
+  }
+  sqlite3_close(db);
+}
+
 /* With synchronous=FULL the store coalesces its WAL writes (store_vfs.c):
  * every commit must still reach the file before another connection can
  * see it, across checkpoints and WAL restarts (~12 MiB of frames here, the
@@ -1835,6 +1882,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_unclean_close_repairs_users, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v2, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v4, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_counter_cache_evicts, setup, teardown),
     cmocka_unit_test_setup_teardown(test_wal_writes_full_sync, setup, teardown),
     cmocka_unit_test_setup_teardown(test_checkpoint_interrupt, setup, teardown),
     cmocka_unit_test_setup_teardown(test_splits_and_failed_commit_keep_pages, setup, teardown),
