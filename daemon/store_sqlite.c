@@ -1432,7 +1432,7 @@ static void owed_prepare(sql_store *s)
       break;
     unflushed_unlink(s, u);
   }
-  if (s->owed_sorted)
+  if (s->owed_sorted || s->owed_n < 2) /* (none: owed may be NULL) */
     return;
   qsort(s->owed, s->owed_n, sizeof *s->owed, owed_cmp);
   size_t k = 0;
