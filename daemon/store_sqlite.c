@@ -39,7 +39,7 @@
  *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
  *           close (users rows exact), 0 while it is open. An open that finds
  *           no clean close raises the users rows' last_seq from the inboxes
- *           and sets their oldest (a probe per user each).
+ *           (one scan) and sets their oldest (one probe per user).
  *
  * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
  * row per receiver, a users row for a user seen for the first time) and
@@ -319,12 +319,12 @@ static const char upgrade_v5_sql[] =
 static const char index_sql[] = "CREATE INDEX IF NOT EXISTS users_oldest ON users(oldest);";
 
 /* users.last_seq is written lazily (at retention and at close), so after a
- * crash it may lag behind the inboxes: raise it from them, one probe per
- * user, when the store was not closed cleanly. (The rows themselves are
- * made with the first entry, so none is missing.) */
+ * crash it may lag behind the inboxes: raise it from them, one scan, when
+ * the store was not closed cleanly. (The rows themselves are made with the
+ * first entry, so none is missing.) */
 static const char users_fix_sql[] =
-  "UPDATE users SET last_seq = (SELECT max(i.seq) FROM inbox AS i WHERE i.uk = users.uk)"
-  " WHERE last_seq < coalesce((SELECT max(i.seq) FROM inbox AS i WHERE i.uk = users.uk), 0);";
+  "UPDATE users SET last_seq = i.last FROM (SELECT uk, max(seq) AS last FROM inbox GROUP BY uk)"
+  " AS i WHERE users.uk = i.uk AND users.last_seq < i.last;";
 
 /* users.oldest from the inboxes (after users_fix_sql, or an upgrade). */
 static const char oldest_fix_sql[] = OLDEST_SQL ";";
@@ -1360,9 +1360,9 @@ void sqlstore_ckpt_close(sql_ckpt *c)
 /* ---- commit ---- */
 
 /* A users row (a committed append made it), inside the caller's
- * transaction; raises last_seq and sets a NULL oldest, so rows written
- * twice or out of order (an evicted counter's, then its next one's) end
- * the same. */
+ * transaction; only raises last_seq and only lowers oldest (or sets a
+ * NULL one), so rows written twice or out of order (an evicted counter's,
+ * then its next one's) end the same. */
 static int user_put(sql_store *s, sqlite3_int64 uk, uint64_t durable, bool has_first,
                     uint64_t first_ts)
 {
@@ -1391,12 +1391,6 @@ static void unflushed_unlink(sql_store *s, user_ctr *u)
   s->unflushed_n--;
 }
 
-/* Writes the durable counters that are ahead of their users rows (the
- * first max of them), inside the caller's transaction. Commits do not
- * write users rows: a user's last seq is also its newest inbox entry's,
- * which the commit made durable. Retention reads last_seq, so it flushes
- * first (in steps: sqlstore_users_flush_step()); so do close and the
- * eviction of a counter. */
 /* Appends an owed row; false without memory. */
 static bool owe(sql_store *s, sqlite3_int64 uk, uint64_t durable, bool has_first, uint64_t first_ts)
 {
@@ -1413,6 +1407,16 @@ static bool owe(sql_store *s, sqlite3_int64 uk, uint64_t durable, bool has_first
   return true;
 }
 
+/* Counter u's users row becomes an owed one (u is then up to date);
+ * false without memory, u unchanged. */
+static bool owe_counter(sql_store *s, user_ctr *u)
+{
+  if (!owe(s, u->uk, u->durable, u->has_first, u->first_ts))
+    return false;
+  unflushed_unlink(s, u);
+  return true;
+}
+
 static int owed_cmp(const void *a, const void *b)
 {
   sqlite3_int64 x = ((const user_owed *)a)->uk, y = ((const user_owed *)b)->uk;
@@ -1426,12 +1430,8 @@ static int owed_cmp(const void *a, const void *b)
  * where they are and are written after the owed rows. */
 static void owed_prepare(sql_store *s)
 {
-  while (s->unflushed != NULL) {
-    user_ctr *u = s->unflushed;
-    if (!owe(s, u->uk, u->durable, u->has_first, u->first_ts))
-      break;
-    unflushed_unlink(s, u);
-  }
+  while (s->unflushed != NULL && owe_counter(s, s->unflushed))
+    ;
   if (s->owed_sorted || s->owed_n < 2) /* (none: owed may be NULL) */
     return;
   qsort(s->owed, s->owed_n, sizeof *s->owed, owed_cmp);
@@ -1453,6 +1453,11 @@ static void owed_prepare(sql_store *s)
   s->owed_sorted = true;
 }
 
+/* Writes the users rows that are behind (the first max of them: owed rows,
+ * then advanced counters), inside the caller's transaction. Commits do not
+ * write users rows: a user's last seq is also its newest inbox entry's,
+ * which the commit made durable. Retention reads last_seq, so it flushes
+ * first (in steps: sqlstore_users_flush_step()); so does close. */
 static int users_flush(sql_store *s, size_t max, bool prepare)
 {
   size_t n = 0;
@@ -1554,11 +1559,8 @@ static void seqs_commit(sql_store *s)
  * it, u stays. */
 static void evict_one(sql_store *s, user_ctr *u)
 {
-  if (u->unflushed) {
-    if (!owe(s, u->uk, u->durable, u->has_first, u->first_ts))
-      return;
-    unflushed_unlink(s, u);
-  }
+  if (u->unflushed && !owe_counter(s, u))
+    return;
   strmap_del(&s->users, &u->node);
   free(u);
 }
