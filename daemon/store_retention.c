@@ -169,6 +169,7 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
     rc = sqls_run(s, ST_COMMIT, "cannot commit the trim");
   if (rc != IMD_STORE_OK) {
     sqls_rollback(s);
+    sqls_index_rolled_back(s, false); /* the entries the flush wrote still wait */
     return IMD_STORE_EIO;
   }
   sqls_users_flushed(s, SIZE_MAX);

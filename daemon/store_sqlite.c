@@ -1,9 +1,11 @@
 /* imd's message store on SQLite (the contract is in store.h).
  *
- * Tables (schema version 5, PRAGMA user_version):
+ * Tables (schema version 6, PRAGMA user_version):
  *   msgs    one row per stored message; refs counts the inbox rows that
  *           point at it, so trimming can find orphans without an index on
- *           inbox(mid). No index on id: nothing reads a message by its id
+ *           inbox(mid). idx lists the inbox entries and the key the
+ *           message has written behind it (store_index.c); mid is the
+ *           store's own counter, so mids only ever grow. No index on id: nothing reads a message by its id
  *           (ids are unique by construction); files made before 2026-12-01
  *           keep the UNIQUE index they have, which costs them one more
  *           B-tree insert per message and changes nothing else.
@@ -37,17 +39,20 @@
  *           (uid, device), until the caller has them written
  *           (sqlstore_marks_write(); imd: every 10 s).
  *   meta    k -> v; 'clean' is 1 while the store is closed after a clean
- *           close (users rows exact), 0 while it is open. An open that finds
+ *           close (users rows exact), 0 while it is open; 'indexed' is the
+ *           mid up to which every message's entries and key are in their
+ *           tables (store_index.c). An open that finds
  *           no clean close raises the users rows' last_seq from the inboxes
  *           (one scan) and sets their oldest (one probe per user).
  *
- * Hot path: an append is one INSERT per row it adds (idem, msgs, one inbox
- * row per receiver, a users row for a user seen for the first time) and
- * nothing else, a delivered mark a hash lookup; a
+ * Hot path: an append is one INSERT of its message row (and of a users row
+ * for a user seen for the first time) and a lookup of its key; its inbox
+ * entries and key wait in memory and are written behind it, 32 of a user
+ * at a time (store_index.c); a delivered mark is a hash lookup; a
  * batch is one transaction, one commit, one fsync. There is no savepoint
  * per append: what can refuse an append (arguments, a uid listed twice, a
  * duplicate key) is checked before its first write, and an append that
- * SQLite fails halfway deletes the rows it wrote, so the batch around it
+ * fails halfway takes back what it did, so the batch around it
  * survives. The next seq of each user comes from an in-memory counter
  * loaded once from the database. Commits write
  * their WAL frames in a few large writes (store_vfs.c, with fsync on) and
@@ -72,8 +77,9 @@
 /* 2: group membership (grp_members); 3: users rows written lazily, meta
  * (the clean-close mark); 4: users.oldest, no index on the ts of inbox and
  * idem; 5: inbox and idem keyed by the users row's integer (uk), not the
- * uid. Older files are upgraded on open. */
-#define SCHEMA_VERSION 5
+ * uid; 6: msgs.idx, the rows written behind a message. Older files are
+ * upgraded on open. */
+#define SCHEMA_VERSION 6
 #define STR_(x) #x
 #define STR(x) STR_(x)
 #define ID_MAX 24                /* dup_id size promised by store.h */
@@ -108,6 +114,12 @@
 #define EVICT_MAX 1024           /* counters one commit takes out of the cache, at most */
 #define OWED_MAX (1u << 20)      /* users rows evicted counters owe (24 B each), at most */
 #define MARKS_MAX (1u << 16)     /* pending delivered marks; one more writes them all first */
+/* Inbox entries and keys written behind their messages (store_index.c): a
+ * commit writes the rows of each user that has PEND_RIPE of them (about a
+ * page of entries), and the oldest while more than PEND_MAX wait (~60 B
+ * each). */
+#define PEND_RIPE 32
+#define PEND_MAX (1u << 17)
 
 /* Each users row's oldest from its inbox: the ts of the first entry after
  * trimmed (NULL when there is none). For all rows at open, for those a
@@ -139,18 +151,19 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_USER_PUT] =
     "UPDATE users SET last_seq = max(last_seq, ?2),"
     " oldest = min(coalesce(oldest, ?3), coalesce(?3, oldest)) WHERE uk = ?1",
-  /* Insert first, look up only on conflict: a new key costs one index probe. */
-  [ST_IDEM_PUT] =
-    "INSERT INTO idem(uk, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)"
-    " ON CONFLICT DO NOTHING",
+  /* Keys and inbox entries are written behind their messages
+   * (store_index.c); OR IGNORE: after a crash, the open wrote some again. */
+  [ST_IDEM_PUT] = "INSERT OR IGNORE INTO idem(uk, device, cid, id, ts) VALUES(?1, ?2, ?3, ?4, ?5)",
   [ST_IDEM_GET] = "SELECT id FROM idem WHERE uk = ?1 AND device = ?2 AND cid = ?3",
-  [ST_IDEM_DEL] = "DELETE FROM idem WHERE uk = ?1 AND device = ?2 AND cid = ?3",
+  /* mid: the store's own counter, so that mids only grow (store_index.c's
+   * 'indexed' mark) */
   [ST_MSG_PUT] =
-    "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs)"
-    " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    "INSERT INTO msgs(id, sender, device, cid, to_uid, grp, ts, data, refs, mid, idx)"
+    " VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
   [ST_MSG_DEL] = "DELETE FROM msgs WHERE mid = ?1",
-  [ST_INBOX_PUT] = "INSERT INTO inbox(uk, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
-  [ST_INBOX_DEL] = "DELETE FROM inbox WHERE uk = ?1 AND seq = ?2",
+  /* a waiting inbox entry as ST_SYNC reads one (?2: its seq) */
+  [ST_MSG_GET] = "SELECT ?2, id, sender, device, cid, to_uid, grp, ts, data FROM msgs WHERE mid = ?1",
+  [ST_INBOX_PUT] = "INSERT OR IGNORE INTO inbox(uk, seq, mid, ts) VALUES(?1, ?2, ?3, ?4)",
   /* ?3 is already cut to the user's last seq (sqlstore_mark_delivered) */
   [ST_MARK] =
     "INSERT INTO cursors(uid, device, delivered) VALUES(?1, ?2, ?3)"
@@ -228,6 +241,7 @@ static const char *const stmt_sql[ST_COUNT] = {
   [ST_GROUP_ADD] = "INSERT INTO grp_members(gid, uid) VALUES(?1, ?2) ON CONFLICT DO NOTHING",
   [ST_GROUP_DEL] = "DELETE FROM grp_members WHERE gid = ?1 AND uid = ?2",
   [ST_GROUP_GET] = "SELECT uid FROM grp_members WHERE gid = ?1 ORDER BY uid",
+  [ST_META_PUT] = "INSERT OR REPLACE INTO meta(k, v) VALUES(?1, ?2)",
 };
 
 /* The tables schema 5 changed, under a name: the schema's, or the upgrade's
@@ -267,7 +281,8 @@ static const char schema_sql[] =
   "  grp TEXT,"
   "  ts INTEGER NOT NULL,"
   "  data TEXT NOT NULL,"
-  "  refs INTEGER NOT NULL);"
+  "  refs INTEGER NOT NULL,"
+  "  idx BLOB);"
   IDEM_TABLE("idem")
   INBOX_TABLE("inbox")
   USERS_TABLE("users")
@@ -315,6 +330,10 @@ static const char upgrade_v5_sql[] =
   "ALTER TABLE inbox_v5 RENAME TO inbox;"
   "ALTER TABLE idem_v5 RENAME TO idem;";
 
+/* From schema 5: the rows of a message written behind it (store_index.c)
+ * are listed in its row. */
+static const char upgrade_v6_sql[] = "ALTER TABLE msgs ADD COLUMN idx BLOB;";
+
 /* After the columns exist (a new file, or upgraded above). */
 static const char index_sql[] = "CREATE INDEX IF NOT EXISTS users_oldest ON users(oldest);";
 
@@ -343,78 +362,18 @@ static const char temp_sql[] =
 static int users_flush_alone(sql_store *s, size_t max, bool prepare);
 static void marks_drop(sql_store *s);
 
-/* ---- errors ---- */
-
-int sqls_set_err(sql_store *s, int rc, const char *what)
-{
-  snprintf(s->err, sizeof s->err, "%s", what);
-  return rc;
-}
-
-/* Records SQLite's message at the point of failure: the rollback that
- * usually follows would replace it. */
-int sqls_db_fail(sql_store *s, const char *what)
-{
-  snprintf(s->err, sizeof s->err, "%s: %s", what, sqlite3_errmsg(s->db));
-  return IMD_STORE_EIO;
-}
-
-/* ---- statements ---- */
-
-/* Rolls back the transaction a failure left open, if any. */
-void sqls_rollback(sql_store *s)
-{
-  if (!sqlite3_get_autocommit(s->db)) {
-    sqlite3_step(s->st[ST_ROLLBACK]);
-    sqlite3_reset(s->st[ST_ROLLBACK]);
-  }
-}
-
-/* Steps a statement that returns no rows and resets it for its next use. */
-int sqls_run(sql_store *s, enum stmt_id id, const char *what)
-{
-  sqlite3_stmt *st = s->st[id];
-  int rc = sqlite3_step(st);
-
-  if (rc != SQLITE_DONE && rc != SQLITE_ROW) {
-    sqls_db_fail(s, what);
-    sqlite3_reset(st);
-    return IMD_STORE_EIO;
-  }
-  sqlite3_reset(st);
-  return IMD_STORE_OK;
-}
-
-/* Borrowed text: every pointer outlives the statement's step, and
- * SQLITE_STATIC spares a copy per column on the hot path. */
-void sqls_bind_text(sqlite3_stmt *st, int i, const char *v)
-{
-  if (v == NULL)
-    sqlite3_bind_null(st, i);
-  else
-    sqlite3_bind_text(st, i, v, -1, SQLITE_STATIC);
-}
-
-void sqls_bind_u64(sqlite3_stmt *st, int i, uint64_t v)
-{
-  sqlite3_bind_int64(st, i, (sqlite3_int64)v); /* callers keep v <= INT64_MAX */
-}
-
 static uint64_t column_u64(sqlite3_stmt *st, int i)
 {
   sqlite3_int64 v = sqlite3_column_int64(st, i);
   return v < 0 ? 0 : (uint64_t)v;
 }
 
-const char *sqls_column_str(sqlite3_stmt *st, int i)
-{
-  return (const char *)sqlite3_column_text(st, i);
-}
 
 /* ---- seq counter cache ---- */
 
 static void cache_drop(sql_store *s)
 {
+  sqls_index_free(s);
   for (uint32_t b = 0; s->users.buckets != NULL && b <= s->users.mask; b++) {
     strmap_node *n = s->users.buckets[b];
     while (n != NULL) {
@@ -436,6 +395,7 @@ static void cache_drop(sql_store *s)
  * need them). */
 static void seqs_forget(sql_store *s)
 {
+  sqls_index_rolled_back(s, true);
   for (user_ctr *u = s->dirty; u != NULL; u = u->dirty_next) {
     u->last = u->durable;
     u->dirty = false;
@@ -527,6 +487,7 @@ static int batch_begin(sql_store *s)
   if (sqls_run(s, ST_BEGIN, "cannot begin a batch") != IMD_STORE_OK)
     return IMD_STORE_EIO;
   s->batch = true;
+  s->mid_batch = s->mid_next;
   return IMD_STORE_OK;
 }
 
@@ -585,8 +546,9 @@ static int pragma_int(sqlite3 *db, const char *sql)
 
 /* Schema under a write lock, so two imd processes racing on a new file do
  * not both create it; refuses files written by a newer schema. */
-static int schema_setup(sqlite3 *db, char *err, size_t errlen)
+static int schema_setup(sql_store *s, char *err, size_t errlen)
 {
+  sqlite3 *db = s->db;
   int version;
 
   if (sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL) != SQLITE_OK) {
@@ -611,8 +573,15 @@ static int schema_setup(sqlite3 *db, char *err, size_t errlen)
     rc = sqlite3_exec(db, upgrade_v4_sql, NULL, NULL, NULL);
   if (rc == SQLITE_OK && upgrade && version < 5)
     rc = sqlite3_exec(db, upgrade_v5_sql, NULL, NULL, NULL);
+  if (rc == SQLITE_OK && upgrade && version < 6)
+    rc = sqlite3_exec(db, upgrade_v6_sql, NULL, NULL, NULL);
   if (rc == SQLITE_OK)
     rc = sqlite3_exec(db, index_sql, NULL, NULL, NULL);
+  /* the rows a crash kept from their tables, before anything reads them */
+  if (rc == SQLITE_OK && sqls_index_replay(db, &s->indexed, &s->mid_next, &s->mid_batch, err, errlen) != 0) {
+    sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL);
+    return -1;
+  }
   if (rc == SQLITE_OK &&
       (upgrade || pragma_int(db, "SELECT v FROM meta WHERE k = 'clean'") != 1)) {
     rc = sqlite3_exec(db, users_fix_sql, NULL, NULL, NULL);
@@ -720,6 +689,8 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   if (o != NULL)
     s->opts = *o;
   s->cache_max = CACHE_MAX;
+  s->pend_ripe = PEND_RIPE;
+  s->pend_max = PEND_MAX;
   sqls_set_err(s, 0, "no error");
   pthread_once(&sqlite_once, sqlite_setup);
   /* WAL writes coalesced per commit: only where each commit syncs */
@@ -731,7 +702,7 @@ sql_store *sqlstore_open(const char *path, const imd_store_opts *o, char *err, s
   }
   sqlite3_busy_timeout(s->db, BUSY_TIMEOUT_MS);
   if (pragmas_setup(s->db, s->opts.no_fsync, err, errlen) != 0 ||
-      schema_setup(s->db, err, errlen) != 0)
+      schema_setup(s, err, errlen) != 0)
     goto fail;
   if (sqlite3_exec(s->db, temp_sql, NULL, NULL, NULL) != SQLITE_OK) {
     report(err, errlen, "cannot create the scratch tables", sqlite3_errmsg(s->db));
@@ -758,8 +729,10 @@ void sqlstore_close(sql_store *s)
       sqlstore_marks_write(s) == IMD_STORE_OK)
     sqlstore_commit(s);
   marks_drop(s);
-  /* A clean close: the users rows are exact, the next open trusts them. */
-  if (s->st[ST_COUNT - 1] != NULL && users_flush_alone(s, SIZE_MAX, true) == IMD_STORE_OK)
+  /* A clean close: the inbox entries and keys are in their tables and the
+   * users rows are exact, the next open trusts them. */
+  if (s->st[ST_COUNT - 1] != NULL && sqls_index_flush(s) == IMD_STORE_OK &&
+      users_flush_alone(s, SIZE_MAX, true) == IMD_STORE_OK)
     sqlite3_exec(s->db, "INSERT OR REPLACE INTO meta(k, v) VALUES('clean', 1)", NULL, NULL, NULL);
   for (int i = 0; i < ST_COUNT; i++)
     sqlite3_finalize(s->st[i]);
@@ -798,36 +771,34 @@ static int check_msg(sql_store *s, const imd_store_msg *m)
   return IMD_STORE_OK;
 }
 
-/* If (from, device, cid) is already stored, copies its id to dup_id and
- * returns IMD_STORE_DUP; otherwise records the key and returns 0. uk is
- * the sender's users row. */
-static int idem_claim(sql_store *s, const imd_store_msg *m, const char *device, sqlite3_int64 uk,
-                      char *dup_id)
+/* If (from, device, cid) is already stored (waiting to be written, or in
+ * idem), copies its id to dup_id and returns IMD_STORE_DUP; otherwise
+ * returns 0. sender is the key's users row. */
+static int idem_find(sql_store *s, const imd_store_msg *m, const char *device,
+                     const user_ctr *sender, char *dup_id)
 {
-  sqlite3_stmt *st = s->st[ST_IDEM_PUT];
-  const char *id;
+  sqlite3_stmt *st = s->st[ST_IDEM_GET];
+  const char *id = sqls_index_find_key(sender, device, m->cid);
   int rc;
 
-  sqlite3_bind_int64(st, 1, uk);
-  sqls_bind_text(st, 2, device);
-  sqls_bind_text(st, 3, m->cid);
-  sqls_bind_text(st, 4, m->id);
-  sqls_bind_u64(st, 5, m->ts);
-  if (sqls_run(s, ST_IDEM_PUT, "cannot store the idempotency key") != IMD_STORE_OK)
-    return IMD_STORE_EIO;
-  if (sqlite3_changes(s->db) > 0) {
-    s->idem_added++;
-    return IMD_STORE_OK;
+  if (id != NULL) {
+    if (dup_id != NULL)
+      snprintf(dup_id, ID_MAX, "%s", id);
+    return IMD_STORE_DUP;
   }
-
-  st = s->st[ST_IDEM_GET];
-  sqlite3_bind_int64(st, 1, uk);
+  if (sender->uk == 0) /* no row: no key of it was ever written */
+    return IMD_STORE_OK;
+  sqlite3_bind_int64(st, 1, sender->uk);
   sqls_bind_text(st, 2, device);
   sqls_bind_text(st, 3, m->cid);
   rc = sqlite3_step(st);
+  if (rc == SQLITE_DONE) {
+    sqlite3_reset(st);
+    return IMD_STORE_OK;
+  }
   id = rc == SQLITE_ROW ? sqls_column_str(st, 0) : NULL;
   if (id == NULL) {
-    sqls_db_fail(s, "cannot read the duplicate's id");
+    sqls_db_fail(s, "cannot look up the idempotency key");
     sqlite3_reset(st);
     return IMD_STORE_EIO;
   }
@@ -870,8 +841,9 @@ static int seqs_pick(sql_store *s, const char *const *uids, size_t n, uint64_t *
   return IMD_STORE_OK;
 }
 
+/* The message row, with the list of its rows written behind it (idx). */
 static int msg_insert(sql_store *s, const imd_store_msg *m, const char *device, size_t refs,
-                      sqlite3_int64 *mid)
+                      const unsigned char *idx, size_t idx_len, sqlite3_int64 *mid)
 {
   sqlite3_stmt *st = s->st[ST_MSG_PUT];
 
@@ -885,22 +857,12 @@ static int msg_insert(sql_store *s, const imd_store_msg *m, const char *device, 
   /* Explicit length: the bytes go in and come back unchanged. */
   sqlite3_bind_text(st, 8, m->data_len > 0 ? m->data : "", (int)m->data_len, SQLITE_STATIC);
   sqls_bind_u64(st, 9, refs);
+  sqlite3_bind_int64(st, 10, s->mid_next);
+  sqlite3_bind_blob(st, 11, idx, (int)idx_len, SQLITE_STATIC);
   if (sqls_run(s, ST_MSG_PUT, "cannot store the message") != IMD_STORE_OK)
     return IMD_STORE_EIO;
-  *mid = sqlite3_last_insert_rowid(s->db);
+  *mid = s->mid_next++;
   return IMD_STORE_OK;
-}
-
-static int inbox_insert(sql_store *s, sqlite3_int64 uk, uint64_t seq, sqlite3_int64 mid,
-                        uint64_t ts)
-{
-  sqlite3_stmt *st = s->st[ST_INBOX_PUT];
-
-  sqlite3_bind_int64(st, 1, uk);
-  sqls_bind_u64(st, 2, seq);
-  sqlite3_bind_int64(st, 3, mid);
-  sqls_bind_u64(st, 4, ts);
-  return sqls_run(s, ST_INBOX_PUT, "cannot store the inbox entry");
 }
 
 /* The append's rows are in: hand its seqs out for good. */
@@ -920,54 +882,41 @@ static void seqs_take(sql_store *s, user_ctr *touched, uint64_t ts)
   }
 }
 
-/* The rows a failed append wrote before it failed (users rows it made stay:
- * a row without entries is a user that has none yet). */
+/* What a failed append did before it failed (users rows it made stay: a
+ * row without entries is a user that has none yet). */
 typedef struct append_done {
-  bool idem;
+  user_ctr *sender;        /* the key's users row (NULL: no key added) */
   bool msg;
-  sqlite3_int64 sender;    /* the key's users row */
   sqlite3_int64 mid;
-  size_t inbox;            /* inbox rows, in uids order */
+  size_t inbox;            /* inbox entries added, in uids order */
 } append_done;
 
-static int undo_key(sql_store *s, const imd_store_msg *m, const char *device, sqlite3_int64 uk)
-{
-  sqlite3_stmt *st = s->st[ST_IDEM_DEL];
-
-  sqlite3_bind_int64(st, 1, uk);
-  sqls_bind_text(st, 2, device);
-  sqls_bind_text(st, 3, m->cid);
-  return sqls_run(s, ST_IDEM_DEL, "cannot undo the append");
-}
-
-/* Takes back what a failed append wrote. There is no savepoint around an
- * append (it would copy every page the append touches a second time): the
- * rare failure pays instead. The counters were not advanced yet. If SQLite
- * lost the whole batch, or the undo fails too, the batch is over and the
+/* Takes back what a failed append did: its entries and key wait in memory,
+ * its message row is deleted. There is no savepoint around an append (it
+ * would copy every page the append touches a second time): the rare
+ * failure pays instead. The counters were not advanced yet. If SQLite
+ * lost the whole batch, or the delete fails too, the batch is over and the
  * next commit reports it. The append's own error stays in s->err. */
-static void append_undo(sql_store *s, const imd_store_msg *m, const char *device,
-                        const user_ctr *touched, const uint64_t *seqs, const append_done *d)
+static void append_undo(sql_store *s, user_ctr *touched, const append_done *d)
 {
-  const user_ctr *u = touched;
+  user_ctr *u = touched;
   char why[ERR_MAX];
   int rc = IMD_STORE_OK;
 
+  if (d->sender != NULL)
+    sqls_index_unadd(s, d->sender);
+  for (size_t i = 0; i < d->inbox; i++, u = u->touch_next)
+    sqls_index_unadd(s, u);
   batch_check_lost(s);
   if (!s->batch)
     return;
   memcpy(why, s->err, sizeof why);
-  for (size_t i = 0; rc == IMD_STORE_OK && i < d->inbox; i++, u = u->touch_next) {
-    sqlite3_stmt *st = s->st[ST_INBOX_DEL];
-    sqlite3_bind_int64(st, 1, u->uk);
-    sqls_bind_u64(st, 2, seqs[i]);
-    rc = sqls_run(s, ST_INBOX_DEL, "cannot undo the append");
-  }
-  if (rc == IMD_STORE_OK && d->msg) {
+  if (d->msg) {
     sqlite3_bind_int64(s->st[ST_MSG_DEL], 1, d->mid);
     rc = sqls_run(s, ST_MSG_DEL, "cannot undo the append");
+    if (rc == IMD_STORE_OK)
+      s->mid_next--; /* the mid is free again: mids stay dense */
   }
-  if (rc == IMD_STORE_OK && d->idem)
-    rc = undo_key(s, m, device, d->sender);
   if (rc != IMD_STORE_OK) {
     batch_abort(s); /* never leave half an append in a batch that commits */
     s->lost = true;
@@ -976,48 +925,60 @@ static void append_undo(sql_store *s, const imd_store_msg *m, const char *device
   memcpy(s->err, why, sizeof why);
 }
 
-/* The key of an append, under its sender's users row (made now if the
- * sender has none, in which case no key of it can exist yet). */
-static int append_key(sql_store *s, const imd_store_msg *m, const char *device, char *dup_id,
-                      append_done *d)
+/* The sender of a message with a key, its users row made now if it has
+ * none (then no key of it can exist yet); IMD_STORE_DUP when the key is
+ * stored already. */
+static int key_sender(sql_store *s, const imd_store_msg *m, const char *device, char *dup_id,
+                      user_ctr **sender)
 {
   size_t len = strlen(m->from);
-  user_ctr *sender;
   int rc;
 
   if (len == 0 || len > UINT32_MAX)
     return sqls_set_err(s, IMD_STORE_EINVAL, "empty sender uid");
-  rc = user_get(s, m->from, len, &sender);
+  rc = user_get(s, m->from, len, sender);
   if (rc == IMD_STORE_OK)
-    rc = user_row(s, sender);
+    rc = idem_find(s, m, device, *sender, dup_id);
   if (rc == IMD_STORE_OK)
-    rc = idem_claim(s, m, device, sender->uk, dup_id);
-  d->idem = rc == IMD_STORE_OK;
-  d->sender = d->idem ? sender->uk : 0;
+    rc = user_row(s, *sender);
   return rc;
 }
 
-/* The writes of one append: the key (claimed first, so that a duplicate
- * writes nothing), the message, one inbox row per receiver (touched, in
- * uids order), with the users rows of receivers that had none. */
+/* The writes of one append: the key looked up first (a duplicate writes
+ * nothing), the users rows of receivers that had none, the message row,
+ * then one inbox entry per receiver (touched, in uids order) and the key,
+ * which wait in memory to be written behind it (store_index.c). */
 static int append_rows(sql_store *s, const imd_store_msg *m, const char *device,
                        user_ctr *touched, size_t n, const uint64_t *seqs, char *dup_id,
                        append_done *d)
 {
+  unsigned char small[256], *idx = small;
+  user_ctr *sender = NULL;
+  size_t idx_len;
   int rc = IMD_STORE_OK;
 
   if (m->cid != NULL)
-    rc = append_key(s, m, device, dup_id, d);
+    rc = key_sender(s, m, device, dup_id, &sender);
   for (user_ctr *u = touched; rc == IMD_STORE_OK && u != NULL; u = u->touch_next)
     rc = user_row(s, u);
-  if (rc == IMD_STORE_OK) {
-    rc = msg_insert(s, m, device, n, &d->mid);
-    d->msg = rc == IMD_STORE_OK;
-  }
+  if (rc != IMD_STORE_OK)
+    return rc;
+  if (sqls_index_encoded_max(n) > sizeof small && (idx = malloc(sqls_index_encoded_max(n))) == NULL)
+    return sqls_set_err(s, IMD_STORE_EIO, "out of memory");
+  idx_len = sqls_index_encode(idx, sender != NULL ? sender->uk : 0, touched, seqs);
+  rc = msg_insert(s, m, device, n, idx, idx_len, &d->mid);
+  if (idx != small)
+    free(idx);
+  d->msg = rc == IMD_STORE_OK;
   for (user_ctr *u = touched; rc == IMD_STORE_OK && u != NULL; u = u->touch_next) {
-    rc = inbox_insert(s, u->uk, seqs[d->inbox], d->mid, m->ts);
+    rc = sqls_index_entry(s, u, seqs[d->inbox], d->mid, m->ts);
     if (rc == IMD_STORE_OK)
       d->inbox++;
+  }
+  if (rc == IMD_STORE_OK && sender != NULL) {
+    rc = sqls_index_key(s, sender, device, m->cid, m->id, d->mid, m->ts);
+    if (rc == IMD_STORE_OK)
+      d->sender = sender;
   }
   return rc;
 }
@@ -1054,7 +1015,7 @@ int sqlstore_append(sql_store *s, const imd_store_msg *m, const char *const *uid
   } else if (rc == IMD_STORE_DUP) {
     memset(seqs, 0, n * sizeof *seqs); /* a duplicate takes no seqs */
   } else if (rc == IMD_STORE_EIO) {
-    append_undo(s, m, device, touched, seqs, &done);
+    append_undo(s, touched, &done);
   }
   return rc;
 }
@@ -1430,8 +1391,13 @@ static int owed_cmp(const void *a, const void *b)
  * where they are and are written after the owed rows. */
 static void owed_prepare(sql_store *s)
 {
-  while (s->unflushed != NULL && owe_counter(s, s->unflushed))
-    ;
+  /* a counter with entries waiting stays: users_flush() writes them with
+   * its row */
+  for (user_ctr *u = s->unflushed, *next; u != NULL; u = next) {
+    next = u->flush_next;
+    if (u->pend_n == 0 && !owe_counter(s, u))
+      break;
+  }
   if (s->owed_sorted || s->owed_n < 2) /* (none: owed may be NULL) */
     return;
   qsort(s->owed, s->owed_n, sizeof *s->owed, owed_cmp);
@@ -1469,8 +1435,10 @@ static int users_flush(sql_store *s, size_t max, bool prepare)
     if (user_put(s, o->uk, o->durable, o->has_first, o->first_ts) != IMD_STORE_OK)
       return IMD_STORE_EIO;
   }
+  /* retention trims up to last_seq: the entries up to it go in first */
   for (user_ctr *u = s->unflushed; u != NULL && n < max; u = u->flush_next, n++)
-    if (user_put(s, u->uk, u->durable, u->has_first, u->first_ts) != IMD_STORE_OK)
+    if (sqls_index_write_user(s, u) != IMD_STORE_OK ||
+        user_put(s, u->uk, u->durable, u->has_first, u->first_ts) != IMD_STORE_OK)
       return IMD_STORE_EIO;
   return IMD_STORE_OK;
 }
@@ -1488,6 +1456,7 @@ void sqls_users_flushed(sql_store *s, size_t max)
   s->owed_n -= n;
   for (; s->unflushed != NULL && n < max; n++)
     unflushed_unlink(s, s->unflushed);
+  sqls_index_written(s);
 }
 
 /* A users flush of the first max rows in a transaction of its own (no
@@ -1501,6 +1470,7 @@ static int users_flush_alone(sql_store *s, size_t max, bool prepare)
   if (users_flush(s, max, prepare) != IMD_STORE_OK ||
       sqls_run(s, ST_COMMIT, "cannot commit the flush") != IMD_STORE_OK) {
     sqls_rollback(s);
+    sqls_index_rolled_back(s, false); /* the entries it wrote still wait */
     return IMD_STORE_EIO;
   }
   sqls_users_flushed(s, max);
@@ -1521,6 +1491,28 @@ size_t sqlstore_users_cached(const sql_store *s)
 size_t sqlstore_users_unflushed(const sql_store *s)
 {
   return s != NULL ? s->unflushed_n + s->owed_n : 0;
+}
+
+size_t sqlstore_index_pending(const sql_store *s)
+{
+  return s != NULL ? s->pend_total : 0;
+}
+
+int sqlstore_index_flush(sql_store *s)
+{
+  if (s == NULL)
+    return IMD_STORE_EINVAL;
+  if (s->batch || s->lost)
+    return sqls_set_err(s, IMD_STORE_EBATCH, "a batch is open; commit first");
+  return sqls_index_flush(s);
+}
+
+void sqlstore_set_index_limits(sql_store *s, size_t ripe, size_t max)
+{
+  if (s != NULL) {
+    s->pend_ripe = ripe > 0 ? ripe : 1;
+    s->pend_max = max;
+  }
 }
 
 int sqlstore_users_flush_step(sql_store *s, size_t max)
@@ -1587,7 +1579,7 @@ static void evict(sql_store *s)
     for (strmap_node *x = s->users.buckets[b], *next; x != NULL; x = next, looked++) {
       user_ctr *u = CTR_OF(x);
       next = x->next;
-      if (u->dirty || u->fresh)
+      if (u->dirty || u->fresh || u->pend_n > 0) /* (rows waiting: kept till written) */
         continue;
       if (u->ref) {
         u->ref = false;
@@ -1611,12 +1603,15 @@ int sqlstore_commit(sql_store *s)
   }
   if (!s->batch)
     return IMD_STORE_OK;
-  if (sqls_run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
+  if (sqls_index_commit(s) != IMD_STORE_OK ||
+      sqls_run(s, ST_COMMIT, "cannot commit") != IMD_STORE_OK) {
     batch_abort(s);
     return IMD_STORE_EIO;
   }
   s->batch = false;
   s->writes = false;
+  s->mid_batch = s->mid_next; /* outside a batch the two are equal */
+  sqls_index_written(s);
   seqs_commit(s);
   if (s->users.count > s->cache_max)
     evict(s);
@@ -1665,19 +1660,71 @@ static int sync_row(sql_store *s, sqlite3_stmt *st, imd_store_each fn, void *ctx
   return fn != NULL && fn(ctx, seq, &m) != 0 ? 1 : 0;
 }
 
+/* The counter of uid if it is cached (it is while rows of it wait). */
+static const user_ctr *user_cached(const sql_store *s, const char *uid)
+{
+  strmap_node *n = strmap_get(&s->users, uid, strlen(uid));
+  return n != NULL ? CTR_OF(n) : NULL;
+}
+
+/* A user's state for a read: the database's, and the counter's last seq
+ * (no batch with appends is open) for entries that wait to be written. */
+static int user_read(sql_store *s, const char *uid, sqlite3_int64 *uk, uint64_t *last,
+                     uint64_t *trimmed, const user_ctr **u)
+{
+  int rc = user_load(s, uid, uk, last, trimmed);
+
+  *u = user_cached(s, uid);
+  if (rc == IMD_STORE_OK && *u != NULL && (*u)->durable > *last)
+    *last = (*u)->durable;
+  return rc;
+}
+
+/* sqlstore_sync() over the entries that wait in memory. */
+typedef struct sync_pend {
+  sql_store *s;
+  imd_store_each fn;
+  void *ctx;
+  uint64_t *upto;
+  sqlite3_int64 left;      /* entries still wanted (-1: no limit) */
+} sync_pend;
+
+static int sync_pend_row(void *arg, const pend_row *r)
+{
+  sync_pend *p = arg;
+  sqlite3_stmt *st = p->s->st[ST_MSG_GET];
+  int rc, step;
+
+  if (p->left == 0)
+    return 1;
+  sqlite3_bind_int64(st, 1, r->mid);
+  sqls_bind_u64(st, 2, r->seq);
+  step = sqlite3_step(st);
+  if (step == SQLITE_ROW)
+    rc = sync_row(p->s, st, p->fn, p->ctx, p->upto);
+  else
+    rc = sqls_db_fail(p->s, "cannot read the message of an inbox entry");
+  sqlite3_reset(st);
+  if (p->left > 0)
+    p->left--;
+  return rc;
+}
+
 int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
                    imd_store_each fn, void *ctx, imd_sync_info *info)
 {
   sqlite3_stmt *st;
   sqlite3_int64 uk;
+  const user_ctr *u;
   imd_sync_info r = {0};
+  sync_pend p = {s, fn, ctx, &r.upto, limit > 0 ? (sqlite3_int64)limit : -1};
   int rc, step;
 
   if (s == NULL)
     return IMD_STORE_EINVAL;
   rc = check_read(s, uid);
   if (rc == IMD_STORE_OK)
-    rc = user_load(s, uid, &uk, &r.last, &r.trimmed);
+    rc = user_read(s, uid, &uk, &r.last, &r.trimmed, &u);
   if (rc != IMD_STORE_OK)
     return rc;
   if (since > INT64_MAX)
@@ -1690,6 +1737,8 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
   sqls_bind_u64(st, 2, r.upto);
   sqlite3_bind_int64(st, 3, limit > 0 ? (sqlite3_int64)limit : -1);
   while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+    if (p.left > 0)
+      p.left--;
     rc = sync_row(s, st, fn, ctx, &r.upto);
     if (rc != 0)
       break;
@@ -1697,6 +1746,9 @@ int sqlstore_sync(sql_store *s, const char *uid, uint64_t since, uint32_t limit,
   if (rc == 0 && step != SQLITE_DONE)
     rc = sqls_db_fail(s, "cannot read the inbox");
   sqlite3_reset(st);
+  /* then those waiting in memory: all newer than any in the table */
+  if (rc == 0 && u != NULL)
+    rc = sqls_index_each_entry(u, r.upto, sync_pend_row, &p);
   if (rc < 0)
     return rc;
   /* The entries after trimmed have no holes, so whether more exist needs
@@ -1712,6 +1764,7 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
 {
   sqlite3_stmt *st;
   sqlite3_int64 uk;
+  const user_ctr *u;
   uint64_t l, t;
   int rc, step;
 
@@ -1719,7 +1772,7 @@ int sqlstore_user_state(sql_store *s, const char *uid, uint64_t *last, uint64_t 
     return IMD_STORE_EINVAL;
   rc = check_read(s, uid);
   if (rc == IMD_STORE_OK)
-    rc = user_load(s, uid, &uk, &l, &t);
+    rc = user_read(s, uid, &uk, &l, &t, &u);
   if (rc != IMD_STORE_OK)
     return rc;
   if (last != NULL)

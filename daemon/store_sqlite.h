@@ -181,6 +181,17 @@ size_t sqlstore_users_unflushed(const sql_store *s);
 size_t sqlstore_users_cached(const sql_store *s);
 void sqlstore_set_cache_max(sql_store *s, size_t max);
 int sqlstore_users_flush_step(sql_store *s, size_t max);
+/* Inbox entries and idempotency keys are written behind their messages
+ * (store_index.c): an append's wait in memory, as durable as the message
+ * (its row lists them), until their user has gathered `ripe` of them
+ * (default 32) or more than `max` wait (default 131,072), when a commit
+ * writes them next to each other. Reads see them. pending() counts them;
+ * flush() writes them all in a transaction of its own (no batch may be
+ * open: IMD_STORE_EBATCH; IMD_STORE_EIO), as close does; set_index_limits()
+ * is for tests and benchmarks (ripe 1: each commit writes its own). */
+size_t sqlstore_index_pending(const sql_store *s);
+int sqlstore_index_flush(sql_store *s);
+void sqlstore_set_index_limits(sql_store *s, size_t ripe, size_t max);
 long sqlstore_trim_step(sql_store *s, bool *more);
 /* A whole pass in two transactions (start, then one step without bounds:
  * for when nothing else waits, as at open); returns the inbox entries

@@ -1,5 +1,7 @@
 /* The inside of the SQLite store, shared by its files and by nothing else:
- * store_sqlite.c (schema, batches, appends, marks, groups, reads, commits)
+ * store_sqlite.c (schema, batches, appends, marks, groups, reads, commits),
+ * store_index.c (inbox entries and keys written behind their messages),
+ * store_sql.c (statement helpers)
  * and store_retention.c (retention). Not an API: the store's callers use
  * store_sqlite.h. */
 #ifndef IMD_STORE_SQLITE_INT_H
@@ -28,11 +30,10 @@ enum stmt_id {
   ST_USER_PUT,
   ST_IDEM_PUT,
   ST_IDEM_GET,
-  ST_IDEM_DEL,
   ST_MSG_PUT,
   ST_MSG_DEL,
   ST_INBOX_PUT,
-  ST_INBOX_DEL,
+  ST_MSG_GET,
   ST_MARK,
   ST_SYNC,
   ST_CURSORS,
@@ -55,8 +56,20 @@ enum stmt_id {
   ST_GROUP_ADD,
   ST_GROUP_DEL,
   ST_GROUP_GET,
+  ST_META_PUT,
   ST_COUNT
 };
+
+/* An inbox entry or an idempotency key of a stored message that waits in
+ * memory to be written to its table with its user's others (store_index.c).
+ * The message row holds it too (msgs.idx), so a crash loses none. */
+typedef struct pend_row {
+  struct pend_row *next;
+  sqlite3_int64 mid;           /* the message */
+  uint64_t ts;
+  uint64_t seq;                /* an inbox entry's; 0: a key */
+  char key[];                  /* a key's device NUL cid NUL id NUL */
+} pend_row;
 
 /* One user's seq counter. last includes the open batch's appends; durable
  * is what the last commit made durable; the users row's last_seq gets
@@ -82,6 +95,17 @@ typedef struct user_ctr {
   bool unflushed;
   bool fresh;                  /* on s->fresh */
   bool ref;                    /* used since the eviction hand last passed it */
+  bool in_pbatch;              /* on s->pbatch */
+  bool in_pwritten;            /* on s->pwritten */
+  uint32_t pend_n;             /* rows on pend (store_index.c) */
+  uint32_t pend_ok;            /* the first of them, committed */
+  uint64_t key_bits[2];        /* a filter of the keys on pend (store_index.c) */
+  pend_row *pend;              /* its entries and keys waiting to be written, oldest first */
+  pend_row **pend_tail;
+  struct user_ctr *pq_next;    /* on s->pq_head while pend_n > 0, by its oldest row */
+  struct user_ctr *pq_prev;
+  struct user_ctr *pb_next;    /* on s->pbatch */
+  struct user_ctr *pw_next;    /* on s->pwritten */
   char uid[];
 } user_ctr;
 
@@ -132,6 +156,19 @@ struct sql_store {
   bool writes;          /* the batch holds appends or group changes (not only marks) */
   bool lost;            /* SQLite rolled the batch back on its own: the next
                            commit must fail so nothing in it is acknowledged */
+  /* rows written behind (store_index.c) */
+  user_ctr *pq_head, *pq_tail; /* the users that have some, by their oldest */
+  user_ctr *pbatch;     /* users the open batch gave rows */
+  user_ctr *pwritten;   /* users whose rows the open transaction wrote */
+  size_t pend_total;    /* rows waiting */
+  size_t pend_written;  /* of them, on users on pwritten */
+  uint64_t pend_newest_ts; /* ts of the newest row added */
+  sqlite3_int64 mid_next; /* msgs.mid of the next message: mids only grow */
+  sqlite3_int64 mid_batch; /* mid_next when the open batch began (no batch: equal) */
+  sqlite3_int64 indexed;  /* meta 'indexed' as committed */
+  sqlite3_int64 indexed_due; /* as the open transaction writes it (0: not) */
+  size_t pend_ripe;     /* rows of one user that have it written at a commit */
+  size_t pend_max;      /* rows waiting, at most, before the oldest are written */
   sqlstore_wal_fn wal_fn; /* checkpoints elsewhere (NULL: in the commit) */
   void *wal_ctx;
   uint64_t frame_bytes;   /* a WAL frame: page + header */
@@ -140,7 +177,7 @@ struct sql_store {
   char lost_err[ERR_MAX];
 };
 
-/* ---- helpers (store_sqlite.c) ---- */
+/* ---- helpers (store_sql.c) ---- */
 
 /* Sets the error text; returns rc. */
 int sqls_set_err(sql_store *s, int rc, const char *what);
@@ -162,5 +199,61 @@ const char *sqls_column_str(sqlite3_stmt *st, int i);
  * transaction; sqls_users_flushed() with the same max once it committed. */
 int sqls_users_flush(sql_store *s, size_t max);
 void sqls_users_flushed(sql_store *s, size_t max);
+
+/* ---- rows written behind (store_index.c) ----
+ * An append puts its message row in the batch and its inbox entries and key
+ * in memory, under their users' counters; the message row also lists them
+ * (msgs.idx: sqls_index_encode()). Commits write the rows of the users that
+ * have gathered pending_ripe of them (so one commit writes a user's rows
+ * next to each other, on a page or two, where one row per commit wrote a
+ * page each) and of the users whose rows waited longest, while there are
+ * more than pend_max or the oldest is older than a few seconds. The meta row
+ * 'indexed' is the mid up to which every message's rows are in their
+ * tables: an open after a crash writes the rows of the messages after it
+ * again from msgs.idx (sqls_index_replay()). */
+
+/* Adds u's inbox entry seq of message mid (ts) to the open batch; IMD_STORE_OK
+ * or IMD_STORE_EIO (out of memory). */
+int sqls_index_entry(sql_store *s, user_ctr *u, uint64_t seq, sqlite3_int64 mid, uint64_t ts);
+/* Adds sender's key (device, cid) -> id of message mid to the open batch. */
+int sqls_index_key(sql_store *s, user_ctr *sender, const char *device, const char *cid,
+                   const char *id, sqlite3_int64 mid, uint64_t ts);
+/* Takes back the last row the open batch added to u (a failed append). */
+void sqls_index_unadd(sql_store *s, user_ctr *u);
+/* The id of sender's waiting key (device, cid), or NULL. */
+const char *sqls_index_find_key(const user_ctr *sender, const char *device, const char *cid);
+/* The inbox entries of u waiting with seq > since, oldest first: fn(ctx,
+ * row) until it returns non-zero (returned) or none is left (0). */
+int sqls_index_each_entry(const user_ctr *u, uint64_t since,
+                          int (*fn)(void *ctx, const pend_row *r), void *ctx);
+/* msgs.idx of a message: the sender's users row if it has a key (else 0),
+ * then each receiver's users row and seq, as varints, into buf (at least
+ * sqls_index_encoded_max(n) bytes); returns the length. */
+size_t sqls_index_encoded_max(size_t n);
+size_t sqls_index_encode(unsigned char *buf, sqlite3_int64 sender_uk, const user_ctr *touched,
+                         const uint64_t *seqs);
+/* Writes u's rows into the open transaction (u goes on pwritten, its rows
+ * are freed by sqls_index_written()). */
+int sqls_index_write_user(sql_store *s, user_ctr *u);
+/* Before a batch's COMMIT: writes the rows due (see above) and, every so
+ * often, the new 'indexed'. */
+int sqls_index_commit(sql_store *s);
+/* The transaction that wrote pwritten committed: their rows are gone from
+ * memory; the batch's rows are committed ones. */
+void sqls_index_written(sql_store *s);
+/* The open transaction rolled back: the users on pwritten keep their rows
+ * (nothing was written); with batch, the open batch's rows go. */
+void sqls_index_rolled_back(sql_store *s, bool batch);
+/* Writes every waiting row and 'indexed' in a transaction of its own (none
+ * may be open). */
+int sqls_index_flush(sql_store *s);
+/* Frees every row (close). */
+void sqls_index_free(sql_store *s);
+/* At open, inside its transaction: the rows of the messages after 'indexed'
+ * into their tables (INSERT OR IGNORE: some are there; entries at or below
+ * their user's trimmed mark stay out), then 'indexed' and *mid_next set
+ * from the last message. 0, or -1 with err set. */
+int sqls_index_replay(sqlite3 *db, sqlite3_int64 *indexed, sqlite3_int64 *mid_next,
+                      sqlite3_int64 *mid_batch, char *err, size_t errlen);
 
 #endif
