@@ -93,8 +93,10 @@ static void pend_add(sql_store *s, user_ctr *u, pend_row *r)
   u->pend_tail = &r->next;
   u->pend_n++;
   s->pend_total++;
-  if (r->ts > s->pend_newest_ts)
-    s->pend_newest_ts = r->ts;
+  /* the last, not the largest: after the wall clock steps back, the rows
+   * from before wait for their user's page or pend_max (the largest would
+   * have every commit write every waiting row until the clock caught up) */
+  s->pend_newest_ts = r->ts;
   if (!u->in_pbatch) {
     u->in_pbatch = true;
     u->pb_next = s->pbatch;
@@ -378,20 +380,31 @@ void sqls_index_rolled_back(sql_store *s, bool batch)
   s->mid_next = s->mid_batch;
 }
 
-int sqls_index_flush(sql_store *s)
+int sqls_index_write_all(sql_store *s)
 {
   sqlite3_int64 mark;
+
+  for (user_ctr *u = s->pq_head; u != NULL; u = u->pq_next)
+    if (sqls_index_write_user(s, u) != IMD_STORE_OK)
+      return IMD_STORE_EIO;
+  mark = indexed_now(s);
+  if (mark == s->indexed)
+    return IMD_STORE_OK;
+  if (meta_indexed(s, mark) != IMD_STORE_OK)
+    return IMD_STORE_EIO;
+  s->indexed_due = mark;
+  return IMD_STORE_OK;
+}
+
+int sqls_index_flush(sql_store *s)
+{
   int rc;
 
   if (s->pend_total == 0 && s->indexed == s->mid_next - 1)
     return IMD_STORE_OK;
   rc = sqls_run(s, ST_BEGIN, "cannot begin writing the inbox entries");
-  for (user_ctr *u = s->pq_head; rc == IMD_STORE_OK && u != NULL; u = u->pq_next)
-    rc = sqls_index_write_user(s, u);
-  mark = indexed_now(s);
   if (rc == IMD_STORE_OK)
-    rc = meta_indexed(s, mark);
-  s->indexed_due = mark;
+    rc = sqls_index_write_all(s);
   if (rc == IMD_STORE_OK)
     rc = sqls_run(s, ST_COMMIT, "cannot commit the inbox entries");
   if (rc != IMD_STORE_OK) {
@@ -419,8 +432,8 @@ static int replay_fail(sqlite3 *db, char *err, size_t errlen, const char *what)
   return -1;
 }
 
-/* One message's rows from its idx (INSERT OR IGNORE). msg's columns: mid,
- * device, cid, id, ts, idx. */
+/* One message's rows from its idx (INSERT OR IGNORE); SQLITE_FORMAT when
+ * idx is not a list of rows. msg's columns: mid, device, cid, id, ts, idx. */
 static int replay_one(sqlite3_stmt *msg, sqlite3_stmt *entry, sqlite3_stmt *key)
 {
   const unsigned char *p = sqlite3_column_blob(msg, 5);
@@ -431,7 +444,7 @@ static int replay_one(sqlite3_stmt *msg, sqlite3_stmt *entry, sqlite3_stmt *key)
   int rc;
 
   if (p == NULL || !varint_get(&p, end, &sender) || sender > INT64_MAX)
-    return SQLITE_CORRUPT;
+    return SQLITE_FORMAT;
   if (sender != 0 && sqlite3_column_type(msg, 2) != SQLITE_NULL) {
     sqlite3_bind_int64(key, 1, (sqlite3_int64)sender);
     for (int i = 1; i <= 3; i++)
@@ -445,7 +458,7 @@ static int replay_one(sqlite3_stmt *msg, sqlite3_stmt *entry, sqlite3_stmt *key)
   while (p < end) {
     if (!varint_get(&p, end, &uk) || !varint_get(&p, end, &seq) || uk > INT64_MAX ||
         seq > INT64_MAX)
-      return SQLITE_CORRUPT;
+      return SQLITE_FORMAT;
     sqlite3_bind_int64(entry, 1, (sqlite3_int64)uk);
     sqlite3_bind_int64(entry, 2, (sqlite3_int64)seq);
     sqlite3_bind_int64(entry, 3, mid);
@@ -462,7 +475,7 @@ int sqls_index_replay(sqlite3 *db, sqlite3_int64 *indexed, sqlite3_int64 *mid_ne
                       sqlite3_int64 *mid_batch, char *err, size_t errlen)
 {
   sqlite3_stmt *msg = NULL, *entry = NULL, *key = NULL, *last = NULL;
-  sqlite3_int64 from = 0, top = 0;
+  sqlite3_int64 from = 0, top = 0, bad = 0;
   int rc = SQLITE_OK;
 
   /* a file without the mark (new, or just upgraded) has nothing behind */
@@ -495,11 +508,21 @@ int sqls_index_replay(sqlite3 *db, sqlite3_int64 *indexed, sqlite3_int64 *mid_ne
       rc = SQLITE_ERROR;
     if (rc == SQLITE_OK)
       sqlite3_bind_int64(msg, 1, from);
-    while (rc == SQLITE_OK && (rc = sqlite3_step(msg)) == SQLITE_ROW)
-      rc = replay_one(msg, entry, key) == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+    while (rc == SQLITE_OK && (rc = sqlite3_step(msg)) == SQLITE_ROW) {
+      int one = replay_one(msg, entry, key);
+      if (one == SQLITE_FORMAT)
+        bad = sqlite3_column_int64(msg, 0);
+      rc = one == SQLITE_DONE ? SQLITE_OK : SQLITE_ERROR;
+    }
     sqlite3_finalize(msg);
     sqlite3_finalize(entry);
     sqlite3_finalize(key);
+    if (bad != 0) {
+      snprintf(err, errlen,
+               "the row list (msgs.idx) of message %lld is damaged: restore the store from a backup",
+               (long long)bad);
+      return -1;
+    }
     if (rc != SQLITE_DONE)
       return replay_fail(db, err, errlen, "cannot write the inbox entries of the last messages");
   }

@@ -161,6 +161,12 @@ long sqlstore_trim_start(sql_store *s, uint64_t now_ms)
   rc = sqls_run(s, ST_BEGIN, "cannot begin the trim");
   if (rc == IMD_STORE_OK)
     rc = sqls_users_flush(s, SIZE_MAX);
+  /* every waiting row too: the pass may delete the messages that hold the
+   * only durable copy of a key whose sender is none of their receivers
+   * (whose counter the users flush does not visit); the steps after it
+   * delete no message appended since (their entries are above trim_todo) */
+  if (rc == IMD_STORE_OK)
+    rc = sqls_index_write_all(s);
   if (rc == IMD_STORE_OK)
     rc = sqls_run(s, ST_TRIM_TODO, "cannot find what to trim");
   if (rc == IMD_STORE_OK)

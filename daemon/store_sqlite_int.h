@@ -162,7 +162,7 @@ struct sql_store {
   user_ctr *pwritten;   /* users whose rows the open transaction wrote */
   size_t pend_total;    /* rows waiting */
   size_t pend_written;  /* of them, on users on pwritten */
-  uint64_t pend_newest_ts; /* ts of the newest row added */
+  uint64_t pend_newest_ts; /* ts of the last row added */
   sqlite3_int64 mid_next; /* msgs.mid of the next message: mids only grow */
   sqlite3_int64 mid_batch; /* mid_next when the open batch began (no batch: equal) */
   sqlite3_int64 indexed;  /* meta 'indexed' as committed */
@@ -207,7 +207,8 @@ void sqls_users_flushed(sql_store *s, size_t max);
  * have gathered pending_ripe of them (so one commit writes a user's rows
  * next to each other, on a page or two, where one row per commit wrote a
  * page each) and of the users whose rows waited longest, while there are
- * more than pend_max or the oldest is older than a few seconds. The meta row
+ * more than pend_max or the oldest is PEND_AGE_MS older than the newest (by
+ * the messages' ts; checked by each commit). The meta row
  * 'indexed' is the mid up to which every message's rows are in their
  * tables: an open after a crash writes the rows of the messages after it
  * again from msgs.idx (sqls_index_replay()). */
@@ -244,8 +245,12 @@ void sqls_index_written(sql_store *s);
 /* The open transaction rolled back: the users on pwritten keep their rows
  * (nothing was written); with batch, the open batch's rows go. */
 void sqls_index_rolled_back(sql_store *s, bool batch);
-/* Writes every waiting row and 'indexed' in a transaction of its own (none
- * may be open). */
+/* Writes every waiting row, and 'indexed' up to the last message, into the
+ * open transaction (then as sqls_index_commit()). Retention calls it before
+ * it deletes anything: a message row is the only durable copy of its rows
+ * while they wait, and a key outlives its message. */
+int sqls_index_write_all(sql_store *s);
+/* The same in a transaction of its own (none may be open). */
 int sqls_index_flush(sql_store *s);
 /* Frees every row (close). */
 void sqls_index_free(sql_store *s);

@@ -1523,6 +1523,59 @@ static void test_rows_written_behind(void **state)
  * keys that waited in memory: the next open writes them from their
  * messages' rows, but not those retention had trimmed. And message ids in
  * the file only grow, even after retention dropped the newest. */
+/* A message from "system" to bob alone, with a client id (an HTTP push). */
+static int push1(sql_store *s, const char *id, const char *cid, uint64_t seqs[1], char dup[24])
+{
+  imd_store_msg m = msg(id, "system", cid, "bob", 1000);
+  const char *uids[1] = {"bob"};
+
+  return sqlstore_append(s, &m, uids, 1, seqs, dup);
+}
+
+/* A key waits under its sender, and a sender that is none of its message's
+ * receivers (an HTTP push "from" a service) has no entry that would make the
+ * users flush write it: retention by count then deleted the message, the
+ * key's only durable copy, and after a crash the client id was taken again. */
+static void test_trim_writes_waiting_keys(void **state)
+{
+  fixture *f = *state;
+  uint64_t seqs[2];
+  char dup[24];
+  int status;
+
+  pid_t pid = fork();
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    imd_store_opts o = {.keep_count = 1, .no_fsync = true};
+    char err[256];
+    sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
+    int bad = c == NULL;
+    if (!bad) {
+      sqlstore_set_index_limits(c, 1000, 100000); /* no commit writes any */
+      bad |= push1(c, "m1", "k1", seqs, NULL) != IMD_STORE_OK;
+      bad |= push1(c, "m2", "k2", seqs, NULL) != IMD_STORE_OK;
+      bad |= sqlstore_commit(c) != IMD_STORE_OK;
+      bad |= sqlstore_index_pending(c) != 4;
+      bad |= sqlstore_trim(c, 5000) != 1; /* bob keeps m2: m1's row goes */
+    }
+    _exit(bad ? 1 : 0); /* no close */
+  }
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  assert_true(WIFEXITED(status));
+  assert_int_equal(WEXITSTATUS(status), 0);
+
+  sql_store *s = reopen(f, 1, 0);
+  sqlite3 *db = side_open(f);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 1);
+  assert_int_equal(side_count(db, "SELECT count(*) FROM idem"), 2);
+  assert_int_equal(push1(s, "x1", "k1", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m1");
+  assert_int_equal(push1(s, "x2", "k2", seqs, dup), IMD_STORE_DUP);
+  assert_string_equal(dup, "m2");
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  sqlite3_close(db);
+}
+
 static void test_crash_keeps_rows_written_behind(void **state)
 {
   fixture *f = *state;
@@ -2067,6 +2120,28 @@ static void test_open_failures(void **state)
   err[0] = '\0';
   assert_null(sqlstore_open(f->path, NULL, err, sizeof err));
   assert_non_null(strstr(err, "newer"));
+
+  /* A damaged row list of a message whose rows an open must write again
+   * is named, not reported with an unrelated SQLite message. */
+  imd_store_opts o = {.no_fsync = true};
+  uint64_t seqs[2];
+  snprintf(path, sizeof path, "%s/damaged.db", f->dir);
+  sql_store *s = sqlstore_open(path, &o, err, sizeof err);
+  assert_non_null(s);
+  assert_int_equal(send1(s, "m1", "alice", "bob", "k1", seqs, NULL), IMD_STORE_OK);
+  assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
+  sqlstore_close(s);
+  assert_int_equal(sqlite3_open(path, &db), SQLITE_OK);
+  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'indexed'; UPDATE msgs SET idx = x'ff'");
+  sqlite3_close(db);
+  err[0] = '\0';
+  assert_null(sqlstore_open(path, &o, err, sizeof err));
+  assert_non_null(strstr(err, "msgs.idx) of message 1 is damaged"));
+  for (const char *const *x = (const char *const[]){"", "-wal", "-shm", NULL}; *x != NULL; x++) {
+    char p[192];
+    snprintf(p, sizeof p, "%s%s", path, *x);
+    unlink(p);
+  }
 }
 
 int main(void)
@@ -2101,6 +2176,7 @@ int main(void)
     cmocka_unit_test_setup_teardown(test_unclean_close_repairs_users, setup, teardown),
     cmocka_unit_test_setup_teardown(test_rows_written_behind, setup, teardown),
     cmocka_unit_test_setup_teardown(test_crash_keeps_rows_written_behind, setup, teardown),
+    cmocka_unit_test_setup_teardown(test_trim_writes_waiting_keys, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v2, setup, teardown),
     cmocka_unit_test_setup_teardown(test_migration_from_v4, setup, teardown),
     cmocka_unit_test_setup_teardown(test_counter_cache_evicts, setup, teardown),
