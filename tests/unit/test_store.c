@@ -1523,6 +1523,29 @@ static void test_rows_written_behind(void **state)
  * keys that waited in memory: the next open writes them from their
  * messages' rows, but not those retention had trimmed. And message ids in
  * the file only grow, even after retention dropped the newest. */
+/* In a forked child: the store at f's path, where no commit writes any
+ * waiting inbox entry or key; NULL if it does not open. */
+static sql_store *child_open(const fixture *f, uint32_t keep_count)
+{
+  imd_store_opts o = {.keep_count = keep_count, .no_fsync = true};
+  char err[256];
+  sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
+
+  if (c != NULL)
+    sqlstore_set_index_limits(c, 1000, 100000);
+  return c;
+}
+
+/* Waits for the child pid and checks that it exited with 0. */
+static void child_ok(pid_t pid)
+{
+  int status;
+
+  assert_int_equal(waitpid(pid, &status, 0), pid);
+  assert_true(WIFEXITED(status));
+  assert_int_equal(WEXITSTATUS(status), 0);
+}
+
 /* A message from "system" to bob alone, with a client id (an HTTP push). */
 static int push1(sql_store *s, const char *id, const char *cid, uint64_t seqs[1], char dup[24])
 {
@@ -1541,17 +1564,13 @@ static void test_trim_writes_waiting_keys(void **state)
   fixture *f = *state;
   uint64_t seqs[2];
   char dup[24];
-  int status;
 
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
-    imd_store_opts o = {.keep_count = 1, .no_fsync = true};
-    char err[256];
-    sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
+    sql_store *c = child_open(f, 1);
     int bad = c == NULL;
     if (!bad) {
-      sqlstore_set_index_limits(c, 1000, 100000); /* no commit writes any */
       bad |= push1(c, "m1", "k1", seqs, NULL) != IMD_STORE_OK;
       bad |= push1(c, "m2", "k2", seqs, NULL) != IMD_STORE_OK;
       bad |= sqlstore_commit(c) != IMD_STORE_OK;
@@ -1560,9 +1579,7 @@ static void test_trim_writes_waiting_keys(void **state)
     }
     _exit(bad ? 1 : 0); /* no close */
   }
-  assert_int_equal(waitpid(pid, &status, 0), pid);
-  assert_true(WIFEXITED(status));
-  assert_int_equal(WEXITSTATUS(status), 0);
+  child_ok(pid);
 
   sql_store *s = reopen(f, 1, 0);
   sqlite3 *db = side_open(f);
@@ -1583,17 +1600,13 @@ static void test_crash_keeps_rows_written_behind(void **state)
   imd_sync_info info;
   char dup[24];
   got g = {0};
-  int status;
 
   pid_t pid = fork();
   assert_true(pid >= 0);
   if (pid == 0) {
-    imd_store_opts o = {.keep_count = 2, .no_fsync = true};
-    char err[256];
-    sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
+    sql_store *c = child_open(f, 2);
     int bad = c == NULL;
     if (!bad) {
-      sqlstore_set_index_limits(c, 1000, 100000); /* no commit writes any */
       /* m0 in bob's and alice's inboxes; bob's 1 will be trimmed */
       bad |= send1(c, "m0", "alice", "bob", "k0", seqs, NULL) != IMD_STORE_OK;
       for (int i = 2; i <= 5; i++) {
@@ -1611,9 +1624,7 @@ static void test_crash_keeps_rows_written_behind(void **state)
     }
     _exit(bad ? 1 : 0); /* no close */
   }
-  assert_int_equal(waitpid(pid, &status, 0), pid);
-  assert_true(WIFEXITED(status));
-  assert_int_equal(WEXITSTATUS(status), 0);
+  child_ok(pid);
 
   sql_store *s = reopen(f, 2, 0);
   sqlite3 *db = side_open(f);
