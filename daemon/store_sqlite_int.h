@@ -64,11 +64,10 @@ enum stmt_id {
  * memory to be written to its table with its user's others (store_index.c).
  * The message row holds it too (msgs.idx), so a crash loses none. */
 typedef struct pend_row {
-  struct pend_row *next;
   sqlite3_int64 mid;           /* the message */
   uint64_t ts;
   uint64_t seq;                /* an inbox entry's; 0: a key */
-  char key[];                  /* a key's device NUL cid NUL id NUL */
+  char *key;                   /* a key's device NUL cid NUL id NUL (owned); NULL: an entry */
 } pend_row;
 
 /* One user's seq counter. last includes the open batch's appends; durable
@@ -99,9 +98,9 @@ typedef struct user_ctr {
   bool in_pwritten;            /* on s->pwritten */
   uint32_t pend_n;             /* rows on pend (store_index.c) */
   uint32_t pend_ok;            /* the first of them, committed */
+  uint32_t pend_cap;           /* rows pend has room for */
   uint64_t key_bits[2];        /* a filter of the keys on pend (store_index.c) */
   pend_row *pend;              /* its entries and keys waiting to be written, oldest first */
-  pend_row **pend_tail;
   struct user_ctr *pq_next;    /* on s->pq_head while pend_n > 0, by its oldest row */
   struct user_ctr *pq_prev;
   struct user_ctr *pb_next;    /* on s->pbatch */
