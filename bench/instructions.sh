@@ -23,7 +23,8 @@
 #       slowly under callgrind, so CONNS requests are always waiting: a
 #       commit takes many, as at full load
 # IMD=PATH measures that imd binary instead of BUILD_DIR/daemon/imd (im-bench
-# always comes from BUILD_DIR). Needs valgrind.
+# always comes from BUILD_DIR). KEEP=DIR keeps the larger run's callgrind
+# profile as DIR/callgrind.out (callgrind_annotate reads it). Needs valgrind.
 set -euo pipefail
 build=${1:?usage: bench/instructions.sh BUILD_DIR connect|chat [A] [B] [RATE]}
 mode=${2:?usage: bench/instructions.sh BUILD_DIR connect|chat [A] [B] [RATE]}
@@ -83,6 +84,7 @@ total() { # LOAD: the instructions of one imd run under that load (push: and the
     grep -q " lost=0 " "$d/load" || { cat "$d/load" >&2; exit 1; }
   fi
   kill "$srv"; wait "$srv" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ] && [ "$load" = "$b" ]; then cp "$d/cg.out" "$KEEP/callgrind.out"; fi
   callgrind_annotate "$d/cg.out" 2>/dev/null | grep -m1 "PROGRAM TOTALS" |
     awk -v ok="${ok:-}" '{gsub(",", "", $1); print $1, ok}'
   rm -rf "$d"
