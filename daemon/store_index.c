@@ -521,7 +521,8 @@ int sqls_index_replay(sqlite3 *db, sqlite3_int64 *indexed, sqlite3_int64 *mid_ne
     sqlite3_finalize(key);
     if (bad != 0) {
       snprintf(err, errlen,
-               "the row list (msgs.idx) of message %lld is damaged: restore the store from a backup",
+               "the row list (msgs.idx) of message %lld is damaged:"
+               " restore the store from a backup",
                (long long)bad);
       return -1;
     }

@@ -179,6 +179,17 @@ static void side_exec(sqlite3 *db, const char *sql)
     fail_msg("%s: %s", sql, e != NULL ? e : "?");
 }
 
+/* Closes f's store, runs sql on the file through db (what a crash or an
+ * older imd left), and opens the store again. */
+static sql_store *reopen_after(fixture *f, sqlite3 *db, const char *sql, uint32_t keep_count,
+                               uint32_t keep_age_s)
+{
+  sqlstore_close(f->s);
+  f->s = NULL;
+  side_exec(db, sql);
+  return reopen(f, keep_count, keep_age_s);
+}
+
 static long side_count(sqlite3 *db, const char *sql)
 {
   sqlite3_stmt *st = NULL;
@@ -1018,10 +1029,8 @@ static void test_age_queue(void **state)
   assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 5000);
 
   /* a crash that lost the queue: the next open rebuilds it */
-  sqlstore_close(s);
-  f->s = NULL;
-  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'clean'; UPDATE users SET oldest = NULL");
-  s = reopen(f, 0, 60);
+  s = reopen_after(f, db, "UPDATE meta SET v = 0 WHERE k = 'clean'; UPDATE users SET oldest = NULL",
+                   0, 60);
   assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 5000);
   assert_int_equal(sqlstore_trim(s, 6000 + limit), 1);
   assert_int_equal(side_count(db, "SELECT oldest FROM users WHERE uid = 'bob'"), 7000);
@@ -1386,10 +1395,7 @@ static void test_unclean_close_repairs_users(void **state)
   assert_int_equal(g.n, 0);
   assert_int_equal(info.last, 2);
   assert_int_equal(info.trimmed, 2);
-  sqlstore_close(s);
-  f->s = NULL;
-  side_exec(db, "UPDATE meta SET v = 0 WHERE k = 'clean'");
-  s = reopen(f, 0, 60);
+  s = reopen_after(f, db, "UPDATE meta SET v = 0 WHERE k = 'clean'", 0, 60);
   assert_int_equal(put(s, "c3", "carol", 100000), 3);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   sqlite3_close(db);
@@ -1519,28 +1525,24 @@ static void test_rows_written_behind(void **state)
   sqlite3_close(db);
 }
 
-/* A crash (the process dies without closing) loses none of the entries and
- * keys that waited in memory: the next open writes them from their
- * messages' rows, but not those retention had trimmed. And message ids in
- * the file only grow, even after retention dropped the newest. */
-/* In a forked child: the store at f's path, where no commit writes any
- * waiting inbox entry or key; NULL if it does not open. */
-static sql_store *child_open(const fixture *f, uint32_t keep_count)
-{
-  imd_store_opts o = {.keep_count = keep_count, .no_fsync = true};
-  char err[256];
-  sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
-
-  if (c != NULL)
-    sqlstore_set_index_limits(c, 1000, 100000);
-  return c;
-}
-
-/* Waits for the child pid and checks that it exited with 0. */
-static void child_ok(pid_t pid)
+/* Runs steps on the store at f's path in a forked child that exits without
+ * closing it (a crash), where no commit writes any waiting inbox entry or
+ * key; steps returns nonzero on a failure, which fails the test. */
+static void run_in_child(const fixture *f, uint32_t keep_count, int (*steps)(sql_store *c))
 {
   int status;
+  pid_t pid = fork();
 
+  assert_true(pid >= 0);
+  if (pid == 0) {
+    imd_store_opts o = {.keep_count = keep_count, .no_fsync = true};
+    char err[256];
+    sql_store *c = sqlstore_open(f->path, &o, err, sizeof err);
+
+    if (c != NULL)
+      sqlstore_set_index_limits(c, 1000, 100000);
+    _exit(c == NULL || steps(c) != 0 ? 1 : 0); /* no close */
+  }
   assert_int_equal(waitpid(pid, &status, 0), pid);
   assert_true(WIFEXITED(status));
   assert_int_equal(WEXITSTATUS(status), 0);
@@ -1555,6 +1557,20 @@ static int push1(sql_store *s, const char *id, const char *cid, uint64_t seqs[1]
   return sqlstore_append(s, &m, uids, 1, seqs, dup);
 }
 
+/* Two pushes with client ids, then retention by count drops the first. */
+static int trim_with_keys_waiting(sql_store *c)
+{
+  uint64_t seqs[1];
+  int bad = 0;
+
+  bad |= push1(c, "m1", "k1", seqs, NULL) != IMD_STORE_OK;
+  bad |= push1(c, "m2", "k2", seqs, NULL) != IMD_STORE_OK;
+  bad |= sqlstore_commit(c) != IMD_STORE_OK;
+  bad |= sqlstore_index_pending(c) != 4;
+  bad |= sqlstore_trim(c, 5000) != 1; /* bob keeps m2: m1's row goes */
+  return bad;
+}
+
 /* A key waits under its sender, and a sender that is none of its message's
  * receivers (an HTTP push "from" a service) has no entry that would make the
  * users flush write it: retention by count then deleted the message, the
@@ -1565,22 +1581,7 @@ static void test_trim_writes_waiting_keys(void **state)
   uint64_t seqs[2];
   char dup[24];
 
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0) {
-    sql_store *c = child_open(f, 1);
-    int bad = c == NULL;
-    if (!bad) {
-      bad |= push1(c, "m1", "k1", seqs, NULL) != IMD_STORE_OK;
-      bad |= push1(c, "m2", "k2", seqs, NULL) != IMD_STORE_OK;
-      bad |= sqlstore_commit(c) != IMD_STORE_OK;
-      bad |= sqlstore_index_pending(c) != 4;
-      bad |= sqlstore_trim(c, 5000) != 1; /* bob keeps m2: m1's row goes */
-    }
-    _exit(bad ? 1 : 0); /* no close */
-  }
-  child_ok(pid);
-
+  run_in_child(f, 1, trim_with_keys_waiting);
   sql_store *s = reopen(f, 1, 0);
   sqlite3 *db = side_open(f);
   assert_int_equal(side_count(db, "SELECT count(*) FROM msgs"), 1);
@@ -1593,6 +1594,33 @@ static void test_trim_writes_waiting_keys(void **state)
   sqlite3_close(db);
 }
 
+/* Appends, a trim and more appends, their rows left waiting. */
+static int append_trim_append(sql_store *c)
+{
+  uint64_t seqs[2];
+  int bad = 0;
+
+  /* m0 in bob's and alice's inboxes; bob's 1 will be trimmed */
+  bad |= send1(c, "m0", "alice", "bob", "k0", seqs, NULL) != IMD_STORE_OK;
+  for (int i = 2; i <= 5; i++) {
+    char id[8];
+    snprintf(id, sizeof id, "b%d", i);
+    imd_store_msg m = msg(id, "system", NULL, "bob", 1000);
+    bad |= sqlstore_append(c, &m, (const char *const[]){"bob"}, 1, seqs, NULL) != 0;
+  }
+  bad |= sqlstore_commit(c) != IMD_STORE_OK;
+  bad |= sqlstore_trim(c, 5000) != 3; /* bob keeps 4, 5 */
+  bad |= send1(c, "m6", "alice", "bob", "k6", seqs, NULL) != IMD_STORE_OK || seqs[0] != 6;
+  bad |= send1(c, "m7", "carol", "dave", "k7", seqs, NULL) != IMD_STORE_OK;
+  bad |= sqlstore_commit(c) != IMD_STORE_OK;
+  bad |= sqlstore_index_pending(c) != 6; /* 2 entries + a key, twice */
+  return bad;
+}
+
+/* A crash (the process dies without closing) loses none of the entries and
+ * keys that waited in memory: the next open writes them from their
+ * messages' rows, but not those retention had trimmed. And message ids in
+ * the file only grow, even after retention dropped the newest. */
 static void test_crash_keeps_rows_written_behind(void **state)
 {
   fixture *f = *state;
@@ -1601,31 +1629,7 @@ static void test_crash_keeps_rows_written_behind(void **state)
   char dup[24];
   got g = {0};
 
-  pid_t pid = fork();
-  assert_true(pid >= 0);
-  if (pid == 0) {
-    sql_store *c = child_open(f, 2);
-    int bad = c == NULL;
-    if (!bad) {
-      /* m0 in bob's and alice's inboxes; bob's 1 will be trimmed */
-      bad |= send1(c, "m0", "alice", "bob", "k0", seqs, NULL) != IMD_STORE_OK;
-      for (int i = 2; i <= 5; i++) {
-        char id[8];
-        snprintf(id, sizeof id, "b%d", i);
-        imd_store_msg m = msg(id, "system", NULL, "bob", 1000);
-        bad |= sqlstore_append(c, &m, (const char *const[]){"bob"}, 1, seqs, NULL) != 0;
-      }
-      bad |= sqlstore_commit(c) != IMD_STORE_OK;
-      bad |= sqlstore_trim(c, 5000) != 3; /* bob keeps 4, 5 */
-      bad |= send1(c, "m6", "alice", "bob", "k6", seqs, NULL) != IMD_STORE_OK || seqs[0] != 6;
-      bad |= send1(c, "m7", "carol", "dave", "k7", seqs, NULL) != IMD_STORE_OK;
-      bad |= sqlstore_commit(c) != IMD_STORE_OK;
-      bad |= sqlstore_index_pending(c) != 6; /* 2 entries + a key, twice */
-    }
-    _exit(bad ? 1 : 0); /* no close */
-  }
-  child_ok(pid);
-
+  run_in_child(f, 2, append_trim_append);
   sql_store *s = reopen(f, 2, 0);
   sqlite3 *db = side_open(f);
   info = sync_all(s, "bob", 0, 0, &g);
@@ -1656,10 +1660,7 @@ static void test_crash_keeps_rows_written_behind(void **state)
   /* every message gone (as retention by age can leave it): the next one
    * still gets a higher mid than any the mark covers */
   long top = side_count(db, "SELECT max(mid) FROM msgs");
-  sqlstore_close(s);
-  f->s = NULL;
-  side_exec(db, "DELETE FROM msgs; DELETE FROM inbox");
-  s = reopen(f, 0, 0);
+  s = reopen_after(f, db, "DELETE FROM msgs; DELETE FROM inbox", 0, 0);
   assert_int_equal(put(s, "b8", "bob", 1000), 8);
   assert_int_equal(sqlstore_commit(s), IMD_STORE_OK);
   assert_int_equal(side_count(db, "SELECT min(mid) FROM msgs"), top + 1);
