@@ -66,7 +66,7 @@ enum stmt_id {
 typedef struct pend_row {
   sqlite3_int64 mid;           /* the message */
   uint64_t ts;
-  uint64_t seq;                /* an inbox entry's; 0: a key */
+  uint64_t seq;                /* an inbox entry's (0 in a key) */
   char *key;                   /* a key's device NUL cid NUL id NUL (owned); NULL: an entry */
 } pend_row;
 

@@ -94,17 +94,24 @@ static int setup(void **state)
   return 0;
 }
 
+/* Removes the store file at path and the files SQLite keeps beside it. */
+static void unlink_store(const char *path)
+{
+  static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
+  char p[192];
+
+  for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
+    snprintf(p, sizeof p, "%s%s", path, suffix[i]);
+    unlink(p);
+  }
+}
+
 static int teardown(void **state)
 {
   fixture *f = *state;
-  static const char *const suffix[] = {"", "-wal", "-shm", "-journal"};
-  char p[128];
 
   sqlstore_close(f->s);
-  for (size_t i = 0; i < sizeof suffix / sizeof suffix[0]; i++) {
-    snprintf(p, sizeof p, "%s%s", f->path, suffix[i]);
-    unlink(p);
-  }
+  unlink_store(f->path);
   assert_int_equal(rmdir(f->dir), 0);
   free(f);
   return 0;
@@ -2149,11 +2156,7 @@ static void test_open_failures(void **state)
   err[0] = '\0';
   assert_null(sqlstore_open(path, &o, err, sizeof err));
   assert_non_null(strstr(err, "msgs.idx) of message 1 is damaged"));
-  for (const char *const *x = (const char *const[]){"", "-wal", "-shm", NULL}; *x != NULL; x++) {
-    char p[192];
-    snprintf(p, sizeof p, "%s%s", path, *x);
-    unlink(p);
-  }
+  unlink_store(path);
 }
 
 int main(void)
